@@ -1,0 +1,64 @@
+# HiveNet: every target installs what it needs on a fresh Debian machine (run as root).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT_STAMP := .venv-apt.stamp
+APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server iputils-ping procps
+
+.PHONY: help install apt test test-fast lint fmt demo bench clean lab-clean
+
+help:
+	@echo "make demo   - run HiveNet on the embedded store and show it working"
+	@echo "make test   - install everything and run the whole test suite"
+	@echo "make lint   - ruff + mypy"
+	@echo "make bench  - run the benchmarks in bench/"
+
+# System packages: only when root and apt exists (a non-root developer gets a warning).
+$(APT_STAMP):
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "apt-get install:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	  for s in etcd; do systemctl disable --now $$s >/dev/null 2>&1 || true; done; \
+	else echo "warning: not root or no apt-get; skipping system packages ($(APT_PACKAGES))"; fi
+	@touch $@
+
+apt: $(APT_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(APT_STAMP) $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -x tests/unit tests/store
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+demo: install
+	$(BIN)/python -m hivenet.demo
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lab-clean: $(STAMP)
+	$(BIN)/hivenet lab clean
+
+clean:
+	rm -rf $(VENV) $(APT_STAMP) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""HiveNet datapath package."""

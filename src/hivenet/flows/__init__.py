@@ -1,0 +1,1 @@
+"""HiveNet flows package."""

@@ -1,0 +1,1 @@
+"""HiveNet lab package."""

@@ -1,0 +1,395 @@
+"""Topology objects: frozen, validated value types for everything a tenant's network is made of.
+
+Owns the shape of each object, the invariants that one object can check on its own (a normal
+route needs a next hop, a jump rule needs a target chain, addresses of one family, ...) and
+the declaration of which fields reference which other objects (`REFS`), which the store's
+topology repository uses to keep referential integrity inside transactions.
+Must not touch the store, the clock or any I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hivenet.model.types import (
+    IpAddress,
+    IpInterface,
+    IpNetwork,
+    MacAddress,
+    NatTarget,
+    ObjectId,
+    PortRange,
+    VlanId,
+    Weight,
+    new_id,
+    random_mac,
+)
+
+DEFAULT_TENANT = "admin"
+
+
+class TopologyObject(BaseModel):
+    """Base of every stored object. `KIND` names the key space: /hivenet/v1/topology/<KIND>/<id>.
+
+    `REFS` maps a field name to the kind it references; the field holds one id, None or a
+    tuple of ids. The repository refuses writes whose references do not exist.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    KIND: ClassVar[str] = ""
+    REFS: ClassVar[dict[str, str]] = {}
+
+    id: ObjectId = Field(default_factory=new_id)
+    tenant_id: ObjectId = DEFAULT_TENANT
+    name: str = Field(default="", max_length=255)
+
+    def references(self) -> list[tuple[str, str, str]]:
+        """(field, kind, id) for every id this object points at."""
+        out: list[tuple[str, str, str]] = []
+        for field_name, kind in self.REFS.items():
+            value = getattr(self, field_name)
+            if value is None:
+                continue
+            ids = value if isinstance(value, tuple) else (value,)
+            out.extend((field_name, kind, ref) for ref in ids)
+        return out
+
+
+class Bridge(TopologyObject):
+    KIND: ClassVar[str] = "bridge"
+    REFS: ClassVar[dict[str, str]] = {"inbound_chain_id": "chain", "outbound_chain_id": "chain"}
+
+    admin_state_up: bool = True
+    inbound_chain_id: ObjectId | None = None
+    outbound_chain_id: ObjectId | None = None
+    # Answer ARP requests from the bridge's known IP->MAC entries instead of flooding them.
+    arp_proxy: bool = False
+
+
+class Router(TopologyObject):
+    KIND: ClassVar[str] = "router"
+    REFS: ClassVar[dict[str, str]] = {"inbound_chain_id": "chain", "outbound_chain_id": "chain"}
+
+    admin_state_up: bool = True
+    inbound_chain_id: ObjectId | None = None
+    outbound_chain_id: ObjectId | None = None
+
+
+class DeviceKind(enum.StrEnum):
+    BRIDGE = "bridge"
+    ROUTER = "router"
+
+
+class Port(TopologyObject):
+    """A port of a bridge or router.
+
+    Exterior ports face a VM or the outside world and may be bound to a host interface
+    (`host_id` + `interface_name`). Interior ports link two devices: `peer_id` names the other
+    end, and the link is symmetric (both ports name each other). Router ports carry their
+    addresses with prefix (`addresses`); on bridge ports `addresses` lists the VM's own
+    addresses (port security and ARP). `tunnel_key` is allocated by the store, unique.
+    """
+
+    KIND: ClassVar[str] = "port"
+    REFS: ClassVar[dict[str, str]] = {
+        "peer_id": "port",
+        "host_id": "host",
+        "inbound_chain_id": "chain",
+        "outbound_chain_id": "chain",
+        "port_group_ids": "port_group",
+    }
+
+    device_kind: DeviceKind
+    device_id: ObjectId
+    admin_state_up: bool = True
+    mac: MacAddress = Field(default_factory=random_mac)
+    addresses: tuple[IpInterface, ...] = ()
+    peer_id: ObjectId | None = None
+    vlan_id: VlanId | None = None
+    inbound_chain_id: ObjectId | None = None
+    outbound_chain_id: ObjectId | None = None
+    port_group_ids: tuple[ObjectId, ...] = ()
+    host_id: ObjectId | None = None
+    interface_name: str | None = Field(default=None, min_length=1, max_length=15)
+    tunnel_key: int = Field(default=0, ge=0, le=0xEFFFFF)
+
+    def references(self) -> list[tuple[str, str, str]]:
+        return [("device_id", self.device_kind.value, self.device_id), *super().references()]
+
+    @property
+    def is_interior(self) -> bool:
+        return self.peer_id is not None
+
+    @property
+    def is_exterior(self) -> bool:
+        return self.peer_id is None
+
+    @model_validator(mode="after")
+    def _check(self) -> Port:
+        if self.peer_id is not None and (self.host_id is not None or self.interface_name):
+            raise ValueError(
+                f"port {self.id}: an interior port (peer_id={self.peer_id}) cannot be bound "
+                f"to a host interface (host_id={self.host_id}, interface_name={self.interface_name})"
+            )
+        if (self.host_id is None) != (self.interface_name is None):
+            raise ValueError(
+                f"port {self.id}: host_id and interface_name go together "
+                f"(host_id={self.host_id}, interface_name={self.interface_name})"
+            )
+        if self.peer_id == self.id:
+            raise ValueError(f"port {self.id}: peer_id cannot name the port itself")
+        if self.device_kind is DeviceKind.ROUTER and self.vlan_id is not None:
+            raise ValueError(f"port {self.id}: vlan_id={self.vlan_id} is only for bridge ports")
+        if len(set(self.port_group_ids)) != len(self.port_group_ids):
+            raise ValueError(f"port {self.id}: duplicate port_group_ids {self.port_group_ids}")
+        return self
+
+
+class RouteType(enum.StrEnum):
+    NORMAL = "normal"
+    BLACKHOLE = "blackhole"
+    REJECT = "reject"
+
+
+class Route(TopologyObject):
+    """A router's route. LPM over `dst_prefix`, then `src_prefix`; equal-cost routes (same
+    prefixes, same weight) share traffic by consistent hashing. Lower weight wins."""
+
+    KIND: ClassVar[str] = "route"
+    REFS: ClassVar[dict[str, str]] = {"router_id": "router", "next_hop_port_id": "port"}
+
+    router_id: ObjectId
+    dst_prefix: IpNetwork
+    src_prefix: IpNetwork | None = None
+    type: RouteType = RouteType.NORMAL
+    next_hop_port_id: ObjectId | None = None
+    next_hop_gateway: IpAddress | None = None
+    weight: Weight = 100
+
+    @model_validator(mode="after")
+    def _check(self) -> Route:
+        version = self.dst_prefix.version
+        if self.src_prefix is not None and self.src_prefix.version != version:
+            raise ValueError(
+                f"route src_prefix {self.src_prefix} and dst_prefix {self.dst_prefix} "
+                "are of different IP versions"
+            )
+        if self.next_hop_gateway is not None and self.next_hop_gateway.version != version:
+            raise ValueError(
+                f"route next_hop_gateway {self.next_hop_gateway} is not IPv{version} "
+                f"like dst_prefix {self.dst_prefix}"
+            )
+        if self.type is RouteType.NORMAL and self.next_hop_port_id is None:
+            raise ValueError("a normal route needs next_hop_port_id")
+        if self.type is not RouteType.NORMAL and (
+            self.next_hop_port_id is not None or self.next_hop_gateway is not None
+        ):
+            raise ValueError(f"a {self.type.value} route takes no next hop")
+        return self
+
+
+class Chain(TopologyObject):
+    KIND: ClassVar[str] = "chain"
+
+
+class RuleAction(enum.StrEnum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    REJECT = "reject"
+    RETURN = "return"
+    JUMP = "jump"
+    CONTINUE = "continue"
+    DNAT = "dnat"
+    SNAT = "snat"
+    REV_DNAT = "rev_dnat"
+    REV_SNAT = "rev_snat"
+
+
+class FragmentPolicy(enum.StrEnum):
+    ANY = "any"  # match every packet
+    HEADER = "header"  # unfragmented packets and first fragments
+    NONHEADER = "nonheader"  # later fragments only
+    UNFRAGMENTED = "unfragmented"  # no fragments at all
+
+
+class Rule(TopologyObject):
+    """One rule of a chain. Every condition left at None (or empty) matches anything; each
+    condition has an `inv_*` flag that negates it. Rules of a chain run in `position` order
+    (ties broken by id). `match_forward_flow`/`match_return_flow` test connection tracking."""
+
+    KIND: ClassVar[str] = "rule"
+    REFS: ClassVar[dict[str, str]] = {
+        "chain_id": "chain",
+        "jump_chain_id": "chain",
+        "in_port_ids": "port",
+        "out_port_ids": "port",
+        "port_group_id": "port_group",
+        "ip_addr_group_src_id": "ip_addr_group",
+        "ip_addr_group_dst_id": "ip_addr_group",
+    }
+
+    chain_id: ObjectId
+    position: int = Field(default=100, ge=0)
+    action: RuleAction
+    jump_chain_id: ObjectId | None = None
+    nat_targets: tuple[NatTarget, ...] = ()
+
+    in_port_ids: tuple[ObjectId, ...] = ()
+    inv_in_port: bool = False
+    out_port_ids: tuple[ObjectId, ...] = ()
+    inv_out_port: bool = False
+    port_group_id: ObjectId | None = None
+    inv_port_group: bool = False
+    ip_addr_group_src_id: ObjectId | None = None
+    inv_ip_addr_group_src: bool = False
+    ip_addr_group_dst_id: ObjectId | None = None
+    inv_ip_addr_group_dst: bool = False
+    dl_src: MacAddress | None = None
+    dl_src_mask: MacAddress | None = None
+    inv_dl_src: bool = False
+    dl_dst: MacAddress | None = None
+    dl_dst_mask: MacAddress | None = None
+    inv_dl_dst: bool = False
+    dl_type: int | None = Field(default=None, ge=0x600, le=0xFFFF)
+    inv_dl_type: bool = False
+    vlan_id: VlanId | None = None
+    inv_vlan: bool = False
+    nw_src: IpNetwork | None = None
+    inv_nw_src: bool = False
+    nw_dst: IpNetwork | None = None
+    inv_nw_dst: bool = False
+    nw_proto: int | None = Field(default=None, ge=0, le=255)
+    inv_nw_proto: bool = False
+    nw_tos: int | None = Field(default=None, ge=0, le=255)
+    inv_nw_tos: bool = False
+    tp_src: PortRange | None = None
+    inv_tp_src: bool = False
+    tp_dst: PortRange | None = None
+    inv_tp_dst: bool = False
+    icmp_type: int | None = Field(default=None, ge=0, le=255)
+    icmp_code: int | None = Field(default=None, ge=0, le=255)
+    inv_icmp: bool = False
+    fragment_policy: FragmentPolicy = FragmentPolicy.ANY
+    match_forward_flow: bool = False
+    match_return_flow: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Rule:
+        if (self.action is RuleAction.JUMP) != (self.jump_chain_id is not None):
+            raise ValueError(
+                f"rule action {self.action.value!r} with jump_chain_id={self.jump_chain_id}: "
+                "jump_chain_id is required for 'jump' and only allowed there"
+            )
+        if self.jump_chain_id is not None and self.jump_chain_id == self.chain_id:
+            raise ValueError(f"rule jumps to its own chain {self.chain_id}")
+        nat = self.action in (RuleAction.DNAT, RuleAction.SNAT)
+        if nat and not self.nat_targets:
+            raise ValueError(f"rule action {self.action.value!r} needs at least one nat_targets entry")
+        if not nat and self.nat_targets:
+            raise ValueError(f"nat_targets are only for dnat/snat, not {self.action.value!r}")
+        if self.match_forward_flow and self.match_return_flow:
+            raise ValueError("match_forward_flow and match_return_flow are mutually exclusive")
+        if self.dl_src_mask is not None and self.dl_src is None:
+            raise ValueError("dl_src_mask needs dl_src")
+        if self.dl_dst_mask is not None and self.dl_dst is None:
+            raise ValueError("dl_dst_mask needs dl_dst")
+        if self.icmp_code is not None and self.icmp_type is None:
+            raise ValueError("icmp_code needs icmp_type")
+        if (self.nw_src is not None and self.nw_dst is not None
+                and self.nw_src.version != self.nw_dst.version):
+            raise ValueError(f"nw_src {self.nw_src} and nw_dst {self.nw_dst} mix IP versions")
+        return self
+
+
+class PortGroup(TopologyObject):
+    """A set of ports (members name the group in `Port.port_group_ids`). A stateful group
+    shares its members' connection state with every host that binds one of them."""
+
+    KIND: ClassVar[str] = "port_group"
+
+    stateful: bool = False
+
+
+class IpAddrGroup(TopologyObject):
+    KIND: ClassVar[str] = "ip_addr_group"
+
+    addresses: tuple[IpAddress, ...] = ()
+
+
+class Host(TopologyObject):
+    """A hypervisor/gateway running an agent. Liveness is not stored here (it is the host's
+    lease under /hivenet/v1/state/<host>/...)."""
+
+    KIND: ClassVar[str] = "host"
+
+
+class TunnelZoneMember(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host_id: ObjectId
+    underlay_ip: IpAddress
+
+
+class TunnelZone(TopologyObject):
+    KIND: ClassVar[str] = "tunnel_zone"
+    REFS: ClassVar[dict[str, str]] = {}
+
+    type: Literal["vxlan"] = "vxlan"
+    vxlan_port: int = Field(default=4789, ge=1, le=65535)
+    members: tuple[TunnelZoneMember, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> TunnelZone:
+        hosts = [m.host_id for m in self.members]
+        if len(set(hosts)) != len(hosts):
+            raise ValueError(f"tunnel zone {self.id}: a host appears twice in members")
+        return self
+
+    def references(self) -> list[tuple[str, str, str]]:
+        return [("members", "host", m.host_id) for m in self.members]
+
+
+KINDS: dict[str, type[TopologyObject]] = {
+    cls.KIND: cls
+    for cls in (
+        Bridge,
+        Router,
+        Port,
+        Route,
+        Chain,
+        Rule,
+        PortGroup,
+        IpAddrGroup,
+        Host,
+        TunnelZone,
+    )
+}
+
+
+def topology_key(kind: str, object_id: str) -> str:
+    return f"/hivenet/v1/topology/{kind}/{object_id}"
+
+
+TOPOLOGY_PREFIX = "/hivenet/v1/topology/"
+
+
+def parse_topology_key(key: str) -> tuple[str, str]:
+    """(kind, id) from a topology key; ValueError for anything else."""
+    if not key.startswith(TOPOLOGY_PREFIX):
+        raise ValueError(f"not a topology key: {key!r}")
+    kind, _, object_id = key[len(TOPOLOGY_PREFIX) :].partition("/")
+    if kind not in KINDS or not object_id:
+        raise ValueError(f"not a topology key: {key!r}")
+    return kind, object_id
+
+
+def encode(obj: TopologyObject) -> bytes:
+    return obj.model_dump_json().encode()
+
+
+def decode(kind: str, data: bytes) -> TopologyObject:
+    return KINDS[kind].model_validate_json(data)

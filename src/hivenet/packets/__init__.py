@@ -1,0 +1,1 @@
+"""HiveNet packets package."""

@@ -1,0 +1,1 @@
+"""HiveNet store package."""
