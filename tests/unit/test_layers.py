@@ -21,12 +21,33 @@ ALLOWED: dict[str, set[str]] = {
     "agent": {"packets", "model", "store", "sim", "flows", "flowstate", "datapath"},
     "api": {"model", "store", "packets"},
     "lab": {"agent", "store", "model", "packets", "datapath", "api", "sim", "flows", "flowstate"},
-    "cli": {"api", "lab", "agent", "model", "store", "packets", "datapath", "sim", "flows",
-            "flowstate"},
+    "cli": {
+        "api",
+        "lab",
+        "agent",
+        "model",
+        "store",
+        "packets",
+        "datapath",
+        "sim",
+        "flows",
+        "flowstate",
+    },
 }
 PURE = {"packets", "model", "sim", "flows", "flowstate"}
-IMPURE_MODULES = {"socket", "threading", "asyncio", "time", "datetime", "subprocess", "os",
-                  "select", "selectors", "sqlite3", "random"}
+IMPURE_MODULES = {
+    "socket",
+    "threading",
+    "asyncio",
+    "time",
+    "datetime",
+    "subprocess",
+    "os",
+    "select",
+    "selectors",
+    "sqlite3",
+    "random",
+}
 
 
 def _imports(path: Path) -> set[str]:

@@ -288,7 +288,9 @@ class Rule(TopologyObject):
             raise ValueError(f"rule jumps to its own chain {self.chain_id}")
         nat = self.action in (RuleAction.DNAT, RuleAction.SNAT)
         if nat and not self.nat_targets:
-            raise ValueError(f"rule action {self.action.value!r} needs at least one nat_targets entry")
+            raise ValueError(
+                f"rule action {self.action.value!r} needs at least one nat_targets entry"
+            )
         if not nat and self.nat_targets:
             raise ValueError(f"nat_targets are only for dnat/snat, not {self.action.value!r}")
         if self.match_forward_flow and self.match_return_flow:
@@ -299,8 +301,11 @@ class Rule(TopologyObject):
             raise ValueError("dl_dst_mask needs dl_dst")
         if self.icmp_code is not None and self.icmp_type is None:
             raise ValueError("icmp_code needs icmp_type")
-        if (self.nw_src is not None and self.nw_dst is not None
-                and self.nw_src.version != self.nw_dst.version):
+        if (
+            self.nw_src is not None
+            and self.nw_dst is not None
+            and self.nw_src.version != self.nw_dst.version
+        ):
             raise ValueError(f"nw_src {self.nw_src} and nw_dst {self.nw_dst} mix IP versions")
         return self
 

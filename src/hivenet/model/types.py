@@ -33,7 +33,9 @@ def _check_id(value: str) -> str:
 def _check_mac(value: str) -> str:
     normalized = value.strip().lower().replace("-", ":")
     if not _MAC_RE.match(normalized):
-        raise ValueError(f"invalid MAC address {value!r}: expected six hex octets like 02:00:00:00:00:01")
+        raise ValueError(
+            f"invalid MAC address {value!r}: expected six hex octets like 02:00:00:00:00:01"
+        )
     return normalized
 
 
@@ -106,5 +108,7 @@ class NatTarget(_Value):
                 f"NAT address_from {self.address_from} is greater than address_to {self.address_to}"
             )
         if self.port_from > self.port_to:
-            raise ValueError(f"NAT port_from {self.port_from} is greater than port_to {self.port_to}")
+            raise ValueError(
+                f"NAT port_from {self.port_from} is greater than port_to {self.port_to}"
+            )
         return self

@@ -1,0 +1,51 @@
+"""The `Datapath` protocol: what the agent asks of a host's packet path.
+
+A datapath owns local interfaces bound to virtual ports, a flow table, and VXLAN tunnels to
+other hosts. On a miss it hands (ingress port key, frame) to the upcall handler (the agent, which
+simulates); the agent answers with `install_flow` and/or `execute`. Backends: `memory` (strict
+in-process fake for tests) and `userspace` (AF_PACKET + UDP VXLAN). A kernel tc/eBPF backend can
+implement the same protocol: actions are limited to `hivenet.flows.actions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from hivenet.flows.actions import Action
+
+# (ingress port tunnel key, raw Ethernet frame) -> None
+UpcallHandler = Callable[[int, bytes], None]
+
+
+class Datapath(Protocol):
+    def bind_port(self, port_key: int, interface_name: str) -> None:
+        """Start receiving from / delivering to `interface_name` as virtual port `port_key`."""
+        ...
+
+    def unbind_port(self, port_key: int) -> None: ...
+
+    def set_upcall_handler(self, handler: UpcallHandler) -> None: ...
+
+    def install_flow(
+        self,
+        match: tuple[int, ...],
+        mask: tuple[int, ...],
+        actions: Sequence[Action],
+        tags: Iterable[str],
+        *,
+        idle_timeout: float = 60.0,
+        hard_timeout: float = 0.0,
+    ) -> None:
+        """Install a megaflow: packets whose FlowMatch masked by `mask` equals `match`."""
+        ...
+
+    def invalidate(self, tags: Iterable[str]) -> int:
+        """Remove every flow carrying any of `tags`; returns how many were removed."""
+        ...
+
+    def execute(self, frame: bytes, actions: Sequence[Action]) -> None:
+        """Apply `actions` to one frame now (the packet that missed, or a generated one)."""
+        ...
+
+    def counters(self) -> dict[str, int]: ...
