@@ -17,7 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "flowstate": {"packets"},
     "store": {"model", "packets"},
     "sim": {"packets", "model", "flows", "flowstate"},
-    "datapath": {"packets", "flows", "model", "sim", "flowstate"},
+    "datapath": {"packets", "flows", "model", "flowstate"},
     "agent": {"packets", "model", "store", "sim", "flows", "flowstate", "datapath"},
     "api": {"model", "store", "packets"},
     "lab": {"agent", "store", "model", "packets", "datapath", "api", "sim", "flows", "flowstate"},
