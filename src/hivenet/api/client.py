@@ -1,0 +1,405 @@
+"""Synchronous HTTP client for the native HiveNet REST API (`/v1`).
+
+Owns the wire side of the REST contract as seen by a caller: URLs per kind, bearer auth,
+`If-Match`/`ETag` revisions, pagination, and turning every error response into a typed
+exception that carries the server's JSON error (status, message, field-level details).
+Must not import the API server, the store or anything that listens; it only talks HTTP, so
+the CLI, the lab and tests can use it against any running server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from hivenet.model import KINDS, TopologyObject
+
+API_PREFIX = "/v1"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+MAX_PAGE_SIZE = 1000
+
+# Collection name per kind, as the REST contract spells it (the plural of the model KIND).
+COLLECTIONS: dict[str, str] = {kind: f"{kind}s" for kind in KINDS}
+
+# Fields the server owns: a client must not send them on create (the server rejects them).
+SERVER_OWNED_FIELDS: dict[str, frozenset[str]] = {"port": frozenset({"tunnel_key"})}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetail:
+    """One field-level problem reported by the server."""
+
+    field: str | None
+    value: Any
+    message: str
+
+    def describe(self) -> str:
+        if self.field is None:
+            return self.message
+        return f"{self.field}={self.value!r}: {self.message}"
+
+
+class ApiClientError(Exception):
+    """Base of every error raised by `HivenetClient`."""
+
+
+class ApiConnectionError(ApiClientError):
+    """The server could not be reached (refused, DNS, timeout); the request did not complete."""
+
+    def __init__(self, base_url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the HiveNet API at {base_url}: {reason}")
+        self.base_url = base_url
+        self.reason = reason
+
+
+class ApiError(ApiClientError):
+    """The server answered with an error status. `body` is the server's `error` object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        details: tuple[ErrorDetail, ...] = (),
+        *,
+        method: str = "",
+        url: str = "",
+        body: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+        self.details = details
+        self.method = method
+        self.url = url
+        self.body: Mapping[str, Any] = body or {}
+
+
+class BadRequestError(ApiError):
+    """400: the request body is not valid JSON or not an object."""
+
+
+class AuthenticationError(ApiError):
+    """401: missing or wrong bearer token."""
+
+
+class NotFoundError(ApiError):
+    """404: no such object (or no such collection)."""
+
+
+class ConflictError(ApiError):
+    """409: still referenced, duplicate id, peer already linked."""
+
+
+class PreconditionFailedError(ApiError):
+    """412: `If-Match` named a revision other than the object's current one."""
+
+
+class ValidationError(ApiError):
+    """422: unknown field, bad value, or a reference to a missing object."""
+
+
+class ServiceUnavailableError(ApiError):
+    """503: the store is unavailable (locked or unreachable); nothing was written."""
+
+
+class ServerError(ApiError):
+    """500 and any other 5xx: for example a corrupt store."""
+
+
+_ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    404: NotFoundError,
+    409: ConflictError,
+    412: PreconditionFailedError,
+    422: ValidationError,
+    503: ServiceUnavailableError,
+}
+
+
+def error_class_for(status: int) -> type[ApiError]:
+    if status in _ERRORS_BY_STATUS:
+        return _ERRORS_BY_STATUS[status]
+    return ServerError if status >= 500 else ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """An object as the server returned it, with its store revision (from the ETag)."""
+
+    kind: str
+    data: dict[str, Any]
+    revision: int | None
+
+    @property
+    def id(self) -> str:
+        return str(self.data["id"])
+
+    def to_model(self) -> TopologyObject:
+        return KINDS[self.kind].model_validate(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a list: items sorted by id; `next_marker` is None on the last page."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    next_marker: str | None = None
+
+
+def parse_etag(etag: str | None) -> int | None:
+    """The revision in an `ETag: "<rev>"` header (weak tags tolerated); None if absent/odd."""
+    if not etag:
+        return None
+    text = etag.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    return int(text) if text.isdigit() else None
+
+
+def _error_from_response(response: httpx.Response) -> ApiError:
+    status = response.status_code
+    reason = response.reason_phrase or "error"
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    error_body: dict[str, Any] = {}
+    message = ""
+    details: list[ErrorDetail] = []
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        error_body = payload["error"]
+        message = str(error_body.get("message") or "")
+        for raw in error_body.get("details") or ():
+            if isinstance(raw, dict):
+                raw_field = raw.get("field")
+                details.append(
+                    ErrorDetail(
+                        field=None if raw_field is None else str(raw_field),
+                        value=raw.get("value"),
+                        message=str(raw.get("message") or ""),
+                    )
+                )
+            else:
+                details.append(ErrorDetail(field=None, value=None, message=str(raw)))
+    elif isinstance(payload, dict) and "detail" in payload:
+        # Not the HiveNet error shape (e.g. a framework default); keep what it says.
+        message = str(payload["detail"])
+        error_body = dict(payload)
+    else:
+        text = response.text.strip()
+        message = text[:300] if text else reason
+    if not message:
+        message = reason
+    request = response.request
+    return error_class_for(status)(
+        status,
+        message,
+        tuple(details),
+        method=request.method,
+        url=str(request.url),
+        body=error_body,
+    )
+
+
+class HivenetClient:
+    """A client for one HiveNet API server. Use as a context manager or call `close()`.
+
+    `base_url` is the server root (e.g. `http://127.0.0.1:9696`); the `/v1` prefix is added
+    here. `token` is sent as `Authorization: Bearer <token>` when given.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Accept": "application/json", "User-Agent": "hivenet-client/0.1"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __enter__(self) -> HivenetClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @staticmethod
+    def collection_path(kind: str) -> str:
+        if kind not in COLLECTIONS:
+            raise ValueError(f"unknown kind {kind!r}; known kinds: {', '.join(COLLECTIONS)}")
+        return f"{API_PREFIX}/{COLLECTIONS[kind]}"
+
+    @classmethod
+    def object_path(cls, kind: str, object_id: str) -> str:
+        if not object_id:
+            raise ValueError(f"{kind} id must not be empty")
+        return f"{cls.collection_path(kind)}/{quote(object_id, safe='')}"
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        if_revision: int | None = None,
+    ) -> httpx.Response:
+        headers = {}
+        if if_revision is not None:
+            headers["If-Match"] = f'"{if_revision}"'
+        try:
+            response = self._http.request(
+                method,
+                path,
+                json=json_body,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+                headers=headers,
+            )
+        except httpx.TimeoutException as exc:
+            raise ApiConnectionError(self.base_url, f"timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise ApiConnectionError(self.base_url, str(exc) or type(exc).__name__) from exc
+        if response.is_error:
+            raise _error_from_response(response)
+        return response
+
+    def _stored(self, kind: str, response: httpx.Response) -> StoredObject:
+        data = response.json()
+        if not isinstance(data, dict):
+            raise ApiError(
+                response.status_code,
+                f"expected a JSON object from {response.request.url}, got {type(data).__name__}",
+            )
+        return StoredObject(kind, data, parse_etag(response.headers.get("ETag")))
+
+    # -- API ------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """`GET /v1/health` (no auth): `{"status": "ok", "revision": N}`."""
+        data = self._request("GET", f"{API_PREFIX}/health").json()
+        return data if isinstance(data, dict) else {"status": data}
+
+    def create(self, kind: str, fields: Mapping[str, Any]) -> StoredObject:
+        """`POST`: the server validates, assigns an id if absent and returns the stored object."""
+        response = self._request("POST", self.collection_path(kind), json_body=dict(fields))
+        return self._stored(kind, response)
+
+    def create_object(self, obj: TopologyObject) -> StoredObject:
+        """Create from a model value (server-owned fields such as a port's tunnel_key left out)."""
+        body = obj.model_dump(mode="json", exclude=set(SERVER_OWNED_FIELDS.get(obj.KIND, ())))
+        return self.create(obj.KIND, body)
+
+    def get(self, kind: str, object_id: str) -> StoredObject:
+        return self._stored(kind, self._request("GET", self.object_path(kind, object_id)))
+
+    def list_page(
+        self,
+        kind: str,
+        filters: Mapping[str, str | None] | None = None,
+        *,
+        limit: int | None = None,
+        marker: str | None = None,
+    ) -> Page:
+        """One page, sorted by id. `filters`: name, tenant_id and the per-kind parent id."""
+        if limit is not None and not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit={limit}: must be between 1 and {MAX_PAGE_SIZE}")
+        params: dict[str, Any] = dict(filters or {})
+        params["limit"] = limit
+        params["marker"] = marker
+        payload = self._request("GET", self.collection_path(kind), params=params).json()
+        if not isinstance(payload, dict) or not isinstance(payload.get("items"), list):
+            raise ApiError(200, f"malformed list response for {kind}: expected {{'items': [...]}}")
+        next_marker = payload.get("next_marker")
+        return Page(list(payload["items"]), None if next_marker is None else str(next_marker))
+
+    def iter_all(
+        self,
+        kind: str,
+        filters: Mapping[str, str | None] | None = None,
+        *,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> Iterator[dict[str, Any]]:
+        """Every matching object, following `next_marker` page after page."""
+        marker: str | None = None
+        while True:
+            page = self.list_page(kind, filters, limit=page_size, marker=marker)
+            yield from page.items
+            if page.next_marker is None or not page.items:
+                return
+            marker = page.next_marker
+
+    def list_all(
+        self, kind: str, filters: Mapping[str, str | None] | None = None
+    ) -> list[dict[str, Any]]:
+        return list(self.iter_all(kind, filters))
+
+    def replace(
+        self,
+        kind: str,
+        object_id: str,
+        fields: Mapping[str, Any],
+        *,
+        if_revision: int | None = None,
+    ) -> StoredObject:
+        """`PUT`: full replacement; 412 if `if_revision` is not the current revision."""
+        response = self._request(
+            "PUT",
+            self.object_path(kind, object_id),
+            json_body=dict(fields),
+            if_revision=if_revision,
+        )
+        return self._stored(kind, response)
+
+    def update(
+        self,
+        kind: str,
+        object_id: str,
+        changes: Mapping[str, Any],
+        *,
+        if_revision: int | None = None,
+    ) -> StoredObject:
+        """`PATCH`: merge `changes` into the object; 412 if `if_revision` is stale."""
+        response = self._request(
+            "PATCH",
+            self.object_path(kind, object_id),
+            json_body=dict(changes),
+            if_revision=if_revision,
+        )
+        return self._stored(kind, response)
+
+    def delete(
+        self,
+        kind: str,
+        object_id: str,
+        *,
+        cascade: bool = False,
+        if_revision: int | None = None,
+    ) -> None:
+        """`DELETE`; 409 while still referenced unless `cascade` (which removes the referrers)."""
+        self._request(
+            "DELETE",
+            self.object_path(kind, object_id),
+            params={"cascade": "true" if cascade else "false"},
+            if_revision=if_revision,
+        )
