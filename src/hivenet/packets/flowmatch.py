@@ -14,7 +14,9 @@ Field conventions:
 - tp_src, tp_dst: TCP/UDP ports. tcp_flags: the TCP flag bits (FIN=0x01 ... CWR=0x80).
 - icmp_type, icmp_code, icmp_id: ICMP/ICMPv6 type and code, echo identifier (0 otherwise).
 - arp_op, arp_sha, arp_spa, arp_tha, arp_tpa: ARP fields; for IPv6 neighbour discovery,
-  nd_target holds the target address.
+  nd_target holds the target address, and (as in Open vSwitch) arp_sha holds the source
+  link-layer address option of a solicitation, arp_tha the target link-layer address option
+  of an advertisement (0 when the option is absent).
 """
 
 from __future__ import annotations
