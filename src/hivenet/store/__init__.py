@@ -1,1 +1,107 @@
-"""HiveNet store package."""
+"""HiveNet store package: the `Store` protocol's types, its backends, and `open_store(url)`.
+
+This module owns the URL scheme that picks a backend. It must not hold backend logic (that
+lives in `sqlite.py`, later `etcd.py`) nor topology typing (`topology.py`).
+
+URLs:
+- `memory://` or `sqlite:///:memory:`: a private in-memory SQLite store (one process).
+- `sqlite:///abs/path.db`: a SQLite WAL file shared by every process on the machine. The part
+  after `sqlite://` is an absolute path; `sqlite:////abs/path.db` means the same file.
+- `etcd://host:port,host:port`: reserved for the etcd backend (not implemented yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hivenet.store.base import (
+    CompactedError,
+    Compare,
+    CompareOp,
+    CompareTarget,
+    Delete,
+    Event,
+    EventType,
+    FutureRevisionError,
+    Get,
+    InvalidRequestError,
+    KeyValue,
+    Lease,
+    LeaseNotFoundError,
+    Put,
+    RangeResult,
+    Store,
+    StoreCorruptError,
+    StoreError,
+    StoreUnavailableError,
+    TxnOp,
+    TxnResult,
+)
+from hivenet.store.sqlite import SqliteStore
+
+__all__ = [
+    "CompactedError",
+    "Compare",
+    "CompareOp",
+    "CompareTarget",
+    "Delete",
+    "Event",
+    "EventType",
+    "FutureRevisionError",
+    "Get",
+    "InvalidRequestError",
+    "KeyValue",
+    "Lease",
+    "LeaseNotFoundError",
+    "Put",
+    "RangeResult",
+    "SqliteStore",
+    "Store",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreUnavailableError",
+    "TxnOp",
+    "TxnResult",
+    "open_store",
+    "sqlite_path_from_url",
+]
+
+MEMORY_URLS = ("memory://", "sqlite:///:memory:")
+SQLITE_SCHEME = "sqlite://"
+ETCD_SCHEME = "etcd://"
+
+
+def sqlite_path_from_url(url: str) -> str:
+    """The database path a `sqlite://` URL names (":memory:" for the in-memory URLs)."""
+    if url in MEMORY_URLS:
+        return ":memory:"
+    if not url.startswith(SQLITE_SCHEME + "/"):
+        raise InvalidRequestError(
+            f"store url {url!r} is not a sqlite URL (expected 'sqlite:///abs/path.db')"
+        )
+    path = "/" + url[len(SQLITE_SCHEME) :].lstrip("/")
+    if path == "/" or path.endswith("/"):
+        raise InvalidRequestError(f"store url {url!r} names no database file")
+    return path
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """Open the store a URL names. `options` go to the backend (e.g. `clock`, `busy_timeout`).
+
+    Raises InvalidRequestError for an unknown URL, StoreCorruptError for a file that is not a
+    HiveNet store, StoreUnavailableError for a file that cannot be opened or stays locked.
+    """
+    if not isinstance(url, str):
+        raise InvalidRequestError(f"store url must be a str, got {url!r}")
+    if url in MEMORY_URLS or url.startswith(SQLITE_SCHEME):
+        return SqliteStore(sqlite_path_from_url(url), **options)
+    if url.startswith(ETCD_SCHEME):
+        endpoints = url[len(ETCD_SCHEME) :]
+        raise NotImplementedError(
+            f"store url {url!r}: the etcd backend (endpoints {endpoints!r}) is not implemented "
+            "yet; use 'sqlite:///abs/path.db' or 'memory://'"
+        )
+    raise InvalidRequestError(
+        f"store url {url!r} has an unknown scheme; expected 'memory://', "
+        "'sqlite:///abs/path.db' or 'etcd://host:port,...'"
+    )

@@ -56,6 +56,10 @@ class StoreCorruptError(StoreError):
     """The backend's data is unreadable; nothing was written."""
 
 
+class InvalidRequestError(StoreError, ValueError):
+    """The request itself is malformed (bad key, value, revision, txn op...); nothing was done."""
+
+
 @dataclass(frozen=True, slots=True)
 class KeyValue:
     key: str
