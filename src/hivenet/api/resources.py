@@ -1,0 +1,399 @@
+"""The `/v1/<plural>` collections: one router factory, parametrized by topology kind.
+
+Owns the HTTP meaning of create/list/get/replace/patch/delete for every kind in
+`hivenet.model.KINDS` (status codes, `ETag`/`If-Match`, `Location`, pagination, body parsing,
+tenant scoping via the caller's `Principal`). The rules that need the store (references,
+peering, tunnel keys, concurrency) belong to `TopologyRepository`; this module must not
+reimplement them nor touch store keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pydantic
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, create_model
+
+from hivenet.api.auth import Principal, authenticate
+from hivenet.api.errors import ApiError, ErrorBody, detail
+from hivenet.model import KINDS, Port, TopologyObject
+from hivenet.model.types import ObjectId
+from hivenet.store.topology import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    NotFoundError,
+    TopologyRepository,
+    Versioned,
+)
+
+API_PREFIX = "/v1"
+# Collection name per kind: the plural of the model KIND.
+PLURALS: dict[str, str] = {kind: f"{kind}s" for kind in KINDS}
+# The parent filter each child collection accepts as a query parameter.
+CHILD_FILTERS: dict[str, str] = {"port": "device_id", "route": "router_id", "rule": "chain_id"}
+# Fields only the server sets: a create that names them is refused.
+SERVER_OWNED_FIELDS: dict[str, frozenset[str]] = {"port": frozenset({"tunnel_key"})}
+
+_object_id_adapter: pydantic.TypeAdapter[str] = pydantic.TypeAdapter(ObjectId)
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "malformed JSON body or header",
+        401: "missing or invalid bearer token",
+        403: "the token may not act on that tenant",
+        404: "no such object",
+        409: "conflict: still referenced, duplicate id, port already linked",
+        412: "If-Match does not name the current revision",
+        422: "validation failed: the details name each field and value",
+        500: "store corrupt",
+        503: "store unavailable (locked); retry",
+    }.items()
+}
+
+
+async def get_repository(request: Request) -> TopologyRepository:
+    repository: TopologyRepository = await request.app.state.store_holder.repository()
+    return repository
+
+
+def etag(revision: int) -> str:
+    return f'"{revision}"'
+
+
+def parse_if_match(request: Request) -> int | None:
+    """The revision an `If-Match` header demands; None when absent or `*`."""
+    header = request.headers.get("if-match")
+    if header is None or header.strip() == "*":
+        return None
+    text = header.strip()
+    if text.startswith('"') and text.endswith('"') and len(text) >= 2:
+        text = text[1:-1]
+    if not text.isdigit() or not text.isascii():
+        raise ApiError(
+            400,
+            f"If-Match must be one revision in quotes, like '\"12\"' (got {header!r})",
+            [detail("If-Match", header, "not a revision")],
+        )
+    return int(text)
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON in the request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            400,
+            f"the request body must be a JSON object, not a JSON {type(data).__name__}",
+        )
+    return data
+
+
+def _object_body(stored: Versioned[Any]) -> dict[str, Any]:
+    body: dict[str, Any] = stored.obj.model_dump(mode="json")
+    return body
+
+
+def object_response(
+    stored: Versioned[Any], status: int = 200, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        _object_body(stored),
+        status_code=status,
+        headers={"ETag": etag(stored.mod_revision), **(headers or {})},
+    )
+
+
+def _checked_path_id(cls: type[TopologyObject], object_id: str) -> str:
+    """A path id that no object could have is simply not found."""
+    try:
+        return _object_id_adapter.validate_python(object_id)
+    except pydantic.ValidationError:
+        raise NotFoundError(cls.KIND, object_id) from None
+
+
+def _check_body_id(data: dict[str, Any], object_id: str) -> None:
+    if "id" in data and data["id"] != object_id:
+        raise ApiError(
+            422,
+            f"id {data['id']!r} in the body does not match {object_id!r} in the path",
+            [detail("id", data["id"], f"must match the path id {object_id!r}")],
+        )
+
+
+def _require_tenant(principal: Principal, obj: TopologyObject) -> None:
+    if not principal.may_access(obj.tenant_id):
+        # Objects of other tenants do not exist as far as this caller can tell.
+        raise NotFoundError(obj.KIND, obj.id)
+
+
+def _require_tenant_write(principal: Principal, obj: TopologyObject) -> None:
+    if not principal.may_access(obj.tenant_id):
+        raise ApiError(
+            403,
+            f"tenant_id={obj.tenant_id!r}: this token acts for tenant {principal.tenant_id!r}",
+            [detail("tenant_id", obj.tenant_id, "not your tenant")],
+        )
+
+
+def _kept_when_omitted(cls: type[TopologyObject]) -> tuple[str, ...]:
+    """Fields a full replacement (PUT) keeps when the body omits them: the owner tenant and
+    the fields the model would fill with a fresh random value (a port's MAC), so a PUT that
+    leaves them out neither moves the object to the default tenant nor re-rolls its MAC."""
+    generated = [
+        name
+        for name, info in cls.model_fields.items()
+        if info.default_factory is not None and name != "id"
+    ]
+    return ("tenant_id", *generated)
+
+
+def _child_filter_dependency(kind: str) -> Callable[..., dict[str, str]]:
+    field = CHILD_FILTERS.get(kind)
+    if field is None:
+
+        def no_filter() -> dict[str, str]:
+            return {}
+
+        return no_filter
+
+    def child_filter(
+        value: str | None = Query(None, alias=field, description=f"only {kind}s with this {field}"),
+    ) -> dict[str, str]:
+        return {field: value} if value is not None else {}
+
+    return child_filter
+
+
+def kind_router(cls: type[TopologyObject]) -> APIRouter:
+    """The routes of one collection."""
+    kind = cls.KIND
+    plural = PLURALS[kind]
+    schema_ref = {"$ref": f"#/components/schemas/{cls.__name__}"}
+    owned = SERVER_OWNED_FIELDS.get(kind, frozenset())
+    kept_when_omitted = _kept_when_omitted(cls)
+    page_model: type[BaseModel] = create_model(
+        f"{cls.__name__}Page",
+        items=(list[cls], ...),  # type: ignore[valid-type]
+        next_marker=(str | None, None),
+    )
+    router = APIRouter(prefix=f"{API_PREFIX}/{plural}", tags=[plural], responses=_ERROR_RESPONSES)
+
+    @router.post(
+        "",
+        status_code=201,
+        response_model=cls,
+        operation_id=f"create_{kind}",
+        summary=f"Create a {kind}",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": schema_ref}},
+            }
+        },
+    )
+    async def create_object(
+        request: Request,
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> Response:
+        data = await read_json_object(request)
+        rejected = sorted(owned & data.keys())
+        if rejected:
+            raise ApiError(
+                422,
+                f"{', '.join(rejected)}: allocated by the server, do not send it",
+                [detail(field, data[field], "allocated by the server") for field in rejected],
+            )
+        if principal.tenant_id is not None:
+            data.setdefault("tenant_id", principal.tenant_id)
+        obj = cls.model_validate(data)
+        _require_tenant_write(principal, obj)
+        stored = await repository.create(obj)
+        return object_response(stored, 201, {"Location": f"{API_PREFIX}/{plural}/{stored.obj.id}"})
+
+    @router.get(
+        "",
+        response_model=page_model,
+        operation_id=f"list_{plural}",
+        summary=f"List {plural} (sorted by id)",
+    )
+    async def list_objects(
+        name: str | None = Query(None, description="exact name"),
+        tenant_id: str | None = Query(None, description="exact tenant id"),
+        limit: int = Query(DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
+        marker: str | None = Query(None, description="the next_marker of the previous page"),
+        child_filter: dict[str, str] = Depends(_child_filter_dependency(kind)),
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> Response:
+        if principal.tenant_id is not None:
+            if tenant_id is not None and tenant_id != principal.tenant_id:
+                return JSONResponse({"items": [], "next_marker": None})
+            tenant_id = principal.tenant_id
+        page = await repository.list(
+            cls,
+            name=name,
+            tenant_id=tenant_id,
+            field_filters=child_filter,
+            limit=limit,
+            marker=marker,
+        )
+        return JSONResponse(
+            {"items": [_object_body(item) for item in page.items], "next_marker": page.next_marker}
+        )
+
+    @router.get(
+        "/{object_id}",
+        response_model=cls,
+        operation_id=f"get_{kind}",
+        summary=f"Get a {kind}",
+    )
+    async def get_object(
+        object_id: str,
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> Response:
+        stored = await repository.get(cls, _checked_path_id(cls, object_id))
+        _require_tenant(principal, stored.obj)
+        return object_response(stored)
+
+    @router.put(
+        "/{object_id}",
+        response_model=cls,
+        operation_id=f"replace_{kind}",
+        summary=f"Replace a {kind} (If-Match optional)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": schema_ref}},
+            }
+        },
+    )
+    async def replace_object(
+        request: Request,
+        object_id: str,
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> Response:
+        object_id = _checked_path_id(cls, object_id)
+        expected = parse_if_match(request)
+        data = await read_json_object(request)
+        _check_body_id(data, object_id)
+
+        def replace(current: TopologyObject) -> TopologyObject:
+            fields = {"id": object_id, **data}
+            for name in kept_when_omitted:
+                fields.setdefault(name, getattr(current, name))
+            replacement = cls.model_validate(fields)
+            _require_tenant_write(principal, replacement)
+            return replacement
+
+        stored = await repository.modify(
+            cls,
+            object_id,
+            replace,
+            expected_revision=expected,
+            precondition=lambda current: _require_tenant(principal, current),
+        )
+        return object_response(stored)
+
+    @router.patch(
+        "/{object_id}",
+        response_model=cls,
+        operation_id=f"patch_{kind}",
+        summary=f"Change some fields of a {kind} (If-Match optional)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "description": f"any subset of the fields of {cls.__name__}",
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def patch_object(
+        request: Request,
+        object_id: str,
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> Response:
+        object_id = _checked_path_id(cls, object_id)
+        expected = parse_if_match(request)
+        data = await read_json_object(request)
+        _check_body_id(data, object_id)
+
+        def merge(current: TopologyObject) -> TopologyObject:
+            replacement = cls.model_validate({**current.model_dump(mode="json"), **data})
+            _require_tenant_write(principal, replacement)
+            return replacement
+
+        stored = await repository.modify(
+            cls,
+            object_id,
+            merge,
+            expected_revision=expected,
+            precondition=lambda current: _require_tenant(principal, current),
+        )
+        return object_response(stored)
+
+    @router.delete(
+        "/{object_id}",
+        status_code=204,
+        response_class=Response,
+        operation_id=f"delete_{kind}",
+        summary=f"Delete a {kind}",
+    )
+    async def delete_object(
+        request: Request,
+        object_id: str,
+        cascade: bool = Query(
+            False, description="also delete owned children and clear optional references"
+        ),
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> Response:
+        object_id = _checked_path_id(cls, object_id)
+        expected = parse_if_match(request)
+        await repository.delete(
+            cls,
+            object_id,
+            cascade=cascade,
+            expected_revision=expected,
+            precondition=lambda current: _require_tenant(principal, current),
+        )
+        return Response(status_code=204)
+
+    return router
+
+
+@functools.cache
+def topology_routers() -> tuple[APIRouter, ...]:
+    """The collection routers, built once per process (building them dominates app start)."""
+    return tuple(kind_router(cls) for cls in KINDS.values())
+
+
+__all__ = [
+    "API_PREFIX",
+    "CHILD_FILTERS",
+    "PLURALS",
+    "SERVER_OWNED_FIELDS",
+    "kind_router",
+    "topology_routers",
+]
+
+# Port is the one kind with server-owned fields; keep the table honest if the model changes.
+assert SERVER_OWNED_FIELDS["port"] <= Port.model_fields.keys()

@@ -1,0 +1,811 @@
+"""The topology repository: typed, transactional access to topology objects in a `Store`.
+
+Owns everything a write of a topology object must keep true, each write being ONE store txn
+guarded by compares (optimistic concurrency, retried a few times when a concurrent writer
+changed something the attempt relied on):
+
+- objects live at `/hivenet/v1/topology/<kind>/<id>` (JSON of the model, see
+  `hivenet.model.topology`); their mod_revision is their version for `If-Match`;
+- referential integrity: every reference an object holds names an existing object at commit
+  time (the txn compares the referenced key's create_revision: the same incarnation still
+  exists). A reverse index `/hivenet/v1/refs/<kind>/<id>/<referrer_kind>/<referrer_id>` (value:
+  JSON list of the referrer's fields) lists who points at an object, and every NEW referrer
+  bumps `/hivenet/v1/refs_version/<kind>/<id>`, which a delete compares, so a referrer that
+  appears concurrently makes the delete retry instead of leaving a dangling reference;
+- delete semantics: a referenced object is not deleted unless `cascade`; with cascade, owned
+  children go too (a device's ports, a router's routes, a chain's rules, a port's routes) and
+  optional references are cleared (see `_ON_DELETE`);
+- interior port links are symmetric (peer_id on both ends, written in the same txn);
+- port tunnel keys are unique (1..0xEFFFFF): a counter key is the allocation hint and a
+  uniqueness key `/hivenet/v1/index/tunnel_key/<n>` is created under a create_revision==0
+  compare.
+
+Must not touch the backend internals (only the `Store` protocol), the network or the clock
+beyond the retry back-off. Objects are validated by the model; this module adds only the
+rules that need other objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import pydantic
+
+from hivenet.model.topology import (
+    KINDS,
+    TOPOLOGY_PREFIX,
+    DeviceKind,
+    Port,
+    Route,
+    TopologyObject,
+    TunnelZone,
+    decode,
+    encode,
+    topology_key,
+)
+from hivenet.model.types import TUNNEL_KEY_MAX, TUNNEL_KEY_MIN
+from hivenet.store.base import (
+    Compare,
+    Delete,
+    KeyValue,
+    Put,
+    Store,
+    StoreCorruptError,
+    TxnOp,
+)
+
+REFS_PREFIX = "/hivenet/v1/refs/"
+REFS_VERSION_PREFIX = "/hivenet/v1/refs_version/"
+TUNNEL_KEY_INDEX_PREFIX = "/hivenet/v1/index/tunnel_key/"
+TUNNEL_KEY_COUNTER_KEY = "/hivenet/v1/counters/tunnel_key"
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_MAX_ATTEMPTS = 16
+# How many taken tunnel keys an allocation steps over before it gives up (the counter is only
+# a hint; holes left by deleted ports are found again after the counter wraps).
+TUNNEL_KEY_MAX_PROBES = 256
+_RANGE_BATCH = 500
+
+# Fields `list()` may filter on by equality, per kind (the children of a parent).
+FILTERABLE_FIELDS: dict[str, frozenset[str]] = {
+    "port": frozenset({"device_id", "device_kind", "host_id", "peer_id"}),
+    "route": frozenset({"router_id", "next_hop_port_id"}),
+    "rule": frozenset({"chain_id", "jump_chain_id"}),
+}
+
+# Fields that identify an object's owner or are allocated by the store: an update may not
+# change them (moving a port to another device would silently re-plumb its links and routes).
+IMMUTABLE_FIELDS: dict[str, tuple[str, ...]] = {
+    "port": ("device_kind", "device_id", "tunnel_key"),
+    "route": ("router_id",),
+    "rule": ("chain_id",),
+}
+
+T = TypeVar("T", bound=TopologyObject)
+R = TypeVar("R")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: each one means nothing was written.
+
+
+class TopologyError(Exception):
+    """Base of every refusal of the repository; the store is unchanged."""
+
+
+class NotFoundError(TopologyError):
+    def __init__(self, kind: str, object_id: str) -> None:
+        super().__init__(f"no {kind} with id {object_id!r}")
+        self.kind = kind
+        self.object_id = object_id
+
+
+@dataclass(frozen=True, slots=True)
+class Referrer:
+    """An object that references another one through `fields`."""
+
+    kind: str
+    id: str
+    fields: tuple[str, ...]
+
+
+class ReferencedError(TopologyError):
+    """A delete without cascade of an object that other objects still reference."""
+
+    def __init__(self, kind: str, object_id: str, referrers: Sequence[Referrer]) -> None:
+        listed = ", ".join(f"{r.kind} {r.id} ({'/'.join(r.fields)})" for r in referrers)
+        super().__init__(
+            f"{kind} {object_id} is still referenced by {listed}; "
+            "delete those first or delete with cascade"
+        )
+        self.kind = kind
+        self.object_id = object_id
+        self.referrers = tuple(referrers)
+
+
+class DanglingReferenceError(TopologyError):
+    """A field names an object that does not exist."""
+
+    def __init__(self, field: str, value: str, kind: str) -> None:
+        super().__init__(f"{field}={value!r}: no {kind} with that id")
+        self.field = field
+        self.value = value
+        self.kind = kind
+
+
+class ConflictError(TopologyError):
+    """The write contradicts the current state (duplicate id, port already linked, or
+    concurrent writers that kept winning the race)."""
+
+
+class RevisionMismatchError(TopologyError):
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"expected revision {expected}, but the object is at revision {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class InvalidFieldError(TopologyError):
+    """A field value that is well-formed but not acceptable given the stored state."""
+
+    def __init__(self, field: str, value: object, message: str) -> None:
+        super().__init__(f"{field}={value!r}: {message}")
+        self.field = field
+        self.value = value
+        self.reason = message
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned(Generic[T]):
+    """An object and the store revision of its last change (its ETag)."""
+
+    obj: T
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """Objects sorted by id; pass `next_marker` as `marker` for the next page (None: done)."""
+
+    items: list[Versioned[T]]
+    next_marker: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Keys
+
+
+def refs_prefix(kind: str, object_id: str) -> str:
+    return f"{REFS_PREFIX}{kind}/{object_id}/"
+
+
+def refs_key(kind: str, object_id: str, referrer_kind: str, referrer_id: str) -> str:
+    return f"{refs_prefix(kind, object_id)}{referrer_kind}/{referrer_id}"
+
+
+def refs_version_key(kind: str, object_id: str) -> str:
+    return f"{REFS_VERSION_PREFIX}{kind}/{object_id}"
+
+
+def tunnel_key_index_key(tunnel_key: int) -> str:
+    return f"{TUNNEL_KEY_INDEX_PREFIX}{tunnel_key}"
+
+
+# --------------------------------------------------------------------------------------------
+# What happens to a referrer when the object it references is deleted.
+
+
+class _OnDelete(enum.IntEnum):
+    # Ordered by strength: a referrer holding several fields gets the strongest action.
+    UNLINK_PEER = 0  # interior link: both ends are cleared, never blocks a delete
+    CLEAR = 1  # optional reference: set to None / dropped from the tuple (cascade only)
+    SHRINK_OR_DELETE = 2  # rule port list: drop the id; delete the rule if the list empties
+    DELETE = 3  # owned child, or a rule whose match would widen without it (cascade only)
+
+
+# A rule whose condition loses its object must go: an empty condition matches everything, so
+# clearing "drop traffic from group G" would turn it into "drop all traffic".
+_ON_DELETE: dict[tuple[str, str], _OnDelete] = {
+    ("port", "device_id"): _OnDelete.DELETE,
+    ("port", "peer_id"): _OnDelete.UNLINK_PEER,
+    ("route", "router_id"): _OnDelete.DELETE,
+    ("route", "next_hop_port_id"): _OnDelete.DELETE,
+    ("rule", "chain_id"): _OnDelete.DELETE,
+    ("rule", "jump_chain_id"): _OnDelete.DELETE,
+    ("rule", "port_group_id"): _OnDelete.DELETE,
+    ("rule", "ip_addr_group_src_id"): _OnDelete.DELETE,
+    ("rule", "ip_addr_group_dst_id"): _OnDelete.DELETE,
+    ("rule", "in_port_ids"): _OnDelete.SHRINK_OR_DELETE,
+    ("rule", "out_port_ids"): _OnDelete.SHRINK_OR_DELETE,
+}
+
+
+def _on_delete(referrer_kind: str, fields: Sequence[str]) -> _OnDelete:
+    return max(_ON_DELETE.get((referrer_kind, field), _OnDelete.CLEAR) for field in fields)
+
+
+def _reference_map(obj: TopologyObject | None) -> dict[tuple[str, str], list[str]]:
+    """(kind, id) -> the fields of `obj` naming it, in declaration order."""
+    targets: dict[tuple[str, str], list[str]] = {}
+    if obj is None:
+        return targets
+    for field, kind, target_id in obj.references():
+        fields = targets.setdefault((kind, target_id), [])
+        if field not in fields:
+            fields.append(field)
+    return targets
+
+
+def _without_reference(
+    referrer: TopologyObject, fields: Sequence[str], target_id: str
+) -> TopologyObject | None:
+    """`referrer` with its references to `target_id` in `fields` removed; None if the
+    referrer cannot exist without them (see `_ON_DELETE`)."""
+    action = _on_delete(referrer.KIND, fields)
+    if action is _OnDelete.DELETE:
+        return None
+    data = referrer.model_dump()
+    for field in fields:
+        if isinstance(referrer, TunnelZone) and field == "members":
+            data["members"] = [m for m in data["members"] if m["host_id"] != target_id]
+            continue
+        value = getattr(referrer, field)
+        if isinstance(value, tuple):
+            remaining = tuple(item for item in value if item != target_id)
+            if not remaining and action is _OnDelete.SHRINK_OR_DELETE:
+                return None
+            data[field] = remaining
+        else:
+            data[field] = None
+            if isinstance(referrer, Port) and field == "host_id":
+                data["interface_name"] = None  # a binding is host + interface together
+    return type(referrer).model_validate(data)
+
+
+def _revalidated(obj: T) -> T:
+    """`obj` checked again by its model: `model_copy(update=...)` skips validation, and an
+    invalid object must never reach the store (raises pydantic.ValidationError)."""
+    return type(obj).model_validate(obj.model_dump())
+
+
+def _decode_stored(kind: str, key: str, raw: bytes) -> TopologyObject:
+    try:
+        return decode(kind, raw)
+    except (pydantic.ValidationError, ValueError) as exc:
+        raise StoreCorruptError(f"stored value of {key} is not a valid {kind}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# One optimistic attempt
+
+
+class _Attempt:
+    """Reads recorded, writes buffered; `commit()` writes everything in one txn whose
+    compares fail if anything a decision rested on changed since it was read.
+
+    Reads see this attempt's own pending writes first."""
+
+    def __init__(self, store: Store, number: int) -> None:
+        self.store = store
+        self.number = number  # 0 for the first attempt
+        self._seen: dict[str, KeyValue | None] = {}
+        self._compares: dict[str, Compare] = {}
+        self._writes: dict[str, bytes | None] = {}  # None = delete
+
+    async def _fetch(self, key: str) -> KeyValue | None:
+        if key not in self._seen:
+            self._seen[key] = await self.store.get(key)
+        return self._seen[key]
+
+    async def read(self, key: str) -> bytes | None:
+        """The value (None if absent); the commit requires the key unchanged."""
+        if key in self._writes:
+            return self._writes[key]
+        kv = await self._fetch(key)
+        if kv is None:
+            self._compares[key] = Compare(key, "create_revision", "==", 0)
+        else:
+            self._compares[key] = Compare(key, "mod_revision", "==", kv.mod_revision)
+        return None if kv is None else kv.value
+
+    async def read_existing(self, key: str) -> bytes | None:
+        """The value (None if absent); the commit requires only that the same incarnation of
+        the key still exists (concurrent updates of its value are fine)."""
+        if key in self._writes:
+            return self._writes[key]
+        kv = await self._fetch(key)
+        if key not in self._compares:
+            created = 0 if kv is None else kv.create_revision
+            self._compares[key] = Compare(key, "create_revision", "==", created)
+        return None if kv is None else kv.value
+
+    async def read_hint(self, key: str) -> bytes | None:
+        """The value, with no guard at commit (counters, probes)."""
+        if key in self._writes:
+            return self._writes[key]
+        kv = await self._fetch(key)
+        return None if kv is None else kv.value
+
+    def require_absent(self, key: str) -> None:
+        self._compares[key] = Compare(key, "create_revision", "==", 0)
+
+    def mod_revision(self, key: str) -> int:
+        kv = self._seen.get(key)
+        return 0 if kv is None else kv.mod_revision
+
+    async def range_values(self, prefix: str) -> dict[str, bytes]:
+        """key -> value under `prefix` as this attempt sees it (unguarded: callers guard with
+        a version key)."""
+        found: dict[str, bytes] = {}
+        start_after: str | None = None
+        revision: int | None = None
+        while True:
+            result = await self.store.range(
+                prefix, revision=revision, limit=_RANGE_BATCH, start_after=start_after
+            )
+            revision = result.revision
+            found.update((kv.key, kv.value) for kv in result.kvs)
+            if not result.more or not result.kvs:
+                break
+            start_after = result.kvs[-1].key
+        for key, value in self._writes.items():
+            if not key.startswith(prefix):
+                continue
+            if value is None:
+                found.pop(key, None)
+            else:
+                found[key] = value
+        return dict(sorted(found.items()))
+
+    def put(self, key: str, value: bytes) -> None:
+        self._writes[key] = value
+
+    def delete(self, key: str) -> None:
+        self._writes[key] = None
+
+    @property
+    def has_writes(self) -> bool:
+        return bool(self._writes)
+
+    async def commit(self) -> int | None:
+        """The new store revision, or None when a compare failed (nothing was written)."""
+        ops: list[TxnOp] = [
+            Put(key, value) if value is not None else Delete(key)
+            for key, value in self._writes.items()
+        ]
+        result = await self.store.txn(list(self._compares.values()), ops)
+        return result.revision if result.succeeded else None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class TopologyRepository:
+    """Typed create/get/list/update/delete of topology objects over any `Store`.
+
+    Safe for concurrent use from many tasks and from many processes sharing a store: every
+    write is one guarded txn, retried up to `max_attempts` times when a concurrent writer
+    invalidated what it read, then refused with `ConflictError`.
+    """
+
+    def __init__(self, store: Store, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
+        self.store = store
+        self.max_attempts = max_attempts
+
+    # ---- the retry loop
+
+    async def _transact(
+        self, attempt_body: Callable[[_Attempt], Awaitable[R]], what: str
+    ) -> tuple[R, int | None]:
+        """Run `attempt_body` and commit; (its result, commit revision or None if it wrote
+        nothing). Typed errors raised by the body end the loop at once."""
+        for number in range(self.max_attempts):
+            attempt = _Attempt(self.store, number)
+            result = await attempt_body(attempt)
+            if not attempt.has_writes:
+                return result, None
+            revision = await attempt.commit()
+            if revision is not None:
+                return result, revision
+            # Full jitter: contenders that collided spread out instead of colliding again.
+            await asyncio.sleep(random.uniform(0, min(0.002 * 2**number, 0.05)))
+        raise ConflictError(
+            f"{what}: gave up after {self.max_attempts} attempts, concurrent writers kept "
+            "changing the objects involved; retry later"
+        )
+
+    # ---- public API
+
+    async def create(self, obj: T) -> Versioned[T]:
+        """Store a new object; ports get their tunnel key here (a client-chosen one is refused)."""
+        kind = obj.KIND
+        obj = _revalidated(obj)
+        if isinstance(obj, Port) and obj.tunnel_key != 0:
+            raise InvalidFieldError(
+                "tunnel_key", obj.tunnel_key, "tunnel_key is allocated by the server"
+            )
+
+        async def body(attempt: _Attempt) -> T:
+            key = topology_key(kind, obj.id)
+            if await attempt.read(key) is not None:
+                raise ConflictError(f"a {kind} with id {obj.id!r} already exists")
+            stored: TopologyObject = obj
+            if isinstance(obj, Port):
+                tunnel_key = await self._allocate_tunnel_key(attempt, obj.id)
+                stored = obj.model_copy(update={"tunnel_key": tunnel_key})
+            await self._check_cross_object_rules(attempt, stored)
+            await self._write(attempt, None, stored)
+            if isinstance(stored, Port) and stored.peer_id is not None:
+                await self._link_peer(attempt, stored)
+            return stored  # type: ignore[return-value]  # same class as obj
+
+        stored, revision = await self._transact(body, f"create {kind} {obj.id}")
+        assert revision is not None
+        return Versioned(stored, revision)
+
+    async def get(self, cls: type[T], object_id: str) -> Versioned[T]:
+        key = topology_key(cls.KIND, object_id)
+        kv = await self.store.get(key)
+        if kv is None:
+            raise NotFoundError(cls.KIND, object_id)
+        obj = _decode_stored(cls.KIND, key, kv.value)
+        assert isinstance(obj, cls)
+        return Versioned(obj, kv.mod_revision)
+
+    async def update(self, obj: T, *, expected_revision: int | None = None) -> Versioned[T]:
+        """Replace the stored object with the same kind and id by `obj`.
+
+        A port's tunnel_key may be given as 0 (keep) or as its current value."""
+        return await self.modify(
+            type(obj), obj.id, lambda _current: obj, expected_revision=expected_revision
+        )
+
+    async def modify(
+        self,
+        cls: type[T],
+        object_id: str,
+        change: Callable[[T], T],
+        *,
+        expected_revision: int | None = None,
+        precondition: Callable[[T], None] | None = None,
+    ) -> Versioned[T]:
+        """Read-modify-write in one txn: `change` gets the current object (re-read on every
+        retry) and returns the replacement; it may raise (pydantic or typed errors).
+        `precondition` sees the current object first and may raise to refuse (a tenant check
+        that must come before the revision check)."""
+        kind = cls.KIND
+
+        async def body(attempt: _Attempt) -> tuple[T, int]:
+            key = topology_key(kind, object_id)
+            raw = await attempt.read(key)
+            if raw is None:
+                raise NotFoundError(kind, object_id)
+            current = _decode_stored(kind, key, raw)
+            assert isinstance(current, cls)
+            if precondition is not None:
+                precondition(current)
+            current_revision = attempt.mod_revision(key)
+            if expected_revision is not None and expected_revision != current_revision:
+                raise RevisionMismatchError(expected_revision, current_revision)
+            replacement = change(current)
+            if type(replacement) is not cls:
+                raise InvalidFieldError("kind", replacement.KIND, f"expected a {kind}")
+            if replacement.id != object_id:
+                raise InvalidFieldError("id", replacement.id, f"does not match {object_id!r}")
+            replacement = _revalidated(replacement)
+            replacement = self._keep_immutable_fields(current, replacement)
+            if encode(replacement) == raw:
+                return current, current_revision  # nothing changes: no write, no event
+            await self._check_cross_object_rules(attempt, replacement)
+            await self._write(attempt, current, replacement)
+            if (
+                isinstance(current, Port)
+                and isinstance(replacement, Port)
+                and current.peer_id != replacement.peer_id
+            ):
+                if current.peer_id is not None:
+                    await self._unlink_peer(attempt, current.peer_id, current.id)
+                if replacement.peer_id is not None:
+                    await self._link_peer(attempt, replacement)
+            return replacement, current_revision
+
+        (stored, unchanged_revision), revision = await self._transact(
+            body, f"update {kind} {object_id}"
+        )
+        return Versioned(stored, revision if revision is not None else unchanged_revision)
+
+    async def delete(
+        self,
+        cls: type[TopologyObject],
+        object_id: str,
+        *,
+        cascade: bool = False,
+        expected_revision: int | None = None,
+        precondition: Callable[[TopologyObject], None] | None = None,
+    ) -> int:
+        """Delete an object; returns the store revision of the delete.
+
+        Without cascade, any referrer other than an interior peer (whose link is cleared)
+        refuses the delete with `ReferencedError`. `precondition` sees the object as read in
+        the txn and may raise to refuse (e.g. a tenant check)."""
+        kind = cls.KIND
+
+        async def body(attempt: _Attempt) -> None:
+            key = topology_key(kind, object_id)
+            raw = await attempt.read(key)
+            if raw is None:
+                raise NotFoundError(kind, object_id)
+            if precondition is not None:
+                precondition(_decode_stored(kind, key, raw))
+            current_revision = attempt.mod_revision(key)
+            if expected_revision is not None and expected_revision != current_revision:
+                raise RevisionMismatchError(expected_revision, current_revision)
+            blockers: list[Referrer] = []
+            await self._delete_object(attempt, kind, object_id, cascade, blockers, set())
+            if blockers:
+                raise ReferencedError(kind, object_id, blockers)
+
+        _, revision = await self._transact(body, f"delete {kind} {object_id}")
+        assert revision is not None
+        return revision
+
+    # ---- the rules
+
+    @staticmethod
+    def _keep_immutable_fields(current: T, replacement: T) -> T:
+        for field in IMMUTABLE_FIELDS.get(current.KIND, ()):
+            old, new = getattr(current, field), getattr(replacement, field)
+            if field == "tunnel_key" and new == 0:
+                replacement = replacement.model_copy(update={"tunnel_key": old})
+            elif new != old:
+                raise InvalidFieldError(
+                    field, _plain(new), f"cannot be changed (it is {_plain(old)!r})"
+                )
+        return replacement
+
+    async def _check_cross_object_rules(self, attempt: _Attempt, obj: TopologyObject) -> None:
+        """Rules between an object and what it references, beyond existence."""
+        if isinstance(obj, Route) and obj.next_hop_port_id is not None:
+            key = topology_key("port", obj.next_hop_port_id)
+            raw = await attempt.read_existing(key)
+            if raw is None:
+                raise DanglingReferenceError("next_hop_port_id", obj.next_hop_port_id, "port")
+            port = _decode_stored("port", key, raw)
+            assert isinstance(port, Port)
+            # device_kind/device_id of a port are immutable, so an existence guard suffices.
+            if port.device_kind is not DeviceKind.ROUTER or port.device_id != obj.router_id:
+                raise InvalidFieldError(
+                    "next_hop_port_id",
+                    obj.next_hop_port_id,
+                    f"port is on {port.device_kind.value} {port.device_id}, "
+                    f"not on router {obj.router_id}",
+                )
+
+    async def _write(
+        self, attempt: _Attempt, old: TopologyObject | None, new: TopologyObject | None
+    ) -> None:
+        """Buffer the write of one object (new=None: delete) and of its reverse references;
+        check that every newly referenced object exists."""
+        subject = new if new is not None else old
+        assert subject is not None
+        kind, object_id = subject.KIND, subject.id
+        old_targets, new_targets = _reference_map(old), _reference_map(new)
+        for (target_kind, target_id), fields in new_targets.items():
+            previous_fields = old_targets.get((target_kind, target_id))
+            if previous_fields is None:
+                target = topology_key(target_kind, target_id)
+                if await attempt.read_existing(target) is None:
+                    raise DanglingReferenceError(fields[0], target_id, target_kind)
+                # A new referrer: a concurrent delete of the target must notice it.
+                attempt.put(refs_version_key(target_kind, target_id), b"")
+            if previous_fields != fields:
+                attempt.put(
+                    refs_key(target_kind, target_id, kind, object_id), json.dumps(fields).encode()
+                )
+        for target_kind, target_id in old_targets.keys() - new_targets.keys():
+            attempt.delete(refs_key(target_kind, target_id, kind, object_id))
+        key = topology_key(kind, object_id)
+        if new is None:
+            attempt.delete(key)
+        else:
+            attempt.put(key, encode(new))
+
+    async def _allocate_tunnel_key(self, attempt: _Attempt, port_id: str) -> int:
+        raw = await attempt.read_hint(TUNNEL_KEY_COUNTER_KEY)
+        try:
+            last = int(raw) if raw else 0
+        except ValueError as exc:
+            raise StoreCorruptError(
+                f"tunnel key counter {TUNNEL_KEY_COUNTER_KEY} holds {raw!r}, not a number"
+            ) from exc
+        # Writers that collided on the same candidate spread out on their next attempt.
+        spread = random.randrange(1 << min(attempt.number, 12)) if attempt.number else 0
+        candidate = last + 1 + spread
+        for _ in range(TUNNEL_KEY_MAX_PROBES):
+            if not TUNNEL_KEY_MIN <= candidate <= TUNNEL_KEY_MAX:
+                candidate = TUNNEL_KEY_MIN
+            index_key = tunnel_key_index_key(candidate)
+            if await attempt.read_hint(index_key) is None:
+                attempt.require_absent(index_key)
+                attempt.put(index_key, port_id.encode())
+                attempt.put(TUNNEL_KEY_COUNTER_KEY, str(candidate).encode())
+                return candidate
+            candidate += 1
+        raise ConflictError(
+            f"no free tunnel key among {TUNNEL_KEY_MAX_PROBES} after {last}: "
+            "the tunnel key space is (nearly) exhausted"
+        )
+
+    async def _link_peer(self, attempt: _Attempt, port: Port) -> None:
+        """Make `port.peer_id` point back at `port` (same txn)."""
+        assert port.peer_id is not None
+        key = topology_key("port", port.peer_id)
+        raw = await attempt.read(key)
+        if raw is None:
+            raise DanglingReferenceError("peer_id", port.peer_id, "port")
+        peer = _decode_stored("port", key, raw)
+        assert isinstance(peer, Port)
+        if peer.device_kind == port.device_kind and peer.device_id == port.device_id:
+            raise InvalidFieldError(
+                "peer_id",
+                port.peer_id,
+                f"both ports are on {port.device_kind.value} {port.device_id}; "
+                "an interior link joins two different devices",
+            )
+        if peer.device_kind is DeviceKind.BRIDGE and port.device_kind is DeviceKind.BRIDGE:
+            raise InvalidFieldError(
+                "peer_id",
+                port.peer_id,
+                "bridge-to-bridge links are not supported: one end must be a router port",
+            )
+        if peer.peer_id == port.id:
+            return
+        if peer.peer_id is not None:
+            raise ConflictError(
+                f"peer_id={port.peer_id!r}: port {peer.id} is already linked to port {peer.peer_id}"
+            )
+        if peer.host_id is not None:
+            raise ConflictError(
+                f"peer_id={port.peer_id!r}: port {peer.id} is bound to interface "
+                f"{peer.interface_name} on host {peer.host_id}; unbind it before linking"
+            )
+        linked = Port.model_validate({**peer.model_dump(), "peer_id": port.id})
+        await self._write(attempt, peer, linked)
+
+    async def _unlink_peer(self, attempt: _Attempt, peer_id: str, port_id: str) -> None:
+        """Clear `peer_id`'s link if it still points at `port_id`."""
+        key = topology_key("port", peer_id)
+        raw = await attempt.read(key)
+        if raw is None:
+            return
+        peer = _decode_stored("port", key, raw)
+        assert isinstance(peer, Port)
+        if peer.peer_id == port_id:
+            await self._write(attempt, peer, peer.model_copy(update={"peer_id": None}))
+
+    async def _delete_object(
+        self,
+        attempt: _Attempt,
+        kind: str,
+        object_id: str,
+        cascade: bool,
+        blockers: list[Referrer],
+        deleting: set[str],
+    ) -> None:
+        key = topology_key(kind, object_id)
+        deleting.add(key)
+        raw = await attempt.read(key)
+        assert raw is not None
+        obj = _decode_stored(kind, key, raw)
+        # Guard: a referrer that appears after this read bumps the version -> retry.
+        await attempt.read(refs_version_key(kind, object_id))
+        prefix = refs_prefix(kind, object_id)
+        # The index read is unguarded and may be a moment old: each referrer is re-read
+        # (guarded) and its own fields decide; one that no longer points here is skipped.
+        for ref_key in await attempt.range_values(prefix):
+            referrer_kind, _, referrer_id = ref_key[len(prefix) :].partition("/")
+            referrer_key = topology_key(referrer_kind, referrer_id)
+            if referrer_key in deleting or referrer_kind not in KINDS:
+                continue
+            referrer_raw = await attempt.read(referrer_key)
+            if referrer_raw is None:
+                continue
+            referrer = _decode_stored(referrer_kind, referrer_key, referrer_raw)
+            fields = tuple(_reference_map(referrer).get((kind, object_id), ()))
+            if not fields:
+                continue
+            action = _on_delete(referrer_kind, fields)
+            if action is _OnDelete.UNLINK_PEER:
+                await self._unlink_peer(attempt, referrer_id, object_id)
+                continue
+            if not cascade:
+                blockers.append(Referrer(referrer_kind, referrer_id, fields))
+                continue
+            reduced = _without_reference(referrer, fields, object_id)
+            if reduced is None:
+                await self._delete_object(
+                    attempt, referrer_kind, referrer_id, cascade, blockers, deleting
+                )
+            else:
+                await self._write(attempt, referrer, reduced)
+        if blockers:
+            return
+        if isinstance(obj, Port) and obj.tunnel_key:
+            index_key = tunnel_key_index_key(obj.tunnel_key)
+            if await attempt.read(index_key) == obj.id.encode():
+                attempt.delete(index_key)
+        await self._write(attempt, obj, None)
+        attempt.delete(refs_version_key(kind, object_id))
+
+    # Last in the class: from here on `list` names this method in the class namespace.
+    async def list(
+        self,
+        cls: type[T],
+        *,
+        name: str | None = None,
+        tenant_id: str | None = None,
+        field_filters: Mapping[str, str] | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        marker: str | None = None,
+    ) -> Page[T]:
+        """One page of objects of `cls`, sorted by id, with id > `marker`, matching every
+        filter (all equality). Read at one store revision."""
+        kind = cls.KIND
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidFieldError("limit", limit, f"must be between 1 and {MAX_PAGE_SIZE}")
+        filters = dict(field_filters or {})
+        allowed = FILTERABLE_FIELDS.get(kind, frozenset())
+        for field in filters:
+            if field not in allowed:
+                raise InvalidFieldError(
+                    field,
+                    filters[field],
+                    f"{kind} objects can be filtered by {sorted(allowed) or 'name and tenant_id only'}",
+                )
+        if name is not None:
+            filters["name"] = name
+        if tenant_id is not None:
+            filters["tenant_id"] = tenant_id
+
+        prefix = f"{TOPOLOGY_PREFIX}{kind}/"
+        start_after = prefix + marker if marker else None
+        revision: int | None = None
+        items: list[Versioned[T]] = []
+        batch = min(max(limit + 1, 64), _RANGE_BATCH)
+        while True:
+            result = await self.store.range(
+                prefix, revision=revision, limit=batch, start_after=start_after
+            )
+            revision = result.revision
+            for kv in result.kvs:
+                obj = _decode_stored(kind, kv.key, kv.value)
+                assert isinstance(obj, cls)
+                if not all(_field_text(obj, f) == want for f, want in filters.items()):
+                    continue
+                if len(items) == limit:
+                    return Page(items, next_marker=items[-1].obj.id)
+                items.append(Versioned(obj, kv.mod_revision))
+            if not result.more or not result.kvs:
+                return Page(items, next_marker=None)
+            start_after = result.kvs[-1].key
+
+
+def _plain(value: object) -> object:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _field_text(obj: TopologyObject, field: str) -> object:
+    return _plain(getattr(obj, field))

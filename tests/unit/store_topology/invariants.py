@@ -1,0 +1,69 @@
+"""Whole-store checks shared by the repository and API tests: a full dump (to prove a failed
+write changed nothing) and the repository's index invariants recomputed from scratch."""
+
+from __future__ import annotations
+
+import json
+
+from hivenet.model import KINDS, TOPOLOGY_PREFIX, Port, TopologyObject, parse_topology_key
+from hivenet.store.base import KeyValue, Store
+from hivenet.store.topology import (
+    REFS_PREFIX,
+    REFS_VERSION_PREFIX,
+    TUNNEL_KEY_COUNTER_KEY,
+    TUNNEL_KEY_INDEX_PREFIX,
+    refs_key,
+)
+
+
+async def dump(store: Store) -> tuple[int, list[KeyValue]]:
+    """(store revision, every key with its value and revisions)."""
+    result = await store.range("")
+    return result.revision, result.kvs
+
+
+async def objects(store: Store) -> dict[str, TopologyObject]:
+    out: dict[str, TopologyObject] = {}
+    for kv in (await store.range(TOPOLOGY_PREFIX)).kvs:
+        kind, _ = parse_topology_key(kv.key)
+        out[kv.key] = KINDS[kind].model_validate_json(kv.value)
+    return out
+
+
+async def assert_consistent(store: Store) -> None:
+    """Every reference resolves, the reverse index is exactly what the objects imply, links
+    are symmetric and tunnel keys are unique and indexed."""
+    stored = await objects(store)
+    expected_refs: dict[str, list[str]] = {}
+    for obj in stored.values():
+        for field, kind, target in obj.references():
+            assert f"{TOPOLOGY_PREFIX}{kind}/{target}" in stored, (
+                f"{obj.KIND} {obj.id}: {field}={target} dangles"
+            )
+            fields = expected_refs.setdefault(refs_key(kind, target, obj.KIND, obj.id), [])
+            if field not in fields:
+                fields.append(field)
+    actual_refs = {kv.key: json.loads(kv.value) for kv in (await store.range(REFS_PREFIX)).kvs}
+    assert actual_refs == expected_refs
+
+    ports = [obj for obj in stored.values() if isinstance(obj, Port)]
+    by_id = {port.id: port for port in ports}
+    for port in ports:
+        if port.peer_id is not None:
+            assert by_id[port.peer_id].peer_id == port.id, f"link {port.id} is one-sided"
+    keys = [port.tunnel_key for port in ports]
+    assert len(set(keys)) == len(keys), "duplicate tunnel keys"
+    assert all(1 <= key <= 0xEFFFFF for key in keys)
+    index = {
+        int(kv.key[len(TUNNEL_KEY_INDEX_PREFIX) :]): kv.value.decode()
+        for kv in (await store.range(TUNNEL_KEY_INDEX_PREFIX)).kvs
+    }
+    assert index == {port.tunnel_key: port.id for port in ports}
+
+    # Version keys only for live objects; nothing else lives under /hivenet/v1/ but these.
+    for kv in (await store.range(REFS_VERSION_PREFIX)).kvs:
+        kind, _, object_id = kv.key[len(REFS_VERSION_PREFIX) :].partition("/")
+        assert f"{TOPOLOGY_PREFIX}{kind}/{object_id}" in stored, f"stale {kv.key}"
+    known = (TOPOLOGY_PREFIX, REFS_PREFIX, REFS_VERSION_PREFIX, TUNNEL_KEY_INDEX_PREFIX)
+    for kv in (await store.range("/hivenet/v1/")).kvs:
+        assert kv.key.startswith(known) or kv.key == TUNNEL_KEY_COUNTER_KEY, kv.key
