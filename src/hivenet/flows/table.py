@@ -1,0 +1,487 @@
+"""The megaflow table of one host's datapath, and the exact-match cache in front of it.
+
+Owns: `Flow` (one installed megaflow with its counters), `FlowTable` (tuple space search: one
+hash table per distinct mask, a tag index for invalidation, idle/hard expiry, an LRU size bound)
+and `ExactMatchCache` (full FlowMatch tuple -> Flow, the userspace datapath's fast path).
+
+Must not touch: the clock, sockets, threads or randomness (`now` is always passed in), packet
+bytes (see `hivenet.flows.execute`), or the simulation that decides what to install.
+
+How a lookup works (OVS-style tuple space search): every installed flow lives in the subtable
+of its mask, keyed by its already-masked match. A lookup masks the packet's field values with
+each subtable's mask and probes that subtable's dict; the first hit wins. Megaflows produced by
+the simulation for one topology never disagree where they overlap, so, as in OVS, there are no
+priorities: any matching flow is a correct answer. Subtables are probed in order of recent hit
+count so the busiest masks are tried first.
+
+Expiry: a flow expires when `now >= last_used + idle_timeout` (idle_timeout > 0) or when
+`now >= created + hard_timeout` (hard_timeout > 0); a timeout of 0 means "never". `expire()`
+reaps from a deadline heap (lazy: a popped entry whose flow was used since is pushed back with
+its new deadline), so it touches only flows that are due. A lookup that lands on a flow that is
+due but not yet reaped removes it and treats it as a miss, so a hard timeout always forces a
+fresh simulation.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from operator import and_, attrgetter, itemgetter, le
+
+from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
+from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
+
+_ACTION_TYPES = (SetField, DecTtl, PushVlan, PopVlan, Output, Tunnel, Drop)
+_FIELD_COUNT = len(FIELD_NAMES)
+_INT_TYPE_ONLY = {int}
+_FULL_MASK_BY_INDEX: tuple[int, ...] = tuple(FULL_MASKS[name] for name in FIELD_NAMES)
+
+# FlowMatch -> tuple of its field values in FIELD_NAMES order, in one C call (much cheaper than
+# dataclasses.astuple, which deep-copies).
+flow_match_values: attrgetter[tuple[int, ...]] = attrgetter(*FIELD_NAMES)
+
+# Re-sort the subtables by hit count every this many lookups (a power of two: tested with `&`).
+_REORDER_INTERVAL = 4096
+
+# Rebuild the expiry heap when stale entries outnumber live flows by this factor.
+_HEAP_COMPACT_FACTOR = 2
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    """One installed megaflow. Mutable (counters, last use); compared and hashed by identity.
+
+    `removed` turns True when the table drops the flow (replaced, invalidated, expired,
+    evicted), so holders of a reference such as the exact-match cache notice it is gone.
+    """
+
+    match: tuple[int, ...]
+    mask: tuple[int, ...]
+    actions: tuple[Action, ...]
+    tags: frozenset[str]
+    created: float
+    last_used: float
+    idle_timeout: float = 60.0
+    hard_timeout: float = 0.0
+    packets: int = 0
+    bytes: int = 0
+    removed: bool = False
+
+    def deadline(self) -> float:
+        """When this flow expires if it is not used again (math.inf: never)."""
+        deadline = math.inf
+        if self.idle_timeout > 0:
+            deadline = self.last_used + self.idle_timeout
+        if self.hard_timeout > 0:
+            deadline = min(deadline, self.created + self.hard_timeout)
+        return deadline
+
+    def is_expired(self, now: float) -> bool:
+        return now >= self.deadline()
+
+    def matches(self, values: tuple[int, ...]) -> bool:
+        """Whether a packet with these field values (FIELD_NAMES order) matches this flow."""
+        return tuple(map(and_, values, self.mask)) == self.match
+
+
+def _subtable_key_function(mask: tuple[int, ...]) -> Callable[[tuple[int, ...]], Hashable]:
+    """The function that turns field values into a subtable's dict key under `mask`.
+
+    Only the fields the mask covers go into the key, and a fully masked field is taken as is
+    (FlowMatch fields are within their bit width), so the common megaflow (a few whole fields)
+    costs one C-level itemgetter call instead of masking all fields.
+    """
+    covered = [index for index, field_mask in enumerate(mask) if field_mask]
+    if not covered:
+        return lambda values: ()
+    partial = [index for index in covered if mask[index] != _FULL_MASK_BY_INDEX[index]]
+    full = [index for index in covered if index not in partial]
+    if not partial:
+        # A single index makes itemgetter return a bare int: still a fine, consistent key.
+        return itemgetter(*full)
+    if len(partial) == 1:
+        # The usual partial megaflow: whole fields plus one address prefix (2-3x cheaper than
+        # masking every covered field).
+        prefix_index, prefix_mask = partial[0], mask[partial[0]]
+        if not full:
+            return lambda values: values[prefix_index] & prefix_mask
+        pick_full = itemgetter(*full)
+        return lambda values: (pick_full(values), values[prefix_index] & prefix_mask)
+    pick_covered = itemgetter(*covered)
+    covered_masks = tuple(mask[index] for index in covered)
+    return lambda values: tuple(map(and_, pick_covered(values), covered_masks))
+
+
+class _Subtable:
+    """All flows sharing one mask, keyed by `key_of(masked match)`."""
+
+    __slots__ = ("flows", "hits", "key_of", "mask")
+
+    def __init__(self, mask: tuple[int, ...]) -> None:
+        self.mask = mask
+        self.key_of = _subtable_key_function(mask)
+        self.flows: dict[Hashable, Flow] = {}
+        self.hits = 0
+
+
+def _check_finite(name: str, value: float, *, allow_negative: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (not allow_negative and value < 0):
+        kind = "a finite number" if allow_negative else "a finite number >= 0"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return float(value)
+
+
+def _check_key_tuple(name: str, values: object) -> tuple[int, ...]:
+    if not isinstance(values, tuple):
+        raise ValueError(f"{name} must be a tuple of ints, got {type(values).__name__}")
+    if len(values) != _FIELD_COUNT:
+        raise ValueError(
+            f"{name} must have {_FIELD_COUNT} fields (one per FlowMatch field), got {len(values)}"
+        )
+    if set(map(type, values)) == _INT_TYPE_ONLY:  # fast path: C-level scan
+        return values
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}[{FIELD_NAMES[index]}] must be an int, got {value!r}")
+    return values
+
+
+def _raise_for_bad_field(match: tuple[int, ...], mask: tuple[int, ...]) -> None:
+    """Name the first field whose mask is out of range or whose match is not masked."""
+    for index, (value, field_mask) in enumerate(zip(match, mask, strict=True)):
+        name = FIELD_NAMES[index]
+        full = _FULL_MASK_BY_INDEX[index]
+        if field_mask < 0 or field_mask > full:
+            raise ValueError(f"mask[{name}]={field_mask:#x} is outside the field's {full:#x}")
+        if value < 0 or value & ~field_mask:
+            raise ValueError(
+                f"match[{name}]={value:#x} is not masked by mask[{name}]={field_mask:#x}"
+            )
+    raise AssertionError("unreachable: the fast check found a bad field")
+
+
+def _validate_flow(
+    match: object, mask: object, actions: object, tags: object
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Action, ...], frozenset[str]]:
+    checked_mask = _check_key_tuple("mask", mask)
+    checked_match = _check_key_tuple("match", match)
+    well_formed = (
+        min(checked_mask) >= 0
+        and min(checked_match) >= 0
+        and all(map(le, checked_mask, _FULL_MASK_BY_INDEX))
+        and tuple(map(and_, checked_match, checked_mask)) == checked_match
+    )
+    if not well_formed:
+        _raise_for_bad_field(checked_match, checked_mask)
+    if isinstance(actions, str | bytes) or not isinstance(actions, Iterable):
+        raise ValueError(f"actions must be a sequence of Action, got {actions!r}")
+    checked_actions = tuple(actions)
+    for position, action in enumerate(checked_actions):
+        if not isinstance(action, _ACTION_TYPES):
+            raise ValueError(f"actions[{position}] is not an Action: {action!r}")
+    if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
+        raise ValueError(f"tags must be an iterable of str (not a bare string), got {tags!r}")
+    checked_tags = frozenset(tags)
+    for tag in checked_tags:
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(f"tags must be non-empty strings, got {tag!r}")
+    return checked_match, checked_mask, checked_actions, checked_tags
+
+
+class FlowTable:
+    """Megaflow table: install, lookup, invalidate by tag, expire, LRU-bounded size."""
+
+    def __init__(self, max_flows: int = 100_000) -> None:
+        if isinstance(max_flows, bool) or not isinstance(max_flows, int) or max_flows < 1:
+            raise ValueError(f"max_flows must be an int >= 1, got {max_flows!r}")
+        self.max_flows = max_flows
+        self._subtables: dict[tuple[int, ...], _Subtable] = {}
+        # Probe order; reordered by hit count every _REORDER_INTERVAL lookups.
+        self._probe_order: list[_Subtable] = []
+        self._tag_index: dict[str, dict[Flow, None]] = {}  # dicts as insertion-ordered sets
+        self._lru: OrderedDict[Flow, None] = OrderedDict()  # least recently used first
+        self._expiry_heap: list[tuple[float, int, Flow]] = []
+        self._heap_sequence = 0
+        self._lookups = 0
+        self._hits = 0
+        self._misses = 0
+        self._installs = 0
+        self._replaced = 0
+        self._evictions = 0
+        self._invalidated = 0
+        self._expired = 0
+
+    # ---- install / remove -------------------------------------------------------------------
+
+    def install(
+        self,
+        match: tuple[int, ...],
+        mask: tuple[int, ...],
+        actions: Sequence[Action],
+        tags: Iterable[str],
+        now: float,
+        *,
+        idle_timeout: float = 60.0,
+        hard_timeout: float = 0.0,
+    ) -> Flow:
+        """Install a megaflow; a flow with the identical (match, mask) is replaced (the new flow
+        starts with fresh counters and timers, the old one is marked removed). Installing beyond
+        `max_flows` evicts the least recently used flows."""
+        checked_match, checked_mask, checked_actions, checked_tags = _validate_flow(
+            match, mask, actions, tags
+        )
+        now = _check_finite("now", now)
+        idle_timeout = _check_finite("idle_timeout", idle_timeout, allow_negative=False)
+        hard_timeout = _check_finite("hard_timeout", hard_timeout, allow_negative=False)
+
+        subtable = self._subtables.get(checked_mask)
+        if subtable is None:
+            subtable = _Subtable(checked_mask)
+            self._subtables[checked_mask] = subtable
+            self._probe_order.append(subtable)
+        else:
+            previous = subtable.flows.get(subtable.key_of(checked_match))
+            if previous is not None:
+                self._remove(previous)
+                self._replaced += 1
+                # _remove dropped the subtable if it emptied; put it back.
+                if checked_mask not in self._subtables:
+                    self._subtables[checked_mask] = subtable
+                    self._probe_order.append(subtable)
+
+        flow = Flow(
+            match=checked_match,
+            mask=checked_mask,
+            actions=checked_actions,
+            tags=checked_tags,
+            created=now,
+            last_used=now,
+            idle_timeout=idle_timeout,
+            hard_timeout=hard_timeout,
+        )
+        subtable.flows[subtable.key_of(checked_match)] = flow
+        for tag in checked_tags:
+            self._tag_index.setdefault(tag, {})[flow] = None
+        self._lru[flow] = None
+        self._push_deadline(flow)
+        self._installs += 1
+
+        while len(self._lru) > self.max_flows:
+            least_recent = next(iter(self._lru))
+            self._remove(least_recent)
+            self._evictions += 1
+        return flow
+
+    def _remove(self, flow: Flow) -> None:
+        subtable = self._subtables[flow.mask]
+        del subtable.flows[subtable.key_of(flow.match)]
+        if not subtable.flows:
+            del self._subtables[flow.mask]
+            self._probe_order.remove(subtable)
+        for tag in flow.tags:
+            tagged = self._tag_index[tag]
+            del tagged[flow]
+            if not tagged:
+                del self._tag_index[tag]
+        del self._lru[flow]
+        flow.removed = True
+
+    # ---- lookup -----------------------------------------------------------------------------
+
+    def lookup(self, key: FlowMatch, now: float, *, packet_bytes: int = 0) -> Flow | None:
+        """The flow matching `key`, with its counters and last use updated; None on a miss."""
+        return self.lookup_values(flow_match_values(key), now, packet_bytes=packet_bytes)
+
+    def lookup_values(
+        self, values: tuple[int, ...], now: float, *, packet_bytes: int = 0
+    ) -> Flow | None:
+        """`lookup` for a key already turned into its field values (FIELD_NAMES order), as
+        the exact-match cache holds them."""
+        self._lookups += 1
+        if not self._lookups & (_REORDER_INTERVAL - 1):
+            self._reorder_subtables()
+        while True:
+            for subtable in self._probe_order:
+                flow = subtable.flows.get(subtable.key_of(values))
+                if flow is not None:
+                    break
+            else:
+                self._misses += 1
+                return None
+            if self.record_use(flow, now, packet_bytes):
+                subtable.hits += 1
+                self._hits += 1
+                return flow
+            # The flow was due but not yet reaped; record_use removed it. Probe again: another
+            # (live) flow may match too.
+
+    def record_use(self, flow: Flow, now: float, packet_bytes: int = 0) -> bool:
+        """Count one packet on `flow` (found via the table or the exact-match cache).
+
+        False when the flow is no longer usable: already removed, or expired at `now`, in
+        which case it is removed here (counted as expired)."""
+        if flow.removed:
+            return False
+        # Flow.is_expired inlined: this runs once per forwarded packet.
+        idle_timeout = flow.idle_timeout
+        hard_timeout = flow.hard_timeout
+        if (idle_timeout > 0 and now >= flow.last_used + idle_timeout) or (
+            hard_timeout > 0 and now >= flow.created + hard_timeout
+        ):
+            self._remove(flow)
+            self._expired += 1
+            return False
+        if now > flow.last_used:
+            flow.last_used = now
+        flow.packets += 1
+        flow.bytes += packet_bytes
+        self._lru.move_to_end(flow)
+        return True
+
+    def _reorder_subtables(self) -> None:
+        self._probe_order.sort(key=lambda subtable: subtable.hits, reverse=True)
+        # Halve the counts so the order follows recent traffic, not all-time totals.
+        for subtable in self._probe_order:
+            subtable.hits >>= 1
+
+    # ---- invalidate / expire ----------------------------------------------------------------
+
+    def invalidate(self, tags: Iterable[str]) -> list[Flow]:
+        """Remove every flow carrying any of `tags`; returns the removed flows."""
+        if isinstance(tags, str | bytes):
+            raise ValueError(f"tags must be an iterable of str (not a bare string), got {tags!r}")
+        doomed: dict[Flow, None] = {}
+        for tag in tags:
+            doomed.update(self._tag_index.get(tag, {}))
+        for flow in doomed:
+            self._remove(flow)
+        self._invalidated += len(doomed)
+        return list(doomed)
+
+    def expire(self, now: float) -> list[Flow]:
+        """Remove and return every flow idle- or hard-expired at `now`."""
+        now = _check_finite("now", now)
+        heap = self._expiry_heap
+        expired: list[Flow] = []
+        while heap and heap[0][0] <= now:
+            _, _, flow = heapq.heappop(heap)
+            if flow.removed:
+                continue
+            deadline = flow.deadline()
+            if deadline <= now:
+                self._remove(flow)
+                expired.append(flow)
+            else:  # used since this entry was pushed: wait for its new deadline
+                self._push_deadline(flow, deadline)
+        self._expired += len(expired)
+        if len(heap) > _HEAP_COMPACT_FACTOR * len(self._lru) + 1024:
+            self._rebuild_expiry_heap()
+        return expired
+
+    def _push_deadline(self, flow: Flow, deadline: float | None = None) -> None:
+        if deadline is None:
+            deadline = flow.deadline()
+        if deadline == math.inf:
+            return
+        self._heap_sequence += 1
+        heapq.heappush(self._expiry_heap, (deadline, self._heap_sequence, flow))
+
+    def _rebuild_expiry_heap(self) -> None:
+        # Entries of removed flows pile up under churn (replacement, invalidation, eviction).
+        live = [entry for entry in self._expiry_heap if not entry[2].removed]
+        heapq.heapify(live)
+        self._expiry_heap = live
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def flows(self) -> list[Flow]:
+        """All installed flows, least recently used first."""
+        return list(self._lru)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, flow: object) -> bool:
+        return flow in self._lru
+
+    def masks(self) -> list[tuple[int, ...]]:
+        """The distinct masks, in current probe order."""
+        return [subtable.mask for subtable in self._probe_order]
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "flows": len(self._lru),
+            "masks": len(self._subtables),
+            "tags": len(self._tag_index),
+            "lookups": self._lookups,
+            "hits": self._hits,
+            "misses": self._misses,
+            "installs": self._installs,
+            "replaced": self._replaced,
+            "evictions": self._evictions,
+            "invalidated": self._invalidated,
+            "expired": self._expired,
+        }
+
+
+class ExactMatchCache:
+    """Full FlowMatch field values -> Flow, bounded, first-in first-out.
+
+    Never returns a flow the table removed (it checks `Flow.removed`). It does not check
+    expiry: pass a hit to `FlowTable.record_use`, which refuses (and reaps) an expired flow.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[int, ...], Flow] = OrderedDict()
+        self._hits = 0
+        self._misses = 0
+        self._stale = 0
+
+    def get(self, values: tuple[int, ...]) -> Flow | None:
+        flow = self._entries.get(values)
+        if flow is None:
+            self._misses += 1
+            return None
+        if flow.removed:
+            del self._entries[values]
+            self._stale += 1
+            self._misses += 1
+            return None
+        self._hits += 1
+        return flow
+
+    def put(self, values: tuple[int, ...], flow: Flow) -> None:
+        """Remember `flow` for these exact field values (it must match them)."""
+        if flow.removed:
+            return
+        if not flow.matches(values):
+            raise ValueError(f"flow with match {flow.match} does not match key {values}")
+        entries = self._entries
+        if values in entries:
+            entries[values] = flow
+            return
+        if len(entries) >= self.capacity:
+            entries.popitem(last=False)
+        entries[values] = flow
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "entries": len(self._entries),
+            "hits": self._hits,
+            "misses": self._misses,
+            "stale": self._stale,
+        }
