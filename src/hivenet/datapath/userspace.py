@@ -1,0 +1,746 @@
+"""`UserspaceDatapath`: the host's packet path in Python, on the agent's asyncio loop.
+
+Owns: one AF_PACKET socket per bound port (the VM-facing interface, e.g. the host end of a veth
+pair), one UDP socket for VXLAN (RFC 7348) on the host's underlay address, the fast path
+(exact-match cache -> megaflow table -> upcall to the agent on a miss), executing flow actions
+on frames, and the counters. Everything runs in the thread of the event loop passed to
+`start()`; there are no threads and no locks.
+
+Must not touch: the simulation or the topology (the agent decides; this only forwards), the
+store, or interfaces it was not asked to bind. Sockets are opened in the network namespace of
+the calling process: run the process inside the host's namespace (see `hivenet.lab.netns`).
+
+Offloads stay ON on the veths. Each port socket has PACKET_VNET_HDR, so a frame arrives with a
+virtio-net header that may say "checksum not done yet" or "this is a 64 KiB TCP super-frame".
+Such a frame forwarded to another local port keeps its header, and the kernel completes it at
+the output. A frame leaving through VXLAN, or handed to the agent, is made wire-ready here
+(software segmentation and checksums, `hivenet.datapath._offload`). Actions that would make
+the header lie (L3/L4 rewrites, VLAN push/pop that shift offsets) run on wire-ready frames.
+
+Receive is batched: each readiness callback drains up to `batch_size` frames with plain
+`recv` calls. A PACKET_MMAP (TPACKET_V3) ring was considered; see bench/datapath.py for the
+measurement and why it is not used.
+
+Tunnel keys: the VNI is the egress port's tunnel key; received VXLAN is delivered by VNI to the
+bound port with that key, without a flow lookup (the ingress host already simulated). Keys from
+FLOOD_KEY_BASE up are reserved (flooding, flow-state messages): counted and dropped for now.
+
+Counters (`counters()`): `port.<key>.{rx,tx}_{packets,bytes}`, `tunnel_{rx,tx}_{packets,bytes}`,
+`upcalls`, `emc_hits`, `megaflow_hits`, `flows`, `offload_segmented`, `offload_checksummed`,
+`offload_coalesced` (VXLAN trains merged back into one TCP super-frame), and `drop.<reason>`
+for every drop (malformed frames, bad VXLAN headers, flow drops, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from hivenet.datapath._offload import (
+    VNET_HEADER_LEN,
+    ZERO_VNET_HEADER,
+    coalesce_tcp,
+    forwardable_header,
+    needs_software_offload,
+    wire_frames,
+)
+from hivenet.datapath.base import UpcallHandler
+from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
+from hivenet.flows.execute import execute_actions
+from hivenet.flows.table import ExactMatchCache, FlowTable, flow_match_values
+from hivenet.model.types import FLOOD_KEY_BASE, TUNNEL_KEY_MAX, TUNNEL_KEY_MIN
+from hivenet.packets import extract_flow_match
+from hivenet.packets.errors import PacketError
+from hivenet.packets.headers import VXLAN_FLAG_VNI_VALID, VXLAN_PORT
+from hivenet.packets.vxlan import VXLAN_HEADER_SIZE, vxlan_encapsulate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VXLAN_PORT = VXLAN_PORT
+
+# Linux constants the socket module does not export (linux/if_packet.h, asm/socket.h, in.h).
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
+PACKET_QDISC_BYPASS = 20
+PACKET_VNET_HDR = 15
+PACKET_IGNORE_OUTGOING = 23
+ETH_P_ALL = 0x0003
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DO = 2
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_DO = 2
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+# linux/udp.h UDP_MAX_SEGMENTS; and one UDP datagram (all segments together) stays < 64 KiB.
+_UDP_GSO_MAX_SEGMENTS = 64
+_UDP_GSO_MAX_BYTES = 65000
+_GRO_SEGMENT_SIZE = struct.Struct("=i")
+
+_ETHERNET_HEADER_LEN = 14
+# Room for a 64 KiB GSO super-frame plus its Ethernet/VLAN header and the virtio-net header.
+_PORT_RECV_SIZE = 65536 + 64
+_TUNNEL_RECV_SIZE = 65536
+_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+# Actions that leave a partial checksum and the header offsets of a frame valid: they touch
+# neither the L3/L4 pseudo-header fields nor the position of the IP header.
+_OFFLOAD_SAFE_FIELDS = frozenset({"eth_src", "eth_dst"})
+_TRANSFORMS = (SetField, DecTtl, PushVlan, PopVlan)
+
+
+@dataclass(frozen=True, slots=True)
+class _ActionPlan:
+    """What one flow's action list asks for, worked out once per distinct action tuple.
+
+    `destinations` are the outputs of a plan without header transforms (the frame goes out as
+    it came in). `drop_reason` is set when the list ends in a drop (explicit `Drop`, or empty).
+    """
+
+    transforms: bool
+    offload_safe: bool
+    destinations: tuple[Output | Tunnel, ...]
+    drop_reason: str | None
+
+
+def _plan(actions: tuple[Action, ...]) -> _ActionPlan:
+    destinations: list[Output | Tunnel] = []
+    transforms = False
+    offload_safe = True
+    drop_reason: str | None = "flow_no_actions" if not actions else None
+    for action in actions:
+        if isinstance(action, Drop):
+            drop_reason = f"flow_{action.reason}"
+            break
+        if isinstance(action, Output | Tunnel):
+            destinations.append(action)
+        elif isinstance(action, _TRANSFORMS):
+            transforms = True
+            if isinstance(action, PushVlan | PopVlan) or (
+                isinstance(action, SetField) and action.field not in _OFFLOAD_SAFE_FIELDS
+            ):
+                offload_safe = False
+    if not destinations and drop_reason is None:
+        drop_reason = "flow_no_output"
+    return _ActionPlan(transforms, offload_safe, tuple(destinations), drop_reason)
+
+
+class _BoundPort:
+    """One bound virtual port: its packet socket and counters (plain ints on the hot path)."""
+
+    __slots__ = (
+        "interface_name",
+        "key",
+        "rx_bytes",
+        "rx_packets",
+        "send",
+        "sock",
+        "tx_bytes",
+        "tx_packets",
+    )
+
+    def __init__(self, key: int, interface_name: str, sock: socket.socket) -> None:
+        self.key = key
+        self.interface_name = interface_name
+        self.sock = sock
+        self.send = sock.send
+        self.rx_packets = 0
+        self.rx_bytes = 0
+        self.tx_packets = 0
+        self.tx_bytes = 0
+
+
+def open_port_socket(interface_name: str) -> socket.socket:
+    """A non-blocking AF_PACKET socket on `interface_name` with the virtio-net header on,
+    our own transmissions (and the host stack's) ignored, and the interface promiscuous."""
+    # Protocol 0 receives nothing until bind() sets protocol and interface together, so no
+    # frame from another interface slips in between.
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, _SOCKET_BUFFER_BYTES)
+        sock.bind((interface_name, ETH_P_ALL))
+        ifindex = socket.if_nametoindex(interface_name)
+        # struct packet_mreq { int mr_ifindex; u16 mr_type; u16 mr_alen; u8 mr_address[8]; }
+        membership = struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b"")
+        sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, membership)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def parse_vxlan_header(datagram: bytes) -> tuple[int, str | None]:
+    """(tunnel key, None) for a usable VXLAN datagram, else (0, drop reason). The hot-path twin
+    of `hivenet.packets.vxlan.vxlan_decapsulate` (a unit test checks they agree), plus the
+    datapath's own checks: an inner frame of at least an Ethernet header."""
+    if len(datagram) < VXLAN_HEADER_SIZE + _ETHERNET_HEADER_LEN:
+        return 0, "vxlan_truncated"
+    # RFC 7348: the I flag must be set; the reserved bits are ignored on receipt.
+    if not datagram[0] & VXLAN_FLAG_VNI_VALID:
+        return 0, "vxlan_bad_flags"
+    return int.from_bytes(datagram[4:7], "big"), None
+
+
+class UserspaceDatapath:
+    """The `Datapath` of one host, in userspace (see the module docstring).
+
+    Typical use, inside the agent's event loop (in the host's network namespace):
+    `dp = UserspaceDatapath("172.31.250.1"); dp.start(); dp.set_upcall_handler(h);
+    dp.bind_port(7, "hnv1")` ... `dp.close()`.
+    """
+
+    def __init__(
+        self,
+        underlay_ip: str | None,
+        *,
+        vxlan_port: int = DEFAULT_VXLAN_PORT,
+        max_flows: int = 100_000,
+        emc_capacity: int = 8192,
+        batch_size: int = 64,
+        expiry_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._underlay_family = socket.AF_INET
+        if underlay_ip is not None:
+            try:
+                address = ipaddress.ip_address(underlay_ip)
+            except ValueError:
+                raise ValueError(f"underlay_ip: {underlay_ip!r} is not an IP address") from None
+            if address.version == 6:
+                self._underlay_family = socket.AF_INET6
+        if isinstance(vxlan_port, bool) or not isinstance(vxlan_port, int):
+            raise ValueError(f"vxlan_port: expected an int, got {vxlan_port!r}")
+        if not 1 <= vxlan_port <= 65535:
+            raise ValueError(f"vxlan_port: {vxlan_port} is outside 1..65535")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        if not expiry_interval > 0:
+            raise ValueError(f"expiry_interval: expected a number > 0, got {expiry_interval!r}")
+        self.underlay_ip = underlay_ip
+        self.vxlan_port = vxlan_port
+        self._batch_size = batch_size
+        self._expiry_interval = expiry_interval
+        self._clock = clock
+        self._table = FlowTable(max_flows)
+        self._emc = ExactMatchCache(emc_capacity)
+        self._ports: dict[int, _BoundPort] = {}
+        self._plans: dict[tuple[Action, ...], _ActionPlan] = {}
+        self._vxlan_headers: dict[int, bytes] = {}
+        self._upcall_handler: UpcallHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tunnel_sock: socket.socket | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._drops: dict[str, int] = {}
+        self._tunnel_rx_packets = 0
+        self._tunnel_rx_bytes = 0
+        self._tunnel_tx_packets = 0
+        self._tunnel_tx_bytes = 0
+        self._upcalls = 0
+        self._emc_hits = 0
+        self._megaflow_hits = 0
+        self._offload_segmented = 0
+        self._offload_checksummed = 0
+        self._offload_coalesced = 0
+        self._udp_gso = True  # until the kernel refuses it (underlay without checksum offload)
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Open the VXLAN socket and start serving on `loop` (default: the running loop)."""
+        if self._loop is not None:
+            raise RuntimeError("UserspaceDatapath.start: already started")
+        self._loop = loop or asyncio.get_running_loop()
+        if self.underlay_ip is not None:
+            self._tunnel_sock = self._open_tunnel_socket()
+            self._loop.add_reader(self._tunnel_sock.fileno(), self._on_tunnel_readable)
+        self._expiry_timer = self._loop.call_later(self._expiry_interval, self._expire_tick)
+
+    def close(self) -> None:
+        """Unbind every port and close every socket. Safe to call twice."""
+        for port_key in list(self._ports):
+            self.unbind_port(port_key)
+        if self._tunnel_sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._tunnel_sock.fileno())
+            self._tunnel_sock.close()
+            self._tunnel_sock = None
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._loop = None
+
+    def __enter__(self) -> UserspaceDatapath:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _open_tunnel_socket(self) -> socket.socket:
+        sock = socket.socket(self._underlay_family, socket.SOCK_DGRAM)
+        try:
+            # VXLAN must not be fragmented (RFC 7348 section 4.3): refuse oversize frames.
+            if self._underlay_family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _SOCKET_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, _SOCKET_BUFFER_BYTES)
+            # Let the kernel hand over a train of same-size datagrams in one read (a peer's
+            # UDP GSO send arrives whole over veth); we split it by the reported size.
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            sock.bind((self.underlay_ip, self.vxlan_port))
+            sock.setblocking(False)
+        except OSError as error:
+            sock.close()
+            raise OSError(
+                error.errno,
+                f"VXLAN socket on {self.underlay_ip}:{self.vxlan_port}: {error.strerror}",
+            ) from error
+        return sock
+
+    # ---- Datapath protocol ------------------------------------------------------------------
+
+    def bind_port(self, port_key: int, interface_name: str) -> None:
+        if self._loop is None:
+            raise RuntimeError("UserspaceDatapath.bind_port: call start() first")
+        _check_port_key("port_key", port_key)
+        if port_key in self._ports:
+            bound = self._ports[port_key].interface_name
+            raise ValueError(f"port_key: {port_key} is already bound to {bound!r}")
+        for port in self._ports.values():
+            if port.interface_name == interface_name:
+                raise ValueError(
+                    f"interface_name: {interface_name!r} is already bound as port {port.key}"
+                )
+        try:
+            sock = open_port_socket(interface_name)
+        except OSError as error:
+            raise OSError(
+                error.errno, f"interface_name {interface_name!r}: {error.strerror}"
+            ) from error
+        port = _BoundPort(port_key, interface_name, sock)
+        self._ports[port_key] = port
+        self._loop.add_reader(sock.fileno(), self._on_port_readable, port)
+
+    def unbind_port(self, port_key: int) -> None:
+        port = self._ports.pop(port_key, None)
+        if port is None:
+            raise KeyError(f"port_key: {port_key} is not bound")
+        if self._loop is not None:
+            self._loop.remove_reader(port.sock.fileno())
+        port.sock.close()
+
+    def set_upcall_handler(self, handler: UpcallHandler) -> None:
+        self._upcall_handler = handler
+
+    def install_flow(
+        self,
+        match: tuple[int, ...],
+        mask: tuple[int, ...],
+        actions: Sequence[Action],
+        tags: Iterable[str],
+        *,
+        idle_timeout: float = 60.0,
+        hard_timeout: float = 0.0,
+    ) -> None:
+        checked_actions = tuple(actions)
+        self._check_tunnel_addresses(checked_actions)
+        self._table.install(
+            match,
+            mask,
+            checked_actions,
+            tags,
+            self._clock(),
+            idle_timeout=idle_timeout,
+            hard_timeout=hard_timeout,
+        )
+
+    def invalidate(self, tags: Iterable[str]) -> int:
+        # The exact-match cache notices removed flows by their `removed` flag.
+        return len(self._table.invalidate(tags))
+
+    def execute(self, frame: bytes, actions: Sequence[Action]) -> None:
+        """Apply `actions` to one wire-ready frame (no offload metadata) now."""
+        if not isinstance(frame, bytes | bytearray):
+            raise ValueError(f"frame: expected bytes, got {type(frame).__name__}")
+        checked_actions = tuple(actions)
+        self._check_tunnel_addresses(checked_actions)
+        self._apply(
+            self._plan_for(checked_actions), checked_actions, ZERO_VNET_HEADER, bytes(frame)
+        )
+
+    def counters(self) -> dict[str, int]:
+        result: dict[str, int] = {
+            "tunnel_rx_packets": self._tunnel_rx_packets,
+            "tunnel_rx_bytes": self._tunnel_rx_bytes,
+            "tunnel_tx_packets": self._tunnel_tx_packets,
+            "tunnel_tx_bytes": self._tunnel_tx_bytes,
+            "upcalls": self._upcalls,
+            "emc_hits": self._emc_hits,
+            "megaflow_hits": self._megaflow_hits,
+            "flows": len(self._table),
+            "offload_segmented": self._offload_segmented,
+            "offload_checksummed": self._offload_checksummed,
+            "offload_coalesced": self._offload_coalesced,
+        }
+        for key, port in sorted(self._ports.items()):
+            result[f"port.{key}.rx_packets"] = port.rx_packets
+            result[f"port.{key}.rx_bytes"] = port.rx_bytes
+            result[f"port.{key}.tx_packets"] = port.tx_packets
+            result[f"port.{key}.tx_bytes"] = port.tx_bytes
+        for reason, count in sorted(self._drops.items()):
+            result[f"drop.{reason}"] = count
+        return result
+
+    # ---- extras beyond the protocol ---------------------------------------------------------
+
+    @property
+    def flow_table(self) -> FlowTable:
+        """The megaflow table (read it; change it only through install_flow/invalidate)."""
+        return self._table
+
+    def bound_ports(self) -> dict[int, str]:
+        return {key: port.interface_name for key, port in self._ports.items()}
+
+    # ---- receive paths ----------------------------------------------------------------------
+
+    def _on_port_readable(self, port: _BoundPort) -> None:
+        recv = port.sock.recv
+        now = self._clock()
+        for _ in range(self._batch_size):
+            try:
+                data = recv(_PORT_RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._drop(f"port_rx_error_{errno.errorcode.get(error.errno or 0, 'unknown')}")
+                return
+            self._receive_from_port(port, data, now)
+
+    def _receive_from_port(self, port: _BoundPort, data: bytes, now: float) -> None:
+        vnet_header = data[:VNET_HEADER_LEN]
+        frame = data[VNET_HEADER_LEN:]
+        frame_len = len(frame)
+        port.rx_packets += 1
+        port.rx_bytes += frame_len
+        try:
+            values = flow_match_values(extract_flow_match(frame, port.key))
+        except PacketError:
+            self._drop("malformed_frame")
+            return
+        flow = self._emc.get(values)
+        if flow is not None and self._table.record_use(flow, now, frame_len):
+            self._emc_hits += 1
+        else:
+            flow = self._table.lookup_values(values, now, packet_bytes=frame_len)
+            if flow is None:
+                self._upcall(port.key, vnet_header, frame)
+                return
+            self._megaflow_hits += 1
+            self._emc.put(values, flow)
+        actions = flow.actions
+        self._apply(
+            self._plans.get(actions) or self._plan_for(actions), actions, vnet_header, frame, data
+        )
+
+    def _on_tunnel_readable(self) -> None:
+        sock = self._tunnel_sock
+        if sock is None:
+            return
+        recvmsg = sock.recvmsg
+        decapsulate = self._decapsulate
+        for _ in range(self._batch_size):
+            try:
+                data, ancillary, _flags, _address = recvmsg(_TUNNEL_RECV_SIZE, 64)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                # ICMP errors for earlier sends surface here (e.g. ECONNREFUSED): not fatal.
+                self._drop(f"tunnel_rx_error_{errno.errorcode.get(error.errno or 0, 'unknown')}")
+                continue
+            if not ancillary:
+                decapsulate(data)
+                continue
+            segment_size = 0
+            for level, kind, value in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    segment_size = _GRO_SEGMENT_SIZE.unpack_from(value)[0]
+            if segment_size <= 0 or segment_size >= len(data):
+                decapsulate(data)
+                continue
+            self._decapsulate_train(data, segment_size)
+
+    def _decapsulate(self, datagram: bytes) -> None:
+        self._tunnel_rx_packets += 1
+        self._tunnel_rx_bytes += len(datagram)
+        tunnel_key, bad_header = parse_vxlan_header(datagram)
+        if bad_header is not None:
+            self._drop(bad_header)
+            return
+        if tunnel_key >= FLOOD_KEY_BASE:
+            self._drop("tunnel_reserved_key")
+            return
+        port = self._ports.get(tunnel_key)
+        if port is None:
+            self._drop("tunnel_unknown_key")
+            return
+        inner_len = len(datagram) - VXLAN_HEADER_SIZE
+        self._send_to_port(port, ZERO_VNET_HEADER + datagram[VXLAN_HEADER_SIZE:], inner_len)
+
+    def _decapsulate_train(self, data: bytes, segment_size: int) -> None:
+        """A train of same-size VXLAN datagrams read at once (UDP GRO). When they are
+        consecutive segments of one TCP stream for one port (what a peer's software TSO + UDP
+        GSO sends), they go to the port as one super-frame with a GSO virtio-net header: one
+        send instead of dozens, and one packet for the VM's stack. Anything else: one by one."""
+        datagrams = [
+            data[start : start + segment_size] for start in range(0, len(data), segment_size)
+        ]
+        header = datagrams[0][:VXLAN_HEADER_SIZE]
+        tunnel_key, bad_header = parse_vxlan_header(datagrams[0])
+        port = self._ports.get(tunnel_key) if bad_header is None else None
+        if port is not None and all(d[:VXLAN_HEADER_SIZE] == header for d in datagrams):
+            merged = coalesce_tcp([d[VXLAN_HEADER_SIZE:] for d in datagrams])
+            if merged is not None:
+                vnet_header, frame = merged
+                self._tunnel_rx_packets += len(datagrams)
+                self._tunnel_rx_bytes += len(data)
+                self._offload_coalesced += 1
+                self._send_to_port(port, vnet_header + frame, len(frame))
+                return
+        for datagram in datagrams:
+            self._decapsulate(datagram)
+
+    # ---- actions and transmit ---------------------------------------------------------------
+
+    def _plan_for(self, actions: tuple[Action, ...]) -> _ActionPlan:
+        plan = self._plans.get(actions)
+        if plan is None:
+            if len(self._plans) > 65536:  # bound the cache under action churn
+                self._plans.clear()
+            plan = self._plans[actions] = _plan(actions)
+        return plan
+
+    def _apply(
+        self,
+        plan: _ActionPlan,
+        actions: tuple[Action, ...],
+        vnet_header: bytes,
+        frame: bytes,
+        received: bytes | None = None,
+    ) -> None:
+        """Run `actions` on a frame; `received` is the frame as read, header included, which
+        an unchanged local output can send as is (no copy)."""
+        if not plan.transforms:
+            for destination in plan.destinations:
+                self._emit(destination, vnet_header, frame, received)
+        else:
+            if plan.offload_safe or not needs_software_offload(vnet_header):
+                inputs = [(vnet_header, frame)]
+            else:
+                inputs = [
+                    (ZERO_VNET_HEADER, wire) for wire in self._wire_frames(vnet_header, frame)
+                ]
+            for input_header, input_frame in inputs:
+                try:
+                    outputs = execute_actions(input_frame, actions)
+                except PacketError:
+                    self._drop("action_failed")
+                    continue
+                for destination, output_frame in outputs:
+                    self._emit(destination, input_header, output_frame)
+        if plan.drop_reason is not None:
+            self._drop(plan.drop_reason)
+
+    def _emit(
+        self,
+        destination: Output | Tunnel,
+        vnet_header: bytes,
+        frame: bytes,
+        received: bytes | None = None,
+    ) -> None:
+        if isinstance(destination, Output):
+            target = self._ports.get(destination.port_key)
+            if target is None:
+                self._drop("output_port_not_bound")
+                return
+            output_header = forwardable_header(vnet_header)
+            if received is not None and output_header is vnet_header:
+                self._send_to_port(target, received, len(frame))
+            else:
+                self._send_to_port(target, output_header + frame, len(frame))
+        else:
+            self._send_to_tunnel(destination, vnet_header, frame)
+
+    def _send_to_port(self, port: _BoundPort, packet: bytes, frame_len: int) -> None:
+        try:
+            port.send(packet)
+        except BlockingIOError:
+            self._drop("port_tx_queue_full")
+            return
+        except OSError as error:
+            if error.errno == errno.EMSGSIZE:
+                self._drop("port_tx_too_big")
+            else:
+                self._drop(f"port_tx_error_{errno.errorcode.get(error.errno or 0, 'unknown')}")
+            return
+        port.tx_packets += 1
+        port.tx_bytes += frame_len
+
+    def _send_to_tunnel(self, tunnel: Tunnel, vnet_header: bytes, frame: bytes) -> None:
+        sock = self._tunnel_sock
+        if sock is None:
+            self._drop("tunnel_without_underlay")
+            return
+        header = self._vxlan_headers.get(tunnel.tunnel_key)
+        if header is None:
+            header = self._vxlan_headers[tunnel.tunnel_key] = vxlan_encapsulate(
+                b"", tunnel.tunnel_key
+            )
+        frames = (
+            self._wire_frames(vnet_header, frame)
+            if needs_software_offload(vnet_header)
+            else (frame,)
+        )
+        address = (tunnel.remote_ip, self.vxlan_port)
+        if len(frames) == 1:
+            self._send_datagrams(sock, [header, frames[0]], 1, 0, address)
+        elif frames:
+            self._send_datagram_train(sock, header, frames, address)
+
+    def _send_datagram_train(
+        self,
+        sock: socket.socket,
+        header: bytes,
+        frames: Sequence[bytes],
+        address: tuple[str, int],
+    ) -> None:
+        """Send equal-size frames (the last may be shorter) as VXLAN datagrams with UDP GSO:
+        one sendmsg per up to 64 datagrams, the kernel cuts them apart."""
+        datagram_size = len(header) + len(frames[0])
+        per_call = max(1, min(_UDP_GSO_MAX_SEGMENTS, _UDP_GSO_MAX_BYTES // datagram_size))
+        for start in range(0, len(frames), per_call):
+            group = frames[start : start + per_call]
+            if len(group) == 1 or not self._udp_gso:
+                for wire_frame in group:
+                    self._send_datagrams(sock, [header, wire_frame], 1, 0, address)
+                continue
+            pieces: list[bytes] = []
+            for wire_frame in group:
+                pieces.append(header)
+                pieces.append(wire_frame)
+            self._send_datagrams(sock, pieces, len(group), datagram_size, address)
+
+    def _send_datagrams(
+        self,
+        sock: socket.socket,
+        pieces: list[bytes],
+        count: int,
+        segment_size: int,
+        address: tuple[str, int],
+    ) -> None:
+        """One send of `count` datagrams (`segment_size` > 0: a UDP GSO train of header and
+        frame pairs). If the kernel refuses UDP GSO, the train goes datagram by datagram and
+        later trains do too."""
+        try:
+            if segment_size:
+                ancillary = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment_size))]
+                sent = sock.sendmsg([b"".join(pieces)], ancillary, 0, address)
+            else:
+                sent = sock.sendto(b"".join(pieces), address)
+        except BlockingIOError:
+            self._drop("tunnel_tx_queue_full", count)
+            return
+        except OSError as error:
+            if segment_size and error.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                # No checksum offload on the underlay device (UDP GSO needs it): go one by one.
+                self._udp_gso = False
+                for index in range(0, len(pieces), 2):
+                    self._send_datagrams(sock, pieces[index : index + 2], 1, 0, address)
+                return
+            if error.errno == errno.EMSGSIZE:
+                self._drop("tunnel_tx_too_big", count)
+            else:
+                reason = errno.errorcode.get(error.errno or 0, "unknown")
+                self._drop(f"tunnel_tx_error_{reason}", count)
+            return
+        self._tunnel_tx_packets += count
+        self._tunnel_tx_bytes += sent
+
+    def _wire_frames(self, vnet_header: bytes, frame: bytes) -> list[bytes]:
+        try:
+            frames = wire_frames(vnet_header, frame)
+        except PacketError:
+            self._drop("bad_offload_header")
+            return []
+        if len(frames) > 1 or vnet_header[1]:
+            self._offload_segmented += 1
+        else:
+            self._offload_checksummed += 1
+        return frames
+
+    def _upcall(self, port_key: int, vnet_header: bytes, frame: bytes) -> None:
+        handler = self._upcall_handler
+        if handler is None:
+            self._drop("no_upcall_handler")
+            return
+        frames = (
+            self._wire_frames(vnet_header, frame)
+            if needs_software_offload(vnet_header)
+            else (frame,)
+        )
+        for wire_frame in frames:
+            self._upcalls += 1
+            try:
+                handler(port_key, wire_frame)
+            except Exception:
+                # The agent's bug must not stop the datapath; count it and keep forwarding.
+                self._drop("upcall_handler_error")
+                log.exception("upcall handler failed for a frame from port %d", port_key)
+
+    def _drop(self, reason: str, count: int = 1) -> None:
+        self._drops[reason] = self._drops.get(reason, 0) + count
+
+    def _expire_tick(self) -> None:
+        self._table.expire(self._clock())
+        if self._loop is not None:
+            self._expiry_timer = self._loop.call_later(self._expiry_interval, self._expire_tick)
+
+    def _check_tunnel_addresses(self, actions: tuple[Action, ...]) -> None:
+        for position, action in enumerate(actions):
+            if isinstance(action, Tunnel):
+                try:
+                    address = ipaddress.ip_address(action.remote_ip)
+                except ValueError:
+                    raise ValueError(
+                        f"actions[{position}].remote_ip: {action.remote_ip!r} is not an IP address"
+                    ) from None
+                family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+                if family != self._underlay_family:
+                    raise ValueError(
+                        f"actions[{position}].remote_ip: {action.remote_ip!r} is not of the "
+                        f"underlay's address family ({self.underlay_ip!r})"
+                    )
+                _check_port_key(f"actions[{position}].tunnel_key", action.tunnel_key, tunnel=True)
+
+
+def _check_port_key(name: str, value: int, *, tunnel: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int, got {value!r}")
+    upper = 0xFFFFFF if tunnel else TUNNEL_KEY_MAX
+    if not TUNNEL_KEY_MIN <= value <= upper:
+        raise ValueError(f"{name}: {value:#x} is outside {TUNNEL_KEY_MIN:#x}..{upper:#x}")
