@@ -1,0 +1,415 @@
+"""`HostAgent`: the I/O shell that runs on every host.
+
+Owns the agent's life on one host: its lease and liveness key, its Host object and tunnel-zone
+membership, the local topology cache (a `TopologyView` fed one watch event at a time by a
+`PrefixMirror`, never reloaded per change), the local replica of the shared MAC/ARP tables,
+binding the exterior ports assigned to this host in the datapath and publishing that it owns
+them, publishing what the simulation learned, invalidating exactly the flows whose tags a
+change touches, and writing its counters. The packet work itself is `FlowPipeline` (upcalls)
+and the datapath (fast path); the simulation is `hivenet.sim`.
+
+Headless: when the store goes away the mirrors keep their last state and retry, the datapath
+and the pipeline go on forwarding with the cached topology, and learned entries queue up until
+the store is back. A lost lease (expired while disconnected) is replaced and everything this
+host publishes is written again under the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivenet.agent.mirror import PrefixMirror
+from hivenet.agent.pipeline import FlowPipeline
+from hivenet.datapath.base import Datapath
+from hivenet.model import Host, TunnelZone, TunnelZoneMember, decode, parse_topology_key
+from hivenet.model.topology import TOPOLOGY_PREFIX
+from hivenet.model.types import int_to_mac, mac_to_int
+from hivenet.sim import LearnedEntry, TopologyView
+from hivenet.sim.tables import LearnedMac, LearnedNeighbour, MemoryTables, ip_text
+from hivenet.store.base import LeaseNotFoundError, Store, StoreError
+from hivenet.store.keys import (
+    TABLES_PREFIX,
+    arp_entry_key,
+    host_alive_key,
+    mac_entry_key,
+    parse_table_key,
+    port_active_key,
+)
+from hivenet.store.topology import ConflictError, NotFoundError, TopologyRepository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AgentCounters:
+    topology_events: int = 0
+    table_events: int = 0
+    bad_store_values: int = 0
+    flows_invalidated: int = 0
+    lease_renewals: int = 0
+    lease_lost: int = 0
+    publish_errors: int = 0
+    bind_errors: int = 0
+    published_entries: int = 0
+
+
+class HostAgent:
+    """One host's agent. `await agent.start()` then `await agent.stop()` (or `run()`)."""
+
+    def __init__(
+        self,
+        store: Store,
+        datapath: Datapath,
+        *,
+        host_id: str,
+        underlay_ip: str | None = None,
+        tunnel_zone_id: str | None = None,
+        lease_ttl: int = 10,
+        counters_path: Path | None = None,
+        reconcile_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if underlay_ip is not None:
+            ipaddress.ip_address(underlay_ip)  # ValueError names the value
+        if lease_ttl < 2:
+            raise ValueError(f"lease_ttl: {lease_ttl} is too short (at least 2 seconds)")
+        self.store = store
+        self.datapath = datapath
+        self.host_id = host_id
+        self.underlay_ip = underlay_ip
+        self.tunnel_zone_id = tunnel_zone_id
+        self.lease_ttl = lease_ttl
+        self.counters_path = counters_path
+        self.reconcile_interval = reconcile_interval
+        self.repository = TopologyRepository(store)
+        self.topology = TopologyView()
+        self.tables = MemoryTables()
+        self.counters = AgentCounters()
+        self.pipeline = FlowPipeline(
+            host_id, datapath, self.topology, self.tables, on_learned=self._on_learned, clock=clock
+        )
+        self.topology_mirror = PrefixMirror(store, TOPOLOGY_PREFIX, self._on_topology_change)
+        self.tables_mirror = PrefixMirror(store, TABLES_PREFIX, self._on_table_change)
+        self.lease_id = 0
+        self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
+        # What this host publishes under its lease: key -> value (re-put after a lease loss).
+        self._published: dict[str, bytes] = {}
+        self._to_publish: dict[str, bytes] = {}
+        self._to_unpublish: set[str] = set()
+        self._publish_wakeup = asyncio.Event()
+        self._ports_dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+
+    # ------------------------------------------------------------------------- life cycle
+
+    async def start(self, *, load_timeout: float = 30.0) -> None:
+        """Register, load the topology and tables, bind local ports; then follow changes."""
+        await self._acquire_lease()
+        await self._register_host()
+        self._tasks = [
+            asyncio.create_task(self.topology_mirror.run(), name=f"hn-{self.host_id}-topology"),
+            asyncio.create_task(self.tables_mirror.run(), name=f"hn-{self.host_id}-tables"),
+            asyncio.create_task(self._lease_loop(), name=f"hn-{self.host_id}-lease"),
+            asyncio.create_task(self._publish_loop(), name=f"hn-{self.host_id}-publish"),
+            asyncio.create_task(self._reconcile_loop(), name=f"hn-{self.host_id}-ports"),
+        ]
+        if self.counters_path is not None:
+            self._tasks.append(
+                asyncio.create_task(self._counters_loop(), name=f"hn-{self.host_id}-counters")
+            )
+        await asyncio.wait_for(
+            asyncio.gather(self.topology_mirror.loaded.wait(), self.tables_mirror.loaded.wait()),
+            load_timeout,
+        )
+        self._reconcile_ports()
+        self._started = True
+
+    async def stop(self, *, graceful: bool = True) -> None:
+        """Stop following the store. Graceful: revoke the lease so peers see the host leave now."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            _done, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in stuck:
+                log.error("host %s: task %s did not stop", self.host_id, task.get_name())
+        self._tasks = []
+        for port_id in list(self.bound_ports):
+            self._unbind(port_id)
+        if graceful and self.lease_id:
+            with contextlib.suppress(StoreError):
+                await asyncio.wait_for(self.store.lease_revoke(self.lease_id), 2.0)
+        self._write_counters()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    @property
+    def pending_publications(self) -> int:
+        """Learned entries and port ownership not yet written to the store."""
+        return len(self._to_publish) + len(self._to_unpublish)
+
+    @property
+    def revision(self) -> int:
+        return self.topology_mirror.revision
+
+    # ------------------------------------------------------------------------- registration
+
+    async def _acquire_lease(self) -> None:
+        lease = await self.store.lease_grant(self.lease_ttl)
+        self.lease_id = lease.id
+        alive = json.dumps(
+            {"host_id": self.host_id, "underlay_ip": self.underlay_ip, "pid": os.getpid()}
+        ).encode()
+        self._published[host_alive_key(self.host_id)] = alive
+        for key, value in self._published.items():
+            await self.store.put(key, value, lease=self.lease_id)
+
+    async def _register_host(self) -> None:
+        try:
+            await self.repository.get(Host, self.host_id)
+        except NotFoundError:
+            with contextlib.suppress(ConflictError):
+                await self.repository.create(Host(id=self.host_id, name=self.host_id))
+        if self.tunnel_zone_id is None or self.underlay_ip is None:
+            return
+        member = TunnelZoneMember(host_id=self.host_id, underlay_ip=self.underlay_ip)  # type: ignore[arg-type]
+
+        def join(zone: TunnelZone) -> TunnelZone:
+            others = tuple(m for m in zone.members if m.host_id != self.host_id)
+            return zone.model_copy(update={"members": (*others, member)})
+
+        for _ in range(5):
+            try:
+                await self.repository.modify(TunnelZone, self.tunnel_zone_id, join)
+                return
+            except NotFoundError:
+                with contextlib.suppress(ConflictError):
+                    await self.repository.create(
+                        TunnelZone(
+                            id=self.tunnel_zone_id, name=self.tunnel_zone_id, members=(member,)
+                        )
+                    )
+                    return
+        raise ConflictError(f"could not join tunnel zone {self.tunnel_zone_id}")
+
+    async def _lease_loop(self) -> None:
+        delay = max(self.lease_ttl / 3, 0.5)
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.store.lease_keepalive(self.lease_id)
+                self.counters.lease_renewals += 1
+            except LeaseNotFoundError:
+                # Expired while we could not reach the store: take a new lease and publish
+                # again everything that vanished with the old one.
+                self.counters.lease_lost += 1
+                log.warning("host %s: lease %s lost; re-registering", self.host_id, self.lease_id)
+                try:
+                    await self._acquire_lease()
+                except StoreError as exc:
+                    log.warning("host %s: re-register failed: %s", self.host_id, exc)
+            except (StoreError, OSError) as exc:
+                log.warning("host %s: lease keepalive failed: %s", self.host_id, exc)
+
+    # ------------------------------------------------------------------------- watches
+
+    def _on_topology_change(self, key: str, value: bytes | None, revision: int) -> None:
+        self.counters.topology_events += 1
+        try:
+            kind, object_id = parse_topology_key(key)
+            if value is None:
+                tags = self.topology.remove(kind, object_id)
+            else:
+                tags = self.topology.apply(decode(kind, value))
+        except ValueError as exc:  # a value no model accepts: count it, never crash
+            self.counters.bad_store_values += 1
+            log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)
+            return
+        if tags:
+            self.counters.flows_invalidated += self.datapath.invalidate(tags)
+        if kind in ("port", "host", "tunnel_zone"):
+            self._ports_dirty.set()
+
+    def _on_table_change(self, key: str, value: bytes | None, revision: int) -> None:
+        self.counters.table_events += 1
+        try:
+            tag = self._apply_table_entry(key, value)
+        except ValueError as exc:
+            self.counters.bad_store_values += 1
+            log.error("host %s: ignoring bad table entry %s: %s", self.host_id, key, exc)
+            return
+        if tag is not None:
+            self.counters.flows_invalidated += self.datapath.invalidate([tag])
+
+    def _apply_table_entry(self, key: str, value: bytes | None) -> str | None:
+        kind, owner_id, name, entry = parse_table_key(key)
+        if kind == "bridge" and name == "mac":
+            vlan_text, _, mac_text = entry.partition("/")
+            vlan, mac = int(vlan_text), mac_to_int(mac_text)
+            if value is None:
+                return self.tables.forget_mac(owner_id, vlan, mac)
+            return self.tables.learn(LearnedMac(owner_id, vlan, mac, value.decode()))
+        if kind == "router" and name == "arp":
+            address = ipaddress.ip_address(entry)
+            if value is None:
+                return self.tables.forget_neighbour(owner_id, address.version, int(address))
+            return self.tables.learn(
+                LearnedNeighbour(
+                    owner_id, address.version, int(address), mac_to_int(value.decode())
+                )
+            )
+        return None  # tables of later features (NAT blocks, ...) are not ours to read here
+
+    # ------------------------------------------------------------------------- learning
+
+    def _on_learned(self, entries: Sequence[LearnedEntry]) -> None:
+        """Apply locally at once (the flow about to be installed depends on it), publish later."""
+        for entry in entries:
+            tag = self.tables.learn(entry)
+            if tag is None:
+                continue
+            self.counters.flows_invalidated += self.datapath.invalidate([tag])
+            if isinstance(entry, LearnedMac):
+                key = mac_entry_key(entry.bridge_id, entry.vlan, int_to_mac(entry.mac))
+                value = entry.port_id.encode()
+            else:
+                key = arp_entry_key(entry.router_id, ip_text(entry.version, entry.ip))
+                value = int_to_mac(entry.mac).encode()
+            self._to_publish[key] = value
+        if self._to_publish:
+            self._publish_wakeup.set()
+
+    def _publish(self, key: str, value: bytes) -> None:
+        self._to_unpublish.discard(key)
+        self._to_publish[key] = value
+        self._publish_wakeup.set()
+
+    def _unpublish(self, key: str) -> None:
+        self._to_publish.pop(key, None)
+        self._published.pop(key, None)
+        self._to_unpublish.add(key)
+        self._publish_wakeup.set()
+
+    async def _publish_loop(self) -> None:
+        delay = 0.1
+        while True:
+            await self._publish_wakeup.wait()
+            self._publish_wakeup.clear()
+            try:
+                while self._to_publish or self._to_unpublish:
+                    if self._to_publish:
+                        key = next(iter(self._to_publish))
+                        value = self._to_publish[key]
+                        await self.store.put(key, value, lease=self.lease_id)
+                        if self._to_publish.get(key) == value:
+                            del self._to_publish[key]
+                        self._published[key] = value
+                        self.counters.published_entries += 1
+                    else:
+                        key = self._to_unpublish.pop()
+                        await self.store.delete(key)
+                delay = 0.1
+            except (StoreError, OSError) as exc:
+                self.counters.publish_errors += 1
+                log.warning(
+                    "host %s: publish failed (%s); retry in %.1fs", self.host_id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                self._publish_wakeup.set()
+
+    # ------------------------------------------------------------------------- ports
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # arrives just as the event fires, and the task would never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.reconcile_interval):
+                    await self._ports_dirty.wait()
+            self._ports_dirty.clear()
+            self._reconcile_ports()
+
+    def _reconcile_ports(self) -> None:
+        """Bind the exterior ports assigned to this host; unbind those no longer ours."""
+        wanted: dict[str, tuple[int, str]] = {}
+        for port in self.topology.all("port"):
+            host_id = getattr(port, "host_id", None)
+            interface = getattr(port, "interface_name", None)
+            key = getattr(port, "tunnel_key", 0)
+            if host_id == self.host_id and interface and key:
+                wanted[port.id] = (key, interface)
+        for port_id, binding in list(self.bound_ports.items()):
+            if wanted.get(port_id) != binding:
+                self._unbind(port_id)
+        for port_id, (key, interface) in wanted.items():
+            if port_id in self.bound_ports:
+                continue
+            try:
+                self.datapath.bind_port(key, interface)
+            except (OSError, ValueError) as exc:
+                # The VM's interface may not exist yet; the next reconcile tries again.
+                self.counters.bind_errors += 1
+                log.info(
+                    "host %s: cannot bind port %s to %s yet: %s",
+                    self.host_id,
+                    port_id,
+                    interface,
+                    exc,
+                )
+                continue
+            self.bound_ports[port_id] = (key, interface)
+            self._publish(
+                port_active_key(self.host_id, port_id),
+                json.dumps({"interface": interface}).encode(),
+            )
+
+    def _unbind(self, port_id: str) -> None:
+        key, _interface = self.bound_ports.pop(port_id)
+        with contextlib.suppress(KeyError, OSError, ValueError):
+            self.datapath.unbind_port(key)
+        self._unpublish(port_active_key(self.host_id, port_id))
+
+    # ------------------------------------------------------------------------- counters
+
+    def counters_snapshot(self) -> dict[str, object]:
+        agent = dataclasses.asdict(self.counters)
+        return {
+            "host_id": self.host_id,
+            "revision": self.topology_mirror.revision,
+            "store_connected": self.topology_mirror.connected,
+            "bound_ports": len(self.bound_ports),
+            "agent": agent,
+            "pipeline": self.pipeline.counters(),
+            "datapath": self.datapath.counters(),
+        }
+
+    def _write_counters(self) -> None:
+        if self.counters_path is None:
+            return
+        tmp = self.counters_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.counters_snapshot(), indent=1, sort_keys=True))
+        tmp.replace(self.counters_path)
+
+    async def _counters_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self._write_counters()
+            except OSError as exc:
+                log.warning("host %s: cannot write counters: %s", self.host_id, exc)

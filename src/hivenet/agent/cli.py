@@ -1,0 +1,162 @@
+"""`hivenet agent ...`: run the host agent, read its counters.
+
+Owns the command-line shell around `HostAgent`: option parsing, logging, signal handling,
+choosing the datapath. Offered to the `hivenet` command by `hivenet.cli.plugins`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hivenet.agent.agent import HostAgent
+
+app = typer.Typer(help="The HiveNet host agent.", no_args_is_help=True)
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("HIVENET_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/hivenet")
+    return Path.home() / ".local" / "state" / "hivenet"
+
+
+def counters_file(state_dir: Path, host_id: str) -> Path:
+    return state_dir / f"agent-{host_id}.json"
+
+
+@app.command("run")
+def run(
+    host_id: Annotated[
+        str, typer.Option(help="This host's id (a Host object; created if missing).")
+    ],
+    store: Annotated[str, typer.Option(help="Store URL: sqlite:///path.db or etcd://h:p,h:p")],
+    underlay_ip: Annotated[
+        str | None, typer.Option(help="This host's tunnel endpoint (VXLAN source address).")
+    ] = None,
+    tunnel_zone: Annotated[
+        str | None, typer.Option(help="Tunnel zone id to join with --underlay-ip.")
+    ] = None,
+    datapath: Annotated[
+        str, typer.Option(help="userspace (AF_PACKET + VXLAN) or memory")
+    ] = "userspace",
+    vxlan_port: Annotated[int, typer.Option(min=1, max=65535)] = 4789,
+    lease_ttl: Annotated[
+        int, typer.Option(min=2, help="Seconds before peers consider us gone.")
+    ] = 10,
+    state_dir: Annotated[Path | None, typer.Option(help="Where counters are written.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run the agent for one host until SIGTERM/SIGINT."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format=f"%(asctime)s {host_id} %(levelname)s %(name)s: %(message)s",
+    )
+    state = state_dir or default_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    if datapath not in ("userspace", "memory"):
+        raise typer.BadParameter(
+            f"{datapath!r}: expected userspace or memory", param_hint="--datapath"
+        )
+    asyncio.run(
+        _run_agent(
+            host_id=host_id,
+            store_url=store,
+            underlay_ip=underlay_ip,
+            tunnel_zone=tunnel_zone,
+            datapath_kind=datapath,
+            vxlan_port=vxlan_port,
+            lease_ttl=lease_ttl,
+            counters_path=counters_file(state, host_id),
+        )
+    )
+
+
+async def _run_agent(
+    *,
+    host_id: str,
+    store_url: str,
+    underlay_ip: str | None,
+    tunnel_zone: str | None,
+    datapath_kind: str,
+    vxlan_port: int,
+    lease_ttl: int,
+    counters_path: Path,
+) -> None:
+    from hivenet.datapath.base import Datapath
+    from hivenet.store import open_store
+
+    store = open_store(store_url)
+    datapath: Datapath
+    if datapath_kind == "userspace":
+        from hivenet.datapath.userspace import UserspaceDatapath
+
+        userspace = UserspaceDatapath(underlay_ip, vxlan_port=vxlan_port)
+        userspace.start()
+        datapath = userspace
+    else:
+        from hivenet.datapath.memory import MemoryDatapath
+
+        datapath = MemoryDatapath(host_id, underlay_ip or "127.0.0.1")
+    agent = HostAgent(
+        store,
+        datapath,
+        host_id=host_id,
+        underlay_ip=underlay_ip,
+        tunnel_zone_id=tunnel_zone,
+        lease_ttl=lease_ttl,
+        counters_path=counters_path,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    logging.getLogger(__name__).info(
+        "agent %s up: revision %d, %d local ports", host_id, agent.revision, len(agent.bound_ports)
+    )
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()
+        close = getattr(datapath, "close", None)
+        if close is not None:
+            close()
+        await store.close()
+
+
+@app.command("stats")
+def stats(
+    host_id: Annotated[str, typer.Option(help="The host whose counters to show.")],
+    state_dir: Annotated[Path | None, typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON.")] = False,
+) -> None:
+    """Show an agent's counters (written every second by `hivenet agent run`)."""
+    path = counters_file(state_dir or default_state_dir(), host_id)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        typer.echo(f"error: no counters at {path} (is the agent for {host_id} running?)", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"agent {host_id} (revision {data.get('revision')})", title_justify="left")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for section in ("agent", "pipeline", "datapath"):
+        for name, value in sorted(data.get(section, {}).items()):
+            shown = f"{value:.6f}" if isinstance(value, float) else str(value)
+            table.add_row(f"{section}.{name}", shown)
+    Console().print(table)

@@ -1,0 +1,52 @@
+"""The key layout of the Network State DB beyond topology objects (DESIGN.md, "Keys").
+
+- `/hivenet/v1/state/<host>/<kind>/<id>`: per-host state, written on the host's lease so it
+  vanishes with the host (liveness, which ports the host has activated).
+- `/hivenet/v1/tables/<kind>/<id>/<name>/<key>`: shared tables learned by agents (a bridge's
+  MAC table, a router's ARP/ND table), also on the learning host's lease.
+
+Owns only the spelling of keys (build and parse); values are the callers' business.
+"""
+
+from __future__ import annotations
+
+STATE_PREFIX = "/hivenet/v1/state/"
+TABLES_PREFIX = "/hivenet/v1/tables/"
+
+
+def host_alive_key(host_id: str) -> str:
+    return f"{STATE_PREFIX}{host_id}/host/{host_id}"
+
+
+def port_active_key(host_id: str, port_id: str) -> str:
+    return f"{STATE_PREFIX}{host_id}/port/{port_id}"
+
+
+def parse_state_key(key: str) -> tuple[str, str, str]:
+    """(host_id, kind, id) of a state key; ValueError otherwise."""
+    if not key.startswith(STATE_PREFIX):
+        raise ValueError(f"not a state key: {key!r}")
+    parts = key[len(STATE_PREFIX) :].split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"not a state key: {key!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def mac_entry_key(bridge_id: str, vlan: int, mac: str) -> str:
+    return f"{TABLES_PREFIX}bridge/{bridge_id}/mac/{vlan}/{mac}"
+
+
+def arp_entry_key(router_id: str, ip: str) -> str:
+    return f"{TABLES_PREFIX}router/{router_id}/arp/{ip}"
+
+
+def parse_table_key(key: str) -> tuple[str, str, str, str]:
+    """(kind, id, table name, entry key) of a table key; ValueError otherwise.
+
+    The entry key may itself contain '/' (a MAC entry is '<vlan>/<mac>')."""
+    if not key.startswith(TABLES_PREFIX):
+        raise ValueError(f"not a table key: {key!r}")
+    parts = key[len(TABLES_PREFIX) :].split("/", 3)
+    if len(parts) != 4 or not all(parts):
+        raise ValueError(f"not a table key: {key!r}")
+    return parts[0], parts[1], parts[2], parts[3]

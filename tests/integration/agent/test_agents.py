@@ -1,0 +1,281 @@
+"""Several real `HostAgent`s in one process: one real store backend, the strict memory
+datapath per host, a memory underlay between them. Topology goes in through the repository
+(as the API writes it); assertions are about what each VM interface receives."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hivenet.agent.agent import HostAgent
+from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
+from hivenet.model import Bridge, DeviceKind, Host, Port, Router
+from hivenet.model.types import int_to_mac, mac_to_int
+from hivenet.packets import (
+    build_arp_reply,
+    build_arp_request,
+    build_echo_request,
+    extract_flow_match,
+)
+from hivenet.packets.flowmatch import ETH_TYPE_ARP, IP_PROTO_ICMP
+from hivenet.store import open_store
+from hivenet.store.base import Store
+from hivenet.store.keys import host_alive_key, port_active_key
+from hivenet.store.topology import TopologyRepository
+
+HOSTS = {"h1": "192.0.2.1", "h2": "192.0.2.2", "h3": "192.0.2.3"}
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Cloud:
+    store: Store
+    repo: TopologyRepository
+    underlay: MemoryUnderlay
+    agents: dict[str, HostAgent]
+    datapaths: dict[str, MemoryDatapath]
+
+    async def start_agent(self, host_id: str) -> HostAgent:
+        if host_id in self.datapaths:
+            self.underlay.detach(HOSTS[host_id])
+        datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay)
+        agent = HostAgent(
+            self.store, datapath, host_id=host_id, underlay_ip=HOSTS[host_id],
+            tunnel_zone_id="tz", lease_ttl=2, reconcile_interval=0.05,
+        )
+        await agent.start()
+        self.agents[host_id] = agent
+        self.datapaths[host_id] = datapath
+        return agent
+
+    async def synced(self) -> None:
+        """Every agent has applied every topology and table change written so far."""
+        from hivenet.model import TOPOLOGY_PREFIX
+        from hivenet.store.keys import TABLES_PREFIX
+
+        async def last_change(prefix: str) -> int:
+            kvs = (await self.store.range(prefix)).kvs
+            return max((kv.mod_revision for kv in kvs), default=0)
+
+        await eventually(lambda: all(a.pending_publications == 0 for a in self.agents.values()))
+        topology_rev = await last_change(TOPOLOGY_PREFIX)
+        tables_rev = await last_change(TABLES_PREFIX)
+        await eventually(
+            lambda: all(a.topology_mirror.revision >= topology_rev for a in self.agents.values())
+            and all(a.tables_mirror.revision >= tables_rev for a in self.agents.values())
+        )
+
+
+@asynccontextmanager
+async def cloud(store_url: str) -> AsyncIterator[Cloud]:
+    store = open_store(store_url)
+    repo = TopologyRepository(store)
+    for host_id in HOSTS:
+        await repo.create(Host(id=host_id, name=host_id))
+    c = Cloud(store, repo, MemoryUnderlay(), {}, {})
+    try:
+        yield c
+    finally:
+        for agent in c.agents.values():
+            await agent.stop()
+        await store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite-file"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/state.db"
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+
+
+async def vm_port(repo: TopologyRepository, device: Bridge, host: str, ifname: str,
+                  mac: str, ip: str) -> Port:
+    port = Port(device_kind=DeviceKind.BRIDGE, device_id=device.id, host_id=host,
+                interface_name=ifname, mac=mac, addresses=(ipaddress.ip_interface(ip),))
+    return (await repo.create(port)).obj
+
+
+def received(cloud: Cloud, host: str, port: Port) -> list[bytes]:
+    return cloud.datapaths[host].take(port.tunnel_key)
+
+
+def test_bridge_across_three_hosts_learns_floods_and_publishes(store_url: str) -> None:
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            bridge = (await c.repo.create(Bridge(name="net1"))).obj
+            vm1 = await vm_port(c.repo, bridge, "h1", "hnvm1", "02:00:00:00:00:01", "10.0.0.1/24")
+            vm2 = await vm_port(c.repo, bridge, "h2", "hnvm2", "02:00:00:00:00:02", "10.0.0.2/24")
+            vm3 = await vm_port(c.repo, bridge, "h3", "hnvm3", "02:00:00:00:00:03", "10.0.0.3/24")
+            for host in HOSTS:
+                await c.start_agent(host)
+            await c.synced()
+            # Each agent bound exactly its own port and published that it owns it.
+            assert c.agents["h1"].bound_ports.keys() == {vm1.id}
+            assert c.agents["h2"].bound_ports.keys() == {vm2.id}
+            await eventually(lambda: c.agents["h3"].bound_ports.keys() == {vm3.id})
+            assert await c.store.get(port_active_key("h2", vm2.id)) is not None
+            assert await c.store.get(host_alive_key("h3")) is not None
+
+            # Broadcast ARP from vm1 reaches vm2 and vm3 (other hosts) and not vm1 itself.
+            arp = build_arp_request(sender_mac=vm1.mac, sender_ip="10.0.0.1", target_ip="10.0.0.2")
+            c.datapaths["h1"].receive(vm1.tunnel_key, arp)
+            assert received(c, "h2", vm2) == [arp]
+            assert received(c, "h3", vm3) == [arp]
+            assert received(c, "h1", vm1) == []
+
+            # vm1's MAC was learned on h1 and published: every agent's replica has it.
+            await c.synced()
+            for agent in c.agents.values():
+                assert agent.tables.mac_port(bridge.id, 0, 0x020000000001) == vm1.id
+
+            # Unicast vm2 -> vm1 goes straight to vm1 only; a repeat hits the installed flow.
+            ping = build_echo_request(eth_src=vm2.mac, eth_dst=vm1.mac, ip_src="10.0.0.2",
+                                      ip_dst="10.0.0.1", identifier=7, sequence=1)
+            c.datapaths["h2"].receive(vm2.tunnel_key, ping)
+            assert received(c, "h1", vm1) == [ping]
+            assert received(c, "h3", vm3) == []
+            upcalls = c.agents["h2"].pipeline.stats.upcalls
+            c.datapaths["h2"].receive(vm2.tunnel_key, ping)
+            assert received(c, "h1", vm1) == [ping]
+            assert c.agents["h2"].pipeline.stats.upcalls == upcalls  # served by the flow
+
+    run(scenario())
+
+
+async def routed_cloud(c: Cloud) -> tuple[Port, Port, Router, Port]:
+    net_a = (await c.repo.create(Bridge(name="net-a"))).obj
+    net_b = (await c.repo.create(Bridge(name="net-b"))).obj
+    router = (await c.repo.create(Router(name="r1"))).obj
+    router_ports = []
+    for net, cidr in ((net_a, "10.0.1.1/24"), (net_b, "10.0.2.1/24")):
+        rport = (await c.repo.create(Port(device_kind=DeviceKind.ROUTER, device_id=router.id,
+                                          addresses=(ipaddress.ip_interface(cidr),)))).obj
+        await c.repo.create(Port(device_kind=DeviceKind.BRIDGE, device_id=net.id,
+                                 peer_id=rport.id))
+        router_ports.append(rport)
+    router_port_b = router_ports[1]
+    vm1 = await vm_port(c.repo, net_a, "h1", "hnvm1", "02:00:00:00:01:01", "10.0.1.10/24")
+    vm2 = await vm_port(c.repo, net_b, "h2", "hnvm2", "02:00:00:00:02:02", "10.0.2.20/24")
+    return vm1, vm2, router, router_port_b
+
+
+def _router_mac_for(c: Cloud, vm: Port, gateway: str, host: str) -> str:
+    """vm ARPs for its gateway; returns the MAC the router answered with."""
+    arp = build_arp_request(sender_mac=vm.mac, sender_ip=str(vm.addresses[0].ip), target_ip=gateway)
+    c.datapaths[host].receive(vm.tunnel_key, arp)
+    replies = received(c, host, vm)
+    assert len(replies) == 1, replies
+    reply = extract_flow_match(replies[0], 0)
+    assert reply.eth_type == ETH_TYPE_ARP and reply.arp_op == 2
+    assert reply.arp_spa == int(ipaddress.ip_address(gateway))
+    return int_to_mac(reply.arp_sha)
+
+
+def test_ping_across_router_and_hosts_then_port_down_stops_it(store_url: str) -> None:
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            vm1, vm2, _router, router_port_b = await routed_cloud(c)
+            for host in ("h1", "h2"):
+                await c.start_agent(host)
+            await c.synced()
+            gw_mac = _router_mac_for(c, vm1, "10.0.1.1", "h1")
+
+            def ping(seq: int) -> bytes:
+                return build_echo_request(eth_src=vm1.mac, eth_dst=gw_mac, ip_src="10.0.1.10",
+                                          ip_dst="10.0.2.20", identifier=9, sequence=seq)
+
+            # First packet: the router does not know vm2's MAC and ARPs for it on net-b.
+            c.datapaths["h1"].receive(vm1.tunnel_key, ping(1))
+            arp_requests = received(c, "h2", vm2)
+            assert len(arp_requests) == 1
+            request = extract_flow_match(arp_requests[0], 0)
+            assert request.arp_op == 1 and request.arp_tpa == int(ipaddress.ip_address("10.0.2.20"))
+            assert request.eth_src == mac_to_int(router_port_b.mac)
+            # vm2 answers; the router learns it (shared table), then the ping goes through.
+            reply = build_arp_reply(sender_mac=vm2.mac, sender_ip="10.0.2.20",
+                                    target_mac=router_port_b.mac, target_ip="10.0.2.1")
+            c.datapaths["h2"].receive(vm2.tunnel_key, reply)
+            await c.synced()
+            c.datapaths["h1"].receive(vm1.tunnel_key, ping(2))
+            delivered = received(c, "h2", vm2)
+            assert len(delivered) == 1
+            frame = extract_flow_match(delivered[0], 0)
+            assert frame.ip_proto == IP_PROTO_ICMP and frame.icmp_type == 8
+            assert frame.ip_ttl == 63  # decremented once by the router
+            assert frame.eth_src == mac_to_int(router_port_b.mac)
+            assert frame.eth_dst == mac_to_int(vm2.mac)
+
+            # Admin-down vm2's port through the store: within the watch, traffic stops.
+            await c.repo.modify(Port, vm2.id, lambda p: p.model_copy(update={"admin_state_up": False}))
+            await c.synced()
+            c.datapaths["h1"].receive(vm1.tunnel_key, ping(3))
+            assert received(c, "h2", vm2) == []
+            # Restored: it flows again.
+            await c.repo.modify(Port, vm2.id, lambda p: p.model_copy(update={"admin_state_up": True}))
+            await c.synced()
+            c.datapaths["h1"].receive(vm1.tunnel_key, ping(4))
+            assert len(received(c, "h2", vm2)) == 1
+
+    run(scenario())
+
+
+def test_agent_restart_rebinds_and_traffic_resumes(store_url: str) -> None:
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            bridge = (await c.repo.create(Bridge(name="net1"))).obj
+            vm1 = await vm_port(c.repo, bridge, "h1", "hnvm1", "02:00:00:00:00:01", "10.0.0.1/24")
+            vm2 = await vm_port(c.repo, bridge, "h2", "hnvm2", "02:00:00:00:00:02", "10.0.0.2/24")
+            await c.start_agent("h1")
+            await c.start_agent("h2")
+            await c.synced()
+            frame = build_echo_request(eth_src=vm1.mac, eth_dst=vm2.mac, ip_src="10.0.0.1",
+                                       ip_dst="10.0.0.2", identifier=1, sequence=1)
+            c.datapaths["h1"].receive(vm1.tunnel_key, frame)
+            assert received(c, "h2", vm2) == [frame]
+            h1_flows = len(c.datapaths["h1"].flow_table)
+            # h2's agent dies without a goodbye (no lease revoke) and comes back.
+            await c.agents["h2"].stop(graceful=False)
+            del c.agents["h2"]
+            await c.start_agent("h2")
+            await c.synced()
+            assert c.agents["h2"].bound_ports.keys() == {vm2.id}
+            assert len(c.datapaths["h1"].flow_table) == h1_flows  # other hosts keep their flows
+            c.datapaths["h1"].receive(vm1.tunnel_key, frame)
+            assert received(c, "h2", vm2) == [frame]
+            # Its old lease expires (ttl 2 s); what it re-published under the new one stays.
+            await asyncio.sleep(3.5)
+            assert await c.store.get(port_active_key("h2", vm2.id)) is not None
+            assert await c.store.get(host_alive_key("h2")) is not None
+
+    run(scenario())
+
+
+def test_same_events_twice_give_the_same_view(store_url: str) -> None:
+    """Convergence (STYLE.md 7): replaying the watch stream changes nothing."""
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            await routed_cloud(c)
+            agent = await c.start_agent("h1")
+            await c.synced()
+            before = {k: dict(v) for k, v in agent.topology.objects.items()}
+            for key, value in list(agent.topology_mirror.values.items()):
+                agent._on_topology_change(key, value, agent.revision)
+            assert {k: dict(v) for k, v in agent.topology.objects.items()} == before
+            assert agent.counters.bad_store_values == 0
+
+    run(scenario())
