@@ -1,0 +1,522 @@
+"""NAT bindings: which connection a device ("zone": usually a router) translated to what, and
+the reverse lookups that translate the replies and the ICMP errors about it.
+
+A binding maps (zone, kind, original key) -> translated key. SNAT rewrites the source side
+(address and port, or ICMP echo id), DNAT the destination side. Each binding is indexed by
+its original key and by its translated key, so it can be found from either side: a forward
+packet before translation (`lookup_original`), after it (`lookup_translated`, hairpin), and a
+reply (`lookup_reply`: the reply's key reversed is the translated key).
+
+Owns `NatTable`, `NatBinding`, `NatRecord`, the ICMP error translation and the NAT idle
+timeouts. SNAT ports come from a `PortBlockAllocator` (`portblocks.py`); leasing blocks
+through the store is the agent's job. Does not own connection tracking (`conntrack.py`) or
+the wire format. Pure: no I/O, no clock; imports only `hivenet.packets`.
+
+Idle timeouts (seconds), the NAT behaviour RFCs' recommendations rather than conntrack's
+(a NAT binding holds a scarce port): TCP 7440 (RFC 5382, 2 h 4 min for established
+connections), UDP 300 (RFC 4787 REQ-5: at least 2 min, 5 min recommended), ICMP 60
+(RFC 5508 REQ-1), any other protocol 600. A caller that tracks the connection (the flow-state
+transaction) may pass its own timeout to `touch`.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from hivenet.flowstate.keys import ICMP_PROTOCOLS, FlowKey, uses_echo_id
+from hivenet.flowstate.portblocks import (
+    AllocatedPort,
+    Destination,
+    NatRange,
+    PortBlockAllocator,
+)
+from hivenet.flowstate.schedule import EntryScheduler, RefreshPolicy, TrackedEntry
+from hivenet.packets.flowmatch import IP_PROTO_TCP, IP_PROTO_UDP, FlowMatch
+
+
+class NatKind(enum.IntEnum):
+    """Values are part of the wire format: never renumber."""
+
+    SNAT = 1
+    DNAT = 2
+
+
+class NatError(Exception):
+    """Base of the NAT table's errors."""
+
+
+class NatPortsExhausted(NatError):
+    """No free (address, port) in the blocks this host holds: lease another block
+    (`PortBlockAllocator.blocks_to_try`) and retry."""
+
+    def __init__(self, zone: str, targets: Sequence[NatRange], destination: Destination) -> None:
+        super().__init__(
+            f"SNAT in zone {zone!r}: no free port in the held blocks of {list(targets)} "
+            f"for destination {destination}"
+        )
+        self.zone = zone
+        self.targets = tuple(targets)
+        self.destination = destination
+
+
+class NatTargetsExhausted(NatError):
+    """DNAT: every target address/port would collide with an existing binding."""
+
+
+@dataclass(frozen=True, slots=True)
+class NatTimeouts:
+    tcp: float = 7440.0
+    udp: float = 300.0
+    icmp: float = 60.0
+    other: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("tcp", "udp", "icmp", "other"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value <= 0xFFFFFFFF / 1000:
+                raise ValueError(
+                    f"NatTimeouts.{name} must be 0 < seconds <= 49 days, got {value!r}"
+                )
+
+    def timeout_for(self, ip_proto: int) -> float:
+        if ip_proto == IP_PROTO_TCP:
+            return self.tcp
+        if ip_proto == IP_PROTO_UDP:
+            return self.udp
+        if ip_proto in ICMP_PROTOCOLS:
+            return self.icmp
+        return self.other
+
+
+DEFAULT_NAT_TIMEOUTS = NatTimeouts()
+
+
+def key_rewrites(before: FlowKey, after: FlowKey) -> dict[str, int]:
+    """FlowMatch fields (all settable) that turn a packet keyed `before` into one keyed
+    `after`. ICMP echo ids travel in both port slots of a key and map to `icmp_id`."""
+    rewrites: dict[str, int] = {}
+    if before.ip_src != after.ip_src:
+        rewrites["ip_src"] = after.ip_src
+    if before.ip_dst != after.ip_dst:
+        rewrites["ip_dst"] = after.ip_dst
+    if uses_echo_id(after):
+        if before.tp_src != after.tp_src:
+            rewrites["icmp_id"] = after.tp_src
+    else:
+        if before.tp_src != after.tp_src:
+            rewrites["tp_src"] = after.tp_src
+        if before.tp_dst != after.tp_dst:
+            rewrites["tp_dst"] = after.tp_dst
+    return rewrites
+
+
+@dataclass(frozen=True, slots=True)
+class NatBinding:
+    zone: str
+    kind: NatKind
+    original: FlowKey
+    translated: FlowKey
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.zone, str) or not self.zone:
+            raise ValueError(f"NatBinding.zone must be a non-empty device id, got {self.zone!r}")
+        if not isinstance(self.original, FlowKey) or not isinstance(self.translated, FlowKey):
+            raise ValueError("NatBinding.original and .translated must be FlowKeys")
+        original, translated = self.original, self.translated
+        if (original.ip_version, original.ip_proto) != (translated.ip_version, translated.ip_proto):
+            raise ValueError(
+                f"NatBinding.translated {translated} changes IP version or protocol of {original}"
+            )
+        echo = uses_echo_id(original)
+        if self.kind is NatKind.SNAT:
+            kept = (original.ip_dst, original.tp_dst if not echo else None)
+            now = (translated.ip_dst, translated.tp_dst if not echo else None)
+            side = "destination"
+        else:
+            kept = (original.ip_src, original.tp_src)
+            now = (translated.ip_src, translated.tp_src)
+            side = "source"
+        if kept != now:
+            raise ValueError(
+                f"NatBinding {self.kind.name} must keep the {side}: {original} -> {translated}"
+            )
+        if echo and translated.tp_src != translated.tp_dst:
+            raise ValueError(
+                f"NatBinding.translated {translated}: an ICMP echo key carries its id twice"
+            )
+
+    def forward_rewrites(self) -> dict[str, int]:
+        """Rewrites for a packet of the original direction (original -> translated)."""
+        return key_rewrites(self.original, self.translated)
+
+    def reply_rewrites(self) -> dict[str, int]:
+        """Rewrites for a reply (translated reversed -> original reversed)."""
+        return key_rewrites(self.translated.reversed(), self.original.reversed())
+
+
+@dataclass(frozen=True, slots=True)
+class NatRecord:
+    """A binding with its expiry, as exchanged with peers and the persistence file."""
+
+    binding: NatBinding
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpErrorTranslation:
+    """How to translate an ICMP error about a NATed connection.
+
+    `outer_rewrites`: FlowMatch fields of the error packet itself. `inner_rewrites`: fields of
+    the datagram the error quotes, named as FlowMatch fields of that datagram (ip_src, ip_dst,
+    tp_src, tp_dst, icmp_id); the datapath rewrites them inside the ICMP payload (and fixes
+    the quoted IP header checksum and the ICMP checksum).
+    """
+
+    binding: NatBinding
+    outer_rewrites: dict[str, int]
+    inner_rewrites: dict[str, int]
+
+
+class _NatEntry(TrackedEntry):
+    __slots__ = ("allocated", "binding")
+
+    def __init__(self, binding: NatBinding, expires_at: float, timeout: float) -> None:
+        super().__init__(expires_at, timeout)
+        self.binding = binding
+        self.allocated: tuple[AllocatedPort, Destination] | None = None
+
+
+class _Index(NamedTuple):
+    zone: str
+    kind: NatKind
+
+
+def _stable_hash(key: FlowKey) -> int:
+    return zlib.crc32(repr(tuple(key)).encode())
+
+
+class NatTable:
+    """NAT bindings with idle expiry and the push/refresh queue (see `schedule.py`)."""
+
+    def __init__(
+        self,
+        allocator: PortBlockAllocator | None = None,
+        timeouts: NatTimeouts = DEFAULT_NAT_TIMEOUTS,
+        refresh: RefreshPolicy | None = None,
+        granularity: float = 1.0,
+    ) -> None:
+        self.allocator = allocator
+        self.timeouts = timeouts
+        self._by_original: dict[_Index, dict[FlowKey, _NatEntry]] = {}
+        self._by_translated: dict[_Index, dict[FlowKey, _NatEntry]] = {}
+        self._schedule = EntryScheduler(refresh or RefreshPolicy(), granularity)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[NatRecord]:
+        for entries in self._by_original.values():
+            for entry in entries.values():
+                yield NatRecord(entry.binding, entry.expires_at)
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _live(
+        index: dict[_Index, dict[FlowKey, _NatEntry]],
+        zone: str,
+        kind: NatKind,
+        key: FlowKey,
+        now: float,
+    ) -> _NatEntry | None:
+        entries = index.get(_Index(zone, kind))
+        if entries is None:
+            return None
+        entry = entries.get(key)
+        if entry is None or entry.expires_at <= now:
+            return None
+        return entry
+
+    def lookup_original(
+        self, zone: str, kind: NatKind, key: FlowKey, now: float
+    ) -> NatBinding | None:
+        """The binding of a forward packet before translation."""
+        entry = self._live(self._by_original, zone, kind, key, now)
+        return entry.binding if entry is not None else None
+
+    def lookup_translated(
+        self, zone: str, kind: NatKind, key: FlowKey, now: float
+    ) -> NatBinding | None:
+        """The binding whose translated key is `key` (a forward packet after translation)."""
+        entry = self._live(self._by_translated, zone, kind, key, now)
+        return entry.binding if entry is not None else None
+
+    def lookup_reply(
+        self, zone: str, kind: NatKind, reply_key: FlowKey, now: float
+    ) -> NatBinding | None:
+        """The binding a reply packet (key `reply_key`) belongs to."""
+        return self.lookup_translated(zone, kind, reply_key.reversed(), now)
+
+    def reverse(
+        self, zone: str, kind: NatKind, reply_key: FlowKey, now: float
+    ) -> dict[str, int] | None:
+        """Rewrites for rev_snat/rev_dnat on a reply keyed `reply_key`; None if untranslated."""
+        binding = self.lookup_reply(zone, kind, reply_key, now)
+        return binding.reply_rewrites() if binding is not None else None
+
+    # --- creating bindings --------------------------------------------------------------------
+
+    def dnat(
+        self, zone: str, key: FlowKey, targets: Sequence[NatRange], now: float
+    ) -> tuple[NatBinding, bool]:
+        """The DNAT binding of forward key `key`: the existing one (touched), or a new one to
+        a target chosen by a stable hash of the key (every host picks the same for the same
+        connection), skipping targets that would collide with another binding's reply.
+        Returns (binding, created)."""
+        existing = self._live(self._by_original, zone, NatKind.DNAT, key, now)
+        if existing is not None:
+            self._touch_entry(existing, now, None)
+            return existing.binding, False
+        _check_targets(targets, key)
+        index = _Index(zone, NatKind.DNAT)
+        taken = self._by_translated.get(index, {})
+        digest = _stable_hash(key)
+        echo = uses_echo_id(key)
+        for target in _rotate(targets, digest):
+            address_count = target.address_count
+            port_count = 1 if target.keeps_port or echo else target.port_to - target.port_from + 1
+            tries = min(address_count * port_count, 64)
+            for attempt in range(tries):
+                choice = (digest + attempt) % (address_count * port_count)
+                ip = target.ip_from + choice // port_count
+                port = (
+                    key.tp_dst
+                    if target.keeps_port or echo
+                    else target.port_from + choice % port_count
+                )
+                translated = FlowKey.unchecked(
+                    key.ip_version, key.ip_src, ip, key.ip_proto, key.tp_src, port
+                )
+                entry = taken.get(translated)
+                if entry is None or entry.expires_at <= now:
+                    binding = NatBinding(zone, NatKind.DNAT, key, translated)
+                    self._insert(binding, now, changed=True)
+                    return binding, True
+        raise NatTargetsExhausted(
+            f"DNAT in zone {zone!r}: every target of {list(targets)} collides for {key}"
+        )
+
+    def snat(
+        self, zone: str, key: FlowKey, targets: Sequence[NatRange], now: float
+    ) -> tuple[NatBinding, bool]:
+        """The SNAT binding of forward key `key`: the existing one (touched), or a new one
+        with an (address, port) from the allocator's blocks that no binding to the same
+        destination uses. Raises NatPortsExhausted when the held blocks are full."""
+        existing = self._live(self._by_original, zone, NatKind.SNAT, key, now)
+        if existing is not None:
+            self._touch_entry(existing, now, None)
+            return existing.binding, False
+        if self.allocator is None:
+            raise NatError(
+                f"SNAT in zone {zone!r} needs a PortBlockAllocator; this NatTable has none"
+            )
+        _check_targets(targets, key)
+        echo = uses_echo_id(key)
+        destination = Destination(
+            key.ip_version, key.ip_proto, key.ip_dst, 0 if echo else key.tp_dst
+        )
+        translated_index = self._by_translated.get(_Index(zone, NatKind.SNAT), {})
+
+        def make(ip: int, port: int) -> FlowKey:
+            return FlowKey.unchecked(
+                key.ip_version, ip, key.ip_dst, key.ip_proto, port, port if echo else key.tp_dst
+            )
+
+        def is_taken(ip: int, port: int) -> bool:
+            entry = translated_index.get(make(ip, port))
+            return entry is not None and entry.expires_at > now
+
+        for target in targets:
+            allocated = self.allocator.allocate(target, destination, key.tp_src, is_taken)
+            if allocated is not None:
+                binding = NatBinding(zone, NatKind.SNAT, key, make(allocated.ip, allocated.port))
+                entry = self._insert(binding, now, changed=True)
+                entry.allocated = (allocated, destination)
+                return binding, True
+        raise NatPortsExhausted(zone, targets, destination)
+
+    def _insert(
+        self, binding: NatBinding, now: float, changed: bool, expires_at: float | None = None
+    ) -> _NatEntry:
+        self.remove(binding.zone, binding.kind, binding.original)
+        index = _Index(binding.zone, binding.kind)
+        stale = self._live(
+            self._by_translated, binding.zone, binding.kind, binding.translated, float("-inf")
+        )
+        if stale is not None:  # a translated key is unique: the newer binding wins
+            self._drop(stale)
+        timeout = self.timeouts.timeout_for(binding.original.ip_proto)
+        deadline = now + timeout if expires_at is None else expires_at
+        entry = _NatEntry(binding, deadline, timeout)
+        self._by_original.setdefault(index, {})[binding.original] = entry
+        self._by_translated.setdefault(index, {})[binding.translated] = entry
+        self._count += 1
+        self._schedule.set_expiry(entry, deadline, timeout)
+        if changed:
+            self._schedule.mark_changed(entry)
+        return entry
+
+    # --- ICMP errors --------------------------------------------------------------------------
+
+    def icmp_error_translation(
+        self, zone: str, kind: NatKind, match: FlowMatch, embedded: FlowKey, now: float
+    ) -> IcmpErrorTranslation | None:
+        """Translation of an ICMP error (`match`) quoting a datagram keyed `embedded`.
+
+        An error about a translated forward packet travels back towards the originator: its
+        quote is put back to the original key and, when the error is addressed to the
+        translated source (SNAT) or comes from the translated destination (DNAT), the outer
+        address too. An error about a reply (travelling forwards) is translated the other
+        way. Addresses of routers in between are left alone. None: not about this zone's
+        bindings."""
+        entry = self._live(self._by_translated, zone, kind, embedded, now)
+        if entry is not None:
+            binding = entry.binding
+            inner = key_rewrites(embedded, binding.original)
+            outer: dict[str, int] = {}
+            if kind is NatKind.SNAT and match.ip_dst == binding.translated.ip_src:
+                outer["ip_dst"] = binding.original.ip_src
+            if kind is NatKind.DNAT and match.ip_src == binding.translated.ip_dst:
+                outer["ip_src"] = binding.original.ip_dst
+            return IcmpErrorTranslation(binding, outer, inner)
+        entry = self._live(self._by_original, zone, kind, embedded.reversed(), now)
+        if entry is not None:
+            binding = entry.binding
+            inner = key_rewrites(embedded, binding.translated.reversed())
+            outer = {}
+            if kind is NatKind.SNAT and match.ip_src == binding.original.ip_src:
+                outer["ip_src"] = binding.translated.ip_src
+            if kind is NatKind.DNAT and match.ip_dst == binding.original.ip_dst:
+                outer["ip_dst"] = binding.translated.ip_dst
+            return IcmpErrorTranslation(binding, outer, inner)
+        return None
+
+    # --- upkeep -------------------------------------------------------------------------------
+
+    def touch(
+        self, zone: str, kind: NatKind, key: FlowKey, now: float, timeout: float | None = None
+    ) -> bool:
+        """A live flow used the binding `key` names (original, translated or reply key):
+        reset its idle timer (to `timeout` if given) and note it for refresh."""
+        entry = (
+            self._live(self._by_original, zone, kind, key, now)
+            or self._live(self._by_translated, zone, kind, key, now)
+            or self._live(self._by_translated, zone, kind, key.reversed(), now)
+        )
+        if entry is None:
+            return False
+        self._touch_entry(entry, now, timeout)
+        return True
+
+    def _touch_entry(self, entry: _NatEntry, now: float, timeout: float | None) -> None:
+        timeout = entry.timeout if timeout is None else timeout
+        self._schedule.set_expiry(entry, now + timeout, timeout)
+        self._schedule.mark_used(entry)
+
+    def merge(self, record: NatRecord, now: float) -> NatBinding | None:
+        """Install a binding a peer pushed (or the persistence file held). An expired record
+        removes the binding; a record for an existing original key replaces its translation
+        only if it differs (the later push wins) and otherwise extends its expiry."""
+        binding = record.binding
+        if record.expires_at <= now:
+            self.remove(binding.zone, binding.kind, binding.original)
+            return None
+        entry = self._live(self._by_original, binding.zone, binding.kind, binding.original, now)
+        if entry is not None and entry.binding == binding:
+            self._schedule.set_expiry(
+                entry, max(entry.expires_at, record.expires_at), entry.timeout
+            )
+            if not entry.needs_push:
+                self._schedule.mark_known_to_peers(entry, now)
+            return binding
+        entry = self._insert(binding, now, changed=False, expires_at=record.expires_at)
+        self._schedule.mark_known_to_peers(entry, now)
+        return binding
+
+    def remove(self, zone: str, kind: NatKind, original: FlowKey) -> bool:
+        entries = self._by_original.get(_Index(zone, kind))
+        entry = entries.get(original) if entries is not None else None
+        if entry is None:
+            return False
+        self._drop(entry)
+        return True
+
+    def _drop(self, entry: _NatEntry) -> None:
+        binding = entry.binding
+        index = _Index(binding.zone, binding.kind)
+        for table, key in (
+            (self._by_original, binding.original),
+            (self._by_translated, binding.translated),
+        ):
+            entries = table.get(index)
+            if entries is not None and entries.get(key) is entry:
+                del entries[key]
+                if not entries:
+                    del table[index]
+        self._schedule.forget(entry)
+        self._count -= 1
+        if entry.allocated is not None and self.allocator is not None:
+            self.allocator.release(*entry.allocated)
+            entry.allocated = None
+
+    def expire(self, now: float) -> list[NatRecord]:
+        """Remove and return every binding idle past its timeout; their ports are freed."""
+        expired = []
+        for entry in self._schedule.pop_expired(now):
+            assert isinstance(entry, _NatEntry)
+            expired.append(NatRecord(entry.binding, entry.expires_at))
+            entry.expiry_bucket = -1
+            self._drop(entry)
+        return expired
+
+    def set_peers(self, zone: str, kind: NatKind, original: FlowKey, peers: frozenset[str]) -> None:
+        entries = self._by_original.get(_Index(zone, kind))
+        entry = entries.get(original) if entries is not None else None
+        if entry is not None:
+            entry.peers = peers
+
+    def due_for_push(self, now: float) -> list[tuple[NatRecord, frozenset[str]]]:
+        """Bindings to push at `now` (new, or used and due for refresh), with their peers."""
+        out = []
+        for entry in self._schedule.pop_due_for_push(now):
+            assert isinstance(entry, _NatEntry)
+            out.append((NatRecord(entry.binding, entry.expires_at), entry.peers))
+        return out
+
+    def snapshot(self, now: float) -> list[NatRecord]:
+        return [
+            NatRecord(entry.binding, entry.expires_at)
+            for entries in self._by_original.values()
+            for entry in entries.values()
+            if entry.expires_at > now
+        ]
+
+
+def _check_targets(targets: Sequence[NatRange], key: FlowKey) -> None:
+    if not targets:
+        raise NatError(f"NAT of {key} needs at least one NatRange target")
+    for target in targets:
+        if target.ip_version != key.ip_version:
+            raise NatError(
+                f"NAT target {target} is IPv{target.ip_version}, the packet IPv{key.ip_version}"
+            )
+
+
+def _rotate(targets: Sequence[NatRange], digest: int) -> list[NatRange]:
+    start = digest % len(targets)
+    return [*targets[start:], *targets[:start]]

@@ -1,0 +1,331 @@
+"""SNAT port blocks: how hosts share NAT addresses without coordinating per connection.
+
+Each agent leases BLOCKS of `BLOCK_SIZE` ports of one NAT address through the store (key
+`/hivenet/v1/tables/nat/<ip>/<block index>`, written on the host's lease so it vanishes with
+the host) and hands out ports only from blocks it holds, so two hosts never pick the same
+(address, port). Inside its blocks a host may reuse a port for different destinations: a
+translated connection is unique as long as (address, port, destination) is.
+
+Owns `PortBlock`, `NatRange` (where a rule may translate to), `PortBlockAllocator` (the pure
+part: which ports of the held blocks are free, which block keys to try next) and the block
+key spelling. The agent does the store transaction (create-if-absent on the key, on its
+lease) and tells the allocator with `add_block`/`remove_block`.
+Pure: no I/O, no clock; imports only the standard library and `hivenet.flowstate.keys`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from hivenet.flowstate.keys import format_address
+
+BLOCK_SIZE = 64
+NAT_BLOCK_PREFIX = "/hivenet/v1/tables/nat/"
+MAX_BLOCKS_PER_CLAIM = 1 << 16
+_ADDRESS_BITS = {4: 32, 6: 128}
+
+
+class PortBlockError(ValueError):
+    """A port block, NAT range or block key is invalid; the message names field and value."""
+
+
+@dataclass(frozen=True, slots=True)
+class NatRange:
+    """Addresses `ip_from..ip_to` and ports `port_from..port_to` (inclusive) a NAT rule may
+    translate to; ports 0-0 mean "keep the original port". Mirrors `model.NatTarget`, as
+    ints (flowstate may not import the model)."""
+
+    ip_version: int
+    ip_from: int
+    ip_to: int
+    port_from: int = 0
+    port_to: int = 0
+
+    def __post_init__(self) -> None:
+        bits = _ADDRESS_BITS.get(self.ip_version)
+        if bits is None:
+            raise PortBlockError(f"NatRange.ip_version must be 4 or 6, got {self.ip_version!r}")
+        for name in ("ip_from", "ip_to"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < (1 << bits):
+                raise PortBlockError(
+                    f"NatRange.{name} {value!r} is not an IPv{self.ip_version} address"
+                )
+        if self.ip_from > self.ip_to:
+            raise PortBlockError(
+                f"NatRange.ip_from {format_address(self.ip_version, self.ip_from)} is greater "
+                f"than ip_to {format_address(self.ip_version, self.ip_to)}"
+            )
+        for name in ("port_from", "port_to"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+                raise PortBlockError(f"NatRange.{name} must be 0..65535, got {value!r}")
+        if self.port_from > self.port_to:
+            raise PortBlockError(
+                f"NatRange.port_from {self.port_from} is greater than port_to {self.port_to}"
+            )
+
+    @classmethod
+    def parse(cls, ip_from: str, ip_to: str, port_from: int = 0, port_to: int = 0) -> NatRange:
+        """From address text (as `model.NatTarget` holds them)."""
+        start, end = ipaddress.ip_address(ip_from), ipaddress.ip_address(ip_to)
+        if start.version != end.version:
+            raise PortBlockError(
+                f"NatRange mixes IPv{start.version} {ip_from} and IPv{end.version} {ip_to}"
+            )
+        return cls(start.version, int(start), int(end), port_from, port_to)
+
+    @property
+    def keeps_port(self) -> bool:
+        return self.port_from == 0 and self.port_to == 0
+
+    @property
+    def address_count(self) -> int:
+        return self.ip_to - self.ip_from + 1
+
+    def contains_address(self, ip_version: int, ip: int) -> bool:
+        return ip_version == self.ip_version and self.ip_from <= ip <= self.ip_to
+
+
+class PortBlock(NamedTuple):
+    """Ports `number * BLOCK_SIZE .. (number + 1) * BLOCK_SIZE - 1` of one NAT address."""
+
+    ip_version: int
+    ip: int
+    number: int
+
+    def ports(self, block_size: int = BLOCK_SIZE) -> range:
+        return range(self.number * block_size, (self.number + 1) * block_size)
+
+    def store_key(self) -> str:
+        return f"{NAT_BLOCK_PREFIX}{format_address(self.ip_version, self.ip)}/{self.number}"
+
+
+def parse_block_key(key: str, block_size: int = BLOCK_SIZE) -> PortBlock:
+    """The block a `/hivenet/v1/tables/nat/<ip>/<index>` key names; PortBlockError otherwise."""
+    if not key.startswith(NAT_BLOCK_PREFIX):
+        raise PortBlockError(f"not a NAT block key: {key!r}")
+    address_text, _, index_text = key[len(NAT_BLOCK_PREFIX) :].rpartition("/")
+    try:
+        address = ipaddress.ip_address(address_text)
+        index = int(index_text)
+    except ValueError as error:
+        raise PortBlockError(f"not a NAT block key: {key!r} ({error})") from None
+    if not index_text.isdigit() or not 0 <= index < (0x10000 // block_size):
+        raise PortBlockError(f"NAT block key {key!r}: block index {index_text!r} out of range")
+    return PortBlock(address.version, int(address), index)
+
+
+class Destination(NamedTuple):
+    """Where translated connections go: a port may serve several destinations at once."""
+
+    ip_version: int
+    ip_proto: int
+    ip_dst: int
+    tp_dst: int
+
+
+class AllocatedPort(NamedTuple):
+    ip_version: int
+    ip: int
+    port: int
+
+
+class PortBlockAllocator:
+    """Hands out (address, port) from the blocks this host holds, never the same one twice
+    for a destination until it is released.
+
+    `seed` (e.g. a hash of the host id) spreads hosts over the candidate blocks so they do not
+    all race for the same first block. Iteration starts at a rotating cursor so a port just
+    released is not the next handed out (the peer may still hold the old connection).
+    """
+
+    def __init__(self, block_size: int = BLOCK_SIZE, seed: int = 0) -> None:
+        if not isinstance(block_size, int) or block_size < 1 or 0x10000 % block_size:
+            raise PortBlockError(f"block_size must divide 65536, got {block_size!r}")
+        self.block_size = block_size
+        self.seed = seed
+        self._blocks_by_address: dict[tuple[int, int], list[int]] = {}
+        self._block_use: dict[PortBlock, int] = {}
+        self._used: dict[Destination, set[tuple[int, int]]] = {}
+        self._cursor = 0
+
+    # --- blocks ----------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> frozenset[PortBlock]:
+        return frozenset(self._block_use)
+
+    def add_block(self, block: PortBlock) -> None:
+        """This host now holds `block` (its lease was created in the store)."""
+        if block.ip_version not in _ADDRESS_BITS or not 0 <= block.ip < (
+            1 << _ADDRESS_BITS[block.ip_version]
+        ):
+            raise PortBlockError(f"PortBlock address {block.ip!r} is not IPv{block.ip_version}")
+        if not 0 <= block.number < 0x10000 // self.block_size:
+            raise PortBlockError(
+                f"PortBlock.number must be 0..{0x10000 // self.block_size - 1}, got {block.number!r}"
+            )
+        if block in self._block_use:
+            return
+        self._block_use[block] = 0
+        indexes = self._blocks_by_address.setdefault((block.ip_version, block.ip), [])
+        indexes.append(block.number)
+        indexes.sort()
+
+    def remove_block(self, block: PortBlock) -> int:
+        """This host lost `block` (lease gone). Returns how many ports of it were in use;
+        their later `release` calls return False."""
+        in_use = self._block_use.pop(block, None)
+        if in_use is None:
+            return 0
+        address = (block.ip_version, block.ip)
+        self._blocks_by_address[address].remove(block.number)
+        if not self._blocks_by_address[address]:
+            del self._blocks_by_address[address]
+        ports = block.ports(self.block_size)
+        for destination in list(self._used):
+            used = self._used[destination]
+            stale = {
+                pair
+                for pair in used
+                if pair[0] == block.ip
+                and pair[1] in ports
+                and destination.ip_version == block.ip_version
+            }
+            used -= stale
+            if not used:
+                del self._used[destination]
+        return in_use
+
+    def idle_blocks(self) -> list[PortBlock]:
+        """Held blocks with no port in use (the agent may give their leases back)."""
+        return sorted(block for block, in_use in self._block_use.items() if in_use == 0)
+
+    def claim_all(self, target: NatRange) -> int:
+        """Hold every block of `target` (a single host with the range to itself, e.g. a test
+        or one-process simulation). Refuses ranges of more than MAX_BLOCKS_PER_CLAIM blocks."""
+        blocks = list(self._candidate_blocks(target, limit=MAX_BLOCKS_PER_CLAIM + 1))
+        if len(blocks) > MAX_BLOCKS_PER_CLAIM:
+            raise PortBlockError(f"NAT range {target} has more than {MAX_BLOCKS_PER_CLAIM} blocks")
+        for block in blocks:
+            self.add_block(block)
+        return len(blocks)
+
+    def blocks_to_try(
+        self,
+        target: NatRange,
+        taken: frozenset[PortBlock] | set[PortBlock] = frozenset(),
+        limit: int = 8,
+    ) -> list[PortBlock]:
+        """Up to `limit` blocks of `target` this host does not hold and that are not known to
+        be `taken` by others, in the order to try leasing them (starting at a place set by
+        `seed`, wrapping around)."""
+        return list(self._candidate_blocks(target, limit, skip=taken, start=self.seed))
+
+    def _block_span(self, target: NatRange) -> tuple[int, int]:
+        low, high = (1, 0xFFFF) if target.keeps_port else (target.port_from, target.port_to)
+        return low // self.block_size, high // self.block_size
+
+    def _candidate_blocks(
+        self,
+        target: NatRange,
+        limit: int,
+        skip: frozenset[PortBlock] | set[PortBlock] = frozenset(),
+        start: int = 0,
+    ) -> Iterator[PortBlock]:
+        first, last = self._block_span(target)
+        per_address = last - first + 1
+        total = target.address_count * per_address
+        produced = 0
+        offset = start % total
+        for step in range(total):
+            if produced >= limit:
+                return
+            position = (offset + step) % total
+            block = PortBlock(
+                target.ip_version,
+                target.ip_from + position // per_address,
+                first + position % per_address,
+            )
+            if block in self._block_use or block in skip:
+                continue
+            produced += 1
+            yield block
+
+    # --- ports -----------------------------------------------------------------------------
+
+    def allocate(
+        self,
+        target: NatRange,
+        destination: Destination,
+        original_port: int = 0,
+        is_taken: Callable[[int, int], bool] | None = None,
+    ) -> AllocatedPort | None:
+        """A free (address, port) of `target` for `destination` from the held blocks, or None
+        when every candidate is in use (lease another block: `blocks_to_try`, then retry).
+
+        A range that keeps ports (0-0) can only give `original_port`. `is_taken(ip, port)`
+        lets the caller veto a candidate (e.g. a binding a peer pushed to us)."""
+        if destination.ip_version != target.ip_version:
+            raise PortBlockError(
+                f"destination is IPv{destination.ip_version}, NAT range IPv{target.ip_version}"
+            )
+        if target.keeps_port:
+            if not 0 < original_port <= 0xFFFF:
+                raise PortBlockError(
+                    f"a port-keeping NAT range needs original_port 1..65535, got {original_port!r}"
+                )
+            low = high = original_port
+        else:
+            low, high = max(target.port_from, 1), target.port_to
+        if low > high:
+            return None
+        used = self._used.get(destination)
+        size = self.block_size
+        self._cursor += 1
+        for (version, ip), indexes in self._blocks_by_address.items():
+            if not target.contains_address(version, ip):
+                continue
+            for index in indexes:
+                start, end = max(index * size, low), min(index * size + size - 1, high)
+                if start > end:
+                    continue
+                span = end - start + 1
+                rotation = self._cursor % span
+                for step in range(span):
+                    port = start + (rotation + step) % span
+                    if used is not None and (ip, port) in used:
+                        continue
+                    if is_taken is not None and is_taken(ip, port):
+                        continue
+                    if used is None:
+                        used = self._used[destination] = set()
+                    used.add((ip, port))
+                    self._block_use[PortBlock(version, ip, index)] += 1
+                    return AllocatedPort(version, ip, port)
+        return None
+
+    def release(self, allocated: AllocatedPort, destination: Destination) -> bool:
+        """Give back a port allocated for `destination`. False when it was not allocated
+        (already released, or its block was removed)."""
+        used = self._used.get(destination)
+        pair = (allocated.ip, allocated.port)
+        if used is None or pair not in used:
+            return False
+        used.discard(pair)
+        if not used:
+            del self._used[destination]
+        block = PortBlock(allocated.ip_version, allocated.ip, allocated.port // self.block_size)
+        self._block_use[block] -= 1
+        return True
+
+    def in_use(self) -> int:
+        return sum(self._block_use.values())
+
+    def is_allocated(self, allocated: AllocatedPort, destination: Destination) -> bool:
+        used = self._used.get(destination)
+        return used is not None and (allocated.ip, allocated.port) in used

@@ -1,0 +1,191 @@
+"""The flow-state side of one simulation: what the chains asked of conntrack and NAT while a
+packet was walked, applied to the tables only if the packet is let through.
+
+Owns `FlowStateTransaction` (the API the simulation's flow-state hook is built on),
+`NatAction`, `NatOutcome` and the flow tags that name conntrack entries and NAT bindings
+(a cached flow carries them; when an entry expires the agent invalidates the flows tagged
+with it). Does not own the tables, the hook protocol (`sim/flowstate_hook.py`) or pushing.
+Pure: no I/O, no clock; imports only `hivenet.packets`.
+
+Life of a transaction (one per simulated packet, on the ingress host):
+1. the hook calls `is_return_flow` for match_forward/return_flow conditions: a read-only
+   classification, remembered; and `nat` for dnat/snat/rev_dnat/rev_snat rules: new
+   bindings go into the NAT table at once (so a later device of the same walk, or a
+   hairpin, finds them; SNAT must reserve its port anyway);
+2. the simulation ends: if the packet is dropped, `rollback()` removes the bindings it made
+   (freeing their ports); otherwise `commit(now)` opens/advances the connections;
+3. the agent then pushes what the tables report `due_for_push` to the peers, before it
+   forwards the packet.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from hivenet.flowstate.conntrack import Classification, ConntrackRecord, ConntrackTable, Verdict
+from hivenet.flowstate.keys import FlowKey, format_address, is_icmp_error, key_of_match
+from hivenet.flowstate.nat import NatBinding, NatKind, NatTable
+from hivenet.flowstate.portblocks import NatRange
+from hivenet.packets.flowmatch import FlowMatch
+
+
+class NatAction(enum.Enum):
+    """The NAT rule actions; values equal `model.RuleAction`'s."""
+
+    DNAT = "dnat"
+    SNAT = "snat"
+    REV_DNAT = "rev_dnat"
+    REV_SNAT = "rev_snat"
+
+
+_KIND_OF_ACTION = {
+    NatAction.DNAT: NatKind.DNAT,
+    NatAction.SNAT: NatKind.SNAT,
+    NatAction.REV_DNAT: NatKind.DNAT,
+    NatAction.REV_SNAT: NatKind.SNAT,
+}
+
+
+def _key_text(key: FlowKey) -> str:
+    return (
+        f"{key.ip_proto}:{format_address(key.ip_version, key.ip_src)}:{key.tp_src}"
+        f"-{format_address(key.ip_version, key.ip_dst)}:{key.tp_dst}"
+    )
+
+
+def conntrack_tag(zone: str, key: FlowKey) -> str:
+    """The flow tag of the connection stored under `key` (its original direction)."""
+    return f"conntrack:{zone}:{_key_text(key)}"
+
+
+def nat_tag(binding: NatBinding) -> str:
+    return f"nat:{binding.zone}:{binding.kind.name.lower()}:{_key_text(binding.original)}"
+
+
+@dataclass(frozen=True, slots=True)
+class NatOutcome:
+    """What a NAT rule does to the packet: FlowMatch field -> new value (empty: nothing, e.g.
+    a rev_snat on a packet no binding translated), the binding, and the flow tags."""
+
+    rewrites: Mapping[str, int] = field(default_factory=dict)
+    binding: NatBinding | None = None
+    tags: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionResult:
+    connections: tuple[ConntrackRecord, ...]
+    nat_bindings: tuple[NatBinding, ...]
+    tags: frozenset[str]
+
+
+class FlowStateTransaction:
+    """Conntrack classifications and NAT bindings of one simulated packet.
+
+    `embedded`: for an ICMP error, the key of the datagram it quotes (the agent parses it
+    from the frame: `keys.key_of_embedded`). `cacheable` turns False when a decision depended
+    on something a megaflow keyed on the 5-tuple does not capture (TCP flags that could not
+    open a connection, ICMP errors).
+    """
+
+    def __init__(
+        self, conntrack: ConntrackTable, nat: NatTable, embedded: FlowKey | None = None
+    ) -> None:
+        self.conntrack = conntrack
+        self.nat_table = nat
+        self.embedded = embedded
+        self._classified: list[tuple[Classification, int]] = []
+        self._created: list[NatBinding] = []
+        self._tags: set[str] = set()
+        self.cacheable = True
+        self._finished = False
+
+    @property
+    def tags(self) -> frozenset[str]:
+        return frozenset(self._tags)
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError("flow-state transaction already committed or rolled back")
+
+    def is_return_flow(self, zone: str, match: FlowMatch, now: float) -> bool:
+        self._check_open()
+        classification = self.conntrack.classify(zone, match, now, self.embedded)
+        self._classified.append((classification, match.tcp_flags))
+        if classification.depends_on_tcp_flags and classification.verdict is Verdict.INVALID:
+            self.cacheable = False
+        if classification.verdict in (Verdict.RELATED, Verdict.INVALID) and is_icmp_error(match):
+            self.cacheable = False
+        if classification.key is not None and classification.verdict is not Verdict.INVALID:
+            self._tags.add(conntrack_tag(zone, classification.key))
+        return classification.is_return
+
+    def nat(
+        self,
+        zone: str,
+        action: NatAction,
+        match: FlowMatch,
+        targets: Sequence[NatRange],
+        now: float,
+    ) -> NatOutcome:
+        """Apply a dnat/snat (find or create the binding) or rev_dnat/rev_snat (reverse
+        lookup) rule. Raises `nat.NatError` subclasses (ports exhausted, bad targets)."""
+        self._check_open()
+        key = key_of_match(match)
+        if key is None:
+            return NatOutcome()
+        kind = _KIND_OF_ACTION[action]
+        if action in (NatAction.REV_DNAT, NatAction.REV_SNAT):
+            if is_icmp_error(match) and self.embedded is not None:
+                self.cacheable = False
+                translation = self.nat_table.icmp_error_translation(
+                    zone, kind, match, self.embedded, now
+                )
+                if translation is None:
+                    return NatOutcome()
+                tag = nat_tag(translation.binding)
+                self._tags.add(tag)
+                return NatOutcome(translation.outer_rewrites, translation.binding, frozenset({tag}))
+            binding = self.nat_table.lookup_reply(zone, kind, key, now)
+            if binding is None:
+                return NatOutcome()
+            tag = nat_tag(binding)
+            self._tags.add(tag)
+            return NatOutcome(binding.reply_rewrites(), binding, frozenset({tag}))
+        if action is NatAction.DNAT:
+            binding, created = self.nat_table.dnat(zone, key, targets, now)
+        else:
+            binding, created = self.nat_table.snat(zone, key, targets, now)
+        if created:
+            self._created.append(binding)
+        tag = nat_tag(binding)
+        self._tags.add(tag)
+        return NatOutcome(binding.forward_rewrites(), binding, frozenset({tag}))
+
+    def commit(self, now: float, peers: frozenset[str] = frozenset()) -> TransactionResult:
+        """The packet was let through: open/advance its connections, and remember `peers`
+        (`peers.push_targets`) on every entry it touched so refreshes go to them too."""
+        self._check_open()
+        self._finished = True
+        connections = []
+        for classification, tcp_flags in self._classified:
+            record = self.conntrack.commit(classification, tcp_flags, now)
+            if record is not None:
+                connections.append(record)
+                if peers:
+                    self.conntrack.set_peers(record.zone, record.key, peers)
+        if peers:
+            for binding in self._created:
+                self.nat_table.set_peers(binding.zone, binding.kind, binding.original, peers)
+        return TransactionResult(tuple(connections), tuple(self._created), frozenset(self._tags))
+
+    def rollback(self) -> None:
+        """The packet was dropped: forget the classifications, remove the bindings made."""
+        self._check_open()
+        self._finished = True
+        for binding in self._created:
+            self.nat_table.remove(binding.zone, binding.kind, binding.original)
+        self._created.clear()
+        self._classified.clear()

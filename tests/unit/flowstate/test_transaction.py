@@ -1,0 +1,162 @@
+"""Unit tests for `hivenet.flowstate.transaction`: one simulated packet's conntrack and NAT
+decisions, committed when the packet passes and rolled back when it is dropped; replies
+translated back; tags and cacheability; the push queue after a commit."""
+
+from __future__ import annotations
+
+import pytest
+
+from hivenet.flowstate.conntrack import ConnState, ConntrackTable
+from hivenet.flowstate.keys import FlowKey
+from hivenet.flowstate.nat import NatTable
+from hivenet.flowstate.portblocks import NatRange, PortBlockAllocator
+from hivenet.flowstate.transaction import (
+    FlowStateTransaction,
+    NatAction,
+    conntrack_tag,
+    nat_tag,
+)
+
+from .helpers import ACK, SYN, ip, packet, tcp
+
+ROUTER = "router-1"
+PRIVATE, PUBLIC_NAT, REMOTE = "10.0.0.5", "203.0.113.7", "198.51.100.20"
+NAT_RANGE = NatRange.parse(PUBLIC_NAT, PUBLIC_NAT, 1024, 65535)
+
+
+@pytest.fixture
+def tables() -> tuple[ConntrackTable, NatTable, PortBlockAllocator]:
+    allocator = PortBlockAllocator()
+    allocator.add_block(allocator.blocks_to_try(NAT_RANGE, limit=1)[0])
+    return ConntrackTable(), NatTable(allocator), allocator
+
+
+def test_snat_gateway_round_trip(
+    tables: tuple[ConntrackTable, NatTable, PortBlockAllocator],
+) -> None:
+    conntrack, nat, _ = tables
+    syn = tcp(PRIVATE, 40000, REMOTE, 443, SYN)
+    outbound = FlowStateTransaction(conntrack, nat)
+    assert not outbound.is_return_flow(ROUTER, syn, 0.0)
+    outcome = outbound.nat(ROUTER, NatAction.SNAT, syn, [NAT_RANGE], 0.0)
+    assert outcome.binding is not None
+    nat_port = outcome.rewrites["tp_src"]
+    assert outcome.rewrites == {"ip_src": ip(PUBLIC_NAT), "tp_src": nat_port}
+    result = outbound.commit(0.0, peers=frozenset({"h2"}))
+    assert [record.state for record in result.connections] == [ConnState.SYN_SENT]
+    assert result.nat_bindings == (outcome.binding,)
+    assert result.tags == {
+        conntrack_tag(ROUTER, FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443)),
+        nat_tag(outcome.binding),
+    }
+    assert outbound.cacheable
+    # Everything the packet created is due for a push, to the peers given at commit.
+    pushed_peers = [peers for _, peers in conntrack.due_for_push(0.0)]
+    pushed_peers += [peers for _, peers in nat.due_for_push(0.0)]
+    assert pushed_peers == [frozenset({"h2"})] * 2
+
+    # The reply enters (on the router's uplink): rev_snat, then the conntrack check sees the
+    # packet as translated back, a return flow of the connection.
+    syn_ack = tcp(REMOTE, 443, PUBLIC_NAT, nat_port, SYN | ACK)
+    inbound = FlowStateTransaction(conntrack, nat)
+    reverse = inbound.nat(ROUTER, NatAction.REV_SNAT, syn_ack, [], 1.0)
+    assert reverse.rewrites == {"ip_dst": ip(PRIVATE), "tp_dst": 40000}
+    translated_back = syn_ack.with_fields(ip_dst=ip(PRIVATE), tp_dst=40000)
+    assert inbound.is_return_flow(ROUTER, translated_back, 1.0)
+    inbound.commit(1.0)
+    record = conntrack.get(ROUTER, FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443), 1.0)
+    assert record is not None and record.state is ConnState.SYN_RECV
+
+
+def test_rollback_frees_the_port_and_opens_nothing(
+    tables: tuple[ConntrackTable, NatTable, PortBlockAllocator],
+) -> None:
+    conntrack, nat, allocator = tables
+    syn = tcp(PRIVATE, 40000, REMOTE, 443, SYN)
+    transaction = FlowStateTransaction(conntrack, nat)
+    transaction.is_return_flow(ROUTER, syn, 0.0)
+    transaction.nat(ROUTER, NatAction.SNAT, syn, [NAT_RANGE], 0.0)
+    assert allocator.in_use() == 1
+    transaction.rollback()
+    assert allocator.in_use() == 0
+    assert len(nat) == 0 and len(conntrack) == 0
+    with pytest.raises(RuntimeError, match="already"):
+        transaction.commit(0.0)
+
+
+def test_rollback_keeps_bindings_it_did_not_create(
+    tables: tuple[ConntrackTable, NatTable, PortBlockAllocator],
+) -> None:
+    conntrack, nat, _ = tables
+    syn = tcp(PRIVATE, 40000, REMOTE, 443, SYN)
+    first = FlowStateTransaction(conntrack, nat)
+    first.nat(ROUTER, NatAction.SNAT, syn, [NAT_RANGE], 0.0)
+    first.commit(0.0)
+    second = FlowStateTransaction(conntrack, nat)
+    second.nat(ROUTER, NatAction.SNAT, syn, [NAT_RANGE], 1.0)
+    second.rollback()
+    assert len(nat) == 1
+
+
+def test_mid_stream_packet_is_forward_but_not_cacheable(
+    tables: tuple[ConntrackTable, NatTable, PortBlockAllocator],
+) -> None:
+    conntrack, nat, _ = tables
+    transaction = FlowStateTransaction(conntrack, nat)
+    assert not transaction.is_return_flow(ROUTER, tcp(PRIVATE, 1, REMOTE, 2, ACK), 0.0)
+    assert not transaction.cacheable
+    assert transaction.commit(0.0).connections == ()
+    assert len(conntrack) == 0
+
+
+def test_rev_nat_on_untranslated_packet_changes_nothing(
+    tables: tuple[ConntrackTable, NatTable, PortBlockAllocator],
+) -> None:
+    conntrack, nat, _ = tables
+    transaction = FlowStateTransaction(conntrack, nat)
+    outcome = transaction.nat(ROUTER, NatAction.REV_DNAT, tcp(REMOTE, 1, PRIVATE, 2, ACK), [], 0.0)
+    assert outcome.rewrites == {} and outcome.binding is None
+
+
+def test_icmp_error_through_snat_is_related_and_translated(
+    tables: tuple[ConntrackTable, NatTable, PortBlockAllocator],
+) -> None:
+    conntrack, nat, _ = tables
+    request = packet(PRIVATE, REMOTE, 17, 5000, 53)
+    outbound = FlowStateTransaction(conntrack, nat)
+    outbound.is_return_flow(ROUTER, request, 0.0)
+    binding = outbound.nat(ROUTER, NatAction.SNAT, request, [NAT_RANGE], 0.0).binding
+    outbound.commit(0.0)
+    assert binding is not None
+    error = packet("192.0.2.254", PUBLIC_NAT, 1, icmp_type=3)
+    inbound = FlowStateTransaction(conntrack, nat, embedded=binding.translated)
+    outcome = inbound.nat(ROUTER, NatAction.REV_SNAT, error, [], 1.0)
+    assert outcome.rewrites == {"ip_dst": ip(PRIVATE)}
+    assert not inbound.cacheable
+    # After the rewrite the quoted datagram is the original one: related to the connection.
+    related = FlowStateTransaction(conntrack, nat, embedded=binding.original)
+    assert related.is_return_flow(ROUTER, error.with_fields(ip_dst=ip(PRIVATE)), 1.0)
+
+
+def test_dnat_load_balancer_with_conntrack(
+    tables: tuple[ConntrackTable, NatTable, PortBlockAllocator],
+) -> None:
+    conntrack, nat, _ = tables
+    vip = "192.0.2.100"
+    backends = NatRange.parse("10.1.0.10", "10.1.0.12", 8080, 8080)
+    syn = tcp(REMOTE, 51000, vip, 80, SYN)
+    inbound = FlowStateTransaction(conntrack, nat)
+    outcome = inbound.nat(ROUTER, NatAction.DNAT, syn, [backends], 0.0)
+    assert set(outcome.rewrites) == {"ip_dst", "tp_dst"}
+    after_dnat = syn.with_fields(**outcome.rewrites)
+    assert not inbound.is_return_flow(ROUTER, after_dnat, 0.0)
+    inbound.commit(0.0)
+    reply = tcp(PRIVATE, 0, REMOTE, 0, 0).with_fields(
+        ip_src=outcome.rewrites["ip_dst"], tp_src=8080, tp_dst=51000, tcp_flags=SYN | ACK
+    )
+    back = FlowStateTransaction(conntrack, nat)
+    assert back.is_return_flow(ROUTER, reply, 1.0)
+    assert back.nat(ROUTER, NatAction.REV_DNAT, reply, [], 1.0).rewrites == {
+        "ip_src": ip(vip),
+        "tp_src": 80,
+    }

@@ -1,0 +1,238 @@
+"""Unit tests for `hivenet.flowstate.wire`: exact layout, round trips (hypothesis), batching,
+and robust decoding (truncation, garbage and bit flips raise only WireFormatError)."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hivenet.flowstate.conntrack import TCP_STATES, ConnState, ConntrackRecord
+from hivenet.flowstate.keys import FlowKey
+from hivenet.flowstate.nat import NatBinding, NatKind, NatRecord
+from hivenet.flowstate.wire import (
+    MAGIC,
+    WireFormatError,
+    decode,
+    decode_stream,
+    encode,
+    encode_batches,
+)
+
+NOW = 1_000_000.0
+
+
+def v4_key(proto: int = 6) -> FlowKey:
+    return FlowKey(4, 0x0A000001, 0xC0000201, proto, 40000, 443)
+
+
+def test_exact_layout_of_a_conntrack_entry() -> None:
+    record = ConntrackRecord("r1", v4_key(), ConnState.ESTABLISHED, NOW + 1.5)
+    message = encode([record], now=NOW)
+    body = (
+        b"\x02r1"
+        + struct.pack("!BBHH", 4, 6, 40000, 443)
+        + bytes([10, 0, 0, 1, 192, 0, 2, 1])
+        + bytes([ConnState.ESTABLISHED])
+        + struct.pack("!I", 1500)
+    )
+    assert message == MAGIC + bytes([1, 0, 0, 1]) + struct.pack("!BH", 1, len(body)) + body
+
+
+def test_round_trip_keeps_relative_expiry() -> None:
+    key = v4_key()
+    conntrack = [ConntrackRecord("r1", key, ConnState.SYN_SENT, NOW + 120.0)]
+    binding = NatBinding("r1", NatKind.SNAT, key, FlowKey(4, 0xCB007107, 0xC0000201, 6, 1025, 443))
+    nat = [NatRecord(binding, NOW + 7440.0)]
+    decoded = decode(encode(conntrack, nat, now=NOW), now=5.0)  # the peer's clock differs
+    assert decoded.conntrack == [ConntrackRecord("r1", key, ConnState.SYN_SENT, 125.0)]
+    assert decoded.nat == [NatRecord(binding, 7445.0)]
+    assert decoded.skipped_entries == 0
+
+
+def test_expired_entries_encode_as_deletions() -> None:
+    record = ConntrackRecord("r1", v4_key(), ConnState.CLOSED, NOW - 3.0)
+    decoded = decode(encode([record], now=NOW), now=NOW)
+    assert decoded.conntrack[0].expires_at == NOW
+
+
+def test_unknown_entry_kinds_are_skipped() -> None:
+    message = bytearray(
+        encode([ConntrackRecord("r1", v4_key(), ConnState.SYN_SENT, NOW + 1)], now=NOW)
+    )
+    unknown = struct.pack("!BH", 99, 3) + b"xyz"
+    message[6:8] = struct.pack("!H", 2)
+    decoded = decode(bytes(message) + unknown, now=NOW)
+    assert len(decoded.conntrack) == 1 and decoded.skipped_entries == 1
+
+
+def test_batches_respect_the_size_limit_and_stream_decodes() -> None:
+    records = [
+        ConntrackRecord(f"zone-{n}", FlowKey(6, n, n + 1, 17, n, 53), ConnState.UNREPLIED, NOW + 30)
+        for n in range(200)
+    ]
+    messages = encode_batches(records, now=NOW, max_message_bytes=1400)
+    assert len(messages) > 1
+    assert all(len(message) <= 1400 for message in messages)
+    assert sum(len(decode(message, NOW)) for message in messages) == 200
+    assert decode_stream(b"".join(messages), NOW).conntrack == records
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "truncated header"),
+        (b"XXXX\x01\x00\x00\x00", "bad magic"),
+        (MAGIC + b"\x02\x00\x00\x00", "unsupported version 2"),
+        (MAGIC + b"\x01\x80\x00\x00", "reserved flags"),
+        (MAGIC + b"\x01\x00\x00\x01", "truncated entry 0"),
+        (MAGIC + b"\x01\x00\x00\x01\x01\x00\x10", "claims 16 bytes"),
+        (MAGIC + b"\x01\x00\x00\x01\x01\x00\x01\x00", "zone length 0"),
+        (MAGIC + b"\x01\x00\x00\x01\x01\x00\x02\x01\xff", "not UTF-8"),
+        (MAGIC + b"\x01\x00\x00\x00trailing", "bytes after the message"),
+    ],
+)
+def test_bad_messages(data: bytes, message: str) -> None:
+    with pytest.raises(WireFormatError, match=message):
+        decode(data, NOW)
+
+
+def test_bad_field_values_name_the_problem() -> None:
+    good = encode([ConntrackRecord("r1", v4_key(), ConnState.SYN_SENT, NOW + 1)], now=NOW)
+    state_offset = len(good) - 5
+    bad_state = good[:state_offset] + b"\x63" + good[state_offset + 1 :]
+    with pytest.raises(WireFormatError, match="99 is not a valid ConnState"):
+        decode(bad_state, NOW)
+    udp_state = good[:state_offset] + bytes([ConnState.UNREPLIED]) + good[state_offset + 1 :]
+    with pytest.raises(WireFormatError, match="does not fit protocol 6"):
+        decode(udp_state, NOW)
+    version_offset = 8 + 3 + 3
+    bad_version = good[:version_offset] + b"\x05" + good[version_offset + 1 :]
+    with pytest.raises(WireFormatError, match="ip version 5"):
+        decode(bad_version, NOW)
+
+
+# --- hypothesis -----------------------------------------------------------------------------
+
+zones = st.text(min_size=1, max_size=40).filter(lambda text: len(text.encode()) <= 255)
+
+
+@st.composite
+def flow_keys(draw: st.DrawFn, proto: int | None = None) -> FlowKey:
+    version = draw(st.sampled_from([4, 6]))
+    bits = 32 if version == 4 else 128
+    protocol = draw(st.integers(0, 255)) if proto is None else proto
+    if protocol in (1, 58):
+        echo_id = draw(st.integers(0, 0xFFFF))
+        ports = (echo_id, echo_id)
+    else:
+        ports = (draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFF)))
+    return FlowKey(
+        version,
+        draw(st.integers(0, (1 << bits) - 1)),
+        draw(st.integers(0, (1 << bits) - 1)),
+        protocol,
+        *ports,
+    )
+
+
+@st.composite
+def conntrack_records(draw: st.DrawFn) -> ConntrackRecord:
+    key = draw(flow_keys())
+    states = sorted(TCP_STATES) if key.ip_proto == 6 else [ConnState.UNREPLIED, ConnState.REPLIED]
+    expiry_ms = draw(st.integers(1, 0xFFFFFFFF))
+    return ConntrackRecord(draw(zones), key, draw(st.sampled_from(states)), NOW + expiry_ms / 1000)
+
+
+@st.composite
+def nat_records(draw: st.DrawFn) -> NatRecord:
+    original = draw(flow_keys())
+    kind = draw(st.sampled_from(list(NatKind)))
+    bits = 32 if original.ip_version == 4 else 128
+    address = draw(st.integers(0, (1 << bits) - 1))
+    port = draw(st.integers(0, 0xFFFF))
+    echo = original.ip_proto in (1, 58)
+    if kind is NatKind.SNAT:
+        translated = FlowKey(
+            original.ip_version,
+            address,
+            original.ip_dst,
+            original.ip_proto,
+            port,
+            port if echo else original.tp_dst,
+        )
+    else:
+        translated = FlowKey(
+            original.ip_version,
+            original.ip_src,
+            address,
+            original.ip_proto,
+            original.tp_src,
+            original.tp_dst if echo else port,
+        )
+    expiry_ms = draw(st.integers(1, 0xFFFFFFFF))
+    return NatRecord(NatBinding(draw(zones), kind, original, translated), NOW + expiry_ms / 1000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(conntrack_records(), max_size=20), st.lists(nat_records(), max_size=20))
+def test_round_trip(conntrack: list[ConntrackRecord], nat: list[NatRecord]) -> None:
+    decoded = decode(encode(conntrack, nat, now=NOW), now=NOW)
+    assert [(r.zone, r.key, r.state) for r in decoded.conntrack] == [
+        (r.zone, r.key, r.state) for r in conntrack
+    ]
+    assert [r.binding for r in decoded.nat] == [r.binding for r in nat]
+    got = [r.expires_at for r in decoded.conntrack] + [r.expires_at for r in decoded.nat]
+    sent = [r.expires_at for r in conntrack] + [r.expires_at for r in nat]
+    for received, original in zip(got, sent, strict=True):
+        assert abs(received - original) <= 0.001 + 1e-6
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(conntrack_records(), min_size=1, max_size=5),
+    st.lists(nat_records(), max_size=5),
+    st.data(),
+)
+def test_every_truncation_raises_the_typed_error(
+    conntrack: list[ConntrackRecord], nat: list[NatRecord], data: st.DataObject
+) -> None:
+    message = encode(conntrack, nat, now=NOW)
+    cut = data.draw(st.integers(0, len(message) - 1))
+    with pytest.raises(WireFormatError):
+        decode(message[:cut], NOW)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(conntrack_records(), min_size=1, max_size=4),
+    st.lists(nat_records(), max_size=4),
+    st.data(),
+)
+def test_corrupted_messages_decode_or_raise_the_typed_error(
+    conntrack: list[ConntrackRecord], nat: list[NatRecord], data: st.DataObject
+) -> None:
+    message = bytearray(encode(conntrack, nat, now=NOW))
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(message) - 1))
+        message[position] = data.draw(st.integers(0, 255))
+    try:
+        decoded = decode(bytes(message), NOW)
+    except WireFormatError:
+        return
+    for record in decoded.conntrack:
+        assert isinstance(record, ConntrackRecord)
+    for nat_record in decoded.nat:
+        assert isinstance(nat_record, NatRecord)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_raises_only_the_typed_error(data: bytes) -> None:
+    for candidate in (data, MAGIC + b"\x01\x00" + data):
+        for decoder in (decode, decode_stream):
+            with contextlib.suppress(WireFormatError):
+                decoder(candidate, NOW)
