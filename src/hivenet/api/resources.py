@@ -35,7 +35,16 @@ API_PREFIX = "/v1"
 # Collection name per kind: the plural of the model KIND.
 PLURALS: dict[str, str] = {kind: f"{kind}s" for kind in KINDS}
 # The parent filter each child collection accepts as a query parameter.
-CHILD_FILTERS: dict[str, str] = {"port": "device_id", "route": "router_id", "rule": "chain_id"}
+CHILD_FILTERS: dict[str, str] = {
+    "port": "device_id",
+    "route": "router_id",
+    "rule": "chain_id",
+    "load_balancer": "router_id",
+    "listener": "load_balancer_id",
+    "pool": "load_balancer_id",
+    "member": "pool_id",
+    "health_monitor": "pool_id",
+}
 # Fields only the server sets: a create that names them is refused.
 SERVER_OWNED_FIELDS: dict[str, frozenset[str]] = {"port": frozenset({"tunnel_key"})}
 

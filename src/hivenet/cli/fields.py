@@ -290,6 +290,51 @@ KIND_OPTIONS: dict[str, tuple[FieldOption, ...]] = {
     "ip_addr_group": _opts(FieldOption("addresses", flag="--address")),
     "host": (),
     "tunnel_zone": _opts(FieldOption("members", flag="--member"), "vxlan_port"),
+    "load_balancer": _opts(
+        FieldOption(
+            "router_id", hint="the router that answers for its VIPs", list_filter="router_id"
+        ),
+        _ADMIN_STATE,
+    ),
+    "listener": _opts(
+        FieldOption("load_balancer_id", list_filter="load_balancer_id"),
+        FieldOption("vip_address", flag="--vip"),
+        "protocol",
+        FieldOption("protocol_port", flag="--port"),
+        FieldOption("default_pool_id", flag="--pool-id", hint="where new flows go"),
+        FieldOption("allowed_cidrs", flag="--allowed-cidr", hint="clients allowed (default all)"),
+        _ADMIN_STATE,
+    ),
+    "pool": _opts(
+        FieldOption("load_balancer_id", list_filter="load_balancer_id"),
+        "protocol",
+        "ip_version",
+        "algorithm",
+        "session_persistence",
+        FieldOption("persistence_timeout", hint="seconds, with session persistence"),
+        _ADMIN_STATE,
+    ),
+    "member": _opts(
+        FieldOption("pool_id", list_filter="pool_id"),
+        "address",
+        FieldOption("protocol_port", flag="--port"),
+        FieldOption("weight", hint="0 takes no new flows"),
+        "monitor_address",
+        "monitor_port",
+        _ADMIN_STATE,
+    ),
+    "health_monitor": _opts(
+        FieldOption("pool_id", list_filter="pool_id"),
+        "type",
+        FieldOption("delay", hint="seconds between probes"),
+        FieldOption("timeout", hint="seconds, at most the delay"),
+        FieldOption("max_retries", hint="successes in a row to mark a member up"),
+        FieldOption("max_retries_down", hint="failures in a row to mark a member down"),
+        "http_method",
+        "url_path",
+        FieldOption("expected_codes", hint="e.g. 200-299,302"),
+        _ADMIN_STATE,
+    ),
 }
 
 

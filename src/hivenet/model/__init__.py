@@ -27,6 +27,25 @@ from hivenet.model.topology import (
 )
 from hivenet.model.types import NatTarget, PortRange, new_id
 
+# isort: split
+# After topology: importing topology first completes the loadbalancer module it registers
+# in KINDS (loadbalancer needs topology's TopologyObject, topology needs its kinds).
+from hivenet.model.loadbalancer import (
+    HealthMonitor,
+    HealthMonitorType,
+    HttpMethod,
+    LbAlgorithm,
+    LbProtocol,
+    Listener,
+    LoadBalancer,
+    LoadBalancerStats,
+    Member,
+    OperatingStatus,
+    Pool,
+    ProvisioningStatus,
+    SessionPersistence,
+)
+
 __all__ = [
     "DEFAULT_TENANT",
     "KINDS",
@@ -35,17 +54,30 @@ __all__ = [
     "Chain",
     "DeviceKind",
     "FragmentPolicy",
+    "HealthMonitor",
+    "HealthMonitorType",
     "Host",
+    "HttpMethod",
     "IpAddrGroup",
+    "LbAlgorithm",
+    "LbProtocol",
+    "Listener",
+    "LoadBalancer",
+    "LoadBalancerStats",
+    "Member",
     "NatTarget",
+    "OperatingStatus",
+    "Pool",
     "Port",
     "PortGroup",
     "PortRange",
+    "ProvisioningStatus",
     "Route",
     "RouteType",
     "Router",
     "Rule",
     "RuleAction",
+    "SessionPersistence",
     "TopologyObject",
     "TunnelZone",
     "TunnelZoneMember",

@@ -358,6 +358,9 @@ class TunnelZone(TopologyObject):
         return [("members", "host", m.host_id) for m in self.members]
 
 
+# The load-balancer kinds live in their own module, which needs TopologyObject from this one.
+from hivenet.model.loadbalancer import LB_KINDS  # noqa: E402
+
 KINDS: dict[str, type[TopologyObject]] = {
     cls.KIND: cls
     for cls in (
@@ -373,6 +376,7 @@ KINDS: dict[str, type[TopologyObject]] = {
         TunnelZone,
     )
 }
+KINDS.update({cls.KIND: cls for cls in LB_KINDS})
 
 
 def topology_key(kind: str, object_id: str) -> str:

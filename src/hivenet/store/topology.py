@@ -37,6 +37,12 @@ from typing import Generic, TypeVar
 
 import pydantic
 
+from hivenet.model.loadbalancer import (
+    LB_IMMUTABLE_FIELDS,
+    Pool,
+    pool_fit_problem,
+    pool_reference,
+)
 from hivenet.model.topology import (
     KINDS,
     TOPOLOGY_PREFIX,
@@ -78,6 +84,11 @@ FILTERABLE_FIELDS: dict[str, frozenset[str]] = {
     "port": frozenset({"device_id", "device_kind", "host_id", "peer_id"}),
     "route": frozenset({"router_id", "next_hop_port_id"}),
     "rule": frozenset({"chain_id", "jump_chain_id"}),
+    "load_balancer": frozenset({"router_id"}),
+    "listener": frozenset({"load_balancer_id", "default_pool_id"}),
+    "pool": frozenset({"load_balancer_id"}),
+    "member": frozenset({"pool_id"}),
+    "health_monitor": frozenset({"pool_id"}),
 }
 
 # Fields that identify an object's owner or are allocated by the store: an update may not
@@ -86,6 +97,7 @@ IMMUTABLE_FIELDS: dict[str, tuple[str, ...]] = {
     "port": ("device_kind", "device_id", "tunnel_key"),
     "route": ("router_id",),
     "rule": ("chain_id",),
+    **LB_IMMUTABLE_FIELDS,
 }
 
 T = TypeVar("T", bound=TopologyObject)
@@ -228,6 +240,11 @@ _ON_DELETE: dict[tuple[str, str], _OnDelete] = {
     ("rule", "ip_addr_group_dst_id"): _OnDelete.DELETE,
     ("rule", "in_port_ids"): _OnDelete.SHRINK_OR_DELETE,
     ("rule", "out_port_ids"): _OnDelete.SHRINK_OR_DELETE,
+    ("load_balancer", "router_id"): _OnDelete.DELETE,
+    ("listener", "load_balancer_id"): _OnDelete.DELETE,
+    ("pool", "load_balancer_id"): _OnDelete.DELETE,
+    ("member", "pool_id"): _OnDelete.DELETE,
+    ("health_monitor", "pool_id"): _OnDelete.DELETE,
 }
 
 
@@ -593,6 +610,20 @@ class TopologyRepository:
                     f"port is on {port.device_kind.value} {port.device_id}, "
                     f"not on router {obj.router_id}",
                 )
+        checked_pool = pool_reference(obj)
+        if checked_pool is not None:
+            pool_field, pool_id = checked_pool
+            # The pool fields checked here are immutable (LB_IMMUTABLE_FIELDS), so an
+            # existence guard suffices.
+            key = topology_key("pool", pool_id)
+            raw = await attempt.read_existing(key)
+            if raw is None:
+                raise DanglingReferenceError(pool_field, pool_id, "pool")
+            pool = _decode_stored("pool", key, raw)
+            assert isinstance(pool, Pool)
+            problem = pool_fit_problem(obj, pool)
+            if problem is not None:
+                raise InvalidFieldError(*problem)
 
     async def _write(
         self, attempt: _Attempt, old: TopologyObject | None, new: TopologyObject | None

@@ -31,7 +31,11 @@ def base_objects(api: Api) -> dict[str, str]:
     router_port = api.create(
         "ports", {"device_kind": "router", "device_id": router["id"], "addresses": ["10.0.0.1/24"]}
     )
+    load_balancer = api.create("load_balancers", {"router_id": router["id"]})
+    pool = api.create("pools", {"load_balancer_id": load_balancer["id"]})
     return {
+        "load_balancer": load_balancer["id"],
+        "pool": pool["id"],
         "host": host["id"],
         "chain": chain["id"],
         "bridge": bridge["id"],
@@ -75,6 +79,35 @@ BODIES: dict[str, Callable[[dict[str, str]], dict[str, Any]]] = {
     "tunnel_zone": lambda ids: {
         "members": [{"host_id": ids["host"], "underlay_ip": "172.16.0.1"}],
         "vxlan_port": 4790,
+    },
+    "load_balancer": lambda ids: {"router_id": ids["router"], "admin_state_up": False},
+    "listener": lambda ids: {
+        "load_balancer_id": ids["load_balancer"],
+        "vip_address": "203.0.113.10",
+        "protocol": "tcp",
+        "protocol_port": 443,
+        "default_pool_id": ids["pool"],
+        "allowed_cidrs": ["198.51.100.0/24"],
+    },
+    "pool": lambda ids: {
+        "load_balancer_id": ids["load_balancer"],
+        "algorithm": "maglev",
+        "session_persistence": "source_ip",
+        "persistence_timeout": 600,
+    },
+    "member": lambda ids: {
+        "pool_id": ids["pool"],
+        "address": "10.0.0.21",
+        "protocol_port": 8443,
+        "weight": 200,
+    },
+    "health_monitor": lambda ids: {
+        "pool_id": ids["pool"],
+        "type": "http",
+        "delay": 10,
+        "timeout": 4,
+        "url_path": "/healthz",
+        "expected_codes": "200-299,302",
     },
 }
 

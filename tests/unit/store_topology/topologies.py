@@ -9,8 +9,14 @@ from hivenet.model import (
     Bridge,
     Chain,
     DeviceKind,
+    HealthMonitor,
+    HealthMonitorType,
     Host,
     IpAddrGroup,
+    Listener,
+    LoadBalancer,
+    Member,
+    Pool,
     Port,
     PortGroup,
     Route,
@@ -40,6 +46,11 @@ class Net:
     rule: Rule  # in `chain`, matching vm_port and the ip group
     jump_rule: Rule  # in `jump_chain`, jumping to `chain`
     tunnel_zone: TunnelZone
+    load_balancer: LoadBalancer  # on `router`
+    pool: Pool
+    listener: Listener  # default pool: `pool`
+    member: Member
+    health_monitor: HealthMonitor
 
 
 async def build(repo: TopologyRepository) -> Net:
@@ -120,6 +131,26 @@ async def build(repo: TopologyRepository) -> Net:
             )
         )
     ).obj
+    load_balancer = (await repo.create(LoadBalancer(router_id=router.id))).obj
+    pool = (await repo.create(Pool(load_balancer_id=load_balancer.id))).obj
+    listener = (
+        await repo.create(
+            Listener(
+                load_balancer_id=load_balancer.id,
+                vip_address=ipaddress.ip_address("192.0.2.10"),
+                protocol_port=80,
+                default_pool_id=pool.id,
+            )
+        )
+    ).obj
+    member = (
+        await repo.create(
+            Member(pool_id=pool.id, address=ipaddress.ip_address("10.0.0.5"), protocol_port=8080)
+        )
+    ).obj
+    health_monitor = (
+        await repo.create(HealthMonitor(pool_id=pool.id, type=HealthMonitorType.TCP))
+    ).obj
     # The link is symmetric: re-read the bridge side.
     bridge_uplink = (await repo.get(Port, bridge_uplink.id)).obj
     return Net(
@@ -138,4 +169,9 @@ async def build(repo: TopologyRepository) -> Net:
         rule,
         jump_rule,
         tunnel_zone,
+        load_balancer,
+        pool,
+        listener,
+        member,
+        health_monitor,
     )
