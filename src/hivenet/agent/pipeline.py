@@ -1,0 +1,134 @@
+"""`FlowPipeline`: the agent's upcall handler logic, independent of how upcalls arrive.
+
+Owns what happens to a packet that missed the datapath's flow table: look up the ingress
+port by tunnel key, simulate, hand learned MAC/ARP entries to the `on_learned` callback
+(which publishes them and invalidates their tags on every host) BEFORE installing the flow
+(the simulation already saw its own learned entries, so the flow stays valid), install the
+megaflow unless the result says not to, execute the packet and every generated packet, and
+count upcalls, installs, drops by reason and simulation latency.
+Does not own the topology cache, the shared tables or the datapath: they are passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from hivenet.datapath.base import Datapath
+from hivenet.sim import (
+    NO_FLOW_STATE,
+    FlowStateHook,
+    LearnedEntry,
+    SimContext,
+    SimulationResult,
+    TablesView,
+    TopologyView,
+    simulate,
+)
+
+LearnedCallback = Callable[[Sequence[LearnedEntry]], None]
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    upcalls: int = 0
+    unknown_port: int = 0
+    installs: int = 0
+    not_installed: int = 0
+    generated: int = 0
+    learned: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    sim_seconds_total: float = 0.0
+    sim_seconds_max: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            "upcalls": self.upcalls,
+            "unknown_port": self.unknown_port,
+            "installs": self.installs,
+            "not_installed": self.not_installed,
+            "generated": self.generated,
+            "learned": self.learned,
+            "sim_seconds_total": self.sim_seconds_total,
+            "sim_seconds_max": self.sim_seconds_max,
+            "sim_seconds_mean": self.sim_seconds_total / self.upcalls if self.upcalls else 0.0,
+        }
+        for reason, count in sorted(self.drops.items()):
+            out[f"drop.{reason}"] = count
+        return out
+
+
+class FlowPipeline:
+    """Upcall handler for one host. Register it with `datapath.set_upcall_handler(pipeline.
+    handle_upcall)` (the constructor does it)."""
+
+    def __init__(
+        self,
+        host_id: str,
+        datapath: Datapath,
+        topology: TopologyView,
+        tables: TablesView,
+        *,
+        on_learned: LearnedCallback | None = None,
+        flow_state: FlowStateHook = NO_FLOW_STATE,
+        clock: Callable[[], float] = time.monotonic,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.host_id = host_id
+        self.datapath = datapath
+        self.topology = topology
+        self.context = SimContext(
+            topology=topology, tables=tables, local_host_id=host_id, flow_state=flow_state
+        )
+        self.on_learned = on_learned
+        self.clock = clock
+        self.timer = timer
+        self.stats = PipelineStats()
+        self.last_result: SimulationResult | None = None
+        datapath.set_upcall_handler(self.handle_upcall)
+
+    def handle_upcall(self, port_key: int, frame: bytes) -> None:
+        self.stats.upcalls += 1
+        port = self.topology.port_by_key(port_key)
+        if port is None:
+            self.stats.unknown_port += 1
+            self._count_drop("unknown_port_key")
+            return
+        started = self.timer()
+        result = simulate(frame, port.id, self.context, self.clock())
+        elapsed = self.timer() - started
+        self.stats.sim_seconds_total += elapsed
+        self.stats.sim_seconds_max = max(self.stats.sim_seconds_max, elapsed)
+        self.last_result = result
+        self.apply(result, frame)
+
+    def apply(self, result: SimulationResult, frame: bytes) -> None:
+        """Act on a simulation result for `frame` (learned entries, flow, packet, replies)."""
+        if result.learned:
+            self.stats.learned += len(result.learned)
+            if self.on_learned is not None:
+                self.on_learned(result.learned)
+        if result.install:
+            self.datapath.install_flow(
+                result.masked_match,
+                result.mask,
+                result.actions,
+                result.tags,
+                idle_timeout=result.idle_timeout,
+            )
+            self.stats.installs += 1
+        else:
+            self.stats.not_installed += 1
+        if result.drop_reason is not None:
+            self._count_drop(result.drop_reason)
+        self.datapath.execute(frame, result.actions)
+        for packet in result.generated:
+            self.stats.generated += 1
+            self.datapath.execute(packet.frame, packet.actions)
+
+    def counters(self) -> dict[str, float]:
+        return self.stats.as_dict()
+
+    def _count_drop(self, reason: str) -> None:
+        self.stats.drops[reason] = self.stats.drops.get(reason, 0) + 1

@@ -1,0 +1,513 @@
+"""`TopologyView`: the simulation's read-only, precompiled picture of the virtual topology.
+
+Owns the indexes the hot path needs (ports by device, compiled route tables per router,
+compiled chains, port by tunnel key, host underlay IPs from tunnel zones, bridge ARP-proxy
+and static MAC entries) and their incremental maintenance: the agent feeds one topology
+object (or deletion) at a time with `apply()` / `remove()`, and only the touched router,
+chain or bridge is recompiled. Each change returns the flow tags it invalidates.
+
+The simulation only reads a view; between two simulations the agent (single-threaded) may
+apply changes in place. Must not touch the store, the clock or any I/O: objects come in as
+`hivenet.model` values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from hivenet.model import (
+    Bridge,
+    Chain,
+    DeviceKind,
+    Host,
+    IpAddrGroup,
+    Port,
+    PortGroup,
+    Route,
+    Router,
+    RouteType,
+    Rule,
+    TopologyObject,
+    TunnelZone,
+)
+from hivenet.model.types import mac_to_int
+from hivenet.sim.routing import RouteTable
+from hivenet.sim.rules import CompiledChain, compile_chain
+
+_IPV4_BITS = 32
+_IPV6_BITS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class PortAddress:
+    """One address of a port, precomputed as ints."""
+
+    version: int
+    ip: int
+    prefix_len: int
+    network: int
+    mask: int
+    text: str
+
+    def contains(self, ip: int) -> bool:
+        return ip & self.mask == self.network
+
+
+@dataclass(frozen=True, slots=True)
+class PortInfo:
+    port: Port
+    id: str
+    name: str
+    device_kind: DeviceKind
+    device_id: str
+    admin_up: bool
+    mac: int
+    peer_id: str | None
+    vlan_id: int | None
+    inbound_chain_id: str | None
+    outbound_chain_id: str | None
+    port_group_ids: frozenset[str]
+    host_id: str | None
+    bound: bool
+    tunnel_key: int
+    addresses: tuple[PortAddress, ...]
+    tag: str
+
+    def addresses_of(self, version: int) -> tuple[PortAddress, ...]:
+        return tuple(a for a in self.addresses if a.version == version)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeInfo:
+    bridge: Bridge
+    id: str
+    name: str
+    admin_up: bool
+    inbound_chain_id: str | None
+    outbound_chain_id: str | None
+    arp_proxy: bool
+    port_ids: tuple[str, ...]
+    # (vlan context, mac) -> port id, for MACs the topology itself knows (router ports peered
+    # to this bridge). They take precedence over learned entries.
+    static_macs: Mapping[tuple[int, int], str]
+    # IPv4 address -> MAC, answered by the ARP proxy.
+    arp_proxy_entries: Mapping[int, int]
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouterInfo:
+    router: Router
+    id: str
+    name: str
+    admin_up: bool
+    inbound_chain_id: str | None
+    outbound_chain_id: str | None
+    port_ids: tuple[str, ...]
+    routes_v4: RouteTable
+    routes_v6: RouteTable
+    # The router's own addresses: (version, ip) -> port id.
+    own_addresses: Mapping[tuple[int, int], str]
+    # The bits of ip_dst that decide "is it one of mine" (full width if any address exists).
+    own_v4_read_mask: int
+    own_v6_read_mask: int
+    tag: str
+
+
+def _port_address(interface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> PortAddress:
+    network = interface.network
+    return PortAddress(
+        version=interface.version,
+        ip=int(interface.ip),
+        prefix_len=network.prefixlen,
+        network=int(network.network_address),
+        mask=int(network.netmask),
+        text=str(interface.ip),
+    )
+
+
+# Port fields that the compiled device (flood set, static MACs, ARP proxy, connected routes,
+# own addresses) depends on.
+_DEVICE_PORT_FIELDS = (
+    "device_kind",
+    "device_id",
+    "peer_id",
+    "vlan_id",
+    "admin_state_up",
+    "mac",
+    "addresses",
+)
+
+
+def _device_sees_change(old: Port | None, new: Port | None) -> bool:
+    if old is None or new is None:
+        return True
+    return any(getattr(old, name) != getattr(new, name) for name in _DEVICE_PORT_FIELDS)
+
+
+class TopologyView:
+    """The topology as the simulation reads it. Build empty and `apply()` objects, or use
+    `TopologyView.from_objects(...)`. Attribute dicts are read-only for callers."""
+
+    def __init__(self) -> None:
+        # Raw objects by kind and id.
+        self.objects: dict[str, dict[str, TopologyObject]] = {}
+        # Compiled read side.
+        self.ports: dict[str, PortInfo] = {}
+        self.bridges: dict[str, BridgeInfo] = {}
+        self.routers: dict[str, RouterInfo] = {}
+        self.chains: dict[str, CompiledChain] = {}
+        self.port_by_tunnel_key: dict[int, str] = {}
+        self.host_underlay_ip: dict[str, str] = {}
+        # Reverse indexes used for incremental recompilation.
+        self._ports_by_device: dict[str, set[str]] = {}
+        self._routes_by_router: dict[str, set[str]] = {}
+        self._rules_by_chain: dict[str, set[str]] = {}
+        self._chains_by_ip_group: dict[str, set[str]] = {}
+        self.revision = 0
+        # Inside `apply_all`: what to recompile once at the end, by kind.
+        self._deferred: dict[str, set[str]] | None = None
+
+    @classmethod
+    def from_objects(cls, objects: Iterable[TopologyObject]) -> TopologyView:
+        view = cls()
+        view.apply_all(objects)
+        return view
+
+    def apply_all(self, objects: Iterable[TopologyObject]) -> frozenset[str]:
+        """Apply many objects (e.g. the initial snapshot), compiling each touched device and
+        chain once at the end instead of after every object. Returns invalidated tags."""
+        if self._deferred is not None:
+            raise RuntimeError("TopologyView.apply_all is not reentrant")
+        self._deferred = {"bridge": set(), "router": set(), "chain": set()}
+        tags: set[str] = set()
+        try:
+            for obj in objects:
+                tags |= self.apply(obj)
+        finally:
+            deferred, self._deferred = self._deferred, None
+            for chain_id in sorted(deferred["chain"]):
+                self._build_chain(chain_id)
+            for bridge_id in sorted(deferred["bridge"]):
+                self._build_bridge(bridge_id)
+            for router_id in sorted(deferred["router"]):
+                self._build_router(router_id)
+        return frozenset(tags)
+
+    def _compile_bridge(self, bridge_id: str) -> None:
+        if self._deferred is not None:
+            self._deferred["bridge"].add(bridge_id)
+        else:
+            self._build_bridge(bridge_id)
+
+    def _compile_router(self, router_id: str) -> None:
+        if self._deferred is not None:
+            self._deferred["router"].add(router_id)
+        else:
+            self._build_router(router_id)
+
+    def _compile_chain(self, chain_id: str) -> None:
+        if self._deferred is not None:
+            self._deferred["chain"].add(chain_id)
+        else:
+            self._build_chain(chain_id)
+
+    # ----------------------------------------------------------------- reading helpers
+
+    def get(self, kind: str, object_id: str) -> TopologyObject | None:
+        return self.objects.get(kind, {}).get(object_id)
+
+    def all(self, kind: str) -> list[TopologyObject]:
+        return list(self.objects.get(kind, {}).values())
+
+    def port_by_key(self, tunnel_key: int) -> PortInfo | None:
+        port_id = self.port_by_tunnel_key.get(tunnel_key)
+        return self.ports.get(port_id) if port_id is not None else None
+
+    def device_name(self, kind: str, device_id: str) -> str:
+        obj = self.get(kind, device_id)
+        return obj.name if obj is not None and obj.name else device_id
+
+    # ----------------------------------------------------------------- updates
+
+    def apply(self, obj: TopologyObject) -> frozenset[str]:
+        """Insert or replace `obj`; recompile what depends on it. Returns invalidated tags."""
+        if not isinstance(obj, TopologyObject) or not obj.KIND:
+            raise TypeError(f"TopologyView.apply: not a topology object: {obj!r}")
+        kind = obj.KIND
+        old = self.objects.setdefault(kind, {}).get(obj.id)
+        self.objects[kind][obj.id] = obj
+        self.revision += 1
+        return self._changed(kind, obj.id, old, obj)
+
+    def remove(self, kind: str, object_id: str) -> frozenset[str]:
+        """Delete an object (unknown ids are ignored). Returns invalidated tags."""
+        old = self.objects.get(kind, {}).pop(object_id, None)
+        if old is None:
+            return frozenset()
+        self.revision += 1
+        return self._changed(kind, object_id, old, None)
+
+    def _changed(
+        self,
+        kind: str,
+        object_id: str,
+        old: TopologyObject | None,
+        new: TopologyObject | None,
+    ) -> frozenset[str]:
+        tags: set[str] = {f"{kind}:{object_id}"}
+        if kind == "port":
+            self._port_changed(object_id, old, new, tags)  # type: ignore[arg-type]
+        elif kind == "bridge":
+            self._compile_bridge(object_id)
+        elif kind == "router":
+            self._compile_router(object_id)
+        elif kind == "route":
+            routers = {r.router_id for r in (old, new) if isinstance(r, Route)}
+            for route in (old, new):
+                if isinstance(route, Route):
+                    self._routes_by_router.setdefault(route.router_id, set()).discard(route.id)
+            if isinstance(new, Route):
+                self._routes_by_router.setdefault(new.router_id, set()).add(new.id)
+            for router_id in routers:
+                self._compile_router(router_id)
+                tags.add(f"router:{router_id}")
+        elif kind == "chain":
+            self._compile_chain(object_id)
+        elif kind == "rule":
+            chains = {r.chain_id for r in (old, new) if isinstance(r, Rule)}
+            for rule in (old, new):
+                if isinstance(rule, Rule):
+                    self._rules_by_chain.setdefault(rule.chain_id, set()).discard(rule.id)
+            if isinstance(new, Rule):
+                self._rules_by_chain.setdefault(new.chain_id, set()).add(new.id)
+            for chain_id in chains:
+                self._compile_chain(chain_id)
+                tags.add(f"chain:{chain_id}")
+        elif kind == "ip_addr_group":
+            for chain_id in sorted(self._chains_by_ip_group.get(object_id, ())):
+                self._compile_chain(chain_id)
+                tags.add(f"chain:{chain_id}")
+        elif kind == "tunnel_zone":
+            for host_id in self._recompute_underlay(old, new):
+                tags.add(f"host:{host_id}")
+        elif kind in ("port_group", "host"):
+            pass  # tagged by kind:id above; nothing compiled depends on their fields yet
+        else:
+            raise ValueError(f"TopologyView: unknown kind {kind!r} (object {object_id})")
+        return frozenset(tags)
+
+    def _port_changed(
+        self, port_id: str, old: Port | None, new: Port | None, tags: set[str]
+    ) -> None:
+        devices: set[tuple[str, str]] = set()
+        if not _device_sees_change(old, new):
+            # Name, chains, binding, port groups: flows that used the port carry its tag, and
+            # no device index depends on these fields.
+            self._store_port(port_id, old, new)
+            return
+        for port in (old, new):
+            if port is not None:
+                devices.add((port.device_kind.value, port.device_id))
+                if port.peer_id is not None:
+                    # The peer device's ARP-proxy/static entries include this port's MAC/IPs.
+                    peer = self.objects.get("port", {}).get(port.peer_id)
+                    if isinstance(peer, Port):
+                        devices.add((peer.device_kind.value, peer.device_id))
+        self._store_port(port_id, old, new)
+        for kind, device_id in devices:
+            tags.add(f"{kind}:{device_id}")
+            if kind == "bridge":
+                self._compile_bridge(device_id)
+            else:
+                self._compile_router(device_id)
+
+    def _store_port(self, port_id: str, old: Port | None, new: Port | None) -> None:
+        if old is not None:
+            self._ports_by_device.get(old.device_id, set()).discard(port_id)
+            if self.port_by_tunnel_key.get(old.tunnel_key) == port_id:
+                del self.port_by_tunnel_key[old.tunnel_key]
+            self.ports.pop(port_id, None)
+        if new is not None:
+            self._ports_by_device.setdefault(new.device_id, set()).add(port_id)
+            if new.tunnel_key:
+                self.port_by_tunnel_key[new.tunnel_key] = port_id
+            self.ports[port_id] = PortInfo(
+                port=new,
+                id=new.id,
+                name=new.name or new.id,
+                device_kind=new.device_kind,
+                device_id=new.device_id,
+                admin_up=new.admin_state_up,
+                mac=mac_to_int(new.mac),
+                peer_id=new.peer_id,
+                vlan_id=new.vlan_id,
+                inbound_chain_id=new.inbound_chain_id,
+                outbound_chain_id=new.outbound_chain_id,
+                port_group_ids=frozenset(new.port_group_ids),
+                host_id=new.host_id,
+                bound=new.host_id is not None and new.interface_name is not None,
+                tunnel_key=new.tunnel_key,
+                addresses=tuple(_port_address(a) for a in new.addresses),
+                tag=f"port:{new.id}",
+            )
+
+    def _build_bridge(self, bridge_id: str) -> None:
+        bridge = self.objects.get("bridge", {}).get(bridge_id)
+        if not isinstance(bridge, Bridge):
+            self.bridges.pop(bridge_id, None)
+            return
+        port_ids = tuple(sorted(self._ports_by_device.get(bridge_id, ())))
+        static: dict[tuple[int, int], str] = {}
+        proxy: dict[int, int] = {}
+        for port_id in port_ids:
+            info = self.ports[port_id]
+            for address in info.addresses:
+                if address.version == 4:
+                    proxy[address.ip] = info.mac
+            if info.peer_id is None:
+                continue
+            peer = self.ports.get(info.peer_id)
+            if peer is None or peer.device_kind is not DeviceKind.ROUTER:
+                continue
+            static[(info.vlan_id or 0, peer.mac)] = port_id
+            for address in peer.addresses:
+                if address.version == 4:
+                    proxy[address.ip] = peer.mac
+        self.bridges[bridge_id] = BridgeInfo(
+            bridge=bridge,
+            id=bridge_id,
+            name=bridge.name or bridge_id,
+            admin_up=bridge.admin_state_up,
+            inbound_chain_id=bridge.inbound_chain_id,
+            outbound_chain_id=bridge.outbound_chain_id,
+            arp_proxy=bridge.arp_proxy,
+            port_ids=port_ids,
+            static_macs=static,
+            arp_proxy_entries=proxy,
+            tag=f"bridge:{bridge_id}",
+        )
+
+    def _build_router(self, router_id: str) -> None:
+        router = self.objects.get("router", {}).get(router_id)
+        if not isinstance(router, Router):
+            self.routers.pop(router_id, None)
+            return
+        port_ids = tuple(sorted(self._ports_by_device.get(router_id, ())))
+        usable: dict[str, PortInfo] = {
+            pid: self.ports[pid] for pid in port_ids if self.ports[pid].admin_up
+        }
+        routes: list[Route] = []
+        own: dict[tuple[int, int], str] = {}
+        for port_id in port_ids:
+            info = self.ports[port_id]
+            for address in info.addresses:
+                own.setdefault((address.version, address.ip), port_id)
+                if port_id in usable:
+                    # Implicit connected route: the port's subnet is on-link.
+                    routes.append(
+                        Route(
+                            id=f"connected.{port_id}.{address.version}.{address.prefix_len}"[:64],
+                            router_id=router_id,
+                            dst_prefix=ipaddress.ip_network(
+                                f"{address.text}/{address.prefix_len}", strict=False
+                            ),
+                            next_hop_port_id=port_id,
+                            weight=0,
+                        )
+                    )
+        route_objects = self.objects.get("route", {})
+        for route_id in sorted(self._routes_by_router.get(router_id, ())):
+            route = route_objects.get(route_id)
+            if not isinstance(route, Route):
+                continue
+            # A normal route through a missing or down port is not usable (ECMP moves on).
+            if route.type is RouteType.NORMAL and route.next_hop_port_id not in usable:
+                continue
+            routes.append(route)
+        has_v4 = any(version == 4 for version, _ in own)
+        has_v6 = any(version == 6 for version, _ in own)
+        self.routers[router_id] = RouterInfo(
+            router=router,
+            id=router_id,
+            name=router.name or router_id,
+            admin_up=router.admin_state_up,
+            inbound_chain_id=router.inbound_chain_id,
+            outbound_chain_id=router.outbound_chain_id,
+            port_ids=port_ids,
+            routes_v4=RouteTable(_IPV4_BITS, (r for r in routes if r.dst_prefix.version == 4)),
+            routes_v6=RouteTable(_IPV6_BITS, (r for r in routes if r.dst_prefix.version == 6)),
+            own_addresses=own,
+            own_v4_read_mask=(1 << _IPV4_BITS) - 1 if has_v4 else 0,
+            own_v6_read_mask=(1 << _IPV6_BITS) - 1 if has_v6 else 0,
+            tag=f"router:{router_id}",
+        )
+
+    def _build_chain(self, chain_id: str) -> None:
+        previous = self.chains.get(chain_id)
+        if previous is not None:
+            for group_id in previous.ip_addr_group_ids:
+                self._chains_by_ip_group.get(group_id, set()).discard(chain_id)
+        chain = self.objects.get("chain", {}).get(chain_id)
+        if not isinstance(chain, Chain):
+            self.chains.pop(chain_id, None)
+            return
+        rule_objects = self.objects.get("rule", {})
+        rules = [
+            rule
+            for rule_id in self._rules_by_chain.get(chain_id, ())
+            if isinstance(rule := rule_objects.get(rule_id), Rule)
+        ]
+        groups = {
+            group_id: group
+            for group_id, group in self.objects.get("ip_addr_group", {}).items()
+            if isinstance(group, IpAddrGroup)
+        }
+        compiled = compile_chain(chain_id, chain.name or chain_id, rules, groups)
+        self.chains[chain_id] = compiled
+        for group_id in compiled.ip_addr_group_ids:
+            self._chains_by_ip_group.setdefault(group_id, set()).add(chain_id)
+
+    def _recompute_underlay(
+        self, old: TopologyObject | None, new: TopologyObject | None
+    ) -> set[str]:
+        hosts: set[str] = set()
+        for zone in (old, new):
+            if isinstance(zone, TunnelZone):
+                hosts.update(m.host_id for m in zone.members)
+        changed: set[str] = set()
+        zones = sorted(
+            (z for z in self.objects.get("tunnel_zone", {}).values() if isinstance(z, TunnelZone)),
+            key=lambda z: z.id,
+        )
+        for host_id in hosts:
+            ip: str | None = None
+            for zone in zones:
+                member = next((m for m in zone.members if m.host_id == host_id), None)
+                if member is not None:
+                    ip = str(member.underlay_ip)
+                    break
+            before = self.host_underlay_ip.get(host_id)
+            if ip is None:
+                self.host_underlay_ip.pop(host_id, None)
+            else:
+                self.host_underlay_ip[host_id] = ip
+            if before != ip:
+                changed.add(host_id)
+        return changed
+
+
+KNOWN_KINDS: tuple[type[TopologyObject], ...] = (
+    Bridge,
+    Router,
+    Port,
+    Route,
+    Chain,
+    Rule,
+    PortGroup,
+    IpAddrGroup,
+    Host,
+    TunnelZone,
+)
