@@ -38,10 +38,12 @@ from hivenet.sim import LearnedEntry, TopologyView
 from hivenet.sim.tables import LearnedMac, LearnedNeighbour, MemoryTables, ip_text
 from hivenet.store.base import LeaseNotFoundError, Store, StoreError
 from hivenet.store.keys import (
+    STATE_PREFIX,
     TABLES_PREFIX,
     arp_entry_key,
     host_alive_key,
     mac_entry_key,
+    parse_state_key,
     parse_table_key,
     port_active_key,
 )
@@ -100,6 +102,8 @@ class HostAgent:
         )
         self.topology_mirror = PrefixMirror(store, TOPOLOGY_PREFIX, self._on_topology_change)
         self.tables_mirror = PrefixMirror(store, TABLES_PREFIX, self._on_table_change)
+        self.state_mirror = PrefixMirror(store, STATE_PREFIX, self._on_state_change)
+        self.live_hosts: set[str] = set()
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
         # What this host publishes under its lease: key -> value (re-put after a lease loss).
@@ -120,6 +124,7 @@ class HostAgent:
         self._tasks = [
             asyncio.create_task(self.topology_mirror.run(), name=f"hn-{self.host_id}-topology"),
             asyncio.create_task(self.tables_mirror.run(), name=f"hn-{self.host_id}-tables"),
+            asyncio.create_task(self.state_mirror.run(), name=f"hn-{self.host_id}-state"),
             asyncio.create_task(self._lease_loop(), name=f"hn-{self.host_id}-lease"),
             asyncio.create_task(self._publish_loop(), name=f"hn-{self.host_id}-publish"),
             asyncio.create_task(self._reconcile_loop(), name=f"hn-{self.host_id}-ports"),
@@ -129,9 +134,14 @@ class HostAgent:
                 asyncio.create_task(self._counters_loop(), name=f"hn-{self.host_id}-counters")
             )
         await asyncio.wait_for(
-            asyncio.gather(self.topology_mirror.loaded.wait(), self.tables_mirror.loaded.wait()),
+            asyncio.gather(
+                self.topology_mirror.loaded.wait(),
+                self.tables_mirror.loaded.wait(),
+                self.state_mirror.loaded.wait(),
+            ),
             load_timeout,
         )
+        self._refresh_liveness()
         self._reconcile_ports()
         self._started = True
 
@@ -244,6 +254,34 @@ class HostAgent:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
         if kind in ("port", "host", "tunnel_zone"):
             self._ports_dirty.set()
+            if self.state_mirror.loaded.is_set():
+                self._refresh_liveness()
+
+    def _on_state_change(self, key: str, value: bytes | None, revision: int) -> None:
+        try:
+            host_id, kind, object_id = parse_state_key(key)
+        except ValueError:
+            self.counters.bad_store_values += 1
+            return
+        if kind != "host" or object_id != host_id:
+            return
+        if value is None:
+            self.live_hosts.discard(host_id)
+        else:
+            self.live_hosts.add(host_id)
+        if self.topology_mirror.loaded.is_set():
+            self._refresh_liveness()
+
+    def _refresh_liveness(self) -> None:
+        """Hosts whose agent holds no liveness key are down; so are the ports bound to them."""
+        hosts = {obj.id for obj in self.topology.all("host")}
+        hosts.update(h for p in self.topology.all("port") if (h := getattr(p, "host_id", None)))
+        tags: set[str] = set()
+        for host_id in hosts:
+            alive = host_id == self.host_id or host_id in self.live_hosts
+            tags |= self.topology.set_host_alive(host_id, alive)
+        if tags:
+            self.counters.flows_invalidated += self.datapath.invalidate(tags)
 
     def _on_table_change(self, key: str, value: bytes | None, revision: int) -> None:
         self.counters.table_events += 1

@@ -330,6 +330,10 @@ class _Walk:
         else:
             host_id = port.host_id or ""
             self.tags.add(f"host:{host_id}")
+            if host_id in self.view.down_hosts:
+                detail = f"host {host_id} is down"
+                self.drop("port", port.id, port.name, "egress_host_down", detail, hops)
+                return
             underlay_ip = self.view.host_underlay_ip.get(host_id)
             if underlay_ip is None:
                 self.drop(

@@ -167,6 +167,10 @@ class TopologyView:
         self._rules_by_chain: dict[str, set[str]] = {}
         self._chains_by_ip_group: dict[str, set[str]] = {}
         self.revision = 0
+        # Hosts known to be down (their agent's liveness key is gone). Ports bound to them are
+        # treated as down: traffic towards them is dropped at ingress instead of tunnelled into
+        # the void. Empty by default: liveness is the agent's knowledge, not the topology's.
+        self.down_hosts: set[str] = set()
         # Inside `apply_all`: what to recompile once at the end, by kind.
         self._deferred: dict[str, set[str]] | None = None
 
@@ -241,6 +245,17 @@ class TopologyView:
         self.objects[kind][obj.id] = obj
         self.revision += 1
         return self._changed(kind, obj.id, old, obj)
+
+    def set_host_alive(self, host_id: str, alive: bool) -> frozenset[str]:
+        """Record a host's liveness; returns the tags to invalidate when it changed."""
+        if alive == (host_id not in self.down_hosts):
+            return frozenset()
+        if alive:
+            self.down_hosts.discard(host_id)
+        else:
+            self.down_hosts.add(host_id)
+        self.revision += 1
+        return frozenset({f"host:{host_id}"})
 
     def remove(self, kind: str, object_id: str) -> frozenset[str]:
         """Delete an object (unknown ids are ignored). Returns invalidated tags."""

@@ -53,8 +53,13 @@ class Cloud:
             self.underlay.detach(HOSTS[host_id])
         datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay)
         agent = HostAgent(
-            self.store, datapath, host_id=host_id, underlay_ip=HOSTS[host_id],
-            tunnel_zone_id="tz", lease_ttl=2, reconcile_interval=0.05,
+            self.store,
+            datapath,
+            host_id=host_id,
+            underlay_ip=HOSTS[host_id],
+            tunnel_zone_id="tz",
+            lease_ttl=2,
+            reconcile_interval=0.05,
         )
         await agent.start()
         self.agents[host_id] = agent
@@ -74,8 +79,10 @@ class Cloud:
         topology_rev = await last_change(TOPOLOGY_PREFIX)
         tables_rev = await last_change(TABLES_PREFIX)
         await eventually(
-            lambda: all(a.topology_mirror.revision >= topology_rev for a in self.agents.values())
-            and all(a.tables_mirror.revision >= tables_rev for a in self.agents.values())
+            lambda: (
+                all(a.topology_mirror.revision >= topology_rev for a in self.agents.values())
+                and all(a.tables_mirror.revision >= tables_rev for a in self.agents.values())
+            )
         )
 
 
@@ -103,10 +110,17 @@ def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
 
-async def vm_port(repo: TopologyRepository, device: Bridge, host: str, ifname: str,
-                  mac: str, ip: str) -> Port:
-    port = Port(device_kind=DeviceKind.BRIDGE, device_id=device.id, host_id=host,
-                interface_name=ifname, mac=mac, addresses=(ipaddress.ip_interface(ip),))
+async def vm_port(
+    repo: TopologyRepository, device: Bridge, host: str, ifname: str, mac: str, ip: str
+) -> Port:
+    port = Port(
+        device_kind=DeviceKind.BRIDGE,
+        device_id=device.id,
+        host_id=host,
+        interface_name=ifname,
+        mac=mac,
+        addresses=(ipaddress.ip_interface(ip),),
+    )
     return (await repo.create(port)).obj
 
 
@@ -144,8 +158,14 @@ def test_bridge_across_three_hosts_learns_floods_and_publishes(store_url: str) -
                 assert agent.tables.mac_port(bridge.id, 0, 0x020000000001) == vm1.id
 
             # Unicast vm2 -> vm1 goes straight to vm1 only; a repeat hits the installed flow.
-            ping = build_echo_request(eth_src=vm2.mac, eth_dst=vm1.mac, ip_src="10.0.0.2",
-                                      ip_dst="10.0.0.1", identifier=7, sequence=1)
+            ping = build_echo_request(
+                eth_src=vm2.mac,
+                eth_dst=vm1.mac,
+                ip_src="10.0.0.2",
+                ip_dst="10.0.0.1",
+                identifier=7,
+                sequence=1,
+            )
             c.datapaths["h2"].receive(vm2.tunnel_key, ping)
             assert received(c, "h1", vm1) == [ping]
             assert received(c, "h3", vm3) == []
@@ -163,10 +183,16 @@ async def routed_cloud(c: Cloud) -> tuple[Port, Port, Router, Port]:
     router = (await c.repo.create(Router(name="r1"))).obj
     router_ports = []
     for net, cidr in ((net_a, "10.0.1.1/24"), (net_b, "10.0.2.1/24")):
-        rport = (await c.repo.create(Port(device_kind=DeviceKind.ROUTER, device_id=router.id,
-                                          addresses=(ipaddress.ip_interface(cidr),)))).obj
-        await c.repo.create(Port(device_kind=DeviceKind.BRIDGE, device_id=net.id,
-                                 peer_id=rport.id))
+        rport = (
+            await c.repo.create(
+                Port(
+                    device_kind=DeviceKind.ROUTER,
+                    device_id=router.id,
+                    addresses=(ipaddress.ip_interface(cidr),),
+                )
+            )
+        ).obj
+        await c.repo.create(Port(device_kind=DeviceKind.BRIDGE, device_id=net.id, peer_id=rport.id))
         router_ports.append(rport)
     router_port_b = router_ports[1]
     vm1 = await vm_port(c.repo, net_a, "h1", "hnvm1", "02:00:00:00:01:01", "10.0.1.10/24")
@@ -196,8 +222,14 @@ def test_ping_across_router_and_hosts_then_port_down_stops_it(store_url: str) ->
             gw_mac = _router_mac_for(c, vm1, "10.0.1.1", "h1")
 
             def ping(seq: int) -> bytes:
-                return build_echo_request(eth_src=vm1.mac, eth_dst=gw_mac, ip_src="10.0.1.10",
-                                          ip_dst="10.0.2.20", identifier=9, sequence=seq)
+                return build_echo_request(
+                    eth_src=vm1.mac,
+                    eth_dst=gw_mac,
+                    ip_src="10.0.1.10",
+                    ip_dst="10.0.2.20",
+                    identifier=9,
+                    sequence=seq,
+                )
 
             # First packet: the router does not know vm2's MAC and ARPs for it on net-b.
             c.datapaths["h1"].receive(vm1.tunnel_key, ping(1))
@@ -207,8 +239,12 @@ def test_ping_across_router_and_hosts_then_port_down_stops_it(store_url: str) ->
             assert request.arp_op == 1 and request.arp_tpa == int(ipaddress.ip_address("10.0.2.20"))
             assert request.eth_src == mac_to_int(router_port_b.mac)
             # vm2 answers; the router learns it (shared table), then the ping goes through.
-            reply = build_arp_reply(sender_mac=vm2.mac, sender_ip="10.0.2.20",
-                                    target_mac=router_port_b.mac, target_ip="10.0.2.1")
+            reply = build_arp_reply(
+                sender_mac=vm2.mac,
+                sender_ip="10.0.2.20",
+                target_mac=router_port_b.mac,
+                target_ip="10.0.2.1",
+            )
             c.datapaths["h2"].receive(vm2.tunnel_key, reply)
             await c.synced()
             c.datapaths["h1"].receive(vm1.tunnel_key, ping(2))
@@ -221,12 +257,16 @@ def test_ping_across_router_and_hosts_then_port_down_stops_it(store_url: str) ->
             assert frame.eth_dst == mac_to_int(vm2.mac)
 
             # Admin-down vm2's port through the store: within the watch, traffic stops.
-            await c.repo.modify(Port, vm2.id, lambda p: p.model_copy(update={"admin_state_up": False}))
+            await c.repo.modify(
+                Port, vm2.id, lambda p: p.model_copy(update={"admin_state_up": False})
+            )
             await c.synced()
             c.datapaths["h1"].receive(vm1.tunnel_key, ping(3))
             assert received(c, "h2", vm2) == []
             # Restored: it flows again.
-            await c.repo.modify(Port, vm2.id, lambda p: p.model_copy(update={"admin_state_up": True}))
+            await c.repo.modify(
+                Port, vm2.id, lambda p: p.model_copy(update={"admin_state_up": True})
+            )
             await c.synced()
             c.datapaths["h1"].receive(vm1.tunnel_key, ping(4))
             assert len(received(c, "h2", vm2)) == 1
@@ -243,8 +283,14 @@ def test_agent_restart_rebinds_and_traffic_resumes(store_url: str) -> None:
             await c.start_agent("h1")
             await c.start_agent("h2")
             await c.synced()
-            frame = build_echo_request(eth_src=vm1.mac, eth_dst=vm2.mac, ip_src="10.0.0.1",
-                                       ip_dst="10.0.0.2", identifier=1, sequence=1)
+            frame = build_echo_request(
+                eth_src=vm1.mac,
+                eth_dst=vm2.mac,
+                ip_src="10.0.0.1",
+                ip_dst="10.0.0.2",
+                identifier=1,
+                sequence=1,
+            )
             c.datapaths["h1"].receive(vm1.tunnel_key, frame)
             assert received(c, "h2", vm2) == [frame]
             h1_flows = len(c.datapaths["h1"].flow_table)
@@ -267,6 +313,7 @@ def test_agent_restart_rebinds_and_traffic_resumes(store_url: str) -> None:
 
 def test_same_events_twice_give_the_same_view(store_url: str) -> None:
     """Convergence (STYLE.md 7): replaying the watch stream changes nothing."""
+
     async def scenario() -> None:
         async with cloud(store_url) as c:
             await routed_cloud(c)
@@ -277,5 +324,74 @@ def test_same_events_twice_give_the_same_view(store_url: str) -> None:
                 agent._on_topology_change(key, value, agent.revision)
             assert {k: dict(v) for k, v in agent.topology.objects.items()} == before
             assert agent.counters.bad_store_values == 0
+
+    run(scenario())
+
+
+def test_dead_host_ports_go_down_everywhere_within_the_lease_ttl(store_url: str) -> None:
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            bridge = (await c.repo.create(Bridge(name="net1"))).obj
+            vm1 = await vm_port(c.repo, bridge, "h1", "hnvm1", "02:00:00:00:00:01", "10.0.0.1/24")
+            vm2 = await vm_port(c.repo, bridge, "h2", "hnvm2", "02:00:00:00:00:02", "10.0.0.2/24")
+            vm3 = await vm_port(c.repo, bridge, "h3", "hnvm3", "02:00:00:00:00:03", "10.0.0.3/24")
+            for host in HOSTS:
+                await c.start_agent(host)
+            await c.synced()
+            await eventually(lambda: all(len(a.live_hosts) == 3 for a in c.agents.values()))
+            # vm3 talks, so every host learns its MAC (published under h3's lease).
+            arp = build_arp_request(sender_mac=vm3.mac, sender_ip="10.0.0.3", target_ip="10.0.0.1")
+            c.datapaths["h3"].receive(vm3.tunnel_key, arp)
+            assert received(c, "h2", vm2) == [arp] and received(c, "h1", vm1) == [arp]
+            await c.synced()
+            assert c.agents["h1"].tables.mac_port(bridge.id, 0, mac_to_int(vm3.mac)) == vm3.id
+            to_vm3 = build_echo_request(
+                eth_src=vm1.mac,
+                eth_dst=vm3.mac,
+                ip_src="10.0.0.1",
+                ip_dst="10.0.0.3",
+                identifier=3,
+                sequence=1,
+            )
+            to_vm2 = build_echo_request(
+                eth_src=vm1.mac,
+                eth_dst=vm2.mac,
+                ip_src="10.0.0.1",
+                ip_dst="10.0.0.2",
+                identifier=2,
+                sequence=1,
+            )
+            c.datapaths["h1"].receive(vm1.tunnel_key, to_vm3)
+            c.datapaths["h1"].receive(vm1.tunnel_key, to_vm2)
+            assert received(c, "h3", vm3)[0] == to_vm3  # (to_vm2 is flooded: vm2 is unknown)
+            assert received(c, "h2", vm2) == [to_vm2]
+
+            # h3 dies without a goodbye (kill -9): nothing is revoked, its lease (2 s) expires.
+            started = asyncio.get_running_loop().time()
+            await c.agents.pop("h3").stop(graceful=False)
+            await eventually(
+                lambda: (
+                    "h3" not in c.agents["h1"].live_hosts and "h3" not in c.agents["h2"].live_hosts
+                ),
+                timeout=6,
+            )
+            assert asyncio.get_running_loop().time() - started < 2 + 1.5  # TTL + check slack
+            # Its learned MAC vanished with its lease, and h1 now drops towards its ports.
+            await eventually(
+                lambda: c.agents["h1"].tables.mac_port(bridge.id, 0, mac_to_int(vm3.mac)) is None
+            )
+            assert "h3" in c.agents["h1"].topology.down_hosts
+            c.underlay.detach(HOSTS["h3"])  # the dead host no longer answers on the underlay
+            arp_again = build_arp_request(
+                sender_mac=vm1.mac, sender_ip="10.0.0.1", target_ip="10.0.0.3"
+            )
+            c.datapaths["h1"].receive(vm1.tunnel_key, arp_again)  # flood: vm2 yes, vm3 no
+            # (the strict memory underlay would raise on a tunnel to the detached host)
+            last = c.agents["h1"].pipeline.last_result
+            assert last is not None and "egress_host_down" in last.format_trace()
+            assert received(c, "h2", vm2) == [arp_again]
+            # Traffic between the survivors was never disturbed.
+            c.datapaths["h1"].receive(vm1.tunnel_key, to_vm2)
+            assert received(c, "h2", vm2) == [to_vm2]
 
     run(scenario())
