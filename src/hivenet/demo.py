@@ -1,317 +1,522 @@
-"""`python -m hivenet.demo` (what `make demo` runs): HiveNet on the embedded store, as a tutorial.
+"""`python -m hivenet.demo` (what `make demo` runs): HiveNet carrying real traffic, as a tour.
 
-Owns the demo script only: it starts `hivenet serve` as a child process on a free 127.0.0.1
-port with a fresh state dir under ./var/demo, waits for /v1/health, then builds a sample
-two-tenant topology by running `hivenet ...` commands (each echoed like a tutorial), prints
-the resulting tables, shows one rejected input, says how to explore further, and stops the
-server by its PID (also on Ctrl-C, SIGTERM or error). It talks to HiveNet only through the
-CLI (and the health endpoint); it must not import the server or the store.
+Owns the demo script only. As root it brings up the default lab (`hivenet lab up`: three hosts
+as network namespaces, the embedded store, the REST API, the topology written through the
+API, four VMs, one agent per host on the userspace datapath), then measures ping and TCP
+between VM pairs on every kind of path (same host, across hosts on one network, across the
+virtual router): the first ping's RTT (ARP plus the simulation upcalls on the way) against the
+steady-state median once flows are installed, and TCP throughput (iperf3 if installed, else a
+SHA-256-checked Python transfer). It shows the agents' counters and how to explore, and leaves
+the lab running (`hivenet lab down` or `make lab-clean` stops it; the next `make demo` replaces
+it); `--teardown` removes it at the end instead.
+
+Without root (no namespaces) it runs the same scenario in one process: one `HostAgent` per
+host over the in-memory datapath and underlay, VMs emulated by a few lines that answer ARP and
+echo requests, and shows that pings get through, the first with upcalls and the rest without.
+
+Must not: build anything itself (the lab and the agents do), touch a lab other than the
+default one in the default state dir, or leave a half-built lab behind on error or Ctrl-C.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import ipaddress
 import os
-import shlex
 import signal
-import socket
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from hivenet.api.client import ApiClientError, HivenetClient
+from rich.console import Console
+from rich.table import Table
 
-DEMO_ROOT = Path("var") / "demo"
-HEALTH_TIMEOUT_SECONDS = 15.0
-STOP_TIMEOUT_SECONDS = 5.0
+from hivenet.lab.lab import (
+    Lab,
+    PingResult,
+    TransferResult,
+    assign_macs,
+    default_state_dir,
+    plan_lab,
+    topology_objects,
+)
+from hivenet.lab.netns import LabError, LabScope
+from hivenet.lab.scenario import Scenario, ScenarioError, builtin_scenario
+
+STEADY_PINGS = 20
+PING_INTERVAL_SECONDS = 0.02
+IPERF_SECONDS = 2.0
+PYTHON_TRANSFER_BYTES = 16 << 20
 CLI = (sys.executable, "-m", "hivenet.cli")
 
 
-class DemoError(Exception):
-    """A step of the demo did not do what the tutorial says it does."""
-
-
 class Stopped(Exception):
-    """SIGTERM arrived: unwind so the server gets stopped."""
+    """SIGTERM arrived: unwind so the lab gets removed."""
 
 
-def free_local_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class DemoServer:
-    """`hivenet serve` in a child process of its own session, stopped by PID."""
-
-    def __init__(self, state_dir: Path, port: int) -> None:
-        self.state_dir = state_dir
-        self.port = port
-        self.api_url = f"http://127.0.0.1:{port}"
-        self.log_path = state_dir / "serve.log"
-        self.pid_path = state_dir / "serve.pid"
-        self.token_path = state_dir / "admin-token"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def command(self) -> list[str]:
-        return ["serve", "--port", str(self.port), "--state-dir", str(self.state_dir)]
-
-    def start(self) -> int:
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [*CLI, *self.command],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the demo only; it stops the server
-            )
-        self.pid_path.write_text(f"{self.process.pid}\n")
-        return self.process.pid
-
-    def wait_healthy(self, timeout: float = HEALTH_TIMEOUT_SECONDS) -> int:
-        """Poll /v1/health until it answers; return the store revision it reports."""
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        with HivenetClient(self.api_url, timeout=1.0) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise DemoError(
-                        f"hivenet serve exited with code {self.process.returncode}:\n{self.log_tail()}"
-                    )
-                try:
-                    health = client.health()
-                except ApiClientError:
-                    health = None
-                if health is not None and health.get("status") == "ok" and self.token_path.exists():
-                    return int(health.get("revision", 0))
-                if time.monotonic() > deadline:
-                    raise DemoError(
-                        f"hivenet serve did not become healthy within {timeout:.0f} s:\n"
-                        f"{self.log_tail()}"
-                    )
-                time.sleep(0.1)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no server log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after a grace period; return the exit code (None if never started)."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.pid_path.unlink(missing_ok=True)
-        return self.process.returncode
-
-
-class Tutorial:
-    """Runs `hivenet ...` in child processes, echoing each command and its output."""
-
-    def __init__(self, env: dict[str, str], out: TextIO) -> None:
-        self.env = env
-        self.out = out
-        self.commands_run = 0
-
-    def say(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def section(self, title: str) -> None:
-        self.say()
-        self.say(f"== {title}")
-
-    def hivenet(self, *args: str, expect_exit: int = 0) -> str:
-        self.say(f"$ {shlex.join(['hivenet', *args])}")
-        result = subprocess.run(
-            [*CLI, *args],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        self.commands_run += 1
-        if result.stdout:
-            self.out.write(result.stdout)
-        if result.stderr:
-            self.out.write(result.stderr)
-        self.out.flush()
-        if result.returncode != expect_exit:
-            raise DemoError(
-                f"`hivenet {shlex.join(args)}` exited with {result.returncode}, "
-                f"expected {expect_exit}"
-            )
-        return result.stderr if expect_exit else result.stdout
-
-
-def build_sample_topology(tutorial: Tutorial) -> None:
-    run = tutorial.hivenet
-
-    tutorial.section("Hosts (hypervisors) and the tunnel zone that connects them over VXLAN")
-    run("host", "create", "--id", "host-1", "--name", "hypervisor-1", "-q")
-    run("host", "create", "--id", "host-2", "--name", "hypervisor-2", "-q")
-    run(
-        "tunnel-zone", "create", "--id", "underlay", "--name", "underlay",
-        "--member", "host-1=192.168.100.1", "--member", "host-2=192.168.100.2", "-q",
-    )  # fmt: skip
-
-    tutorial.section("A provider router and one network per tenant (blue, green)")
-    run("router", "create", "--id", "edge-router", "--name", "edge-router")
-    run("bridge", "create", "--id", "blue-net", "--name", "blue-net", "--tenant-id", "blue", "-q")
-    run(
-        "bridge", "create", "--id", "green-net", "--name", "green-net", "--tenant-id", "green", "-q"
-    )
-
-    tutorial.section("Router ports (the subnets' gateways) peered to the bridges' uplink ports")
-    for tenant, subnet_octet in (("blue", 1), ("green", 2)):
-        run(
-            "port", "create", "--id", f"{tenant}-uplink", "--name", f"{tenant}-uplink",
-            "--tenant-id", tenant, "--device-kind", "bridge", "--device-id", f"{tenant}-net", "-q",
-        )  # fmt: skip
-        run(
-            "port", "create", "--id", f"edge-{tenant}", "--name", f"edge-to-{tenant}",
-            "--device-kind", "router", "--device-id", "edge-router",
-            "--address", f"10.0.{subnet_octet}.1/24", "--peer-id", f"{tenant}-uplink", "-q",
-        )  # fmt: skip
-
-    tutorial.section("Four VM ports, bound to interfaces on the two hosts")
-    for tenant, subnet_octet in (("blue", 1), ("green", 2)):
-        for vm in (1, 2):
-            host = f"host-{vm}"
-            extra = ("--json",) if (tenant, vm) == ("blue", 1) else ("-q",)
-            run(
-                "port", "create", "--id", f"{tenant}-vm{vm}", "--name", f"{tenant}-vm{vm}",
-                "--tenant-id", tenant, "--device-kind", "bridge", "--device-id", f"{tenant}-net",
-                "--mac", f"02:00:00:00:{subnet_octet:02x}:{10 + vm:02x}",
-                "--address", f"10.0.{subnet_octet}.{10 + vm}/24",
-                "--host-id", host, "--interface", f"hn{tenant[0]}vm{vm}", *extra,
-            )  # fmt: skip
-
-    tutorial.section("Routes: each subnet out of its router port; the rest of 10/8 rejected")
-    run("route", "create", "--router-id", "edge-router", "--dst", "10.0.1.0/24",
-        "--next-hop-port", "edge-blue", "-q")  # fmt: skip
-    run("route", "create", "--router-id", "edge-router", "--dst", "10.0.2.0/24",
-        "--next-hop-port", "edge-green", "-q")  # fmt: skip
-    run("route", "create", "--router-id", "edge-router", "--dst", "10.0.0.0/8",
-        "--type", "reject", "--weight", "200", "-q")  # fmt: skip
-
-    tutorial.section("A chain for green-net: replies pass, blue may reach green only on SSH")
-    run("chain", "create", "--id", "green-inbound", "--name", "green-inbound",
-        "--tenant-id", "green", "-q")  # fmt: skip
-    run("rule", "create", "--chain-id", "green-inbound", "--position", "10",
-        "--action", "accept", "--set", "match_return_flow=true", "-q")  # fmt: skip
-    run("rule", "create", "--chain-id", "green-inbound", "--position", "20",
-        "--action", "accept", "--nw-src", "10.0.1.0/24", "--nw-proto", "6", "--tp-dst", "22",
-        "-q")  # fmt: skip
-    run("rule", "create", "--chain-id", "green-inbound", "--position", "30",
-        "--action", "drop", "--nw-src", "10.0.1.0/24", "-q")  # fmt: skip
-    run("bridge", "update", "green-net", "--inbound-chain-id", "green-inbound")
-
-
-def show_tables(tutorial: Tutorial) -> None:
-    tutorial.section("The resulting topology")
-    for kind in ("host", "tunnel-zone", "router", "bridge", "port"):
-        tutorial.hivenet(kind, "list")
-    tutorial.hivenet("route", "list", "--router-id", "edge-router")
-    tutorial.hivenet("rule", "list", "--chain-id", "green-inbound")
-    tutorial.hivenet("port", "show", "edge-blue")
-
-
-def show_rejected_input(tutorial: Tutorial) -> None:
-    tutorial.section("Bad input is refused with the field and the value (exit code 1)")
-    errors = tutorial.hivenet(
-        "port", "create", "--device-kind", "bridge", "--device-id", "blue-net",
-        "--mac", "02:00:00:zz:00:01", expect_exit=1,
-    )  # fmt: skip
-    if "mac" not in errors:
-        raise DemoError(f"the error for a bad MAC does not name the field: {errors!r}")
-
-
-def explain_next_steps(tutorial: Tutorial, server: DemoServer) -> None:
-    state_dir = server.state_dir.resolve()
-    tutorial.section("Explore")
-    tutorial.say(f"API URL:     {server.api_url}  (OpenAPI docs at {server.api_url}/docs)")
-    tutorial.say(f"token file:  {server.token_path.resolve()}")
-    tutorial.say(f"server log:  {server.log_path.resolve()}")
-    tutorial.say("The demo server stops now. To start it again on the same data and look around:")
-    tutorial.say(f"  hivenet serve --state-dir {state_dir} --port {server.port} &")
-    tutorial.say(f"  export HIVENET_API_URL={server.api_url} HIVENET_STATE_DIR={state_dir}")
-    tutorial.say("  hivenet config show        # where the URL and token come from")
-    tutorial.say("  hivenet bridge list")
-    tutorial.say("  hivenet port show blue-vm1 --json")
-    tutorial.say("  hivenet --help             # every kind: create, list, show, update, delete")
+_DEMO_PID = os.getpid()
 
 
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    # pyroute2 forks short-lived helpers (to open netlink sockets inside a namespace) and ends
+    # them with SIGTERM; they inherit this handler and must die, not unwind the demo's stack.
+    if os.getpid() != _DEMO_PID:
+        os._exit(128 + signum)
     raise Stopped(signal.Signals(signum).name)
 
 
-def run_demo(out: TextIO = sys.stdout, demo_root: Path = DEMO_ROOT) -> int:
-    started = time.monotonic()
-    demo_root.mkdir(parents=True, exist_ok=True)
-    state_dir = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=demo_root))
-    server = DemoServer(state_dir, free_local_port())
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_stopped)
-    tutorial = Tutorial({}, out)
+# ---- which pairs to show ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    source: str
+    target: str
+    target_ip: str
+    path: str
+
+
+def demo_pairs(scenario: Scenario) -> list[Pair]:
+    """From the first VM: one peer on the same host and network, one on another host of the
+    same network, one on another network (through a router); those that exist."""
+    source = scenario.vms[0]
+    wanted = {
+        "same host": lambda vm: vm.host == source.host and vm.network == source.network,
+        "cross-host": lambda vm: vm.host != source.host and vm.network == source.network,
+        "via router": lambda vm: vm.network != source.network,
+    }
+    pairs = []
+    for kind, matches in wanted.items():
+        peer = next((vm for vm in scenario.vms[1:] if matches(vm)), None)
+        if peer is None:
+            continue
+        if kind == "same host":
+            path = f"same host {source.host}, {source.network}"
+        elif kind == "cross-host":
+            path = f"{source.host} -> {peer.host} (VXLAN), {source.network}"
+        else:
+            path = f"{source.network} -> {peer.network} via router, {source.host} -> {peer.host}"
+        pairs.append(Pair(source.name, peer.name, str(peer.ip.ip), path))
+    return pairs
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+# ---- as root: the real lab ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PairMeasurement:
+    pair: Pair
+    ping: PingResult
+    transfer: TransferResult | None
+    transfer_error: str | None
+
+
+def measure_pair(lab: Lab, pair: Pair, *, use_iperf3: bool) -> PairMeasurement:
+    ping = lab.ping(
+        pair.source,
+        pair.target_ip,
+        count=STEADY_PINGS + 1,
+        interval=PING_INTERVAL_SECONDS,
+        wait=1.0,
+    )
+    transfer: TransferResult | None = None
+    error: str | None = None
     try:
-        tutorial.say("HiveNet demo: the embedded store and the REST API, driven by the CLI.")
-        tutorial.say(f"$ {shlex.join(['hivenet', *server.command])} &")
-        pid = server.start()
-        tutorial.say(f"server PID {pid}, state dir {state_dir}")
-        server.wait_healthy()
-        tutorial.say(f"server healthy at {server.api_url}/v1/health")
-        token = server.token_path.read_text().strip()
-        tutorial.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("HIVENET_")},
-            "HIVENET_API_URL": server.api_url,
-            "HIVENET_TOKEN": token,
-        }
-        tutorial.say(f"$ export HIVENET_API_URL={server.api_url}")
-        tutorial.say(f'$ export HIVENET_TOKEN="$(cat {server.token_path})"')
-        build_sample_topology(tutorial)
-        show_tables(tutorial)
-        show_rejected_input(tutorial)
-        explain_next_steps(tutorial, server)
-        return_code = 0
-    except DemoError as exc:
-        tutorial.say(f"\ndemo failed: {exc}")
+        if use_iperf3:
+            transfer = lab.iperf3(pair.source, pair.target, pair.target_ip, seconds=IPERF_SECONDS)
+        else:
+            transfer = lab.tcp_transfer(
+                pair.source, pair.target, pair.target_ip, size=PYTHON_TRANSFER_BYTES
+            )
+    except LabError as exc:
+        error = str(exc).splitlines()[0]
+    return PairMeasurement(pair, ping, transfer, error)
+
+
+def traffic_table(measurements: Sequence[PairMeasurement]) -> Table:
+    table = Table(title="VM to VM traffic", title_justify="left")
+    for column in ("pair", "path", "first ping", f"steady p50 ({STEADY_PINGS})", "lost", "TCP"):
+        table.add_column(column, justify="right" if column in ("lost",) else "left")
+    for item in measurements:
+        ping = item.ping
+        lost = ping.sent - ping.received
+        if item.transfer is None:
+            tcp = f"failed: {item.transfer_error}"
+        else:
+            check = (
+                ""
+                if item.transfer.tool == "iperf3"
+                else ", sha256 ok"
+                if item.transfer.checksum_ok
+                else ", SHA-256 MISMATCH"
+            )
+            tcp = f"{item.transfer.megabits_per_second:.0f} Mbit/s ({item.transfer.tool}{check})"
+        table.add_row(
+            f"{item.pair.source} -> {item.pair.target} {item.pair.target_ip}",
+            item.pair.path,
+            _ms(ping.first_ms),
+            _ms(ping.steady_p50_ms),
+            f"{lost}/{ping.sent}",
+            tcp,
+        )
+    return table
+
+
+def run_lab_demo(
+    console: Console, *, teardown: bool, state_dir: Path | None = None, tag: str = ""
+) -> int:
+    from hivenet.lab.cli import print_status, print_summary
+
+    started = time.monotonic()
+    say = console.print
+    scenario = builtin_scenario()
+    state_dir = state_dir or default_state_dir()
+    say("[bold]HiveNet demo[/bold]: a 3-host cloud on this machine. Hosts and VMs are network")
+    say("namespaces, each host runs `hivenet agent` on the userspace datapath (AF_PACKET + VXLAN).")
+    say(f"$ hivenet lab up --state-dir {state_dir}")
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_stopped)
+    lab_is_up = False
+    try:
+        lab = Lab(
+            scenario,
+            state_dir=state_dir,
+            scope=LabScope(tag),
+            progress=lambda message: say(f"  - {message}"),
+        )
+        lab.up()
+        lab_is_up = True
+        say(f"lab up in {time.monotonic() - started:.1f} s")
+        print_summary(lab, console)
+
+        use_iperf3 = _has_iperf3()
+        say()
+        say(
+            f"[bold]Traffic[/bold]: {STEADY_PINGS + 1} pings per pair ({PING_INTERVAL_SECONDS * 1000:.0f} ms apart); "
+            "the first includes ARP and the agents' simulation upcalls, the rest hit installed flows. "
+            + (
+                "TCP: iperf3, 2 s."
+                if use_iperf3
+                else "TCP: 16 MiB Python transfer, SHA-256 checked (iperf3 not installed)."
+            )
+        )
+        measurements = []
+        for pair in demo_pairs(scenario):
+            say(
+                f"$ hivenet lab exec {lab.plan.vm(pair.source).namespace} ping {pair.target_ip}  # {pair.path}"
+            )
+            measurements.append(measure_pair(lab, pair, use_iperf3=use_iperf3))
+        console.print(traffic_table(measurements))
+        say("A lost first ping across the router is the router resolving the next hop (it drops")
+        say("that packet and sends an ARP request, as a hardware router does).")
+
+        say()
+        say(
+            "[bold]The agents' counters[/bold] (upcalls = packets simulated; flows = installed megaflows)"
+        )
+        print_status(lab, lab.status(), console)
+        _show_api(lab, console)
+        _explain(lab, console, teardown=teardown)
+        ok = all(m.ping.received > 0 and m.transfer is not None for m in measurements)
+        return_code = 0 if ok else 1
+        if not ok:
+            say("[red]some pairs did not get traffic through; see the logs in the state dir[/red]")
+    except (LabError, ScenarioError) as error:
+        say(f"[red]demo failed:[/red] {error}")
         return_code = 1
     except (KeyboardInterrupt, Stopped):
-        tutorial.say("\ndemo interrupted")
+        say("\ndemo interrupted")
         return_code = 130
+        teardown = True
     finally:
-        exit_code = server.stop()
         signal.signal(signal.SIGTERM, previous_sigterm)
-        if exit_code is not None and server.process is not None:
-            how = (
-                f"by {signal.Signals(-exit_code).name}"
-                if exit_code < 0
-                else f"exit code {exit_code}"
-            )
-            tutorial.say(f"\nstopped server PID {server.process.pid} ({how})")
-    elapsed = time.monotonic() - started
-    tutorial.say(f"demo {'done' if return_code == 0 else 'ended'}: {tutorial.commands_run} "
-                 f"hivenet commands in {elapsed:.1f} s")  # fmt: skip
+    if lab_is_up and teardown:
+        failures = lab.down()
+        say("lab removed" if not failures else f"lab removal incomplete: {failures}")
+    say(f"demo {'done' if return_code == 0 else 'ended'} in {time.monotonic() - started:.1f} s")
     return return_code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    del argv  # no options yet; later versions run the full lab
-    return run_demo()
+def _has_iperf3() -> bool:
+    from shutil import which
+
+    return which("iperf3") is not None
+
+
+def _show_api(lab: Lab, console: Console) -> None:
+    console.print()
+    console.print("[bold]The same network through the REST API[/bold]")
+    env = {**os.environ, **lab.env()}
+    env.pop("HIVENET_TOKEN", None)
+    for key, value in lab.env().items():
+        console.print(f"$ export {key}={value}")
+    console.print("$ hivenet bridge list")
+    result = subprocess.run(
+        [*CLI, "bridge", "list"], env=env, capture_output=True, text=True, check=False
+    )
+    console.print(result.stdout.rstrip() or result.stderr.rstrip(), markup=False, highlight=False)
+
+
+def _explain(lab: Lab, console: Console, *, teardown: bool) -> None:
+    say = console.print
+    first = lab.plan.vms[0]
+    last = lab.plan.vms[-1]
+    where = (
+        "" if lab.state_dir == default_state_dir().absolute() else f" --state-dir {lab.state_dir}"
+    )
+    say()
+    say("[bold]Explore[/bold]")
+    say(f"  hivenet lab exec{where} {first.namespace} ping {last.address}")
+    say(f"  hivenet lab exec{where} {first.namespace} bash      # a shell inside VM {first.name}")
+    say(f"  hivenet lab status{where}                # processes and the agents' counters")
+    say(f"  source {lab.state_dir / 'lab.env'}   # then: hivenet bridge list, hivenet port list")
+    say(f"  hivenet agent stats --host-id {lab.plan.hosts[0].name} --state-dir {lab.state_dir}")
+    say(f"  API {lab.api_url}/docs, admin token in {lab.token_path}")
+    if teardown:
+        return
+    say(
+        f"[bold]The lab keeps running[/bold] for you to explore. Stop it with `hivenet lab down{where}` "
+        "(or `make lab-clean`, which removes every hn* object); `make demo` again replaces it."
+    )
+
+
+# ---- without root: the same scenario in one process ---------------------------------------
+
+
+class EmulatedVm:
+    """The least a VM must do to be pinged: answer ARP for its address, answer echo requests,
+    remember ARP replies and echo replies."""
+
+    def __init__(self, name: str, mac: str, interface: str, gateway: str | None) -> None:
+        self.name = name
+        self.mac = mac
+        self.interface = ipaddress.IPv4Interface(interface)
+        self.gateway = None if gateway is None else ipaddress.IPv4Address(gateway)
+        self.neighbours: dict[ipaddress.IPv4Address, str] = {}
+        self.echo_replies: set[tuple[ipaddress.IPv4Address, int]] = set()  # (from, seq)
+
+    def next_hop(self, target: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+        if target in self.interface.network or self.gateway is None:
+            return target
+        return self.gateway
+
+    def handle(self, frame: bytes) -> list[bytes]:
+        from hivenet.model.types import int_to_mac
+        from hivenet.packets import arp_reply_to, build_icmp_echo_reply, extract_flow_match
+        from hivenet.packets.flowmatch import ETH_TYPE_ARP, ETH_TYPE_IPV4, IP_PROTO_ICMP
+        from hivenet.packets.parse import parse_frame
+
+        match = extract_flow_match(frame, 0)
+        own_ip = int(self.interface.ip)
+        if match.eth_type == ETH_TYPE_ARP:
+            if match.arp_op == 1 and match.arp_tpa == own_ip:
+                return [arp_reply_to(frame, self.mac)]
+            if match.arp_op == 2:
+                self.neighbours[ipaddress.IPv4Address(match.arp_spa)] = int_to_mac(match.arp_sha)
+            return []
+        if match.eth_type == ETH_TYPE_IPV4 and match.ip_proto == IP_PROTO_ICMP:
+            if match.icmp_type == 8 and match.ip_dst == own_ip:
+                return [build_icmp_echo_reply(frame)]
+            if match.icmp_type == 0 and match.ip_dst == own_ip:
+                icmp = parse_frame(frame).icmp
+                if icmp is not None:
+                    sender = ipaddress.IPv4Address(match.ip_src)
+                    self.echo_replies.add((sender, icmp.rest & 0xFFFF))
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPing:
+    delivered: bool
+    seconds: float
+    upcalls: int  # simulations this ping caused, on every host
+
+
+async def run_memory_demo(console: Console, scenario: Scenario) -> int:
+    from hivenet.agent.agent import HostAgent
+    from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
+    from hivenet.lab.lab import TUNNEL_ZONE_ID
+    from hivenet.model import Port
+    from hivenet.packets import build_arp_request, build_echo_request
+    from hivenet.store import open_store
+    from hivenet.store.topology import TopologyRepository
+
+    say = console.print
+    started = time.monotonic()
+    say("[bold]HiveNet demo[/bold] (not root: no network namespaces).")
+    say("The lab needs root; this runs the same scenario in one process instead: one HostAgent")
+    say("per host over the in-memory datapath and underlay, the VMs emulated (ARP + echo).")
+    say("Run `make demo` as root for real namespaces, ping, TCP and the REST API.")
+    plan = plan_lab(scenario, LabScope())
+    macs = assign_macs(scenario, LabScope())
+    store = open_store("memory://")
+    repository = TopologyRepository(store)
+    port_keys: dict[str, int] = {}
+    for obj in topology_objects(scenario, plan, macs):
+        stored = (await repository.create(obj)).obj
+        if isinstance(stored, Port) and stored.name in macs:
+            port_keys[stored.name] = stored.tunnel_key
+    underlay = MemoryUnderlay()
+    datapaths = {
+        host.name: MemoryDatapath(host.name, host.underlay_ip, underlay) for host in plan.hosts
+    }
+    agents = {
+        host.name: HostAgent(
+            store,
+            datapaths[host.name],
+            host_id=host.name,
+            underlay_ip=host.underlay_ip,
+            tunnel_zone_id=TUNNEL_ZONE_ID,
+            reconcile_interval=0.05,
+        )
+        for host in plan.hosts
+    }
+    vms = {vm.name: EmulatedVm(vm.name, macs[vm.name], vm.ip, vm.gateway) for vm in plan.vms}
+    host_of = {vm.name: vm.host for vm in plan.vms}
+    try:
+        for agent in agents.values():
+            await agent.start()
+        expected = plan.expected_ports()
+        deadline = time.monotonic() + 10
+        while any(set(expected[h]) - set(a.bound_ports) for h, a in agents.items()):
+            if time.monotonic() > deadline:
+                say("[red]agents did not bind their ports[/red]")
+                return 1
+            await asyncio.sleep(0.02)
+        say(f"{len(agents)} agents up, {len(vms)} VM ports bound")
+
+        def pump() -> None:
+            """Hand every delivered frame to its VM and send what it answers, until quiet."""
+            busy = True
+            while busy:
+                busy = False
+                for name, vm in vms.items():
+                    datapath = datapaths[host_of[name]]
+                    for frame in datapath.take(port_keys[name]):
+                        busy = True
+                        for answer in vm.handle(frame):
+                            datapath.receive(port_keys[name], answer)
+
+        def upcalls() -> int:
+            return sum(agent.pipeline.stats.upcalls for agent in agents.values())
+
+        async def ping(source: str, target_ip: str, sequence: int) -> MemoryPing:
+            vm = vms[source]
+            datapath = datapaths[host_of[source]]
+            target = ipaddress.IPv4Address(target_ip)
+            next_hop = vm.next_hop(target)
+            before = upcalls()
+            begin = time.perf_counter()
+            last_try, last_sent = -1.0, ""
+            while time.perf_counter() - begin < 2.0:
+                now = time.perf_counter()
+                resolved = next_hop in vm.neighbours
+                # Send the echo as soon as ARP is answered; else (re)transmit 200 ms apart,
+                # like ping and the kernel's ARP do.
+                if (resolved and last_sent != "echo") or now - last_try >= 0.2:
+                    last_try = now
+                    if resolved:
+                        last_sent = "echo"
+                        frame = build_echo_request(
+                            eth_src=vm.mac,
+                            eth_dst=vm.neighbours[next_hop],
+                            ip_src=vm.interface.ip,
+                            ip_dst=target,
+                            identifier=0x4E54,
+                            sequence=sequence,
+                        )
+                    else:
+                        last_sent = "arp"
+                        frame = build_arp_request(
+                            sender_mac=vm.mac, sender_ip=vm.interface.ip, target_ip=next_hop
+                        )
+                    datapath.receive(port_keys[source], frame)
+                pump()
+                if (target, sequence) in vm.echo_replies:
+                    return MemoryPing(True, time.perf_counter() - begin, upcalls() - before)
+                # Learned MAC/ARP entries travel between agents through the store.
+                await asyncio.sleep(0.002)
+            return MemoryPing(False, time.perf_counter() - begin, upcalls() - before)
+
+        table = Table(title="in-process pings (memory datapath)", title_justify="left")
+        for column in (
+            "pair",
+            "path",
+            "first ping",
+            "its upcalls",
+            f"steady ({STEADY_PINGS})",
+            "steady upcalls",
+            "steady p50",
+        ):
+            table.add_column(column)
+        all_delivered = True
+        for pair in demo_pairs(scenario):
+            first = await ping(pair.source, pair.target_ip, 1)
+            steady = [await ping(pair.source, pair.target_ip, 2 + i) for i in range(STEADY_PINGS)]
+            delivered = sum(p.delivered for p in steady)
+            all_delivered = all_delivered and first.delivered and delivered == STEADY_PINGS
+            table.add_row(
+                f"{pair.source} -> {pair.target} {pair.target_ip}",
+                pair.path,
+                f"{'ok' if first.delivered else 'LOST'} {first.seconds * 1000:.2f} ms",
+                str(first.upcalls),
+                f"{delivered}/{STEADY_PINGS}",
+                str(sum(p.upcalls for p in steady)),
+                f"{statistics.median(p.seconds for p in steady) * 1e6:.0f} us",
+            )
+        console.print(table)
+        say("The first ping of a pair is simulated by the agents (upcalls: ARP, MAC learning,")
+        say("routing); the flows they install carry the rest without any simulation.")
+        say(f"demo {'done' if all_delivered else 'ended'} in {time.monotonic() - started:.1f} s")
+        return 0 if all_delivered else 1
+    finally:
+        for agent in agents.values():
+            with contextlib.suppress(Exception):  # one failing stop must not keep the others
+                await agent.stop()
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hivenet.demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--teardown",
+        action="store_true",
+        help="remove the lab at the end instead of leaving it running for exploration",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="run the in-process memory-datapath version even as root",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="the lab's state dir (default: $HIVENET_LAB_STATE_DIR or /run/hivenet-lab)",
+    )
+    parser.add_argument(
+        "--tag",
+        default="",
+        help="4 lowercase letters/digits in every name, to run beside another lab",
+    )
+    args = parser.parse_args(argv)
+    console = Console(file=out, width=None if (out or sys.stdout).isatty() else 160)
+    if os.geteuid() == 0 and not args.memory:
+        return run_lab_demo(console, teardown=args.teardown, state_dir=args.state_dir, tag=args.tag)
+    return asyncio.run(run_memory_demo(console, builtin_scenario()))
 
 
 if __name__ == "__main__":

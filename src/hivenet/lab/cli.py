@@ -1,0 +1,310 @@
+"""`hivenet lab up|status|exec|down|clean`: the one-machine lab from the command line.
+
+Owns the command-line shell around `hivenet.lab.lab.Lab`: options, the summary tables, exit
+codes (1 with a clear message for bad input, a missing lab or a missing root) and `exec`
+handing the terminal to a command inside a lab namespace. Offered to the `hivenet` command by
+`hivenet.cli.plugins`; must not import `hivenet.cli` (layer rule) nor build anything itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hivenet.lab.lab import (
+    ENV_FILE,
+    Lab,
+    LabStatus,
+    NeedsRootError,
+    default_state_dir,
+    remove_lab_files,
+    require_root,
+)
+from hivenet.lab.netns import LabError, LabScope
+from hivenet.lab.scenario import ScenarioError, builtin_scenario, load_scenario
+
+app = typer.Typer(
+    help="A whole HiveNet cloud on this machine: hosts and VMs as network namespaces.",
+    no_args_is_help=True,
+)
+# Tables wider than 80 columns stay readable when the output goes to a file or a pipe.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="Where the lab keeps its store, token, logs and PID files "
+        "(default: $HIVENET_LAB_STATE_DIR or /run/hivenet-lab).",
+        show_default=False,
+        file_okay=False,
+    ),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _state_dir(option: Path | None) -> Path:
+    return (option or default_state_dir()).expanduser().absolute()
+
+
+def _load(state_dir: Path) -> Lab:
+    try:
+        return Lab.load(state_dir)
+    except (LabError, ScenarioError) as error:
+        raise _fail(str(error)) from None
+
+
+@app.command("up")
+def up(
+    scenario: Annotated[
+        Path | None,
+        typer.Option(
+            "--scenario",
+            help="Scenario YAML file (default: the built-in 3 hosts / 4 VMs / 1 router).",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    state_dir: StateDirOption = None,
+    store: Annotated[str, typer.Option("--store", help="State store backend: sqlite.")] = "sqlite",
+    tag: Annotated[
+        str,
+        typer.Option(
+            "--tag",
+            help="4 lowercase letters/digits put into every name (hn<tag>-vm1), so several "
+            "labs can run side by side; each needs its own --state-dir.",
+        ),
+    ] = "",
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=5.0, help="Seconds to wait for the agents.")
+    ] = 60.0,
+) -> None:
+    """Build the lab: namespaces, store, API server, topology (via the API), VMs, agents."""
+    try:
+        require_root("up")
+        spec = load_scenario(scenario) if scenario is not None else builtin_scenario()
+        lab = Lab(
+            spec,
+            state_dir=_state_dir(state_dir),
+            scope=LabScope(tag),
+            store=store,
+            progress=lambda message: typer.echo(f"- {message}", err=True),
+        )
+        lab.up(timeout=timeout)
+    except (LabError, ScenarioError) as error:
+        raise _fail(str(error)) from None
+    print_summary(lab)
+
+
+def print_summary(lab: Lab, out: Console = console) -> None:
+    hosts = Table(title="hosts", title_justify="left")
+    for column in ("host", "namespace", "underlay IP", "agent PID", "VMs"):
+        hosts.add_column(column)
+    for host in lab.plan.hosts:
+        record = lab.agent_record(host.name)
+        vms = ", ".join(vm.name for vm in lab.plan.vms if vm.host == host.name)
+        hosts.add_row(
+            host.name,
+            host.namespace,
+            host.underlay_ip,
+            str(record.pid) if record else "-",
+            vms or "-",
+        )
+    out.print(hosts)
+    vms_table = Table(title="VMs", title_justify="left")
+    for column in ("VM", "namespace", "host", "network", "tenant", "eth0", "MAC", "gateway"):
+        vms_table.add_column(column)
+    for vm in lab.plan.vms:
+        vms_table.add_row(
+            vm.name,
+            vm.namespace,
+            vm.host,
+            vm.network,
+            lab.scenario.network(vm.network).tenant,
+            vm.ip,
+            lab.record.macs.get(vm.name, "-"),
+            vm.gateway or "-",
+        )
+    if lab.plan.external is not None:
+        external = lab.plan.external
+        vms_table.add_row(
+            "(external)",
+            external.namespace,
+            external.host,
+            f"router {external.router}",
+            "-",
+            external.ip,
+            lab.record.macs.get("ext", "-"),
+            "-",
+        )
+    out.print(vms_table)
+    first = lab.plan.vms[0]
+    others = [vm for vm in lab.plan.vms if vm.name != first.name]
+    target = others[-1].address if others else first.address
+    out.print(f"API URL:    {lab.api_url}")
+    out.print(f"token file: {lab.token_path}")
+    out.print(f"state dir:  {lab.state_dir}  (logs, PID files, agent counters)")
+    out.print("Explore:")
+    out.print(f"  hivenet lab exec {first.namespace} ping -c3 {target}")
+    out.print(f"  hivenet lab status --state-dir {lab.state_dir}")
+    out.print(f"  source {lab.state_dir / ENV_FILE}   # HIVENET_API_URL, HIVENET_STATE_DIR")
+    out.print("  hivenet bridge list; hivenet port list")
+    out.print(f"  hivenet agent stats --host-id {lab.plan.hosts[0].name}")
+    out.print(f"Stop: hivenet lab down --state-dir {lab.state_dir}   (or: make lab-clean)")
+
+
+@app.command("status")
+def status(state_dir: StateDirOption = None) -> None:
+    """Namespaces, processes and the agents' key counters of the running lab."""
+    lab = _load(_state_dir(state_dir))
+    report = lab.status()
+    print_status(lab, report)
+    if not is_healthy(report):
+        raise typer.Exit(1)
+
+
+def is_healthy(report: LabStatus) -> bool:
+    return (
+        report.phase == "up"
+        and report.api_healthy
+        and all(report.namespaces.values())
+        and all(process.running for process in report.processes)
+    )
+
+
+def _counter(data: dict[str, Any] | None, section: str, name: str) -> str:
+    if data is None:
+        return "-"
+    value = data.get(section, {}).get(name) if section else data.get(name)
+    return "-" if value is None else str(value)
+
+
+def print_status(lab: Lab, report: LabStatus, out: Console = console) -> None:
+    out.print(
+        f"lab in {lab.state_dir}: phase {report.phase}, API {report.api_url or '-'} "
+        f"({'healthy' if report.api_healthy else 'NOT answering'})"
+    )
+    processes = Table(title="processes", title_justify="left")
+    for column in ("namespace", "process", "PID", "state"):
+        processes.add_column(column)
+    for process in report.processes:
+        processes.add_row(
+            process.namespace,
+            process.label,
+            str(process.pid),
+            "running" if process.running else "GONE",
+        )
+    out.print(processes)
+    missing = [name for name, exists in report.namespaces.items() if not exists]
+    out.print(
+        f"namespaces: {len(report.namespaces) - len(missing)}/{len(report.namespaces)} present"
+        + (f" (missing: {', '.join(missing)})" if missing else "")
+    )
+    agents = Table(title="agents", title_justify="left")
+    columns = (
+        ("host", "", ""),
+        ("revision", "", "revision"),
+        ("store", "", "store_connected"),
+        ("bound ports", "", "bound_ports"),
+        ("upcalls", "pipeline", "upcalls"),
+        ("flows", "datapath", "flows"),
+        ("megaflow hits", "datapath", "megaflow_hits"),
+        ("tunnel tx", "datapath", "tunnel_tx_packets"),
+        ("tunnel rx", "datapath", "tunnel_rx_packets"),
+        ("invalidated", "agent", "flows_invalidated"),
+    )
+    for title, _section, _name in columns:
+        agents.add_column(title, justify="left" if title == "host" else "right")
+    for host, data in report.agents.items():
+        agents.add_row(host, *(_counter(data, section, name) for _t, section, name in columns[1:]))
+    out.print(agents)
+
+
+@app.command(
+    "exec",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def exec_command(
+    name: Annotated[str, typer.Argument(help="VM (vm1 or hn-vm1), host (h1) or ext.")],
+    command: Annotated[
+        list[str] | None, typer.Argument(help="The command and its arguments.")
+    ] = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Run a command inside a lab namespace, e.g. `hivenet lab exec hn-vm1 ping -c1 10.0.2.20`."""
+    try:
+        require_root("exec")
+    except NeedsRootError as error:
+        raise _fail(str(error)) from None
+    lab = _load(_state_dir(state_dir))
+    try:
+        argv = lab.exec_argv(name, command or [])
+    except LabError as error:
+        raise _fail(str(error)) from None
+    os.execvp(argv[0], argv)
+
+
+@app.command("down")
+def down(state_dir: StateDirOption = None) -> None:
+    """Stop the lab's processes, delete its namespaces and links, remove its files."""
+    directory = _state_dir(state_dir)
+    try:
+        require_root("down")
+    except NeedsRootError as error:
+        raise _fail(str(error)) from None
+    lab = _load(directory)
+    failures = lab.down()
+    if failures:
+        raise _fail("could not remove: " + "; ".join(failures) + " (try `hivenet lab clean`)")
+    typer.echo(f"lab of {directory} is down")
+
+
+@app.command("clean")
+def clean(
+    state_dir: StateDirOption = None,
+    tag: Annotated[
+        str, typer.Option("--tag", help="Only the lab objects with this tag (default: all hn*).")
+    ] = "",
+) -> None:
+    """Remove every hn* namespace, link and lab process, also after a crash."""
+    from hivenet.lab.cleanup import clean as clean_everything
+
+    directory = _state_dir(state_dir)
+    try:
+        require_root("clean")
+        scope = LabScope(tag)
+    except LabError as error:
+        raise _fail(str(error)) from None
+    report = clean_everything(scope.tag, directory=directory)
+    stopped_etcd = _stop_lab_etcd(directory)
+    if not tag:
+        remove_lab_files(directory)
+    typer.echo(
+        f"stopped {len(report.processes) + len(stopped_etcd)} process(es), deleted "
+        f"{len(report.namespaces)} namespace(s) and {len(report.links)} link(s)"
+    )
+    if report.failures:
+        raise _fail("; ".join(report.failures))
+
+
+def _stop_lab_etcd(directory: Path) -> list[int]:
+    """The lab's local etcd cluster, if one was started under `directory`."""
+    try:
+        from hivenet.lab.etcd import stop_all
+    except ImportError:
+        return []
+    try:
+        return list(stop_all(directory))
+    except Exception as error:  # a broken etcd record must not stop the rest of the clean
+        typer.echo(f"warning: could not stop the lab's etcd: {error}", err=True)
+        return []

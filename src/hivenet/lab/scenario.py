@@ -1,0 +1,394 @@
+"""Lab scenario files: the one-machine cloud a `hivenet lab up` builds, as validated YAML.
+
+Owns the scenario schema (hosts, networks with their tenant, routers with interfaces and static
+routes, VMs, the optional external network), every check that can be made on the file alone
+(names, references, addresses inside their subnets, no duplicate addresses, router interfaces
+that do not overlap) and loading: `load_scenario(path)` / `parse_scenario(text)` raise
+`ScenarioError` whose lines each name the field (`vms[2].ip`) and the value.
+Must not touch the kernel, the store or the API: `hivenet.lab.lab` turns a `Scenario` into
+namespaces and API calls.
+
+A scenario file::
+
+    name: default
+    hosts: [h1, h2]
+    networks:
+      - {name: net1, subnet: 10.0.1.0/24, tenant: blue}
+    routers:
+      - name: r1
+        interfaces: [{network: net1, ip: 10.0.1.1/24}]
+        routes: [{dst: 10.0.9.0/24, gateway: 10.0.1.20}]
+    vms:
+      - {name: vm1, host: h1, network: net1, ip: 10.0.1.10/24}
+    external: {host: h1, router: r1, router_ip: 192.0.2.1/24, ip: 192.0.2.2/24}
+
+Two tenants may use the same subnet: the networks are separate bridges, and only a router that
+joins both would make the overlap ambiguous (refused).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from hivenet.model.types import MacAddress, ObjectId
+
+SCENARIO_PACKAGE = "hivenet.lab"
+SCENARIO_FOLDER = "scenarios"
+DEFAULT_SCENARIO = "default"
+# Reserved for the lab's own namespaces (`hn-api` names the API server's PID file, `hn-ext` the
+# external network).
+RESERVED_NAMES = frozenset({"api", "ext"})
+# Host and VM names become namespace roles and parts of link names (`hn<tag><name>p`, at most
+# 15 characters with a 4-character tag and a 1-character suffix): 8 characters at most.
+_MACHINE_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+_DEVICE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,27}$")
+
+
+class ScenarioError(ValueError):
+    """A scenario file is unreadable or invalid; each line names the field and the value."""
+
+
+def _machine_name(value: str) -> str:
+    if not _MACHINE_NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a host/VM name: 1-8 lowercase letters and digits, starting with "
+            "a letter (it becomes part of namespace and interface names)"
+        )
+    if value in RESERVED_NAMES:
+        raise ValueError(f"{value!r} is reserved for the lab itself")
+    return value
+
+
+def _device_name(value: str) -> str:
+    if not _DEVICE_NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a network/router name: 1-28 lowercase letters, digits and '-', "
+            "starting with a letter"
+        )
+    return value
+
+
+MachineName = Annotated[str, AfterValidator(_machine_name)]
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NetworkSpec(_Spec):
+    """A tenant's L2 network: one virtual bridge with one IPv4 subnet."""
+
+    name: DeviceName
+    subnet: ipaddress.IPv4Network
+    tenant: ObjectId = "admin"
+
+    @model_validator(mode="after")
+    def _room_for_hosts(self) -> NetworkSpec:
+        if self.subnet.prefixlen > 30:
+            raise ValueError(f"subnet {self.subnet}: at most /30 (room for two addresses)")
+        return self
+
+
+class RouterInterfaceSpec(_Spec):
+    """A router port on `network` with address `ip` (the VMs' default gateway)."""
+
+    network: DeviceName
+    ip: ipaddress.IPv4Interface
+
+
+class RouteSpec(_Spec):
+    """A static route: `dst` via `gateway`, a neighbour on one of the router's networks."""
+
+    dst: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+
+
+class RouterSpec(_Spec):
+    name: DeviceName
+    tenant: ObjectId = "admin"
+    interfaces: tuple[RouterInterfaceSpec, ...] = Field(min_length=1)
+    routes: tuple[RouteSpec, ...] = ()
+
+
+class VmSpec(_Spec):
+    """A VM: a namespace whose `eth0` (MTU 1450) is a port of `network`, bound on `host`.
+    Without `gateway` the default route goes via the network's router interface, if any."""
+
+    name: MachineName
+    host: MachineName
+    network: DeviceName
+    ip: ipaddress.IPv4Interface
+    mac: MacAddress | None = None
+    gateway: ipaddress.IPv4Address | None = None
+
+
+class ExternalSpec(_Spec):
+    """The `hn-ext` namespace: the outside world, behind an exterior port of `router` (address
+    `router_ip`) bound on the gateway host `host`. `ip` is the outside end's address."""
+
+    host: MachineName
+    router: DeviceName
+    router_ip: ipaddress.IPv4Interface
+    ip: ipaddress.IPv4Interface
+    mac: MacAddress | None = None
+
+
+class Scenario(_Spec):
+    name: str = Field(default="lab", min_length=1, max_length=64)
+    hosts: tuple[MachineName, ...] = Field(min_length=1, max_length=253)
+    networks: tuple[NetworkSpec, ...] = Field(min_length=1)
+    routers: tuple[RouterSpec, ...] = ()
+    vms: tuple[VmSpec, ...] = Field(min_length=1)
+    external: ExternalSpec | None = None
+
+    # ---- lookups ------------------------------------------------------------------------
+
+    def network(self, name: str) -> NetworkSpec:
+        for network in self.networks:
+            if network.name == name:
+                return network
+        raise KeyError(name)
+
+    def router(self, name: str) -> RouterSpec:
+        for router in self.routers:
+            if router.name == name:
+                return router
+        raise KeyError(name)
+
+    def vm(self, name: str) -> VmSpec:
+        for vm in self.vms:
+            if vm.name == name:
+                return vm
+        raise KeyError(name)
+
+    def host_index(self, host: str) -> int:
+        """1-based position of `host`: its underlay address is `underlay_address(index)`."""
+        return self.hosts.index(host) + 1
+
+    def gateway_of(self, vm: VmSpec) -> ipaddress.IPv4Address | None:
+        """The VM's default gateway: its own `gateway`, else its network's first router
+        interface, else None (no default route)."""
+        if vm.gateway is not None:
+            return vm.gateway
+        for router in self.routers:
+            for interface in router.interfaces:
+                if interface.network == vm.network:
+                    return interface.ip.ip
+        return None
+
+    def vms_on(self, host: str) -> list[VmSpec]:
+        return [vm for vm in self.vms if vm.host == host]
+
+    # ---- cross-field checks -------------------------------------------------------------
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Scenario:
+        problems: list[str] = []
+        _duplicates(problems, "hosts", self.hosts)
+        _duplicates(problems, "networks", [n.name for n in self.networks])
+        _duplicates(problems, "routers", [r.name for r in self.routers])
+        _duplicates(problems, "vms", [v.name for v in self.vms])
+        for index, vm in enumerate(self.vms):
+            if vm.name in self.hosts:
+                problems.append(
+                    f"vms[{index}].name: {vm.name!r} is also a host name (namespaces would clash)"
+                )
+        # Every address on a network: (network, ip) -> who has it.
+        owners: dict[tuple[str, ipaddress.IPv4Address], str] = {}
+        networks = {n.name: n for n in self.networks}
+        for r_index, router in enumerate(self.routers):
+            self._check_router(r_index, router, networks, owners, problems)
+        macs: dict[str, str] = {}
+        for index, vm in enumerate(self.vms):
+            where = f"vms[{index}]"
+            if vm.host not in self.hosts:
+                problems.append(f"{where}.host: {vm.host!r} is not in hosts {list(self.hosts)}")
+            network = networks.get(vm.network)
+            if network is None:
+                problems.append(f"{where}.network: {vm.network!r} is not a declared network")
+                continue
+            _check_address(problems, f"{where}.ip", vm.ip, network)
+            _claim(problems, owners, f"{where}.ip", vm.network, vm.ip.ip, f"VM {vm.name}")
+            if vm.gateway is not None and vm.gateway not in network.subnet:
+                problems.append(
+                    f"{where}.gateway: {vm.gateway} is not in network {network.name}'s subnet "
+                    f"{network.subnet}"
+                )
+            if vm.mac is not None:
+                if int(vm.mac.split(":")[0], 16) & 1:
+                    problems.append(f"{where}.mac: {vm.mac} is a multicast address")
+                elif vm.mac in macs:
+                    problems.append(f"{where}.mac: {vm.mac} is also the MAC of {macs[vm.mac]}")
+                macs[vm.mac] = vm.name
+        if self.external is not None:
+            self._check_external(networks, problems)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _check_router(
+        self,
+        r_index: int,
+        router: RouterSpec,
+        networks: dict[str, NetworkSpec],
+        owners: dict[tuple[str, ipaddress.IPv4Address], str],
+        problems: list[str],
+    ) -> None:
+        attached: dict[str, ipaddress.IPv4Network] = {}
+        for i_index, interface in enumerate(router.interfaces):
+            where = f"routers[{r_index}].interfaces[{i_index}]"
+            network = networks.get(interface.network)
+            if network is None:
+                problems.append(f"{where}.network: {interface.network!r} is not a declared network")
+                continue
+            if network.name in attached:
+                problems.append(
+                    f"{where}.network: router {router.name} already has an interface on "
+                    f"{network.name}"
+                )
+                continue
+            for other, subnet in attached.items():
+                if subnet.overlaps(network.subnet):
+                    problems.append(
+                        f"{where}.network: {network.name} ({network.subnet}) overlaps {other} "
+                        f"({subnet}) on the same router {router.name}"
+                    )
+            attached[network.name] = network.subnet
+            _check_address(problems, f"{where}.ip", interface.ip, network)
+            _claim(problems, owners, f"{where}.ip", network.name, interface.ip.ip, router.name)
+        for route_index, route in enumerate(router.routes):
+            where = f"routers[{r_index}].routes[{route_index}].gateway"
+            if not any(route.gateway in subnet for subnet in attached.values()):
+                problems.append(
+                    f"{where}: {route.gateway} is on none of router {router.name}'s networks "
+                    f"({', '.join(str(s) for s in attached.values()) or 'none'})"
+                )
+
+    def _check_external(self, networks: dict[str, NetworkSpec], problems: list[str]) -> None:
+        external = self.external
+        assert external is not None
+        if external.host not in self.hosts:
+            problems.append(f"external.host: {external.host!r} is not in hosts {list(self.hosts)}")
+        if external.router not in {r.name for r in self.routers}:
+            problems.append(f"external.router: {external.router!r} is not a declared router")
+            return
+        if external.ip.network != external.router_ip.network:
+            problems.append(
+                f"external.ip: {external.ip} is not in router_ip's subnet "
+                f"{external.router_ip.network}"
+            )
+        elif external.ip.ip == external.router_ip.ip:
+            problems.append(f"external.ip: {external.ip.ip} is also external.router_ip")
+        for interface in self.router(external.router).interfaces:
+            subnet = networks[interface.network].subnet if interface.network in networks else None
+            if subnet is not None and subnet.overlaps(external.router_ip.network):
+                problems.append(
+                    f"external.router_ip: {external.router_ip.network} overlaps network "
+                    f"{interface.network} ({subnet}) on router {external.router}"
+                )
+
+
+def _duplicates(problems: list[str], field: str, names: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        if name in seen:
+            problems.append(f"{field}[{index}]: duplicate name {name!r}")
+        seen.add(name)
+
+
+def _check_address(
+    problems: list[str], where: str, address: ipaddress.IPv4Interface, network: NetworkSpec
+) -> None:
+    if address.network != network.subnet:
+        problems.append(
+            f"{where}: {address} is not in network {network.name}'s subnet {network.subnet} "
+            "(same prefix length expected)"
+        )
+    elif address.ip in (network.subnet.network_address, network.subnet.broadcast_address):
+        problems.append(
+            f"{where}: {address.ip} is the network or broadcast address of {network.subnet}"
+        )
+
+
+def _claim(
+    problems: list[str],
+    owners: dict[tuple[str, ipaddress.IPv4Address], str],
+    where: str,
+    network: str,
+    ip: ipaddress.IPv4Address,
+    owner: str,
+) -> None:
+    key = (network, ip)
+    if key in owners:
+        problems.append(f"{where}: {ip} on {network} is already used by {owners[key]}")
+    else:
+        owners[key] = owner
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def _describe(error: pydantic.ValidationError) -> str:
+    lines: list[str] = []
+    for item in error.errors():
+        location = ""
+        for part in item["loc"]:
+            if isinstance(part, int):
+                location += f"[{part}]"
+            else:
+                location += f".{part}" if location else str(part)
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if not location:  # a cross-field check: its message already names each field
+            lines.extend(message.splitlines())
+            continue
+        value = item.get("input")
+        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+        lines.append(f"{location}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def scenario_from_data(data: Any, *, source: str = "scenario") -> Scenario:
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: expected a mapping at the top, got {type(data).__name__}")
+    try:
+        return Scenario.model_validate(data)
+    except pydantic.ValidationError as error:
+        raise ScenarioError(f"{source} is invalid:\n{_describe(error)}") from None
+
+
+def parse_scenario(text: str, *, source: str = "scenario") -> Scenario:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ScenarioError(f"{source}: not valid YAML: {error}") from None
+    return scenario_from_data(data, source=source)
+
+
+def load_scenario(path: Path) -> Scenario:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ScenarioError(f"scenario {path}: cannot read: {error.strerror or error}") from None
+    return parse_scenario(text, source=str(path))
+
+
+def builtin_scenario_text(name: str = DEFAULT_SCENARIO) -> str:
+    """The text of a scenario shipped in `hivenet/lab/scenarios/<name>.yaml`."""
+    resource = resources.files(SCENARIO_PACKAGE).joinpath(SCENARIO_FOLDER).joinpath(f"{name}.yaml")
+    if not resource.is_file():
+        raise ScenarioError(f"no built-in scenario named {name!r}")
+    return resource.read_text(encoding="utf-8")
+
+
+def builtin_scenario(name: str = DEFAULT_SCENARIO) -> Scenario:
+    return parse_scenario(builtin_scenario_text(name), source=f"built-in scenario {name!r}")
