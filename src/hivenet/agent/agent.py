@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivenet.agent.flowstate_sync import FlowStateSync, is_nat_block_key
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.base import Datapath
@@ -80,6 +81,7 @@ class HostAgent:
         counters_path: Path | None = None,
         reconcile_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        state_dir: Path | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -97,8 +99,24 @@ class HostAgent:
         self.topology = TopologyView()
         self.tables = MemoryTables()
         self.counters = AgentCounters()
+        # Conntrack and NAT state, shared with peers over the tunnel, journaled in state_dir.
+        self.flowstate = FlowStateSync(
+            host_id,
+            datapath,
+            self.topology,
+            store,
+            lease_id=lambda: self.lease_id,
+            state_dir=state_dir,
+            clock=clock,
+        )
         self.pipeline = FlowPipeline(
-            host_id, datapath, self.topology, self.tables, on_learned=self._on_learned, clock=clock
+            host_id,
+            datapath,
+            self.topology,
+            self.tables,
+            on_learned=self._on_learned,
+            stateful=self.flowstate,
+            clock=clock,
         )
         self.topology_mirror = PrefixMirror(store, TOPOLOGY_PREFIX, self._on_topology_change)
         self.tables_mirror = PrefixMirror(store, TABLES_PREFIX, self._on_table_change)
@@ -143,6 +161,7 @@ class HostAgent:
         )
         self._refresh_liveness()
         self._reconcile_ports()
+        await self.flowstate.start()
         self._started = True
 
     async def stop(self, *, graceful: bool = True) -> None:
@@ -154,6 +173,7 @@ class HostAgent:
             for task in stuck:
                 log.error("host %s: task %s did not stop", self.host_id, task.get_name())
         self._tasks = []
+        await self.flowstate.stop(compact=graceful)
         for port_id in list(self.bound_ports):
             self._unbind(port_id)
         if graceful and self.lease_id:
@@ -285,6 +305,9 @@ class HostAgent:
 
     def _on_table_change(self, key: str, value: bytes | None, revision: int) -> None:
         self.counters.table_events += 1
+        if is_nat_block_key(key):
+            self.flowstate.on_block_change(key, value)
+            return
         try:
             tag = self._apply_table_entry(key, value)
         except ValueError as exc:
@@ -434,6 +457,7 @@ class HostAgent:
             "bound_ports": len(self.bound_ports),
             "agent": agent,
             "pipeline": self.pipeline.counters(),
+            "flowstate": self.flowstate.counters_snapshot(),
             "datapath": self.datapath.counters(),
         }
 

@@ -11,9 +11,11 @@ Does not own the topology cache, the shared tables or the datapath: they are pas
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hivenet.datapath.base import Datapath
 from hivenet.sim import (
@@ -26,6 +28,9 @@ from hivenet.sim import (
     TopologyView,
     simulate,
 )
+
+if TYPE_CHECKING:
+    from hivenet.agent.flowstate_sync import FlowStateSync
 
 LearnedCallback = Callable[[Sequence[LearnedEntry]], None]
 
@@ -72,6 +77,7 @@ class FlowPipeline:
         *,
         on_learned: LearnedCallback | None = None,
         flow_state: FlowStateHook = NO_FLOW_STATE,
+        stateful: FlowStateSync | None = None,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -82,6 +88,8 @@ class FlowPipeline:
             topology=topology, tables=tables, local_host_id=host_id, flow_state=flow_state
         )
         self.on_learned = on_learned
+        # Conntrack/NAT: a transaction per upcall, committed and pushed before forwarding.
+        self.stateful = stateful
         self.clock = clock
         self.timer = timer
         self.stats = PipelineStats()
@@ -96,7 +104,14 @@ class FlowPipeline:
             self._count_drop("unknown_port_key")
             return
         started = self.timer()
-        result = simulate(frame, port.id, self.context, self.clock())
+        now = self.clock()
+        if self.stateful is None:
+            result = simulate(frame, port.id, self.context, now)
+        else:
+            hook = self.stateful.begin(frame)
+            context = dataclasses.replace(self.context, flow_state=hook)
+            result = simulate(frame, port.id, context, now)
+            self.stateful.finish(hook, result, port.id, now)
         elapsed = self.timer() - started
         self.stats.sim_seconds_total += elapsed
         self.stats.sim_seconds_max = max(self.stats.sim_seconds_max, elapsed)
@@ -122,7 +137,7 @@ class FlowPipeline:
             self.stats.not_installed += 1
         if result.drop_reason is not None:
             self._count_drop(result.drop_reason)
-        self.datapath.execute(frame, result.actions)
+        self.datapath.execute(result.frame or frame, result.actions)
         for packet in result.generated:
             self.stats.generated += 1
             self.datapath.execute(packet.frame, packet.actions)

@@ -44,6 +44,8 @@ CHILD_FILTERS: dict[str, str] = {
     "pool": "load_balancer_id",
     "member": "pool_id",
     "health_monitor": "pool_id",
+    "security_group_rule": "security_group_id",
+    "floating_ip": "router_id",
 }
 # Fields only the server sets: a create that names them is refused.
 SERVER_OWNED_FIELDS: dict[str, frozenset[str]] = {"port": frozenset({"tunnel_key"})}

@@ -335,6 +335,23 @@ KIND_OPTIONS: dict[str, tuple[FieldOption, ...]] = {
         FieldOption("expected_codes", hint="e.g. 200-299,302"),
         _ADMIN_STATE,
     ),
+    "security_group": _opts("description"),
+    "security_group_rule": _opts(
+        FieldOption("security_group_id", list_filter="security_group_id"),
+        "direction",
+        "ethertype",
+        FieldOption("protocol", hint="IP protocol number, e.g. 6 for TCP"),
+        FieldOption("port_range_min", hint="first port (ICMP: the type)"),
+        FieldOption("port_range_max", hint="last port (ICMP: the code)"),
+        "remote_ip_prefix",
+        "remote_group_id",
+    ),
+    "floating_ip": _opts(
+        FieldOption("floating_ip_address", flag="--floating-ip"),
+        FieldOption("router_id", list_filter="router_id"),
+        FieldOption("port_id", hint="the fixed port"),
+        FieldOption("fixed_ip_address", flag="--fixed-ip"),
+    ),
 }
 
 

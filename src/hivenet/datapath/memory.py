@@ -29,6 +29,7 @@ from hivenet.flows.actions import (
 )
 from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import FlowTable
+from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import PacketError, extract_flow_match
 
 _KNOWN_ACTIONS = (SetField, DecTtl, PushVlan, PopVlan, Output, Tunnel, Drop)
@@ -61,6 +62,8 @@ class _Counters:
     dropped: int = 0
     installs: int = 0
     invalidated: int = 0
+    flowstate_sent: int = 0
+    flowstate_received: int = 0
     by_drop_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -132,6 +135,7 @@ class MemoryDatapath:
         self._delivered: dict[int, list[bytes]] = {}
         self.deliveries: list[Delivery] = []
         self._handler: UpcallHandler | None = None
+        self._flow_state_handler: Callable[[bytes], None] | None = None
         self._counters = _Counters()
         if underlay is not None:
             underlay.attach(underlay_ip, self)
@@ -241,8 +245,33 @@ class MemoryDatapath:
             return
         self._handler(port_key, frame)
 
+    def set_flow_state_handler(self, handler: Callable[[bytes], None]) -> None:
+        """Who receives flow-state messages (tunnel key FLOWSTATE_TUNNEL_KEY): the agent."""
+        self._flow_state_handler = handler
+
+    def send_flow_state(self, remote_ip: str, payload: bytes) -> None:
+        """A flow-state message to the host at `remote_ip` over the reserved tunnel key."""
+        if self.underlay is None or not self.underlay.knows(remote_ip):
+            raise DatapathError(
+                f"send_flow_state: remote_ip {remote_ip!r} is not an underlay address"
+            )
+        if remote_ip == self.underlay_ip:
+            raise DatapathError(f"send_flow_state: remote_ip {remote_ip!r} is this host")
+        if not payload:
+            raise DatapathError("send_flow_state: empty payload")
+        self._counters.flowstate_sent += 1
+        self.underlay.send(self.underlay_ip, remote_ip, FLOWSTATE_TUNNEL_KEY, payload)
+
     def receive_tunnel(self, tunnel_key: int, frame: bytes) -> None:
-        """The egress half of a tunnel: deliver to the port the key names."""
+        """The egress half of a tunnel: deliver to the port the key names (or, for the
+        reserved flow-state key, hand the message to the flow-state handler)."""
+        if tunnel_key == FLOWSTATE_TUNNEL_KEY:
+            self._counters.flowstate_received += 1
+            if self._flow_state_handler is None:
+                self._count_drop("flowstate_without_handler")
+                return
+            self._flow_state_handler(frame)
+            return
         self._counters.tunnel_received += 1
         if tunnel_key not in self._interfaces:
             raise DatapathError(

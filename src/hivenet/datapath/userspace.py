@@ -22,8 +22,11 @@ Receive is batched: each readiness callback drains up to `batch_size` frames wit
 measurement and why it is not used.
 
 Tunnel keys: the VNI is the egress port's tunnel key; received VXLAN is delivered by VNI to the
-bound port with that key, without a flow lookup (the ingress host already simulated). Keys from
-FLOOD_KEY_BASE up are reserved (flooding, flow-state messages): counted and dropped for now.
+bound port with that key, without a flow lookup (the ingress host already simulated). The key
+FLOWSTATE_TUNNEL_KEY (0xFFFFFF) carries flow-state messages (`hivenet.flowstate.wire`), not
+frames: they go to the handler set with `set_flow_state_handler` (the agent's flow-state
+sync) and are sent with `send_flow_state`. Other keys from FLOOD_KEY_BASE up are reserved
+(flooding): counted and dropped for now.
 
 Counters (`counters()`): `port.<key>.{rx,tx}_{packets,bytes}`, `tunnel_{rx,tx}_{packets,bytes}`,
 `upcalls`, `emc_hits`, `megaflow_hits`, `flows`, `offload_segmented`, `offload_checksummed`,
@@ -55,7 +58,12 @@ from hivenet.datapath.base import UpcallHandler
 from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
 from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import ExactMatchCache, FlowTable, flow_match_values
-from hivenet.model.types import FLOOD_KEY_BASE, TUNNEL_KEY_MAX, TUNNEL_KEY_MIN
+from hivenet.model.types import (
+    FLOOD_KEY_BASE,
+    FLOWSTATE_TUNNEL_KEY,
+    TUNNEL_KEY_MAX,
+    TUNNEL_KEY_MIN,
+)
 from hivenet.packets import extract_flow_match
 from hivenet.packets.errors import PacketError
 from hivenet.packets.headers import VXLAN_FLAG_VNI_VALID, VXLAN_PORT
@@ -242,6 +250,9 @@ class UserspaceDatapath:
         self._plans: dict[tuple[Action, ...], _ActionPlan] = {}
         self._vxlan_headers: dict[int, bytes] = {}
         self._upcall_handler: UpcallHandler | None = None
+        self._flow_state_handler: Callable[[bytes], None] | None = None
+        self._flowstate_rx = 0
+        self._flowstate_tx = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnel_sock: socket.socket | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -391,6 +402,8 @@ class UserspaceDatapath:
             "tunnel_tx_packets": self._tunnel_tx_packets,
             "tunnel_tx_bytes": self._tunnel_tx_bytes,
             "upcalls": self._upcalls,
+            "flowstate_rx": self._flowstate_rx,
+            "flowstate_tx": self._flowstate_tx,
             "emc_hits": self._emc_hits,
             "megaflow_hits": self._megaflow_hits,
             "flows": len(self._table),
@@ -408,6 +421,26 @@ class UserspaceDatapath:
         return result
 
     # ---- extras beyond the protocol ---------------------------------------------------------
+
+    def set_flow_state_handler(self, handler: Callable[[bytes], None]) -> None:
+        """Who receives flow-state messages (VNI FLOWSTATE_TUNNEL_KEY): the agent."""
+        self._flow_state_handler = handler
+
+    def send_flow_state(self, remote_ip: str, payload: bytes) -> None:
+        """One flow-state message to the host at `remote_ip`, VXLAN with the reserved VNI."""
+        sock = self._tunnel_sock
+        if sock is None:
+            self._drop("tunnel_without_underlay")
+            return
+        if not payload:
+            raise ValueError("send_flow_state: payload is empty")
+        header = self._vxlan_headers.get(FLOWSTATE_TUNNEL_KEY)
+        if header is None:
+            header = self._vxlan_headers[FLOWSTATE_TUNNEL_KEY] = vxlan_encapsulate(
+                b"", FLOWSTATE_TUNNEL_KEY
+            )
+        self._flowstate_tx += 1
+        self._send_datagrams(sock, [header, payload], 1, 0, (remote_ip, self.vxlan_port))
 
     @property
     def flow_table(self) -> FlowTable:
@@ -491,6 +524,18 @@ class UserspaceDatapath:
         tunnel_key, bad_header = parse_vxlan_header(datagram)
         if bad_header is not None:
             self._drop(bad_header)
+            return
+        if tunnel_key == FLOWSTATE_TUNNEL_KEY:
+            self._flowstate_rx += 1
+            handler = self._flow_state_handler
+            if handler is None:
+                self._drop("flowstate_without_handler")
+                return
+            try:
+                handler(datagram[VXLAN_HEADER_SIZE:])
+            except Exception:
+                self._drop("flowstate_handler_error")
+                log.exception("flow-state handler failed")
             return
         if tunnel_key >= FLOOD_KEY_BASE:
             self._drop("tunnel_reserved_key")

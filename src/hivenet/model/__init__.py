@@ -25,7 +25,7 @@ from hivenet.model.topology import (
     parse_topology_key,
     topology_key,
 )
-from hivenet.model.types import NatTarget, PortRange, new_id
+from hivenet.model.types import AllowedAddressPair, NatTarget, PortRange, new_id
 
 # isort: split
 # After topology: importing topology first completes the loadbalancer module it registers
@@ -45,14 +45,25 @@ from hivenet.model.loadbalancer import (
     ProvisioningStatus,
     SessionPersistence,
 )
+from hivenet.model.security import (
+    Direction,
+    EtherType,
+    FloatingIp,
+    SecurityGroup,
+    SecurityGroupRule,
+)
 
 __all__ = [
     "DEFAULT_TENANT",
     "KINDS",
     "TOPOLOGY_PREFIX",
+    "AllowedAddressPair",
     "Bridge",
     "Chain",
     "DeviceKind",
+    "Direction",
+    "EtherType",
+    "FloatingIp",
     "FragmentPolicy",
     "HealthMonitor",
     "HealthMonitorType",
@@ -77,6 +88,8 @@ __all__ = [
     "Router",
     "Rule",
     "RuleAction",
+    "SecurityGroup",
+    "SecurityGroupRule",
     "SessionPersistence",
     "TopologyObject",
     "TunnelZone",

@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hivenet.model.types import (
+    AllowedAddressPair,
     IpAddress,
     IpInterface,
     IpNetwork,
@@ -101,6 +102,7 @@ class Port(TopologyObject):
         "inbound_chain_id": "chain",
         "outbound_chain_id": "chain",
         "port_group_ids": "port_group",
+        "security_group_ids": "security_group",
     }
 
     device_kind: DeviceKind
@@ -116,6 +118,12 @@ class Port(TopologyObject):
     host_id: ObjectId | None = None
     interface_name: str | None = Field(default=None, min_length=1, max_length=15)
     tunnel_key: int = Field(default=0, ge=0, le=0xEFFFFF)
+    # Port security (VM ports): anti-spoofing on what the VM sends (its MAC and `addresses`,
+    # plus `allowed_address_pairs`) and the stateful security groups. Off by default so a
+    # port without it behaves as before (Neutron turns it on per network).
+    port_security_enabled: bool = False
+    security_group_ids: tuple[ObjectId, ...] = ()
+    allowed_address_pairs: tuple[AllowedAddressPair, ...] = ()
 
     def references(self) -> list[tuple[str, str, str]]:
         return [("device_id", self.device_kind.value, self.device_id), *super().references()]
@@ -146,6 +154,23 @@ class Port(TopologyObject):
             raise ValueError(f"port {self.id}: vlan_id={self.vlan_id} is only for bridge ports")
         if len(set(self.port_group_ids)) != len(self.port_group_ids):
             raise ValueError(f"port {self.id}: duplicate port_group_ids {self.port_group_ids}")
+        if len(set(self.security_group_ids)) != len(self.security_group_ids):
+            raise ValueError(
+                f"port {self.id}: duplicate security_group_ids {self.security_group_ids}"
+            )
+        if (self.security_group_ids or self.allowed_address_pairs) and not (
+            self.port_security_enabled
+        ):
+            raise ValueError(
+                f"port {self.id}: security_group_ids/allowed_address_pairs need "
+                "port_security_enabled=True"
+            )
+        if self.port_security_enabled and (
+            self.device_kind is not DeviceKind.BRIDGE or self.peer_id is not None
+        ):
+            raise ValueError(
+                f"port {self.id}: port_security_enabled is only for exterior bridge ports"
+            )
         return self
 
 
@@ -360,6 +385,7 @@ class TunnelZone(TopologyObject):
 
 # The load-balancer kinds live in their own module, which needs TopologyObject from this one.
 from hivenet.model.loadbalancer import LB_KINDS  # noqa: E402
+from hivenet.model.security import SECURITY_KINDS  # noqa: E402
 
 KINDS: dict[str, type[TopologyObject]] = {
     cls.KIND: cls
@@ -377,6 +403,7 @@ KINDS: dict[str, type[TopologyObject]] = {
     )
 }
 KINDS.update({cls.KIND: cls for cls in LB_KINDS})
+KINDS.update({cls.KIND: cls for cls in SECURITY_KINDS})
 
 
 def topology_key(kind: str, object_id: str) -> str:

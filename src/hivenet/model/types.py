@@ -112,3 +112,11 @@ class NatTarget(_Value):
                 f"NAT port_from {self.port_from} is greater than port_to {self.port_to}"
             )
         return self
+
+
+class AllowedAddressPair(_Value):
+    """An extra (IP prefix, MAC) a port with port security may send from, as Neutron's
+    allowed_address_pairs: `mac_address` None means the port's own MAC."""
+
+    ip_address: IpNetwork
+    mac_address: MacAddress | None = None

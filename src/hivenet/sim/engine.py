@@ -54,11 +54,13 @@ from hivenet.packets.flowmatch import (
     IP_PROTO_UDP,
     FlowMatch,
 )
+from hivenet.packets.icmp_quote import rewrite_icmp_quote
 from hivenet.sim import replies
 from hivenet.sim.flowstate_hook import NO_FLOW_STATE, FlowStateHook, FlowStateUnsupported
 from hivenet.sim.result import GeneratedPacket, SimulationResult, TraceStep
 from hivenet.sim.routing import flow_hash
 from hivenet.sim.rules import CompiledRule
+from hivenet.sim.secgroups import full_mask_reader, spoof_reason
 from hivenet.sim.tables import (
     LearnedEntry,
     LearnedMac,
@@ -93,6 +95,21 @@ MAX_JUMP_DEPTH = 16
 MAX_GENERATION_DEPTH = 2
 
 _MASKS = tuple((name, FULL_MASKS[name]) for name in FIELD_NAMES)
+# Every field a flow-state key (flowstate.keys) is made of: the 5-tuple, ICMP echo ids and
+# types (an echo request and its reply are told apart by type) and fragmentation.
+_CONNTRACK_READS = (
+    "eth_type",
+    "ip_src",
+    "ip_dst",
+    "ip_proto",
+    "ip_frag",
+    "tp_src",
+    "tp_dst",
+    "icmp_type",
+    "icmp_code",
+    "icmp_id",
+)
+_FORWARD_NAT = (RuleAction.DNAT, RuleAction.SNAT)
 _SETTABLE_ORDER = tuple(name for name in FIELD_NAMES if name in SETTABLE_FIELDS)
 
 
@@ -220,6 +237,8 @@ class _Walk:
         # itself later learns a different value (e.g. a generated ARP request teaches a
         # router the entry it just missed), the result is stale at birth and not cached.
         self.lookups: dict[tuple[str, str, int, int], object] = {}
+        # Rewrites of the datagram a NATed ICMP error quotes (no flow action can do them).
+        self.inner_rewrites: dict[str, int] = {}
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -254,6 +273,16 @@ class _Walk:
         if not port.admin_up:
             self.drop("port", port.id, port.name, "port_down", "ingress port is down", hops)
             return
+        guard = self.view.security.guards.get(port.id)
+        if guard is not None:
+            spoofed = spoof_reason(
+                guard, packet, full_mask_reader(lambda name, mask: self.read(packet, name, mask))
+            )
+            if spoofed is not None:
+                self.drop("port", port.id, port.name, spoofed, "port security", hops)
+                return
+            if not self.run_chain(packet, guard.from_vm_chain_id, port, None, port, hops):
+                return
         if port.inbound_chain_id is not None and not self.run_chain(
             packet, port.inbound_chain_id, port, None, port, hops
         ):
@@ -311,6 +340,11 @@ class _Walk:
             return
         if port.outbound_chain_id is not None and not self.run_chain(
             packet, port.outbound_chain_id, device_in_port, port.id, device_in_port, hops
+        ):
+            return
+        guard = self.view.security.guards.get(port.id)
+        if guard is not None and not self.run_chain(
+            packet, guard.to_vm_chain_id, device_in_port, port.id, device_in_port, hops
         ):
             return
         if port.peer_id is not None:
@@ -432,7 +466,12 @@ class _Walk:
                 if action is RuleAction.ACCEPT:
                     verdict = "accept"
                 elif action is RuleAction.DROP:
-                    self.drop("chain", chain.id, chain.name, "rule_drop", rule.id, hops)
+                    reason = (
+                        rule.rule.name or "rule_drop"
+                        if chain.id in self.view.security.chain_zones
+                        else "rule_drop"
+                    )
+                    self.drop("chain", chain.id, chain.name, reason, rule.id, hops)
                     verdict = "drop"
                 elif action is RuleAction.REJECT:
                     self.drop("chain", chain.id, chain.name, "rule_reject", rule.id, hops)
@@ -441,6 +480,11 @@ class _Walk:
                     verdict = "return"
                 else:
                     self._nat(packet, rule, in_port, chain.id, chain.name, hops)
+                    if action not in _FORWARD_NAT:
+                        # rev_snat/rev_dnat undo a translation (if any) and go on, so one
+                        # chain can reverse both NATs of a hairpinned or 1:1 connection.
+                        start = index + 1
+                        continue
                     verdict = "accept"
                 break
         finally:
@@ -449,6 +493,10 @@ class _Walk:
                     self.read(packet, field, mask)
             stack.pop()
         return verdict
+
+    def _zone(self, chain_id: str, in_port: PortInfo) -> str:
+        """Conntrack/NAT zone: the port for its security-group chains, else the device."""
+        return self.view.security.chain_zones.get(chain_id, in_port.device_id)
 
     def _conntrack_holds(
         self,
@@ -459,19 +507,31 @@ class _Walk:
         chain_name: str,
         hops: int,
     ) -> bool:
+        zone = self._zone(chain_id, in_port)
         try:
-            is_return = self.ctx.flow_state.is_return_flow(
-                packet.to_match(), in_port.device_id, self.now
-            )
+            decision = self.ctx.flow_state.conntrack(packet.to_match(), zone, self.now)
         except FlowStateUnsupported as unsupported:
             self.drop("chain", chain_id, chain_name, "unsupported", unsupported.reason, hops)
             self.no_cache("flow state unsupported", hops)
             raise _ChainStop from unsupported
         # Connection state is per flow: a cached flow must not outlive the connection's
-        # direction, so the whole 5-tuple is part of the key.
-        for field in ("eth_type", "ip_src", "ip_dst", "ip_proto", "tp_src", "tp_dst"):
+        # direction, so everything the flow key is made of is part of the megaflow.
+        for field in _CONNTRACK_READS:
             self.read(packet, field, FULL_MASKS[field])
-        return is_return == (condition == "return")
+        if decision.reads_tcp_flags:
+            self.read(packet, "tcp_flags", FULL_MASKS["tcp_flags"])
+        self.tags.update(decision.tags)
+        self.step(
+            "chain",
+            chain_id,
+            chain_name,
+            "conntrack",
+            f"zone {zone}: {decision.verdict or ('return' if decision.is_return else 'forward')}",
+            hops,
+        )
+        if not decision.cacheable:
+            self.no_cache("conntrack decision depends on the packet itself", hops)
+        return decision.is_return == (condition == "return")
 
     def _nat(
         self,
@@ -481,22 +541,44 @@ class _Walk:
         chain_id: str,
         chain_name: str,
         hops: int,
-    ) -> None:
+    ) -> bool:
+        """Apply a NAT rule; False when a reverse NAT rule found nothing to undo (the
+        evaluation then goes on with the next rule)."""
+        zone = self._zone(chain_id, in_port)
         try:
-            decision = self.ctx.flow_state.nat(packet.to_match(), rule, in_port.device_id, self.now)
+            decision = self.ctx.flow_state.nat(packet.to_match(), rule, zone, self.now)
         except FlowStateUnsupported as unsupported:
-            self.drop("chain", chain_id, chain_name, "unsupported", unsupported.reason, hops)
+            reason = (
+                unsupported.reason.partition(":")[0]
+                if ":" in unsupported.reason
+                else ("unsupported")
+            )
+            self.drop("chain", chain_id, chain_name, reason, unsupported.reason, hops)
             self.no_cache("flow state unsupported", hops)
             raise _ChainStop from unsupported
-        for field in ("eth_type", "ip_src", "ip_dst", "ip_proto", "tp_src", "tp_dst"):
+        for field in _CONNTRACK_READS:
             self.read(packet, field, FULL_MASKS[field])
+        self.tags.update(decision.tags)
+        if not decision.cacheable:
+            self.no_cache("NAT decision not cacheable", hops)
+        if not decision.applied:
+            return False
         for field, value in decision.rewrites.items():
             if field not in SETTABLE_FIELDS:
                 raise ValueError(f"NAT decision rewrites field {field!r}, which is not settable")
             packet.set(field, value)
-        self.tags.update(decision.tags)
-        if not decision.cacheable:
-            self.no_cache("NAT decision not cacheable", hops)
+        if decision.inner_rewrites:
+            self.inner_rewrites.update(decision.inner_rewrites)
+        self.step(
+            "chain",
+            chain_id,
+            chain_name,
+            rule.action.value,
+            decision.description
+            or ", ".join(f"{name}={value}" for name, value in decision.rewrites.items()),
+            hops,
+        )
+        return True
 
     def reject(self, packet: PacketState, reply_port: PortInfo, hops: int) -> None:
         """Answer a rejected packet: TCP RST for TCP, ICMP admin-prohibited otherwise."""
@@ -711,6 +793,11 @@ class _Walk:
         if dst_mac & MULTICAST_BIT:
             self.drop("router", router.id, name, "multicast", "multicast is not routed", hops)
             return
+        floating = self.view.security.routers.get(router.id)
+        if floating is not None and not self.run_chain(
+            packet, floating.pre_chain_id, in_port, None, in_port, hops
+        ):
+            return
         if router.inbound_chain_id is not None and not self.run_chain(
             packet, router.inbound_chain_id, in_port, None, in_port, hops
         ):
@@ -779,6 +866,10 @@ class _Walk:
         else:
             self.read(packet, "ip_dst", FULL_MASKS["ip_dst"])
             next_hop_ip = packet.ip_dst
+        if floating is not None and not self.run_chain(
+            packet, floating.post_chain_id, in_port, out_port.id, in_port, hops
+        ):
+            return
         if router.outbound_chain_id is not None and not self.run_chain(
             packet, router.outbound_chain_id, in_port, out_port.id, in_port, hops
         ):
@@ -873,6 +964,23 @@ class _Walk:
         if any(a.contains(sender_ip) for a in in_port.addresses_of(4)):
             self.learn_neighbour(router, 4, sender_ip, packet.arp_sha, hops)
         own = next((a for a in in_port.addresses_of(4) if a.ip == packet.arp_tpa), None)
+        floating = self.view.security.routers.get(router.id)
+        if (
+            packet.arp_op == ARP_REQUEST
+            and own is None
+            and floating is not None
+            and packet.arp_tpa in floating.arp_answers.get(in_port.id, frozenset())
+        ):
+            self.tags.add(f"chain:{floating.pre_chain_id}")
+            reply = replies.arp_reply(
+                sender_mac=in_port.mac,
+                sender_ip=packet.arp_tpa,
+                target_mac=packet.arp_sha,
+                target_ip=packet.arp_spa,
+            )
+            text = ip_text(4, packet.arp_tpa)
+            self.step("router", router.id, router.name, "arp", f"reply floating {text}", hops)
+            self.pending.append(_PendingReply(reply, in_port, f"ARP reply for floating {text}"))
         if packet.arp_op == ARP_REQUEST and own is not None:
             reply = replies.arp_reply(
                 sender_mac=in_port.mac,
@@ -1131,6 +1239,11 @@ def simulate(
     actions, drop_reason = walk.build_actions()
     generated = walk.run_generated()
     walk.check_lookups_still_valid()
+    rewritten = None
+    if walk.inner_rewrites and drop_reason is None:
+        # A NATed ICMP error: its quote is translated here, the outer headers by the actions
+        # (independent bytes; the ICMP checksum is fixed for both). Never cached (see _nat).
+        rewritten = rewrite_icmp_quote(frame, walk.inner_rewrites)
     return SimulationResult(
         actions=actions,
         match=match,
@@ -1142,6 +1255,7 @@ def simulate(
         idle_timeout=walk.idle_timeout,
         drop_reason=drop_reason,
         trace=tuple(walk.trace),
+        frame=rewritten,
     )
 
 

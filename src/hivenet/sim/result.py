@@ -61,6 +61,10 @@ class SimulationResult:
     idle_timeout: float = 60.0
     drop_reason: str | None = None
     trace: tuple[TraceStep, ...] = ()
+    # The frame the actions apply to when the simulation changed bytes no flow action can
+    # reach (the datagram quoted by a NATed ICMP error; such a result is never installed).
+    # None: the frame that was simulated.
+    frame: bytes | None = None
 
     @property
     def masked_match(self) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from hivenet.model import (
     Bridge,
     Chain,
     DeviceKind,
+    FloatingIp,
     Host,
     IpAddrGroup,
     Port,
@@ -29,12 +30,15 @@ from hivenet.model import (
     Router,
     RouteType,
     Rule,
+    SecurityGroup,
+    SecurityGroupRule,
     TopologyObject,
     TunnelZone,
 )
 from hivenet.model.types import mac_to_int
 from hivenet.sim.routing import RouteTable
 from hivenet.sim.rules import CompiledChain, compile_chain
+from hivenet.sim.secgroups import SecurityIndex
 
 _IPV4_BITS = 32
 _IPV6_BITS = 128
@@ -173,6 +177,9 @@ class TopologyView:
         self.down_hosts: set[str] = set()
         # Inside `apply_all`: what to recompile once at the end, by kind.
         self._deferred: dict[str, set[str]] | None = None
+        # Port security, security groups and floating IPs (sim/secgroups.py): its virtual
+        # chains live in `chains` next to the stored ones.
+        self.security = SecurityIndex(self.objects, self.chains)
 
     @classmethod
     def from_objects(cls, objects: Iterable[TopologyObject]) -> TopologyView:
@@ -310,8 +317,12 @@ class TopologyView:
                 tags.add(f"host:{host_id}")
         elif kind in ("port_group", "host"):
             pass  # tagged by kind:id above; nothing compiled depends on their fields yet
+        elif kind in ("security_group", "security_group_rule", "floating_ip"):
+            pass  # compiled by the security index below
         else:
             raise ValueError(f"TopologyView: unknown kind {kind!r} (object {object_id})")
+        if kind in ("port", "security_group", "security_group_rule", "floating_ip"):
+            tags |= self.security.changed(kind, object_id, old, new)
         return frozenset(tags)
 
     def _port_changed(
@@ -525,4 +536,7 @@ KNOWN_KINDS: tuple[type[TopologyObject], ...] = (
     IpAddrGroup,
     Host,
     TunnelZone,
+    SecurityGroup,
+    SecurityGroupRule,
+    FloatingIp,
 )

@@ -89,6 +89,8 @@ FILTERABLE_FIELDS: dict[str, frozenset[str]] = {
     "pool": frozenset({"load_balancer_id"}),
     "member": frozenset({"pool_id"}),
     "health_monitor": frozenset({"pool_id"}),
+    "security_group_rule": frozenset({"security_group_id", "remote_group_id"}),
+    "floating_ip": frozenset({"router_id", "port_id"}),
 }
 
 # Fields that identify an object's owner or are allocated by the store: an update may not
@@ -245,6 +247,9 @@ _ON_DELETE: dict[tuple[str, str], _OnDelete] = {
     ("pool", "load_balancer_id"): _OnDelete.DELETE,
     ("member", "pool_id"): _OnDelete.DELETE,
     ("health_monitor", "pool_id"): _OnDelete.DELETE,
+    ("security_group_rule", "security_group_id"): _OnDelete.DELETE,
+    ("security_group_rule", "remote_group_id"): _OnDelete.DELETE,
+    ("floating_ip", "router_id"): _OnDelete.DELETE,
 }
 
 

@@ -33,7 +33,9 @@ def base_objects(api: Api) -> dict[str, str]:
     )
     load_balancer = api.create("load_balancers", {"router_id": router["id"]})
     pool = api.create("pools", {"load_balancer_id": load_balancer["id"]})
+    security_group = api.create("security_groups", {"name": "sg"})
     return {
+        "security_group": security_group["id"],
         "load_balancer": load_balancer["id"],
         "pool": pool["id"],
         "host": host["id"],
@@ -108,6 +110,21 @@ BODIES: dict[str, Callable[[dict[str, str]], dict[str, Any]]] = {
         "timeout": 4,
         "url_path": "/healthz",
         "expected_codes": "200-299,302",
+    },
+    "security_group": lambda ids: {"description": "web servers"},
+    "security_group_rule": lambda ids: {
+        "security_group_id": ids["security_group"],
+        "direction": "ingress",
+        "ethertype": "IPv4",
+        "protocol": 6,
+        "port_range_min": 22,
+        "port_range_max": 22,
+        "remote_ip_prefix": "198.51.100.0/24",
+    },
+    "floating_ip": lambda ids: {
+        "floating_ip_address": "203.0.113.50",
+        "router_id": ids["router"],
+        "fixed_ip_address": "10.0.0.5",
     },
 }
 

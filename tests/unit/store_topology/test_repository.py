@@ -481,7 +481,15 @@ def test_cascade_of_everything_leaves_an_empty_consistent_store(run: Runner) -> 
         ):
             await repo.delete(cls, obj.id, cascade=True)
         remaining = {obj.KIND for obj in (await objects(repo.store)).values()}
-        assert remaining == {"chain", "port_group", "ip_addr_group", "tunnel_zone"}
+        # Independent roots stay: chains, groups (security groups with their rules).
+        assert remaining == {
+            "chain",
+            "port_group",
+            "ip_addr_group",
+            "tunnel_zone",
+            "security_group",
+            "security_group_rule",
+        }
         await assert_consistent(repo.store)
 
     run(body)

@@ -9,6 +9,8 @@ from hivenet.model import (
     Bridge,
     Chain,
     DeviceKind,
+    Direction,
+    FloatingIp,
     HealthMonitor,
     HealthMonitorType,
     Host,
@@ -23,6 +25,8 @@ from hivenet.model import (
     Router,
     Rule,
     RuleAction,
+    SecurityGroup,
+    SecurityGroupRule,
     TunnelZone,
     TunnelZoneMember,
 )
@@ -51,6 +55,9 @@ class Net:
     listener: Listener  # default pool: `pool`
     member: Member
     health_monitor: HealthMonitor
+    security_group: SecurityGroup
+    security_group_rule: SecurityGroupRule  # remote group: its own group
+    floating_ip: FloatingIp  # on `router`, to vm_port
 
 
 async def build(repo: TopologyRepository) -> Net:
@@ -151,6 +158,28 @@ async def build(repo: TopologyRepository) -> Net:
     health_monitor = (
         await repo.create(HealthMonitor(pool_id=pool.id, type=HealthMonitorType.TCP))
     ).obj
+    security_group = (await repo.create(SecurityGroup(name="web"))).obj
+    security_group_rule = (
+        await repo.create(
+            SecurityGroupRule(
+                security_group_id=security_group.id,
+                direction=Direction.INGRESS,
+                protocol=6,
+                port_range_min=80,
+                port_range_max=80,
+                remote_group_id=security_group.id,
+            )
+        )
+    ).obj
+    floating_ip = (
+        await repo.create(
+            FloatingIp(
+                floating_ip_address=ipaddress.ip_address("192.0.2.50"),
+                router_id=router.id,
+                port_id=vm_port.id,
+            )
+        )
+    ).obj
     # The link is symmetric: re-read the bridge side.
     bridge_uplink = (await repo.get(Port, bridge_uplink.id)).obj
     return Net(
@@ -174,4 +203,7 @@ async def build(repo: TopologyRepository) -> Net:
         listener,
         member,
         health_monitor,
+        security_group,
+        security_group_rule,
+        floating_ip,
     )

@@ -1,0 +1,564 @@
+"""`FlowStateSync`: a host's connection-tracking and NAT state, shared with the hosts that
+need it (MidoNet's flow state), kept on local disk.
+
+Owns, on one host: the `ConntrackTable`, the `NatTable` and its `PortBlockAllocator`; one
+`FlowStateTransaction` per upcall (`begin` -> the simulation's hook; `finish` commits it
+if the packet passes, rolls it back if it is dropped); pushing what a new flow created to
+the egress host and the hosts of any stateful port group BEFORE the packet is forwarded
+(tunnel messages with the reserved VNI 0xFFFFFF, `flowstate.wire` format); installing what
+peers push; refreshing entries that live flows use (flow statistics of the datapath) and
+expiring the rest; invalidating the flows whose conntrack/NAT tags an entry's appearance
+or expiry touches; leasing SNAT port blocks through the store (create-if-absent txn on
+`/hivenet/v1/tables/nat/<ip>/<block>`, on the host's lease); and the persistence journal
+in the agent's state dir so a restarted agent keeps every connection.
+Does not own the simulation (sim/stateful.py has the pure hook), the datapath or the lease.
+
+Journal format (`flowstate.journal`): records back to back, each `u32 length | f64 wall
+clock seconds when written | wire message`; the wall clock converts the wire format's
+relative expiries back after a restart. It is compacted into a snapshot when it grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from hivenet.datapath.base import Datapath
+from hivenet.flowstate import (
+    ConntrackRecord,
+    ConntrackTable,
+    FlowKey,
+    FlowStateTransaction,
+    NatBinding,
+    NatKind,
+    NatRange,
+    NatRecord,
+    NatTable,
+    PortBlock,
+    PortBlockAllocator,
+    PortBlockError,
+    WireFormatError,
+    conntrack_tag,
+    decode,
+    decode_stream,
+    encode,
+    encode_batches,
+    group_by_peer,
+    hosts_of_stateful_groups,
+    key_of_embedded,
+    nat_tag,
+    parse_block_key,
+    push_targets,
+)
+from hivenet.flowstate.keys import is_icmp_error
+from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
+from hivenet.model import Port, PortGroup
+from hivenet.packets import PacketError, embedded_datagram, extract_flow_match, parse_frame
+from hivenet.sim import SimulationResult, TopologyView
+from hivenet.sim.stateful import (
+    TransactionHook,
+    connection_tags,
+    egress_hosts_of,
+    egress_port_keys_of,
+    nat_reply_tag,
+)
+from hivenet.store.base import Compare, Put, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "flowstate.journal"
+_JOURNAL_HEADER = struct.Struct("!Id")
+MAX_JOURNAL_BYTES = 4 << 20
+
+
+class FlowStateTransport(Protocol):
+    """What a datapath offers for flow-state messages (memory and userspace both do)."""
+
+    def send_flow_state(self, remote_ip: str, payload: bytes) -> None: ...
+
+    def set_flow_state_handler(self, handler: Callable[[bytes], None]) -> None: ...
+
+
+@dataclass(slots=True)
+class FlowStateCounters:
+    transactions: int = 0
+    committed: int = 0
+    rolled_back: int = 0
+    connections_opened: int = 0
+    nat_bindings_created: int = 0
+    pushed_messages: int = 0
+    pushed_bytes: int = 0
+    pushed_entries: int = 0
+    received_messages: int = 0
+    received_entries: int = 0
+    bad_messages: int = 0
+    expired_entries: int = 0
+    refreshed_entries: int = 0
+    blocks_leased: int = 0
+    block_conflicts: int = 0
+    journal_bytes: int = 0
+    restored_entries: int = 0
+    not_pushed_no_underlay: int = 0
+    by_event: dict[str, int] = field(default_factory=dict)
+
+
+class FlowStateSync:
+    """One host's flow state. Create it with the agent's topology view, datapath and store;
+    give `begin`/`finish` to the `FlowPipeline`; `await start()` / `await stop()`."""
+
+    def __init__(
+        self,
+        host_id: str,
+        datapath: Datapath,
+        topology: TopologyView,
+        store: Store | None = None,
+        *,
+        lease_id: Callable[[], int] = lambda: 0,
+        state_dir: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        tick_interval: float = 0.5,
+    ) -> None:
+        self.host_id = host_id
+        self.datapath = datapath
+        self.topology = topology
+        self.store = store
+        self.lease_id = lease_id
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.tick_interval = tick_interval
+        self.allocator = PortBlockAllocator(seed=zlib.crc32(host_id.encode()))
+        self.conntrack = ConntrackTable()
+        self.nat = NatTable(self.allocator)
+        self.counters = FlowStateCounters()
+        # Flow tag -> the entry it names (for refresh from flow statistics).
+        self._tag_entries: dict[str, tuple[str, str, FlowKey, int]] = {}
+        self._blocks_taken: set[PortBlock] = set()  # blocks other hosts hold (store watch)
+        self._wanted: dict[NatRange, None] = {}
+        self._lease_wakeup = asyncio.Event()
+        self._last_scan = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+        self._journal_path = state_dir / JOURNAL_NAME if state_dir is not None else None
+        self._journal: int | None = None
+        transport = self._transport()
+        if transport is not None:
+            transport.set_flow_state_handler(self.receive)
+
+    def _transport(self) -> FlowStateTransport | None:
+        datapath = self.datapath
+        if hasattr(datapath, "send_flow_state") and hasattr(datapath, "set_flow_state_handler"):
+            return datapath  # type: ignore[return-value]
+        return None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Restore the journal, re-lease the port blocks its SNAT bindings use, then run the
+        refresh/expiry timer and the block leaser."""
+        self.restore()
+        await self._reclaim_blocks()
+        self._task = asyncio.create_task(self._tick_loop(), name=f"hn-{self.host_id}-flowstate")
+        self._lease_task = asyncio.create_task(
+            self._lease_loop(), name=f"hn-{self.host_id}-natblocks"
+        )
+
+    async def stop(self, *, compact: bool = True) -> None:
+        """Stop the timers; `compact` (a clean stop) rewrites the journal as a snapshot."""
+        for task in (self._task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._lease_task = None
+        if compact:
+            self.compact()
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+
+    # ------------------------------------------------------------------ per upcall
+
+    def begin(self, frame: bytes) -> TransactionHook:
+        """The hook for simulating `frame` (an ICMP error's quote is parsed here)."""
+        self.counters.transactions += 1
+        embedded: FlowKey | None = None
+        try:
+            match = extract_flow_match(frame, 0)
+            if is_icmp_error(match):
+                embedded = key_of_embedded(embedded_datagram(parse_frame(frame)))
+        except (PacketError, ValueError):
+            embedded = None
+        return TransactionHook(FlowStateTransaction(self.conntrack, self.nat, embedded))
+
+    def finish(
+        self, hook: TransactionHook, result: SimulationResult, ingress_port_id: str, now: float
+    ) -> None:
+        """After the simulation, before the packet is forwarded: commit or roll back, then
+        invalidate what the new entries change and push them to the hosts that need them."""
+        transaction = hook.transaction
+        for target in hook.record.exhausted:
+            self._wanted[target] = None
+            self._lease_wakeup.set()
+        if result.is_drop or not hook.record.used:
+            transaction.rollback()
+            if hook.record.used:
+                self.counters.rolled_back += 1
+            return
+        peers = self.push_targets(result, ingress_port_id)
+        committed = transaction.commit(now, peers)
+        self.counters.committed += 1
+        tags: set[str] = set()
+        for zone, key in hook.record.opened:
+            tags |= connection_tags(zone, key)
+            self.counters.connections_opened += 1
+        for record in committed.connections:
+            self._remember_connection(record.zone, record.key)
+        for binding in committed.nat_bindings:
+            tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
+            tags.add(nat_tag(binding))
+            self._remember_binding(binding.zone, binding.kind, binding.original, binding.translated)
+            self.counters.nat_bindings_created += 1
+        if tags:
+            self.datapath.invalidate(tags)
+        self.push_due(now)
+
+    def push_targets(self, result: SimulationResult, ingress_port_id: str) -> frozenset[str]:
+        view = self.topology
+        underlay_hosts = {ip: host for host, ip in view.host_underlay_ip.items()}
+        egress_hosts = egress_hosts_of(result, underlay_hosts)
+        port_ids = [ingress_port_id]
+        for key in egress_port_keys_of(result):
+            port_id = view.port_by_tunnel_key.get(key)
+            if port_id is not None:
+                port_ids.append(port_id)
+        groups_of_port = {
+            port_id: view.ports[port_id].port_group_ids
+            for port_id in port_ids
+            if port_id in view.ports
+        }
+        stateful = {
+            group.id
+            for group in view.all("port_group")
+            if isinstance(group, PortGroup) and group.stateful
+        }
+        hosts_of_group: dict[str, set[str]] = {}
+        if stateful and any(groups & stateful for groups in groups_of_port.values()):
+            for port in view.all("port"):
+                if isinstance(port, Port) and port.host_id:
+                    for group_id in port.port_group_ids:
+                        if group_id in stateful:
+                            hosts_of_group.setdefault(group_id, set()).add(port.host_id)
+        group_hosts = hosts_of_stateful_groups(port_ids, groups_of_port, stateful, hosts_of_group)
+        return push_targets(
+            local_host=self.host_id,
+            ingress_host=self.host_id,
+            egress_hosts=egress_hosts,
+            stateful_group_hosts=group_hosts,
+        )
+
+    # ------------------------------------------------------------------ pushing
+
+    def push_due(self, now: float) -> None:
+        """Send every entry due for a push (new, changed, refreshed) to its peers, and write
+        it to the journal."""
+        conntrack_due = self.conntrack.due_for_push(now)
+        nat_due = self.nat.due_for_push(now)
+        if not conntrack_due and not nat_due:
+            return
+        self._journal_append(
+            encode(
+                (record for record, _ in conntrack_due), (record for record, _ in nat_due), now=now
+            )
+        )
+        transport = self._transport()
+        if transport is None:
+            return
+        conntrack_by_peer = group_by_peer(conntrack_due)
+        nat_by_peer = group_by_peer(nat_due)
+        for peer in sorted(set(conntrack_by_peer) | set(nat_by_peer)):
+            remote_ip = self.topology.host_underlay_ip.get(peer)
+            if remote_ip is None:
+                self.counters.not_pushed_no_underlay += 1
+                continue
+            conntrack_records = conntrack_by_peer.get(peer, [])
+            nat_records = nat_by_peer.get(peer, [])
+            for message in encode_batches(conntrack_records, nat_records, now=now):
+                transport.send_flow_state(remote_ip, message)
+                self.counters.pushed_messages += 1
+                self.counters.pushed_bytes += len(message)
+            self.counters.pushed_entries += len(conntrack_records) + len(nat_records)
+
+    def receive(self, payload: bytes) -> None:
+        """A peer's push (the datapath's handler for the flow-state VNI)."""
+        now = self.clock()
+        try:
+            batch = decode(payload, now)
+        except WireFormatError as error:
+            self.counters.bad_messages += 1
+            log.warning("host %s: bad flow-state message: %s", self.host_id, error)
+            return
+        self.counters.received_messages += 1
+        self.counters.received_entries += len(batch)
+        self._install(batch.conntrack, batch.nat, now)
+        self._journal_append(payload, written_at=now)
+
+    def _install(
+        self, conntrack: Iterable[ConntrackRecord], nat: Iterable[NatRecord], now: float
+    ) -> None:
+        tags: set[str] = set()
+        for record in conntrack:
+            existed = self.conntrack.get(record.zone, record.key, now) is not None
+            merged = self.conntrack.merge(record, now)
+            if merged is None or not existed:
+                tags |= connection_tags(record.zone, record.key)
+            if merged is not None:
+                self._remember_connection(record.zone, record.key)
+        for nat_record in nat:
+            binding = nat_record.binding
+            existing = self.nat.lookup_original(binding.zone, binding.kind, binding.original, now)
+            merged_binding = self.nat.merge(nat_record, now)
+            if merged_binding is None or existing != binding:
+                tags.add(nat_tag(binding))
+                tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
+            if merged_binding is not None:
+                self._remember_binding(
+                    binding.zone, binding.kind, binding.original, binding.translated
+                )
+        if tags:
+            self.datapath.invalidate(tags)
+
+    def _remember_connection(self, zone: str, key: FlowKey) -> None:
+        for oriented in (key, key.reversed()):
+            self._tag_entries[conntrack_tag(zone, oriented)] = ("ct", zone, key, 0)
+
+    def _remember_binding(
+        self, zone: str, kind: NatKind, original: FlowKey, translated: FlowKey
+    ) -> None:
+        binding = NatBinding(zone, kind, original, translated)
+        self._tag_entries[nat_tag(binding)] = ("nat", zone, original, int(kind))
+
+    # ------------------------------------------------------------------ time
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            try:
+                self.tick(self.clock())
+            except Exception:  # the timer must survive a bug in one tick
+                log.exception("host %s: flow-state tick failed", self.host_id)
+
+    def tick(self, now: float) -> None:
+        """Refresh entries whose flows were used, expire the idle ones, push what is due."""
+        self._touch_used(now)
+        tags: set[str] = set()
+        for record in self.conntrack.expire(now):
+            tags |= connection_tags(record.zone, record.key)
+            for oriented in (record.key, record.key.reversed()):
+                self._tag_entries.pop(conntrack_tag(record.zone, oriented), None)
+            self.counters.expired_entries += 1
+        for nat_record in self.nat.expire(now):
+            binding = nat_record.binding
+            tags.add(nat_tag(binding))
+            tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
+            self._tag_entries.pop(nat_tag(binding), None)
+            self.counters.expired_entries += 1
+        if tags:
+            self.datapath.invalidate(tags)
+        self.push_due(now)
+        if self._journal_path is not None and self.counters.journal_bytes > MAX_JOURNAL_BYTES:
+            self.compact()
+
+    def _touch_used(self, now: float) -> None:
+        table = getattr(self.datapath, "flow_table", None)
+        if table is None:
+            return
+        since = self._last_scan
+        self._last_scan = now
+        for flow in table.flows():
+            if flow.last_used <= since:
+                continue
+            for tag in flow.tags:
+                entry = self._tag_entries.get(tag)
+                if entry is None:
+                    continue
+                what, zone, key, kind = entry
+                if what == "ct":
+                    refreshed = self.conntrack.touch(zone, key, now)
+                else:
+                    refreshed = self.nat.touch(zone, NatKind(kind), key, now)
+                if refreshed:
+                    self.counters.refreshed_entries += 1
+
+    # ------------------------------------------------------------------ NAT port blocks
+
+    def on_block_change(self, key: str, value: bytes | None) -> None:
+        """The store watch saw a NAT block key change (ours or another host's)."""
+        try:
+            block = parse_block_key(key)
+        except PortBlockError:
+            return
+        if value is None:
+            self._blocks_taken.discard(block)
+            if block in self.allocator.blocks:
+                # Our lease on it is gone (lease lost): stop handing out its ports.
+                self.allocator.remove_block(block)
+        elif value.decode(errors="replace") != self.host_id:
+            self._blocks_taken.add(block)
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await self._lease_wakeup.wait()
+            self._lease_wakeup.clear()
+            wanted = list(self._wanted)
+            self._wanted.clear()
+            for target in wanted:
+                try:
+                    await self.lease_block(target)
+                except StoreError as error:
+                    log.warning("host %s: NAT block lease failed: %s", self.host_id, error)
+                    self._wanted[target] = None
+                    await asyncio.sleep(0.5)
+                    self._lease_wakeup.set()
+
+    async def _reclaim_blocks(self) -> None:
+        """After a restart the blocks of restored bindings are still written under our old
+        lease (or already gone): take them again under the current one, or give them up."""
+        if self.store is None:
+            return
+        for block in sorted(self.allocator.blocks):
+            key = block.store_key()
+            mine = Compare(key, "value", "==", self.host_id.encode())
+            put = Put(key, self.host_id.encode(), lease=self.lease_id())
+            try:
+                result = await self.store.txn([mine], [put])
+                if not result.succeeded:
+                    result = await self.store.txn([Compare(key, "create_revision", "==", 0)], [put])
+            except StoreError as error:
+                log.warning("host %s: cannot reclaim NAT block %s: %s", self.host_id, key, error)
+                continue
+            if not result.succeeded:
+                log.warning("host %s: NAT block %s was taken while we were down", self.host_id, key)
+                self.allocator.remove_block(block)
+                self._blocks_taken.add(block)
+
+    async def lease_block(self, target: NatRange) -> PortBlock | None:
+        """Lease one more block of `target` through the store; None when all are taken."""
+        if self.store is None:
+            return None
+        for block in self.allocator.blocks_to_try(target, self._blocks_taken, limit=16):
+            key = block.store_key()
+            result = await self.store.txn(
+                [Compare(key, "create_revision", "==", 0)],
+                [Put(key, self.host_id.encode(), lease=self.lease_id())],
+            )
+            if result.succeeded:
+                self.allocator.add_block(block)
+                self.counters.blocks_leased += 1
+                return block
+            self.counters.block_conflicts += 1
+            self._blocks_taken.add(block)
+        return None
+
+    # ------------------------------------------------------------------ persistence
+
+    def _journal_append(self, message: bytes, written_at: float | None = None) -> None:
+        if self._journal_path is None:
+            return
+        if self._journal is None:
+            self._journal_path.parent.mkdir(parents=True, exist_ok=True)
+            self._journal = os.open(
+                self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+            )
+        age = 0.0 if written_at is None else self.clock() - written_at
+        record = _JOURNAL_HEADER.pack(len(message), self.wall_clock() - age) + message
+        # One write per record: after a kill -9 the kernel still has it (no fsync: a host
+        # crash takes the connections with it anyway).
+        os.write(self._journal, record)
+        self.counters.journal_bytes += len(record)
+
+    def compact(self) -> None:
+        """Replace the journal by a snapshot of the live entries."""
+        if self._journal_path is None:
+            return
+        now = self.clock()
+        message = encode(self.conntrack.snapshot(now), self.nat.snapshot(now), now=now)
+        tmp = self._journal_path.with_suffix(".tmp")
+        self._journal_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(_JOURNAL_HEADER.pack(len(message), self.wall_clock()) + message)
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+        tmp.replace(self._journal_path)
+        self.counters.journal_bytes = len(message) + _JOURNAL_HEADER.size
+
+    def restore(self) -> int:
+        """Load the journal (after a restart). Returns how many live entries it held."""
+        if self._journal_path is None or not self._journal_path.exists():
+            return 0
+        data = self._journal_path.read_bytes()
+        now, wall_now = self.clock(), self.wall_clock()
+        offset = restored = 0
+        while offset + _JOURNAL_HEADER.size <= len(data):
+            length, written = _JOURNAL_HEADER.unpack_from(data, offset)
+            start = offset + _JOURNAL_HEADER.size
+            if start + length > len(data):
+                break  # torn last record
+            try:
+                batch = decode_stream(data[start : start + length], now - (wall_now - written))
+            except WireFormatError as error:
+                log.warning(
+                    "host %s: journal record at %d unreadable: %s", self.host_id, offset, error
+                )
+                break
+            for record in batch.conntrack:
+                if self.conntrack.merge(record, now) is not None:
+                    self._remember_connection(record.zone, record.key)
+            for nat_record in batch.nat:
+                binding = nat_record.binding
+                if self.nat.merge(nat_record, now) is not None:
+                    self._remember_binding(
+                        binding.zone, binding.kind, binding.original, binding.translated
+                    )
+            offset = start + length
+        # Our SNAT bindings' ports must stay ours: re-hold their blocks.
+        for nat_record in self.nat.snapshot(now):
+            binding = nat_record.binding
+            if binding.kind is NatKind.SNAT:
+                translated = binding.translated
+                with contextlib.suppress(PortBlockError):
+                    self.allocator.add_block(
+                        PortBlock(
+                            translated.ip_version,
+                            translated.ip_src,
+                            translated.tp_src // self.allocator.block_size,
+                        )
+                    )
+        restored = len(self.conntrack) + len(self.nat)
+        self.counters.restored_entries = restored
+        self.compact()
+        return restored
+
+    def counters_snapshot(self) -> dict[str, int]:
+        out = {
+            name: getattr(self.counters, name)
+            for name in self.counters.__dataclass_fields__
+            if name != "by_event"
+        }
+        out["connections"] = len(self.conntrack)
+        out["nat_bindings"] = len(self.nat)
+        out["nat_blocks"] = len(self.allocator.blocks)
+        return out
+
+
+def is_nat_block_key(key: str) -> bool:
+    return key.startswith(NAT_BLOCK_PREFIX)
