@@ -144,12 +144,6 @@ def test_port_admin_down_stops_traffic_within_a_second_and_spares_other_flows(la
     ping(lab, "vm1", "10.0.1.20")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sim/topology.py lists admin_state_up in _DEVICE_PORT_FIELDS: a VM port's admin "
-    "change recompiles its bridge and invalidates the whole bridge:<id> tag, so every flow of "
-    "that bridge on every host is simulated again",
-)
 def test_port_admin_down_spares_flows_of_other_ports_on_the_same_bridge(lab: Lab) -> None:
     ping(lab, "vm1", "10.0.1.11")  # vm1 <-> vm2, same bridge as vm3, flows on h1
     with lab.client() as client:

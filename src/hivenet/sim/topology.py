@@ -145,10 +145,20 @@ _DEVICE_PORT_FIELDS = (
 )
 
 
+# A bridge compiles nothing from its ports' admin state: the engine reads it at the port
+# itself, and every flow through a port carries the port's tag. So a bridge port going down
+# invalidates the flows through that port only, not every flow of its bridge. (A router's
+# connected routes do depend on it.)
+_BRIDGE_DEVICE_PORT_FIELDS = tuple(f for f in _DEVICE_PORT_FIELDS if f != "admin_state_up")
+
+
 def _device_sees_change(old: Port | None, new: Port | None) -> bool:
     if old is None or new is None:
         return True
-    return any(getattr(old, name) != getattr(new, name) for name in _DEVICE_PORT_FIELDS)
+    fields = _DEVICE_PORT_FIELDS
+    if old.device_kind is DeviceKind.BRIDGE and new.device_kind is DeviceKind.BRIDGE:
+        fields = _BRIDGE_DEVICE_PORT_FIELDS
+    return any(getattr(old, name) != getattr(new, name) for name in fields)
 
 
 class TopologyView:
