@@ -27,7 +27,7 @@ from hivenet.lab.lab import (
     require_root,
 )
 from hivenet.lab.netns import LabError, LabScope
-from hivenet.lab.scenario import ScenarioError, builtin_scenario, load_scenario
+from hivenet.lab.scenario import ScenarioError, builtin_scenario_names, resolve_scenario
 
 app = typer.Typer(
     help="A whole HiveNet cloud on this machine: hosts and VMs as network namespaces.",
@@ -67,11 +67,12 @@ def _load(state_dir: Path) -> Lab:
 @app.command("up")
 def up(
     scenario: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--scenario",
-            help="Scenario YAML file (default: the built-in 3 hosts / 4 VMs / 1 router).",
-            dir_okay=False,
+            help="Scenario YAML file, or the name of a built-in one: "
+            f"{', '.join(builtin_scenario_names())} (default: the built-in 3 hosts / 4 VMs / "
+            "1 router; `nat` adds the outside world, SNAT and floating IPs).",
             show_default=False,
         ),
     ] = None,
@@ -92,7 +93,7 @@ def up(
     """Build the lab: namespaces, store, API server, topology (via the API), VMs, agents."""
     try:
         require_root("up")
-        spec = load_scenario(scenario) if scenario is not None else builtin_scenario()
+        spec = resolve_scenario(scenario)
         lab = Lab(
             spec,
             state_dir=_state_dir(state_dir),
@@ -122,10 +123,14 @@ def print_summary(lab: Lab, out: Console = console) -> None:
         )
     out.print(hosts)
     vms_table = Table(title="VMs", title_justify="left")
-    for column in ("VM", "namespace", "host", "network", "tenant", "eth0", "MAC", "gateway"):
+    columns = ["VM", "namespace", "host", "network", "tenant", "eth0", "MAC", "gateway"]
+    external = lab.plan.external
+    if external is not None:
+        columns.append("floating IP")
+    for column in columns:
         vms_table.add_column(column)
     for vm in lab.plan.vms:
-        vms_table.add_row(
+        row = [
             vm.name,
             vm.namespace,
             vm.host,
@@ -134,20 +139,30 @@ def print_summary(lab: Lab, out: Console = console) -> None:
             vm.ip,
             lab.record.macs.get(vm.name, "-"),
             vm.gateway or "-",
-        )
-    if lab.plan.external is not None:
-        external = lab.plan.external
+        ]
+        if external is not None:
+            row.append(vm.floating_ip or "-")
+        vms_table.add_row(*row)
+    if external is not None:
+        routes = ", ".join(external.routes)
         vms_table.add_row(
             "(external)",
             external.namespace,
             external.host,
-            f"router {external.router}",
+            f"router {external.router} uplink {external.router_ip}",
             "-",
             external.ip,
             lab.record.macs.get("ext", "-"),
+            external.router_address + (f" for {routes}" if routes else ""),
             "-",
         )
     out.print(vms_table)
+    spec = lab.scenario.external
+    if spec is not None and spec.snat:
+        out.print(
+            f"SNAT:       {', '.join(spec.snat)} -> {spec.router_ip.ip} "
+            f"(leaving by {spec.router}'s uplink on {spec.host})"
+        )
     first = lab.plan.vms[0]
     others = [vm for vm in lab.plan.vms if vm.name != first.name]
     target = others[-1].address if others else first.address
@@ -156,6 +171,11 @@ def print_summary(lab: Lab, out: Console = console) -> None:
     out.print(f"state dir:  {lab.state_dir}  (logs, PID files, agent counters)")
     out.print("Explore:")
     out.print(f"  hivenet lab exec {first.namespace} ping -c3 {target}")
+    if external is not None:
+        out.print(f"  hivenet lab exec {first.namespace} ping -c3 {external.address}")
+        floating = next((vm.floating_ip for vm in lab.plan.vms if vm.floating_ip), None)
+        if floating is not None:
+            out.print(f"  hivenet lab exec {external.namespace} ping -c3 {floating}")
     out.print(f"  hivenet lab status --state-dir {lab.state_dir}")
     out.print(f"  source {lab.state_dir / ENV_FILE}   # HIVENET_API_URL, HIVENET_STATE_DIR")
     out.print("  hivenet bridge list; hivenet port list")

@@ -3,11 +3,13 @@
 Owns the orchestration of `hivenet lab up|status|exec|down`: the names of one lab (`LabPlan`,
 pure), its record in `<state-dir>/lab.json`, bringing it up (underlay bridge, host namespaces,
 the embedded store, `hivenet serve` in the root namespace, the topology written THROUGH THE
-REST API, VM namespaces whose `eth0` is wired to a bound port in the host namespace, one
-`hivenet agent run --datapath userspace` per host inside its namespace), waiting until every
-agent has bound its ports, tearing exactly this lab down again, and the traffic probes the
-demo and the end-to-end tests share (ping with RTTs, a checksummed TCP transfer, iperf3, a
-packet capture inside a VM).
+REST API, VM namespaces whose `eth0` is wired to a bound port in the host namespace, the
+optional outside world `hn-ext` behind the external router's uplink port with the router's
+SNAT chains and the VMs' floating IPs, one `hivenet agent run --datapath userspace` per host
+inside its namespace), waiting until every agent has bound its ports, tearing exactly this
+lab down again, and the traffic probes the demo and the end-to-end tests share (ping with
+RTTs, a checksummed TCP transfer, iperf3, a packet capture inside a VM, a checksummed echo
+server/client that reports each peer as the server saw it, a TCP connect probe).
 
 Must not touch: anything not named by this lab's plan (other labs run beside it, each with
 its own `LabScope` tag and state dir), the root namespace's addresses and routes, a process
@@ -47,14 +49,19 @@ from pyroute2 import IPRoute
 from hivenet.api.client import ApiClientError, HivenetClient
 from hivenet.lab import netns
 from hivenet.lab.netns import LabError, LabScope, ProcessRecord
-from hivenet.lab.scenario import Scenario, scenario_from_data
+from hivenet.lab.scenario import SNAT_PORT_FIRST, SNAT_PORT_LAST, Scenario, scenario_from_data
 from hivenet.model import (
     Bridge,
+    Chain,
     DeviceKind,
+    FloatingIp,
     Host,
+    NatTarget,
     Port,
     Route,
     Router,
+    Rule,
+    RuleAction,
     TopologyObject,
     TunnelZone,
     TunnelZoneMember,
@@ -130,6 +137,7 @@ class VmPlan:
     setup_link: str  # the VM end's name until it is renamed eth0 inside the VM namespace
     ip: str  # with prefix
     gateway: str | None
+    floating_ip: str | None = None  # its 1:1 NAT address on the external router
 
     @property
     def address(self) -> str:
@@ -146,6 +154,17 @@ class ExternalPlan:
     setup_link: str
     ip: str
     router_ip: str
+    floating_gateway: str | None = None  # the uplink's address in a routed floating range
+    routes: tuple[str, ...] = ()  # prefixes hn-ext routes via router_ip
+
+    @property
+    def address(self) -> str:
+        return self.ip.split("/")[0]
+
+    @property
+    def router_address(self) -> str:
+        """The uplink port's address: hn-ext's next hop and the SNAT source address."""
+        return self.router_ip.split("/")[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +251,23 @@ def route_id(router: str, index: int) -> str:
     return f"route.{router}.{index}"
 
 
+def nat_chain_ids(router: str) -> tuple[str, str]:
+    """(inbound, outbound) chain of a router that SNATs networks to its uplink address."""
+    return f"nat-in.{router}", f"nat-out.{router}"
+
+
+def reverse_snat_rule_id(router: str) -> str:
+    return f"rule.{router}.rev-snat"
+
+
+def snat_rule_id(router: str, network: str) -> str:
+    return f"rule.{router}.snat.{network}"
+
+
+def floating_ip_id(vm: str) -> str:
+    return f"fip.{vm}"
+
+
 def plan_lab(scenario: Scenario, scope: LabScope) -> LabPlan:
     """Every namespace, link and port id of the lab `scenario` describes, in `scope`."""
     hosts = tuple(
@@ -256,6 +292,7 @@ def plan_lab(scenario: Scenario, scope: LabScope) -> LabPlan:
             setup_link=scope.link(f"{vm.name}i"),
             ip=str(vm.ip),
             gateway=None if (gw := scenario.gateway_of(vm)) is None else str(gw),
+            floating_ip=None if vm.floating_ip is None else str(vm.floating_ip),
         )
         for vm in scenario.vms
     )
@@ -271,6 +308,8 @@ def plan_lab(scenario: Scenario, scope: LabScope) -> LabPlan:
             setup_link=scope.link(f"{EXTERNAL_ROLE}i"),
             ip=str(spec.ip),
             router_ip=str(spec.router_ip),
+            floating_gateway=None if spec.floating_gateway is None else str(spec.floating_gateway),
+            routes=tuple(str(prefix) for prefix in spec.routed_prefixes),
         )
     plan = LabPlan(
         tag=scope.tag,
@@ -300,8 +339,9 @@ def topology_objects(
     scenario: Scenario, plan: LabPlan, macs: dict[str, str]
 ) -> list[TopologyObject]:
     """The topology the scenario describes, in an order the API accepts (referenced objects
-    first): hosts, the tunnel zone, bridges, routers with their ports, the bridge ports peered
-    to them and static routes, the VM ports bound to (host, interface), the external port."""
+    first): hosts, the tunnel zone, bridges, routers (after their NAT chains) with their
+    ports, the bridge ports peered to them and static routes, the VM ports bound to (host,
+    interface), the external port, its SNAT rules and the VMs' floating IPs."""
     objects: list[TopologyObject] = [Host(id=host.name, name=host.name) for host in plan.hosts]
     objects.append(
         TunnelZone(
@@ -317,8 +357,25 @@ def topology_objects(
         Bridge(id=network.name, name=network.name, tenant_id=network.tenant)
         for network in scenario.networks
     )
+    external_spec = scenario.external
     for router in scenario.routers:
-        objects.append(Router(id=router.name, name=router.name, tenant_id=router.tenant))
+        if external_spec is not None and external_spec.snat and external_spec.router == router.name:
+            inbound, outbound = nat_chain_ids(router.name)
+            objects.append(
+                Chain(id=inbound, name=f"{router.name} reverse SNAT", tenant_id=router.tenant)
+            )
+            objects.append(Chain(id=outbound, name=f"{router.name} SNAT", tenant_id=router.tenant))
+            objects.append(
+                Router(
+                    id=router.name,
+                    name=router.name,
+                    tenant_id=router.tenant,
+                    inbound_chain_id=inbound,
+                    outbound_chain_id=outbound,
+                )
+            )
+        else:
+            objects.append(Router(id=router.name, name=router.name, tenant_id=router.tenant))
         subnets: dict[str, ipaddress.IPv4Network] = {}
         for interface in router.interfaces:
             network = scenario.network(interface.network)
@@ -372,20 +429,76 @@ def topology_objects(
                 interface_name=vm_plan.port_link,
             )
         )
-    if plan.external is not None:
-        external = plan.external
+    if plan.external is not None and external_spec is not None:
+        objects.extend(_external_objects(scenario, plan.external))
+    return objects
+
+
+def _external_objects(scenario: Scenario, external: ExternalPlan) -> list[TopologyObject]:
+    """The uplink port, the SNAT rules of its router and the VMs' floating IPs."""
+    spec = scenario.external
+    assert spec is not None
+    tenant = scenario.router(external.router).tenant
+    addresses = [spec.router_ip]
+    if spec.floating_gateway is not None:
+        addresses.append(spec.floating_gateway)
+    objects: list[TopologyObject] = [
+        Port(
+            id=external.port_id,
+            name=f"{external.router}-external",
+            tenant_id=tenant,
+            device_kind=DeviceKind.ROUTER,
+            device_id=external.router,
+            addresses=tuple(addresses),
+            host_id=external.host,
+            interface_name=external.port_link,
+        )
+    ]
+    if spec.snat:
+        inbound, outbound = nat_chain_ids(external.router)
+        # Replies to SNATed connections get their VM's address back before routing.
         objects.append(
-            Port(
-                id=external.port_id,
-                name=f"{external.router}-external",
-                tenant_id=scenario.router(external.router).tenant,
-                device_kind=DeviceKind.ROUTER,
-                device_id=external.router,
-                addresses=(ipaddress.IPv4Interface(external.router_ip),),
-                host_id=external.host,
-                interface_name=external.port_link,
+            Rule(
+                id=reverse_snat_rule_id(external.router),
+                tenant_id=tenant,
+                chain_id=inbound,
+                position=10,
+                action=RuleAction.REV_SNAT,
             )
         )
+        snat_address = spec.router_ip.ip
+        for index, network in enumerate(spec.snat):
+            objects.append(
+                Rule(
+                    id=snat_rule_id(external.router, network),
+                    tenant_id=tenant,
+                    chain_id=outbound,
+                    position=10 + index,
+                    action=RuleAction.SNAT,
+                    nw_src=scenario.network(network).subnet,
+                    out_port_ids=(external.port_id,),
+                    nat_targets=(
+                        NatTarget(
+                            address_from=snat_address,
+                            address_to=snat_address,
+                            port_from=SNAT_PORT_FIRST,
+                            port_to=SNAT_PORT_LAST,
+                        ),
+                    ),
+                )
+            )
+    for vm in scenario.vms:
+        if vm.floating_ip is not None:
+            objects.append(
+                FloatingIp(
+                    id=floating_ip_id(vm.name),
+                    name=f"{vm.name} floating",
+                    tenant_id=tenant,
+                    floating_ip_address=vm.floating_ip,
+                    router_id=external.router,
+                    port_id=vm_port_id(vm.name),
+                )
+            )
     return objects
 
 
@@ -648,6 +761,214 @@ while (left := deadline - time.monotonic()) > 0:
         print(sock.recv(65535).hex(), flush=True)
 print("done", flush=True)
 """
+
+
+# An echo server for N connections at once: "ready", then per connection, when its client has
+# closed its sending side, one JSON line: the peer address as this end saw it (after any NAT),
+# the bytes and the SHA-256 of what arrived. Every chunk is echoed back as it arrives.
+ECHO_SERVER_SCRIPT = """
+import hashlib, json, socket, sys, threading
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+listener = socket.create_server((host, port), backlog=64)
+print("ready", flush=True)
+lock = threading.Lock()
+def serve(connection, peer):
+    digest, total = hashlib.sha256(), 0
+    with connection:
+        while chunk := connection.recv(65536):
+            digest.update(chunk)
+            total += len(chunk)
+            connection.sendall(chunk)
+    line = {"peer_ip": peer[0], "peer_port": peer[1], "bytes": total,
+            "sha256": digest.hexdigest()}
+    with lock:
+        print(json.dumps(line), flush=True)
+threads = []
+for _ in range(count):
+    connection, peer = listener.accept()
+    thread = threading.Thread(target=serve, args=(connection, peer))
+    thread.start()
+    threads.append(thread)
+for thread in threads:
+    thread.join()
+"""
+
+# One connection (from source port argv[7], 0: any) sending `chunks` random chunks of
+# `size` bytes, `interval` seconds apart, each read back from the echo before the next goes out
+# ("progress <n> <wall time>" per chunk); then a JSON line: local address, bytes, SHA-256 of
+# what was sent, whether every echo matched, the longest wait for one echo.
+ECHO_CLIENT_SCRIPT = """
+import hashlib, json, os, socket, sys, time
+host, port, size, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+interval, timeout, source_port = float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+connection = socket.create_connection((host, port), timeout=timeout,
+                                      source_address=("0.0.0.0", source_port))
+local = connection.getsockname()
+digest, echoes_match, longest = hashlib.sha256(), True, 0.0
+for number in range(1, chunks + 1):
+    payload = os.urandom(size)
+    digest.update(payload)
+    started = time.monotonic()
+    connection.sendall(payload)
+    echoed = b""
+    while len(echoed) < size:
+        part = connection.recv(size - len(echoed))
+        if not part:
+            sys.exit(f"connection closed by the peer after {number - 1} chunks")
+        echoed += part
+    longest = max(longest, time.monotonic() - started)
+    echoes_match = echoes_match and echoed == payload
+    print(f"progress {number} {time.time():.3f}", flush=True)
+    if interval:
+        time.sleep(interval)
+connection.shutdown(socket.SHUT_WR)
+if connection.recv(1):
+    sys.exit("unexpected data after the last echo")
+print(json.dumps({"local_ip": local[0], "local_port": local[1], "bytes": size * chunks,
+                  "sha256": digest.hexdigest(), "echoes_match": echoes_match,
+                  "longest_wait": longest}), flush=True)
+"""
+
+# Try one TCP connection with a deadline: prints "connected", "refused" or "timeout".
+TCP_PROBE_SCRIPT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print("connected")
+except ConnectionRefusedError:
+    print("refused")
+except (TimeoutError, socket.timeout):
+    print("timeout")
+"""
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    lines: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    lines.append(json.loads(line))
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class EchoSession:
+    """One connection as the echo server saw it."""
+
+    peer_ip: str
+    peer_port: int
+    bytes_received: int
+    sha256: str
+
+
+class EchoServer:
+    """`ECHO_SERVER_SCRIPT` running in a lab namespace (see `Lab.echo_server`)."""
+
+    def __init__(self, process: netns.NamespaceProcess, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_path.exists() and "ready" in self.log_path.read_text().split():
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise LabError(f"echo server did not start: {_tail(self.log_path)}")
+
+    def sessions(self, count: int, timeout: float = 10.0) -> list[EchoSession]:
+        """The first `count` finished connections (waits for them up to `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = _json_lines(self.log_path)
+            if len(lines) >= count:
+                return [
+                    EchoSession(
+                        str(line["peer_ip"]),
+                        int(line["peer_port"]),
+                        int(line["bytes"]),
+                        str(line["sha256"]),
+                    )
+                    for line in lines[:count]
+                ]
+            if time.monotonic() > deadline or self.process.poll() not in (None, 0):
+                raise LabError(
+                    f"echo server: {len(lines)} of {count} connections finished:\n"
+                    f"{_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class EchoResult:
+    local_ip: str
+    local_port: int
+    bytes_sent: int
+    sha256: str
+    echoes_match: bool
+    longest_wait: float
+
+
+class EchoClient:
+    """`ECHO_CLIENT_SCRIPT` running in a lab namespace (see `Lab.echo_client`)."""
+
+    def __init__(self, process: netns.NamespaceProcess, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    def progress(self) -> list[tuple[int, float]]:
+        """(chunk number, wall-clock time its echo arrived), in order."""
+        out: list[tuple[int, float]] = []
+        with contextlib.suppress(OSError):
+            for line in self.log_path.read_text().splitlines():
+                words = line.split()
+                if len(words) == 3 and words[0] == "progress":
+                    out.append((int(words[1]), float(words[2])))
+        return out
+
+    def wait_progress(self, chunks: int, timeout: float) -> float:
+        """Until `chunks` echoes have arrived; the wall-clock time of the last one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.progress()
+            if len(done) >= chunks:
+                return done[-1][1]
+            code = self.process.poll()
+            if code is not None or time.monotonic() > deadline:
+                why = f"it exited with {code}" if code is not None else f"after {timeout:.0f} s"
+                raise LabError(
+                    f"echo client: {len(done)} of {chunks} echoes ({why}):\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+    def result(self, timeout: float) -> EchoResult:
+        """Wait for the client to finish; what it sent and whether every echo matched."""
+        try:
+            code = self.process.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise LabError(
+                f"echo client still running after {timeout:.0f} s:\n{_tail(self.log_path)}"
+            ) from None
+        finally:
+            self.process.stop()
+        lines = _json_lines(self.log_path)
+        if code != 0 or not lines:
+            raise LabError(f"echo client failed (exit {code}):\n{_tail(self.log_path)}")
+        line = lines[-1]
+        return EchoResult(
+            str(line["local_ip"]),
+            int(line["local_port"]),
+            int(line["bytes"]),
+            str(line["sha256"]),
+            bool(line["echoes_match"]),
+            float(line["longest_wait"]),
+        )
 
 
 class Capture:
@@ -935,6 +1256,8 @@ class Lab:
             external.namespace, external.setup_link, VM_INTERFACE, self.record.macs[EXTERNAL_ROLE]
         )
         netns.add_address(VM_INTERFACE, external.ip, namespace=external.namespace)
+        for prefix in external.routes:
+            netns.add_route(prefix, gateway=external.router_address, namespace=external.namespace)
 
     # ---- agents -----------------------------------------------------------------------------
 
@@ -1095,6 +1418,10 @@ class Lab:
             self.plan.namespace_of(name), argv, timeout=timeout, check=check
         )
 
+    def log_of(self, name: str, label: str) -> Path:
+        """The output file of the process `start_in(name, ..., label=label)` started."""
+        return self._log_path(self.plan.namespace_of(name), label)
+
     def start_in(self, name: str, argv: Sequence[str], *, label: str) -> netns.NamespaceProcess:
         """A background process in a lab namespace (PID file in the state dir; `down` ends it)."""
         namespace = self.plan.namespace_of(name)
@@ -1121,11 +1448,21 @@ class Lab:
         return parse_ping(result.stdout + result.stderr, count)
 
     def tcp_transfer(
-        self, source: str, sink: str, sink_ip: str, *, size: int = 8 << 20, port: int = 5201
+        self,
+        source: str,
+        sink: str,
+        sink_ip: str,
+        *,
+        size: int = 8 << 20,
+        port: int = 5201,
+        listen_ip: str | None = None,
     ) -> TransferResult:
-        """`size` random bytes from `source` to `sink` over TCP; both ends hash them (SHA-256)."""
+        """`size` random bytes from `source` to `sink` over TCP; both ends hash them (SHA-256).
+        `source` connects to `sink_ip`; `sink` listens on `listen_ip` (default: `sink_ip`;
+        another address when `sink_ip` is translated on the way, e.g. a floating IP)."""
+        listen = sink_ip if listen_ip is None else listen_ip
         server = self.start_in(
-            sink, [sys.executable, "-c", TCP_SINK_SCRIPT, sink_ip, str(port)], label="tcpsink"
+            sink, [sys.executable, "-c", TCP_SINK_SCRIPT, listen, str(port)], label="tcpsink"
         )
         try:
             result = self.run(
@@ -1177,6 +1514,64 @@ class Lab:
         finally:
             server.stop()
         raise LabError(f"iperf3 {source} -> {sink_ip}: {error}")
+
+    def echo_server(
+        self, name: str, listen_ip: str, port: int, *, connections: int = 1, label: str = "echosrv"
+    ) -> EchoServer:
+        """An echo server in `name` (a VM or "ext") for `connections` connections; ready when
+        this returns. It reports each peer as it saw it: after SNAT, the translated source."""
+        server = EchoServer(
+            self.start_in(
+                name,
+                [sys.executable, "-c", ECHO_SERVER_SCRIPT, listen_ip, str(port), str(connections)],
+                label=label,
+            ),
+            self.log_of(name, label),
+        )
+        server.wait_ready()
+        return server
+
+    def echo_client(
+        self,
+        name: str,
+        target_ip: str,
+        port: int,
+        *,
+        chunk_size: int = 1024,
+        chunks: int = 64,
+        interval: float = 0.0,
+        source_port: int = 0,
+        timeout: float = 60.0,
+        label: str = "echocli",
+    ) -> EchoClient:
+        """Start a checksummed echo conversation from `name` to `target_ip:port` (background;
+        `.result()` waits). `timeout` bounds each socket call (connect, one echo)."""
+        argv = [
+            sys.executable,
+            "-c",
+            ECHO_CLIENT_SCRIPT,
+            target_ip,
+            str(port),
+            str(chunk_size),
+            str(chunks),
+            f"{interval:g}",
+            f"{timeout:g}",
+            str(source_port),
+        ]
+        return EchoClient(self.start_in(name, argv, label=label), self.log_of(name, label))
+
+    def tcp_probe(self, name: str, target_ip: str, port: int, *, timeout: float = 2.0) -> str:
+        """One TCP connection attempt from `name`: "connected", "refused" or "timeout"."""
+        result = self.run(
+            name,
+            [sys.executable, "-c", TCP_PROBE_SCRIPT, target_ip, str(port), f"{timeout:g}"],
+            timeout=timeout + 15,
+            check=False,
+        )
+        outcome = result.stdout.strip()
+        if outcome not in ("connected", "refused", "timeout"):
+            raise LabError(f"TCP probe {name} -> {target_ip}:{port}: {result.stderr.strip()}")
+        return outcome
 
     def capture(self, vm: str, seconds: float, *, label: str = "capture") -> Capture:
         """Start capturing every frame on `vm`'s eth0 for `seconds`; `.frames()` waits."""

@@ -19,11 +19,25 @@ A scenario file::
         interfaces: [{network: net1, ip: 10.0.1.1/24}]
         routes: [{dst: 10.0.9.0/24, gateway: 10.0.1.20}]
     vms:
-      - {name: vm1, host: h1, network: net1, ip: 10.0.1.10/24}
-    external: {host: h1, router: r1, router_ip: 192.0.2.1/24, ip: 192.0.2.2/24}
+      - {name: vm1, host: h1, network: net1, ip: 10.0.1.10/24, floating_ip: 198.51.100.10}
+    external:
+      host: h1                         # the gateway host: the uplink port is bound there
+      router: r1
+      router_ip: 192.0.2.1/24          # the uplink port's address (and the SNAT address)
+      ip: 192.0.2.2/24                 # hn-ext's address: the outside world
+      floating_range: 198.51.100.0/24  # optional; hn-ext routes it via router_ip
+      snat: [net1]                     # networks source-NATed to router_ip when leaving
 
 Two tenants may use the same subnet: the networks are separate bridges, and only a router that
 joins both would make the overlap ambiguous (refused).
+
+The external section: `hn-ext` sits behind the exterior (uplink) port of `router`, bound on the
+gateway host. Floating IPs come from `floating_range`: inside router_ip's subnet they are on
+link (the router answers ARP for them); outside it, the uplink port also gets the range's
+first address (the simulation attaches a floating IP to the router port whose subnet holds
+it) and hn-ext a route to the range via router_ip. Without `floating_range`, floating IPs
+come from router_ip's subnet. `snat` networks reach the outside as router_ip, ports
+1024-65535 leased per host in blocks; a VM with a floating IP uses it instead (1:1 NAT).
 """
 
 from __future__ import annotations
@@ -130,17 +144,45 @@ class VmSpec(_Spec):
     ip: ipaddress.IPv4Interface
     mac: MacAddress | None = None
     gateway: ipaddress.IPv4Address | None = None
+    floating_ip: ipaddress.IPv4Address | None = None  # 1:1 NAT on the external router
+
+
+SNAT_PORT_FIRST = 1024
+SNAT_PORT_LAST = 65535
 
 
 class ExternalSpec(_Spec):
     """The `hn-ext` namespace: the outside world, behind an exterior port of `router` (address
-    `router_ip`) bound on the gateway host `host`. `ip` is the outside end's address."""
+    `router_ip`) bound on the gateway host `host`. `ip` is the outside end's address.
+    `floating_range`: where VMs' floating IPs come from (default: router_ip's subnet).
+    `snat`: networks of `router` whose traffic to the outside leaves as router_ip."""
 
     host: MachineName
     router: DeviceName
     router_ip: ipaddress.IPv4Interface
     ip: ipaddress.IPv4Interface
     mac: MacAddress | None = None
+    floating_range: ipaddress.IPv4Network | None = None
+    snat: tuple[DeviceName, ...] = ()
+
+    @property
+    def floating_network(self) -> ipaddress.IPv4Network:
+        """Where floating IPs come from."""
+        return self.floating_range or self.router_ip.network
+
+    @property
+    def floating_gateway(self) -> ipaddress.IPv4Interface | None:
+        """The uplink port's address in an off-link floating range (its first address), or
+        None when floating IPs are on router_ip's own subnet."""
+        floating = self.floating_range
+        if floating is None or floating.subnet_of(self.router_ip.network):
+            return None
+        return ipaddress.IPv4Interface(f"{floating.network_address + 1}/{floating.prefixlen}")
+
+    @property
+    def routed_prefixes(self) -> tuple[ipaddress.IPv4Network, ...]:
+        """What hn-ext routes via router_ip (the off-link floating range, if any)."""
+        return () if self.floating_gateway is None else (self.floating_network,)
 
 
 class Scenario(_Spec):
@@ -232,6 +274,13 @@ class Scenario(_Spec):
                 macs[vm.mac] = vm.name
         if self.external is not None:
             self._check_external(networks, problems)
+        else:
+            problems.extend(
+                f"vms[{index}].floating_ip: {vm.floating_ip} needs an external section "
+                "(the router that NATs it and the outside that reaches it)"
+                for index, vm in enumerate(self.vms)
+                if vm.floating_ip is not None
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -289,13 +338,88 @@ class Scenario(_Spec):
             )
         elif external.ip.ip == external.router_ip.ip:
             problems.append(f"external.ip: {external.ip.ip} is also external.router_ip")
-        for interface in self.router(external.router).interfaces:
-            subnet = networks[interface.network].subnet if interface.network in networks else None
-            if subnet is not None and subnet.overlaps(external.router_ip.network):
+        attached = {
+            interface.network: networks[interface.network].subnet
+            for interface in self.router(external.router).interfaces
+            if interface.network in networks
+        }
+        for name, subnet in attached.items():
+            if subnet.overlaps(external.router_ip.network):
                 problems.append(
                     f"external.router_ip: {external.router_ip.network} overlaps network "
-                    f"{interface.network} ({subnet}) on router {external.router}"
+                    f"{name} ({subnet}) on router {external.router}"
                 )
+        self._check_floating_range(attached, problems)
+        _duplicates(problems, "external.snat", external.snat)
+        for index, network in enumerate(external.snat):
+            if network not in attached:
+                problems.append(
+                    f"external.snat[{index}]: {network!r} is not a network of router "
+                    f"{external.router} ({', '.join(attached) or 'none'})"
+                )
+        self._check_floating_ips(attached, problems)
+
+    def _check_floating_range(
+        self, attached: dict[str, ipaddress.IPv4Network], problems: list[str]
+    ) -> None:
+        external = self.external
+        assert external is not None
+        floating = external.floating_range
+        if floating is None:
+            return
+        uplink = external.router_ip.network
+        if floating.overlaps(uplink) and not floating.subnet_of(uplink):
+            problems.append(
+                f"external.floating_range: {floating} must lie inside router_ip's subnet "
+                f"{uplink} (on link) or outside it (routed), not across it"
+            )
+            return
+        if floating.subnet_of(uplink):
+            return
+        if floating.prefixlen > 30:
+            problems.append(
+                f"external.floating_range: {floating} is routed (outside {uplink}): at most /30 "
+                "(the router takes its first address)"
+            )
+        for name, subnet in attached.items():
+            if subnet.overlaps(floating):
+                problems.append(
+                    f"external.floating_range: {floating} overlaps network {name} ({subnet}) "
+                    f"on router {external.router}"
+                )
+
+    def _check_floating_ips(
+        self, attached: dict[str, ipaddress.IPv4Network], problems: list[str]
+    ) -> None:
+        external = self.external
+        assert external is not None
+        pool = external.floating_network
+        taken = {
+            external.router_ip.ip: "external.router_ip",
+            external.ip.ip: "external.ip",
+            pool.network_address: f"the network address of {pool}",
+            pool.broadcast_address: f"the broadcast address of {pool}",
+        }
+        gateway = external.floating_gateway
+        if gateway is not None:
+            taken[gateway.ip] = f"the router's address in {pool}"
+        for index, vm in enumerate(self.vms):
+            if vm.floating_ip is None:
+                continue
+            where = f"vms[{index}].floating_ip"
+            if vm.floating_ip not in pool:
+                problems.append(
+                    f"{where}: {vm.floating_ip} is not in the floating range {pool} "
+                    "(external.floating_range, else router_ip's subnet)"
+                )
+            elif vm.floating_ip in taken:
+                problems.append(f"{where}: {vm.floating_ip} is {taken[vm.floating_ip]}")
+            if vm.network not in attached:
+                problems.append(
+                    f"{where}: VM {vm.name}'s network {vm.network} is not on the external "
+                    f"router {external.router}, which would NAT it"
+                )
+            taken.setdefault(vm.floating_ip, f"the floating IP of VM {vm.name}")
 
 
 def _duplicates(problems: list[str], field: str, names: Iterable[str]) -> None:
@@ -382,13 +506,37 @@ def load_scenario(path: Path) -> Scenario:
     return parse_scenario(text, source=str(path))
 
 
+def builtin_scenario_names() -> list[str]:
+    """The scenarios shipped in `hivenet/lab/scenarios/` (`default`, `nat`, ...)."""
+    folder = resources.files(SCENARIO_PACKAGE).joinpath(SCENARIO_FOLDER)
+    return sorted(
+        entry.name.removesuffix(".yaml")
+        for entry in folder.iterdir()
+        if entry.is_file() and entry.name.endswith(".yaml")
+    )
+
+
 def builtin_scenario_text(name: str = DEFAULT_SCENARIO) -> str:
     """The text of a scenario shipped in `hivenet/lab/scenarios/<name>.yaml`."""
     resource = resources.files(SCENARIO_PACKAGE).joinpath(SCENARIO_FOLDER).joinpath(f"{name}.yaml")
-    if not resource.is_file():
-        raise ScenarioError(f"no built-in scenario named {name!r}")
+    if not _DEVICE_NAME_RE.match(name) or not resource.is_file():
+        raise ScenarioError(
+            f"no built-in scenario named {name!r} (built in: {', '.join(builtin_scenario_names())})"
+        )
     return resource.read_text(encoding="utf-8")
 
 
 def builtin_scenario(name: str = DEFAULT_SCENARIO) -> Scenario:
     return parse_scenario(builtin_scenario_text(name), source=f"built-in scenario {name!r}")
+
+
+def resolve_scenario(argument: str | None) -> Scenario:
+    """What `hivenet lab up --scenario ARG` means: nothing -> the default scenario; an existing
+    file, or anything that looks like a path (a '/' or a .yaml/.yml suffix) -> that file;
+    otherwise the built-in scenario of that name (`nat`)."""
+    if argument is None:
+        return builtin_scenario()
+    path = Path(argument)
+    if path.exists() or "/" in argument or path.suffix in (".yaml", ".yml"):
+        return load_scenario(path)
+    return builtin_scenario(argument)
