@@ -79,6 +79,8 @@ def run(
             vxlan_port=vxlan_port,
             lease_ttl=lease_ttl,
             counters_path=counters_file(state, host_id),
+            # Per host: several agents (a lab) may share one state dir, never one journal.
+            flowstate_dir=state / f"flowstate-{host_id}",
         )
     )
 
@@ -93,6 +95,7 @@ async def _run_agent(
     vxlan_port: int,
     lease_ttl: int,
     counters_path: Path,
+    flowstate_dir: Path,
 ) -> None:
     from hivenet.datapath.base import Datapath
     from hivenet.store import open_store
@@ -117,6 +120,7 @@ async def _run_agent(
         tunnel_zone_id=tunnel_zone,
         lease_ttl=lease_ttl,
         counters_path=counters_path,
+        state_dir=flowstate_dir,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
