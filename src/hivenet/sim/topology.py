@@ -134,7 +134,7 @@ def _port_address(interface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) 
 
 # Port fields that the compiled device (flood set, static MACs, ARP proxy, connected routes,
 # own addresses) depends on.
-_DEVICE_PORT_FIELDS = (
+_DEVICE_PORT_FIELDS: tuple[str, ...] = (
     "device_kind",
     "device_id",
     "peer_id",
