@@ -276,7 +276,7 @@ def _explain(lab: Lab, console: Console, *, teardown: bool) -> None:
         "" if lab.state_dir == default_state_dir().absolute() else f" --state-dir {lab.state_dir}"
     )
     say()
-    say("[bold]Explore[/bold]")
+    say("[bold]Explore[/bold]  (first: `source .venv/bin/activate`, which puts `hivenet` on PATH)")
     say(f"  hivenet lab exec{where} {first.namespace} ping {last.address}")
     say(f"  hivenet lab exec{where} {first.namespace} bash      # a shell inside VM {first.name}")
     say(f"  hivenet lab status{where}                # processes and the agents' counters")
