@@ -24,11 +24,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hivenet.agent.flowstate_sync import FlowStateSync, is_nat_block_key
+from hivenet.agent.health import MEMBER_HEALTH_KIND, MemberHealth, Prober
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.base import Datapath
@@ -82,6 +83,7 @@ class HostAgent:
         reconcile_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         state_dir: Path | None = None,
+        health_prober: Prober | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -122,6 +124,17 @@ class HostAgent:
         self.tables_mirror = PrefixMirror(store, TABLES_PREFIX, self._on_table_change)
         self.state_mirror = PrefixMirror(store, STATE_PREFIX, self._on_state_change)
         self.live_hosts: set[str] = set()
+        # Load-balancer member health: this host's probes, everyone's reports.
+        self.health = MemberHealth(
+            host_id,
+            self.topology,
+            health_prober,  # None: this host does not probe (see agent/health.py)
+            publish=self._publish,
+            unpublish=self._unpublish,
+            live_hosts=lambda: self.live_hosts | {self.host_id},
+            invalidate=self._invalidate,
+            clock=clock,
+        )
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
         # What this host publishes under its lease: key -> value (re-put after a lease loss).
@@ -146,6 +159,7 @@ class HostAgent:
             asyncio.create_task(self._lease_loop(), name=f"hn-{self.host_id}-lease"),
             asyncio.create_task(self._publish_loop(), name=f"hn-{self.host_id}-publish"),
             asyncio.create_task(self._reconcile_loop(), name=f"hn-{self.host_id}-ports"),
+            asyncio.create_task(self.health.run(), name=f"hn-{self.host_id}-health"),
         ]
         if self.counters_path is not None:
             self._tasks.append(
@@ -283,12 +297,16 @@ class HostAgent:
         except ValueError:
             self.counters.bad_store_values += 1
             return
+        if kind == MEMBER_HEALTH_KIND:
+            self.health.on_report(host_id, object_id, value)
+            return
         if kind != "host" or object_id != host_id:
             return
         if value is None:
             self.live_hosts.discard(host_id)
         else:
             self.live_hosts.add(host_id)
+        self.health.on_liveness()
         if self.topology_mirror.loaded.is_set():
             self._refresh_liveness()
 
@@ -302,6 +320,9 @@ class HostAgent:
             tags |= self.topology.set_host_alive(host_id, alive)
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
+
+    def _invalidate(self, tags: Iterable[str]) -> None:
+        self.counters.flows_invalidated += self.datapath.invalidate(tags)
 
     def _on_table_change(self, key: str, value: bytes | None, revision: int) -> None:
         self.counters.table_events += 1

@@ -72,6 +72,7 @@ from hivenet.sim.tables import (
     neighbour_entry_tag,
 )
 from hivenet.sim.topology import BridgeInfo, PortInfo, RouterInfo, TopologyView
+from hivenet.sim.vips import VipRefusal
 
 MULTICAST_BIT = 1 << 40  # the I/G bit of the first octet of a MAC, as an int
 BROADCAST_MAC = (1 << 48) - 1
@@ -478,6 +479,8 @@ class _Walk:
                     verdict = "reject"
                 elif action is RuleAction.RETURN:
                     verdict = "return"
+                elif self.view.vips.is_vip_rule(rule.id):
+                    verdict = self._load_balance(packet, rule, in_port, chain.id, chain.name, hops)
                 else:
                     self._nat(packet, rule, in_port, chain.id, chain.name, hops)
                     if action not in _FORWARD_NAT:
@@ -579,6 +582,32 @@ class _Walk:
             hops,
         )
         return True
+
+    def _load_balance(
+        self,
+        packet: PacketState,
+        rule: CompiledRule,
+        in_port: PortInfo,
+        chain_id: str,
+        chain_name: str,
+        hops: int,
+    ) -> str:
+        """A flow to a VIP (sim/vips.py): DNAT to the member chosen for it, or to the member
+        its connection already has (NAT state); "reject" when no member can take it."""
+        for field in _CONNTRACK_READS:  # the choice hashes the 5-tuple; NAT keys on it
+            self.read(packet, field, FULL_MASKS[field])
+        vips = self.view.vips
+        choice = vips.choose(rule.id, packet.to_match(), packet.ip_version, self.now)
+        self.tags.update(choice.tags)
+        if isinstance(choice, VipRefusal):
+            self.drop("chain", chain_id, chain_name, choice.reason, choice.detail, hops)
+            return "reject"
+        self.step("chain", chain_id, chain_name, "lb", choice.description, hops)
+        self._nat(packet, choice.rule, in_port, chain_id, chain_name, hops)
+        binding = choice.selection.binding
+        if packet.ip_dst == int(binding.backend_address) and packet.tp_dst == binding.backend_port:
+            vips.remember(choice)
+        return "accept"
 
     def reject(self, packet: PacketState, reply_port: PortInfo, hops: int) -> None:
         """Answer a rejected packet: TCP RST for TCP, ICMP admin-prohibited otherwise."""
@@ -798,6 +827,11 @@ class _Walk:
             packet, floating.pre_chain_id, in_port, None, in_port, hops
         ):
             return
+        vips = self.view.vips.routers.get(router.id)
+        if vips is not None and not self.run_chain(
+            packet, vips.pre_chain_id, in_port, None, in_port, hops
+        ):
+            return
         if router.inbound_chain_id is not None and not self.run_chain(
             packet, router.inbound_chain_id, in_port, None, in_port, hops
         ):
@@ -868,6 +902,10 @@ class _Walk:
             next_hop_ip = packet.ip_dst
         if floating is not None and not self.run_chain(
             packet, floating.post_chain_id, in_port, out_port.id, in_port, hops
+        ):
+            return
+        if vips is not None and not self.run_chain(
+            packet, vips.post_chain_id, in_port, out_port.id, in_port, hops
         ):
             return
         if router.outbound_chain_id is not None and not self.run_chain(
@@ -965,6 +1003,24 @@ class _Walk:
             self.learn_neighbour(router, 4, sender_ip, packet.arp_sha, hops)
         own = next((a for a in in_port.addresses_of(4) if a.ip == packet.arp_tpa), None)
         floating = self.view.security.routers.get(router.id)
+        vips = self.view.vips.routers.get(router.id)
+        if (
+            packet.arp_op == ARP_REQUEST
+            and own is None
+            and vips is not None
+            and packet.arp_tpa in vips.arp_answers.get(in_port.id, frozenset())
+        ):
+            floating = None  # answered below as a VIP
+            self.tags.add(f"chain:{vips.pre_chain_id}")
+            text = ip_text(4, packet.arp_tpa)
+            self.step("router", router.id, router.name, "arp", f"reply VIP {text}", hops)
+            reply = replies.arp_reply(
+                sender_mac=in_port.mac,
+                sender_ip=packet.arp_tpa,
+                target_mac=packet.arp_sha,
+                target_ip=packet.arp_spa,
+            )
+            self.pending.append(_PendingReply(reply, in_port, f"ARP reply for VIP {text}"))
         if (
             packet.arp_op == ARP_REQUEST
             and own is None

@@ -13,6 +13,12 @@ a health flap) changes the choice for new flows only. With `session_persistence=
 the caller also keeps the returned `PersistedChoice` (keyed by pool and source address) and
 passes it back for the next new flow from that source until it expires.
 
+Also the pure half of health monitoring (`agent/health.py` is the I/O half): which hosts
+probe a member (`choose_probers`, rendezvous hashing over the live hosts), the probe state
+machine (`PROBE_TRANSITIONS`, a table), and how every agent derives a member's observed
+status from the probers' reports (`derive_member_status`). And `PersistenceTable`, an agent's
+source-IP persistence records.
+
 Must not touch I/O, the clock (`now` is passed in), the store or flow-state tables: it takes
 values and returns values. Built once per change of the pool, its members or their observed
 health (`PoolBalancer`), then read per new flow.
@@ -21,12 +27,15 @@ health (`PoolBalancer`), then read per new flow.
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from hivenet.model.loadbalancer import (
+    HealthMonitor,
     LbAlgorithm,
     LbProtocol,
     Listener,
@@ -331,3 +340,162 @@ def listener_takes(listener: Listener, flow: FlowTuple, vip_version: int | None 
         else ipaddress.IPv6Address(flow.ip_src)
     )
     return listener.admits(source)
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+DEFAULT_PERSISTENCE_ENTRIES = 65536
+
+
+class PersistenceTable:
+    """One agent's source-IP persistence records, by (pool, source address).
+
+    Per agent is enough: a client VM always enters at its own host, and a client the agent
+    has no record for gets the same first choice everywhere (Maglev over the source address).
+    Bounded: beyond `max_entries` the least recently refreshed record goes first."""
+
+    __slots__ = ("_records", "max_entries")
+
+    def __init__(self, max_entries: int = DEFAULT_PERSISTENCE_ENTRIES) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries={max_entries!r}: must be a positive integer")
+        self.max_entries = max_entries
+        self._records: OrderedDict[tuple[str, int], PersistedChoice] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, pool_id: str, source: int, now: float) -> PersistedChoice | None:
+        """The live record for `source` in `pool_id` (an expired one is dropped)."""
+        key = (pool_id, source)
+        record = self._records.get(key)
+        if record is not None and record.expires_at <= now:
+            del self._records[key]
+            return None
+        return record
+
+    def remember(self, choice: PersistedChoice) -> None:
+        key = (choice.pool_id, choice.source)
+        self._records.pop(key, None)
+        self._records[key] = choice
+        while len(self._records) > self.max_entries:
+            self._records.popitem(last=False)
+
+    def forget_pool(self, pool_id: str) -> int:
+        """Drop every record of a deleted pool; returns how many."""
+        stale = [key for key in self._records if key[0] == pool_id]
+        for key in stale:
+            del self._records[key]
+        return len(stale)
+
+    def expire(self, now: float) -> int:
+        stale = [key for key, record in self._records.items() if record.expires_at <= now]
+        for key in stale:
+            del self._records[key]
+        return len(stale)
+
+
+# ---------------------------------------------------------------------------- health
+
+PROBERS_PER_MEMBER = 2
+
+
+def _rendezvous_score(member_id: str, host_id: str) -> int:
+    digest = hashlib.blake2b(
+        f"{member_id}\x00{host_id}".encode(), digest_size=8, person=b"hn-probers"
+    ).digest()
+    return int.from_bytes(digest, "big")
+
+
+def choose_probers(
+    member_id: str, live_hosts: Iterable[str], count: int = PROBERS_PER_MEMBER
+) -> tuple[str, ...]:
+    """The hosts that probe `member_id`: the `count` live hosts ranking highest for it by
+    rendezvous (highest-random-weight) hashing. Every agent computes the same set from the
+    same live hosts; a host leaving moves only the members it probed, each to one new host."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count={count!r}: must be a positive integer")
+    ranked = sorted(
+        set(live_hosts), key=lambda host: (_rendezvous_score(member_id, host), host), reverse=True
+    )
+    return tuple(ranked[:count])
+
+
+class ProbeState(enum.Enum):
+    UNKNOWN = "unknown"  # no conclusion yet (this host just started probing the member)
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class StreakNeeded(enum.Enum):
+    """How many probe outcomes in a row a transition needs."""
+
+    ONE = "one"
+    RISE = "rise"  # the monitor's max_retries
+    FALL = "fall"  # the monitor's max_retries_down
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTransition:
+    to: ProbeState
+    needs: StreakNeeded
+
+
+# (state, probe succeeded) -> where a streak of that outcome leads, and how long it must be.
+# Invariants: a state changes only after a streak of the outcome that argues for the new state
+# (never on a mixed history); a first success proves the member serves (no need to wait for
+# `rise`, as haproxy's initial state); OFFLINE needs `fall` failures in a row from anywhere,
+# ONLINE after OFFLINE needs `rise` successes in a row.
+PROBE_TRANSITIONS: dict[tuple[ProbeState, bool], ProbeTransition] = {
+    (ProbeState.UNKNOWN, True): ProbeTransition(ProbeState.ONLINE, StreakNeeded.ONE),
+    (ProbeState.UNKNOWN, False): ProbeTransition(ProbeState.OFFLINE, StreakNeeded.FALL),
+    (ProbeState.ONLINE, True): ProbeTransition(ProbeState.ONLINE, StreakNeeded.ONE),
+    (ProbeState.ONLINE, False): ProbeTransition(ProbeState.OFFLINE, StreakNeeded.FALL),
+    (ProbeState.OFFLINE, True): ProbeTransition(ProbeState.ONLINE, StreakNeeded.RISE),
+    (ProbeState.OFFLINE, False): ProbeTransition(ProbeState.OFFLINE, StreakNeeded.ONE),
+}
+
+STATUS_OF_PROBE_STATE: dict[ProbeState, OperatingStatus | None] = {
+    ProbeState.UNKNOWN: None,
+    ProbeState.ONLINE: OperatingStatus.ONLINE,
+    ProbeState.OFFLINE: OperatingStatus.OFFLINE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MemberProbe:
+    """One prober's view of one member: its state and the current streak of equal outcomes."""
+
+    state: ProbeState = ProbeState.UNKNOWN
+    streak_success: bool = True
+    streak: int = 0
+
+    def advance(self, succeeded: bool, monitor: HealthMonitor) -> MemberProbe:
+        """The probe state after one more probe outcome."""
+        streak = self.streak + 1 if self.streak and self.streak_success == succeeded else 1
+        transition = PROBE_TRANSITIONS[(self.state, succeeded)]
+        needed = {
+            StreakNeeded.ONE: 1,
+            StreakNeeded.RISE: monitor.max_retries,
+            StreakNeeded.FALL: monitor.max_retries_down,
+        }[transition.needs]
+        state = transition.to if streak >= needed else self.state
+        return MemberProbe(state, succeeded, streak)
+
+    @property
+    def status(self) -> OperatingStatus | None:
+        return STATUS_OF_PROBE_STATE[self.state]
+
+
+def derive_member_status(reports: Iterable[OperatingStatus]) -> OperatingStatus | None:
+    """A member's observed status from the reports of its live probers: OFFLINE only when
+    every report says so (one prober whose own host cannot reach the member must not take it
+    away from clients on other hosts), ONLINE when any says ONLINE, None without reports
+    (then the stored status counts: a member nobody has probed yet keeps its traffic)."""
+    statuses = list(reports)
+    if not statuses:
+        return None
+    if all(status is OperatingStatus.OFFLINE for status in statuses):
+        return OperatingStatus.OFFLINE
+    return OperatingStatus.ONLINE

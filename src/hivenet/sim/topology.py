@@ -39,6 +39,7 @@ from hivenet.model.types import mac_to_int
 from hivenet.sim.routing import RouteTable
 from hivenet.sim.rules import CompiledChain, compile_chain
 from hivenet.sim.secgroups import SecurityIndex
+from hivenet.sim.vips import LB_KINDS, VipIndex
 
 _IPV4_BITS = 32
 _IPV6_BITS = 128
@@ -190,6 +191,8 @@ class TopologyView:
         # Port security, security groups and floating IPs (sim/secgroups.py): its virtual
         # chains live in `chains` next to the stored ones.
         self.security = SecurityIndex(self.objects, self.chains)
+        # Load-balancer VIPs (sim/vips.py): virtual chains in `chains`, ARP answers, balancers.
+        self.vips = VipIndex(self.objects, self.chains)
 
     @classmethod
     def from_objects(cls, objects: Iterable[TopologyObject]) -> TopologyView:
@@ -329,10 +332,14 @@ class TopologyView:
             pass  # tagged by kind:id above; nothing compiled depends on their fields yet
         elif kind in ("security_group", "security_group_rule", "floating_ip"):
             pass  # compiled by the security index below
+        elif kind in LB_KINDS:
+            pass  # compiled by the VIP index below
         else:
             raise ValueError(f"TopologyView: unknown kind {kind!r} (object {object_id})")
         if kind in ("port", "security_group", "security_group_rule", "floating_ip"):
             tags |= self.security.changed(kind, object_id, old, new)
+        if kind == "port" or kind in LB_KINDS:
+            tags |= self.vips.changed(kind, object_id, old, new)
         return frozenset(tags)
 
     def _port_changed(
