@@ -335,9 +335,12 @@ def test_memory_stores_are_independent() -> None:
     run(body)
 
 
-def test_etcd_url_is_reserved_with_a_clear_error() -> None:
-    with pytest.raises(NotImplementedError, match="etcd backend"):
-        open_store("etcd://127.0.0.1:2379,127.0.0.1:22379")
+def test_etcd_url_opens_the_etcd_backend() -> None:
+    # Lazily: nothing connects until the first call (tests/store/test_etcd_store.py has more).
+    store = open_store("etcd://127.0.0.1:2379,127.0.0.1:22379")
+    assert not isinstance(store, SqliteStore)
+    assert store.endpoints == ["127.0.0.1:2379", "127.0.0.1:22379"]  # type: ignore[attr-defined]
+    asyncio.run(store.close())
 
 
 @pytest.mark.parametrize("url", ["http://localhost/db", "sqlite://relative.db", "sqlite:///", ""])

@@ -1,13 +1,15 @@
 """HiveNet store package: the `Store` protocol's types, its backends, and `open_store(url)`.
 
 This module owns the URL scheme that picks a backend. It must not hold backend logic (that
-lives in `sqlite.py`, later `etcd.py`) nor topology typing (`topology.py`).
+lives in `sqlite.py` and `etcd.py`) nor topology typing (`topology.py`).
 
 URLs:
 - `memory://` or `sqlite:///:memory:`: a private in-memory SQLite store (one process).
 - `sqlite:///abs/path.db`: a SQLite WAL file shared by every process on the machine. The part
   after `sqlite://` is an absolute path; `sqlite:////abs/path.db` means the same file.
-- `etcd://host:port,host:port`: reserved for the etcd backend (not implemented yet).
+- `etcd://host:port,host:port`: an etcd v3 cluster (`etcd.EtcdStore`), failing over between
+  the endpoints in the order given. Options: `call_timeout`, `connect_timeout`,
+  `range_page_size`, `watch_reconnect_timeout`.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def sqlite_path_from_url(url: str) -> str:
 
 
 def open_store(url: str, **options: Any) -> Store:
-    """Open the store a URL names. `options` go to the backend (e.g. `clock`, `busy_timeout`).
+    """Open the store a URL names. `options` go to the backend (e.g. `clock`, `busy_timeout`;
+    for etcd `call_timeout`...). An etcd store connects on its first call, not here.
 
     Raises InvalidRequestError for an unknown URL, StoreCorruptError for a file that is not a
     HiveNet store, StoreUnavailableError for a file that cannot be opened or stays locked.
@@ -96,11 +99,10 @@ def open_store(url: str, **options: Any) -> Store:
     if url in MEMORY_URLS or url.startswith(SQLITE_SCHEME):
         return SqliteStore(sqlite_path_from_url(url), **options)
     if url.startswith(ETCD_SCHEME):
-        endpoints = url[len(ETCD_SCHEME) :]
-        raise NotImplementedError(
-            f"store url {url!r}: the etcd backend (endpoints {endpoints!r}) is not implemented "
-            "yet; use 'sqlite:///abs/path.db' or 'memory://'"
-        )
+        # Imported here: only etcd users pay for loading gRPC.
+        from hivenet.store.etcd import EtcdStore, endpoints_from_url
+
+        return EtcdStore(endpoints_from_url(url), **options)
     raise InvalidRequestError(
         f"store url {url!r} has an unknown scheme; expected 'memory://', "
         "'sqlite:///abs/path.db' or 'etcd://host:port,...'"

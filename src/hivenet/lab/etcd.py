@@ -1,0 +1,551 @@
+"""Local etcd clusters for the lab and the tests: start, kill, restart and stop members by PID.
+
+Owns: the etcd member processes this module starts and, under `<state_dir>/etcd/`, their data
+directories (`hn-etcdN.data/`), logs (`hn-etcdN.log`) and PID records (`hn-etcdN.json`).
+Members are named `hn-etcd1..N` and listen on 127.0.0.1 only, on client and peer ports picked
+free at start. `stop_all(state_dir)` (called by `hivenet lab clean`) ends every recorded member
+and removes what the cluster left on disk.
+
+Must not touch: any etcd it did not start, a system etcd on port 2379 included. Ports are never
+the defaults, the child's environment drops every `ETCD_*` variable (etcd reads its flags from
+them), each cluster gets its own random `--initial-cluster-token`, and a PID is signalled only
+while its start time and command line still match the record (a reused PID is left alone).
+
+Timing: heartbeat 50 ms and election timeout 500 ms (etcd's defaults are 100/1000) so a killed
+leader is replaced within about a second, and etcd's minimum lease TTL is 1 s (it is
+1.5 x election timeout, rounded up), which a 1-second lease test needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "DEFAULT_ETCD_BINARY",
+    "MEMBER_PREFIX",
+    "EtcdCluster",
+    "EtcdLabError",
+    "EtcdMember",
+    "start_cluster",
+    "stop_all",
+]
+
+DEFAULT_ETCD_BINARY: Final = Path("/usr/bin/etcd")
+MEMBER_PREFIX: Final = "hn-etcd"
+ETCD_SUBDIR: Final = "etcd"
+HOST: Final = "127.0.0.1"
+_START_ATTEMPTS: Final = 3  # a picked port may be taken by someone else before etcd binds it
+_HTTP_TIMEOUT: Final = 1.0
+
+
+class EtcdLabError(RuntimeError):
+    """An etcd cluster could not be started or stopped; the message names the member."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdMember:
+    """One member's name, ports and files (the process itself is tracked by `EtcdCluster`)."""
+
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_file: Path
+    record_file: Path
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{HOST}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{HOST}:{self.peer_port}"
+
+    @property
+    def endpoint(self) -> str:
+        """`host:port` of the client API, as an `etcd://` store URL lists it."""
+        return f"{HOST}:{self.client_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class _ProcessRecord:
+    """What a PID record says about a member process this module started."""
+
+    name: str
+    pid: int
+    start_time: int
+    argv: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "pid": self.pid,
+                "start_time": self.start_time,
+                "argv": list(self.argv),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> _ProcessRecord:
+        data = json.loads(text)
+        return cls(
+            name=str(data["name"]),
+            pid=int(data["pid"]),
+            start_time=int(data["start_time"]),
+            argv=tuple(str(part) for part in data["argv"]),
+        )
+
+    def is_running(self) -> bool:
+        """True only while the PID is still the process we started (same start time and argv)."""
+        return (
+            _read_start_time(self.pid) == self.start_time
+            and _read_cmdline(self.pid) == list(self.argv)
+            and not _is_zombie(self.pid)
+        )
+
+
+def _read_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat: with the PID it names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def _read_cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return True
+    return state in ("Z", "X")
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if `pid` is our child, so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _signal_and_wait(record: _ProcessRecord, signum: int, timeout: float) -> bool:
+    """Send `signum` if the record still names a live process; True once it is gone."""
+    if not record.is_running():
+        _reap(record.pid)
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(record.pid, signum)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(record.pid)
+        if not record.is_running():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _end_process(record: _ProcessRecord, *, timeout: float = 5.0) -> bool:
+    """SIGTERM, then SIGKILL; True if the process is gone."""
+    if _signal_and_wait(record, signal.SIGTERM, timeout):
+        return True
+    return _signal_and_wait(record, signal.SIGKILL, timeout)
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports that were free on 127.0.0.1 a moment ago (all held at once, so
+    none repeats)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _child_environment() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if not name.startswith("ETCD_")}
+
+
+# Never through an HTTP proxy from the environment: the members live on 127.0.0.1.
+_DIRECT_HTTP: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http_get(url: str) -> tuple[int, str] | None:
+    try:
+        with _DIRECT_HTTP.open(url, timeout=_HTTP_TIMEOUT) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+    except (OSError, ValueError):
+        return None
+
+
+class EtcdCluster:
+    """A running local etcd cluster started by `start_cluster`; every process known by PID.
+
+    Use as a context manager (or call `stop()`) so the members end also when a test fails.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        members: list[EtcdMember],
+        *,
+        token: str,
+        binary: Path,
+        heartbeat_ms: int,
+        election_ms: int,
+    ) -> None:
+        self.directory = directory
+        self.members = members
+        self.token = token
+        self._binary = binary
+        self._heartbeat_ms = heartbeat_ms
+        self._election_ms = election_ms
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._records: dict[str, _ProcessRecord] = {}
+
+    def __repr__(self) -> str:
+        return f"EtcdCluster({self.url!r}, directory={str(self.directory)!r})"
+
+    def __enter__(self) -> EtcdCluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- names
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [member.endpoint for member in self.members]
+
+    @property
+    def url(self) -> str:
+        """The store URL naming every member: `etcd://127.0.0.1:p1,127.0.0.1:p2,...`."""
+        return "etcd://" + ",".join(self.endpoints)
+
+    def member(self, name: str) -> EtcdMember:
+        for member in self.members:
+            if member.name == name:
+                return member
+        raise EtcdLabError(f"member {name!r}: no such member (have {self.names()})")
+
+    def names(self) -> list[str]:
+        return [member.name for member in self.members]
+
+    def pid(self, name: str) -> int | None:
+        record = self._records.get(self.member(name).name)
+        return record.pid if record is not None and record.is_running() else None
+
+    def is_running(self, name: str) -> bool:
+        return self.pid(name) is not None
+
+    # -- processes
+
+    def _argv(self, member: EtcdMember) -> list[str]:
+        initial_cluster = ",".join(f"{other.name}={other.peer_url}" for other in self.members)
+        return [
+            str(self._binary),
+            "--name",
+            member.name,
+            "--data-dir",
+            str(member.data_dir),
+            "--listen-client-urls",
+            member.client_url,
+            "--advertise-client-urls",
+            member.client_url,
+            "--listen-peer-urls",
+            member.peer_url,
+            "--initial-advertise-peer-urls",
+            member.peer_url,
+            "--initial-cluster",
+            initial_cluster,
+            "--initial-cluster-state",
+            "new",  # ignored when the data dir already holds a member (a restart)
+            "--initial-cluster-token",
+            self.token,
+            "--heartbeat-interval",
+            str(self._heartbeat_ms),
+            "--election-timeout",
+            str(self._election_ms),
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+            "--log-level",
+            "warn",
+        ]
+
+    def _launch(self, member: EtcdMember) -> None:
+        if self.is_running(member.name):
+            raise EtcdLabError(
+                f"member {member.name!r} is already running (pid {self.pid(member.name)})"
+            )
+        argv = self._argv(member)
+        with member.log_file.open("ab") as log:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_child_environment(),
+                start_new_session=True,  # a terminal's Ctrl-C goes to the lab, which stops us
+            )
+        record = _ProcessRecord(
+            member.name, process.pid, _read_start_time(process.pid) or 0, tuple(argv)
+        )
+        temporary = member.record_file.with_suffix(".tmp")
+        temporary.write_text(record.to_json())
+        temporary.replace(member.record_file)
+        self._processes[member.name] = process
+        self._records[member.name] = record
+
+    def start_member(self, name: str) -> None:
+        """Start (or restart, on its existing data dir and ports) member `name`; no wait."""
+        self._launch(self.member(name))
+
+    def kill(self, name: str) -> int:
+        """SIGKILL member `name` by PID (a crash: no goodbye to its peers); returns the PID."""
+        member = self.member(name)
+        record = self._records.get(member.name)
+        if record is None or not record.is_running():
+            raise EtcdLabError(f"member {name!r} is not running")
+        if not _signal_and_wait(record, signal.SIGKILL, 5.0):
+            raise EtcdLabError(f"member {name!r} (pid {record.pid}) survived SIGKILL")
+        self._forget(member)
+        return record.pid
+
+    def stop_member(self, name: str) -> None:
+        """End member `name` cleanly (SIGTERM, SIGKILL after 5 s)."""
+        member = self.member(name)
+        record = self._records.get(member.name)
+        if record is not None and not _end_process(record):
+            raise EtcdLabError(f"member {name!r} (pid {record.pid}) survived SIGKILL")
+        self._forget(member)
+
+    def _forget(self, member: EtcdMember) -> None:
+        process = self._processes.pop(member.name, None)
+        if process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(1.0)
+        self._records.pop(member.name, None)
+        member.record_file.unlink(missing_ok=True)
+
+    def stop(self, *, remove_data: bool = True, graceful: bool = True) -> None:
+        """End every member (by PID) and, by default, delete the cluster's directory.
+
+        Graceful: SIGTERM one member after the other (SIGTERM to all at once makes each wait
+        ~5 s for peers that are going away too). Not graceful: SIGKILL, for throwaway clusters
+        whose data is deleted anyway.
+        """
+        if not graceful:
+            for member in self.members:
+                if self.is_running(member.name):
+                    self.kill(member.name)
+        failures = []
+        for member in self.members:
+            try:
+                self.stop_member(member.name)
+            except EtcdLabError as error:
+                failures.append(str(error))
+        if remove_data and not failures:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        if failures:
+            raise EtcdLabError("; ".join(failures))
+
+    # -- health
+
+    def member_is_healthy(self, name: str) -> bool:
+        """The member answers and sees a leader (etcd's own /health check)."""
+        member = self.member(name)
+        if not self.is_running(name):
+            return False
+        answer = _http_get(f"{member.client_url}/health")
+        if answer is None or answer[0] != 200:
+            return False
+        with contextlib.suppress(ValueError):
+            return bool(json.loads(answer[1]).get("health") == "true")
+        return False
+
+    def wait_healthy(self, timeout: float = 20.0, *, names: list[str] | None = None) -> None:
+        """Wait until every running member (or those in `names`) is healthy."""
+        wanted = (
+            names
+            if names is not None
+            else [m.name for m in self.members if self.is_running(m.name)]
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = [
+                name
+                for name in wanted
+                if (process := self._processes.get(name)) is not None and process.poll() is not None
+            ]
+            if exited:
+                raise EtcdLabError(
+                    f"member(s) {exited} exited during start; see {self.directory}/*.log: "
+                    + self.log_tail(exited[0])
+                )
+            if all(self.member_is_healthy(name) for name in wanted):
+                return
+            if time.monotonic() > deadline:
+                unhealthy = [name for name in wanted if not self.member_is_healthy(name)]
+                raise EtcdLabError(f"member(s) {unhealthy} not healthy after {timeout}s")
+            time.sleep(0.05)
+
+    def leader(self, timeout: float = 10.0) -> EtcdMember:
+        """The member that is raft leader now (from each running member's /metrics)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for member in self.members:
+                if not self.is_running(member.name):
+                    continue
+                answer = _http_get(f"{member.client_url}/metrics")
+                if answer is not None and "\netcd_server_is_leader 1\n" in answer[1]:
+                    return member
+            if time.monotonic() > deadline:
+                raise EtcdLabError(f"no leader among {self.names()} after {timeout}s")
+            time.sleep(0.05)
+
+    def describe(self) -> dict[str, Any]:
+        """URL and, per member, PID (None when down) and client endpoint: for `lab status`."""
+        return {
+            "url": self.url,
+            "members": {
+                member.name: {"pid": self.pid(member.name), "client": member.endpoint}
+                for member in self.members
+            },
+        }
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            text = self.member(name).log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def start_cluster(
+    state_dir: Path,
+    *,
+    size: int = 3,
+    binary: Path = DEFAULT_ETCD_BINARY,
+    heartbeat_ms: int = 50,
+    election_ms: int = 500,
+    timeout: float = 30.0,
+) -> EtcdCluster:
+    """Start a `size`-member cluster with its files under `state_dir/etcd/`; wait until healthy.
+
+    Raises EtcdLabError if etcd is missing, a cluster is already recorded there, or the members
+    do not become healthy within `timeout` (they are stopped again in that case).
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 9:
+        raise EtcdLabError(f"size must be an int in 1..9, got {size!r}")
+    if not (isinstance(heartbeat_ms, int) and isinstance(election_ms, int)):
+        raise EtcdLabError(
+            f"heartbeat_ms/election_ms must be ints, got {heartbeat_ms!r}/{election_ms!r}"
+        )
+    if not 0 < heartbeat_ms * 5 <= election_ms:
+        raise EtcdLabError(
+            f"election_ms ({election_ms}) must be at least 5 x heartbeat_ms ({heartbeat_ms}) and > 0"
+        )
+    binary = Path(binary)
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise EtcdLabError(
+            f"etcd binary {str(binary)!r} not found: install Debian's etcd-server (make apt)"
+        )
+    directory = Path(state_dir) / ETCD_SUBDIR
+    if directory.exists() and any(directory.glob(f"{MEMBER_PREFIX}*.json")):
+        raise EtcdLabError(
+            f"an etcd cluster is already recorded under {str(directory)!r}; stop_all() it first"
+        )
+    last_error: EtcdLabError | None = None
+    for _ in range(_START_ATTEMPTS):
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        ports = _free_ports(2 * size)
+        members = [
+            EtcdMember(
+                name=f"{MEMBER_PREFIX}{index + 1}",
+                client_port=ports[2 * index],
+                peer_port=ports[2 * index + 1],
+                data_dir=directory / f"{MEMBER_PREFIX}{index + 1}.data",
+                log_file=directory / f"{MEMBER_PREFIX}{index + 1}.log",
+                record_file=directory / f"{MEMBER_PREFIX}{index + 1}.json",
+            )
+            for index in range(size)
+        ]
+        cluster = EtcdCluster(
+            directory,
+            members,
+            token=f"hn-etcd-{secrets.token_hex(6)}",
+            binary=binary,
+            heartbeat_ms=heartbeat_ms,
+            election_ms=election_ms,
+        )
+        try:
+            for member in members:
+                cluster.start_member(member.name)
+            cluster.wait_healthy(timeout, names=cluster.names())
+        except EtcdLabError as error:
+            last_error = error
+            cluster.stop(remove_data=False)
+            if "address already in use" not in error.args[0]:
+                raise
+            continue
+        return cluster
+    assert last_error is not None
+    raise last_error
+
+
+def stop_all(state_dir: Path) -> list[int]:
+    """End every etcd member recorded under `state_dir/etcd/` (verified by PID, start time and
+    command line) and remove the directory. Returns the PIDs that were stopped. Idempotent."""
+    directory = Path(state_dir) / ETCD_SUBDIR
+    if not directory.is_dir():
+        return []
+    stopped: list[int] = []
+    failures: list[str] = []
+    for record_file in sorted(directory.glob(f"{MEMBER_PREFIX}*.json")):
+        try:
+            record = _ProcessRecord.from_json(record_file.read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            record_file.unlink(missing_ok=True)  # unreadable: nothing we could safely signal
+            continue
+        if record.is_running():
+            if not _end_process(record):
+                failures.append(f"{record.name} (pid {record.pid}) survived SIGKILL")
+                continue
+            stopped.append(record.pid)
+        record_file.unlink(missing_ok=True)
+    if failures:
+        raise EtcdLabError("could not stop: " + "; ".join(failures))
+    shutil.rmtree(directory, ignore_errors=True)
+    return stopped

@@ -1,0 +1,1158 @@
+"""The etcd v3 backend of the `Store` protocol: `EtcdStore`, over one or more cluster endpoints.
+
+This module owns the mapping between the `Store` contract (`base.py`, with `sqlite.py` as the
+reference implementation) and etcd's gRPC API: requests, responses, errors, deadlines, endpoint
+failover and watch resumption. It must not know about topology objects, start or stop etcd
+processes (`hivenet.lab.etcd` does), or keep leases alive (`leases.LeaseKeeper` does; here
+`lease_keepalive` is one refresh).
+
+Client: the protobuf messages and gRPC stubs that `aetcd` 1.0.0 ships (`aetcd.rpc`), on
+`grpc.aio` channels of our own, one per endpoint. `aetcd.Client` itself is not used, because
+for this contract it falls short where it matters: its range builder drops `limit` and
+`revision` (no pagination, no historical reads), its compares lack the `lease` target, a client
+talks to a single host:port (no failover), and its shared watch multiplexer reports a lost
+stream to every watch without a way to resume each one from its own revision.
+
+Behaviour:
+- Every call has a deadline (`call_timeout`, all retries included); running out of it raises
+  StoreUnavailableError. Every request carries etcd's `hasleader` metadata, so a member cut off
+  from its cluster refuses at once ("no leader") instead of hanging until the deadline.
+- Failover: calls go to one endpoint until it fails, then to the next. Reads are retried on
+  any endpoint. A write is retried only when it surely was not applied (no connection, or
+  "no leader", which etcd answers before looking at the request); a write whose connection
+  drops mid-call raises StoreUnavailableError saying the outcome is unknown.
+- Large ranges are read in pages of `range_page_size` keys at the revision of the first page
+  (limit + key continuation), so a big result is one consistent snapshot. `count` is the size
+  of the whole prefix at that revision, also when `start_after` is given (one read-only txn).
+- Watches (prev_kv on) survive the loss of their member: the stream is re-created on another
+  endpoint from the revision after the last event received. etcd sends whole revisions in one
+  response (no fragmenting is asked for), so nothing is lost or repeated. A start revision
+  below etcd's compaction raises CompactedError. `close()` gives live watches up to 0.3 s to
+  receive what was committed before it (etcd replays history to a watch that starts behind
+  its head only every 100 ms), then ends them.
+
+Where etcd and the contract differ, and what this backend does:
+- A `value` compare on a missing key always fails in etcd; the contract reads a missing key as
+  value b"". A txn with a value compare that b"" would satisfy is evaluated here instead: read
+  the compared keys, evaluate, then run the chosen branch in a txn guarded by the keys'
+  mod_revisions (retried if one changed in between), so it stays one atomic step.
+- etcd keeps its compaction revision C itself readable (and the versions live at C, which
+  the prev_kv of the events after C need); the contract makes C unreadable. `compact(C)`
+  compacts etcd at C, and this client refuses revision C from then on. Another client finds
+  C still readable, which is more history than promised, never less, so the CompactedError
+  it gets for older revisions names C - 1 as the compact revision (oldest available: C).
+  etcd quirk: a delete at exactly C is dropped by the compaction, so a watch from C (which
+  only such another client can start) may miss it.
+- etcd's compaction revision is not part of a range error; it is asked for with a watch from
+  the failed revision (etcd answers such a watch with its compaction revision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar
+
+import grpc
+import grpc.aio
+from aetcd import rpc
+
+from hivenet.store.base import (
+    CompactedError,
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    FutureRevisionError,
+    InvalidRequestError,
+    KeyValue,
+    Lease,
+    LeaseNotFoundError,
+    Put,
+    RangeResult,
+    StoreCorruptError,
+    StoreError,
+    StoreUnavailableError,
+    TxnOp,
+    TxnResult,
+)
+
+# The reference backend's validators and compare semantics: both backends reject the same input
+# with the same message and read a missing key the same way.
+from hivenet.store.sqlite import (
+    _check_compare,
+    _check_int,
+    _check_key,
+    _check_ops,
+    _check_prefix,
+    _check_value,
+    _compare_holds,
+)
+
+__all__ = ["ETCD_SCHEME", "EtcdStore", "endpoints_from_url"]
+
+_log = logging.getLogger(__name__)
+
+ETCD_SCHEME: Final = "etcd://"
+_T = TypeVar("_T")
+
+# etcd's metadata asking a member to refuse when it has no leader (clientv3.WithRequireLeader).
+_REQUIRE_LEADER: Final = (("hasleader", "true"),)
+_ALL_KEYS: Final = b"\0"  # as key and range_end: every key
+_MAX_LEASE_TTL: Final = 9_000_000_000  # etcd's MaxLeaseTTL (seconds)
+_WATCH_HIGH_WATER: Final = 4096  # buffered events at which a watch stops reading its stream
+_WATCH_LOW_WATER: Final = 1024
+_COMPACT_PROBE_TIMEOUT: Final = 1.0  # etcd reports a compacted watch within ~100 ms
+_CANCEL_SETTLE_SECONDS: Final = 0.02
+# On close, how long live watches may take to receive what was committed before it (a watch
+# that started behind the head is caught up by etcd only every 100 ms).
+_CLOSE_GRACE_SECONDS: Final = 0.3
+_ETCD_REPLAY_PERIOD: Final = 0.15  # etcd replays history to lagging watches every 100 ms
+_CATCH_UP_POLL_SECONDS: Final = 0.02
+_BACKOFF_FIRST: Final = 0.02
+_BACKOFF_MAX: Final = 0.5
+
+_CHANNEL_OPTIONS: Final = (
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Come back quickly after a member restarts (gRPC's default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # Notice a silent member while a watch is open; etcd refuses pings more often than 5 s.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+)
+
+_COMPARE_TARGETS: Final = {
+    "value": rpc.Compare.VALUE,
+    "version": rpc.Compare.VERSION,
+    "create_revision": rpc.Compare.CREATE,
+    "mod_revision": rpc.Compare.MOD,
+    "lease": rpc.Compare.LEASE,
+}
+_COMPARE_RESULTS: Final = {
+    "==": rpc.Compare.EQUAL,
+    "!=": rpc.Compare.NOT_EQUAL,
+    "<": rpc.Compare.LESS,
+    ">": rpc.Compare.GREATER,
+}
+
+# etcd's error texts (api/v3rpc/rpctypes) that pick a StoreError type.
+_ERR_COMPACTED: Final = "required revision has been compacted"
+_ERR_FUTURE: Final = "required revision is a future revision"
+_ERR_LEASE_NOT_FOUND: Final = "requested lease not found"
+_ERR_NO_LEADER: Final = "etcdserver: no leader"
+_ERR_TOO_MANY_REQUESTS: Final = "etcdserver: too many requests"
+# gRPC texts for a call that never left this process (no connection to the member).
+_NOT_SENT_MARKERS: Final = (
+    "failed to connect",
+    "connection refused",
+    "connections to all backends failing",
+    "dns resolution failed",
+)
+
+
+# --------------------------------------------------------------------------- URLs and bytes
+
+
+def endpoints_from_url(url: str) -> list[str]:
+    """The `host:port` endpoints of `etcd://host:port,host:port` (IPv6 as `[addr]:port`)."""
+    if not isinstance(url, str) or not url.startswith(ETCD_SCHEME):
+        raise InvalidRequestError(
+            f"store url {url!r} is not an etcd URL (expected 'etcd://host:port,...')"
+        )
+    body = url[len(ETCD_SCHEME) :].rstrip("/")
+    if not body:
+        raise InvalidRequestError(f"store url {url!r} names no etcd endpoint")
+    return [_check_endpoint(part.strip(), url) for part in body.split(",")]
+
+
+def _check_endpoint(endpoint: str, url: str) -> str:
+    host, colon, port_text = endpoint.rpartition(":")
+    problem = ""
+    if not colon or not host:
+        problem = "expected host:port"
+    elif not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        problem = f"port {port_text!r} is not a number in 1..65535"
+    elif host.startswith("[") != host.endswith("]") or any(c in host for c in "/@?# "):
+        problem = f"host {host!r} is not a host name or address"
+    if problem:
+        raise InvalidRequestError(f"store url {url!r}: endpoint {endpoint!r}: {problem}")
+    return f"{host}:{int(port_text)}"
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+def _decode(raw: bytes) -> str:
+    # Keys other clients wrote need not be UTF-8; surrogateescape keeps them round-trippable.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
+    """etcd's [key, range_end) for every key starting with `prefix` ("" = every key)."""
+    start = _encode(prefix)
+    if not start:
+        return _ALL_KEYS, _ALL_KEYS
+    end = bytearray(start)
+    while end and end[-1] == 0xFF:
+        end.pop()
+    if not end:
+        return start, _ALL_KEYS  # no key is greater than every 0xff... string: no upper bound
+    end[-1] += 1
+    return start, bytes(end)
+
+
+def _key_value(kv: Any) -> KeyValue:
+    return KeyValue(
+        key=_decode(kv.key),
+        value=bytes(kv.value),
+        create_revision=kv.create_revision,
+        mod_revision=kv.mod_revision,
+        version=kv.version,
+        lease=kv.lease,
+    )
+
+
+def _event(event: Any) -> Event:
+    kind = EventType.DELETE if event.type == rpc.Event.DELETE else EventType.PUT
+    prev_kv = _key_value(event.prev_kv) if event.HasField("prev_kv") else None
+    return Event(kind, _key_value(event.kv), prev_kv)
+
+
+def _compare_message(compare: Compare) -> Any:
+    message = rpc.Compare(
+        key=_encode(compare.key),
+        target=_COMPARE_TARGETS[compare.target],
+        result=_COMPARE_RESULTS[compare.op],
+    )
+    try:
+        if compare.target == "value":
+            message.value = bytes(compare.value)
+        elif compare.target == "version":
+            message.version = compare.value
+        elif compare.target == "create_revision":
+            message.create_revision = compare.value
+        elif compare.target == "mod_revision":
+            message.mod_revision = compare.value
+        else:
+            message.lease = compare.value
+    except ValueError as error:  # protobuf: outside int64
+        raise InvalidRequestError(
+            f"compare.value {compare.value!r} (key {compare.key!r}) does not fit etcd's int64"
+        ) from error
+    return message
+
+
+def _request_op(op: TxnOp) -> Any:
+    if isinstance(op, Put):
+        return rpc.RequestOp(
+            request_put=rpc.PutRequest(
+                key=_encode(op.key), value=bytes(op.value), lease=op.lease, prev_kv=True
+            )
+        )
+    key, range_end = _prefix_range(op.key) if op.prefix else (_encode(op.key), b"")
+    if isinstance(op, Delete):
+        return rpc.RequestOp(
+            request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=range_end)
+        )
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=range_end))
+
+
+def _op_result(op: TxnOp, response: Any) -> list[KeyValue] | int | KeyValue | None:
+    if isinstance(op, Put):
+        put = response.response_put
+        return _key_value(put.prev_kv) if put.HasField("prev_kv") else None
+    if isinstance(op, Delete):
+        return int(response.response_delete_range.deleted)
+    return [_key_value(kv) for kv in response.response_range.kvs]
+
+
+def _check_lease_id(value: object, field: str) -> int:
+    lease_id = _check_int(value, field, minimum=1)
+    if lease_id >= 2**63:
+        raise InvalidRequestError(f"{field} must fit etcd's int64, got {value!r}")
+    return lease_id
+
+
+def _leases_in(ops: Iterable[TxnOp]) -> list[int]:
+    return sorted({op.lease for op in ops if isinstance(op, Put) and op.lease})
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class _NotConnected(Exception):
+    """No connection to an endpoint; nothing was sent."""
+
+
+class _StreamLost(Exception):
+    """An established watch stream broke; resume it elsewhere."""
+
+
+class _EtcdCompacted(StoreError):
+    """etcd said "compacted" without saying where; the caller raises the full CompactedError."""
+
+
+def _details(error: grpc.aio.AioRpcError) -> str:
+    return error.details() or error.code().name
+
+
+def _was_not_sent(error: grpc.aio.AioRpcError) -> bool:
+    """True when etcd surely did not act on the request (it is safe to send it again)."""
+    details = _details(error)
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        lowered = details.lower()
+        return details == _ERR_NO_LEADER or any(marker in lowered for marker in _NOT_SENT_MARKERS)
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and details == _ERR_TOO_MANY_REQUESTS
+
+
+def _is_transient(error: grpc.aio.AioRpcError) -> bool:
+    """An error another endpoint (or a later try) may not have: the member or the connection
+    failed, not the request. etcd's own answers start with "etcdserver:"; a connection that
+    breaks under a call (a member killed) surfaces as INTERNAL or UNKNOWN without it."""
+    code = error.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return True
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        return not _details(error).startswith("etcdserver:")
+    return _was_not_sent(error)
+
+
+def _translate(error: grpc.aio.AioRpcError, what: str, *, lease_id: int = 0) -> StoreError:
+    """The StoreError for a definitive etcd answer (not a transport problem)."""
+    code, details = error.code(), _details(error)
+    message = f"{what}: {details}"
+    if _ERR_COMPACTED in details:
+        return _EtcdCompacted(message)
+    if _ERR_FUTURE in details:
+        return FutureRevisionError(message)
+    if _ERR_LEASE_NOT_FOUND in details:
+        return LeaseNotFoundError(lease_id)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return InvalidRequestError(message)
+    if code == grpc.StatusCode.DATA_LOSS:
+        return StoreCorruptError(message)
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    ):
+        return StoreUnavailableError(message)
+    return StoreError(f"{message} (gRPC {code.name})")
+
+
+def _backoff(failures_in_a_row: int, endpoint_count: int) -> float:
+    """No pause while untried endpoints remain, then growing pauses between rounds."""
+    rounds = failures_in_a_row - endpoint_count
+    return 0.0 if rounds < 0 else min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**rounds)
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+class _Endpoint:
+    """One member's address, its gRPC channel (opened on first use) and the stubs on it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel: grpc.aio.Channel | None = None
+        self.kv: Any = None
+        self.lease: Any = None
+        self.watch: Any = None
+
+    def open(self) -> grpc.aio.Channel:
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self.kv = rpc.KVStub(self.channel)
+            self.lease = rpc.LeaseStub(self.channel)
+            self.watch = rpc.WatchStub(self.channel)
+        return self.channel
+
+    async def connect(self, timeout: float) -> None:
+        """Wait until the channel is READY; _NotConnected as soon as it fails or on timeout."""
+        channel = self.open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state in (
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                grpc.ChannelConnectivity.SHUTDOWN,
+            ):
+                raise _NotConnected(f"{self.address}: cannot connect")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise _NotConnected(f"{self.address}: no connection within {timeout:g}s")
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+            except TimeoutError:
+                raise _NotConnected(f"{self.address}: no connection within {timeout:g}s") from None
+            state = channel.get_state(try_to_connect=True)
+
+    async def close(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.close()
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class EtcdStore:
+    """The `Store` protocol on an etcd v3 cluster (etcd 3.4+), over `endpoints` (`host:port`).
+
+    `call_timeout` bounds every call, retries and failover included. `connect_timeout` is how
+    long one endpoint may take to accept a connection before the next one is tried.
+    `range_page_size` is the most keys one range request asks etcd for. `watch_reconnect_timeout`
+    is how long a watch keeps trying to re-create its stream (on any endpoint) before its
+    iterator raises StoreUnavailableError; resume it with the last revision + 1.
+
+    Nothing connects until the first call. The store binds to the event loop of its first
+    call; close it on that loop.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        call_timeout: float = 5.0,
+        connect_timeout: float = 1.0,
+        range_page_size: int = 1000,
+        watch_reconnect_timeout: float = 10.0,
+    ) -> None:
+        if isinstance(endpoints, str) or not isinstance(endpoints, Sequence) or not endpoints:
+            raise InvalidRequestError(
+                f"endpoints must be a non-empty list of 'host:port', got {endpoints!r}"
+            )
+        checked = [
+            _check_endpoint(str(endpoint), ETCD_SCHEME + ",".join(map(str, endpoints)))
+            for endpoint in endpoints
+        ]
+        for name, seconds in (
+            ("call_timeout", call_timeout),
+            ("connect_timeout", connect_timeout),
+            ("watch_reconnect_timeout", watch_reconnect_timeout),
+        ):
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+                raise InvalidRequestError(
+                    f"{name} must be a number of seconds > 0, got {seconds!r}"
+                )
+        _check_int(range_page_size, "range_page_size", minimum=1)
+        self._endpoints = [_Endpoint(address) for address in checked]
+        self._current = 0
+        self._call_timeout = float(call_timeout)
+        self._connect_timeout = float(connect_timeout)
+        self._page_size = range_page_size
+        self._watch_reconnect_timeout = float(watch_reconnect_timeout)
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watches: set[_EtcdWatch] = set()
+        self._streams_opened = 0  # watch, keepalive and probe streams (see close())
+        # The highest revision this client compacted to under the contract's rule (see the
+        # module docstring): revisions <= it are refused even where etcd still has them.
+        self._compacted_through = 0
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [endpoint.address for endpoint in self._endpoints]
+
+    @property
+    def current_endpoint(self) -> str:
+        """The endpoint the next call goes to first (it moves on failover)."""
+        return self._endpoints[self._current].address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({ETCD_SCHEME + ','.join(self.endpoints)!r})"
+
+    # -- plumbing
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise StoreError(f"{self!r} is bound to the event loop of its first call")
+        return loop
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise StoreUnavailableError(f"{what}: store {self!r} is closed")
+
+    def _move_on_from(self, index: int) -> None:
+        """Endpoint `index` failed: later calls start with the next one (unless moved already)."""
+        if self._current == index:
+            self._current = (index + 1) % len(self._endpoints)
+
+    async def _call(
+        self,
+        what: str,
+        attempt: Callable[[_Endpoint, float], Awaitable[_T]],
+        *,
+        mutating: bool,
+        lease_id: int = 0,
+    ) -> _T:
+        """Run `attempt(endpoint, timeout)` with failover until it answers or the deadline.
+
+        Reads go to the next endpoint after any transport error; writes only after errors that
+        prove the request was not acted on (see the module docstring).
+        """
+        self._check_open(what)
+        loop = self._bind_loop()
+        deadline = loop.time() + self._call_timeout
+        failures_in_a_row = 0
+        last_problem = "no endpoint tried"
+        while True:
+            if deadline - loop.time() <= 0:
+                raise StoreUnavailableError(
+                    f"{what}: no etcd endpoint of {self.endpoints} answered within "
+                    f"{self._call_timeout:g}s (last: {last_problem})"
+                )
+            index = self._current
+            endpoint = self._endpoints[index]
+            try:
+                await endpoint.connect(
+                    min(self._connect_timeout, max(deadline - loop.time(), 0.001))
+                )
+                # A read may give up on a slow member while time is left to try another.
+                budget = deadline - loop.time()
+                attempt_timeout = (
+                    budget
+                    if mutating
+                    else min(budget, max(self._connect_timeout, self._call_timeout / 2))
+                )
+                return await attempt(endpoint, max(attempt_timeout, 0.001))
+            except _NotConnected as problem:
+                last_problem = str(problem)
+            except grpc.aio.AioRpcError as error:
+                if self._closed:
+                    raise StoreUnavailableError(f"{what}: store {self!r} is closed") from error
+                if not _is_transient(error):
+                    raise _translate(error, what, lease_id=lease_id) from error
+                if mutating and not _was_not_sent(error):
+                    raise StoreUnavailableError(
+                        f"{what}: {endpoint.address} failed mid-call ({_details(error)}); "
+                        "the write may or may not have been applied"
+                    ) from error
+                last_problem = f"{endpoint.address}: {_details(error)}"
+            self._check_open(what)
+            self._move_on_from(index)
+            failures_in_a_row += 1
+            # Every endpoint failed once: wait a little between rounds (an election takes ~1 s).
+            await asyncio.sleep(
+                min(
+                    _backoff(failures_in_a_row, len(self._endpoints)),
+                    max(0.0, deadline - loop.time()),
+                )
+            )
+
+    async def _unary(
+        self, what: str, stub: str, method: str, request: Any, *, mutating: bool, lease_id: int = 0
+    ) -> Any:
+        async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
+            call = getattr(getattr(endpoint, stub), method)
+            return await call(request, timeout=timeout, metadata=_REQUIRE_LEADER)
+
+        return await self._call(what, attempt, mutating=mutating, lease_id=lease_id)
+
+    async def _compaction_error(self, requested: int) -> CompactedError:
+        """CompactedError for `requested`, with the store's compact revision (etcd's minus one)."""
+        etcd_compact_revision = await self._probe_compact_revision(requested)
+        store_compact_revision = max(self._compacted_through, etcd_compact_revision - 1)
+        return CompactedError(requested, max(store_compact_revision, requested))
+
+    async def _probe_compact_revision(self, revision: int) -> int:
+        """etcd's compaction revision, from the answer to a watch that starts at `revision`
+        (0 if etcd does not report one in time)."""
+
+        async def attempt(endpoint: _Endpoint, timeout: float) -> int:
+            call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER, timeout=timeout)
+            self._streams_opened += 1
+            try:
+                await call.write(
+                    rpc.WatchRequest(
+                        create_request=rpc.WatchCreateRequest(
+                            key=_ALL_KEYS, start_revision=revision
+                        )
+                    )
+                )
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        return 0
+                    if response.compact_revision:
+                        return int(response.compact_revision)
+                    if response.canceled or response.events:
+                        return 0
+            finally:
+                call.cancel()
+
+        try:
+            return await asyncio.wait_for(
+                self._call("find compaction revision", attempt, mutating=False),
+                _COMPACT_PROBE_TIMEOUT,
+            )
+        except (TimeoutError, StoreError):
+            return 0
+
+    async def _let_watches_catch_up(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CLOSE_GRACE_SECONDS
+        try:
+            head = await asyncio.wait_for(self.current_revision(), _CLOSE_GRACE_SECONDS)
+        except (TimeoutError, StoreError):
+            return  # the store is unreachable: nothing more will arrive anyway
+        await asyncio.gather(*(watch.catch_up(head, deadline) for watch in list(self._watches)))
+
+    def _refuse_compacted(self, revision: int) -> None:
+        if 0 < revision <= self._compacted_through:
+            raise CompactedError(revision, self._compacted_through)
+
+    # -- Store protocol: reads
+
+    async def current_revision(self) -> int:
+        request = rpc.RangeRequest(key=_ALL_KEYS, keys_only=True, count_only=True)
+        response = await self._unary("current revision", "kv", "Range", request, mutating=False)
+        return int(response.header.revision)
+
+    async def get(self, key: str) -> KeyValue | None:
+        _check_key(key)
+        request = rpc.RangeRequest(key=_encode(key))
+        response = await self._unary(f"get {key!r}", "kv", "Range", request, mutating=False)
+        return _key_value(response.kvs[0]) if response.kvs else None
+
+    async def range(
+        self,
+        prefix: str,
+        *,
+        revision: int | None = None,
+        limit: int = 0,
+        start_after: str | None = None,
+    ) -> RangeResult:
+        """Keys starting with `prefix`, sorted, at `revision` (None or 0: now); limit 0 = all.
+
+        Read in pages of at most `range_page_size` keys, all at the revision of the first page.
+        `count` is the number of keys under `prefix` at that revision, whatever `limit` and
+        `start_after` say; `more` is True when keys remain after the last one returned.
+        """
+        _check_prefix(prefix)
+        wanted_revision = 0 if revision is None else _check_int(revision, "revision", minimum=0)
+        _check_int(limit, "limit", minimum=0)
+        if start_after is not None:
+            _check_prefix(start_after, "start_after")
+        self._refuse_compacted(wanted_revision)
+        what = f"range {prefix!r}"
+        key_start, range_end = _prefix_range(prefix)
+        next_key = key_start
+        if start_after is not None:
+            next_key = max(key_start, _encode(start_after) + b"\0")
+        read_revision = wanted_revision
+        kvs: list[KeyValue] = []
+        count: int | None = None
+        try:
+            while True:
+                page_limit = (
+                    self._page_size if not limit else min(self._page_size, limit - len(kvs))
+                )
+                page_request = rpc.RangeRequest(
+                    key=next_key, range_end=range_end, limit=page_limit, revision=read_revision
+                )
+                if count is None and start_after is not None:
+                    # The prefix's size and the first page, at one revision.
+                    count_request = rpc.RangeRequest(
+                        key=key_start, range_end=range_end, count_only=True, revision=read_revision
+                    )
+                    txn = rpc.TxnRequest(
+                        success=[
+                            rpc.RequestOp(request_range=count_request),
+                            rpc.RequestOp(request_range=page_request),
+                        ]
+                    )
+                    response = await self._unary(what, "kv", "Txn", txn, mutating=False)
+                    header = response.header
+                    count = int(response.responses[0].response_range.count)
+                    page = response.responses[1].response_range
+                else:
+                    page = await self._unary(what, "kv", "Range", page_request, mutating=False)
+                    header = page.header
+                    if count is None:
+                        count = int(page.count)
+                if read_revision == 0:
+                    read_revision = int(header.revision)
+                kvs.extend(_key_value(kv) for kv in page.kvs)
+                if not page.more or not page.kvs or (limit and len(kvs) >= limit):
+                    break
+                next_key = bytes(page.kvs[-1].key) + b"\0"
+        except _EtcdCompacted:
+            raise await self._compaction_error(read_revision) from None
+        return RangeResult(kvs=kvs, revision=read_revision, more=bool(page.more), count=count)
+
+    # -- Store protocol: writes
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        _check_key(key)
+        data = _check_value(value, f"value (key {key!r})")
+        _check_int(lease, "lease", minimum=0)
+        request = rpc.PutRequest(key=_encode(key), value=data, lease=lease)
+        response = await self._unary(
+            f"put {key!r}", "kv", "Put", request, mutating=True, lease_id=lease
+        )
+        return int(response.header.revision)
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        if prefix:
+            _check_prefix(key, "key")
+            start, range_end = _prefix_range(key)
+        else:
+            _check_key(key)
+            start, range_end = _encode(key), b""
+        request = rpc.DeleteRangeRequest(key=start, range_end=range_end)
+        response = await self._unary(f"delete {key!r}", "kv", "DeleteRange", request, mutating=True)
+        return int(response.deleted)
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[TxnOp],
+        failure: Sequence[TxnOp] = (),
+    ) -> TxnResult:
+        checked_compares = [_check_compare(compare) for compare in compares]
+        checked_success = _check_ops(success, "success")
+        checked_failure = _check_ops(failure, "failure")
+        compare_messages = [_compare_message(compare) for compare in checked_compares]
+        try:
+            if any(c.target == "value" and _compare_holds(c, None) for c in checked_compares):
+                return await self._txn_evaluated_here(
+                    checked_compares, checked_success, checked_failure
+                )
+            request = rpc.TxnRequest(
+                compare=compare_messages,
+                success=[_request_op(op) for op in checked_success],
+                failure=[_request_op(op) for op in checked_failure],
+            )
+            response = await self._unary("txn", "kv", "Txn", request, mutating=True)
+        except LeaseNotFoundError as error:
+            if error.lease_id:
+                raise
+            missing = await self._missing_lease(_leases_in([*checked_success, *checked_failure]))
+            raise LeaseNotFoundError(missing) from error
+        branch = checked_success if response.succeeded else checked_failure
+        return TxnResult(
+            succeeded=bool(response.succeeded),
+            revision=int(response.header.revision),
+            responses=[
+                _op_result(op, result)
+                for op, result in zip(branch, response.responses, strict=True)
+            ],
+        )
+
+    async def _txn_evaluated_here(
+        self, compares: list[Compare], success: list[TxnOp], failure: list[TxnOp]
+    ) -> TxnResult:
+        """Evaluate `compares` on a read of their keys, then run the chosen branch guarded by
+        those keys' mod_revisions; again if one changed in between (see module docstring)."""
+        keys = sorted({compare.key for compare in compares})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._call_timeout
+        while True:
+            read = rpc.TxnRequest(
+                success=[
+                    rpc.RequestOp(request_range=rpc.RangeRequest(key=_encode(key))) for key in keys
+                ]
+            )
+            response = await self._unary(
+                "txn (read compared keys)", "kv", "Txn", read, mutating=False
+            )
+            current: dict[str, KeyValue | None] = {}
+            for key, result in zip(keys, response.responses, strict=True):
+                kvs = result.response_range.kvs
+                current[key] = _key_value(kvs[0]) if kvs else None
+            holds = all(_compare_holds(compare, current[compare.key]) for compare in compares)
+            branch = success if holds else failure
+            guards = [
+                rpc.Compare(
+                    key=_encode(key),
+                    target=rpc.Compare.MOD,
+                    result=rpc.Compare.EQUAL,
+                    mod_revision=kv.mod_revision if kv is not None else 0,
+                )
+                for key, kv in current.items()
+            ]
+            guarded = rpc.TxnRequest(compare=guards, success=[_request_op(op) for op in branch])
+            written = await self._unary("txn", "kv", "Txn", guarded, mutating=True)
+            if written.succeeded:
+                return TxnResult(
+                    succeeded=holds,
+                    revision=int(written.header.revision),
+                    responses=[
+                        _op_result(op, result)
+                        for op, result in zip(branch, written.responses, strict=True)
+                    ],
+                )
+            if loop.time() > deadline:
+                raise StoreUnavailableError(
+                    f"txn: the compared keys {keys} kept changing for {self._call_timeout:g}s"
+                )
+
+    async def _missing_lease(self, candidates: list[int]) -> int:
+        """Which of the txn's leases etcd does not know (0 if none can be named)."""
+        for lease_id in candidates:
+            request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
+            try:
+                response = await self._unary(
+                    f"lease {lease_id} ttl", "lease", "LeaseTimeToLive", request, mutating=False
+                )
+            except LeaseNotFoundError:
+                return lease_id
+            if response.TTL < 0:
+                return lease_id
+        return candidates[0] if len(candidates) == 1 else 0
+
+    # -- Store protocol: watch
+
+    def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[Event]:
+        """Every event under `prefix` from `start_revision` on, in order, exactly once.
+
+        The iterator ends when the store closes or `aclose()` is called. It moves to another
+        endpoint by itself when its member goes away; it raises CompactedError if history it
+        needs is compacted, and StoreUnavailableError after `watch_reconnect_timeout` without
+        any endpoint (resume with the last revision + 1). Cancelling a pending `anext()` loses
+        nothing.
+        """
+        _check_prefix(prefix)
+        _check_int(start_revision, "start_revision", minimum=1)
+        return _EtcdWatch(self, prefix, start_revision)
+
+    # -- Store protocol: leases
+
+    async def lease_grant(self, ttl: int) -> Lease:
+        _check_int(ttl, "ttl", minimum=1)
+        if ttl > _MAX_LEASE_TTL:
+            raise InvalidRequestError(f"ttl must be at most {_MAX_LEASE_TTL} seconds, got {ttl!r}")
+        request = rpc.LeaseGrantRequest(TTL=ttl, ID=0)
+        response = await self._unary("lease grant", "lease", "LeaseGrant", request, mutating=True)
+        if response.error:
+            raise StoreError(f"lease grant: {response.error}")
+        return Lease(id=int(response.ID), ttl=int(response.TTL))
+
+    async def lease_keepalive(self, lease_id: int) -> int:
+        _check_lease_id(lease_id, "lease_id")
+
+        async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
+            call = endpoint.lease.LeaseKeepAlive(metadata=_REQUIRE_LEADER, timeout=timeout)
+            self._streams_opened += 1
+            try:
+                await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                response = await call.read()
+            finally:
+                call.cancel()
+            if response is grpc.aio.EOF:
+                raise StoreUnavailableError(f"lease {lease_id} keepalive: stream ended unanswered")
+            return response
+
+        # A refresh only moves a deadline forward: sending it twice is harmless.
+        response = await self._call(
+            f"lease {lease_id} keepalive", attempt, mutating=False, lease_id=lease_id
+        )
+        if response.TTL <= 0:
+            raise LeaseNotFoundError(lease_id)
+        return int(response.TTL)
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        _check_lease_id(lease_id, "lease_id")
+        request = rpc.LeaseRevokeRequest(ID=lease_id)
+        await self._unary(
+            f"lease {lease_id} revoke",
+            "lease",
+            "LeaseRevoke",
+            request,
+            mutating=True,
+            lease_id=lease_id,
+        )
+
+    # -- Store protocol: compaction and close
+
+    async def compact(self, revision: int) -> None:
+        _check_int(revision, "revision", minimum=1)
+        self._refuse_compacted(revision)
+        request = rpc.CompactionRequest(revision=revision, physical=False)
+        try:
+            await self._unary(f"compact to {revision}", "kv", "Compact", request, mutating=True)
+        except _EtcdCompacted:
+            raise await self._compaction_error(revision) from None
+        # etcd keeps `revision` itself readable; the contract does not: refuse it here.
+        self._compacted_through = max(self._compacted_through, revision)
+
+    async def close(self) -> None:
+        """End every watch iterator and close the connections. Idempotent.
+
+        Live watches first get a moment (at most `_CLOSE_GRACE_SECONDS`) to receive the events
+        committed before the close, so a consumer sees them before its iterator ends.
+        """
+        if self._closed:
+            return
+        if self._watches:
+            await self._let_watches_catch_up()
+        self._closed = True
+        for watch in list(self._watches):
+            await watch.stop()
+        for endpoint in self._endpoints:
+            with contextlib.suppress(Exception):  # a channel of a dead member closes anyway
+                await endpoint.close()
+        if self._streams_opened:
+            # gRPC finishes a cancelled stream's operations on its poller thread a moment
+            # later and hands each to the loop that started it: let them land on this loop
+            # while it runs, not on a closed one (asyncio logs "Event loop is closed" there).
+            await asyncio.sleep(_CANCEL_SETTLE_SECONDS)
+
+
+# --------------------------------------------------------------------------- watch
+
+
+class _EtcdWatch(AsyncIterator[Event]):
+    """One watch: a reader task that follows an etcd watch stream (moving to another endpoint
+    when its member goes away) and a buffer the iterator hands out.
+
+    Cancel-safe: an event leaves the buffer only inside a completed `anext()`.
+    """
+
+    def __init__(self, store: EtcdStore, prefix: str, start_revision: int) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._key, self._range_end = _prefix_range(prefix)
+        self._start_revision = start_revision
+        # The first revision not received yet: where a re-created stream starts.
+        self._resume_revision = start_revision
+        self._events: collections.deque[Event] = collections.deque()
+        self._failure: BaseException | None = None
+        self._ended = False
+        self._reader: asyncio.Task[None] | None = None
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.streams_opened = 0  # 1 + how often the watch moved to a new stream (observability)
+        # When etcd confirmed the watch on the current stream (loop time), and whether it
+        # started behind etcd's head then (so etcd replays history to it, every 100 ms).
+        self._stream_created_at: float | None = None
+        self._lagging_at_creation = False
+        self._received_through = start_revision - 1  # revision of the last event received
+        self._progressed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<etcd watch {self._prefix!r} from revision {self._start_revision} on {self._store!r}>"
+        )
+
+    async def __anext__(self) -> Event:
+        while True:
+            if self._events:
+                event = self._events.popleft()
+                if len(self._events) <= _WATCH_LOW_WATER:
+                    self._room.set()
+                return event
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                self._ended = True
+                raise failure
+            if self._ended:
+                raise StopAsyncIteration
+            if self._reader is None:
+                self._start()
+                continue
+            self._readable.clear()
+            await self._readable.wait()
+
+    def _start(self) -> None:
+        store = self._store
+        if store.closed:
+            self._ended = True
+            return
+        try:
+            store._refuse_compacted(self._start_revision)
+            store._bind_loop()
+        except StoreError as error:
+            self._failure = error
+            return
+        store._watches.add(self)
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read(), name=f"hn-etcd-watch {self._prefix!r}"
+        )
+
+    async def aclose(self) -> None:
+        """Stop watching; a pending or later `anext()` raises StopAsyncIteration."""
+        await self.stop()
+        self._events.clear()
+        self._failure = None
+
+    async def catch_up(self, revision: int, deadline: float) -> None:
+        """Wait, until loop time `deadline` at most, for the events up to `revision` that etcd
+        will still send: until one of them arrives, or, for a watch created behind etcd's head,
+        until etcd's replay had its turn. (etcd 3.4's progress requests cannot tell: it answers
+        them at once with its head revision, whatever the watch received; etcd issue 15220.)"""
+        loop = asyncio.get_running_loop()
+        while not self._ended and self._received_through < revision:
+            now = loop.time()
+            created_at = self._stream_created_at
+            if now >= deadline or (
+                created_at is not None
+                and (not self._lagging_at_creation or now >= created_at + _ETCD_REPLAY_PERIOD)
+            ):
+                return
+            self._progressed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._progressed.wait(), min(deadline - now, _CATCH_UP_POLL_SECONDS)
+                )
+
+    async def stop(self) -> None:
+        """End the reader; events already received are still handed out, then the end."""
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        self._ended = True
+        self._store._watches.discard(self)
+        self._readable.set()
+
+    async def _read(self) -> None:  # the reader task
+        try:
+            await self._follow()
+        except asyncio.CancelledError:
+            pass
+        except StoreError as error:
+            self._failure = error
+        except Exception as error:  # a bug or an unexpected gRPC error: end loudly, not silently
+            _log.exception("%r failed", self)
+            self._failure = StoreError(f"{self!r} failed: {error!r}")
+        finally:
+            self._ended = True
+            self._store._watches.discard(self)
+            self._readable.set()
+
+    async def _follow(self) -> None:
+        """Keep a stream open from `_resume_revision`, on whichever endpoint answers."""
+        store = self._store
+        loop = asyncio.get_running_loop()
+        give_up_at: float | None = None
+        failures_in_a_row = 0
+        while not store.closed:
+            index = store._current
+            endpoint = store._endpoints[index]
+            try:
+                await endpoint.connect(store._connect_timeout)
+                await self._stream(endpoint)
+                return  # only when the store closes
+            except _NotConnected as error:
+                problem = str(error)
+            except _StreamLost as error:
+                problem = f"{endpoint.address}: {error}"
+                give_up_at, failures_in_a_row = None, 0  # it was up: the give-up clock restarts
+            if store.closed:
+                return
+            now = loop.time()
+            if give_up_at is None:
+                give_up_at = now + store._watch_reconnect_timeout
+            elif now >= give_up_at:
+                raise StoreUnavailableError(
+                    f"watch {self._prefix!r}: no etcd endpoint of {store.endpoints} for "
+                    f"{store._watch_reconnect_timeout:g}s (last: {problem}); resume from "
+                    f"revision {self._resume_revision}"
+                )
+            _log.info("watch %r moves on from %s: %s", self._prefix, endpoint.address, problem)
+            store._move_on_from(index)
+            failures_in_a_row += 1
+            await asyncio.sleep(_backoff(failures_in_a_row, len(store._endpoints)))
+
+    async def _stream(self, endpoint: _Endpoint) -> None:
+        """Follow one stream. Returns when the store closes; raises _NotConnected if the watch
+        could not be created, _StreamLost when an established stream breaks."""
+        call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER)
+        self.streams_opened += 1
+        self._store._streams_opened += 1
+        created = False
+        try:
+            await call.write(
+                rpc.WatchRequest(
+                    create_request=rpc.WatchCreateRequest(
+                        key=self._key,
+                        range_end=self._range_end,
+                        start_revision=self._resume_revision,
+                        prev_kv=True,
+                    )
+                )
+            )
+            while True:
+                if created:
+                    response = await call.read()
+                else:  # a member that takes the stream but never answers is not a member
+                    try:
+                        response = await asyncio.wait_for(call.read(), self._store._call_timeout)
+                    except TimeoutError:
+                        raise _NotConnected(
+                            f"{endpoint.address}: watch not confirmed within "
+                            f"{self._store._call_timeout:g}s"
+                        ) from None
+                if response is grpc.aio.EOF:
+                    raise _StreamLost("stream ended by the server")
+                if response.compact_revision:
+                    raise CompactedError(
+                        self._resume_revision,
+                        max(self._store._compacted_through, int(response.compact_revision) - 1),
+                    )
+                if response.canceled:
+                    reason = response.cancel_reason or "cancelled by the server"
+                    if not response.cancel_reason or _ERR_NO_LEADER in reason:
+                        raise _StreamLost(reason)
+                    raise StoreError(f"watch {self._prefix!r}: etcd cancelled it: {reason}")
+                if response.created:
+                    created = True
+                    self._stream_created_at = asyncio.get_running_loop().time()
+                    self._lagging_at_creation = self._resume_revision <= response.header.revision
+                    continue
+                self._take(response.events)
+                while len(self._events) >= _WATCH_HIGH_WATER and not self._store.closed:
+                    self._room.clear()
+                    await self._room.wait()
+        except grpc.aio.AioRpcError as error:
+            if self._store.closed:
+                return
+            if not (_is_transient(error) or error.code() == grpc.StatusCode.CANCELLED):
+                raise _translate(error, f"watch {self._prefix!r}") from error
+            if created:
+                raise _StreamLost(_details(error)) from error
+            raise _NotConnected(f"{endpoint.address}: {_details(error)}") from error
+        except _StreamLost:
+            if self._store.closed:
+                return
+            if not created:
+                raise _NotConnected(f"{endpoint.address}: watch not created") from None
+            raise
+        finally:
+            self._stream_created_at = None
+            call.cancel()
+
+    def _note_received(self, revision: int) -> None:
+        if revision > self._received_through:
+            self._received_through = revision
+            self._progressed.set()
+
+    def _take(self, raw_events: Sequence[Any]) -> None:
+        events = [_event(raw) for raw in raw_events if raw.kv.mod_revision >= self._resume_revision]
+        if not events:
+            return
+        self._events.extend(events)
+        # etcd sends whole revisions per response, so the next stream starts after this one.
+        self._resume_revision = events[-1].revision + 1
+        self._note_received(events[-1].revision)
+        self._readable.set()
