@@ -286,7 +286,7 @@ def main() -> None:
         if args.etcd:
             from hivenet.lab import etcd as lab_etcd
 
-            cluster = lab_etcd.start_cluster(Path(tmp) / "etcd")  # type: ignore[attr-defined]
+            cluster = lab_etcd.start_cluster(Path(tmp) / "etcd")
             try:
                 url = cluster.url
                 rows.append(
