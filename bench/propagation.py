@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 from hivenet.agent.agent import HostAgent
@@ -33,6 +34,13 @@ from hivenet.model import Bridge, DeviceKind, Host, Port, encode, topology_key
 from hivenet.store import open_store
 from hivenet.store.base import Store
 from hivenet.store.topology import TopologyRepository
+
+
+def _renamer(k: int) -> Callable[[Bridge], Bridge]:
+    def rename(bridge: Bridge) -> Bridge:
+        return bridge.model_copy(update={"name": f"marker-{k}"})
+
+    return rename
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,9 +90,7 @@ async def in_process(store_url: str, agents_count: int, writes: int) -> dict[str
     last_agent: list[float] = []
     for k in range(writes):
         written = time.perf_counter()
-        await repo.modify(
-            Bridge, marker.id, lambda b, k=k: b.model_copy(update={"name": f"marker-{k}"})
-        )
+        await repo.modify(Bridge, marker.id, _renamer(k))
         committed = time.perf_counter()
         deadline = committed + 30
         while len(probe.applied.get(k, ())) < agents_count and time.perf_counter() < deadline:
@@ -168,9 +174,7 @@ async def real_processes(store_url: str, processes: int, writes: int) -> dict[st
         last_agent: list[float] = []
         for k in range(writes):
             written = time.time()
-            await repo.modify(
-                Bridge, marker.id, lambda b, k=k: b.model_copy(update={"name": f"marker-{k}"})
-            )
+            await repo.modify(Bridge, marker.id, _renamer(k))
             deadline = time.time() + 30
             while len(applied.get(k, ())) < processes and time.time() < deadline:
                 await asyncio.sleep(0.001)
