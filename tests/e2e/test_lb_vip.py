@@ -5,8 +5,9 @@ written through the REST API; one `hivenet agent` per host on the userspace data
 Proven here: requests through a TCP VIP from two client hosts spread over the members by
 weight and every one succeeds; a member removed through the API takes no new request and
 none fails; re-added it takes requests again; a UDP VIP with source-IP persistence answers
-every datagram, each client from one member. (Health monitoring and long-lived connections
-across member changes are proven in the memory tier: tests/integration/lb/.)
+every datagram, each client from one member. (Health monitoring with real probes, and a
+long-lived connection across member changes: test_lb_health.py; more of both in the memory
+tier, tests/integration/lb/.)
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ Owns the agent's life on one host: its lease and liveness key, its Host object a
 membership, the local topology cache (a `TopologyView` fed one watch event at a time by a
 `PrefixMirror`, never reloaded per change), the local replica of the shared MAC/ARP tables,
 binding the exterior ports assigned to this host in the datapath and publishing that it owns
-them, publishing what the simulation learned, invalidating exactly the flows whose tags a
-change touches, and writing its counters. The packet work itself is `FlowPipeline` (upcalls)
-and the datapath (fast path); the simulation is `hivenet.sim`.
+them, with `overlay_health_probes` the health ports and namespaces through which it probes
+load-balancer members (`OverlayProbing`, agent/health.py), publishing what the simulation
+learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
+The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
+simulation is `hivenet.sim`.
 
 Headless: when the store goes away the mirrors keep their last state and retry, the datapath
 and the pipeline go on forwarding with the cached topology, and learned entries queue up until
@@ -29,7 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hivenet.agent.flowstate_sync import FlowStateSync, is_nat_block_key
-from hivenet.agent.health import MEMBER_HEALTH_KIND, MemberHealth, Prober
+from hivenet.agent.health import (
+    MEMBER_HEALTH_KIND,
+    HealthPlumbing,
+    MemberHealth,
+    OverlayProbing,
+    Prober,
+)
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.base import Datapath
@@ -84,6 +92,8 @@ class HostAgent:
         clock: Callable[[], float] = time.monotonic,
         state_dir: Path | None = None,
         health_prober: Prober | None = None,
+        overlay_health_probes: bool = False,
+        health_plumbing: HealthPlumbing | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -124,6 +134,20 @@ class HostAgent:
         self.tables_mirror = PrefixMirror(store, TABLES_PREFIX, self._on_table_change)
         self.state_mirror = PrefixMirror(store, STATE_PREFIX, self._on_state_change)
         self.live_hosts: set[str] = set()
+        # Probes through the overlay: health ports and namespaces this agent keeps itself.
+        self.overlay_probing: OverlayProbing | None = None
+        if overlay_health_probes:
+            if health_prober is not None:
+                raise ValueError("health_prober: give it or overlay_health_probes, not both")
+            self.overlay_probing = OverlayProbing(
+                host_id,
+                self.topology,
+                self.repository,
+                routers_wanted=lambda: {t.router_id for t in self.health.assignments().values()},
+                is_bound=lambda port_id: port_id in self.bound_ports,
+                plumbing=health_plumbing,
+            )
+            health_prober = self.overlay_probing
         # Load-balancer member health: this host's probes, everyone's reports.
         self.health = MemberHealth(
             host_id,
@@ -176,6 +200,14 @@ class HostAgent:
         self._refresh_liveness()
         self._reconcile_ports()
         await self.flowstate.start()
+        if self.overlay_probing is not None:
+            # Only now: with the topology loaded it adopts the health ports it left, instead
+            # of sweeping them as unwanted.
+            self._tasks.append(
+                asyncio.create_task(
+                    self.overlay_probing.run(), name=f"hn-{self.host_id}-health-ports"
+                )
+            )
         self._started = True
 
     async def stop(self, *, graceful: bool = True) -> None:
@@ -190,6 +222,8 @@ class HostAgent:
         await self.flowstate.stop(compact=graceful)
         for port_id in list(self.bound_ports):
             self._unbind(port_id)
+        if self.overlay_probing is not None:
+            await self.overlay_probing.close()
         if graceful and self.lease_id:
             with contextlib.suppress(StoreError):
                 await asyncio.wait_for(self.store.lease_revoke(self.lease_id), 2.0)

@@ -57,6 +57,14 @@ def run(
     ] = 10,
     state_dir: Annotated[Path | None, typer.Option(help="Where counters are written.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    health_probes: Annotated[
+        bool | None,
+        typer.Option(
+            "--health-probes/--no-health-probes",
+            help="Probe load-balancer members through the overlay from health namespaces "
+            "(default: on when root with the userspace datapath).",
+        ),
+    ] = None,
 ) -> None:
     """Run the agent for one host until SIGTERM/SIGINT."""
     logging.basicConfig(
@@ -68,6 +76,12 @@ def run(
     if datapath not in ("userspace", "memory"):
         raise typer.BadParameter(
             f"{datapath!r}: expected userspace or memory", param_hint="--datapath"
+        )
+    if health_probes is None:
+        health_probes = os.geteuid() == 0 and datapath == "userspace"
+    elif health_probes and os.geteuid() != 0:
+        raise typer.BadParameter(
+            "needs root (it creates network namespaces)", param_hint="--health-probes"
         )
     asyncio.run(
         _run_agent(
@@ -81,6 +95,7 @@ def run(
             counters_path=counters_file(state, host_id),
             # Per host: several agents (a lab) may share one state dir, never one journal.
             flowstate_dir=state / f"flowstate-{host_id}",
+            health_probes=health_probes,
         )
     )
 
@@ -96,6 +111,7 @@ async def _run_agent(
     lease_ttl: int,
     counters_path: Path,
     flowstate_dir: Path,
+    health_probes: bool = False,
 ) -> None:
     from hivenet.datapath.base import Datapath
     from hivenet.store import open_store
@@ -121,6 +137,7 @@ async def _run_agent(
         lease_ttl=lease_ttl,
         counters_path=counters_path,
         state_dir=flowstate_dir,
+        overlay_health_probes=health_probes,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hivenet.agent.agent import HostAgent
-from hivenet.agent.health import ProbeTarget
+from hivenet.agent.health import HealthPlumbing, ProbeTarget
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.model import (
     TOPOLOGY_PREFIX,
@@ -89,6 +89,9 @@ class FakeProber:
         self.down = down
         self.log = log
 
+    def can_probe(self, target: ProbeTarget) -> bool:
+        return True
+
     async def probe(self, target: ProbeTarget) -> bool:
         vm = member_of(ip(target.address))
         self.log.append((self.host_id, target.member_id))
@@ -118,8 +121,11 @@ class LbCloud:
     down: set[str] = field(default_factory=set)
     probe_log: list[tuple[str, str]] = field(default_factory=list)
 
-    async def start_agent(self, host_id: str) -> HostAgent:
+    async def start_agent(self, host_id: str, plumbing: HealthPlumbing | None = None) -> HostAgent:
+        """With `plumbing`, the agent probes through its own health ports (`OverlayProbing`)
+        over that fake kernel side; else through a `FakeProber`."""
         datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay, clock=self.clock)
+        prober = None if plumbing else FakeProber(host_id, self.down, self.probe_log)
         agent = HostAgent(
             self.store,
             datapath,
@@ -130,9 +136,13 @@ class LbCloud:
             reconcile_interval=0.05,
             clock=self.clock,
             state_dir=self.state_root / host_id,
-            health_prober=FakeProber(host_id, self.down, self.probe_log),
+            health_prober=prober,
+            overlay_health_probes=plumbing is not None,
+            health_plumbing=plumbing,
         )
         agent.health.tick_interval = 0.02
+        if agent.overlay_probing is not None:
+            agent.overlay_probing.reconcile_interval = 0.02
         agent.topology.vips.table_size = 4099
         await agent.start()
         self.agents[host_id] = agent
@@ -268,7 +278,11 @@ class LbCloud:
 
 
 async def build(
-    c: LbCloud, *, weights: dict[str, int] | None = None, monitor: dict[str, Any] | None = None
+    c: LbCloud,
+    *,
+    weights: dict[str, int] | None = None,
+    monitor: dict[str, Any] | None = None,
+    plumbing: Callable[[str], HealthPlumbing] | None = None,
 ) -> None:
     repo = c.repo
     await repo.create(Router(id="r1", name="r1"))
@@ -343,7 +357,7 @@ async def build(
     if monitor is not None:
         await repo.create(HealthMonitor(id="web-hm", pool_id="web", type="tcp", **monitor))
     for host_id in HOSTS:
-        await c.start_agent(host_id)
+        await c.start_agent(host_id, None if plumbing is None else plumbing(host_id))
     await c.synced()
     for vm in VM_IPS:
         await c.announce(vm)
