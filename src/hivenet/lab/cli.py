@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hivenet.lab.etcd import EtcdMemberStatus
 from hivenet.lab.lab import (
     ENV_FILE,
     Lab,
@@ -77,7 +78,25 @@ def up(
         ),
     ] = None,
     state_dir: StateDirOption = None,
-    store: Annotated[str, typer.Option("--store", help="State store backend: sqlite.")] = "sqlite",
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="State store: sqlite (one embedded file) or etcd (a local 3-member etcd "
+            "cluster, clients on the lab's root underlay address 172.31.250.254; one etcd lab "
+            "at a time).",
+        ),
+    ] = "sqlite",
+    lease_ttl: Annotated[
+        int | None,
+        typer.Option(
+            "--lease-ttl",
+            min=2,
+            help="The agents' lease TTL in seconds: how soon a dead host's ports go down "
+            "everywhere (default: the agent's own).",
+            show_default=False,
+        ),
+    ] = None,
     tag: Annotated[
         str,
         typer.Option(
@@ -99,6 +118,7 @@ def up(
             state_dir=_state_dir(state_dir),
             scope=LabScope(tag),
             store=store,
+            agent_lease_ttl=lease_ttl,
             progress=lambda message: typer.echo(f"- {message}", err=True),
         )
         lab.up(timeout=timeout)
@@ -157,6 +177,8 @@ def print_summary(lab: Lab, out: Console = console) -> None:
             "-",
         )
     out.print(vms_table)
+    if lab.uses_etcd:
+        print_store_members(lab.etcd_cluster().member_statuses(), out)
     spec = lab.scenario.external
     if spec is not None and spec.snat:
         out.print(
@@ -166,6 +188,7 @@ def print_summary(lab: Lab, out: Console = console) -> None:
     first = lab.plan.vms[0]
     others = [vm for vm in lab.plan.vms if vm.name != first.name]
     target = others[-1].address if others else first.address
+    out.print(f"store:      {lab.store_url}")
     out.print(f"API URL:    {lab.api_url}")
     out.print(f"token file: {lab.token_path}")
     out.print(f"state dir:  {lab.state_dir}  (logs, PID files, agent counters)")
@@ -199,7 +222,25 @@ def is_healthy(report: LabStatus) -> bool:
         and report.api_healthy
         and all(report.namespaces.values())
         and all(process.running for process in report.processes)
+        and report.store_problem is None
+        and all(member.healthy for member in report.store_members)
     )
+
+
+def print_store_members(members: list[EtcdMemberStatus], out: Console = console) -> None:
+    table = Table(title="store (etcd members)", title_justify="left")
+    for column in ("member", "client endpoint", "PID", "state", "leader"):
+        table.add_column(column)
+    for member in members:
+        state = "healthy" if member.healthy else ("running, NOT healthy" if member.pid else "GONE")
+        table.add_row(
+            member.name,
+            member.endpoint,
+            str(member.pid) if member.pid else "-",
+            state,
+            "leader" if member.is_leader else "",
+        )
+    out.print(table)
 
 
 def _counter(data: dict[str, Any] | None, section: str, name: str) -> str:
@@ -225,6 +266,11 @@ def print_status(lab: Lab, report: LabStatus, out: Console = console) -> None:
             "running" if process.running else "GONE",
         )
     out.print(processes)
+    out.print(f"store: {report.store} {report.store_url or '-'}")
+    if report.store_problem is not None:
+        out.print(f"store members: {report.store_problem}")
+    elif report.store_members:
+        print_store_members(report.store_members, out)
     missing = [name for name, exists in report.namespaces.items() if not exists]
     out.print(
         f"namespaces: {len(report.namespaces) - len(missing)}/{len(report.namespaces)} present"

@@ -1,10 +1,13 @@
 """Local etcd clusters for the lab and the tests: start, kill, restart and stop members by PID.
 
 Owns: the etcd member processes this module starts and, under `<state_dir>/etcd/`, their data
-directories (`hn-etcdN.data/`), logs (`hn-etcdN.log`) and PID records (`hn-etcdN.json`).
-Members are named `hn-etcd1..N` and listen on 127.0.0.1 only, on client and peer ports picked
-free at start. `stop_all(state_dir)` (called by `hivenet lab clean`) ends every recorded member
-and removes what the cluster left on disk.
+directories (`hn-etcdN.data/`), logs (`hn-etcdN.log`), PID records (`hn-etcdN.json`) and the
+cluster's description (`cluster.json`: names, ports, token, timing), from which another process
+reattaches with `EtcdCluster.load(state_dir)` (`hivenet lab status`, a test killing the leader).
+Members are named `hn-etcd1..N`; peers talk on 127.0.0.1, clients reach them on `client_host`
+(127.0.0.1 by default; the lab passes the address it gave its root underlay bridge, so agents in
+host namespaces reach them), on ports picked free at start. `stop_all(state_dir)` (called by
+`hivenet lab down|clean`) ends every recorded member and removes what the cluster left on disk.
 
 Must not touch: any etcd it did not start, a system etcd on port 2379 included. Ports are never
 the defaults, the child's environment drops every `ETCD_*` variable (etcd reads its flags from
@@ -19,6 +22,7 @@ leader is replaced within about a second, and etcd's minimum lease TTL is 1 s (i
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -39,6 +43,7 @@ __all__ = [
     "EtcdCluster",
     "EtcdLabError",
     "EtcdMember",
+    "EtcdMemberStatus",
     "start_cluster",
     "stop_all",
 ]
@@ -46,7 +51,8 @@ __all__ = [
 DEFAULT_ETCD_BINARY: Final = Path("/usr/bin/etcd")
 MEMBER_PREFIX: Final = "hn-etcd"
 ETCD_SUBDIR: Final = "etcd"
-HOST: Final = "127.0.0.1"
+CLUSTER_FILE: Final = "cluster.json"
+HOST: Final = "127.0.0.1"  # peers always; clients unless `client_host` says otherwise
 _START_ATTEMPTS: Final = 3  # a picked port may be taken by someone else before etcd binds it
 _HTTP_TIMEOUT: Final = 1.0
 
@@ -65,10 +71,11 @@ class EtcdMember:
     data_dir: Path
     log_file: Path
     record_file: Path
+    client_host: str = HOST
 
     @property
     def client_url(self) -> str:
-        return f"http://{HOST}:{self.client_port}"
+        return f"http://{self.client_host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -77,7 +84,18 @@ class EtcdMember:
     @property
     def endpoint(self) -> str:
         """`host:port` of the client API, as an `etcd://` store URL lists it."""
-        return f"{HOST}:{self.client_port}"
+        return f"{self.client_host}:{self.client_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdMemberStatus:
+    """One member as `hivenet lab status` shows it."""
+
+    name: str
+    endpoint: str
+    pid: int | None  # None: not running
+    healthy: bool  # answers /health and sees a leader
+    is_leader: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,14 +191,14 @@ def _end_process(record: _ProcessRecord, *, timeout: float = 5.0) -> bool:
     return _signal_and_wait(record, signal.SIGKILL, timeout)
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct ports that were free on 127.0.0.1 a moment ago (all held at once, so
-    none repeats)."""
+def _free_ports(hosts: list[str]) -> list[int]:
+    """One port per entry of `hosts`, each free on its address a moment ago, all distinct (held
+    at once, so none repeats)."""
     sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for host in hosts:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
+            sock.bind((host, 0))
             sockets.append(sock)
         return [sock.getsockname()[1] for sock in sockets]
     finally:
@@ -188,11 +206,23 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def check_client_host(client_host: object) -> str:
+    """`client_host` as etcd's URLs want it: one IPv4 address (no name, no port)."""
+    if not isinstance(client_host, str):
+        raise EtcdLabError(f"client_host must be an IPv4 address string, got {client_host!r}")
+    try:
+        return str(ipaddress.IPv4Address(client_host))
+    except ValueError:
+        raise EtcdLabError(
+            f"client_host {client_host!r}: not an IPv4 address (e.g. 127.0.0.1)"
+        ) from None
+
+
 def _child_environment() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if not name.startswith("ETCD_")}
 
 
-# Never through an HTTP proxy from the environment: the members live on 127.0.0.1.
+# Never through an HTTP proxy from the environment: the members live on this machine.
 _DIRECT_HTTP: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -233,6 +263,62 @@ class EtcdCluster:
 
     def __repr__(self) -> str:
         return f"EtcdCluster({self.url!r}, directory={str(self.directory)!r})"
+
+    @classmethod
+    def load(cls, state_dir: Path, *, binary: Path | None = None) -> EtcdCluster:
+        """The cluster `start_cluster(state_dir)` started, possibly in another process: its
+        members, and the PIDs of those whose record still names a live process."""
+        directory = Path(state_dir) / ETCD_SUBDIR
+        path = directory / CLUSTER_FILE
+        try:
+            data = json.loads(path.read_text())
+            client_host = check_client_host(data.get("client_host", HOST))
+            members = [
+                _member(
+                    directory,
+                    str(entry["name"]),
+                    int(entry["client_port"]),
+                    int(entry["peer_port"]),
+                    client_host,
+                )
+                for entry in data["members"]
+            ]
+            cluster = cls(
+                directory,
+                members,
+                token=str(data["token"]),
+                binary=Path(binary if binary is not None else data["binary"]),
+                heartbeat_ms=int(data["heartbeat_ms"]),
+                election_ms=int(data["election_ms"]),
+            )
+        except FileNotFoundError:
+            raise EtcdLabError(f"no etcd cluster recorded under {str(directory)!r}") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise EtcdLabError(f"{path}: not an etcd cluster description ({error!r})") from None
+        for member in members:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                record = _ProcessRecord.from_json(member.record_file.read_text())
+                if record.name == member.name and record.is_running():
+                    cluster._records[member.name] = record
+        return cluster
+
+    def _save_description(self) -> None:
+        client_hosts = {member.client_host for member in self.members}
+        description = {
+            "token": self.token,
+            "binary": str(self._binary),
+            "heartbeat_ms": self._heartbeat_ms,
+            "election_ms": self._election_ms,
+            "client_host": client_hosts.pop() if len(client_hosts) == 1 else HOST,
+            "members": [
+                {"name": m.name, "client_port": m.client_port, "peer_port": m.peer_port}
+                for m in self.members
+            ],
+        }
+        path = self.directory / CLUSTER_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(description, indent=1, sort_keys=True))
+        temporary.replace(path)
 
     def __enter__(self) -> EtcdCluster:
         return self
@@ -342,6 +428,11 @@ class EtcdCluster:
         self._forget(member)
         return record.pid
 
+    def kill_all(self) -> list[int]:
+        """SIGKILL every running member (the whole store crashes at once); their PIDs."""
+        running = [member.name for member in self.members if self.is_running(member.name)]
+        return [self.kill(name) for name in running]
+
     def stop_member(self, name: str) -> None:
         """End member `name` cleanly (SIGTERM, SIGKILL after 5 s)."""
         member = self.member(name)
@@ -420,19 +511,37 @@ class EtcdCluster:
                 raise EtcdLabError(f"member(s) {unhealthy} not healthy after {timeout}s")
             time.sleep(0.05)
 
+    def member_is_leader(self, name: str) -> bool:
+        """Member `name` runs and says it is the raft leader (its /metrics)."""
+        member = self.member(name)
+        if not self.is_running(name):
+            return False
+        answer = _http_get(f"{member.client_url}/metrics")
+        return answer is not None and "\netcd_server_is_leader 1\n" in answer[1]
+
     def leader(self, timeout: float = 10.0) -> EtcdMember:
         """The member that is raft leader now (from each running member's /metrics)."""
         deadline = time.monotonic() + timeout
         while True:
             for member in self.members:
-                if not self.is_running(member.name):
-                    continue
-                answer = _http_get(f"{member.client_url}/metrics")
-                if answer is not None and "\netcd_server_is_leader 1\n" in answer[1]:
+                if self.member_is_leader(member.name):
                     return member
             if time.monotonic() > deadline:
                 raise EtcdLabError(f"no leader among {self.names()} after {timeout}s")
             time.sleep(0.05)
+
+    def member_statuses(self) -> list[EtcdMemberStatus]:
+        """PID, health and leadership of every member, asked now (about 1 s per silent one)."""
+        return [
+            EtcdMemberStatus(
+                name=member.name,
+                endpoint=member.endpoint,
+                pid=self.pid(member.name),
+                healthy=self.member_is_healthy(member.name),
+                is_leader=self.member_is_leader(member.name),
+            )
+            for member in self.members
+        ]
 
     def describe(self) -> dict[str, Any]:
         """URL and, per member, PID (None when down) and client endpoint: for `lab status`."""
@@ -460,8 +569,12 @@ def start_cluster(
     heartbeat_ms: int = 50,
     election_ms: int = 500,
     timeout: float = 30.0,
+    client_host: str = HOST,
 ) -> EtcdCluster:
     """Start a `size`-member cluster with its files under `state_dir/etcd/`; wait until healthy.
+
+    Clients reach the members on `client_host` (an IPv4 address of this machine's root
+    namespace); the members talk to each other on 127.0.0.1.
 
     Raises EtcdLabError if etcd is missing, a cluster is already recorded there, or the members
     do not become healthy within `timeout` (they are stopped again in that case).
@@ -476,6 +589,7 @@ def start_cluster(
         raise EtcdLabError(
             f"election_ms ({election_ms}) must be at least 5 x heartbeat_ms ({heartbeat_ms}) and > 0"
         )
+    client_host = check_client_host(client_host)
     binary = Path(binary)
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         raise EtcdLabError(
@@ -490,15 +604,20 @@ def start_cluster(
     for _ in range(_START_ATTEMPTS):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-        ports = _free_ports(2 * size)
+        try:
+            ports = _free_ports([client_host, HOST] * size)
+        except OSError as error:
+            raise EtcdLabError(
+                f"client_host {client_host!r}: cannot listen there ({error.strerror}); "
+                "is it an address of this namespace?"
+            ) from None
         members = [
-            EtcdMember(
-                name=f"{MEMBER_PREFIX}{index + 1}",
-                client_port=ports[2 * index],
-                peer_port=ports[2 * index + 1],
-                data_dir=directory / f"{MEMBER_PREFIX}{index + 1}.data",
-                log_file=directory / f"{MEMBER_PREFIX}{index + 1}.log",
-                record_file=directory / f"{MEMBER_PREFIX}{index + 1}.json",
+            _member(
+                directory,
+                f"{MEMBER_PREFIX}{index + 1}",
+                ports[2 * index],
+                ports[2 * index + 1],
+                client_host,
             )
             for index in range(size)
         ]
@@ -510,6 +629,7 @@ def start_cluster(
             heartbeat_ms=heartbeat_ms,
             election_ms=election_ms,
         )
+        cluster._save_description()
         try:
             for member in members:
                 cluster.start_member(member.name)
@@ -523,6 +643,20 @@ def start_cluster(
         return cluster
     assert last_error is not None
     raise last_error
+
+
+def _member(
+    directory: Path, name: str, client_port: int, peer_port: int, client_host: str
+) -> EtcdMember:
+    return EtcdMember(
+        name=name,
+        client_port=client_port,
+        peer_port=peer_port,
+        data_dir=directory / f"{name}.data",
+        log_file=directory / f"{name}.log",
+        record_file=directory / f"{name}.json",
+        client_host=client_host,
+    )
 
 
 def stop_all(state_dir: Path) -> list[int]:

@@ -2,7 +2,11 @@
 
 Owns the orchestration of `hivenet lab up|status|exec|down`: the names of one lab (`LabPlan`,
 pure), its record in `<state-dir>/lab.json`, bringing it up (underlay bridge, host namespaces,
-the embedded store, `hivenet serve` in the root namespace, the topology written THROUGH THE
+the store -- the embedded SQLite file, or with `store="etcd"` a local 3-member etcd cluster
+(`hivenet.lab.etcd`) whose client URLs listen on the root underlay address
+`netns.ROOT_UNDERLAY_ADDRESS` (172.31.250.254, given to this lab's bridge: the agents run inside
+host namespaces, where 127.0.0.1 is not the root namespace's loopback) --, `hivenet serve` in
+the root namespace, the topology written THROUGH THE
 REST API, VM namespaces whose `eth0` is wired to a bound port in the host namespace, the
 optional outside world `hn-ext` behind the external router's uplink port with the router's
 SNAT chains and the VMs' floating IPs, one `hivenet agent run --datapath userspace` per host
@@ -12,14 +16,15 @@ RTTs, a checksummed TCP transfer, iperf3, a packet capture inside a VM, a checks
 server/client that reports each peer as the server saw it, a TCP connect probe).
 
 Must not touch: anything not named by this lab's plan (other labs run beside it, each with
-its own `LabScope` tag and state dir), the root namespace's addresses and routes, a process
-it did not start (PIDs are checked against their PID file before any signal). Kernel
+its own `LabScope` tag and state dir), the root namespace's addresses and routes (except the
+root underlay address on this lab's own bridge, etcd labs only), a process it did not start (PIDs are checked against their PID file before any signal). Kernel
 plumbing is `hivenet.lab.netns`; a crash's leftovers are for `hivenet.lab.cleanup.clean()`.
 
 Layout of the state dir (also the `hivenet serve` and agent state dir, so `HIVENET_STATE_DIR`
 pointed at it makes `hivenet bridge list` find the admin token and `hivenet agent stats` the
-counters): `lab.json`, `lab.env`, `hivenet.db` (SQLite store), `admin-token`,
-`<namespace>.<label>.json` PID files and `.log` files, `agent-<host>.json` counters.
+counters): `lab.json`, `lab.env`, `hivenet.db` (SQLite store) or `etcd/` (the cluster's data,
+logs, PID records and description), `admin-token`, `<namespace>.<label>.json` PID files and
+`.log` files, `agent-<host>.json` counters.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from pyroute2 import IPRoute
 
 from hivenet.api.client import ApiClientError, HivenetClient
 from hivenet.lab import netns
+from hivenet.lab.etcd import EtcdCluster, EtcdLabError, EtcdMemberStatus, start_cluster
+from hivenet.lab.etcd import stop_all as stop_etcd_cluster
 from hivenet.lab.netns import LabError, LabScope, ProcessRecord
 from hivenet.lab.scenario import SNAT_PORT_FIRST, SNAT_PORT_LAST, Scenario, scenario_from_data
 from hivenet.model import (
@@ -80,7 +87,11 @@ API_ROLE = "api"
 EXTERNAL_ROLE = "ext"
 AGENT_LABEL = "agent"
 SERVE_LABEL = "serve"
-SUPPORTED_STORES = ("sqlite",)
+STORE_SQLITE = "sqlite"
+STORE_ETCD = "etcd"
+SUPPORTED_STORES = (STORE_SQLITE, STORE_ETCD)
+ETCD_MEMBERS = 3
+MIN_AGENT_LEASE_TTL = 2  # `hivenet agent run --lease-ttl` accepts no less
 UP_TIMEOUT_SECONDS = 60.0
 LAB_RECORD_VERSION = 1
 CLI_MODULE = (sys.executable, "-m", "hivenet.cli")
@@ -511,11 +522,13 @@ class LabRecord:
 
     tag: str
     scenario: dict[str, Any]
-    store_url: str
+    store_url: str  # "" until an etcd cluster is up (its ports are picked at start)
     phase: str = "building"  # building -> up
     api_url: str | None = None
     macs: dict[str, str] = field(default_factory=dict)  # VM (or "ext") -> MAC of its port
     created_at: float = field(default_factory=time.time)
+    store: str = STORE_SQLITE  # backend kind: "sqlite" or "etcd"
+    agent_lease_ttl: int | None = None  # None: the agent's default
 
     def to_json(self) -> str:
         return json.dumps(
@@ -528,6 +541,8 @@ class LabRecord:
                 "api_url": self.api_url,
                 "macs": self.macs,
                 "created_at": self.created_at,
+                "store": self.store,
+                "agent_lease_ttl": self.agent_lease_ttl,
             },
             indent=1,
             sort_keys=True,
@@ -547,6 +562,10 @@ class LabRecord:
                 api_url=None if data.get("api_url") is None else str(data["api_url"]),
                 macs={str(k): str(v) for k, v in dict(data.get("macs") or {}).items()},
                 created_at=float(data.get("created_at") or 0.0),
+                store=str(data.get("store") or STORE_SQLITE),
+                agent_lease_ttl=(
+                    None if data.get("agent_lease_ttl") is None else int(data["agent_lease_ttl"])
+                ),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise LabError(f"{source}: not a lab record ({error})") from None
@@ -1020,6 +1039,10 @@ class LabStatus:
     namespaces: dict[str, bool]
     processes: list[ProcessStatus]
     agents: dict[str, dict[str, Any] | None]  # host -> its counters file (None: none yet)
+    store: str = STORE_SQLITE
+    store_url: str = ""
+    store_members: list[EtcdMemberStatus] = field(default_factory=list)  # etcd labs only
+    store_problem: str | None = None  # why the etcd members could not be looked at
 
 
 class Lab:
@@ -1032,12 +1055,22 @@ class Lab:
         *,
         state_dir: Path,
         scope: LabScope | None = None,
-        store: str = "sqlite",
+        store: str = STORE_SQLITE,
+        agent_lease_ttl: int | None = None,
         progress: Progress = _quiet,
     ) -> None:
         if store not in SUPPORTED_STORES:
             raise LabError(
                 f"--store {store!r}: the lab supports {', '.join(SUPPORTED_STORES)} for now"
+            )
+        if agent_lease_ttl is not None and (
+            isinstance(agent_lease_ttl, bool)
+            or not isinstance(agent_lease_ttl, int)
+            or agent_lease_ttl < MIN_AGENT_LEASE_TTL
+        ):
+            raise LabError(
+                f"--lease-ttl {agent_lease_ttl!r}: expected whole seconds >= "
+                f"{MIN_AGENT_LEASE_TTL} (or none: the agent's default)"
             )
         self.scenario = scenario
         self.state_dir = state_dir.expanduser().absolute()
@@ -1047,10 +1080,13 @@ class Lab:
         self.record = LabRecord(
             tag=self.scope.tag,
             scenario=scenario.model_dump(mode="json"),
-            store_url=f"sqlite://{self.state_dir / STORE_FILE}",
+            store_url=f"sqlite://{self.state_dir / STORE_FILE}" if store == STORE_SQLITE else "",
             macs=assign_macs(scenario, self.scope),
+            store=store,
+            agent_lease_ttl=agent_lease_ttl,
         )
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._etcd: EtcdCluster | None = None  # the cluster this process started, if any
 
     # ---- loading and files ------------------------------------------------------------------
 
@@ -1067,13 +1103,38 @@ class Lab:
             ) from None
         record = LabRecord.from_json(text, source=str(path))
         scenario = scenario_from_data(record.scenario, source=str(path))
-        lab = cls(scenario, state_dir=directory, scope=LabScope(record.tag), progress=progress)
+        lab = cls(
+            scenario,
+            state_dir=directory,
+            scope=LabScope(record.tag),
+            store=record.store,
+            agent_lease_ttl=record.agent_lease_ttl,
+            progress=progress,
+        )
         lab.record = record
         return lab
 
     @property
     def store_url(self) -> str:
+        if not self.record.store_url:
+            raise LabError(f"the lab in {self.state_dir} has no store yet ({self.record.phase})")
         return self.record.store_url
+
+    @property
+    def uses_etcd(self) -> bool:
+        return self.record.store == STORE_ETCD
+
+    def etcd_cluster(self) -> EtcdCluster:
+        """The lab's etcd cluster (kill, restart, leader by PID): the one this process started,
+        else the one recorded in the state dir."""
+        if not self.uses_etcd:
+            raise LabError(f"the lab in {self.state_dir} runs on {self.record.store}, not etcd")
+        if self._etcd is not None:
+            return self._etcd
+        try:
+            return EtcdCluster.load(self.state_dir)
+        except EtcdLabError as error:
+            raise LabError(str(error)) from None
 
     @property
     def api_url(self) -> str:
@@ -1148,6 +1209,15 @@ class Lab:
         taken = [name for name in self.plan.namespaces() if name in existing_namespaces]
         existing_links = set(netns.list_links(netns.NAME_PREFIX))
         taken += [name for name in self.plan.root_links() if name in existing_links]
+        if self.uses_etcd:
+            holders = netns.addresses_in(netns.UNDERLAY_NETWORK)
+            if holders:
+                link, address = holders[0]
+                raise LabError(
+                    f"--store etcd: the root namespace already has {address} on {link}, so "
+                    "another lab with a local etcd store runs (the root namespace reaches one "
+                    "lab underlay at a time); stop it, or use --store sqlite"
+                )
         if taken:
             raise LabError(
                 f"{', '.join(taken)} already exist(s) and belong(s) to no lab of {self.state_dir}: "
@@ -1159,8 +1229,12 @@ class Lab:
         plan = self.plan
         self.progress(f"underlay bridge {plan.bridge} and {len(plan.hosts)} host namespaces")
         netns.create_bridge(plan.bridge)
+        if self.uses_etcd:
+            netns.add_address(plan.bridge, str(netns.ROOT_UNDERLAY_ADDRESS))
         for host in plan.hosts:
             netns.add_host(self.scope, host.name, host.index, plan.bridge)
+        if self.uses_etcd:
+            self._start_etcd(deadline)
         self.progress("store and API server")
         self._start_api_server(deadline)
         self.progress(f"topology through the API at {self.api_url}")
@@ -1175,6 +1249,21 @@ class Lab:
             self.start_agent(host.name)
         self.progress("waiting for every agent to bind its ports")
         self.wait_agents_ready(timeout=max(deadline - time.monotonic(), 1.0))
+
+    def _start_etcd(self, deadline: float) -> None:
+        client_host = str(netns.ROOT_UNDERLAY_ADDRESS.ip)
+        self.progress(f"{ETCD_MEMBERS}-member etcd cluster on {client_host}")
+        try:
+            self._etcd = start_cluster(
+                self.state_dir,
+                size=ETCD_MEMBERS,
+                client_host=client_host,
+                timeout=max(deadline - time.monotonic(), 5.0),
+            )
+        except EtcdLabError as error:
+            raise LabError(f"etcd cluster: {error}") from None
+        self.record.store_url = self._etcd.url
+        self._save_record()
 
     def _start_api_server(self, deadline: float) -> None:
         for _attempt in range(3):  # the free port may be taken between probe and bind
@@ -1279,6 +1368,11 @@ class Lab:
             "userspace",
             "--state-dir",
             str(self.state_dir),
+            *(
+                ()
+                if self.record.agent_lease_ttl is None
+                else ("--lease-ttl", str(self.record.agent_lease_ttl))
+            ),
         ]
 
     def agent_record(self, host: str) -> ProcessRecord | None:
@@ -1388,8 +1482,24 @@ class Lab:
             ):
                 healthy = client.health().get("status") == "ok"
         agents = {host: self.agent_counters(host) for host in self.plan.host_names}
+        members: list[EtcdMemberStatus] = []
+        problem = None
+        if self.uses_etcd:
+            try:
+                members = self.etcd_cluster().member_statuses()
+            except LabError as error:
+                problem = str(error)
         return LabStatus(
-            self.record.phase, self.record.api_url, healthy, namespaces, processes, agents
+            self.record.phase,
+            self.record.api_url,
+            healthy,
+            namespaces,
+            processes,
+            agents,
+            store=self.record.store,
+            store_url=self.record.store_url,
+            store_members=members,
+            store_problem=problem,
         )
 
     def _process_records(self) -> list[ProcessRecord]:
@@ -1621,6 +1731,12 @@ class Lab:
             self._stop_labelled(record.namespace, record.label)
             if record.is_running():
                 failures.append(f"process {record.pid} ({record.label} in {record.namespace})")
+        # The store last: the agents revoke their leases in it as they stop.
+        try:
+            stop_etcd_cluster(self.state_dir)
+        except EtcdLabError as error:
+            failures.append(f"etcd: {error}")
+        self._etcd = None
         existing = set(netns.list_namespaces(netns.NAME_PREFIX))
         own_pid = os.getpid()
         for namespace in self.plan.namespaces():
@@ -1716,5 +1832,9 @@ def remove_lab_files(state_dir: Path) -> None:
         for path in state_dir.glob(pattern):
             if path.is_file():
                 path.unlink(missing_ok=True)
+    # The agents' flow-state journals: a later lab in this dir must not inherit connections.
+    for path in state_dir.glob("flowstate-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
         state_dir.rmdir()

@@ -10,8 +10,12 @@ namespace's routing, or any interface that leads off the machine.
 
 Addressing: the underlay is `UNDERLAY_NETWORK` (172.31.250.0/24), a private /24 that exists
 only on the hosts' underlay interfaces inside lab namespaces and on a root-namespace bridge that
-has no address and no uplink, so no lab packet can leave the machine. VMs use MTU 1450 (room for
-the 50 bytes of VXLAN/UDP/IPv4/Ethernet), the underlay 1500.
+has no uplink, so no lab packet can leave the machine. Hosts are .1-.253. The bridge has no
+address, except in a lab whose store is a local etcd cluster: there it gets
+`ROOT_UNDERLAY_ADDRESS` (.254/24, the lab's own address, gone with the bridge) so agents inside
+host namespaces reach the members listening on it. Only one lab at a time may hold it (the
+root namespace has one route to the /24). VMs use MTU 1450 (room for the 50 bytes of
+VXLAN/UDP/IPv4/Ethernet), the underlay 1500.
 
 Why pyroute2 for links and addresses (one netlink round trip, errors as errno) but `ip netns
 exec` for commands and processes: a child must enter the namespace (setns + its own mount
@@ -44,6 +48,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 NAME_PREFIX = "hn"
 MAX_LINK_NAME_LEN = 15
 UNDERLAY_NETWORK = ipaddress.IPv4Network("172.31.250.0/24")
+# The root namespace's address on a lab's underlay bridge (only labs with a local etcd store).
+ROOT_UNDERLAY_ADDRESS = ipaddress.IPv4Interface(
+    f"{UNDERLAY_NETWORK[254]}/{UNDERLAY_NETWORK.prefixlen}"
+)
 UNDERLAY_MTU = 1500
 VM_MTU = 1450
 DEFAULT_STATE_DIR = Path("/run/hivenet-lab")
@@ -356,6 +364,21 @@ def add_address(link: str, interface: str, *, namespace: str | None = None) -> N
             address=str(parsed.ip),
             prefixlen=parsed.network.prefixlen,
         )
+
+
+def addresses_in(
+    network: ipaddress.IPv4Network, *, namespace: str | None = None
+) -> list[tuple[str, str]]:
+    """(link, address/prefix) of every IPv4 address inside `network` in `namespace` (None: the
+    root namespace), e.g. to find which lab already holds the root underlay address."""
+    found: list[tuple[str, str]] = []
+    with _ipr(namespace) as ipr:
+        names = {int(link["index"]): str(link.get("ifname")) for link in ipr.get_links()}
+        for entry in ipr.get_addr(family=2):  # AF_INET
+            address = ipaddress.IPv4Interface(f"{entry.get('IFA_ADDRESS')}/{entry['prefixlen']}")
+            if address.ip in network:
+                found.append((names.get(int(entry["index"]), "?"), str(address)))
+    return sorted(found)
 
 
 def add_route(

@@ -179,8 +179,8 @@ def test_cli_names_a_bad_scenario_and_a_missing_lab(
     )
     assert result.exit_code == 1 and "lab tag 'TOOLONG'" in result.output
     result = runner.invoke(
-        lab_cli.app, ["up", "--store", "etcd", "--state-dir", str(tmp_path / "s")]
+        lab_cli.app, ["up", "--store", "zookeeper", "--state-dir", str(tmp_path / "s")]
     )
-    assert result.exit_code == 1 and "--store 'etcd'" in result.output
+    assert result.exit_code == 1 and "--store 'zookeeper'" in result.output
     result = runner.invoke(lab_cli.app, ["status", "--state-dir", str(tmp_path / "none")])
     assert result.exit_code == 1 and "no lab in" in result.output
