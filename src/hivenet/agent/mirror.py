@@ -80,6 +80,10 @@ class PrefixMirror:
             try:
                 if not self.loaded.is_set():
                     await self.load()
+                else:
+                    # A watch is opened lazily by some backends: only a round trip proves the
+                    # store answers again (else `connected` would read True during an outage).
+                    await self._store.current_revision()
                 self.connected = True
                 delay = self._retry_initial
                 async for event in self._store.watch(self.prefix, start_revision=self.revision + 1):
