@@ -5,7 +5,8 @@ membership, the local topology cache (a `TopologyView` fed one watch event at a 
 `PrefixMirror`, never reloaded per change), the local replica of the shared MAC/ARP tables,
 binding the exterior ports assigned to this host in the datapath and publishing that it owns
 them, with `overlay_health_probes` the health ports and namespaces through which it probes
-load-balancer members (`OverlayProbing`, agent/health.py), publishing what the simulation
+load-balancer members (`OverlayProbing`, agent/health.py), the write-back of load-balancer
+status and its per-host LB counters (agent/lbstats.py), publishing what the simulation
 learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
@@ -38,6 +39,7 @@ from hivenet.agent.health import (
     OverlayProbing,
     Prober,
 )
+from hivenet.agent.lbstats import LB_STATUS_KINDS, LbStatsReporter, LbStatusWriter
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.base import Datapath
@@ -158,6 +160,23 @@ class HostAgent:
             live_hosts=lambda: self.live_hosts | {self.host_id},
             invalidate=self._invalidate,
             clock=clock,
+            on_status_change=lambda _member_id: self.lb_status.wake(),
+        )
+        # Load-balancer operating status written back, and this host's LB counters published.
+        self.lb_status = LbStatusWriter(
+            host_id,
+            self.topology,
+            self.repository,
+            live_hosts=lambda: self.live_hosts | {self.host_id},
+        )
+        self.lb_stats = LbStatsReporter(
+            host_id,
+            self.topology,
+            self.flowstate.nat,
+            lambda: getattr(self.datapath, "flow_table", None),
+            publish=self._publish,
+            unpublish=self._unpublish,
+            clock=clock,
         )
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
@@ -184,6 +203,8 @@ class HostAgent:
             asyncio.create_task(self._publish_loop(), name=f"hn-{self.host_id}-publish"),
             asyncio.create_task(self._reconcile_loop(), name=f"hn-{self.host_id}-ports"),
             asyncio.create_task(self.health.run(), name=f"hn-{self.host_id}-health"),
+            asyncio.create_task(self.lb_status.run(), name=f"hn-{self.host_id}-lb-status"),
+            asyncio.create_task(self.lb_stats.run(), name=f"hn-{self.host_id}-lb-stats"),
         ]
         if self.counters_path is not None:
             self._tasks.append(
@@ -320,6 +341,8 @@ class HostAgent:
             return
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
+        if kind in LB_STATUS_KINDS:
+            self.lb_status.wake()
         if kind in ("port", "host", "tunnel_zone"):
             self._ports_dirty.set()
             if self.state_mirror.loaded.is_set():
@@ -341,6 +364,7 @@ class HostAgent:
         else:
             self.live_hosts.add(host_id)
         self.health.on_liveness()
+        self.lb_status.wake()  # the writer of some statuses may have moved
         if self.topology_mirror.loaded.is_set():
             self._refresh_liveness()
 

@@ -20,7 +20,8 @@ Design (the decisions, in one place):
   so one prober whose own host cannot reach the member does not take it away from everyone);
   it feeds the status into selection (`TopologyView.vips.set_observed`), which invalidates
   exactly the flows tagged with the member's pool. Existing connections keep their member
-  through their NAT binding; new flows avoid it.
+  through their NAT binding; new flows avoid it. Each change is also handed to
+  `on_status_change`, which the agent points at the status write-back (agent/lbstats.py).
 - How probes reach a member on a tenant overlay: through the virtual topology, the MidoNet
   way. For each load balancer's router whose members this host must probe, the agent
   (`OverlayProbing`) keeps a health-check namespace `hn-hm<tag>` on this host
@@ -291,6 +292,7 @@ class MemberHealth:
         clock: Callable[[], float] = time.monotonic,
         tick_interval: float = 0.2,
         probers_per_member: int = PROBERS_PER_MEMBER,
+        on_status_change: Callable[[str], object] | None = None,
     ) -> None:
         self.host_id = host_id
         self.topology = topology
@@ -302,6 +304,8 @@ class MemberHealth:
         self.clock = clock
         self.tick_interval = tick_interval
         self.probers_per_member = probers_per_member
+        # Told the member id whenever its observed status changes (status write-back).
+        self.on_status_change = on_status_change
         self.counters = HealthCounters()
         self.probing: dict[str, _Probing] = {}
         # member id -> host -> what that host reports.
@@ -434,6 +438,8 @@ class MemberHealth:
         if tags:
             self.counters.status_changes += 1
             self.invalidate(tags)
+            if self.on_status_change is not None:
+                self.on_status_change(member_id)
 
     def observed(self, member_id: str) -> OperatingStatus | None:
         return self.topology.vips.observed.get(member_id)

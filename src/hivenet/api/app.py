@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from hivenet.api.auth import ADMIN, TokenRegistry, load_or_create_admin_token
 from hivenet.api.errors import ErrorBody, install_error_handlers
+from hivenet.api.lbstats import lbstats_router
 from hivenet.api.resources import API_PREFIX, topology_routers
 from hivenet.store import open_store
 from hivenet.store.base import Store, StoreCorruptError, StoreUnavailableError
@@ -112,6 +113,7 @@ def create_app(
 
     for router in topology_routers():
         app.include_router(router)
+    app.include_router(lbstats_router())
     return app
 
 

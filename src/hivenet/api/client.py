@@ -388,6 +388,19 @@ class HivenetClient:
         )
         return self._stored(kind, response)
 
+    def load_balancer_stats(self, load_balancer_id: str) -> dict[str, Any]:
+        """`GET /v1/load_balancers/{id}/stats`: active connections, bytes in/out (total and
+        per member), summed over the live hosts that report them (listed in `hosts`)."""
+        path = f"{self.object_path('load_balancer', load_balancer_id)}/stats"
+        response = self._request("GET", path)
+        data = response.json()
+        if not isinstance(data, dict):
+            raise ApiError(
+                response.status_code,
+                f"expected a JSON object from {response.request.url}, got {type(data).__name__}",
+            )
+        return data
+
     def delete(
         self,
         kind: str,

@@ -28,6 +28,7 @@ from hivenet.cli.fields import (
     options_for,
     parse_assignments,
 )
+from hivenet.cli.lbstats import load_balancer_stats
 from hivenet.cli.output import list_table, make_console, object_table, print_json
 
 SET_HELP = (
@@ -35,6 +36,10 @@ SET_HELP = (
     "field, else taken as text. E.g. --set vlan_id=10 --set 'nat_targets=[...]'"
 )
 JSON_HELP = "Print the raw JSON the API returned instead of a table."
+# Verbs a kind has beyond the five: reads the API offers for that kind only.
+EXTRA_VERBS: dict[str, dict[str, Callable[..., None]]] = {
+    "load_balancer": {"stats": load_balancer_stats},
+}
 
 
 def command_name(kind: str) -> str:
@@ -348,4 +353,6 @@ def build_kind_app(kind: str) -> typer.Typer:
     group.command("show")(_show_command(kind))
     group.command("update")(_update_command(kind))
     group.command("delete")(_delete_command(kind))
+    for verb, command in EXTRA_VERBS.get(kind, {}).items():
+        group.command(verb)(command)
     return group
