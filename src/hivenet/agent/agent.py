@@ -43,7 +43,14 @@ from hivenet.agent.lbstats import LB_STATUS_KINDS, LbStatsReporter, LbStatusWrit
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.base import Datapath
-from hivenet.model import Host, TunnelZone, TunnelZoneMember, decode, parse_topology_key
+from hivenet.model import (
+    Host,
+    TopologyObject,
+    TunnelZone,
+    TunnelZoneMember,
+    decode,
+    parse_topology_key,
+)
 from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.model.types import int_to_mac, mac_to_int
 from hivenet.sim import LearnedEntry, TopologyView
@@ -132,7 +139,12 @@ class HostAgent:
             stateful=self.flowstate,
             clock=clock,
         )
-        self.topology_mirror = PrefixMirror(store, TOPOLOGY_PREFIX, self._on_topology_change)
+        self.topology_mirror = PrefixMirror(
+            store,
+            TOPOLOGY_PREFIX,
+            self._on_topology_change,
+            on_snapshot=self._on_topology_snapshot,
+        )
         self.tables_mirror = PrefixMirror(store, TABLES_PREFIX, self._on_table_change)
         self.state_mirror = PrefixMirror(store, STATE_PREFIX, self._on_state_change)
         self.live_hosts: set[str] = set()
@@ -327,14 +339,26 @@ class HostAgent:
 
     # ------------------------------------------------------------------------- watches
 
+    def _decode_topology(self, key: str, value: bytes) -> TopologyObject:
+        kind, object_id = parse_topology_key(key)
+        obj = decode(kind, value)
+        if obj.id != object_id:
+            # Never file an object under an id no key names (a value without an id would get
+            # a fresh random one from the model's default, different on every agent).
+            raise ValueError(f"id {obj.id!r} in the value does not match the key")
+        return obj
+
     def _on_topology_change(self, key: str, value: bytes | None, revision: int) -> None:
         self.counters.topology_events += 1
         try:
-            kind, object_id = parse_topology_key(key)
             if value is None:
+                kind, object_id = parse_topology_key(key)
+                obj = self.topology.get(kind, object_id)
                 tags = self.topology.remove(kind, object_id)
             else:
-                tags = self.topology.apply(decode(kind, value))
+                obj = self._decode_topology(key, value)
+                kind = obj.KIND
+                tags = self.topology.apply(obj)
         except ValueError as exc:  # a value no model accepts: count it, never crash
             self.counters.bad_store_values += 1
             log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)
@@ -345,8 +369,32 @@ class HostAgent:
             self.lb_status.wake()
         if kind in ("port", "host", "tunnel_zone"):
             self._ports_dirty.set()
-            if self.state_mirror.loaded.is_set():
-                self._refresh_liveness()
+            if obj is not None and self.state_mirror.loaded.is_set():
+                host_id = obj.id if kind == "host" else getattr(obj, "host_id", None)
+                if host_id:
+                    self._refresh_host_liveness(host_id)
+
+    def _on_topology_snapshot(self, changes: list[tuple[str, bytes | None]], revision: int) -> None:
+        """A (re)load: compile every touched device once, not once per object."""
+        self.counters.topology_events += len(changes)
+        objects: list[TopologyObject] = []
+        tags: set[str] = set()
+        for key, value in changes:
+            try:
+                if value is None:
+                    tags |= self.topology.remove(*parse_topology_key(key))
+                else:
+                    objects.append(self._decode_topology(key, value))
+            except ValueError as exc:
+                self.counters.bad_store_values += 1
+                log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)
+        tags |= self.topology.apply_all(objects)
+        if tags:
+            self.counters.flows_invalidated += self.datapath.invalidate(tags)
+        self.lb_status.wake()
+        self._ports_dirty.set()
+        if self.state_mirror.loaded.is_set():
+            self._refresh_liveness()
 
     def _on_state_change(self, key: str, value: bytes | None, revision: int) -> None:
         try:
@@ -366,7 +414,7 @@ class HostAgent:
         self.health.on_liveness()
         self.lb_status.wake()  # the writer of some statuses may have moved
         if self.topology_mirror.loaded.is_set():
-            self._refresh_liveness()
+            self._refresh_host_liveness(host_id)
 
     def _refresh_liveness(self) -> None:
         """Hosts whose agent holds no liveness key are down; so are the ports bound to them."""
@@ -376,6 +424,12 @@ class HostAgent:
         for host_id in hosts:
             alive = host_id == self.host_id or host_id in self.live_hosts
             tags |= self.topology.set_host_alive(host_id, alive)
+        if tags:
+            self.counters.flows_invalidated += self.datapath.invalidate(tags)
+
+    def _refresh_host_liveness(self, host_id: str) -> None:
+        alive = host_id == self.host_id or host_id in self.live_hosts
+        tags = self.topology.set_host_alive(host_id, alive)
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
 
@@ -458,11 +512,13 @@ class HostAgent:
                         await self.store.put(key, value, lease=self.lease_id)
                         if self._to_publish.get(key) == value:
                             del self._to_publish[key]
-                        self._published[key] = value
+                        if key not in self._to_unpublish:  # withdrawn while we were writing
+                            self._published[key] = value
                         self.counters.published_entries += 1
                     else:
-                        key = self._to_unpublish.pop()
+                        key = next(iter(self._to_unpublish))
                         await self.store.delete(key)
+                        self._to_unpublish.discard(key)  # only once the delete went through
                 delay = 0.1
             except (StoreError, OSError) as exc:
                 self.counters.publish_errors += 1

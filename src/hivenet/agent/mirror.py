@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # (key, value or None when deleted, store revision of the change)
 ChangeHandler = Callable[[str, bytes | None, int], None]
+# A whole (re)load at once: [(key, value or None)], revision. Lets the consumer compile once.
+SnapshotHandler = Callable[[list[tuple[str, bytes | None]], int], None]
 
 PAGE_SIZE = 1000
 
@@ -36,16 +38,19 @@ class PrefixMirror:
         *,
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
+        on_snapshot: SnapshotHandler | None = None,
     ) -> None:
         self._store = store
         self.prefix = prefix
         self._on_change = on_change
+        self._on_snapshot = on_snapshot
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self.values: dict[str, bytes] = {}
         self.revision = 0  # last store revision applied
         self.connected = False
         self.resyncs = 0
+        self.callback_errors = 0
         self.loaded = asyncio.Event()
 
     async def load(self) -> int:
@@ -62,16 +67,31 @@ class PrefixMirror:
             page = await self._store.range(
                 self.prefix, revision=revision, limit=PAGE_SIZE, start_after=page.kvs[-1].key
             )
-        for key in [k for k in self.values if k not in snapshot]:
-            del self.values[key]
-            self._on_change(key, None, revision)
-        for key, value in snapshot.items():
-            if self.values.get(key) != value:
+        changes: list[tuple[str, bytes | None]] = [
+            (key, None) for key in self.values if key not in snapshot
+        ]
+        changes.extend((k, v) for k, v in snapshot.items() if self.values.get(k) != v)
+        for key, value in changes:
+            if value is None:
+                del self.values[key]
+            else:
                 self.values[key] = value
-                self._on_change(key, value, revision)
+        if self._on_snapshot is not None:
+            self._deliver(self._on_snapshot, changes, revision)
+        else:
+            for key, value in changes:
+                self._deliver(self._on_change, key, value, revision)
         self.revision = revision
         self.loaded.set()
         return revision
+
+    def _deliver(self, handler: Callable[..., None], *args: object) -> None:
+        """A consumer's bug must not end the watch: the mirror would freeze silently."""
+        try:
+            handler(*args)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("mirror %s: change handler failed", self.prefix)
 
     async def run(self) -> None:
         """Load (if not yet) and follow forever; survives store outages and compaction."""
@@ -89,10 +109,10 @@ class PrefixMirror:
                 async for event in self._store.watch(self.prefix, start_revision=self.revision + 1):
                     if event.type is EventType.PUT:
                         self.values[event.kv.key] = event.kv.value
-                        self._on_change(event.kv.key, event.kv.value, event.revision)
+                        self._deliver(self._on_change, event.kv.key, event.kv.value, event.revision)
                     else:
                         self.values.pop(event.kv.key, None)
-                        self._on_change(event.kv.key, None, event.revision)
+                        self._deliver(self._on_change, event.kv.key, None, event.revision)
                     self.revision = event.revision
                 # The watch ended without error: the store was closed under us. Reconnect.
                 raise StoreError("watch ended")

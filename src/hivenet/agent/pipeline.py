@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hivenet.datapath.base import Datapath
+from hivenet.packets import FlowMatch, PacketError, extract_flow_match
 from hivenet.sim import (
     NO_FLOW_STATE,
     FlowStateHook,
@@ -105,12 +106,21 @@ class FlowPipeline:
             return
         started = self.timer()
         now = self.clock()
+        try:  # parse once; a malformed frame is simulate()'s to count and drop
+            match: FlowMatch | None = extract_flow_match(frame, port_key)
+        except PacketError:
+            match = None
         if self.stateful is None:
-            result = simulate(frame, port.id, self.context, now)
+            result = simulate(frame, port.id, self.context, now, match=match)
         else:
             hook = self.stateful.begin(frame)
             context = dataclasses.replace(self.context, flow_state=hook)
-            result = simulate(frame, port.id, context, now)
+            try:
+                result = simulate(frame, port.id, context, now, match=match)
+            except Exception:
+                # NAT bindings enter the table during the simulation: never leak them.
+                hook.transaction.rollback()
+                raise
             self.stateful.finish(hook, result, port.id, now)
         elapsed = self.timer() - started
         self.stats.sim_seconds_total += elapsed

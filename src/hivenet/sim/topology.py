@@ -21,17 +21,12 @@ from hivenet.model import (
     Bridge,
     Chain,
     DeviceKind,
-    FloatingIp,
-    Host,
     IpAddrGroup,
     Port,
-    PortGroup,
     Route,
     Router,
     RouteType,
     Rule,
-    SecurityGroup,
-    SecurityGroupRule,
     TopologyObject,
     TunnelZone,
 )
@@ -540,20 +535,3 @@ class TopologyView:
             if before != ip:
                 changed.add(host_id)
         return changed
-
-
-KNOWN_KINDS: tuple[type[TopologyObject], ...] = (
-    Bridge,
-    Router,
-    Port,
-    Route,
-    Chain,
-    Rule,
-    PortGroup,
-    IpAddrGroup,
-    Host,
-    TunnelZone,
-    SecurityGroup,
-    SecurityGroupRule,
-    FloatingIp,
-)

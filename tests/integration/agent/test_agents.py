@@ -395,3 +395,17 @@ def test_dead_host_ports_go_down_everywhere_within_the_lease_ttl(store_url: str)
             assert received(c, "h2", vm2) == [to_vm2]
 
     run(scenario())
+
+
+def test_a_value_whose_id_differs_from_its_key_is_refused(store_url: str) -> None:
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            agent = await c.start_agent("h1")
+            await c.store.put("/hivenet/v1/topology/bridge/b1", b'{"name": "no id"}')
+            await c.store.put(
+                "/hivenet/v1/topology/bridge/b2", Bridge(id="b3").model_dump_json().encode()
+            )
+            await eventually(lambda: agent.counters.bad_store_values == 2)
+            assert agent.topology.all("bridge") == []
+
+    run(scenario())

@@ -67,3 +67,29 @@ def test_mirror_follows_then_resyncs_after_compaction_with_only_the_difference()
             await store.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_failing_handler_is_counted_and_the_mirror_keeps_following() -> None:
+    async def scenario() -> None:
+        store = open_store("memory://")
+        seen: list[str] = []
+
+        def handler(key: str, value: bytes | None, _revision: int) -> None:
+            if key == "/p/bad":
+                raise RuntimeError("consumer bug")
+            seen.append(key)
+
+        mirror = PrefixMirror(store, "/p/", handler)
+        task = asyncio.create_task(mirror.run())
+        try:
+            await asyncio.wait_for(mirror.loaded.wait(), 5)
+            await store.put("/p/bad", b"x")
+            await store.put("/p/good", b"y")
+            await eventually(lambda: seen == ["/p/good"])
+            assert mirror.callback_errors == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await store.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -204,28 +204,37 @@ def random_rules(draw: st.DrawFn) -> Rule:
     return Rule(chain_id="c", action=RuleAction.ACCEPT, **kw)
 
 
-packets = st.builds(
-    FlowMatch,
-    eth_src=st.sampled_from([mac_to_int(mac(1)), mac_to_int(mac(2)), mac_to_int(mac(1)) | 0x55]),
-    eth_dst=st.sampled_from([mac_to_int(mac(1)), mac_to_int(mac(2))]),
-    eth_type=st.sampled_from([0x0800, 0x86DD, 0x0806]),
-    vlan=st.integers(0, 3),
-    ip_src=st.sampled_from([0x0A00_0001, 0x0B00_0001, 0x2001_0DB8 << 96, (0x2001_0DB8 << 96) | 1]),
-    ip_dst=st.sampled_from([0x0A00_0001, 0x0A00_0002, 0x2001_0DB8 << 96]),
-    ip_proto=st.sampled_from([0, 1, 6, 17, 58]),
-    ip_tos=st.integers(0, 2),
-    ip_frag=st.integers(0, 2),
-    tp_src=st.integers(0, 70),
-    tp_dst=st.integers(0, 70),
-    icmp_type=st.integers(0, 8),
-    icmp_code=st.integers(0, 1),
-)
+@st.composite
+def packets(draw: st.DrawFn) -> FlowMatch:
+    """Packets whose addresses fit their ethertype (an IPv4 packet never has a 128-bit
+    address: the datapath cannot produce one, so the matchers need not agree on it)."""
+    eth_type = draw(st.sampled_from([0x0800, 0x86DD, 0x0806]))
+    v6 = eth_type == 0x86DD
+    sources = [0x2001_0DB8 << 96, (0x2001_0DB8 << 96) | 1] if v6 else [0x0A00_0001, 0x0B00_0001]
+    targets = [0x2001_0DB8 << 96, (0x2001_0DB8 << 96) | 2] if v6 else [0x0A00_0001, 0x0A00_0002]
+    return FlowMatch(
+        eth_src=draw(
+            st.sampled_from([mac_to_int(mac(1)), mac_to_int(mac(2)), mac_to_int(mac(1)) | 0x55])
+        ),
+        eth_dst=draw(st.sampled_from([mac_to_int(mac(1)), mac_to_int(mac(2))])),
+        eth_type=eth_type,
+        vlan=draw(st.integers(0, 3)),
+        ip_src=draw(st.sampled_from(sources)),
+        ip_dst=draw(st.sampled_from(targets)),
+        ip_proto=draw(st.sampled_from([0, 1, 6, 17, 58])),
+        ip_tos=draw(st.integers(0, 2)),
+        ip_frag=draw(st.integers(0, 2)),
+        tp_src=draw(st.integers(0, 70)),
+        tp_dst=draw(st.integers(0, 70)),
+        icmp_type=draw(st.integers(0, 8)),
+        icmp_code=draw(st.integers(0, 1)),
+    )
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     rule=random_rules(),
-    packet=packets,
+    packet=packets(),
     in_port=st.sampled_from(["p1", "p2"]),
     out_port=st.sampled_from([None, "p2", "p3"]),
     grouped=st.booleans(),
