@@ -185,7 +185,7 @@ class HostAgent:
             host_id,
             self.topology,
             self.flowstate.nat,
-            lambda: getattr(self.datapath, "flow_table", None),
+            lambda: self.datapath.flow_table,
             publish=self._publish,
             unpublish=self._unpublish,
             clock=clock,

@@ -157,7 +157,7 @@ class FlowStateSync:
     def _transport(self) -> FlowStateTransport | None:
         datapath = self.datapath
         if hasattr(datapath, "send_flow_state") and hasattr(datapath, "set_flow_state_handler"):
-            return datapath  # type: ignore[return-value]
+            return datapath
         return None
 
     # ------------------------------------------------------------------ life cycle

@@ -13,9 +13,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from hivenet.flows.actions import Action
+from hivenet.flows.table import FlowTable
 
 # (ingress port tunnel key, raw Ethernet frame) -> None
 UpcallHandler = Callable[[int, bytes], None]
+# One flow-state message (conntrack/NAT entries, flowstate/wire.py) received from a peer.
+FlowStateHandler = Callable[[bytes], None]
 
 
 class Datapath(Protocol):
@@ -49,3 +52,17 @@ class Datapath(Protocol):
         ...
 
     def counters(self) -> dict[str, int]: ...
+
+    @property
+    def flow_table(self) -> FlowTable:
+        """The megaflow table, for reading (flow-state refresh, stats); change it only
+        through install_flow/invalidate."""
+        ...
+
+    def set_flow_state_handler(self, handler: FlowStateHandler) -> None:
+        """Who receives flow-state messages (tunnel key FLOWSTATE_TUNNEL_KEY): the agent."""
+        ...
+
+    def send_flow_state(self, remote_ip: str, payload: bytes) -> None:
+        """One flow-state message to the host at `remote_ip` over the reserved tunnel key."""
+        ...
