@@ -55,6 +55,7 @@ _LAYER = "virtio-net"
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+_CSUM_FIELDS = struct.Struct("<HH").unpack_from  # csum_start, csum_offset of a vnet header
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,10 @@ def wire_frames(vnet_header: bytes, frame: bytes) -> list[bytes]:
     frame (the caller counts and drops)."""
     if not needs_software_offload(vnet_header):
         return [frame]
+    if not (vnet_header[1] & ~GSO_ECN) and len(vnet_header) >= VNET_HEADER_LEN:
+        # The common small-frame case (partial checksum, no GSO): no header object.
+        csum_start, csum_offset = _CSUM_FIELDS(vnet_header, 6)
+        return [complete_checksum(frame, csum_start, csum_offset)]
     header = VnetHeader.decode(vnet_header)
     gso_type = header.gso_type & ~GSO_ECN
     if gso_type == GSO_NONE:
@@ -135,7 +140,9 @@ def complete_checksum(frame: bytes, csum_start: int, csum_offset: int) -> bytes:
     checksum = ~ones_complement_sum(frame[csum_start:]) & _ONES
     if checksum == 0 and csum_offset == 6:  # UDP: 0 means "no checksum" (RFC 768)
         checksum = _ONES
-    return b"".join((frame[:field_at], _U16.pack(checksum), frame[field_at + 2 :]))
+    completed = bytearray(frame)
+    completed[field_at : field_at + 2] = _U16.pack(checksum)
+    return bytes(completed)
 
 
 @dataclass(frozen=True, slots=True)

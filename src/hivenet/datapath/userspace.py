@@ -17,9 +17,15 @@ the output. A frame leaving through VXLAN, or handed to the agent, is made wire-
 (software segmentation and checksums, `hivenet.datapath._offload`). Actions that would make
 the header lie (L3/L4 rewrites, VLAN push/pop that shift offsets) run on wire-ready frames.
 
-Receive is batched: each readiness callback drains up to `batch_size` frames with plain
-`recv` calls. A PACKET_MMAP (TPACKET_V3) ring was considered; see bench/datapath.py for the
-measurement and why it is not used.
+Receive is batched: each readiness callback drains up to `batch_size` frames with `recv_into`
+the port's one preallocated buffer; a forwarded frame is sent from that buffer (a memoryview),
+so the fast path makes no per-frame bytes object. The fast path keys each port's flow cache on
+raw header bytes (`hivenet.datapath._fastkey.raw_flow_key`: one struct call, no parsing) and
+caches (flow, action plan); a miss, or a frame without a raw key, is parsed
+(`extract_flow_match`) and looked up in the exact-match cache by field values, then in the
+megaflow table, then upcalled. Tunnel output of one batch is held back and sent at its end,
+equal-size datagrams to one peer as one UDP GSO train (one syscall for up to 64 frames). A
+PACKET_MMAP (TPACKET_V3) ring was considered; see bench/datapath.py.
 
 Tunnel keys: the VNI is the egress port's tunnel key; received VXLAN is delivered by VNI to the
 bound port with that key, without a flow lookup (the ingress host already simulated). The key
@@ -43,10 +49,13 @@ import logging
 import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from hivenet.datapath._fastkey import RawFlowKey, raw_flow_key
 from hivenet.datapath._offload import (
+    F_DATA_VALID,
     VNET_HEADER_LEN,
     ZERO_VNET_HEADER,
     coalesce_tcp,
@@ -57,7 +66,7 @@ from hivenet.datapath._offload import (
 from hivenet.datapath.base import UpcallHandler
 from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
 from hivenet.flows.execute import execute_actions
-from hivenet.flows.table import ExactMatchCache, FlowTable, flow_match_values
+from hivenet.flows.table import ExactMatchCache, Flow, FlowTable, flow_match_values
 from hivenet.model.types import (
     FLOOD_KEY_BASE,
     FLOWSTATE_TUNNEL_KEY,
@@ -115,6 +124,7 @@ class _ActionPlan:
     it came in). `drop_reason` is set when the list ends in a drop (explicit `Drop`, or empty).
     """
 
+    actions: tuple[Action, ...]
     transforms: bool
     offload_safe: bool
     destinations: tuple[Output | Tunnel, ...]
@@ -140,21 +150,36 @@ def _plan(actions: tuple[Action, ...]) -> _ActionPlan:
                 offload_safe = False
     if not destinations and drop_reason is None:
         drop_reason = "flow_no_output"
-    return _ActionPlan(transforms, offload_safe, tuple(destinations), drop_reason)
+    return _ActionPlan(actions, transforms, offload_safe, tuple(destinations), drop_reason)
+
+
+# Tunnel output held back during one receive batch: (tunnel key, remote IP) -> (VXLAN header,
+# peer address, wire frames in arrival order).
+_TunnelBatch = dict[tuple[int, str], tuple[bytes, tuple[str, int], list[bytes]]]
 
 
 class _BoundPort:
-    """One bound virtual port: its packet socket and counters (plain ints on the hot path)."""
+    """One bound virtual port: its packet socket, its receive buffer, its raw-key flow cache
+    and its counters (plain ints on the hot path).
+
+    `flow_cache` maps `raw_flow_key` of a frame received here to (flow, plan): a hit skips
+    parsing, the megaflow lookup and the action planning. Entries whose flow was removed are
+    noticed by `FlowTable.record_use` and replaced; the cache is bounded (oldest out first).
+    """
 
     __slots__ = (
+        "buffer",
+        "flow_cache",
         "interface_name",
         "key",
+        "recv_into",
         "rx_bytes",
         "rx_packets",
         "send",
         "sock",
         "tx_bytes",
         "tx_packets",
+        "view",
     )
 
     def __init__(self, key: int, interface_name: str, sock: socket.socket) -> None:
@@ -162,6 +187,13 @@ class _BoundPort:
         self.interface_name = interface_name
         self.sock = sock
         self.send = sock.send
+        self.recv_into = sock.recv_into
+        # Every frame is read into this one buffer and forwarded from it (no per-frame bytes).
+        self.buffer = bytearray(_PORT_RECV_SIZE)
+        self.view = memoryview(self.buffer)
+        # Ordered: evicting the oldest entry of a plain dict again and again scans the holes
+        # that earlier evictions left at its front.
+        self.flow_cache: OrderedDict[RawFlowKey, tuple[Flow, _ActionPlan]] = OrderedDict()
         self.rx_packets = 0
         self.rx_bytes = 0
         self.tx_packets = 0
@@ -246,6 +278,8 @@ class UserspaceDatapath:
         self._clock = clock
         self._table = FlowTable(max_flows)
         self._emc = ExactMatchCache(emc_capacity)
+        self._emc_capacity = emc_capacity
+        self._tunnel_batch: _TunnelBatch | None = None
         self._ports: dict[int, _BoundPort] = {}
         self._plans: dict[tuple[Action, ...], _ActionPlan] = {}
         self._vxlan_headers: dict[int, bytes] = {}
@@ -453,43 +487,114 @@ class UserspaceDatapath:
     # ---- receive paths ----------------------------------------------------------------------
 
     def _on_port_readable(self, port: _BoundPort) -> None:
-        recv = port.sock.recv
-        now = self._clock()
-        for _ in range(self._batch_size):
+        # Tunnel output of this batch is collected and sent at the end, equal-size datagrams
+        # to one peer together (one UDP GSO send instead of one send each).
+        self._tunnel_batch = {}
+        try:
+            self._receive_from_port(port, self._batch_size, self._clock())
+        finally:
+            batch, self._tunnel_batch = self._tunnel_batch, None
+            if batch:
+                self._flush_tunnel_batch(batch)
+
+    def _receive_from_port(self, port: _BoundPort, limit: int, now: float) -> int:
+        """Read and forward up to `limit` frames waiting on `port`; returns how many were read.
+
+        The fast path: read into the port's buffer, take the frame's raw-header key, find
+        (flow, plan) in the port's cache and send the buffer's bytes to the output port; no
+        parsing, no per-frame bytes object. Anything else goes through `_lookup_slow`."""
+        recv_into = port.recv_into
+        buffer = port.buffer
+        view = port.view
+        cache_get = port.flow_cache.get
+        record_use = self._table.record_use
+        ports = self._ports
+        received = 0
+        while received < limit:
             try:
-                data = recv(_PORT_RECV_SIZE)
+                length = recv_into(buffer)
             except BlockingIOError:
-                return
+                break
             except OSError as error:
                 self._drop(f"port_rx_error_{errno.errorcode.get(error.errno or 0, 'unknown')}")
-                return
-            self._receive_from_port(port, data, now)
+                break
+            received += 1
+            frame_len = length - VNET_HEADER_LEN
+            port.rx_packets += 1
+            port.rx_bytes += frame_len
+            key = raw_flow_key(buffer, VNET_HEADER_LEN, frame_len)
+            entry = cache_get(key) if key is not None else None
+            if entry is not None and record_use(entry[0], now, frame_len):
+                self._emc_hits += 1
+                plan = entry[1]
+            else:
+                found = self._lookup_slow(port, key, length, now)
+                if found is None:
+                    continue
+                plan = found
+            if plan.transforms:
+                self._apply(
+                    plan,
+                    plan.actions,
+                    bytes(view[:VNET_HEADER_LEN]),
+                    bytes(view[VNET_HEADER_LEN:length]),
+                )
+                continue
+            for destination in plan.destinations:
+                if destination.__class__ is Output:
+                    target = ports.get(destination.port_key)
+                    if target is None:
+                        self._drop("output_port_not_bound")
+                        continue
+                    if buffer[0] & F_DATA_VALID:  # receive-only flag: not for the output
+                        buffer[0] &= ~F_DATA_VALID
+                    self._send_to_port(target, view[:length], frame_len)
+                else:
+                    self._send_to_tunnel(
+                        destination,  # type: ignore[arg-type]
+                        bytes(view[:VNET_HEADER_LEN]),
+                        bytes(view[VNET_HEADER_LEN:length]),
+                    )
+            if plan.drop_reason is not None:
+                self._drop(plan.drop_reason)
+        return received
 
-    def _receive_from_port(self, port: _BoundPort, data: bytes, now: float) -> None:
-        vnet_header = data[:VNET_HEADER_LEN]
-        frame = data[VNET_HEADER_LEN:]
+    def _lookup_slow(
+        self, port: _BoundPort, key: RawFlowKey | None, length: int, now: float
+    ) -> _ActionPlan | None:
+        """The frame in `port.buffer[:length]` missed the port's raw-key cache (or has no raw
+        key): parse it, look it up (exact-match cache by field values, then megaflows), and
+        remember the result under its raw key. None when the frame was dropped or upcalled."""
+        view = port.view
+        frame = bytes(view[VNET_HEADER_LEN:length])
         frame_len = len(frame)
-        port.rx_packets += 1
-        port.rx_bytes += frame_len
         try:
             values = flow_match_values(extract_flow_match(frame, port.key))
         except PacketError:
             self._drop("malformed_frame")
-            return
-        flow = self._emc.get(values)
-        if flow is not None and self._table.record_use(flow, now, frame_len):
-            self._emc_hits += 1
-        else:
-            flow = self._table.lookup_values(values, now, packet_bytes=frame_len)
-            if flow is None:
-                self._upcall(port.key, vnet_header, frame)
-                return
-            self._megaflow_hits += 1
+            return None
+        table = self._table
+        if key is None:
+            flow = self._emc.get(values)
+            if flow is not None and table.record_use(flow, now, frame_len):
+                self._emc_hits += 1
+                return self._plan_for(flow.actions)
+        flow = table.lookup_values(values, now, packet_bytes=frame_len)
+        cache = port.flow_cache
+        if flow is None:
+            if key is not None:
+                cache.pop(key, None)
+            self._upcall(port.key, bytes(view[:VNET_HEADER_LEN]), frame)
+            return None
+        self._megaflow_hits += 1
+        plan = self._plan_for(flow.actions)
+        if key is None:
             self._emc.put(values, flow)
-        actions = flow.actions
-        self._apply(
-            self._plans.get(actions) or self._plan_for(actions), actions, vnet_header, frame, data
-        )
+        else:
+            if key not in cache and len(cache) >= self._emc_capacity:
+                cache.popitem(last=False)
+            cache[key] = (flow, plan)
+        return plan
 
     def _on_tunnel_readable(self) -> None:
         sock = self._tunnel_sock
@@ -586,13 +691,12 @@ class UserspaceDatapath:
         actions: tuple[Action, ...],
         vnet_header: bytes,
         frame: bytes,
-        received: bytes | None = None,
     ) -> None:
-        """Run `actions` on a frame; `received` is the frame as read, header included, which
-        an unchanged local output can send as is (no copy)."""
+        """Run `actions` on a frame (frames from ports without transforms take the inline
+        fast path in `_receive_from_port` instead)."""
         if not plan.transforms:
             for destination in plan.destinations:
-                self._emit(destination, vnet_header, frame, received)
+                self._emit(destination, vnet_header, frame)
         else:
             if plan.offload_safe or not needs_software_offload(vnet_header):
                 inputs = [(vnet_header, frame)]
@@ -616,22 +720,17 @@ class UserspaceDatapath:
         destination: Output | Tunnel,
         vnet_header: bytes,
         frame: bytes,
-        received: bytes | None = None,
     ) -> None:
         if isinstance(destination, Output):
             target = self._ports.get(destination.port_key)
             if target is None:
                 self._drop("output_port_not_bound")
                 return
-            output_header = forwardable_header(vnet_header)
-            if received is not None and output_header is vnet_header:
-                self._send_to_port(target, received, len(frame))
-            else:
-                self._send_to_port(target, output_header + frame, len(frame))
+            self._send_to_port(target, forwardable_header(vnet_header) + frame, len(frame))
         else:
             self._send_to_tunnel(destination, vnet_header, frame)
 
-    def _send_to_port(self, port: _BoundPort, packet: bytes, frame_len: int) -> None:
+    def _send_to_port(self, port: _BoundPort, packet: bytes | memoryview, frame_len: int) -> None:
         try:
             port.send(packet)
         except BlockingIOError:
@@ -662,9 +761,55 @@ class UserspaceDatapath:
             else (frame,)
         )
         address = (tunnel.remote_ip, self.vxlan_port)
+        batch = self._tunnel_batch
+        if batch is not None:
+            pending = batch.get((tunnel.tunnel_key, tunnel.remote_ip))
+            if len(frames) == 1:
+                if pending is None:
+                    pending = batch[(tunnel.tunnel_key, tunnel.remote_ip)] = (header, address, [])
+                pending[2].append(frames[0])
+                return
+            # A segmented super-frame is a train already: send it now (after what this peer
+            # was owed, to keep the order), so big TCP bursts are not held back.
+            if pending is not None:
+                del batch[(tunnel.tunnel_key, tunnel.remote_ip)]
+                self._flush_tunnel_batch({(tunnel.tunnel_key, tunnel.remote_ip): pending})
         if len(frames) == 1:
             self._send_datagrams(sock, [header, frames[0]], 1, 0, address)
         elif frames:
+            self._send_datagram_train(sock, header, frames, address)
+
+    def _flush_tunnel_batch(self, batch: _TunnelBatch) -> None:
+        """Send what a receive batch held back: per peer and key, runs of equal-size frames
+        (a run may end with one shorter frame, as UDP GSO allows) as one train each."""
+        sock = self._tunnel_sock
+        if sock is None:
+            count = sum(len(frames) for _header, _address, frames in batch.values())
+            self._drop("tunnel_without_underlay", count)
+            return
+        for header, address, frames in batch.values():
+            run: list[bytes] = []
+            run_size = 0
+            for wire_frame in frames:
+                size = len(wire_frame)
+                if run and size > run_size:
+                    self._send_run(sock, header, run, address)
+                    run = []
+                if not run:
+                    run_size = size
+                run.append(wire_frame)
+                if size < run_size:
+                    self._send_run(sock, header, run, address)
+                    run = []
+            if run:
+                self._send_run(sock, header, run, address)
+
+    def _send_run(
+        self, sock: socket.socket, header: bytes, frames: list[bytes], address: tuple[str, int]
+    ) -> None:
+        if len(frames) == 1:
+            self._send_datagrams(sock, [header, frames[0]], 1, 0, address)
+        else:
             self._send_datagram_train(sock, header, frames, address)
 
     def _send_datagram_train(

@@ -1,0 +1,214 @@
+"""The userspace datapath's per-frame receive path, in-process: ports whose sockets are fakes
+that replay frames (`recv_into`) and record what is sent. Checks that the raw-key cache gives
+the same result as parsing (also after a flow is removed or replaced), that offload flags are
+handled on the reused buffer, that upcalls get copies, and that tunnel output is batched into
+UDP GSO trains without reordering.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from hivenet.datapath import userspace
+from hivenet.datapath._offload import F_DATA_VALID, F_NEEDS_CSUM, VNET_HEADER, ZERO_VNET_HEADER
+from hivenet.flows.actions import Action, Output, Tunnel
+from hivenet.packets import build_arp_request, build_udp_datagram
+from hivenet.packets.checksum import pseudo_header_sum
+from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, mask_from
+from hivenet.packets.vxlan import vxlan_decapsulate
+
+MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
+
+
+class ReplaySocket:
+    """`recv_into` hands out the queued packets, then raises BlockingIOError; `send` keeps a
+    copy of what was sent."""
+
+    def __init__(self) -> None:
+        self.queue: list[bytes] = []
+        self.sent: list[bytes] = []
+
+    def recv_into(self, buffer: bytearray) -> int:
+        if not self.queue:
+            raise BlockingIOError
+        packet = self.queue.pop(0)
+        buffer[: len(packet)] = packet
+        return len(packet)
+
+    def send(self, packet: bytes | memoryview) -> int:
+        self.sent.append(bytes(packet))
+        return len(packet)
+
+
+class RecordingUdpSocket:
+    def __init__(self) -> None:
+        self.datagrams: list[tuple[bytes, int]] = []  # (payload, GSO segment size or 0)
+
+    def sendto(self, data: bytes, address: object) -> int:
+        self.datagrams.append((bytes(data), 0))
+        return len(data)
+
+    def sendmsg(
+        self, buffers: list[bytes], ancillary: list[tuple[int, int, bytes]], *_: object
+    ) -> int:
+        segment_size = struct.unpack("=H", ancillary[0][2])[0] if ancillary else 0
+        data = b"".join(buffers)
+        self.datagrams.append((data, segment_size))
+        return len(data)
+
+    def split(self) -> list[bytes]:
+        """Every VXLAN datagram sent, GSO trains cut apart as the kernel would."""
+        result: list[bytes] = []
+        for data, segment_size in self.datagrams:
+            size = segment_size or len(data)
+            result += [data[start : start + size] for start in range(0, len(data), size)]
+        return result
+
+
+def udp_frame(src_port: int, payload: bytes = b"x" * 18, eth_dst: str = MAC_B) -> bytes:
+    return build_udp_datagram(
+        eth_src=MAC_A,
+        eth_dst=eth_dst,
+        ip_src="10.0.0.1",
+        ip_dst="10.0.0.2",
+        src_port=src_port,
+        dst_port=9,
+        payload=payload,
+    )
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.datapath = userspace.UserspaceDatapath("127.0.0.1", emc_capacity=4)
+        self.sockets = {key: ReplaySocket() for key in (1, 2, 3)}
+        for key, sock in self.sockets.items():
+            port = userspace._BoundPort(key, f"p{key}", sock)  # type: ignore[arg-type]
+            self.datapath._ports[key] = port
+        self.tunnel = RecordingUdpSocket()
+        self.datapath._tunnel_sock = self.tunnel  # type: ignore[assignment]
+        self.upcalls: list[tuple[int, bytes]] = []
+        self.datapath.set_upcall_handler(lambda port, frame: self.upcalls.append((port, frame)))
+
+    def install(self, fields: dict[str, int], actions: list[Action]) -> None:
+        match = tuple(fields.get(name, 0) for name in FIELD_NAMES)
+        mask = mask_from({name: FULL_MASKS[name] for name in fields})
+        self.datapath.install_flow(match, mask, actions, ["test"], idle_timeout=0)
+
+    def receive(self, port_key: int, *packets: bytes) -> None:
+        self.sockets[port_key].queue.extend(packets)
+        self.datapath._on_port_readable(self.datapath._ports[port_key])
+
+
+def to_port_2(harness: Harness) -> None:
+    harness.install({"in_port": 1, "eth_type": 0x0800}, [Output(2)])
+
+
+def test_cached_frames_are_forwarded_as_received_and_counted_as_exact_hits() -> None:
+    harness = Harness()
+    to_port_2(harness)
+    packets = [ZERO_VNET_HEADER + udp_frame(port) for port in (1000, 1001, 1000, 1000)]
+    harness.receive(1, *packets)
+    assert harness.sockets[2].sent == packets
+    counters = harness.datapath.counters()
+    assert counters["megaflow_hits"] == 2  # one per new raw key
+    assert counters["emc_hits"] == 2
+    assert counters["port.2.tx_packets"] == 4
+
+
+def test_a_removed_flow_is_not_used_from_the_cache() -> None:
+    harness = Harness()
+    to_port_2(harness)
+    packet = ZERO_VNET_HEADER + udp_frame(1000)
+    harness.receive(1, packet)
+    assert harness.datapath.invalidate(["test"]) == 1
+    harness.receive(1, packet)
+    assert len(harness.sockets[2].sent) == 1
+    assert harness.upcalls == [(1, packet[10:])]
+    harness.install({"in_port": 1, "eth_type": 0x0800}, [Output(3)])
+    harness.receive(1, packet)
+    assert harness.sockets[3].sent == [packet]
+
+
+def test_the_cache_is_bounded_per_port() -> None:
+    harness = Harness()
+    to_port_2(harness)
+    harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(port) for port in range(1000, 1010)))
+    assert len(harness.datapath._ports[1].flow_cache) == 4
+    assert len(harness.sockets[2].sent) == 10
+
+
+def test_frames_without_a_raw_key_take_the_parse_path() -> None:
+    harness = Harness()
+    harness.install({"in_port": 1, "eth_type": 0x0806}, [Output(2)])
+    arp = ZERO_VNET_HEADER + build_arp_request(
+        sender_mac=MAC_A, sender_ip="10.0.0.1", target_ip="10.0.0.2"
+    )
+    harness.receive(1, arp, arp)
+    assert harness.sockets[2].sent == [arp, arp]
+    assert harness.datapath._ports[1].flow_cache == {}
+    counters = harness.datapath.counters()
+    assert counters["megaflow_hits"] == 1 and counters["emc_hits"] == 1
+
+
+def test_malformed_frames_are_counted_and_dropped() -> None:
+    harness = Harness()
+    to_port_2(harness)
+    harness.receive(1, ZERO_VNET_HEADER + udp_frame(1000)[:30], ZERO_VNET_HEADER[:4])
+    assert harness.sockets[2].sent == []
+    assert harness.datapath.counters()["drop.malformed_frame"] == 2
+
+
+def test_data_valid_is_cleared_on_local_output_and_offload_requests_kept() -> None:
+    harness = Harness()
+    to_port_2(harness)
+    frame = udp_frame(1000)
+    data_valid = VNET_HEADER.pack(F_DATA_VALID, 0, 0, 0, 0, 0)
+    partial = VNET_HEADER.pack(F_NEEDS_CSUM, 0, 0, 0, 34, 6)
+    harness.receive(1, data_valid + frame, partial + frame)
+    assert harness.sockets[2].sent == [ZERO_VNET_HEADER + frame, partial + frame]
+
+
+def test_upcalls_get_their_own_copy_of_the_frame() -> None:
+    harness = Harness()
+    first, second = udp_frame(1000), udp_frame(1001, payload=b"y" * 18)
+    harness.receive(1, ZERO_VNET_HEADER + first, ZERO_VNET_HEADER + second)
+    assert harness.upcalls == [(1, first), (1, second)]
+
+
+def test_small_tunnel_frames_leave_as_one_gso_train_in_order() -> None:
+    harness = Harness()
+    harness.install({"in_port": 1, "eth_type": 0x0800}, [Tunnel("127.0.0.2", 7)])
+    frames = [udp_frame(1000 + index) for index in range(5)] + [udp_frame(2000, b"z")]
+    frames.append(udp_frame(3000, b"w" * 30))  # longer: starts a new train
+    harness.receive(1, *(ZERO_VNET_HEADER + frame for frame in frames))
+    sent = harness.tunnel.split()
+    assert [vxlan_decapsulate(datagram) for datagram in sent] == [(7, frame) for frame in frames]
+    assert [segment for _data, segment in harness.tunnel.datagrams] == [len(sent[0]), 0]
+
+
+def test_tunnel_frames_get_their_checksum_completed() -> None:
+    harness = Harness()
+    harness.install({"in_port": 1, "eth_type": 0x0800}, [Tunnel("127.0.0.2", 7)])
+    frame = udp_frame(1000)
+    partial = bytearray(frame)
+    # What the sender's stack leaves for "the hardware": the pseudo-header sum, uncomplemented.
+    udp_length = len(frame) - 34
+    partial[40:42] = struct.pack(
+        "!H", pseudo_header_sum(frame[26:30], frame[30:34], 17, udp_length)
+    )
+    harness.receive(1, VNET_HEADER.pack(F_NEEDS_CSUM, 0, 0, 0, 34, 6) + bytes(partial))
+    (datagram,) = harness.tunnel.split()
+    assert vxlan_decapsulate(datagram) == (7, frame)
+    assert harness.datapath.counters()["offload_checksummed"] == 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batch_size_bounds_one_readiness_callback(batch_size: int) -> None:
+    harness = Harness()
+    harness.datapath._batch_size = batch_size
+    to_port_2(harness)
+    harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(1000) for _ in range(5)))
+    assert len(harness.sockets[2].sent) == batch_size
+    assert len(harness.sockets[1].queue) == 5 - batch_size
