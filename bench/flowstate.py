@@ -8,7 +8,9 @@ MidoNet's reference: agents sized for ~20k state-generating packets/s on a 4 GB 
 
 Owns nothing but this measurement: memory datapaths, no sockets, no files, no store (the SNAT
 range is claimed locally). Prints a human table, then exactly one JSON line.
-Usage: `python bench/flowstate.py [--quick]`.
+Usage: `python bench/flowstate.py [--quick] [--where N]` (`--where N`: also the N source
+lines that allocated the most bytes per connection, tracemalloc by line, in the table and
+in the JSON line as `where`).
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def connections_per_second(count: int) -> dict[str, float]:
     }
 
 
-def memory_per_100k(count: int) -> dict[str, float]:
+def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[dict[str, object]]]:
     syncs, datapaths, _ = build_hosts()
     frames = [
         build_tcp_segment(
@@ -192,6 +194,7 @@ def memory_per_100k(count: int) -> dict[str, float]:
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
+    snapshot_before = tracemalloc.take_snapshot() if where else None
     for frame in frames:
         datapaths["h1"].receive(1, frame)
     datapaths["h2"].take(2)
@@ -199,6 +202,18 @@ def memory_per_100k(count: int) -> dict[str, float]:
     gc.collect()
     sender_flows = len(datapaths["h1"].flow_table)
     after = tracemalloc.get_traced_memory()[0]
+    by_line: list[dict[str, object]] = []
+    if snapshot_before is not None:
+        grown = tracemalloc.take_snapshot().compare_to(snapshot_before, "lineno")
+        for stat in grown[:where]:
+            origin = stat.traceback[0]
+            by_line.append(
+                {
+                    "line": f"{origin.filename.split('/src/')[-1]}:{origin.lineno}",
+                    "bytes_per_connection": round(stat.size_diff / count, 1),
+                    "objects_per_connection": round(stat.count_diff / count, 2),
+                }
+            )
     tracemalloc.stop()
     entries = len(gateway.conntrack) + len(gateway.nat)
     sender = syncs["h1"]
@@ -208,19 +223,25 @@ def memory_per_100k(count: int) -> dict[str, float]:
         "sender_entries": len(sender.conntrack) + len(sender.nat),
         "sender_flows": sender_flows,
         "bytes_both_hosts_incl_flows": after - before,
+        "bytes_per_connection_both_hosts_incl_flows": round((after - before) / count, 1),
         "mb_per_100k_connections_both_hosts_incl_flows": round(
             (after - before) / count * 100_000 / 1e6, 1
         ),
-    }
+    }, by_line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer connections")
+    parser.add_argument(
+        "--where", type=int, default=0, metavar="N", help="top N allocating lines (tracemalloc)"
+    )
     args = parser.parse_args()
+    if args.where < 0:
+        parser.error(f"--where must be >= 0, got {args.where}")
     count = 2_000 if args.quick else 20_000
     rate = connections_per_second(count)
-    memory = memory_per_100k(count)
+    memory, by_line = memory_per_100k(count, args.where)
     print(f"{'measure':<52} {'value':>14}")
     print("-" * 67)
     print(
@@ -235,6 +256,12 @@ def main() -> None:
         f"{'MB per 100k connections (2 agents, tables + flows)':<52} "
         f"{memory['mb_per_100k_connections_both_hosts_incl_flows']:>14}"
     )
+    print(
+        f"{'bytes per connection (2 agents, tables + flows)':<52} "
+        f"{memory['bytes_per_connection_both_hosts_incl_flows']:>14}"
+    )
+    for entry in by_line:
+        print(f"  {entry['line']:<50} {entry['bytes_per_connection']:>14} B/conn")
     print("MidoNet reference: ~20k state-generating packets/s per agent on a 4 GB JVM heap")
     print(
         json.dumps(
@@ -243,6 +270,7 @@ def main() -> None:
                 "python": platform.python_version(),
                 "rate": rate,
                 "memory": memory,
+                **({"where": by_line} if args.where else {}),
             },
             separators=(",", ":"),
         )

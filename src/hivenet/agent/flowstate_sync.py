@@ -9,8 +9,13 @@ the egress host and the hosts of any stateful port group BEFORE the packet is fo
 peers push; refreshing entries that live flows use (flow statistics of the datapath) and
 expiring the rest; invalidating the flows whose conntrack/NAT tags an entry's appearance
 or expiry touches; leasing SNAT port blocks through the store (create-if-absent txn on
-`/hivenet/v1/tables/nat/<ip>/<block>`, on the host's lease); and the persistence journal
-in the agent's state dir so a restarted agent keeps every connection.
+`/hivenet/v1/tables/nat/<ip>/<block>`, on the host's lease) AHEAD of need: one block of each
+SNAT range this host may translate to at start and when such a range appears in the
+topology, and another in the background when fewer than the allocator's low-water mark
+(25%) of a range's held ports are free for a destination, so a packet is dropped for want
+of a port (`nat_ports_exhausted`) only when the range is truly exhausted (or a burst
+outruns a store round trip); and the persistence journal in the agent's state dir so a
+restarted agent keeps every connection.
 Does not own the simulation (sim/stateful.py has the pure hook), the datapath or the lease.
 
 Journal format (`flowstate.journal`): records back to back, each `u32 length | f64 wall
@@ -36,9 +41,9 @@ from hivenet.datapath.base import Datapath
 from hivenet.flowstate import (
     ConntrackRecord,
     ConntrackTable,
+    Destination,
     FlowKey,
     FlowStateTransaction,
-    NatBinding,
     NatKind,
     NatRange,
     NatRecord,
@@ -65,11 +70,13 @@ from hivenet.model import Port, PortGroup
 from hivenet.packets import PacketError, embedded_datagram, extract_flow_match, parse_frame
 from hivenet.sim import SimulationResult, TopologyView
 from hivenet.sim.stateful import (
+    TaggedEntry,
     TransactionHook,
     connection_tags,
     egress_hosts_of,
     egress_port_keys_of,
     nat_reply_tag,
+    snat_targets_served,
 )
 from hivenet.store.base import Compare, Put, Store, StoreError
 
@@ -104,6 +111,7 @@ class FlowStateCounters:
     expired_entries: int = 0
     refreshed_entries: int = 0
     blocks_leased: int = 0
+    blocks_leased_ahead: int = 0  # of blocks_leased: before any packet needed them
     block_conflicts: int = 0
     journal_bytes: int = 0
     restored_entries: int = 0
@@ -140,10 +148,18 @@ class FlowStateSync:
         self.conntrack = ConntrackTable()
         self.nat = NatTable(self.allocator)
         self.counters = FlowStateCounters()
-        # Flow tag -> the entry it names (for refresh from flow statistics).
-        self._tag_entries: dict[str, tuple[str, str, FlowKey, int]] = {}
+        # Flow tag -> the entry it names (for refresh from flow statistics). Filled from the
+        # tags of flows this host's simulations made (the same string objects), not for every
+        # entry a peer pushes: a host that never forwards a connection pays nothing for it.
+        self._tag_entries: dict[str, TaggedEntry] = {}
         self._blocks_taken: set[PortBlock] = set()  # blocks other hosts hold (store watch)
-        self._wanted: dict[NatRange, None] = {}
+        # SNAT ranges to lease a block of: None = unconditionally (no block held, or a packet
+        # found none free); a destination = if still running low for it when the leaser runs.
+        self._wanted: dict[NatRange, Destination | None] = {}
+        # The SNAT ranges this host may translate to, as of topology revision `_served_at`.
+        self._served_targets: list[NatRange] = []
+        self._dropped_for: set[NatRange] = set()  # ranges a packet found no free port in
+        self._served_at = -1
         self._lease_wakeup = asyncio.Event()
         self._last_scan = float("-inf")
         self._task: asyncio.Task[None] | None = None
@@ -163,10 +179,12 @@ class FlowStateSync:
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        """Restore the journal, re-lease the port blocks its SNAT bindings use, then run the
+        """Restore the journal, re-lease the port blocks its SNAT bindings use, lease a block
+        of every SNAT range this host may need ahead of the first packet, then run the
         refresh/expiry timer and the block leaser."""
         self.restore()
         await self._reclaim_blocks()
+        await self.lease_ahead()
         self._task = asyncio.create_task(self._tick_loop(), name=f"hn-{self.host_id}-flowstate")
         self._lease_task = asyncio.create_task(
             self._lease_loop(), name=f"hn-{self.host_id}-natblocks"
@@ -208,6 +226,11 @@ class FlowStateSync:
         transaction = hook.transaction
         for target in hook.record.exhausted:
             self._wanted[target] = None
+            self._dropped_for.add(target)
+            self._lease_wakeup.set()
+        if self.allocator.running_low:
+            for target, destination in self.allocator.take_running_low().items():
+                self._wanted.setdefault(target, destination)
             self._lease_wakeup.set()
         if result.is_drop or not hook.record.used:
             transaction.rollback()
@@ -221,12 +244,11 @@ class FlowStateSync:
         for zone, key in hook.record.opened:
             tags |= connection_tags(zone, key)
             self.counters.connections_opened += 1
-        for record in committed.connections:
-            self._remember_connection(record.zone, record.key)
+        if result.install:
+            self._tag_entries.update(hook.record.tagged)
         for binding in committed.nat_bindings:
             tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
             tags.add(nat_tag(binding))
-            self._remember_binding(binding.zone, binding.kind, binding.original, binding.translated)
             self.counters.nat_bindings_created += 1
         if tags:
             self.datapath.invalidate(tags)
@@ -321,8 +343,8 @@ class FlowStateSync:
             merged = self.conntrack.merge(record, now)
             if merged is None or not existed:
                 tags |= connection_tags(record.zone, record.key)
-            if merged is not None:
-                self._remember_connection(record.zone, record.key)
+            if merged is None:
+                self._tag_entries.pop(conntrack_tag(record.zone, record.key), None)
         for nat_record in nat:
             binding = nat_record.binding
             existing = self.nat.lookup_original(binding.zone, binding.kind, binding.original, now)
@@ -330,22 +352,10 @@ class FlowStateSync:
             if merged_binding is None or existing != binding:
                 tags.add(nat_tag(binding))
                 tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-            if merged_binding is not None:
-                self._remember_binding(
-                    binding.zone, binding.kind, binding.original, binding.translated
-                )
+            if merged_binding is None:
+                self._tag_entries.pop(nat_tag(binding), None)
         if tags:
             self.datapath.invalidate(tags)
-
-    def _remember_connection(self, zone: str, key: FlowKey) -> None:
-        for oriented in (key, key.reversed()):
-            self._tag_entries[conntrack_tag(zone, oriented)] = ("ct", zone, key, 0)
-
-    def _remember_binding(
-        self, zone: str, kind: NatKind, original: FlowKey, translated: FlowKey
-    ) -> None:
-        binding = NatBinding(zone, kind, original, translated)
-        self._tag_entries[nat_tag(binding)] = ("nat", zone, original, int(kind))
 
     # ------------------------------------------------------------------ time
 
@@ -363,8 +373,7 @@ class FlowStateSync:
         tags: set[str] = set()
         for record in self.conntrack.expire(now):
             tags |= connection_tags(record.zone, record.key)
-            for oriented in (record.key, record.key.reversed()):
-                self._tag_entries.pop(conntrack_tag(record.zone, oriented), None)
+            self._tag_entries.pop(conntrack_tag(record.zone, record.key), None)
             self.counters.expired_entries += 1
         for nat_record in self.nat.expire(now):
             binding = nat_record.binding
@@ -375,6 +384,7 @@ class FlowStateSync:
         if tags:
             self.datapath.invalidate(tags)
         self.push_due(now)
+        self._want_served_targets()
         if self._journal_path is not None and self.counters.journal_bytes > MAX_JOURNAL_BYTES:
             self.compact()
 
@@ -410,23 +420,67 @@ class FlowStateSync:
         if value is None:
             self._blocks_taken.discard(block)
             if block in self.allocator.blocks:
-                # Our lease on it is gone (lease lost): stop handing out its ports.
+                # Our lease on it is gone (lease lost): stop handing out its ports, and let
+                # the next tick lease ahead again for ranges left without a block.
                 self.allocator.remove_block(block)
+                self._served_at = -1
         elif value.decode(errors="replace") != self.host_id:
             self._blocks_taken.add(block)
+
+    def _want_served_targets(self) -> None:
+        """When the topology changed: want a block of every SNAT range this host may now
+        translate to and holds none of (the leaser takes them in the background)."""
+        if self.topology.revision == self._served_at:
+            return
+        self._served_at = self.topology.revision
+        self._served_targets = snat_targets_served(self.topology, self.host_id)
+        for target in self._served_targets:
+            if self.allocator.capacity(target) == 0 and target not in self._wanted:
+                self._wanted[target] = None
+                self._lease_wakeup.set()
+
+    async def lease_ahead(self) -> int:
+        """Lease one block of each SNAT range this host may translate to and holds none of,
+        now (at start, so the very first packet finds a port). Returns how many it leased;
+        a store failure leaves the range to the background leaser."""
+        self._want_served_targets()
+        leased = 0
+        for target, destination in list(self._wanted.items()):
+            if destination is not None or self.allocator.capacity(target):
+                continue
+            try:
+                block = await self.lease_block(target, ahead=True)
+            except StoreError as error:
+                log.warning("host %s: NAT block lease failed: %s", self.host_id, error)
+                continue
+            del self._wanted[target]
+            leased += block is not None
+        return leased
 
     async def _lease_loop(self) -> None:
         while True:
             await self._lease_wakeup.wait()
             self._lease_wakeup.clear()
-            wanted = list(self._wanted)
+            wanted = list(self._wanted.items())
             self._wanted.clear()
-            for target in wanted:
+            for target, destination in wanted:
+                if destination is not None and not self.allocator.is_running_low(
+                    target, destination
+                ):
+                    continue  # a block leased meanwhile (or ports freed) was enough
+                if (
+                    destination is None
+                    and target not in self._dropped_for
+                    and self.allocator.capacity(target)
+                ):
+                    continue  # wanted for having no block, and it has one by now
                 try:
-                    await self.lease_block(target)
+                    ahead = target not in self._dropped_for
+                    self._dropped_for.discard(target)
+                    await self.lease_block(target, ahead=ahead)
                 except StoreError as error:
                     log.warning("host %s: NAT block lease failed: %s", self.host_id, error)
-                    self._wanted[target] = None
+                    self._wanted[target] = destination
                     await asyncio.sleep(0.5)
                     self._lease_wakeup.set()
 
@@ -451,8 +505,9 @@ class FlowStateSync:
                 self.allocator.remove_block(block)
                 self._blocks_taken.add(block)
 
-    async def lease_block(self, target: NatRange) -> PortBlock | None:
-        """Lease one more block of `target` through the store; None when all are taken."""
+    async def lease_block(self, target: NatRange, *, ahead: bool = False) -> PortBlock | None:
+        """Lease one more block of `target` through the store; None when all are taken.
+        `ahead`: no packet is waiting for it (counted in `blocks_leased_ahead`)."""
         if self.store is None:
             return None
         for block in self.allocator.blocks_to_try(target, self._blocks_taken, limit=16):
@@ -464,6 +519,7 @@ class FlowStateSync:
             if result.succeeded:
                 self.allocator.add_block(block)
                 self.counters.blocks_leased += 1
+                self.counters.blocks_leased_ahead += ahead
                 return block
             self.counters.block_conflicts += 1
             self._blocks_taken.add(block)
@@ -521,14 +577,9 @@ class FlowStateSync:
                 )
                 break
             for record in batch.conntrack:
-                if self.conntrack.merge(record, now) is not None:
-                    self._remember_connection(record.zone, record.key)
+                self.conntrack.merge(record, now)
             for nat_record in batch.nat:
-                binding = nat_record.binding
-                if self.nat.merge(nat_record, now) is not None:
-                    self._remember_binding(
-                        binding.zone, binding.kind, binding.original, binding.translated
-                    )
+                self.nat.merge(nat_record, now)
             offset = start + length
         # Our SNAT bindings' ports must stay ours: re-hold their blocks.
         for nat_record in self.nat.snapshot(now):

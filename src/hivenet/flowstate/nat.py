@@ -182,12 +182,21 @@ class IcmpErrorTranslation:
 
 
 class _NatEntry(TrackedEntry):
-    __slots__ = ("allocated", "binding")
+    # `owns_port`: this host allocated the translated port (SNAT) and must release it; the
+    # port and its destination are read back from the binding instead of kept twice.
+    __slots__ = ("binding", "owns_port")
 
     def __init__(self, binding: NatBinding, expires_at: float, timeout: float) -> None:
         super().__init__(expires_at, timeout)
         self.binding = binding
-        self.allocated: tuple[AllocatedPort, Destination] | None = None
+        self.owns_port = False
+
+
+def snat_destination(key: FlowKey) -> Destination:
+    """Where a SNAT binding of forward key `key` goes: ports are unique per destination (ICMP
+    echo: per address, the id travels in both port slots)."""
+    echo = uses_echo_id(key)
+    return Destination(key.ip_version, key.ip_proto, key.ip_dst, 0 if echo else key.tp_dst)
 
 
 class _Index(NamedTuple):
@@ -327,9 +336,7 @@ class NatTable:
             )
         _check_targets(targets, key)
         echo = uses_echo_id(key)
-        destination = Destination(
-            key.ip_version, key.ip_proto, key.ip_dst, 0 if echo else key.tp_dst
-        )
+        destination = snat_destination(key)
         translated_index = self._by_translated.get(_Index(zone, NatKind.SNAT), {})
 
         def make(ip: int, port: int) -> FlowKey:
@@ -346,7 +353,7 @@ class NatTable:
             if allocated is not None:
                 binding = NatBinding(zone, NatKind.SNAT, key, make(allocated.ip, allocated.port))
                 entry = self._insert(binding, now, changed=True)
-                entry.allocated = (allocated, destination)
+                entry.owns_port = True
                 return binding, True
         raise NatPortsExhausted(zone, targets, destination)
 
@@ -470,9 +477,13 @@ class NatTable:
                     del table[index]
         self._schedule.forget(entry)
         self._count -= 1
-        if entry.allocated is not None and self.allocator is not None:
-            self.allocator.release(*entry.allocated)
-            entry.allocated = None
+        if entry.owns_port and self.allocator is not None:
+            translated = binding.translated
+            self.allocator.release(
+                AllocatedPort(translated.ip_version, translated.ip_src, translated.tp_src),
+                snat_destination(binding.original),
+            )
+            entry.owns_port = False
 
     def expire(self, now: float) -> list[NatRecord]:
         """Remove and return every binding idle past its timeout; their ports are freed."""

@@ -51,7 +51,24 @@ def push_targets(
         if host is not None:
             targets.add(_check_host(host, "stateful_group_hosts entry"))
     targets.discard(local)
-    return frozenset(targets)
+    return _shared_peer_set(targets)
+
+
+# Every entry holds its push set; the distinct sets are few (hosts of one flow's path), so
+# equal sets share one object instead of one per connection. Bounded: past the limit a new
+# set is returned unshared.
+_PEER_SETS: dict[frozenset[str], frozenset[str]] = {}
+_MAX_SHARED_PEER_SETS = 4096
+
+
+def _shared_peer_set(hosts: set[str]) -> frozenset[str]:
+    candidate = frozenset(hosts)
+    shared = _PEER_SETS.get(candidate)
+    if shared is not None:
+        return shared
+    if len(_PEER_SETS) < _MAX_SHARED_PEER_SETS:
+        _PEER_SETS[candidate] = candidate
+    return candidate
 
 
 def hosts_of_stateful_groups(

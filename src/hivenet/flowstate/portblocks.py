@@ -7,8 +7,8 @@ the host) and hands out ports only from blocks it holds, so two hosts never pick
 translated connection is unique as long as (address, port, destination) is.
 
 Owns `PortBlock`, `NatRange` (where a rule may translate to), `PortBlockAllocator` (the pure
-part: which ports of the held blocks are free, which block keys to try next) and the block
-key spelling. The agent does the store transaction (create-if-absent on the key, on its
+part: which ports of the held blocks are free, which block keys to try next, which ranges
+are running low and should get another block ahead of need) and the block key spelling. The agent does the store transaction (create-if-absent on the key, on its
 lease) and tells the allocator with `add_block`/`remove_block`.
 Pure: no I/O, no clock; imports only the standard library and `hivenet.flowstate.keys`.
 """
@@ -16,6 +16,7 @@ Pure: no I/O, no clock; imports only the standard library and `hivenet.flowstate
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -134,24 +135,53 @@ class AllocatedPort(NamedTuple):
     port: int
 
 
+class _Span(NamedTuple):
+    """Ports `first..last` of one held block of `ip`, inside a target's port range."""
+
+    ip_version: int
+    ip: int
+    block_number: int
+    first: int
+    last: int
+
+
 class PortBlockAllocator:
     """Hands out (address, port) from the blocks this host holds, never the same one twice
     for a destination until it is released.
 
     `seed` (e.g. a hash of the host id) spreads hosts over the candidate blocks so they do not
-    all race for the same first block. Iteration starts at a rotating cursor so a port just
-    released is not the next handed out (the peer may still hold the old connection).
+    all race for the same first block. The search for a free port starts where the previous
+    one ended (a cursor over all held ports of the target), so a port just released is not
+    the next handed out (the peer may still hold the old connection) and a busy destination
+    costs O(1) per allocation instead of a scan of the ports it already uses.
+
+    Low-water mark: after an allocation leaves fewer than `low_water` (a fraction) of the
+    target's held ports free for that destination, the target is noted in `running_low`; the
+    agent leases another block in the background so the next packets find a port.
     """
 
-    def __init__(self, block_size: int = BLOCK_SIZE, seed: int = 0) -> None:
+    def __init__(
+        self, block_size: int = BLOCK_SIZE, seed: int = 0, low_water: float = 0.25
+    ) -> None:
         if not isinstance(block_size, int) or block_size < 1 or 0x10000 % block_size:
             raise PortBlockError(f"block_size must divide 65536, got {block_size!r}")
+        if not isinstance(low_water, int | float) or not 0.0 <= low_water < 1.0:
+            raise PortBlockError(f"low_water must be a fraction in [0, 1), got {low_water!r}")
         self.block_size = block_size
         self.seed = seed
+        self.low_water = float(low_water)
         self._blocks_by_address: dict[tuple[int, int], list[int]] = {}
         self._block_use: dict[PortBlock, int] = {}
-        self._used: dict[Destination, set[tuple[int, int]]] = {}
+        # Per destination, the (address, port) pairs in use, packed as `ip << 16 | port` (an
+        # int is a third of a tuple of two ints; a host may track millions).
+        self._used: dict[Destination, set[int]] = {}
         self._cursor = 0
+        # Per target range: its held spans and their cumulative start offsets (rebuilt when a
+        # block comes or goes).
+        self._spans: dict[NatRange, tuple[tuple[_Span, ...], tuple[int, ...], int]] = {}
+        # Targets whose free ports for some destination fell below the low-water mark, with
+        # that destination (the agent drains this: `take_running_low`).
+        self.running_low: dict[NatRange, Destination] = {}
 
     # --- blocks ----------------------------------------------------------------------------
 
@@ -172,6 +202,7 @@ class PortBlockAllocator:
         if block in self._block_use:
             return
         self._block_use[block] = 0
+        self._spans.clear()
         indexes = self._blocks_by_address.setdefault((block.ip_version, block.ip), [])
         indexes.append(block.number)
         indexes.sort()
@@ -182,21 +213,18 @@ class PortBlockAllocator:
         in_use = self._block_use.pop(block, None)
         if in_use is None:
             return 0
+        self._spans.clear()
         address = (block.ip_version, block.ip)
         self._blocks_by_address[address].remove(block.number)
         if not self._blocks_by_address[address]:
             del self._blocks_by_address[address]
-        ports = block.ports(self.block_size)
+        first = block.ip << 16 | block.number * self.block_size
+        last = first + self.block_size - 1
         for destination in list(self._used):
+            if destination.ip_version != block.ip_version:
+                continue
             used = self._used[destination]
-            stale = {
-                pair
-                for pair in used
-                if pair[0] == block.ip
-                and pair[1] in ports
-                and destination.ip_version == block.ip_version
-            }
-            used -= stale
+            used -= {pair for pair in used if first <= pair <= last}
             if not used:
                 del self._used[destination]
         return in_use
@@ -258,6 +286,93 @@ class PortBlockAllocator:
 
     # --- ports -----------------------------------------------------------------------------
 
+    def _port_bounds(self, target: NatRange, original_port: int) -> tuple[int, int]:
+        if target.keeps_port:
+            if not 0 < original_port <= 0xFFFF:
+                raise PortBlockError(
+                    f"a port-keeping NAT range needs original_port 1..65535, got {original_port!r}"
+                )
+            return original_port, original_port
+        return max(target.port_from, 1), target.port_to
+
+    def _target_spans(
+        self, target: NatRange, low: int, high: int
+    ) -> tuple[tuple[_Span, ...], tuple[int, ...], int]:
+        """The held ports of `target` between `low` and `high`, as spans in a fixed order,
+        with each span's offset in their concatenation and the total port count."""
+        size = self.block_size
+        spans: list[_Span] = []
+        for (version, ip), indexes in self._blocks_by_address.items():
+            if not target.contains_address(version, ip):
+                continue
+            for index in indexes:
+                first, last = max(index * size, low), min(index * size + size - 1, high)
+                if first <= last:
+                    spans.append(_Span(version, ip, index, first, last))
+        offsets: list[int] = []
+        total = 0
+        for span in spans:
+            offsets.append(total)
+            total += span.last - span.first + 1
+        return tuple(spans), tuple(offsets), total
+
+    def _spans_of(
+        self, target: NatRange, original_port: int
+    ) -> tuple[tuple[_Span, ...], tuple[int, ...], int]:
+        if target.keeps_port:
+            low, high = self._port_bounds(target, original_port)
+            return self._target_spans(target, low, high)
+        cached = self._spans.get(target)
+        if cached is None:
+            low, high = self._port_bounds(target, original_port)
+            cached = self._spans[target] = self._target_spans(target, low, high)
+        return cached
+
+    def capacity(self, target: NatRange) -> int:
+        """How many ports of `target` the held blocks cover (per destination: a port may
+        serve several destinations). A port-keeping range has no fixed capacity: 0."""
+        if target.keeps_port:
+            return 0
+        return self._spans_of(target, 0)[2]
+
+    def used_for(self, target: NatRange, destination: Destination) -> int:
+        """How many ports of `target`'s held blocks are in use towards `destination`."""
+        used = self._used.get(destination)
+        if not used:
+            return 0
+        low, high = (1, 0xFFFF) if target.keeps_port else self._port_bounds(target, 0)
+        version, size, held = target.ip_version, self.block_size, self._block_use
+        return sum(
+            1
+            for pair in used
+            if target.contains_address(version, pair >> 16)
+            and low <= (port := pair & 0xFFFF) <= high
+            and PortBlock(version, pair >> 16, port // size) in held
+        )
+
+    def free_for(self, target: NatRange, destination: Destination) -> int:
+        """Held ports of `target` still free towards `destination`."""
+        return self.capacity(target) - self.used_for(target, destination)
+
+    def is_running_low(self, target: NatRange, destination: Destination) -> bool:
+        """Fewer than `low_water` of `target`'s held ports are free towards `destination`
+        (always True when none is held). Port-keeping ranges never run low: the port they
+        need depends on the packet, so there is nothing to lease ahead."""
+        if target.keeps_port:
+            return False
+        capacity = self.capacity(target)
+        threshold = capacity * (1.0 - self.low_water)
+        used = self._used.get(destination)
+        # Cheap bound first: every port used towards the destination, whatever the target.
+        if used is None or len(used) < threshold:
+            return capacity == 0
+        return self.used_for(target, destination) >= threshold
+
+    def take_running_low(self) -> dict[NatRange, Destination]:
+        """The targets noted as running low since the last call (and forget them)."""
+        noted, self.running_low = self.running_low, {}
+        return noted
+
     def allocate(
         self,
         target: NatRange,
@@ -274,46 +389,52 @@ class PortBlockAllocator:
             raise PortBlockError(
                 f"destination is IPv{destination.ip_version}, NAT range IPv{target.ip_version}"
             )
-        if target.keeps_port:
-            if not 0 < original_port <= 0xFFFF:
-                raise PortBlockError(
-                    f"a port-keeping NAT range needs original_port 1..65535, got {original_port!r}"
-                )
-            low = high = original_port
-        else:
-            low, high = max(target.port_from, 1), target.port_to
+        low, high = self._port_bounds(target, original_port)
         if low > high:
             return None
+        spans, offsets, total = self._spans_of(target, original_port)
+        if not total:
+            if not target.keeps_port:
+                self.running_low[target] = destination
+            return None
         used = self._used.get(destination)
-        size = self.block_size
-        self._cursor += 1
-        for (version, ip), indexes in self._blocks_by_address.items():
-            if not target.contains_address(version, ip):
-                continue
-            for index in indexes:
-                start, end = max(index * size, low), min(index * size + size - 1, high)
-                if start > end:
-                    continue
-                span = end - start + 1
-                rotation = self._cursor % span
-                for step in range(span):
-                    port = start + (rotation + step) % span
-                    if used is not None and (ip, port) in used:
-                        continue
-                    if is_taken is not None and is_taken(ip, port):
-                        continue
+        start = self._cursor % total
+        span_index = bisect_right(offsets, start) - 1
+        position = start
+        checked = 0
+        while checked < total:
+            span = spans[span_index]
+            span_end = offsets[span_index] + span.last - span.first + 1
+            base = span.ip << 16
+            port = span.first + (position - offsets[span_index])
+            while position < span_end and checked < total:
+                pair = base | port
+                if (used is None or pair not in used) and (
+                    is_taken is None or not is_taken(span.ip, port)
+                ):
                     if used is None:
                         used = self._used[destination] = set()
-                    used.add((ip, port))
-                    self._block_use[PortBlock(version, ip, index)] += 1
-                    return AllocatedPort(version, ip, port)
+                    used.add(pair)
+                    self._block_use[PortBlock(span.ip_version, span.ip, span.block_number)] += 1
+                    self._cursor = position + 1
+                    if not target.keeps_port and self.is_running_low(target, destination):
+                        self.running_low[target] = destination
+                    return AllocatedPort(span.ip_version, span.ip, port)
+                position += 1
+                port += 1
+                checked += 1
+            span_index += 1
+            if span_index == len(spans):
+                span_index = position = 0
+        if not target.keeps_port:
+            self.running_low[target] = destination
         return None
 
     def release(self, allocated: AllocatedPort, destination: Destination) -> bool:
         """Give back a port allocated for `destination`. False when it was not allocated
         (already released, or its block was removed)."""
         used = self._used.get(destination)
-        pair = (allocated.ip, allocated.port)
+        pair = allocated.ip << 16 | allocated.port
         if used is None or pair not in used:
             return False
         used.discard(pair)
@@ -328,4 +449,4 @@ class PortBlockAllocator:
 
     def is_allocated(self, allocated: AllocatedPort, destination: Destination) -> bool:
         used = self._used.get(destination)
-        return used is not None and (allocated.ip, allocated.port) in used
+        return used is not None and (allocated.ip << 16 | allocated.port) in used

@@ -56,8 +56,11 @@ def _key_text(key: FlowKey) -> str:
 
 
 def conntrack_tag(zone: str, key: FlowKey) -> str:
-    """The flow tag of the connection stored under `key` (its original direction)."""
-    return f"conntrack:{zone}:{_key_text(key)}"
+    """The flow tag of the connection `key` belongs to: the same for both directions (the
+    lower of `key` and its reverse is spelled), so a flow depends on one tag per connection
+    and a flow cached before either side opened it is invalidated by that same tag."""
+    reverse = key.reversed()
+    return f"conntrack:{zone}:{_key_text(key if key <= reverse else reverse)}"
 
 
 def nat_tag(binding: NatBinding) -> str:
@@ -99,6 +102,9 @@ class FlowStateTransaction:
         self._classified: list[tuple[Classification, int]] = []
         self._created: list[NatBinding] = []
         self._tags: set[str] = set()
+        # Keys seen in this transaction: the NAT binding of a connection reuses the key object
+        # its conntrack entry holds (the tables keep both; one object saves ~100 bytes).
+        self._keys: dict[FlowKey, FlowKey] = {}
         self.cacheable = True
         self._finished = False
 
@@ -119,6 +125,7 @@ class FlowStateTransaction:
         if classification.verdict in (Verdict.RELATED, Verdict.INVALID) and is_icmp_error(match):
             self.cacheable = False
         if classification.key is not None and classification.verdict is not Verdict.INVALID:
+            self._keys.setdefault(classification.key, classification.key)
             self._tags.add(conntrack_tag(zone, classification.key))
         return classification.is_return
 
@@ -136,6 +143,7 @@ class FlowStateTransaction:
         key = key_of_match(match)
         if key is None:
             return NatOutcome()
+        key = self._keys.setdefault(key, key)
         kind = _KIND_OF_ACTION[action]
         if action in (NatAction.REV_DNAT, NatAction.REV_SNAT):
             if is_icmp_error(match) and self.embedded is not None:

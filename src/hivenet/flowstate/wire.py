@@ -26,6 +26,7 @@ import math
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from sys import intern
 
 from hivenet.flowstate.conntrack import ConnState, ConntrackRecord
 from hivenet.flowstate.keys import FlowKey
@@ -166,12 +167,21 @@ def encode_batches(
 
 
 class _Reader:
-    __slots__ = ("data", "end", "offset")
+    # `keys`: the keys read so far by encoding, so a connection's conntrack key and its NAT
+    # binding's original key (the same bytes) become one object in the receiver's tables.
+    __slots__ = ("data", "end", "keys", "offset")
 
-    def __init__(self, data: bytes | bytearray | memoryview, offset: int, end: int) -> None:
+    def __init__(
+        self,
+        data: bytes | bytearray | memoryview,
+        offset: int,
+        end: int,
+        keys: dict[bytes, FlowKey] | None = None,
+    ) -> None:
         self.data = data
         self.offset = offset
         self.end = end
+        self.keys: dict[bytes, FlowKey] = {} if keys is None else keys
 
     def take(self, size: int, what: str) -> bytes:
         if self.offset + size > self.end:
@@ -196,19 +206,27 @@ class _Reader:
             raise WireFormatError("zone length 0", start)
         raw = self.take(length, "zone")
         try:
-            return raw.decode("utf-8")
+            # Zones are device ids, repeated in every entry: one string each, not one per entry.
+            return intern(raw.decode("utf-8"))
         except UnicodeDecodeError as error:
             raise WireFormatError(f"zone is not UTF-8 ({error.reason})", start) from None
 
     def key(self, what: str) -> FlowKey:
         start = self.offset
-        version, proto, tp_src, tp_dst = _KEY_FIXED.unpack(self.take(_KEY_FIXED.size, what))
+        fixed = self.take(_KEY_FIXED.size, what)
+        version, proto, tp_src, tp_dst = _KEY_FIXED.unpack(fixed)
         width = _ADDRESS_BYTES.get(version)
         if width is None:
             raise WireFormatError(f"{what}: ip version {version} is not 4 or 6", start)
-        ip_src = int.from_bytes(self.take(width, f"{what} ip src"), "big")
-        ip_dst = int.from_bytes(self.take(width, f"{what} ip dst"), "big")
-        return FlowKey.unchecked(version, ip_src, ip_dst, proto, tp_src, tp_dst)
+        addresses = self.take(2 * width, f"{what} ip src and dst")
+        encoded = fixed + addresses
+        known = self.keys.get(encoded)
+        if known is not None:
+            return known
+        ip_src = int.from_bytes(addresses[:width], "big")
+        ip_dst = int.from_bytes(addresses[width:], "big")
+        key = self.keys[encoded] = FlowKey.unchecked(version, ip_src, ip_dst, proto, tp_src, tp_dst)
+        return key
 
 
 def _decode_conntrack(reader: _Reader, now: float, start: int) -> ConntrackRecord:
@@ -253,6 +271,7 @@ def _decode_message(
     if flags != 0:
         raise WireFormatError(f"reserved flags {flags:#x} are not 0", offset + 5)
     offset += _HEADER.size
+    keys: dict[bytes, FlowKey] = {}
     for index in range(count):
         if total - offset < _ENTRY.size:
             raise WireFormatError(f"truncated entry {index} of {count}", offset)
@@ -264,7 +283,7 @@ def _decode_message(
             raise WireFormatError(
                 f"entry {index} claims {length} bytes, {total - body_start} left", start
             )
-        reader = _Reader(data, body_start, body_end)
+        reader = _Reader(data, body_start, body_end, keys)
         if kind == KIND_CONNTRACK:
             batch.conntrack.append(_decode_conntrack(reader, now, start))
         elif kind == KIND_NAT:

@@ -15,11 +15,15 @@ Megaflow soundness: a field read goes through `_Walk.read()`, which records the 
 wildcard unless the simulation itself already overwrote that field (its value is then fixed
 by earlier, recorded decisions). Any decision taken on a packet value records at least the
 bits that decision depended on; over-approximating (recording more bits) is always safe.
+
+Tags built here from ids (device, chain, host, MAC/ARP entry) are `sys.intern`ed: every
+cached flow holds its tags, and equal tags across flows must be one object, not one each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from sys import intern
 
 from hivenet.flows.actions import (
     SETTABLE_FIELDS,
@@ -266,7 +270,7 @@ class _Walk:
     def port_ingress(self, packet: PacketState, port_id: str, hops: int) -> None:
         port = self.view.ports.get(port_id)
         if port is None:
-            self.tags.add(f"port:{port_id}")
+            self.tags.add(intern(f"port:{port_id}"))
             self.drop("port", port_id, port_id, "unknown_port", "port not in topology", hops)
             return
         self.tags.add(port.tag)
@@ -305,14 +309,14 @@ class _Walk:
         if port.device_kind is DeviceKind.BRIDGE:
             bridge = self.view.bridges.get(port.device_id)
             if bridge is None:
-                self.tags.add(f"bridge:{port.device_id}")
+                self.tags.add(intern(f"bridge:{port.device_id}"))
                 self.drop("port", port.id, port.name, "unknown_device", port.device_id, hops)
                 return
             self.bridge(packet, bridge, port, hops)
         else:
             router = self.view.routers.get(port.device_id)
             if router is None:
-                self.tags.add(f"router:{port.device_id}")
+                self.tags.add(intern(f"router:{port.device_id}"))
                 self.drop("port", port.id, port.name, "unknown_device", port.device_id, hops)
                 return
             self.router(packet, router, port, hops)
@@ -364,7 +368,7 @@ class _Walk:
             detail = f"output to local port key {port.tunnel_key}"
         else:
             host_id = port.host_id or ""
-            self.tags.add(f"host:{host_id}")
+            self.tags.add(intern(f"host:{host_id}"))
             if host_id in self.view.down_hosts:
                 detail = f"host {host_id} is down"
                 self.drop("port", port.id, port.name, "egress_host_down", detail, hops)
@@ -416,7 +420,7 @@ class _Walk:
         hops: int,
         stack: list[str],
     ) -> str:
-        self.tags.add(f"chain:{chain_id}")
+        self.tags.add(intern(f"chain:{chain_id}"))
         chain = self.view.chains.get(chain_id)
         if chain is None:
             self.drop("chain", chain_id, chain_id, "unknown_chain", "chain not in topology", hops)
@@ -670,7 +674,7 @@ class _Walk:
         self.read(packet, "eth_dst", FULL_MASKS["eth_dst"])
         out_port_id = bridge.static_macs.get((vlan, dst))
         if out_port_id is None:
-            tag = mac_entry_tag(bridge.id, vlan, dst)
+            tag = intern(mac_entry_tag(bridge.id, vlan, dst))
             self.tags.add(tag)
             out_port_id = self.mac_overlay.get((bridge.id, vlan, dst))
             if out_port_id is None:
@@ -700,7 +704,7 @@ class _Walk:
         self, bridge: BridgeInfo, vlan: int, mac: int, in_port: PortInfo, hops: int
     ) -> None:
         key = (bridge.id, vlan, mac)
-        self.tags.add(mac_entry_tag(bridge.id, vlan, mac))
+        self.tags.add(intern(mac_entry_tag(bridge.id, vlan, mac)))
         known = self.mac_overlay.get(key)
         if known is None:
             known = self.tables.mac_port(bridge.id, vlan, mac)
@@ -931,7 +935,7 @@ class _Walk:
         self.port_egress(packet, out_port, in_port, hops)
 
     def resolve_neighbour(self, router: RouterInfo, version: int, ip: int) -> int | None:
-        self.tags.add(neighbour_entry_tag(router.id, version, ip))
+        self.tags.add(intern(neighbour_entry_tag(router.id, version, ip)))
         key = (router.id, version, ip)
         mac = self.neighbour_overlay.get(key)
         if mac is None:
@@ -1011,7 +1015,7 @@ class _Walk:
             and packet.arp_tpa in vips.arp_answers.get(in_port.id, frozenset())
         ):
             floating = None  # answered below as a VIP
-            self.tags.add(f"chain:{vips.pre_chain_id}")
+            self.tags.add(intern(f"chain:{vips.pre_chain_id}"))
             text = ip_text(4, packet.arp_tpa)
             self.step("router", router.id, router.name, "arp", f"reply VIP {text}", hops)
             reply = replies.arp_reply(
@@ -1027,7 +1031,7 @@ class _Walk:
             and floating is not None
             and packet.arp_tpa in floating.arp_answers.get(in_port.id, frozenset())
         ):
-            self.tags.add(f"chain:{floating.pre_chain_id}")
+            self.tags.add(intern(f"chain:{floating.pre_chain_id}"))
             reply = replies.arp_reply(
                 sender_mac=in_port.mac,
                 sender_ip=packet.arp_tpa,

@@ -6,16 +6,18 @@ Owns the translation between the simulation's view (FlowMatch, compiled rules, z
 the flow-state tables (FlowKey, NatRange), the decisions' tags and cacheability, the ICMP
 error translation of quoted datagrams (`NatDecision.inner_rewrites`), the static 1:1 NAT of
 floating IPs (ports kept, no port block to lease: one fixed address maps to one floating
-address, so nothing can collide) and the record of SNAT targets that ran out of ports (the
-agent leases another block through the store and the sender's retransmission gets through).
+address, so nothing can collide), the record of SNAT targets that ran out of ports (the
+agent leases another block through the store), the record of which entries the flow's tags
+name (`HookRecord.tagged`, for refreshing them while the flow is used) and
+`snat_targets_served` (the SNAT ranges a host leases a block of ahead of the first packet).
 Does not own the tables, committing (the agent does, after the simulation) or sending.
 Pure: no I/O, no clock.
 
-Tags: a conntrack decision carries `conntrack_tag` of both directions of the packet's key, so
-a flow cached while the key was unknown (e.g. a drop of an unsolicited packet) is
-invalidated when either side opens the connection; a NAT decision carries the binding's
-`nat_tag` and `nat_reply_tag` of the key a reply lookup used, so a cached "no binding" is
-invalidated when a binding with that translated key appears.
+Tags: a conntrack decision carries the connection's `conntrack_tag`, which is the same for
+both directions of a key, so a flow cached while the key was unknown (e.g. a drop of an
+unsolicited packet) is invalidated when either side opens the connection; a NAT decision
+carries the binding's `nat_tag` and `nat_reply_tag` of the key a reply lookup used, so a
+cached "no binding" is invalidated when a binding with that translated key appears.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from hivenet.sim.flowstate_hook import ConntrackDecision, FlowStateUnsupported, 
 from hivenet.sim.result import SimulationResult
 from hivenet.sim.rules import CompiledRule
 from hivenet.sim.secgroups import FLOATING_IP_RULE
+from hivenet.sim.topology import TopologyView
 
 _KIND_OF_ACTION = {
     RuleAction.DNAT: (NatAction.DNAT, NatKind.DNAT),
@@ -66,7 +69,13 @@ def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
 
 
 def connection_tags(zone: str, key: FlowKey) -> frozenset[str]:
-    return frozenset({conntrack_tag(zone, key), conntrack_tag(zone, key.reversed())})
+    """The tags of the connection `key` (either direction) belongs to in `zone`."""
+    return frozenset({conntrack_tag(zone, key)})
+
+
+# What a flow tag of a conntrack or NAT entry names, for refreshing the entry while flows
+# carrying the tag are used: ("ct", zone, key, 0) or ("nat", zone, original key, NatKind).
+TaggedEntry = tuple[str, str, FlowKey, int]
 
 
 def _rewrite_key(key: FlowKey, rewrites: dict[str, int]) -> FlowKey:
@@ -87,6 +96,9 @@ class HookRecord:
     used: bool = False  # any conntrack or NAT question was asked
     opened: list[tuple[str, FlowKey]] = field(default_factory=list)
     exhausted: list[NatRange] = field(default_factory=list)
+    # Entries the simulation's tags name (the very tag objects the flow carries), so the
+    # agent can refresh them while the flow is used.
+    tagged: list[tuple[str, TaggedEntry]] = field(default_factory=list)
 
 
 class TransactionHook:
@@ -106,11 +118,15 @@ class TransactionHook:
         transaction.is_return_flow(zone, packet, now)  # records it for commit
         if classification.verdict is Verdict.NEW and classification.key is not None:
             self.record.opened.append((zone, classification.key))
+        # RELATED: the error's own key says nothing; the quoted connection (the classified
+        # key) is what it depends on.
         key = classification.key if classification.key is not None else key_of_match(packet)
-        tags = connection_tags(zone, key) if key is not None else frozenset()
-        if classification.verdict is Verdict.RELATED and classification.key is not None:
-            # The error's own key says nothing; the quoted connection is what it depends on.
-            tags = connection_tags(zone, classification.key)
+        tags: frozenset[str] = frozenset()
+        if key is not None:
+            tag = conntrack_tag(zone, key)
+            tags = frozenset((tag,))
+            if classification.key is not None:
+                self.record.tagged.append((tag, ("ct", zone, classification.key, 0)))
         return ConntrackDecision(
             is_return=classification.is_return,
             verdict=classification.verdict.value,
@@ -149,6 +165,7 @@ class TransactionHook:
             outcome = transaction.nat(zone, action, packet, (), now)
             if outcome.binding is None:
                 return NatDecision(tags=frozenset({miss_tag}), applied=False)
+            self._tag_binding(outcome.tags, zone, kind, outcome.binding.original)
             return NatDecision(
                 rewrites=dict(outcome.rewrites),
                 tags=outcome.tags | {miss_tag},
@@ -167,11 +184,18 @@ class TransactionHook:
             raise FlowStateUnsupported(f"nat_error: {error}") from error
         binding = outcome.binding
         assert binding is not None  # dnat/snat always bind
+        self._tag_binding(outcome.tags, zone, kind, binding.original)
         return NatDecision(
             rewrites=dict(outcome.rewrites),
             tags=outcome.tags | {nat_reply_tag(zone, kind, binding.translated)},
             description=f"{action.value} {binding.original} -> {binding.translated}",
         )
+
+    def _tag_binding(
+        self, tags: frozenset[str], zone: str, kind: NatKind, original: FlowKey
+    ) -> None:
+        entry: TaggedEntry = ("nat", zone, original, int(kind))
+        self.record.tagged.extend((tag, entry) for tag in tags)
 
     def _hold_static_block(self, targets: list[NatRange], key: FlowKey) -> None:
         """1:1 NAT keeps the port; hold that port's block of the single floating address."""
@@ -230,3 +254,59 @@ def egress_port_keys_of(result: SimulationResult) -> set[int]:
 
 def iter_hosts(hosts: Iterable[str | None]) -> Iterable[str]:
     return (host for host in hosts if host)
+
+
+def snat_targets_served(view: TopologyView, host_id: str) -> list[NatRange]:
+    """The SNAT ranges (port-translating ones) a host may need ports of: those of SNAT rules
+    in the chains of every device reachable from a port bound to `host_id` (through peered
+    ports), of their floating-IP chains (hairpin SNAT) and of the chains those jump to. The
+    agent leases a block of each ahead of the first packet. Floating IPs (1:1, ports kept)
+    need no block leased ahead."""
+    devices: set[str] = set()
+    pending = [p.device_id for p in view.ports.values() if p.host_id == host_id]
+    chain_ids: list[str | None] = []
+    while pending:
+        device_id = pending.pop()
+        if device_id in devices:
+            continue
+        devices.add(device_id)
+        device = view.routers.get(device_id) or view.bridges.get(device_id)
+        if device is None:
+            continue
+        chain_ids += (device.inbound_chain_id, device.outbound_chain_id)
+        floating = view.security.routers.get(device_id)
+        if floating is not None:  # floating-IP chains: hairpin SNAT to the router's address
+            chain_ids += (floating.pre_chain_id, floating.post_chain_id)
+        for port_id in device.port_ids:
+            port = view.ports.get(port_id)
+            if port is None:
+                continue
+            chain_ids += (port.inbound_chain_id, port.outbound_chain_id)
+            peer = view.ports.get(port.peer_id) if port.peer_id else None
+            if peer is not None and peer.device_id not in devices:
+                pending.append(peer.device_id)
+    targets: dict[NatRange, None] = {}
+    seen_chains: set[str] = set()
+    while chain_ids:
+        chain_id = chain_ids.pop()
+        if chain_id is None or chain_id in seen_chains:
+            continue
+        seen_chains.add(chain_id)
+        chain = view.chains.get(chain_id)
+        if chain is None:
+            continue
+        for compiled in chain.rules:
+            if compiled.jump_chain_id is not None:
+                chain_ids.append(compiled.jump_chain_id)
+            if compiled.action is not RuleAction.SNAT or compiled.rule.name == FLOATING_IP_RULE:
+                continue
+            for target in compiled.rule.nat_targets:
+                nat_range = NatRange.parse(
+                    str(target.address_from),
+                    str(target.address_to),
+                    target.port_from,
+                    target.port_to,
+                )
+                if not nat_range.keeps_port:
+                    targets[nat_range] = None
+    return list(targets)
