@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from hivenet.agent.agent import HostAgent
-from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
-from hivenet.model import Bridge, DeviceKind, Host, Port, Router
+from hivenet.datapath.memory import MemoryDatapath
+from hivenet.model import Bridge, DeviceKind, Port, Router
 from hivenet.model.types import int_to_mac, mac_to_int
 from hivenet.packets import (
     build_arp_reply,
@@ -24,90 +23,29 @@ from hivenet.packets import (
     extract_flow_match,
 )
 from hivenet.packets.flowmatch import ETH_TYPE_ARP, IP_PROTO_ICMP
-from hivenet.store import open_store
-from hivenet.store.base import Store
 from hivenet.store.keys import host_alive_key, port_active_key
 from hivenet.store.topology import TopologyRepository
+from tests.integration.common import AgentCloud, eventually, open_agent_cloud, run
 
 HOSTS = {"h1": "192.0.2.1", "h2": "192.0.2.2", "h3": "192.0.2.3"}
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-@dataclass
-class Cloud:
-    store: Store
-    repo: TopologyRepository
-    underlay: MemoryUnderlay
-    agents: dict[str, HostAgent]
-    datapaths: dict[str, MemoryDatapath]
-
+@dataclass(kw_only=True)
+class Cloud(AgentCloud):
     async def start_agent(self, host_id: str) -> HostAgent:
         if host_id in self.datapaths:
             self.underlay.detach(HOSTS[host_id])
         datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay)
-        agent = HostAgent(
-            self.store,
-            datapath,
-            host_id=host_id,
-            underlay_ip=HOSTS[host_id],
-            tunnel_zone_id="tz",
-            lease_ttl=2,
-            reconcile_interval=0.05,
-        )
-        await agent.start()
-        self.agents[host_id] = agent
-        self.datapaths[host_id] = datapath
-        return agent
-
-    async def synced(self) -> None:
-        """Every agent has applied every topology and table change written so far."""
-        from hivenet.model import TOPOLOGY_PREFIX
-        from hivenet.store.keys import TABLES_PREFIX
-
-        async def last_change(prefix: str) -> int:
-            kvs = (await self.store.range(prefix)).kvs
-            return max((kv.mod_revision for kv in kvs), default=0)
-
-        await eventually(lambda: all(a.pending_publications == 0 for a in self.agents.values()))
-        topology_rev = await last_change(TOPOLOGY_PREFIX)
-        tables_rev = await last_change(TABLES_PREFIX)
-        await eventually(
-            lambda: (
-                all(a.topology_mirror.revision >= topology_rev for a in self.agents.values())
-                and all(a.tables_mirror.revision >= tables_rev for a in self.agents.values())
-            )
-        )
+        return await self.start_host_agent(host_id, datapath)
 
 
-@asynccontextmanager
-async def cloud(store_url: str) -> AsyncIterator[Cloud]:
-    store = open_store(store_url)
-    repo = TopologyRepository(store)
-    for host_id in HOSTS:
-        await repo.create(Host(id=host_id, name=host_id))
-    c = Cloud(store, repo, MemoryUnderlay(), {}, {})
-    try:
-        yield c
-    finally:
-        for agent in c.agents.values():
-            await agent.stop()
-        await store.close()
+def cloud(store_url: str) -> AbstractAsyncContextManager[Cloud]:
+    return open_agent_cloud(store_url, Cloud, HOSTS)
 
 
 @pytest.fixture(params=["memory", "sqlite-file"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/state.db"
-
-
-def run(coro: Awaitable[None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
 
 async def vm_port(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +22,11 @@ from typing import Any
 
 from hivenet.agent.agent import HostAgent
 from hivenet.agent.health import HealthPlumbing, ProbeTarget
-from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
+from hivenet.datapath.memory import MemoryDatapath
 from hivenet.model import (
-    TOPOLOGY_PREFIX,
     Bridge,
     DeviceKind,
     HealthMonitor,
-    Host,
     Listener,
     LoadBalancer,
     Member,
@@ -43,10 +41,9 @@ from hivenet.packets import (
     extract_flow_match,
 )
 from hivenet.packets.flowmatch import FlowMatch
-from hivenet.store import open_store
-from hivenet.store.base import Store
-from hivenet.store.keys import TABLES_PREFIX
-from hivenet.store.topology import TopologyRepository
+from tests.integration import common
+from tests.integration.common import AgentCloud, ManualClock, open_agent_cloud
+from tests.integration.common import eventually as eventually  # re-exported for the tests
 
 HOSTS = {f"h{n}": f"192.0.2.{n}" for n in range(1, 6)}
 VIP = "10.0.1.100"
@@ -72,14 +69,6 @@ def member_of(address: int) -> str | None:
     return next((vm for vm, a in VM_IPS.items() if vm.startswith("m") and ip(a) == address), None)
 
 
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class FakeProber:
     """Answers probes from `down` (member VM names whose service is stopped) and records
     which host probed which member."""
@@ -98,25 +87,10 @@ class FakeProber:
         return vm not in self.down
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-@dataclass
-class LbCloud:
-    store: Store
-    repo: TopologyRepository
-    underlay: MemoryUnderlay
+@dataclass(kw_only=True)
+class LbCloud(AgentCloud):
     state_root: Path
     clock: ManualClock = field(default_factory=ManualClock)
-    agents: dict[str, HostAgent] = field(default_factory=dict)
-    datapaths: dict[str, MemoryDatapath] = field(default_factory=dict)
-    ports: dict[str, Port] = field(default_factory=dict)
     router_macs: dict[str, str] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
     probe_log: list[tuple[str, str]] = field(default_factory=list)
@@ -126,56 +100,22 @@ class LbCloud:
         over that fake kernel side; else through a `FakeProber`."""
         datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay, clock=self.clock)
         prober = None if plumbing else FakeProber(host_id, self.down, self.probe_log)
-        agent = HostAgent(
-            self.store,
+
+        def fast_health_and_small_vip_tables(agent: HostAgent) -> None:
+            agent.health.tick_interval = 0.02
+            if agent.overlay_probing is not None:
+                agent.overlay_probing.reconcile_interval = 0.02
+            agent.topology.vips.table_size = 4099
+
+        return await self.start_host_agent(
+            host_id,
             datapath,
-            host_id=host_id,
-            underlay_ip=HOSTS[host_id],
-            tunnel_zone_id="tz",
-            lease_ttl=2,
-            reconcile_interval=0.05,
+            fast_health_and_small_vip_tables,
             clock=self.clock,
             state_dir=self.state_root / host_id,
             health_prober=prober,
             overlay_health_probes=plumbing is not None,
             health_plumbing=plumbing,
-        )
-        agent.health.tick_interval = 0.02
-        if agent.overlay_probing is not None:
-            agent.overlay_probing.reconcile_interval = 0.02
-        agent.topology.vips.table_size = 4099
-        await agent.start()
-        self.agents[host_id] = agent
-        self.datapaths[host_id] = datapath
-        return agent
-
-    async def kill_agent(self, host_id: str) -> None:
-        """No graceful lease revoke: the host's keys vanish when its lease expires."""
-        agent = self.agents.pop(host_id)
-        await agent.stop(graceful=False)
-        self.underlay.detach(HOSTS[host_id])
-        del self.datapaths[host_id]
-
-    async def synced(self) -> None:
-        async def last_change(prefix: str) -> int:
-            kvs = (await self.store.range(prefix)).kvs
-            return max((kv.mod_revision for kv in kvs), default=0)
-
-        await eventually(lambda: all(a.pending_publications == 0 for a in self.agents.values()))
-        topology_rev = await last_change(TOPOLOGY_PREFIX)
-        tables_rev = await last_change(TABLES_PREFIX)
-        await eventually(
-            lambda: (
-                all(a.topology_mirror.revision >= topology_rev for a in self.agents.values())
-                and all(a.tables_mirror.revision >= tables_rev for a in self.agents.values())
-            )
-        )
-        await eventually(
-            lambda: all(
-                self.datapaths[VM_HOSTS[vm]].is_bound(port.tunnel_key)
-                for vm, port in self.ports.items()
-                if VM_HOSTS[vm] in self.datapaths
-            )
         )
 
     async def advance(self, seconds: float, step: float = 0.5) -> None:
@@ -370,18 +310,12 @@ async def build(
 
 @asynccontextmanager
 async def lb_cloud(state_root: Path) -> AsyncIterator[LbCloud]:
-    store = open_store("memory://")
-    repo = TopologyRepository(store)
-    for host_id in HOSTS:
-        await repo.create(Host(id=host_id, name=host_id))
-    c = LbCloud(store, repo, MemoryUnderlay(), state_root)
-    try:
+    async with open_agent_cloud(
+        "memory://", LbCloud, HOSTS, vm_hosts=VM_HOSTS, state_root=state_root
+    ) as c:
         yield c
-    finally:
-        for agent in list(c.agents.values()):
-            await agent.stop()
-        await store.close()
 
 
-def run(coro: object) -> None:
-    asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    """A load-balancer scenario gets 60 s (health timing makes it slower than the others)."""
+    common.run(coro, timeout=60)

@@ -15,14 +15,7 @@ from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.model import Port, TopologyObject, TunnelZone, TunnelZoneMember
 from hivenet.sim import LearnedEntry, MemoryTables, TopologyView
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.integration.common import ManualClock
 
 
 class Cloud:

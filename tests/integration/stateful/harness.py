@@ -13,21 +13,18 @@ hosts are VM ports (their agents are the gateways' agents).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivenet.agent.agent import HostAgent
-from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
+from hivenet.datapath.memory import MemoryDatapath
 from hivenet.model import (
-    TOPOLOGY_PREFIX,
     Bridge,
     Chain,
     DeviceKind,
-    Host,
     NatTarget,
     Port,
     PortGroup,
@@ -37,10 +34,9 @@ from hivenet.model import (
 )
 from hivenet.packets import build_arp_request, extract_flow_match
 from hivenet.packets.flowmatch import FlowMatch
-from hivenet.store import open_store
-from hivenet.store.base import Store
-from hivenet.store.keys import TABLES_PREFIX
-from hivenet.store.topology import TopologyRepository
+from tests.integration.common import AgentCloud, ManualClock, open_agent_cloud
+from tests.integration.common import eventually as eventually  # re-exported for the tests
+from tests.integration.common import run as run  # re-exported: 30 s per scenario
 
 HOSTS = {"h1": "192.0.2.1", "h2": "192.0.2.2", "h3": "192.0.2.3", "h4": "192.0.2.4"}
 SNAT_IP = "203.0.113.2"
@@ -51,33 +47,10 @@ GATEWAYS = {"vm1": "10.0.0.1", "vm2": "10.0.0.1", "out-a": "203.0.113.1", "out-b
 VM_HOSTS = {"vm1": "h1", "vm2": "h2", "out-a": "h3", "out-b": "h4"}
 
 
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-@dataclass
-class StatefulCloud:
-    store: Store
-    repo: TopologyRepository
-    underlay: MemoryUnderlay
+@dataclass(kw_only=True)
+class StatefulCloud(AgentCloud):
     state_root: Path
     clock: ManualClock = field(default_factory=ManualClock)
-    agents: dict[str, HostAgent] = field(default_factory=dict)
-    datapaths: dict[str, MemoryDatapath] = field(default_factory=dict)
-    ports: dict[str, Port] = field(default_factory=dict)
     router_macs: dict[str, str] = field(default_factory=dict)  # vm -> its gateway's MAC
     objects: dict[str, object] = field(default_factory=dict)
 
@@ -87,50 +60,8 @@ class StatefulCloud:
         if host_id in self.datapaths:
             self.underlay.detach(HOSTS[host_id])
         datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay, clock=self.clock)
-        agent = HostAgent(
-            self.store,
-            datapath,
-            host_id=host_id,
-            underlay_ip=HOSTS[host_id],
-            tunnel_zone_id="tz",
-            lease_ttl=2,
-            reconcile_interval=0.05,
-            clock=self.clock,
-            state_dir=self.state_root / host_id,
-        )
-        await agent.start()
-        self.agents[host_id] = agent
-        self.datapaths[host_id] = datapath
-        return agent
-
-    async def kill_agent(self, host_id: str) -> None:
-        """As close to kill -9 as one process allows: no graceful lease revoke, no journal
-        compaction, the datapath (and its flows) gone with the process."""
-        agent = self.agents.pop(host_id)
-        await agent.stop(graceful=False)
-        self.underlay.detach(HOSTS[host_id])
-        del self.datapaths[host_id]
-
-    async def synced(self) -> None:
-        async def last_change(prefix: str) -> int:
-            kvs = (await self.store.range(prefix)).kvs
-            return max((kv.mod_revision for kv in kvs), default=0)
-
-        await eventually(lambda: all(a.pending_publications == 0 for a in self.agents.values()))
-        topology_rev = await last_change(TOPOLOGY_PREFIX)
-        tables_rev = await last_change(TABLES_PREFIX)
-        await eventually(
-            lambda: (
-                all(a.topology_mirror.revision >= topology_rev for a in self.agents.values())
-                and all(a.tables_mirror.revision >= tables_rev for a in self.agents.values())
-            )
-        )
-        await eventually(
-            lambda: all(
-                self.datapaths[VM_HOSTS[vm]].is_bound(port.tunnel_key)
-                for vm, port in self.ports.items()
-                if VM_HOSTS[vm] in self.datapaths
-            )
+        return await self.start_host_agent(
+            host_id, datapath, clock=self.clock, state_dir=self.state_root / host_id
         )
 
     # ---------------------------------------------------------------- traffic
@@ -240,18 +171,7 @@ async def build_provider(
 
 @asynccontextmanager
 async def stateful_cloud(store_url: str, state_root: Path) -> AsyncIterator[StatefulCloud]:
-    store = open_store(store_url)
-    repo = TopologyRepository(store)
-    for host_id in HOSTS:
-        await repo.create(Host(id=host_id, name=host_id))
-    c = StatefulCloud(store, repo, MemoryUnderlay(), state_root)
-    try:
+    async with open_agent_cloud(
+        store_url, StatefulCloud, HOSTS, vm_hosts=VM_HOSTS, state_root=state_root
+    ) as c:
         yield c
-    finally:
-        for agent in list(c.agents.values()):
-            await agent.stop()
-        await store.close()
-
-
-def run(coro: object) -> None:
-    asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
