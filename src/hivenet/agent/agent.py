@@ -332,6 +332,9 @@ class HostAgent:
                 log.warning("host %s: lease %s lost; re-registering", self.host_id, self.lease_id)
                 try:
                     await self._acquire_lease()
+                    # The store deleted our NAT port-block keys with the old lease while
+                    # live SNAT bindings still use their ports: take them again.
+                    await self.flowstate.reclaim_blocks()
                 except StoreError as exc:
                     log.warning("host %s: re-register failed: %s", self.host_id, exc)
             except (StoreError, OSError) as exc:

@@ -14,8 +14,9 @@ SNAT range this host may translate to at start and when such a range appears in 
 topology, and another in the background when fewer than the allocator's low-water mark
 (25%) of a range's held ports are free for a destination, so a packet is dropped for want
 of a port (`nat_ports_exhausted`) only when the range is truly exhausted (or a burst
-outruns a store round trip); and the persistence journal in the agent's state dir so a
-restarted agent keeps every connection.
+outruns a store round trip), and taking the held blocks again on a new lease after the
+agent lost its old one; and the persistence journal in the agent's state dir so a
+restarted agent keeps every connection (a failed journal write is counted, never fatal).
 Does not own the simulation (sim/stateful.py has the pure hook), the datapath or the lease.
 
 Journal format (`flowstate.journal`): records back to back, each `u32 length | f64 wall
@@ -67,7 +68,13 @@ from hivenet.flowstate import (
 from hivenet.flowstate.keys import is_icmp_error
 from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
 from hivenet.model import Port, PortGroup
-from hivenet.packets import PacketError, embedded_datagram, extract_flow_match, parse_frame
+from hivenet.packets import (
+    FlowMatch,
+    PacketError,
+    embedded_datagram,
+    extract_flow_match,
+    parse_frame,
+)
 from hivenet.sim import SimulationResult, TopologyView
 from hivenet.sim.stateful import (
     TaggedEntry,
@@ -116,7 +123,20 @@ class FlowStateCounters:
     journal_bytes: int = 0
     restored_entries: int = 0
     not_pushed_no_underlay: int = 0
+    journal_errors: int = 0  # journal writes that failed (OSError, e.g. disk full)
+    blocks_retaken: int = 0  # held blocks taken again on a new lease after the old one died
+    blocks_lost: int = 0  # held blocks another host took while our lease was gone
     by_event: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _PushTargetMaps:
+    """Topology-wide maps for `push_targets`, valid for one revision of one view."""
+
+    view: TopologyView | None
+    revision: int
+    host_of_underlay_ip: dict[str, str]
+    stateful_groups: frozenset[str]
 
 
 class FlowStateSync:
@@ -166,6 +186,14 @@ class FlowStateSync:
         self._lease_task: asyncio.Task[None] | None = None
         self._journal_path = state_dir / JOURNAL_NAME if state_dir is not None else None
         self._journal: int | None = None
+        # A journal write failed part way: the file may end in a torn record, so the next
+        # tick rewrites it as a snapshot of what is in memory.
+        self._journal_needs_compaction = False
+        # Held blocks whose store key vanished (our lease died): take them again on the
+        # current lease, or give them up only if another host was faster.
+        self._blocks_to_retake: set[PortBlock] = set()
+        self._push_maps = _PushTargetMaps(None, -1, {}, frozenset())
+        self._stateful_group_hosts: dict[str, set[str]] | None = None
         transport = self._transport()
         if transport is not None:
             transport.set_flow_state_handler(self.receive)
@@ -183,7 +211,7 @@ class FlowStateSync:
         of every SNAT range this host may need ahead of the first packet, then run the
         refresh/expiry timer and the block leaser."""
         self.restore()
-        await self._reclaim_blocks()
+        await self.reclaim_blocks()
         await self.lease_ahead()
         self._task = asyncio.create_task(self._tick_loop(), name=f"hn-{self.host_id}-flowstate")
         self._lease_task = asyncio.create_task(
@@ -206,12 +234,14 @@ class FlowStateSync:
 
     # ------------------------------------------------------------------ per upcall
 
-    def begin(self, frame: bytes) -> TransactionHook:
-        """The hook for simulating `frame` (an ICMP error's quote is parsed here)."""
+    def begin(self, frame: bytes, match: FlowMatch | None = None) -> TransactionHook:
+        """The hook for simulating `frame` (an ICMP error's quote is parsed here). `match`:
+        the frame's flow match when the caller already extracted it (not parsed again)."""
         self.counters.transactions += 1
         embedded: FlowKey | None = None
         try:
-            match = extract_flow_match(frame, 0)
+            if match is None:
+                match = extract_flow_match(frame, 0)
             if is_icmp_error(match):
                 embedded = key_of_embedded(embedded_datagram(parse_frame(frame)))
         except (PacketError, ValueError):
@@ -256,8 +286,8 @@ class FlowStateSync:
 
     def push_targets(self, result: SimulationResult, ingress_port_id: str) -> frozenset[str]:
         view = self.topology
-        underlay_hosts = {ip: host for host, ip in view.host_underlay_ip.items()}
-        egress_hosts = egress_hosts_of(result, underlay_hosts)
+        maps = self._push_target_maps()
+        egress_hosts = egress_hosts_of(result, maps.host_of_underlay_ip)
         port_ids = [ingress_port_id]
         for key in egress_port_keys_of(result):
             port_id = view.port_by_tunnel_key.get(key)
@@ -268,18 +298,10 @@ class FlowStateSync:
             for port_id in port_ids
             if port_id in view.ports
         }
-        stateful = {
-            group.id
-            for group in view.all("port_group")
-            if isinstance(group, PortGroup) and group.stateful
-        }
+        stateful = maps.stateful_groups
         hosts_of_group: dict[str, set[str]] = {}
         if stateful and any(groups & stateful for groups in groups_of_port.values()):
-            for port in view.all("port"):
-                if isinstance(port, Port) and port.host_id:
-                    for group_id in port.port_group_ids:
-                        if group_id in stateful:
-                            hosts_of_group.setdefault(group_id, set()).add(port.host_id)
+            hosts_of_group = self._hosts_of_stateful_groups(stateful)
         group_hosts = hosts_of_stateful_groups(port_ids, groups_of_port, stateful, hosts_of_group)
         return push_targets(
             local_host=self.host_id,
@@ -288,20 +310,62 @@ class FlowStateSync:
             stateful_group_hosts=group_hosts,
         )
 
+    def _push_target_maps(self) -> _PushTargetMaps:
+        """The topology-wide maps `push_targets` needs, rebuilt only when the topology
+        changed (every change bumps `TopologyView.revision`), not per connection."""
+        view = self.topology
+        maps = self._push_maps
+        if maps.view is view and maps.revision == view.revision:
+            return maps
+        maps = _PushTargetMaps(
+            view,
+            view.revision,
+            {ip: host for host, ip in view.host_underlay_ip.items()},
+            frozenset(
+                group.id
+                for group in view.all("port_group")
+                if isinstance(group, PortGroup) and group.stateful
+            ),
+        )
+        self._push_maps = maps
+        self._stateful_group_hosts = None  # rebuilt when a stateful group is next involved
+        return maps
+
+    def _hosts_of_stateful_groups(self, stateful: frozenset[str]) -> dict[str, set[str]]:
+        """Stateful port group -> hosts of its bound ports (a scan of every port, once per
+        topology revision; `_push_target_maps` resets it)."""
+        if self._stateful_group_hosts is None:
+            hosts_of_group: dict[str, set[str]] = {}
+            for port in self.topology.all("port"):
+                if isinstance(port, Port) and port.host_id:
+                    for group_id in port.port_group_ids:
+                        if group_id in stateful:
+                            hosts_of_group.setdefault(group_id, set()).add(port.host_id)
+            self._stateful_group_hosts = hosts_of_group
+        return self._stateful_group_hosts
+
     # ------------------------------------------------------------------ pushing
 
     def push_due(self, now: float) -> None:
-        """Send every entry due for a push (new, changed, refreshed) to its peers, and write
-        it to the journal."""
+        """Send every entry due for a push (new, changed, refreshed) to its peers, then write
+        it to the journal (a failed write is counted, never keeps it from the peers)."""
         conntrack_due = self.conntrack.due_for_push(now)
         nat_due = self.nat.due_for_push(now)
         if not conntrack_due and not nat_due:
             return
+        self._send_to_peers(conntrack_due, nat_due, now)
         self._journal_append(
             encode(
                 (record for record, _ in conntrack_due), (record for record, _ in nat_due), now=now
             )
         )
+
+    def _send_to_peers(
+        self,
+        conntrack_due: list[tuple[ConntrackRecord, frozenset[str]]],
+        nat_due: list[tuple[NatRecord, frozenset[str]]],
+        now: float,
+    ) -> None:
         transport = self._transport()
         if transport is None:
             return
@@ -385,8 +449,16 @@ class FlowStateSync:
             self.datapath.invalidate(tags)
         self.push_due(now)
         self._want_served_targets()
-        if self._journal_path is not None and self.counters.journal_bytes > MAX_JOURNAL_BYTES:
-            self.compact()
+        if self._journal_path is not None and (
+            self._journal_needs_compaction or self.counters.journal_bytes > MAX_JOURNAL_BYTES
+        ):
+            try:
+                self.compact()
+            except OSError as error:
+                self.counters.journal_errors += 1
+                log.warning(
+                    "host %s: flow-state journal compaction failed: %s", self.host_id, error
+                )
 
     def _touch_used(self, now: float) -> None:
         table = getattr(self.datapath, "flow_table", None)
@@ -420,10 +492,12 @@ class FlowStateSync:
         if value is None:
             self._blocks_taken.discard(block)
             if block in self.allocator.blocks:
-                # Our lease on it is gone (lease lost): stop handing out its ports, and let
-                # the next tick lease ahead again for ranges left without a block.
-                self.allocator.remove_block(block)
-                self._served_at = -1
+                # Our lease on it is gone (lease lost): live SNAT bindings still use its
+                # ports, so keep it and take it again on the current lease (the leaser
+                # retries until the agent holds a live one); `reclaim_blocks` drops it only
+                # if another host took it first.
+                self._blocks_to_retake.add(block)
+                self._lease_wakeup.set()
         elif value.decode(errors="replace") != self.host_id:
             self._blocks_taken.add(block)
 
@@ -461,6 +535,11 @@ class FlowStateSync:
         while True:
             await self._lease_wakeup.wait()
             self._lease_wakeup.clear()
+            if self._blocks_to_retake:
+                await self.reclaim_blocks(sorted(self._blocks_to_retake))
+                if self._blocks_to_retake:  # store unreachable or our lease not renewed yet
+                    await asyncio.sleep(0.5)
+                    self._lease_wakeup.set()
             wanted = list(self._wanted.items())
             self._wanted.clear()
             for target, destination in wanted:
@@ -484,12 +563,21 @@ class FlowStateSync:
                     await asyncio.sleep(0.5)
                     self._lease_wakeup.set()
 
-    async def _reclaim_blocks(self) -> None:
-        """After a restart the blocks of restored bindings are still written under our old
-        lease (or already gone): take them again under the current one, or give them up."""
+    async def reclaim_blocks(self, blocks: Iterable[PortBlock] | None = None) -> None:
+        """Take held `blocks` (default: all) again on the current lease: after a restart
+        (the blocks of restored bindings) and after the agent lost its lease and took a new
+        one (the store deleted the keys of the old one). A block whose key is still ours is
+        moved to the current lease; a vanished one is created again (create_revision == 0);
+        only a block another host took meanwhile is dropped from the allocator, with its
+        bindings' ports. A block the store could not answer for stays to retake."""
         if self.store is None:
+            self._blocks_to_retake.clear()
             return
-        for block in sorted(self.allocator.blocks):
+        for block in sorted(self.allocator.blocks if blocks is None else blocks):
+            if block not in self.allocator.blocks:
+                self._blocks_to_retake.discard(block)
+                continue
+            self._blocks_to_retake.add(block)
             key = block.store_key()
             mine = Compare(key, "value", "==", self.host_id.encode())
             put = Put(key, self.host_id.encode(), lease=self.lease_id())
@@ -500,10 +588,15 @@ class FlowStateSync:
             except StoreError as error:
                 log.warning("host %s: cannot reclaim NAT block %s: %s", self.host_id, key, error)
                 continue
-            if not result.succeeded:
-                log.warning("host %s: NAT block %s was taken while we were down", self.host_id, key)
-                self.allocator.remove_block(block)
-                self._blocks_taken.add(block)
+            self._blocks_to_retake.discard(block)
+            if result.succeeded:
+                self.counters.blocks_retaken += 1
+                continue
+            log.warning("host %s: NAT block %s was taken by another host", self.host_id, key)
+            self.allocator.remove_block(block)
+            self._blocks_taken.add(block)
+            self.counters.blocks_lost += 1
+            self._served_at = -1  # lease ahead again for a range left without a block
 
     async def lease_block(self, target: NatRange, *, ahead: bool = False) -> PortBlock | None:
         """Lease one more block of `target` through the store; None when all are taken.
@@ -528,18 +621,28 @@ class FlowStateSync:
     # ------------------------------------------------------------------ persistence
 
     def _journal_append(self, message: bytes, written_at: float | None = None) -> None:
+        """Append one record; a failure (disk full, ...) is counted and logged, never raised:
+        the packet and the peers' state do not depend on the local journal."""
         if self._journal_path is None:
             return
+        try:
+            self._journal_write(self._journal_path, message, written_at)
+        except OSError as error:
+            self.counters.journal_errors += 1
+            self._journal_needs_compaction = True
+            log.warning("host %s: flow-state journal write failed: %s", self.host_id, error)
+
+    def _journal_write(self, path: Path, message: bytes, written_at: float | None) -> None:
         if self._journal is None:
-            self._journal_path.parent.mkdir(parents=True, exist_ok=True)
-            self._journal = os.open(
-                self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._journal = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         age = 0.0 if written_at is None else self.clock() - written_at
         record = _JOURNAL_HEADER.pack(len(message), self.wall_clock() - age) + message
         # One write per record: after a kill -9 the kernel still has it (no fsync: a host
         # crash takes the connections with it anyway).
-        os.write(self._journal, record)
+        written = os.write(self._journal, record)
+        if written != len(record):
+            raise OSError(f"short journal write: {written} of {len(record)} bytes")
         self.counters.journal_bytes += len(record)
 
     def compact(self) -> None:
@@ -556,6 +659,7 @@ class FlowStateSync:
             self._journal = None
         tmp.replace(self._journal_path)
         self.counters.journal_bytes = len(message) + _JOURNAL_HEADER.size
+        self._journal_needs_compaction = False
 
     def restore(self) -> int:
         """Load the journal (after a restart). Returns how many live entries it held."""

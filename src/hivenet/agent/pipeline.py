@@ -113,7 +113,7 @@ class FlowPipeline:
         if self.stateful is None:
             result = simulate(frame, port.id, self.context, now, match=match)
         else:
-            hook = self.stateful.begin(frame)
+            hook = self.stateful.begin(frame, match)
             context = dataclasses.replace(self.context, flow_state=hook)
             try:
                 result = simulate(frame, port.id, context, now, match=match)
