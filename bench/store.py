@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from hivenet.store import Compare, Put, SqliteStore
+from hivenet.store import Compare, Put, SqliteStore, Store
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -46,14 +46,14 @@ def open_store(kind: str, directory: Path, name: str) -> SqliteStore:
     return SqliteStore(directory / f"hn-bench-{name}.db", execution=executions[kind])
 
 
-async def bench_puts(store: SqliteStore, count: int) -> float:
+async def bench_puts(store: Store, count: int) -> float:
     started = time.perf_counter()
     for index in range(count):
         await store.put(f"/bench/puts/{index % 1000:04d}", b"x" * 200)
     return count / (time.perf_counter() - started)
 
 
-async def bench_txns(store: SqliteStore, count: int) -> float:
+async def bench_txns(store: Store, count: int) -> float:
     key = "/bench/txn/counter"
     await store.put(key, b"0")
     started = time.perf_counter()
@@ -68,7 +68,7 @@ async def bench_txns(store: SqliteStore, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-async def bench_watch_latency(store: SqliteStore, count: int) -> list[float]:
+async def bench_watch_latency(store: Store, count: int) -> list[float]:
     """Seconds from calling put() to the watcher holding the event, one write at a time."""
     start = await store.current_revision() + 1
     events = store.watch("/bench/watch/", start_revision=start)
@@ -78,6 +78,9 @@ async def bench_watch_latency(store: SqliteStore, count: int) -> list[float]:
         await store.put(f"/bench/watch/{index}", b"")
         await anext(events)
         latencies.append(time.perf_counter() - started)
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()
     return latencies
 
 

@@ -26,22 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from hivenet.lab.etcd import start_cluster, stop_all
-from hivenet.store import Compare, Put, SqliteStore, Store
+from hivenet.store import SqliteStore, Store
 from hivenet.store.etcd import EtcdStore
 
+# The shared measurements live in bench/store.py (this script's directory is on sys.path).
+from store import bench_puts, bench_txns, bench_watch_latency, percentile
+
 CONCURRENCY = 32
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-async def bench_puts(store: Store, count: int) -> float:
-    started = time.perf_counter()
-    for index in range(count):
-        await store.put(f"/bench/puts/{index % 1000:04d}", b"x" * 200)
-    return count / (time.perf_counter() - started)
 
 
 async def bench_concurrent_puts(store: Store, count: int) -> float:
@@ -54,35 +45,6 @@ async def bench_concurrent_puts(store: Store, count: int) -> float:
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
     return count / (time.perf_counter() - started)
-
-
-async def bench_txns(store: Store, count: int) -> float:
-    key = "/bench/txn/counter"
-    await store.put(key, b"0")
-    started = time.perf_counter()
-    for index in range(count):
-        current = await store.get(key)
-        assert current is not None
-        result = await store.txn(
-            [Compare(key, "mod_revision", "==", current.mod_revision)],
-            [Put(key, str(index).encode())],
-        )
-        assert result.succeeded
-    return count / (time.perf_counter() - started)
-
-
-async def bench_watch_latency(store: Store, count: int) -> list[float]:
-    """Seconds from calling put() to the watcher holding the event, one write at a time."""
-    start = await store.current_revision() + 1
-    events = store.watch("/bench/watch/", start_revision=start)
-    latencies: list[float] = []
-    for index in range(count):
-        started = time.perf_counter()
-        await store.put(f"/bench/watch/{index}", b"")
-        await anext(events)
-        latencies.append(time.perf_counter() - started)
-    await events.aclose()  # type: ignore[attr-defined]
-    return latencies
 
 
 async def measure(store: Store, counts: dict[str, int]) -> dict[str, float]:
