@@ -21,8 +21,12 @@ DHCLIENT = "dhclient"
 CLIENTS = (UDHCPC, DHCLIENT)
 
 # The lease file is rewritten whole (tmp + mv) at each event; `<lease>.log` gets a line per
-# event ("bound 10.0.1.10", "renew 10.0.1.10", "nak", ...).
+# event ("bound 10.0.1.10", "renew 10.0.1.10", "nak", ...). Unless $HN_LEASE_FILE says
+# otherwise, the file is named after the VM's namespace, next to the script (dhclient runs its
+# script with a clean environment anyway).
 _RECORD = r"""
+: "${HN_LEASE_FILE:=$(dirname "$0")/$(ip netns identify).lease}"
+
 record() {
   {
     echo "event=$1"

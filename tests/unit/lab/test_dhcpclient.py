@@ -28,15 +28,14 @@ def run_script(tmp_path: Path, client: str, args: list[str], env: dict[str, str]
     fake_bin.mkdir(exist_ok=True)
     calls = tmp_path / "ip-calls"
     fake_ip = fake_bin / "ip"
-    fake_ip.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake_ip.write_text(
+        f'#!/bin/sh\nif [ "$1" = netns ]; then echo hn-vm1; exit 0; fi\necho "$*" >> {calls}\n'
+    )
     fake_ip.chmod(0o755)
     files = ClientFiles(tmp_path, "hn-vm1")
-    full_env = {
-        "PATH": f"{fake_bin}:{os.environ['PATH']}",
-        "HN_LEASE_FILE": str(files.lease),
-        "interface": "eth0",
-        **env,
-    }
+    full_env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "interface": "eth0", **env}
+    if client == UDHCPC:  # else the script finds the file by the namespace's name
+        full_env["HN_LEASE_FILE"] = str(files.lease)
     subprocess.run(
         ["/bin/sh", str(files.script(client)), *args], env=full_env, check=True, timeout=10
     )
