@@ -19,6 +19,7 @@ from hivenet.packets.flowmatch import FULL_MASKS, IP_PROTO_TCP
 from hivenet.sim import replies
 from hivenet.sim.flowstate_hook import FlowStateUnsupported
 from hivenet.sim.rules import CompiledRule
+from hivenet.sim.secgroups import drop_reason_of
 from hivenet.sim.topology import PortInfo
 from hivenet.sim.vips import VipRefusal
 from hivenet.sim.walk import TCP_FLAG_RST, Here, PacketState, Walk
@@ -130,7 +131,7 @@ def _evaluate(
                 verdict = "accept"
             elif action is RuleAction.DROP:
                 reason = (
-                    rule.rule.name or "rule_drop"
+                    drop_reason_of(rule.rule, "rule_drop")
                     if chain.id in walk.view.security.chain_zones
                     else "rule_drop"
                 )

@@ -2,7 +2,7 @@
 packets, learned entries, trace) and its parts.
 
 Owns the result's shape and its human rendering (`format_trace`). It does not compute
-anything: `sim/engine.py` fills it, `agent/` acts on it. Pure: no I/O, no clock.
+anything: the walk (`sim/walk.py`, `sim/engine.py`) fills it, `agent/` acts on it. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
