@@ -22,7 +22,7 @@ from hivenet.packets import PacketError, extract_flow_match
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
 from hivenet.packets.icmp_quote import rewrite_icmp_quote
 from hivenet.sim import ports
-from hivenet.sim.result import GeneratedPacket, SimulationResult, TraceStep
+from hivenet.sim.result import GeneratedPacket, Here, SimulationResult, TraceStep
 from hivenet.sim.walk import PacketState, SimContext, Walk, sim_here
 
 __all__ = ["MAX_GENERATION_DEPTH", "PacketState", "SimContext", "simulate"]
@@ -103,7 +103,7 @@ def _run_generated(walk: Walk) -> list[GeneratedPacket]:
         nested = _run_generated(sub)
         out.append(GeneratedPacket(pending.frame, actions, pending.description, drop_reason))
         out.extend(nested)
-        walk.trace.extend(step._replace(depth=step.depth + 1) for step in sub.trace)
+        walk.trace.extend(step.nested() for step in sub.trace)
     return out
 
 
@@ -116,5 +116,5 @@ def _malformed(frame: bytes, port_id: str, in_port_key: int, error: str) -> Simu
         tags=frozenset({f"port:{port_id}"}),
         install=False,
         drop_reason="malformed",
-        trace=(TraceStep("port", port_id, port_id, "drop", f"malformed frame: {error}"),),
+        trace=(TraceStep(Here("port", port_id, port_id, 0), "drop", f"malformed frame: {error}"),),
     )

@@ -66,18 +66,16 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
         return
     if port.device_kind is DeviceKind.BRIDGE:
         bridge = view.bridges.get(port.device_id)
-        if bridge is None:
-            walk.tags.add(intern(f"bridge:{port.device_id}"))
-            walk.drop(here._replace(depth=depth), "unknown_device", port.device_id)
+        if bridge is not None:
+            bridge_device.receive(walk, packet, bridge, port, depth)
             return
-        bridge_device.receive(walk, packet, bridge, port, depth)
     else:
         router = view.routers.get(port.device_id)
-        if router is None:
-            walk.tags.add(intern(f"router:{port.device_id}"))
-            walk.drop(here._replace(depth=depth), "unknown_device", port.device_id)
+        if router is not None:
+            router_device.receive(walk, packet, router, port, depth)
             return
-        router_device.receive(walk, packet, router, port, depth)
+    walk.tags.add(intern(f"{port.device_kind.value}:{port.device_id}"))
+    walk.drop(here._replace(depth=depth), "unknown_device", port.device_id)
 
 
 def egress(

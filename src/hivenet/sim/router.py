@@ -98,16 +98,13 @@ def _route(
     depth = here.depth
     floating = walk.view.security.routers.get(router.id)
     vips = walk.view.vips.routers.get(router.id)
-    pre_chains = (
+    pre_routing = (
         floating.pre_chain_id if floating is not None else None,
         vips.pre_chain_id if vips is not None else None,
         router.inbound_chain_id,
     )
-    for chain_id in pre_chains:
-        if chain_id is not None and not run_chain(
-            walk, packet, chain_id, in_port, None, in_port, depth
-        ):
-            return
+    if not _run_chains(walk, packet, pre_routing, in_port, None, depth):
+        return
     own_mask = router.own_v4_read_mask if version == 4 else router.own_v6_read_mask
     walk.read(packet, "ip_dst", own_mask)
     if own_mask and (version, packet.ip_dst) in router.own_addresses:
@@ -132,17 +129,32 @@ def _route(
     else:
         walk.read(packet, "ip_dst", FULL_MASKS["ip_dst"])
         next_hop_ip = packet.ip_dst
-    post_chains = (
+    post_routing = (
         floating.post_chain_id if floating is not None else None,
         vips.post_chain_id if vips is not None else None,
         router.outbound_chain_id,
     )
-    for chain_id in post_chains:
-        if chain_id is not None and not run_chain(
-            walk, packet, chain_id, in_port, out_port.id, in_port, depth
-        ):
-            return
+    if not _run_chains(walk, packet, post_routing, in_port, out_port.id, depth):
+        return
     _forward(walk, packet, router, in_port, out_port, version, next_hop_ip, here)
+
+
+def _run_chains(
+    walk: Walk,
+    packet: PacketState,
+    chain_ids: tuple[str | None, ...],
+    in_port: PortInfo,
+    out_port_id: str | None,
+    depth: int,
+) -> bool:
+    """Run the router's chains of one stage in order (None: absent); False when one ended
+    the packet (a reject is answered out of the ingress port)."""
+    for chain_id in chain_ids:
+        if chain_id is not None and not run_chain(
+            walk, packet, chain_id, in_port, out_port_id, in_port, depth
+        ):
+            return False
+    return True
 
 
 def _choose_next_hop(

@@ -6,7 +6,7 @@ Owns what every device module (`sim/ports.py`, `sim/bridge.py`, `sim/router.py`,
 trace, the drop reasons, learned table entries and their per-simulation overlay, the
 emissions, the packets to generate afterwards (`PendingReply`, ICMP errors), and the
 translation of emissions into one ordered action list. `Here` says where the walk is (for a
-trace step or a drop) in one value.
+trace step or a drop) in one value (`sim/result.py`, as the trace records it).
 Must not hold device logic (which device does what with a packet lives in the device
 modules) and must not touch I/O, the clock (`now` is passed in), the store or the datapath.
 
@@ -19,7 +19,6 @@ bits that decision depended on; over-approximating (recording more bits) is alwa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from hivenet.flows.actions import (
     SETTABLE_FIELDS,
@@ -43,7 +42,7 @@ from hivenet.packets.flowmatch import (
 )
 from hivenet.sim import replies
 from hivenet.sim.flowstate_hook import NO_FLOW_STATE, FlowStateHook
-from hivenet.sim.result import TraceStep
+from hivenet.sim.result import Here, TraceStep
 from hivenet.sim.tables import LearnedEntry, LearnedMac, TablesView
 from hivenet.sim.topology import PortInfo, TopologyView
 
@@ -68,16 +67,6 @@ class SimContext:
     local_host_id: str
     flow_state: FlowStateHook = NO_FLOW_STATE
     max_devices_per_path: int = MAX_DEVICES_PER_PATH
-
-
-class Here(NamedTuple):
-    """Where the walk is: the port, device or chain a trace step or a drop is about, and the
-    branch depth (devices crossed so far on this path)."""
-
-    kind: str  # "port", "bridge", "router", "chain", "sim"
-    id: str
-    name: str
-    depth: int
 
 
 def sim_here(depth: int) -> Here:
@@ -206,7 +195,7 @@ class Walk:
         reads[field] = reads.get(field, 0) | mask
 
     def step(self, here: Here, event: str, detail: str) -> None:
-        self.trace.append(TraceStep(here.kind, here.id, here.name, event, detail, here.depth))
+        self.trace.append(TraceStep(here, event, detail))
 
     def drop(self, here: Here, reason: str, detail: str = "") -> None:
         self.drop_reasons.append(reason)
