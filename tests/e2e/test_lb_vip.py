@@ -12,7 +12,6 @@ tier, tests/integration/lb/.)
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
@@ -21,10 +20,9 @@ from collections.abc import Iterator
 import pytest
 
 from hivenet.api.client import HivenetClient
-from hivenet.lab.cleanup import clean
 from hivenet.lab.lab import Lab
-from hivenet.lab.netns import LabScope, list_namespaces
 from hivenet.lab.scenario import Scenario, scenario_from_data
+from tests.e2e.common import running_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -110,13 +108,8 @@ def scenario() -> Scenario:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("e2e: needs root (network namespaces, veth)")
-    scope = LabScope.unique()
     root = tmp_path_factory.mktemp("lblab")
-    lab = Lab(scenario(), state_dir=root / "state", scope=scope)
-    try:
-        lab.up(timeout=90)
+    with running_lab(scenario(), root, timeout=90) as lab:
         for vm in MEMBERS:
             site = root / f"site-{vm}"
             site.mkdir()
@@ -131,12 +124,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             wait_for_server(lab, vm)
         create_load_balancer(lab)
         yield lab
-    finally:
-        failures = lab.down()
-        leftovers = clean(scope.tag, directory=root / "state")
-        assert not failures, failures
-        assert leftovers.is_empty(), leftovers
-        assert not list_namespaces(scope.namespace_prefix)
 
 
 def wait_for_server(lab: Lab, vm: str, limit: float = 15.0) -> None:
