@@ -39,16 +39,11 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
-from hivenet.lab.lab import (
-    Lab,
-    PingResult,
-    TransferResult,
-    assign_macs,
-    default_state_dir,
-    plan_lab,
-    topology_objects,
-)
+from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabError, LabScope
+from hivenet.lab.plan import assign_macs, plan_lab, topology_objects
+from hivenet.lab.probes import PingResult, TransferResult
+from hivenet.lab.record import default_state_dir
 from hivenet.lab.scenario import Scenario, ScenarioError, builtin_scenario
 
 STEADY_PINGS = 20
@@ -346,7 +341,7 @@ class MemoryPing:
 async def run_memory_demo(console: Console, scenario: Scenario) -> int:
     from hivenet.agent.agent import HostAgent
     from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
-    from hivenet.lab.lab import TUNNEL_ZONE_ID
+    from hivenet.lab.plan import TUNNEL_ZONE_ID
     from hivenet.model import Port
     from hivenet.packets import build_arp_request, build_echo_request
     from hivenet.store import open_store

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from hivenet.api.client import NotFoundError
-from hivenet.lab.lab import Lab, PingResult
+from hivenet.lab.lab import Lab
+from hivenet.lab.probes import PingResult
 from hivenet.lab.scenario import Scenario, builtin_scenario, scenario_from_data
 from hivenet.model import Route
 from hivenet.model.types import mac_to_int

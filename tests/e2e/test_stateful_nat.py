@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from hivenet.lab.lab import Lab, PingResult
+from hivenet.lab.lab import Lab
+from hivenet.lab.probes import PingResult
 from hivenet.lab.scenario import builtin_scenario
 from hivenet.model import Direction, SecurityGroup, SecurityGroupRule
 from hivenet.packets import extract_flow_match

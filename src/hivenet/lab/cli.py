@@ -18,16 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from hivenet.lab.etcd import EtcdMemberStatus
-from hivenet.lab.lab import (
-    ENV_FILE,
-    Lab,
-    LabStatus,
-    NeedsRootError,
-    default_state_dir,
-    remove_lab_files,
-    require_root,
-)
+from hivenet.lab.lab import Lab, LabStatus, NeedsRootError, require_root
 from hivenet.lab.netns import LabError, LabScope
+from hivenet.lab.record import ENV_FILE, default_state_dir, remove_lab_files
 from hivenet.lab.scenario import ScenarioError, builtin_scenario_names, resolve_scenario
 
 app = typer.Typer(

@@ -704,3 +704,19 @@ def add_vm(
     set_mac(vm_end, mac, namespace=namespace)
     add_address(vm_end, address, namespace=namespace)
     return VmPlumbing(namespace, vm_end, port_end, address, mac)
+
+
+def rename_link(namespace: str, link: str, new_name: str, mac: str) -> None:
+    """Rename `link` inside `namespace` (a name like eth0 cannot be created in the root
+    namespace, where the machine may have its own), set its MAC and bring it up."""
+    try:
+        with IPRoute(netns=namespace, flags=0) as ipr:
+            found = ipr.link_lookup(ifname=link)
+            if not found:
+                raise LabError(f"link {link!r} not found in namespace {namespace!r}")
+            index = found[0]
+            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, ifname=new_name, address=mac)
+            ipr.link("set", index=index, state="up")
+    except OSError as error:  # NetlinkError is an OSError
+        raise LabError(f"rename {link!r} to {new_name!r} in {namespace!r}: {error}") from error
