@@ -39,6 +39,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
+from hivenet.lab.cli import print_explore_hints
 from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabError, LabScope
 from hivenet.lab.plan import assign_macs, plan_lab, topology_objects
@@ -265,24 +266,14 @@ def _show_api(lab: Lab, console: Console) -> None:
 
 def _explain(lab: Lab, console: Console, *, teardown: bool) -> None:
     say = console.print
-    first = lab.plan.vms[0]
-    last = lab.plan.vms[-1]
-    where = (
-        "" if lab.state_dir == default_state_dir().absolute() else f" --state-dir {lab.state_dir}"
-    )
-    say()
-    say("[bold]Explore[/bold]  (first: `source .venv/bin/activate`, which puts `hivenet` on PATH)")
-    say(f"  hivenet lab exec{where} {first.namespace} ping {last.address}")
-    say(f"  hivenet lab exec{where} {first.namespace} bash      # a shell inside VM {first.name}")
-    say(f"  hivenet lab status{where}                # processes and the agents' counters")
-    say(f"  source {lab.state_dir / 'lab.env'}   # then: hivenet bridge list, hivenet port list")
-    say(f"  hivenet agent stats --host-id {lab.plan.hosts[0].name} --state-dir {lab.state_dir}")
-    say(f"  API {lab.api_url}/docs, admin token in {lab.token_path}")
     if teardown:
-        return
+        return  # the lab goes away now: nothing left to explore
+    say()
+    print_explore_hints(lab, console)
+    say(f"  API {lab.api_url}/docs, admin token in {lab.token_path}", markup=False, highlight=False)
     say(
-        f"[bold]The lab keeps running[/bold] for you to explore. Stop it with `hivenet lab down{where}` "
-        "(or `make lab-clean`, which removes every hn* object); `make demo` again replaces it."
+        "[bold]The lab keeps running[/bold] for you to explore; `make demo` again replaces it "
+        "(`make lab-clean` removes every hn* object)."
     )
 
 
