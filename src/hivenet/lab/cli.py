@@ -248,12 +248,11 @@ def print_explore_hints(lab: Lab, out: Console = console) -> None:
     width = max(len(hint.command) for hint in hints)
     out.print("Explore:  (`hivenet` is on PATH after `source .venv/bin/activate`)")
     for hint in hints:
-        out.print(f"  {hint.command.ljust(width)}  # {hint.what}", markup=False, highlight=False)
-    out.print(
-        f"Stop:     hivenet lab down{state_dir_option(lab)}   (or: make lab-clean)",
-        markup=False,
-        highlight=False,
-    )
+        # Never wrapped: each line must paste as one command.
+        line = f"  {hint.command.ljust(width)}  # {hint.what}"
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    stop = f"Stop:     hivenet lab down{state_dir_option(lab)}   (or: make lab-clean)"
+    out.print(stop, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("stats")
