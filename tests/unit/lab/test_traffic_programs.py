@@ -74,23 +74,16 @@ def test_echo_client_and_server_report_the_same_conversation() -> None:
 
 def test_tcp_probe_tells_connected_from_refused() -> None:
     port = free_port()
-    refused = subprocess.run(
-        [*traffic_program("tcp_probe"), "127.0.0.1", str(port), "1"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert refused.stdout.strip() == "refused"
+
+    def probe() -> str:
+        argv = [*traffic_program("tcp_probe"), "127.0.0.1", str(port), "1"]
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
+    assert probe() == "refused"
     with socket.create_server(("127.0.0.1", port)):
-        connected = subprocess.run(
-            [*traffic_program("tcp_probe"), "127.0.0.1", str(port), "1"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-    assert connected.stdout.strip() == "connected"
+        assert probe() == "connected"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="an AF_PACKET socket needs root")
