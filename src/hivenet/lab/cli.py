@@ -273,7 +273,7 @@ def stats(
 
 @app.command("status")
 def status(state_dir: StateDirOption = None) -> None:
-    """Namespaces, processes and the agents' key counters of the running lab."""
+    """Namespaces, processes, the agents' key counters and drops by reason per host."""
     lab = _load(_state_dir(state_dir))
     report = lab.status()
     print_status(lab, report)
