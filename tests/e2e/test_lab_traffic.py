@@ -12,6 +12,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +68,12 @@ def assert_runs_on_installed_flows(
     ping(lab, source, target, count=10)
     extra = {host: upcalls(lab, host) - before[host] for host in hosts}
     assert all(count <= 1 for count in extra.values()), extra
+
+
+def reply_times(log: Path) -> list[float]:
+    """The -D timestamps of the echo replies in a ping log so far."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [float(line[1 : line.index("]")]) for line in lines if "bytes from" in line]
 
 
 def seconds_until(predicate_ping: tuple[Lab, str, str], want_success: bool, limit: float) -> float:
@@ -186,24 +193,29 @@ def test_agent_kill_9_and_restart_mid_ping(lab: Lab) -> None:
     ping(lab, "vm4", "10.0.1.11")  # h3 <-> h1 (routed): flows on hosts that keep running
     ping(lab, "vm1", "10.0.1.11")  # h1 only
     before = {host: lab.fresh_agent_counters(host) for host in ("h1", "h3")}
+    # Line-buffered, so the log shows each reply as it comes; the pinger runs until replies
+    # resumed after the restart (however long the agent took to come back), never a fixed time.
     pinger = lab.start_in(
-        "vm1", ["ping", "-n", "-D", "-i", "0.05", "-w", "5", "10.0.1.20"], label="pinger"
+        "vm1",
+        ["stdbuf", "-oL", "ping", "-n", "-D", "-i", "0.05", "-w", "60", "10.0.1.20"],
+        label="pinger",
     )
     time.sleep(1.0)
     lab.kill_agent("h2")
     killed_at = time.time()
     time.sleep(0.5)
     lab.start_agent("h2")
-    lab.wait_agents_ready(timeout=20, hosts=["h2"])
+    lab.wait_agents_ready(timeout=30, hosts=["h2"])
     restarted_at = time.time()
-    pinger.popen.wait(15)
+    log = lab.log_of("vm1", "pinger")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(t > restarted_at for t in reply_times(log)):
+        time.sleep(0.1)
     pinger.stop()
-    output = (lab.state_dir / f"{lab.plan.vm('vm1').namespace}.pinger.log").read_text()
-    reply_times = [
-        float(line[1 : line.index("]")]) for line in output.splitlines() if "bytes from" in line
-    ]
-    assert any(t < killed_at for t in reply_times), output
-    assert any(t > restarted_at for t in reply_times), f"pings did not resume:\n{output}"
+    output = log.read_text()
+    replies = reply_times(log)
+    assert any(t < killed_at for t in replies), output
+    assert any(t > restarted_at for t in replies), f"pings did not resume:\n{output}"
     # The hosts that kept running lost no flow: nothing invalidated there, and their pairs keep
     # answering every ping. (Checked within the dead agent's lease TTL. No exact upcall count:
     # an ARP refresh or a flow's idle expiry may legitimately cause one more upcall.)
