@@ -20,6 +20,7 @@ from hivenet.packets.dhcp import (
     build_dhcp_request_message,
 )
 from hivenet.packets.parse import parse_frame
+from hivenet.store.topology import TopologyRepository
 from tests.integration.agent.test_agents import cloud, received
 from tests.integration.common import run
 
@@ -44,6 +45,21 @@ def dhcp(message_type: int, ciaddr: str = "0.0.0.0") -> bytes:
     )
 
 
+async def on_subnet(
+    repo: TopologyRepository, bridge: Bridge, subnet: Subnet, host: str, ifname: str, mac: str
+) -> Port:
+    """A VM port bound on `host` whose address IPAM allocates on `subnet`."""
+    port = Port(
+        device_kind=DeviceKind.BRIDGE,
+        device_id=bridge.id,
+        host_id=host,
+        interface_name=ifname,
+        mac=mac,
+        fixed_ips=(FixedIp(subnet_id=subnet.id),),
+    )
+    return (await repo.create(port)).obj
+
+
 def replies(frames: list[bytes]) -> list[DhcpMessage]:
     return [DhcpMessage.decode(parse_frame(frame).payload) for frame in frames]
 
@@ -56,29 +72,8 @@ def test_the_local_agent_answers_and_follows_the_model() -> None:
                 {"bridge_id": bridge.id, "cidr": "10.5.0.0/24", "dns_nameservers": ["10.5.0.53"]}
             )
             await c.repo.create(subnet)
-            vm = (
-                await c.repo.create(
-                    Port(
-                        device_kind=DeviceKind.BRIDGE,
-                        device_id=bridge.id,
-                        host_id="h1",
-                        interface_name="hnvm1",
-                        mac=MAC,
-                        fixed_ips=(FixedIp(subnet_id=subnet.id),),
-                    )
-                )
-            ).obj
-            other = (
-                await c.repo.create(
-                    Port(
-                        device_kind=DeviceKind.BRIDGE,
-                        device_id=bridge.id,
-                        host_id="h2",
-                        interface_name="hnvm2",
-                        fixed_ips=(FixedIp(subnet_id=subnet.id),),
-                    )
-                )
-            ).obj
+            vm = await on_subnet(c.repo, bridge, subnet, "h1", "hnvm1", MAC)
+            other = await on_subnet(c.repo, bridge, subnet, "h2", "hnvm2", "02:00:00:00:0d:02")
             for host in ("h1", "h2"):
                 await c.start_agent(host)
             await c.synced()
