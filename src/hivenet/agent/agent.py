@@ -185,7 +185,7 @@ class HostAgent:
             host_id,
             self.topology,
             self.flowstate.nat,
-            lambda: self.datapath.flow_table,
+            self.datapath.flows,
             publish=self._publish,
             unpublish=self._unpublish,
             clock=clock,

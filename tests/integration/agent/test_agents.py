@@ -231,14 +231,14 @@ def test_agent_restart_rebinds_and_traffic_resumes(store_url: str) -> None:
             )
             c.datapaths["h1"].receive(vm1.tunnel_key, frame)
             assert received(c, "h2", vm2) == [frame]
-            h1_flows = len(c.datapaths["h1"].flow_table)
+            h1_flows = len(c.datapaths["h1"].flows())
             # h2's agent dies without a goodbye (no lease revoke) and comes back.
             await c.agents["h2"].stop(graceful=False)
             del c.agents["h2"]
             await c.start_agent("h2")
             await c.synced()
             assert c.agents["h2"].bound_ports.keys() == {vm2.id}
-            assert len(c.datapaths["h1"].flow_table) == h1_flows  # other hosts keep their flows
+            assert len(c.datapaths["h1"].flows()) == h1_flows  # other hosts keep their flows
             c.datapaths["h1"].receive(vm1.tunnel_key, frame)
             assert received(c, "h2", vm2) == [frame]
             # Its old lease expires (ttl 2 s); what it re-published under the new one stays.

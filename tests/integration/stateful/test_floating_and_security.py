@@ -317,6 +317,6 @@ def test_spoofed_frames_are_dropped_and_counted(tmp_path: Path) -> None:
                 assert drops.get(reason) == 1, drops
             # Repeats are served by cached drop flows and counted by the datapath.
             c.send("vm1", tcp_from(c, "vm1", VM_IPS["vm2"], 1000, 80, SYN, src="10.0.0.99"))
-            assert c.datapaths["h1"].counters().get("drop.spoofed_ip", 0) >= 1
+            assert c.datapaths["h1"].counters().get("drop.flow_spoofed_ip", 0) >= 1
 
     run(scenario())
