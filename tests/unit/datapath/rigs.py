@@ -40,10 +40,11 @@ class Rig:
     datapath: Datapath
     clock: FakeClock
 
-    def bind(self, port_key: int, interface_name: str | None = None) -> None:
-        self.datapath.bind_port(port_key, interface_name or self.interface_name(port_key))
+    def bind(self, port_key: int) -> None:
+        self.datapath.bind_port(port_key, self.interface_name(port_key))
 
     def interface_name(self, port_key: int) -> str:
+        """The VM-facing interface of port `port_key` (a real rig makes it on demand)."""
         return f"hnct{port_key}"
 
     def send_from_vm(self, port_key: int, *frames: bytes) -> None:
@@ -121,10 +122,9 @@ class ReplayRig(Rig):
         self._sent_seen: dict[str, int] = {}
         self._tunnel_seen = 0
 
-    def bind(self, port_key: int, interface_name: str | None = None) -> None:
-        name = interface_name or self.interface_name(port_key)
-        super().bind(port_key, name)
-        self._ports[port_key] = name
+    def bind(self, port_key: int) -> None:
+        super().bind(port_key)
+        self._ports[port_key] = self.interface_name(port_key)
 
     def send_from_vm(self, port_key: int, *frames: bytes) -> None:
         sock = self.sockets[self._ports[port_key]]

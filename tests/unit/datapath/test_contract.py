@@ -76,15 +76,15 @@ def with_ports(rig: Rig, *keys: int) -> list[tuple[int, bytes]]:
 
 def test_a_bad_port_key_is_refused_naming_it(rig: Rig) -> None:
     with pytest.raises(ValueError, match="port_key"):
-        rig.datapath.bind_port(0, "hnct0")
+        rig.datapath.bind_port(0, rig.interface_name(1))
 
 
 def test_a_port_key_or_interface_is_bound_only_once(rig: Rig) -> None:
-    rig.bind(1, "hnct1")
+    rig.bind(1)
     with pytest.raises(ValueError, match="port_key"):
-        rig.datapath.bind_port(1, "hnct9")
+        rig.datapath.bind_port(1, rig.interface_name(2))
     with pytest.raises(ValueError, match="interface_name"):
-        rig.datapath.bind_port(2, "hnct1")
+        rig.datapath.bind_port(2, rig.interface_name(1))
 
 
 def test_unbinding_a_port_that_is_not_bound_is_a_key_error(rig: Rig) -> None:
