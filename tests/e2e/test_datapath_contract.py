@@ -17,10 +17,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from hivenet.clock import ManualClock
 from hivenet.datapath.userspace import UserspaceDatapath
 from hivenet.lab.netns import LabScope
 from hivenet.packets.vxlan import vxlan_decapsulate, vxlan_encapsulate
-from tests.unit.datapath.rigs import LOCAL_IP, REMOTE_IP, FakeClock, Rig
+from tests.unit.datapath.rigs import LOCAL_IP, REMOTE_IP, Rig
 from tests.unit.datapath.test_contract import *  # noqa: F403 (the cases, collected here again)
 
 SETTLE = 0.15  # real seconds the datapath's loop runs after each action
@@ -36,7 +37,7 @@ def _free_udp_port() -> int:
 class VethRig(Rig):
     def __init__(self, scope: LabScope) -> None:
         self.scope = scope
-        self.clock = FakeClock()
+        self.clock = ManualClock()
         self.loop = asyncio.new_event_loop()
         port = _free_udp_port()
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

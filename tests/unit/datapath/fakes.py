@@ -12,16 +12,30 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from hivenet.packets import build_udp_datagram
+
 _file_numbers = itertools.count(1000)
+MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
 
-class ReplaySocket:
-    """`recv_into` hands out the queued packets, then raises BlockingIOError; `send` keeps a
-    copy of what was sent."""
+def udp_frame(src_port: int = 1000, payload: bytes = b"x" * 18, eth_dst: str = MAC_B) -> bytes:
+    """A small UDP frame from 10.0.0.1 (MAC_A) to 10.0.0.2, varied by source port."""
+    return build_udp_datagram(
+        eth_src=MAC_A,
+        eth_dst=eth_dst,
+        ip_src="10.0.0.1",
+        ip_dst="10.0.0.2",
+        src_port=src_port,
+        dst_port=9,
+        payload=payload,
+    )
+
+
+class _FakeSocket:
+    """A file number for the fake loop, and `close` remembered."""
 
     def __init__(self) -> None:
         self.queue: list[bytes] = []
-        self.sent: list[bytes] = []
         self.closed = False
         self._fileno = next(_file_numbers)
 
@@ -30,6 +44,15 @@ class ReplaySocket:
 
     def close(self) -> None:
         self.closed = True
+
+
+class ReplaySocket(_FakeSocket):
+    """`recv_into` hands out the queued packets, then raises BlockingIOError; `send` keeps a
+    copy of what was sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
 
     def recv_into(self, buffer: bytearray) -> int:
         if not self.queue:
@@ -43,22 +66,14 @@ class ReplaySocket:
         return len(packet)
 
 
-class RecordingUdpSocket:
+class RecordingUdpSocket(_FakeSocket):
     """The VXLAN socket: records every send with its address (GSO trains with their segment
     size) and replays queued datagrams to `recvmsg`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.datagrams: list[tuple[bytes, int]] = []  # (payload, GSO segment size or 0)
         self.addresses: list[tuple[str, int]] = []
-        self.queue: list[bytes] = []
-        self.closed = False
-        self._fileno = next(_file_numbers)
-
-    def fileno(self) -> int:
-        return self._fileno
-
-    def close(self) -> None:
-        self.closed = True
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> int:
         self.datagrams.append((bytes(data), 0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from hivenet.clock import ManualClock
 from hivenet.datapath import userspace
 from hivenet.datapath.base import Datapath
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
@@ -23,22 +24,11 @@ REMOTE_IP = "127.0.0.2"
 VNET_HEADER = bytes(10)  # virtio-net header with no offload work, as a port socket reads it
 
 
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class Rig:
     """What a contract case needs; subclasses fill it in for one backend."""
 
     datapath: Datapath
-    clock: FakeClock
+    clock: ManualClock
 
     def bind(self, port_key: int) -> None:
         self.datapath.bind_port(port_key, self.interface_name(port_key))
@@ -77,7 +67,7 @@ class _RecordingPeer:
 
 class MemoryRig(Rig):
     def __init__(self) -> None:
-        self.clock = FakeClock()
+        self.clock = ManualClock()
         self.underlay = MemoryUnderlay()
         self.peer = _RecordingPeer()
         self.underlay.attach(REMOTE_IP, self.peer)  # type: ignore[arg-type]
@@ -104,7 +94,7 @@ class ReplayRig(Rig):
     """The real userspace datapath; only its sockets and event loop are fakes."""
 
     def __init__(self, patch: Callable[[object, str, object], None]) -> None:
-        self.clock = FakeClock()
+        self.clock = ManualClock()
         self.sockets: dict[str, ReplaySocket] = {}
         self.tunnel = RecordingUdpSocket()
         self.loop = FakeLoop()

@@ -15,12 +15,12 @@ import pytest
 
 from hivenet.flows.actions import Drop, Output, SetField, Tunnel
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
-from hivenet.packets import build_arp_request, build_udp_datagram
+from hivenet.packets import build_arp_request
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, mask_from
+from tests.unit.datapath.fakes import MAC_A, udp_frame
 from tests.unit.datapath.rigs import REMOTE_IP, MemoryRig, ReplayRig, Rig
 
 RIGS = ["memory", "userspace-replay"]
-MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
 IPV4 = 0x0800
 STATE_MESSAGE = b"flow-state message " * 2  # opaque here; at least an Ethernet header long
 
@@ -32,18 +32,6 @@ def rig(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iter
         yield made
     finally:
         made.close()
-
-
-def udp_frame(src_port: int = 1000, payload: bytes = b"x" * 18) -> bytes:
-    return build_udp_datagram(
-        eth_src=MAC_A,
-        eth_dst=MAC_B,
-        ip_src="10.0.0.1",
-        ip_dst="10.0.0.2",
-        src_port=src_port,
-        dst_port=9,
-        payload=payload,
-    )
 
 
 def install(

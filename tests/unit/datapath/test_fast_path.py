@@ -14,25 +14,11 @@ import pytest
 from hivenet.datapath import userspace
 from hivenet.datapath._offload import F_DATA_VALID, F_NEEDS_CSUM, VNET_HEADER, ZERO_VNET_HEADER
 from hivenet.flows.actions import Action, Output, Tunnel
-from hivenet.packets import build_arp_request, build_udp_datagram
+from hivenet.packets import build_arp_request
 from hivenet.packets.checksum import pseudo_header_sum
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, mask_from
 from hivenet.packets.vxlan import vxlan_decapsulate
-from tests.unit.datapath.fakes import RecordingUdpSocket, ReplaySocket
-
-MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
-
-
-def udp_frame(src_port: int, payload: bytes = b"x" * 18, eth_dst: str = MAC_B) -> bytes:
-    return build_udp_datagram(
-        eth_src=MAC_A,
-        eth_dst=eth_dst,
-        ip_src="10.0.0.1",
-        ip_dst="10.0.0.2",
-        src_port=src_port,
-        dst_port=9,
-        payload=payload,
-    )
+from tests.unit.datapath.fakes import MAC_A, RecordingUdpSocket, ReplaySocket, udp_frame
 
 
 class Harness:
