@@ -79,17 +79,14 @@ from hivenet.store.base import (
     TxnOp,
     TxnResult,
 )
-
-# The reference backend's validators and compare semantics: both backends reject the same input
-# with the same message and read a missing key the same way.
-from hivenet.store.sqlite import (
-    _check_compare,
-    _check_int,
-    _check_key,
-    _check_ops,
-    _check_prefix,
-    _check_value,
-    _compare_holds,
+from hivenet.store.validate import (
+    check_compare,
+    check_int,
+    check_key,
+    check_ops,
+    check_prefix,
+    check_value,
+    compare_holds,
 )
 
 __all__ = ["ETCD_SCHEME", "EtcdStore", "endpoints_from_url"]
@@ -274,7 +271,7 @@ def _op_result(op: TxnOp, response: Any) -> list[KeyValue] | int | KeyValue | No
 
 
 def _check_lease_id(value: object, field: str) -> int:
-    lease_id = _check_int(value, field, minimum=1)
+    lease_id = check_int(value, field, minimum=1)
     if lease_id >= 2**63:
         raise InvalidRequestError(f"{field} must fit etcd's int64, got {value!r}")
     return lease_id
@@ -444,7 +441,7 @@ class EtcdStore:
                 raise InvalidRequestError(
                     f"{name} must be a number of seconds > 0, got {seconds!r}"
                 )
-        _check_int(range_page_size, "range_page_size", minimum=1)
+        check_int(range_page_size, "range_page_size", minimum=1)
         self._endpoints = [_Endpoint(address) for address in checked]
         self._current = 0
         self._call_timeout = float(call_timeout)
@@ -626,7 +623,7 @@ class EtcdStore:
         return int(response.header.revision)
 
     async def get(self, key: str) -> KeyValue | None:
-        _check_key(key)
+        check_key(key)
         request = rpc.RangeRequest(key=_encode(key))
         response = await self._unary(f"get {key!r}", "kv", "Range", request, mutating=False)
         return _key_value(response.kvs[0]) if response.kvs else None
@@ -645,11 +642,11 @@ class EtcdStore:
         `count` is the number of keys under `prefix` at that revision, whatever `limit` and
         `start_after` say; `more` is True when keys remain after the last one returned.
         """
-        _check_prefix(prefix)
-        wanted_revision = 0 if revision is None else _check_int(revision, "revision", minimum=0)
-        _check_int(limit, "limit", minimum=0)
+        check_prefix(prefix)
+        wanted_revision = 0 if revision is None else check_int(revision, "revision", minimum=0)
+        check_int(limit, "limit", minimum=0)
         if start_after is not None:
-            _check_prefix(start_after, "start_after")
+            check_prefix(start_after, "start_after")
         self._refuse_compacted(wanted_revision)
         what = f"range {prefix!r}"
         key_start, range_end = _prefix_range(prefix)
@@ -700,9 +697,9 @@ class EtcdStore:
     # -- Store protocol: writes
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        _check_key(key)
-        data = _check_value(value, f"value (key {key!r})")
-        _check_int(lease, "lease", minimum=0)
+        check_key(key)
+        data = check_value(value, f"value (key {key!r})")
+        check_int(lease, "lease", minimum=0)
         request = rpc.PutRequest(key=_encode(key), value=data, lease=lease)
         response = await self._unary(
             f"put {key!r}", "kv", "Put", request, mutating=True, lease_id=lease
@@ -711,10 +708,10 @@ class EtcdStore:
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         if prefix:
-            _check_prefix(key, "key")
+            check_prefix(key, "key")
             start, range_end = _prefix_range(key)
         else:
-            _check_key(key)
+            check_key(key)
             start, range_end = _encode(key), b""
         request = rpc.DeleteRangeRequest(key=start, range_end=range_end)
         response = await self._unary(f"delete {key!r}", "kv", "DeleteRange", request, mutating=True)
@@ -726,12 +723,12 @@ class EtcdStore:
         success: Sequence[TxnOp],
         failure: Sequence[TxnOp] = (),
     ) -> TxnResult:
-        checked_compares = [_check_compare(compare) for compare in compares]
-        checked_success = _check_ops(success, "success")
-        checked_failure = _check_ops(failure, "failure")
+        checked_compares = [check_compare(compare) for compare in compares]
+        checked_success = check_ops(success, "success")
+        checked_failure = check_ops(failure, "failure")
         compare_messages = [_compare_message(compare) for compare in checked_compares]
         try:
-            if any(c.target == "value" and _compare_holds(c, None) for c in checked_compares):
+            if any(c.target == "value" and compare_holds(c, None) for c in checked_compares):
                 return await self._txn_evaluated_here(
                     checked_compares, checked_success, checked_failure
                 )
@@ -777,7 +774,7 @@ class EtcdStore:
             for key, result in zip(keys, response.responses, strict=True):
                 kvs = result.response_range.kvs
                 current[key] = _key_value(kvs[0]) if kvs else None
-            holds = all(_compare_holds(compare, current[compare.key]) for compare in compares)
+            holds = all(compare_holds(compare, current[compare.key]) for compare in compares)
             branch = success if holds else failure
             guards = [
                 rpc.Compare(
@@ -829,14 +826,14 @@ class EtcdStore:
         any endpoint (resume with the last revision + 1). Cancelling a pending `anext()` loses
         nothing.
         """
-        _check_prefix(prefix)
-        _check_int(start_revision, "start_revision", minimum=1)
+        check_prefix(prefix)
+        check_int(start_revision, "start_revision", minimum=1)
         return _EtcdWatch(self, prefix, start_revision)
 
     # -- Store protocol: leases
 
     async def lease_grant(self, ttl: int) -> Lease:
-        _check_int(ttl, "ttl", minimum=1)
+        check_int(ttl, "ttl", minimum=1)
         if ttl > _MAX_LEASE_TTL:
             raise InvalidRequestError(f"ttl must be at most {_MAX_LEASE_TTL} seconds, got {ttl!r}")
         request = rpc.LeaseGrantRequest(TTL=ttl, ID=0)
@@ -883,7 +880,7 @@ class EtcdStore:
     # -- Store protocol: compaction and close
 
     async def compact(self, revision: int) -> None:
-        _check_int(revision, "revision", minimum=1)
+        check_int(revision, "revision", minimum=1)
         self._refuse_compacted(revision)
         request = rpc.CompactionRequest(revision=revision, physical=False)
         try:
