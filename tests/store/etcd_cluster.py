@@ -42,7 +42,7 @@ def running_cluster(size: int = 3) -> Iterator[EtcdCluster]:
     base = _FAST_DISK if _FAST_DISK.is_dir() else None
     directory = Path(tempfile.mkdtemp(prefix="hn-etcd-", dir=base))
     try:
-        cluster = start_cluster(directory, size=size)
+        cluster = start_cluster(directory, size=size, die_with_owner=True)
         try:
             yield cluster
         finally:

@@ -119,15 +119,19 @@ def test_calls_fail_over_when_their_member_dies(healthy_cluster: EtcdCluster) ->
     async def main() -> None:
         store = EtcdStore([victim.endpoint, *(m.endpoint for m in others)], call_timeout=5.0)
         try:
-            before = await store.put("/fo/k", b"1")
-            lease = await store.lease_grant(30)
+            # Reads stay on the first endpoint; writes move the store to the leader.
+            assert await store.get("/fo/k") is None
             assert store.current_endpoint == victim.endpoint
             await asyncio.to_thread(cluster.kill, victim.name)
             loop = asyncio.get_running_loop()
             started = loop.time()
-            assert await store.put("/fo/k", b"2", lease=lease.id) == before + 1
+            assert await store.get("/fo/k") is None
             assert loop.time() - started < 2.0
             assert store.current_endpoint != victim.endpoint
+            before = await store.put("/fo/k", b"1")
+            assert store.current_endpoint == leader.endpoint == store.leader_endpoint
+            lease = await store.lease_grant(30)
+            assert await store.put("/fo/k", b"2", lease=lease.id) == before + 1
             kv = await store.get("/fo/k")
             assert kv is not None and kv.value == b"2" and kv.lease == lease.id
             assert [k.key for k in (await store.range("/fo/")).kvs] == ["/fo/k"]

@@ -67,6 +67,7 @@ from hivenet.store.base import (
     Event,
     EventType,
     FutureRevisionError,
+    Get,
     InvalidRequestError,
     KeyValue,
     Lease,
@@ -78,6 +79,7 @@ from hivenet.store.base import (
     StoreUnavailableError,
     TxnOp,
     TxnResult,
+    WriteOutcome,
 )
 from hivenet.store.validate import (
     check_compare,
@@ -111,6 +113,10 @@ _ETCD_REPLAY_PERIOD: Final = 0.15  # etcd replays history to lagging watches eve
 _CATCH_UP_POLL_SECONDS: Final = 0.02
 _BACKOFF_FIRST: Final = 0.02
 _BACKOFF_MAX: Final = 0.5
+# Between rounds of a call: short, so a call finds a newly elected leader within ~0.1 s.
+_CALL_BACKOFF_MAX: Final = 0.1
+# How long the probe for the leader (Maintenance.Status on every member at once) may take.
+_LEADER_PROBE_TIMEOUT: Final = 0.25
 
 _CHANNEL_OPTIONS: Final = (
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -119,9 +125,10 @@ _CHANNEL_OPTIONS: Final = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    # Notice a silent member while a watch is open; etcd refuses pings more often than 5 s.
+    # Notice a silent member while a call or watch is open; etcd refuses pings more often
+    # than every 5 s, so the interval stays at 10 s and a silent member is given up after 2 s.
     ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 2_000),
 )
 
 _COMPARE_TARGETS: Final = {
@@ -345,10 +352,49 @@ def _translate(error: grpc.aio.AioRpcError, what: str, *, lease_id: int = 0) -> 
     return StoreError(f"{message} (gRPC {code.name})")
 
 
-def _backoff(failures_in_a_row: int, endpoint_count: int) -> float:
+def _backoff(failures_in_a_row: int, endpoint_count: int, maximum: float = _BACKOFF_MAX) -> float:
     """No pause while untried endpoints remain, then growing pauses between rounds."""
     rounds = failures_in_a_row - endpoint_count
-    return 0.0 if rounds < 0 else min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**rounds)
+    return 0.0 if rounds < 0 else min(maximum, _BACKOFF_FIRST * 2**rounds)
+
+
+class _MidCallFailure(Exception):
+    """A write reached `member`, which failed before answering: it may have been applied."""
+
+    def __init__(self, member: str, details: str) -> None:
+        super().__init__(f"{member} failed mid-call ({details})")
+        self.member = member
+        self.details = details
+
+
+def _replay_guard(compares: Sequence[Compare], success: Sequence[TxnOp]) -> tuple[str, int] | None:
+    """(key, mod_revision) of a compare that the txn's own success branch falsifies for good,
+    so that etcd refuses a second application of it; None when there is none.
+
+    `mod_revision == n` (n > 0) on a key the branch puts or deletes: revisions never come
+    back. `mod_revision == 0` / `create_revision == 0` (the key is absent) on a key the branch
+    puts: a second application needs someone to delete the key in between (the one case a
+    replay can repeat; see the module docstring). Prefix ops are not followed (their keys are
+    not known in advance).
+    """
+    if any(isinstance(op, Delete | Get) and op.prefix for op in success):
+        return None
+    written = {op.key for op in success if isinstance(op, Put | Delete)}
+    put_keys = {op.key for op in success if isinstance(op, Put)}
+    absent_guard: tuple[str, int] | None = None
+    for compare in compares:
+        if compare.op != "==" or compare.key not in written or not isinstance(compare.value, int):
+            continue
+        if compare.target == "mod_revision" and compare.value > 0:
+            return compare.key, compare.value
+        if (
+            compare.target in ("mod_revision", "create_revision")
+            and compare.value == 0
+            and compare.key in put_keys
+            and absent_guard is None
+        ):
+            absent_guard = compare.key, 0
+    return absent_guard
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -363,6 +409,7 @@ class _Endpoint:
         self.kv: Any = None
         self.lease: Any = None
         self.watch: Any = None
+        self.maintenance: Any = None
 
     def open(self) -> grpc.aio.Channel:
         if self.channel is None:
@@ -370,6 +417,7 @@ class _Endpoint:
             self.kv = rpc.KVStub(self.channel)
             self.lease = rpc.LeaseStub(self.channel)
             self.watch = rpc.WatchStub(self.channel)
+            self.maintenance = rpc.MaintenanceStub(self.channel)
         return self.channel
 
     async def connect(self, timeout: float) -> None:
@@ -407,6 +455,10 @@ class EtcdStore:
 
     `call_timeout` bounds every call, retries and failover included. `connect_timeout` is how
     long one endpoint may take to accept a connection before the next one is tried.
+    `attempt_timeout` is how long one try of a read, or of a write that is safe to replay, may
+    take on one member before the call moves on (it doubles after each such timeout within a
+    call, so a slow but healthy store still answers); a member whose leader just died holds a
+    request until its own timeout, and this keeps the call from waiting for it.
     `range_page_size` is the most keys one range request asks etcd for. `watch_reconnect_timeout`
     is how long a watch keeps trying to re-create its stream (on any endpoint) before its
     iterator raises StoreUnavailableError; resume it with the last revision + 1.
@@ -421,6 +473,7 @@ class EtcdStore:
         *,
         call_timeout: float = 5.0,
         connect_timeout: float = 1.0,
+        attempt_timeout: float = 0.5,
         range_page_size: int = 1000,
         watch_reconnect_timeout: float = 10.0,
     ) -> None:
@@ -435,6 +488,7 @@ class EtcdStore:
         for name, seconds in (
             ("call_timeout", call_timeout),
             ("connect_timeout", connect_timeout),
+            ("attempt_timeout", attempt_timeout),
             ("watch_reconnect_timeout", watch_reconnect_timeout),
         ):
             if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
@@ -446,6 +500,11 @@ class EtcdStore:
         self._current = 0
         self._call_timeout = float(call_timeout)
         self._connect_timeout = float(connect_timeout)
+        self._attempt_timeout = float(attempt_timeout)
+        # The endpoint of the member that said it leads (writes go there first), and whether
+        # to ask again before the next write (at the start, and after any failover).
+        self._leader: str | None = None
+        self._leader_unknown = True
         self._page_size = range_page_size
         self._watch_reconnect_timeout = float(watch_reconnect_timeout)
         self._closed = False
@@ -464,6 +523,11 @@ class EtcdStore:
     def current_endpoint(self) -> str:
         """The endpoint the next call goes to first (it moves on failover)."""
         return self._endpoints[self._current].address
+
+    @property
+    def leader_endpoint(self) -> str | None:
+        """The endpoint of the member that last said it is the leader (None: not known)."""
+        return self._leader
 
     @property
     def closed(self) -> bool:
@@ -491,76 +555,157 @@ class EtcdStore:
         if self._current == index:
             self._current = (index + 1) % len(self._endpoints)
 
+    def _member_name(self, endpoint: _Endpoint) -> str:
+        return (
+            f"{endpoint.address} (the leader)"
+            if endpoint.address == self._leader
+            else (endpoint.address)
+        )
+
+    async def _point_at_leader(self, deadline: float) -> None:
+        """Make the leader the current endpoint, if a member says it leads (every member is
+        asked at once, briefly): a write sent to the leader fails at once when it dies, while
+        a follower would hold it until its own timeout."""
+        loop = asyncio.get_running_loop()
+        timeout = min(_LEADER_PROBE_TIMEOUT, deadline - loop.time())
+        if timeout <= 0:
+            return
+
+        async def status(endpoint: _Endpoint) -> Any:
+            try:
+                await endpoint.connect(timeout)
+                return await endpoint.maintenance.Status(rpc.StatusRequest(), timeout=timeout)
+            except (_NotConnected, grpc.aio.AioRpcError):
+                return None
+
+        answers = await asyncio.gather(*(status(endpoint) for endpoint in self._endpoints))
+        self._leader_unknown = True
+        for index, answer in enumerate(answers):
+            if answer is not None and answer.leader and answer.leader == answer.header.member_id:
+                self._current = index
+                self._leader = self._endpoints[index].address
+                self._leader_unknown = False
+                return
+        self._leader = None
+
+    def _unavailable(self, what: str, problems: dict[str, str]) -> StoreUnavailableError:
+        """No member answered in time, and nothing was sent that could have been applied."""
+        if problems and all(_ERR_NO_LEADER in problem for problem in problems.values()):
+            failed = "no leader (the members are electing one)"
+        else:
+            failed = "; ".join(f"{address}: {problem}" for address, problem in problems.items())
+        return StoreUnavailableError(
+            f"{what}: no etcd member of {self.endpoints} answered within "
+            f"{self._call_timeout:g}s ({failed or 'no endpoint tried'}); not applied",
+            outcome=WriteOutcome.NOT_APPLIED,
+            failed=failed,
+        )
+
     async def _call(
         self,
         what: str,
         attempt: Callable[[_Endpoint, float], Awaitable[_T]],
         *,
         mutating: bool,
+        replay_safe: bool = False,
         lease_id: int = 0,
+        deadline: float | None = None,
     ) -> _T:
-        """Run `attempt(endpoint, timeout)` with failover until it answers or the deadline.
+        """Run `attempt(endpoint, timeout)` with failover until it answers or the deadline
+        (loop time; default: `call_timeout` from now).
 
         Reads go to the next endpoint after any transport error; writes only after errors that
-        prove the request was not acted on (see the module docstring).
+        prove the request was not acted on (see the module docstring). A write that fails
+        mid-call raises _MidCallFailure when `replay_safe` (the caller finds out what became of
+        it), else StoreUnavailableError with outcome UNKNOWN.
         """
         self._check_open(what)
         loop = self._bind_loop()
-        deadline = loop.time() + self._call_timeout
+        if deadline is None:
+            deadline = loop.time() + self._call_timeout
+        if mutating and self._leader_unknown:
+            await self._point_at_leader(deadline)
         failures_in_a_row = 0
-        last_problem = "no endpoint tried"
+        timeouts = 0
+        problems: dict[str, str] = {}
         while True:
             if deadline - loop.time() <= 0:
-                raise StoreUnavailableError(
-                    f"{what}: no etcd endpoint of {self.endpoints} answered within "
-                    f"{self._call_timeout:g}s (last: {last_problem})"
-                )
+                raise self._unavailable(what, problems)
             index = self._current
             endpoint = self._endpoints[index]
             try:
                 await endpoint.connect(
                     min(self._connect_timeout, max(deadline - loop.time(), 0.001))
                 )
-                # A read may give up on a slow member while time is left to try another.
                 budget = deadline - loop.time()
                 attempt_timeout = (
                     budget
-                    if mutating
-                    else min(budget, max(self._connect_timeout, self._call_timeout / 2))
+                    if mutating and not replay_safe
+                    else min(budget, self._attempt_timeout * 2**timeouts)
                 )
-                return await attempt(endpoint, max(attempt_timeout, 0.001))
+                result = await attempt(endpoint, max(attempt_timeout, 0.001))
+                if failures_in_a_row:
+                    self._leader_unknown = True  # it moved: find the leader before a write
+                return result
             except _NotConnected as problem:
-                last_problem = str(problem)
+                problems[endpoint.address] = str(problem).removeprefix(f"{endpoint.address}: ")
             except grpc.aio.AioRpcError as error:
                 if self._closed:
                     raise StoreUnavailableError(f"{what}: store {self!r} is closed") from error
                 if not _is_transient(error):
                     raise _translate(error, what, lease_id=lease_id) from error
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    timeouts += 1
                 if mutating and not _was_not_sent(error):
+                    member = self._member_name(endpoint)
+                    self._move_on_from(index)
+                    self._leader_unknown = True
+                    if replay_safe:
+                        raise _MidCallFailure(member, _details(error)) from error
                     raise StoreUnavailableError(
-                        f"{what}: {endpoint.address} failed mid-call ({_details(error)}); "
-                        "the write may or may not have been applied"
+                        f"{what}: {member} failed mid-call ({_details(error)}); the write may "
+                        "or may not have been applied: read it back",
+                        outcome=WriteOutcome.UNKNOWN,
+                        failed=member,
                     ) from error
-                last_problem = f"{endpoint.address}: {_details(error)}"
+                problems[endpoint.address] = _details(error)
             self._check_open(what)
             self._move_on_from(index)
+            self._leader_unknown = True
             failures_in_a_row += 1
-            # Every endpoint failed once: wait a little between rounds (an election takes ~1 s).
+            # Every endpoint failed once: wait a little between rounds (an election takes
+            # about a second; the pause stays short so its end is noticed at once).
             await asyncio.sleep(
                 min(
-                    _backoff(failures_in_a_row, len(self._endpoints)),
+                    _backoff(failures_in_a_row, len(self._endpoints), _CALL_BACKOFF_MAX),
                     max(0.0, deadline - loop.time()),
                 )
             )
 
     async def _unary(
-        self, what: str, stub: str, method: str, request: Any, *, mutating: bool, lease_id: int = 0
+        self,
+        what: str,
+        stub: str,
+        method: str,
+        request: Any,
+        *,
+        mutating: bool,
+        replay_safe: bool = False,
+        lease_id: int = 0,
+        deadline: float | None = None,
     ) -> Any:
         async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
             call = getattr(getattr(endpoint, stub), method)
             return await call(request, timeout=timeout, metadata=_REQUIRE_LEADER)
 
-        return await self._call(what, attempt, mutating=mutating, lease_id=lease_id)
+        return await self._call(
+            what,
+            attempt,
+            mutating=mutating,
+            replay_safe=replay_safe,
+            lease_id=lease_id,
+            deadline=deadline,
+        )
 
     async def _compaction_error(self, requested: int) -> CompactedError:
         """CompactedError for `requested`, with the store's compact revision (etcd's minus one)."""
@@ -726,32 +871,212 @@ class EtcdStore:
         checked_compares = [check_compare(compare) for compare in compares]
         checked_success = check_ops(success, "success")
         checked_failure = check_ops(failure, "failure")
-        compare_messages = [_compare_message(compare) for compare in checked_compares]
+        for compare in checked_compares:
+            _compare_message(compare)  # refuses a value outside etcd's int64 before any call
         try:
             if any(c.target == "value" and compare_holds(c, None) for c in checked_compares):
                 return await self._txn_evaluated_here(
                     checked_compares, checked_success, checked_failure
                 )
-            request = rpc.TxnRequest(
-                compare=compare_messages,
-                success=[_request_op(op) for op in checked_success],
-                failure=[_request_op(op) for op in checked_failure],
-            )
-            response = await self._unary("txn", "kv", "Txn", request, mutating=True)
+            return await self._send_txn(checked_compares, checked_success, checked_failure)
         except LeaseNotFoundError as error:
             if error.lease_id:
                 raise
             missing = await self._missing_lease(_leases_in([*checked_success, *checked_failure]))
             raise LeaseNotFoundError(missing) from error
-        branch = checked_success if response.succeeded else checked_failure
-        return TxnResult(
-            succeeded=bool(response.succeeded),
-            revision=int(response.header.revision),
-            responses=[
-                _op_result(op, result)
-                for op, result in zip(branch, response.responses, strict=True)
-            ],
+
+    async def _send_txn(
+        self,
+        compares: list[Compare],
+        success: list[TxnOp],
+        failure: list[TxnOp],
+        *,
+        what: str = "txn",
+    ) -> TxnResult:
+        """One txn, within `call_timeout`. When its member fails mid-call and the txn cannot
+        apply twice (`_replay_guard`, and no writes in `failure`), find out whether it was
+        applied (`_result_if_applied`): if so answer with that, else send it again; only when
+        that cannot be found out in time does it raise StoreUnavailableError (UNKNOWN)."""
+        request = rpc.TxnRequest(
+            compare=[_compare_message(compare) for compare in compares],
+            success=[_request_op(op) for op in success],
+            failure=[_request_op(op) for op in failure],
         )
+        guard = _replay_guard(compares, success)
+        if any(isinstance(op, Put | Delete) for op in failure):
+            guard = None
+        self._check_open(what)
+        loop = self._bind_loop()
+        deadline = loop.time() + self._call_timeout
+        lost: _MidCallFailure | None = None
+        while True:
+            response: Any = None
+            try:
+                response = await self._unary(
+                    what,
+                    "kv",
+                    "Txn",
+                    request,
+                    mutating=True,
+                    replay_safe=guard is not None,
+                    deadline=deadline,
+                )
+            except _MidCallFailure as failure_now:
+                lost = lost or failure_now
+            except StoreUnavailableError as error:
+                if lost is None:
+                    raise
+                raise self._outcome_unknown(what, lost, str(error)) from error
+            if response is not None and (response.succeeded or lost is None):
+                branch = success if response.succeeded else failure
+                return TxnResult(
+                    succeeded=bool(response.succeeded),
+                    revision=int(response.header.revision),
+                    responses=[
+                        _op_result(op, result)
+                        for op, result in zip(branch, response.responses, strict=True)
+                    ],
+                )
+            assert guard is not None and lost is not None
+            try:
+                applied = await self._result_if_applied(guard, success, deadline)
+            except StoreUnavailableError as error:
+                raise self._outcome_unknown(what, lost, str(error)) from error
+            except _EtcdCompacted as error:
+                raise self._outcome_unknown(
+                    what, lost, f"its history is compacted ({error})"
+                ) from error
+            if applied is not None:
+                _log.info("%s: applied at revision %d before %s", what, applied.revision, lost)
+                return applied
+            if response is not None:  # a replay whose compares failed, not ours: a real no
+                return TxnResult(
+                    succeeded=False,
+                    revision=int(response.header.revision),
+                    responses=[
+                        _op_result(op, result)
+                        for op, result in zip(failure, response.responses, strict=True)
+                    ],
+                )
+            _log.info("%s: not applied before %s; sending it again", what, lost)
+
+    def _outcome_unknown(self, what: str, lost: _MidCallFailure, why: str) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"{what}: {lost}; whether it was applied could not be found out within "
+            f"{self._call_timeout:g}s ({why}): read it back",
+            outcome=WriteOutcome.UNKNOWN,
+            failed=lost.member,
+        )
+
+    async def _result_if_applied(
+        self, guard: tuple[str, int], success: list[TxnOp], deadline: float
+    ) -> TxnResult | None:
+        """The result of the txn with `success` if it was applied (None if it surely was not),
+        judged from the history of the guard key (see `_replay_guard`): the revision at which
+        the guard stopped holding, and whether every key the txn writes changed there to what
+        it writes."""
+        key, guarded_mod_revision = guard
+        current = await self._get_by(key, deadline)
+        put = next((op for op in success if isinstance(op, Put) and op.key == key), None)
+        if guarded_mod_revision == 0:  # "absent": the incarnation created since, if any
+            if current is None:
+                return None
+            candidate = current.create_revision
+        elif current is not None and current.mod_revision == guarded_mod_revision:
+            return None  # the guard still holds: the txn was not applied
+        elif current is not None and put is not None and current.value == put.value:
+            candidate = current.mod_revision
+        else:
+            candidate = await self._first_change_after(key, guarded_mod_revision, deadline)
+        return await self._result_at(candidate, success, deadline)
+
+    async def _get_by(self, key: str, deadline: float) -> KeyValue | None:
+        request = rpc.RangeRequest(key=_encode(key))
+        response = await self._unary(
+            f"get {key!r}", "kv", "Range", request, mutating=False, deadline=deadline
+        )
+        return _key_value(response.kvs[0]) if response.kvs else None
+
+    async def _first_change_after(self, key: str, revision: int, deadline: float) -> int:
+        """The revision of the first put or delete of `key` after `revision` (which there is)."""
+
+        async def attempt(endpoint: _Endpoint, timeout: float) -> int:
+            call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER, timeout=timeout)
+            self._streams_opened += 1
+            try:
+                await call.write(
+                    rpc.WatchRequest(
+                        create_request=rpc.WatchCreateRequest(
+                            key=_encode(key), start_revision=revision + 1
+                        )
+                    )
+                )
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        raise StoreUnavailableError(f"history of {key!r}: stream ended")
+                    if response.compact_revision:
+                        raise _EtcdCompacted(f"history of {key!r} from revision {revision + 1}")
+                    if response.canceled:
+                        raise StoreUnavailableError(
+                            f"history of {key!r}: {response.cancel_reason or 'cancelled'}"
+                        )
+                    if response.events:
+                        return int(response.events[0].kv.mod_revision)
+            finally:
+                call.cancel()
+
+        return await self._call(f"history of {key!r}", attempt, mutating=False, deadline=deadline)
+
+    async def _result_at(
+        self, revision: int, success: list[TxnOp], deadline: float
+    ) -> TxnResult | None:
+        """The txn's result if every key it puts holds its value as written at `revision`
+        (and every key it deletes is absent there), else None; its op results are replayed
+        on the keys as they were just before."""
+        keys = sorted({op.key for op in success})
+        reads = [
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=_encode(key), revision=at))
+            for at in (revision, revision - 1)
+            for key in keys
+        ]
+        response = await self._unary(
+            f"txn at revision {revision}",
+            "kv",
+            "Txn",
+            rpc.TxnRequest(success=reads),
+            mutating=False,
+            deadline=deadline,
+        )
+        found = [
+            _key_value(result.response_range.kvs[0]) if result.response_range.kvs else None
+            for result in response.responses
+        ]
+        after = dict(zip(keys, found[: len(keys)], strict=True))
+        state = dict(zip(keys, found[len(keys) :], strict=True))
+        for op in success:
+            written = after[op.key]
+            if isinstance(op, Put) and (
+                written is None
+                or written.mod_revision != revision
+                or written.value != op.value
+                or written.lease != op.lease
+            ):
+                return None
+            if isinstance(op, Delete) and written is not None:
+                return None
+        results: list[list[KeyValue] | int | KeyValue | None] = []
+        for op in success:  # in order, as etcd ran them: a Get sees the puts before it
+            before = state[op.key]
+            if isinstance(op, Put):
+                results.append(before)
+                state[op.key] = after[op.key]
+            elif isinstance(op, Delete):
+                results.append(int(before is not None))
+                state[op.key] = None
+            else:
+                results.append([before] if before is not None else [])
+        return TxnResult(succeeded=True, revision=revision, responses=results)
 
     async def _txn_evaluated_here(
         self, compares: list[Compare], success: list[TxnOp], failure: list[TxnOp]
@@ -777,24 +1102,13 @@ class EtcdStore:
             holds = all(compare_holds(compare, current[compare.key]) for compare in compares)
             branch = success if holds else failure
             guards = [
-                rpc.Compare(
-                    key=_encode(key),
-                    target=rpc.Compare.MOD,
-                    result=rpc.Compare.EQUAL,
-                    mod_revision=kv.mod_revision if kv is not None else 0,
-                )
+                Compare(key, "mod_revision", "==", kv.mod_revision if kv is not None else 0)
                 for key, kv in current.items()
             ]
-            guarded = rpc.TxnRequest(compare=guards, success=[_request_op(op) for op in branch])
-            written = await self._unary("txn", "kv", "Txn", guarded, mutating=True)
+            written = await self._send_txn(guards, branch, [])
             if written.succeeded:
                 return TxnResult(
-                    succeeded=holds,
-                    revision=int(written.header.revision),
-                    responses=[
-                        _op_result(op, result)
-                        for op, result in zip(branch, written.responses, strict=True)
-                    ],
+                    succeeded=holds, revision=written.revision, responses=written.responses
                 )
             if loop.time() > deadline:
                 raise StoreUnavailableError(
