@@ -36,7 +36,10 @@ Hook = Callable[[], Awaitable[None]]
 def connection_lost() -> grpc.aio.AioRpcError:
     """What a call gets when its member is killed under it."""
     return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details="Socket closed"
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="Socket closed",
     )
 
 
@@ -53,7 +56,7 @@ class AnswerLost:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stub, name)
 
-    async def Txn(self, request: Any, **options: Any) -> Any:  # noqa: N802 (gRPC's name)
+    async def Txn(self, request: Any, **options: Any) -> Any:
         writes = any(
             op.HasField("request_put") or op.HasField("request_delete_range")
             for op in request.success
