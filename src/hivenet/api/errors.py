@@ -242,20 +242,22 @@ async def _revision_mismatch(_request: Request, exc: Exception) -> JSONResponse:
 
 def _store_failure(request: Request, exc: StoreUnavailableError) -> tuple[str, dict[str, Any]]:
     """The 503's message and its `store` object (see the module docstring)."""
+    failed = exc.failed or str(exc)
     if request.method in _READ_METHODS:
-        return f"store unavailable: {exc}", {"failed": exc.failed or str(exc)}
+        return f"store unavailable: {exc}", {"failed": failed, "write": None, "read_back": None}
     if exc.outcome is WriteOutcome.NOT_APPLIED:
         return (
             f"store unavailable: {exc}; the write was not applied: retry",
-            {"failed": exc.failed or str(exc), "write": "not_applied"},
+            {"failed": failed, "write": "not_applied", "read_back": None},
         )
-    read_back = getattr(request.state, "created_location", None) or request.url.path
+    created_location = getattr(request.state, "created_location", None)
+    read_back = created_location or request.url.path
     hint = f"GET {read_back} tells whether it was applied"
-    if getattr(request.state, "created_location", None):
+    if created_location:
         hint += "; repeating the create with the same id or Idempotency-Key is safe"
     return (
         f"store unavailable: {exc}; whether the write was applied is unknown: {hint}",
-        {"failed": exc.failed or str(exc), "write": "unknown", "read_back": read_back},
+        {"failed": failed, "write": "unknown", "read_back": read_back},
     )
 
 
