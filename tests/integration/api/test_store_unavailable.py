@@ -177,9 +177,11 @@ def test_without_retries_the_client_error_carries_the_outcome(
     api: Api, fail_next_write: Any
 ) -> None:
     fail_next_write(applied=True)
-    with client_of(api, retry=NO_RETRY) as client:
-        with pytest.raises(ServiceUnavailableError) as refused:
-            client.create("bridge", {"id": "b1"})
+    with (
+        client_of(api, retry=NO_RETRY) as client,
+        pytest.raises(ServiceUnavailableError) as refused,
+    ):
+        client.create("bridge", {"id": "b1"})
     assert refused.value.write_outcome == "unknown" and refused.value.failed == LEADER
     assert refused.value.read_back == "/v1/bridges/b1"
 
