@@ -716,36 +716,42 @@ class EtcdStore:
     async def _probe_compact_revision(self, revision: int) -> int:
         """etcd's compaction revision, from the answer to a watch that starts at `revision`
         (0 if etcd does not report one in time)."""
+        try:
+            answer = await asyncio.wait_for(
+                self._first_watch_answer("find compaction revision", _ALL_KEYS, revision),
+                _COMPACT_PROBE_TIMEOUT,
+            )
+        except (TimeoutError, StoreError):
+            return 0
+        return int(answer.compact_revision) if answer is not None else 0
 
-        async def attempt(endpoint: _Endpoint, timeout: float) -> int:
+    async def _first_watch_answer(
+        self, what: str, key: bytes, start_revision: int, *, deadline: float | None = None
+    ) -> Any:
+        """The first answer of a one-off watch of `key` from `start_revision` that says
+        something (compacted, cancelled, or events), or None if the stream ends first."""
+
+        async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
             call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER, timeout=timeout)
             self._streams_opened += 1
             try:
                 await call.write(
                     rpc.WatchRequest(
                         create_request=rpc.WatchCreateRequest(
-                            key=_ALL_KEYS, start_revision=revision
+                            key=key, start_revision=start_revision
                         )
                     )
                 )
                 while True:
                     response = await call.read()
                     if response is grpc.aio.EOF:
-                        return 0
-                    if response.compact_revision:
-                        return int(response.compact_revision)
-                    if response.canceled or response.events:
-                        return 0
+                        return None
+                    if response.compact_revision or response.canceled or response.events:
+                        return response
             finally:
                 call.cancel()
 
-        try:
-            return await asyncio.wait_for(
-                self._call("find compaction revision", attempt, mutating=False),
-                _COMPACT_PROBE_TIMEOUT,
-            )
-        except (TimeoutError, StoreError):
-            return 0
+        return await self._call(what, attempt, mutating=False, deadline=deadline)
 
     async def _let_watches_catch_up(self) -> None:
         loop = asyncio.get_running_loop()
@@ -999,34 +1005,14 @@ class EtcdStore:
 
     async def _first_change_after(self, key: str, revision: int, deadline: float) -> int:
         """The revision of the first put or delete of `key` after `revision` (which there is)."""
-
-        async def attempt(endpoint: _Endpoint, timeout: float) -> int:
-            call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER, timeout=timeout)
-            self._streams_opened += 1
-            try:
-                await call.write(
-                    rpc.WatchRequest(
-                        create_request=rpc.WatchCreateRequest(
-                            key=_encode(key), start_revision=revision + 1
-                        )
-                    )
-                )
-                while True:
-                    response = await call.read()
-                    if response is grpc.aio.EOF:
-                        raise StoreUnavailableError(f"history of {key!r}: stream ended")
-                    if response.compact_revision:
-                        raise _EtcdCompacted(f"history of {key!r} from revision {revision + 1}")
-                    if response.canceled:
-                        raise StoreUnavailableError(
-                            f"history of {key!r}: {response.cancel_reason or 'cancelled'}"
-                        )
-                    if response.events:
-                        return int(response.events[0].kv.mod_revision)
-            finally:
-                call.cancel()
-
-        return await self._call(f"history of {key!r}", attempt, mutating=False, deadline=deadline)
+        what = f"history of {key!r} from revision {revision + 1}"
+        answer = await self._first_watch_answer(what, _encode(key), revision + 1, deadline=deadline)
+        if answer is None or answer.canceled:
+            reason = "stream ended" if answer is None else answer.cancel_reason or "cancelled"
+            raise StoreUnavailableError(f"{what}: {reason}")
+        if answer.compact_revision:
+            raise _EtcdCompacted(what)
+        return int(answer.events[0].kv.mod_revision)
 
     async def _result_at(
         self, revision: int, success: list[TxnOp], deadline: float
