@@ -17,10 +17,22 @@ Behaviour:
 - Every call has a deadline (`call_timeout`, all retries included); running out of it raises
   StoreUnavailableError. Every request carries etcd's `hasleader` metadata, so a member cut off
   from its cluster refuses at once ("no leader") instead of hanging until the deadline.
-- Failover: calls go to one endpoint until it fails, then to the next. Reads are retried on
-  any endpoint. A write is retried only when it surely was not applied (no connection, or
-  "no leader", which etcd answers before looking at the request); a write whose connection
-  drops mid-call raises StoreUnavailableError saying the outcome is unknown.
+- Failover: calls go to one endpoint until it fails, then to the next; writes go to the
+  leader (every member's status is asked at the first write and after any failover), so a
+  dead leader fails the write in flight at once instead of a follower holding it until its
+  own timeout. A try of a read, or of a write that is safe to replay, gets `attempt_timeout`
+  (doubling on each timeout); rounds over all endpoints pause at most 0.1 s, so a new leader
+  is found within about that of its election. Reads are retried on any endpoint. A write is
+  sent again when it surely was not applied (no connection, or "no leader", which etcd
+  answers before looking at the request).
+- A txn whose member fails mid-call: if it cannot apply twice (`_replay_guard`: its success
+  branch falsifies one of its compares, `mod_revision == n` or "key absent"; its failure
+  branch writes nothing), the store reads the guard key's history on a surviving member
+  (once there is a leader), answers with the txn's result if it was applied (op results
+  replayed on the revision before it) and sends it again if not. The one miss: a create
+  applied, then deleted by someone else before the check, is sent again. Any other write
+  raises StoreUnavailableError with outcome UNKNOWN naming the member; a call that found no
+  member raises it with NOT_APPLIED, naming what failed ("no leader", refused endpoints).
 - Large ranges are read in pages of `range_page_size` keys at the revision of the first page
   (limit + key continuation), so a big result is one consistent snapshot. `count` is the size
   of the whole prefix at that revision, also when `start_after` is given (one read-only txn).
