@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from hivenet.lab.etcd import EtcdCluster, EtcdMember
-from hivenet.store import Compare, Event, Get, Put, StoreUnavailableError
+from hivenet.store import Compare, Event, Get, Put, StoreUnavailableError, WriteOutcome
 from hivenet.store.etcd import EtcdStore
 from tests.store.etcd_cluster import running_cluster, wipe
 
@@ -170,5 +170,37 @@ def test_a_watch_gives_up_only_when_no_member_answers_for_its_reconnect_timeout(
             assert 0.9 <= loop.time() - started <= 4.0
         finally:
             await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_write_without_quorum_names_the_lost_leader_and_says_what_became_of_it(
+    healthy_cluster: EtcdCluster,
+) -> None:
+    cluster = healthy_cluster
+    leader = cluster.leader()
+    follower = next(member for member in cluster.members if member is not leader)
+
+    async def main() -> None:
+        store = EtcdStore(cluster.endpoints, call_timeout=2.0)
+        try:
+            await store.put("/quorum/k", b"")  # finds the leader
+            assert store.leader_endpoint == leader.endpoint
+            for member in (leader, follower):
+                await asyncio.to_thread(cluster.kill, member.name)
+            with pytest.raises(StoreUnavailableError) as raised:
+                await store.txn(
+                    [Compare("/quorum/new", "create_revision", "==", 0)], [Put("/quorum/new", b"")]
+                )
+        finally:
+            await store.close()
+        error = raised.value
+        # Sent to the leader, which was dead: surely not applied. Sent to the survivor, which
+        # cannot commit without quorum: unknown. Either way the lost leader is named.
+        assert f"{leader.endpoint} (the leader)" in error.failed, error
+        if error.outcome is WriteOutcome.UNKNOWN:
+            assert "read it back" in str(error)
+        else:
+            assert "not applied" in str(error)
 
     asyncio.run(main())

@@ -373,8 +373,11 @@ def _backoff(failures_in_a_row: int, endpoint_count: int, maximum: float = _BACK
 class _MidCallFailure(Exception):
     """A write reached `member`, which failed before answering: it may have been applied."""
 
-    def __init__(self, member: str, details: str) -> None:
-        super().__init__(f"{member} failed mid-call ({details})")
+    def __init__(self, member: str, details: str, *, timed_out: bool = False) -> None:
+        # A member that times out is alive but could not commit (its leader is gone): say so,
+        # so that an operator does not look for the fault there.
+        happened = "did not answer in time" if timed_out else "failed mid-call"
+        super().__init__(f"{member} {happened} ({details})")
         self.member = member
         self.details = details
 
@@ -538,7 +541,7 @@ class EtcdStore:
 
     @property
     def leader_endpoint(self) -> str | None:
-        """The endpoint of the member that last said it is the leader (None: not known)."""
+        """The endpoint of the member that last said it is the leader (None: none did yet)."""
         return self._leader
 
     @property
@@ -598,14 +601,17 @@ class EtcdStore:
                 self._leader = self._endpoints[index].address
                 self._leader_unknown = False
                 return
-        self._leader = None
+        # No member leads now (an election): `_leader` keeps naming the last one that did.
 
     def _unavailable(self, what: str, problems: dict[str, str]) -> StoreUnavailableError:
         """No member answered in time, and nothing was sent that could have been applied."""
         if problems and all(_ERR_NO_LEADER in problem for problem in problems.values()):
             failed = "no leader (the members are electing one)"
         else:
-            failed = "; ".join(f"{address}: {problem}" for address, problem in problems.items())
+            failed = "; ".join(
+                f"{address}{' (the leader)' if address == self._leader else ''}: {problem}"
+                for address, problem in problems.items()
+            )
         return StoreUnavailableError(
             f"{what}: no etcd member of {self.endpoints} answered within "
             f"{self._call_timeout:g}s ({failed or 'no endpoint tried'}); not applied",
@@ -673,7 +679,11 @@ class EtcdStore:
                     self._move_on_from(index)
                     self._leader_unknown = True
                     if replay_safe:
-                        raise _MidCallFailure(member, _details(error)) from error
+                        raise _MidCallFailure(
+                            member,
+                            _details(error),
+                            timed_out=error.code() == grpc.StatusCode.DEADLINE_EXCEEDED,
+                        ) from error
                     raise StoreUnavailableError(
                         f"{what}: {member} failed mid-call ({_details(error)}); the write may "
                         "or may not have been applied: read it back",
@@ -944,7 +954,7 @@ class EtcdStore:
             except StoreUnavailableError as error:
                 if lost is None:
                     raise
-                raise self._outcome_unknown(what, lost, str(error)) from error
+                raise self._outcome_unknown(what, lost, error) from error
             if response is not None and (response.succeeded or lost is None):
                 branch = success if response.succeeded else failure
                 return TxnResult(
@@ -959,7 +969,7 @@ class EtcdStore:
             try:
                 applied = await self._result_if_applied(guard, success, deadline)
             except StoreUnavailableError as error:
-                raise self._outcome_unknown(what, lost, str(error)) from error
+                raise self._outcome_unknown(what, lost, error) from error
             except _EtcdCompacted as error:
                 raise self._outcome_unknown(
                     what, lost, f"its history is compacted ({error})"
@@ -978,12 +988,18 @@ class EtcdStore:
                 )
             _log.info("%s: not applied before %s; sending it again", what, lost)
 
-    def _outcome_unknown(self, what: str, lost: _MidCallFailure, why: str) -> StoreUnavailableError:
+    def _outcome_unknown(
+        self, what: str, lost: _MidCallFailure, why: StoreUnavailableError | str
+    ) -> StoreUnavailableError:
+        """The write reached `lost.member`, which failed or went silent; what kept the store
+        from finding out since (`why`: what failed then, e.g. the leader and "no leader")
+        is what to name."""
+        failed = why.failed if isinstance(why, StoreUnavailableError) and why.failed else ""
         return StoreUnavailableError(
             f"{what}: {lost}; whether it was applied could not be found out within "
-            f"{self._call_timeout:g}s ({why}): read it back",
+            f"{self._call_timeout:g}s ({failed or why}): read it back",
             outcome=WriteOutcome.UNKNOWN,
-            failed=lost.member,
+            failed=failed or lost.member,
         )
 
     async def _result_if_applied(
