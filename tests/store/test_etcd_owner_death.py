@@ -108,3 +108,14 @@ def test_clean_leaves_a_cluster_whose_owner_runs_and_removes_one_whose_owner_is_
     ended, removed = clean_stale_clusters((tmp_path,))
     assert ended == [] and removed == [str(gone)]
     assert live.exists() and unrelated.exists() and not gone.exists()
+
+
+def test_clean_removes_an_ownerless_directory_only_once_no_start_can_be_writing_it(
+    tmp_path: Path,
+) -> None:
+    old = _fake_cluster(tmp_path, "hn-etcd-old", None)
+    fresh = _fake_cluster(tmp_path, "hn-etcd-fresh", None)
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    ended, removed = clean_stale_clusters((tmp_path,))
+    assert ended == [] and removed == [str(old)] and fresh.exists()

@@ -772,12 +772,23 @@ def _recorded_owner(cluster_directory: Path) -> object:
     return data.get("owner") if isinstance(data, dict) else None
 
 
+def _parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _is_stale(directory: Path, now: float) -> bool:
-    """A throwaway cluster directory whose owner is gone (or, with no owner on record, one
-    old enough that no start can still be writing it)."""
+    """A throwaway cluster directory whose owner is gone. Without an owner on record (a
+    cluster started by older code): stale when its members were orphaned (their parent is
+    init now), or, with none running, when it is old enough that no start is writing it."""
     owner = _recorded_owner(directory / ETCD_SUBDIR)
     if owner is not None:
         return not _owner_is_alive(owner)
+    members = _throwaway_member_pids(directory)
+    if members:
+        return all(_parent_pid(pid) == 1 for pid in members)
     try:
         return now - directory.stat().st_mtime > _UNRECORDED_GRACE_SECONDS
     except OSError:
