@@ -170,6 +170,23 @@ def test_a_create_beaten_by_another_writer_while_its_answer_was_lost_fails_its_c
     run(etcd_cluster, body)
 
 
+def test_a_create_refused_by_its_compare_while_its_answer_was_lost_stays_refused(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    async def body(store: EtcdStore, _other: EtcdStore) -> None:
+        # The key already holds exactly what the create would write: only the revision at
+        # which it appeared tells that this create did not write it.
+        await store.put("/outcome/k", b"same")
+        await lose_next_write(store, deliver=True)
+        before = await store.current_revision()
+        result = await store.txn(
+            [Compare("/outcome/k", "create_revision", "==", 0)], [Put("/outcome/k", b"same")]
+        )
+        assert not result.succeeded and result.revision == before
+
+    run(etcd_cluster, body)
+
+
 def test_a_write_that_could_apply_twice_reports_its_outcome_unknown_and_the_member(
     etcd_cluster: EtcdCluster,
 ) -> None:

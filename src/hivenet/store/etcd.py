@@ -520,6 +520,8 @@ class EtcdStore:
         # to ask again before the next write (at the start, and after any failover).
         self._leader: str | None = None
         self._leader_unknown = True
+        # The highest store revision any answer carried: a txn sent now applies above it.
+        self._seen_revision = 0
         self._page_size = range_page_size
         self._watch_reconnect_timeout = float(watch_reconnect_timeout)
         self._closed = False
@@ -720,7 +722,7 @@ class EtcdStore:
             call = getattr(getattr(endpoint, stub), method)
             return await call(request, timeout=timeout, metadata=_REQUIRE_LEADER)
 
-        return await self._call(
+        response = await self._call(
             what,
             attempt,
             mutating=mutating,
@@ -728,6 +730,10 @@ class EtcdStore:
             lease_id=lease_id,
             deadline=deadline,
         )
+        header = getattr(response, "header", None)
+        if header is not None and header.revision > self._seen_revision:
+            self._seen_revision = int(header.revision)
+        return response
 
     async def _compaction_error(self, requested: int) -> CompactedError:
         """CompactedError for `requested`, with the store's compact revision (etcd's minus one)."""
@@ -936,6 +942,7 @@ class EtcdStore:
         self._check_open(what)
         loop = self._bind_loop()
         deadline = loop.time() + self._call_timeout
+        sent_above = self._seen_revision  # where it applies, if it does, is above this
         lost: _MidCallFailure | None = None
         while True:
             response: Any = None
@@ -967,7 +974,7 @@ class EtcdStore:
                 )
             assert guard is not None and lost is not None
             try:
-                applied = await self._result_if_applied(guard, success, deadline)
+                applied = await self._result_if_applied(guard, success, sent_above, deadline)
             except StoreUnavailableError as error:
                 raise self._outcome_unknown(what, lost, error) from error
             except _EtcdCompacted as error:
@@ -1003,12 +1010,14 @@ class EtcdStore:
         )
 
     async def _result_if_applied(
-        self, guard: tuple[str, int], success: list[TxnOp], deadline: float
+        self, guard: tuple[str, int], success: list[TxnOp], sent_above: int, deadline: float
     ) -> TxnResult | None:
-        """The result of the txn with `success` if it was applied (None if it surely was not),
+        """The result of the txn with `success` if it was applied (None if it was not),
         judged from the history of the guard key (see `_replay_guard`): the revision at which
-        the guard stopped holding, and whether every key the txn writes changed there to what
-        it writes."""
+        the guard stopped holding, if above `sent_above` (a revision seen before the txn was
+        sent), and whether every key the txn writes changed there to what it writes. (Another
+        client's txn that wrote exactly the same at that revision is taken for this one: the
+        store is then as if this one had been applied.)"""
         key, guarded_mod_revision = guard
         current = await self._get_by(key, deadline)
         put = next((op for op in success if isinstance(op, Put) and op.key == key), None)
@@ -1022,6 +1031,8 @@ class EtcdStore:
             candidate = current.mod_revision
         else:
             candidate = await self._first_change_after(key, guarded_mod_revision, deadline)
+        if candidate <= sent_above:
+            return None  # the guard stopped holding before the txn was sent
         return await self._result_at(candidate, success, deadline)
 
     async def _get_by(self, key: str, deadline: float) -> KeyValue | None:
