@@ -46,6 +46,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.etcd  # its clusters start in a pytest of its own
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_no_member_outlives_a_killed_pytest(tmp_path: Path, signum: signal.Signals) -> None:
     require_etcd()
