@@ -159,6 +159,16 @@ class ConflictError(TopologyError):
     concurrent writers that kept winning the race)."""
 
 
+class AlreadyExistsError(ConflictError):
+    """A create of an id that is taken. (The API answers a retried create, one whose request
+    matches the stored object, with that object instead.)"""
+
+    def __init__(self, kind: str, object_id: str) -> None:
+        super().__init__(f"a {kind} with id {object_id!r} already exists")
+        self.kind = kind
+        self.object_id = object_id
+
+
 class RevisionMismatchError(TopologyError):
     def __init__(self, expected: int, actual: int) -> None:
         super().__init__(f"expected revision {expected}, but the object is at revision {actual}")
@@ -463,7 +473,7 @@ class TopologyRepository:
         async def body(attempt: _Attempt) -> T:
             key = topology_key(kind, obj.id)
             if await attempt.read(key) is not None:
-                raise ConflictError(f"a {kind} with id {obj.id!r} already exists")
+                raise AlreadyExistsError(kind, obj.id)
             stored: TopologyObject = obj
             if isinstance(obj, Port):
                 tunnel_key = await self._allocate_tunnel_key(attempt, obj.id)
