@@ -12,6 +12,7 @@ revision. Must not write to the store.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from hivenet.store.keys import STATE_PREFIX, parse_state_key
 from hivenet.store.topology import TopologyRepository
 
 T = TypeVar("T", bound=TopologyObject)
+_log = logging.getLogger("hivenet.api.openstack")
 
 REQUEST_ID_HEADER = "x-openstack-request-id"
 # A Neutron request body larger than this is refused (Neutron's own limit is 112 KiB).
@@ -160,9 +162,15 @@ class RequestIdMiddleware(BaseHTTPMiddleware):
     """Every response carries `x-openstack-request-id: req-<uuid>`; a body announced larger
     than MAX_BODY_BYTES is refused before it is read."""
 
-    def __init__(self, app: Any, render_error: Callable[[OpenStackError], Response]) -> None:
+    def __init__(
+        self,
+        app: Any,
+        render_error: Callable[[OpenStackError], Response],
+        resources: Mapping[str, str],
+    ) -> None:
         super().__init__(app)
         self._render_error = render_error
+        self._resources = resources
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         request_id = f"req-{uuid.uuid4()}"
@@ -176,7 +184,11 @@ class RequestIdMiddleware(BaseHTTPMiddleware):
                 )
             )
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # a bug: answer 500 here, never let it reach the /v1 app
+                _log.exception("%s %s failed (%s)", request.method, request.url.path, request_id)
+                response = self._render_error(translate_error(exc, self._resources))
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
@@ -454,14 +466,12 @@ def collection_url(request: Request) -> str:
     return str(request.url.remove_query_params(list(request.query_params.keys())))
 
 
-def install_openstack_errors(
-    app: FastAPI, render: Callable[[OpenStackError], Response], resources: Mapping[str, str]
-) -> None:
-    """Register `render` for OpenStackError and translate repository/store refusals."""
+def translate_error(exc: Exception, resources: Mapping[str, str]) -> OpenStackError:
+    """Any refusal (or failure) in OpenStack's terms."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from hivenet.store.base import StoreCorruptError, StoreError, StoreUnavailableError
+    from hivenet.store.base import StoreError, StoreUnavailableError
     from hivenet.store.topology import (
         ConflictError,
         DanglingReferenceError,
@@ -471,42 +481,56 @@ def install_openstack_errors(
         RevisionMismatchError,
     )
 
-    def translate(exc: Exception) -> OpenStackError:
-        if isinstance(exc, OpenStackError):
-            return exc
-        if isinstance(exc, NotFoundError):
-            return not_found(resources.get(exc.kind, exc.kind), exc.object_id)
-        if isinstance(exc, DanglingReferenceError):
-            return not_found(resources.get(exc.kind, exc.kind), exc.value)
-        if isinstance(exc, ReferencedError):
-            return conflict("InUse", str(exc))
-        if isinstance(exc, RevisionMismatchError):
-            return OpenStackError(412, "RevisionNumberConstraintFailed", str(exc))
-        if isinstance(exc, ConflictError):
-            return conflict("Conflict", str(exc))
-        if isinstance(exc, InvalidFieldError):
-            return bad_request(str(exc))
-        if isinstance(exc, pydantic.ValidationError):
-            return bad_request(validation_message(exc))
-        if isinstance(exc, RequestValidationError):
-            return bad_request(request_validation_message(exc.errors()))
-        if isinstance(exc, HTTPException):
-            names = {404: "HTTPNotFound", 405: "HTTPMethodNotAllowed"}
-            return OpenStackError(
-                exc.status_code, names.get(exc.status_code, "HTTPError"), str(exc.detail)
-            )
-        if isinstance(exc, StoreUnavailableError):
-            return OpenStackError(503, "ServiceUnavailable", f"store unavailable: {exc}")
-        if isinstance(exc, StoreCorruptError | StoreError):
-            return OpenStackError(500, "StoreError", f"store error: {exc}")
-        return OpenStackError(500, "InternalError", f"internal error: {type(exc).__name__}")
+    if isinstance(exc, OpenStackError):
+        return exc
+    if isinstance(exc, NotFoundError):
+        return not_found(resources.get(exc.kind, exc.kind), exc.object_id)
+    if isinstance(exc, DanglingReferenceError):
+        return not_found(resources.get(exc.kind, exc.kind), exc.value)
+    if isinstance(exc, ReferencedError):
+        return conflict("InUse", str(exc))
+    if isinstance(exc, RevisionMismatchError):
+        return OpenStackError(412, "RevisionNumberConstraintFailed", str(exc))
+    if isinstance(exc, ConflictError):
+        return conflict("Conflict", str(exc))
+    if isinstance(exc, InvalidFieldError):
+        return bad_request(str(exc))
+    if isinstance(exc, pydantic.ValidationError):
+        return bad_request(validation_message(exc))
+    if isinstance(exc, RequestValidationError):
+        return bad_request(request_validation_message(exc.errors()))
+    if isinstance(exc, HTTPException):
+        names = {404: "HTTPNotFound", 405: "HTTPMethodNotAllowed"}
+        return OpenStackError(
+            exc.status_code, names.get(exc.status_code, "HTTPError"), str(exc.detail)
+        )
+    if isinstance(exc, StoreUnavailableError):
+        return OpenStackError(503, "ServiceUnavailable", f"store unavailable: {exc}")
+    if isinstance(exc, StoreError):
+        return OpenStackError(500, "StoreError", f"store error: {exc}")
+    return OpenStackError(500, "InternalError", f"internal error: {type(exc).__name__}")
+
+
+def install_openstack_errors(
+    app: FastAPI, render: Callable[[OpenStackError], Response], resources: Mapping[str, str]
+) -> None:
+    """Render every expected refusal with `render`. Handled here, inside the sub-app, so the
+    outer /v1 app never sees them; anything unexpected is caught by `RequestIdMiddleware`."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from hivenet.store.base import StoreError
+    from hivenet.store.topology import TopologyError
 
     async def handler(_request: Request, exc: Exception) -> Response:
-        if not isinstance(exc, OpenStackError | HTTPException):
-            import logging
+        return render(translate_error(exc, resources))
 
-            logging.getLogger("hivenet.api.openstack").info("refused: %r", exc)
-        return render(translate(exc))
-
-    for exc_class in (OpenStackError, HTTPException, RequestValidationError, Exception):
+    for exc_class in (
+        OpenStackError,
+        HTTPException,
+        RequestValidationError,
+        TopologyError,
+        StoreError,
+        pydantic.ValidationError,
+    ):
         app.add_exception_handler(exc_class, handler)

@@ -215,7 +215,7 @@ def neutron_app(
         redoc_url=None,
     )
     install_openstack_errors(app, neutron_error, RESOURCE_OF_KIND)
-    app.add_middleware(RequestIdMiddleware, render_error=neutron_error)
+    app.add_middleware(RequestIdMiddleware, render_error=neutron_error, resources=RESOURCE_OF_KIND)
     ctx = Neutron(options, repository, tokens)
 
     @app.get("/", include_in_schema=False)

@@ -469,7 +469,7 @@ def octavia_app(
         redoc_url=None,
     )
     install_openstack_errors(app, octavia_error, RESOURCE_OF_KIND)
-    app.add_middleware(RequestIdMiddleware, render_error=octavia_error)
+    app.add_middleware(RequestIdMiddleware, render_error=octavia_error, resources=RESOURCE_OF_KIND)
     resolver = options.resolver or HiveNetTokens(tokens, options.project_tokens)
 
     async def caller(request: Request) -> Caller:
