@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hivenet.model.types import (
     AllowedAddressPair,
+    FixedIp,
     IpAddress,
     IpInterface,
     IpNetwork,
@@ -88,6 +89,9 @@ class Bridge(TopologyObject):
     outbound_chain_id: ObjectId | None = None
     # Answer ARP requests from the bridge's known IP->MAC entries instead of flooding them.
     arp_proxy: bool = False
+    # The MTU its VMs use (DHCP option 26); None: the underlay MTU less the VXLAN overhead
+    # (`hivenet.model.subnet.overlay_mtu`), which each agent knows for its own underlay.
+    mtu: int | None = Field(default=None, ge=68, le=65535)
 
 
 class Router(TopologyObject):
@@ -112,6 +116,9 @@ class Port(TopologyObject):
     end, and the link is symmetric (both ports name each other). Router ports carry their
     addresses with prefix (`addresses`); on bridge ports `addresses` lists the VM's own
     addresses (port security and ARP). `tunnel_key` is allocated by the store, unique.
+    `fixed_ips` are the port's addresses on subnets (IPAM): an entry without `ip_address`
+    gets the next free pool address from the store, each address is unique in its subnet,
+    and the store keeps every fixed IP in `addresses` too (with the subnet's prefix).
     """
 
     KIND: ClassVar[str] = "port"
@@ -143,9 +150,14 @@ class Port(TopologyObject):
     port_security_enabled: bool = False
     security_group_ids: tuple[ObjectId, ...] = ()
     allowed_address_pairs: tuple[AllowedAddressPair, ...] = ()
+    fixed_ips: tuple[FixedIp, ...] = ()
 
     def references(self) -> list[tuple[str, str, str]]:
-        return [("device_id", self.device_kind.value, self.device_id), *super().references()]
+        return [
+            ("device_id", self.device_kind.value, self.device_id),
+            *super().references(),
+            *(("fixed_ips", "subnet", fixed.subnet_id) for fixed in self.fixed_ips),
+        ]
 
     @property
     def is_interior(self) -> bool:
@@ -190,6 +202,9 @@ class Port(TopologyObject):
             raise ValueError(
                 f"port {self.id}: port_security_enabled is only for exterior bridge ports"
             )
+        pinned = [f.ip_address for f in self.fixed_ips if f.ip_address is not None]
+        if len(set(pinned)) != len(pinned):
+            raise ValueError(f"port {self.id}: an address appears twice in fixed_ips {pinned}")
         return self
 
 
@@ -405,6 +420,7 @@ class TunnelZone(TopologyObject):
 # The load-balancer kinds live in their own module, which needs TopologyObject from this one.
 from hivenet.model.loadbalancer import LB_KINDS  # noqa: E402
 from hivenet.model.security import SECURITY_KINDS  # noqa: E402
+from hivenet.model.subnet import SUBNET_KINDS  # noqa: E402
 
 KINDS: dict[str, type[TopologyObject]] = {
     cls.KIND: cls
@@ -423,6 +439,7 @@ KINDS: dict[str, type[TopologyObject]] = {
 }
 KINDS.update({cls.KIND: cls for cls in LB_KINDS})
 KINDS.update({cls.KIND: cls for cls in SECURITY_KINDS})
+KINDS.update({cls.KIND: cls for cls in SUBNET_KINDS})
 
 
 def topology_key(kind: str, object_id: str) -> str:
