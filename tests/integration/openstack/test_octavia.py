@@ -20,34 +20,20 @@ def _fault(response: Any) -> str:
     return message
 
 
-def _routed_network(openstack: OpenStackApi) -> tuple[str, str]:
-    """A network with an interface on a router, wired natively through /v1."""
-    auth = {"Authorization": f"Bearer {openstack.admin_token}"}
+def _routed_network(openstack: OpenStackApi) -> tuple[str, str, str]:
+    """(network, subnet, router): a 10.0.0.0/24 network with an interface on a router."""
     network = openstack.create("networks", "network", {"name": "web"})
+    subnet = openstack.create(
+        "subnets", "subnet", {"network_id": network["id"], "cidr": "10.0.0.0/24"}
+    )
     router = openstack.create("routers", "router", {"name": "r"})
-    router_port = openstack.client.post(
-        "/v1/ports",
-        json={
-            "device_kind": "router",
-            "device_id": router["id"],
-            "addresses": ["10.0.0.1/24"],
-            "tenant_id": router["project_id"],
-        },
-        headers=auth,
+    added = openstack.request(
+        "PUT",
+        f"/v2.0/routers/{router['id']}/add_router_interface",
+        json={"subnet_id": subnet["id"]},
     )
-    assert router_port.status_code == 201, router_port.text
-    bridge_port = openstack.client.post(
-        "/v1/ports",
-        json={
-            "device_kind": "bridge",
-            "device_id": network["id"],
-            "peer_id": router_port.json()["id"],
-            "tenant_id": network["project_id"],
-        },
-        headers=auth,
-    )
-    assert bridge_port.status_code == 201, bridge_port.text
-    return network["id"], router["id"]
+    assert added.status_code == 200, added.text
+    return network["id"], subnet["id"], router["id"]
 
 
 def _create(openstack: OpenStackApi, path: str, member: str, body: dict[str, Any]) -> Any:
@@ -57,14 +43,20 @@ def _create(openstack: OpenStackApi, path: str, member: str, body: dict[str, Any
 
 
 def test_a_load_balancer_end_to_end(openstack: OpenStackApi) -> None:
-    network_id, router_id = _routed_network(openstack)
+    network_id, subnet_id, router_id = _routed_network(openstack)
     lb = _create(
+        openstack, "loadbalancers", "loadbalancer", {"name": "lb1", "vip_subnet_id": subnet_id}
+    )
+    assert lb["vip_network_id"] == network_id and lb["provisioning_status"] == "ACTIVE"
+    vip_port = openstack.show("ports", "port", lb["vip_port_id"])
+    assert vip_port["fixed_ips"] == [{"subnet_id": subnet_id, "ip_address": lb["vip_address"]}]
+    pinned = _create(
         openstack,
         "loadbalancers",
         "loadbalancer",
-        {"name": "lb1", "vip_network_id": network_id, "vip_address": "10.0.0.100"},
+        {"vip_network_id": network_id, "vip_address": "10.0.0.100"},
     )
-    assert lb["vip_address"] == "10.0.0.100" and lb["provisioning_status"] == "ACTIVE"
+    assert pinned["vip_address"] == "10.0.0.100" and pinned["vip_subnet_id"] is None
     listener = _create(
         openstack,
         "listeners",
@@ -139,6 +131,7 @@ def test_a_load_balancer_end_to_end(openstack: OpenStackApi) -> None:
     assert in_use.status_code == 409
     gone = openstack.request("DELETE", f"{LBAAS}/loadbalancers/{lb['id']}?cascade=true")
     assert gone.status_code == 204
+    assert openstack.request("GET", f"/v2.0/ports/{lb['vip_port_id']}").status_code == 404
     for path in (
         f"listeners/{listener['id']}",
         f"pools/{pool['id']}",
@@ -148,14 +141,19 @@ def test_a_load_balancer_end_to_end(openstack: OpenStackApi) -> None:
 
 
 def test_refusals_name_the_field(openstack: OpenStackApi) -> None:
-    network_id, _router = _routed_network(openstack)
+    network_id, _subnet, _router = _routed_network(openstack)
     lonely = openstack.create("networks", "network", {"name": "no-router"})
+    lonely_subnet = openstack.create(
+        "subnets", "subnet", {"network_id": lonely["id"], "cidr": "10.1.0.0/24"}
+    )
+    before = openstack.dump()
     no_router = openstack.request(
         "POST",
         f"{LBAAS}/loadbalancers",
-        json={"loadbalancer": {"vip_network_id": lonely["id"], "vip_address": "10.1.0.5"}},
+        json={"loadbalancer": {"vip_subnet_id": lonely_subnet["id"]}},
     )
     assert no_router.status_code == 400 and "router" in _fault(no_router)
+    assert openstack.dump() == before  # the VIP port allocated before the refusal is not kept
     lb = _create(
         openstack,
         "loadbalancers",

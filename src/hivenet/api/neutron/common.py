@@ -473,6 +473,7 @@ def translate_error(exc: Exception, resources: Mapping[str, str]) -> OpenStackEr
 
     from hivenet.store.base import StoreError, StoreUnavailableError
     from hivenet.store.topology import (
+        AddressInUseError,
         ConflictError,
         DanglingReferenceError,
         InvalidFieldError,
@@ -493,6 +494,8 @@ def translate_error(exc: Exception, resources: Mapping[str, str]) -> OpenStackEr
         return OpenStackError(412, "RevisionNumberConstraintFailed", str(exc))
     if isinstance(exc, ConflictError):
         return conflict("Conflict", str(exc))
+    if isinstance(exc, AddressInUseError):
+        return conflict("IpAddressAlreadyAllocated", str(exc))
     if isinstance(exc, InvalidFieldError):
         return bad_request(str(exc))
     if isinstance(exc, pydantic.ValidationError):

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, create_model
 
 from hivenet.api.auth import TokenRegistry
+from hivenet.api.neutron import l3
 from hivenet.api.neutron import translate as tr
 from hivenet.api.neutron.common import (
     Caller,
@@ -42,6 +43,7 @@ from hivenet.api.neutron.common import (
 from hivenet.model import (
     Bridge,
     DeviceKind,
+    FloatingIp,
     Host,
     Port,
     Router,
@@ -49,6 +51,7 @@ from hivenet.model import (
     SecurityGroupRule,
     TopologyObject,
 )
+from hivenet.model.subnet import Subnet
 from hivenet.store.topology import TopologyRepository, TopologyTransaction
 
 RepositorySource = Callable[[], Awaitable[TopologyRepository]]
@@ -61,12 +64,14 @@ RESOURCE_OF_KIND = {
     "security_group": "security_group",
     "security_group_rule": "security_group_rule",
     "floating_ip": "floatingip",
+    "subnet": "subnet",
     "host": "host",
 }
 
 EXTENSIONS: list[dict[str, str]] = [
     {"alias": "external-net", "name": "Neutron external network"},
     {"alias": "router", "name": "Neutron L3 Router"},
+    {"alias": "ext-gw-mode", "name": "Neutron L3 Configurable external gateway mode"},
     {"alias": "security-group", "name": "security-group"},
     {"alias": "port-security", "name": "Port Security"},
     {"alias": "allowed-address-pairs", "name": "Allowed Address Pairs"},
@@ -103,6 +108,8 @@ PortRequest = _wrapper("PortRequest", "port", tr.PortBody)
 RouterRequest = _wrapper("RouterRequest", "router", tr.RouterBody)
 SecurityGroupRequest = _wrapper("SecurityGroupRequest", "security_group", tr.SecurityGroupBody)
 RuleRequest = _wrapper("SecurityGroupRuleRequest", "security_group_rule", tr.SecurityGroupRuleBody)
+SubnetRequest = _wrapper("SubnetRequest", "subnet", tr.SubnetBody)
+FloatingIpRequest = _wrapper("FloatingIpRequest", "floatingip", tr.FloatingIpBody)
 
 
 class TagsRequest(BaseModel):
@@ -124,8 +131,14 @@ class Neutron:
     # ---- reads
 
     async def visible(
-        self, caller: Caller, cls: type[Any], object_id: str, resource: str
+        self,
+        caller: Caller,
+        cls: type[Any],
+        object_id: str,
+        resource: str,
+        shared: Callable[[Any], bool] | None = None,
     ) -> tuple[Any, int]:
+        """The object and its revision if the caller may read it (its own, or `shared`)."""
         repository = await self.repository()
         from hivenet.store.topology import NotFoundError
 
@@ -133,44 +146,67 @@ class Neutron:
             stored = await repository.get(cls, object_id)
         except NotFoundError:
             raise not_found(resource, object_id) from None
-        if not caller.sees(stored.obj):
+        if not caller.sees(stored.obj) and not (shared is not None and shared(stored.obj)):
             raise not_found(resource, object_id)
         return stored.obj, stored.mod_revision
 
+    async def read(self, body: Callable[[TopologyTransaction], Awaitable[Any]]) -> Any:
+        """`body`'s result from a read-only transaction (one consistent view)."""
+        return (await self.transact(body, "read"))[0]
+
     async def network_dict(self, bridge: Bridge, revision: int) -> dict[str, Any]:
-        return tr.network_view(bridge, revision, [])
+        async def subnets(txn: TopologyTransaction) -> list[str]:
+            return [s.id for s in await l3.network_subnets(txn, bridge.id)]
+
+        return tr.network_view(bridge, revision, await self.read(subnets))
 
     async def port_dict(self, port: Port, revision: int) -> dict[str, Any]:
-        repository = await self.repository()
-        peer = None
-        gateway = False
-        if port.peer_id is not None:
-            from hivenet.store.topology import NotFoundError
+        async def peer_of(txn: TopologyTransaction) -> tuple[Port | None, bool]:
+            peer = await txn.get(Port, port.peer_id) if port.peer_id else None
+            if peer is None:
+                return None, False
+            router = await txn.get(Router, peer.device_id)
+            return peer, router is not None and l3.is_gateway_port(router, peer)
 
-            try:
-                peer = (await repository.get(Port, port.peer_id)).obj
-            except NotFoundError:
-                peer = None
+        peer, gateway = await self.read(peer_of)
+        repository = await self.repository()
         active = port.host_id is not None and await port_is_active(
             repository, port.host_id, port.id
         )
         return tr.port_view(
-            port, revision, active=active, fixed_ips=[], router_peer=peer, gateway=gateway
+            port,
+            revision,
+            active=active,
+            fixed_ips=l3.fixed_ips_view(peer or port),
+            router_peer=peer,
+            gateway=gateway,
         )
 
     def port_from_snapshot(self, snapshot: Snapshot, port: Port) -> dict[str, Any]:
         peer = snapshot.get(Port, port.peer_id) if port.peer_id else None
+        router = snapshot.get(Router, peer.device_id) if peer is not None else None
         active = port.host_id is not None and (port.host_id, port.id) in snapshot.active_ports
         return tr.port_view(
             port,
             snapshot.revisions.get(port.id, 0),
             active=active,
-            fixed_ips=[],
+            fixed_ips=l3.fixed_ips_view(peer or port),
             router_peer=peer,
+            gateway=router is not None and peer is not None and l3.is_gateway_port(router, peer),
         )
 
     async def router_dict(self, router: Router, revision: int) -> dict[str, Any]:
-        return tr.router_view(router, revision, None)
+        gateway = await self.read(lambda txn: l3.gateway_info(txn, router))
+        return tr.router_view(router, revision, gateway)
+
+    def router_from_snapshot(self, snapshot: Snapshot, router: Router) -> dict[str, Any]:
+        gateway = None
+        port_id = router.external_ids.get(l3.GATEWAY_PORT)
+        port = snapshot.get(Port, port_id) if port_id else None
+        if port is not None:
+            peer = snapshot.get(Port, port.peer_id) if port.peer_id else None
+            gateway = l3.gateway_view(router, port, peer)
+        return tr.router_view(router, snapshot.revisions[router.id], gateway)
 
     async def security_group_dict(self, group: SecurityGroup, revision: int) -> dict[str, Any]:
         snapshot = await scan(await self.repository(), [SecurityGroupRule])
@@ -222,7 +258,15 @@ def neutron_app(
     @app.get("", include_in_schema=False)
     async def resources(request: Request) -> JSONResponse:
         base = str(request.base_url).rstrip("/") + "/v2.0"
-        collections = ["networks", "ports", "routers", "security-groups", "security-group-rules"]
+        collections = [
+            "networks",
+            "subnets",
+            "ports",
+            "routers",
+            "floatingips",
+            "security-groups",
+            "security-group-rules",
+        ]
         return JSONResponse(
             {
                 "resources": [
@@ -261,6 +305,7 @@ def neutron_app(
             name=spec.name or "",
             tenant_id=caller.owner_for(_owner(spec)),
             admin_state_up=True if spec.admin_state_up is None else spec.admin_state_up,
+            mtu=spec.mtu,
             external_ids=_network_ids(spec, {}),
         )
         repository = await ctx.repository()
@@ -272,18 +317,23 @@ def neutron_app(
     async def list_networks(request: Request) -> JSONResponse:
         caller = await ctx.caller(request)
         query = parse_list_query(request, tr.NETWORK_ATTRIBUTES)
-        snapshot = await scan(await ctx.repository(), [Bridge])
+        snapshot = await scan(await ctx.repository(), [Bridge, Subnet])
+        subnets: dict[str, list[str]] = {}
+        for subnet in snapshot.of(Subnet):
+            subnets.setdefault(subnet.bridge_id, []).append(subnet.id)
         items = [
-            tr.network_view(bridge, snapshot.revisions[bridge.id], [])
+            tr.network_view(bridge, snapshot.revisions[bridge.id], subnets.get(bridge.id, []))
             for bridge in snapshot.of(Bridge)
-            if caller.sees(bridge)
+            if tr.network_visible(caller, bridge)
         ]
         return JSONResponse(page_of(items, query, "networks", collection_url(request)))
 
     @app.get("/networks/{network_id}")
     async def show_network(network_id: str, request: Request) -> JSONResponse:
         caller = await ctx.caller(request)
-        bridge, revision = await ctx.visible(caller, Bridge, network_id, "network")
+        bridge, revision = await ctx.visible(
+            caller, Bridge, network_id, "network", shared=tr.is_external
+        )
         return JSONResponse(
             {"network": show_fields(request, await ctx.network_dict(bridge, revision))}
         )
@@ -304,6 +354,8 @@ def neutron_app(
                 updates["name"] = spec.name
             if spec.admin_state_up is not None:
                 updates["admin_state_up"] = spec.admin_state_up
+            if spec.mtu is not None:
+                updates["mtu"] = spec.mtu
             return Bridge.model_validate({**current.model_dump(), **updates})
 
         repository = await ctx.repository()
@@ -331,7 +383,7 @@ def neutron_app(
                         f"there are one or more ports still in use on the network "
                         f"(port {referrer_id})",
                     )
-            await txn.delete(Bridge, network_id)
+            await txn.delete(Bridge, network_id, cascade=True)  # its subnets go with it
 
         await ctx.transact(body, f"delete network {network_id}")
         return Response(status_code=204)
@@ -344,8 +396,6 @@ def neutron_app(
         spec: tr.PortBody = body.port  # type: ignore[attr-defined]
         if not spec.network_id:
             raise bad_request("network_id: required to create a port")
-        if spec.fixed_ips:
-            raise bad_request("fixed_ips: this server has no subnets yet")
         network_id = spec.network_id
         owner = caller.owner_for(_owner(spec))
 
@@ -369,6 +419,7 @@ def neutron_app(
                 "security_group_ids": groups,
                 "allowed_address_pairs": _pairs(spec),
                 "external_ids": _port_ids(spec, {}),
+                "fixed_ips": await l3.requested_fixed_ips(txn, bridge, spec.fixed_ips),
             }
             if spec.mac_address is not None:
                 fields["mac"] = spec.mac_address
@@ -383,13 +434,25 @@ def neutron_app(
     async def list_ports(request: Request) -> JSONResponse:
         caller = await ctx.caller(request)
         query = parse_list_query(request, tr.PORT_ATTRIBUTES)
-        snapshot = await scan(await ctx.repository(), [Port], state=True)
+        fixed_filters = _fixed_ip_filters(query.filters.pop("fixed_ips", []))
+        snapshot = await scan(await ctx.repository(), [Port, Router], state=True)
         items = [
             ctx.port_from_snapshot(snapshot, port)
             for port in snapshot.of(Port)
             if port.device_kind is DeviceKind.BRIDGE and caller.sees(port)
         ]
-        return JSONResponse(page_of(items, query, "ports", collection_url(request)))
+        return JSONResponse(
+            page_of(
+                items,
+                query,
+                "ports",
+                collection_url(request),
+                extra_filters=lambda item: all(
+                    any(f.get(key) == value for f in item["fixed_ips"])
+                    for key, value in fixed_filters
+                ),
+            )
+        )
 
     @app.get("/ports/{port_id}")
     async def show_port(port_id: str, request: Request) -> JSONResponse:
@@ -411,8 +474,6 @@ def neutron_app(
         for field in ("network_id", "mac_address"):
             if getattr(spec, field) is not None:
                 raise bad_request(f"{field}: cannot be changed on an existing port")
-        if spec.fixed_ips:
-            raise bad_request("fixed_ips: this server has no subnets yet")
         expected = _if_match(request)
 
         async def write(txn: TopologyTransaction) -> Port:
@@ -451,6 +512,12 @@ def neutron_app(
                 updates["allowed_address_pairs"] = ()
             if spec.allowed_address_pairs is not None:
                 updates["allowed_address_pairs"] = _pairs(spec)
+            if spec.fixed_ips is not None:
+                if current.peer_id is not None:
+                    raise bad_request("fixed_ips: a router interface's address is the router's")
+                bridge = await txn.require(Bridge, current.device_id)
+                updates["fixed_ips"] = await l3.requested_fixed_ips(txn, bridge, spec.fixed_ips)
+                updates["addresses"] = ()  # the store mirrors the fixed IPs in again
             if spec.name is not None:
                 updates["name"] = spec.name
             if spec.admin_state_up is not None:
@@ -480,6 +547,10 @@ def neutron_app(
                     "PortInUse",
                     f"port {port_id} is a router interface: remove it with remove_router_interface",
                 )
+            if port.external_ids.get(tr.DEVICE_OWNER) == tr.DEVICE_OWNER_FLOATINGIP:
+                raise conflict(
+                    "PortInUse", f"port {port_id} holds a floating IP: delete the floating IP"
+                )
             await txn.delete(Port, port_id, cascade=True)
 
         await ctx.transact(write, f"delete port {port_id}")
@@ -491,26 +562,29 @@ def neutron_app(
     async def create_router(request: Request, body: RouterRequest = Body(...)) -> JSONResponse:  # type: ignore[valid-type]
         caller = await ctx.caller(request)
         spec: tr.RouterBody = body.router  # type: ignore[attr-defined]
-        if spec.external_gateway_info is not None:
-            raise bad_request("external_gateway_info: this server has no subnets yet")
         router = Router(
             name=spec.name or "",
             tenant_id=caller.owner_for(_owner(spec)),
             admin_state_up=True if spec.admin_state_up is None else spec.admin_state_up,
             external_ids=spec.described({}),
         )
-        stored = await (await ctx.repository()).create(router)
-        return JSONResponse(
-            {"router": await ctx.router_dict(stored.obj, stored.mod_revision)}, status_code=201
-        )
+
+        async def write(txn: TopologyTransaction) -> Router:
+            created = await txn.create(router)
+            if spec.external_gateway_info is not None:
+                created = await l3.set_gateway(txn, caller, created, spec.external_gateway_info)
+            return created
+
+        created, revision = await ctx.transact(write, "create router")
+        return JSONResponse({"router": await ctx.router_dict(created, revision)}, status_code=201)
 
     @app.get("/routers")
     async def list_routers(request: Request) -> JSONResponse:
         caller = await ctx.caller(request)
         query = parse_list_query(request, tr.ROUTER_ATTRIBUTES)
-        snapshot = await scan(await ctx.repository(), [Router])
+        snapshot = await scan(await ctx.repository(), [Router, Port])
         items = [
-            tr.router_view(router, snapshot.revisions[router.id], None)
+            ctx.router_from_snapshot(snapshot, router)
             for router in snapshot.of(Router)
             if caller.sees(router)
         ]
@@ -533,24 +607,28 @@ def neutron_app(
         caller = await ctx.caller(request)
         spec: tr.RouterBody = body.router  # type: ignore[attr-defined]
         _no_owner_change(spec)
-        if "external_gateway_info" in spec.model_fields_set:
-            raise bad_request("external_gateway_info: this server has no subnets yet")
+        expected = _if_match(request)
 
-        def change(current: Router) -> Router:
+        async def write(txn: TopologyTransaction) -> Router:
+            current = await txn.get(Router, router_id)
+            _check_visible(caller, current, "router", router_id)
+            assert current is not None
+            if expected is not None and expected != txn.revision_of(Router, router_id):
+                raise OpenStackError(
+                    412, "RevisionNumberConstraintFailed", f"revision_number {expected} is stale"
+                )
             updates: dict[str, Any] = {"external_ids": spec.described(current.external_ids)}
             if spec.name is not None:
                 updates["name"] = spec.name
             if spec.admin_state_up is not None:
                 updates["admin_state_up"] = spec.admin_state_up
-            return Router.model_validate({**current.model_dump(), **updates})
+            router = await txn.update(Router.model_validate({**current.model_dump(), **updates}))
+            if "external_gateway_info" in spec.model_fields_set:
+                router = await l3.set_gateway(txn, caller, router, spec.external_gateway_info)
+            return router
 
-        stored = await (await ctx.repository()).modify(
-            Router,
-            router_id,
-            change,
-            precondition=lambda current: _check_visible(caller, current, "router", router_id),
-            expected_revision=_if_match(request),
-        )
+        router, _revision = await ctx.transact(write, f"update router {router_id}")
+        stored = await (await ctx.repository()).get(Router, router.id)
         return JSONResponse({"router": await ctx.router_dict(stored.obj, stored.mod_revision)})
 
     @app.delete("/routers/{router_id}", status_code=204)
@@ -560,16 +638,301 @@ def neutron_app(
         async def write(txn: TopologyTransaction) -> None:
             router = await txn.get(Router, router_id)
             _check_visible(caller, router, "router", router_id)
-            for kind, referrer_id in await txn.referrers("router", router_id):
-                if kind == "port":
-                    raise conflict(
-                        "RouterInUse",
-                        f"router {router_id} still has ports (port {referrer_id}); remove "
-                        "its interfaces first",
-                    )
+            assert router is not None
+            for port in await l3.interface_ports(txn, router):
+                raise conflict(
+                    "RouterInUse",
+                    f"router {router_id} still has an interface (port {port.peer_id}); "
+                    "remove its interfaces first",
+                )
+            router = await l3.clear_gateway(txn, router)
             await txn.delete(Router, router_id, cascade=True)
 
         await ctx.transact(write, f"delete router {router_id}")
+        return Response(status_code=204)
+
+    # ---- subnets
+
+    @app.post("/subnets", status_code=201)
+    async def create_subnet(request: Request, body: SubnetRequest = Body(...)) -> JSONResponse:  # type: ignore[valid-type]
+        caller = await ctx.caller(request)
+        spec: tr.SubnetBody = body.subnet  # type: ignore[attr-defined]
+        if not spec.network_id or not spec.cidr:
+            raise bad_request("network_id and cidr: required to create a subnet")
+        network_id = spec.network_id
+        fields = spec.native_fields()
+        import ipaddress
+
+        try:
+            version = ipaddress.ip_network(spec.cidr, strict=False).version
+        except ValueError:
+            raise bad_request(f"cidr={spec.cidr!r}: not an IP network") from None
+        if spec.ip_version is not None and spec.ip_version != version:
+            raise bad_request(f"ip_version={spec.ip_version}: cidr {spec.cidr} is IPv{version}")
+
+        async def write(txn: TopologyTransaction) -> Subnet:
+            bridge = await txn.get(Bridge, network_id)
+            _check_visible(caller, bridge, "network", network_id)
+            assert bridge is not None
+            owner = caller.owner_for(_owner(spec))
+            subnet = Subnet.model_validate(
+                {
+                    **fields,
+                    "tenant_id": owner,
+                    "bridge_id": network_id,
+                    "external_ids": spec.described({}),
+                }
+            )
+            return await txn.create(subnet)
+
+        subnet, revision = await ctx.transact(write, "create subnet")
+        return JSONResponse({"subnet": tr.subnet_view(subnet, revision)}, status_code=201)
+
+    @app.get("/subnets")
+    async def list_subnets(request: Request) -> JSONResponse:
+        caller = await ctx.caller(request)
+        query = parse_list_query(request, tr.SUBNET_ATTRIBUTES)
+        snapshot = await scan(await ctx.repository(), [Subnet, Bridge])
+        external = {b.id for b in snapshot.of(Bridge) if tr.is_external(b)}
+        items = [
+            tr.subnet_view(subnet, snapshot.revisions[subnet.id])
+            for subnet in snapshot.of(Subnet)
+            if caller.sees(subnet) or subnet.bridge_id in external
+        ]
+        return JSONResponse(page_of(items, query, "subnets", collection_url(request)))
+
+    @app.get("/subnets/{subnet_id}")
+    async def show_subnet(subnet_id: str, request: Request) -> JSONResponse:
+        caller = await ctx.caller(request)
+        repository = await ctx.repository()
+
+        async def on_external(subnet: Subnet) -> bool:
+            from hivenet.store.topology import NotFoundError
+
+            try:
+                return tr.is_external((await repository.get(Bridge, subnet.bridge_id)).obj)
+            except NotFoundError:
+                return False
+
+        stored = await repository.get(Subnet, subnet_id)
+        if not caller.sees(stored.obj) and not await on_external(stored.obj):
+            raise not_found("subnet", subnet_id)
+        subnet, revision = stored.obj, stored.mod_revision
+        return JSONResponse({"subnet": show_fields(request, tr.subnet_view(subnet, revision))})
+
+    @app.put("/subnets/{subnet_id}")
+    async def update_subnet(
+        subnet_id: str,
+        request: Request,
+        body: SubnetRequest = Body(...),  # type: ignore[valid-type]
+    ) -> JSONResponse:
+        caller = await ctx.caller(request)
+        spec: tr.SubnetBody = body.subnet  # type: ignore[attr-defined]
+        _no_owner_change(spec)
+        for field in ("network_id", "cidr", "ip_version"):
+            if getattr(spec, field) is not None:
+                raise bad_request(f"{field}: cannot be changed on an existing subnet")
+
+        def change(current: Subnet) -> Subnet:
+            fields = {
+                **current.model_dump(),
+                **spec.native_fields(),
+                "external_ids": spec.described(current.external_ids),
+            }
+            return Subnet.model_validate(fields)
+
+        stored = await (await ctx.repository()).modify(
+            Subnet,
+            subnet_id,
+            change,
+            precondition=lambda current: _check_visible(caller, current, "subnet", subnet_id),
+            expected_revision=_if_match(request),
+        )
+        return JSONResponse({"subnet": tr.subnet_view(stored.obj, stored.mod_revision)})
+
+    @app.delete("/subnets/{subnet_id}", status_code=204)
+    async def delete_subnet(subnet_id: str, request: Request) -> Response:
+        caller = await ctx.caller(request)
+
+        async def write(txn: TopologyTransaction) -> None:
+            _check_visible(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
+            for kind, referrer_id in await txn.referrers("subnet", subnet_id):
+                if kind == "port":
+                    raise conflict(
+                        "SubnetInUse",
+                        f"Unable to complete operation on subnet {subnet_id}: one or more "
+                        f"ports have an IP allocation from this subnet (port {referrer_id})",
+                    )
+            await txn.delete(Subnet, subnet_id)
+
+        await ctx.transact(write, f"delete subnet {subnet_id}")
+        return Response(status_code=204)
+
+    # ---- router interfaces
+
+    @app.put("/routers/{router_id}/add_router_interface")
+    async def add_router_interface(
+        router_id: str, request: Request, body: tr.InterfaceBody = Body(...)
+    ) -> JSONResponse:
+        caller = await ctx.caller(request)
+        info, _ = await ctx.transact(
+            lambda txn: l3.add_interface(txn, caller, router_id, body.subnet_id, body.port_id),
+            f"add interface to router {router_id}",
+        )
+        return JSONResponse(info)
+
+    @app.put("/routers/{router_id}/remove_router_interface")
+    async def remove_router_interface(
+        router_id: str, request: Request, body: tr.InterfaceBody = Body(...)
+    ) -> JSONResponse:
+        caller = await ctx.caller(request)
+        info, _ = await ctx.transact(
+            lambda txn: l3.remove_interface(txn, caller, router_id, body.subnet_id, body.port_id),
+            f"remove interface from router {router_id}",
+        )
+        return JSONResponse(info)
+
+    # ---- floating IPs
+
+    async def floating_dict(fip_port: Port, revision: int) -> dict[str, Any]:
+        native = await ctx.read(lambda txn: txn.get(FloatingIp, fip_port.id))
+        return l3.floating_view(fip_port, native, revision)
+
+    def is_floating_port(port: Port | None) -> bool:
+        return port is not None and port.external_ids.get(tr.DEVICE_OWNER) == (
+            tr.DEVICE_OWNER_FLOATINGIP
+        )
+
+    @app.post("/floatingips", status_code=201)
+    async def create_floatingip(
+        request: Request,
+        body: FloatingIpRequest = Body(...),  # type: ignore[valid-type]
+    ) -> JSONResponse:
+        caller = await ctx.caller(request)
+        spec: tr.FloatingIpBody = body.floatingip  # type: ignore[attr-defined]
+        if not spec.floating_network_id:
+            raise bad_request("floating_network_id: required")
+        network_id = spec.floating_network_id
+        owner = caller.owner_for(_owner(spec))
+
+        async def write(txn: TopologyTransaction) -> Port:
+            network = await txn.get(Bridge, network_id)
+            if network is None or not tr.network_visible(caller, network):
+                raise not_found("network", network_id)
+            if not tr.is_external(network):
+                raise bad_request(
+                    f"floating_network_id={network_id!r}: not a router:external network"
+                )
+            entry = tr.FixedIpBody(subnet_id=spec.subnet_id, ip_address=spec.floating_ip_address)
+            wanted = await l3.requested_fixed_ips(
+                txn,
+                network,
+                [entry] if spec.subnet_id or spec.floating_ip_address else None,
+            )
+            wanted = tuple(f for f in wanted if f.ip_address is None or f.ip_address.version == 4)
+            if not wanted:
+                raise bad_request(f"floating_network_id={network_id!r}: no IPv4 subnet")
+            fip_port = await txn.create(
+                Port(
+                    tenant_id=owner,
+                    device_kind=DeviceKind.BRIDGE,
+                    device_id=network_id,
+                    fixed_ips=wanted[:1],
+                    external_ids=tr.with_external_ids(
+                        spec.described({}), {tr.DEVICE_OWNER: tr.DEVICE_OWNER_FLOATINGIP}
+                    ),
+                )
+            )
+            fip_port = fip_port.model_copy(
+                update={"external_ids": {**fip_port.external_ids, tr.DEVICE_ID: fip_port.id}}
+            )
+            fip_port = await txn.update(fip_port)
+            if spec.port_id:
+                await l3.associate(
+                    txn, caller, fip_port.id, fip_port, spec.port_id, spec.fixed_ip_address
+                )
+            return fip_port
+
+        fip_port, revision = await ctx.transact(write, "create floating IP")
+        return JSONResponse(
+            {"floatingip": await floating_dict(fip_port, revision)}, status_code=201
+        )
+
+    @app.get("/floatingips")
+    async def list_floatingips(request: Request) -> JSONResponse:
+        caller = await ctx.caller(request)
+        query = parse_list_query(request, l3.FLOATING_ATTRIBUTES)
+        snapshot = await scan(await ctx.repository(), [Port, FloatingIp])
+        items = [
+            l3.floating_view(port, snapshot.get(FloatingIp, port.id), snapshot.revisions[port.id])
+            for port in snapshot.of(Port)
+            if is_floating_port(port) and caller.sees(port)
+        ]
+        return JSONResponse(page_of(items, query, "floatingips", collection_url(request)))
+
+    async def floating_port(caller: Caller, fip_id: str) -> tuple[Port, int]:
+        port, revision = await ctx.visible(caller, Port, fip_id, "floatingip")
+        if not is_floating_port(port):
+            raise not_found("floatingip", fip_id)
+        return port, revision
+
+    @app.get("/floatingips/{fip_id}")
+    async def show_floatingip(fip_id: str, request: Request) -> JSONResponse:
+        caller = await ctx.caller(request)
+        port, revision = await floating_port(caller, fip_id)
+        return JSONResponse(
+            {"floatingip": show_fields(request, await floating_dict(port, revision))}
+        )
+
+    @app.put("/floatingips/{fip_id}")
+    async def update_floatingip(
+        fip_id: str,
+        request: Request,
+        body: FloatingIpRequest = Body(...),  # type: ignore[valid-type]
+    ) -> JSONResponse:
+        caller = await ctx.caller(request)
+        spec: tr.FloatingIpBody = body.floatingip  # type: ignore[attr-defined]
+        _no_owner_change(spec)
+        for field in ("floating_network_id", "floating_ip_address", "subnet_id"):
+            if getattr(spec, field) is not None:
+                raise bad_request(f"{field}: cannot be changed on an existing floating IP")
+
+        async def write(txn: TopologyTransaction) -> Port:
+            fip_port = await txn.get(Port, fip_id)
+            _check_visible(caller, fip_port, "floatingip", fip_id)
+            assert fip_port is not None
+            if not is_floating_port(fip_port):
+                raise not_found("floatingip", fip_id)
+            if spec.description is not None or spec.tags is not None:
+                fip_port = await txn.update(
+                    fip_port.model_copy(
+                        update={"external_ids": spec.described(fip_port.external_ids)}
+                    )
+                )
+            if "port_id" in spec.model_fields_set:
+                await l3.associate(
+                    txn, caller, fip_id, fip_port, spec.port_id, spec.fixed_ip_address
+                )
+            return fip_port
+
+        await ctx.transact(write, f"update floating IP {fip_id}")
+        port, revision = await floating_port(caller, fip_id)
+        return JSONResponse({"floatingip": await floating_dict(port, revision)})
+
+    @app.delete("/floatingips/{fip_id}", status_code=204)
+    async def delete_floatingip(fip_id: str, request: Request) -> Response:
+        caller = await ctx.caller(request)
+
+        async def write(txn: TopologyTransaction) -> None:
+            fip_port = await txn.get(Port, fip_id)
+            _check_visible(caller, fip_port, "floatingip", fip_id)
+            if not is_floating_port(fip_port):
+                raise not_found("floatingip", fip_id)
+            if await txn.get(FloatingIp, fip_id) is not None:
+                await txn.delete(FloatingIp, fip_id)
+            await txn.delete(Port, fip_id, cascade=True)
+
+        await ctx.transact(write, f"delete floating IP {fip_id}")
         return Response(status_code=204)
 
     # ---- security groups
@@ -805,6 +1168,8 @@ def neutron_app(
         "ports": (Port, "port"),
         "routers": (Router, "router"),
         "security-groups": (SecurityGroup, "security_group"),
+        "subnets": (Subnet, "subnet"),
+        "floatingips": (Port, "floatingip"),
     }
 
     async def change_tags(
@@ -920,9 +1285,20 @@ def _network_ids(spec: tr.NetworkBody, current: dict[str, str]) -> dict[str, str
         updates[tr.EXTERNAL] = "true" if spec.router_external else None
     if spec.port_security_enabled is not None:
         updates[tr.PORT_SECURITY] = None if spec.port_security_enabled else "false"
-    if spec.mtu is not None:
-        updates[tr.MTU] = str(spec.mtu)
     return tr.with_external_ids(spec.described(current), updates)
+
+
+def _fixed_ip_filters(values: list[str]) -> list[tuple[str, str]]:
+    """`fixed_ips=ip_address=10.0.0.5` / `fixed_ips=subnet_id=...` as (key, value) pairs."""
+    pairs = []
+    for value in values:
+        key, sep, wanted = value.partition("=")
+        if not sep or key not in ("ip_address", "subnet_id", "ip_address_substr"):
+            raise bad_request(
+                f"fixed_ips={value!r}: expected ip_address=<address> or subnet_id=<id>"
+            )
+        pairs.append((key, wanted))
+    return pairs
 
 
 def _port_ids(spec: tr.PortBody, current: dict[str, str]) -> dict[str, str]:

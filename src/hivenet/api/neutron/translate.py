@@ -1,8 +1,8 @@
 """Neutron v2.0 resources as views of native topology objects, and requests as native writes.
 
 Owns the mapping (no state of its own):
-- network  <-> `Bridge` (`router:external`, `port_security_enabled`, `mtu`, description,
-  tags in its `external_ids`);
+- network  <-> `Bridge` (`mtu` is the bridge's; `router:external`, `port_security_enabled`,
+  description, tags in its `external_ids`);
 - port     <-> a bridge `Port` (binding:host_id -> host_id + interface_name, security groups,
   allowed address pairs; Nova's device_id/device_owner and binding:profile in
   `external_ids`); a bridge port linked to a router port is that router's interface;
@@ -36,10 +36,9 @@ from hivenet.model import (
     SecurityGroupRule,
     TopologyObject,
 )
+from hivenet.model.subnet import Subnet, overlay_mtu
 from hivenet.model.types import AllowedAddressPair
 
-# The MTU a VM on the overlay gets: a 1500-byte underlay minus VXLAN's 50 bytes.
-DEFAULT_MTU = 1450
 DEFAULT_SG_NAME = "default"
 _NAMESPACE = uuid.UUID("1c8b5d8e-4b7e-4f7c-9a1e-6b2d2f1f0a01")
 
@@ -56,7 +55,6 @@ DESCRIPTION = "neutron:description"
 TAGS = "neutron:tags"
 EXTERNAL = "neutron:router_external"
 PORT_SECURITY = "neutron:port_security_enabled"
-MTU = "neutron:mtu"
 DEVICE_ID = "neutron:device_id"
 DEVICE_OWNER = "neutron:device_owner"
 BINDING_PROFILE = "neutron:binding_profile"
@@ -250,6 +248,67 @@ class RouterBody(_Body):
     # Whether the body named external_gateway_info at all (null clears the gateway).
 
 
+class PoolBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: str
+    end: str
+
+
+class HostRouteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    destination: str
+    nexthop: str
+
+
+class SubnetBody(_Body):
+    network_id: str | None = None
+    ip_version: int | None = None
+    cidr: str | None = None
+    gateway_ip: str | None = None
+    allocation_pools: list[PoolBody] | None = None
+    dns_nameservers: list[str] | None = Field(default=None, max_length=16)
+    host_routes: list[HostRouteBody] | None = Field(default=None, max_length=32)
+    enable_dhcp: bool | None = None
+    ipv6_ra_mode: None = None
+    ipv6_address_mode: None = None
+    subnetpool_id: None = None
+    service_types: list[str] | None = Field(default=None, max_length=0)
+
+    def native_fields(self) -> dict[str, Any]:
+        """The native `Subnet` fields this body sets (left-out ones keep the model's
+        Neutron-like defaults: gateway = first host, pools = every other host)."""
+        fields: dict[str, Any] = {}
+        for name in ("cidr", "gateway_ip", "dns_nameservers", "enable_dhcp"):
+            if name in self.model_fields_set and (
+                name == "gateway_ip" or getattr(self, name) is not None
+            ):
+                fields[name] = getattr(self, name)
+        if self.allocation_pools is not None:
+            fields["allocation_pools"] = [p.model_dump() for p in self.allocation_pools]
+        if self.host_routes is not None:
+            fields["host_routes"] = [r.model_dump() for r in self.host_routes]
+        if self.name is not None:
+            fields["name"] = self.name
+        return fields
+
+
+class InterfaceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subnet_id: str | None = None
+    port_id: str | None = None
+
+
+class FloatingIpBody(_Body):
+    floating_network_id: str | None = None
+    floating_ip_address: str | None = None
+    subnet_id: str | None = None
+    port_id: str | None = None
+    fixed_ip_address: str | None = None
+
+
 class SecurityGroupBody(_Body):
     pass
 
@@ -284,9 +343,7 @@ class SecurityGroupRuleBody(_Body):
 # Responses
 
 
-def network_view(
-    bridge: Bridge, revision: int, subnet_ids: list[str], mtu: int | None = None
-) -> dict[str, Any]:
+def network_view(bridge: Bridge, revision: int, subnet_ids: list[str]) -> dict[str, Any]:
     ext = bridge.external_ids
     return {
         **common_fields(bridge, revision),
@@ -295,15 +352,43 @@ def network_view(
         "shared": False,
         "router:external": _bool(ext.get(EXTERNAL), False),
         "port_security_enabled": _bool(ext.get(PORT_SECURITY), True),
-        "mtu": mtu if mtu is not None else int(ext.get(MTU, DEFAULT_MTU)),
+        "mtu": overlay_mtu(bridge.mtu),
         "subnets": sorted(subnet_ids),
         "availability_zone_hints": [],
         "availability_zones": [],
     }
 
 
+def subnet_view(subnet: Subnet, revision: int) -> dict[str, Any]:
+    return {
+        **common_fields(subnet, revision),
+        "network_id": subnet.bridge_id,
+        "ip_version": subnet.cidr.version,
+        "cidr": str(subnet.cidr),
+        "gateway_ip": None if subnet.gateway_ip is None else str(subnet.gateway_ip),
+        "allocation_pools": [
+            {"start": str(p.start), "end": str(p.end)} for p in subnet.allocation_pools
+        ],
+        "dns_nameservers": [str(d) for d in subnet.dns_nameservers],
+        "host_routes": [
+            {"destination": str(r.destination), "nexthop": str(r.nexthop)}
+            for r in subnet.host_routes
+        ],
+        "enable_dhcp": subnet.enable_dhcp,
+        "ipv6_ra_mode": None,
+        "ipv6_address_mode": None,
+        "subnetpool_id": None,
+        "service_types": [],
+    }
+
+
 def is_external(bridge: Bridge) -> bool:
     return _bool(bridge.external_ids.get(EXTERNAL), False)
+
+
+def network_visible(caller: Any, bridge: Bridge) -> bool:
+    """Every project may read (and use as a gateway or for floating IPs) an external network."""
+    return bool(caller.sees(bridge)) or is_external(bridge)
 
 
 def network_port_security(bridge: Bridge) -> bool:
@@ -473,6 +558,9 @@ PORT_ATTRIBUTES = frozenset(
 )
 ROUTER_ATTRIBUTES = frozenset(router_view(Router(id="x"), 0, None).keys())
 SECURITY_GROUP_ATTRIBUTES = frozenset(security_group_view(SecurityGroup(id="x"), 0, []).keys())
+SUBNET_ATTRIBUTES = frozenset(
+    subnet_view(Subnet(id="x", bridge_id="x", cidr="10.0.0.0/24"), 0).keys()  # type: ignore[arg-type]
+)
 RULE_ATTRIBUTES = frozenset(
     rule_view(
         SecurityGroupRule(id="x", security_group_id="x", direction=Direction.INGRESS), 0

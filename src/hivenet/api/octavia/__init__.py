@@ -4,7 +4,8 @@ HiveNet's own L4 load balancer.
 Owns the translation between Octavia's resources and the native ones, and the HTTP side
 (Octavia's `faultcode`/`faultstring` error shape, status codes, project scoping):
 - loadbalancer <-> `LoadBalancer` on the router that has an interface on the VIP's network
-  (its VIP address, network, subnet and port in `external_ids`);
+  (its VIP address, network, subnet and port in `external_ids`); the VIP address is the fixed
+  IP of a port on the VIP network (device_owner Octavia), deleted with the load balancer;
 - listener <-> `Listener` (the load balancer's VIP address copied in);
 - pool <-> `Pool` (a pool created with `listener_id` becomes that listener's default pool in
   the same transaction); algorithms: SOURCE_IP_PORT -> Maglev, SOURCE_IP, ROUND_ROBIN;
@@ -46,7 +47,15 @@ from hivenet.api.neutron.common import (
     scan,
     show_fields,
 )
-from hivenet.api.neutron.translate import DESCRIPTION, TAGS, Tag, with_external_ids
+from hivenet.api.neutron.l3 import requested_fixed_ips
+from hivenet.api.neutron.translate import (
+    DESCRIPTION,
+    DEVICE_OWNER,
+    TAGS,
+    FixedIpBody,
+    Tag,
+    with_external_ids,
+)
 from hivenet.model import (
     Bridge,
     DeviceKind,
@@ -62,6 +71,8 @@ from hivenet.model import (
     SessionPersistence,
     TopologyObject,
 )
+from hivenet.model.subnet import Subnet
+from hivenet.model.types import FixedIp
 from hivenet.store.topology import TopologyRepository, TopologyTransaction
 
 RepositorySource = Callable[[], Awaitable[TopologyRepository]]
@@ -71,6 +82,7 @@ VIP_NETWORK = "octavia:vip_network_id"
 VIP_SUBNET = "octavia:vip_subnet_id"
 VIP_PORT = "octavia:vip_port_id"
 SUBNET = "octavia:subnet_id"
+VIP_DEVICE_OWNER = "Octavia"
 
 ALGORITHMS: dict[str, LbAlgorithm] = {
     "SOURCE_IP_PORT": LbAlgorithm.MAGLEV,
@@ -97,6 +109,8 @@ RESOURCE_OF_KIND = {
     "health_monitor": "health_monitor",
     "bridge": "network",
     "router": "router",
+    "subnet": "subnet",
+    "port": "port",
 }
 
 
@@ -433,23 +447,49 @@ async def router_of_network(txn: TopologyTransaction, network_id: str) -> str | 
     return None
 
 
-# Hook for the subnet translation: (txn, subnet id) -> (network id, a free VIP address,
-# a port reserving it); None until subnets exist.
-VipAllocator = Callable[
-    [TopologyTransaction, Caller, LoadBalancerBody], Awaitable[tuple[str, str, str | None]]
-]
-
-
-async def _vip_without_subnets(
+async def allocate_vip(
     txn: TopologyTransaction, caller: Caller, body: LoadBalancerBody
-) -> tuple[str, str, str | None]:
+) -> tuple[str, str, str]:
+    """(network id, VIP address, id of the port reserving it): the VIP's address is a fixed IP
+    of a port on the VIP network (device_owner Octavia), allocated by IPAM when not given."""
+    address = None if body.vip_address is None else _address("vip_address", body.vip_address)
     if body.vip_subnet_id is not None:
-        raise bad_request("vip_subnet_id: this server has no subnets yet; give vip_network_id")
-    if body.vip_network_id is None or body.vip_address is None:
-        raise bad_request("vip_network_id and vip_address: both required")
-    network = await txn.get(Bridge, body.vip_network_id)
-    _check(caller, network, "network", body.vip_network_id)
-    return body.vip_network_id, body.vip_address, None
+        subnet_id = body.vip_subnet_id
+        subnet = _check(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
+        if body.vip_network_id is not None and body.vip_network_id != subnet.bridge_id:
+            raise bad_request(
+                f"vip_network_id={body.vip_network_id!r}: subnet {subnet.id} is on network "
+                f"{subnet.bridge_id}"
+            )
+        network_id = subnet.bridge_id
+        entry = FixedIp(subnet_id=subnet.id, ip_address=address)
+    elif body.vip_network_id is not None:
+        network_id = body.vip_network_id
+        network = _check(caller, await txn.get(Bridge, network_id), "network", network_id)
+        entries = [FixedIpBody(ip_address=body.vip_address)] if body.vip_address else None
+        fixed = await requested_fixed_ips(txn, network, entries)
+        if not fixed:
+            raise bad_request(f"vip_network_id={network_id!r}: the network has no subnet")
+        entry = fixed[0]
+    else:
+        raise bad_request("vip_subnet_id or vip_network_id: one is required")
+    port = await txn.create(
+        Port(
+            tenant_id=caller.owner_for(body.project_id or body.tenant_id),
+            name=f"octavia-lb-vip-{body.name or ''}"[:255],
+            device_kind=DeviceKind.BRIDGE,
+            device_id=network_id,
+            fixed_ips=(entry,),
+            external_ids={DEVICE_OWNER: VIP_DEVICE_OWNER},
+        )
+    )
+    vip = port.fixed_ips[0].ip_address
+    return network_id, str(vip), port.id
+
+
+VipAllocator = Callable[
+    [TopologyTransaction, Caller, LoadBalancerBody], Awaitable[tuple[str, str, str]]
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +499,7 @@ def octavia_app(
     options: OpenStackOptions,
     repository: RepositorySource,
     tokens: Callable[[], TokenRegistry],
-    vip_allocator: VipAllocator = _vip_without_subnets,
+    vip_allocator: VipAllocator = allocate_vip,
 ) -> FastAPI:
     app = FastAPI(
         title="HiveNet Octavia API",
