@@ -483,12 +483,16 @@ class TopologyTransaction:
         """The mod_revision at which `get` read the object (0 if not read or absent)."""
         return self._attempt.mod_revision(topology_key(cls.KIND, object_id))
 
-    async def referrers(self, kind: str, object_id: str) -> list[tuple[str, str]]:
-        """(kind, id) of every object referencing `kind`/`object_id`, from the reverse index
-        (unguarded: guard the objects that matter by reading them with `get`)."""
+    async def referrers(
+        self, kind: str, object_id: str, referrer_kind: str | None = None
+    ) -> list[tuple[str, str]]:
+        """(kind, id) of every object (of `referrer_kind`, when given) referencing
+        `kind`/`object_id`, from the reverse index (unguarded: guard the objects that matter
+        by reading them with `get`)."""
         prefix = refs_prefix(kind, object_id)
+        wanted = prefix if referrer_kind is None else f"{prefix}{referrer_kind}/"
         found: list[tuple[str, str]] = []
-        for ref_key in await self._attempt.range_values(prefix):
+        for ref_key in await self._attempt.range_values(wanted):
             referrer_kind, _, referrer_id = ref_key[len(prefix) :].partition("/")
             found.append((referrer_kind, referrer_id))
         return found

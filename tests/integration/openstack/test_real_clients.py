@@ -61,6 +61,142 @@ def test_cli_network_port_router_security_group(served: Served) -> None:
     assert missing.returncode != 0
 
 
+def test_cli_the_issue_scenario(served: Served) -> None:
+    """Every command of the scenario exits 0 and reads back what it set; then every object is
+    listed, shown and deleted with the CLI."""
+    cli = served.cli
+    public = cli("network", "create", "--external", "public", "-f", "json")
+    assert public["router:external"] is True
+    public_subnet = cli(
+        "subnet", "create", "--network", "public", "--subnet-range", "203.0.113.0/24",
+        "--allocation-pool", "start=203.0.113.10,end=203.0.113.99", "public-subnet",
+        "-f", "json",
+    )  # fmt: skip
+    network = cli("network", "create", "tenant", "-f", "json")
+    subnet = cli(
+        "subnet", "create", "--network", "tenant", "--subnet-range", "10.20.0.0/24",
+        "--allocation-pool", "start=10.20.0.100,end=10.20.0.200",
+        "--dns-nameserver", "192.0.2.53", "tenant-subnet", "-f", "json",
+    )  # fmt: skip
+    assert subnet["allocation_pools"] == [{"start": "10.20.0.100", "end": "10.20.0.200"}]
+    assert subnet["dns_nameservers"] == ["192.0.2.53"] and subnet["gateway_ip"] == "10.20.0.1"
+    port = cli(
+        "port", "create", "--network", "tenant", "--fixed-ip",
+        "subnet=tenant-subnet,ip-address=10.20.0.150", "vm1-port", "-f", "json",
+    )  # fmt: skip
+    assert port["fixed_ips"] == [{"subnet_id": subnet["id"], "ip_address": "10.20.0.150"}]
+    router = cli("router", "create", "edge", "-f", "json")
+    cli("router", "add", "subnet", "edge", "tenant-subnet")
+    cli("router", "set", "--external-gateway", "public", "edge")
+    shown = cli("router", "show", "edge", "-f", "json")
+    gateway = shown["external_gateway_info"]
+    assert gateway["network_id"] == public["id"] and gateway["enable_snat"] is True
+    assert gateway["external_fixed_ips"][0]["subnet_id"] == public_subnet["id"]
+    interfaces = cli("port", "list", "--router", "edge", "-f", "json")
+    assert {p["Fixed IP Addresses"][0]["ip_address"] for p in interfaces} >= {"10.20.0.1"}
+
+    fip = cli("floating", "ip", "create", "public", "-f", "json")
+    cli("floating", "ip", "set", "--port", "vm1-port", fip["floating_ip_address"])
+    fip_shown = cli("floating", "ip", "show", fip["id"], "-f", "json")
+    assert fip_shown["port_id"] == port["id"] and fip_shown["fixed_ip_address"] == "10.20.0.150"
+    assert fip_shown["router_id"] == router["id"]
+
+    rule = cli(
+        "security", "group", "rule", "create", "default", "--protocol", "tcp", "--dst-port",
+        "22", "-f", "json",
+    )  # fmt: skip
+    assert rule["port_range_min"] == 22
+
+    lb = cli(
+        "loadbalancer", "create", "--vip-subnet-id", "tenant-subnet", "--name", "lb1", "-f", "json"
+    )
+    assert lb["vip_subnet_id"] == subnet["id"] and lb["provisioning_status"] == "ACTIVE"
+    listener = cli(
+        "loadbalancer", "listener", "create", "--protocol", "TCP", "--protocol-port", "80",
+        "--name", "web", "lb1", "-f", "json",
+    )  # fmt: skip
+    assert listener["protocol_port"] == 80
+    pool = cli(
+        "loadbalancer", "pool", "create", "--listener", "web", "--protocol", "TCP",
+        "--lb-algorithm", "SOURCE_IP_PORT", "--name", "web-pool", "-f", "json",
+    )  # fmt: skip
+    assert pool["lb_algorithm"] == "SOURCE_IP_PORT"
+    members = [
+        cli(
+            "loadbalancer",
+            "member",
+            "create",
+            "--address",
+            address,
+            "--protocol-port",
+            "8080",
+            "--subnet-id",
+            "tenant-subnet",
+            "--name",
+            name,
+            "web-pool",
+            "-f",
+            "json",
+        )
+        for name, address in (("m1", "10.20.0.11"), ("m2", "10.20.0.12"))
+    ]
+    monitor = cli(
+        "loadbalancer", "healthmonitor", "create", "--delay", "5", "--timeout", "3",
+        "--max-retries", "2", "--type", "HTTP", "--url-path", "/health", "web-pool",
+        "--name", "hm", "-f", "json",
+    )  # fmt: skip
+    assert monitor["url_path"] == "/health"
+
+    # list / show of everything
+    assert {m["id"] for m in cli("loadbalancer", "member", "list", "web-pool", "-f", "json")} == {
+        m["id"] for m in members
+    }
+    assert cli("loadbalancer", "show", "lb1", "-f", "json")["vip_address"] == lb["vip_address"]
+    assert (
+        cli("loadbalancer", "listener", "show", "web", "-f", "json")["default_pool_id"]
+        == pool["id"]
+    )
+    assert (
+        cli("loadbalancer", "pool", "show", "web-pool", "-f", "json")["healthmonitor_id"]
+        == monitor["id"]
+    )
+    assert cli("loadbalancer", "healthmonitor", "show", "hm", "-f", "json")["type"] == "HTTP"
+    assert (
+        cli("loadbalancer", "member", "show", "web-pool", "m1", "-f", "json")["address"]
+        == "10.20.0.11"
+    )
+    for command in (
+        ("loadbalancer", "list"), ("loadbalancer", "listener", "list"),
+        ("loadbalancer", "pool", "list"), ("loadbalancer", "healthmonitor", "list"),
+        ("floating", "ip", "list"), ("router", "list"), ("subnet", "list"), ("port", "list"),
+    ):  # fmt: skip
+        assert cli(*command, "-f", "json"), command
+    status = cli("loadbalancer", "status", "show", "lb1")
+    assert status["loadbalancer"]["listeners"][0]["pools"][0]["id"] == pool["id"]
+    assert "active_connections" in cli("loadbalancer", "stats", "show", "lb1", "-f", "json")
+    assert cli("subnet", "show", "tenant-subnet", "-f", "json")["cidr"] == "10.20.0.0/24"
+
+    # delete everything, in the order a user would
+    cli("loadbalancer", "healthmonitor", "delete", "hm")
+    for member in members:
+        cli("loadbalancer", "member", "delete", "web-pool", member["id"])
+    cli("loadbalancer", "pool", "delete", "web-pool")
+    cli("loadbalancer", "listener", "delete", "web")
+    cli("loadbalancer", "delete", "lb1")
+    cli("floating", "ip", "delete", fip["id"])
+    cli("security", "group", "rule", "delete", rule["id"])
+    cli("router", "unset", "--external-gateway", "edge")
+    cli("router", "remove", "subnet", "edge", "tenant-subnet")
+    cli("router", "delete", "edge")
+    cli("port", "delete", "vm1-port")
+    cli("subnet", "delete", "tenant-subnet")
+    cli("network", "delete", network["id"])
+    cli("subnet", "delete", "public-subnet")
+    cli("network", "delete", "public")
+    assert cli("port", "list", "-f", "json") == []
+    assert cli("loadbalancer", "list", "-f", "json") == []
+
+
 def test_sdk_find_and_paging(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(served.clouds_yaml))
     conn = openstack.connect(cloud=ROOT_CLOUD)

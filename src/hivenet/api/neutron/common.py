@@ -514,6 +514,40 @@ def translate_error(exc: Exception, resources: Mapping[str, str]) -> OpenStackEr
     return OpenStackError(500, "InternalError", f"internal error: {type(exc).__name__}")
 
 
+def visible_or_404(caller: Caller, obj: Any, resource: str, object_id: str) -> Any:
+    """`obj` when it exists and the caller may see it; otherwise the resource's 404 (another
+    project's object does not exist as far as the caller can tell)."""
+    if obj is None or not caller.sees(obj):
+        raise not_found(resource, object_id)
+    return obj
+
+
+def wrapped_body(
+    name: str, member: str, body: type[pydantic.BaseModel]
+) -> type[pydantic.BaseModel]:
+    """The request model `{member: body}` (nothing else allowed), for validation and OpenAPI."""
+    return pydantic.create_model(
+        name,
+        __config__=pydantic.ConfigDict(extra="forbid"),
+        **{member: (body, ...)},  # type: ignore[call-overload]
+    )
+
+
+def openstack_subapp(
+    title: str,
+    description: str,
+    render: Callable[[OpenStackError], Response],
+    resources: Mapping[str, str],
+) -> FastAPI:
+    """A FastAPI app for one OpenStack API: its error shape, request ids, its own OpenAPI."""
+    app = FastAPI(
+        title=title, version="2.0", description=description, docs_url=None, redoc_url=None
+    )
+    install_openstack_errors(app, render, resources)
+    app.add_middleware(RequestIdMiddleware, render_error=render, resources=resources)
+    return app
+
+
 def install_openstack_errors(
     app: FastAPI, render: Callable[[OpenStackError], Response], resources: Mapping[str, str]
 ) -> None:

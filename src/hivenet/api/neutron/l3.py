@@ -24,7 +24,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from hivenet.api.neutron import translate as tr
-from hivenet.api.neutron.common import Caller, OpenStackError, bad_request, conflict, not_found
+from hivenet.api.neutron.common import (
+    Caller,
+    OpenStackError,
+    bad_request,
+    conflict,
+    not_found,
+    visible_or_404,
+)
 from hivenet.model import (
     Bridge,
     Chain,
@@ -49,12 +56,6 @@ SNAT_POSITION = 10
 DEFAULT_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 
 
-def _visible(caller: Caller, obj: Any, resource: str, object_id: str) -> Any:
-    if obj is None or not caller.sees(obj):
-        raise not_found(resource, object_id)
-    return obj
-
-
 def is_gateway_port(router: Router, port: Port) -> bool:
     return router.external_ids.get(GATEWAY_PORT) == port.id
 
@@ -65,7 +66,7 @@ def nat_chain_ids(router_id: str) -> tuple[str, str]:
 
 async def router_ports(txn: TopologyTransaction, router_id: str) -> list[Port]:
     ports = []
-    for kind, port_id in await txn.referrers("router", router_id):
+    for kind, port_id in await txn.referrers("router", router_id, "port"):
         if kind == "port":
             port = await txn.get(Port, port_id)
             if port is not None and port.device_kind is DeviceKind.ROUTER:
@@ -129,7 +130,7 @@ async def requested_fixed_ips(
 
 async def network_subnets(txn: TopologyTransaction, bridge_id: str) -> list[Subnet]:
     found = []
-    for kind, subnet_id in await txn.referrers("bridge", bridge_id):
+    for kind, subnet_id in await txn.referrers("bridge", bridge_id, "subnet"):
         if kind == "subnet":
             subnet = await txn.get(Subnet, subnet_id)
             if subnet is not None:
@@ -152,12 +153,12 @@ async def add_interface(
     subnet_id: str | None,
     port_id: str | None,
 ) -> dict[str, Any]:
-    router = _visible(caller, await txn.get(Router, router_id), "router", router_id)
+    router = visible_or_404(caller, await txn.get(Router, router_id), "router", router_id)
     if (subnet_id is None) == (port_id is None):
         raise bad_request("add_router_interface: give exactly one of subnet_id and port_id")
     existing = await interface_ports(txn, router)
     if subnet_id is not None:
-        subnet = _visible(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
+        subnet = visible_or_404(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
         if subnet.gateway_ip is None:
             raise bad_request(
                 f"subnet_id={subnet_id!r}: the subnet has no gateway_ip for the router"
@@ -167,7 +168,7 @@ async def add_interface(
         bridge_port: Port | None = None
     else:
         assert port_id is not None
-        bridge_port = _visible(caller, await txn.get(Port, port_id), "port", port_id)
+        bridge_port = visible_or_404(caller, await txn.get(Port, port_id), "port", port_id)
         if bridge_port.device_kind is not DeviceKind.BRIDGE:
             raise not_found("port", port_id)
         if bridge_port.peer_id is not None or bridge_port.host_id is not None:
@@ -228,7 +229,7 @@ async def remove_interface(
     subnet_id: str | None,
     port_id: str | None,
 ) -> dict[str, Any]:
-    router = _visible(caller, await txn.get(Router, router_id), "router", router_id)
+    router = visible_or_404(caller, await txn.get(Router, router_id), "router", router_id)
     if subnet_id is None and port_id is None:
         raise bad_request("remove_router_interface: give subnet_id or port_id")
     for router_port in await interface_ports(txn, router):
@@ -294,7 +295,9 @@ async def set_gateway(
 ) -> Router:
     """Replace the router's gateway by `spec` (None: remove it); returns the router."""
     router = await clear_gateway(txn, router)
-    if spec is None:
+    if spec is None or spec.network_id is None:
+        if spec is not None and spec.model_fields_set - {"network_id"}:
+            raise bad_request("external_gateway_info: network_id is required")
         return router
     network = await txn.get(Bridge, spec.network_id)
     if network is None or not tr.network_visible(caller, network):
@@ -383,7 +386,7 @@ def _is_v4_subnet(fixed: FixedIp) -> bool:
 
 async def clear_gateway(txn: TopologyTransaction, router: Router) -> Router:
     port_id = router.external_ids.get(GATEWAY_PORT)
-    for kind, referrer_id in await txn.referrers("router", router.id):
+    for kind, referrer_id in await txn.referrers("router", router.id, "floating_ip"):
         if kind == "floating_ip" and port_id is not None:
             raise conflict(
                 "RouterExternalGatewayInUseByFloatingIp",
@@ -448,7 +451,7 @@ async def sync_snat(txn: TopologyTransaction, router: Router) -> None:
                         ),
                     ),
                 )
-    for kind, rule_id in await txn.referrers("chain", outbound):
+    for kind, rule_id in await txn.referrers("chain", outbound, "rule"):
         if kind == "rule" and rule_id not in wanted:
             await txn.delete(Rule, rule_id)
     for rule_id, rule in wanted.items():
@@ -466,7 +469,7 @@ async def sync_snat(txn: TopologyTransaction, router: Router) -> None:
 async def floating_router(txn: TopologyTransaction, external_network: str, port: Port) -> str:
     """The router with a gateway on `external_network` and an interface on `port`'s network."""
     subnets = {f.subnet_id for f in port.fixed_ips}
-    for kind, candidate_id in await txn.referrers("bridge", port.device_id):
+    for kind, candidate_id in await txn.referrers("bridge", port.device_id, "port"):
         if kind != "port":
             continue
         bridge_port = await txn.get(Port, candidate_id)
@@ -505,7 +508,7 @@ async def associate(
         if current is not None:
             await txn.delete(FloatingIp, fip_id)
         return None
-    port = _visible(caller, await txn.get(Port, port_id), "port", port_id)
+    port = visible_or_404(caller, await txn.get(Port, port_id), "port", port_id)
     if not port.fixed_ips:
         raise bad_request(f"port_id={port_id!r}: the port has no fixed IP to map to")
     if fixed_address is None:
@@ -525,7 +528,7 @@ async def associate(
     address = fip_port.fixed_ips[0].ip_address
     assert address is not None
     router_id = await floating_router(txn, fip_port.device_id, port)
-    for kind, other_id in await txn.referrers("port", port_id):
+    for kind, other_id in await txn.referrers("port", port_id, "floating_ip"):
         other = await txn.get(FloatingIp, other_id) if kind == "floating_ip" else None
         if other is not None and other.id != fip_id and other.fixed_ip_address == fixed:
             raise conflict(

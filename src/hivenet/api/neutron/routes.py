@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict
 
 from hivenet.api.auth import TokenRegistry
 from hivenet.api.neutron import l3
@@ -26,19 +26,20 @@ from hivenet.api.neutron.common import (
     HiveNetTokens,
     OpenStackError,
     OpenStackOptions,
-    RequestIdMiddleware,
     Snapshot,
     bad_request,
     caller_of,
     collection_url,
     conflict,
-    install_openstack_errors,
     not_found,
+    openstack_subapp,
     page_of,
     parse_list_query,
     port_is_active,
     scan,
     show_fields,
+    visible_or_404,
+    wrapped_body,
 )
 from hivenet.model import (
     Bridge,
@@ -95,21 +96,15 @@ def neutron_error(error: OpenStackError) -> Response:
     )
 
 
-def _wrapper(name: str, member: str, body: type[BaseModel]) -> type[BaseModel]:
-    return create_model(
-        name,
-        __config__=ConfigDict(extra="forbid"),
-        **{member: (body, ...)},  # type: ignore[call-overload]
-    )
-
-
-NetworkRequest = _wrapper("NetworkRequest", "network", tr.NetworkBody)
-PortRequest = _wrapper("PortRequest", "port", tr.PortBody)
-RouterRequest = _wrapper("RouterRequest", "router", tr.RouterBody)
-SecurityGroupRequest = _wrapper("SecurityGroupRequest", "security_group", tr.SecurityGroupBody)
-RuleRequest = _wrapper("SecurityGroupRuleRequest", "security_group_rule", tr.SecurityGroupRuleBody)
-SubnetRequest = _wrapper("SubnetRequest", "subnet", tr.SubnetBody)
-FloatingIpRequest = _wrapper("FloatingIpRequest", "floatingip", tr.FloatingIpBody)
+NetworkRequest = wrapped_body("NetworkRequest", "network", tr.NetworkBody)
+PortRequest = wrapped_body("PortRequest", "port", tr.PortBody)
+RouterRequest = wrapped_body("RouterRequest", "router", tr.RouterBody)
+SecurityGroupRequest = wrapped_body("SecurityGroupRequest", "security_group", tr.SecurityGroupBody)
+RuleRequest = wrapped_body(
+    "SecurityGroupRuleRequest", "security_group_rule", tr.SecurityGroupRuleBody
+)
+SubnetRequest = wrapped_body("SubnetRequest", "subnet", tr.SubnetBody)
+FloatingIpRequest = wrapped_body("FloatingIpRequest", "floatingip", tr.FloatingIpBody)
 
 
 class TagsRequest(BaseModel):
@@ -232,26 +227,17 @@ async def ensure_default_security_group(txn: TopologyTransaction, project_id: st
     return group.id
 
 
-def _check_visible(caller: Caller, obj: TopologyObject | None, resource: str, object_id: str):
-    if obj is None or not caller.sees(obj):
-        raise not_found(resource, object_id)
-    return obj
-
-
 def neutron_app(
     options: OpenStackOptions,
     repository: RepositorySource,
     tokens: Callable[[], TokenRegistry],
 ) -> FastAPI:
-    app = FastAPI(
-        title="HiveNet Neutron API",
-        version="2.0",
-        description="Neutron v2.0 compatible networking API over HiveNet's topology.",
-        docs_url=None,
-        redoc_url=None,
+    app = openstack_subapp(
+        "HiveNet Neutron API",
+        "Neutron v2.0 compatible networking API over HiveNet's topology.",
+        neutron_error,
+        RESOURCE_OF_KIND,
     )
-    install_openstack_errors(app, neutron_error, RESOURCE_OF_KIND)
-    app.add_middleware(RequestIdMiddleware, render_error=neutron_error, resources=RESOURCE_OF_KIND)
     ctx = Neutron(options, repository, tokens)
 
     @app.get("/", include_in_schema=False)
@@ -363,7 +349,7 @@ def neutron_app(
             Bridge,
             network_id,
             change,
-            precondition=lambda current: _check_visible(caller, current, "network", network_id),
+            precondition=lambda current: visible_or_404(caller, current, "network", network_id),
             expected_revision=_if_match(request),
         )
         return JSONResponse({"network": await ctx.network_dict(stored.obj, stored.mod_revision)})
@@ -374,8 +360,8 @@ def neutron_app(
 
         async def body(txn: TopologyTransaction) -> None:
             bridge = await txn.get(Bridge, network_id)
-            _check_visible(caller, bridge, "network", network_id)
-            for kind, referrer_id in await txn.referrers("bridge", network_id):
+            visible_or_404(caller, bridge, "network", network_id)
+            for kind, referrer_id in await txn.referrers("bridge", network_id, "port"):
                 if kind == "port":
                     raise conflict(
                         "NetworkInUse",
@@ -401,7 +387,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> Port:
             bridge = await txn.get(Bridge, network_id)
-            _check_visible(caller, bridge, "network", network_id)
+            visible_or_404(caller, bridge, "network", network_id)
             assert bridge is not None
             port_security = (
                 tr.network_port_security(bridge)
@@ -478,7 +464,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> Port:
             current = await txn.get(Port, port_id)
-            _check_visible(caller, current, "port", port_id)
+            visible_or_404(caller, current, "port", port_id)
             assert current is not None
             if current.device_kind is not DeviceKind.BRIDGE:
                 raise not_found("port", port_id)
@@ -538,7 +524,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> None:
             port = await txn.get(Port, port_id)
-            _check_visible(caller, port, "port", port_id)
+            visible_or_404(caller, port, "port", port_id)
             assert port is not None
             if port.device_kind is not DeviceKind.BRIDGE:
                 raise not_found("port", port_id)
@@ -611,7 +597,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> Router:
             current = await txn.get(Router, router_id)
-            _check_visible(caller, current, "router", router_id)
+            visible_or_404(caller, current, "router", router_id)
             assert current is not None
             if expected is not None and expected != txn.revision_of(Router, router_id):
                 raise OpenStackError(
@@ -637,7 +623,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> None:
             router = await txn.get(Router, router_id)
-            _check_visible(caller, router, "router", router_id)
+            visible_or_404(caller, router, "router", router_id)
             assert router is not None
             for port in await l3.interface_ports(txn, router):
                 raise conflict(
@@ -672,7 +658,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> Subnet:
             bridge = await txn.get(Bridge, network_id)
-            _check_visible(caller, bridge, "network", network_id)
+            visible_or_404(caller, bridge, "network", network_id)
             assert bridge is not None
             owner = caller.owner_for(_owner(spec))
             subnet = Subnet.model_validate(
@@ -745,7 +731,7 @@ def neutron_app(
             Subnet,
             subnet_id,
             change,
-            precondition=lambda current: _check_visible(caller, current, "subnet", subnet_id),
+            precondition=lambda current: visible_or_404(caller, current, "subnet", subnet_id),
             expected_revision=_if_match(request),
         )
         return JSONResponse({"subnet": tr.subnet_view(stored.obj, stored.mod_revision)})
@@ -755,8 +741,8 @@ def neutron_app(
         caller = await ctx.caller(request)
 
         async def write(txn: TopologyTransaction) -> None:
-            _check_visible(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
-            for kind, referrer_id in await txn.referrers("subnet", subnet_id):
+            visible_or_404(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
+            for kind, referrer_id in await txn.referrers("subnet", subnet_id, "port"):
                 if kind == "port":
                     raise conflict(
                         "SubnetInUse",
@@ -899,7 +885,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> Port:
             fip_port = await txn.get(Port, fip_id)
-            _check_visible(caller, fip_port, "floatingip", fip_id)
+            visible_or_404(caller, fip_port, "floatingip", fip_id)
             assert fip_port is not None
             if not is_floating_port(fip_port):
                 raise not_found("floatingip", fip_id)
@@ -925,7 +911,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> None:
             fip_port = await txn.get(Port, fip_id)
-            _check_visible(caller, fip_port, "floatingip", fip_id)
+            visible_or_404(caller, fip_port, "floatingip", fip_id)
             if not is_floating_port(fip_port):
                 raise not_found("floatingip", fip_id)
             if await txn.get(FloatingIp, fip_id) is not None:
@@ -1031,7 +1017,7 @@ def neutron_app(
             SecurityGroup,
             group_id,
             change,
-            precondition=lambda current: _check_visible(
+            precondition=lambda current: visible_or_404(
                 caller, current, "security_group", group_id
             ),
             expected_revision=_if_match(request),
@@ -1045,7 +1031,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> None:
             group = await txn.get(SecurityGroup, group_id)
-            _check_visible(caller, group, "security_group", group_id)
+            visible_or_404(caller, group, "security_group", group_id)
             assert group is not None
             if group.id == tr.default_security_group_id(group.tenant_id):
                 raise conflict(
@@ -1093,11 +1079,11 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> SecurityGroupRule:
             group = await txn.get(SecurityGroup, group_id)
-            _check_visible(caller, group, "security_group", group_id)
+            visible_or_404(caller, group, "security_group", group_id)
             assert group is not None
             if spec.remote_group_id is not None:
                 remote = await txn.get(SecurityGroup, spec.remote_group_id)
-                _check_visible(caller, remote, "security_group", spec.remote_group_id)
+                visible_or_404(caller, remote, "security_group", spec.remote_group_id)
             rule = SecurityGroupRule.model_validate(
                 {
                     "tenant_id": group.tenant_id,
@@ -1113,7 +1099,9 @@ def neutron_app(
                 }
             )
             key = tr.rule_key(rule)
-            for kind, referrer_id in await txn.referrers("security_group", group_id):
+            for kind, referrer_id in await txn.referrers(
+                "security_group", group_id, "security_group_rule"
+            ):
                 if kind != "security_group_rule":
                     continue
                 existing = await txn.get(SecurityGroupRule, referrer_id)
@@ -1155,7 +1143,7 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> None:
             rule = await txn.get(SecurityGroupRule, rule_id)
-            _check_visible(caller, rule, "security_group_rule", rule_id)
+            visible_or_404(caller, rule, "security_group_rule", rule_id)
             await txn.delete(SecurityGroupRule, rule_id)
 
         await ctx.transact(write, f"delete security group rule {rule_id}")
@@ -1193,7 +1181,7 @@ def neutron_app(
             cls,
             object_id,
             change,
-            precondition=lambda current: _check_visible(caller, current, resource, object_id),
+            precondition=lambda current: visible_or_404(caller, current, resource, object_id),
         )
         return tr._tags(stored.obj)
 
@@ -1344,7 +1332,7 @@ async def _port_groups(
         if group_id == tr.default_security_group_id(owner):
             await ensure_default_security_group(txn, owner)
         group = await txn.get(SecurityGroup, group_id)
-        _check_visible(caller, group, "security_group", group_id)
+        visible_or_404(caller, group, "security_group", group_id)
         if group_id not in groups:
             groups.append(group_id)
     return tuple(groups)

@@ -235,9 +235,11 @@ class PortBody(_Body):
 
 
 class GatewayBody(BaseModel):
+    """`{}` (what `openstack router unset --external-gateway` sends) removes the gateway."""
+
     model_config = ConfigDict(extra="forbid")
 
-    network_id: str
+    network_id: str | None = None
     enable_snat: bool = True
     external_fixed_ips: list[FixedIpBody] | None = Field(default=None, max_length=1)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field
 
 from hivenet.api.auth import TokenRegistry
 from hivenet.api.lbstats import load_balancer_stats
@@ -35,17 +35,18 @@ from hivenet.api.neutron.common import (
     HiveNetTokens,
     OpenStackError,
     OpenStackOptions,
-    RequestIdMiddleware,
     bad_request,
     caller_of,
     collection_url,
     conflict,
-    install_openstack_errors,
     not_found,
+    openstack_subapp,
     page_of,
     parse_list_query,
     scan,
     show_fields,
+    visible_or_404,
+    wrapped_body,
 )
 from hivenet.api.neutron.l3 import requested_fixed_ips
 from hivenet.api.neutron.translate import (
@@ -204,19 +205,11 @@ class HealthMonitorBody(_Body):
     expected_codes: str | None = None
 
 
-def _wrapper(name: str, member: str, body: type[BaseModel]) -> type[BaseModel]:
-    return create_model(
-        name,
-        __config__=ConfigDict(extra="forbid"),
-        **{member: (body, ...)},  # type: ignore[call-overload]
-    )
-
-
-LoadBalancerRequest = _wrapper("LoadBalancerRequest", "loadbalancer", LoadBalancerBody)
-ListenerRequest = _wrapper("ListenerRequest", "listener", ListenerBody)
-PoolRequest = _wrapper("PoolRequest", "pool", PoolBody)
-MemberRequest = _wrapper("MemberRequest", "member", MemberBody)
-HealthMonitorRequest = _wrapper("HealthMonitorRequest", "healthmonitor", HealthMonitorBody)
+LoadBalancerRequest = wrapped_body("LoadBalancerRequest", "loadbalancer", LoadBalancerBody)
+ListenerRequest = wrapped_body("ListenerRequest", "listener", ListenerBody)
+PoolRequest = wrapped_body("PoolRequest", "pool", PoolBody)
+MemberRequest = wrapped_body("MemberRequest", "member", MemberBody)
+HealthMonitorRequest = wrapped_body("HealthMonitorRequest", "healthmonitor", HealthMonitorBody)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,12 +414,6 @@ def _owner(caller: Caller, body: _Body) -> str:
     return caller.owner_for(requested)
 
 
-def _check(caller: Caller, obj: Any, resource: str, object_id: str) -> Any:
-    if obj is None or not caller.sees(obj):
-        raise not_found(resource, object_id)
-    return obj
-
-
 def _no_change(body: _Body, *fields: str) -> None:
     for field in ("project_id", "tenant_id", *fields):
         if getattr(body, field, None) is not None:
@@ -435,7 +422,7 @@ def _no_change(body: _Body, *fields: str) -> None:
 
 async def router_of_network(txn: TopologyTransaction, network_id: str) -> str | None:
     """The router with an interface on the network (the one a VIP there must live on)."""
-    for kind, port_id in await txn.referrers("bridge", network_id):
+    for kind, port_id in await txn.referrers("bridge", network_id, "port"):
         if kind != "port":
             continue
         port = await txn.get(Port, port_id)
@@ -455,7 +442,7 @@ async def allocate_vip(
     address = None if body.vip_address is None else _address("vip_address", body.vip_address)
     if body.vip_subnet_id is not None:
         subnet_id = body.vip_subnet_id
-        subnet = _check(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
+        subnet = visible_or_404(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
         if body.vip_network_id is not None and body.vip_network_id != subnet.bridge_id:
             raise bad_request(
                 f"vip_network_id={body.vip_network_id!r}: subnet {subnet.id} is on network "
@@ -465,7 +452,7 @@ async def allocate_vip(
         entry = FixedIp(subnet_id=subnet.id, ip_address=address)
     elif body.vip_network_id is not None:
         network_id = body.vip_network_id
-        network = _check(caller, await txn.get(Bridge, network_id), "network", network_id)
+        network = visible_or_404(caller, await txn.get(Bridge, network_id), "network", network_id)
         entries = [FixedIpBody(ip_address=body.vip_address)] if body.vip_address else None
         fixed = await requested_fixed_ips(txn, network, entries)
         if not fixed:
@@ -501,15 +488,12 @@ def octavia_app(
     tokens: Callable[[], TokenRegistry],
     vip_allocator: VipAllocator = allocate_vip,
 ) -> FastAPI:
-    app = FastAPI(
-        title="HiveNet Octavia API",
-        version="2.0",
-        description="Octavia v2 compatible L4 load balancing over HiveNet's topology.",
-        docs_url=None,
-        redoc_url=None,
+    app = openstack_subapp(
+        "HiveNet Octavia API",
+        "Octavia v2 compatible L4 load balancing over HiveNet's topology.",
+        octavia_error,
+        RESOURCE_OF_KIND,
     )
-    install_openstack_errors(app, octavia_error, RESOURCE_OF_KIND)
-    app.add_middleware(RequestIdMiddleware, render_error=octavia_error, resources=RESOURCE_OF_KIND)
     resolver = options.resolver or HiveNetTokens(tokens, options.project_tokens)
 
     async def caller(request: Request) -> Caller:
@@ -526,7 +510,7 @@ def octavia_app(
             stored = await (await repository()).get(cls, object_id)
         except NotFoundError:
             raise not_found(resource, object_id) from None
-        return _check(who, stored.obj, resource, object_id)
+        return visible_or_404(who, stored.obj, resource, object_id)
 
     async def lb_dict(lb: LoadBalancer) -> dict[str, Any]:
         snapshot = await scan(await repository(), [Listener, Pool])
@@ -647,7 +631,7 @@ def octavia_app(
             cls,
             object_id,
             change,
-            precondition=lambda current: _check(who, current, resource, object_id),
+            precondition=lambda current: visible_or_404(who, current, resource, object_id),
         )
         return stored.obj
 
@@ -660,7 +644,7 @@ def octavia_app(
 
         async def write(txn: TopologyTransaction) -> None:
             lb = await txn.get(LoadBalancer, lb_id)
-            _check(who, lb, "load_balancer", lb_id)
+            visible_or_404(who, lb, "load_balancer", lb_id)
             if cascade_text != "true" and await txn.referrers("load_balancer", lb_id):
                 raise conflict(
                     "InUse",
@@ -750,11 +734,13 @@ def octavia_app(
 
         async def write(txn: TopologyTransaction) -> Listener:
             lb = await txn.get(LoadBalancer, lb_id)
-            _check(who, lb, "load_balancer", lb_id)
+            visible_or_404(who, lb, "load_balancer", lb_id)
             assert lb is not None
             if spec.default_pool_id is not None:
-                _check(who, await txn.get(Pool, spec.default_pool_id), "pool", spec.default_pool_id)
-            for kind, other_id in await txn.referrers("load_balancer", lb_id):
+                visible_or_404(
+                    who, await txn.get(Pool, spec.default_pool_id), "pool", spec.default_pool_id
+                )
+            for kind, other_id in await txn.referrers("load_balancer", lb_id, "listener"):
                 other = await txn.get(Listener, other_id) if kind == "listener" else None
                 if other is not None and (other.protocol, other.protocol_port) == (
                     protocol,
@@ -829,7 +815,7 @@ def octavia_app(
         who = await caller(request)
 
         async def write(txn: TopologyTransaction) -> None:
-            _check(who, await txn.get(Listener, listener_id), "listener", listener_id)
+            visible_or_404(who, await txn.get(Listener, listener_id), "listener", listener_id)
             await txn.delete(Listener, listener_id)
 
         await transact(write, f"delete listener {listener_id}")
@@ -854,7 +840,7 @@ def octavia_app(
             lb_id = spec.loadbalancer_id
             if spec.listener_id:
                 listener = await txn.get(Listener, spec.listener_id)
-                _check(who, listener, "listener", spec.listener_id)
+                visible_or_404(who, listener, "listener", spec.listener_id)
                 assert listener is not None
                 if lb_id and lb_id != listener.load_balancer_id:
                     raise bad_request(
@@ -870,7 +856,7 @@ def octavia_app(
                 lb_id = listener.load_balancer_id
             assert lb_id is not None
             lb = await txn.get(LoadBalancer, lb_id)
-            _check(who, lb, "load_balancer", lb_id)
+            visible_or_404(who, lb, "load_balancer", lb_id)
             assert lb is not None
             pool = Pool.model_validate(
                 {
@@ -933,7 +919,7 @@ def octavia_app(
         who = await caller(request)
 
         async def write(txn: TopologyTransaction) -> None:
-            _check(who, await txn.get(Pool, pool_id), "pool", pool_id)
+            visible_or_404(who, await txn.get(Pool, pool_id), "pool", pool_id)
             # Octavia deletes a pool's members and monitor with it, and clears listeners'
             # default pool.
             await txn.delete(Pool, pool_id, cascade=True)
@@ -967,9 +953,9 @@ def octavia_app(
 
         async def write(txn: TopologyTransaction) -> Member:
             pool = await txn.get(Pool, pool_id)
-            _check(who, pool, "pool", pool_id)
+            visible_or_404(who, pool, "pool", pool_id)
             assert pool is not None
-            for kind, other_id in await txn.referrers("pool", pool_id):
+            for kind, other_id in await txn.referrers("pool", pool_id, "member"):
                 other = await txn.get(Member, other_id) if kind == "member" else None
                 if other is not None and (other.address, other.protocol_port) == (
                     address,
@@ -1050,7 +1036,7 @@ def octavia_app(
 
         async def write(txn: TopologyTransaction) -> None:
             member = await txn.get(Member, member_id)
-            _check(who, member, "member", member_id)
+            visible_or_404(who, member, "member", member_id)
             assert member is not None
             if member.pool_id != pool_id:
                 raise not_found("member", member_id)
@@ -1077,9 +1063,9 @@ def octavia_app(
 
         async def write(txn: TopologyTransaction) -> HealthMonitor:
             pool = await txn.get(Pool, pool_id)
-            _check(who, pool, "pool", pool_id)
+            visible_or_404(who, pool, "pool", pool_id)
             assert pool is not None
-            for kind, other_id in await txn.referrers("pool", pool_id):
+            for kind, other_id in await txn.referrers("pool", pool_id, "health_monitor"):
                 if kind == "health_monitor":
                     raise conflict(
                         "DuplicateHealthMonitor",
@@ -1153,7 +1139,9 @@ def octavia_app(
         who = await caller(request)
 
         async def write(txn: TopologyTransaction) -> None:
-            _check(who, await txn.get(HealthMonitor, monitor_id), "health_monitor", monitor_id)
+            visible_or_404(
+                who, await txn.get(HealthMonitor, monitor_id), "health_monitor", monitor_id
+            )
             await txn.delete(HealthMonitor, monitor_id)
 
         await transact(write, f"delete health monitor {monitor_id}")
