@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import openstack
 import pytest
 
@@ -65,6 +66,12 @@ def test_cli_the_issue_scenario(served: Served) -> None:
     """Every command of the scenario exits 0 and reads back what it set; then every object is
     listed, shown and deleted with the CLI."""
     cli = served.cli
+    host = httpx.post(
+        f"{served.base_url}/v1/hosts",
+        json={"id": "hv1"},
+        headers={"Authorization": f"Bearer {served.admin_token}"},
+    )
+    assert host.status_code == 201, host.text
     public = cli("network", "create", "--external", "public", "-f", "json")
     assert public["router:external"] is True
     public_subnet = cli(
@@ -82,8 +89,11 @@ def test_cli_the_issue_scenario(served: Served) -> None:
     assert subnet["dns_nameservers"] == ["192.0.2.53"] and subnet["gateway_ip"] == "10.20.0.1"
     port = cli(
         "port", "create", "--network", "tenant", "--fixed-ip",
-        "subnet=tenant-subnet,ip-address=10.20.0.150", "vm1-port", "-f", "json",
+        "subnet=tenant-subnet,ip-address=10.20.0.150", "--host", "hv1", "vm1-port",
+        "-f", "json",
     )  # fmt: skip
+    assert port.get("binding_host_id", port.get("binding:host_id")) == "hv1"
+    assert port["status"] == "DOWN"  # until hv1's agent binds tap<id[:11]>
     assert port["fixed_ips"] == [{"subnet_id": subnet["id"], "ip_address": "10.20.0.150"}]
     router = cli("router", "create", "edge", "-f", "json")
     cli("router", "add", "subnet", "edge", "tenant-subnet")
@@ -217,5 +227,68 @@ def test_sdk_find_and_paging(served: Served, monkeypatch: pytest.MonkeyPatch) ->
         for name in names:
             conn.network.delete_network(conn.network.find_network(name))
         assert conn.network.find_network("sdk-net-0") is None
+    finally:
+        conn.close()
+
+
+def test_sdk_the_issue_scenario(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(served.clouds_yaml))
+    conn = openstack.connect(cloud=ROOT_CLOUD)
+    try:
+        net = conn.network
+        public = net.create_network(name="sdk-public", is_router_external=True)
+        net.create_subnet(network_id=public.id, cidr="198.18.0.0/24", ip_version=4)
+        tenant = net.create_network(name="sdk-tenant")
+        subnet = net.create_subnet(
+            name="sdk-subnet",
+            network_id=tenant.id,
+            cidr="10.30.0.0/24",
+            ip_version=4,
+            dns_nameservers=["192.0.2.53"],
+        )
+        assert net.find_subnet("sdk-subnet").id == subnet.id
+        port = net.create_port(
+            network_id=tenant.id, name="sdk-vm", fixed_ips=[{"subnet_id": subnet.id}]
+        )
+        assert port.fixed_ips[0]["ip_address"] == "10.30.0.2"
+        router = net.create_router(
+            name="sdk-router", external_gateway_info={"network_id": public.id}
+        )
+        net.add_interface_to_router(router, subnet_id=subnet.id)
+        router = net.get_router(router.id)
+        assert router.external_gateway_info["enable_snat"] is True
+        fip = net.create_ip(floating_network_id=public.id)
+        fip = net.update_ip(fip, port_id=port.id)
+        assert fip.router_id == router.id and fip.fixed_ip_address == "10.30.0.2"
+        assert net.find_security_group("default") is not None
+
+        lbaas = conn.load_balancer
+        lb = lbaas.create_load_balancer(name="sdk-lb", vip_subnet_id=subnet.id)
+        assert lbaas.find_load_balancer("sdk-lb").id == lb.id
+        listener = lbaas.create_listener(
+            name="sdk-listener", loadbalancer_id=lb.id, protocol="TCP", protocol_port=443
+        )
+        pool = lbaas.create_pool(
+            name="sdk-pool", listener_id=listener.id, protocol="TCP", lb_algorithm="ROUND_ROBIN"
+        )
+        member = lbaas.create_member(pool, address="10.30.0.40", protocol_port=8443)
+        monitor = lbaas.create_health_monitor(
+            pool_id=pool.id, type="TCP", delay=3, timeout=2, max_retries=3
+        )
+        assert lbaas.find_pool("sdk-pool").lb_algorithm == "ROUND_ROBIN"
+        assert [m.id for m in lbaas.members(pool)] == [member.id]
+        assert lbaas.get_health_monitor(monitor.id).pools == [{"id": pool.id}]
+        stats = lbaas.get_load_balancer_statistics(lb.id)
+        assert stats.active_connections == 0
+        lbaas.delete_load_balancer(lb.id, cascade=True)
+        assert lbaas.find_load_balancer("sdk-lb") is None
+
+        net.delete_ip(fip)
+        net.remove_interface_from_router(router, subnet_id=subnet.id)
+        net.update_router(router, external_gateway_info={})
+        net.delete_router(router)
+        net.delete_port(port)
+        net.delete_network(tenant)  # its subnet goes with it
+        assert net.find_subnet("sdk-subnet") is None
     finally:
         conn.close()
