@@ -159,14 +159,6 @@ class Port(TopologyObject):
             *(("fixed_ips", "subnet", fixed.subnet_id) for fixed in self.fixed_ips),
         ]
 
-    @property
-    def is_interior(self) -> bool:
-        return self.peer_id is not None
-
-    @property
-    def is_exterior(self) -> bool:
-        return self.peer_id is None
-
     @model_validator(mode="after")
     def _check(self) -> Port:
         if self.peer_id is not None and (self.host_id is not None or self.interface_name):
