@@ -5,6 +5,7 @@ binding, and that /v1 and /v2.0 are one state."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from hivenet.store.keys import port_active_key
 from tests.integration.openstack.conftest import NOAUTH_PROJECT, OpenStackApi
@@ -322,3 +323,20 @@ def test_port_update_security_and_pairs(openstack: OpenStackApi) -> None:
     )
     assert openstack.request("DELETE", f"/v2.0/ports/{port['id']}").status_code == 204
     assert openstack.request("GET", f"/v2.0/ports/{port['id']}").status_code == 404
+
+
+def test_without_a_noauth_project_a_token_is_required(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from hivenet.api import create_app
+
+    state_dir = tmp_path / "hn-state"
+    with TestClient(create_app("memory://", state_dir)) as client:
+        for headers in ({}, {"X-Auth-Token": "notused"}):
+            refused = client.get("/v2.0/networks", headers=headers)
+            assert refused.status_code == 401, headers
+            assert refused.json()["NeutronError"]["type"] == "HTTPUnauthorized"
+        token = (state_dir / "admin-token").read_text().strip()
+        assert client.get("/v2.0/networks", headers={"X-Auth-Token": token}).status_code == 200
+        octavia = client.get("/v2.0/lbaas/loadbalancers")
+        assert octavia.status_code == 401 and octavia.json()["faultcode"] == "Client"
