@@ -419,7 +419,8 @@ def port_view(
         status = "ACTIVE"
     else:
         status = "ACTIVE" if active else "DOWN"
-    profile = json.loads(ext.get(BINDING_PROFILE, "{}"))
+    profile_text = ext.get(BINDING_PROFILE)
+    profile = json.loads(profile_text) if profile_text else {}
     bound = port.host_id is not None
     return {
         **common_fields(port, revision),
