@@ -185,6 +185,8 @@ def test_gateway_snat_and_floating_ips(openstack: OpenStackApi) -> None:
         and no_snat.json()["router"]["external_gateway_info"]["enable_snat"] is False
     )
     assert [r for r in _natives(openstack, "rules") if r["action"] == "snat"] == []
+    kept = no_snat.json()["router"]["external_gateway_info"]["external_fixed_ips"]
+    assert kept == gateway["external_fixed_ips"]  # same network again: same address
 
     vm = openstack.create("ports", "port", {"network_id": network["id"]})
     fip = openstack.create("floatingips", "floatingip", {"floating_network_id": external["id"]})
@@ -212,6 +214,13 @@ def test_gateway_snat_and_floating_ips(openstack: OpenStackApi) -> None:
     )
     assert released.json()["floatingip"]["port_id"] is None
     assert _native(openstack, "floating_ips", fip["id"]).status_code == 404
+    again = openstack.request(
+        "PUT", f"/v2.0/floatingips/{fip['id']}", json={"floatingip": {"port_id": vm["id"]}}
+    )
+    assert again.status_code == 200
+    assert openstack.request("DELETE", f"/v2.0/ports/{vm['id']}").status_code == 204
+    assert _native(openstack, "floating_ips", fip["id"]).status_code == 404  # disassociated
+    assert openstack.show("floatingips", "floatingip", fip["id"])["port_id"] is None
     assert openstack.request("DELETE", f"/v2.0/floatingips/{fip['id']}").status_code == 204
     cleared = openstack.request(
         "PUT", f"/v2.0/routers/{router['id']}", json={"router": {"external_gateway_info": None}}

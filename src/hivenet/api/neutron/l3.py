@@ -293,7 +293,22 @@ def gateway_view(router: Router, port: Port, peer: Port | None) -> dict[str, Any
 async def set_gateway(
     txn: TopologyTransaction, caller: Caller, router: Router, spec: tr.GatewayBody | None
 ) -> Router:
-    """Replace the router's gateway by `spec` (None: remove it); returns the router."""
+    """Replace the router's gateway by `spec` (None: remove it); returns the router. Set
+    again on the same network without external_fixed_ips, it keeps its address."""
+    previous = await gateway_info(txn, router)
+    if (
+        spec is not None
+        and previous is not None
+        and spec.network_id == previous["network_id"]
+        and spec.external_fixed_ips is None
+    ):
+        spec = spec.model_copy(
+            update={
+                "external_fixed_ips": [
+                    tr.FixedIpBody(**fixed) for fixed in previous["external_fixed_ips"]
+                ]
+            }
+        )
     router = await clear_gateway(txn, router)
     if spec is None or spec.network_id is None:
         if spec is not None and spec.model_fields_set - {"network_id"}:

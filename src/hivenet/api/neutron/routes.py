@@ -537,6 +537,9 @@ def neutron_app(
                 raise conflict(
                     "PortInUse", f"port {port_id} holds a floating IP: delete the floating IP"
                 )
+            # Its floating IPs are disassociated (not left translating to a freed address).
+            for _kind, fip_id in await txn.referrers("port", port_id, "floating_ip"):
+                await txn.delete(FloatingIp, fip_id)
             await txn.delete(Port, port_id, cascade=True)
 
         await ctx.transact(write, f"delete port {port_id}")
