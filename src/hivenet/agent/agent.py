@@ -26,7 +26,6 @@ import ipaddress
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from hivenet.agent.health import (
 from hivenet.agent.lbstats import LB_STATUS_KINDS, LbStatsReporter, LbStatusWriter
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
+from hivenet.clock import SYSTEM_CLOCK, Clock
 from hivenet.datapath.base import Datapath
 from hivenet.model import (
     Host,
@@ -98,7 +98,7 @@ class HostAgent:
         lease_ttl: int = 10,
         counters_path: Path | None = None,
         reconcile_interval: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | Callable[[], float] = SYSTEM_CLOCK,
         state_dir: Path | None = None,
         health_prober: Prober | None = None,
         overlay_health_probes: bool = False,
@@ -116,6 +116,10 @@ class HostAgent:
         self.lease_ttl = lease_ttl
         self.counters_path = counters_path
         self.reconcile_interval = reconcile_interval
+        # The agent's own loops sleep on the injected clock; a bare reading function (older
+        # harnesses fake only readings) leaves them on real time.
+        self.clock = clock
+        self._sleep = clock.sleep if isinstance(clock, Clock) else asyncio.sleep
         self.repository = TopologyRepository(store)
         self.topology = TopologyView()
         self.tables = MemoryTables()
@@ -185,7 +189,7 @@ class HostAgent:
             host_id,
             self.topology,
             self.flowstate.nat,
-            lambda: self.datapath.flow_table,
+            self.datapath.flows,
             publish=self._publish,
             unpublish=self._unpublish,
             clock=clock,
@@ -262,13 +266,6 @@ class HostAgent:
                 await asyncio.wait_for(self.store.lease_revoke(self.lease_id), 2.0)
         self._write_counters()
 
-    async def run_forever(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
-
     @property
     def pending_publications(self) -> int:
         """Learned entries and port ownership not yet written to the store."""
@@ -321,7 +318,7 @@ class HostAgent:
     async def _lease_loop(self) -> None:
         delay = max(self.lease_ttl / 3, 0.5)
         while True:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             try:
                 await self.store.lease_keepalive(self.lease_id)
                 self.counters.lease_renewals += 1
@@ -528,7 +525,7 @@ class HostAgent:
                 log.warning(
                     "host %s: publish failed (%s); retry in %.1fs", self.host_id, exc, delay
                 )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, 5.0)
                 self._publish_wakeup.set()
 
@@ -536,11 +533,16 @@ class HostAgent:
 
     async def _reconcile_loop(self) -> None:
         while True:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
-            # arrives just as the event fires, and the task would never stop.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.reconcile_interval):
-                    await self._ports_dirty.wait()
+            # Wake on a change, or after reconcile_interval on the agent's clock (to retry
+            # binds that failed). asyncio.wait, not wait_for: 3.11's wait_for can swallow a
+            # cancellation that arrives just as the event fires, and the task would never stop.
+            dirty = asyncio.ensure_future(self._ports_dirty.wait())
+            tick = asyncio.ensure_future(self._sleep(self.reconcile_interval))
+            try:
+                await asyncio.wait((dirty, tick), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                dirty.cancel()
+                tick.cancel()
             self._ports_dirty.clear()
             self._reconcile_ports()
 
@@ -608,7 +610,7 @@ class HostAgent:
 
     async def _counters_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await self._sleep(1.0)
             try:
                 self._write_counters()
             except OSError as exc:
