@@ -206,7 +206,8 @@ def test_json_output_is_exactly_the_stored_object(hivenet: Hivenet, unique: str)
     output = hivenet.ok("router", "create", "--id", f"j-{unique}", "--json").stdout
     created = json.loads(output)
     assert set(created) == {
-        "id", "tenant_id", "name", "admin_state_up", "inbound_chain_id", "outbound_chain_id",
+        "id", "tenant_id", "name", "external_ids", "admin_state_up", "inbound_chain_id",
+        "outbound_chain_id",
     }  # fmt: skip
 
 
