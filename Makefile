@@ -49,7 +49,7 @@ test: install
 
 # A laptop without etcd or root: everything but the e2e and etcd tiers.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd and not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
