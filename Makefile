@@ -47,7 +47,7 @@ test: install
 	$(BIN)/coverage report --include='$(CORE_SOURCES)' --skip-covered --precision=1 \
 	  --fail-under=$(CORE_COVERAGE_FLOOR)
 
-# A laptop without etcd or root: everything but the e2e and etcd tiers.
+# A laptop without etcd or root: everything but the e2e, etcd and slow (real-client) tiers.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd and not slow" tests
 
