@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hivenet.model.types import (
     AllowedAddressPair,
@@ -31,6 +31,8 @@ from hivenet.model.types import (
 )
 
 DEFAULT_TENANT = "admin"
+EXTERNAL_IDS_MAX = 64
+EXTERNAL_ID_VALUE_MAX = 4096
 
 
 class TopologyObject(BaseModel):
@@ -48,6 +50,23 @@ class TopologyObject(BaseModel):
     id: ObjectId = Field(default_factory=new_id)
     tenant_id: ObjectId = DEFAULT_TENANT
     name: str = Field(default="", max_length=255)
+    # What a cloud management system keeps on the object for itself (as OVN's external_ids):
+    # the Neutron/Octavia attributes with no native meaning (description, tags, device_owner,
+    # a VIP's subnet, ...). HiveNet's own code never reads it.
+    external_ids: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("external_ids")
+    @classmethod
+    def _bounded_external_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > EXTERNAL_IDS_MAX:
+            raise ValueError(f"external_ids: at most {EXTERNAL_IDS_MAX} keys, got {len(value)}")
+        for key, text in value.items():
+            if not 1 <= len(key) <= 255 or len(text) > EXTERNAL_ID_VALUE_MAX:
+                raise ValueError(
+                    f"external_ids[{key[:40]!r}]: keys are 1-255 characters, values at most "
+                    f"{EXTERNAL_ID_VALUE_MAX}"
+                )
+        return value
 
     def references(self) -> list[tuple[str, str, str]]:
         """(field, kind, id) for every id this object points at."""

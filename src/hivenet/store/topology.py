@@ -170,6 +170,16 @@ class ConflictError(TopologyError):
     concurrent writers that kept winning the race)."""
 
 
+class AlreadyExistsError(ConflictError):
+    """A create of an id that is taken. (The API answers a retried create, one whose request
+    matches the stored object, with that object instead.)"""
+
+    def __init__(self, kind: str, object_id: str) -> None:
+        super().__init__(f"a {kind} with id {object_id!r} already exists")
+        self.kind = kind
+        self.object_id = object_id
+
+
 class RevisionMismatchError(TopologyError):
     def __init__(self, expected: int, actual: int) -> None:
         super().__init__(f"expected revision {expected}, but the object is at revision {actual}")
@@ -456,6 +466,166 @@ class _Attempt:
         return result.revision if result.succeeded else None
 
 
+def _refuse_client_tunnel_key(obj: TopologyObject) -> None:
+    if isinstance(obj, Port) and obj.tunnel_key != 0:
+        raise InvalidFieldError(
+            "tunnel_key", obj.tunnel_key, "tunnel_key is allocated by the server"
+        )
+
+
+class TopologyTransaction:
+    """Several object writes that commit together in one store txn, with every rule of a
+    single write (references, peer links, tunnel keys, immutable fields) applied to each.
+
+    Reads see this transaction's own writes. Obtained from `TopologyRepository.transaction`;
+    the body may run more than once (retries), so it must not have other side effects.
+    """
+
+    def __init__(self, repository: TopologyRepository, attempt: _Attempt) -> None:
+        self._repository = repository
+        self._attempt = attempt
+
+    async def get(self, cls: type[T], object_id: str) -> T | None:
+        """The object (None if absent); the commit requires it unchanged."""
+        key = topology_key(cls.KIND, object_id)
+        raw = await self._attempt.read(key)
+        if raw is None:
+            return None
+        obj = _decode_stored(cls.KIND, key, raw)
+        assert isinstance(obj, cls)
+        return obj
+
+    async def require(self, cls: type[T], object_id: str) -> T:
+        obj = await self.get(cls, object_id)
+        if obj is None:
+            raise NotFoundError(cls.KIND, object_id)
+        return obj
+
+    def revision_of(self, cls: type[TopologyObject], object_id: str) -> int:
+        """The mod_revision at which `get` read the object (0 if not read or absent)."""
+        return self._attempt.mod_revision(topology_key(cls.KIND, object_id))
+
+    async def referrers(
+        self, kind: str, object_id: str, referrer_kind: str | None = None
+    ) -> list[tuple[str, str]]:
+        """(kind, id) of every object (of `referrer_kind`, when given) referencing
+        `kind`/`object_id`, from the reverse index (unguarded: guard the objects that matter
+        by reading them with `get`)."""
+        prefix = refs_prefix(kind, object_id)
+        wanted = prefix if referrer_kind is None else f"{prefix}{referrer_kind}/"
+        found: list[tuple[str, str]] = []
+        for ref_key in await self._attempt.range_values(wanted):
+            referrer_kind, _, referrer_id = ref_key[len(prefix) :].partition("/")
+            found.append((referrer_kind, referrer_id))
+        return found
+
+    async def create(self, obj: T) -> T:
+        """Store a new object (a port gets its tunnel key); returns it as stored."""
+        kind = obj.KIND
+        obj = _revalidated(obj)
+        _refuse_client_tunnel_key(obj)
+        attempt, repository = self._attempt, self._repository
+        key = topology_key(kind, obj.id)
+        if await attempt.read(key) is not None:
+            raise AlreadyExistsError(kind, obj.id)
+        stored: TopologyObject = obj
+        if isinstance(obj, Port):
+            tunnel_key = await repository._allocate_tunnel_key(attempt, obj.id)
+            stored = obj.model_copy(update={"tunnel_key": tunnel_key})
+            stored = await repository._assign_fixed_ips(attempt, None, stored)
+        if isinstance(obj, Subnet):
+            await repository._check_subnet_overlap(attempt, obj)
+        await repository._check_cross_object_rules(attempt, stored)
+        await repository._write(attempt, None, stored)
+        if isinstance(stored, Port) and stored.peer_id is not None:
+            await repository._link_peer(attempt, stored)
+        return stored  # type: ignore[return-value]  # same class as obj
+
+    async def modify(
+        self,
+        cls: type[T],
+        object_id: str,
+        change: Callable[[T], T],
+        *,
+        expected_revision: int | None = None,
+        precondition: Callable[[T], None] | None = None,
+    ) -> tuple[T, int]:
+        """(the object after `change`, the revision it was read at); see
+        `TopologyRepository.modify`."""
+        kind = cls.KIND
+        attempt, repository = self._attempt, self._repository
+        key = topology_key(kind, object_id)
+        raw = await attempt.read(key)
+        if raw is None:
+            raise NotFoundError(kind, object_id)
+        current = _decode_stored(kind, key, raw)
+        assert isinstance(current, cls)
+        if precondition is not None:
+            precondition(current)
+        current_revision = attempt.mod_revision(key)
+        if expected_revision is not None and expected_revision != current_revision:
+            raise RevisionMismatchError(expected_revision, current_revision)
+        replacement = change(current)
+        if type(replacement) is not cls:
+            raise InvalidFieldError("kind", replacement.KIND, f"expected a {kind}")
+        if replacement.id != object_id:
+            raise InvalidFieldError("id", replacement.id, f"does not match {object_id!r}")
+        replacement = _revalidated(replacement)
+        replacement = repository._keep_immutable_fields(current, replacement)
+        if kind == Port.KIND:  # T is Port here (casts: isinstance would narrow `current`)
+            assigned = await repository._assign_fixed_ips(
+                attempt, cast(Port, current), cast(Port, replacement)
+            )
+            replacement = cast(T, assigned)
+        if encode(replacement) == raw:
+            return current, current_revision  # nothing changes: no write, no event
+        await repository._check_cross_object_rules(attempt, replacement)
+        await repository._write(attempt, current, replacement)
+        if (
+            isinstance(current, Port)
+            and isinstance(replacement, Port)
+            and current.peer_id != replacement.peer_id
+        ):
+            if current.peer_id is not None:
+                await repository._unlink_peer(attempt, current.peer_id, current.id)
+            if replacement.peer_id is not None:
+                await repository._link_peer(attempt, replacement)
+        return replacement, current_revision
+
+    async def update(self, obj: T) -> T:
+        """Replace the stored object of the same kind and id by `obj`."""
+        stored, _ = await self.modify(type(obj), obj.id, lambda _current: obj)
+        return stored
+
+    async def delete(
+        self,
+        cls: type[T],
+        object_id: str,
+        *,
+        cascade: bool = False,
+        expected_revision: int | None = None,
+        precondition: Callable[[T], None] | None = None,
+    ) -> None:
+        """Delete an object; see `TopologyRepository.delete`."""
+        kind = cls.KIND
+        attempt = self._attempt
+        key = topology_key(kind, object_id)
+        raw = await attempt.read(key)
+        if raw is None:
+            raise NotFoundError(kind, object_id)
+        if precondition is not None:
+            current = _decode_stored(kind, key, raw)
+            assert isinstance(current, cls)
+            precondition(current)
+        current_revision = attempt.mod_revision(key)
+        if expected_revision is not None and expected_revision != current_revision:
+            raise RevisionMismatchError(expected_revision, current_revision)
+        blockers: list[Referrer] = []
+        await self._repository._delete_object(attempt, kind, object_id, cascade, blockers, set())
+        if blockers:
+            raise ReferencedError(kind, object_id, blockers)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -497,33 +667,21 @@ class TopologyRepository:
 
     # ---- public API
 
+    async def transaction(
+        self, body: Callable[[TopologyTransaction], Awaitable[R]], what: str = "transaction"
+    ) -> tuple[R, int | None]:
+        """Run `body` over a `TopologyTransaction` and commit everything it wrote in ONE
+        store txn (retried as a whole when a concurrent writer invalidated a read);
+        (body's result, commit revision or None when it wrote nothing)."""
+        return await self._transact(lambda attempt: body(TopologyTransaction(self, attempt)), what)
+
     async def create(self, obj: T) -> Versioned[T]:
         """Store a new object; ports get their tunnel key here (a client-chosen one is refused)."""
-        kind = obj.KIND
         obj = _revalidated(obj)
-        if isinstance(obj, Port) and obj.tunnel_key != 0:
-            raise InvalidFieldError(
-                "tunnel_key", obj.tunnel_key, "tunnel_key is allocated by the server"
-            )
-
-        async def body(attempt: _Attempt) -> T:
-            key = topology_key(kind, obj.id)
-            if await attempt.read(key) is not None:
-                raise ConflictError(f"a {kind} with id {obj.id!r} already exists")
-            stored: TopologyObject = obj
-            if isinstance(obj, Port):
-                tunnel_key = await self._allocate_tunnel_key(attempt, obj.id)
-                stored = obj.model_copy(update={"tunnel_key": tunnel_key})
-                stored = await self._assign_fixed_ips(attempt, None, stored)
-            if isinstance(obj, Subnet):
-                await self._check_subnet_overlap(attempt, obj)
-            await self._check_cross_object_rules(attempt, stored)
-            await self._write(attempt, None, stored)
-            if isinstance(stored, Port) and stored.peer_id is not None:
-                await self._link_peer(attempt, stored)
-            return stored  # type: ignore[return-value]  # same class as obj
-
-        stored, revision = await self._transact(body, f"create {kind} {obj.id}")
+        _refuse_client_tunnel_key(obj)
+        stored, revision = await self.transaction(
+            lambda txn: txn.create(obj), f"create {obj.KIND} {obj.id}"
+        )
         assert revision is not None
         return Versioned(stored, revision)
 
@@ -557,49 +715,15 @@ class TopologyRepository:
         retry) and returns the replacement; it may raise (pydantic or typed errors).
         `precondition` sees the current object first and may raise to refuse (a tenant check
         that must come before the revision check)."""
-        kind = cls.KIND
-
-        async def body(attempt: _Attempt) -> tuple[T, int]:
-            key = topology_key(kind, object_id)
-            raw = await attempt.read(key)
-            if raw is None:
-                raise NotFoundError(kind, object_id)
-            current = _decode_stored(kind, key, raw)
-            assert isinstance(current, cls)
-            if precondition is not None:
-                precondition(current)
-            current_revision = attempt.mod_revision(key)
-            if expected_revision is not None and expected_revision != current_revision:
-                raise RevisionMismatchError(expected_revision, current_revision)
-            replacement = change(current)
-            if type(replacement) is not cls:
-                raise InvalidFieldError("kind", replacement.KIND, f"expected a {kind}")
-            if replacement.id != object_id:
-                raise InvalidFieldError("id", replacement.id, f"does not match {object_id!r}")
-            replacement = _revalidated(replacement)
-            replacement = self._keep_immutable_fields(current, replacement)
-            if kind == Port.KIND:  # T is Port here (casts: isinstance would narrow `current`)
-                assigned = await self._assign_fixed_ips(
-                    attempt, cast(Port, current), cast(Port, replacement)
-                )
-                replacement = cast(T, assigned)
-            if encode(replacement) == raw:
-                return current, current_revision  # nothing changes: no write, no event
-            await self._check_cross_object_rules(attempt, replacement)
-            await self._write(attempt, current, replacement)
-            if (
-                isinstance(current, Port)
-                and isinstance(replacement, Port)
-                and current.peer_id != replacement.peer_id
-            ):
-                if current.peer_id is not None:
-                    await self._unlink_peer(attempt, current.peer_id, current.id)
-                if replacement.peer_id is not None:
-                    await self._link_peer(attempt, replacement)
-            return replacement, current_revision
-
-        (stored, unchanged_revision), revision = await self._transact(
-            body, f"update {kind} {object_id}"
+        (stored, unchanged_revision), revision = await self.transaction(
+            lambda txn: txn.modify(
+                cls,
+                object_id,
+                change,
+                expected_revision=expected_revision,
+                precondition=precondition,
+            ),
+            f"update {cls.KIND} {object_id}",
         )
         return Versioned(stored, revision if revision is not None else unchanged_revision)
 
@@ -617,24 +741,16 @@ class TopologyRepository:
         Without cascade, any referrer other than an interior peer (whose link is cleared)
         refuses the delete with `ReferencedError`. `precondition` sees the object as read in
         the txn and may raise to refuse (e.g. a tenant check)."""
-        kind = cls.KIND
-
-        async def body(attempt: _Attempt) -> None:
-            key = topology_key(kind, object_id)
-            raw = await attempt.read(key)
-            if raw is None:
-                raise NotFoundError(kind, object_id)
-            if precondition is not None:
-                precondition(_decode_stored(kind, key, raw))
-            current_revision = attempt.mod_revision(key)
-            if expected_revision is not None and expected_revision != current_revision:
-                raise RevisionMismatchError(expected_revision, current_revision)
-            blockers: list[Referrer] = []
-            await self._delete_object(attempt, kind, object_id, cascade, blockers, set())
-            if blockers:
-                raise ReferencedError(kind, object_id, blockers)
-
-        _, revision = await self._transact(body, f"delete {kind} {object_id}")
+        _, revision = await self.transaction(
+            lambda txn: txn.delete(
+                cls,
+                object_id,
+                cascade=cascade,
+                expected_revision=expected_revision,
+                precondition=precondition,
+            ),
+            f"delete {cls.KIND} {object_id}",
+        )
         assert revision is not None
         return revision
 
