@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_STAMP := .venv-apt.stamp
-APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps
+APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps isc-dhcp-client
 
 .PHONY: help install apt test test-fast lint fmt demo bench clean lab-clean
 

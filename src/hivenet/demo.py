@@ -39,6 +39,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
+from hivenet.lab import dhcpclient
 from hivenet.lab.cli import print_explore_hints
 from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabError, LabScope
@@ -195,6 +196,7 @@ def run_lab_demo(
         lab_is_up = True
         say(f"lab up in {time.monotonic() - started:.1f} s")
         print_summary(lab, console)
+        _show_dhcp(lab, console)
 
         use_iperf3 = _has_iperf3()
         say()
@@ -242,6 +244,30 @@ def run_lab_demo(
         say("lab removed" if not failures else f"lab removal incomplete: {failures}")
     say(f"demo {'done' if return_code == 0 else 'ended'} in {time.monotonic() - started:.1f} s")
     return return_code
+
+
+def _show_dhcp(lab: Lab, console: Console) -> None:
+    """What each VM's DHCP client was told (no DHCP server runs: each agent answers)."""
+    leases = [
+        (vm, dhcpclient.read_lease(lab.dhcp_files(vm)))
+        for vm in lab.plan.vms
+        if vm.dhcp_client is not None
+    ]
+    if not leases:
+        return
+    console.print(
+        "[bold]DHCP[/bold]: the VMs booted with no address and asked for one; the agent on "
+        "their own host answered from the subnet and the port's fixed IP (no DHCP server)."
+    )
+    for vm, lease in leases:
+        if lease is None:
+            console.print(f"  {vm.name}: no lease recorded")
+            continue
+        routers = ", ".join(str(r) for r in lease.routers) or "none"
+        console.print(
+            f"  {vm.name} ({vm.dhcp_client} on {vm.host}): {lease.address}, router {routers}, "
+            f"MTU {lease.mtu}, lease {lease.lease_time} s from {lease.server}"
+        )
 
 
 def _has_iperf3() -> bool:

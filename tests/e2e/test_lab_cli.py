@@ -92,7 +92,8 @@ def test_up_status_exec_down(scope: LabScope, tmp_path: Path) -> None:
     status = hivenet("lab", "status", "--state-dir", state)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "phase up" in status.stdout and "(healthy)" in status.stdout
-    assert status.stdout.count("running") == 3  # the API server and two agents
+    # The API server, two agents and the two VMs' DHCP clients.
+    assert status.stdout.count("running") == 5
     assert "root namespace" in status.stdout and "namespaces: 4/4 present" in status.stdout
     assert "drops by reason" in status.stdout
 

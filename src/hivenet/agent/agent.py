@@ -51,6 +51,7 @@ from hivenet.model import (
     decode,
     parse_topology_key,
 )
+from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.model.types import int_to_mac, mac_to_int
 from hivenet.sim import LearnedEntry, TopologyView
@@ -103,6 +104,7 @@ class HostAgent:
         health_prober: Prober | None = None,
         overlay_health_probes: bool = False,
         health_plumbing: HealthPlumbing | None = None,
+        underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -142,6 +144,7 @@ class HostAgent:
             on_learned=self._on_learned,
             stateful=self.flowstate,
             clock=clock,
+            underlay_mtu=underlay_mtu,
         )
         self.topology_mirror = PrefixMirror(
             store,

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hivenet.agent.agent import HostAgent
+from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 
 app = typer.Typer(help="The HiveNet host agent.", no_args_is_help=True)
 
@@ -52,6 +53,15 @@ def run(
         str, typer.Option(help="userspace (AF_PACKET + VXLAN) or memory")
     ] = "userspace",
     vxlan_port: Annotated[int, typer.Option(min=1, max=65535)] = 4789,
+    underlay_mtu: Annotated[
+        int,
+        typer.Option(
+            min=576,
+            max=65535,
+            help="The underlay's MTU: VMs on bridges without their own mtu get it less 50 "
+            "(VXLAN) by DHCP.",
+        ),
+    ] = DEFAULT_UNDERLAY_MTU,
     lease_ttl: Annotated[
         int, typer.Option(min=2, help="Seconds before peers consider us gone.")
     ] = 10,
@@ -96,6 +106,7 @@ def run(
             # Per host: several agents (a lab) may share one state dir, never one journal.
             flowstate_dir=state / f"flowstate-{host_id}",
             health_probes=health_probes,
+            underlay_mtu=underlay_mtu,
         )
     )
 
@@ -112,6 +123,7 @@ async def _run_agent(
     counters_path: Path,
     flowstate_dir: Path,
     health_probes: bool = False,
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
 ) -> None:
     from hivenet.datapath.base import Datapath
     from hivenet.store import open_store
@@ -138,6 +150,7 @@ async def _run_agent(
         counters_path=counters_path,
         state_dir=flowstate_dir,
         overlay_health_probes=health_probes,
+        underlay_mtu=underlay_mtu,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hivenet.datapath.base import Datapath
+from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.packets import FlowMatch, PacketError, extract_flow_match
 from hivenet.sim import (
     NO_FLOW_STATE,
@@ -29,11 +30,14 @@ from hivenet.sim import (
     TopologyView,
     simulate,
 )
+from hivenet.sim.dhcp import DhcpBudget
 
 if TYPE_CHECKING:
     from hivenet.agent.flowstate_sync import FlowStateSync
 
 LearnedCallback = Callable[[Sequence[LearnedEntry]], None]
+# How often the DHCP budget forgets ports that went quiet (it holds one entry per port).
+DHCP_BUDGET_SWEEP_UPCALLS = 4096
 
 
 @dataclass(slots=True)
@@ -81,12 +85,20 @@ class FlowPipeline:
         stateful: FlowStateSync | None = None,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
+        underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
     ) -> None:
         self.host_id = host_id
         self.datapath = datapath
         self.topology = topology
+        # DHCP is answered per message (never cached): a per-port budget bounds a flood.
+        self.dhcp_budget = DhcpBudget()
         self.context = SimContext(
-            topology=topology, tables=tables, local_host_id=host_id, flow_state=flow_state
+            topology=topology,
+            tables=tables,
+            local_host_id=host_id,
+            flow_state=flow_state,
+            underlay_mtu=underlay_mtu,
+            dhcp_budget=self.dhcp_budget,
         )
         self.on_learned = on_learned
         # Conntrack/NAT: a transaction per upcall, committed and pushed before forwarding.
@@ -106,6 +118,8 @@ class FlowPipeline:
             return
         started = self.timer()
         now = self.clock()
+        if self.stats.upcalls % DHCP_BUDGET_SWEEP_UPCALLS == 0:
+            self.dhcp_budget.forget_idle(now)
         try:  # parse once; a malformed frame is simulate()'s to count and drop
             match: FlowMatch | None = extract_flow_match(frame, port_key)
         except PacketError:

@@ -53,15 +53,23 @@ def parse_port_range(text: str) -> dict[str, int]:
     return {"start": start, "end": end}
 
 
+def _parse_pair(text: str, separator: str, fields: tuple[str, str], what: str) -> dict[str, str]:
+    """`LEFT<separator>RIGHT` (both non-empty) -> `{fields[0]: LEFT, fields[1]: RIGHT}`;
+    `what` names the value and shows an example in the error."""
+    left, sep, right = text.partition(separator)
+    if not sep or not left.strip() or not right.strip():
+        raise OptionValueError(f"invalid {text!r}: expected {what}")
+    return {fields[0]: left.strip(), fields[1]: right.strip()}
+
+
 def parse_tunnel_zone_member(text: str) -> dict[str, str]:
     """`HOST_ID=UNDERLAY_IP` -> `{"host_id": .., "underlay_ip": ..}`."""
-    host_id, sep, underlay_ip = text.partition("=")
-    if not sep or not host_id.strip() or not underlay_ip.strip():
-        raise OptionValueError(
-            f"invalid tunnel zone member {text!r}: expected HOST_ID=UNDERLAY_IP, "
-            "e.g. host-1=192.168.100.1"
-        )
-    return {"host_id": host_id.strip(), "underlay_ip": underlay_ip.strip()}
+    return _parse_pair(
+        text,
+        "=",
+        ("host_id", "underlay_ip"),
+        "a tunnel zone member HOST_ID=UNDERLAY_IP, e.g. host-1=192.168.100.1",
+    )
 
 
 def parse_fixed_ip(text: str) -> dict[str, str | None]:
@@ -77,23 +85,19 @@ def parse_fixed_ip(text: str) -> dict[str, str | None]:
 
 def parse_allocation_pool(text: str) -> dict[str, str]:
     """`START-END` -> `{"start": .., "end": ..}`."""
-    start, sep, end = text.partition("-")
-    if not sep or not start.strip() or not end.strip():
-        raise OptionValueError(
-            f"invalid allocation pool {text!r}: expected START-END, e.g. 10.0.1.10-10.0.1.99"
-        )
-    return {"start": start.strip(), "end": end.strip()}
+    return _parse_pair(
+        text, "-", ("start", "end"), "an allocation pool START-END, e.g. 10.0.1.10-10.0.1.99"
+    )
 
 
 def parse_host_route(text: str) -> dict[str, str]:
     """`DESTINATION=NEXTHOP` -> `{"destination": .., "nexthop": ..}`."""
-    destination, sep, nexthop = text.partition("=")
-    if not sep or not destination.strip() or not nexthop.strip():
-        raise OptionValueError(
-            f"invalid host route {text!r}: expected DESTINATION=NEXTHOP, "
-            "e.g. 192.168.0.0/16=10.0.1.254"
-        )
-    return {"destination": destination.strip(), "nexthop": nexthop.strip()}
+    return _parse_pair(
+        text,
+        "=",
+        ("destination", "nexthop"),
+        "a host route DESTINATION=NEXTHOP, e.g. 192.168.0.0/16=10.0.1.254",
+    )
 
 
 # Readable phrases for the annotated scalar types of hivenet.model.types.

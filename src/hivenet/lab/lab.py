@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hivenet.api.client import ApiClientError, HivenetClient
-from hivenet.lab import netns
+from hivenet.lab import dhcpclient, netns
 from hivenet.lab.etcd import EtcdCluster, EtcdLabError, EtcdMemberStatus, start_cluster
 from hivenet.lab.etcd import stop_all as stop_etcd_cluster
 from hivenet.lab.netns import LabError, LabScope, ProcessRecord
@@ -64,6 +64,7 @@ from hivenet.lab.processes import (
 )
 from hivenet.lab.processes import read_record as read_process_record
 from hivenet.lab.record import (
+    DHCP_DIR,
     ENV_FILE,
     LAB_FILE,
     STORE_ETCD,
@@ -82,6 +83,7 @@ from hivenet.store import open_store
 from hivenet.store.keys import STATE_PREFIX, host_alive_key, port_active_key
 
 ETCD_MEMBERS = 3
+DHCP_LABEL = "dhcp"
 MIN_AGENT_LEASE_TTL = 2  # `hivenet agent run --lease-ttl` accepts no less
 UP_TIMEOUT_SECONDS = 60.0
 
@@ -322,6 +324,17 @@ class Lab(TrafficProbes):
             self.start_agent(host.name)
         self.progress("waiting for every agent to bind its ports")
         self.wait_agents_ready(timeout=max(deadline - time.monotonic(), 1.0))
+        dhcp_vms = [vm for vm in plan.vms if vm.dhcp_client is not None]
+        if dhcp_vms:
+            clients = sorted({vm.dhcp_client or "" for vm in dhcp_vms})
+            self.progress(
+                f"{len(dhcp_vms)} VMs ask for their address by DHCP ({', '.join(clients)}), "
+                "answered by their host's agent"
+            )
+            for vm in dhcp_vms:
+                self.start_dhcp_client(vm)
+            for vm in dhcp_vms:
+                self.wait_dhcp_lease(vm, deadline=deadline)
 
     def _start_etcd(self, deadline: float) -> None:
         client_host = str(netns.ROOT_UNDERLAY_ADDRESS.ip)
@@ -397,12 +410,60 @@ class Lab(TrafficProbes):
             vm.port_link,
             namespace=vm.namespace,
             peer_namespace=host.namespace,
-            mtu=netns.VM_MTU,
+            # A DHCP VM starts like a fresh VM (MTU 1500) and learns 1450 from the lease.
+            mtu=netns.VM_MTU if vm.dhcp_client is None else netns.UNDERLAY_MTU,
         )
         netns.rename_link(vm.namespace, vm.setup_link, VM_INTERFACE, self.record.macs[vm.name])
+        if vm.dhcp_client is not None:
+            return  # configured by `start_dhcp_client` once its host's agent is up
         netns.add_address(VM_INTERFACE, vm.ip, namespace=vm.namespace)
         if vm.gateway is not None:
             netns.add_route("default", gateway=vm.gateway, namespace=vm.namespace)
+
+    # ---- DHCP clients -----------------------------------------------------------------------
+
+    def dhcp_files(self, vm: VmPlan) -> dhcpclient.ClientFiles:
+        return dhcpclient.ClientFiles(self.state_dir / DHCP_DIR, vm.namespace)
+
+    def start_dhcp_client(self, vm: VmPlan, client: str | None = None) -> int:
+        """Start `vm`'s DHCP client (its scenario's, or `client`) in its namespace; its PID."""
+        chosen = client or vm.dhcp_client or dhcpclient.UDHCPC
+        files = self.dhcp_files(vm)
+        dhcpclient.write_scripts(files.directory)
+        # The event scripts find the lease file by the namespace's name (files.lease).
+        argv = dhcpclient.client_argv(chosen, VM_INTERFACE, files, vm.name)
+        popen, record = start_process(
+            vm.namespace,
+            vm.namespace,
+            argv,
+            label=DHCP_LABEL,
+            directory=self.state_dir,
+            log_path=self._log_path(vm.namespace, DHCP_LABEL),
+        )
+        self._children[vm.namespace] = popen
+        return record.pid
+
+    def stop_dhcp_client(self, vm: VmPlan) -> None:
+        self._stop_labelled(vm.namespace, DHCP_LABEL)
+
+    def wait_dhcp_lease(self, vm: VmPlan, *, deadline: float) -> dhcpclient.Lease:
+        """`vm`'s lease once its client has configured the scenario's address (then its own
+        `gateway`, if the scenario gives one); LabError with the client's log after
+        `deadline`."""
+        files = self.dhcp_files(vm)
+        while True:
+            lease = dhcpclient.read_lease(files)
+            if lease is not None and str(lease.address) == vm.ip:
+                break
+            if time.monotonic() > deadline:
+                log = tail(self._log_path(vm.namespace, DHCP_LABEL))
+                raise LabError(f"{vm.name} got no DHCP lease for {vm.ip} in time:\n{log}")
+            time.sleep(0.05)
+        if vm.own_gateway is not None:  # replaces the default route the lease set
+            netns.run_in_namespace(
+                vm.namespace, ["ip", "route", "replace", "default", "via", vm.own_gateway]
+            )
+        return lease
 
     def _add_external_namespace(self, external: ExternalPlan) -> None:
         host = self.plan.host(external.host)

@@ -17,6 +17,7 @@ from hivenet.model import (
     Bridge,
     Chain,
     DeviceKind,
+    FixedIp,
     FloatingIp,
     Host,
     NatTarget,
@@ -25,6 +26,7 @@ from hivenet.model import (
     Router,
     Rule,
     RuleAction,
+    Subnet,
     TopologyObject,
     TunnelZone,
     TunnelZoneMember,
@@ -63,6 +65,8 @@ class VmPlan:
     ip: str  # with prefix
     gateway: str | None
     floating_ip: str | None = None  # its 1:1 NAT address on the external router
+    dhcp_client: str | None = None  # "udhcpc" or "dhclient"; None: configured statically
+    own_gateway: str | None = None  # a default route the VM sets itself (scenario `gateway`)
 
     @property
     def address(self) -> str:
@@ -164,6 +168,10 @@ def uplink_port_id(network: str, router: str) -> str:
     return f"bp.{network}.{router}"
 
 
+def subnet_id(network: str) -> str:
+    return f"subnet.{network}"
+
+
 def vm_port_id(vm: str) -> str:
     return f"vm.{vm}"
 
@@ -218,6 +226,8 @@ def plan_lab(scenario: Scenario, scope: LabScope) -> LabPlan:
             ip=str(vm.ip),
             gateway=None if (gw := scenario.gateway_of(vm)) is None else str(gw),
             floating_ip=None if vm.floating_ip is None else str(vm.floating_ip),
+            dhcp_client=vm.dhcp_client if vm.dhcp else None,
+            own_gateway=None if vm.gateway is None else str(vm.gateway),
         )
         for vm in scenario.vms
     )
@@ -264,7 +274,7 @@ def topology_objects(
     scenario: Scenario, plan: LabPlan, macs: dict[str, str]
 ) -> list[TopologyObject]:
     """The topology the scenario describes, in an order the API accepts (referenced objects
-    first): hosts, the tunnel zone, bridges, routers (after their NAT chains) with their
+    first): hosts, the tunnel zone, bridges and their subnets, routers (after their NAT chains) with their
     ports, the bridge ports peered to them and static routes, the VM ports bound to (host,
     interface), the external port, its SNAT rules and the VMs' floating IPs."""
     objects: list[TopologyObject] = [Host(id=host.name, name=host.name) for host in plan.hosts]
@@ -280,6 +290,25 @@ def topology_objects(
     )
     objects.extend(
         Bridge(id=network.name, name=network.name, tenant_id=network.tenant)
+        for network in scenario.networks
+    )
+    # One DHCP-enabled subnet per network; its gateway is the first router interface on it.
+    gateways = {
+        interface.network: interface.ip.ip
+        for router in reversed(scenario.routers)
+        for interface in reversed(router.interfaces)
+    }
+    objects.extend(
+        Subnet.model_validate(
+            {
+                "id": subnet_id(network.name),
+                "name": network.name,
+                "tenant_id": network.tenant,
+                "bridge_id": network.name,
+                "cidr": network.subnet,
+                "gateway_ip": gateways.get(network.name),
+            }
+        )
         for network in scenario.networks
     )
     external_spec = scenario.external
@@ -349,7 +378,13 @@ def topology_objects(
                 device_kind=DeviceKind.BRIDGE,
                 device_id=network.name,
                 mac=macs[vm_plan.name],
-                addresses=(ipaddress.IPv4Interface(vm_plan.ip),),
+                # IPAM pins the scenario's address (and mirrors it into `addresses`).
+                fixed_ips=(
+                    FixedIp(
+                        subnet_id=subnet_id(network.name),
+                        ip_address=ipaddress.IPv4Interface(vm_plan.ip).ip,
+                    ),
+                ),
                 host_id=vm_plan.host,
                 interface_name=vm_plan.port_link,
             )

@@ -144,6 +144,9 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+DHCP_DIR = "dhcp"  # the VMs' DHCP client scripts and lease files (`hivenet.lab.dhcpclient`)
+
+
 def remove_lab_files(state_dir: Path) -> None:
     """Delete what a lab writes into its state dir (never anything else), then the dir if empty."""
     if not state_dir.is_dir():
@@ -164,8 +167,9 @@ def remove_lab_files(state_dir: Path) -> None:
         for path in state_dir.glob(pattern):
             if path.is_file():
                 path.unlink(missing_ok=True)
-    # The agents' flow-state journals: a later lab in this dir must not inherit connections.
-    for path in state_dir.glob("flowstate-*"):
+    # The agents' flow-state journals: a later lab in this dir must not inherit connections;
+    # the VMs' DHCP client scripts and leases.
+    for path in [*state_dir.glob("flowstate-*"), state_dir / DHCP_DIR]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):

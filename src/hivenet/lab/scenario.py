@@ -20,6 +20,8 @@ A scenario file::
         routes: [{dst: 10.0.9.0/24, gateway: 10.0.1.20}]
     vms:
       - {name: vm1, host: h1, network: net1, ip: 10.0.1.10/24, floating_ip: 198.51.100.10}
+      - {name: vm2, host: h1, network: net1, ip: 10.0.1.11/24, dhcp_client: dhclient}
+      - {name: vm3, host: h1, network: net1, ip: 10.0.1.12/24, dhcp: false}  # pinned
     external:
       host: h1                         # the gateway host: the uplink port is bound there
       router: r1
@@ -27,6 +29,11 @@ A scenario file::
       ip: 192.0.2.2/24                 # hn-ext's address: the outside world
       floating_range: 198.51.100.0/24  # optional; hn-ext routes it via router_ip
       snat: [net1]                     # networks source-NATed to router_ip when leaving
+
+Each network is a bridge with one DHCP-enabled subnet (its gateway: the first router
+interface on it); each VM's `ip` is its fixed IP there. VMs boot by DHCP (`dhcp_client`:
+busybox `udhcpc`, the default, or ISC `dhclient`), answered by their host's agent; with
+`dhcp: false` the lab configures the address and the default route itself.
 
 Two tenants may use the same subnet: the networks are separate bridges, and only a router that
 joins both would make the overlap ambiguous (refused).
@@ -47,7 +54,7 @@ import re
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -135,8 +142,11 @@ class RouterSpec(_Spec):
 
 
 class VmSpec(_Spec):
-    """A VM: a namespace whose `eth0` (MTU 1450) is a port of `network`, bound on `host`.
-    Without `gateway` the default route goes via the network's router interface, if any."""
+    """A VM: a namespace whose `eth0` is a port of `network`, bound on `host`, holding `ip`
+    (its fixed IP on the network's subnet). With `dhcp` (the default) the VM asks for its
+    address, router, MTU (1450) and routes with `dhcp_client`, answered by its host's agent;
+    `dhcp: false` pins them statically instead. Without `gateway` the default route goes via
+    the network's router interface, if any (a VM's own `gateway` is added after DHCP)."""
 
     name: MachineName
     host: MachineName
@@ -145,6 +155,8 @@ class VmSpec(_Spec):
     mac: MacAddress | None = None
     gateway: ipaddress.IPv4Address | None = None
     floating_ip: ipaddress.IPv4Address | None = None  # 1:1 NAT on the external router
+    dhcp: bool = True
+    dhcp_client: Literal["udhcpc", "dhclient"] = "udhcpc"
 
 
 SNAT_PORT_FIRST = 1024

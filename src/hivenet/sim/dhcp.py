@@ -16,6 +16,8 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from sys import intern
+from typing import TYPE_CHECKING
 
 from hivenet.model import DeviceKind
 from hivenet.model.subnet import Subnet, overlay_mtu
@@ -29,6 +31,7 @@ from hivenet.packets.dhcp import (
     DHCP_OFFER,
     DHCP_RELEASE,
     DHCP_REQUEST,
+    DHCP_SERVER_PORT,
     OPTION_BROADCAST_ADDRESS,
     OPTION_CLASSLESS_ROUTES,
     OPTION_DNS_SERVERS,
@@ -45,12 +48,19 @@ from hivenet.packets.dhcp import (
     OPTION_SUBNET_MASK,
     DhcpMessage,
     addresses_option,
+    build_dhcp_reply_frame,
     dhcp_reply,
     u32_option,
 )
 from hivenet.packets.errors import PacketError
+from hivenet.packets.flowmatch import ETH_TYPE_IPV4, FULL_MASKS, IP_PROTO_UDP
 from hivenet.packets.options import Option
+from hivenet.packets.parse import parse_frame
 from hivenet.sim.topology import BridgeInfo, PortInfo, TopologyView
+
+if TYPE_CHECKING:  # the walk imports this module (SimContext holds a DhcpBudget)
+    from hivenet.sim.result import Here
+    from hivenet.sim.walk import PacketState, Walk
 
 # Per-port budget for messages that cost an answer: a burst, then a steady rate.
 DHCP_BURST = 10
@@ -351,26 +361,38 @@ class PortDhcp:
     subnet_id: str
 
 
-def port_dhcp(view: TopologyView, port: PortInfo, underlay_mtu: int) -> PortDhcp | None:
-    """What DHCP tells the VM behind exterior bridge port `port`: its first fixed IPv4 on a
-    DHCP-enabled subnet, the bridge's MTU (or the underlay's less VXLAN). None: not served
-    (the request then goes on to the bridge like any broadcast)."""
+def port_lease(
+    view: TopologyView, port: PortInfo, underlay_mtu: int
+) -> tuple[DhcpLease | None, str | None, tuple[str, ...]]:
+    """(lease, its subnet, every subnet looked at) of exterior bridge port `port`: its first
+    fixed IPv4 on a DHCP-enabled subnet, with the bridge's MTU (or the underlay's less VXLAN).
+    No lease: not served (the request then goes on to the bridge like any broadcast).
+    Reads the topology only, never the packet."""
     if port.device_kind is not DeviceKind.BRIDGE or port.peer_id is not None:
-        return None
+        return None, None, ()
+    fixed_ips = port.port.fixed_ips
     bridge = view.bridges.get(port.device_id)
-    if bridge is None:
-        return None
+    if bridge is None or not fixed_ips:
+        return None, None, ()
     subnets = view.objects.get("subnet", {})
-    for fixed in port.port.fixed_ips:
+    for fixed in fixed_ips:
         subnet = subnets.get(fixed.subnet_id)
         if not isinstance(subnet, Subnet) or fixed.ip_address is None:
             continue
         mtu = overlay_mtu(bridge.bridge.mtu, underlay_mtu)
         lease = lease_for(subnet, fixed.ip_address, port.mac, mtu, port.port.name or None)
         if lease is not None:
-            server_mac = _gateway_mac(view, bridge, lease.server_ip)
-            return PortDhcp(lease, server_mac, subnet.id)
-    return None
+            return lease, subnet.id, tuple(f.subnet_id for f in fixed_ips)
+    return None, None, tuple(f.subnet_id for f in fixed_ips)
+
+
+def port_dhcp(view: TopologyView, port: PortInfo, underlay_mtu: int) -> PortDhcp | None:
+    """`port_lease` with the MAC the answers come from; None when the port is not served."""
+    lease, subnet_id, _looked_at = port_lease(view, port, underlay_mtu)
+    if lease is None or subnet_id is None:
+        return None
+    bridge = view.bridges[port.device_id]
+    return PortDhcp(lease, _gateway_mac(view, bridge, lease.server_ip), subnet_id)
 
 
 def _gateway_mac(view: TopologyView, bridge: BridgeInfo, server_ip: ipaddress.IPv4Address) -> int:
@@ -385,3 +407,66 @@ def _gateway_mac(view: TopologyView, bridge: BridgeInfo, server_ip: ipaddress.IP
         if router_port is not None and any(a.ip == wanted for a in router_port.addresses_of(4)):
             return router_port.mac
     return DHCP_SERVER_FALLBACK_MAC
+
+
+# --- at port ingress (called by sim/ports.py) --------------------------------------------------
+
+
+def _differing_mask(value: int, wanted: int, width: int = 16) -> int:
+    """The fewest leading bits of a `width`-bit field that already tell `value` from
+    `wanted`: every value with those bits differs from `wanted` too (a megaflow that is
+    not "tp_dst == value" for all the other ports)."""
+    full = (1 << width) - 1
+    if value == wanted:
+        return full
+    lowest = (value ^ wanted).bit_length() - 1
+    return full & ~((1 << lowest) - 1)
+
+
+def serve_at_ingress(walk: Walk, packet: PacketState, port: PortInfo, here: Here) -> bool:
+    """Answer `packet` if it is a DHCPv4 client message from an exterior bridge port this
+    responder serves: a generated reply out of the same port, and the packet consumed
+    (True). False: not DHCP, or not served here (it continues to the bridge).
+
+    The topology is asked first, so traffic of ports that are not served reads no packet
+    field here; a served port's flows read the protocol and the bits of tp_dst that tell it
+    from 67, and carry the tags of the subnets that decided (enabling DHCP later or
+    changing the subnet invalidates them)."""
+    lease, subnet_id, looked_at = port_lease(walk.view, port, walk.ctx.underlay_mtu)
+    for looked in looked_at:
+        walk.tags.add(intern(f"subnet:{looked}"))
+    if lease is None or subnet_id is None:
+        return False
+    walk.read(packet, "eth_type", FULL_MASKS["eth_type"])
+    if packet.eth_type != ETH_TYPE_IPV4:
+        return False
+    walk.read(packet, "ip_proto", FULL_MASKS["ip_proto"])
+    if packet.ip_proto != IP_PROTO_UDP:
+        return False
+    walk.read(packet, "tp_dst", _differing_mask(packet.tp_dst, DHCP_SERVER_PORT))
+    if packet.tp_dst != DHCP_SERVER_PORT:
+        return False
+    walk.no_cache("DHCP is answered per message, from the model as it is now", here.depth)
+    budget = walk.ctx.dhcp_budget
+    if budget is not None and not budget.allow(port.id, walk.now):
+        walk.drop(here, DhcpVerdict.OVER_BUDGET.value, "too many DHCP messages from this port")
+        return True
+    try:
+        payload = parse_frame(walk.frame).payload
+    except PacketError as error:
+        walk.drop(here, DhcpVerdict.MALFORMED.value, str(error))
+        return True
+    outcome = decode_and_answer(bytes(payload), lease)
+    if outcome.reply is None:
+        if outcome.verdict in (DhcpVerdict.RELEASE, DhcpVerdict.DECLINE, DhcpVerdict.OTHER_SERVER):
+            walk.consume(here, outcome.verdict.value, f"DHCP ({outcome.verdict.value})")
+        else:
+            walk.drop(here, outcome.verdict.value, outcome.detail)
+        return True
+    server_mac = _gateway_mac(walk.view, walk.view.bridges[port.device_id], lease.server_ip)
+    frame = build_dhcp_reply_frame(
+        walk.frame, outcome.reply, server_mac=server_mac, server_ip=lease.server_ip
+    )
+    walk.reply(frame, port, f"DHCP {outcome.verdict.value.removeprefix('dhcp_')}")
+    walk.consume(here, outcome.verdict.value, f"DHCP answered: {outcome.verdict.value}")
+    return True

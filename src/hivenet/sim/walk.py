@@ -32,6 +32,7 @@ from hivenet.flows.actions import (
     Tunnel,
 )
 from hivenet.model import DeviceKind
+from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.packets import dec_ttl, pop_vlan, push_vlan, rewrite_frame
 from hivenet.packets.flowmatch import (
     ETH_TYPE_IPV4,
@@ -41,6 +42,7 @@ from hivenet.packets.flowmatch import (
     FlowMatch,
 )
 from hivenet.sim import replies
+from hivenet.sim.dhcp import DhcpBudget
 from hivenet.sim.flowstate_hook import NO_FLOW_STATE, FlowStateHook
 from hivenet.sim.result import Here, TraceStep
 from hivenet.sim.tables import LearnedEntry, LearnedMac, TablesView
@@ -67,6 +69,10 @@ class SimContext:
     local_host_id: str
     flow_state: FlowStateHook = NO_FLOW_STATE
     max_devices_per_path: int = MAX_DEVICES_PER_PATH
+    # The host's underlay MTU: what a bridge without its own `mtu` gives its VMs, less VXLAN.
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU
+    # Per-port DHCP flood budget (mutable, keyed by port; None: no limit, as for traces).
+    dhcp_budget: DhcpBudget | None = None
 
 
 def sim_here(depth: int) -> Here:

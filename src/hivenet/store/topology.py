@@ -339,6 +339,18 @@ def _without_reference(
     return type(referrer).model_validate(data)
 
 
+async def _read_referenced(attempt: _Attempt, cls: type[T], object_id: str, field: str) -> T:
+    """The object `field` names, guarded only for existence (callers rely on fields that
+    cannot change); DanglingReferenceError naming `field` if there is none."""
+    key = topology_key(cls.KIND, object_id)
+    raw = await attempt.read_existing(key)
+    if raw is None:
+        raise DanglingReferenceError(field, object_id, cls.KIND)
+    obj = _decode_stored(cls.KIND, key, raw)
+    assert isinstance(obj, cls)
+    return obj
+
+
 def _revalidated(obj: T) -> T:
     """`obj` checked again by its model: `model_copy(update=...)` skips validation, and an
     invalid object must never reach the store (raises pydantic.ValidationError)."""
@@ -759,13 +771,8 @@ class TopologyRepository:
     async def _check_cross_object_rules(self, attempt: _Attempt, obj: TopologyObject) -> None:
         """Rules between an object and what it references, beyond existence."""
         if isinstance(obj, Route) and obj.next_hop_port_id is not None:
-            key = topology_key("port", obj.next_hop_port_id)
-            raw = await attempt.read_existing(key)
-            if raw is None:
-                raise DanglingReferenceError("next_hop_port_id", obj.next_hop_port_id, "port")
-            port = _decode_stored("port", key, raw)
-            assert isinstance(port, Port)
             # device_kind/device_id of a port are immutable, so an existence guard suffices.
+            port = await _read_referenced(attempt, Port, obj.next_hop_port_id, "next_hop_port_id")
             if port.device_kind is not DeviceKind.ROUTER or port.device_id != obj.router_id:
                 raise InvalidFieldError(
                     "next_hop_port_id",
@@ -778,12 +785,7 @@ class TopologyRepository:
             pool_field, pool_id = checked_pool
             # The pool fields checked here are immutable (LB_IMMUTABLE_FIELDS), so an
             # existence guard suffices.
-            key = topology_key("pool", pool_id)
-            raw = await attempt.read_existing(key)
-            if raw is None:
-                raise DanglingReferenceError(pool_field, pool_id, "pool")
-            pool = _decode_stored("pool", key, raw)
-            assert isinstance(pool, Pool)
+            pool = await _read_referenced(attempt, Pool, pool_id, pool_field)
             problem = pool_fit_problem(obj, pool)
             if problem is not None:
                 raise InvalidFieldError(*problem)
@@ -845,13 +847,8 @@ class TopologyRepository:
 
     async def _subnet_for(self, attempt: _Attempt, port: Port, fixed: FixedIp) -> Subnet:
         """The subnet of one fixed IP, checked to be on the port's bridge."""
-        key = topology_key("subnet", fixed.subnet_id)
         # cidr and bridge_id are immutable: an existence guard suffices.
-        raw = await attempt.read_existing(key)
-        if raw is None:
-            raise DanglingReferenceError("fixed_ips", fixed.subnet_id, "subnet")
-        subnet = _decode_stored("subnet", key, raw)
-        assert isinstance(subnet, Subnet)
+        subnet = await _read_referenced(attempt, Subnet, fixed.subnet_id, "fixed_ips")
         if port.device_kind is DeviceKind.BRIDGE and subnet.bridge_id != port.device_id:
             raise InvalidFieldError(
                 "fixed_ips",

@@ -5,6 +5,7 @@ nothing)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,15 @@ def start(app: FastAPI, state_dir: Path) -> Iterator[Api]:
 def api(tmp_path: Path) -> Iterator[Api]:
     state_dir = tmp_path / "hn-state"
     yield from start(create_app("memory://", state_dir), state_dir)
+
+
+@pytest.fixture
+def two_servers(tmp_path: Path) -> Iterator[tuple[Api, Api]]:
+    """Two API apps on one store file (as two `hivenet serve` processes would be)."""
+    state_dir = tmp_path / "hn-state"
+    url = f"sqlite:///{tmp_path}/state.db"
+    with ExitStack() as stack:
+        serve = contextmanager(start)
+        first = stack.enter_context(serve(create_app(url, state_dir), state_dir))
+        second = stack.enter_context(serve(create_app(url, state_dir), state_dir))
+        yield first, second

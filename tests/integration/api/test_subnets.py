@@ -3,16 +3,11 @@ subnet in use, and two API servers on one store allocating at once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hivenet.api import create_app
-
-from .conftest import Api, start
+from .conftest import Api
 from .test_resources import unchanged
 from .test_two_servers import _in_parallel
 
@@ -101,17 +96,6 @@ def test_subnet_update_keeps_cidr(api: Api) -> None:
         refused = api.request("PATCH", f"/v1/subnets/{subnet_id}", json={"cidr": "10.1.0.0/23"})
     assert refused.status_code == 422
     assert refused.json()["error"]["details"][0]["field"] == "cidr"
-
-
-@pytest.fixture
-def two_servers(tmp_path: Path) -> Iterator[tuple[Api, Api]]:
-    state_dir = tmp_path / "hn-state"
-    url = f"sqlite:///{tmp_path}/state.db"
-    with ExitStack() as stack:
-        serve = contextmanager(start)
-        first = stack.enter_context(serve(create_app(url, state_dir), state_dir))
-        second = stack.enter_context(serve(create_app(url, state_dir), state_dir))
-        yield first, second
 
 
 def test_two_servers_allocating_at_once_never_share_an_address(

@@ -4,26 +4,8 @@ no update is lost under concurrent edits (If-Match), tunnel keys stay unique."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
-import pytest
-
-from hivenet.api import create_app
-
-from .conftest import Api, start
-
-
-@pytest.fixture
-def two_servers(tmp_path: Path) -> Iterator[tuple[Api, Api]]:
-    state_dir = tmp_path / "hn-state"
-    url = f"sqlite:///{tmp_path}/state.db"
-    with ExitStack() as stack:
-        serve = contextmanager(start)
-        first = stack.enter_context(serve(create_app(url, state_dir), state_dir))
-        second = stack.enter_context(serve(create_app(url, state_dir), state_dir))
-        yield first, second
+from .conftest import Api
 
 
 def _in_parallel(*calls: object) -> list[object]:

@@ -17,7 +17,7 @@ from hivenet.lab.plan import assign_macs, plan_lab, topology_objects
 from hivenet.lab.probes import parse_ping
 from hivenet.lab.record import LabRecord
 from hivenet.lab.scenario import builtin_scenario, parse_scenario
-from hivenet.model import Port, Route
+from hivenet.model import Port, Route, Subnet
 from hivenet.store import open_store
 from hivenet.store.topology import TopologyRepository
 
@@ -88,6 +88,16 @@ def test_topology_objects_are_what_the_scenario_says_and_the_store_accepts_them(
     (route,) = [o for o in objects if isinstance(o, Route)]
     assert route.next_hop_port_id == "rp.r1.net2"
     assert str(route.next_hop_gateway) == "10.0.2.20"
+    # One DHCP subnet per network, its gateway the router interface; the VM's address pinned.
+    subnets = {o.id: o for o in objects if isinstance(o, Subnet)}
+    assert sorted(subnets) == ["subnet.net1", "subnet.net2"]
+    assert str(subnets["subnet.net1"].gateway_ip) == "10.0.1.1"
+    assert subnets["subnet.net1"].enable_dhcp and subnets["subnet.net1"].tenant_id == "blue"
+    assert [(f.subnet_id, str(f.ip_address)) for f in vm_port.fixed_ips] == [
+        ("subnet.net1", "10.0.1.10")
+    ]
+    assert vm_port.addresses == ()  # the store mirrors the fixed IP into addresses
+    assert [vm.dhcp_client for vm in plan.vms] == ["udhcpc", "udhcpc"]
 
     async def create_all() -> dict[str, int]:
         store = open_store("memory://")
@@ -100,6 +110,8 @@ def test_topology_objects_are_what_the_scenario_says_and_the_store_accepts_them(
                     keys[stored.id] = stored.tunnel_key
             peer = (await repository.get(Port, "rp.r1.net1")).obj
             assert isinstance(peer, Port) and peer.peer_id == "bp.net1.r1"  # linked both ways
+            vm = (await repository.get(Port, "vm.vm1")).obj
+            assert vm.addresses == (ipaddress.ip_interface("10.0.1.10/24"),)
             return keys
         finally:
             await store.close()
@@ -180,3 +192,25 @@ def test_cli_names_a_bad_scenario_and_a_missing_lab(
     assert result.exit_code == 1 and "--store 'zookeeper'" in result.output
     result = runner.invoke(lab_cli.app, ["status", "--state-dir", str(tmp_path / "none")])
     assert result.exit_code == 1 and "no lab in" in result.output
+
+
+def test_a_vm_may_pin_its_address_or_use_dhclient() -> None:
+    scenario = parse_scenario(
+        EXTERNAL_SCENARIO.replace(
+            "  - {name: vm1, host: h1, network: net1, ip: 10.0.1.10/24}\n",
+            "  - {name: vm1, host: h1, network: net1, ip: 10.0.1.10/24, dhcp: false}\n"
+            "  - {name: vm2, host: h1, network: net1, ip: 10.0.1.11/24, dhcp_client: dhclient}\n",
+        )
+    )
+    plan = plan_lab(scenario, LabScope())
+    assert {vm.name: vm.dhcp_client for vm in plan.vms} == {
+        "vm1": None,
+        "vm2": "dhclient",
+        "longname": "udhcpc",
+    }
+    with pytest.raises(ValueError, match="dhcp_client"):
+        parse_scenario(
+            EXTERNAL_SCENARIO.replace(
+                "ip: 10.0.1.10/24}", "ip: 10.0.1.10/24, dhcp_client: dnsmasq}"
+            )
+        )

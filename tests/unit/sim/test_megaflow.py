@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hivenet.flows.table import FlowTable
-from hivenet.model import Port, PortRange, RouteType, RuleAction
+from hivenet.model import FixedIp, Port, PortRange, RouteType, RuleAction, Subnet
 from hivenet.model.types import mac_to_int
 from hivenet.packets import build_arp_reply, extract_flow_match
 from hivenet.sim import MemoryTables
@@ -111,16 +111,31 @@ def topologies(draw: st.DrawFn) -> Topo:
         )
     for router_id in ("r1", "r2"):
         topo.router(router_id, inbound_chain_id=draw(chain), outbound_chain_id=draw(chain))
+    # DHCP at port ingress: subnets with DHCP on or off, VM ports with or without fixed IPs.
+    for index, bridge_id in enumerate(("b1", "b2", "b3"), 1):
+        topo.add(
+            Subnet.model_validate(
+                {
+                    "id": f"s-{bridge_id}",
+                    "bridge_id": bridge_id,
+                    "cidr": f"10.0.{index}.0/24",
+                    "enable_dhcp": draw(st.booleans()),
+                }
+            )
+        )
     hosts = st.sampled_from(["h1", "h1", "h2", None])
     for n, (port_id, bridge_id) in enumerate(
         zip(VM_PORTS, ("b1", "b1", "b2", "b2", "b3"), strict=True), 1
     ):
+        address = f"10.0.{min(n, 5) // 2 + (n == 1)}.{10 + n}"
+        fixed = FixedIp(subnet_id=f"s-{bridge_id}", ip_address=ipaddress.ip_address(address))
         topo.vm_port(
             bridge_id,
             port_id,
             draw(hosts) if n > 1 else "h1",
             mac_n=n,
-            addresses=(f"10.0.{min(n, 5) // 2 + (n == 1)}.{10 + n}/24",),
+            addresses=(f"{address}/24",),
+            fixed_ips=(fixed,) if draw(st.booleans()) else (),
             vlan_id=draw(st.sampled_from([None, None, 10])) if bridge_id == "b1" else None,
             admin_state_up=draw(st.integers(0, 15)) != 15,  # hypothesis favours 0
             inbound_chain_id=draw(chain),
@@ -186,7 +201,7 @@ def packet_fields() -> dict[str, st.SearchStrategy[Any]]:
         "ttl": st.sampled_from([64, 2, 1, 3, 65]),
         "vlan": st.sampled_from([0, 0, 0, 0, 0, 10]),
         "sport": st.sampled_from([1000, 1001, 2000]),
-        "dport": st.sampled_from([22, 80, 81]),
+        "dport": st.sampled_from([22, 80, 81, 67, 68, 3]),
         "flags": st.sampled_from([0x02, 0x10, 0x04]),
     }
 
@@ -260,7 +275,7 @@ def table_states(draw: st.DrawFn) -> MemoryTables:
 def mutate(draw: st.DrawFn, topo: Topo, sim: Sim) -> frozenset[str]:
     """One random change to topology or tables; returns the tags it invalidates."""
     view = sim.view
-    choice = draw(st.integers(0, 5))
+    choice = draw(st.integers(0, 6))
     if choice == 0:
         routes = [r for r in view.all("route")]
         if routes:
@@ -285,6 +300,10 @@ def mutate(draw: st.DrawFn, topo: Topo, sim: Sim) -> frozenset[str]:
         ip = int(ipaddress.IPv4Address(draw(st.sampled_from(NEIGHBOURS))))
         tag = sim.tables.forget_neighbour("r1", 4, ip)
         return frozenset({tag} if tag else set())
+    if choice == 6:
+        subnet = view.objects["subnet"][draw(st.sampled_from(["s-b1", "s-b2", "s-b3"]))]
+        assert isinstance(subnet, Subnet)
+        return view.apply(subnet.model_copy(update={"enable_dhcp": not subnet.enable_dhcp}))
     n = draw(st.integers(1, 5))
     tag = sim.tables.forget_mac("b1", 0, mac_to_int(mac(n)))
     return frozenset({tag} if tag else set())
