@@ -1,6 +1,7 @@
 """`StatefulCloud`: real `HostAgent`s (one store, the strict memory datapath per host, a memory
-underlay, a manual clock, a state dir per host) around a small provider topology, so the
-stateful tests read as "VM sends, outside host answers, assert what arrives":
+underlay, one manual clock for leases, loops and flow state, a state dir per host) around a
+small provider topology, so the stateful tests read as "VM sends, outside host answers, assert
+what arrives":
 
     vm1 (h1, 10.0.0.11) --+                              +-- out-a (h3, 203.0.113.100)
     vm2 (h2, 10.0.0.12) --+-- net --[10.0.0.1  r1  .1]-- ext-a (203.0.113.0/24)
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivenet.agent.agent import HostAgent
+from hivenet.clock import ManualClock
 from hivenet.datapath.memory import MemoryDatapath
 from hivenet.model import (
     Bridge,
@@ -34,7 +36,7 @@ from hivenet.model import (
 )
 from hivenet.packets import build_arp_request, build_tcp_segment, extract_flow_match
 from hivenet.packets.flowmatch import FlowMatch
-from tests.integration.common import AgentCloud, ManualClock, open_agent_cloud
+from tests.integration.common import AgentCloud, open_agent_cloud, pass_time
 from tests.integration.common import eventually as eventually  # re-exported for the tests
 from tests.integration.common import run as run  # re-exported: 30 s per scenario
 
@@ -46,6 +48,9 @@ VM_IPS = {"vm1": "10.0.0.11", "vm2": "10.0.0.12", "out-a": OUT_A_IP, "out-b": OU
 GATEWAYS = {"vm1": "10.0.0.1", "vm2": "10.0.0.1", "out-a": "203.0.113.1", "out-b": "198.51.100.1"}
 VM_HOSTS = {"vm1": "h1", "vm2": "h2", "out-a": "h3", "out-b": "h4"}
 SYN, ACK = 0x02, 0x10
+# Leases on the manual clock: long enough that `tick` can move time in steps of half of it
+# (each step lets every agent refresh its lease) and still cross a NAT timeout quickly.
+LEASE_TTL = 30
 
 
 @dataclass(kw_only=True)
@@ -62,7 +67,11 @@ class StatefulCloud(AgentCloud):
             self.underlay.detach(HOSTS[host_id])
         datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay, clock=self.clock)
         return await self.start_host_agent(
-            host_id, datapath, clock=self.clock, state_dir=self.state_root / host_id
+            host_id,
+            datapath,
+            clock=self.clock,
+            lease_ttl=LEASE_TTL,
+            state_dir=self.state_root / host_id,
         )
 
     # ---------------------------------------------------------------- traffic
@@ -116,8 +125,9 @@ class StatefulCloud(AgentCloud):
         )
 
     async def tick(self, seconds: float = 0.0) -> None:
-        """Advance the clock and run every agent's flow-state timer once."""
-        self.clock.now += seconds
+        """Let `seconds` pass on the clock (in steps: the agents keep their leases) and run
+        every agent's flow-state timer once."""
+        await pass_time(self.clock, seconds, step=LEASE_TTL / 2)
         for host_id, agent in self.agents.items():
             self.datapaths[host_id].expire_flows()
             agent.flowstate.tick(self.clock.now)
@@ -196,7 +206,14 @@ async def build_provider(
 
 @asynccontextmanager
 async def stateful_cloud(store_url: str, state_root: Path) -> AsyncIterator[StatefulCloud]:
+    clock = ManualClock()  # the agents' loops and leases, the store's lease expiry, flow state
     async with open_agent_cloud(
-        store_url, StatefulCloud, HOSTS, vm_hosts=VM_HOSTS, state_root=state_root
+        store_url,
+        StatefulCloud,
+        HOSTS,
+        store_options={"clock": clock},
+        clock=clock,
+        vm_hosts=VM_HOSTS,
+        state_root=state_root,
     ) as c:
         yield c
