@@ -133,6 +133,25 @@ class StatefulCloud(AgentCloud):
             agent.flowstate.tick(self.clock.now)
 
 
+def snat_rule(chain_id: str, position: int, uplink_id: str, address: str) -> Rule:
+    """SNAT of 10.0.0.0/24 leaving through `uplink_id` to `address`, ports 1024-65535."""
+    return Rule(
+        chain_id=chain_id,
+        action=RuleAction.SNAT,
+        position=position,
+        nw_src=ipaddress.ip_network("10.0.0.0/24"),
+        out_port_ids=(uplink_id,),
+        nat_targets=(
+            NatTarget(
+                address_from=ipaddress.ip_address(address),
+                address_to=ipaddress.ip_address(address),
+                port_from=1024,
+                port_to=65535,
+            ),
+        ),
+    )
+
+
 async def build_provider(
     c: StatefulCloud,
     *,
@@ -168,23 +187,7 @@ async def build_provider(
         c.objects[port_id] = port_id
         await repo.create(Port(device_kind=DeviceKind.BRIDGE, device_id=bridge.id, peer_id=port_id))
     await repo.create(Rule(chain_id=inbound.id, action=RuleAction.REV_SNAT, position=10))
-    await repo.create(
-        Rule(
-            chain_id=outbound.id,
-            action=RuleAction.SNAT,
-            position=10,
-            nw_src=ipaddress.ip_network("10.0.0.0/24"),
-            out_port_ids=("r1-ext-a",),
-            nat_targets=(
-                NatTarget(
-                    address_from=ipaddress.ip_address(SNAT_IP),
-                    address_to=ipaddress.ip_address(SNAT_IP),
-                    port_from=1024,
-                    port_to=65535,
-                ),
-            ),
-        )
-    )
+    await repo.create(snat_rule(outbound.id, 10, "r1-ext-a", SNAT_IP))
     extra = vm_port_fields or {}
     for n, (vm, bridge) in enumerate(
         (("vm1", net), ("vm2", net), ("out-a", ext_a), ("out-b", ext_b)), 1
