@@ -164,14 +164,18 @@ async def open_agent_cloud(
     cloud_class: type[CloudT],
     hosts: Mapping[str, str],
     *,
-    store_options: Mapping[str, Any] | None = None,
+    clock: ManualClock | None = None,
     **fields: Any,
 ) -> AsyncIterator[CloudT]:
-    """Open the store at `store_url` (with `store_options`, e.g. the test's `clock`), register
-    `hosts` (host id -> underlay IP) as hosts and yield a `cloud_class` over it, a fresh memory
-    underlay and the other `fields`; afterwards stop every agent still running and close the
-    store, also when the test failed."""
-    store = open_store(store_url, **(store_options or {}))
+    """Open the store at `store_url`, register `hosts` (host id -> underlay IP) as hosts and
+    yield a `cloud_class` over it, a fresh memory underlay and the other `fields`; afterwards
+    stop every agent still running and close the store, also when the test failed. A `clock`
+    runs the store's lease expiry and is the cloud's `clock` field (for its agents)."""
+    if clock is None:
+        store = open_store(store_url)
+    else:
+        store = open_store(store_url, clock=clock)
+        fields["clock"] = clock
     repo = TopologyRepository(store)
     for host_id in hosts:
         await repo.create(Host(id=host_id, name=host_id))

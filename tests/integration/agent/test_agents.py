@@ -46,9 +46,7 @@ class Cloud(AgentCloud):
 
 
 def cloud(store_url: str, clock: ManualClock | None = None) -> AbstractAsyncContextManager[Cloud]:
-    if clock is None:
-        return open_agent_cloud(store_url, Cloud, HOSTS)
-    return open_agent_cloud(store_url, Cloud, HOSTS, store_options={"clock": clock}, clock=clock)
+    return open_agent_cloud(store_url, Cloud, HOSTS, clock=clock)
 
 
 @pytest.fixture(params=["memory", "sqlite-file"])

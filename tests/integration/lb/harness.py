@@ -311,13 +311,11 @@ async def build(
 
 @asynccontextmanager
 async def lb_cloud(state_root: Path) -> AsyncIterator[LbCloud]:
-    clock = ManualClock()  # the agents' loops and leases, the store's lease expiry, flow state
     async with open_agent_cloud(
         "memory://",
         LbCloud,
         HOSTS,
-        store_options={"clock": clock},
-        clock=clock,
+        clock=ManualClock(),  # the agents' loops and leases, the store's expiry, flow state
         vm_hosts=VM_HOSTS,
         state_root=state_root,
     ) as c:

@@ -209,13 +209,11 @@ async def build_provider(
 
 @asynccontextmanager
 async def stateful_cloud(store_url: str, state_root: Path) -> AsyncIterator[StatefulCloud]:
-    clock = ManualClock()  # the agents' loops and leases, the store's lease expiry, flow state
     async with open_agent_cloud(
         store_url,
         StatefulCloud,
         HOSTS,
-        store_options={"clock": clock},
-        clock=clock,
+        clock=ManualClock(),  # the agents' loops and leases, the store's expiry, flow state
         vm_hosts=VM_HOSTS,
         state_root=state_root,
     ) as c:
