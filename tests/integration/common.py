@@ -1,6 +1,8 @@
-"""Pieces every integration-test harness shares: a manual clock (`pass_time` moves it and lets
-the loops sleeping on it run), `eventually`, `run`, `synced` and `AgentCloud` -- real `HostAgent`s on the strict memory datapath, wired through one store
-and one memory underlay -- with `open_agent_cloud` to set one up and always tear it down.
+"""Pieces every integration-test harness shares: `pass_time` (moves a
+`hivenet.clock.ManualClock` and lets the loops sleeping on it run), `eventually`, `until_gone`,
+`run`, `synced` and `AgentCloud` -- real `HostAgent`s on the strict memory datapath, wired
+through one store and one memory underlay -- with `open_agent_cloud` to set one up and always
+tear it down.
 
 Owns only these helpers. It must not touch topology (each harness builds its own) nor decide
 how an agent is configured beyond the settings every integration cloud uses; the harnesses in
@@ -16,23 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from hivenet.agent.agent import HostAgent
-from hivenet.clock import ManualClock as SleepingManualClock
+from hivenet.clock import ManualClock
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.model import TOPOLOGY_PREFIX, Host, Port
 from hivenet.store import open_store
 from hivenet.store.base import Store
 from hivenet.store.keys import TABLES_PREFIX
 from hivenet.store.topology import TopologyRepository
-
-
-class ManualClock:
-    """Time only moves when a test sets `now`."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -45,7 +37,7 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def pass_time(clock: SleepingManualClock, seconds: float, *, step: float = 0.1) -> None:
+async def pass_time(clock: ManualClock, seconds: float, *, step: float = 0.1) -> None:
     """Move `clock` forward by `seconds` in steps. After each step, give the loops it woke a
     moment (real time) to do their work and sleep on it again -- a lease refresh due at some
     step is sent before time moves on. A loop that goes on to wait for something else (the
@@ -125,7 +117,7 @@ class AgentCloud:
         **options: Any,
     ) -> HostAgent:
         """Start an agent for `host_id` on `datapath` with the settings every integration
-        cloud uses (tunnel zone "tz", 2 s lease, 50 ms reconcile) plus `options`;
+        cloud uses (tunnel zone "tz", 2 s lease, 50 ms reconcile) unless `options` say otherwise;
         `configure` tunes the agent before it starts."""
         agent = HostAgent(
             self.store,
@@ -133,9 +125,7 @@ class AgentCloud:
             host_id=host_id,
             underlay_ip=self.hosts[host_id],
             tunnel_zone_id="tz",
-            lease_ttl=2,
-            reconcile_interval=0.05,
-            **options,
+            **({"lease_ttl": 2, "reconcile_interval": 0.05} | options),
         )
         if configure is not None:
             configure(agent)
@@ -174,14 +164,18 @@ async def open_agent_cloud(
     cloud_class: type[CloudT],
     hosts: Mapping[str, str],
     *,
-    store_options: Mapping[str, Any] | None = None,
+    clock: ManualClock | None = None,
     **fields: Any,
 ) -> AsyncIterator[CloudT]:
-    """Open the store at `store_url` (with `store_options`, e.g. the test's `clock`), register
-    `hosts` (host id -> underlay IP) as hosts and yield a `cloud_class` over it, a fresh memory
-    underlay and the other `fields`; afterwards stop every agent still running and close the
-    store, also when the test failed."""
-    store = open_store(store_url, **(store_options or {}))
+    """Open the store at `store_url`, register `hosts` (host id -> underlay IP) as hosts and
+    yield a `cloud_class` over it, a fresh memory underlay and the other `fields`; afterwards
+    stop every agent still running and close the store, also when the test failed. A `clock`
+    runs the store's lease expiry and is the cloud's `clock` field (for its agents)."""
+    if clock is None:
+        store = open_store(store_url)
+    else:
+        store = open_store(store_url, clock=clock)
+        fields["clock"] = clock
     repo = TopologyRepository(store)
     for host_id in hosts:
         await repo.create(Host(id=host_id, name=host_id))

@@ -36,7 +36,6 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from hivenet.datapath.base import Datapath
 from hivenet.flowstate import (
@@ -92,14 +91,6 @@ log = logging.getLogger(__name__)
 JOURNAL_NAME = "flowstate.journal"
 _JOURNAL_HEADER = struct.Struct("!Id")
 MAX_JOURNAL_BYTES = 4 << 20
-
-
-class FlowStateTransport(Protocol):
-    """What a datapath offers for flow-state messages (memory and userspace both do)."""
-
-    def send_flow_state(self, remote_ip: str, payload: bytes) -> None: ...
-
-    def set_flow_state_handler(self, handler: Callable[[bytes], None]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -194,15 +185,7 @@ class FlowStateSync:
         self._blocks_to_retake: set[PortBlock] = set()
         self._push_maps = _PushTargetMaps(None, -1, {}, frozenset())
         self._stateful_group_hosts: dict[str, set[str]] | None = None
-        transport = self._transport()
-        if transport is not None:
-            transport.set_flow_state_handler(self.receive)
-
-    def _transport(self) -> FlowStateTransport | None:
-        datapath = self.datapath
-        if hasattr(datapath, "send_flow_state") and hasattr(datapath, "set_flow_state_handler"):
-            return datapath
-        return None
+        datapath.set_flow_state_handler(self.receive)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -366,9 +349,6 @@ class FlowStateSync:
         nat_due: list[tuple[NatRecord, frozenset[str]]],
         now: float,
     ) -> None:
-        transport = self._transport()
-        if transport is None:
-            return
         conntrack_by_peer = group_by_peer(conntrack_due)
         nat_by_peer = group_by_peer(nat_due)
         for peer in sorted(set(conntrack_by_peer) | set(nat_by_peer)):
@@ -379,7 +359,7 @@ class FlowStateSync:
             conntrack_records = conntrack_by_peer.get(peer, [])
             nat_records = nat_by_peer.get(peer, [])
             for message in encode_batches(conntrack_records, nat_records, now=now):
-                transport.send_flow_state(remote_ip, message)
+                self.datapath.send_flow_state(remote_ip, message)
                 self.counters.pushed_messages += 1
                 self.counters.pushed_bytes += len(message)
             self.counters.pushed_entries += len(conntrack_records) + len(nat_records)

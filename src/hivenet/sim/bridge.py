@@ -24,10 +24,8 @@ ARP_REQUEST = 1
 def receive(
     walk: Walk, packet: PacketState, bridge: BridgeInfo, in_port: PortInfo, depth: int
 ) -> None:
-    walk.tags.add(bridge.tag)
-    here = Here("bridge", bridge.id, bridge.name, depth)
-    if not bridge.admin_up:
-        walk.drop(here, "device_down", "bridge is down")
+    here = walk.enter("bridge", bridge, depth)
+    if here is None:
         return
     walk.read(packet, "vlan", FULL_MASKS["vlan"])
     if in_port.vlan_id is not None:

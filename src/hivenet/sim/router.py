@@ -49,10 +49,8 @@ UNRESOLVED_IDLE_TIMEOUT = 2.0
 def receive(
     walk: Walk, packet: PacketState, router: RouterInfo, in_port: PortInfo, depth: int
 ) -> None:
-    walk.tags.add(router.tag)
-    here = Here("router", router.id, router.name, depth)
-    if not router.admin_up:
-        walk.drop(here, "device_down", "router is down")
+    here = walk.enter("router", router, depth)
+    if here is None:
         return
     walk.read(packet, "vlan", FULL_MASKS["vlan"])
     if packet.vlan:

@@ -295,25 +295,13 @@ class TopologyView:
         elif kind == "router":
             self._compile_router(object_id)
         elif kind == "route":
-            routers = {r.router_id for r in (old, new) if isinstance(r, Route)}
-            for route in (old, new):
-                if isinstance(route, Route):
-                    self._routes_by_router.setdefault(route.router_id, set()).discard(route.id)
-            if isinstance(new, Route):
-                self._routes_by_router.setdefault(new.router_id, set()).add(new.id)
-            for router_id in routers:
+            for router_id in _move_child(self._routes_by_router, Route, "router_id", old, new):
                 self._compile_router(router_id)
                 tags.add(f"router:{router_id}")
         elif kind == "chain":
             self._compile_chain(object_id)
         elif kind == "rule":
-            chains = {r.chain_id for r in (old, new) if isinstance(r, Rule)}
-            for rule in (old, new):
-                if isinstance(rule, Rule):
-                    self._rules_by_chain.setdefault(rule.chain_id, set()).discard(rule.id)
-            if isinstance(new, Rule):
-                self._rules_by_chain.setdefault(new.chain_id, set()).add(new.id)
-            for chain_id in chains:
+            for chain_id in _move_child(self._rules_by_chain, Rule, "chain_id", old, new):
                 self._compile_chain(chain_id)
                 tags.add(f"chain:{chain_id}")
         elif kind == "ip_addr_group":
@@ -535,3 +523,21 @@ class TopologyView:
             if before != ip:
                 changed.add(host_id)
         return changed
+
+
+def _move_child(
+    index: dict[str, set[str]],
+    child_type: type[Route] | type[Rule],
+    parent_field: str,
+    old: TopologyObject | None,
+    new: TopologyObject | None,
+) -> set[str]:
+    """Keep `index` (parent id -> ids of its children) right after a child (a route of a
+    router, a rule of a chain) changed from `old` to `new`; return the parents it had or has,
+    which must be compiled again."""
+    children = [child for child in (old, new) if isinstance(child, child_type)]
+    for child in children:
+        index.setdefault(getattr(child, parent_field), set()).discard(child.id)
+    if isinstance(new, child_type):
+        index.setdefault(getattr(new, parent_field), set()).add(new.id)
+    return {getattr(child, parent_field) for child in children}

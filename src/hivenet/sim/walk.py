@@ -46,7 +46,7 @@ from hivenet.sim.dhcp import DhcpBudget
 from hivenet.sim.flowstate_hook import NO_FLOW_STATE, FlowStateHook
 from hivenet.sim.result import Here, TraceStep
 from hivenet.sim.tables import LearnedEntry, LearnedMac, TablesView
-from hivenet.sim.topology import PortInfo, TopologyView
+from hivenet.sim.topology import BridgeInfo, PortInfo, RouterInfo, TopologyView
 
 MULTICAST_BIT = 1 << 40  # the I/G bit of the first octet of a MAC, as an int
 TCP_FLAG_RST = 0x04
@@ -199,6 +199,16 @@ class Walk:
             return
         reads = self.reads
         reads[field] = reads.get(field, 0) | mask
+
+    def enter(self, kind: str, device: BridgeInfo | RouterInfo, depth: int) -> Here | None:
+        """The walk reached `device` (its flows now carry the device's tag): where it is, or
+        None when the device is down and the frame was dropped."""
+        self.tags.add(device.tag)
+        here = Here(kind, device.id, device.name, depth)
+        if not device.admin_up:
+            self.drop(here, "device_down", f"{kind} is down")
+            return None
+        return here
 
     def step(self, here: Here, event: str, detail: str) -> None:
         self.trace.append(TraceStep(here, event, detail))

@@ -46,9 +46,7 @@ class Cloud(AgentCloud):
 
 
 def cloud(store_url: str, clock: ManualClock | None = None) -> AbstractAsyncContextManager[Cloud]:
-    if clock is None:
-        return open_agent_cloud(store_url, Cloud, HOSTS)
-    return open_agent_cloud(store_url, Cloud, HOSTS, store_options={"clock": clock}, clock=clock)
+    return open_agent_cloud(store_url, Cloud, HOSTS, clock=clock)
 
 
 @pytest.fixture(params=["memory", "sqlite-file"])
@@ -70,6 +68,20 @@ async def vm_port(
     return (await repo.create(port)).obj
 
 
+async def one_vm_per_host(c: Cloud) -> tuple[Bridge, tuple[Port, ...]]:
+    """Bridge net1 with VM hnvm<n> (10.0.0.<n>/24) on each host h<n>, every agent started
+    and synced."""
+    bridge = (await c.repo.create(Bridge(name="net1"))).obj
+    vms = []
+    for n, host in enumerate(HOSTS, 1):
+        mac, address = f"02:00:00:00:00:{n:02x}", f"10.0.0.{n}/24"
+        vms.append(await vm_port(c.repo, bridge, host, f"hnvm{n}", mac, address))
+    for host in HOSTS:
+        await c.start_agent(host)
+    await c.synced()
+    return bridge, tuple(vms)
+
+
 def received(cloud: Cloud, host: str, port: Port) -> list[bytes]:
     return cloud.datapaths[host].take(port.tunnel_key)
 
@@ -77,13 +89,7 @@ def received(cloud: Cloud, host: str, port: Port) -> list[bytes]:
 def test_bridge_across_three_hosts_learns_floods_and_publishes(store_url: str) -> None:
     async def scenario() -> None:
         async with cloud(store_url) as c:
-            bridge = (await c.repo.create(Bridge(name="net1"))).obj
-            vm1 = await vm_port(c.repo, bridge, "h1", "hnvm1", "02:00:00:00:00:01", "10.0.0.1/24")
-            vm2 = await vm_port(c.repo, bridge, "h2", "hnvm2", "02:00:00:00:00:02", "10.0.0.2/24")
-            vm3 = await vm_port(c.repo, bridge, "h3", "hnvm3", "02:00:00:00:00:03", "10.0.0.3/24")
-            for host in HOSTS:
-                await c.start_agent(host)
-            await c.synced()
+            bridge, (vm1, vm2, vm3) = await one_vm_per_host(c)
             # Each agent bound exactly its own port and published that it owns it.
             assert c.agents["h1"].bound_ports.keys() == {vm1.id}
             assert c.agents["h2"].bound_ports.keys() == {vm2.id}
@@ -282,13 +288,7 @@ def test_same_events_twice_give_the_same_view(store_url: str) -> None:
 def test_dead_host_ports_go_down_everywhere_within_the_lease_ttl(store_url: str) -> None:
     async def scenario() -> None:
         async with cloud(store_url) as c:
-            bridge = (await c.repo.create(Bridge(name="net1"))).obj
-            vm1 = await vm_port(c.repo, bridge, "h1", "hnvm1", "02:00:00:00:00:01", "10.0.0.1/24")
-            vm2 = await vm_port(c.repo, bridge, "h2", "hnvm2", "02:00:00:00:00:02", "10.0.0.2/24")
-            vm3 = await vm_port(c.repo, bridge, "h3", "hnvm3", "02:00:00:00:00:03", "10.0.0.3/24")
-            for host in HOSTS:
-                await c.start_agent(host)
-            await c.synced()
+            bridge, (vm1, vm2, vm3) = await one_vm_per_host(c)
             await eventually(lambda: all(len(a.live_hosts) == 3 for a in c.agents.values()))
             # vm3 talks, so every host learns its MAC (published under h3's lease).
             arp = build_arp_request(sender_mac=vm3.mac, sender_ip="10.0.0.3", target_ip="10.0.0.1")

@@ -1,5 +1,5 @@
 """`LbCloud`: real `HostAgent`s on five hosts (one store, the strict memory datapath per host, a
-memory underlay, a manual clock for flow state and health timing, a fake prober whose answers
+memory underlay, one manual clock for leases, loops, flow state and health timing, a fake prober whose answers
 the test sets) around one load balancer:
 
     c1 (h4, 10.0.1.10) --+                                   +-- m1 (h1, 10.0.2.11)
@@ -22,6 +22,7 @@ from typing import Any
 
 from hivenet.agent.agent import HostAgent
 from hivenet.agent.health import HealthPlumbing, ProbeTarget
+from hivenet.clock import ManualClock
 from hivenet.datapath.memory import MemoryDatapath
 from hivenet.model import (
     Bridge,
@@ -42,7 +43,7 @@ from hivenet.packets import (
 )
 from hivenet.packets.flowmatch import FlowMatch
 from tests.integration import common
-from tests.integration.common import AgentCloud, ManualClock, open_agent_cloud
+from tests.integration.common import AgentCloud, open_agent_cloud
 from tests.integration.common import eventually as eventually  # re-exported for the tests
 
 HOSTS = {f"h{n}": f"192.0.2.{n}" for n in range(1, 6)}
@@ -124,7 +125,7 @@ class LbCloud(AgentCloud):
         remaining = seconds
         while remaining > 1e-9:
             delta = min(step, remaining)
-            self.clock.now += delta
+            self.clock.advance(delta)
             remaining -= delta
             await asyncio.sleep(0.08)
 
@@ -311,7 +312,12 @@ async def build(
 @asynccontextmanager
 async def lb_cloud(state_root: Path) -> AsyncIterator[LbCloud]:
     async with open_agent_cloud(
-        "memory://", LbCloud, HOSTS, vm_hosts=VM_HOSTS, state_root=state_root
+        "memory://",
+        LbCloud,
+        HOSTS,
+        clock=ManualClock(),  # the agents' loops and leases, the store's expiry, flow state
+        vm_hosts=VM_HOSTS,
+        state_root=state_root,
     ) as c:
         yield c
 

@@ -12,10 +12,10 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 
 from hivenet.agent.pipeline import FlowPipeline
+from hivenet.clock import ManualClock
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.model import Port, TopologyObject, TunnelZone, TunnelZoneMember
 from hivenet.sim import LearnedEntry, MemoryTables, TopologyView
-from tests.integration.common import ManualClock
 
 
 class Cloud:
@@ -98,6 +98,6 @@ class Cloud:
         return {**self.datapaths[host_id].counters(), **self.pipelines[host_id].counters()}
 
     def advance(self, seconds: float) -> None:
-        self.clock.now += seconds
+        self.clock.advance(seconds)
         for datapath in self.datapaths.values():
             datapath.expire_flows()

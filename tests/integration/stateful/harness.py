@@ -1,6 +1,7 @@
 """`StatefulCloud`: real `HostAgent`s (one store, the strict memory datapath per host, a memory
-underlay, a manual clock, a state dir per host) around a small provider topology, so the
-stateful tests read as "VM sends, outside host answers, assert what arrives":
+underlay, one manual clock for leases, loops and flow state, a state dir per host) around a
+small provider topology, so the stateful tests read as "VM sends, outside host answers, assert
+what arrives":
 
     vm1 (h1, 10.0.0.11) --+                              +-- out-a (h3, 203.0.113.100)
     vm2 (h2, 10.0.0.12) --+-- net --[10.0.0.1  r1  .1]-- ext-a (203.0.113.0/24)
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivenet.agent.agent import HostAgent
+from hivenet.clock import ManualClock
 from hivenet.datapath.memory import MemoryDatapath
 from hivenet.model import (
     Bridge,
@@ -34,7 +36,7 @@ from hivenet.model import (
 )
 from hivenet.packets import build_arp_request, build_tcp_segment, extract_flow_match
 from hivenet.packets.flowmatch import FlowMatch
-from tests.integration.common import AgentCloud, ManualClock, open_agent_cloud
+from tests.integration.common import AgentCloud, open_agent_cloud, pass_time
 from tests.integration.common import eventually as eventually  # re-exported for the tests
 from tests.integration.common import run as run  # re-exported: 30 s per scenario
 
@@ -46,6 +48,9 @@ VM_IPS = {"vm1": "10.0.0.11", "vm2": "10.0.0.12", "out-a": OUT_A_IP, "out-b": OU
 GATEWAYS = {"vm1": "10.0.0.1", "vm2": "10.0.0.1", "out-a": "203.0.113.1", "out-b": "198.51.100.1"}
 VM_HOSTS = {"vm1": "h1", "vm2": "h2", "out-a": "h3", "out-b": "h4"}
 SYN, ACK = 0x02, 0x10
+# Leases on the manual clock: long enough that `tick` can move time in steps of half of it
+# (each step lets every agent refresh its lease) and still cross a NAT timeout quickly.
+LEASE_TTL = 30
 
 
 @dataclass(kw_only=True)
@@ -62,7 +67,11 @@ class StatefulCloud(AgentCloud):
             self.underlay.detach(HOSTS[host_id])
         datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay, clock=self.clock)
         return await self.start_host_agent(
-            host_id, datapath, clock=self.clock, state_dir=self.state_root / host_id
+            host_id,
+            datapath,
+            clock=self.clock,
+            lease_ttl=LEASE_TTL,
+            state_dir=self.state_root / host_id,
         )
 
     # ---------------------------------------------------------------- traffic
@@ -116,11 +125,31 @@ class StatefulCloud(AgentCloud):
         )
 
     async def tick(self, seconds: float = 0.0) -> None:
-        """Advance the clock and run every agent's flow-state timer once."""
-        self.clock.now += seconds
+        """Let `seconds` pass on the clock (in steps: the agents keep their leases) and run
+        every agent's flow-state timer once."""
+        await pass_time(self.clock, seconds, step=LEASE_TTL / 2)
         for host_id, agent in self.agents.items():
             self.datapaths[host_id].expire_flows()
             agent.flowstate.tick(self.clock.now)
+
+
+def snat_rule(chain_id: str, position: int, uplink_id: str, address: str) -> Rule:
+    """SNAT of 10.0.0.0/24 leaving through `uplink_id` to `address`, ports 1024-65535."""
+    return Rule(
+        chain_id=chain_id,
+        action=RuleAction.SNAT,
+        position=position,
+        nw_src=ipaddress.ip_network("10.0.0.0/24"),
+        out_port_ids=(uplink_id,),
+        nat_targets=(
+            NatTarget(
+                address_from=ipaddress.ip_address(address),
+                address_to=ipaddress.ip_address(address),
+                port_from=1024,
+                port_to=65535,
+            ),
+        ),
+    )
 
 
 async def build_provider(
@@ -158,23 +187,7 @@ async def build_provider(
         c.objects[port_id] = port_id
         await repo.create(Port(device_kind=DeviceKind.BRIDGE, device_id=bridge.id, peer_id=port_id))
     await repo.create(Rule(chain_id=inbound.id, action=RuleAction.REV_SNAT, position=10))
-    await repo.create(
-        Rule(
-            chain_id=outbound.id,
-            action=RuleAction.SNAT,
-            position=10,
-            nw_src=ipaddress.ip_network("10.0.0.0/24"),
-            out_port_ids=("r1-ext-a",),
-            nat_targets=(
-                NatTarget(
-                    address_from=ipaddress.ip_address(SNAT_IP),
-                    address_to=ipaddress.ip_address(SNAT_IP),
-                    port_from=1024,
-                    port_to=65535,
-                ),
-            ),
-        )
-    )
+    await repo.create(snat_rule(outbound.id, 10, "r1-ext-a", SNAT_IP))
     extra = vm_port_fields or {}
     for n, (vm, bridge) in enumerate(
         (("vm1", net), ("vm2", net), ("out-a", ext_a), ("out-b", ext_b)), 1
@@ -197,6 +210,11 @@ async def build_provider(
 @asynccontextmanager
 async def stateful_cloud(store_url: str, state_root: Path) -> AsyncIterator[StatefulCloud]:
     async with open_agent_cloud(
-        store_url, StatefulCloud, HOSTS, vm_hosts=VM_HOSTS, state_root=state_root
+        store_url,
+        StatefulCloud,
+        HOSTS,
+        clock=ManualClock(),  # the agents' loops and leases, the store's expiry, flow state
+        vm_hosts=VM_HOSTS,
+        state_root=state_root,
     ) as c:
         yield c

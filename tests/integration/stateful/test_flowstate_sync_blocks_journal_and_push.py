@@ -21,7 +21,9 @@ from hivenet.packets import extract_flow_match
 from hivenet.sim import TopologyView
 from hivenet.sim.topology import TopologyObject
 from hivenet.store.base import Compare, Put
+from tests.integration.common import pass_time
 from tests.integration.stateful.harness import (
+    LEASE_TTL,
     OUT_A_IP,
     SNAT_IP,
     StatefulCloud,
@@ -61,6 +63,7 @@ def test_blocks_in_use_are_retaken_on_the_new_lease_after_a_lost_lease(tmp_path:
 
             await c.store.lease_revoke(old_lease)  # as if it expired while the store was away
             assert await c.store.get(block.store_key()) is None
+            await pass_time(c.clock, LEASE_TTL / 3)  # h1's next keepalive finds it gone
             await eventually(lambda: h1.lease_id != old_lease)
             new_lease = h1.lease_id
 
@@ -106,6 +109,7 @@ def test_a_block_another_host_took_while_the_lease_was_gone_is_dropped(tmp_path:
             kv = await c.store.get(key)
             assert kv is not None and kv.value == b"h9"
             # The range is leased ahead again: a new connection still finds a port, elsewhere.
+            await pass_time(c.clock, LEASE_TTL / 3)  # h1's next keepalive finds it gone
             await eventually(lambda: h1.lease_id != old_lease)
             await c.tick()
             await eventually(lambda: bool(h1.flowstate.allocator.blocks))

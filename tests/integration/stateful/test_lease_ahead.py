@@ -13,7 +13,6 @@ import pytest
 
 from hivenet.flowstate import NatRange
 from hivenet.flowstate.portblocks import Destination
-from hivenet.model import NatTarget, Rule, RuleAction
 from hivenet.packets.flowmatch import FlowMatch
 from tests.integration.stateful.harness import (
     OUT_A_IP,
@@ -23,6 +22,7 @@ from tests.integration.stateful.harness import (
     build_provider,
     eventually,
     run,
+    snat_rule,
     stateful_cloud,
 )
 
@@ -73,23 +73,7 @@ def test_snat_range_added_later_is_leased_before_its_first_packet(tmp_path: Path
     async def scenario() -> None:
         async with stateful_cloud("memory://", tmp_path / "state") as c:
             await start(c)
-            await c.repo.create(
-                Rule(
-                    chain_id="r1-out",
-                    action=RuleAction.SNAT,
-                    position=20,
-                    nw_src=ipaddress.ip_network("10.0.0.0/24"),
-                    out_port_ids=("r1-ext-b",),
-                    nat_targets=(
-                        NatTarget(
-                            address_from=ipaddress.ip_address(SECOND_SNAT_IP),
-                            address_to=ipaddress.ip_address(SECOND_SNAT_IP),
-                            port_from=1024,
-                            port_to=65535,
-                        ),
-                    ),
-                )
-            )
+            await c.repo.create(snat_rule("r1-out", 20, "r1-ext-b", SECOND_SNAT_IP))
             await c.synced()
             await c.tick()  # the flow-state timer notices the new range
             h1 = c.agents["h1"].flowstate

@@ -193,15 +193,7 @@ def udp(
     dport: int = 53,
     **kw: Any,
 ) -> bytes:
-    return build_udp_datagram(
-        eth_src=src_mac,
-        eth_dst=dst_mac,
-        ip_src=src,
-        ip_dst=dst,
-        src_port=sport,
-        dst_port=dport,
-        **kw,
-    )
+    return build_udp_datagram(**_addresses(src_mac, dst_mac, src, dst, sport, dport), **kw)
 
 
 def tcp(
@@ -213,15 +205,21 @@ def tcp(
     dport: int = 80,
     **kw: Any,
 ) -> bytes:
-    return build_tcp_segment(
-        eth_src=src_mac,
-        eth_dst=dst_mac,
-        ip_src=src,
-        ip_dst=dst,
-        src_port=sport,
-        dst_port=dport,
-        **kw,
-    )
+    return build_tcp_segment(**_addresses(src_mac, dst_mac, src, dst, sport, dport), **kw)
+
+
+def _addresses(
+    src_mac: int | str, dst_mac: int | str, src: str, dst: str, sport: int, dport: int
+) -> dict[str, Any]:
+    """The builders' address and port arguments, named."""
+    return {
+        "eth_src": src_mac,
+        "eth_dst": dst_mac,
+        "ip_src": src,
+        "ip_dst": dst,
+        "src_port": sport,
+        "dst_port": dport,
+    }
 
 
 def ping(src_mac: int | str, dst_mac: int | str, src: str, dst: str, **kw: Any) -> bytes:
