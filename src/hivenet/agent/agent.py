@@ -6,7 +6,8 @@ membership, the local topology cache (a `TopologyView` fed one watch event at a 
 binding the exterior ports assigned to this host in the datapath and publishing that it owns
 them, with `overlay_health_probes` the health ports and namespaces through which it probes
 load-balancer members (`OverlayProbing`, agent/health.py), the write-back of load-balancer
-status and its per-host LB counters (agent/lbstats.py), publishing what the simulation
+status and its per-host LB counters (agent/lbstats.py), its traffic counters and Prometheus
+endpoint (agent/metrics.py), publishing what the simulation
 learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
@@ -40,6 +41,7 @@ from hivenet.agent.health import (
     Prober,
 )
 from hivenet.agent.lbstats import LB_STATUS_KINDS, LbStatsReporter, LbStatusWriter
+from hivenet.agent.metrics import HostStats, HostStatsReporter, agent_registry, serve_metrics
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.base import Datapath
@@ -103,6 +105,7 @@ class HostAgent:
         health_prober: Prober | None = None,
         overlay_health_probes: bool = False,
         health_plumbing: HealthPlumbing | None = None,
+        metrics_address: tuple[str, int] | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -120,6 +123,10 @@ class HostAgent:
         self.topology = TopologyView()
         self.tables = MemoryTables()
         self.counters = AgentCounters()
+        # Traffic counters per port/device/chain/drop reason (agent/metrics.py), published.
+        self.host_stats = HostStats(host_id, self.topology, lambda: self.datapath.flow_table)
+        self.metrics_address = metrics_address
+        self.metrics_server: asyncio.AbstractServer | None = None
         # Conntrack and NAT state, shared with peers over the tunnel, journaled in state_dir.
         self.flowstate = FlowStateSync(
             host_id,
@@ -137,6 +144,7 @@ class HostAgent:
             self.tables,
             on_learned=self._on_learned,
             stateful=self.flowstate,
+            on_simulated=self.host_stats.on_simulated,
             clock=clock,
         )
         self.topology_mirror = PrefixMirror(
@@ -190,6 +198,9 @@ class HostAgent:
             unpublish=self._unpublish,
             clock=clock,
         )
+        self.host_stats_reporter = HostStatsReporter(
+            host_id, self.host_stats, publish=self._publish
+        )
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
         # What this host publishes under its lease: key -> value (re-put after a lease loss).
@@ -217,7 +228,22 @@ class HostAgent:
             asyncio.create_task(self.health.run(), name=f"hn-{self.host_id}-health"),
             asyncio.create_task(self.lb_status.run(), name=f"hn-{self.host_id}-lb-status"),
             asyncio.create_task(self.lb_stats.run(), name=f"hn-{self.host_id}-lb-stats"),
+            asyncio.create_task(
+                self.host_stats_reporter.run(), name=f"hn-{self.host_id}-host-stats"
+            ),
         ]
+        if self.metrics_address is not None:
+            try:
+                self.metrics_server = await serve_metrics(
+                    agent_registry(self), *self.metrics_address
+                )
+            except OSError as exc:  # metrics are no reason to stop forwarding
+                log.warning(
+                    "host %s: no metrics endpoint on %s:%d: %s",
+                    self.host_id,
+                    *self.metrics_address,
+                    exc,
+                )
         if self.counters_path is not None:
             self._tasks.append(
                 asyncio.create_task(self._counters_loop(), name=f"hn-{self.host_id}-counters")
@@ -252,6 +278,9 @@ class HostAgent:
             for task in stuck:
                 log.error("host %s: task %s did not stop", self.host_id, task.get_name())
         self._tasks = []
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         await self.flowstate.stop(compact=graceful)
         for port_id in list(self.bound_ports):
             self._unbind(port_id)

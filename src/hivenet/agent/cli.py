@@ -32,6 +32,21 @@ def default_state_dir() -> Path:
     return Path.home() / ".local" / "state" / "hivenet"
 
 
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
+
+
+def parse_metrics_address(text: str) -> tuple[str, int] | None:
+    """'HOST:PORT' -> (host, port); 'off' -> None; anything else: a BadParameter naming it."""
+    if text == "off":
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise typer.BadParameter(
+            f"{text!r}: expected HOST:PORT (port 1-65535) or 'off'", param_hint="--metrics"
+        )
+    return host.strip("[]"), int(port_text)
+
+
 def counters_file(state_dir: Path, host_id: str) -> Path:
     return state_dir / f"agent-{host_id}.json"
 
@@ -65,8 +80,15 @@ def run(
             "(default: on when root with the userspace datapath).",
         ),
     ] = None,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="Where to serve Prometheus metrics (GET /metrics): HOST:PORT, or 'off'.",
+        ),
+    ] = DEFAULT_METRICS_ADDRESS,
 ) -> None:
     """Run the agent for one host until SIGTERM/SIGINT."""
+    metrics_address = parse_metrics_address(metrics)
     logging.basicConfig(
         level=log_level.upper(),
         format=f"%(asctime)s {host_id} %(levelname)s %(name)s: %(message)s",
@@ -96,6 +118,7 @@ def run(
             # Per host: several agents (a lab) may share one state dir, never one journal.
             flowstate_dir=state / f"flowstate-{host_id}",
             health_probes=health_probes,
+            metrics_address=metrics_address,
         )
     )
 
@@ -112,6 +135,7 @@ async def _run_agent(
     counters_path: Path,
     flowstate_dir: Path,
     health_probes: bool = False,
+    metrics_address: tuple[str, int] | None = None,
 ) -> None:
     from hivenet.datapath.base import Datapath
     from hivenet.store import open_store
@@ -138,6 +162,7 @@ async def _run_agent(
         counters_path=counters_path,
         state_dir=flowstate_dir,
         overlay_health_probes=health_probes,
+        metrics_address=metrics_address,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

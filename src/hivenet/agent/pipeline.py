@@ -5,7 +5,8 @@ port by tunnel key, simulate, hand learned MAC/ARP entries to the `on_learned` c
 (which publishes them and invalidates their tags on every host) BEFORE installing the flow
 (the simulation already saw its own learned entries, so the flow stays valid), install the
 megaflow unless the result says not to, execute the packet and every generated packet, and
-count upcalls, installs, drops by reason and simulation latency.
+count upcalls, installs, drops by reason and simulation latency; then tell `on_simulated`
+(the agent's traffic counters, agent/metrics.py) what the upcall became.
 Does not own the topology cache, the shared tables or the datapath: they are passed in.
 """
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from hivenet.agent.flowstate_sync import FlowStateSync
 
 LearnedCallback = Callable[[Sequence[LearnedEntry]], None]
+# (ingress port id, result, frame length) after each simulated upcall (traffic counters).
+SimulatedCallback = Callable[[str, SimulationResult, int], None]
 
 
 @dataclass(slots=True)
@@ -79,6 +82,7 @@ class FlowPipeline:
         on_learned: LearnedCallback | None = None,
         flow_state: FlowStateHook = NO_FLOW_STATE,
         stateful: FlowStateSync | None = None,
+        on_simulated: SimulatedCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -91,6 +95,7 @@ class FlowPipeline:
         self.on_learned = on_learned
         # Conntrack/NAT: a transaction per upcall, committed and pushed before forwarding.
         self.stateful = stateful
+        self.on_simulated = on_simulated
         self.clock = clock
         self.timer = timer
         self.stats = PipelineStats()
@@ -127,6 +132,8 @@ class FlowPipeline:
         self.stats.sim_seconds_max = max(self.stats.sim_seconds_max, elapsed)
         self.last_result = result
         self.apply(result, frame)
+        if self.on_simulated is not None:
+            self.on_simulated(port.id, result, len(frame))
 
     def apply(self, result: SimulationResult, frame: bytes) -> None:
         """Act on a simulation result for `frame` (learned entries, flow, packet, replies)."""

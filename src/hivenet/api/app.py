@@ -22,7 +22,9 @@ from pydantic import BaseModel
 
 from hivenet.api.auth import ADMIN, TokenRegistry, load_or_create_admin_token
 from hivenet.api.errors import ErrorBody, install_error_handlers
+from hivenet.api.hoststats import hoststats_router
 from hivenet.api.lbstats import lbstats_router
+from hivenet.api.metrics import install_metrics
 from hivenet.api.resources import API_PREFIX, topology_routers
 from hivenet.store import open_store
 from hivenet.store.base import Store, StoreCorruptError, StoreUnavailableError
@@ -98,6 +100,7 @@ def create_app(
         separate_input_output_schemas=False,
     )
     install_error_handlers(app)
+    install_metrics(app)
 
     @app.get(
         f"{API_PREFIX}/health",
@@ -114,6 +117,7 @@ def create_app(
     for router in topology_routers():
         app.include_router(router)
     app.include_router(lbstats_router())
+    app.include_router(hoststats_router())
     return app
 
 

@@ -391,7 +391,12 @@ class HivenetClient:
     def load_balancer_stats(self, load_balancer_id: str) -> dict[str, Any]:
         """`GET /v1/load_balancers/{id}/stats`: active connections, bytes in/out (total and
         per member), summed over the live hosts that report them (listed in `hosts`)."""
-        path = f"{self.object_path('load_balancer', load_balancer_id)}/stats"
+        return self.object_stats("load_balancer", load_balancer_id)
+
+    def object_stats(self, kind: str, object_id: str) -> dict[str, Any]:
+        """`GET /v1/<plural>/{id}/stats` (ports, bridges, routers, chains, hosts, load
+        balancers): the object's counters summed over the live hosts."""
+        path = f"{self.object_path(kind, object_id)}/stats"
         response = self._request("GET", path)
         data = response.json()
         if not isinstance(data, dict):

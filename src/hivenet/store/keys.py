@@ -13,6 +13,7 @@ from __future__ import annotations
 STATE_PREFIX = "/hivenet/v1/state/"
 TABLES_PREFIX = "/hivenet/v1/tables/"
 LB_STATS_KIND = "lb_stats"
+HOST_STATS_KIND = "host_stats"
 
 
 def host_alive_key(host_id: str) -> str:
@@ -26,6 +27,11 @@ def port_active_key(host_id: str, port_id: str) -> str:
 def lb_stats_key(host_id: str, load_balancer_id: str) -> str:
     """Where a host's agent reports its counters of one load balancer (on its lease)."""
     return f"{STATE_PREFIX}{host_id}/{LB_STATS_KIND}/{load_balancer_id}"
+
+
+def host_stats_key(host_id: str) -> str:
+    """Where a host's agent reports its traffic counters (agent/metrics.py; on its lease)."""
+    return f"{STATE_PREFIX}{host_id}/{HOST_STATS_KIND}/{host_id}"
 
 
 def parse_state_key(key: str) -> tuple[str, str, str]:
