@@ -393,18 +393,15 @@ class HivenetClient:
         per member), summed over the live hosts that report them (listed in `hosts`)."""
         return self.object_stats("load_balancer", load_balancer_id)
 
+    def trace(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """`POST /v1/traces`: simulate a synthetic packet from a port (no side effect)."""
+        return _json_object(self._request("POST", "/v1/traces", json_body=dict(request)))
+
     def object_stats(self, kind: str, object_id: str) -> dict[str, Any]:
         """`GET /v1/<plural>/{id}/stats` (ports, bridges, routers, chains, hosts, load
         balancers): the object's counters summed over the live hosts."""
         path = f"{self.object_path(kind, object_id)}/stats"
-        response = self._request("GET", path)
-        data = response.json()
-        if not isinstance(data, dict):
-            raise ApiError(
-                response.status_code,
-                f"expected a JSON object from {response.request.url}, got {type(data).__name__}",
-            )
-        return data
+        return _json_object(self._request("GET", path))
 
     def delete(
         self,
@@ -421,3 +418,13 @@ class HivenetClient:
             params={"cascade": "true" if cascade else "false"},
             if_revision=if_revision,
         )
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    data = response.json()
+    if not isinstance(data, dict):
+        raise ApiError(
+            response.status_code,
+            f"expected a JSON object from {response.request.url}, got {type(data).__name__}",
+        )
+    return data
