@@ -27,6 +27,7 @@ from hivenet.api.lbstats import lbstats_router
 from hivenet.api.metrics import install_metrics
 from hivenet.api.resources import API_PREFIX, topology_routers
 from hivenet.api.traces import traces_router
+from hivenet.api.ui import install_ui
 from hivenet.store import open_store
 from hivenet.store.base import Store, StoreCorruptError, StoreUnavailableError
 from hivenet.store.topology import TopologyRepository
@@ -120,6 +121,7 @@ def create_app(
     app.include_router(lbstats_router())
     app.include_router(hoststats_router())
     app.include_router(traces_router())
+    install_ui(app)
     return app
 
 

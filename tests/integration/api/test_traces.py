@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from hivenet.api.auth import Principal, authenticate
 from hivenet.cli.context import CliState
 from hivenet.cli.main import app as cli_app
 from hivenet.store.keys import arp_entry_key
@@ -167,8 +168,6 @@ def test_bad_requests_name_the_field(api: Api) -> None:
 
 
 def test_other_tenants_port_is_not_found(api: Api) -> None:
-    from hivenet.api.auth import Principal, authenticate
-
     ids = routed(api, tenant="t1")
     for tenant, status in (("t1", 200), ("t2", 404)):
         api.app.dependency_overrides[authenticate] = lambda t=tenant: Principal(f"{t}-user", t)
@@ -193,3 +192,23 @@ def test_client_and_cli(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     assert json.loads(as_json.stdout)["packet"]["tp_dst"] == "443"
     bad = runner.invoke(cli_app, [*args[:-2], "--proto", "icmp", "--dst-port", "80"])
     assert bad.exit_code == 1 and "dst_port" in bad.output
+
+
+def test_graph_for_the_page_is_tenant_scoped(api: Api) -> None:
+    ids = routed(api, tenant="t1")
+    api.create("bridges", {"name": "other", "tenant_id": "t2"})
+    graph = api.request("GET", "/v1/graph").json()
+    kinds = {node["id"]: node["kind"] for node in graph["nodes"]}
+    assert kinds[ids["router"]] == "router" and kinds[ids["vm1"]["id"]] == "vm"
+    assert kinds["host:h1"] == "host"
+    assert any(e["kind"] == "link" and {e["source"], e["target"]} == {ids["router"], ids["net-a"]}
+               for e in graph["edges"])  # fmt: skip
+    assert {n["state"] for n in graph["nodes"] if n["kind"] == "host"} == {"live"}
+    api.app.dependency_overrides[authenticate] = lambda: Principal("t2-user", "t2")
+    try:
+        mine = api.request("GET", "/v1/graph").json()
+    finally:
+        api.app.dependency_overrides.clear()
+    assert [n["label"] for n in mine["nodes"]] == ["other"]
+    assert api.client.get("/ui").status_code == 200  # the page itself needs no token
+    assert api.client.get("/v1/graph").status_code == 401
