@@ -18,30 +18,9 @@ micro-benchmark of the per-frame path (fake sockets, no root) runs first (`--mic
 Needs root for the lab part. Prints tables, then exactly one JSON line. Everything it creates
 is in a unique `hn` lab scope that is removed at the end (also on error or Ctrl-C).
 
-Last results (2 shared cores, other jobs running; `--runs 3`, medians; 1 sender):
-
-    scenario          TCP Gb/s  64B kpps  sent kpps  us/frame  1st p50/p99 us  cached p50/p99
-    before (HEAD a372a81: parse every frame, recv() per frame, one sendto per VXLAN frame)
-    local/kernel         14.39       217        222         -          18/73          17/18
-    local/userspace       6.94        54        199       7.6         46/280         42/160
-    vxlan/kernel         12.06       106        108         -          26/75          26/45
-    vxlan/userspace       0.99        35        160      18.2        119/246         99/173
-    after (raw-header EMC key, recv_into + memoryview, cached plans, VXLAN GSO batches)
-    local/kernel         16.93       227        229         -          19/83          17/51
-    local/userspace      10.09       160        321       4.6         47/318         37/107
-    vxlan/kernel         12.42       105        107         -          26/99          26/49
-    vxlan/userspace       1.86       150        305       6.8        166/270        134/206
-    upcall/userspace         -         -          -         -         56/157         71/147
-
-Ratios after: local TCP 0.60, local 64B 0.70, VXLAN TCP 0.15, VXLAN 64B 1.43 (before: 0.48,
-0.25, 0.08, 0.33). The kernel's 64-byte figures are the sender's limit (sent == received: the
-kernel forwards inside the sender's own system call), so the 64-byte ratios flatter us: the
-kernel could forward more than one sender offers. With userspace forwarding on the other core
-the same sender reaches 321 kpps. (`--senders N` runs N blasters; not measured here.) VXLAN
-round trips vary 130-200 us from run to run with either version (four wake-ups of two Python
-processes per round trip); the before/after difference there is noise.
-In-process per-frame cost (micro-benchmark): port->port 4.1 -> 1.35 us, port->VXLAN 4.4 ->
-1.7 us; the key alone 2.9 us (extract_flow_match + EMC) -> 0.45 us (raw_flow_key + dict).
+Published figures (with the date and the machine they were measured on) live in the README,
+not here: this script prints only what it measured in this run, with each userspace figure
+as a ratio to the kernel's in the same run.
 """
 
 from __future__ import annotations

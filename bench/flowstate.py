@@ -4,7 +4,10 @@ commit -> push of the new conntrack/NAT entries over the memory underlay -> the 
 agent decoding and installing them), flow-state bytes pushed per connection, and memory per
 100k tracked connections (conntrack + NAT entries, as a gateway holds them).
 
-MidoNet's reference: agents sized for ~20k state-generating packets/s on a 4 GB JVM heap.
+Peer measured in the same run: the same new flows through the same two agents on the same
+topology with the stateful parts taken out (no security group, no port security, no SNAT):
+plain routed forwarding, so the table shows what connection tracking, NAT and the flow-state
+push cost per new connection, as a ratio.
 
 Owns nothing but this measurement: memory datapaths, no sockets, no files, no store (the SNAT
 range is claimed locally). Prints a human table, then exactly one JSON line.
@@ -39,6 +42,7 @@ from hivenet.model import (
     RuleAction,
     SecurityGroup,
     SecurityGroupRule,
+    TopologyObject,
     TunnelZone,
     TunnelZoneMember,
 )
@@ -50,8 +54,12 @@ VM_MAC, OUT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:03"
 R_IN_MAC, R_OUT_MAC = "02:00:00:00:ff:01", "02:00:00:00:ff:02"
 
 
-def build_hosts() -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port]:
-    objects = [
+def build_hosts(
+    stateful: bool = True,
+) -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port]:
+    """Two agents (h1: the VM, h2: the outside port). `stateful=False` is the peer: the same
+    topology without security group, port security or NAT rules."""
+    objects: list[TopologyObject] = [
         Bridge(id="net"),
         Bridge(id="ext"),
         Chain(id="pre"),
@@ -121,11 +129,18 @@ def build_hosts() -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], 
             ),
         ),
     ]
+    if not stateful:
+        objects = [
+            o.model_copy(update={"port_security_enabled": False, "security_group_ids": ()})
+            if isinstance(o, Port) and o.id == "vm"
+            else o
+            for o in objects
+            if not isinstance(o, Rule | SecurityGroup | SecurityGroupRule)
+        ]
     underlay = MemoryUnderlay()
     syncs: dict[str, FlowStateSync] = {}
     datapaths: dict[str, MemoryDatapath] = {}
-    vm_port = objects[13]
-    assert isinstance(vm_port, Port)
+    vm_port = next(o for o in objects if isinstance(o, Port) and o.id == "vm")
     for index, host in enumerate(("h1", "h2"), 1):
         view = TopologyView.from_objects(objects)
         tables = MemoryTables()
@@ -141,8 +156,8 @@ def build_hosts() -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], 
     return syncs, datapaths, vm_port
 
 
-def connections_per_second(count: int) -> dict[str, float]:
-    syncs, datapaths, _ = build_hosts()
+def connections_per_second(count: int, stateful: bool = True) -> dict[str, float]:
+    syncs, datapaths, _ = build_hosts(stateful)
     # To the outside host, varying ports: every SYN is a new connection (SG conntrack entry
     # in the VM port's zone + SNAT binding), pushed to the gateway host before it leaves.
     frames = [
@@ -160,9 +175,18 @@ def connections_per_second(count: int) -> dict[str, float]:
     h1, h2 = datapaths["h1"], datapaths["h2"]
     gc.collect()
     started = time.perf_counter()
-    for frame in frames:
-        h1.receive(1, frame)
+    if stateful:
+        for frame in frames:
+            h1.receive(1, frame)
+    else:
+        # Without state the megaflow would serve every later SYN; drop it after each packet
+        # so that every frame is a new-flow simulation, as it is on the stateful path.
+        for frame in frames:
+            h1.receive(1, frame)
+            h1.invalidate(("router:r",))
     elapsed = time.perf_counter() - started
+    if h1.counters()["misses"] != count:
+        raise SystemExit(f"{h1.counters()['misses']} of {count} frames were new flows")
     delivered = len(h2.take(2))
     sync1, sync2 = syncs["h1"], syncs["h2"]
     return {
@@ -241,6 +265,13 @@ def main() -> None:
         parser.error(f"--where must be >= 0, got {args.where}")
     count = 2_000 if args.quick else 20_000
     rate = connections_per_second(count)
+    peer = connections_per_second(count, stateful=False)
+    if peer["delivered"] != count or rate["delivered"] != count:
+        raise SystemExit(
+            f"not every connection was delivered (stateful {rate['delivered']}, "
+            f"stateless {peer['delivered']} of {count}): benchmark invalid"
+        )
+    ratio = rate["per_second"] / peer["per_second"]
     memory, by_line = memory_per_100k(count, args.where)
     print(f"{'measure':<52} {'value':>14}")
     print("-" * 67)
@@ -248,6 +279,8 @@ def main() -> None:
         f"{'new NATed connections/s per agent (incl. push+install)':<52} {rate['per_second']:>14,.0f}"
     )
     print(f"{'us per new connection':<52} {rate['us_per_connection']:>14}")
+    print(f"{'peer: new routed flows/s, same agents, no state':<52} {peer['per_second']:>14,.0f}")
+    print(f"{'stateful / stateless rate':<52} {ratio:>14.2f}")
     print(
         f"{'flow-state bytes pushed per connection':<52} {rate['pushed_bytes_per_connection']:>14}"
     )
@@ -262,13 +295,14 @@ def main() -> None:
     )
     for entry in by_line:
         print(f"  {entry['line']:<50} {entry['bytes_per_connection']:>14} B/conn")
-    print("MidoNet reference: ~20k state-generating packets/s per agent on a 4 GB JVM heap")
     print(
         json.dumps(
             {
                 "bench": "flowstate",
                 "python": platform.python_version(),
                 "rate": rate,
+                "stateless_peer": peer,
+                "stateful_vs_stateless": round(ratio, 3),
                 "memory": memory,
                 **({"where": by_line} if args.where else {}),
             },

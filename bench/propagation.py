@@ -8,8 +8,10 @@ Measures, in one run:
   with --etcd also on a local 3-member etcd cluster (needs /usr/bin/etcd);
 - agent cache load time and memory for a topology of 10k ports;
 - CPU of an idle agent (process CPU seconds per wall second while nothing changes).
-Anchors: OVN needed ~1.5 s for all 3k hosts to apply one route change (2020) and 11 s for
-`--wait=hv` at 1k hosts.
+Peer measured in the same run: for each in-process agent count, the same writes observed by
+as many bare store watches (a `Store.watch` on the key, nothing applied): the store's own
+delivery time. The table prints the agents' figures as a ratio to it, so the cost of the
+agent (decode, TopologyView update, invalidation) is separated from the store's.
 
 Prints a table, then one JSON line.
 """
@@ -109,6 +111,50 @@ async def in_process(store_url: str, agents_count: int, writes: int) -> dict[str
         "all_p50_ms": percentile(last_agent, 0.5) * 1000,
         "all_p99_ms": percentile(last_agent, 0.99) * 1000,
         "startup_s": startup,
+    }
+
+
+async def bare_watches(store_url: str, watchers: int, writes: int) -> dict[str, float]:
+    """The peer: the same writes seen by `watchers` plain store watches on the marker key."""
+    store = open_store(store_url)
+    repo = TopologyRepository(store)
+    marker = (await repo.create(Bridge(name="marker-start"))).obj
+    marker_key = topology_key("bridge", marker.id)
+    start_revision = await store.current_revision() + 1
+    seen: dict[int, list[float]] = {}
+
+    async def watch() -> None:
+        async for event in store.watch(marker_key, start_revision=start_revision):
+            name = json.loads(event.kv.value)["name"] if event.kv.value else ""
+            if name.startswith("marker-") and name != "marker-start":
+                seen.setdefault(int(name[7:]), []).append(time.perf_counter())
+
+    tasks = [asyncio.create_task(watch()) for _ in range(watchers)]
+    await asyncio.sleep(0.2)  # every watch registered before the first write
+    latencies: list[float] = []
+    last_watcher: list[float] = []
+    try:
+        for k in range(writes):
+            written = time.perf_counter()
+            await repo.modify(Bridge, marker.id, _renamer(k))
+            deadline = time.perf_counter() + 30
+            while len(seen.get(k, ())) < watchers and time.perf_counter() < deadline:
+                await asyncio.sleep(0.0005)
+            times = seen.get(k, [])
+            if len(times) < watchers:
+                raise RuntimeError(f"write {k}: only {len(times)}/{watchers} watches saw it")
+            latencies.extend(t - written for t in times)
+            last_watcher.append(max(times) - written)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+    return {
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "all_p50_ms": percentile(last_watcher, 0.5) * 1000,
+        "all_p99_ms": percentile(last_watcher, 0.99) * 1000,
     }
 
 
@@ -268,13 +314,14 @@ def main() -> None:
             )
         )
         os.unlink(f"{tmp}/state.db")
+        ratios: dict[str, float] = {}
         for count in args.agents:
-            rows.append(
-                (
-                    f"{count} in-process agents",
-                    "sqlite memory",
-                    asyncio.run(in_process("memory://", count, args.writes)),
-                )
+            agents_row = asyncio.run(in_process("memory://", count, args.writes))
+            peer_row = asyncio.run(bare_watches("memory://", count, args.writes))
+            rows.append((f"{count} in-process agents", "sqlite memory", agents_row))
+            rows.append((f"{count} bare watches (peer)", "sqlite memory", peer_row))
+            ratios[f"{count}_agents_all_p99_vs_bare_watches"] = (
+                agents_row["all_p99_ms"] / peer_row["all_p99_ms"]
             )
         for store_name, url in (
             ("sqlite memory", "memory://"),
@@ -323,11 +370,13 @@ def main() -> None:
             f" {cell('all_p99_ms')} {cell('load_s', '{:7.2f}')} {cell('memory_mib', '{:7.1f}')}"
             f" {cell('idle_cpu', '{:8.3f}')}"
         )
-    print("anchor: OVN ~1500 ms for 3k hosts to apply one route change; 11 s for --wait=hv at 1k")
+    for name, ratio in ratios.items():
+        print(f"{name.replace('_', ' ')}: {ratio:.2f}x")
     print(
         json.dumps(
             {
                 "bench": "propagation",
+                "ratios": {k: round(v, 3) for k, v in ratios.items()},
                 "results": [
                     {"setup": s, "store": st, **{k: round(v, 4) for k, v in r.items()}}
                     for s, st, r in rows
