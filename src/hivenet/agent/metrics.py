@@ -131,15 +131,22 @@ class HostStats:
 
     # ---------------------------------------------------------------- upcall path
 
-    def on_simulated(self, ingress_port_id: str, result: SimulationResult, size: int) -> None:
-        """Count one simulated packet and remember what its flow's hits count towards."""
+    def on_simulated(
+        self,
+        ingress_port_id: str,
+        result: SimulationResult,
+        size: int,
+        installed: tuple[tuple[int, ...], tuple[int, ...]] | None,
+    ) -> None:
+        """Count one simulated packet and remember what the hits of the flow installed for it
+        (`installed`: its key, (match, mask)) count towards."""
         attribution = self._attribute(ingress_port_id, result)
         self._count(attribution, 1, size)
         for packet in result.generated:
             for port_id in self._egress_ports(packet.actions):
                 self._port(port_id).tx.add(1, len(packet.frame))
-        if result.install:
-            key = (result.masked_match, result.mask)
+        if installed is not None:
+            key = installed
             if key not in self._attribution:
                 if self._pending >= self.max_pending:
                     self.attribution_overflow += 1

@@ -35,8 +35,10 @@ if TYPE_CHECKING:
     from hivenet.agent.flowstate_sync import FlowStateSync
 
 LearnedCallback = Callable[[Sequence[LearnedEntry]], None]
-# (ingress port id, result, frame length) after each simulated upcall (traffic counters).
-SimulatedCallback = Callable[[str, SimulationResult, int], None]
+# (ingress port id, result, frame length, installed flow key (match, mask) or None) after
+# each simulated upcall (traffic counters).
+FlowKey = tuple[tuple[int, ...], tuple[int, ...]]
+SimulatedCallback = Callable[[str, SimulationResult, int, FlowKey | None], None]
 
 
 @dataclass(slots=True)
@@ -131,20 +133,23 @@ class FlowPipeline:
         self.stats.sim_seconds_total += elapsed
         self.stats.sim_seconds_max = max(self.stats.sim_seconds_max, elapsed)
         self.last_result = result
-        self.apply(result, frame)
+        installed = self.apply(result, frame)
         if self.on_simulated is not None:
-            self.on_simulated(port.id, result, len(frame))
+            self.on_simulated(port.id, result, len(frame), installed)
 
-    def apply(self, result: SimulationResult, frame: bytes) -> None:
-        """Act on a simulation result for `frame` (learned entries, flow, packet, replies)."""
+    def apply(self, result: SimulationResult, frame: bytes) -> FlowKey | None:
+        """Act on a simulation result for `frame` (learned entries, flow, packet, replies);
+        returns the key (match, mask) of the flow installed, if any."""
+        installed: FlowKey | None = None
         if result.learned:
             self.stats.learned += len(result.learned)
             if self.on_learned is not None:
                 self.on_learned(result.learned)
         if result.install:
+            installed = (result.masked_match, result.mask)
             self.datapath.install_flow(
-                result.masked_match,
-                result.mask,
+                installed[0],
+                installed[1],
                 result.actions,
                 result.tags,
                 idle_timeout=result.idle_timeout,
@@ -158,6 +163,7 @@ class FlowPipeline:
         for packet in result.generated:
             self.stats.generated += 1
             self.datapath.execute(packet.frame, packet.actions)
+        return installed
 
     def counters(self) -> dict[str, float]:
         return self.stats.as_dict()
