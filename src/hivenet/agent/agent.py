@@ -7,8 +7,8 @@ binding the exterior ports assigned to this host in the datapath and publishing 
 them, with `overlay_health_probes` the health ports and namespaces through which it probes
 load-balancer members (`OverlayProbing`, agent/health.py), the write-back of load-balancer
 status and its per-host LB counters (agent/lbstats.py), its traffic counters and Prometheus
-endpoint (agent/metrics.py), publishing what the simulation
-learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
+endpoint (agent/metrics.py), the trace requests for its ports (agent/tracing.py), publishing
+what the simulation learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
 
@@ -44,6 +44,7 @@ from hivenet.agent.lbstats import LB_STATUS_KINDS, LbStatsReporter, LbStatusWrit
 from hivenet.agent.metrics import HostStats, HostStatsReporter, agent_registry, serve_metrics
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
+from hivenet.agent.tracing import TraceRequests
 from hivenet.datapath.base import Datapath
 from hivenet.model import (
     Host,
@@ -55,12 +56,13 @@ from hivenet.model import (
 )
 from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.model.types import int_to_mac, mac_to_int
-from hivenet.sim import LearnedEntry, TopologyView
+from hivenet.sim import LearnedEntry, SimulationResult, TopologyView
 from hivenet.sim.tables import LearnedMac, LearnedNeighbour, MemoryTables, ip_text
 from hivenet.store.base import LeaseNotFoundError, Store, StoreError
 from hivenet.store.keys import (
     STATE_PREFIX,
     TABLES_PREFIX,
+    TRACE_REQUEST_KIND,
     arp_entry_key,
     host_alive_key,
     mac_entry_key,
@@ -144,7 +146,7 @@ class HostAgent:
             self.tables,
             on_learned=self._on_learned,
             stateful=self.flowstate,
-            on_simulated=self.host_stats.on_simulated,
+            on_simulated=self._on_simulated,
             clock=clock,
         )
         self.topology_mirror = PrefixMirror(
@@ -201,6 +203,17 @@ class HostAgent:
         self.host_stats_reporter = HostStatsReporter(
             host_id, self.host_stats, publish=self._publish
         )
+        # Synthetic and live trace requests for this host's ports (agent/tracing.py).
+        self.traces = TraceRequests(
+            host_id,
+            self.topology,
+            self.tables,
+            self.flowstate,
+            lambda: self.datapath.flow_table,
+            publish=self._publish,
+            unpublish=self._unpublish,
+            clock=clock,
+        )
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
         # What this host publishes under its lease: key -> value (re-put after a lease loss).
@@ -231,6 +244,7 @@ class HostAgent:
             asyncio.create_task(
                 self.host_stats_reporter.run(), name=f"hn-{self.host_id}-host-stats"
             ),
+            asyncio.create_task(self.traces.run(), name=f"hn-{self.host_id}-traces"),
         ]
         if self.metrics_address is not None:
             try:
@@ -437,6 +451,10 @@ class HostAgent:
         if kind == MEMBER_HEALTH_KIND:
             self.health.on_report(host_id, object_id, value)
             return
+        if kind == TRACE_REQUEST_KIND:
+            if host_id == self.host_id:
+                self.traces.on_request(object_id, value)
+            return
         if kind != "host" or object_id != host_id:
             return
         if value is None:
@@ -464,6 +482,16 @@ class HostAgent:
         tags = self.topology.set_host_alive(host_id, alive)
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
+
+    def _on_simulated(
+        self,
+        port_id: str,
+        result: SimulationResult,
+        size: int,
+        installed: tuple[tuple[int, ...], tuple[int, ...]] | None,
+    ) -> None:
+        self.host_stats.on_simulated(port_id, result, size, installed)
+        self.traces.on_simulated(port_id, result, size, installed)
 
     def _invalidate(self, tags: Iterable[str]) -> None:
         self.counters.flows_invalidated += self.datapath.invalidate(tags)

@@ -397,6 +397,14 @@ class HivenetClient:
         """`POST /v1/traces`: simulate a synthetic packet from a port (no side effect)."""
         return _json_object(self._request("POST", "/v1/traces", json_body=dict(request)))
 
+    def live_trace(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """`POST /v1/traces/live`: arm a live trace; returns its id, host and expiry."""
+        return _json_object(self._request("POST", "/v1/traces/live", json_body=dict(request)))
+
+    def get_live_trace(self, trace_id: str) -> dict[str, Any]:
+        """`GET /v1/traces/live/{id}`: its status and the records so far."""
+        return _json_object(self._request("GET", f"/v1/traces/live/{quote(trace_id, safe='')}"))
+
     def object_stats(self, kind: str, object_id: str) -> dict[str, Any]:
         """`GET /v1/<plural>/{id}/stats` (ports, bridges, routers, chains, hosts, load
         balancers): the object's counters summed over the live hosts."""

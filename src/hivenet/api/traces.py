@@ -17,14 +17,17 @@ the store (cached per store revision), and the response. Must not write to the s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
+import json
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import pydantic
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from hivenet.api.auth import Principal, authenticate
@@ -50,12 +53,24 @@ from hivenet.store.base import Store
 from hivenet.store.keys import (
     STATE_PREFIX,
     TABLES_PREFIX,
+    TRACE_REQUEST_KIND,
+    host_alive_key,
     parse_state_key,
     parse_table_key,
+    trace_request_key,
+    trace_result_key,
 )
 from hivenet.store.topology import NotFoundError, TopologyRepository
 
 PAGE = 1000
+LIVE_ID_SEPARATOR = "~"
+MAX_LIVE_COUNT = 100
+MAX_LIVE_TTL = 600
+MAX_LIVE_PER_HOST = 8  # live requests at once per host (the agent enforces its own bound too)
+AGENT_ANSWER_TIMEOUT = 5.0
+REQUEST_LEASE_TTL = 30  # a synthetic request through an agent
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
+MATCH_FIELDS = frozenset({"eth_src", "eth_dst", "ip_src", "ip_dst", "proto", "tp_src", "tp_dst"})
 
 
 class TraceRequest(BaseModel):
@@ -76,6 +91,35 @@ class TraceRequest(BaseModel):
     tcp_flags: str = Field("syn", max_length=40)
     vlan: int = Field(0, ge=0, le=4094)
     ttl: int = Field(64, ge=1, le=255)
+    via: Literal["api", "agent"] = "api"
+
+    def spec(self) -> TraceSpec:
+        return TraceSpec(
+            ip_dst=str(self.ip_dst),
+            proto=self.proto,
+            eth_src=self.eth_src,
+            eth_dst=self.eth_dst,
+            ip_src=str(self.ip_src) if self.ip_src is not None else None,
+            src_port=self.src_port,
+            dst_port=self.dst_port,
+            tcp_flags=self.tcp_flags,
+            vlan=self.vlan,
+            ttl=self.ttl,
+        )
+
+
+class LiveTraceRequest(BaseModel):
+    """Record the next `count` real upcalls from `port` whose headers match `match`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: str = Field(min_length=1, max_length=255)
+    count: int = Field(1, ge=1, le=MAX_LIVE_COUNT)
+    ttl: int = Field(60, ge=1, le=MAX_LIVE_TTL, description="seconds until it expires")
+    match: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"header -> value; headers: {', '.join(sorted(MATCH_FIELDS))}",
+    )
 
 
 class TraceStepBody(BaseModel):
@@ -211,22 +255,7 @@ def trace_in_snapshot(snapshot: StoreSnapshot, request: TraceRequest, now: float
     view = snapshot.view
     port = view.ports[request.from_port]
     host_id = port.host_id or ""
-    spec = resolve_spec(
-        view,
-        request.from_port,
-        TraceSpec(
-            ip_dst=str(request.ip_dst),
-            proto=request.proto,
-            eth_src=request.eth_src,
-            eth_dst=request.eth_dst,
-            ip_src=str(request.ip_src) if request.ip_src is not None else None,
-            src_port=request.src_port,
-            dst_port=request.dst_port,
-            tcp_flags=request.tcp_flags,
-            vlan=request.vlan,
-            ttl=request.ttl,
-        ),
-    )
+    spec = resolve_spec(view, request.from_port, request.spec())
     frame = build_trace_frame(spec)
     context = SimContext(topology=view, tables=snapshot.tables, local_host_id=host_id)
     result = trace_simulation(
@@ -241,6 +270,95 @@ def trace_in_snapshot(snapshot: StoreSnapshot, request: TraceRequest, now: float
     )
 
 
+def parse_match(match: dict[str, str]) -> dict[str, int]:
+    """Live-trace match (header -> text) as FlowMatch field -> int; ApiError 422 naming the
+    header otherwise."""
+    out: dict[str, int] = {}
+    for name, text in match.items():
+        try:
+            if name not in MATCH_FIELDS:
+                raise ValueError(
+                    f"unknown header; expected one of {', '.join(sorted(MATCH_FIELDS))}"
+                )
+            if name in ("eth_src", "eth_dst"):
+                out[name] = mac_to_int(text)
+            elif name in ("ip_src", "ip_dst"):
+                out[name] = int(ipaddress.ip_address(text))
+            elif name == "proto":
+                out["ip_proto"] = PROTOCOL_NUMBERS[text] if text in PROTOCOL_NUMBERS else int(text)
+                if not 0 <= out["ip_proto"] <= 255:
+                    raise ValueError("must be tcp, udp, icmp or 0-255")
+            else:
+                out[name] = int(text)
+                if not 0 <= out[name] <= 65535:
+                    raise ValueError("must be 0-65535")
+        except (ValueError, TypeError) as exc:
+            raise ApiError(
+                422, f"match.{name}: {text!r}: {exc}", [detail(f"match.{name}", text, str(exc))]
+            ) from None
+    return out
+
+
+async def _visible_port(repository: TopologyRepository, principal: Principal, port_id: str) -> Port:
+    try:
+        stored = await repository.get(Port, port_id)
+    except (NotFoundError, pydantic.ValidationError):
+        raise NotFoundError(Port.KIND, port_id) from None
+    if not principal.may_access(stored.obj.tenant_id):
+        raise NotFoundError(Port.KIND, port_id)
+    port: Port = stored.obj
+    return port
+
+
+async def _bound_host(store: Store, port: Port) -> str:
+    """The live host the port is bound to; ApiError 409 otherwise (an agent must answer)."""
+    if not port.host_id:
+        raise ApiError(409, f"port {port.id} is bound to no host: no agent can trace it",
+                       [detail("port", port.id, "no host_id")])  # fmt: skip
+    if await store.get(host_alive_key(port.host_id)) is None:
+        raise ApiError(409, f"host {port.host_id} of port {port.id} is down",
+                       [detail("port", port.id, f"host {port.host_id} has no live agent")])  # fmt: skip
+    return port.host_id
+
+
+async def _request(
+    store: Store, host_id: str, trace_id: str, body: dict[str, Any], ttl: int
+) -> int:
+    lease = await store.lease_grant(ttl)
+    await store.put(trace_request_key(host_id, trace_id), json.dumps(body).encode(), lease=lease.id)
+    return lease.id
+
+
+async def _through_agent(store: Store, port: Port, body: TraceRequest) -> dict[str, Any]:
+    host_id = await _bound_host(store, port)
+    trace_id = uuid.uuid4().hex
+    spec = dataclasses.asdict(body.spec())
+    lease = await _request(
+        store,
+        host_id,
+        trace_id,
+        {"mode": "synthetic", "port": port.id, "spec": spec},
+        REQUEST_LEASE_TTL,
+    )
+    try:
+        deadline = time.monotonic() + AGENT_ANSWER_TIMEOUT
+        while time.monotonic() < deadline:
+            answer = await store.get(trace_result_key(host_id, trace_id))
+            if answer is not None:
+                result = json.loads(answer.value)
+                if result.get("status") != "done":
+                    raise ApiError(422, f"impossible packet: {result.get('error')}",
+                                   [detail("trace", body.from_port, str(result.get("error")))])  # fmt: skip
+                trace: dict[str, Any] = result["trace"]
+                return trace
+            await asyncio.sleep(0.02)
+    finally:
+        await store.lease_revoke(lease)
+    raise ApiError(
+        504, f"the agent of host {host_id} did not answer within {AGENT_ANSWER_TIMEOUT:.0f} s"
+    )
+
+
 def traces_router() -> APIRouter:
     router = APIRouter(
         prefix=f"{API_PREFIX}/traces",
@@ -249,10 +367,13 @@ def traces_router() -> APIRouter:
             status: {"model": ErrorBody, "description": text}
             for status, text in {
                 401: "missing or invalid bearer token",
-                404: "no such port",
+                404: "no such port (or live trace)",
+                409: "the port's host is down or unknown (via agent, live)",
                 422: "impossible headers: the details name the field and value",
+                429: "too many live traces on that host",
                 500: "store corrupt",
                 503: "store unavailable (locked); retry",
+                504: "the agent did not answer",
             }.items()
         },
     )
@@ -262,20 +383,19 @@ def traces_router() -> APIRouter:
         "",
         response_model=TraceBody,
         operation_id="create_trace",
-        summary="Trace a synthetic packet from a port (simulated from the store, no side effect)",
+        summary="Trace a synthetic packet from a port (no side effect)",
     )
     async def create_trace(
         body: TraceRequest,
-        request: Request,
         principal: Principal = Depends(authenticate),
         repository: TopologyRepository = Depends(get_repository),
     ) -> dict[str, Any]:
-        try:
-            stored = await repository.get(Port, body.from_port)
-        except (NotFoundError, pydantic.ValidationError):
-            raise NotFoundError(Port.KIND, body.from_port) from None
-        if not principal.may_access(stored.obj.tenant_id):
-            raise NotFoundError(Port.KIND, body.from_port)
+        """`via: api` (default) simulates here from the store: works with no agent and costs
+        the agents nothing, but sees no live conntrack/NAT state (a fresh connection). `via:
+        agent` asks the agent of the port's host, which simulates with its live flow state."""
+        port = await _visible_port(repository, principal, body.from_port)
+        if body.via == "agent":
+            return await _through_agent(repository.store, port, body)
         snapshot = await cache.get(repository.store)
         if body.from_port not in snapshot.view.ports:  # created after the snapshot's read
             snapshot = await load_snapshot(repository.store)
@@ -285,5 +405,58 @@ def traces_router() -> APIRouter:
             raise ApiError(
                 422, f"impossible packet: {exc}", [detail(exc.field, exc.value, exc.why)]
             ) from None
+
+    @router.post(
+        "/live",
+        status_code=201,
+        operation_id="create_live_trace",
+        summary="Record the traces of the next real packets from a port (expires by itself)",
+    )
+    async def create_live_trace(
+        body: LiveTraceRequest,
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> dict[str, Any]:
+        match = parse_match(body.match)
+        port = await _visible_port(repository, principal, body.port)
+        store = repository.store
+        host_id = await _bound_host(store, port)
+        existing = await store.range(f"{STATE_PREFIX}{host_id}/{TRACE_REQUEST_KIND}/")
+        if len(existing.kvs) >= MAX_LIVE_PER_HOST:
+            raise ApiError(429, f"{len(existing.kvs)} trace requests already active on host {host_id}; "
+                           "wait for one to expire", [detail("port", body.port, f"host {host_id} is busy")])  # fmt: skip
+        trace_id = f"{host_id}{LIVE_ID_SEPARATOR}{uuid.uuid4().hex}"
+        request = {"mode": "live", "port": port.id, "count": body.count, "match": match}
+        await _request(store, host_id, trace_id, request, body.ttl)
+        return {
+            "id": trace_id,
+            "host": host_id,
+            "port": port.id,
+            "count": body.count,
+            "expires_in": body.ttl,
+        }
+
+    @router.get(
+        "/live/{trace_id}",
+        operation_id="get_live_trace",
+        summary="What a live trace recorded so far (404 once it expired)",
+    )
+    async def get_live_trace(
+        trace_id: str,
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> dict[str, Any]:
+        host_id, separator, _ = trace_id.partition(LIVE_ID_SEPARATOR)
+        store = repository.store
+        request = await store.get(trace_request_key(host_id, trace_id)) if separator else None
+        if request is None:
+            raise NotFoundError("live_trace", trace_id)
+        port_id = json.loads(request.value).get("port", "")
+        await _visible_port(repository, principal, port_id)
+        answer = await store.get(trace_result_key(host_id, trace_id))
+        if answer is None:
+            return {"id": trace_id, "host": host_id, "status": "pending", "records": []}
+        result: dict[str, Any] = json.loads(answer.value)
+        return {"id": trace_id, **result}
 
     return router

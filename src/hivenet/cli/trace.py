@@ -3,12 +3,14 @@
 Owns the command's options (any header field; the API fills the rest from the port) and the
 human rendering of a trace (`render_trace`): the packet, every step indented by branch depth
 and coloured by what happened, where the packet leaves (port, host, tunnel key) and the
-megaflow that would be installed. The simulation is the API's (`POST /v1/traces`, see
-api/traces.py: no side effect, simulated from the store). Must not simulate itself.
+megaflow that would be installed; and live traces (`--live`: arm, wait, show the records
+with their flows' hit counters). The simulation is the API's or the agent's (`POST
+/v1/traces`, `/v1/traces/live`, see api/traces.py). Must not simulate itself.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import typer
@@ -101,12 +103,75 @@ def render_trace(trace: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def render_live(result: dict[str, Any]) -> Group:
+    records = result.get("records", [])
+    parts: list[Any] = [
+        Text(
+            f"live trace {result.get('id')} on host {result.get('host')}: {result.get('status')}, "
+            f"{len(records)} of {result.get('count', '?')} recorded",
+            style="bold",
+        )
+    ]
+    for index, record in enumerate(records, 1):
+        flow = record.get("flow", {})
+        hits = (
+            f"flow installed, {flow.get('packets', 0)} later packets / {flow.get('bytes', 0)} "
+            "bytes hit it in the datapath"
+            if flow.get("installed")
+            else "no flow installed (or it is gone)"
+        )
+        parts.append(Text(f"\n#{index}: {hits}", style="bold cyan"))
+        parts.append(render_trace(record))
+    return Group(*parts)
+
+
+def _live(
+    ctx: typer.Context,
+    port: str,
+    count: int,
+    match: list[str],
+    expires: int,
+    wait: float,
+    as_json: bool,
+) -> None:
+    fields: dict[str, str] = {}
+    for item in match:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{item!r}: expected HEADER=VALUE", param_hint="--match")
+        fields[name.strip()] = value.strip()
+    state = state_of(ctx)
+    with reporting_errors(state):
+        client = state.client()
+        created = client.live_trace({"port": port, "count": count, "ttl": expires, "match": fields})
+        if not as_json:
+            make_console(stderr=True).print(
+                f"live trace {created['id']} armed on host {created['host']} for "
+                f"{created['expires_in']} s; waiting up to {wait:.0f} s for {count} packet(s)"
+            )
+        deadline = time.monotonic() + wait
+        result = client.get_live_trace(created["id"])
+        while (
+            result.get("status") not in ("done", "rejected", "error")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.5)
+            result = client.get_live_trace(created["id"])
+        if result.get("status") == "done":
+            time.sleep(min(1.5, max(deadline - time.monotonic(), 0)))  # later packets' hits
+            result = client.get_live_trace(created["id"])
+    if as_json:
+        print_json(result)
+        return
+    make_console().print(render_live(result))
+
+
 def trace(
     ctx: typer.Context,
     from_port: Annotated[
-        str, typer.Option("--from-port", help="The port id the packet enters at.")
-    ],
-    ip_dst: Annotated[str, typer.Option("--ip-dst", help="Destination IP address.")],
+        str | None, typer.Option("--from-port", help="The port id the packet enters at.")
+    ] = None,
+    ip_dst: Annotated[str | None, typer.Option("--ip-dst", help="Destination IP address.")] = None,
     proto: Annotated[str, typer.Option(help="tcp, udp, icmp or arp.")] = "tcp",
     dst_port: Annotated[
         int | None, typer.Option("--dst-port", help="TCP/UDP destination port (default 80).")
@@ -129,10 +194,43 @@ def trace(
     tcp_flags: Annotated[str, typer.Option("--tcp-flags", help="e.g. syn or syn,ack.")] = "syn",
     vlan: Annotated[int, typer.Option(help="802.1Q VLAN id (0: untagged).")] = 0,
     ttl: Annotated[int, typer.Option(help="IP TTL / hop limit.")] = 64,
+    via: Annotated[
+        str,
+        typer.Option(
+            help="api: simulate in the API server from the store (default; no agent needed, "
+            "fresh flow state); agent: ask the port's agent (its live conntrack/NAT state)."
+        ),
+    ] = "api",
+    live: Annotated[
+        bool, typer.Option("--live", help="Record the next real packets from --port instead.")
+    ] = False,
+    port: Annotated[str | None, typer.Option("--port", help="--live: the port to watch.")] = None,
+    count: Annotated[int, typer.Option(help="--live: how many packets to record.")] = 1,
+    match: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--match",
+            help="--live: HEADER=VALUE (repeatable): eth_src, eth_dst, ip_src, ip_dst, proto, "
+            "tp_src, tp_dst.",
+        ),
+    ] = None,
+    wait: Annotated[float, typer.Option(help="--live: seconds to wait for the packets.")] = 30.0,
+    expires: Annotated[
+        int, typer.Option(help="--live: seconds until the agent forgets the request.")
+    ] = 60,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON trace.")] = False,
 ) -> None:
     """Trace a synthetic packet from a port: every device, rule, NAT/LB decision and route,
-    where it leaves (host, tunnel key) and the megaflow. Nothing is learned or installed."""
+    where it leaves (host, tunnel key) and the megaflow. Nothing is learned or installed.
+    With --live, record the traces of the next real packets from --port (and whether later
+    packets hit the flow they installed)."""
+    if live:
+        if port is None:
+            raise typer.BadParameter("--live needs --port", param_hint="--port")
+        _live(ctx, port, count, match or [], expires, wait, as_json)
+        return
+    if from_port is None or ip_dst is None:
+        raise typer.BadParameter("needs --from-port and --ip-dst (or --live --port)")
     request: dict[str, Any] = {
         "from_port": from_port,
         "ip_dst": ip_dst,
@@ -140,6 +238,7 @@ def trace(
         "tcp_flags": tcp_flags,
         "vlan": vlan,
         "ttl": ttl,
+        "via": via,
     }
     optional = {
         "dst_port": dst_port,
