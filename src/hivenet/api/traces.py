@@ -1,22 +1,25 @@
-"""`POST /v1/traces`: trace a synthetic packet from a port, simulated in the API server from
-the store (sim/tracing.py does the simulating and the report).
+"""`POST /v1/traces` (a synthetic packet from a port, no side effect) and live traces
+(`POST /v1/traces/live`, `GET /v1/traces/live/{id}`: the next real packets from a port).
 
-Where it simulates, and why here: the API server reads the whole network state from the store
-(topology, learned MAC/ARP tables, host liveness, the ingress host's NAT port blocks), so a
-trace works with no agent reachable and costs no agent anything; it is the default of
-`hivenet trace`. What it cannot see is the ingress agent's in-memory conntrack and NAT
-bindings: the packet is traced as the first packet of a new connection (a return packet of an
-open connection is traced as an unsolicited one). The report says so (`simulated_by: api`,
-`flow_state: "fresh"`).
+Where a synthetic trace is simulated: by default (`via: api`) here, from the store (topology,
+learned MAC/ARP tables, host liveness, the ingress host's NAT port blocks; sim/tracing.py does
+the simulating and the report): it works with no agent reachable and costs the agents
+nothing, but cannot see the ingress agent's in-memory conntrack and NAT bindings, so the
+packet is traced as the first packet of a new connection (`flow_state: "fresh"`). `via:
+agent` writes a trace request the port's agent answers with its live flow state
+(agent/tracing.py); 409 when the port's host is unknown or down, 504 when it does not answer.
 
-Owns the request body (validated: 422 naming the field and value for an impossible header
-combination, 404 for an unknown or invisible port), loading a `TopologyView` and tables from
-the store (cached per store revision), and the response. Must not write to the store.
+Live traces are trace requests stored with a TTL (on a lease: they expire by itself) under the
+port's host; at most `MAX_LIVE_PER_HOST` at once (429 beyond), `count` and TTL bounded.
+Owns the request bodies (validated: 422 naming the field and value for impossible headers,
+404 for an unknown or invisible port), loading a `TopologyView` and tables from the store
+(cached per store revision), and the responses. Writes only trace requests (on their lease).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -34,7 +37,12 @@ from hivenet.api.auth import Principal, authenticate
 from hivenet.api.errors import ApiError, ErrorBody, detail
 from hivenet.api.resources import API_PREFIX, get_repository
 from hivenet.flowstate import ConntrackTable, FlowStateTransaction, NatTable
-from hivenet.flowstate.portblocks import PortBlockAllocator, PortBlockError, parse_block_key
+from hivenet.flowstate.portblocks import (
+    NAT_BLOCK_PREFIX,
+    PortBlockAllocator,
+    PortBlockError,
+    parse_block_key,
+)
 from hivenet.model import Port, TopologyObject, decode, parse_topology_key
 from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.model.types import mac_to_int
@@ -174,8 +182,8 @@ async def _range_all(store: Store, prefix: str, revision: int) -> list[tuple[str
         start_after = page.kvs[-1].key
 
 
-def _apply_table(tables: MemoryTables, key: str, value: bytes) -> str | None:
-    """Learn one MAC/ARP entry; returns the NAT block's holder for a NAT block key."""
+def _apply_table(tables: MemoryTables, key: str, value: bytes) -> None:
+    """Learn one MAC/ARP entry (other tables are not the simulation's to read)."""
     kind, owner_id, name, entry = parse_table_key(key)
     if kind == "bridge" and name == "mac":
         vlan_text, _, mac_text = entry.partition("/")
@@ -185,9 +193,6 @@ def _apply_table(tables: MemoryTables, key: str, value: bytes) -> str | None:
         tables.learn(
             LearnedNeighbour(owner_id, address.version, int(address), mac_to_int(value.decode()))
         )
-    elif kind == "nat":
-        return value.decode(errors="replace")
-    return None
 
 
 async def load_snapshot(store: Store) -> StoreSnapshot:
@@ -203,12 +208,11 @@ async def load_snapshot(store: Store) -> StoreSnapshot:
     tables = MemoryTables()
     nat_blocks: dict[str, list[tuple[str, bytes]]] = {}
     for key, value in await _range_all(store, TABLES_PREFIX, revision):
-        try:
-            holder = _apply_table(tables, key, value)
-        except ValueError:
+        if key.startswith(NAT_BLOCK_PREFIX):  # value: the host holding the block
+            nat_blocks.setdefault(value.decode(errors="replace"), []).append((key, value))
             continue
-        if holder is not None:
-            nat_blocks.setdefault(holder, []).append((key, value))
+        with contextlib.suppress(ValueError):
+            _apply_table(tables, key, value)
     alive: set[str] = set()
     for key, _value in await _range_all(store, STATE_PREFIX, revision):
         try:
