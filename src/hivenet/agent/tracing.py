@@ -151,18 +151,11 @@ class TraceRequests:
         hook = self.flowstate.begin(frame) if self.flowstate is not None else None
         context = SimContext(topology=self.topology, tables=self.tables, local_host_id=self.host_id)
         result = trace_simulation(frame, port_id, context, self.clock(), hook)
-        report = trace_report(
-            result,
-            self.topology,
-            port_id,
-            self.host_id,
-            extra={
-                "simulated_by": "agent",
-                "flow_state": "live",
-                "revision": self.topology.revision,
-            },
-        )
-        return {"status": "done", "trace": report}
+        return {"status": "done", "trace": self._report(result, port_id)}
+
+    def _report(self, result: SimulationResult, port_id: str) -> dict[str, Any]:
+        extra = {"simulated_by": "agent", "flow_state": "live", "revision": self.topology.revision}
+        return trace_report(result, self.topology, port_id, self.host_id, extra=extra)
 
     def _start_live(self, trace_id: str, port_id: str, request: Mapping[str, Any]) -> None:
         if len(self.live) >= self.max_live:
@@ -201,17 +194,7 @@ class TraceRequests:
         values = result.match.as_tuple()
         for live in traces:
             if live.wants(values):
-                report = trace_report(
-                    result,
-                    self.topology,
-                    port_id,
-                    self.host_id,
-                    extra={
-                        "simulated_by": "agent",
-                        "flow_state": "live",
-                        "revision": self.topology.revision,
-                    },
-                )
+                report = self._report(result, port_id)
                 report["steps"] = report["steps"][:MAX_STEPS]
                 live.records.append(report)
                 live.flow_keys.append(installed)

@@ -57,7 +57,7 @@ from hivenet.sim.tracing import (
     trace_report,
     trace_simulation,
 )
-from hivenet.store.base import Store
+from hivenet.store.base import KeyValue, Store
 from hivenet.store.keys import (
     STATE_PREFIX,
     TABLES_PREFIX,
@@ -169,14 +169,15 @@ class StoreSnapshot:
     view: TopologyView
     tables: MemoryTables
     nat_blocks: dict[str, list[tuple[str, bytes]]]  # host -> its NAT block keys
+    topology_signature: tuple[tuple[str, int], ...] = ()  # (key, mod revision) of the view
 
 
-async def _range_all(store: Store, prefix: str, revision: int) -> list[tuple[str, bytes]]:
-    out: list[tuple[str, bytes]] = []
+async def _range_all(store: Store, prefix: str, revision: int) -> list[KeyValue]:
+    out: list[KeyValue] = []
     start_after: str | None = None
     while True:
         page = await store.range(prefix, revision=revision, limit=PAGE, start_after=start_after)
-        out.extend((kv.key, kv.value) for kv in page.kvs)
+        out.extend(page.kvs)
         if not page.more or not page.kvs:
             return out
         start_after = page.kvs[-1].key
@@ -195,28 +196,40 @@ def _apply_table(tables: MemoryTables, key: str, value: bytes) -> None:
         )
 
 
-async def load_snapshot(store: Store) -> StoreSnapshot:
-    revision = await store.current_revision()
+def _topology_view(kvs: list[KeyValue]) -> TopologyView:
     objects: list[TopologyObject] = []
-    for key, value in await _range_all(store, TOPOLOGY_PREFIX, revision):
+    for kv in kvs:
         try:
-            kind, _object_id = parse_topology_key(key)
-            objects.append(decode(kind, value))
+            kind, _object_id = parse_topology_key(kv.key)
+            objects.append(decode(kind, kv.value))
         except ValueError:
             continue  # the agents skip what no model accepts; so does a trace
-    view = TopologyView.from_objects(objects)
+    return TopologyView.from_objects(objects)
+
+
+async def load_snapshot(store: Store, cached: StoreSnapshot | None = None) -> StoreSnapshot:
+    """The store as a simulation reads it. The topology view of `cached` is reused when no
+    topology key changed since (agents' publications move the revision all the time; only
+    the tables and liveness are read again then)."""
+    revision = await store.current_revision()
+    topology = await _range_all(store, TOPOLOGY_PREFIX, revision)
+    signature = tuple((kv.key, kv.mod_revision) for kv in topology)
+    if cached is not None and cached.topology_signature == signature:
+        view = cached.view
+    else:
+        view = _topology_view(topology)
     tables = MemoryTables()
     nat_blocks: dict[str, list[tuple[str, bytes]]] = {}
-    for key, value in await _range_all(store, TABLES_PREFIX, revision):
-        if key.startswith(NAT_BLOCK_PREFIX):  # value: the host holding the block
-            nat_blocks.setdefault(value.decode(errors="replace"), []).append((key, value))
+    for kv in await _range_all(store, TABLES_PREFIX, revision):
+        if kv.key.startswith(NAT_BLOCK_PREFIX):  # value: the host holding the block
+            nat_blocks.setdefault(kv.value.decode(errors="replace"), []).append((kv.key, kv.value))
             continue
         with contextlib.suppress(ValueError):
-            _apply_table(tables, key, value)
+            _apply_table(tables, kv.key, kv.value)
     alive: set[str] = set()
-    for key, _value in await _range_all(store, STATE_PREFIX, revision):
+    for kv in await _range_all(store, STATE_PREFIX, revision):
         try:
-            host_id, kind, object_id = parse_state_key(key)
+            host_id, kind, object_id = parse_state_key(kv.key)
         except ValueError:
             continue
         if kind == "host" and object_id == host_id:
@@ -225,11 +238,12 @@ async def load_snapshot(store: Store) -> StoreSnapshot:
     hosts.update(p.host_id for p in view.ports.values() if p.host_id)
     for host_id in hosts:
         view.set_host_alive(host_id, host_id in alive)
-    return StoreSnapshot(revision, view, tables, nat_blocks)
+    return StoreSnapshot(revision, view, tables, nat_blocks, signature)
 
 
 class SnapshotCache:
-    """One snapshot, reloaded when the store revision moved."""
+    """The last snapshot, read again when the store revision moved (its topology view
+    rebuilt only when a topology key changed)."""
 
     def __init__(self) -> None:
         self._snapshot: StoreSnapshot | None = None
@@ -239,7 +253,7 @@ class SnapshotCache:
         async with self._lock:
             current = await store.current_revision()
             if self._snapshot is None or self._snapshot.revision != current:
-                self._snapshot = await load_snapshot(store)
+                self._snapshot = await load_snapshot(store, self._snapshot)
             return self._snapshot
 
 

@@ -51,7 +51,14 @@ def stats_table(kind: str, object_id: str, stats: dict[str, Any]) -> Table:
     return table
 
 
-def stats_command(kind: str) -> Callable[..., None]:
+def stats_command(
+    kind: str,
+    render: Callable[[str, dict[str, Any]], Table] | None = None,
+    summary: str | None = None,
+) -> Callable[..., None]:
+    """The `stats ID` verb of `kind`: `render(id, stats)` (default `stats_table`) as a table,
+    or the raw JSON."""
+
     def show_stats(
         ctx: typer.Context,
         object_id: Annotated[
@@ -67,7 +74,8 @@ def stats_command(kind: str) -> Callable[..., None]:
         if as_json:
             print_json(stats)
             return
-        make_console().print(stats_table(kind, object_id, stats))
+        table = render(object_id, stats) if render else stats_table(kind, object_id, stats)
+        make_console().print(table)
 
-    show_stats.__doc__ = f"Show a {kind}'s traffic counters, summed over the live hosts."
+    show_stats.__doc__ = summary or f"Show a {kind}'s traffic counters, summed over the live hosts."
     return show_stats

@@ -185,28 +185,19 @@ def build_trace_frame(spec: TraceSpec) -> bytes:
             ttl=spec.ttl,
         )
     assert spec.src_port is not None and spec.dst_port is not None
+    headers = {
+        "eth_src": spec.eth_src,
+        "eth_dst": spec.eth_dst,
+        "ip_src": spec.ip_src,
+        "ip_dst": spec.ip_dst,
+        "src_port": spec.src_port,
+        "dst_port": spec.dst_port,
+        "vlan": spec.vlan,
+        "ttl": spec.ttl,
+    }
     if spec.proto == "udp":
-        return build_udp_datagram(
-            eth_src=spec.eth_src,
-            eth_dst=spec.eth_dst,
-            ip_src=spec.ip_src,
-            ip_dst=spec.ip_dst,
-            src_port=spec.src_port,
-            dst_port=spec.dst_port,
-            vlan=spec.vlan,
-            ttl=spec.ttl,
-        )
-    return build_tcp_segment(
-        eth_src=spec.eth_src,
-        eth_dst=spec.eth_dst,
-        ip_src=spec.ip_src,
-        ip_dst=spec.ip_dst,
-        src_port=spec.src_port,
-        dst_port=spec.dst_port,
-        flags=parse_tcp_flags(spec.tcp_flags),
-        vlan=spec.vlan,
-        ttl=spec.ttl,
-    )
+        return build_udp_datagram(**headers)  # type: ignore[arg-type]
+    return build_tcp_segment(flags=parse_tcp_flags(spec.tcp_flags), **headers)  # type: ignore[arg-type]
 
 
 def trace_simulation(

@@ -21,7 +21,7 @@ from hivenet.api.client import HivenetClient
 from hivenet.cli.context import CliState
 from hivenet.cli.main import app as cli_app
 from hivenet.model import Port
-from hivenet.store.keys import STATE_PREFIX
+from hivenet.store.keys import STATE_PREFIX, TABLES_PREFIX
 from tests.integration.agent.test_agents import Cloud, cloud, received
 from tests.integration.agent.test_metrics import ping, routed_traffic
 from tests.integration.common import eventually, run
@@ -55,17 +55,21 @@ def test_synthetic_trace_through_the_agent_and_live_trace(tmp_path: Path) -> Non
             with api_client(store_url, tmp_path / "hn-api") as (http, auth):
                 body = {"from_port": vm1.id, "ip_dst": "10.0.2.20", "dst_port": 22, "via": "agent"}
                 agent = c.agents["h1"]
-                upcalls, published = agent.pipeline.stats.upcalls, agent.counters.published_entries
+                upcalls = agent.pipeline.stats.upcalls
+                await eventually(
+                    lambda: all(a.pending_publications == 0 for a in c.agents.values())
+                )
+                tables_before = [kv.key for kv in (await c.store.range(TABLES_PREFIX)).kvs]
                 response = await call(http, "POST", "/v1/traces", auth, body)
                 assert response.status_code == 200, response.text
                 trace = response.json()
                 assert trace["simulated_by"] == "agent" and trace["flow_state"] == "live"
                 assert [e["host"] for e in trace["egress"]] == ["h2"]
-                # No upcall, no flow, no flow state; only the answer was published.
+                # No upcall, no flow, no flow state, nothing learned into the shared tables.
                 assert agent.pipeline.stats.upcalls == upcalls
                 assert len(c.datapaths["h1"].flow_table) == 0
                 assert len(agent.flowstate.conntrack) == 0 and len(agent.flowstate.nat) == 0
-                assert agent.counters.published_entries <= published + 1
+                assert [kv.key for kv in (await c.store.range(TABLES_PREFIX)).kvs] == tables_before
                 # The request and the answer are gone once answered.
                 await eventually(lambda: not c.agents["h1"].traces._answered)
 
