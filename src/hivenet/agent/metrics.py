@@ -9,14 +9,16 @@ What is counted, and where the cost goes:
   that packet and remembers, for the installed flow's key (match, mask), what the flow is
   attributed to: its ingress port, egress ports (Output / Tunnel keys), devices (the
   `bridge:`, `router:` and `port:` tags of the result), chains (`chain:` tags: a chain's
-  hits) and drop reason. Every `interval` seconds `scan()` adds each flow's packet and byte
+  hits), the rules that matched (the trace's `rule` steps: chain and position) and drop
+  reason. Every `interval` seconds `scan()` adds each flow's packet and byte
   delta since the last scan to what its key is attributed to.
 - Ports: `rx` = packets entering the overlay at the port on this host (upcalls + flow hits),
   `tx` = packets the simulations here sent out of the port (locally or through a tunnel),
   `drops` = packets from the port that the simulation dropped. Counted at the ingress host,
   so the API's sum over hosts counts each packet once.
 - Devices and chains: packets and bytes of flows (and upcalls) whose simulation went through
-  them. Drops: by reason (first word of the simulation's reason, at most `MAX_DROP_REASONS`
+  them. Rules: packets they matched (reported by id for stored rules; the virtual chains'
+  rules, security groups and VIPs, count in their chain only). Drops: by reason (first word of the simulation's reason, at most `MAX_DROP_REASONS`
   distinct, the rest as `other`).
 - Not counted: packets that hit a flow in the last `interval` before it was removed.
 
@@ -93,6 +95,7 @@ class FlowAttribution:
     egress_ports: tuple[str, ...]
     devices: tuple[tuple[str, str], ...]  # (kind, id)
     chains: tuple[str, ...]
+    rules: tuple[tuple[str, int], ...]  # (chain id, position) of each rule that matched
     drop_reason: str | None
 
 
@@ -122,6 +125,8 @@ class HostStats:
         self.ports: dict[str, PortCounters] = {}
         self.devices: dict[tuple[str, str], Traffic] = {}
         self.chains: dict[str, Traffic] = {}
+        self.rule_hits: dict[tuple[str, int], int] = {}  # (chain id, position) -> packets
+        self.rule_ids: dict[tuple[str, int], str] = {}  # of stored rules, as of the last scan
         self.drops: dict[str, int] = {}
         self.attribution_overflow = 0
         self.scans = 0
@@ -163,11 +168,18 @@ class HostStats:
                 chains.append(object_id)
             elif kind in DEVICE_KINDS and object_id and ":" not in object_id:
                 devices.append((kind, object_id))
+        rules: list[tuple[str, int]] = []
+        for step in result.trace:
+            if step.event == "rule" and step.detail.startswith("#"):
+                position = step.detail[1:].split(" ", 1)[0]
+                if position.isdigit():
+                    rules.append((step.where.id, int(position)))
         return FlowAttribution(
             ingress_port=ingress_port_id,
             egress_ports=tuple(self._egress_ports(result.actions)),
             devices=tuple(sorted(devices)),
             chains=tuple(sorted(chains)),
+            rules=tuple(rules),
             drop_reason=(
                 _reason_label(result.drop_reason) if result.drop_reason is not None else None
             ),
@@ -211,6 +223,8 @@ class HostStats:
             if traffic is None:
                 traffic = self.chains[chain_id] = Traffic()
             traffic.add(packets, size)
+        for rule in attribution.rules:
+            self.rule_hits[rule] = self.rule_hits.get(rule, 0) + packets
 
     # ---------------------------------------------------------------- periodic
 
@@ -240,6 +254,12 @@ class HostStats:
             k: v for k, v in self.devices.items() if self.topology.get(k[0], k[1]) is not None
         }
         self.chains = {k: v for k, v in self.chains.items() if k in self.topology.chains}
+        # Rules are counted by where they sit; only stored rules are reported (by id).
+        self.rule_ids = {
+            (str(getattr(rule, "chain_id", "")), int(getattr(rule, "position", -1))): rule.id
+            for rule in self.topology.all("rule")
+        }
+        self.rule_hits = {k: v for k, v in self.rule_hits.items() if k in self.rule_ids}
 
     def report(self) -> dict[str, Any]:
         """The JSON-able report the agent publishes (and the API sums)."""
@@ -252,6 +272,11 @@ class HostStats:
             "chains": {
                 chain_id: {"packets": t.packets, "bytes": t.bytes}
                 for chain_id, t in sorted(self.chains.items())
+            },
+            "rules": {
+                self.rule_ids[key]: {"chain": key[0], "hits": hits}
+                for key, hits in sorted(self.rule_hits.items())
+                if key in self.rule_ids
             },
             "drops": dict(sorted(self.drops.items())),
         }
@@ -353,6 +378,17 @@ class AgentCollector(Collector):
                 [host, _tenant_of(topology, "chain", chain_id), chain_id], traffic.packets
             )
         yield chain_hits
+        rule_hits = CounterMetricFamily(
+            "hivenet_rule_hits",
+            "Packets a stored rule matched",
+            labels=["host", "tenant", "chain", "rule"],
+        )
+        for key, hits in stats.rule_hits.items():
+            rule_id = stats.rule_ids.get(key)
+            if rule_id is not None:
+                tenant = _tenant_of(topology, "rule", rule_id)
+                rule_hits.add_metric([host, tenant, key[0], rule_id], hits)
+        yield rule_hits
         drops = CounterMetricFamily(
             "hivenet_drops",
             "Packets dropped by the simulation, by reason",

@@ -1,4 +1,4 @@
-"""`GET /v1/{ports,bridges,routers,chains,hosts}/{id}/stats`: traffic counters summed over
+"""`GET /v1/{ports,bridges,routers,chains,rules,hosts}/{id}/stats`: traffic counters summed over
 the live hosts, and `live_host_values`, how any per-host report is read from the store.
 
 Each agent publishes one report under `/hivenet/v1/state/<host>/host_stats/<host>` on its
@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from hivenet.api.auth import Principal, authenticate
 from hivenet.api.errors import ErrorBody
 from hivenet.api.resources import API_PREFIX, PLURALS, get_repository
-from hivenet.model import Bridge, Chain, Host, Port, Router
+from hivenet.model import Bridge, Chain, Host, Port, Router, Rule
 from hivenet.model.topology import TopologyObject
 from hivenet.model.types import ObjectId
 from hivenet.store.base import Get, KeyValue
@@ -97,6 +97,7 @@ class HostReport(BaseModel):
     ports: dict[str, PortCountersBody] = {}
     devices: dict[str, dict[str, Any]] = {}
     chains: dict[str, TrafficBody] = {}
+    rules: dict[str, dict[str, Any]] = {}
     drops: dict[str, int] = {}
 
 
@@ -112,6 +113,14 @@ class DeviceStatsBody(TrafficBody):
 
     kind: str
     id: str
+    hosts: list[str]
+
+
+class RuleStatsBody(BaseModel):
+    """Packets a rule matched, summed over `hosts`."""
+
+    rule_id: str
+    hits: int = Field(ge=0)
     hosts: list[str]
 
 
@@ -165,6 +174,17 @@ def sum_traffic(kind: str, object_id: str, reports: dict[str, HostReport]) -> De
         packets += found[0]
         size += found[1]
     return DeviceStatsBody(kind=kind, id=object_id, packets=packets, bytes=size, hosts=hosts)
+
+
+def sum_rule(rule_id: str, reports: dict[str, HostReport]) -> RuleStatsBody:
+    hits = 0
+    hosts = []
+    for host_id, report in sorted(reports.items()):
+        rule = report.rules.get(rule_id)
+        if rule is not None:
+            hosts.append(host_id)
+            hits += int(rule.get("hits", 0))
+    return RuleStatsBody(rule_id=rule_id, hits=hits, hosts=hosts)
 
 
 def _checked_id(kind: str, object_id: str) -> str:
@@ -232,6 +252,20 @@ def hoststats_router() -> APIRouter:
 
     for cls in (Bridge, Router, Chain):
         add_traffic_route(cls)
+
+    @router.get(
+        f"/{PLURALS[Rule.KIND]}/{{rule_id}}/stats",
+        response_model=RuleStatsBody,
+        operation_id="get_rule_stats",
+        summary="Packets a rule matched, summed over the live hosts",
+    )
+    async def rule_stats(
+        rule_id: str,
+        principal: Principal = Depends(authenticate),
+        repository: TopologyRepository = Depends(get_repository),
+    ) -> RuleStatsBody:
+        checked = await _visible(repository, principal, Rule, rule_id)
+        return sum_rule(checked, await live_host_reports(repository))
 
     @router.get(
         f"/{PLURALS[Host.KIND]}/{{host_id}}/stats",

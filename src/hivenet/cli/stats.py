@@ -1,4 +1,4 @@
-"""`hivenet {port,bridge,router,chain,host} stats ID`: an object's traffic counters, summed
+"""`hivenet {port,bridge,router,chain,rule,host} stats ID`: an object's traffic counters, summed
 over the live hosts by the API (`GET /v1/<plural>/{id}/stats`; api/hoststats.py says what is
 summed, agent/metrics.py what is counted).
 
@@ -17,7 +17,7 @@ from rich.table import Table
 from hivenet.cli.context import reporting_errors, state_of
 from hivenet.cli.output import make_console, print_json
 
-STATS_KINDS = ("port", "bridge", "router", "chain", "host")
+STATS_KINDS = ("port", "bridge", "router", "chain", "rule", "host")
 
 
 def stats_table(kind: str, object_id: str, stats: dict[str, Any]) -> Table:

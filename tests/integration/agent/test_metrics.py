@@ -12,8 +12,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hivenet.agent.metrics import MAX_DROP_REASONS, OTHER_REASON, agent_registry, serve_metrics
-from hivenet.api.hoststats import live_host_reports, sum_port, sum_traffic
-from hivenet.model import Port
+from hivenet.api.hoststats import live_host_reports, sum_port, sum_rule, sum_traffic
+from hivenet.model import Chain, Port, Router, Rule, RuleAction
 from hivenet.packets import build_arp_reply, build_echo_request
 from hivenet.store.keys import host_stats_key
 from tests.integration.agent.test_agents import (
@@ -183,5 +183,47 @@ def test_counters_forget_deleted_ports_and_cap_drop_reasons() -> None:
             await c.synced()
             agent.host_stats_reporter.tick()
             assert vm1.id not in agent.host_stats.ports
+
+    run(scenario())
+
+
+def test_rule_hits_from_upcalls_and_flow_hits() -> None:
+    async def scenario() -> None:
+        async with cloud("memory://") as c:
+            vm1, vm2, gw_mac = await routed_traffic(c)
+            chain = (await c.repo.create(Chain(name="router-in"))).obj
+            icmp = (
+                await c.repo.create(
+                    Rule(chain_id=chain.id, position=1, action=RuleAction.ACCEPT, nw_proto=1)
+                )
+            ).obj
+            other = (
+                await c.repo.create(
+                    Rule(chain_id=chain.id, position=2, action=RuleAction.ACCEPT, nw_proto=17)
+                )
+            ).obj
+            router = next(r for r in c.agents["h1"].topology.all("router"))
+            await c.repo.modify(
+                Router, router.id, lambda r: r.model_copy(update={"inbound_chain_id": chain.id})
+            )
+            await c.synced()
+            agent = c.agents["h1"]
+            for seq in range(5):
+                c.datapaths["h1"].receive(vm1.tunnel_key, ping(vm1, gw_mac, "10.0.2.20", seq))
+            assert len(received(c, "h2", vm2)) == 5
+            agent.host_stats_reporter.tick()
+            rules = agent.host_stats.report()["rules"]
+            assert rules[icmp.id] == {"chain": chain.id, "hits": 5}
+            assert other.id not in rules
+            await eventually(
+                lambda: (
+                    json.loads(agent._published.get(host_stats_key("h1"), b"{}")).get("rules")
+                    == rules
+                )
+            )
+            assert sum_rule(icmp.id, await live_host_reports(c.repo)).hits == 5
+            text = generate_latest(agent_registry(agent)).decode()
+            hits = samples(text, "hivenet_rule_hits_total")
+            assert [v for labels, v in hits.items() if ("rule", icmp.id) in labels] == [5.0]
 
     run(scenario())
