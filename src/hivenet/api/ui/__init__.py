@@ -7,7 +7,7 @@ refreshes live state and counters every few seconds, and draws a trace's path
 (`POST /v1/traces`). The token comes from the URL fragment (`/ui#token=...`, never sent to
 the server in a URL) or a prompt, and is kept in the browser's session storage.
 
-`GET /v1/graph`: nodes (bridges, routers, exterior ports as VMs or uplinks, hosts, load
+`GET /v1/graph`: nodes (bridges, routers, exterior ports as VMs or gateway uplinks, hosts, load
 balancers) with their live state (host live, port bound) and counters (summed host stats),
 and edges (port to device, interior links between devices, VM to host, load balancer to
 router), scoped to the caller's tenant (hosts only for the admin). Must not write anything.
@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from hivenet.api.auth import Principal, authenticate
 from hivenet.api.hoststats import live_host_reports
 from hivenet.api.resources import API_PREFIX, get_repository
-from hivenet.model import Bridge, Host, Port, Router
+from hivenet.model import Bridge, DeviceKind, Host, Port, Router
 from hivenet.model.loadbalancer import LoadBalancer
 from hivenet.model.topology import TopologyObject
 from hivenet.store.keys import STATE_PREFIX, parse_state_key
@@ -66,6 +66,13 @@ async def _live_state(repository: TopologyRepository) -> tuple[set[str], set[str
         if not page.more or not page.kvs:
             return alive, bound
         start_after = page.kvs[-1].key
+
+
+def _exterior_kind(port: Port) -> str:
+    """A port bound on a host is a VM's, or a gateway uplink when it is a router's."""
+    if not port.host_id:
+        return "port"
+    return "gateway" if port.device_kind == DeviceKind.ROUTER else "vm"
 
 
 async def topology_graph(repository: TopologyRepository, principal: Principal) -> dict[str, Any]:
@@ -126,7 +133,7 @@ async def topology_graph(repository: TopologyRepository, principal: Principal) -
         nodes.append(
             {
                 "id": port.id,
-                "kind": "vm" if port.host_id else "port",
+                "kind": _exterior_kind(port),
                 "label": label,
                 "state": state,
                 "host": port.host_id,

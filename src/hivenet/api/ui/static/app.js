@@ -56,6 +56,7 @@ const STYLE = [
   { selector: "node.router", style: { shape: "diamond", "background-color": "#f28f43", width: 38, height: 38 } },
   { selector: "node.vm", style: { shape: "ellipse", "background-color": "#4caf50" } },
   { selector: "node.port", style: { shape: "triangle", "background-color": "#8d6e63" } },
+  { selector: "node.gateway", style: { shape: "vee", "background-color": "#c0392b" } },
   { selector: "node.host", style: { shape: "rectangle", "background-color": "#607d8b" } },
   { selector: "node.load_balancer", style: { shape: "hexagon", "background-color": "#8e44ad" } },
   { selector: "node.down, node.admin-down, node.unbound", style: { "background-opacity": 0.35 } },
@@ -80,7 +81,7 @@ function renderList(graph) {
   const select = document.getElementById("trace-port");
   const chosen = select.value;
   select.replaceChildren();
-  for (const node of graph.nodes.filter((n) => n.kind === "vm" || n.kind === "port")) {
+  for (const node of graph.nodes.filter((n) => ["vm", "port", "gateway"].includes(n.kind))) {
     const option = document.createElement("option");
     option.value = node.id;
     option.textContent = `${node.label} (${node.host || "no host"})`;
