@@ -12,73 +12,23 @@ import pytest
 from typer.testing import CliRunner
 
 from hivenet.api.auth import Principal, authenticate
+from hivenet.api.resources import PLURALS
 from hivenet.cli.context import CliState
 from hivenet.cli.main import app as cli_app
 from hivenet.store.keys import arp_entry_key
 from tests.integration.api.conftest import Api
 from tests.integration.api.test_lbstats import Hosts, _client
-
-VM1_MAC = "02:00:00:00:01:0a"
-VM2_MAC = "02:00:00:00:02:14"
+from tests.integration.routed_topology import VM1_MAC, VM2_MAC, create_routed
 
 
 def routed(api: Api, tenant: str = "t1") -> dict[str, Any]:
-    """net-a (vm1 on h1, 10.0.1.10) - router r1 - net-b (vm2 on h2, 10.0.2.20)."""
+    """The shared routed topology (tests/integration/routed_topology.py), hosts h1 and h2
+    live; "hosts" is their fake agents."""
     hosts = Hosts(api)
     for host_id in ("h1", "h2"):
         hosts.start(host_id)
-    api.create(
-        "tunnel_zones",
-        {
-            "id": "tz",
-            "name": "tz",
-            "members": [
-                {"host_id": "h1", "underlay_ip": "192.0.2.1"},
-                {"host_id": "h2", "underlay_ip": "192.0.2.2"},
-            ],
-        },
-    )
-    router = api.create("routers", {"name": "r1", "tenant_id": tenant})
-    ids: dict[str, Any] = {"router": router["id"], "hosts": hosts}
-    for name, cidr in (("a", "10.0.1.1/24"), ("b", "10.0.2.1/24")):
-        bridge = api.create("bridges", {"name": f"net-{name}", "tenant_id": tenant})
-        rport = api.create(
-            "ports",
-            {
-                "device_kind": "router",
-                "device_id": router["id"],
-                "addresses": [cidr],
-                "tenant_id": tenant,
-            },
-        )
-        api.create(
-            "ports",
-            {
-                "device_kind": "bridge",
-                "device_id": bridge["id"],
-                "peer_id": rport["id"],
-                "tenant_id": tenant,
-            },
-        )
-        ids[f"net-{name}"] = bridge["id"]
-        ids[f"rport-{name}"] = rport
-    for vm, net, host, mac, cidr in (
-        ("vm1", "net-a", "h1", VM1_MAC, "10.0.1.10/24"),
-        ("vm2", "net-b", "h2", VM2_MAC, "10.0.2.20/24"),
-    ):
-        ids[vm] = api.create(
-            "ports",
-            {
-                "device_kind": "bridge",
-                "device_id": ids[net],
-                "host_id": host,
-                "interface_name": f"hn{vm}",
-                "mac": mac,
-                "addresses": [cidr],
-                "tenant_id": tenant,
-            },
-        )
-    return ids
+    ids = create_routed(lambda kind, body: api.create(PLURALS[kind], body), tenant)
+    return {**ids, "hosts": hosts}
 
 
 def learn_arp(api: Api, hosts: Hosts, router_id: str, ip: str, mac: str) -> None:

@@ -27,9 +27,9 @@ from hivenet.api.client import HivenetClient
 from hivenet.api.ui import VENDORED_LIBRARY
 from hivenet.store import open_store
 from hivenet.store.keys import arp_entry_key, host_alive_key
+from tests.integration.routed_topology import VM2_MAC, create_routed
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-VM1_MAC, VM2_MAC = "02:00:00:00:01:0a", "02:00:00:00:02:14"
 
 
 def _free_port() -> int:
@@ -81,49 +81,13 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 def build_topology(server: Server) -> dict[str, str]:
-    """net-a (vm1 on h1) - router - net-b (vm2 on h2); both hosts live; the router knows
-    vm2's MAC (as agents would have learned it)."""
-    ids: dict[str, str] = {}
+    """The shared routed topology; both hosts live; the router knows vm2's MAC (as agents
+    would have learned it)."""
     with HivenetClient(server.base, server.token) as client:
         for host_id in ("h1", "h2"):
             client.create("host", {"id": host_id, "name": host_id})
-        client.create(
-            "tunnel_zone",
-            {
-                "id": "tz",
-                "name": "tz",
-                "members": [
-                    {"host_id": "h1", "underlay_ip": "192.0.2.1"},
-                    {"host_id": "h2", "underlay_ip": "192.0.2.2"},
-                ],
-            },
-        )
-        router = client.create("router", {"name": "edge-router"}).data
-        ids["router"] = router["id"]
-        for name, cidr in (("a", "10.0.1.1/24"), ("b", "10.0.2.1/24")):
-            bridge = client.create("bridge", {"name": f"net-{name}"}).data
-            ids[f"net-{name}"] = bridge["id"]
-            rport = client.create(
-                "port", {"device_kind": "router", "device_id": router["id"], "addresses": [cidr]}
-            ).data
-            client.create(
-                "port", {"device_kind": "bridge", "device_id": bridge["id"], "peer_id": rport["id"]}
-            )
-        for vm, net, host, mac, cidr in (
-            ("vm1", "net-a", "h1", VM1_MAC, "10.0.1.10/24"),
-            ("vm2", "net-b", "h2", VM2_MAC, "10.0.2.20/24"),
-        ):
-            ids[vm] = client.create(
-                "port",
-                {
-                    "device_kind": "bridge",
-                    "device_id": ids[net],
-                    "host_id": host,
-                    "interface_name": f"hn{vm}",
-                    "mac": mac,
-                    "addresses": [cidr],
-                },
-            ).data["id"]
+        created = create_routed(lambda kind, body: client.create(kind, body).data)
+    ids = {key: value if isinstance(value, str) else value["id"] for key, value in created.items()}
 
     async def liveness() -> None:
         store = open_store(server.store_url)
