@@ -13,7 +13,8 @@ UI_VENDOR := src/hivenet/api/ui/static/vendor/cytoscape.min.js
 
 help:
 	@echo "make demo   - run HiveNet on the embedded store and show it working"
-	@echo "make test   - install everything and run the whole test suite"
+	@echo "make test   - install everything and run the whole test suite, with coverage"
+	@echo "make test-fast - all but the e2e and etcd tests (no root, no etcd needed)"
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench  - run the benchmarks in bench/"
 
@@ -51,11 +52,20 @@ ui-vendor: $(UI_VENDOR)
 
 install: $(APT_STAMP) $(STAMP) $(UI_VENDOR)
 
-test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+# Coverage floor of the pure core (STYLE.md 10: it only rises). Measured by `make test`;
+# 95.3% on 2026-12-04 (unit + integration + store).
+CORE_COVERAGE_FLOOR := 94
+CORE_SOURCES := */hivenet/packets/*,*/hivenet/model/*,*/hivenet/sim/*,*/hivenet/flows/*,*/hivenet/flowstate/*
 
-test-fast: install
-	$(BIN)/python -m pytest -q -x tests/unit tests/store
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider --cov=hivenet --cov-report=term:skip-covered tests
+	@echo "== pure core coverage (floor $(CORE_COVERAGE_FLOOR)%)"
+	$(BIN)/coverage report --include='$(CORE_SOURCES)' --skip-covered --precision=1 \
+	  --fail-under=$(CORE_COVERAGE_FLOOR)
+
+# A laptop without etcd or root: everything but the e2e and etcd tiers.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -76,4 +86,4 @@ lab-clean: $(STAMP)
 	$(BIN)/hivenet lab clean
 
 clean:
-	rm -rf $(VENV) $(APT_STAMP) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(APT_STAMP) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache .coverage

@@ -66,7 +66,7 @@ def build(
         if port.host_id and port.port.interface_name:
             datapaths[port.host_id].bind_port(port.tunnel_key, port.port.interface_name)
     datapath = datapaths["h1"]
-    stats = HostStats("h1", view, lambda: datapath.flow_table)
+    stats = HostStats("h1", view, datapath.flows)
     pipeline = FlowPipeline(
         "h1",
         datapath,
@@ -127,7 +127,7 @@ def measure_counters(reference: simulation.Reference) -> dict[str, float]:
         port = pipeline.topology.port_by_key(key)
         assert result is not None and port is not None
         simulated.append((port.id, result, len(frame), (result.masked_match, result.mask)))
-    stats = HostStats("h1", pipeline.topology, lambda: datapath.flow_table)
+    stats = HostStats("h1", pipeline.topology, datapath.flows)
     started = time.perf_counter()
     for port_id, result, size, installed in simulated:
         stats.on_simulated(port_id, result, size, installed)

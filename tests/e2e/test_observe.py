@@ -28,8 +28,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hivenet.lab.cleanup import clean
-from hivenet.lab.lab import Lab, vm_port_id
+from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabScope, list_links, list_namespaces
+from hivenet.lab.plan import vm_port_id
 from hivenet.lab.scenario import builtin_scenario
 
 pytestmark = pytest.mark.e2e

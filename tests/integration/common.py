@@ -1,5 +1,5 @@
-"""Pieces every integration-test harness shares: a manual clock, `eventually`, `run`, `synced`
-and `AgentCloud` -- real `HostAgent`s on the strict memory datapath, wired through one store
+"""Pieces every integration-test harness shares: a manual clock (`pass_time` moves it and lets
+the loops sleeping on it run), `eventually`, `run`, `synced` and `AgentCloud` -- real `HostAgent`s on the strict memory datapath, wired through one store
 and one memory underlay -- with `open_agent_cloud` to set one up and always tear it down.
 
 Owns only these helpers. It must not touch topology (each harness builds its own) nor decide
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from hivenet.agent.agent import HostAgent
+from hivenet.clock import ManualClock as SleepingManualClock
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.model import TOPOLOGY_PREFIX, Host, Port
 from hivenet.store import open_store
@@ -41,6 +42,36 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
     while not check():
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def pass_time(clock: SleepingManualClock, seconds: float, *, step: float = 0.1) -> None:
+    """Move `clock` forward by `seconds` in steps. After each step, give the loops it woke a
+    moment (real time) to do their work and sleep on it again -- a lease refresh due at some
+    step is sent before time moves on. A loop that goes on to wait for something else (the
+    publish loop after a successful retry) is waited for at most `grace` seconds."""
+    loop = asyncio.get_running_loop()
+    grace = 0.2
+    moved = 0.0
+    while moved < seconds - 1e-9:
+        parked = clock.sleepers
+        delta = min(step, seconds - moved)
+        clock.advance(delta)
+        moved += delta
+        deadline = loop.time() + grace
+        await asyncio.sleep(0.005)
+        while clock.sleepers < parked and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+
+async def until_gone(store: Store, key: str, timeout: float = 5.0) -> None:
+    """Wait until `key` is gone from `store`: after a lease expired on the store's clock, its
+    sweep (every lease_check_interval, real time) deletes the lease's keys."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await store.get(key) is not None:
+        if loop.time() > deadline:
+            raise AssertionError(f"{key} still in the store after {timeout} s")
         await asyncio.sleep(0.01)
 
 
@@ -139,12 +170,18 @@ CloudT = TypeVar("CloudT", bound=AgentCloud)
 
 @asynccontextmanager
 async def open_agent_cloud(
-    store_url: str, cloud_class: type[CloudT], hosts: Mapping[str, str], **fields: Any
+    store_url: str,
+    cloud_class: type[CloudT],
+    hosts: Mapping[str, str],
+    *,
+    store_options: Mapping[str, Any] | None = None,
+    **fields: Any,
 ) -> AsyncIterator[CloudT]:
-    """Open the store at `store_url`, register `hosts` (host id -> underlay IP) as hosts and
-    yield a `cloud_class` over it, a fresh memory underlay and the other `fields`; afterwards
-    stop every agent still running and close the store, also when the test failed."""
-    store = open_store(store_url)
+    """Open the store at `store_url` (with `store_options`, e.g. the test's `clock`), register
+    `hosts` (host id -> underlay IP) as hosts and yield a `cloud_class` over it, a fresh memory
+    underlay and the other `fields`; afterwards stop every agent still running and close the
+    store, also when the test failed."""
+    store = open_store(store_url, **(store_options or {}))
     repo = TopologyRepository(store)
     for host_id in hosts:
         await repo.create(Host(id=host_id, name=host_id))

@@ -1,18 +1,20 @@
 """`LeaseKeeper` (store/leases.py) on a real store: memory:// and the session's etcd cluster.
 
-Real time with 1-second leases (etcd's minimum in the test cluster), so each test takes a
-second or two: a lease is only proven kept by outliving its TTL.
+1-second leases (etcd's minimum in the test cluster): a lease is only proven kept by outliving
+its TTL. On memory:// the keeper and the store share one `ManualClock` and the test moves time
+by hand (`Timeline`); etcd expires leases on its own clock, so its runs take real seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from hivenet.clock import SYSTEM_CLOCK, Clock, ManualClock
 from hivenet.store import (
     EventType,
     InvalidRequestError,
@@ -34,54 +36,115 @@ def lease_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return make_backend(request.param, tmp_path)
 
 
-def run(backend: Backend, body: Any) -> None:
-    backend.run(body, lease_check_interval=0.02)
+T = TypeVar("T")
+STEP = 0.05  # how far a manual timeline moves before letting the keeper run
+
+
+class Timeline:
+    """The clock of one test: manual for memory:// (shared with the store), real for etcd.
+    `parked` is how many keeper tasks sleep on the clock between refreshes."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.parked = 0
+
+    async def settle(self) -> None:
+        """Let every woken refresh finish and sleep again (manual clock only)."""
+        clock = self.clock
+        if not isinstance(clock, ManualClock):
+            return
+        for _ in range(1000):
+            await asyncio.sleep(0.002)
+            if clock.sleepers >= self.parked:
+                return
+        raise AssertionError(f"{self.parked - clock.sleepers} refresh task(s) never slept again")
+
+    async def pass_time(self, seconds: float) -> None:
+        if not isinstance(self.clock, ManualClock):
+            await asyncio.sleep(seconds)
+            return
+        moved = 0.0
+        while moved < seconds - 1e-9:
+            step = min(STEP, seconds - moved)
+            self.clock.advance(step)
+            moved += step
+            await self.settle()
+
+    async def within(self, seconds: float, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result, failing if it takes more than `seconds` on this clock."""
+        if not isinstance(self.clock, ManualClock):
+            return await asyncio.wait_for(awaitable, seconds)
+        task = asyncio.ensure_future(awaitable)
+        started = self.clock()
+        while not task.done():
+            if self.clock() - started > seconds:
+                task.cancel()
+                raise AssertionError(f"not done within {seconds}s on the clock")
+            await self.pass_time(STEP)
+        return task.result()
+
+
+def run(backend: Backend, body: Callable[[Store, Timeline], Awaitable[None]]) -> None:
+    if backend.name == ETCD_BACKEND_NAME:
+        timeline = Timeline(SYSTEM_CLOCK)
+        backend.run(lambda store: body(store, timeline))
+        return
+    timeline = Timeline(ManualClock(start=1_700_000_000.0))
+    backend.run(
+        lambda store: body(store, timeline), lease_check_interval=0.001, clock=timeline.clock
+    )
 
 
 def test_keeps_a_lease_alive_past_its_ttl_and_lets_it_expire_once_released(
     lease_backend: Backend,
 ) -> None:
-    async def body(store: Store) -> None:
+    async def body(store: Store, timeline: Timeline) -> None:
         lease = await store.lease_grant(1)
         await store.put("/keeper/k", b"v", lease=lease.id)
-        async with LeaseKeeper(store) as keeper:
+        async with LeaseKeeper(store, clock=timeline.clock) as keeper:
             kept = keeper.keep(lease)
-            await asyncio.sleep(2.2)  # more than two TTLs
+            timeline.parked = 1
+            await timeline.settle()
+            await timeline.pass_time(2.2)  # more than two TTLs
             assert await store.get("/keeper/k") is not None
             assert kept.loss is None
             assert kept.refreshes >= 6  # at ttl/3 for 2.2 s, plus the first one at once
             assert keeper.kept() == [lease.id]
             await keeper.release(lease.id)
+            timeline.parked = 0
             assert keeper.kept() == []
-            released_at = asyncio.get_running_loop().time()
             start = await store.current_revision()
             events = store.watch("/keeper/", start_revision=start + 1)
-            [event] = await asyncio.wait_for(_take(events, 1), 3.0)
+            # Gone within its TTL of the last refresh (plus the store's expiry check).
+            [event] = await timeline.within(2.0, _take(events, 1))
             assert event.type is EventType.DELETE
-            assert asyncio.get_running_loop().time() - released_at <= 2.0
             await events.aclose()  # type: ignore[attr-defined]
 
     run(lease_backend, body)
 
 
 def test_reports_a_revoked_lease_once_through_callback_and_future(lease_backend: Backend) -> None:
-    async def body(store: Store) -> None:
+    async def body(store: Store, timeline: Timeline) -> None:
         losses: list[LeaseLoss] = []
 
         async def on_loss(loss: LeaseLoss) -> None:
             losses.append(loss)
 
-        keeper = LeaseKeeper(store, on_loss=on_loss)
+        keeper = LeaseKeeper(store, on_loss=on_loss, clock=timeline.clock)
         doomed = await store.lease_grant(1)
         survivor = await store.lease_grant(1)
         kept = keeper.keep(doomed)
         keeper.keep(survivor)
-        await asyncio.sleep(0.1)
+        timeline.parked = 2
+        await timeline.pass_time(0.1)
         await store.lease_revoke(doomed.id)  # someone else revokes it
-        loss = await asyncio.wait_for(kept.wait_lost(), 2.0)
+        timeline.parked = 1
+        loss = await timeline.within(2.0, kept.wait_lost())
         assert loss.lease_id == doomed.id
         assert isinstance(loss.error, LeaseNotFoundError)
-        await asyncio.sleep(1.2)  # the other lease is still refreshed, the lost one never again
+        await timeline.pass_time(
+            1.2
+        )  # the other lease is still refreshed, the lost one never again
         assert losses == [loss]
         assert keeper.kept() == [survivor.id]
         await store.put("/keeper/alive", b"", lease=survivor.id)  # it still exists
@@ -111,30 +174,32 @@ class FlakyStore:
 
 
 def test_unreachable_store_is_retried_and_reported_when_the_ttl_has_run_out() -> None:
-    async def body(store: Store) -> None:
+    async def body(store: Store, timeline: Timeline) -> None:
         flaky = FlakyStore(store)
         lease = await store.lease_grant(1)
-        async with LeaseKeeper(flaky) as keeper:
+        async with LeaseKeeper(flaky, clock=timeline.clock) as keeper:
             kept = keeper.keep(lease)
-            await asyncio.sleep(0.05)
+            timeline.parked = 1
+            await timeline.settle()
             assert kept.refreshes == 1
             # A short outage (shorter than the TTL) is ridden out.
             flaky.down = True
-            await asyncio.sleep(0.5)
+            await timeline.pass_time(0.5)
             flaky.down = False
-            await asyncio.sleep(0.4)
+            await timeline.pass_time(0.4)
             assert kept.loss is None and kept.refreshes >= 2
             # A long one is reported, no earlier than the estimated expiry.
             flaky.down = True
-            loop = asyncio.get_running_loop()
             attempts_before = flaky.keepalive_attempts
-            down_since = loop.time()
-            loss = await asyncio.wait_for(kept.wait_lost(), 3.0)
+            down_since = timeline.clock()
+            timeline.parked = 0  # the refresh task ends with the loss
+            loss = await timeline.within(3.0, kept.wait_lost())
             assert isinstance(loss.error, StoreUnavailableError)
-            assert 0.6 <= loop.time() - down_since <= 1.3  # TTL 1 s minus time since last refresh
+            # TTL 1 s minus the time since the last refresh (at most ttl/3 before going down).
+            assert 0.6 <= timeline.clock() - down_since <= 1.0 + STEP
             assert flaky.keepalive_attempts - attempts_before >= 3  # retried every ttl/9
 
-    make_backend("memory", Path("/nonexistent")).run(body)
+    run(make_backend("memory", Path("/nonexistent")), body)
 
 
 def test_bad_input_is_rejected_naming_the_field() -> None:

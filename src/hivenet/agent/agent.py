@@ -27,7 +27,6 @@ import ipaddress
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from hivenet.agent.metrics import HostStats, HostStatsReporter, agent_registry, 
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.agent.tracing import TraceRequests
+from hivenet.clock import SYSTEM_CLOCK, Clock
 from hivenet.datapath.base import Datapath
 from hivenet.model import (
     Host,
@@ -102,7 +102,7 @@ class HostAgent:
         lease_ttl: int = 10,
         counters_path: Path | None = None,
         reconcile_interval: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | Callable[[], float] = SYSTEM_CLOCK,
         state_dir: Path | None = None,
         health_prober: Prober | None = None,
         overlay_health_probes: bool = False,
@@ -121,12 +121,16 @@ class HostAgent:
         self.lease_ttl = lease_ttl
         self.counters_path = counters_path
         self.reconcile_interval = reconcile_interval
+        # The agent's own loops sleep on the injected clock; a bare reading function (older
+        # harnesses fake only readings) leaves them on real time.
+        self.clock = clock
+        self._sleep = clock.sleep if isinstance(clock, Clock) else asyncio.sleep
         self.repository = TopologyRepository(store)
         self.topology = TopologyView()
         self.tables = MemoryTables()
         self.counters = AgentCounters()
         # Traffic counters per port/device/chain/drop reason (agent/metrics.py), published.
-        self.host_stats = HostStats(host_id, self.topology, lambda: self.datapath.flow_table)
+        self.host_stats = HostStats(host_id, self.topology, self.datapath.flows)
         self.metrics_address = metrics_address
         self.metrics_server: asyncio.AbstractServer | None = None
         # Conntrack and NAT state, shared with peers over the tunnel, journaled in state_dir.
@@ -195,7 +199,7 @@ class HostAgent:
             host_id,
             self.topology,
             self.flowstate.nat,
-            lambda: self.datapath.flow_table,
+            self.datapath.flows,
             publish=self._publish,
             unpublish=self._unpublish,
             clock=clock,
@@ -209,7 +213,7 @@ class HostAgent:
             self.topology,
             self.tables,
             self.flowstate,
-            lambda: self.datapath.flow_table,
+            self.datapath.flows,
             publish=self._publish,
             unpublish=self._unpublish,
             clock=clock,
@@ -305,13 +309,6 @@ class HostAgent:
                 await asyncio.wait_for(self.store.lease_revoke(self.lease_id), 2.0)
         self._write_counters()
 
-    async def run_forever(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
-
     @property
     def pending_publications(self) -> int:
         """Learned entries and port ownership not yet written to the store."""
@@ -364,7 +361,7 @@ class HostAgent:
     async def _lease_loop(self) -> None:
         delay = max(self.lease_ttl / 3, 0.5)
         while True:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             try:
                 await self.store.lease_keepalive(self.lease_id)
                 self.counters.lease_renewals += 1
@@ -585,7 +582,7 @@ class HostAgent:
                 log.warning(
                     "host %s: publish failed (%s); retry in %.1fs", self.host_id, exc, delay
                 )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, 5.0)
                 self._publish_wakeup.set()
 
@@ -593,11 +590,16 @@ class HostAgent:
 
     async def _reconcile_loop(self) -> None:
         while True:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
-            # arrives just as the event fires, and the task would never stop.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.reconcile_interval):
-                    await self._ports_dirty.wait()
+            # Wake on a change, or after reconcile_interval on the agent's clock (to retry
+            # binds that failed). asyncio.wait, not wait_for: 3.11's wait_for can swallow a
+            # cancellation that arrives just as the event fires, and the task would never stop.
+            dirty = asyncio.ensure_future(self._ports_dirty.wait())
+            tick = asyncio.ensure_future(self._sleep(self.reconcile_interval))
+            try:
+                await asyncio.wait((dirty, tick), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                dirty.cancel()
+                tick.cancel()
             self._ports_dirty.clear()
             self._reconcile_ports()
 
@@ -665,7 +667,7 @@ class HostAgent:
 
     async def _counters_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await self._sleep(1.0)
             try:
                 self._write_counters()
             except OSError as exc:

@@ -461,12 +461,9 @@ class FlowStateSync:
                 )
 
     def _touch_used(self, now: float) -> None:
-        table = getattr(self.datapath, "flow_table", None)
-        if table is None:
-            return
         since = self._last_scan
         self._last_scan = now
-        for flow in table.flows():
+        for flow in self.datapath.flows():
             if flow.last_used <= since:
                 continue
             for tag in flow.tags:

@@ -66,7 +66,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from hivenet.flows.table import Flow
 from hivenet.flowstate import NatBinding, NatKind, NatTable, nat_tag
@@ -305,10 +305,6 @@ class LbStatusWriter:
 # ---------------------------------------------------------------------------- statistics
 
 
-class FlowTableReader(Protocol):
-    def flows(self) -> list[Flow]: ...
-
-
 @dataclass(frozen=True, slots=True)
 class _LbBinding:
     load_balancer_id: str
@@ -363,7 +359,7 @@ class LbStatsReporter:
         host_id: str,
         topology: TopologyView,
         nat: NatTable,
-        flow_table: Callable[[], FlowTableReader | None],
+        flows: Callable[[], list[Flow]],
         *,
         publish: Callable[[str, bytes], None],
         unpublish: Callable[[str], None],
@@ -373,7 +369,7 @@ class LbStatsReporter:
         self.host_id = host_id
         self.topology = topology
         self.nat = nat
-        self.flow_table = flow_table
+        self.flows = flows  # the datapath's installed flows (`Datapath.flows`)
         self.publish = publish
         self.unpublish = unpublish
         self.clock = clock
@@ -423,10 +419,8 @@ class LbStatsReporter:
         return live
 
     def _count_flows(self, live: Mapping[str, _LbBinding]) -> None:
-        table = self.flow_table()
-        flows = table.flows() if table is not None else []
         seen: dict[Flow, int] = {}
-        for flow in flows:
+        for flow in self.flows():
             previous = self._flow_bytes.get(flow, 0)
             seen[flow] = flow.bytes
             binding_tag = None

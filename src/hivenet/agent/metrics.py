@@ -39,7 +39,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -99,10 +99,6 @@ class FlowAttribution:
     drop_reason: str | None
 
 
-class FlowTableReader(Protocol):
-    def flows(self) -> list[Flow]: ...
-
-
 def _reason_label(reason: str) -> str:
     return reason.split(":", 1)[0].split(" ", 1)[0] or OTHER_REASON
 
@@ -114,13 +110,13 @@ class HostStats:
         self,
         host_id: str,
         topology: TopologyView,
-        flow_table: Callable[[], FlowTableReader | None],
+        flows: Callable[[], list[Flow]],
         *,
         max_pending: int = 10_000,
     ) -> None:
         self.host_id = host_id
         self.topology = topology
-        self.flow_table = flow_table
+        self.flows = flows
         self.max_pending = max_pending
         self.ports: dict[str, PortCounters] = {}
         self.devices: dict[tuple[str, str], Traffic] = {}
@@ -231,8 +227,7 @@ class HostStats:
     def scan(self) -> None:
         """Add every flow's hits since the last scan; forget what no longer exists."""
         self.scans += 1
-        table = self.flow_table()
-        flows = table.flows() if table is not None else []
+        flows = self.flows()
         counts: dict[Flow, tuple[int, int]] = {}
         kept: dict[tuple[tuple[int, ...], tuple[int, ...]], FlowAttribution] = {}
         for flow in flows:
@@ -418,8 +413,7 @@ class AgentCollector(Collector):
         seconds.add_metric([host], pipeline.sim_seconds_total)
         yield seconds
         flows = GaugeMetricFamily("hivenet_flows", "Installed megaflows", labels=["host"])
-        table = self.agent.datapath.flow_table
-        flows.add_metric([host], len(table) if table is not None else 0)
+        flows.add_metric([host], self.agent.datapath.counters().get("flows", 0))
         yield flows
         ports = GaugeMetricFamily("hivenet_bound_ports", "Ports bound here", labels=["host"])
         ports.add_metric([host], len(self.agent.bound_ports))

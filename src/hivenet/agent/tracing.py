@@ -76,7 +76,7 @@ class TraceRequests:
         topology: TopologyView,
         tables: TablesView,
         flowstate: FlowStateSync | None,
-        flow_table: Callable[[], Any],
+        flows: Callable[[], list[Flow]],
         *,
         publish: Callable[[str, bytes], None],
         unpublish: Callable[[str], None],
@@ -87,7 +87,7 @@ class TraceRequests:
         self.topology = topology
         self.tables = tables
         self.flowstate = flowstate
-        self.flow_table = flow_table
+        self.flows = flows
         self.publish = publish
         self.unpublish = unpublish
         self.clock = clock
@@ -220,10 +220,7 @@ class TraceRequests:
         )
 
     def _flows_by_key(self) -> dict[FlowKey, Flow]:
-        table = self.flow_table()
-        return (
-            {(flow.match, flow.mask): flow for flow in table.flows()} if table is not None else {}
-        )
+        return {(flow.match, flow.mask): flow for flow in self.flows()}
 
     def tick(self) -> None:
         """Refresh the flow hit counters of live traces with records (periodic)."""

@@ -42,7 +42,7 @@ class Principal:
         return self.tenant_id is None
 
     def may_access(self, tenant_id: str) -> bool:
-        return self.tenant_id is None or self.tenant_id == tenant_id
+        return self.is_admin or self.tenant_id == tenant_id
 
 
 ADMIN = Principal(name="admin", tenant_id=None)

@@ -4,7 +4,10 @@ A datapath owns local interfaces bound to virtual ports, a flow table, and VXLAN
 other hosts. On a miss it hands (ingress port key, frame) to the upcall handler (the agent, which
 simulates); the agent answers with `install_flow` and/or `execute`. Backends: `memory` (strict
 in-process fake for tests) and `userspace` (AF_PACKET + UDP VXLAN). A kernel tc/eBPF backend can
-implement the same protocol: actions are limited to `hivenet.flows.actions`.
+implement the same protocol: actions are limited to `hivenet.flows.actions`, and the flow table
+is reached only through the operations below (install, invalidate by tags, expire, read a
+snapshot of the installed flows with their usage), never as an object of its own.
+`tests/unit/datapath/test_contract.py` runs the same cases on every backend.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from hivenet.flows.actions import Action
-from hivenet.flows.table import FlowTable
+from hivenet.flows.table import Flow
 
 # (ingress port tunnel key, raw Ethernet frame) -> None
 UpcallHandler = Callable[[int, bytes], None]
@@ -23,10 +26,13 @@ FlowStateHandler = Callable[[bytes], None]
 
 class Datapath(Protocol):
     def bind_port(self, port_key: int, interface_name: str) -> None:
-        """Start receiving from / delivering to `interface_name` as virtual port `port_key`."""
+        """Start receiving from / delivering to `interface_name` as virtual port `port_key`.
+        A bad key, or a key or interface already bound, raises ValueError naming it."""
         ...
 
-    def unbind_port(self, port_key: int) -> None: ...
+    def unbind_port(self, port_key: int) -> None:
+        """Stop using the port; KeyError when `port_key` is not bound."""
+        ...
 
     def set_upcall_handler(self, handler: UpcallHandler) -> None: ...
 
@@ -51,12 +57,21 @@ class Datapath(Protocol):
         """Apply `actions` to one frame now (the packet that missed, or a generated one)."""
         ...
 
-    def counters(self) -> dict[str, int]: ...
+    def expire_flows(self) -> int:
+        """Remove every flow whose idle or hard timeout has passed on the datapath's clock;
+        returns how many were removed. (A backend may also do this on its own timer.)"""
+        ...
 
-    @property
-    def flow_table(self) -> FlowTable:
-        """The megaflow table, for reading (flow-state refresh, stats); change it only
-        through install_flow/invalidate."""
+    def flows(self) -> list[Flow]:
+        """The installed flows with their tags and usage (packets, bytes, last_used), for
+        reading (flow-state refresh, load-balancer counters). One installed flow is the same
+        `Flow` object in every call until it is removed; change flows only through
+        install_flow/invalidate/expire_flows."""
+        ...
+
+    def counters(self) -> dict[str, int]:
+        """Counters by name; every backend has "flows" (installed now) and "drop.<reason>"
+        for each reason it dropped a frame."""
         ...
 
     def set_flow_state_handler(self, handler: FlowStateHandler) -> None:

@@ -28,15 +28,24 @@ from hivenet.flows.actions import (
     Tunnel,
 )
 from hivenet.flows.execute import execute_actions
-from hivenet.flows.table import FlowTable
+from hivenet.flows.table import Flow, FlowTable
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import PacketError, extract_flow_match
 
 _KNOWN_ACTIONS = (SetField, DecTtl, PushVlan, PopVlan, Output, Tunnel, Drop)
 
 
-class DatapathError(Exception):
-    """Something a real datapath would refuse (the message names the field and value)."""
+def _drop_reason(actions: Sequence[FlowAction]) -> str:
+    """The counter name of a frame that actions leave nowhere (the userspace datapath's)."""
+    if not actions:
+        return "flow_no_actions"
+    reason = next((a.reason for a in actions if isinstance(a, Drop)), None)
+    return "flow_no_output" if reason is None else f"flow_{reason}"
+
+
+class DatapathError(ValueError):
+    """Something a real datapath would refuse (the message names the field and value). A
+    ValueError, as the userspace datapath raises for bad input, so callers catch one type."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,8 @@ class MemoryDatapath:
 
     `receive(port_key, frame)` is a VM sending a frame on its interface; frames the
     datapath delivers to local interfaces are recorded per port (`take(port_key)`).
+    `flow_table` is the fake's own (tests and benchmarks may read it); the agent sees only the
+    protocol.
     """
 
     def __init__(
@@ -148,16 +159,19 @@ class MemoryDatapath:
         if not interface_name:
             raise DatapathError(f"bind_port: interface_name {interface_name!r} is empty")
         bound = self._interfaces.get(port_key)
-        if bound is not None and bound != interface_name:
-            raise DatapathError(
-                f"bind_port: port_key {port_key} is already bound to {bound!r} "
-                f"(not {interface_name!r})"
-            )
+        if bound is not None:
+            raise DatapathError(f"bind_port: port_key {port_key} is already bound to {bound!r}")
+        for key, name in self._interfaces.items():
+            if name == interface_name:
+                raise DatapathError(
+                    f"bind_port: interface_name {interface_name!r} is already bound as port {key}"
+                )
         self._interfaces[port_key] = interface_name
         self._delivered.setdefault(port_key, [])
 
     def unbind_port(self, port_key: int) -> None:
-        self._interfaces.pop(port_key, None)
+        if self._interfaces.pop(port_key, None) is None:
+            raise KeyError(f"unbind_port: port_key {port_key} is not bound on {self.host_id}")
 
     def set_upcall_handler(self, handler: UpcallHandler) -> None:
         self._handler = handler
@@ -197,8 +211,7 @@ class MemoryDatapath:
         self._counters.executed += 1
         outputs = execute_actions(frame, actions)
         if not outputs:
-            reason = next((a.reason for a in actions if isinstance(a, Drop)), "no_action")
-            self._count_drop(reason)
+            self._count_drop(_drop_reason(actions))
         for action, out_frame in outputs:
             if isinstance(action, Output):
                 self._deliver(action.port_key, out_frame)
@@ -206,6 +219,12 @@ class MemoryDatapath:
                 self._counters.tunnelled += 1
                 assert self.underlay is not None  # _check_actions guarantees it
                 self.underlay.send(self.underlay_ip, action.remote_ip, action.tunnel_key, out_frame)
+
+    def expire_flows(self) -> int:
+        return len(self.flow_table.expire(self.clock()))
+
+    def flows(self) -> list[Flow]:
+        return self.flow_table.flows()
 
     def counters(self) -> dict[str, int]:
         counters = self._counters
@@ -230,14 +249,16 @@ class MemoryDatapath:
             match = extract_flow_match(frame, port_key)
         except PacketError:
             match = None
-        if match is not None:
-            flow = self.flow_table.lookup(match, self.clock(), packet_bytes=len(frame))
-            if flow is not None:
-                self._counters.hits += 1
-                self.execute(frame, flow.actions)
-                return
-        else:
+        if match is None:
+            # As the userspace datapath does: a frame no parser accepts is never upcalled.
             self._counters.malformed += 1
+            self._count_drop("malformed_frame")
+            return
+        flow = self.flow_table.lookup(match, self.clock(), packet_bytes=len(frame))
+        if flow is not None:
+            self._counters.hits += 1
+            self.execute(frame, flow.actions)
+            return
         self._counters.misses += 1
         if self._handler is None:
             self._counters.upcalls_without_handler += 1
@@ -288,9 +309,6 @@ class MemoryDatapath:
 
     def is_bound(self, port_key: int) -> bool:
         return port_key in self._interfaces
-
-    def expire_flows(self) -> int:
-        return len(self.flow_table.expire(self.clock()))
 
     # ---------------------------------------------------------------- internals
 

@@ -429,6 +429,13 @@ class UserspaceDatapath:
             self._plan_for(checked_actions), checked_actions, ZERO_VNET_HEADER, bytes(frame)
         )
 
+    def expire_flows(self) -> int:
+        # The exact-match cache notices expired flows by their `removed` flag.
+        return len(self._table.expire(self._clock()))
+
+    def flows(self) -> list[Flow]:
+        return self._table.flows()
+
     def counters(self) -> dict[str, int]:
         result: dict[str, int] = {
             "tunnel_rx_packets": self._tunnel_rx_packets,
@@ -454,7 +461,7 @@ class UserspaceDatapath:
             result[f"drop.{reason}"] = count
         return result
 
-    # ---- extras beyond the protocol ---------------------------------------------------------
+    # ---- flow state and bound ports ---------------------------------------------------------
 
     def set_flow_state_handler(self, handler: Callable[[bytes], None]) -> None:
         """Who receives flow-state messages (VNI FLOWSTATE_TUNNEL_KEY): the agent."""
@@ -475,11 +482,6 @@ class UserspaceDatapath:
             )
         self._flowstate_tx += 1
         self._send_datagrams(sock, [header, payload], 1, 0, (remote_ip, self.vxlan_port))
-
-    @property
-    def flow_table(self) -> FlowTable:
-        """The megaflow table (read it; change it only through install_flow/invalidate)."""
-        return self._table
 
     def bound_ports(self) -> dict[int, str]:
         return {key: port.interface_name for key, port in self._ports.items()}
@@ -906,7 +908,7 @@ class UserspaceDatapath:
         self._drops[reason] = self._drops.get(reason, 0) + count
 
     def _expire_tick(self) -> None:
-        self._table.expire(self._clock())
+        self.expire_flows()
         if self._loop is not None:
             self._expiry_timer = self._loop.call_later(self._expiry_interval, self._expire_tick)
 

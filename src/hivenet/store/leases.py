@@ -12,7 +12,8 @@ A lease is reported lost, once, when:
   it by now, or will, and this keeper cannot tell which. Failed refreshes are retried every
   ttl/9 until then.
 The expiry estimate is taken from the moment each successful refresh was *sent*, so it errs
-early, never late.
+early, never late. Time is the injected `hivenet.clock.Clock` (monotonic by default): tests
+give the keeper and the store one `ManualClock` and move time by hand.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from hivenet.clock import SYSTEM_CLOCK, Clock
 from hivenet.store.base import (
     InvalidRequestError,
     Lease,
@@ -52,11 +54,11 @@ class LeaseLoss:
 class KeptLease:
     """A lease the keeper refreshes; `wait_lost()` returns when (if ever) it is lost."""
 
-    def __init__(self, lease: Lease, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, lease: Lease, loop: asyncio.AbstractEventLoop, now: float) -> None:
         self.lease = lease
         self.ttl = lease.ttl  # the TTL of the last refresh (the store may round it)
         self.refreshes = 0
-        self.expires_at = loop.time() + lease.ttl  # loop time; refined by each refresh
+        self.expires_at = now + lease.ttl  # keeper's clock; refined by each refresh
         self._lost: asyncio.Future[LeaseLoss] = loop.create_future()
         self.task: asyncio.Task[None] | None = None
 
@@ -99,6 +101,7 @@ class LeaseKeeper:
         *,
         on_loss: LossHandler | None = None,
         refresh_fraction: float = 1 / 3,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not isinstance(store, Store):
             raise InvalidRequestError(f"store must implement the Store protocol, got {store!r}")
@@ -112,7 +115,10 @@ class LeaseKeeper:
             )
         if on_loss is not None and not callable(on_loss):
             raise InvalidRequestError(f"on_loss must be callable, got {on_loss!r}")
+        if not isinstance(clock, Clock):
+            raise InvalidRequestError(f"clock must be a hivenet.clock.Clock, got {clock!r}")
         self._store = store
+        self._clock = clock
         self._on_loss = on_loss
         self._refresh_fraction = float(refresh_fraction)
         self._kept: dict[int, KeptLease] = {}
@@ -142,7 +148,7 @@ class LeaseKeeper:
         if lease.id in self._kept:
             raise InvalidRequestError(f"lease {lease.id} is already kept")
         loop = asyncio.get_running_loop()
-        kept = KeptLease(lease, loop)
+        kept = KeptLease(lease, loop, self._clock())
         kept.task = loop.create_task(self._refresh(kept), name=f"hn-lease-{lease.id}")
         self._kept[lease.id] = kept
         return kept
@@ -170,17 +176,17 @@ class LeaseKeeper:
                     _log.warning("could not revoke lease %d: %s", lease_id, error)
 
     async def _refresh(self, kept: KeptLease) -> None:
-        loop = asyncio.get_running_loop()
+        clock = self._clock
         lease_id = kept.lease_id
         while True:
-            sent_at = loop.time()
+            sent_at = clock()
             try:
                 ttl = await self._store.lease_keepalive(lease_id)
             except LeaseNotFoundError as error:
                 await self._lose(kept, "the store no longer has it (expired or revoked)", error)
                 return
             except StoreError as error:
-                now = loop.time()
+                now = clock()
                 if now >= kept.expires_at:
                     await self._lose(
                         kept, f"no refresh succeeded within its TTL of {kept.ttl}s", error
@@ -190,12 +196,12 @@ class LeaseKeeper:
                 _log.info(
                     "lease %d refresh failed (%s); retrying in %.2fs", lease_id, error, retry_in
                 )
-                await asyncio.sleep(min(retry_in, kept.expires_at - now))
+                await clock.sleep(min(retry_in, kept.expires_at - now))
                 continue
             kept.ttl = ttl
             kept.refreshes += 1
             kept.expires_at = sent_at + ttl
-            await asyncio.sleep(ttl * self._refresh_fraction)
+            await clock.sleep(ttl * self._refresh_fraction)
 
     async def _lose(self, kept: KeptLease, reason: str, error: StoreError) -> None:
         loss = LeaseLoss(kept.lease_id, reason, error)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hivenet.agent.agent import HostAgent
+from hivenet.clock import ManualClock
 from hivenet.datapath.memory import MemoryDatapath
 from hivenet.model import Bridge, DeviceKind, Port, Router
 from hivenet.model.types import int_to_mac, mac_to_int
@@ -23,24 +24,31 @@ from hivenet.packets import (
     extract_flow_match,
 )
 from hivenet.packets.flowmatch import ETH_TYPE_ARP, IP_PROTO_ICMP
+from hivenet.store.base import LeaseNotFoundError
 from hivenet.store.keys import host_alive_key, port_active_key
 from hivenet.store.topology import TopologyRepository
-from tests.integration.common import AgentCloud, eventually, open_agent_cloud, run
+from tests.integration.common import AgentCloud, eventually, open_agent_cloud, pass_time, run
 
 HOSTS = {"h1": "192.0.2.1", "h2": "192.0.2.2", "h3": "192.0.2.3"}
 
 
 @dataclass(kw_only=True)
 class Cloud(AgentCloud):
+    clock: ManualClock | None = None  # when set: the agents' and the store's lease clock
+
     async def start_agent(self, host_id: str) -> HostAgent:
         if host_id in self.datapaths:
             self.underlay.detach(HOSTS[host_id])
         datapath = MemoryDatapath(host_id, HOSTS[host_id], self.underlay)
-        return await self.start_host_agent(host_id, datapath)
+        if self.clock is None:
+            return await self.start_host_agent(host_id, datapath)
+        return await self.start_host_agent(host_id, datapath, clock=self.clock)
 
 
-def cloud(store_url: str) -> AbstractAsyncContextManager[Cloud]:
-    return open_agent_cloud(store_url, Cloud, HOSTS)
+def cloud(store_url: str, clock: ManualClock | None = None) -> AbstractAsyncContextManager[Cloud]:
+    if clock is None:
+        return open_agent_cloud(store_url, Cloud, HOSTS)
+    return open_agent_cloud(store_url, Cloud, HOSTS, store_options={"clock": clock}, clock=clock)
 
 
 @pytest.fixture(params=["memory", "sqlite-file"])
@@ -213,8 +221,10 @@ def test_ping_across_router_and_hosts_then_port_down_stops_it(store_url: str) ->
 
 
 def test_agent_restart_rebinds_and_traffic_resumes(store_url: str) -> None:
+    clock = ManualClock()
+
     async def scenario() -> None:
-        async with cloud(store_url) as c:
+        async with cloud(store_url, clock) as c:
             bridge = (await c.repo.create(Bridge(name="net1"))).obj
             vm1 = await vm_port(c.repo, bridge, "h1", "hnvm1", "02:00:00:00:00:01", "10.0.0.1/24")
             vm2 = await vm_port(c.repo, bridge, "h2", "hnvm2", "02:00:00:00:00:02", "10.0.0.2/24")
@@ -231,18 +241,21 @@ def test_agent_restart_rebinds_and_traffic_resumes(store_url: str) -> None:
             )
             c.datapaths["h1"].receive(vm1.tunnel_key, frame)
             assert received(c, "h2", vm2) == [frame]
-            h1_flows = len(c.datapaths["h1"].flow_table)
+            h1_flows = len(c.datapaths["h1"].flows())
             # h2's agent dies without a goodbye (no lease revoke) and comes back.
+            old_lease = c.agents["h2"].lease_id
             await c.agents["h2"].stop(graceful=False)
             del c.agents["h2"]
             await c.start_agent("h2")
             await c.synced()
             assert c.agents["h2"].bound_ports.keys() == {vm2.id}
-            assert len(c.datapaths["h1"].flow_table) == h1_flows  # other hosts keep their flows
+            assert len(c.datapaths["h1"].flows()) == h1_flows  # other hosts keep their flows
             c.datapaths["h1"].receive(vm1.tunnel_key, frame)
             assert received(c, "h2", vm2) == [frame]
             # Its old lease expires (ttl 2 s); what it re-published under the new one stays.
-            await asyncio.sleep(3.5)
+            await pass_time(clock, 3.5)
+            with pytest.raises(LeaseNotFoundError):
+                await c.store.lease_keepalive(old_lease)
             assert await c.store.get(port_active_key("h2", vm2.id)) is not None
             assert await c.store.get(host_alive_key("h2")) is not None
 

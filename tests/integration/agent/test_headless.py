@@ -9,6 +9,7 @@ import asyncio
 import ipaddress
 
 from hivenet.agent.agent import HostAgent
+from hivenet.clock import ManualClock
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.model import Bridge, DeviceKind, Host, Port
 from hivenet.model.types import mac_to_int
@@ -16,14 +17,17 @@ from hivenet.packets import build_arp_request, build_echo_request
 from hivenet.store import open_store
 from hivenet.store.keys import host_alive_key, mac_entry_key, port_active_key
 from hivenet.store.topology import TopologyRepository
+from tests.integration.common import pass_time, until_gone
 
 from .flaky import FlakyStore
 from .test_agents import HOSTS, eventually
 
 
 def test_agents_forward_through_a_store_outage_and_converge_after() -> None:
+    clock = ManualClock()  # leases: the agents' refreshes and the store's expiry
+
     async def scenario() -> None:
-        store = open_store("memory://")
+        store = open_store("memory://", clock=clock)
         repo = TopologyRepository(store)
         underlay = MemoryUnderlay()
         for host in ("h1", "h2"):
@@ -55,6 +59,7 @@ def test_agents_forward_through_a_store_outage_and_converge_after() -> None:
                 tunnel_zone_id="tz",
                 lease_ttl=2,
                 reconcile_interval=0.05,
+                clock=clock,
             )
             for h in ("h1", "h2")
         }
@@ -101,11 +106,14 @@ def test_agents_forward_through_a_store_outage_and_converge_after() -> None:
             assert agents["h2"].pending_publications >= 1
             # Meanwhile the API keeps writing: a new VM port on h1.
             vm4 = await vm("h1", "hnvm4", "02:00:00:00:00:04", "10.0.0.4/24")
-            await asyncio.sleep(3.0)  # both leases expire in the store: liveness keys vanish
-            assert await store.get(host_alive_key("h1")) is None
+            await pass_time(clock, 3.0)  # both leases expire in the store: liveness keys vanish
+            await until_gone(store, host_alive_key("h1"))
 
             for link in links.values():
                 link.heal()
+            # Time goes on: the lease loops find their leases gone, publish retries come due
+            # (their back-off grew to a few seconds during the outage).
+            await pass_time(clock, 6.0)
             # Catch up and converge: new lease, liveness and ports re-published, the change
             # made during the outage applied, vm3's MAC published and seen by h1.
             await eventually(lambda: vm4.id in agents["h1"].bound_ports, timeout=10)

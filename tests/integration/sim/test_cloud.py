@@ -174,7 +174,7 @@ def test_rule_change_invalidates_and_port_down_drops() -> None:
     cloud.apply(extra.rule("guard", "drop", tp_dst=PortRange(start=22, end=22)))
     cloud.send("vm1", packet)
     assert cloud.inboxes(VMS)["vm2"] == 0
-    assert cloud.counters("h1")["drop.rule_drop"] == 1
+    assert cloud.counters("h1")["drop.flow_rule_drop"] == 1
     cloud.send("vm1", udp(mac(1), mac(2), "10.0.0.1", "10.0.0.2", dport=80))
     assert cloud.inboxes(VMS)["vm2"] == 1
     cloud.apply(cloud.port("vm2").model_copy(update={"admin_state_up": False}))

@@ -32,7 +32,7 @@ from hivenet.model import (
     Rule,
     RuleAction,
 )
-from hivenet.packets import build_arp_request, extract_flow_match
+from hivenet.packets import build_arp_request, build_tcp_segment, extract_flow_match
 from hivenet.packets.flowmatch import FlowMatch
 from tests.integration.common import AgentCloud, ManualClock, open_agent_cloud
 from tests.integration.common import eventually as eventually  # re-exported for the tests
@@ -45,6 +45,7 @@ OUT_B_IP = "198.51.100.100"
 VM_IPS = {"vm1": "10.0.0.11", "vm2": "10.0.0.12", "out-a": OUT_A_IP, "out-b": OUT_B_IP}
 GATEWAYS = {"vm1": "10.0.0.1", "vm2": "10.0.0.1", "out-a": "203.0.113.1", "out-b": "198.51.100.1"}
 VM_HOSTS = {"vm1": "h1", "vm2": "h2", "out-a": "h3", "out-b": "h4"}
+SYN, ACK = 0x02, 0x10
 
 
 @dataclass(kw_only=True)
@@ -89,6 +90,30 @@ class StatefulCloud(AgentCloud):
         assert replies and replies[-1].arp_op == 2, f"no ARP reply for {vm}"
         mac = replies[-1].arp_sha
         self.router_macs[vm] = ":".join(f"{(mac >> s) & 0xFF:02x}" for s in range(40, -1, -8))
+
+    async def start_all(self) -> None:
+        """Start every host's agent, let each VM announce itself, and drain the flooded ARP
+        of the others (call after `build_provider` and any extra topology)."""
+        for host in HOSTS:
+            await self.start_agent(host)
+        await self.synced()
+        for vm in VM_HOSTS:
+            await self.announce(vm)
+        await self.synced()
+        for vm in VM_HOSTS:
+            self.received(vm)
+
+    def vm_tcp(self, vm: str, dst: str, sport: int, dport: int = 80, flags: int = SYN) -> bytes:
+        """A TCP segment `vm` sends to `dst` through its gateway."""
+        return build_tcp_segment(
+            eth_src=self.ports[vm].mac,
+            eth_dst=self.router_macs[vm],
+            ip_src=VM_IPS[vm],
+            ip_dst=dst,
+            src_port=sport,
+            dst_port=dport,
+            flags=flags,
+        )
 
     async def tick(self, seconds: float = 0.0) -> None:
         """Advance the clock and run every agent's flow-state timer once."""

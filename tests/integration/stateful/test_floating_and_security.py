@@ -22,7 +22,9 @@ from hivenet.packets import (
     build_udp_datagram,
 )
 from tests.integration.stateful.harness import (
+    ACK,
     OUT_A_IP,
+    SYN,
     VM_IPS,
     StatefulCloud,
     build_provider,
@@ -31,7 +33,6 @@ from tests.integration.stateful.harness import (
     stateful_cloud,
 )
 
-SYN, ACK = 0x02, 0x10
 FLOATING = "203.0.113.50"
 
 
@@ -80,14 +81,7 @@ async def setup(c: StatefulCloud, **kwargs: object) -> None:
             port_id="vm2",
         )
     )
-    for host in ("h1", "h2", "h3", "h4"):
-        await c.start_agent(host)
-    await c.synced()
-    for vm in ("vm1", "vm2", "out-a", "out-b"):
-        await c.announce(vm)
-    await c.synced()
-    for vm in ("vm1", "vm2", "out-a", "out-b"):
-        c.received(vm)
+    await c.start_all()
 
 
 def test_floating_ip_inbound_outbound_arp_and_hairpin(tmp_path: Path) -> None:
@@ -317,6 +311,6 @@ def test_spoofed_frames_are_dropped_and_counted(tmp_path: Path) -> None:
                 assert drops.get(reason) == 1, drops
             # Repeats are served by cached drop flows and counted by the datapath.
             c.send("vm1", tcp_from(c, "vm1", VM_IPS["vm2"], 1000, 80, SYN, src="10.0.0.99"))
-            assert c.datapaths["h1"].counters().get("drop.spoofed_ip", 0) >= 1
+            assert c.datapaths["h1"].counters().get("drop.flow_spoofed_ip", 0) >= 1
 
     run(scenario())

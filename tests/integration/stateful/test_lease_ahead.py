@@ -14,13 +14,11 @@ import pytest
 from hivenet.flowstate import NatRange
 from hivenet.flowstate.portblocks import Destination
 from hivenet.model import NatTarget, Rule, RuleAction
-from hivenet.packets import build_tcp_segment
 from hivenet.packets.flowmatch import FlowMatch
 from tests.integration.stateful.harness import (
     OUT_A_IP,
     OUT_B_IP,
     SNAT_IP,
-    VM_IPS,
     StatefulCloud,
     build_provider,
     eventually,
@@ -28,7 +26,6 @@ from tests.integration.stateful.harness import (
     stateful_cloud,
 )
 
-SYN = 0x02
 SECOND_SNAT_IP = "198.51.100.2"
 TARGET = NatRange.parse(SNAT_IP, SNAT_IP, 1024, 65535)
 SERVER = Destination(4, 6, int(ipaddress.ip_address(OUT_A_IP)), 80)
@@ -43,28 +40,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/state.db"
 
 
-def syn(c: StatefulCloud, vm: str, dst: str, sport: int, dport: int = 80) -> bytes:
-    return build_tcp_segment(
-        eth_src=c.ports[vm].mac,
-        eth_dst=c.router_macs[vm],
-        ip_src=VM_IPS[vm],
-        ip_dst=dst,
-        src_port=sport,
-        dst_port=dport,
-        flags=SYN,
-    )
-
-
 async def start(c: StatefulCloud) -> None:
     await build_provider(c)
-    for host in ("h1", "h2", "h3", "h4"):
-        await c.start_agent(host)
-    await c.synced()
-    for vm in ("vm1", "vm2", "out-a", "out-b"):
-        await c.announce(vm)
-    await c.synced()
-    for vm in ("vm1", "vm2", "out-a", "out-b"):
-        c.received(vm)
+    await c.start_all()
 
 
 async def block_owners(c: StatefulCloud) -> dict[str, str]:
@@ -83,7 +61,7 @@ def test_first_snat_packet_from_a_fresh_agent_goes_through(store_url: str, tmp_p
             kv = await c.store.get(block.store_key())
             assert kv is not None and kv.value == b"h1" and kv.lease == h1.lease_id
 
-            c.send("vm1", syn(c, "vm1", OUT_A_IP, 40000))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40000))
             (seen,) = c.received("out-a")
             assert seen.ip_src == ip(SNAT_IP) and seen.tp_src in block.ports()
             assert c.drops("h1") == {}
@@ -118,7 +96,7 @@ def test_snat_range_added_later_is_leased_before_its_first_packet(tmp_path: Path
             await eventually(lambda: any(b.ip == ip(SECOND_SNAT_IP) for b in h1.allocator.blocks))
             assert h1.counters.blocks_leased_ahead == 2
 
-            c.send("vm1", syn(c, "vm1", OUT_B_IP, 41000))
+            c.send("vm1", c.vm_tcp("vm1", OUT_B_IP, 41000))
             (seen,) = c.received("out-b")
             assert seen.ip_src == ip(SECOND_SNAT_IP)
             assert c.drops("h1") == {}
@@ -138,7 +116,7 @@ def test_blocks_are_leased_ahead_as_usage_rises_without_collisions(tmp_path: Pat
             seen: dict[str, list[FlowMatch]] = {"vm1": [], "vm2": []}
             for n in range(200):
                 for vm in ("vm1", "vm2"):
-                    c.send(vm, syn(c, vm, OUT_A_IP, 20000 + n))
+                    c.send(vm, c.vm_tcp(vm, OUT_A_IP, 20000 + n))
                     (arrived,) = c.received("out-a")
                     seen[vm].append(arrived)
                     # Packets arrive over time; the store answers the leaser in between.

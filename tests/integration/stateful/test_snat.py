@@ -21,16 +21,16 @@ from hivenet.packets import (
 from hivenet.packets.flowmatch import FlowMatch
 from hivenet.packets.parse import embedded_datagram
 from tests.integration.stateful.harness import (
+    ACK,
     OUT_A_IP,
     SNAT_IP,
+    SYN,
     VM_IPS,
     StatefulCloud,
     build_provider,
     run,
     stateful_cloud,
 )
-
-SYN, ACK = 0x02, 0x10
 
 
 def ip(text: str) -> int:
@@ -40,19 +40,6 @@ def ip(text: str) -> int:
 @pytest.fixture(params=["memory", "sqlite-file"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/state.db"
-
-
-def vm_tcp(c: StatefulCloud, vm: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
-    port = c.ports[vm]
-    return build_tcp_segment(
-        eth_src=port.mac,
-        eth_dst=c.router_macs[vm],
-        ip_src=VM_IPS[vm],
-        ip_dst=dst,
-        src_port=sport,
-        dst_port=dport,
-        flags=flags,
-    )
 
 
 def outside_reply(c: StatefulCloud, outside: str, seen: FlowMatch, flags: int) -> bytes:
@@ -71,21 +58,14 @@ def outside_reply(c: StatefulCloud, outside: str, seen: FlowMatch, flags: int) -
 
 async def setup(c: StatefulCloud, **kwargs: object) -> None:
     await build_provider(c, **kwargs)  # type: ignore[arg-type]
-    for host in ("h1", "h2", "h3", "h4"):
-        await c.start_agent(host)
-    await c.synced()
-    for vm in ("vm1", "vm2", "out-a", "out-b"):
-        await c.announce(vm)
-    await c.synced()
-    for vm in ("vm1", "vm2", "out-a", "out-b"):
-        c.received(vm)  # flooded ARP of the others
+    await c.start_all()
 
 
 async def open_snat(c: StatefulCloud, vm: str, sport: int) -> FlowMatch:
     """`vm` opens TCP to out-a:80; returns the SYN as out-a saw it. The agent leased a port
     block of the SNAT address when it started, so even the first SYN passes."""
     host = {"vm1": "h1", "vm2": "h2"}[vm]
-    c.send(vm, vm_tcp(c, vm, OUT_A_IP, sport, 80, SYN))
+    c.send(vm, c.vm_tcp(vm, OUT_A_IP, sport, 80, SYN))
     seen = c.received("out-a")
     assert len(seen) == 1, c.agents[host].pipeline.last_result.format_trace()  # type: ignore[union-attr]
     assert "nat_ports_exhausted" not in c.drops(host)
@@ -132,9 +112,9 @@ def test_snat_from_two_hosts_no_port_collision_and_replies_arrive(
             # Flows are cached on both sides now: the stream goes on without upcalls.
             upcalls = c.agents["h1"].pipeline.stats.upcalls
             for _ in range(3):
-                c.send("vm1", vm_tcp(c, "vm1", OUT_A_IP, 40000, 80, ACK))
+                c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40000, 80, ACK))
             assert [m.tp_src for m in c.received("out-a")] == [seen1.tp_src] * 3
-            c.send("vm1", vm_tcp(c, "vm1", OUT_A_IP, 40000, 80, ACK))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40000, 80, ACK))
             assert c.agents["h1"].pipeline.stats.upcalls <= upcalls + 1
             c.received("out-a")
 
@@ -169,7 +149,7 @@ def test_ping_through_nat_and_ttl_exceeded_translated_back(tmp_path: Path) -> No
             # A UDP datagram whose TTL runs out beyond the gateway: the outside "router"
             # answers time-exceeded about the translated datagram; vm1 gets it translated
             # back, quote included, with every checksum right.
-            c.send("vm1", vm_tcp(c, "vm1", OUT_A_IP, 41000, 80, ACK))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 41000, 80, ACK))
             (frame,) = c.received_frames("out-a")
             error = build_icmp_time_exceeded(frame, src_ip=OUT_A_IP)
             c.send("out-a", error)
@@ -256,7 +236,7 @@ def test_connection_survives_kill_and_restart(victim: str, tmp_path: Path) -> No
             await c.start_agent(victim)
             await c.synced()
             assert c.agents[victim].flowstate.counters.restored_entries >= 1
-            c.send("vm1", vm_tcp(c, "vm1", OUT_A_IP, 43000, 80, ACK))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 43000, 80, ACK))
             (again,) = c.received("out-a")
             assert (again.ip_src, again.tp_src) == (seen.ip_src, seen.tp_src)
             c.send("out-a", outside_reply(c, "out-a", again, ACK))
@@ -277,7 +257,7 @@ def test_idle_state_expires_everywhere_and_used_state_is_refreshed(tmp_path: Pat
             # reset and refreshed to the peer.
             for _ in range(20):
                 await c.tick(50.0)
-                c.send("vm1", vm_tcp(c, "vm1", OUT_A_IP, 44000, 80, ACK))
+                c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 44000, 80, ACK))
                 assert len(c.received("out-a")) == 1
             assert h1.nat.lookup_original("r1", NatKind.SNAT, key, c.clock.now) is not None
             assert h1.counters.refreshed_entries > 0

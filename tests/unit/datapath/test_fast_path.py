@@ -14,69 +14,11 @@ import pytest
 from hivenet.datapath import userspace
 from hivenet.datapath._offload import F_DATA_VALID, F_NEEDS_CSUM, VNET_HEADER, ZERO_VNET_HEADER
 from hivenet.flows.actions import Action, Output, Tunnel
-from hivenet.packets import build_arp_request, build_udp_datagram
+from hivenet.packets import build_arp_request
 from hivenet.packets.checksum import pseudo_header_sum
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, mask_from
 from hivenet.packets.vxlan import vxlan_decapsulate
-
-MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
-
-
-class ReplaySocket:
-    """`recv_into` hands out the queued packets, then raises BlockingIOError; `send` keeps a
-    copy of what was sent."""
-
-    def __init__(self) -> None:
-        self.queue: list[bytes] = []
-        self.sent: list[bytes] = []
-
-    def recv_into(self, buffer: bytearray) -> int:
-        if not self.queue:
-            raise BlockingIOError
-        packet = self.queue.pop(0)
-        buffer[: len(packet)] = packet
-        return len(packet)
-
-    def send(self, packet: bytes | memoryview) -> int:
-        self.sent.append(bytes(packet))
-        return len(packet)
-
-
-class RecordingUdpSocket:
-    def __init__(self) -> None:
-        self.datagrams: list[tuple[bytes, int]] = []  # (payload, GSO segment size or 0)
-
-    def sendto(self, data: bytes, address: object) -> int:
-        self.datagrams.append((bytes(data), 0))
-        return len(data)
-
-    def sendmsg(
-        self, buffers: list[bytes], ancillary: list[tuple[int, int, bytes]], *_: object
-    ) -> int:
-        segment_size = struct.unpack("=H", ancillary[0][2])[0] if ancillary else 0
-        data = b"".join(buffers)
-        self.datagrams.append((data, segment_size))
-        return len(data)
-
-    def split(self) -> list[bytes]:
-        """Every VXLAN datagram sent, GSO trains cut apart as the kernel would."""
-        result: list[bytes] = []
-        for data, segment_size in self.datagrams:
-            size = segment_size or len(data)
-            result += [data[start : start + size] for start in range(0, len(data), size)]
-        return result
-
-
-def udp_frame(src_port: int, payload: bytes = b"x" * 18, eth_dst: str = MAC_B) -> bytes:
-    return build_udp_datagram(
-        eth_src=MAC_A,
-        eth_dst=eth_dst,
-        ip_src="10.0.0.1",
-        ip_dst="10.0.0.2",
-        src_port=src_port,
-        dst_port=9,
-        payload=payload,
-    )
+from tests.unit.datapath.fakes import MAC_A, RecordingUdpSocket, ReplaySocket, udp_frame
 
 
 class Harness:

@@ -1,4 +1,4 @@
-"""Review findings in the agent's flow-state sync, with real agents over the memory datapath
+"""The agent's flow-state sync, with real agents over the memory datapath
 (see harness.py for the topology): NAT port blocks survive a lost lease unless another host
 took them first, a failing journal never keeps flow state from peers, `push_targets` does
 its topology-wide work once per topology revision (and sees every change), and `begin`
@@ -17,14 +17,13 @@ import pytest
 from hivenet.agent.flowstate_sync import JOURNAL_NAME
 from hivenet.flowstate.portblocks import AllocatedPort, Destination
 from hivenet.model import DeviceKind, Port
-from hivenet.packets import build_tcp_segment, extract_flow_match
+from hivenet.packets import extract_flow_match
 from hivenet.sim import TopologyView
 from hivenet.sim.topology import TopologyObject
 from hivenet.store.base import Compare, Put
 from tests.integration.stateful.harness import (
     OUT_A_IP,
     SNAT_IP,
-    VM_IPS,
     StatefulCloud,
     build_provider,
     eventually,
@@ -32,32 +31,12 @@ from tests.integration.stateful.harness import (
     stateful_cloud,
 )
 
-SYN = 0x02
 SERVER = Destination(4, 6, int(ipaddress.ip_address(OUT_A_IP)), 80)
-
-
-def syn(c: StatefulCloud, vm: str, dst: str, sport: int, dport: int = 80) -> bytes:
-    return build_tcp_segment(
-        eth_src=c.ports[vm].mac,
-        eth_dst=c.router_macs[vm],
-        ip_src=VM_IPS[vm],
-        ip_dst=dst,
-        src_port=sport,
-        dst_port=dport,
-        flags=SYN,
-    )
 
 
 async def start(c: StatefulCloud) -> None:
     await build_provider(c)
-    for host in ("h1", "h2", "h3", "h4"):
-        await c.start_agent(host)
-    await c.synced()
-    for vm in ("vm1", "vm2", "out-a", "out-b"):
-        await c.announce(vm)
-    await c.synced()
-    for vm in ("vm1", "vm2", "out-a", "out-b"):
-        c.received(vm)
+    await c.start_all()
 
 
 def snat_port(seen: list[bytes]) -> AllocatedPort:
@@ -76,7 +55,7 @@ def test_blocks_in_use_are_retaken_on_the_new_lease_after_a_lost_lease(tmp_path:
             await start(c)
             h1 = c.agents["h1"]
             (block,) = h1.flowstate.allocator.blocks
-            c.send("vm1", syn(c, "vm1", OUT_A_IP, 40000))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40000))
             used = snat_port(c.received_frames("out-a"))
             old_lease = h1.lease_id
 
@@ -99,7 +78,7 @@ def test_blocks_in_use_are_retaken_on_the_new_lease_after_a_lost_lease(tmp_path:
             assert block in allocator.blocks
             assert allocator.is_allocated(used, SERVER)
             assert h1.flowstate.counters.blocks_lost == 0
-            c.send("vm1", syn(c, "vm1", OUT_A_IP, 40001))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40001))
             assert snat_port(c.received_frames("out-a")) != used
 
     run(scenario())
@@ -111,7 +90,7 @@ def test_a_block_another_host_took_while_the_lease_was_gone_is_dropped(tmp_path:
             await start(c)
             h1 = c.agents["h1"]
             (block,) = h1.flowstate.allocator.blocks
-            c.send("vm1", syn(c, "vm1", OUT_A_IP, 40000))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40000))
             c.received_frames("out-a")
             old_lease = h1.lease_id
             await c.store.lease_revoke(old_lease)
@@ -130,7 +109,7 @@ def test_a_block_another_host_took_while_the_lease_was_gone_is_dropped(tmp_path:
             await eventually(lambda: h1.lease_id != old_lease)
             await c.tick()
             await eventually(lambda: bool(h1.flowstate.allocator.blocks))
-            c.send("vm1", syn(c, "vm1", OUT_A_IP, 40001))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40001))
             port = snat_port(c.received_frames("out-a")).port
             assert port not in block.ports()
 
@@ -152,7 +131,7 @@ def test_a_failing_journal_never_keeps_flow_state_from_peers(tmp_path: Path) -> 
             journal.parent.mkdir(parents=True, exist_ok=True)
             os.symlink("/dev/full", journal)  # every write: ENOSPC, as on a full disk
 
-            c.send("vm1", syn(c, "vm1", OUT_A_IP, 40000))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40000))
             assert len(c.received_frames("out-a")) == 1
             h1 = c.agents["h1"].flowstate
             assert h1.counters.journal_errors >= 1
@@ -192,7 +171,7 @@ def test_push_targets_scans_the_topology_once_per_revision_and_sees_changes(
 
             monkeypatch.setattr(view, "all", counting_all)
             for n in range(5):
-                c.send("vm1", syn(c, "vm1", OUT_A_IP, 40000 + n))
+                c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40000 + n))
                 assert len(c.received_frames("out-a")) == 1
             # Five new connections to a stateful group's port, one topology revision.
             assert scans.count("port_group") == 1
@@ -211,7 +190,7 @@ def test_push_targets_scans_the_topology_once_per_revision_and_sees_changes(
                 )
             )
             await c.synced()
-            c.send("vm1", syn(c, "vm1", OUT_A_IP, 41000))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 41000))
             assert len(c.received_frames("out-a")) == 1
             assert len(h2.nat) == 1
 
@@ -233,7 +212,7 @@ def test_begin_uses_the_match_the_pipeline_extracted(
         async with stateful_cloud("memory://", tmp_path / "state") as c:
             await start(c)
             monkeypatch.setattr(flowstate_sync, "extract_flow_match", no_second_parse)
-            c.send("vm1", syn(c, "vm1", OUT_A_IP, 40000))
+            c.send("vm1", c.vm_tcp("vm1", OUT_A_IP, 40000))
             assert len(c.received_frames("out-a")) == 1
             assert c.agents["h1"].flowstate.counters.committed == 1
 

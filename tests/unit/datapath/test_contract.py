@@ -1,0 +1,259 @@
+"""The `Datapath` contract: every case runs on each backend in `RIGS` (the strict memory fake
+and the real userspace datapath over replayed sockets), so the fake the integration tests use
+is proved to behave like the real thing. tests/e2e/test_datapath_contract.py runs the same
+cases once more on real veths and UDP.
+
+Where the strict fake is stricter on purpose (an output to an unbound port at install time, a
+tunnel frame for a key no port has) the case is not here; see tests/integration/sim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from hivenet.flows.actions import Drop, Output, SetField, Tunnel
+from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
+from hivenet.packets import build_arp_request
+from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, mask_from
+from tests.unit.datapath.fakes import MAC_A, udp_frame
+from tests.unit.datapath.rigs import REMOTE_IP, MemoryRig, ReplayRig, Rig
+
+RIGS = ["memory", "userspace-replay"]
+IPV4 = 0x0800
+STATE_MESSAGE = b"flow-state message " * 2  # opaque here; at least an Ethernet header long
+
+
+@pytest.fixture(params=RIGS)
+def rig(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    made: Rig = MemoryRig() if request.param == "memory" else ReplayRig(monkeypatch.setattr)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def install(
+    rig: Rig,
+    fields: dict[str, int],
+    actions: list,
+    tags: list[str],
+    *,
+    idle_timeout: float = 0.0,
+    hard_timeout: float = 0.0,
+) -> None:
+    match = tuple(fields.get(name, 0) for name in FIELD_NAMES)
+    mask = mask_from({name: FULL_MASKS[name] for name in fields})
+    rig.datapath.install_flow(
+        match, mask, actions, tags, idle_timeout=idle_timeout, hard_timeout=hard_timeout
+    )
+
+
+def with_ports(rig: Rig, *keys: int) -> list[tuple[int, bytes]]:
+    """Bind `keys` and record upcalls in the list returned."""
+    upcalls: list[tuple[int, bytes]] = []
+    rig.datapath.set_upcall_handler(lambda port, frame: upcalls.append((port, frame)))
+    for key in keys:
+        rig.bind(key)
+    return upcalls
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def test_a_bad_port_key_is_refused_naming_it(rig: Rig) -> None:
+    with pytest.raises(ValueError, match="port_key"):
+        rig.datapath.bind_port(0, rig.interface_name(1))
+
+
+def test_a_port_key_or_interface_is_bound_only_once(rig: Rig) -> None:
+    rig.bind(1)
+    with pytest.raises(ValueError, match="port_key"):
+        rig.datapath.bind_port(1, rig.interface_name(2))
+    with pytest.raises(ValueError, match="interface_name"):
+        rig.datapath.bind_port(2, rig.interface_name(1))
+
+
+def test_unbinding_a_port_that_is_not_bound_is_a_key_error(rig: Rig) -> None:
+    rig.bind(1)
+    rig.datapath.unbind_port(1)
+    with pytest.raises(KeyError):
+        rig.datapath.unbind_port(1)
+
+
+# --------------------------------------------------------------------------- misses
+
+
+def test_a_miss_goes_to_the_upcall_handler_with_its_port(rig: Rig) -> None:
+    upcalls = with_ports(rig, 1, 2)
+    frame = udp_frame()
+    rig.send_from_vm(1, frame)
+    assert upcalls == [(1, frame)]
+    assert rig.delivered(2) == []
+
+
+def test_a_miss_without_an_upcall_handler_is_a_counted_drop(rig: Rig) -> None:
+    rig.bind(1)
+    rig.send_from_vm(1, udp_frame(), udp_frame(1001))
+    assert rig.datapath.counters()["drop.no_upcall_handler"] == 2
+
+
+def test_a_malformed_frame_is_dropped_and_counted_not_upcalled(rig: Rig) -> None:
+    upcalls = with_ports(rig, 1)
+    rig.send_from_vm(1, udp_frame()[:20])
+    assert upcalls == []
+    assert rig.datapath.counters()["drop.malformed_frame"] == 1
+
+
+# --------------------------------------------------------------------------- flows
+
+
+def test_an_installed_flow_forwards_matching_frames_without_upcalls(rig: Rig) -> None:
+    upcalls = with_ports(rig, 1, 2)
+    install(rig, {"in_port": 1, "eth_type": IPV4}, [Output(2)], ["to2"])
+    frames = [udp_frame(1000), udp_frame(1001), udp_frame(1000)]
+    rig.send_from_vm(1, *frames)
+    assert rig.delivered(2) == frames
+    assert upcalls == []
+    (flow,) = rig.datapath.flows()
+    assert flow.tags == frozenset({"to2"})
+    assert flow.packets == 3
+    assert flow.bytes == sum(len(frame) for frame in frames)
+    assert rig.datapath.counters()["flows"] == 1
+
+
+def test_a_frame_the_flow_does_not_match_is_upcalled(rig: Rig) -> None:
+    upcalls = with_ports(rig, 1, 2)
+    install(rig, {"in_port": 1, "eth_type": IPV4}, [Output(2)], ["to2"])
+    arp = build_arp_request(sender_mac=MAC_A, sender_ip="10.0.0.1", target_ip="10.0.0.2")
+    rig.send_from_vm(1, arp)
+    assert upcalls == [(1, arp)]
+    assert rig.delivered(2) == []
+
+
+def test_flow_actions_rewrite_the_frame(rig: Rig) -> None:
+    with_ports(rig, 1, 2)
+    install(rig, {"in_port": 1}, [SetField("eth_dst", 0x020000000009), Output(2)], ["rw"])
+    rig.send_from_vm(1, udp_frame())
+    (delivered,) = rig.delivered(2)
+    assert delivered[:6] == bytes.fromhex("020000000009")
+    assert delivered[6:] == udp_frame()[6:]
+
+
+def test_a_drop_flow_counts_its_reason(rig: Rig) -> None:
+    upcalls = with_ports(rig, 1, 2)
+    install(rig, {"in_port": 1}, [Drop("rule_drop")], ["deny"])
+    rig.send_from_vm(1, udp_frame(), udp_frame(1001))
+    assert rig.delivered(2) == []
+    assert upcalls == []
+    assert rig.datapath.counters()["drop.flow_rule_drop"] == 2
+
+
+def test_invalidate_removes_exactly_the_flows_carrying_the_tags(rig: Rig) -> None:
+    upcalls = with_ports(rig, 1, 2, 3)
+    install(rig, {"in_port": 1}, [Output(3)], ["port:a", "router:r"])
+    install(rig, {"in_port": 2}, [Output(3)], ["port:b"])
+    rig.send_from_vm(1, udp_frame())  # warm any cache the backend keeps
+    assert rig.datapath.invalidate(["port:zzz"]) == 0
+    assert rig.datapath.invalidate(["router:r"]) == 1
+    assert [flow.tags for flow in rig.datapath.flows()] == [frozenset({"port:b"})]
+    assert rig.datapath.counters()["flows"] == 1
+    rig.delivered(3)
+    rig.send_from_vm(1, udp_frame())
+    rig.send_from_vm(2, udp_frame())
+    assert upcalls == [(1, udp_frame())]
+    assert rig.delivered(3) == [udp_frame()]
+
+
+def test_a_flow_installed_again_replaces_the_first(rig: Rig) -> None:
+    with_ports(rig, 1, 2, 3)
+    install(rig, {"in_port": 1}, [Output(2)], ["old"])
+    rig.send_from_vm(1, udp_frame())
+    install(rig, {"in_port": 1}, [Output(3)], ["new"])
+    rig.send_from_vm(1, udp_frame())
+    assert rig.delivered(2) == [udp_frame()]
+    assert rig.delivered(3) == [udp_frame()]
+    assert [flow.tags for flow in rig.datapath.flows()] == [frozenset({"new"})]
+
+
+def test_idle_flows_expire_on_the_datapath_clock_and_use_keeps_them(rig: Rig) -> None:
+    upcalls = with_ports(rig, 1, 2)
+    install(rig, {"in_port": 1}, [Output(2)], ["idle"], idle_timeout=5.0)
+    rig.clock.advance(4.0)
+    assert rig.datapath.expire_flows() == 0
+    rig.send_from_vm(1, udp_frame())
+    (flow,) = rig.datapath.flows()
+    assert flow.last_used == rig.clock()
+    rig.clock.advance(4.0)
+    assert rig.datapath.expire_flows() == 0  # used 4 s ago, idle timeout 5 s
+    rig.clock.advance(1.5)
+    assert rig.datapath.expire_flows() == 1
+    assert rig.datapath.flows() == []
+    rig.send_from_vm(1, udp_frame())
+    assert len(upcalls) == 1
+    assert len(rig.delivered(2)) == 1
+
+
+def test_hard_timeout_expires_a_flow_in_use(rig: Rig) -> None:
+    with_ports(rig, 1, 2)
+    install(rig, {"in_port": 1}, [Output(2)], ["hard"], idle_timeout=0.0, hard_timeout=3.0)
+    for _ in range(3):
+        rig.clock.advance(0.9)
+        rig.send_from_vm(1, udp_frame())
+        assert rig.datapath.expire_flows() == 0
+    rig.clock.advance(0.4)
+    assert rig.datapath.expire_flows() == 1
+
+
+def test_a_tunnel_to_a_bad_address_is_refused_naming_it(rig: Rig) -> None:
+    with_ports(rig, 1)
+    with pytest.raises(ValueError, match="remote_ip"):
+        install(rig, {"in_port": 1}, [Tunnel("not-an-ip", 7)], ["t"])
+    with pytest.raises(ValueError, match="remote_ip"):
+        rig.datapath.execute(udp_frame(), [Tunnel("not-an-ip", 7)])
+    assert rig.datapath.flows() == []
+
+
+# --------------------------------------------------------------------------- execute, tunnels
+
+
+def test_execute_outputs_one_frame_now(rig: Rig) -> None:
+    with_ports(rig, 1, 2)
+    rig.datapath.execute(udp_frame(), [Output(2)])
+    assert rig.delivered(2) == [udp_frame()]
+    assert rig.datapath.flows() == []
+
+
+def test_a_tunnel_action_sends_the_frame_to_the_peer_under_the_key(rig: Rig) -> None:
+    with_ports(rig, 1)
+    install(rig, {"in_port": 1}, [Tunnel(REMOTE_IP, 42)], ["remote"])
+    rig.send_from_vm(1, udp_frame(1000), udp_frame(1001))
+    rig.datapath.execute(udp_frame(1002), [Tunnel(REMOTE_IP, 43)])
+    assert rig.tunnelled() == [
+        (REMOTE_IP, 42, udp_frame(1000)),
+        (REMOTE_IP, 42, udp_frame(1001)),
+        (REMOTE_IP, 43, udp_frame(1002)),
+    ]
+
+
+def test_a_frame_from_the_tunnel_goes_to_the_port_its_key_names(rig: Rig) -> None:
+    upcalls = with_ports(rig, 1, 2)
+    rig.arrive_from_tunnel(2, udp_frame())
+    assert rig.delivered(2) == [udp_frame()]
+    assert rig.delivered(1) == []
+    assert upcalls == []  # the ingress host simulated already
+
+
+def test_flow_state_messages_travel_on_the_reserved_key(rig: Rig) -> None:
+    received: list[bytes] = []
+    rig.datapath.set_flow_state_handler(received.append)
+    rig.datapath.send_flow_state(REMOTE_IP, STATE_MESSAGE + b"1")
+    assert rig.tunnelled() == [(REMOTE_IP, FLOWSTATE_TUNNEL_KEY, STATE_MESSAGE + b"1")]
+    rig.arrive_from_tunnel(FLOWSTATE_TUNNEL_KEY, STATE_MESSAGE + b"2")
+    assert received == [STATE_MESSAGE + b"2"]
+
+
+def test_flow_state_without_a_handler_is_a_counted_drop(rig: Rig) -> None:
+    rig.arrive_from_tunnel(FLOWSTATE_TUNNEL_KEY, STATE_MESSAGE)
+    assert rig.datapath.counters()["drop.flowstate_without_handler"] == 1
