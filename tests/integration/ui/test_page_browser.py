@@ -59,7 +59,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a loaded machine imports slowly
         while True:
             try:
                 if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
@@ -67,7 +67,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
             except httpx.TransportError:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start: {process.stderr.read()!r}")  # type: ignore[union-attr]
+                process.kill()  # so that reading its stderr ends
+                _out, err = process.communicate(timeout=10)
+                raise AssertionError(f"server did not start: {err!r}")
             time.sleep(0.1)
         token = (state_dir / "admin-token").read_text().strip()
         yield Server(base, token, store_url)
