@@ -5,28 +5,29 @@ Prometheus exposition (`AgentCollector`, `serve_metrics`).
 What is counted, and where the cost goes:
 - The fast path (a packet that hits an installed flow) pays nothing here: the flow table
   already counts packets and bytes per flow. When the pipeline simulates a packet it calls
-  `on_simulated(ingress port id, result, frame length)` (the upcall path only), which counts
-  that packet and remembers, for the installed flow's key (match, mask), what the flow is
-  attributed to: its ingress port, egress ports (Output / Tunnel keys), devices (the
-  `bridge:`, `router:` and `port:` tags of the result), chains (`chain:` tags: a chain's
+  `on_simulated(ingress port id, result, frame length, installed flow key)` (the upcall path
+  only), which only queues it; every `interval` seconds `scan()` counts the queued packets
+  and remembers, for each installed flow's key (match, mask), what the flow is attributed
+  to: its ingress port, egress ports (Output / Tunnel keys), devices (the `bridge:`,
+  `router:` and `port:` tags of the result), chains (`chain:` tags: a chain's
   hits), the rules that matched (the trace's `rule` steps: chain and position) and drop
-  reason. Every `interval` seconds `scan()` adds each flow's packet and byte
-  delta since the last scan to what its key is attributed to.
+  reason; then it adds each flow's packet and byte delta since the last scan to what its key
+  is attributed to.
 - Ports: `rx` = packets entering the overlay at the port on this host (upcalls + flow hits),
   `tx` = packets the simulations here sent out of the port (locally or through a tunnel),
   `drops` = packets from the port that the simulation dropped. Counted at the ingress host,
   so the API's sum over hosts counts each packet once.
 - Devices and chains: packets and bytes of flows (and upcalls) whose simulation went through
   them. Rules: packets they matched (reported by id for stored rules; the virtual chains'
-  rules, security groups and VIPs, count in their chain only). Drops: by reason (first word of the simulation's reason, at most `MAX_DROP_REASONS`
-  distinct, the rest as `other`).
+  rules, security groups and VIPs, count in their chain only). Drops: by reason (first word
+  of the simulation's reason, at most `MAX_DROP_REASONS` distinct, the rest as `other`).
 - Not counted: packets that hit a flow in the last `interval` before it was removed.
 
-Bounded memory and label sets: every counter is keyed by the id of a port, device or chain
-that exists in this host's topology view (`scan()` forgets the others) or by a drop reason
-(capped); the attribution table holds only keys of flows in the flow table plus at most
-`max_pending` recorded since the last scan (beyond that new flows go unattributed and
-`attribution_overflow` counts them).
+Bounded memory and label sets: every counter is keyed by the id of a port, device, chain or
+rule that exists in this host's topology view (`scan()` forgets the others) or by a drop
+reason (capped); the attribution table holds only keys of flows in the flow table; the queue
+holds at most `max_pending` simulated packets between scans (beyond that they go uncounted
+and `attribution_overflow` counts them).
 
 Must not touch the datapath, flows or topology; it only reads them.
 """
@@ -123,11 +124,14 @@ class HostStats:
         self.chains: dict[str, Traffic] = {}
         self.rule_hits: dict[tuple[str, int], int] = {}  # (chain id, position) -> packets
         self.rule_ids: dict[tuple[str, int], str] = {}  # of stored rules, as of the last scan
+        self._rule_ids_revision = -1
         self.drops: dict[str, int] = {}
         self.attribution_overflow = 0
         self.scans = 0
         self._attribution: dict[tuple[tuple[int, ...], tuple[int, ...]], FlowAttribution] = {}
-        self._pending = 0
+        self._simulated: list[
+            tuple[str, SimulationResult, int, tuple[tuple[int, ...], tuple[int, ...]] | None]
+        ] = []
         self._flow_counts: dict[Flow, tuple[int, int]] = {}
 
     # ---------------------------------------------------------------- upcall path
@@ -139,21 +143,27 @@ class HostStats:
         size: int,
         installed: tuple[tuple[int, ...], tuple[int, ...]] | None,
     ) -> None:
-        """Count one simulated packet and remember what the hits of the flow installed for it
-        (`installed`: its key, (match, mask)) count towards."""
+        """Queue one simulated packet (and the key of the flow installed for it) for the next
+        scan, which counts it and attributes the flow: the upcall path only appends."""
+        if len(self._simulated) >= self.max_pending:
+            self.attribution_overflow += 1
+            return
+        self._simulated.append((ingress_port_id, result, size, installed))
+
+    def _account(
+        self,
+        ingress_port_id: str,
+        result: SimulationResult,
+        size: int,
+        installed: tuple[tuple[int, ...], tuple[int, ...]] | None,
+    ) -> None:
         attribution = self._attribute(ingress_port_id, result)
         self._count(attribution, 1, size)
         for packet in result.generated:
             for port_id in self._egress_ports(packet.actions):
                 self._port(port_id).tx.add(1, len(packet.frame))
         if installed is not None:
-            key = installed
-            if key not in self._attribution:
-                if self._pending >= self.max_pending:
-                    self.attribution_overflow += 1
-                    return
-                self._pending += 1
-            self._attribution[key] = attribution
+            self._attribution[installed] = attribution
 
     def _attribute(self, ingress_port_id: str, result: SimulationResult) -> FlowAttribution:
         devices: list[tuple[str, str]] = []
@@ -227,6 +237,9 @@ class HostStats:
     def scan(self) -> None:
         """Add every flow's hits since the last scan; forget what no longer exists."""
         self.scans += 1
+        simulated, self._simulated = self._simulated, []
+        for entry in simulated:
+            self._account(*entry)
         flows = self.flows()
         counts: dict[Flow, tuple[int, int]] = {}
         kept: dict[tuple[tuple[int, ...], tuple[int, ...]], FlowAttribution] = {}
@@ -242,18 +255,20 @@ class HostStats:
                 self._count(attribution, flow.packets - packets, max(flow.bytes - size, 0))
         self._flow_counts = counts
         self._attribution = kept
-        self._pending = 0
         ports = self.topology.ports
         self.ports = {k: v for k, v in self.ports.items() if k in ports}
         self.devices = {
             k: v for k, v in self.devices.items() if self.topology.get(k[0], k[1]) is not None
         }
         self.chains = {k: v for k, v in self.chains.items() if k in self.topology.chains}
-        # Rules are counted by where they sit; only stored rules are reported (by id).
-        self.rule_ids = {
-            (str(getattr(rule, "chain_id", "")), int(getattr(rule, "position", -1))): rule.id
-            for rule in self.topology.all("rule")
-        }
+        # Rules are counted by where they sit; only stored rules are reported (by id). The
+        # index is rebuilt only when the topology changed.
+        if self._rule_ids_revision != self.topology.revision:
+            self._rule_ids_revision = self.topology.revision
+            self.rule_ids = {
+                (str(getattr(rule, "chain_id", "")), int(getattr(rule, "position", -1))): rule.id
+                for rule in self.topology.all("rule")
+            }
         self.rule_hits = {k: v for k, v in self.rule_hits.items() if k in self.rule_ids}
 
     def report(self) -> dict[str, Any]:

@@ -176,6 +176,7 @@ def test_counters_forget_deleted_ports_and_cap_drop_reasons() -> None:
                     result, drop_reason=f"reason{index}: detail {index}", install=False
                 )
                 stats.on_simulated(vm1.id, dropped, 60, None)
+            stats.scan()  # the upcall path only queues; the scan counts
             assert len(stats.drops) == MAX_DROP_REASONS + 1  # the named ones and "other"
             assert stats.drops[OTHER_REASON] >= 10
             assert "reason0" in stats.drops  # the reason's first word, not its detail
