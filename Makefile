@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_STAMP := .venv-apt.stamp
-APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server iputils-ping procps chromium
+APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps chromium
 # The topology page's graph library, vendored from npm at build time (never a CDN at run time).
 CYTOSCAPE_VERSION := 3.35.0
 UI_VENDOR := src/hivenet/api/ui/static/vendor/cytoscape.min.js
@@ -63,9 +63,9 @@ test: install
 	$(BIN)/coverage report --include='$(CORE_SOURCES)' --skip-covered --precision=1 \
 	  --fail-under=$(CORE_COVERAGE_FLOOR)
 
-# A laptop without etcd or root: everything but the e2e and etcd tiers.
+# A laptop without etcd or root: everything but the e2e, etcd and slow (real-client) tiers.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd and not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -1,7 +1,9 @@
 """`clean()`: remove everything the lab made, also after a crash (`mn -c` for HiveNet).
 
 Owns: ending the processes recorded in the lab's PID files, deleting the `hn*` network
-namespaces and the `hn*` links of the root namespace. Idempotent: a second run finds nothing
+namespaces and the `hn*` links of the root namespace, and (for a clean of every lab) ending the
+throwaway etcd clusters of tests and benchmarks whose owner is gone, with their `hn-etcd-*`
+data directories (`hivenet.lab.etcd.clean_stale_clusters`). Idempotent: a second run finds nothing
 and succeeds. Run it as `python -m hivenet.lab.cleanup [--tag TAG]` (root).
 
 Must not touch: anything not named with the `hn` prefix, or a PID that no longer is the process
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from pyroute2 import netns
 
+from hivenet.lab.etcd import clean_stale_clusters
 from hivenet.lab.netns import (
     NAME_PREFIX,
     LabScope,
@@ -45,6 +48,8 @@ class CleanReport:
     namespaces: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     pid_files: list[str] = field(default_factory=list)
+    # Not a lab's own leftovers (so not part of is_empty()): what dead test runs left.
+    stale_etcd_dirs: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     def is_empty(self) -> bool:
@@ -73,7 +78,20 @@ def clean(tag: str = "", *, directory: Path | None = None) -> CleanReport:
                 report.links.append(link)
         except Exception as error:  # report it and go on with the other links
             report.failures.append(f"link {link}: {error}")
+    if not tag:
+        _clean_stale_etcd(report)
     return report
+
+
+def _clean_stale_etcd(report: CleanReport) -> None:
+    """Throwaway etcd clusters (tests, benchmarks) whose owner died without stopping them."""
+    try:
+        ended, removed = clean_stale_clusters()
+    except OSError as error:
+        report.failures.append(f"stale etcd clusters: {error}")
+        return
+    report.processes.extend(ended)
+    report.stale_etcd_dirs.extend(removed)
 
 
 def _stop_recorded_processes(scope: LabScope, directory: Path, report: CleanReport) -> None:
@@ -135,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     report = clean(args.tag)
     print(
         f"stopped {len(report.processes)} process(es), deleted {len(report.namespaces)} "
-        f"namespace(s) and {len(report.links)} link(s)"
+        f"namespace(s), {len(report.links)} link(s) and {len(report.stale_etcd_dirs)} stale "
+        "etcd data dir(s)"
     )
     for failure in report.failures:
         print(f"failed: {failure}", file=sys.stderr)
