@@ -4,9 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_STAMP := .venv-apt.stamp
-APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps isc-dhcp-client
+APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps isc-dhcp-client chromium
+# The topology page's graph library, vendored from npm at build time (never a CDN at run time).
+CYTOSCAPE_VERSION := 3.35.0
+UI_VENDOR := src/hivenet/api/ui/static/vendor/cytoscape.min.js
 
-.PHONY: help install apt test test-fast lint fmt demo bench clean lab-clean
+.PHONY: help install apt ui-vendor test test-fast lint fmt demo bench clean lab-clean
 
 help:
 	@echo "make demo   - run HiveNet on the embedded store and show it working"
@@ -34,7 +37,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-install: $(APT_STAMP) $(STAMP)
+# npm (with node) from apt only when missing: a NodeSource node already ships its own npm.
+$(UI_VENDOR):
+	@command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = "0" ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent cytoscape@$(CYTOSCAPE_VERSION) >/dev/null && \
+	   tar xzf cytoscape-$(CYTOSCAPE_VERSION).tgz package/dist/cytoscape.min.js package/LICENSE) && \
+	  mkdir -p $(dir $(UI_VENDOR)) && cp "$$tmp/package/dist/cytoscape.min.js" $(UI_VENDOR) && \
+	  cp "$$tmp/package/LICENSE" $(dir $(UI_VENDOR))cytoscape.LICENSE && \
+	  echo "vendored cytoscape $(CYTOSCAPE_VERSION) into $(dir $(UI_VENDOR))"
+
+ui-vendor: $(UI_VENDOR)
+
+install: $(APT_STAMP) $(STAMP) $(UI_VENDOR)
 
 # Coverage floor of the pure core (STYLE.md 10: it only rises). Measured by `make test`;
 # 95.3% on 2026-12-04 (unit + integration + store).

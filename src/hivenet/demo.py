@@ -43,7 +43,7 @@ from hivenet.lab import dhcpclient
 from hivenet.lab.cli import print_explore_hints
 from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabError, LabScope
-from hivenet.lab.plan import assign_macs, plan_lab, topology_objects
+from hivenet.lab.plan import assign_macs, plan_lab, topology_objects, vm_port_id
 from hivenet.lab.probes import PingResult, TransferResult
 from hivenet.lab.record import default_state_dir
 from hivenet.lab.scenario import Scenario, ScenarioError, builtin_scenario
@@ -226,6 +226,7 @@ def run_lab_demo(
         print_status(lab, lab.status(), console)
         _show_api(lab, console)
         _explain(lab, console, teardown=teardown)
+        _show_trace(lab, console)
         ok = all(m.ping.received > 0 and m.transfer is not None for m in measurements)
         return_code = 0 if ok else 1
         if not ok:
@@ -288,6 +289,20 @@ def _show_api(lab: Lab, console: Console) -> None:
         [*CLI, "bridge", "list"], env=env, capture_output=True, text=True, check=False
     )
     console.print(result.stdout.rstrip() or result.stderr.rstrip(), markup=False, highlight=False)
+
+
+def _show_trace(lab: Lab, console: Console) -> None:
+    """One `hivenet trace` between the first and the last VM, and the topology page's URL."""
+    first, last = lab.plan.vms[0], lab.plan.vms[-1]
+    argv = ["trace", "--from-port", vm_port_id(first.name), "--ip-dst", last.address]
+    argv += ["--proto", "icmp"]
+    console.print()
+    console.print(f"[bold]A trace[/bold] ({first.name} -> {last.name}, simulated, no side effect)")
+    console.print(f"$ hivenet {' '.join(argv)}")
+    env = {**os.environ, **lab.env(), "COLUMNS": "150"}
+    result = subprocess.run([*CLI, *argv], env=env, capture_output=True, text=True, check=False)
+    console.print(result.stdout.rstrip() or result.stderr.rstrip(), markup=False, highlight=False)
+    console.print(f"[bold]Topology page[/bold]: {lab.api_url}/ui  (token: {lab.token_path})")
 
 
 def _explain(lab: Lab, console: Console, *, teardown: bool) -> None:

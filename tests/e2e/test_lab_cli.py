@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -154,4 +155,7 @@ def test_demo_measures_every_path_and_tears_down(scope: LabScope, tmp_path: Path
     assert "Mbit/s" in demo.stdout
     assert "bridges (2)" in demo.stdout  # `hivenet bridge list` reached the lab's API
     assert "lab removed" in demo.stdout
+    # It ends with one trace (the path, the megaflow) and the page's URL.
+    assert "trace from port vm." in demo.stdout and "megaflow:" in demo.stdout
+    assert re.search(r"Topology page: http://127\.0\.0\.1:\d+/ui", demo.stdout)
     assert not list_namespaces(scope.namespace_prefix)

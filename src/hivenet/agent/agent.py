@@ -6,8 +6,9 @@ membership, the local topology cache (a `TopologyView` fed one watch event at a 
 binding the exterior ports assigned to this host in the datapath and publishing that it owns
 them, with `overlay_health_probes` the health ports and namespaces through which it probes
 load-balancer members (`OverlayProbing`, agent/health.py), the write-back of load-balancer
-status and its per-host LB counters (agent/lbstats.py), publishing what the simulation
-learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
+status and its per-host LB counters (agent/lbstats.py), its traffic counters and Prometheus
+endpoint (agent/metrics.py), the trace requests for its ports (agent/tracing.py), publishing
+what the simulation learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
 
@@ -39,8 +40,10 @@ from hivenet.agent.health import (
     Prober,
 )
 from hivenet.agent.lbstats import LB_STATUS_KINDS, LbStatsReporter, LbStatusWriter
+from hivenet.agent.metrics import HostStats, HostStatsReporter, agent_registry, serve_metrics
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
+from hivenet.agent.tracing import TraceRequests
 from hivenet.clock import SYSTEM_CLOCK, Clock
 from hivenet.datapath.base import Datapath
 from hivenet.model import (
@@ -54,12 +57,13 @@ from hivenet.model import (
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.model.types import int_to_mac, mac_to_int
-from hivenet.sim import LearnedEntry, TopologyView
+from hivenet.sim import LearnedEntry, SimulationResult, TopologyView
 from hivenet.sim.tables import LearnedMac, LearnedNeighbour, MemoryTables, ip_text
 from hivenet.store.base import LeaseNotFoundError, Store, StoreError
 from hivenet.store.keys import (
     STATE_PREFIX,
     TABLES_PREFIX,
+    TRACE_REQUEST_KIND,
     arp_entry_key,
     host_alive_key,
     mac_entry_key,
@@ -105,6 +109,7 @@ class HostAgent:
         overlay_health_probes: bool = False,
         health_plumbing: HealthPlumbing | None = None,
         underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
+        metrics_address: tuple[str, int] | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -126,6 +131,10 @@ class HostAgent:
         self.topology = TopologyView()
         self.tables = MemoryTables()
         self.counters = AgentCounters()
+        # Traffic counters per port/device/chain/drop reason (agent/metrics.py), published.
+        self.host_stats = HostStats(host_id, self.topology, self.datapath.flows)
+        self.metrics_address = metrics_address
+        self.metrics_server: asyncio.AbstractServer | None = None
         # Conntrack and NAT state, shared with peers over the tunnel, journaled in state_dir.
         self.flowstate = FlowStateSync(
             host_id,
@@ -143,6 +152,7 @@ class HostAgent:
             self.tables,
             on_learned=self._on_learned,
             stateful=self.flowstate,
+            on_simulated=self._on_simulated,
             clock=clock,
             underlay_mtu=underlay_mtu,
         )
@@ -197,6 +207,20 @@ class HostAgent:
             unpublish=self._unpublish,
             clock=clock,
         )
+        self.host_stats_reporter = HostStatsReporter(
+            host_id, self.host_stats, publish=self._publish
+        )
+        # Synthetic and live trace requests for this host's ports (agent/tracing.py).
+        self.traces = TraceRequests(
+            host_id,
+            self.topology,
+            self.tables,
+            self.flowstate,
+            self.datapath.flows,
+            publish=self._publish,
+            unpublish=self._unpublish,
+            clock=clock,
+        )
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
         # What this host publishes under its lease: key -> value (re-put after a lease loss).
@@ -224,7 +248,23 @@ class HostAgent:
             asyncio.create_task(self.health.run(), name=f"hn-{self.host_id}-health"),
             asyncio.create_task(self.lb_status.run(), name=f"hn-{self.host_id}-lb-status"),
             asyncio.create_task(self.lb_stats.run(), name=f"hn-{self.host_id}-lb-stats"),
+            asyncio.create_task(
+                self.host_stats_reporter.run(), name=f"hn-{self.host_id}-host-stats"
+            ),
+            asyncio.create_task(self.traces.run(), name=f"hn-{self.host_id}-traces"),
         ]
+        if self.metrics_address is not None:
+            try:
+                self.metrics_server = await serve_metrics(
+                    agent_registry(self), *self.metrics_address
+                )
+            except OSError as exc:  # metrics are no reason to stop forwarding
+                log.warning(
+                    "host %s: no metrics endpoint on %s:%d: %s",
+                    self.host_id,
+                    *self.metrics_address,
+                    exc,
+                )
         if self.counters_path is not None:
             self._tasks.append(
                 asyncio.create_task(self._counters_loop(), name=f"hn-{self.host_id}-counters")
@@ -259,6 +299,9 @@ class HostAgent:
             for task in stuck:
                 log.error("host %s: task %s did not stop", self.host_id, task.get_name())
         self._tasks = []
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         await self.flowstate.stop(compact=graceful)
         for port_id in list(self.bound_ports):
             self._unbind(port_id)
@@ -408,6 +451,10 @@ class HostAgent:
         if kind == MEMBER_HEALTH_KIND:
             self.health.on_report(host_id, object_id, value)
             return
+        if kind == TRACE_REQUEST_KIND:
+            if host_id == self.host_id:
+                self.traces.on_request(object_id, value)
+            return
         if kind != "host" or object_id != host_id:
             return
         if value is None:
@@ -435,6 +482,16 @@ class HostAgent:
         tags = self.topology.set_host_alive(host_id, alive)
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
+
+    def _on_simulated(
+        self,
+        port_id: str,
+        result: SimulationResult,
+        size: int,
+        installed: tuple[tuple[int, ...], tuple[int, ...]] | None,
+    ) -> None:
+        self.host_stats.on_simulated(port_id, result, size, installed)
+        self.traces.on_simulated(port_id, result, size, installed)
 
     def _invalidate(self, tags: Iterable[str]) -> None:
         self.counters.flows_invalidated += self.datapath.invalidate(tags)

@@ -33,6 +33,21 @@ def default_state_dir() -> Path:
     return Path.home() / ".local" / "state" / "hivenet"
 
 
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
+
+
+def parse_metrics_address(text: str) -> tuple[str, int] | None:
+    """'HOST:PORT' -> (host, port); 'off' -> None; anything else: a BadParameter naming it."""
+    if text == "off":
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise typer.BadParameter(
+            f"{text!r}: expected HOST:PORT (port 1-65535) or 'off'", param_hint="--metrics"
+        )
+    return host.strip("[]"), int(port_text)
+
+
 def counters_file(state_dir: Path, host_id: str) -> Path:
     return state_dir / f"agent-{host_id}.json"
 
@@ -75,8 +90,15 @@ def run(
             "(default: on when root with the userspace datapath).",
         ),
     ] = None,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="Where to serve Prometheus metrics (GET /metrics): HOST:PORT, or 'off'.",
+        ),
+    ] = DEFAULT_METRICS_ADDRESS,
 ) -> None:
     """Run the agent for one host until SIGTERM/SIGINT."""
+    metrics_address = parse_metrics_address(metrics)
     logging.basicConfig(
         level=log_level.upper(),
         format=f"%(asctime)s {host_id} %(levelname)s %(name)s: %(message)s",
@@ -107,6 +129,7 @@ def run(
             flowstate_dir=state / f"flowstate-{host_id}",
             health_probes=health_probes,
             underlay_mtu=underlay_mtu,
+            metrics_address=metrics_address,
         )
     )
 
@@ -124,6 +147,7 @@ async def _run_agent(
     flowstate_dir: Path,
     health_probes: bool = False,
     underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
+    metrics_address: tuple[str, int] | None = None,
 ) -> None:
     from hivenet.datapath.base import Datapath
     from hivenet.store import open_store
@@ -151,6 +175,7 @@ async def _run_agent(
         state_dir=flowstate_dir,
         overlay_health_probes=health_probes,
         underlay_mtu=underlay_mtu,
+        metrics_address=metrics_address,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -382,6 +382,11 @@ class LbStatsReporter:
         self._published: dict[str, bytes] = {}  # lb id -> value last published
         self.scans = 0
 
+    @property
+    def published(self) -> Mapping[str, bytes]:
+        """lb id -> the report last published (JSON), for the metrics exposition."""
+        return self._published
+
     def _live_bindings(self, now: float) -> dict[str, _LbBinding]:
         """nat tag -> load balancer and member of every live LB binding in the NAT table."""
         targets = _vip_targets(self.topology)

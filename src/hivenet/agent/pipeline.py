@@ -5,7 +5,8 @@ port by tunnel key, simulate, hand learned MAC/ARP entries to the `on_learned` c
 (which publishes them and invalidates their tags on every host) BEFORE installing the flow
 (the simulation already saw its own learned entries, so the flow stays valid), install the
 megaflow unless the result says not to, execute the packet and every generated packet, and
-count upcalls, installs, drops by reason and simulation latency.
+count upcalls, installs, drops by reason and simulation latency; then tell `on_simulated`
+(the agent's traffic counters, agent/metrics.py) what the upcall became.
 Does not own the topology cache, the shared tables or the datapath: they are passed in.
 """
 
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 LearnedCallback = Callable[[Sequence[LearnedEntry]], None]
 # How often the DHCP budget forgets ports that went quiet (it holds one entry per port).
 DHCP_BUDGET_SWEEP_UPCALLS = 4096
+# (ingress port id, result, frame length, installed flow key (match, mask) or None) after
+# each simulated upcall (traffic counters).
+FlowKey = tuple[tuple[int, ...], tuple[int, ...]]
+SimulatedCallback = Callable[[str, SimulationResult, int, FlowKey | None], None]
 
 
 @dataclass(slots=True)
@@ -83,6 +88,7 @@ class FlowPipeline:
         on_learned: LearnedCallback | None = None,
         flow_state: FlowStateHook = NO_FLOW_STATE,
         stateful: FlowStateSync | None = None,
+        on_simulated: SimulatedCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
         underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
@@ -103,6 +109,7 @@ class FlowPipeline:
         self.on_learned = on_learned
         # Conntrack/NAT: a transaction per upcall, committed and pushed before forwarding.
         self.stateful = stateful
+        self.on_simulated = on_simulated
         self.clock = clock
         self.timer = timer
         self.stats = PipelineStats()
@@ -140,18 +147,23 @@ class FlowPipeline:
         self.stats.sim_seconds_total += elapsed
         self.stats.sim_seconds_max = max(self.stats.sim_seconds_max, elapsed)
         self.last_result = result
-        self.apply(result, frame)
+        installed = self.apply(result, frame)
+        if self.on_simulated is not None:
+            self.on_simulated(port.id, result, len(frame), installed)
 
-    def apply(self, result: SimulationResult, frame: bytes) -> None:
-        """Act on a simulation result for `frame` (learned entries, flow, packet, replies)."""
+    def apply(self, result: SimulationResult, frame: bytes) -> FlowKey | None:
+        """Act on a simulation result for `frame` (learned entries, flow, packet, replies);
+        returns the key (match, mask) of the flow installed, if any."""
+        installed: FlowKey | None = None
         if result.learned:
             self.stats.learned += len(result.learned)
             if self.on_learned is not None:
                 self.on_learned(result.learned)
         if result.install:
+            installed = (result.masked_match, result.mask)
             self.datapath.install_flow(
-                result.masked_match,
-                result.mask,
+                installed[0],
+                installed[1],
                 result.actions,
                 result.tags,
                 idle_timeout=result.idle_timeout,
@@ -165,6 +177,7 @@ class FlowPipeline:
         for packet in result.generated:
             self.stats.generated += 1
             self.datapath.execute(packet.frame, packet.actions)
+        return installed
 
     def counters(self) -> dict[str, float]:
         return self.stats.as_dict()

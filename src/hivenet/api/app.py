@@ -22,9 +22,13 @@ from pydantic import BaseModel
 
 from hivenet.api.auth import ADMIN, TokenRegistry, load_or_create_admin_token
 from hivenet.api.errors import ErrorBody, install_error_handlers
+from hivenet.api.hoststats import hoststats_router
 from hivenet.api.lbstats import lbstats_router
+from hivenet.api.metrics import install_metrics
 from hivenet.api.neutron import OpenStackOptions, mount_openstack
 from hivenet.api.resources import API_PREFIX, topology_routers
+from hivenet.api.traces import traces_router
+from hivenet.api.ui import install_ui
 from hivenet.store import open_store
 from hivenet.store.base import Store, StoreCorruptError, StoreUnavailableError
 from hivenet.store.topology import TopologyRepository
@@ -104,6 +108,7 @@ def create_app(
         separate_input_output_schemas=False,
     )
     install_error_handlers(app)
+    install_metrics(app)
 
     @app.get(
         f"{API_PREFIX}/health",
@@ -120,6 +125,9 @@ def create_app(
     for router in topology_routers():
         app.include_router(router)
     app.include_router(lbstats_router())
+    app.include_router(hoststats_router())
+    app.include_router(traces_router())
+    install_ui(app)
     mount_openstack(app, openstack or OpenStackOptions())
     return app
 

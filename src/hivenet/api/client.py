@@ -501,15 +501,25 @@ class HivenetClient:
     def load_balancer_stats(self, load_balancer_id: str) -> dict[str, Any]:
         """`GET /v1/load_balancers/{id}/stats`: active connections, bytes in/out (total and
         per member), summed over the live hosts that report them (listed in `hosts`)."""
-        path = f"{self.object_path('load_balancer', load_balancer_id)}/stats"
-        response = self._request("GET", path)
-        data = response.json()
-        if not isinstance(data, dict):
-            raise ApiError(
-                response.status_code,
-                f"expected a JSON object from {response.request.url}, got {type(data).__name__}",
-            )
-        return data
+        return self.object_stats("load_balancer", load_balancer_id)
+
+    def trace(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """`POST /v1/traces`: simulate a synthetic packet from a port (no side effect)."""
+        return _json_object(self._request("POST", "/v1/traces", json_body=dict(request)))
+
+    def live_trace(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """`POST /v1/traces/live`: arm a live trace; returns its id, host and expiry."""
+        return _json_object(self._request("POST", "/v1/traces/live", json_body=dict(request)))
+
+    def get_live_trace(self, trace_id: str) -> dict[str, Any]:
+        """`GET /v1/traces/live/{id}`: its status and the records so far."""
+        return _json_object(self._request("GET", f"/v1/traces/live/{quote(trace_id, safe='')}"))
+
+    def object_stats(self, kind: str, object_id: str) -> dict[str, Any]:
+        """`GET /v1/<plural>/{id}/stats` (ports, bridges, routers, chains, hosts, load
+        balancers): the object's counters summed over the live hosts."""
+        path = f"{self.object_path(kind, object_id)}/stats"
+        return _json_object(self._request("GET", path))
 
     def delete(
         self,
@@ -526,3 +536,13 @@ class HivenetClient:
             params={"cascade": "true" if cascade else "false"},
             if_revision=if_revision,
         )
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    data = response.json()
+    if not isinstance(data, dict):
+        raise ApiError(
+            response.status_code,
+            f"expected a JSON object from {response.request.url}, got {type(data).__name__}",
+        )
+    return data

@@ -24,18 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hivenet.api.auth import Principal, authenticate
 from hivenet.api.errors import ErrorBody
+from hivenet.api.hoststats import live_host_values
 from hivenet.api.resources import API_PREFIX, PLURALS, get_repository
 from hivenet.model import Host
 from hivenet.model.loadbalancer import LoadBalancer, LoadBalancerStats, Member, Pool
 from hivenet.model.types import ObjectId
-from hivenet.store.base import Get, KeyValue
-from hivenet.store.keys import host_alive_key, lb_stats_key
+from hivenet.store.keys import lb_stats_key
 from hivenet.store.topology import MAX_PAGE_SIZE, NotFoundError, TopologyRepository
 
 _log = logging.getLogger("hivenet.api")
-
-# Hosts read per store transaction (two gets each; etcd allows 128 operations per txn).
-HOSTS_PER_TXN = 50
 
 _object_id_adapter: pydantic.TypeAdapter[str] = pydantic.TypeAdapter(ObjectId)
 
@@ -117,35 +114,18 @@ async def live_host_reports(
     repository: TopologyRepository, load_balancer_id: str
 ) -> dict[str, HostLbReport]:
     """host id -> its report of the load balancer, for every live host that has one."""
-    store = repository.store
-    host_ids = await _all_ids(repository, Host)
+    values = await live_host_values(
+        repository, lambda host_id: lb_stats_key(host_id, load_balancer_id)
+    )
     reports: dict[str, HostLbReport] = {}
-    for start in range(0, len(host_ids), HOSTS_PER_TXN):
-        chunk = host_ids[start : start + HOSTS_PER_TXN]
-        operations = []
-        for host_id in chunk:
-            operations.append(Get(host_alive_key(host_id)))
-            operations.append(Get(lb_stats_key(host_id, load_balancer_id)))
-        result = await store.txn([], operations)
-        for index, host_id in enumerate(chunk):
-            alive, report = result.responses[2 * index], result.responses[2 * index + 1]
-            if not _found(alive) or not _found(report):
-                continue
-            assert isinstance(report, list)
-            try:
-                reports[host_id] = HostLbReport.model_validate_json(report[0].value)
-            except pydantic.ValidationError as exc:
-                _log.warning(
-                    "skipping host %s's stats of load balancer %s: %s",
-                    host_id,
-                    load_balancer_id,
-                    exc,
-                )
+    for host_id, value in values.items():
+        try:
+            reports[host_id] = HostLbReport.model_validate_json(value)
+        except pydantic.ValidationError as exc:
+            _log.warning(
+                "skipping host %s's stats of load balancer %s: %s", host_id, load_balancer_id, exc
+            )
     return reports
-
-
-def _found(response: object) -> bool:
-    return isinstance(response, list) and bool(response) and isinstance(response[0], KeyValue)
 
 
 async def load_balancer_stats(

@@ -7,14 +7,12 @@ factory's extra verbs (`resources.EXTRA_VERBS`). Must not compute any statistic 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.table import Table
 from rich.text import Text
 
-from hivenet.cli.context import reporting_errors, state_of
-from hivenet.cli.output import make_console, print_json
+from hivenet.cli.stats import stats_command
 
 _COUNTERS = ("active_connections", "total_connections", "bytes_in", "bytes_out")
 
@@ -37,20 +35,8 @@ def stats_table(stats: dict[str, Any]) -> Table:
     return table
 
 
-def load_balancer_stats(
-    ctx: typer.Context,
-    object_id: Annotated[
-        str, typer.Argument(metavar="ID", help="The load balancer's id.", show_default=False)
-    ],
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the raw JSON the API returned.")
-    ] = False,
-) -> None:
-    """Show a load balancer's connections and bytes per member, summed over live hosts."""
-    state = state_of(ctx)
-    with reporting_errors(state):
-        stats = state.client().load_balancer_stats(object_id)
-    if as_json:
-        print_json(stats)
-        return
-    make_console().print(stats_table(stats))
+load_balancer_stats = stats_command(
+    "load_balancer",
+    render=lambda _object_id, stats: stats_table(stats),
+    summary="Show a load balancer's connections and bytes per member, summed over live hosts.",
+)

@@ -20,6 +20,7 @@ from hivenet.cli.output import make_console, print_json
 from hivenet.cli.plugins import PluginGroup
 from hivenet.cli.resources import build_kind_app, command_name
 from hivenet.cli.serve import serve
+from hivenet.cli.trace import trace
 from hivenet.model import KINDS
 
 app = typer.Typer(
@@ -78,6 +79,7 @@ def root(
 
 
 app.command("serve", rich_help_panel="Server")(serve)
+app.command("trace", rich_help_panel="Observe")(trace)
 
 config_app = typer.Typer(help="Inspect the client configuration.", no_args_is_help=True)
 

@@ -30,6 +30,7 @@ from hivenet.cli.fields import (
 )
 from hivenet.cli.lbstats import load_balancer_stats
 from hivenet.cli.output import list_table, make_console, object_table, print_json
+from hivenet.cli.stats import STATS_KINDS, stats_command
 
 SET_HELP = (
     "Any field as FIELD=VALUE (repeatable); VALUE is parsed as JSON when that fits the "
@@ -39,6 +40,7 @@ JSON_HELP = "Print the raw JSON the API returned instead of a table."
 # Verbs a kind has beyond the five: reads the API offers for that kind only.
 EXTRA_VERBS: dict[str, dict[str, Callable[..., None]]] = {
     "load_balancer": {"stats": load_balancer_stats},
+    **{kind: {"stats": stats_command(kind)} for kind in STATS_KINDS},
 }
 
 

@@ -85,7 +85,8 @@ def serve(
         raise fail(f"error: the API server is not available in this installation: {exc}") from None
     typer.echo(
         f"hivenet: API on http://{host}:{port} (store {store_url}; "
-        f"token file {resolved_state_dir / ADMIN_TOKEN_FILE})",
+        f"token file {resolved_state_dir / ADMIN_TOKEN_FILE}); "
+        f"topology page http://{host}:{port}/ui#token=<token>",
         err=True,
     )
     run_server(

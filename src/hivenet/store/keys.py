@@ -13,6 +13,9 @@ from __future__ import annotations
 STATE_PREFIX = "/hivenet/v1/state/"
 TABLES_PREFIX = "/hivenet/v1/tables/"
 LB_STATS_KIND = "lb_stats"
+HOST_STATS_KIND = "host_stats"
+TRACE_REQUEST_KIND = "trace_request"
+TRACE_RESULT_KIND = "trace_result"
 
 
 def host_alive_key(host_id: str) -> str:
@@ -26,6 +29,22 @@ def port_active_key(host_id: str, port_id: str) -> str:
 def lb_stats_key(host_id: str, load_balancer_id: str) -> str:
     """Where a host's agent reports its counters of one load balancer (on its lease)."""
     return f"{STATE_PREFIX}{host_id}/{LB_STATS_KIND}/{load_balancer_id}"
+
+
+def host_stats_key(host_id: str) -> str:
+    """Where a host's agent reports its traffic counters (agent/metrics.py; on its lease)."""
+    return f"{STATE_PREFIX}{host_id}/{HOST_STATS_KIND}/{host_id}"
+
+
+def trace_request_key(host_id: str, trace_id: str) -> str:
+    """A trace request for a port of `host_id` (agent/tracing.py), on the API's lease of the
+    request's TTL (the one state key not on its host's own lease: it expires by itself)."""
+    return f"{STATE_PREFIX}{host_id}/{TRACE_REQUEST_KIND}/{trace_id}"
+
+
+def trace_result_key(host_id: str, trace_id: str) -> str:
+    """The agent's answer to a trace request (on its lease; withdrawn with the request)."""
+    return f"{STATE_PREFIX}{host_id}/{TRACE_RESULT_KIND}/{trace_id}"
 
 
 def parse_state_key(key: str) -> tuple[str, str, str]:
