@@ -114,6 +114,7 @@ class EbpfDatapath(UserspaceDatapath):
         self._entry_owner: dict[bytes, Flow] = {}
         self._simulating: tuple[int, tuple[int, ...]] | None = None
         self._underlay_sock: socket.socket | None = None
+        self._underlay_buffer = bytearray(65536)
         self._offload_installs = 0
         self._offload_refused = 0
 
@@ -291,7 +292,7 @@ class EbpfDatapath(UserspaceDatapath):
         out_port = -1 if entry.output_port is None else entry.output_port
         self._offloaded.setdefault(flow, _Offloaded()).entries[key] = [0, 0, port_key, out_port]
 
-    def _delete_entry(self, flow: Flow, key: bytes) -> None:
+    def _delete_entry(self, flow: Flow, key: bytes, *, in_kernel: bool = True) -> None:
         offloaded = self._offloaded.get(flow)
         if offloaded is not None:
             offloaded.entries.pop(key, None)
@@ -299,7 +300,8 @@ class EbpfDatapath(UserspaceDatapath):
                 del self._offloaded[flow]
         if self._entry_owner.get(key) is flow:
             del self._entry_owner[key]
-            self.kernel.delete_entry(key)
+            if in_kernel:
+                self.kernel.delete_entry(key)
 
     def _forget(self, flow: Flow) -> None:
         """Remove the kernel entries of a megaflow that left the table."""
@@ -322,7 +324,7 @@ class EbpfDatapath(UserspaceDatapath):
             for key, seen in list(offloaded.entries.items()):
                 counted = self.kernel.entry_counters(key)
                 if counted is None:  # the kernel's LRU evicted it
-                    self._delete_entry(flow, key)
+                    self._delete_entry(flow, key, in_kernel=False)
                     continue
                 packets, byte_count = counted[0] - seen[0], counted[1] - seen[1]
                 if packets <= 0:
@@ -356,15 +358,16 @@ class EbpfDatapath(UserspaceDatapath):
         sock = self._underlay_sock
         if sock is None:
             return
+        buffer = self._underlay_buffer
         for _ in range(self._batch_size):
             try:
-                frame = sock.recv(65536)
+                length = sock.recv_into(buffer)
             except BlockingIOError:
                 return
             except OSError:
                 self._drop("underlay_rx_error")
                 return
-            datagram = vxlan_datagram(frame)
+            datagram = vxlan_datagram(bytes(buffer[:length]))
             if datagram is None:
                 self._drop("underlay_malformed")
                 continue
