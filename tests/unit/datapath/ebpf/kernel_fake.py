@@ -8,8 +8,8 @@ tests/e2e/test_ebpf_programs.py checks the real programs against the same refere
 from __future__ import annotations
 
 import ipaddress
-import struct
 import socket
+import struct
 
 from hivenet.datapath.ebpf import entries
 from hivenet.flows.actions import Action, DecTtl, Output, SetField, Tunnel

@@ -13,8 +13,8 @@ from hivenet.flows.table import flow_match_values
 from hivenet.packets import build_arp_request, extract_flow_match
 from hivenet.packets.builders import build_echo_request, build_tcp_segment
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, mask_from
-from tests.unit.datapath.fakes import MAC_A, MAC_B, udp_frame
 from tests.unit.datapath.ebpf.kernel_fake import TUNNEL_IFINDEX, decode_entry
+from tests.unit.datapath.fakes import MAC_A, MAC_B, udp_frame
 
 IFINDEX = 7
 
