@@ -116,6 +116,8 @@ class EbpfDatapath(UserspaceDatapath):
         self._underlay_sock: socket.socket | None = None
         self._underlay_buffer = bytearray(65536)
         self._offload_installs = 0
+        self._kernel_packets = 0
+        self._kernel_bytes = 0
         self._offload_refused = 0
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -227,6 +229,8 @@ class EbpfDatapath(UserspaceDatapath):
         result = super().counters()
         result.update(self.kernel.counters())
         result["kernel_entries"] = len(self._entry_owner)
+        result["kernel_packets"] = self._kernel_packets
+        result["kernel_bytes"] = self._kernel_bytes
         result["kernel_offloads"] = self._offload_installs
         result["kernel_offload_refused"] = self._offload_refused
         return result
@@ -340,6 +344,8 @@ class EbpfDatapath(UserspaceDatapath):
     def _account_kernel_traffic(
         self, in_port: int, out_port: int, packets: int, byte_count: int
     ) -> None:
+        self._kernel_packets += packets
+        self._kernel_bytes += byte_count
         source = self._ports.get(in_port)
         if source is not None:
             source.rx_packets += packets

@@ -17,6 +17,7 @@ without the `hn` prefix. Everything it made is removed by `close()`; after a cra
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -102,14 +103,13 @@ def remove_stale_pins() -> list[str]:
 
 
 def underlay_interface(underlay_ip: str) -> str:
-    """The interface of this namespace that carries `underlay_ip`."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for address in ipr.get_addr():
-            if address.get_attr("IFA_ADDRESS") == underlay_ip:
-                links = ipr.get_links(address["index"])
-                return str(links[0].get_attr("IFLA_IFNAME"))
+    """The interface of this namespace that carries `underlay_ip` (`ip -j addr`: callable
+    from inside a running event loop, unlike pyroute2's synchronous IPRoute)."""
+    result = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True)
+    for link in json.loads(result.stdout or "[]"):
+        for address in link.get("addr_info", []):
+            if address.get("local") == underlay_ip:
+                return str(link["ifname"])
     raise FastPathUnavailable(f"underlay_ip {underlay_ip!r} is on no interface here")
 
 
