@@ -191,3 +191,14 @@ def test_removed_entries_stop_hitting(kernel: KernelFastPath) -> None:
     kernel.delete_entry(key)
     assert _run(kernel, "hn_port_ingress", frame)[0] == TC_ACT_SHOT
     assert kernel.entry_counters(key) is None
+
+
+def test_lab_clean_removes_the_pins_of_datapaths_that_died(kernel: KernelFastPath) -> None:
+    from hivenet.lab.cleanup import clean
+
+    dead_pid = 2**22 + 1  # above pid_max's ceiling: no such process
+    stale = BPFFS / f"hn-{dead_pid}-0"
+    stale.mkdir()
+    report = clean("zzzz")
+    assert stale.name in report.bpf_pins and not stale.exists()
+    assert kernel.pin_dir.exists()  # a running datapath's pins stay

@@ -91,12 +91,16 @@ def remove_pins(directory: Path) -> None:
         directory.rmdir()
 
 
-def remove_stale_pins() -> list[str]:
-    """Remove every /sys/fs/bpf/hn-* directory (what a crashed datapath left); their names."""
+def remove_stale_pins(*, every: bool = False) -> list[str]:
+    """Remove the /sys/fs/bpf/hn-* directories of datapaths that are gone (named hn-<pid>-<n>:
+    that PID no longer runs), or all of them with `every`; returns their names."""
     if not _is_bpffs(BPFFS):
         return []
     removed = []
     for directory in sorted(BPFFS.glob(f"{PIN_PREFIX}*")):
+        owner = directory.name[len(PIN_PREFIX) :].split("-")[0]
+        if not every and owner.isdigit() and Path(f"/proc/{owner}").exists():
+            continue
         remove_pins(directory)
         removed.append(directory.name)
     return removed
