@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hivenet.datapath._testdriver import read_counters, request_counters
 from hivenet.datapath.ebpf._testdriver import argv as driver_argv
-from hivenet.lab.netns import LabScope, NamespaceProcess, run_in_namespace, start_in_namespace
+from hivenet.lab.netns import LabScope, run_in_namespace, start_in_namespace
+from tests.e2e.conftest import DatapathDriver
 from tests.e2e.test_userspace_datapath import (
     TRANSFER_BYTES,
     VM1_MAC,
@@ -36,19 +35,9 @@ from tests.e2e.test_userspace_datapath import (
 pytestmark = pytest.mark.e2e
 
 
-class EbpfDriver:
-    def __init__(self, process: NamespaceProcess, counters_file: Path, log_file: Path) -> None:
-        self.process = process
-        self.counters_file = counters_file
-        self.log_file = log_file
-
-    def counters(self) -> dict[str, int]:
-        try:
-            return request_counters(self.process.pid, self.counters_file)
-        except TimeoutError as error:
-            raise AssertionError(f"{error}:\n{self.log_file.read_text()}") from None
-
+class EbpfDriver(DatapathDriver):
     def invalidate(self) -> None:
+        """SIGUSR2: the driver invalidates every flow of its config."""
         os.kill(self.process.pid, signal.SIGUSR2)
 
 
@@ -68,11 +57,7 @@ def start_ebpf(tmp_path: Path) -> Iterator[Callable[[str, dict[str, Any]], EbpfD
             )
         driver = EbpfDriver(process, counters_file, log_file)
         drivers.append(driver)
-        deadline = time.monotonic() + 20
-        while read_counters(counters_file) is None:
-            assert process.poll() is None, log_file.read_text()
-            assert time.monotonic() < deadline, log_file.read_text()
-            time.sleep(0.05)
+        driver.wait_ready()
         return driver
 
     yield start
