@@ -51,8 +51,9 @@ bpf: $(BPF_OBJECTS)
 
 install: $(APT_STAMP) $(STAMP) bpf
 
-# Coverage floor of the pure core (STYLE.md 10: it only rises). Measured by `make test`.
-CORE_COVERAGE_FLOOR := 0
+# Coverage floor of the pure core (STYLE.md 10: it only rises). Measured by `make test`;
+# 95.3% on 2026-12-04 (unit + integration + store).
+CORE_COVERAGE_FLOOR := 94
 CORE_SOURCES := */hivenet/packets/*,*/hivenet/model/*,*/hivenet/sim/*,*/hivenet/flows/*,*/hivenet/flowstate/*
 
 test: install

@@ -39,16 +39,12 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
-from hivenet.lab.lab import (
-    Lab,
-    PingResult,
-    TransferResult,
-    assign_macs,
-    default_state_dir,
-    plan_lab,
-    topology_objects,
-)
+from hivenet.lab.cli import print_explore_hints
+from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabError, LabScope
+from hivenet.lab.plan import assign_macs, plan_lab, topology_objects
+from hivenet.lab.probes import PingResult, TransferResult
+from hivenet.lab.record import default_state_dir
 from hivenet.lab.scenario import Scenario, ScenarioError, builtin_scenario
 
 STEADY_PINGS = 20
@@ -270,24 +266,14 @@ def _show_api(lab: Lab, console: Console) -> None:
 
 def _explain(lab: Lab, console: Console, *, teardown: bool) -> None:
     say = console.print
-    first = lab.plan.vms[0]
-    last = lab.plan.vms[-1]
-    where = (
-        "" if lab.state_dir == default_state_dir().absolute() else f" --state-dir {lab.state_dir}"
-    )
-    say()
-    say("[bold]Explore[/bold]  (first: `source .venv/bin/activate`, which puts `hivenet` on PATH)")
-    say(f"  hivenet lab exec{where} {first.namespace} ping {last.address}")
-    say(f"  hivenet lab exec{where} {first.namespace} bash      # a shell inside VM {first.name}")
-    say(f"  hivenet lab status{where}                # processes and the agents' counters")
-    say(f"  source {lab.state_dir / 'lab.env'}   # then: hivenet bridge list, hivenet port list")
-    say(f"  hivenet agent stats --host-id {lab.plan.hosts[0].name} --state-dir {lab.state_dir}")
-    say(f"  API {lab.api_url}/docs, admin token in {lab.token_path}")
     if teardown:
-        return
+        return  # the lab goes away now: nothing left to explore
+    say()
+    print_explore_hints(lab, console)
+    say(f"  API {lab.api_url}/docs, admin token in {lab.token_path}", markup=False, highlight=False)
     say(
-        f"[bold]The lab keeps running[/bold] for you to explore. Stop it with `hivenet lab down{where}` "
-        "(or `make lab-clean`, which removes every hn* object); `make demo` again replaces it."
+        "[bold]The lab keeps running[/bold] for you to explore; `make demo` again replaces it "
+        "(`make lab-clean` removes every hn* object)."
     )
 
 
@@ -346,7 +332,7 @@ class MemoryPing:
 async def run_memory_demo(console: Console, scenario: Scenario) -> int:
     from hivenet.agent.agent import HostAgent
     from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
-    from hivenet.lab.lab import TUNNEL_ZONE_ID
+    from hivenet.lab.plan import TUNNEL_ZONE_ID
     from hivenet.model import Port
     from hivenet.packets import build_arp_request, build_echo_request
     from hivenet.store import open_store

@@ -45,6 +45,40 @@ def hivenet(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]
     )
 
 
+def printed_hints(output: str) -> list[str]:
+    """The commands of the "Explore:" block, as printed (comments after "  # " cut off)."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Explore:"))
+    hints = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("  "):
+            break
+        hints.append(line.split("  # ")[0].strip())
+    return hints
+
+
+def run_every_hint(output: str) -> None:
+    """Each hint runs as a newcomer pastes it into bash (venv activated, no terminal input)."""
+    hints = printed_hints(output)
+    assert len(hints) >= 5, output
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for name in [n for n in env if n.startswith("HIVENET_")]:
+        del env[name]
+    for hint in hints:
+        result = subprocess.run(
+            ["bash", "-c", hint],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 0, f"hint {hint!r} failed:\n{result.stdout}{result.stderr}"
+        if " ping " in hint:
+            assert " 0 received" not in result.stdout, result.stdout
+
+
 def test_up_status_exec_down(scope: LabScope, tmp_path: Path) -> None:
     scenario = tmp_path / "small.yaml"
     scenario.write_text(SMALL)
@@ -53,11 +87,14 @@ def test_up_status_exec_down(scope: LabScope, tmp_path: Path) -> None:
     assert up.returncode == 0, up.stderr
     assert scope.namespace("vm1") in up.stdout and "API URL:" in up.stdout
     assert (tmp_path / "state" / "admin-token").exists()
+    run_every_hint(up.stdout)
 
     status = hivenet("lab", "status", "--state-dir", state)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "phase up" in status.stdout and "(healthy)" in status.stdout
     assert status.stdout.count("running") == 3  # the API server and two agents
+    assert "root namespace" in status.stdout and "namespaces: 4/4 present" in status.stdout
+    assert "drops by reason" in status.stdout
 
     ping = hivenet(
         "lab",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import os
 import re
 import threading
 import time
@@ -33,22 +32,19 @@ from pathlib import Path
 import pytest
 
 from hivenet.api.client import ApiError, HivenetClient
-from hivenet.lab.cleanup import clean
 from hivenet.lab.etcd import EtcdCluster, EtcdLabError, start_cluster, stop_all
 from hivenet.lab.lab import Lab
 from hivenet.lab.netns import (
     ROOT_UNDERLAY_ADDRESS,
     UNDERLAY_NETWORK,
-    LabScope,
     addresses_in,
-    list_links,
-    list_namespaces,
 )
 from hivenet.lab.scenario import builtin_scenario
 from hivenet.model import Route
 from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.store import open_store
 from hivenet.store.keys import host_alive_key, port_active_key
+from tests.e2e.common import running_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -215,31 +211,15 @@ class WriteStream:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("e2e: needs root (network namespaces, veth)")
-    scope = LabScope.unique()
-    state_dir = tmp_path_factory.mktemp("etcdlab") / "state"
-    lab = Lab(
-        builtin_scenario(),
-        state_dir=state_dir,
-        scope=scope,
-        store="etcd",
-        agent_lease_ttl=LEASE_TTL,
-    )
-    try:
-        lab.up(timeout=90)
+    root = tmp_path_factory.mktemp("etcdlab")
+    with running_lab(
+        builtin_scenario(), root, timeout=90, store="etcd", agent_lease_ttl=LEASE_TTL
+    ) as lab:
         yield lab
-    finally:
-        failures = lab.down()
-        leftovers = clean(scope.tag, directory=state_dir)
-        stopped_etcd = stop_all(state_dir)  # what `down` should have stopped
-        assert not failures, failures
-        assert leftovers.is_empty(), leftovers
-        assert not stopped_etcd, f"etcd members outlived lab.down(): {stopped_etcd}"
-        assert not list_namespaces(scope.namespace_prefix)
-        assert not list_links(scope.link_prefix)
-        assert not (state_dir / "etcd").exists()
-        assert str(ROOT_UNDERLAY_ADDRESS) not in [a for _l, a in addresses_in(UNDERLAY_NETWORK)]
+    stopped_etcd = stop_all(root / "state")  # what `down` should have stopped
+    assert not stopped_etcd, f"etcd members outlived lab.down(): {stopped_etcd}"
+    assert not (root / "state" / "etcd").exists()
+    assert str(ROOT_UNDERLAY_ADDRESS) not in [a for _l, a in addresses_in(UNDERLAY_NETWORK)]
 
 
 def ping_ok(lab: Lab, source: str, target: str, count: int = 3) -> None:

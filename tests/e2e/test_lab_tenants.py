@@ -4,16 +4,15 @@ tenant talks (ARP broadcasts included); the captures must hold nothing of the ot
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from hivenet.lab.lab import Lab
-from hivenet.lab.netns import LabScope, list_namespaces
 from hivenet.lab.scenario import parse_scenario
 from hivenet.model.types import mac_to_int
 from hivenet.packets import extract_flow_match
+from tests.e2e.common import running_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -34,20 +33,8 @@ TENANTS = {"blue": ("blue1", "blue2"), "green": ("green1", "green2")}
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("e2e: needs root (network namespaces, veth)")
-    scope = LabScope.unique()
-    lab = Lab(
-        parse_scenario(TWO_TENANTS),
-        state_dir=tmp_path_factory.mktemp("tenants") / "state",
-        scope=scope,
-    )
-    try:
-        lab.up(timeout=60)
+    with running_lab(parse_scenario(TWO_TENANTS), tmp_path_factory.mktemp("tenants")) as lab:
         yield lab
-    finally:
-        assert not lab.down()
-        assert not list_namespaces(scope.namespace_prefix)
 
 
 @pytest.mark.parametrize(("talking", "listening"), [("blue", "green"), ("green", "blue")])

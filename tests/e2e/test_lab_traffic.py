@@ -9,21 +9,21 @@ runs last.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hivenet.api.client import NotFoundError
-from hivenet.lab.cleanup import clean
-from hivenet.lab.lab import Lab, PingResult
-from hivenet.lab.netns import LabScope, list_links, list_namespaces
+from hivenet.lab.lab import Lab
+from hivenet.lab.probes import PingResult
 from hivenet.lab.scenario import Scenario, builtin_scenario, scenario_from_data
 from hivenet.model import Route
 from hivenet.model.types import mac_to_int
 from hivenet.packets import build_arp_request, extract_flow_match
+from tests.e2e.common import running_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -45,21 +45,8 @@ def scenario_with_vm5() -> Scenario:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("e2e: needs root (network namespaces, veth)")
-    scope = LabScope.unique()
-    state_dir = tmp_path_factory.mktemp("lab") / "state"
-    lab = Lab(scenario_with_vm5(), state_dir=state_dir, scope=scope)
-    try:
-        lab.up(timeout=60)
+    with running_lab(scenario_with_vm5(), tmp_path_factory.mktemp("lab")) as lab:
         yield lab
-    finally:
-        failures = lab.down()
-        leftovers = clean(scope.tag, directory=state_dir)  # what `down` should have removed
-        assert not failures, failures
-        assert leftovers.is_empty(), leftovers
-        assert not list_namespaces(scope.namespace_prefix)
-        assert not list_links(scope.link_prefix)
 
 
 def ping(lab: Lab, source: str, target: str, count: int = 3) -> PingResult:
@@ -70,6 +57,23 @@ def ping(lab: Lab, source: str, target: str, count: int = 3) -> PingResult:
 
 def upcalls(lab: Lab, host: str) -> int:
     return int(lab.fresh_agent_counters(host)["pipeline"]["upcalls"])
+
+
+def assert_runs_on_installed_flows(
+    lab: Lab, hosts: tuple[str, ...], source: str, target: str
+) -> None:
+    """Ten pings of an unaffected pair cause no new simulation per packet on `hosts`: at most
+    one incidental upcall each (an ARP refresh may fall in the window), never one per ping."""
+    before = {host: upcalls(lab, host) for host in hosts}
+    ping(lab, source, target, count=10)
+    extra = {host: upcalls(lab, host) - before[host] for host in hosts}
+    assert all(count <= 1 for count in extra.values()), extra
+
+
+def reply_times(log: Path) -> list[float]:
+    """The -D timestamps of the echo replies in a ping log so far."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [float(line[1 : line.index("]")]) for line in lines if "bytes from" in line]
 
 
 # How long a change may take to show in the data path here. Generous: this is a shared,
@@ -146,9 +150,7 @@ def test_port_admin_down_stops_traffic_and_spares_other_flows(lab: Lab) -> None:
             seconds_until((lab, "vm1", "10.0.1.20"), False)
             assert lab.ping("vm1", "10.0.1.20", count=3, interval=0.05, wait=0.3).received == 0
             # The other pair still runs on its installed flows: no new simulation anywhere.
-            before = {host: upcalls(lab, host) for host in ("h2", "h3")}
-            ping(lab, "vm4", "10.0.2.21", count=5)
-            assert {host: upcalls(lab, host) for host in ("h2", "h3")} == before
+            assert_runs_on_installed_flows(lab, ("h2", "h3"), "vm4", "10.0.2.21")
         finally:
             client.update("port", "vm.vm3", {"admin_state_up": True})
     seconds_until((lab, "vm1", "10.0.1.20"), True)
@@ -161,9 +163,7 @@ def test_port_admin_down_spares_flows_of_other_ports_on_the_same_bridge(lab: Lab
         client.update("port", "vm.vm3", {"admin_state_up": False})
         try:
             seconds_until((lab, "vm1", "10.0.1.20"), False)
-            before = upcalls(lab, "h1")
-            ping(lab, "vm1", "10.0.1.11", count=5)
-            assert upcalls(lab, "h1") == before
+            assert_runs_on_installed_flows(lab, ("h1",), "vm1", "10.0.1.11")
         finally:
             client.update("port", "vm.vm3", {"admin_state_up": True})
             seconds_until((lab, "vm1", "10.0.1.20"), True)
@@ -188,9 +188,7 @@ def test_deleted_route_stops_traffic_and_restored_flows_again(lab: Lab) -> None:
             client.delete("route", "route.test")
             seconds_until((lab, "vm1", "10.0.9.20"), False)
             assert lab.ping("vm1", "10.0.9.20", count=3, interval=0.05, wait=0.3).received == 0
-            before = {host: upcalls(lab, host) for host in ("h1", "h2")}
-            ping(lab, "vm1", "10.0.1.20", count=5)
-            assert {host: upcalls(lab, host) for host in ("h1", "h2")} == before
+            assert_runs_on_installed_flows(lab, ("h1", "h2"), "vm1", "10.0.1.20")
             client.create_object(route)
             seconds_until((lab, "vm1", "10.0.9.20"), True)
             ping(lab, "vm1", "10.0.9.20")
@@ -206,32 +204,34 @@ def test_agent_kill_9_and_restart_mid_ping(lab: Lab) -> None:
     ping(lab, "vm4", "10.0.1.11")  # h3 <-> h1 (routed): flows on hosts that keep running
     ping(lab, "vm1", "10.0.1.11")  # h1 only
     before = {host: lab.fresh_agent_counters(host) for host in ("h1", "h3")}
+    # Line-buffered, so the log shows each reply as it comes; the pinger runs until replies
+    # resumed after the restart (however long the agent took to come back), never a fixed time.
     pinger = lab.start_in(
-        "vm1", ["ping", "-n", "-D", "-i", "0.05", "-w", "5", "10.0.1.20"], label="pinger"
+        "vm1",
+        ["stdbuf", "-oL", "ping", "-n", "-D", "-i", "0.05", "-w", "60", "10.0.1.20"],
+        label="pinger",
     )
     time.sleep(1.0)
     lab.kill_agent("h2")
     killed_at = time.time()
     time.sleep(0.5)
     lab.start_agent("h2")
-    lab.wait_agents_ready(timeout=20, hosts=["h2"])
+    lab.wait_agents_ready(timeout=30, hosts=["h2"])
     restarted_at = time.time()
-    pinger.popen.wait(15)
+    log = lab.log_of("vm1", "pinger")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(t > restarted_at for t in reply_times(log)):
+        time.sleep(0.1)
     pinger.stop()
-    output = (lab.state_dir / f"{lab.plan.vm('vm1').namespace}.pinger.log").read_text()
-    reply_times = [
-        float(line[1 : line.index("]")]) for line in output.splitlines() if "bytes from" in line
-    ]
-    assert any(t < killed_at for t in reply_times), output
-    assert any(t > restarted_at for t in reply_times), f"pings did not resume:\n{output}"
-    # The hosts that kept running lost no flow: nothing invalidated, and their pairs need no
-    # new simulation. (Checked within the dead agent's lease TTL: see the report on what its
-    # expiry does.)
+    output = log.read_text()
+    replies = reply_times(log)
+    assert any(t < killed_at for t in replies), output
+    assert any(t > restarted_at for t in replies), f"pings did not resume:\n{output}"
+    # The hosts that kept running lost no flow: nothing invalidated there, and their pairs keep
+    # answering every ping. (Checked within the dead agent's lease TTL. No exact upcall count:
+    # an ARP refresh or a flow's idle expiry may legitimately cause one more upcall.)
     ping(lab, "vm4", "10.0.1.11")
     ping(lab, "vm1", "10.0.1.11")
     for host, earlier in before.items():
         now = lab.fresh_agent_counters(host)
         assert now["agent"]["flows_invalidated"] == earlier["agent"]["flows_invalidated"], host
-    assert (
-        lab.fresh_agent_counters("h3")["pipeline"]["upcalls"] == before["h3"]["pipeline"]["upcalls"]
-    )

@@ -33,12 +33,12 @@ import pytest
 
 from hivenet.agent.health import HEALTH_PORT_ID_PREFIX, MEMBER_HEALTH_KIND, health_subnet
 from hivenet.agent.health_ns import health_namespace_name, host_tag
-from hivenet.lab.cleanup import clean
 from hivenet.lab.lab import Lab
-from hivenet.lab.netns import LabScope, NamespaceProcess, list_namespaces
+from hivenet.lab.netns import NamespaceProcess
 from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.store import open_store
 from hivenet.store.keys import STATE_PREFIX
+from tests.e2e.common import running_lab
 from tests.e2e.test_lb_vip import CLIENTS, MEMBERS, VIP, requests, scenario
 
 pytestmark = pytest.mark.e2e
@@ -82,24 +82,14 @@ while True:
 def lab_and_servers(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Lab, dict[str, NamespaceProcess]]]:
-    if os.geteuid() != 0:
-        pytest.skip("e2e: needs root (network namespaces, veth)")
-    scope = LabScope.unique()
-    root = tmp_path_factory.mktemp("lbhealth")
-    lab = Lab(scenario(), state_dir=root / "state", scope=scope)
     health_namespaces: list[str] = []
     try:
-        lab.up(timeout=90)
-        health_namespaces.extend(expected_health_namespaces(lab))
-        servers = {vm: start_member_server(lab, vm) for vm in MEMBERS}
-        create_load_balancer(lab)
-        yield lab, servers
+        with running_lab(scenario(), tmp_path_factory.mktemp("lbhealth"), timeout=90) as lab:
+            health_namespaces.extend(expected_health_namespaces(lab))
+            servers = {vm: start_member_server(lab, vm) for vm in MEMBERS}
+            create_load_balancer(lab)
+            yield lab, servers
     finally:
-        failures = lab.down()
-        leftovers = clean(scope.tag, directory=root / "state")
-        assert not failures, failures
-        assert leftovers.is_empty(), leftovers
-        assert not list_namespaces(scope.namespace_prefix)
         # The agents took their health namespaces (placeholders included) away on stopping.
         left = [name for name in health_namespaces if os.path.lexists(f"/run/netns/{name}")]
         for name in left:

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from hivenet.lab.cleanup import clean
-from hivenet.lab.lab import Lab, PingResult
-from hivenet.lab.netns import LabScope, list_links, list_namespaces
+from hivenet.lab.lab import Lab
+from hivenet.lab.probes import PingResult
 from hivenet.lab.scenario import builtin_scenario
 from hivenet.model import Direction, SecurityGroup, SecurityGroupRule
 from hivenet.packets import extract_flow_match
 from hivenet.store import open_store
+from tests.e2e.common import running_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -37,21 +36,8 @@ FIXED = {"vm1": "10.0.1.10", "vm2": "10.0.1.20", "vm3": "10.0.2.20", "vm4": "10.
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("e2e: needs root (network namespaces, veth)")
-    scope = LabScope.unique()
-    state_dir = tmp_path_factory.mktemp("natlab") / "state"
-    lab = Lab(builtin_scenario("nat"), state_dir=state_dir, scope=scope)
-    try:
-        lab.up(timeout=60)
+    with running_lab(builtin_scenario("nat"), tmp_path_factory.mktemp("natlab")) as lab:
         yield lab
-    finally:
-        failures = lab.down()
-        leftovers = clean(scope.tag, directory=state_dir)
-        assert not failures, failures
-        assert leftovers.is_empty(), leftovers
-        assert not list_namespaces(scope.namespace_prefix)
-        assert not list_links(scope.link_prefix)
 
 
 def ping_until_ok(lab: Lab, source: str, target: str) -> PingResult:

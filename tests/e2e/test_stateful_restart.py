@@ -12,16 +12,14 @@ restart. Its own lab (unique tag and state dir), removed afterwards whatever hap
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from hivenet.lab.cleanup import clean
 from hivenet.lab.lab import Lab
-from hivenet.lab.netns import LabScope, list_links, list_namespaces
 from hivenet.lab.scenario import builtin_scenario
+from tests.e2e.common import running_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -33,21 +31,8 @@ INTERVAL = 0.04
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("e2e: needs root (network namespaces, veth)")
-    scope = LabScope.unique()
-    state_dir = tmp_path_factory.mktemp("natrestart") / "state"
-    lab = Lab(builtin_scenario("nat"), state_dir=state_dir, scope=scope)
-    try:
-        lab.up(timeout=60)
+    with running_lab(builtin_scenario("nat"), tmp_path_factory.mktemp("natrestart")) as lab:
         yield lab
-    finally:
-        failures = lab.down()
-        leftovers = clean(scope.tag, directory=state_dir)
-        assert not failures, failures
-        assert leftovers.is_empty(), leftovers
-        assert not list_namespaces(scope.namespace_prefix)
-        assert not list_links(scope.link_prefix)
 
 
 def restart_agent(lab: Lab, host: str) -> float:

@@ -64,6 +64,17 @@ async def pass_time(clock: SleepingManualClock, seconds: float, *, step: float =
             await asyncio.sleep(0.005)
 
 
+async def until_gone(store: Store, key: str, timeout: float = 5.0) -> None:
+    """Wait until `key` is gone from `store`: after a lease expired on the store's clock, its
+    sweep (every lease_check_interval, real time) deletes the lease's keys."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await store.get(key) is not None:
+        if loop.time() > deadline:
+            raise AssertionError(f"{key} still in the store after {timeout} s")
+        await asyncio.sleep(0.01)
+
+
 def run(coro: Coroutine[Any, Any, None], timeout: float = 30.0) -> None:
     """Run a test scenario on a fresh event loop; fail it after `timeout` seconds."""
     asyncio.run(asyncio.wait_for(coro, timeout))

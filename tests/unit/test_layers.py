@@ -18,9 +18,21 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"model", "packets"},
     "sim": {"packets", "model", "flows", "flowstate"},
     "datapath": {"packets", "flows", "model", "flowstate"},
-    "agent": {"packets", "model", "store", "sim", "flows", "flowstate", "datapath"},
+    "nsutil": set(),  # Linux network namespaces: shared by agent and lab, imports no layer
+    "agent": {"packets", "model", "store", "sim", "flows", "flowstate", "datapath", "nsutil"},
     "api": {"model", "store", "packets"},
-    "lab": {"agent", "store", "model", "packets", "datapath", "api", "sim", "flows", "flowstate"},
+    "lab": {
+        "agent",
+        "store",
+        "model",
+        "packets",
+        "datapath",
+        "api",
+        "sim",
+        "flows",
+        "flowstate",
+        "nsutil",
+    },
     "cli": {
         "api",
         "lab",
@@ -32,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
         "sim",
         "flows",
         "flowstate",
+        "nsutil",
     },
 }
 PURE = {"packets", "model", "sim", "flows", "flowstate"}

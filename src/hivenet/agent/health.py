@@ -27,7 +27,8 @@ Design (the decisions, in one place):
   (`OverlayProbing`) keeps a health-check namespace `hn-hm<tag>` on this host
   (`hivenet.agent.health_ns`) whose veth's host end is bound as an exterior port of that
   router, and runs a `SocketProber` (TCP connect / HTTP request / UDP / ping probes in worker
-  threads that `setns` into the namespace) there. A probe crosses the router, its chains and
+  threads that enter the namespace with `hivenet.nsutil`) there. A probe crosses the router,
+  its chains and
   the tunnels like a client's packet; the member answers through the router, which routes
   the reply to the health address by the connected route of that port. The namespace and the
   port go away when this host no longer probes that router's members, and when the agent
@@ -63,13 +64,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import hashlib
 import ipaddress
 import json
 import logging
-import os
 import socket
 import subprocess
 import threading
@@ -91,6 +90,7 @@ from hivenet.agent.health_ns import (
 )
 from hivenet.model import DeviceKind, Port
 from hivenet.model.loadbalancer import HealthMonitor, HealthMonitorType, OperatingStatus
+from hivenet.nsutil import enter_namespace
 from hivenet.sim import TopologyView
 from hivenet.sim.loadbalancer import (
     PROBERS_PER_MEMBER,
@@ -110,7 +110,6 @@ from hivenet.store.topology import (
 log = logging.getLogger(__name__)
 
 MEMBER_HEALTH_KIND = "member_health"
-_CLONE_NEWNET = 0x40000000
 _HTTP_STATUS_PREFIX = b"HTTP/"
 
 
@@ -200,20 +199,6 @@ _PROBES: dict[HealthMonitorType, Callable[[ProbeTarget], bool]] = {
 }
 
 
-def _enter_namespace(namespace: str) -> None:
-    """Worker-thread initializer: move this thread into network namespace `namespace`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            error = ctypes.get_errno()
-            raise OSError(
-                error, f"setns into network namespace {namespace!r}: {os.strerror(error)}"
-            )
-    finally:
-        os.close(fd)
-
-
 class SocketProber:
     """Probes with real sockets in worker threads; with `namespace`, the threads live in that
     network namespace (the host's health-check namespace on the overlay)."""
@@ -223,7 +208,7 @@ class SocketProber:
         self._executor = ThreadPoolExecutor(
             max_workers=workers,
             thread_name_prefix="hn-health",
-            initializer=functools.partial(_enter_namespace, namespace) if namespace else None,
+            initializer=functools.partial(enter_namespace, namespace) if namespace else None,
         )
 
     def can_probe(self, target: ProbeTarget) -> bool:

@@ -18,40 +18,39 @@ placeholder file of the same name, which this module replaces on the next ensure
 `hivenet lab clean` deletes; and the namespace dies with the agent, so a killed agent leaves
 no namespace behind.
 
-Blocking (netlink round trips; work inside a namespace runs in a short-lived thread that enters
-it, never in a forked child): call it from a worker thread. Must not touch any namespace or link not named here, the topology or
+Namespace primitives (create without forking, enter from a thread, remove) are
+`hivenet.nsutil`, shared with the lab. Blocking (netlink round trips; work inside a namespace
+runs in a short-lived thread that enters it, never in a forked child): call it from a worker
+thread. Must not touch any namespace or link not named here, the topology or
 the datapath.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import hashlib
 import ipaddress
 import os
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from hivenet.nsutil import (
+    create_namespace,
+    in_namespace,
+    link_index,
+    list_namespaces,
+    namespace_is_live,
+    remove_namespace,
+)
 
 HEALTH_NAMESPACE_PREFIX = "hn-hm"
 HEALTH_LINK_PREFIX = "hnhm"
-NETNS_RUN_DIR = "/run/netns"
 # Same room for the VXLAN headers as a VM's interface; probes are small anyway.
 HEALTH_LINK_MTU = 1450
 HOST_TAG_LEN = 4
 ROUTER_TAG_LEN = 6
-_CLONE_NEWNET = 0x40000000
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_SHARED = 1 << 20
-
-T = TypeVar("T")
 
 
 class HealthNamespaceError(RuntimeError):
@@ -128,128 +127,29 @@ class HealthNamespace:
 # ---------------------------------------------------------------------------- namespaces
 
 
-def _path(namespace: str) -> str:
-    return os.path.join(NETNS_RUN_DIR, namespace)
-
-
-def namespace_is_live(namespace: str) -> bool:
-    """True when /run/netns/<namespace> is a network namespace here (a bind mount of nsfs),
-    False when it is missing or only a placeholder file (see the module docstring)."""
-    try:
-        return os.stat(_path(namespace)).st_dev == os.stat("/proc/self/ns/net").st_dev
-    except FileNotFoundError:
-        return False
-
-
 def health_namespaces(host_tag_text: str) -> list[str]:
     """This agent's health namespaces (live ones and placeholders), by name."""
-    prefix = f"{HEALTH_NAMESPACE_PREFIX}{host_tag_text}"
-    try:
-        names = os.listdir(NETNS_RUN_DIR)
-    except FileNotFoundError:
-        return []
-    return sorted(name for name in names if name.startswith(prefix))
+    return list_namespaces(f"{HEALTH_NAMESPACE_PREFIX}{host_tag_text}")
 
 
 def _drop_namespace(namespace: str) -> bool:
     """Unmount and unlink /run/netns/<namespace>; False when there was nothing."""
-    if not os.path.lexists(_path(namespace)):
-        return False
     try:
-        netns.remove(namespace)  # a placeholder's umount fails quietly; the unlink is the point
-    except FileNotFoundError:
-        return False
+        return remove_namespace(namespace)
     except OSError as error:
-        raise HealthNamespaceError(f"remove namespace {namespace!r}: {error}") from error
-    return True
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, action: str) -> None:
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"{action}: {os.strerror(code)}")
-
-
-def _in_namespace(namespace: str | None, work: Callable[[], T]) -> T:
-    """Run `work` in a fresh thread inside `namespace` (None: a new, unnamed one, which
-    `work` may bind to a name), and return its result. A thread of its own, because entering
-    a namespace moves only the calling thread and it must never go back to a pool; no fork
-    (pyroute2's netns helpers fork, which is unsafe in a process with threads)."""
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            libc = _libc()
-            if namespace is None:
-                _check(libc.unshare(_CLONE_NEWNET), "unshare a network namespace")
-            else:
-                fd = os.open(_path(namespace), os.O_RDONLY)
-                try:
-                    _check(libc.setns(fd, _CLONE_NEWNET), f"enter namespace {namespace!r}")
-                finally:
-                    os.close(fd)
-            outcome.append(work())
-        except BaseException as error:  # handed to the caller below
-            failure.append(error)
-
-    worker = threading.Thread(target=run, name="hn-health-netns")
-    worker.start()
-    worker.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
-
-
-def _share_run_dir(libc: ctypes.CDLL) -> None:
-    """Make /run/netns a shared mount (as iproute2 does), so a namespace bound under it shows
-    in every mount namespace that shares it."""
-    run_dir = NETNS_RUN_DIR.encode()
-    os.makedirs(NETNS_RUN_DIR, exist_ok=True)
-    if libc.mount(b"", run_dir, b"none", _MS_SHARED | _MS_REC, None) == 0:
-        return
-    _check(libc.mount(run_dir, run_dir, b"none", _MS_BIND | _MS_REC, None), "bind /run/netns")
-    _check(libc.mount(b"", run_dir, b"none", _MS_SHARED | _MS_REC, None), "share /run/netns")
+        raise HealthNamespaceError(str(error)) from error
 
 
 def _create_namespace(namespace: str) -> None:
-    """A new network namespace bound at /run/netns/<namespace>, loopback up, IPv6 off (no RS,
-    DAD or MLD into the router port)."""
-
-    def bind_and_configure() -> None:
-        libc = _libc()
-        _share_run_dir(libc)
-        path = _path(namespace)
-        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
-        source = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
-        _check(libc.mount(source, path.encode(), b"none", _MS_BIND, None), f"bind {path}")
-        for scope in ("all", "default"):
-            sysctl_path = f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6"
-            with contextlib.suppress(FileNotFoundError), open(sysctl_path, "w") as sysctl:
-                sysctl.write("1")  # (no such file: a kernel without IPv6)
-        with IPRoute() as ipr:
-            loopback = _lookup(ipr, "lo")
-            if loopback is not None:
-                _netlink("set lo up", ipr.link, "set", index=loopback, state="up")
-
+    """A new network namespace, loopback up, IPv6 off (no RS, DAD or MLD into the router
+    port); made by a thread, never a forked child (this process runs threads)."""
     try:
-        _in_namespace(None, bind_and_configure)
+        create_namespace(namespace, ipv6=False)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(_path(namespace))
-        raise HealthNamespaceError(f"create namespace {namespace!r}: {error}") from error
+        raise HealthNamespaceError(str(error)) from error
 
 
 # ---------------------------------------------------------------------------- links
-
-
-def _lookup(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else None
 
 
 def _netlink(action: str, call: object, *args: object, **kwargs: object) -> object:
@@ -263,7 +163,7 @@ def _inner_state_matches(spec: HealthNamespace) -> bool:
     """The inner end exists in the namespace, is up, holds exactly the address and has the
     default route via the gateway (run inside the namespace)."""
     with IPRoute() as ipr:
-        index = _lookup(ipr, spec.inner_link)
+        index = link_index(ipr, spec.inner_link)
         if index is None:
             return False
         link = ipr.get_links(index)[0]
@@ -283,11 +183,11 @@ def health_namespace_matches(spec: HealthNamespace) -> bool:
     if not namespace_is_live(spec.namespace):
         return False
     with IPRoute() as ipr:
-        host_index = _lookup(ipr, spec.host_link)
+        host_index = link_index(ipr, spec.host_link)
         if host_index is None or ipr.get_links(host_index)[0].get("state") != "up":
             return False
     try:
-        return _in_namespace(spec.namespace, lambda: _inner_state_matches(spec))
+        return in_namespace(spec.namespace, lambda: _inner_state_matches(spec))
     except (OSError, NetlinkError):
         return False
 
@@ -316,8 +216,8 @@ def _build_links(spec: HealthNamespace) -> None:
             kind="veth",
             peer={"ifname": spec.inner_link},
         )
-        host_index = _lookup(ipr, spec.host_link)
-        inner_index = _lookup(ipr, spec.inner_link)
+        host_index = link_index(ipr, spec.host_link)
+        inner_index = link_index(ipr, spec.inner_link)
         if host_index is None or inner_index is None:
             raise HealthNamespaceError(f"veth {spec.host_link!r} vanished after its creation")
         _netlink(
@@ -342,13 +242,13 @@ def _build_links(spec: HealthNamespace) -> None:
             mtu=HEALTH_LINK_MTU,
             state="up",
         )
-    _in_namespace(spec.namespace, lambda: _configure_inner_link(spec))
+    in_namespace(spec.namespace, lambda: _configure_inner_link(spec))
 
 
 def _configure_inner_link(spec: HealthNamespace) -> None:
     """Inside the namespace: the inner end up, with its address and the default route."""
     with IPRoute() as ipr:
-        inner_index = _lookup(ipr, spec.inner_link)
+        inner_index = link_index(ipr, spec.inner_link)
         if inner_index is None:
             raise HealthNamespaceError(f"{spec.inner_link!r} not found in {spec.namespace!r}")
         _netlink(f"set {spec.inner_link!r} up", ipr.link, "set", index=inner_index, state="up")
@@ -387,7 +287,7 @@ def remove_health_namespace(namespace: str, host_link: str | None = None) -> boo
     host_link = host_link or host_link_of(namespace)
     if host_link is not None:
         with IPRoute() as ipr:
-            index = _lookup(ipr, host_link)
+            index = link_index(ipr, host_link)
             if index is not None:
                 try:
                     ipr.link("del", index=index)

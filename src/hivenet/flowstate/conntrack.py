@@ -591,11 +591,6 @@ class ConntrackTable:
         if entry is not None:
             entry.peers = peers
 
-    def peers_of(self, zone: str, key: FlowKey) -> frozenset[str]:
-        entries = self._zones.get(zone)
-        entry = None if entries is None else entries.get(key)
-        return entry.peers if entry is not None else frozenset()
-
     # --- time ---------------------------------------------------------------------------------
 
     def expire(self, now: float) -> list[ConntrackRecord]:

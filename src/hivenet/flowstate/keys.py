@@ -104,11 +104,6 @@ class FlowKey(_FlowKeyFields):
         return f"[{ipaddress.IPv6Address(value)}]"
 
 
-def ip_version_of(match: FlowMatch) -> int:
-    """4 or 6 for an IP packet, 0 otherwise."""
-    return _ETH_TYPE_VERSION.get(match.eth_type, 0)
-
-
 def is_icmp_error(match: FlowMatch) -> bool:
     if match.ip_proto == IP_PROTO_ICMP and match.eth_type == ETH_TYPE_IPV4:
         return match.icmp_type in ICMP_ERROR_TYPES

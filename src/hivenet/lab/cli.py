@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,17 +18,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hivenet.agent.cli import stats as agent_stats
 from hivenet.lab.etcd import EtcdMemberStatus
-from hivenet.lab.lab import (
-    ENV_FILE,
-    Lab,
-    LabStatus,
-    NeedsRootError,
-    default_state_dir,
-    remove_lab_files,
-    require_root,
-)
+from hivenet.lab.lab import Lab, LabStatus, NeedsRootError, require_root
 from hivenet.lab.netns import LabError, LabScope
+from hivenet.lab.record import ENV_FILE, default_state_dir, remove_lab_files
 from hivenet.lab.scenario import ScenarioError, builtin_scenario_names, resolve_scenario
 
 app = typer.Typer(
@@ -185,30 +180,100 @@ def print_summary(lab: Lab, out: Console = console) -> None:
             f"SNAT:       {', '.join(spec.snat)} -> {spec.router_ip.ip} "
             f"(leaving by {spec.router}'s uplink on {spec.host})"
         )
-    first = lab.plan.vms[0]
-    others = [vm for vm in lab.plan.vms if vm.name != first.name]
-    target = others[-1].address if others else first.address
     out.print(f"store:      {lab.store_url}")
     out.print(f"API URL:    {lab.api_url}")
     out.print(f"token file: {lab.token_path}")
     out.print(f"state dir:  {lab.state_dir}  (logs, PID files, agent counters)")
-    out.print("Explore:")
-    out.print(f"  hivenet lab exec {first.namespace} ping -c3 {target}")
+    print_explore_hints(lab, out)
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """One command a newcomer can paste as is (run by the tests exactly as printed)."""
+
+    command: str
+    what: str
+
+
+def state_dir_option(lab: Lab) -> str:
+    """ " --state-dir <dir>" unless the lab lives in the default state dir (found by itself)."""
+    if lab.state_dir == default_state_dir().expanduser().absolute():
+        return ""
+    return f" --state-dir {lab.state_dir}"
+
+
+def explore_hints(lab: Lab) -> list[Hint]:
+    """What to try on a running lab; printed by `hivenet lab up` and by the demo."""
+    where = state_dir_option(lab)
+    first = lab.plan.vms[0]
+    others = [vm for vm in lab.plan.vms if vm.name != first.name]
+    target = others[-1] if others else first
+    hints = [
+        Hint(
+            f"hivenet lab exec{where} {first.namespace} ping -c 3 {target.address}",
+            f"{first.name} -> {target.name}",
+        ),
+    ]
+    external = lab.plan.external
     if external is not None:
-        out.print(f"  hivenet lab exec {first.namespace} ping -c3 {external.address}")
-        floating = next((vm.floating_ip for vm in lab.plan.vms if vm.floating_ip), None)
+        hints.append(
+            Hint(
+                f"hivenet lab exec{where} {first.namespace} ping -c 3 {external.address}",
+                f"{first.name} -> the outside world (SNAT)",
+            )
+        )
+        floating = next((vm for vm in lab.plan.vms if vm.floating_ip), None)
         if floating is not None:
-            out.print(f"  hivenet lab exec {external.namespace} ping -c3 {floating}")
-    out.print(f"  hivenet lab status --state-dir {lab.state_dir}")
-    out.print(f"  source {lab.state_dir / ENV_FILE}   # HIVENET_API_URL, HIVENET_STATE_DIR")
-    out.print("  hivenet bridge list; hivenet port list")
-    out.print(f"  hivenet agent stats --host-id {lab.plan.hosts[0].name}")
-    out.print(f"Stop: hivenet lab down --state-dir {lab.state_dir}   (or: make lab-clean)")
+            hints.append(
+                Hint(
+                    f"hivenet lab exec{where} {external.namespace} ping -c 3 {floating.floating_ip}",
+                    f"the outside world -> {floating.name}'s floating IP",
+                )
+            )
+    host = lab.plan.hosts[0].name
+    hints += [
+        Hint(f"hivenet lab exec{where} {first.namespace} bash", f"a shell inside VM {first.name}"),
+        Hint(f"hivenet lab status{where}", "processes, the agents' counters and drops by reason"),
+        Hint(f"hivenet lab stats{where} {host}", f"every counter of {host}'s agent"),
+        Hint(
+            f"source {lab.state_dir / ENV_FILE} && hivenet bridge list && hivenet port list",
+            "the REST API (lab.env sets HIVENET_API_URL, HIVENET_STATE_DIR)",
+        ),
+    ]
+    return hints
+
+
+def print_explore_hints(lab: Lab, out: Console = console) -> None:
+    hints = explore_hints(lab)
+    width = max(len(hint.command) for hint in hints)
+    out.print("Explore:  (`hivenet` is on PATH after `source .venv/bin/activate`)")
+    for hint in hints:
+        # Never wrapped: each line must paste as one command.
+        line = f"  {hint.command.ljust(width)}  # {hint.what}"
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    stop = f"Stop:     hivenet lab down{state_dir_option(lab)}   (or: make lab-clean)"
+    out.print(stop, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("stats")
+def stats(
+    host: Annotated[str, typer.Argument(help="The host whose agent's counters to show (h1).")],
+    state_dir: StateDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON.")] = False,
+) -> None:
+    """Every counter of one host's agent in the running lab (`hivenet agent stats`, with the
+    lab's state dir found for you)."""
+    lab = _load(_state_dir(state_dir))
+    try:
+        host_id = lab.plan.host(host).name
+    except LabError as error:
+        raise _fail(str(error)) from None
+    agent_stats(host_id=host_id, state_dir=lab.state_dir, as_json=as_json)
 
 
 @app.command("status")
 def status(state_dir: StateDirOption = None) -> None:
-    """Namespaces, processes and the agents' key counters of the running lab."""
+    """Namespaces, processes, the agents' key counters and drops by reason per host."""
     lab = _load(_state_dir(state_dir))
     report = lab.status()
     print_status(lab, report)
@@ -256,11 +321,15 @@ def print_status(lab: Lab, report: LabStatus, out: Console = console) -> None:
         f"({'healthy' if report.api_healthy else 'NOT answering'})"
     )
     processes = Table(title="processes", title_justify="left")
-    for column in ("namespace", "process", "PID", "state"):
+    for column in ("runs in", "process", "PID", "state"):
         processes.add_column(column)
     for process in report.processes:
+        # The API server's PID file is named after a pseudo-namespace; it runs in the root one.
+        where = (
+            "root namespace" if process.namespace == lab.plan.api_namespace else process.namespace
+        )
         processes.add_row(
-            process.namespace,
+            where,
             process.label,
             str(process.pid),
             "running" if process.running else "GONE",
@@ -291,9 +360,45 @@ def print_status(lab: Lab, report: LabStatus, out: Console = console) -> None:
     )
     for title, _section, _name in columns:
         agents.add_column(title, justify="left" if title == "host" else "right")
+    agents.add_column("drops", justify="right")
     for host, data in report.agents.items():
-        agents.add_row(host, *(_counter(data, section, name) for _t, section, name in columns[1:]))
+        drops = drops_by_reason(data)
+        agents.add_row(
+            host,
+            *(_counter(data, section, name) for _t, section, name in columns[1:]),
+            "-" if data is None else str(sum(drops.values())),
+        )
     out.print(agents)
+    print_drops(report, out)
+
+
+DROP_SECTIONS = ("datapath", "pipeline")  # where an agent's counters keep "drop.<reason>"
+
+
+def drops_by_reason(counters: dict[str, Any] | None) -> dict[str, int]:
+    """ "<section> <reason>" -> count for every non-zero drop counter of one agent: the
+    datapath's (malformed frames, bad VXLAN, flow drops...) and the simulation's."""
+    drops: dict[str, int] = {}
+    for section in DROP_SECTIONS:
+        for name, value in sorted(((counters or {}).get(section) or {}).items()):
+            if name.startswith("drop.") and isinstance(value, int | float) and value:
+                drops[f"{section} {name.removeprefix('drop.')}"] = int(value)
+    return drops
+
+
+def print_drops(report: LabStatus, out: Console = console) -> None:
+    table = Table(title="drops by reason", title_justify="left")
+    for column in ("host", "where", "reason"):
+        table.add_column(column)
+    table.add_column("packets", justify="right")
+    for host, data in report.agents.items():
+        for key, count in drops_by_reason(data).items():
+            section, reason = key.split(" ", 1)
+            table.add_row(host, section, reason, str(count))
+    if table.row_count:
+        out.print(table)
+    else:
+        out.print("drops by reason: none")
 
 
 @app.command(

@@ -42,8 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from hivenet import nsutil
 
 NAME_PREFIX = "hn"
 MAX_LINK_NAME_LEN = 15
@@ -95,11 +97,11 @@ def check_namespace_name(name: str) -> str:
 
 
 def list_namespaces(prefix: str = NAME_PREFIX) -> list[str]:
-    return sorted(name for name in netns.listnetns() if name.startswith(prefix))
+    return nsutil.list_namespaces(prefix)
 
 
 def namespace_exists(name: str) -> bool:
-    return name in netns.listnetns()
+    return nsutil.namespace_exists(name)
 
 
 def create_namespace(name: str, *, ipv6: bool = True) -> None:
@@ -108,48 +110,31 @@ def create_namespace(name: str, *, ipv6: bool = True) -> None:
     check_namespace_name(name)
     if namespace_exists(name):
         raise LabError(f"namespace {name!r} already exists")
-    netns.create(name)
-    if not ipv6:
-        run_in_namespace(
-            name,
-            [
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ],
-        )
-    with _ipr(name) as ipr:
-        ipr.link("set", index=_index(ipr, "lo", name), state="up")
+    try:
+        nsutil.create_namespace(name, ipv6=ipv6)
+    except OSError as error:
+        raise LabError(str(error)) from error
 
 
 def delete_namespace(name: str) -> bool:
     """Delete namespace `name`; False when it did not exist (idempotent)."""
     check_namespace_name(name)
-    if not namespace_exists(name):
-        return False
     try:
-        netns.remove(name)
-    except FileNotFoundError:
-        return False
-    return True
+        return nsutil.remove_namespace(name)
+    except OSError as error:
+        raise LabError(str(error)) from error
 
 
 @contextmanager
 def _ipr(namespace: str | None) -> Iterator[IPRoute]:
     """An IPRoute in `namespace` (None: the root namespace); never creates a namespace."""
-    if namespace is None:
-        ipr = IPRoute()
-    else:
+    if namespace is not None:
         check_namespace_name(namespace)
-        try:
-            ipr = IPRoute(netns=namespace, flags=0)
-        except FileNotFoundError:
-            raise LabError(f"namespace {namespace!r} does not exist") from None
     try:
-        yield ipr
-    finally:
-        ipr.close()
+        with nsutil.iproute(namespace) as ipr:
+            yield ipr
+    except FileNotFoundError:
+        raise LabError(f"namespace {namespace!r} does not exist") from None
 
 
 def _where(namespace: str | None) -> str:
@@ -157,10 +142,10 @@ def _where(namespace: str | None) -> str:
 
 
 def _index(ipr: IPRoute, link: str, namespace: str | None) -> int:
-    found = ipr.link_lookup(ifname=link)
-    if not found:
+    index = nsutil.link_index(ipr, link)
+    if index is None:
         raise LabError(f"link {link!r} not found in {_where(namespace)}")
-    return int(found[0])
+    return index
 
 
 def _netlink(action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -303,13 +288,6 @@ def set_up(link: str, *, namespace: str | None = None) -> None:
         _netlink(
             f"set {link!r} up in {_where(namespace)}", ipr.link, "set", index=index, state="up"
         )
-
-
-def set_mtu(link: str, mtu: int, *, namespace: str | None = None) -> None:
-    _check_mtu(mtu)
-    with _ipr(namespace) as ipr:
-        index = _index(ipr, link, namespace)
-        _netlink(f"set MTU {mtu} on {link!r}", ipr.link, "set", index=index, mtu=mtu)
 
 
 def set_mac(link: str, mac: str, *, namespace: str | None = None) -> None:
@@ -704,3 +682,16 @@ def add_vm(
     set_mac(vm_end, mac, namespace=namespace)
     add_address(vm_end, address, namespace=namespace)
     return VmPlumbing(namespace, vm_end, port_end, address, mac)
+
+
+def rename_link(namespace: str, link: str, new_name: str, mac: str) -> None:
+    """Rename `link` inside `namespace` (a name like eth0 cannot be created in the root
+    namespace, where the machine may have its own), set its MAC and bring it up."""
+    try:
+        with _ipr(namespace) as ipr:
+            index = _index(ipr, link, namespace)
+            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, ifname=new_name, address=mac)
+            ipr.link("set", index=index, state="up")
+    except OSError as error:  # NetlinkError is an OSError
+        raise LabError(f"rename {link!r} to {new_name!r} in {namespace!r}: {error}") from error

@@ -228,9 +228,6 @@ class Scenario(_Spec):
                     return interface.ip.ip
         return None
 
-    def vms_on(self, host: str) -> list[VmSpec]:
-        return [vm for vm in self.vms if vm.host == host]
-
     # ---- cross-field checks -------------------------------------------------------------
 
     @model_validator(mode="after")

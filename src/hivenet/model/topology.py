@@ -128,14 +128,6 @@ class Port(TopologyObject):
     def references(self) -> list[tuple[str, str, str]]:
         return [("device_id", self.device_kind.value, self.device_id), *super().references()]
 
-    @property
-    def is_interior(self) -> bool:
-        return self.peer_id is not None
-
-    @property
-    def is_exterior(self) -> bool:
-        return self.peer_id is None
-
     @model_validator(mode="after")
     def _check(self) -> Port:
         if self.peer_id is not None and (self.host_id is not None or self.interface_name):

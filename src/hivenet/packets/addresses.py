@@ -45,10 +45,6 @@ def ip_address(value: IpLike) -> IpAddress:
     raise ValueError(f"ip: {value!r} is not an IPv4 or IPv6 address")
 
 
-def ip_bytes(value: IpLike) -> bytes:
-    return ip_address(value).packed
-
-
 def solicited_node_multicast(address: IpLike) -> ipaddress.IPv6Address:
     """ff02::1:ffXX:XXXX for the low 24 bits of `address` (RFC 4291 2.7.1)."""
     low = int(ip_address(address)) & 0xFFFFFF

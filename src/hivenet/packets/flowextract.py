@@ -252,6 +252,7 @@ def _ipv6(
     end = position + payload_length
     ip_frag = FRAG_NONE
     first_header = True
+    seen_fragment = False
     while True:
         if next_header in (IPV6_HOP_BY_HOP, IPV6_ROUTING, IPV6_DEST_OPTIONS):
             if next_header == IPV6_HOP_BY_HOP and not first_header:
@@ -274,6 +275,10 @@ def _ipv6(
             first_header = False
             continue
         if next_header == IPV6_FRAGMENT:
+            if seen_fragment:
+                # RFC 8200 4.1: at most one Fragment header; two are an evasion attempt.
+                raise MalformedPacket("IPv6Fragment", "next_header", "a second fragment header")
+            seen_fragment = True
             if end - position < 8:
                 raise TruncatedPacket(
                     "IPv6Fragment", "header", f"needs 8 bytes, only {end - position}"

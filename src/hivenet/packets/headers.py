@@ -180,16 +180,8 @@ class Ipv4Header(Header):
         return self.ihl * 4
 
     @property
-    def dont_fragment(self) -> bool:
-        return bool(self.flags & IPV4_FLAG_DONT_FRAGMENT)
-
-    @property
     def more_fragments(self) -> bool:
         return bool(self.flags & IPV4_FLAG_MORE_FRAGMENTS)
-
-    @property
-    def is_fragment(self) -> bool:
-        return self.more_fragments or self.fragment_offset != 0
 
     def option_list(self) -> tuple[Option, ...]:
         """Options as (kind, data) pairs; NOPs appear as (1, b"")."""

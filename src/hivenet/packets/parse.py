@@ -190,6 +190,9 @@ def _parse_ipv6(
             position += extension.size
             next_header = extension.next_header
         elif next_header == IPV6_FRAGMENT:
+            if any(isinstance(e, Ipv6FragmentHeader) for e in extensions):
+                # RFC 8200 4.1: at most one Fragment header; two are an evasion attempt.
+                raise MalformedPacket("IPv6Fragment", "next_header", "a second fragment header")
             fragment = Ipv6FragmentHeader.decode(frame, position, end)
             extensions.append(fragment)
             position += fragment.size

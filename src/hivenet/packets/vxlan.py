@@ -28,11 +28,6 @@ def vxlan_decapsulate(udp_payload: bytes) -> tuple[int, bytes]:
     return header.vni, bytes(udp_payload[VXLAN_HEADER_SIZE:])
 
 
-def vxlan_source_port(flow_hash: int) -> int:
-    """A UDP source port in 49152..65535 from a hash of the inner flow (for ECMP entropy)."""
-    return VXLAN_SOURCE_PORT_MIN + flow_hash % (65536 - VXLAN_SOURCE_PORT_MIN)
-
-
 def build_vxlan_frame(
     inner_frame: bytes,
     vni: int,

@@ -14,7 +14,7 @@ from hivenet.sim.flowstate_hook import (
     NatDecision,
     NoFlowState,
 )
-from hivenet.sim.result import GeneratedPacket, SimulationResult, TraceStep
+from hivenet.sim.result import GeneratedPacket, Here, SimulationResult, TraceStep
 from hivenet.sim.tables import (
     LearnedEntry,
     LearnedMac,
@@ -31,6 +31,7 @@ __all__ = [
     "FlowStateHook",
     "FlowStateUnsupported",
     "GeneratedPacket",
+    "Here",
     "LearnedEntry",
     "LearnedMac",
     "LearnedNeighbour",

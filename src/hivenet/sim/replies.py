@@ -3,7 +3,7 @@ TCP resets), built with `hivenet.packets.builders`.
 
 Owns the mapping from the engine's vocabulary (ints for addresses as in FlowMatch, error
 kinds such as "net_unreachable") to the builders' arguments and ICMP/ICMPv6 codes. Byte
-layouts belong to `hivenet.packets`; when to answer belongs to `sim/engine.py`. A builder
+layouts belong to `hivenet.packets`; when to answer belongs to the device modules (`sim/router.py`, `sim/bridge.py`, `sim/chains.py`). A builder
 that refuses a frame (e.g. a fragment, or an ICMP error about an ICMP error) yields None:
 no answer is sent. Pure: no I/O, no clock.
 """

@@ -1,8 +1,9 @@
 """What a simulation returns: `SimulationResult` (actions, wildcard match, tags, generated
 packets, learned entries, trace) and its parts.
 
-Owns the result's shape and its human rendering (`format_trace`). It does not compute
-anything: `sim/engine.py` fills it, `agent/` acts on it. Pure: no I/O, no clock.
+Owns the result's shape (a trace step says where it happened as a `Here`) and its human
+rendering (`format_trace`). It does not compute
+anything: the walk (`sim/walk.py`, `sim/engine.py`) fills it, `agent/` acts on it. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -15,26 +16,57 @@ from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
 from hivenet.sim.tables import LearnedEntry
 
 
-class TraceStep(NamedTuple):
-    """One step of a packet's walk. `depth` is the branch depth (flood copies nest)."""
+class Here(NamedTuple):
+    """Where the walk is: the port, device or chain a trace step or a drop is about, and the
+    branch depth (devices crossed so far on this path; flood copies and generated packets
+    nest)."""
 
-    device_kind: str  # "port", "bridge", "router", "chain", "sim"
-    device_id: str
-    device_name: str
-    event: str  # short verb: "ingress", "learn", "lookup", "rule", "drop", "output", ...
+    kind: str  # "port", "bridge", "router", "chain", "sim"
+    id: str
+    name: str
+    depth: int
+
+
+class TraceStep(NamedTuple):
+    """One step of a packet's walk: where it happened, what happened (a short verb:
+    "ingress", "learn", "route", "rule", "drop", "output", ...) and the detail."""
+
+    where: Here
+    event: str
     detail: str
-    depth: int = 0
+
+    @property
+    def device_kind(self) -> str:
+        return self.where.kind
+
+    @property
+    def device_id(self) -> str:
+        return self.where.id
+
+    @property
+    def device_name(self) -> str:
+        return self.where.name
+
+    @property
+    def depth(self) -> int:
+        return self.where.depth
+
+    def nested(self) -> TraceStep:
+        """The same step one branch level deeper (a generated packet's walk)."""
+        where = self.where
+        return TraceStep(where._replace(depth=where.depth + 1), self.event, self.detail)
 
     def format(self) -> str:
-        indent = "  " * self.depth
-        where = self.device_kind
-        if self.device_id:
-            name = self.device_name if self.device_name != self.device_id else ""
-            where += f" {name}({self.device_id})" if name else f" {self.device_id}"
+        where = self.where
+        indent = "  " * where.depth
+        text = where.kind
+        if where.id:
+            name = where.name if where.name != where.id else ""
+            text += f" {name}({where.id})" if name else f" {where.id}"
         return (
-            f"{indent}[{where}] {self.event}: {self.detail}"
+            f"{indent}[{text}] {self.event}: {self.detail}"
             if self.detail
-            else (f"{indent}[{where}] {self.event}")
+            else (f"{indent}[{text}] {self.event}")
         )
 
 

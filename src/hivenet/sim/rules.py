@@ -3,7 +3,7 @@ matcher function per chain, plus what each rule reads (for the megaflow wildcard
 
 Owns the meaning of every header condition of a rule (with its `inv_*` flag), the fields and
 bits each condition reads, and the compilation of a chain's rules into a single Python
-function. It does not evaluate actions (accept/drop/jump/...: `sim/engine.py` does) nor
+function. It does not evaluate actions (accept/drop/jump/...: `sim/chains.py` does) nor
 connection-tracking conditions (`match_forward_flow`/`match_return_flow` go through the
 flow-state hook in the engine). Pure: no I/O, no clock.
 
@@ -99,10 +99,6 @@ class CompiledChain:
     reads_through: tuple[Mapping[str, int], ...]
     ip_addr_group_ids: frozenset[str]
     source: str
-
-    @property
-    def all_reads(self) -> Mapping[str, int]:
-        return self.reads_through[-1] if self.reads_through else {}
 
 
 class _RuleCompiler:

@@ -26,7 +26,7 @@ Pure: no I/O, no clock; the view passes objects in.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -550,7 +550,3 @@ def full_mask_reader(read: Callable[[str, int], None]) -> Callable[[str], None]:
 def drop_reason_of(rule: Rule, default: str) -> str:
     """A virtual chain's drop rules carry their reason as their name."""
     return rule.name or default
-
-
-def iter_virtual_kinds() -> Iterable[str]:
-    return ("security_group", "security_group_rule", "floating_ip")

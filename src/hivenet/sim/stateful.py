@@ -22,7 +22,6 @@ cached "no binding" is invalidated when a binding with that translated key appea
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hivenet.flows.actions import Output, Tunnel
@@ -250,10 +249,6 @@ def egress_port_keys_of(result: SimulationResult) -> set[int]:
         elif isinstance(action, Tunnel):
             keys.add(action.tunnel_key)
     return keys
-
-
-def iter_hosts(hosts: Iterable[str | None]) -> Iterable[str]:
-    return (host for host in hosts if host)
 
 
 def snat_targets_served(view: TopologyView, host_id: str) -> list[NatRange]:

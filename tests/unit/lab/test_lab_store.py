@@ -22,8 +22,9 @@ from hivenet.lab.etcd import (
     check_client_host,
     start_cluster,
 )
-from hivenet.lab.lab import Lab, LabRecord, LabStatus
+from hivenet.lab.lab import Lab, LabStatus
 from hivenet.lab.netns import ROOT_UNDERLAY_ADDRESS, UNDERLAY_NETWORK, LabError, underlay_address
+from hivenet.lab.record import LabRecord
 from hivenet.lab.scenario import builtin_scenario
 
 

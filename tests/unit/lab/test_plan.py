@@ -12,14 +12,10 @@ from typer.testing import CliRunner
 
 from hivenet.lab import cli as lab_cli
 from hivenet.lab import lab as lab_module
-from hivenet.lab.lab import (
-    LabRecord,
-    assign_macs,
-    parse_ping,
-    plan_lab,
-    topology_objects,
-)
 from hivenet.lab.netns import MAX_LINK_NAME_LEN, LabError, LabScope
+from hivenet.lab.plan import assign_macs, plan_lab, topology_objects
+from hivenet.lab.probes import parse_ping
+from hivenet.lab.record import LabRecord
 from hivenet.lab.scenario import builtin_scenario, parse_scenario
 from hivenet.model import Port, Route
 from hivenet.store import open_store

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from hivenet.lab.lab import (
+from hivenet.lab.netns import LabScope
+from hivenet.lab.plan import (
     assign_macs,
     floating_ip_id,
     nat_chain_ids,
@@ -19,7 +20,6 @@ from hivenet.lab.lab import (
     snat_rule_id,
     topology_objects,
 )
-from hivenet.lab.netns import LabScope
 from hivenet.lab.scenario import (
     ScenarioError,
     builtin_scenario,

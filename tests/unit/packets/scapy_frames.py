@@ -184,6 +184,8 @@ def ipv6_packets(draw: st.DrawFn) -> Packet:
         hlim=draw(u8),
     )
     kinds = draw(st.lists(st.sampled_from(["routing", "dest", "fragment"]), max_size=2))
+    if kinds.count("fragment") > 1:  # RFC 8200 4.1: a valid frame has at most one
+        kinds.remove("fragment")
     if draw(st.booleans()):
         kinds.insert(0, "hop")
     later_fragment = False

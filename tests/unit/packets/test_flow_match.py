@@ -196,6 +196,10 @@ def test_fields_mean_what_flowmatch_says(packet: Ether, expected: dict[str, int]
         (bytes(Ether() / IP() / TCP(dataofs=6) / b"\x02\x01\x00\x00"), "TCP.options"),
         (bytes(Ether() / IPv6(plen=100)), "IPv6.payload_length"),
         (bytes(Ether() / IPv6() / IPv6ExtHdrFragment() / IPv6ExtHdrHopByHop()), "IPv6.next_header"),
+        (
+            bytes(Ether() / IPv6() / IPv6ExtHdrFragment(m=1) / IPv6ExtHdrFragment(offset=7)),
+            "IPv6Fragment.next_header",
+        ),
         (bytes(Ether() / IPv6() / ICMPv6ND_NS() / (b"\x01\x00" + bytes(6))), "ND.options"),
         (bytes(Ether() / ARP(hwlen=8)), "ARP"),
         (bytes(Ether() / Dot1Q())[:16], "802.1Q.header"),

@@ -1,0 +1,268 @@
+"""Rule chains during a walk: `run_chain()` evaluates one chain for a packet at a port or
+device and says whether the packet goes on.
+
+Owns rule actions (accept/drop/reject/return/jump/continue), jump loops and depth, the
+flow-state hook questions (conntrack conditions, NAT rules through `_nat`), the load
+balancer's member choice for VIP rules, and answering a rejected packet (TCP RST or ICMP
+admin-prohibited). Which rules match is the compiled chain's matcher (`sim/rules.py`); which
+chain runs where is the caller's (ports, bridge, router).
+Must not touch I/O, the clock, the store or the datapath.
+"""
+
+from __future__ import annotations
+
+from sys import intern
+
+from hivenet.flows.actions import SETTABLE_FIELDS
+from hivenet.model import DeviceKind, RuleAction
+from hivenet.packets.flowmatch import FULL_MASKS, IP_PROTO_TCP
+from hivenet.sim import replies
+from hivenet.sim.flowstate_hook import FlowStateUnsupported
+from hivenet.sim.rules import CompiledRule
+from hivenet.sim.secgroups import drop_reason_of
+from hivenet.sim.topology import PortInfo
+from hivenet.sim.vips import VipRefusal
+from hivenet.sim.walk import TCP_FLAG_RST, Here, PacketState, Walk
+
+MAX_JUMP_DEPTH = 16
+
+# Every field a flow-state key (flowstate.keys) is made of: the 5-tuple, ICMP echo ids and
+# types (an echo request and its reply are told apart by type) and fragmentation.
+_CONNTRACK_READS = (
+    "eth_type",
+    "ip_src",
+    "ip_dst",
+    "ip_proto",
+    "ip_frag",
+    "tp_src",
+    "tp_dst",
+    "icmp_type",
+    "icmp_code",
+    "icmp_id",
+)
+_FORWARD_NAT = (RuleAction.DNAT, RuleAction.SNAT)
+
+
+class _ChainStop(Exception):
+    """Internal: a chain verdict that ends the branch (drop, reject, unsupported)."""
+
+
+def run_chain(
+    walk: Walk,
+    packet: PacketState,
+    chain_id: str,
+    in_port: PortInfo,
+    out_port_id: str | None,
+    reply_port: PortInfo,
+    depth: int,
+) -> bool:
+    """Evaluate a chain; True when the packet continues, False when the branch ended
+    (drop, reject, unsupported). A top-level RETURN or falling off the end continues.
+    A rejected packet is answered out of `reply_port`."""
+    try:
+        verdict = _evaluate(walk, packet, chain_id, in_port, out_port_id, depth, [])
+    except _ChainStop:
+        return False
+    if verdict == "reject":
+        reject(walk, packet, reply_port, depth)
+        return False
+    return verdict != "drop"
+
+
+def _evaluate(
+    walk: Walk,
+    packet: PacketState,
+    chain_id: str,
+    in_port: PortInfo,
+    out_port_id: str | None,
+    depth: int,
+    stack: list[str],
+) -> str:
+    walk.tags.add(intern(f"chain:{chain_id}"))
+    chain = walk.view.chains.get(chain_id)
+    if chain is None:
+        walk.drop(
+            Here("chain", chain_id, chain_id, depth), "unknown_chain", "chain not in topology"
+        )
+        return "drop"
+    here = Here("chain", chain.id, chain.name, depth)
+    if chain_id in stack:
+        walk.drop(here, "jump_loop", " -> ".join([*stack, chain_id]))
+        return "drop"
+    if len(stack) >= MAX_JUMP_DEPTH:
+        walk.drop(here, "jump_depth", f"> {MAX_JUMP_DEPTH}")
+        return "drop"
+    stack.append(chain_id)
+    rules = chain.rules
+    matcher = chain.matcher
+    groups = in_port.port_group_ids
+    start = 0
+    evaluated_through = len(rules) - 1
+    verdict = "continue"
+    try:
+        while True:
+            index = matcher(packet, start, in_port.id, out_port_id, groups)
+            if index < 0:
+                break
+            if index < start:  # would loop forever: a compiler bug, not a topology one
+                raise RuntimeError(f"chain {chain.id}: matcher returned rule {index} < {start}")
+            rule = rules[index]
+            if rule.conntrack_condition is not None and not _conntrack_holds(
+                walk, packet, rule.conntrack_condition, in_port, here
+            ):
+                start = index + 1
+                continue
+            action = rule.action
+            walk.step(here, "rule", rule.description)
+            if action is RuleAction.CONTINUE:
+                start = index + 1
+                continue
+            if action is RuleAction.JUMP:
+                target = rule.jump_chain_id or ""
+                sub = _evaluate(walk, packet, target, in_port, out_port_id, depth, stack)
+                if sub in ("accept", "drop", "reject"):
+                    evaluated_through = index
+                    verdict = sub
+                    break
+                start = index + 1
+                continue
+            evaluated_through = index
+            if action is RuleAction.ACCEPT:
+                verdict = "accept"
+            elif action is RuleAction.DROP:
+                reason = (
+                    drop_reason_of(rule.rule, "rule_drop")
+                    if chain.id in walk.view.security.chain_zones
+                    else "rule_drop"
+                )
+                walk.drop(here, reason, rule.id)
+                verdict = "drop"
+            elif action is RuleAction.REJECT:
+                walk.drop(here, "rule_reject", rule.id)
+                verdict = "reject"
+            elif action is RuleAction.RETURN:
+                verdict = "return"
+            elif walk.view.vips.is_vip_rule(rule.id):
+                verdict = _load_balance(walk, packet, rule, in_port, here)
+            else:
+                _nat(walk, packet, rule, in_port, here)
+                if action not in _FORWARD_NAT:
+                    # rev_snat/rev_dnat undo a translation (if any) and go on, so one
+                    # chain can reverse both NATs of a hairpinned or 1:1 connection.
+                    start = index + 1
+                    continue
+                verdict = "accept"
+            break
+    finally:
+        if rules:
+            for field, mask in chain.reads_through[evaluated_through].items():
+                walk.read(packet, field, mask)
+        stack.pop()
+    return verdict
+
+
+def _zone(walk: Walk, chain_id: str, in_port: PortInfo) -> str:
+    """Conntrack/NAT zone: the port for its security-group chains, else the device."""
+    return walk.view.security.chain_zones.get(chain_id, in_port.device_id)
+
+
+def _conntrack_holds(
+    walk: Walk, packet: PacketState, condition: str, in_port: PortInfo, here: Here
+) -> bool:
+    zone = _zone(walk, here.id, in_port)
+    try:
+        decision = walk.ctx.flow_state.conntrack(packet.to_match(), zone, walk.now)
+    except FlowStateUnsupported as unsupported:
+        walk.drop(here, "unsupported", unsupported.reason)
+        walk.no_cache("flow state unsupported", here.depth)
+        raise _ChainStop from unsupported
+    # Connection state is per flow: a cached flow must not outlive the connection's
+    # direction, so everything the flow key is made of is part of the megaflow.
+    for field in _CONNTRACK_READS:
+        walk.read(packet, field, FULL_MASKS[field])
+    if decision.reads_tcp_flags:
+        walk.read(packet, "tcp_flags", FULL_MASKS["tcp_flags"])
+    walk.tags.update(decision.tags)
+    direction = decision.verdict or ("return" if decision.is_return else "forward")
+    walk.step(here, "conntrack", f"zone {zone}: {direction}")
+    if not decision.cacheable:
+        walk.no_cache("conntrack decision depends on the packet itself", here.depth)
+    return decision.is_return == (condition == "return")
+
+
+def _nat(
+    walk: Walk, packet: PacketState, rule: CompiledRule, in_port: PortInfo, here: Here
+) -> bool:
+    """Apply a NAT rule; False when a reverse NAT rule found nothing to undo (the
+    evaluation then goes on with the next rule)."""
+    zone = _zone(walk, here.id, in_port)
+    try:
+        decision = walk.ctx.flow_state.nat(packet.to_match(), rule, zone, walk.now)
+    except FlowStateUnsupported as unsupported:
+        reason = (
+            unsupported.reason.partition(":")[0] if ":" in unsupported.reason else "unsupported"
+        )
+        walk.drop(here, reason, unsupported.reason)
+        walk.no_cache("flow state unsupported", here.depth)
+        raise _ChainStop from unsupported
+    for field in _CONNTRACK_READS:
+        walk.read(packet, field, FULL_MASKS[field])
+    walk.tags.update(decision.tags)
+    if not decision.cacheable:
+        walk.no_cache("NAT decision not cacheable", here.depth)
+    if not decision.applied:
+        return False
+    for field, value in decision.rewrites.items():
+        if field not in SETTABLE_FIELDS:
+            raise ValueError(f"NAT decision rewrites field {field!r}, which is not settable")
+        packet.set(field, value)
+    if decision.inner_rewrites:
+        walk.inner_rewrites.update(decision.inner_rewrites)
+    walk.step(
+        here,
+        rule.action.value,
+        decision.description
+        or ", ".join(f"{name}={value}" for name, value in decision.rewrites.items()),
+    )
+    return True
+
+
+def _load_balance(
+    walk: Walk, packet: PacketState, rule: CompiledRule, in_port: PortInfo, here: Here
+) -> str:
+    """A flow to a VIP (sim/vips.py): DNAT to the member chosen for it, or to the member
+    its connection already has (NAT state); "reject" when no member can take it."""
+    for field in _CONNTRACK_READS:  # the choice hashes the 5-tuple; NAT keys on it
+        walk.read(packet, field, FULL_MASKS[field])
+    vips = walk.view.vips
+    choice = vips.choose(rule.id, packet.to_match(), packet.ip_version, walk.now)
+    walk.tags.update(choice.tags)
+    if isinstance(choice, VipRefusal):
+        walk.drop(here, choice.reason, choice.detail)
+        return "reject"
+    walk.step(here, "lb", choice.description)
+    _nat(walk, packet, choice.rule, in_port, here)
+    binding = choice.selection.binding
+    if packet.ip_dst == int(binding.backend_address) and packet.tp_dst == binding.backend_port:
+        vips.remember(choice)
+    return "accept"
+
+
+def reject(walk: Walk, packet: PacketState, reply_port: PortInfo, depth: int) -> None:
+    """Answer a rejected packet: TCP RST for TCP, ICMP admin-prohibited otherwise."""
+    walk.no_cache("reject answers every packet", depth)
+    seen = walk.frame_as_seen(packet)
+    router_port = reply_port if reply_port.device_kind is DeviceKind.ROUTER else None
+    walk.read(packet, "ip_proto", FULL_MASKS["ip_proto"])
+    walk.read(packet, "eth_type", FULL_MASKS["eth_type"])
+    if packet.ip_proto == IP_PROTO_TCP and packet.ip_version:
+        walk.read(packet, "tcp_flags", FULL_MASKS["tcp_flags"])
+        if packet.tcp_flags & TCP_FLAG_RST:
+            return
+        reply = replies.tcp_reset(seen, source_mac=router_port.mac if router_port else None)
+        if reply is not None:
+            walk.reply(reply, reply_port, "TCP RST (reject)")
+        return
+    reply = walk.icmp_error(packet, seen, "admin_prohibited", router_port)
+    if reply is not None:
+        walk.reply(reply, reply_port, "ICMP admin prohibited")

@@ -1,0 +1,144 @@
+"""Virtual ports during a walk: a packet entering a device through a port (`ingress`) and
+leaving one (`egress`), to a peer port (interior) or out of the overlay (exterior: a local
+interface or a tunnel to the port's host).
+
+Owns port admin state and binding, port security (anti-spoofing and the security-group
+chains of a VM port), the port's own inbound/outbound chains, the device budget (loop
+protection) and the hand-off to the device behind the port (`sim/bridge.py`,
+`sim/router.py`). Port-ingress services (answering a local port's own requests before any
+device sees them) belong in `ingress`, after port security.
+Must not touch I/O, the clock, the store or the datapath.
+"""
+
+from __future__ import annotations
+
+from sys import intern
+
+from hivenet.flows.actions import Output, Tunnel
+from hivenet.model import DeviceKind
+from hivenet.sim import bridge as bridge_device
+from hivenet.sim import router as router_device
+from hivenet.sim.chains import run_chain
+from hivenet.sim.secgroups import full_mask_reader, spoof_reason
+from hivenet.sim.topology import PortInfo
+from hivenet.sim.walk import MAX_DEVICES_PER_SIMULATION, Here, PacketState, Walk
+
+
+def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
+    """`packet` enters the topology (or the next device) through port `port_id`."""
+    view = walk.view
+    port = view.ports.get(port_id)
+    if port is None:
+        walk.tags.add(intern(f"port:{port_id}"))
+        walk.drop(Here("port", port_id, port_id, depth), "unknown_port", "port not in topology")
+        return
+    walk.tags.add(port.tag)
+    here = Here("port", port.id, port.name, depth)
+    walk.step(here, "ingress", f"into {port.device_kind.value}")
+    if not port.admin_up:
+        walk.drop(here, "port_down", "ingress port is down")
+        return
+    guard = view.security.guards.get(port.id)
+    if guard is not None:
+        spoofed = spoof_reason(
+            guard, packet, full_mask_reader(lambda name, mask: walk.read(packet, name, mask))
+        )
+        if spoofed is not None:
+            walk.drop(here, spoofed, "port security")
+            return
+        if not run_chain(walk, packet, guard.from_vm_chain_id, port, None, port, depth):
+            return
+    if port.inbound_chain_id is not None and not run_chain(
+        walk, packet, port.inbound_chain_id, port, None, port, depth
+    ):
+        return
+    depth += 1
+    walk.device_budget -= 1
+    limit = walk.ctx.max_devices_per_path
+    if depth > limit or walk.device_budget < 0:
+        walk.drop(
+            here._replace(depth=depth),
+            "device_limit",
+            f"more than {limit} devices on the path (loop?)"
+            if walk.device_budget >= 0
+            else f"more than {MAX_DEVICES_PER_SIMULATION} devices in one simulation",
+        )
+        return
+    if port.device_kind is DeviceKind.BRIDGE:
+        bridge = view.bridges.get(port.device_id)
+        if bridge is not None:
+            bridge_device.receive(walk, packet, bridge, port, depth)
+            return
+    else:
+        router = view.routers.get(port.device_id)
+        if router is not None:
+            router_device.receive(walk, packet, router, port, depth)
+            return
+    walk.tags.add(intern(f"{port.device_kind.value}:{port.device_id}"))
+    walk.drop(here._replace(depth=depth), "unknown_device", port.device_id)
+
+
+def egress(
+    walk: Walk,
+    packet: PacketState,
+    port: PortInfo,
+    device_in_port: PortInfo,
+    depth: int,
+    *,
+    flooding: bool = False,
+) -> None:
+    """`packet` leaves its device through `port` (it came in by `device_in_port`); a
+    flood copy skips a port that cannot take it instead of dropping the whole packet."""
+    walk.tags.add(port.tag)
+    here = Here("port", port.id, port.name, depth)
+    if not port.admin_up:
+        if flooding:
+            walk.step(here, "skip", "port is down")
+        else:
+            walk.drop(here, "port_down", "egress port is down")
+        return
+    if port.peer_id is None and not port.bound:
+        if flooding:
+            walk.step(here, "skip", "exterior port not bound")
+        else:
+            walk.drop(here, "port_unbound", "egress port not bound")
+        return
+    if port.outbound_chain_id is not None and not run_chain(
+        walk, packet, port.outbound_chain_id, device_in_port, port.id, device_in_port, depth
+    ):
+        return
+    guard = walk.view.security.guards.get(port.id)
+    if guard is not None and not run_chain(
+        walk, packet, guard.to_vm_chain_id, device_in_port, port.id, device_in_port, depth
+    ):
+        return
+    if port.peer_id is not None:
+        walk.step(here, "egress", f"to peer port {port.peer_id}")
+        ingress(walk, packet, port.peer_id, depth)
+        return
+    _exterior_output(walk, packet, port, here)
+
+
+def _exterior_output(walk: Walk, packet: PacketState, port: PortInfo, here: Here) -> None:
+    """Out of the overlay: Output to a local interface or Tunnel to the port's host."""
+    if not port.tunnel_key:
+        walk.drop(here, "no_tunnel_key", "port has no tunnel key")
+        return
+    action: Output | Tunnel
+    if port.host_id == walk.ctx.local_host_id:
+        action = Output(port.tunnel_key)
+        detail = f"output to local port key {port.tunnel_key}"
+    else:
+        host_id = port.host_id or ""
+        walk.tags.add(intern(f"host:{host_id}"))
+        if host_id in walk.view.down_hosts:
+            walk.drop(here, "egress_host_down", f"host {host_id} is down")
+            return
+        underlay_ip = walk.view.host_underlay_ip.get(host_id)
+        if underlay_ip is None:
+            walk.drop(here, "no_underlay", f"host {host_id} has no underlay IP")
+            return
+        action = Tunnel(underlay_ip, port.tunnel_key)
+        detail = f"tunnel to host {host_id} ({underlay_ip}) key {port.tunnel_key}"
+    walk.step(here, "output", detail)
+    walk.emissions.append((packet, action))

@@ -1,0 +1,331 @@
+"""The state one simulation shares between the devices it walks through: `Walk`.
+
+Owns what every device module (`sim/ports.py`, `sim/bridge.py`, `sim/router.py`,
+`sim/chains.py`) reads and writes while a packet is walked: the packet as currently seen
+(`PacketState`, one per branch), the megaflow wildcard (`Walk.read`), the flow tags, the
+trace, the drop reasons, learned table entries and their per-simulation overlay, the
+emissions, the packets to generate afterwards (`PendingReply`, ICMP errors), and the
+translation of emissions into one ordered action list. `Here` says where the walk is (for a
+trace step or a drop) in one value (`sim/result.py`, as the trace records it).
+Must not hold device logic (which device does what with a packet lives in the device
+modules) and must not touch I/O, the clock (`now` is passed in), the store or the datapath.
+
+Megaflow soundness: a field read goes through `Walk.read()`, which records the bits in the
+wildcard unless the simulation itself already overwrote that field (its value is then fixed
+by earlier, recorded decisions). Any decision taken on a packet value records at least the
+bits that decision depended on; over-approximating (recording more bits) is always safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hivenet.flows.actions import (
+    SETTABLE_FIELDS,
+    Action,
+    DecTtl,
+    Drop,
+    Output,
+    PopVlan,
+    PushVlan,
+    SetField,
+    Tunnel,
+)
+from hivenet.model import DeviceKind
+from hivenet.packets import dec_ttl, pop_vlan, push_vlan, rewrite_frame
+from hivenet.packets.flowmatch import (
+    ETH_TYPE_IPV4,
+    ETH_TYPE_IPV6,
+    FIELD_NAMES,
+    FULL_MASKS,
+    FlowMatch,
+)
+from hivenet.sim import replies
+from hivenet.sim.flowstate_hook import NO_FLOW_STATE, FlowStateHook
+from hivenet.sim.result import Here, TraceStep
+from hivenet.sim.tables import LearnedEntry, LearnedMac, TablesView
+from hivenet.sim.topology import PortInfo, TopologyView
+
+MULTICAST_BIT = 1 << 40  # the I/G bit of the first octet of a MAC, as an int
+TCP_FLAG_RST = 0x04
+
+DEFAULT_IDLE_TIMEOUT = 60.0
+MAX_DEVICES_PER_PATH = 16
+MAX_DEVICES_PER_SIMULATION = 256
+
+_MASKS = tuple((name, FULL_MASKS[name]) for name in FIELD_NAMES)
+_SETTABLE_ORDER = tuple(name for name in FIELD_NAMES if name in SETTABLE_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class SimContext:
+    """Everything a simulation reads besides the packet. `tables` is shared across hosts;
+    `local_host_id` decides Output (local port) vs Tunnel (remote host)."""
+
+    topology: TopologyView
+    tables: TablesView
+    local_host_id: str
+    flow_state: FlowStateHook = NO_FLOW_STATE
+    max_devices_per_path: int = MAX_DEVICES_PER_PATH
+
+
+def sim_here(depth: int) -> Here:
+    """The simulation itself (not one device): no-cache notes, generated packets."""
+    return Here("sim", "", "", depth)
+
+
+class PacketState:
+    """The packet as the simulation currently sees it (one per branch; copied at forks).
+
+    Holds the FlowMatch field values, the fields the simulation rewrote (`modified`), the
+    number of TTL decrements so far and the 802.1Q tag currently on the frame (`vlan`).
+    """
+
+    __slots__ = (*FIELD_NAMES, "modified", "ttl_decrements")
+
+    in_port: int
+    eth_src: int
+    eth_dst: int
+    eth_type: int
+    vlan: int
+    ip_src: int
+    ip_dst: int
+    ip_proto: int
+    ip_tos: int
+    ip_ttl: int
+    ip_frag: int
+    tp_src: int
+    tp_dst: int
+    tcp_flags: int
+    icmp_type: int
+    icmp_code: int
+    icmp_id: int
+    arp_op: int
+    arp_sha: int
+    arp_spa: int
+    arp_tha: int
+    arp_tpa: int
+    nd_target: int
+    modified: set[str]
+    ttl_decrements: int
+
+    @classmethod
+    def of(cls, match: FlowMatch) -> PacketState:
+        state = cls()
+        for name in FIELD_NAMES:
+            setattr(state, name, getattr(match, name))
+        state.modified = set()
+        state.ttl_decrements = 0
+        return state
+
+    def copy(self) -> PacketState:
+        other = PacketState()
+        for name in FIELD_NAMES:
+            setattr(other, name, getattr(self, name))
+        other.modified = set(self.modified)
+        other.ttl_decrements = self.ttl_decrements
+        return other
+
+    def to_match(self) -> FlowMatch:
+        return FlowMatch(**{name: getattr(self, name) for name in FIELD_NAMES})
+
+    def set(self, field: str, value: int) -> None:
+        setattr(self, field, value)
+        self.modified.add(field)
+
+    @property
+    def ip_version(self) -> int:
+        return 4 if self.eth_type == ETH_TYPE_IPV4 else 6 if self.eth_type == ETH_TYPE_IPV6 else 0
+
+
+@dataclass(slots=True)
+class PendingReply:
+    """A packet to generate once the main walk is over: it leaves through `port` (which may
+    be interior: the reply then continues into the peer device)."""
+
+    frame: bytes
+    port: PortInfo
+    description: str
+
+
+class Walk:
+    """One simulation: the state shared by all branches of one packet and by every device
+    module it passes through."""
+
+    def __init__(
+        self,
+        ctx: SimContext,
+        now: float,
+        frame: bytes,
+        match: FlowMatch,
+        generation: int = 0,
+    ) -> None:
+        self.ctx = ctx
+        self.view = ctx.topology
+        self.tables = ctx.tables
+        self.now = now
+        self.frame = frame
+        self.match = match
+        self.generation = generation
+        self.reads: dict[str, int] = {"in_port": FULL_MASKS["in_port"]}
+        self.tags: set[str] = set()
+        self.trace: list[TraceStep] = []
+        self.learned: list[LearnedEntry] = []
+        self.mac_overlay: dict[tuple[str, int, int], str] = {}
+        self.neighbour_overlay: dict[tuple[str, int, int], int] = {}
+        self.emissions: list[tuple[PacketState, Output | Tunnel]] = []
+        self.pending: list[PendingReply] = []
+        self.drop_reasons: list[str] = []
+        self.install = True
+        self.idle_timeout = DEFAULT_IDLE_TIMEOUT
+        self.device_budget = MAX_DEVICES_PER_SIMULATION
+        # What forwarding decisions saw in the shared tables, by entry: if this simulation
+        # itself later learns a different value (e.g. a generated ARP request teaches a
+        # router the entry it just missed), the result is stale at birth and not cached.
+        self.lookups: dict[tuple[str, str, int, int], object] = {}
+        # Rewrites of the datagram a NATed ICMP error quotes (no flow action can do them).
+        self.inner_rewrites: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def read(self, packet: PacketState, field: str, mask: int) -> None:
+        if field in packet.modified:
+            return
+        reads = self.reads
+        reads[field] = reads.get(field, 0) | mask
+
+    def step(self, here: Here, event: str, detail: str) -> None:
+        self.trace.append(TraceStep(here, event, detail))
+
+    def drop(self, here: Here, reason: str, detail: str = "") -> None:
+        self.drop_reasons.append(reason)
+        self.step(here, "drop", f"{reason}: {detail}" if detail else reason)
+
+    def consume(self, here: Here, reason: str, what: str) -> None:
+        """The packet ends here without being dropped as an error (ARP, ND answered)."""
+        self.drop_reasons.append(reason)
+        self.step(here, "consume", what)
+
+    def no_cache(self, why: str, depth: int) -> None:
+        if self.install:
+            self.step(sim_here(depth), "no-cache", why)
+        self.install = False
+
+    def reply(self, frame: bytes, port: PortInfo, description: str) -> None:
+        """Generate `frame` out of `port` once the walk is over."""
+        self.pending.append(PendingReply(frame, port, description))
+
+    # ------------------------------------------------------------------ generated packets
+
+    def frame_as_seen(self, packet: PacketState) -> bytes:
+        """The frame with this branch's rewrites applied (what the current device received)."""
+        frame = self.frame
+        original = self.match
+        for field in _SETTABLE_ORDER:
+            if field in packet.modified:
+                frame = rewrite_frame(frame, field, getattr(packet, field))
+        if packet.vlan != original.vlan:
+            if original.vlan:
+                frame = pop_vlan(frame)
+            if packet.vlan:
+                frame = push_vlan(frame, packet.vlan)
+        for _ in range(packet.ttl_decrements):
+            frame = dec_ttl(frame)
+        return frame
+
+    def icmp_error(
+        self,
+        packet: PacketState,
+        seen: bytes,
+        kind: str,
+        router_port: PortInfo | None,
+        source_ip: int | None = None,
+    ) -> bytes | None:
+        """An ICMP/ICMPv6 error about `seen` (None when RFC 1812/4443 forbid one). From a
+        router: sourced from the router port's address, preferably the one on the sender's
+        subnet. From a bridge: on behalf of the destination, like a firewall's REJECT."""
+        version = packet.ip_version
+        if router_port is None:
+            return replies.icmp_error(seen, kind, source_mac=None, source_ip=source_ip)
+        if source_ip is None:
+            candidates = router_port.addresses_of(version)
+            preferred = next((a for a in candidates if a.contains(packet.ip_src)), None)
+            chosen = preferred or next(iter(candidates), None)
+            if chosen is None:
+                return None
+            source_ip = chosen.ip
+        return replies.icmp_error(seen, kind, source_mac=router_port.mac, source_ip=source_ip)
+
+    def send_icmp_error(
+        self,
+        packet: PacketState,
+        kind: str,
+        in_port: PortInfo,
+        depth: int,
+        source_ip: int | None = None,
+    ) -> None:
+        self.no_cache(f"ICMP {kind} answers every packet", depth)
+        seen = self.frame_as_seen(packet)
+        router_port = in_port if in_port.device_kind is DeviceKind.ROUTER else None
+        reply = self.icmp_error(packet, seen, kind, router_port, source_ip)
+        if reply is not None:
+            self.reply(reply, in_port, f"ICMP {kind}")
+
+    # ------------------------------------------------------------------ result
+
+    def check_lookups_still_valid(self) -> None:
+        for entry in self.learned:
+            if isinstance(entry, LearnedMac):
+                key = ("mac", entry.bridge_id, entry.vlan, entry.mac)
+                value: object = entry.port_id
+            else:
+                key = ("neighbour", entry.router_id, entry.version, entry.ip)
+                value = entry.mac
+            if key in self.lookups and self.lookups[key] != value:
+                self.no_cache(f"{entry} was learned after a decision read it", 0)
+                return
+
+    def build_actions(self) -> tuple[tuple[Action, ...], str | None]:
+        """One ordered action list for every emission (flood copies, possibly with different
+        rewrites). Branches are ordered by TTL decrements (DecTtl cannot be undone); a field
+        restored to its original value makes the flow depend on that original value."""
+        if not self.emissions:
+            reason = self.drop_reasons[0] if self.drop_reasons else "no_output"
+            return (Drop(reason),), reason
+        original = self.match
+        actions: list[Action] = []
+        current: dict[str, int] = {}
+        current_vlan = original.vlan
+        current_decrements = 0
+        emitted: set[tuple[object, ...]] = set()
+        self.reads["vlan"] = FULL_MASKS["vlan"]
+        for packet, out in sorted(self.emissions, key=lambda e: e[0].ttl_decrements):
+            for field in _SETTABLE_ORDER:
+                if field in packet.modified:
+                    value = getattr(packet, field)
+                    if current.get(field) != value:
+                        actions.append(SetField(field, value))
+                        current[field] = value
+                elif field in current:
+                    self.reads[field] = FULL_MASKS[field]
+                    actions.append(SetField(field, getattr(original, field)))
+                    del current[field]
+            if packet.vlan != current_vlan:
+                if current_vlan:
+                    actions.append(PopVlan())
+                if packet.vlan:
+                    actions.append(PushVlan(packet.vlan))
+                current_vlan = packet.vlan
+            while current_decrements < packet.ttl_decrements:
+                actions.append(DecTtl())
+                current_decrements += 1
+            state = (out, current_vlan, current_decrements, tuple(sorted(current.items())))
+            if state in emitted:
+                continue
+            emitted.add(state)
+            actions.append(out)
+        return tuple(actions), None
+
+    def mask(self) -> tuple[int, ...]:
+        reads = self.reads
+        return tuple(reads.get(name, 0) & full for name, full in _MASKS)

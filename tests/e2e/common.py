@@ -1,0 +1,45 @@
+"""Shared helpers of the end-to-end tests: one lab per module that is always taken down, with
+the check that nothing of it is left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hivenet.lab.cleanup import clean
+from hivenet.lab.lab import Lab
+from hivenet.lab.netns import LabScope, list_links, list_namespaces
+from hivenet.lab.scenario import Scenario
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("e2e: needs root (network namespaces, veth)")
+
+
+@contextlib.contextmanager
+def running_lab(
+    scenario: Scenario, root: Path, *, timeout: float = 60, **options: Any
+) -> Iterator[Lab]:
+    """A lab of `scenario` up in `root/state` on a unique tag (`options` go to `Lab`: store,
+    agent_lease_ttl); afterwards `down()` must remove everything it made, and nothing of the
+    tag may be left for `clean` to find, whatever the test did."""
+    require_root()
+    scope = LabScope.unique()
+    state_dir = root / "state"
+    lab = Lab(scenario, state_dir=state_dir, scope=scope, **options)
+    try:
+        lab.up(timeout=timeout)
+        yield lab
+    finally:
+        failures = lab.down()
+        leftovers = clean(scope.tag, directory=state_dir)  # what `down` should have removed
+        assert not failures, failures
+        assert leftovers.is_empty(), leftovers
+        assert not list_namespaces(scope.namespace_prefix)
+        assert not list_links(scope.link_prefix)
