@@ -66,7 +66,7 @@ class FakeKernel:
         self.closed = True
 
     def open_underlay_socket(self) -> socket.socket | None:
-        return self.underlay  # type: ignore[return-value]
+        return self.underlay if self.tunnel_ifindex else None  # type: ignore[return-value]
 
     def attach_port(self, port_key: int, interface_name: str, sock: socket.socket) -> int:
         ifindex = self.interfaces.setdefault(interface_name, 100 + len(self.interfaces))
