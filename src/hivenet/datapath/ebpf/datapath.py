@@ -283,8 +283,8 @@ class EbpfDatapath(UserspaceDatapath):
             self._offload_refused += 1
             return
         previous = self._entry_owner.get(key)
-        if previous is not None:
-            self._offloaded[previous].entries.pop(key, None)
+        if previous is not None:  # the key moves to this megaflow; the update overwrites it
+            self._delete_entry(previous, key, in_kernel=False)
         try:
             self.kernel.set_entry(key, entry.value)
         except OSError as error:
