@@ -15,13 +15,15 @@ from hivenet.datapath.ebpf.datapath import EbpfDatapath
 from hivenet.datapath.userspace import UserspaceDatapath
 from hivenet.flows.actions import Output, Tunnel
 from hivenet.packets import build_udp_datagram
-from hivenet.packets.vxlan import vxlan_decapsulate, vxlan_encapsulate
+from hivenet.packets.vxlan import vxlan_encapsulate
 from tests.unit.datapath.ebpf.kernel_fake import FakeKernel
 from tests.unit.datapath.fakes import MAC_A, MAC_B, FakeLoop, RecordingUdpSocket, ReplaySocket
-from tests.unit.datapath.rigs import LOCAL_IP, REMOTE_IP, VNET_HEADER, Rig
+from tests.unit.datapath.rigs import LOCAL_IP, REMOTE_IP, VNET_HEADER, ReplayRig
 
 
-class EbpfReplayRig(Rig):
+class EbpfReplayRig(ReplayRig):
+    """ReplayRig's sockets and reading of what was sent; its own datapath and kernel."""
+
     def __init__(self, patch: Callable[[object, str, object], None]) -> None:
         self.clock = ManualClock()
         self.sockets: dict[str, ReplaySocket] = {}
@@ -37,19 +39,15 @@ class EbpfReplayRig(Rig):
         self.kernel = FakeKernel()
         self.ebpf = EbpfDatapath(LOCAL_IP, clock=self.clock, kernel=self.kernel)
         self.ebpf.start(self.loop)  # type: ignore[arg-type]
-        self.datapath = self.ebpf
-        self.ports: dict[int, str] = {}
+        self.datapath = self.userspace = self.ebpf
         self.kernel_forwarded = 0
+        self._ports: dict[int, str] = {}
         self._sent_seen: dict[str, int] = {}
         self._tunnel_seen = 0
         self._kernel_tunnelled: list[tuple[str, int, bytes]] = []
 
-    def bind(self, port_key: int) -> None:
-        super().bind(port_key)
-        self.ports[port_key] = self.interface_name(port_key)
-
     def send_from_vm(self, port_key: int, *frames: bytes) -> None:
-        sock = self.sockets[self.ports[port_key]]
+        sock = self.sockets[self._ports[port_key]]
         for frame in frames:
             sent = self.kernel.forward(port_key, frame)
             if sent is None:
@@ -59,28 +57,13 @@ class EbpfReplayRig(Rig):
             self.kernel_forwarded += 1
             for action, output in sent:
                 if isinstance(action, Output):
-                    self.sockets[self.ports[action.port_key]].sent.append(VNET_HEADER + output)
+                    self.sockets[self._ports[action.port_key]].sent.append(VNET_HEADER + output)
                 else:
                     assert isinstance(action, Tunnel)
                     self._kernel_tunnelled.append((action.remote_ip, action.tunnel_key, output))
 
-    def delivered(self, port_key: int) -> list[bytes]:
-        name = self.ports[port_key]
-        sent = self.sockets[name].sent
-        seen = self._sent_seen.get(name, 0)
-        self._sent_seen[name] = len(sent)
-        return [packet[len(VNET_HEADER) :] for packet in sent[seen:]]
-
     def tunnelled(self) -> list[tuple[str, int, bytes]]:
-        datagrams = self.tunnel.split_with_addresses()
-        fresh = datagrams[self._tunnel_seen :]
-        self._tunnel_seen = len(datagrams)
-        result = []
-        for (address, port), datagram in fresh:
-            assert port == self.ebpf.vxlan_port
-            key, inner = vxlan_decapsulate(datagram)
-            result.append((address, key, inner))
-        result += self._kernel_tunnelled
+        result = super().tunnelled() + self._kernel_tunnelled
         self._kernel_tunnelled = []
         return result
 
@@ -88,7 +71,7 @@ class EbpfReplayRig(Rig):
         if tunnel_key in self.kernel.ports:  # hn_tunnel_ingress delivers it by key
             port_of_ifindex = {index: key for key, index in self.kernel.ports.items()}
             port_key = port_of_ifindex[self.kernel.ports[tunnel_key]]
-            self.sockets[self.ports[port_key]].sent.append(VNET_HEADER + payload)
+            self.sockets[self._ports[port_key]].sent.append(VNET_HEADER + payload)
             return
         outer = build_udp_datagram(
             eth_src=MAC_B,
@@ -101,6 +84,3 @@ class EbpfReplayRig(Rig):
         )
         self.kernel.underlay.queue.append(outer)
         self.loop.readable(self.kernel.underlay.fileno())
-
-    def close(self) -> None:
-        self.ebpf.close()
