@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_STAMP := .venv-apt.stamp
-APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server iputils-ping procps \
+APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps \
 	clang llvm libbpf-dev bpftool
 
 .PHONY: help install apt bpf test test-fast lint fmt demo bench clean lab-clean
@@ -62,9 +62,9 @@ test: install
 	$(BIN)/coverage report --include='$(CORE_SOURCES)' --skip-covered --precision=1 \
 	  --fail-under=$(CORE_COVERAGE_FLOOR)
 
-# A laptop without etcd or root: everything but the e2e and etcd tiers.
+# A laptop without etcd or root: everything but the e2e, etcd and slow (real-client) tiers.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd and not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

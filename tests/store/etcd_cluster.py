@@ -2,7 +2,8 @@
 
 Owns: starting clusters with `hivenet.lab.etcd` under a fresh `hn-etcd-*` directory (on
 /dev/shm when there is one, so fsync costs nothing), stopping them by PID at the end (also when
-a test fails), and wiping a cluster between tests (revoke every lease, delete every key) so
+a test fails; and since their members die with this process, also when the run is killed:
+`hivenet lab clean` then removes the directory left behind), and wiping a cluster between tests (revoke every lease, delete every key) so
 each test starts from an empty key space. It must not touch any etcd it did not start.
 
 etcd missing is a test error with the install hint, never a silent skip.
@@ -42,7 +43,7 @@ def running_cluster(size: int = 3) -> Iterator[EtcdCluster]:
     base = _FAST_DISK if _FAST_DISK.is_dir() else None
     directory = Path(tempfile.mkdtemp(prefix="hn-etcd-", dir=base))
     try:
-        cluster = start_cluster(directory, size=size)
+        cluster = start_cluster(directory, size=size, die_with_owner=True)
         try:
             yield cluster
         finally:

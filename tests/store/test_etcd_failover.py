@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from hivenet.lab.etcd import EtcdCluster, EtcdMember
-from hivenet.store import Compare, Event, Get, Put, StoreUnavailableError
+from hivenet.store import Compare, Event, Get, Put, StoreUnavailableError, WriteOutcome
 from hivenet.store.etcd import EtcdStore
 from tests.store.etcd_cluster import running_cluster, wipe
 
@@ -119,15 +119,19 @@ def test_calls_fail_over_when_their_member_dies(healthy_cluster: EtcdCluster) ->
     async def main() -> None:
         store = EtcdStore([victim.endpoint, *(m.endpoint for m in others)], call_timeout=5.0)
         try:
-            before = await store.put("/fo/k", b"1")
-            lease = await store.lease_grant(30)
+            # Reads stay on the first endpoint; writes move the store to the leader.
+            assert await store.get("/fo/k") is None
             assert store.current_endpoint == victim.endpoint
             await asyncio.to_thread(cluster.kill, victim.name)
             loop = asyncio.get_running_loop()
             started = loop.time()
-            assert await store.put("/fo/k", b"2", lease=lease.id) == before + 1
+            assert await store.get("/fo/k") is None
             assert loop.time() - started < 2.0
             assert store.current_endpoint != victim.endpoint
+            before = await store.put("/fo/k", b"1")
+            assert store.current_endpoint == leader.endpoint == store.leader_endpoint
+            lease = await store.lease_grant(30)
+            assert await store.put("/fo/k", b"2", lease=lease.id) == before + 1
             kv = await store.get("/fo/k")
             assert kv is not None and kv.value == b"2" and kv.lease == lease.id
             assert [k.key for k in (await store.range("/fo/")).kvs] == ["/fo/k"]
@@ -166,5 +170,37 @@ def test_a_watch_gives_up_only_when_no_member_answers_for_its_reconnect_timeout(
             assert 0.9 <= loop.time() - started <= 4.0
         finally:
             await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_write_without_quorum_names_the_lost_leader_and_says_what_became_of_it(
+    healthy_cluster: EtcdCluster,
+) -> None:
+    cluster = healthy_cluster
+    leader = cluster.leader()
+    follower = next(member for member in cluster.members if member is not leader)
+
+    async def main() -> None:
+        store = EtcdStore(cluster.endpoints, call_timeout=2.0)
+        try:
+            await store.put("/quorum/k", b"")  # finds the leader
+            assert store.leader_endpoint == leader.endpoint
+            for member in (leader, follower):
+                await asyncio.to_thread(cluster.kill, member.name)
+            with pytest.raises(StoreUnavailableError) as raised:
+                await store.txn(
+                    [Compare("/quorum/new", "create_revision", "==", 0)], [Put("/quorum/new", b"")]
+                )
+        finally:
+            await store.close()
+        error = raised.value
+        # Sent to the leader, which was dead: surely not applied. Sent to the survivor, which
+        # cannot commit without quorum: unknown. Either way the lost leader is named.
+        assert f"{leader.endpoint} (the leader)" in error.failed, error
+        if error.outcome is WriteOutcome.UNKNOWN:
+            assert "read it back" in str(error)
+        else:
+            assert "not applied" in str(error)
 
     asyncio.run(main())

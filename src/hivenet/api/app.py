@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from hivenet.api.auth import ADMIN, TokenRegistry, load_or_create_admin_token
 from hivenet.api.errors import ErrorBody, install_error_handlers
 from hivenet.api.lbstats import lbstats_router
+from hivenet.api.neutron import OpenStackOptions, mount_openstack
 from hivenet.api.resources import API_PREFIX, topology_routers
 from hivenet.store import open_store
 from hivenet.store.base import Store, StoreCorruptError, StoreUnavailableError
@@ -67,10 +68,15 @@ class Health(BaseModel):
 
 
 def create_app(
-    store_url: str, state_dir: Path, *, store_options: Mapping[str, Any] | None = None
+    store_url: str,
+    state_dir: Path,
+    *,
+    store_options: Mapping[str, Any] | None = None,
+    openstack: OpenStackOptions | None = None,
 ) -> FastAPI:
     """The API app. The store (`open_store(store_url, **store_options)`) and the admin token
-    (`<state_dir>/admin-token`) are set up when the app starts (its lifespan)."""
+    (`<state_dir>/admin-token`) are set up when the app starts (its lifespan). The Neutron
+    and Octavia APIs (`/v2.0`) are served from the same store (`api/neutron/`)."""
     state_dir = Path(state_dir)
 
     @asynccontextmanager
@@ -114,15 +120,22 @@ def create_app(
     for router in topology_routers():
         app.include_router(router)
     app.include_router(lbstats_router())
+    mount_openstack(app, openstack or OpenStackOptions())
     return app
 
 
 def run_server(
-    store_url: str, host: str, port: int, state_dir: Path, *, log_level: str = "info"
+    store_url: str,
+    host: str,
+    port: int,
+    state_dir: Path,
+    *,
+    log_level: str = "info",
+    openstack: OpenStackOptions | None = None,
 ) -> None:
     """Serve the API with uvicorn until interrupted."""
     uvicorn.run(
-        create_app(store_url, Path(state_dir)),
+        create_app(store_url, Path(state_dir), openstack=openstack),
         host=host,
         port=port,
         log_level=log_level,

@@ -5,11 +5,21 @@ Owns the wire side of the REST contract as seen by a caller: URLs per kind, bear
 exception that carries the server's JSON error (status, message, field-level details).
 Must not import the API server, the store or anything that listens; it only talks HTTP, so
 the CLI, the lab and tests can use it against any running server.
+
+Retries (`RetryPolicy`): a request that meets a 503 or a lost connection is sent again, after
+the server's `Retry-After` (or a short back-off), when sending it twice cannot do harm: reads;
+creates, which always name their object (the caller's `id`, else an `Idempotency-Key` made
+here once per create), so a retry returns the first result; PUT and PATCH without `If-Match`
+(they set fields to values); DELETE (a retry that finds the object gone is done). A write
+with `If-Match` is retried only when the 503 says it was not applied. A server that cannot
+be reached at all (connection refused) is reported at once, not retried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +34,8 @@ MAX_PAGE_SIZE = 1000
 
 # Collection name per kind, as the REST contract spells it (the plural of the model KIND).
 COLLECTIONS: dict[str, str] = {kind: f"{kind}s" for kind in KINDS}
+
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 # Fields the server owns: a client must not send them on create (the server rejects them).
 SERVER_OWNED_FIELDS: dict[str, frozenset[str]] = {"port": frozenset({"tunnel_key"})}
@@ -103,7 +115,29 @@ class ValidationError(ApiError):
 
 
 class ServiceUnavailableError(ApiError):
-    """503: the store is unavailable (locked or unreachable); nothing was written."""
+    """503: the store is unavailable (locked, unreachable, electing a leader).
+
+    `write_outcome` is "not_applied", "unknown" (read `read_back` to find out) or None (the
+    request writes nothing); `failed` names what failed, as the server saw it."""
+
+    @property
+    def store(self) -> Mapping[str, Any]:
+        store = self.body.get("store")
+        return store if isinstance(store, Mapping) else {}
+
+    @property
+    def write_outcome(self) -> str | None:
+        outcome = self.store.get("write")
+        return None if outcome is None else str(outcome)
+
+    @property
+    def failed(self) -> str:
+        return str(self.store.get("failed") or "")
+
+    @property
+    def read_back(self) -> str | None:
+        path = self.store.get("read_back")
+        return None if path is None else str(path)
 
 
 class ServerError(ApiError):
@@ -125,6 +159,36 @@ def error_class_for(status: int) -> type[ApiError]:
     if status in _ERRORS_BY_STATUS:
         return _ERRORS_BY_STATUS[status]
     return ServerError if status >= 500 else ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how long a request is retried (see the module docstring)."""
+
+    attempts: int = 5  # tries in all, the first included
+    first_pause: float = 0.2  # seconds; doubles per retry unless the server says Retry-After
+    max_pause: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {self.attempts!r}")
+
+    def pause(self, retry: int, retry_after: str | None) -> float:
+        if retry_after is not None and retry_after.strip().isdigit():
+            return min(float(retry_after), self.max_pause)
+        return min(self.first_pause * 2**retry, self.max_pause)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Retryable:
+    """When a request may be sent again: `always` (sending it twice does no harm), else only
+    when the server said it was not applied or it never left this client."""
+
+    always: bool
+    gone_is_done: bool = False  # DELETE: a 404 after a try of unknown outcome means done
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +285,12 @@ class HivenetClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         transport: httpx.BaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._sleep = sleep
         headers = {"Accept": "application/json", "User-Agent": "hivenet-client/0.1"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -264,25 +332,56 @@ class HivenetClient:
         json_body: Any = None,
         params: Mapping[str, Any] | None = None,
         if_revision: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
-        headers = {}
+        all_headers = dict(headers or {})
         if if_revision is not None:
-            headers["If-Match"] = f'"{if_revision}"'
-        try:
-            response = self._http.request(
-                method,
-                path,
-                json=json_body,
-                params={k: v for k, v in (params or {}).items() if v is not None},
-                headers=headers,
-            )
-        except httpx.TimeoutException as exc:
-            raise ApiConnectionError(self.base_url, f"timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise ApiConnectionError(self.base_url, str(exc) or type(exc).__name__) from exc
-        if response.is_error:
-            raise _error_from_response(response)
-        return response
+            all_headers["If-Match"] = f'"{if_revision}"'
+        if method == "GET":
+            retryable = _Retryable(always=True)
+        elif method == "DELETE":
+            retryable = _Retryable(always=if_revision is None, gone_is_done=True)
+        elif method == "POST":  # creates: they always name their object (see create())
+            retryable = _Retryable(always=True)
+        else:
+            retryable = _Retryable(always=if_revision is None)
+        outcome_unknown = False
+        for retry in range(self.retry.attempts):
+            last = retry == self.retry.attempts - 1
+            try:
+                response = self._http.request(
+                    method,
+                    path,
+                    json=json_body,
+                    params={k: v for k, v in (params or {}).items() if v is not None},
+                    headers=all_headers,
+                )
+            except httpx.TransportError as exc:
+                # No server to talk to: say so at once (a retry would only delay that).
+                never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                if last or never_sent or not retryable.always:
+                    reason = (
+                        f"timed out ({type(exc).__name__})"
+                        if isinstance(exc, httpx.TimeoutException)
+                        else str(exc) or type(exc).__name__
+                    )
+                    raise ApiConnectionError(self.base_url, reason) from exc
+                outcome_unknown = True
+                self._sleep(self.retry.pause(retry, None))
+                continue
+            if response.status_code == 503 and not last:
+                error = _error_from_response(response)
+                assert isinstance(error, ServiceUnavailableError)
+                if retryable.always or error.write_outcome == "not_applied":
+                    outcome_unknown = outcome_unknown or error.write_outcome == "unknown"
+                    self._sleep(self.retry.pause(retry, response.headers.get("Retry-After")))
+                    continue
+            if response.status_code == 404 and retryable.gone_is_done and outcome_unknown:
+                return response  # an earlier try deleted it
+            if response.is_error:
+                raise _error_from_response(response)
+            return response
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def _stored(self, kind: str, response: httpx.Response) -> StoredObject:
         data = response.json()
@@ -300,9 +399,20 @@ class HivenetClient:
         data = self._request("GET", f"{API_PREFIX}/health").json()
         return data if isinstance(data, dict) else {"status": data}
 
-    def create(self, kind: str, fields: Mapping[str, Any]) -> StoredObject:
-        """`POST`: the server validates, assigns an id if absent and returns the stored object."""
-        response = self._request("POST", self.collection_path(kind), json_body=dict(fields))
+    def create(
+        self, kind: str, fields: Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> StoredObject:
+        """`POST`: the server validates, assigns an id if absent and returns the stored object.
+
+        Without an `id` in `fields`, the create carries an `Idempotency-Key` (`idempotency_key`,
+        else a new random one), so that its retries, here or by the caller with the same key,
+        make one object."""
+        headers = {}
+        if "id" not in fields or idempotency_key is not None:
+            headers[IDEMPOTENCY_KEY_HEADER] = idempotency_key or str(uuid.uuid4())
+        response = self._request(
+            "POST", self.collection_path(kind), json_body=dict(fields), headers=headers
+        )
         return self._stored(kind, response)
 
     def create_object(self, obj: TopologyObject) -> StoredObject:

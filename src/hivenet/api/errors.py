@@ -4,8 +4,17 @@ each exception (validation, repository refusals, store trouble, HTTP routing) to
     {"error": {"status": 422, "message": "...",
                "details": [{"field": "mac", "value": "zz", "message": "invalid MAC ..."}]}}
 
-`field` is None for a problem that concerns the object as a whole. Owns nothing else: it must
-not touch the store or decide what a request means.
+`field` is None for a problem that concerns the object as a whole. A 503 (the store could
+not answer) adds what the operator and the client need to act on it:
+
+    "store": {"failed": "172.31.250.254:2379 (the leader)", "write": "unknown",
+              "read_back": "/v1/bridges/b1"}
+
+`failed` names what failed (a member, "no leader", a locked database); `write` is
+"not_applied" (retry), "unknown" (it reached a member that failed before answering: GET
+`read_back` to see whether it was applied, or repeat a create with the same id or
+Idempotency-Key, which returns the first result), or null for a request that writes nothing.
+Owns nothing else: it must not touch the store or decide what a request means.
 """
 
 from __future__ import annotations
@@ -23,7 +32,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hivenet.store.base import StoreCorruptError, StoreError, StoreUnavailableError
+from hivenet.store.base import (
+    StoreCorruptError,
+    StoreError,
+    StoreUnavailableError,
+    WriteOutcome,
+)
 from hivenet.store.topology import (
     ConflictError,
     DanglingReferenceError,
@@ -39,8 +53,10 @@ _log = logging.getLogger("hivenet.api")
 # ("lax-or-strict[...]", "function-after[...]") that mean nothing to a client.
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# Seconds a client should wait before retrying after a 503 (the store was locked).
+# Seconds a client should wait before retrying after a 503 (the store was locked, or its
+# members were electing a leader, which takes about a second).
 RETRY_AFTER_SECONDS = 1
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class ErrorDetailBody(BaseModel):
@@ -49,10 +65,19 @@ class ErrorDetailBody(BaseModel):
     message: str
 
 
+class StoreFailureBody(BaseModel):
+    """What a 503 says about the store: what failed and what became of the write."""
+
+    failed: str
+    write: str | None = None  # "not_applied" | "unknown" | None (the request writes nothing)
+    read_back: str | None = None  # GET this to learn whether an "unknown" write was applied
+
+
 class ErrorInfoBody(BaseModel):
     status: int
     message: str
     details: list[ErrorDetailBody] = []
+    store: StoreFailureBody | None = None  # 503 only
 
 
 class ErrorBody(BaseModel):
@@ -87,9 +112,10 @@ def error_response(
     message: str,
     details: Sequence[Mapping[str, Any]] = (),
     headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"status": status, "message": message, "details": list(details)}}
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+    error = {"status": status, "message": message, "details": list(details), **(extra or {})}
+    return JSONResponse({"error": error}, status_code=status, headers=dict(headers or {}))
 
 
 def _json_safe(value: object) -> Any:
@@ -214,12 +240,36 @@ async def _revision_mismatch(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _store_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+def _store_failure(request: Request, exc: StoreUnavailableError) -> tuple[str, dict[str, Any]]:
+    """The 503's message and its `store` object (see the module docstring)."""
+    failed = exc.failed or str(exc)
+    if request.method in _READ_METHODS:
+        return f"store unavailable: {exc}", {"failed": failed, "write": None, "read_back": None}
+    if exc.outcome is WriteOutcome.NOT_APPLIED:
+        return (
+            f"store unavailable: {exc}; the write was not applied: retry",
+            {"failed": failed, "write": "not_applied", "read_back": None},
+        )
+    created_location = getattr(request.state, "created_location", None)
+    read_back = created_location or request.url.path
+    hint = f"GET {read_back} tells whether it was applied"
+    if created_location:
+        hint += "; repeating the create with the same id or Idempotency-Key is safe"
+    return (
+        f"store unavailable: {exc}; whether the write was applied is unknown: {hint}",
+        {"failed": failed, "write": "unknown", "read_back": read_back},
+    )
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StoreUnavailableError)
     _log.warning("store unavailable: %s", exc)
+    message, store = _store_failure(request, exc)
     return error_response(
         503,
-        f"store unavailable: {exc}",
+        message,
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        extra={"store": store},
     )
 
 

@@ -5,12 +5,19 @@ Owns the HTTP meaning of create/list/get/replace/patch/delete for every kind in
 tenant scoping via the caller's `Principal`). The rules that need the store (references,
 peering, tunnel keys, concurrency) belong to `TopologyRepository`; this module must not
 reimplement them nor touch store keys.
+
+Creates are idempotent on request: a create whose id is taken by an object that the same
+request would have made (every field it sends equal, the rest at their defaults) answers with
+that object (201, `Idempotent-Replay: true`) instead of 409, so a client may retry a create
+whose answer it lost. A client that does not choose the id sends `Idempotency-Key: <key>`; the
+id is then derived from (tenant, kind, key), so every retry names the same object.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +33,7 @@ from hivenet.model.types import ObjectId
 from hivenet.store.topology import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
+    AlreadyExistsError,
     NotFoundError,
     TopologyRepository,
     Versioned,
@@ -46,11 +54,18 @@ CHILD_FILTERS: dict[str, str] = {
     "health_monitor": "pool_id",
     "security_group_rule": "security_group_id",
     "floating_ip": "router_id",
+    "subnet": "bridge_id",
 }
 # Fields only the server sets: a create that names them is refused.
 SERVER_OWNED_FIELDS: dict[str, frozenset[str]] = {"port": frozenset({"tunnel_key"})}
 
 _object_id_adapter: pydantic.TypeAdapter[str] = pydantic.TypeAdapter(ObjectId)
+
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+IDEMPOTENT_REPLAY_HEADER = "Idempotent-Replay"
+_IDEMPOTENCY_KEY_MAX = 255
+# Fixed: the same (tenant, kind, key) must give the same id on every server, forever.
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c6f1e-7d3a-4c57-9a64-2f1d3e8b9c10")
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
@@ -59,11 +74,12 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "missing or invalid bearer token",
         403: "the token may not act on that tenant",
         404: "no such object",
-        409: "conflict: still referenced, duplicate id, port already linked",
+        409: "conflict: still referenced, duplicate id (of another request), port already linked",
         412: "If-Match does not name the current revision",
         422: "validation failed: the details name each field and value",
         500: "store corrupt",
-        503: "store unavailable (locked); retry",
+        503: "store unavailable: `error.store` says what failed and whether the write was "
+        "applied (not_applied: retry; unknown: read it back, or retry an idempotent create)",
     }.items()
 }
 
@@ -138,6 +154,36 @@ def _check_body_id(data: dict[str, Any], object_id: str) -> None:
             f"id {data['id']!r} in the body does not match {object_id!r} in the path",
             [detail("id", data["id"], f"must match the path id {object_id!r}")],
         )
+
+
+def idempotent_id(tenant_id: str | None, kind: str, key: str) -> str:
+    """The id a create with `Idempotency-Key: key` gets: the same for every retry."""
+    return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{tenant_id or ''}/{kind}/{key}"))
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    if key is not None and not (
+        0 < len(key) <= _IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
+    ):
+        raise ApiError(
+            400,
+            f"{IDEMPOTENCY_KEY_HEADER} must be 1-{_IDEMPOTENCY_KEY_MAX} printable ASCII "
+            f"characters (got {key!r})",
+            [detail(IDEMPOTENCY_KEY_HEADER, key, "not a valid idempotency key")],
+        )
+    return key
+
+
+def _is_replay(requested: TopologyObject, stored: TopologyObject, sent: set[str]) -> bool:
+    """True when `stored` is what the create of `requested` made: equal in every field except
+    those the server fills with a fresh value (left out of the request)."""
+    fresh = {
+        name
+        for name, info in type(requested).model_fields.items()
+        if name not in sent and info.default_factory is not None
+    } | SERVER_OWNED_FIELDS.get(requested.KIND, frozenset())
+    return requested.model_dump(exclude=fresh) == stored.model_dump(exclude=fresh)
 
 
 def _require_tenant(principal: Principal, obj: TopologyObject) -> None:
@@ -226,10 +272,26 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             )
         if principal.tenant_id is not None:
             data.setdefault("tenant_id", principal.tenant_id)
+        idempotency_key = _idempotency_key(request)
+        if idempotency_key is not None:
+            data.setdefault("id", idempotent_id(principal.tenant_id, kind, idempotency_key))
         obj = cls.model_validate(data)
         _require_tenant_write(principal, obj)
-        stored = await repository.create(obj)
-        return object_response(stored, 201, {"Location": f"{API_PREFIX}/{plural}/{stored.obj.id}"})
+        location = f"{API_PREFIX}/{plural}/{obj.id}"
+        request.state.created_location = location  # for a 503: where to read the outcome
+        try:
+            stored = await repository.create(obj)
+        except AlreadyExistsError:
+            existing = await repository.get(cls, obj.id)
+            if not (
+                principal.may_access(existing.obj.tenant_id)
+                and _is_replay(obj, existing.obj, set(data))
+            ):
+                raise
+            return object_response(
+                existing, 201, {"Location": location, IDEMPOTENT_REPLAY_HEADER: "true"}
+            )
+        return object_response(stored, 201, {"Location": location})
 
     @router.get(
         "",

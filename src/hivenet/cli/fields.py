@@ -22,8 +22,10 @@ from typing import Any, Union
 from pydantic import BaseModel
 
 from hivenet.model import KINDS, PortRange, TopologyObject
+from hivenet.model.subnet import AllocationPool, HostRoute
 from hivenet.model.topology import TunnelZoneMember
 from hivenet.model.types import (
+    FixedIp,
     IpAddress,
     IpInterface,
     IpNetwork,
@@ -62,6 +64,38 @@ def parse_tunnel_zone_member(text: str) -> dict[str, str]:
     return {"host_id": host_id.strip(), "underlay_ip": underlay_ip.strip()}
 
 
+def parse_fixed_ip(text: str) -> dict[str, str | None]:
+    """`SUBNET_ID` (allocate) or `SUBNET_ID=IP` (pin) -> `{"subnet_id": .., "ip_address": ..}`."""
+    subnet_id, sep, address = text.partition("=")
+    if not subnet_id.strip() or (sep and not address.strip()):
+        raise OptionValueError(
+            f"invalid fixed IP {text!r}: expected SUBNET_ID (the next free address) or "
+            "SUBNET_ID=IP, e.g. 3f2a...=10.0.1.20"
+        )
+    return {"subnet_id": subnet_id.strip(), "ip_address": address.strip() if sep else None}
+
+
+def parse_allocation_pool(text: str) -> dict[str, str]:
+    """`START-END` -> `{"start": .., "end": ..}`."""
+    start, sep, end = text.partition("-")
+    if not sep or not start.strip() or not end.strip():
+        raise OptionValueError(
+            f"invalid allocation pool {text!r}: expected START-END, e.g. 10.0.1.10-10.0.1.99"
+        )
+    return {"start": start.strip(), "end": end.strip()}
+
+
+def parse_host_route(text: str) -> dict[str, str]:
+    """`DESTINATION=NEXTHOP` -> `{"destination": .., "nexthop": ..}`."""
+    destination, sep, nexthop = text.partition("=")
+    if not sep or not destination.strip() or not nexthop.strip():
+        raise OptionValueError(
+            f"invalid host route {text!r}: expected DESTINATION=NEXTHOP, "
+            "e.g. 192.168.0.0/16=10.0.1.254"
+        )
+    return {"destination": destination.strip(), "nexthop": nexthop.strip()}
+
+
 # Readable phrases for the annotated scalar types of hivenet.model.types.
 _TYPE_PHRASES: list[tuple[Any, str]] = [
     (MacAddress, "MAC address, e.g. 02:00:00:00:00:01"),
@@ -73,12 +107,18 @@ _TYPE_PHRASES: list[tuple[Any, str]] = [
     (Weight, "integer 0-65535"),
     (PortRange, "L4 port or range, e.g. 80 or 1000-2000"),
     (TunnelZoneMember, "HOST_ID=UNDERLAY_IP, e.g. host-1=192.168.100.1"),
+    (FixedIp, "SUBNET_ID (next free address) or SUBNET_ID=IP"),
+    (AllocationPool, "START-END, e.g. 10.0.1.10-10.0.1.99"),
+    (HostRoute, "DESTINATION=NEXTHOP, e.g. 192.168.0.0/16=10.0.1.254"),
 ]
 
 # Converters from one command-line string to the field's JSON value, by element type.
 _CONVERTERS: list[tuple[Any, Callable[[str], Any]]] = [
     (PortRange, parse_port_range),
     (TunnelZoneMember, parse_tunnel_zone_member),
+    (FixedIp, parse_fixed_ip),
+    (AllocationPool, parse_allocation_pool),
+    (HostRoute, parse_host_route),
 ]
 
 
@@ -248,13 +288,19 @@ _CHAIN_OPTIONS = ("inbound_chain_id", "outbound_chain_id")
 _ADMIN_STATE = FieldOption("admin_state_up", flag="--admin-state-up/--admin-state-down")
 
 KIND_OPTIONS: dict[str, tuple[FieldOption, ...]] = {
-    "bridge": _opts(_ADMIN_STATE, "arp_proxy", *_CHAIN_OPTIONS),
+    "bridge": _opts(
+        _ADMIN_STATE,
+        "arp_proxy",
+        FieldOption("mtu", hint="the MTU DHCP gives its VMs (default: underlay MTU - 50)"),
+        *_CHAIN_OPTIONS,
+    ),
     "router": _opts(_ADMIN_STATE, *_CHAIN_OPTIONS),
     "port": _opts(
         FieldOption("device_kind", hint="what --device-id names"),
         FieldOption("device_id", hint="the owning bridge or router", list_filter="device_id"),
         FieldOption("mac", hint="random if omitted on create"),
         FieldOption("addresses", flag="--address"),
+        FieldOption("fixed_ips", flag="--subnet", hint="an address on a subnet (IPAM)"),
         FieldOption("peer_id", hint="links two devices (interior port)"),
         FieldOption("host_id", hint="with --interface: bind to a host interface"),
         FieldOption("interface_name", flag="--interface", hint="host interface to bind"),
@@ -285,6 +331,17 @@ KIND_OPTIONS: dict[str, tuple[FieldOption, ...]] = {
         "tp_dst",
         FieldOption("in_port_ids", flag="--in-port-id"),
         FieldOption("out_port_ids", flag="--out-port-id"),
+    ),
+    "subnet": _opts(
+        FieldOption("bridge_id", list_filter="bridge_id"),
+        "cidr",
+        FieldOption("gateway_ip", flag="--gateway", hint="default: the first host address"),
+        FieldOption("allocation_pools", flag="--pool", hint="default: every host but the gateway"),
+        FieldOption("dns_nameservers", flag="--dns"),
+        FieldOption("host_routes", flag="--host-route"),
+        FieldOption("enable_dhcp", flag="--dhcp/--no-dhcp"),
+        FieldOption("lease_time", hint="DHCP lease, seconds"),
+        FieldOption("domain_name", flag="--domain"),
     ),
     "port_group": _opts("stateful"),
     "ip_addr_group": _opts(FieldOption("addresses", flag="--address")),

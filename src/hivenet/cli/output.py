@@ -39,6 +39,16 @@ LIST_COLUMNS: dict[str, tuple[str, ...]] = {
         "interface_name",
         "tunnel_key",
     ),
+    "subnet": (
+        "id",
+        "name",
+        "bridge_id",
+        "cidr",
+        "gateway_ip",
+        "allocation_pools",
+        "dns_nameservers",
+        "enable_dhcp",
+    ),
     "route": (
         "id",
         "router_id",
@@ -135,6 +145,10 @@ def format_value(value: Any) -> str:
             return str(start) if start == end else f"{start}-{end}"
         if set(value) == {"host_id", "underlay_ip"}:
             return f"{value['host_id']}={value['underlay_ip']}"
+        if set(value) == {"subnet_id", "ip_address"}:
+            return f"{value['ip_address']} on subnet {value['subnet_id']}"
+        if set(value) == {"destination", "nexthop"}:
+            return f"{value['destination']} via {value['nexthop']}"
         return json.dumps(value, separators=(",", ":"))
     return str(value)
 

@@ -180,7 +180,10 @@ def _create_command(kind: str) -> Callable[..., None]:
             body = {"id": object_id, **body}
         state = state_of(ctx)
         with reporting_errors(state):
-            stored = state.client().create(kind, body)
+            # The client retries a create whose answer was lost, under this key (or the id).
+            stored = state.client().create(
+                kind, body, idempotency_key=values.get("idempotency_key")
+            )
         if quiet:
             typer.echo(stored.id)
         else:
@@ -189,10 +192,19 @@ def _create_command(kind: str) -> Callable[..., None]:
     id_option = typer.Option(
         "--id", metavar="ID", help="Choose the id (default: a new UUID).", show_default=False
     )
+    key_option = typer.Option(
+        "--idempotency-key",
+        metavar="KEY",
+        help="Name this create: running it again with the same key (and fields) returns the "
+        "object the first run made instead of a second one. Without --id or this, the client "
+        "makes a key of its own for its automatic retries.",
+        show_default=False,
+    )
     quiet_option = typer.Option("--quiet", "-q", help="Print only the new object's id.")
     parameters = [
         _context_parameter(),
         _param("object_id_option", Annotated[str | None, id_option]),
+        _param("idempotency_key", Annotated[str | None, key_option]),
         *(_field_parameter(kind, option, panel="Fields") for option in options_for(kind)),
         _set_parameter(),
         _json_parameter(),

@@ -54,6 +54,16 @@ def serve(
             file_okay=False,
         ),
     ] = None,
+    openstack_noauth_project: Annotated[
+        str | None,
+        typer.Option(
+            "--openstack-noauth-project",
+            metavar="PROJECT",
+            help="Neutron/Octavia requests without X-Auth-Token act for this project "
+            "(clouds.yaml auth_type: none). Default: they are refused.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the HiveNet API server (foreground; stop with Ctrl-C)."""
     resolved_state_dir = (
@@ -70,6 +80,7 @@ def serve(
     store_url = store or default_store_url(resolved_state_dir)
     try:
         from hivenet.api import run_server
+        from hivenet.api.neutron import OpenStackOptions
     except ImportError as exc:
         raise fail(f"error: the API server is not available in this installation: {exc}") from None
     typer.echo(
@@ -77,4 +88,10 @@ def serve(
         f"token file {resolved_state_dir / ADMIN_TOKEN_FILE})",
         err=True,
     )
-    run_server(store_url, host, port, resolved_state_dir)
+    run_server(
+        store_url,
+        host,
+        port,
+        resolved_state_dir,
+        openstack=OpenStackOptions(noauth_project=openstack_noauth_project),
+    )

@@ -1,7 +1,9 @@
 """`clean()`: remove everything the lab made, also after a crash (`mn -c` for HiveNet).
 
 Owns: ending the processes recorded in the lab's PID files, deleting the `hn*` network
-namespaces and the `hn*` links of the root namespace. Idempotent: a second run finds nothing
+namespaces and the `hn*` links of the root namespace, and (for a clean of every lab) ending the
+throwaway etcd clusters of tests and benchmarks whose owner is gone, with their `hn-etcd-*`
+data directories (`hivenet.lab.etcd.clean_stale_clusters`). Idempotent: a second run finds nothing
 and succeeds. Run it as `python -m hivenet.lab.cleanup [--tag TAG]` (root).
 
 Must not touch: anything not named with the `hn` prefix, or a PID that no longer is the process
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from pyroute2 import netns
 
+from hivenet.lab.etcd import clean_stale_clusters
 from hivenet.lab.netns import (
     NAME_PREFIX,
     LabScope,
@@ -46,6 +49,8 @@ class CleanReport:
     links: list[str] = field(default_factory=list)
     pid_files: list[str] = field(default_factory=list)
     bpf_pins: list[str] = field(default_factory=list)
+    # Not a lab's own leftovers (so not part of is_empty()): what dead test runs left.
+    stale_etcd_dirs: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     def is_empty(self) -> bool:
@@ -74,6 +79,8 @@ def clean(tag: str = "", *, directory: Path | None = None) -> CleanReport:
                 report.links.append(link)
         except Exception as error:  # report it and go on with the other links
             report.failures.append(f"link {link}: {error}")
+    if not tag:
+        _clean_stale_etcd(report)
     # eBPF fast-path pins (/sys/fs/bpf/hn-*) of datapaths that died, or all on a full clean;
     # their tc filters and VXLAN devices went with the links and namespaces above.
     from hivenet.datapath.ebpf.kernel import remove_stale_pins
@@ -83,6 +90,17 @@ def clean(tag: str = "", *, directory: Path | None = None) -> CleanReport:
     except OSError as error:
         report.failures.append(f"bpf pins: {error}")
     return report
+
+
+def _clean_stale_etcd(report: CleanReport) -> None:
+    """Throwaway etcd clusters (tests, benchmarks) whose owner died without stopping them."""
+    try:
+        ended, removed = clean_stale_clusters()
+    except OSError as error:
+        report.failures.append(f"stale etcd clusters: {error}")
+        return
+    report.processes.extend(ended)
+    report.stale_etcd_dirs.extend(removed)
 
 
 def _stop_recorded_processes(scope: LabScope, directory: Path, report: CleanReport) -> None:
@@ -144,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     report = clean(args.tag)
     print(
         f"stopped {len(report.processes)} process(es), deleted {len(report.namespaces)} "
-        f"namespace(s) and {len(report.links)} link(s)"
+        f"namespace(s), {len(report.links)} link(s) and {len(report.stale_etcd_dirs)} stale "
+        "etcd data dir(s)"
         + (f", {len(report.bpf_pins)} BPF pin dir(s)" if report.bpf_pins else "")
     )
     for failure in report.failures:

@@ -14,6 +14,16 @@ the defaults, the child's environment drops every `ETCD_*` variable (etcd reads 
 them), each cluster gets its own random `--initial-cluster-token`, and a PID is signalled only
 while its start time and command line still match the record (a reused PID is left alone).
 
+Owner: a cluster started with `die_with_owner=True` (the tests, the benchmarks) lives no longer
+than the process that started it: each member gets the parent-death signal SIGKILL, so it dies
+with its owner also when that owner is killed by a signal (a `timeout` around pytest, SIGKILL)
+and no finalizer runs. The kernel sends that signal when the *thread* that forked the member
+ends, so members are forked by one thread of this module that lives as long as the process.
+`cluster.json` records the owner (PID and start time); `clean_stale_clusters()` (run by
+`hivenet lab clean`) ends the members and removes the `hn-etcd-*` directories of clusters whose
+owner is gone. The lab's own cluster has no owner (it outlives `hivenet lab up`) and is ended
+by `hivenet lab down|clean` through its records.
+
 Timing: heartbeat 50 ms and election timeout 500 ms (etcd's defaults are 100/1000) so a killed
 leader is replaced within about a second, and etcd's minimum lease TTL is 1 s (it is
 1.5 x election timeout, rounded up), which a 1-second lease test needs.
@@ -21,6 +31,7 @@ leader is replaced within about a second, and etcd's minimum lease TTL is 1 s (i
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
@@ -30,6 +41,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +57,7 @@ __all__ = [
     "EtcdLabError",
     "EtcdMember",
     "EtcdMemberStatus",
+    "clean_stale_clusters",
     "start_cluster",
     "stop_all",
 ]
@@ -53,6 +67,14 @@ MEMBER_PREFIX: Final = "hn-etcd"
 ETCD_SUBDIR: Final = "etcd"
 CLUSTER_FILE: Final = "cluster.json"
 HOST: Final = "127.0.0.1"  # peers always; clients unless `client_host` says otherwise
+# Where throwaway clusters (tests, benchmarks) keep their `hn-etcd-*` directories.
+THROWAWAY_ROOTS: Final = (Path("/dev/shm"), Path(tempfile.gettempdir()))
+THROWAWAY_PREFIX: Final = "hn-etcd-"
+# A throwaway directory with no owner on record is stale only when older than this (it may be
+# a cluster being started right now).
+_UNRECORDED_GRACE_SECONDS: Final = 60.0
+SETPRIV: Final = "/usr/bin/setpriv"
+_EXEC_TIMEOUT: Final = 5.0
 _START_ATTEMPTS: Final = 3  # a picked port may be taken by someone else before etcd binds it
 _HTTP_TIMEOUT: Final = 1.0
 
@@ -168,6 +190,50 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+def _process_identity(pid: int) -> dict[str, int] | None:
+    """PID and start time: what names a live process for good (None if it is gone)."""
+    start_time = _read_start_time(pid)
+    return None if start_time is None else {"pid": pid, "start_time": start_time}
+
+
+def _owner_is_alive(owner: object) -> bool:
+    if not isinstance(owner, dict):
+        return False
+    try:
+        pid, start_time = int(owner["pid"]), int(owner["start_time"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return _read_start_time(pid) == start_time and not _is_zombie(pid)
+
+
+# The parent-death signal follows the thread that forked the child: members that must die with
+# their owner are forked by this one thread, which lives as long as the process. `setpriv`
+# (util-linux) arms the signal and then execs etcd, so the PID and the command line we record
+# are etcd's (no Python code runs between fork and exec, which gRPC's fork handlers dislike).
+_spawner_lock = threading.Lock()
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _spawn_dying_with_owner(argv: list[str], **popen_options: Any) -> subprocess.Popen[bytes]:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="hn-etcd-spawner"
+            )
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([SETPRIV, "--pdeathsig", "KILL", "--", *argv], **popen_options)
+
+    process = _spawner.submit(spawn).result()
+    deadline = time.monotonic() + _EXEC_TIMEOUT
+    while _read_cmdline(process.pid) != argv and process.poll() is None:
+        if time.monotonic() > deadline:
+            raise EtcdLabError(f"{SETPRIV} did not start {argv[0]} within {_EXEC_TIMEOUT:g}s")
+        time.sleep(0.002)
+    return process
+
+
 def _signal_and_wait(record: _ProcessRecord, signum: int, timeout: float) -> bool:
     """Send `signum` if the record still names a live process; True once it is gone."""
     if not record.is_running():
@@ -251,6 +317,7 @@ class EtcdCluster:
         binary: Path,
         heartbeat_ms: int,
         election_ms: int,
+        die_with_owner: bool = False,
     ) -> None:
         self.directory = directory
         self.members = members
@@ -258,6 +325,7 @@ class EtcdCluster:
         self._binary = binary
         self._heartbeat_ms = heartbeat_ms
         self._election_ms = election_ms
+        self.die_with_owner = die_with_owner
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._records: dict[str, _ProcessRecord] = {}
 
@@ -309,6 +377,8 @@ class EtcdCluster:
             "binary": str(self._binary),
             "heartbeat_ms": self._heartbeat_ms,
             "election_ms": self._election_ms,
+            # The process the members die with (None: they outlive whoever started them).
+            "owner": _process_identity(os.getpid()) if self.die_with_owner else None,
             "client_host": client_hosts.pop() if len(client_hosts) == 1 else HOST,
             "members": [
                 {"name": m.name, "client_port": m.client_port, "peer_port": m.peer_port}
@@ -396,14 +466,17 @@ class EtcdCluster:
             )
         argv = self._argv(member)
         with member.log_file.open("ab") as log:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_child_environment(),
-                start_new_session=True,  # a terminal's Ctrl-C goes to the lab, which stops us
-            )
+            options: dict[str, Any] = {
+                "stdin": subprocess.DEVNULL,
+                "stdout": log,
+                "stderr": subprocess.STDOUT,
+                "env": _child_environment(),
+                "start_new_session": True,  # a terminal's Ctrl-C goes to the lab, which stops us
+            }
+            if self.die_with_owner:
+                process = _spawn_dying_with_owner(argv, **options)
+            else:
+                process = subprocess.Popen(argv, **options)
         record = _ProcessRecord(
             member.name, process.pid, _read_start_time(process.pid) or 0, tuple(argv)
         )
@@ -570,11 +643,15 @@ def start_cluster(
     election_ms: int = 500,
     timeout: float = 30.0,
     client_host: str = HOST,
+    die_with_owner: bool = False,
 ) -> EtcdCluster:
     """Start a `size`-member cluster with its files under `state_dir/etcd/`; wait until healthy.
 
     Clients reach the members on `client_host` (an IPv4 address of this machine's root
     namespace); the members talk to each other on 127.0.0.1.
+
+    With `die_with_owner` every member (also one restarted later through this object) gets
+    SIGKILL when this process ends, however it ends (see the module docstring).
 
     Raises EtcdLabError if etcd is missing, a cluster is already recorded there, or the members
     do not become healthy within `timeout` (they are stopped again in that case).
@@ -628,6 +705,7 @@ def start_cluster(
             binary=binary,
             heartbeat_ms=heartbeat_ms,
             election_ms=election_ms,
+            die_with_owner=die_with_owner,
         )
         cluster._save_description()
         try:
@@ -683,3 +761,86 @@ def stop_all(state_dir: Path) -> list[int]:
         raise EtcdLabError("could not stop: " + "; ".join(failures))
     shutil.rmtree(directory, ignore_errors=True)
     return stopped
+
+
+def _recorded_owner(cluster_directory: Path) -> object:
+    """The owner `cluster.json` records (None: none, or no readable description)."""
+    try:
+        data = json.loads((cluster_directory / CLUSTER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("owner") if isinstance(data, dict) else None
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _is_stale(directory: Path, now: float) -> bool:
+    """A throwaway cluster directory whose owner is gone. Without an owner on record (a
+    cluster started by older code): stale when its members were orphaned (their parent is
+    init now), or, with none running, when it is old enough that no start is writing it."""
+    owner = _recorded_owner(directory / ETCD_SUBDIR)
+    if owner is not None:
+        return not _owner_is_alive(owner)
+    members = _throwaway_member_pids(directory)
+    if members:
+        return all(_parent_pid(pid) == 1 for pid in members)
+    try:
+        return now - directory.stat().st_mtime > _UNRECORDED_GRACE_SECONDS
+    except OSError:
+        return False
+
+
+def _throwaway_member_pids(directory: Path) -> list[int]:
+    """Live etcd processes whose data dir lies in `directory` (records may be gone)."""
+    pids = []
+    marker = str(directory) + os.sep
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        argv = _read_cmdline(int(entry))
+        if not argv or "--data-dir" not in argv[:-1]:
+            continue
+        data_dir = argv[argv.index("--data-dir") + 1]
+        token = ""
+        if "--initial-cluster-token" in argv[:-1]:
+            token = argv[argv.index("--initial-cluster-token") + 1]
+        if (
+            data_dir.startswith(marker)
+            and token.startswith(MEMBER_PREFIX)
+            and not _is_zombie(int(entry))
+        ):
+            pids.append(int(entry))
+    return pids
+
+
+def clean_stale_clusters(
+    roots: tuple[Path, ...] = THROWAWAY_ROOTS,
+) -> tuple[list[int], list[str]]:
+    """End the members of every throwaway cluster (`hn-etcd-*` under `roots`) whose owner is
+    gone, and remove its directory. Returns (PIDs ended, directories removed). A cluster whose
+    owner still runs (a test session in progress) is left alone."""
+    ended: list[int] = []
+    removed: list[str] = []
+    now = time.time()
+    for root in dict.fromkeys(roots):
+        if not root.is_dir():
+            continue
+        for directory in sorted(root.glob(f"{THROWAWAY_PREFIX}*")):
+            if not directory.is_dir() or directory.is_symlink() or not _is_stale(directory, now):
+                continue
+            with contextlib.suppress(EtcdLabError):
+                ended += stop_all(directory)
+            for pid in _throwaway_member_pids(directory):
+                argv = tuple(_read_cmdline(pid) or ())
+                record = _ProcessRecord("orphan", pid, _read_start_time(pid) or 0, argv)
+                if _end_process(record, timeout=2.0):
+                    ended.append(pid)
+            shutil.rmtree(directory, ignore_errors=True)
+            if not directory.exists():
+                removed.append(str(directory))
+    return ended, removed

@@ -25,7 +25,7 @@ from hivenet.model.topology import (
     parse_topology_key,
     topology_key,
 )
-from hivenet.model.types import AllowedAddressPair, NatTarget, PortRange, new_id
+from hivenet.model.types import AllowedAddressPair, FixedIp, NatTarget, PortRange, new_id
 
 # isort: split
 # After topology: importing topology first completes the loadbalancer module it registers
@@ -52,22 +52,26 @@ from hivenet.model.security import (
     SecurityGroup,
     SecurityGroupRule,
 )
+from hivenet.model.subnet import AllocationPool, HostRoute, Subnet, overlay_mtu
 
 __all__ = [
     "DEFAULT_TENANT",
     "KINDS",
     "TOPOLOGY_PREFIX",
+    "AllocationPool",
     "AllowedAddressPair",
     "Bridge",
     "Chain",
     "DeviceKind",
     "Direction",
     "EtherType",
+    "FixedIp",
     "FloatingIp",
     "FragmentPolicy",
     "HealthMonitor",
     "HealthMonitorType",
     "Host",
+    "HostRoute",
     "HttpMethod",
     "IpAddrGroup",
     "LbAlgorithm",
@@ -91,12 +95,14 @@ __all__ = [
     "SecurityGroup",
     "SecurityGroupRule",
     "SessionPersistence",
+    "Subnet",
     "TopologyObject",
     "TunnelZone",
     "TunnelZoneMember",
     "decode",
     "encode",
     "new_id",
+    "overlay_mtu",
     "parse_topology_key",
     "topology_key",
 ]

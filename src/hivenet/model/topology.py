@@ -12,10 +12,11 @@ from __future__ import annotations
 import enum
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hivenet.model.types import (
     AllowedAddressPair,
+    FixedIp,
     IpAddress,
     IpInterface,
     IpNetwork,
@@ -30,6 +31,8 @@ from hivenet.model.types import (
 )
 
 DEFAULT_TENANT = "admin"
+EXTERNAL_IDS_MAX = 64
+EXTERNAL_ID_VALUE_MAX = 4096
 
 
 class TopologyObject(BaseModel):
@@ -47,6 +50,23 @@ class TopologyObject(BaseModel):
     id: ObjectId = Field(default_factory=new_id)
     tenant_id: ObjectId = DEFAULT_TENANT
     name: str = Field(default="", max_length=255)
+    # What a cloud management system keeps on the object for itself (as OVN's external_ids):
+    # the Neutron/Octavia attributes with no native meaning (description, tags, device_owner,
+    # a VIP's subnet, ...). HiveNet's own code never reads it.
+    external_ids: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("external_ids")
+    @classmethod
+    def _bounded_external_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > EXTERNAL_IDS_MAX:
+            raise ValueError(f"external_ids: at most {EXTERNAL_IDS_MAX} keys, got {len(value)}")
+        for key, text in value.items():
+            if not 1 <= len(key) <= 255 or len(text) > EXTERNAL_ID_VALUE_MAX:
+                raise ValueError(
+                    f"external_ids[{key[:40]!r}]: keys are 1-255 characters, values at most "
+                    f"{EXTERNAL_ID_VALUE_MAX}"
+                )
+        return value
 
     def references(self) -> list[tuple[str, str, str]]:
         """(field, kind, id) for every id this object points at."""
@@ -69,6 +89,9 @@ class Bridge(TopologyObject):
     outbound_chain_id: ObjectId | None = None
     # Answer ARP requests from the bridge's known IP->MAC entries instead of flooding them.
     arp_proxy: bool = False
+    # The MTU its VMs use (DHCP option 26); None: the underlay MTU less the VXLAN overhead
+    # (`hivenet.model.subnet.overlay_mtu`), which each agent knows for its own underlay.
+    mtu: int | None = Field(default=None, ge=68, le=65535)
 
 
 class Router(TopologyObject):
@@ -93,6 +116,9 @@ class Port(TopologyObject):
     end, and the link is symmetric (both ports name each other). Router ports carry their
     addresses with prefix (`addresses`); on bridge ports `addresses` lists the VM's own
     addresses (port security and ARP). `tunnel_key` is allocated by the store, unique.
+    `fixed_ips` are the port's addresses on subnets (IPAM): an entry without `ip_address`
+    gets the next free pool address from the store, each address is unique in its subnet,
+    and the store keeps every fixed IP in `addresses` too (with the subnet's prefix).
     """
 
     KIND: ClassVar[str] = "port"
@@ -124,9 +150,14 @@ class Port(TopologyObject):
     port_security_enabled: bool = False
     security_group_ids: tuple[ObjectId, ...] = ()
     allowed_address_pairs: tuple[AllowedAddressPair, ...] = ()
+    fixed_ips: tuple[FixedIp, ...] = ()
 
     def references(self) -> list[tuple[str, str, str]]:
-        return [("device_id", self.device_kind.value, self.device_id), *super().references()]
+        return [
+            ("device_id", self.device_kind.value, self.device_id),
+            *super().references(),
+            *(("fixed_ips", "subnet", fixed.subnet_id) for fixed in self.fixed_ips),
+        ]
 
     @model_validator(mode="after")
     def _check(self) -> Port:
@@ -163,6 +194,9 @@ class Port(TopologyObject):
             raise ValueError(
                 f"port {self.id}: port_security_enabled is only for exterior bridge ports"
             )
+        pinned = [f.ip_address for f in self.fixed_ips if f.ip_address is not None]
+        if len(set(pinned)) != len(pinned):
+            raise ValueError(f"port {self.id}: an address appears twice in fixed_ips {pinned}")
         return self
 
 
@@ -378,6 +412,7 @@ class TunnelZone(TopologyObject):
 # The load-balancer kinds live in their own module, which needs TopologyObject from this one.
 from hivenet.model.loadbalancer import LB_KINDS  # noqa: E402
 from hivenet.model.security import SECURITY_KINDS  # noqa: E402
+from hivenet.model.subnet import SUBNET_KINDS  # noqa: E402
 
 KINDS: dict[str, type[TopologyObject]] = {
     cls.KIND: cls
@@ -396,6 +431,7 @@ KINDS: dict[str, type[TopologyObject]] = {
 }
 KINDS.update({cls.KIND: cls for cls in LB_KINDS})
 KINDS.update({cls.KIND: cls for cls in SECURITY_KINDS})
+KINDS.update({cls.KIND: cls for cls in SUBNET_KINDS})
 
 
 def topology_key(kind: str, object_id: str) -> str:

@@ -114,6 +114,15 @@ class NatTarget(_Value):
         return self
 
 
+class FixedIp(_Value):
+    """One address of a port on a subnet (Neutron's fixed_ips entry). `ip_address` None on a
+    create or update asks the store to allocate the next free address of the subnet's pools;
+    a stored port always carries the address."""
+
+    subnet_id: ObjectId
+    ip_address: IpAddress | None = None
+
+
 class AllowedAddressPair(_Value):
     """An extra (IP prefix, MAC) a port with port security may send from, as Neutron's
     allowed_address_pairs: `mac_address` None means the port's own MAC."""

@@ -323,7 +323,7 @@ class TopologyView:
         elif kind == "tunnel_zone":
             for host_id in self._recompute_underlay(old, new):
                 tags.add(f"host:{host_id}")
-        elif kind in ("port_group", "host"):
+        elif kind in ("port_group", "host", "subnet"):
             pass  # tagged by kind:id above; nothing compiled depends on their fields yet
         elif kind in ("security_group", "security_group_rule", "floating_ip"):
             pass  # compiled by the security index below

@@ -38,6 +38,7 @@ from hivenet.store.base import (
     StoreUnavailableError,
     TxnOp,
     TxnResult,
+    WriteOutcome,
 )
 from hivenet.store.sqlite import SqliteStore
 
@@ -64,6 +65,7 @@ __all__ = [
     "StoreUnavailableError",
     "TxnOp",
     "TxnResult",
+    "WriteOutcome",
     "open_store",
     "sqlite_path_from_url",
 ]

@@ -48,8 +48,31 @@ class LeaseNotFoundError(StoreError):
         self.lease_id = lease_id
 
 
+class WriteOutcome(enum.Enum):
+    """What became of a write when the store could not answer it."""
+
+    NOT_APPLIED = "not_applied"  # surely not applied (also every read)
+    UNKNOWN = "unknown"  # it reached a member that failed before answering: read it back
+
+
 class StoreUnavailableError(StoreError):
-    """The backend cannot be reached or is locked; the operation did not happen."""
+    """The backend cannot be reached or is locked.
+
+    `outcome` says what became of a write (NOT_APPLIED unless a backend says otherwise);
+    `failed` names what failed, as an operator would look for it (a member's endpoint,
+    "no leader", "database locked"), or is "" when the message says it all.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        outcome: WriteOutcome | None = None,
+        failed: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome if outcome is not None else WriteOutcome.NOT_APPLIED
+        self.failed = failed
 
 
 class StoreCorruptError(StoreError):

@@ -17,10 +17,22 @@ Behaviour:
 - Every call has a deadline (`call_timeout`, all retries included); running out of it raises
   StoreUnavailableError. Every request carries etcd's `hasleader` metadata, so a member cut off
   from its cluster refuses at once ("no leader") instead of hanging until the deadline.
-- Failover: calls go to one endpoint until it fails, then to the next. Reads are retried on
-  any endpoint. A write is retried only when it surely was not applied (no connection, or
-  "no leader", which etcd answers before looking at the request); a write whose connection
-  drops mid-call raises StoreUnavailableError saying the outcome is unknown.
+- Failover: calls go to one endpoint until it fails, then to the next; writes go to the
+  leader (every member's status is asked at the first write and after any failover), so a
+  dead leader fails the write in flight at once instead of a follower holding it until its
+  own timeout. A try of a read, or of a write that is safe to replay, gets `attempt_timeout`
+  (doubling on each timeout); rounds over all endpoints pause at most 0.1 s, so a new leader
+  is found within about that of its election. Reads are retried on any endpoint. A write is
+  sent again when it surely was not applied (no connection, or "no leader", which etcd
+  answers before looking at the request).
+- A txn whose member fails mid-call: if it cannot apply twice (`_replay_guard`: its success
+  branch falsifies one of its compares, `mod_revision == n` or "key absent"; its failure
+  branch writes nothing), the store reads the guard key's history on a surviving member
+  (once there is a leader), answers with the txn's result if it was applied (op results
+  replayed on the revision before it) and sends it again if not. The one miss: a create
+  applied, then deleted by someone else before the check, is sent again. Any other write
+  raises StoreUnavailableError with outcome UNKNOWN naming the member; a call that found no
+  member raises it with NOT_APPLIED, naming what failed ("no leader", refused endpoints).
 - Large ranges are read in pages of `range_page_size` keys at the revision of the first page
   (limit + key continuation), so a big result is one consistent snapshot. `count` is the size
   of the whole prefix at that revision, also when `start_after` is given (one read-only txn).
@@ -67,6 +79,7 @@ from hivenet.store.base import (
     Event,
     EventType,
     FutureRevisionError,
+    Get,
     InvalidRequestError,
     KeyValue,
     Lease,
@@ -78,18 +91,16 @@ from hivenet.store.base import (
     StoreUnavailableError,
     TxnOp,
     TxnResult,
+    WriteOutcome,
 )
-
-# The reference backend's validators and compare semantics: both backends reject the same input
-# with the same message and read a missing key the same way.
-from hivenet.store.sqlite import (
-    _check_compare,
-    _check_int,
-    _check_key,
-    _check_ops,
-    _check_prefix,
-    _check_value,
-    _compare_holds,
+from hivenet.store.validate import (
+    check_compare,
+    check_int,
+    check_key,
+    check_ops,
+    check_prefix,
+    check_value,
+    compare_holds,
 )
 
 __all__ = ["ETCD_SCHEME", "EtcdStore", "endpoints_from_url"]
@@ -114,6 +125,10 @@ _ETCD_REPLAY_PERIOD: Final = 0.15  # etcd replays history to lagging watches eve
 _CATCH_UP_POLL_SECONDS: Final = 0.02
 _BACKOFF_FIRST: Final = 0.02
 _BACKOFF_MAX: Final = 0.5
+# Between rounds of a call: short, so a call finds a newly elected leader within ~0.1 s.
+_CALL_BACKOFF_MAX: Final = 0.1
+# How long the probe for the leader (Maintenance.Status on every member at once) may take.
+_LEADER_PROBE_TIMEOUT: Final = 0.25
 
 _CHANNEL_OPTIONS: Final = (
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -122,9 +137,10 @@ _CHANNEL_OPTIONS: Final = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    # Notice a silent member while a watch is open; etcd refuses pings more often than 5 s.
+    # Notice a silent member while a call or watch is open; etcd refuses pings more often
+    # than every 5 s, so the interval stays at 10 s and a silent member is given up after 2 s.
     ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 2_000),
 )
 
 _COMPARE_TARGETS: Final = {
@@ -274,7 +290,7 @@ def _op_result(op: TxnOp, response: Any) -> list[KeyValue] | int | KeyValue | No
 
 
 def _check_lease_id(value: object, field: str) -> int:
-    lease_id = _check_int(value, field, minimum=1)
+    lease_id = check_int(value, field, minimum=1)
     if lease_id >= 2**63:
         raise InvalidRequestError(f"{field} must fit etcd's int64, got {value!r}")
     return lease_id
@@ -348,10 +364,52 @@ def _translate(error: grpc.aio.AioRpcError, what: str, *, lease_id: int = 0) -> 
     return StoreError(f"{message} (gRPC {code.name})")
 
 
-def _backoff(failures_in_a_row: int, endpoint_count: int) -> float:
+def _backoff(failures_in_a_row: int, endpoint_count: int, maximum: float = _BACKOFF_MAX) -> float:
     """No pause while untried endpoints remain, then growing pauses between rounds."""
     rounds = failures_in_a_row - endpoint_count
-    return 0.0 if rounds < 0 else min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**rounds)
+    return 0.0 if rounds < 0 else min(maximum, _BACKOFF_FIRST * 2**rounds)
+
+
+class _MidCallFailure(Exception):
+    """A write reached `member`, which failed before answering: it may have been applied."""
+
+    def __init__(self, member: str, details: str, *, timed_out: bool = False) -> None:
+        # A member that times out is alive but could not commit (its leader is gone): say so,
+        # so that an operator does not look for the fault there.
+        happened = "did not answer in time" if timed_out else "failed mid-call"
+        super().__init__(f"{member} {happened} ({details})")
+        self.member = member
+        self.details = details
+
+
+def _replay_guard(compares: Sequence[Compare], success: Sequence[TxnOp]) -> tuple[str, int] | None:
+    """(key, mod_revision) of a compare that the txn's own success branch falsifies for good,
+    so that etcd refuses a second application of it; None when there is none.
+
+    `mod_revision == n` (n > 0) on a key the branch puts or deletes: revisions never come
+    back. `mod_revision == 0` / `create_revision == 0` (the key is absent) on a key the branch
+    puts: a second application needs someone to delete the key in between (the one case a
+    replay can repeat; see the module docstring). Prefix ops are not followed (their keys are
+    not known in advance).
+    """
+    if any(isinstance(op, Delete | Get) and op.prefix for op in success):
+        return None
+    written = {op.key for op in success if isinstance(op, Put | Delete)}
+    put_keys = {op.key for op in success if isinstance(op, Put)}
+    absent_guard: tuple[str, int] | None = None
+    for compare in compares:
+        if compare.op != "==" or compare.key not in written or not isinstance(compare.value, int):
+            continue
+        if compare.target == "mod_revision" and compare.value > 0:
+            return compare.key, compare.value
+        if (
+            compare.target in ("mod_revision", "create_revision")
+            and compare.value == 0
+            and compare.key in put_keys
+            and absent_guard is None
+        ):
+            absent_guard = compare.key, 0
+    return absent_guard
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -366,6 +424,7 @@ class _Endpoint:
         self.kv: Any = None
         self.lease: Any = None
         self.watch: Any = None
+        self.maintenance: Any = None
 
     def open(self) -> grpc.aio.Channel:
         if self.channel is None:
@@ -373,6 +432,7 @@ class _Endpoint:
             self.kv = rpc.KVStub(self.channel)
             self.lease = rpc.LeaseStub(self.channel)
             self.watch = rpc.WatchStub(self.channel)
+            self.maintenance = rpc.MaintenanceStub(self.channel)
         return self.channel
 
     async def connect(self, timeout: float) -> None:
@@ -410,6 +470,10 @@ class EtcdStore:
 
     `call_timeout` bounds every call, retries and failover included. `connect_timeout` is how
     long one endpoint may take to accept a connection before the next one is tried.
+    `attempt_timeout` is how long one try of a read, or of a write that is safe to replay, may
+    take on one member before the call moves on (it doubles after each such timeout within a
+    call, so a slow but healthy store still answers); a member whose leader just died holds a
+    request until its own timeout, and this keeps the call from waiting for it.
     `range_page_size` is the most keys one range request asks etcd for. `watch_reconnect_timeout`
     is how long a watch keeps trying to re-create its stream (on any endpoint) before its
     iterator raises StoreUnavailableError; resume it with the last revision + 1.
@@ -424,6 +488,7 @@ class EtcdStore:
         *,
         call_timeout: float = 5.0,
         connect_timeout: float = 1.0,
+        attempt_timeout: float = 0.5,
         range_page_size: int = 1000,
         watch_reconnect_timeout: float = 10.0,
     ) -> None:
@@ -438,17 +503,25 @@ class EtcdStore:
         for name, seconds in (
             ("call_timeout", call_timeout),
             ("connect_timeout", connect_timeout),
+            ("attempt_timeout", attempt_timeout),
             ("watch_reconnect_timeout", watch_reconnect_timeout),
         ):
             if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
                 raise InvalidRequestError(
                     f"{name} must be a number of seconds > 0, got {seconds!r}"
                 )
-        _check_int(range_page_size, "range_page_size", minimum=1)
+        check_int(range_page_size, "range_page_size", minimum=1)
         self._endpoints = [_Endpoint(address) for address in checked]
         self._current = 0
         self._call_timeout = float(call_timeout)
         self._connect_timeout = float(connect_timeout)
+        self._attempt_timeout = float(attempt_timeout)
+        # The endpoint of the member that said it leads (writes go there first), and whether
+        # to ask again before the next write (at the start, and after any failover).
+        self._leader: str | None = None
+        self._leader_unknown = True
+        # The highest store revision any answer carried: a txn sent now applies above it.
+        self._seen_revision = 0
         self._page_size = range_page_size
         self._watch_reconnect_timeout = float(watch_reconnect_timeout)
         self._closed = False
@@ -467,6 +540,11 @@ class EtcdStore:
     def current_endpoint(self) -> str:
         """The endpoint the next call goes to first (it moves on failover)."""
         return self._endpoints[self._current].address
+
+    @property
+    def leader_endpoint(self) -> str | None:
+        """The endpoint of the member that last said it is the leader (None: none did yet)."""
+        return self._leader
 
     @property
     def closed(self) -> bool:
@@ -494,76 +572,168 @@ class EtcdStore:
         if self._current == index:
             self._current = (index + 1) % len(self._endpoints)
 
+    def _member_name(self, endpoint: _Endpoint) -> str:
+        return (
+            f"{endpoint.address} (the leader)"
+            if endpoint.address == self._leader
+            else (endpoint.address)
+        )
+
+    async def _point_at_leader(self, deadline: float) -> None:
+        """Make the leader the current endpoint, if a member says it leads (every member is
+        asked at once, briefly): a write sent to the leader fails at once when it dies, while
+        a follower would hold it until its own timeout."""
+        loop = asyncio.get_running_loop()
+        timeout = min(_LEADER_PROBE_TIMEOUT, deadline - loop.time())
+        if timeout <= 0:
+            return
+
+        async def status(endpoint: _Endpoint) -> Any:
+            try:
+                await endpoint.connect(timeout)
+                return await endpoint.maintenance.Status(rpc.StatusRequest(), timeout=timeout)
+            except (_NotConnected, grpc.aio.AioRpcError):
+                return None
+
+        answers = await asyncio.gather(*(status(endpoint) for endpoint in self._endpoints))
+        self._leader_unknown = True
+        for index, answer in enumerate(answers):
+            if answer is not None and answer.leader and answer.leader == answer.header.member_id:
+                self._current = index
+                self._leader = self._endpoints[index].address
+                self._leader_unknown = False
+                return
+        # No member leads now (an election): `_leader` keeps naming the last one that did.
+
+    def _unavailable(self, what: str, problems: dict[str, str]) -> StoreUnavailableError:
+        """No member answered in time, and nothing was sent that could have been applied."""
+        if problems and all(_ERR_NO_LEADER in problem for problem in problems.values()):
+            failed = "no leader (the members are electing one)"
+        else:
+            failed = "; ".join(
+                f"{address}{' (the leader)' if address == self._leader else ''}: {problem}"
+                for address, problem in problems.items()
+            )
+        return StoreUnavailableError(
+            f"{what}: no etcd member of {self.endpoints} answered within "
+            f"{self._call_timeout:g}s ({failed or 'no endpoint tried'}); not applied",
+            outcome=WriteOutcome.NOT_APPLIED,
+            failed=failed,
+        )
+
     async def _call(
         self,
         what: str,
         attempt: Callable[[_Endpoint, float], Awaitable[_T]],
         *,
         mutating: bool,
+        replay_safe: bool = False,
         lease_id: int = 0,
+        deadline: float | None = None,
     ) -> _T:
-        """Run `attempt(endpoint, timeout)` with failover until it answers or the deadline.
+        """Run `attempt(endpoint, timeout)` with failover until it answers or the deadline
+        (loop time; default: `call_timeout` from now).
 
         Reads go to the next endpoint after any transport error; writes only after errors that
-        prove the request was not acted on (see the module docstring).
+        prove the request was not acted on (see the module docstring). A write that fails
+        mid-call raises _MidCallFailure when `replay_safe` (the caller finds out what became of
+        it), else StoreUnavailableError with outcome UNKNOWN.
         """
         self._check_open(what)
         loop = self._bind_loop()
-        deadline = loop.time() + self._call_timeout
+        if deadline is None:
+            deadline = loop.time() + self._call_timeout
+        if mutating and self._leader_unknown:
+            await self._point_at_leader(deadline)
         failures_in_a_row = 0
-        last_problem = "no endpoint tried"
+        timeouts = 0
+        problems: dict[str, str] = {}
         while True:
             if deadline - loop.time() <= 0:
-                raise StoreUnavailableError(
-                    f"{what}: no etcd endpoint of {self.endpoints} answered within "
-                    f"{self._call_timeout:g}s (last: {last_problem})"
-                )
+                raise self._unavailable(what, problems)
             index = self._current
             endpoint = self._endpoints[index]
             try:
                 await endpoint.connect(
                     min(self._connect_timeout, max(deadline - loop.time(), 0.001))
                 )
-                # A read may give up on a slow member while time is left to try another.
                 budget = deadline - loop.time()
                 attempt_timeout = (
                     budget
-                    if mutating
-                    else min(budget, max(self._connect_timeout, self._call_timeout / 2))
+                    if mutating and not replay_safe
+                    else min(budget, self._attempt_timeout * 2**timeouts)
                 )
-                return await attempt(endpoint, max(attempt_timeout, 0.001))
+                result = await attempt(endpoint, max(attempt_timeout, 0.001))
+                if failures_in_a_row:
+                    self._leader_unknown = True  # it moved: find the leader before a write
+                return result
             except _NotConnected as problem:
-                last_problem = str(problem)
+                problems[endpoint.address] = str(problem).removeprefix(f"{endpoint.address}: ")
             except grpc.aio.AioRpcError as error:
                 if self._closed:
                     raise StoreUnavailableError(f"{what}: store {self!r} is closed") from error
                 if not _is_transient(error):
                     raise _translate(error, what, lease_id=lease_id) from error
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    timeouts += 1
                 if mutating and not _was_not_sent(error):
+                    member = self._member_name(endpoint)
+                    self._move_on_from(index)
+                    self._leader_unknown = True
+                    if replay_safe:
+                        raise _MidCallFailure(
+                            member,
+                            _details(error),
+                            timed_out=error.code() == grpc.StatusCode.DEADLINE_EXCEEDED,
+                        ) from error
                     raise StoreUnavailableError(
-                        f"{what}: {endpoint.address} failed mid-call ({_details(error)}); "
-                        "the write may or may not have been applied"
+                        f"{what}: {member} failed mid-call ({_details(error)}); the write may "
+                        "or may not have been applied: read it back",
+                        outcome=WriteOutcome.UNKNOWN,
+                        failed=member,
                     ) from error
-                last_problem = f"{endpoint.address}: {_details(error)}"
+                problems[endpoint.address] = _details(error)
             self._check_open(what)
             self._move_on_from(index)
+            self._leader_unknown = True
             failures_in_a_row += 1
-            # Every endpoint failed once: wait a little between rounds (an election takes ~1 s).
+            # Every endpoint failed once: wait a little between rounds (an election takes
+            # about a second; the pause stays short so its end is noticed at once).
             await asyncio.sleep(
                 min(
-                    _backoff(failures_in_a_row, len(self._endpoints)),
+                    _backoff(failures_in_a_row, len(self._endpoints), _CALL_BACKOFF_MAX),
                     max(0.0, deadline - loop.time()),
                 )
             )
 
     async def _unary(
-        self, what: str, stub: str, method: str, request: Any, *, mutating: bool, lease_id: int = 0
+        self,
+        what: str,
+        stub: str,
+        method: str,
+        request: Any,
+        *,
+        mutating: bool,
+        replay_safe: bool = False,
+        lease_id: int = 0,
+        deadline: float | None = None,
     ) -> Any:
         async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
             call = getattr(getattr(endpoint, stub), method)
             return await call(request, timeout=timeout, metadata=_REQUIRE_LEADER)
 
-        return await self._call(what, attempt, mutating=mutating, lease_id=lease_id)
+        response = await self._call(
+            what,
+            attempt,
+            mutating=mutating,
+            replay_safe=replay_safe,
+            lease_id=lease_id,
+            deadline=deadline,
+        )
+        header = getattr(response, "header", None)
+        if header is not None and header.revision > self._seen_revision:
+            self._seen_revision = int(header.revision)
+        return response
 
     async def _compaction_error(self, requested: int) -> CompactedError:
         """CompactedError for `requested`, with the store's compact revision (etcd's minus one)."""
@@ -574,36 +744,42 @@ class EtcdStore:
     async def _probe_compact_revision(self, revision: int) -> int:
         """etcd's compaction revision, from the answer to a watch that starts at `revision`
         (0 if etcd does not report one in time)."""
+        try:
+            answer = await asyncio.wait_for(
+                self._first_watch_answer("find compaction revision", _ALL_KEYS, revision),
+                _COMPACT_PROBE_TIMEOUT,
+            )
+        except (TimeoutError, StoreError):
+            return 0
+        return int(answer.compact_revision) if answer is not None else 0
 
-        async def attempt(endpoint: _Endpoint, timeout: float) -> int:
+    async def _first_watch_answer(
+        self, what: str, key: bytes, start_revision: int, *, deadline: float | None = None
+    ) -> Any:
+        """The first answer of a one-off watch of `key` from `start_revision` that says
+        something (compacted, cancelled, or events), or None if the stream ends first."""
+
+        async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
             call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER, timeout=timeout)
             self._streams_opened += 1
             try:
                 await call.write(
                     rpc.WatchRequest(
                         create_request=rpc.WatchCreateRequest(
-                            key=_ALL_KEYS, start_revision=revision
+                            key=key, start_revision=start_revision
                         )
                     )
                 )
                 while True:
                     response = await call.read()
                     if response is grpc.aio.EOF:
-                        return 0
-                    if response.compact_revision:
-                        return int(response.compact_revision)
-                    if response.canceled or response.events:
-                        return 0
+                        return None
+                    if response.compact_revision or response.canceled or response.events:
+                        return response
             finally:
                 call.cancel()
 
-        try:
-            return await asyncio.wait_for(
-                self._call("find compaction revision", attempt, mutating=False),
-                _COMPACT_PROBE_TIMEOUT,
-            )
-        except (TimeoutError, StoreError):
-            return 0
+        return await self._call(what, attempt, mutating=False, deadline=deadline)
 
     async def _let_watches_catch_up(self) -> None:
         loop = asyncio.get_running_loop()
@@ -626,7 +802,7 @@ class EtcdStore:
         return int(response.header.revision)
 
     async def get(self, key: str) -> KeyValue | None:
-        _check_key(key)
+        check_key(key)
         request = rpc.RangeRequest(key=_encode(key))
         response = await self._unary(f"get {key!r}", "kv", "Range", request, mutating=False)
         return _key_value(response.kvs[0]) if response.kvs else None
@@ -645,11 +821,11 @@ class EtcdStore:
         `count` is the number of keys under `prefix` at that revision, whatever `limit` and
         `start_after` say; `more` is True when keys remain after the last one returned.
         """
-        _check_prefix(prefix)
-        wanted_revision = 0 if revision is None else _check_int(revision, "revision", minimum=0)
-        _check_int(limit, "limit", minimum=0)
+        check_prefix(prefix)
+        wanted_revision = 0 if revision is None else check_int(revision, "revision", minimum=0)
+        check_int(limit, "limit", minimum=0)
         if start_after is not None:
-            _check_prefix(start_after, "start_after")
+            check_prefix(start_after, "start_after")
         self._refuse_compacted(wanted_revision)
         what = f"range {prefix!r}"
         key_start, range_end = _prefix_range(prefix)
@@ -700,9 +876,9 @@ class EtcdStore:
     # -- Store protocol: writes
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        _check_key(key)
-        data = _check_value(value, f"value (key {key!r})")
-        _check_int(lease, "lease", minimum=0)
+        check_key(key)
+        data = check_value(value, f"value (key {key!r})")
+        check_int(lease, "lease", minimum=0)
         request = rpc.PutRequest(key=_encode(key), value=data, lease=lease)
         response = await self._unary(
             f"put {key!r}", "kv", "Put", request, mutating=True, lease_id=lease
@@ -711,10 +887,10 @@ class EtcdStore:
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         if prefix:
-            _check_prefix(key, "key")
+            check_prefix(key, "key")
             start, range_end = _prefix_range(key)
         else:
-            _check_key(key)
+            check_key(key)
             start, range_end = _encode(key), b""
         request = rpc.DeleteRangeRequest(key=start, range_end=range_end)
         response = await self._unary(f"delete {key!r}", "kv", "DeleteRange", request, mutating=True)
@@ -726,35 +902,206 @@ class EtcdStore:
         success: Sequence[TxnOp],
         failure: Sequence[TxnOp] = (),
     ) -> TxnResult:
-        checked_compares = [_check_compare(compare) for compare in compares]
-        checked_success = _check_ops(success, "success")
-        checked_failure = _check_ops(failure, "failure")
-        compare_messages = [_compare_message(compare) for compare in checked_compares]
+        checked_compares = [check_compare(compare) for compare in compares]
+        checked_success = check_ops(success, "success")
+        checked_failure = check_ops(failure, "failure")
+        for compare in checked_compares:
+            _compare_message(compare)  # refuses a value outside etcd's int64 before any call
         try:
-            if any(c.target == "value" and _compare_holds(c, None) for c in checked_compares):
+            if any(c.target == "value" and compare_holds(c, None) for c in checked_compares):
                 return await self._txn_evaluated_here(
                     checked_compares, checked_success, checked_failure
                 )
-            request = rpc.TxnRequest(
-                compare=compare_messages,
-                success=[_request_op(op) for op in checked_success],
-                failure=[_request_op(op) for op in checked_failure],
-            )
-            response = await self._unary("txn", "kv", "Txn", request, mutating=True)
+            return await self._send_txn(checked_compares, checked_success, checked_failure)
         except LeaseNotFoundError as error:
             if error.lease_id:
                 raise
             missing = await self._missing_lease(_leases_in([*checked_success, *checked_failure]))
             raise LeaseNotFoundError(missing) from error
-        branch = checked_success if response.succeeded else checked_failure
-        return TxnResult(
-            succeeded=bool(response.succeeded),
-            revision=int(response.header.revision),
-            responses=[
-                _op_result(op, result)
-                for op, result in zip(branch, response.responses, strict=True)
-            ],
+
+    async def _send_txn(
+        self,
+        compares: list[Compare],
+        success: list[TxnOp],
+        failure: list[TxnOp],
+        *,
+        what: str = "txn",
+    ) -> TxnResult:
+        """One txn, within `call_timeout`. When its member fails mid-call and the txn cannot
+        apply twice (`_replay_guard`, and no writes in `failure`), find out whether it was
+        applied (`_result_if_applied`): if so answer with that, else send it again; only when
+        that cannot be found out in time does it raise StoreUnavailableError (UNKNOWN)."""
+        request = rpc.TxnRequest(
+            compare=[_compare_message(compare) for compare in compares],
+            success=[_request_op(op) for op in success],
+            failure=[_request_op(op) for op in failure],
         )
+        guard = _replay_guard(compares, success)
+        if any(isinstance(op, Put | Delete) for op in failure):
+            guard = None
+        self._check_open(what)
+        loop = self._bind_loop()
+        deadline = loop.time() + self._call_timeout
+        sent_above = self._seen_revision  # where it applies, if it does, is above this
+        lost: _MidCallFailure | None = None
+        while True:
+            response: Any = None
+            try:
+                response = await self._unary(
+                    what,
+                    "kv",
+                    "Txn",
+                    request,
+                    mutating=True,
+                    replay_safe=guard is not None,
+                    deadline=deadline,
+                )
+            except _MidCallFailure as failure_now:
+                lost = lost or failure_now
+            except StoreUnavailableError as error:
+                if lost is None:
+                    raise
+                raise self._outcome_unknown(what, lost, error) from error
+            if response is not None and (response.succeeded or lost is None):
+                branch = success if response.succeeded else failure
+                return TxnResult(
+                    succeeded=bool(response.succeeded),
+                    revision=int(response.header.revision),
+                    responses=[
+                        _op_result(op, result)
+                        for op, result in zip(branch, response.responses, strict=True)
+                    ],
+                )
+            assert guard is not None and lost is not None
+            try:
+                applied = await self._result_if_applied(guard, success, sent_above, deadline)
+            except StoreUnavailableError as error:
+                raise self._outcome_unknown(what, lost, error) from error
+            except _EtcdCompacted as error:
+                raise self._outcome_unknown(
+                    what, lost, f"its history is compacted ({error})"
+                ) from error
+            if applied is not None:
+                _log.info("%s: applied at revision %d before %s", what, applied.revision, lost)
+                return applied
+            if response is not None:  # a replay whose compares failed, not ours: a real no
+                return TxnResult(
+                    succeeded=False,
+                    revision=int(response.header.revision),
+                    responses=[
+                        _op_result(op, result)
+                        for op, result in zip(failure, response.responses, strict=True)
+                    ],
+                )
+            _log.info("%s: not applied before %s; sending it again", what, lost)
+
+    def _outcome_unknown(
+        self, what: str, lost: _MidCallFailure, why: StoreUnavailableError | str
+    ) -> StoreUnavailableError:
+        """The write reached `lost.member`, which failed or went silent; what kept the store
+        from finding out since (`why`: what failed then, e.g. the leader and "no leader")
+        is what to name."""
+        failed = why.failed if isinstance(why, StoreUnavailableError) and why.failed else ""
+        return StoreUnavailableError(
+            f"{what}: {lost}; whether it was applied could not be found out within "
+            f"{self._call_timeout:g}s ({failed or why}): read it back",
+            outcome=WriteOutcome.UNKNOWN,
+            failed=failed or lost.member,
+        )
+
+    async def _result_if_applied(
+        self, guard: tuple[str, int], success: list[TxnOp], sent_above: int, deadline: float
+    ) -> TxnResult | None:
+        """The result of the txn with `success` if it was applied (None if it was not),
+        judged from the history of the guard key (see `_replay_guard`): the revision at which
+        the guard stopped holding, if above `sent_above` (a revision seen before the txn was
+        sent), and whether every key the txn writes changed there to what it writes. (Another
+        client's txn that wrote exactly the same at that revision is taken for this one: the
+        store is then as if this one had been applied.)"""
+        key, guarded_mod_revision = guard
+        current = await self._get_by(key, deadline)
+        put = next((op for op in success if isinstance(op, Put) and op.key == key), None)
+        if guarded_mod_revision == 0:  # "absent": the incarnation created since, if any
+            if current is None:
+                return None
+            candidate = current.create_revision
+        elif current is not None and current.mod_revision == guarded_mod_revision:
+            return None  # the guard still holds: the txn was not applied
+        elif current is not None and put is not None and current.value == put.value:
+            candidate = current.mod_revision
+        else:
+            candidate = await self._first_change_after(key, guarded_mod_revision, deadline)
+        if candidate <= sent_above:
+            return None  # the guard stopped holding before the txn was sent
+        return await self._result_at(candidate, success, deadline)
+
+    async def _get_by(self, key: str, deadline: float) -> KeyValue | None:
+        request = rpc.RangeRequest(key=_encode(key))
+        response = await self._unary(
+            f"get {key!r}", "kv", "Range", request, mutating=False, deadline=deadline
+        )
+        return _key_value(response.kvs[0]) if response.kvs else None
+
+    async def _first_change_after(self, key: str, revision: int, deadline: float) -> int:
+        """The revision of the first put or delete of `key` after `revision` (which there is)."""
+        what = f"history of {key!r} from revision {revision + 1}"
+        answer = await self._first_watch_answer(what, _encode(key), revision + 1, deadline=deadline)
+        if answer is None or answer.canceled:
+            reason = "stream ended" if answer is None else answer.cancel_reason or "cancelled"
+            raise StoreUnavailableError(f"{what}: {reason}")
+        if answer.compact_revision:
+            raise _EtcdCompacted(what)
+        return int(answer.events[0].kv.mod_revision)
+
+    async def _result_at(
+        self, revision: int, success: list[TxnOp], deadline: float
+    ) -> TxnResult | None:
+        """The txn's result if every key it puts holds its value as written at `revision`
+        (and every key it deletes is absent there), else None; its op results are replayed
+        on the keys as they were just before."""
+        keys = sorted({op.key for op in success})
+        reads = [
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=_encode(key), revision=at))
+            for at in (revision, revision - 1)
+            for key in keys
+        ]
+        response = await self._unary(
+            f"txn at revision {revision}",
+            "kv",
+            "Txn",
+            rpc.TxnRequest(success=reads),
+            mutating=False,
+            deadline=deadline,
+        )
+        found = [
+            _key_value(result.response_range.kvs[0]) if result.response_range.kvs else None
+            for result in response.responses
+        ]
+        after = dict(zip(keys, found[: len(keys)], strict=True))
+        state = dict(zip(keys, found[len(keys) :], strict=True))
+        for op in success:
+            written = after[op.key]
+            if isinstance(op, Put) and (
+                written is None
+                or written.mod_revision != revision
+                or written.value != op.value
+                or written.lease != op.lease
+            ):
+                return None
+            if isinstance(op, Delete) and written is not None:
+                return None
+        results: list[list[KeyValue] | int | KeyValue | None] = []
+        for op in success:  # in order, as etcd ran them: a Get sees the puts before it
+            before = state[op.key]
+            if isinstance(op, Put):
+                results.append(before)
+                state[op.key] = after[op.key]
+            elif isinstance(op, Delete):
+                results.append(int(before is not None))
+                state[op.key] = None
+            else:
+                results.append([before] if before is not None else [])
+        return TxnResult(succeeded=True, revision=revision, responses=results)
 
     async def _txn_evaluated_here(
         self, compares: list[Compare], success: list[TxnOp], failure: list[TxnOp]
@@ -777,27 +1124,16 @@ class EtcdStore:
             for key, result in zip(keys, response.responses, strict=True):
                 kvs = result.response_range.kvs
                 current[key] = _key_value(kvs[0]) if kvs else None
-            holds = all(_compare_holds(compare, current[compare.key]) for compare in compares)
+            holds = all(compare_holds(compare, current[compare.key]) for compare in compares)
             branch = success if holds else failure
             guards = [
-                rpc.Compare(
-                    key=_encode(key),
-                    target=rpc.Compare.MOD,
-                    result=rpc.Compare.EQUAL,
-                    mod_revision=kv.mod_revision if kv is not None else 0,
-                )
+                Compare(key, "mod_revision", "==", kv.mod_revision if kv is not None else 0)
                 for key, kv in current.items()
             ]
-            guarded = rpc.TxnRequest(compare=guards, success=[_request_op(op) for op in branch])
-            written = await self._unary("txn", "kv", "Txn", guarded, mutating=True)
+            written = await self._send_txn(guards, branch, [])
             if written.succeeded:
                 return TxnResult(
-                    succeeded=holds,
-                    revision=int(written.header.revision),
-                    responses=[
-                        _op_result(op, result)
-                        for op, result in zip(branch, written.responses, strict=True)
-                    ],
+                    succeeded=holds, revision=written.revision, responses=written.responses
                 )
             if loop.time() > deadline:
                 raise StoreUnavailableError(
@@ -829,14 +1165,14 @@ class EtcdStore:
         any endpoint (resume with the last revision + 1). Cancelling a pending `anext()` loses
         nothing.
         """
-        _check_prefix(prefix)
-        _check_int(start_revision, "start_revision", minimum=1)
+        check_prefix(prefix)
+        check_int(start_revision, "start_revision", minimum=1)
         return _EtcdWatch(self, prefix, start_revision)
 
     # -- Store protocol: leases
 
     async def lease_grant(self, ttl: int) -> Lease:
-        _check_int(ttl, "ttl", minimum=1)
+        check_int(ttl, "ttl", minimum=1)
         if ttl > _MAX_LEASE_TTL:
             raise InvalidRequestError(f"ttl must be at most {_MAX_LEASE_TTL} seconds, got {ttl!r}")
         request = rpc.LeaseGrantRequest(TTL=ttl, ID=0)
@@ -883,7 +1219,7 @@ class EtcdStore:
     # -- Store protocol: compaction and close
 
     async def compact(self, revision: int) -> None:
-        _check_int(revision, "revision", minimum=1)
+        check_int(revision, "revision", minimum=1)
         self._refuse_compacted(revision)
         request = rpc.CompactionRequest(revision=revision, physical=False)
         try:

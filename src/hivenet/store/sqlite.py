@@ -69,7 +69,6 @@ from hivenet.store.base import (
     Event,
     EventType,
     FutureRevisionError,
-    Get,
     InvalidRequestError,
     KeyValue,
     Lease,
@@ -81,6 +80,15 @@ from hivenet.store.base import (
     StoreUnavailableError,
     TxnOp,
     TxnResult,
+)
+from hivenet.store.validate import (
+    check_compare,
+    check_int,
+    check_key,
+    check_ops,
+    check_prefix,
+    check_value,
+    compare_holds,
 )
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -94,10 +102,6 @@ _PUT: Final = 0
 _DELETE: Final = 1
 _WATCH_BATCH: Final = 512
 _LONG_RANGE_LIMIT: Final = 1000  # larger pages run on the worker thread in "auto" execution
-_COMPARE_OPS: Final = frozenset({"==", "!=", "<", ">"})
-_COMPARE_TARGETS: Final = frozenset(
-    {"value", "version", "create_revision", "mod_revision", "lease"}
-)
 
 # Primary SQLite result codes (the low byte of an extended code).
 _SQLITE_PERM: Final = 3
@@ -144,7 +148,6 @@ _SCHEMA: Final = (
 )
 
 _T = TypeVar("_T")
-_Comparable = TypeVar("_Comparable", bytes, int)
 
 _KV_COLUMNS: Final = "key, value, create_revision, mod_revision, version, lease"
 _EVENT_SELECT: Final = """
@@ -152,109 +155,6 @@ _EVENT_SELECT: Final = """
            p.id, p.value, p.create_revision, p.revision, p.version, p.lease
     FROM events e LEFT JOIN events p ON p.id = e.prev_id
 """
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_key(key: object, field: str = "key") -> str:
-    if not isinstance(key, str) or not key:
-        raise InvalidRequestError(f"{field} must be a non-empty str, got {key!r}")
-    _check_encodable(key, field)
-    return key
-
-
-def _check_prefix(prefix: object, field: str = "prefix") -> str:
-    if not isinstance(prefix, str):
-        raise InvalidRequestError(f"{field} must be a str, got {prefix!r}")
-    _check_encodable(prefix, field)
-    return prefix
-
-
-def _check_encodable(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidRequestError(f"{field} is not valid UTF-8 text: {text!r}") from error
-
-
-def _check_value(value: object, field: str = "value") -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
-    raise InvalidRequestError(f"{field} must be bytes, got {type(value).__name__}: {value!r}")
-
-
-def _check_int(value: object, field: str, *, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidRequestError(f"{field} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_compare(compare: object) -> Compare:
-    if not isinstance(compare, Compare):
-        raise InvalidRequestError(f"compares must hold Compare objects, got {compare!r}")
-    _check_key(compare.key, "compare.key")
-    if compare.target not in _COMPARE_TARGETS:
-        raise InvalidRequestError(
-            f"compare.target must be one of {sorted(_COMPARE_TARGETS)}, got {compare.target!r}"
-        )
-    if compare.op not in _COMPARE_OPS:
-        raise InvalidRequestError(
-            f"compare.op must be one of {sorted(_COMPARE_OPS)}, got {compare.op!r}"
-        )
-    if compare.target == "value":
-        if not isinstance(compare.value, bytes | bytearray | memoryview):
-            raise InvalidRequestError(
-                f"compare.value must be bytes for target 'value' (key {compare.key!r}), "
-                f"got {compare.value!r}"
-            )
-    elif not isinstance(compare.value, int) or isinstance(compare.value, bool):
-        raise InvalidRequestError(
-            f"compare.value must be an int for target {compare.target!r} "
-            f"(key {compare.key!r}), got {compare.value!r}"
-        )
-    return compare
-
-
-def _check_ops(ops: Sequence[object], branch: str) -> list[TxnOp]:
-    """Validate one txn branch; like etcd, a key may be written at most once per branch."""
-    checked: list[TxnOp] = []
-    put_keys: list[str] = []
-    deletes: list[Delete] = []
-    for op in ops:
-        if isinstance(op, Put):
-            _check_key(op.key, f"{branch} Put.key")
-            _check_value(op.value, f"{branch} Put.value (key {op.key!r})")
-            _check_int(op.lease, f"{branch} Put.lease (key {op.key!r})", minimum=0)
-            put_keys.append(op.key)
-        elif isinstance(op, Delete):
-            if op.prefix:
-                _check_prefix(op.key, f"{branch} Delete.key")
-            else:
-                _check_key(op.key, f"{branch} Delete.key")
-            deletes.append(op)
-        elif isinstance(op, Get):
-            if op.prefix:
-                _check_prefix(op.key, f"{branch} Get.key")
-            else:
-                _check_key(op.key, f"{branch} Get.key")
-        else:
-            raise InvalidRequestError(f"{branch} ops must be Put, Delete or Get, got {op!r}")
-        checked.append(op)
-    seen: set[str] = set()
-    for key in put_keys:
-        if key in seen:
-            raise InvalidRequestError(f"{branch}: key {key!r} is put more than once in one txn")
-        seen.add(key)
-    for delete in deletes:
-        for key in put_keys:
-            if key == delete.key or (delete.prefix and key.startswith(delete.key)):
-                raise InvalidRequestError(
-                    f"{branch}: key {key!r} is both put and deleted in one txn"
-                )
-    return checked
 
 
 def _prefix_end(prefix: str) -> str | None:
@@ -291,26 +191,6 @@ def _kv_from_row(row: Sequence[Any]) -> KeyValue:
         version=row[4],
         lease=row[5],
     )
-
-
-def _compare_holds(compare: Compare, current: KeyValue | None) -> bool:
-    """etcd compare semantics; a missing key reads as value b"" and 0 for every number."""
-    if compare.target == "value":
-        assert not isinstance(compare.value, int)
-        return _ordered(compare.op, current.value if current else b"", bytes(compare.value))
-    assert isinstance(compare.value, int)
-    actual: int = getattr(current, compare.target) if current else 0
-    return _ordered(compare.op, actual, compare.value)
-
-
-def _ordered(op: str, actual: _Comparable, expected: _Comparable) -> bool:
-    if op == "==":
-        return actual == expected
-    if op == "!=":
-        return actual != expected
-    if op == "<":
-        return actual < expected
-    return actual > expected
 
 
 # --------------------------------------------------------------------------- errors
@@ -787,7 +667,7 @@ class _Engine:
     ) -> tuple[TxnResult, bool]:
         def body(connection: sqlite3.Connection, revisions: _Revisions) -> TxnResult:
             succeeded = all(
-                _compare_holds(compare, self._get(connection, compare.key)) for compare in compares
+                compare_holds(compare, self._get(connection, compare.key)) for compare in compares
             )
             responses: list[list[KeyValue] | int | KeyValue | None] = []
             for op in success if succeeded else failure:
@@ -1232,7 +1112,7 @@ class SqliteStore:
         return await self._run(self._engine.current_revision)
 
     async def get(self, key: str) -> KeyValue | None:
-        return await self._run(self._engine.get, _check_key(key))
+        return await self._run(self._engine.get, check_key(key))
 
     async def range(
         self,
@@ -1247,12 +1127,12 @@ class SqliteStore:
         `count` is the number of keys under `prefix` at that revision, whatever `limit` and
         `start_after` say; `more` is True when keys remain after the last one returned.
         """
-        _check_prefix(prefix)
+        check_prefix(prefix)
         if revision is not None:
-            _check_int(revision, "revision", minimum=0)
-        _check_int(limit, "limit", minimum=0)
+            check_int(revision, "revision", minimum=0)
+        check_int(limit, "limit", minimum=0)
         if start_after is not None:
-            _check_prefix(start_after, "start_after")
+            check_prefix(start_after, "start_after")
         return await self._run(
             self._engine.range,
             prefix,
@@ -1263,16 +1143,16 @@ class SqliteStore:
         )
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        _check_key(key)
-        data = _check_value(value, f"value (key {key!r})")
-        _check_int(lease, "lease", minimum=0)
+        check_key(key)
+        data = check_value(value, f"value (key {key!r})")
+        check_int(lease, "lease", minimum=0)
         return await self._run_write(self._engine.put, key, data, lease, self._clock())
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         if prefix:
-            _check_prefix(key, "key")
+            check_prefix(key, "key")
         else:
-            _check_key(key)
+            check_key(key)
         return await self._run_write(self._engine.delete, key, bool(prefix), self._clock())
 
     async def txn(
@@ -1281,9 +1161,9 @@ class SqliteStore:
         success: Sequence[TxnOp],
         failure: Sequence[TxnOp] = (),
     ) -> TxnResult:
-        checked_compares = [_check_compare(compare) for compare in compares]
-        checked_success = _check_ops(success, "success")
-        checked_failure = _check_ops(failure, "failure")
+        checked_compares = [check_compare(compare) for compare in compares]
+        checked_success = check_ops(success, "success")
+        checked_failure = check_ops(failure, "failure")
         return await self._run_write(
             self._engine.txn, checked_compares, checked_success, checked_failure, self._clock()
         )
@@ -1295,24 +1175,24 @@ class SqliteStore:
         disconnect with last revision + 1. It raises CompactedError if history it still needs
         has been compacted. Cancelling a pending `anext()` (e.g. a timeout) loses nothing.
         """
-        _check_prefix(prefix)
-        _check_int(start_revision, "start_revision", minimum=1)
+        check_prefix(prefix)
+        check_int(start_revision, "start_revision", minimum=1)
         return _WatchStream(self, prefix, start_revision)
 
     async def lease_grant(self, ttl: int) -> Lease:
-        _check_int(ttl, "ttl", minimum=1)
+        check_int(ttl, "ttl", minimum=1)
         return await self._run_write(self._engine.lease_grant, ttl, self._clock())
 
     async def lease_keepalive(self, lease_id: int) -> int:
-        _check_int(lease_id, "lease_id", minimum=1)
+        check_int(lease_id, "lease_id", minimum=1)
         return await self._run_write(self._engine.lease_keepalive, lease_id, self._clock())
 
     async def lease_revoke(self, lease_id: int) -> None:
-        _check_int(lease_id, "lease_id", minimum=1)
+        check_int(lease_id, "lease_id", minimum=1)
         await self._run_write(self._engine.lease_revoke, lease_id, self._clock())
 
     async def compact(self, revision: int) -> None:
-        _check_int(revision, "revision", minimum=1)
+        check_int(revision, "revision", minimum=1)
         await self._run(self._engine.compact, revision, self._clock(), long=True)
 
     async def close(self) -> None:

@@ -18,7 +18,12 @@ changed something the attempt relied on):
 - interior port links are symmetric (peer_id on both ends, written in the same txn);
 - port tunnel keys are unique (1..0xEFFFFF): a counter key is the allocation hint and a
   uniqueness key `/hivenet/v1/index/tunnel_key/<n>` is created under a create_revision==0
-  compare.
+  compare;
+- IPAM the same way: each fixed IP of a port holds `/hivenet/v1/index/ip/<subnet>/<address>`
+  (value: the port id), created under a create_revision==0 compare in the port's own txn, so
+  two API servers allocating at once never hand out one address; `/hivenet/v1/counters/ip/
+  <subnet>` is where the next allocation starts looking. A port's fixed IPs are mirrored in
+  its `addresses` (with the subnet's prefix), subnets of one bridge never overlap.
 
 Must not touch the backend internals (only the `Store` protocol), the network or the clock
 beyond the retry back-off. Objects are validated by the model; this module adds only the
@@ -29,11 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import json
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import pydantic
 
@@ -43,6 +49,7 @@ from hivenet.model.loadbalancer import (
     pool_fit_problem,
     pool_reference,
 )
+from hivenet.model.subnet import Subnet
 from hivenet.model.topology import (
     KINDS,
     TOPOLOGY_PREFIX,
@@ -55,7 +62,7 @@ from hivenet.model.topology import (
     encode,
     topology_key,
 )
-from hivenet.model.types import TUNNEL_KEY_MAX, TUNNEL_KEY_MIN
+from hivenet.model.types import TUNNEL_KEY_MAX, TUNNEL_KEY_MIN, FixedIp, IpAddress, IpInterface
 from hivenet.store.base import (
     Compare,
     Delete,
@@ -70,6 +77,8 @@ REFS_PREFIX = "/hivenet/v1/refs/"
 REFS_VERSION_PREFIX = "/hivenet/v1/refs_version/"
 TUNNEL_KEY_INDEX_PREFIX = "/hivenet/v1/index/tunnel_key/"
 TUNNEL_KEY_COUNTER_KEY = "/hivenet/v1/counters/tunnel_key"
+IP_INDEX_PREFIX = "/hivenet/v1/index/ip/"
+IP_COUNTER_PREFIX = "/hivenet/v1/counters/ip/"
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -91,6 +100,7 @@ FILTERABLE_FIELDS: dict[str, frozenset[str]] = {
     "health_monitor": frozenset({"pool_id"}),
     "security_group_rule": frozenset({"security_group_id", "remote_group_id"}),
     "floating_ip": frozenset({"router_id", "port_id"}),
+    "subnet": frozenset({"bridge_id"}),
 }
 
 # Fields that identify an object's owner or are allocated by the store: an update may not
@@ -99,6 +109,7 @@ IMMUTABLE_FIELDS: dict[str, tuple[str, ...]] = {
     "port": ("device_kind", "device_id", "tunnel_key"),
     "route": ("router_id",),
     "rule": ("chain_id",),
+    "subnet": ("bridge_id", "cidr"),
     **LB_IMMUTABLE_FIELDS,
 }
 
@@ -159,6 +170,16 @@ class ConflictError(TopologyError):
     concurrent writers that kept winning the race)."""
 
 
+class AlreadyExistsError(ConflictError):
+    """A create of an id that is taken. (The API answers a retried create, one whose request
+    matches the stored object, with that object instead.)"""
+
+    def __init__(self, kind: str, object_id: str) -> None:
+        super().__init__(f"a {kind} with id {object_id!r} already exists")
+        self.kind = kind
+        self.object_id = object_id
+
+
 class RevisionMismatchError(TopologyError):
     def __init__(self, expected: int, actual: int) -> None:
         super().__init__(f"expected revision {expected}, but the object is at revision {actual}")
@@ -174,6 +195,10 @@ class InvalidFieldError(TopologyError):
         self.field = field
         self.value = value
         self.reason = message
+
+
+class AddressInUseError(InvalidFieldError):
+    """A fixed IP another port holds, or a subnet whose pools are all taken."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +241,18 @@ def tunnel_key_index_key(tunnel_key: int) -> str:
     return f"{TUNNEL_KEY_INDEX_PREFIX}{tunnel_key}"
 
 
+def ip_index_prefix(subnet_id: str) -> str:
+    return f"{IP_INDEX_PREFIX}{subnet_id}/"
+
+
+def ip_index_key(subnet_id: str, address: IpAddress) -> str:
+    return f"{ip_index_prefix(subnet_id)}{address}"
+
+
+def ip_counter_key(subnet_id: str) -> str:
+    return f"{IP_COUNTER_PREFIX}{subnet_id}"
+
+
 # --------------------------------------------------------------------------------------------
 # What happens to a referrer when the object it references is deleted.
 
@@ -250,6 +287,7 @@ _ON_DELETE: dict[tuple[str, str], _OnDelete] = {
     ("security_group_rule", "security_group_id"): _OnDelete.DELETE,
     ("security_group_rule", "remote_group_id"): _OnDelete.DELETE,
     ("floating_ip", "router_id"): _OnDelete.DELETE,
+    ("subnet", "bridge_id"): _OnDelete.DELETE,
 }
 
 
@@ -281,6 +319,12 @@ def _without_reference(
     for field in fields:
         if isinstance(referrer, TunnelZone) and field == "members":
             data["members"] = [m for m in data["members"] if m["host_id"] != target_id]
+            continue
+        if isinstance(referrer, Port) and field == "fixed_ips":
+            # The subnet goes: so do the port's addresses on it (its index keys go with it).
+            dropped = {f.ip_address for f in referrer.fixed_ips if f.subnet_id == target_id}
+            data["fixed_ips"] = [f for f in data["fixed_ips"] if f["subnet_id"] != target_id]
+            data["addresses"] = [a for a in referrer.addresses if a.ip not in dropped]
             continue
         value = getattr(referrer, field)
         if isinstance(value, tuple):
@@ -410,6 +454,166 @@ class _Attempt:
         return result.revision if result.succeeded else None
 
 
+def _refuse_client_tunnel_key(obj: TopologyObject) -> None:
+    if isinstance(obj, Port) and obj.tunnel_key != 0:
+        raise InvalidFieldError(
+            "tunnel_key", obj.tunnel_key, "tunnel_key is allocated by the server"
+        )
+
+
+class TopologyTransaction:
+    """Several object writes that commit together in one store txn, with every rule of a
+    single write (references, peer links, tunnel keys, immutable fields) applied to each.
+
+    Reads see this transaction's own writes. Obtained from `TopologyRepository.transaction`;
+    the body may run more than once (retries), so it must not have other side effects.
+    """
+
+    def __init__(self, repository: TopologyRepository, attempt: _Attempt) -> None:
+        self._repository = repository
+        self._attempt = attempt
+
+    async def get(self, cls: type[T], object_id: str) -> T | None:
+        """The object (None if absent); the commit requires it unchanged."""
+        key = topology_key(cls.KIND, object_id)
+        raw = await self._attempt.read(key)
+        if raw is None:
+            return None
+        obj = _decode_stored(cls.KIND, key, raw)
+        assert isinstance(obj, cls)
+        return obj
+
+    async def require(self, cls: type[T], object_id: str) -> T:
+        obj = await self.get(cls, object_id)
+        if obj is None:
+            raise NotFoundError(cls.KIND, object_id)
+        return obj
+
+    def revision_of(self, cls: type[TopologyObject], object_id: str) -> int:
+        """The mod_revision at which `get` read the object (0 if not read or absent)."""
+        return self._attempt.mod_revision(topology_key(cls.KIND, object_id))
+
+    async def referrers(
+        self, kind: str, object_id: str, referrer_kind: str | None = None
+    ) -> list[tuple[str, str]]:
+        """(kind, id) of every object (of `referrer_kind`, when given) referencing
+        `kind`/`object_id`, from the reverse index (unguarded: guard the objects that matter
+        by reading them with `get`)."""
+        prefix = refs_prefix(kind, object_id)
+        wanted = prefix if referrer_kind is None else f"{prefix}{referrer_kind}/"
+        found: list[tuple[str, str]] = []
+        for ref_key in await self._attempt.range_values(wanted):
+            referrer_kind, _, referrer_id = ref_key[len(prefix) :].partition("/")
+            found.append((referrer_kind, referrer_id))
+        return found
+
+    async def create(self, obj: T) -> T:
+        """Store a new object (a port gets its tunnel key); returns it as stored."""
+        kind = obj.KIND
+        obj = _revalidated(obj)
+        _refuse_client_tunnel_key(obj)
+        attempt, repository = self._attempt, self._repository
+        key = topology_key(kind, obj.id)
+        if await attempt.read(key) is not None:
+            raise AlreadyExistsError(kind, obj.id)
+        stored: TopologyObject = obj
+        if isinstance(obj, Port):
+            tunnel_key = await repository._allocate_tunnel_key(attempt, obj.id)
+            stored = obj.model_copy(update={"tunnel_key": tunnel_key})
+            stored = await repository._assign_fixed_ips(attempt, None, stored)
+        if isinstance(obj, Subnet):
+            await repository._check_subnet_overlap(attempt, obj)
+        await repository._check_cross_object_rules(attempt, stored)
+        await repository._write(attempt, None, stored)
+        if isinstance(stored, Port) and stored.peer_id is not None:
+            await repository._link_peer(attempt, stored)
+        return stored  # type: ignore[return-value]  # same class as obj
+
+    async def modify(
+        self,
+        cls: type[T],
+        object_id: str,
+        change: Callable[[T], T],
+        *,
+        expected_revision: int | None = None,
+        precondition: Callable[[T], None] | None = None,
+    ) -> tuple[T, int]:
+        """(the object after `change`, the revision it was read at); see
+        `TopologyRepository.modify`."""
+        kind = cls.KIND
+        attempt, repository = self._attempt, self._repository
+        key = topology_key(kind, object_id)
+        raw = await attempt.read(key)
+        if raw is None:
+            raise NotFoundError(kind, object_id)
+        current = _decode_stored(kind, key, raw)
+        assert isinstance(current, cls)
+        if precondition is not None:
+            precondition(current)
+        current_revision = attempt.mod_revision(key)
+        if expected_revision is not None and expected_revision != current_revision:
+            raise RevisionMismatchError(expected_revision, current_revision)
+        replacement = change(current)
+        if type(replacement) is not cls:
+            raise InvalidFieldError("kind", replacement.KIND, f"expected a {kind}")
+        if replacement.id != object_id:
+            raise InvalidFieldError("id", replacement.id, f"does not match {object_id!r}")
+        replacement = _revalidated(replacement)
+        replacement = repository._keep_immutable_fields(current, replacement)
+        if kind == Port.KIND:  # T is Port here (casts: isinstance would narrow `current`)
+            assigned = await repository._assign_fixed_ips(
+                attempt, cast(Port, current), cast(Port, replacement)
+            )
+            replacement = cast(T, assigned)
+        if encode(replacement) == raw:
+            return current, current_revision  # nothing changes: no write, no event
+        await repository._check_cross_object_rules(attempt, replacement)
+        await repository._write(attempt, current, replacement)
+        if (
+            isinstance(current, Port)
+            and isinstance(replacement, Port)
+            and current.peer_id != replacement.peer_id
+        ):
+            if current.peer_id is not None:
+                await repository._unlink_peer(attempt, current.peer_id, current.id)
+            if replacement.peer_id is not None:
+                await repository._link_peer(attempt, replacement)
+        return replacement, current_revision
+
+    async def update(self, obj: T) -> T:
+        """Replace the stored object of the same kind and id by `obj`."""
+        stored, _ = await self.modify(type(obj), obj.id, lambda _current: obj)
+        return stored
+
+    async def delete(
+        self,
+        cls: type[T],
+        object_id: str,
+        *,
+        cascade: bool = False,
+        expected_revision: int | None = None,
+        precondition: Callable[[T], None] | None = None,
+    ) -> None:
+        """Delete an object; see `TopologyRepository.delete`."""
+        kind = cls.KIND
+        attempt = self._attempt
+        key = topology_key(kind, object_id)
+        raw = await attempt.read(key)
+        if raw is None:
+            raise NotFoundError(kind, object_id)
+        if precondition is not None:
+            current = _decode_stored(kind, key, raw)
+            assert isinstance(current, cls)
+            precondition(current)
+        current_revision = attempt.mod_revision(key)
+        if expected_revision is not None and expected_revision != current_revision:
+            raise RevisionMismatchError(expected_revision, current_revision)
+        blockers: list[Referrer] = []
+        await self._repository._delete_object(attempt, kind, object_id, cascade, blockers, set())
+        if blockers:
+            raise ReferencedError(kind, object_id, blockers)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -451,30 +655,21 @@ class TopologyRepository:
 
     # ---- public API
 
+    async def transaction(
+        self, body: Callable[[TopologyTransaction], Awaitable[R]], what: str = "transaction"
+    ) -> tuple[R, int | None]:
+        """Run `body` over a `TopologyTransaction` and commit everything it wrote in ONE
+        store txn (retried as a whole when a concurrent writer invalidated a read);
+        (body's result, commit revision or None when it wrote nothing)."""
+        return await self._transact(lambda attempt: body(TopologyTransaction(self, attempt)), what)
+
     async def create(self, obj: T) -> Versioned[T]:
         """Store a new object; ports get their tunnel key here (a client-chosen one is refused)."""
-        kind = obj.KIND
         obj = _revalidated(obj)
-        if isinstance(obj, Port) and obj.tunnel_key != 0:
-            raise InvalidFieldError(
-                "tunnel_key", obj.tunnel_key, "tunnel_key is allocated by the server"
-            )
-
-        async def body(attempt: _Attempt) -> T:
-            key = topology_key(kind, obj.id)
-            if await attempt.read(key) is not None:
-                raise ConflictError(f"a {kind} with id {obj.id!r} already exists")
-            stored: TopologyObject = obj
-            if isinstance(obj, Port):
-                tunnel_key = await self._allocate_tunnel_key(attempt, obj.id)
-                stored = obj.model_copy(update={"tunnel_key": tunnel_key})
-            await self._check_cross_object_rules(attempt, stored)
-            await self._write(attempt, None, stored)
-            if isinstance(stored, Port) and stored.peer_id is not None:
-                await self._link_peer(attempt, stored)
-            return stored  # type: ignore[return-value]  # same class as obj
-
-        stored, revision = await self._transact(body, f"create {kind} {obj.id}")
+        _refuse_client_tunnel_key(obj)
+        stored, revision = await self.transaction(
+            lambda txn: txn.create(obj), f"create {obj.KIND} {obj.id}"
+        )
         assert revision is not None
         return Versioned(stored, revision)
 
@@ -508,44 +703,15 @@ class TopologyRepository:
         retry) and returns the replacement; it may raise (pydantic or typed errors).
         `precondition` sees the current object first and may raise to refuse (a tenant check
         that must come before the revision check)."""
-        kind = cls.KIND
-
-        async def body(attempt: _Attempt) -> tuple[T, int]:
-            key = topology_key(kind, object_id)
-            raw = await attempt.read(key)
-            if raw is None:
-                raise NotFoundError(kind, object_id)
-            current = _decode_stored(kind, key, raw)
-            assert isinstance(current, cls)
-            if precondition is not None:
-                precondition(current)
-            current_revision = attempt.mod_revision(key)
-            if expected_revision is not None and expected_revision != current_revision:
-                raise RevisionMismatchError(expected_revision, current_revision)
-            replacement = change(current)
-            if type(replacement) is not cls:
-                raise InvalidFieldError("kind", replacement.KIND, f"expected a {kind}")
-            if replacement.id != object_id:
-                raise InvalidFieldError("id", replacement.id, f"does not match {object_id!r}")
-            replacement = _revalidated(replacement)
-            replacement = self._keep_immutable_fields(current, replacement)
-            if encode(replacement) == raw:
-                return current, current_revision  # nothing changes: no write, no event
-            await self._check_cross_object_rules(attempt, replacement)
-            await self._write(attempt, current, replacement)
-            if (
-                isinstance(current, Port)
-                and isinstance(replacement, Port)
-                and current.peer_id != replacement.peer_id
-            ):
-                if current.peer_id is not None:
-                    await self._unlink_peer(attempt, current.peer_id, current.id)
-                if replacement.peer_id is not None:
-                    await self._link_peer(attempt, replacement)
-            return replacement, current_revision
-
-        (stored, unchanged_revision), revision = await self._transact(
-            body, f"update {kind} {object_id}"
+        (stored, unchanged_revision), revision = await self.transaction(
+            lambda txn: txn.modify(
+                cls,
+                object_id,
+                change,
+                expected_revision=expected_revision,
+                precondition=precondition,
+            ),
+            f"update {cls.KIND} {object_id}",
         )
         return Versioned(stored, revision if revision is not None else unchanged_revision)
 
@@ -563,24 +729,16 @@ class TopologyRepository:
         Without cascade, any referrer other than an interior peer (whose link is cleared)
         refuses the delete with `ReferencedError`. `precondition` sees the object as read in
         the txn and may raise to refuse (e.g. a tenant check)."""
-        kind = cls.KIND
-
-        async def body(attempt: _Attempt) -> None:
-            key = topology_key(kind, object_id)
-            raw = await attempt.read(key)
-            if raw is None:
-                raise NotFoundError(kind, object_id)
-            if precondition is not None:
-                precondition(_decode_stored(kind, key, raw))
-            current_revision = attempt.mod_revision(key)
-            if expected_revision is not None and expected_revision != current_revision:
-                raise RevisionMismatchError(expected_revision, current_revision)
-            blockers: list[Referrer] = []
-            await self._delete_object(attempt, kind, object_id, cascade, blockers, set())
-            if blockers:
-                raise ReferencedError(kind, object_id, blockers)
-
-        _, revision = await self._transact(body, f"delete {kind} {object_id}")
+        _, revision = await self.transaction(
+            lambda txn: txn.delete(
+                cls,
+                object_id,
+                cascade=cascade,
+                expected_revision=expected_revision,
+                precondition=precondition,
+            ),
+            f"delete {cls.KIND} {object_id}",
+        )
         assert revision is not None
         return revision
 
@@ -685,6 +843,143 @@ class TopologyRepository:
             "the tunnel key space is (nearly) exhausted"
         )
 
+    async def _subnet_for(self, attempt: _Attempt, port: Port, fixed: FixedIp) -> Subnet:
+        """The subnet of one fixed IP, checked to be on the port's bridge."""
+        key = topology_key("subnet", fixed.subnet_id)
+        # cidr and bridge_id are immutable: an existence guard suffices.
+        raw = await attempt.read_existing(key)
+        if raw is None:
+            raise DanglingReferenceError("fixed_ips", fixed.subnet_id, "subnet")
+        subnet = _decode_stored("subnet", key, raw)
+        assert isinstance(subnet, Subnet)
+        if port.device_kind is DeviceKind.BRIDGE and subnet.bridge_id != port.device_id:
+            raise InvalidFieldError(
+                "fixed_ips",
+                fixed.subnet_id,
+                f"subnet {subnet.id} ({subnet.cidr}) is on bridge {subnet.bridge_id}, "
+                f"not on this port's bridge {port.device_id}",
+            )
+        return subnet
+
+    async def _assign_fixed_ips(self, attempt: _Attempt, current: Port | None, port: Port) -> Port:
+        """`port` with every fixed IP holding an address (allocated when not given), each
+        address's index key taken for the port, addresses no longer held freed, and the fixed
+        IPs mirrored in `addresses`."""
+        held = (
+            {} if current is None else {(f.subnet_id, f.ip_address): f for f in current.fixed_ips}
+        )
+        # An entry naming only a subnet keeps an address the port already holds there.
+        pinned = {(f.subnet_id, f.ip_address) for f in port.fixed_ips if f.ip_address is not None}
+        reusable = [key for key in held if key not in pinned]
+        subnets: dict[str, Subnet] = {}
+        assigned: list[FixedIp] = []
+        for fixed in port.fixed_ips:
+            subnet = subnets.get(fixed.subnet_id) or await self._subnet_for(attempt, port, fixed)
+            subnets[subnet.id] = subnet
+            if fixed.ip_address is None:
+                kept = next((key for key in reusable if key[0] == subnet.id), None)
+                if kept is not None:
+                    reusable.remove(kept)
+                    assigned.append(held[kept])
+                    continue
+                address = await self._allocate_address(attempt, subnet, port.id)
+            else:
+                address = fixed.ip_address
+                await self._claim_address(attempt, subnet, port, address)
+            assigned.append(FixedIp(subnet_id=subnet.id, ip_address=address))
+        kept_keys = {(f.subnet_id, f.ip_address) for f in assigned}
+        released = [f for key, f in held.items() if key not in kept_keys]
+        await self._free_fixed_ips(attempt, port, released)
+        updated = port.model_copy(update={"fixed_ips": tuple(assigned)})
+        return _with_fixed_addresses(updated, current, subnets)
+
+    async def _claim_address(
+        self, attempt: _Attempt, subnet: Subnet, port: Port, address: IpAddress
+    ) -> None:
+        problem = subnet.address_problem(address)
+        if problem is not None:
+            raise InvalidFieldError("fixed_ips", str(address), problem)
+        if port.device_kind is DeviceKind.BRIDGE and address == subnet.gateway_ip:
+            raise InvalidFieldError(
+                "fixed_ips",
+                str(address),
+                f"is the gateway_ip of subnet {subnet.id}: only a router port may hold it",
+            )
+        index_key = ip_index_key(subnet.id, address)
+        holder = await attempt.read(index_key)
+        if holder is None:
+            attempt.put(index_key, port.id.encode())
+        elif holder != port.id.encode():
+            raise AddressInUseError(
+                "fixed_ips",
+                str(address),
+                f"is in use on subnet {subnet.id} by port {holder.decode(errors='replace')}",
+            )
+
+    async def _allocate_address(self, attempt: _Attempt, subnet: Subnet, port_id: str) -> IpAddress:
+        """The next free pool address after the subnet's counter, taken for `port_id`."""
+        counter_key = ip_counter_key(subnet.id)
+        raw = await attempt.read_hint(counter_key)
+        try:
+            last = int(raw) if raw else None
+        except ValueError as exc:
+            raise StoreCorruptError(
+                f"IP counter {counter_key} holds {raw!r}, not a number"
+            ) from exc
+        if attempt.number and last is not None:
+            # Writers that collided on the same address spread out on their next attempt.
+            last += random.randrange(1 << min(attempt.number, 12))
+        prefix = ip_index_prefix(subnet.id)
+        used = set()
+        for index_key in await attempt.range_values(prefix):
+            try:
+                used.add(int(ipaddress.ip_address(index_key[len(prefix) :])))
+            except ValueError as exc:
+                raise StoreCorruptError(f"{index_key} does not end in an IP address") from exc
+        address = subnet.first_free(used, last)
+        if address is None:
+            raise AddressInUseError(
+                "fixed_ips",
+                subnet.id,
+                f"no free address left in the allocation pools of subnet {subnet.id} "
+                f"({', '.join(str(p) for p in subnet.allocation_pools) or 'none'})",
+            )
+        index_key = ip_index_key(subnet.id, address)
+        attempt.require_absent(index_key)
+        attempt.put(index_key, port_id.encode())
+        attempt.put(counter_key, str(int(address)).encode())
+        return address
+
+    async def _free_fixed_ips(
+        self, attempt: _Attempt, port: Port, fixed_ips: Sequence[FixedIp]
+    ) -> None:
+        for fixed in fixed_ips:
+            if fixed.ip_address is None:
+                continue
+            index_key = ip_index_key(fixed.subnet_id, fixed.ip_address)
+            if await attempt.read(index_key) == port.id.encode():
+                attempt.delete(index_key)
+
+    async def _check_subnet_overlap(self, attempt: _Attempt, subnet: Subnet) -> None:
+        """Subnets of one bridge never overlap. The bridge's refs version is read guarded
+        (and bumped by this new referrer), so two overlapping creates cannot both commit."""
+        await attempt.read(refs_version_key("bridge", subnet.bridge_id))
+        prefix = refs_prefix("bridge", subnet.bridge_id) + "subnet/"
+        for ref_key in await attempt.range_values(prefix):
+            other_id = ref_key[len(prefix) :]
+            key = topology_key("subnet", other_id)
+            raw = await attempt.read_existing(key)
+            if raw is None or other_id == subnet.id:
+                continue
+            other = _decode_stored("subnet", key, raw)
+            assert isinstance(other, Subnet)
+            if other.cidr.version == subnet.cidr.version and other.cidr.overlaps(subnet.cidr):
+                raise InvalidFieldError(
+                    "cidr",
+                    str(subnet.cidr),
+                    f"overlaps subnet {other.id} ({other.cidr}) on bridge {subnet.bridge_id}",
+                )
+
     async def _link_peer(self, attempt: _Attempt, port: Port) -> None:
         """Make `port.peer_id` point back at `port` (same txn)."""
         assert port.peer_id is not None
@@ -783,6 +1078,12 @@ class TopologyRepository:
             index_key = tunnel_key_index_key(obj.tunnel_key)
             if await attempt.read(index_key) == obj.id.encode():
                 attempt.delete(index_key)
+        if isinstance(obj, Port):
+            await self._free_fixed_ips(attempt, obj, obj.fixed_ips)
+        if isinstance(obj, Subnet):
+            for index_key in await attempt.range_values(ip_index_prefix(obj.id)):
+                attempt.delete(index_key)
+            attempt.delete(ip_counter_key(obj.id))
         await self._write(attempt, obj, None)
         attempt.delete(refs_version_key(kind, object_id))
 
@@ -837,6 +1138,22 @@ class TopologyRepository:
             if not result.more or not result.kvs:
                 return Page(items, next_marker=None)
             start_after = result.kvs[-1].key
+
+
+def _with_fixed_addresses(port: Port, current: Port | None, subnets: Mapping[str, Subnet]) -> Port:
+    """`port` whose `addresses` hold each fixed IP with its subnet's prefix (first, in
+    fixed_ips order), and no longer the fixed IPs `current` had and `port` dropped."""
+    wanted = [
+        ipaddress.ip_interface(f"{f.ip_address}/{subnets[f.subnet_id].cidr.prefixlen}")
+        for f in port.fixed_ips
+    ]
+    fixed_now = {a.ip for a in wanted}
+    fixed_before = set() if current is None else {f.ip_address for f in current.fixed_ips}
+    others = [a for a in port.addresses if a.ip not in fixed_now and a.ip not in fixed_before]
+    addresses: tuple[IpInterface, ...] = (*wanted, *others)
+    if addresses == port.addresses:
+        return port
+    return port.model_copy(update={"addresses": addresses})
 
 
 def _plain(value: object) -> object:

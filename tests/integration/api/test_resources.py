@@ -121,6 +121,17 @@ BODIES: dict[str, Callable[[dict[str, str]], dict[str, Any]]] = {
         "port_range_max": 22,
         "remote_ip_prefix": "198.51.100.0/24",
     },
+    "subnet": lambda ids: {
+        "bridge_id": ids["bridge"],
+        "cidr": "10.9.0.0/24",
+        "gateway_ip": "10.9.0.1",
+        "allocation_pools": [{"start": "10.9.0.10", "end": "10.9.0.99"}],
+        "dns_nameservers": ["10.9.0.53"],
+        "host_routes": [{"destination": "192.168.0.0/16", "nexthop": "10.9.0.254"}],
+        "enable_dhcp": True,
+        "lease_time": 3600,
+        "domain_name": "acme.example",
+    },
     "floating_ip": lambda ids: {
         "floating_ip_address": "203.0.113.50",
         "router_id": ids["router"],

@@ -206,5 +206,15 @@ def test_json_output_is_exactly_the_stored_object(hivenet: Hivenet, unique: str)
     output = hivenet.ok("router", "create", "--id", f"j-{unique}", "--json").stdout
     created = json.loads(output)
     assert set(created) == {
-        "id", "tenant_id", "name", "admin_state_up", "inbound_chain_id", "outbound_chain_id",
+        "id", "tenant_id", "name", "external_ids", "admin_state_up", "inbound_chain_id",
+        "outbound_chain_id",
     }  # fmt: skip
+
+
+def test_create_with_an_idempotency_key_makes_one_object(hivenet: Hivenet, unique: str) -> None:
+    key = f"key-{unique}"
+    first = hivenet.ok("bridge", "create", "--name", unique, "--idempotency-key", key, "-q")
+    again = hivenet.ok("bridge", "create", "--name", unique, "--idempotency-key", key, "-q")
+    assert first.stdout.strip() == again.stdout.strip() != ""
+    other = hivenet.fails("bridge", "create", "--name", "other", "--idempotency-key", key)
+    assert "409" in other.stderr and "already exists" in other.stderr

@@ -109,8 +109,10 @@ def test_client_raises_typed_errors_with_details(api_server: RunningApi, unique:
             client.create("port", {"device_kind": "bridge", "device_id": bridge.id, "mac": "zz"})
         assert any(d.field == "mac" and d.value == "zz" for d in invalid.value.details)
 
+        # The same create again is a retry: it returns the first result; another is a conflict.
+        assert client.create("bridge", {"id": bridge.id}) == bridge
         with pytest.raises(ConflictError):
-            client.create("bridge", {"id": bridge.id})
+            client.create("bridge", {"id": bridge.id, "name": "another"})
 
         assert bridge.revision is not None
         client.update("bridge", bridge.id, {"name": "x"}, if_revision=bridge.revision)

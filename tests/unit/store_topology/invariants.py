@@ -8,6 +8,8 @@ import json
 from hivenet.model import KINDS, TOPOLOGY_PREFIX, Port, TopologyObject, parse_topology_key
 from hivenet.store.base import KeyValue, Store
 from hivenet.store.topology import (
+    IP_COUNTER_PREFIX,
+    IP_INDEX_PREFIX,
     REFS_PREFIX,
     REFS_VERSION_PREFIX,
     TUNNEL_KEY_COUNTER_KEY,
@@ -32,7 +34,7 @@ async def objects(store: Store) -> dict[str, TopologyObject]:
 
 async def assert_consistent(store: Store) -> None:
     """Every reference resolves, the reverse index is exactly what the objects imply, links
-    are symmetric and tunnel keys are unique and indexed."""
+    are symmetric, tunnel keys and fixed IPs are unique and indexed."""
     stored = await objects(store)
     expected_refs: dict[str, list[str]] = {}
     for obj in stored.values():
@@ -60,10 +62,30 @@ async def assert_consistent(store: Store) -> None:
     }
     assert index == {port.tunnel_key: port.id for port in ports}
 
+    ip_index = {
+        kv.key[len(IP_INDEX_PREFIX) :]: kv.value.decode()
+        for kv in (await store.range(IP_INDEX_PREFIX)).kvs
+    }
+    held = {f"{f.subnet_id}/{f.ip_address}": port.id for port in ports for f in port.fixed_ips}
+    assert sum(len(port.fixed_ips) for port in ports) == len(held), "an address is held twice"
+    assert ip_index == held
+    for port in ports:
+        assert {f.ip_address for f in port.fixed_ips} <= {a.ip for a in port.addresses}
+
     # Version keys only for live objects; nothing else lives under /hivenet/v1/ but these.
     for kv in (await store.range(REFS_VERSION_PREFIX)).kvs:
         kind, _, object_id = kv.key[len(REFS_VERSION_PREFIX) :].partition("/")
         assert f"{TOPOLOGY_PREFIX}{kind}/{object_id}" in stored, f"stale {kv.key}"
-    known = (TOPOLOGY_PREFIX, REFS_PREFIX, REFS_VERSION_PREFIX, TUNNEL_KEY_INDEX_PREFIX)
+    known = (
+        TOPOLOGY_PREFIX,
+        REFS_PREFIX,
+        REFS_VERSION_PREFIX,
+        TUNNEL_KEY_INDEX_PREFIX,
+        IP_INDEX_PREFIX,
+        IP_COUNTER_PREFIX,
+    )
     for kv in (await store.range("/hivenet/v1/")).kvs:
         assert kv.key.startswith(known) or kv.key == TUNNEL_KEY_COUNTER_KEY, kv.key
+        if kv.key.startswith(IP_COUNTER_PREFIX):
+            subnet_id = kv.key[len(IP_COUNTER_PREFIX) :]
+            assert f"{TOPOLOGY_PREFIX}subnet/{subnet_id}" in stored, f"stale {kv.key}"

@@ -10,6 +10,7 @@ from hivenet.model import (
     Chain,
     DeviceKind,
     Direction,
+    FixedIp,
     FloatingIp,
     HealthMonitor,
     HealthMonitorType,
@@ -27,6 +28,7 @@ from hivenet.model import (
     RuleAction,
     SecurityGroup,
     SecurityGroupRule,
+    Subnet,
     TunnelZone,
     TunnelZoneMember,
 )
@@ -58,6 +60,7 @@ class Net:
     security_group: SecurityGroup
     security_group_rule: SecurityGroupRule  # remote group: its own group
     floating_ip: FloatingIp  # on `router`, to vm_port
+    subnet: Subnet  # 10.0.0.0/24 on `bridge`; vm_port holds an address of it
 
 
 async def build(repo: TopologyRepository) -> Net:
@@ -68,6 +71,9 @@ async def build(repo: TopologyRepository) -> Net:
     ip_group = (await repo.create(IpAddrGroup(addresses=(ipaddress.ip_address("10.0.0.5"),)))).obj
     bridge = (await repo.create(Bridge(name="net1", inbound_chain_id=chain.id))).obj
     router = (await repo.create(Router(name="r1", outbound_chain_id=chain.id))).obj
+    subnet = (
+        await repo.create(Subnet(bridge_id=bridge.id, cidr=ipaddress.ip_network("10.0.0.0/24")))
+    ).obj
     vm_port = (
         await repo.create(
             Port(
@@ -77,6 +83,7 @@ async def build(repo: TopologyRepository) -> Net:
                 interface_name="hn-tap0",
                 port_group_ids=(port_group.id,),
                 outbound_chain_id=chain.id,
+                fixed_ips=(FixedIp(subnet_id=subnet.id),),
             )
         )
     ).obj
@@ -206,4 +213,5 @@ async def build(repo: TopologyRepository) -> Net:
         security_group,
         security_group_rule,
         floating_ip,
+        subnet,
     )

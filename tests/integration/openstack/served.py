@@ -1,0 +1,126 @@
+"""A running `hivenet serve` for the real OpenStack clients: the server as a subprocess on
+127.0.0.1 (auth_type none acting for project `demo`), a generated clouds.yaml with both
+endpoint override forms, and `Served.cli(...)` running the `openstack` command against it.
+
+Owns only the process and the files it makes in the test's tmp dir; always stops the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+VENV_BIN = Path(sys.executable).parent
+NOAUTH_PROJECT = "demo"
+# A cloud whose overrides name the server's root (the documented form) and one whose
+# overrides end in /v2.0 (also accepted).
+ROOT_CLOUD = "hn"
+VERSIONED_CLOUD = "hn-v2"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Served:
+    base_url: str
+    clouds_yaml: Path
+    state_dir: Path
+
+    @property
+    def admin_token(self) -> str:
+        return (self.state_dir / "admin-token").read_text().strip()
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "OS_CLIENT_CONFIG_FILE": str(self.clouds_yaml)}
+
+    def cli(self, *args: str, cloud: str = ROOT_CLOUD, check: bool = True) -> Any:
+        """`openstack --os-cloud <cloud> <args> -f json` -> the parsed output (or the
+        CompletedProcess when check is False). Commands that print nothing return None."""
+        command = [str(VENV_BIN / "openstack"), "--os-cloud", cloud, *args]
+        result = subprocess.run(
+            command, env=self.env(), capture_output=True, text=True, timeout=180
+        )
+        if not check:
+            return result
+        assert result.returncode == 0, f"{' '.join(args)}: {result.stderr}{result.stdout}"
+        return json.loads(result.stdout) if result.stdout.strip() else None
+
+
+def write_clouds_yaml(path: Path, base_url: str) -> None:
+    def cloud(endpoint: str) -> dict[str, Any]:
+        return {
+            "auth_type": "none",
+            "network_endpoint_override": endpoint,
+            "load_balancer_endpoint_override": endpoint,
+        }
+
+    clouds = {
+        "clouds": {
+            ROOT_CLOUD: cloud(f"{base_url}/"),
+            VERSIONED_CLOUD: cloud(f"{base_url}/v2.0"),
+        }
+    }
+    path.write_text(yaml.safe_dump(clouds))
+
+
+@contextmanager
+def serve(tmp_path: Path) -> Iterator[Served]:
+    port = free_port()
+    state_dir = tmp_path / "hn-state"
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(VENV_BIN / "hivenet"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state_dir),
+            "--openstack-noauth-project",
+            NOAUTH_PROJECT,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base_url}/", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "hivenet serve did not come up"
+            time.sleep(0.2)
+        clouds_yaml = tmp_path / "clouds.yaml"
+        write_clouds_yaml(clouds_yaml, base_url)
+        yield Served(base_url, clouds_yaml, state_dir)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
