@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"stopped {len(report.processes)} process(es), deleted {len(report.namespaces)} "
         f"namespace(s), {len(report.links)} link(s) and {len(report.stale_etcd_dirs)} stale "
-        "etcd data dir(s)"
-        + (f", {len(report.bpf_pins)} BPF pin dir(s)" if report.bpf_pins else "")
+        f"etcd data dir(s){f', {len(report.bpf_pins)} BPF pin dir(s)' if report.bpf_pins else ''}"
     )
     for failure in report.failures:
         print(f"failed: {failure}", file=sys.stderr)
