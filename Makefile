@@ -4,12 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_STAMP := .venv-apt.stamp
-APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps isc-dhcp-client chromium
+APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps \
+	isc-dhcp-client chromium clang llvm libbpf-dev bpftool
 # The topology page's graph library, vendored from npm at build time (never a CDN at run time).
 CYTOSCAPE_VERSION := 3.35.0
 UI_VENDOR := src/hivenet/api/ui/static/vendor/cytoscape.min.js
 
-.PHONY: help install apt ui-vendor test test-fast lint fmt demo bench clean lab-clean
+.PHONY: help install apt ui-vendor bpf test test-fast lint fmt demo bench clean lab-clean
 
 help:
 	@echo "make demo   - run HiveNet on the embedded store and show it working"
@@ -50,7 +51,21 @@ $(UI_VENDOR):
 
 ui-vendor: $(UI_VENDOR)
 
-install: $(APT_STAMP) $(STAMP) $(UI_VENDOR)
+# The eBPF fast path (src/hivenet/datapath/ebpf/bpf/): compiled here, never committed. Without
+# clang (a non-root laptop) it is skipped with a warning and the ebpf datapath reports itself
+# unavailable; the userspace datapath needs none of it.
+BPF_DIR := src/hivenet/datapath/ebpf/bpf
+BPF_OBJECTS := $(patsubst %.c,%.o,$(wildcard $(BPF_DIR)/*.c))
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
+
+$(BPF_DIR)/%.o: $(BPF_DIR)/%.c | $(APT_STAMP)
+	@if command -v clang >/dev/null 2>&1; then \
+	  echo "clang $<"; clang $(BPF_CFLAGS) -c $< -o $@; \
+	else echo "warning: no clang; skipping $@ (the ebpf datapath will be unavailable)"; fi
+
+bpf: $(BPF_OBJECTS)
+
+install: $(APT_STAMP) $(STAMP) $(UI_VENDOR) bpf
 
 # Coverage floor of the pure core (STYLE.md 10: it only rises). Measured by `make test`;
 # 95.3% on 2026-12-04 (unit + integration + store).
@@ -86,4 +101,4 @@ lab-clean: $(STAMP)
 	$(BIN)/hivenet lab clean
 
 clean:
-	rm -rf $(VENV) $(APT_STAMP) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache .coverage
+	rm -rf $(VENV) $(APT_STAMP) $(BPF_OBJECTS) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache .coverage

@@ -18,6 +18,9 @@ micro-benchmark of the per-frame path (fake sockets, no root) runs first (`--mic
 Needs root for the lab part. Prints tables, then exactly one JSON line. Everything it creates
 is in a unique `hn` lab scope that is removed at the end (also on error or Ctrl-C).
 
+`--datapath ebpf` measures the eBPF datapath (established flows in the kernel, datapath/ebpf/)
+instead of the userspace one, against the same kernel baselines in the same run.
+
 Published figures (with the date and the machine they were measured on) live in the README,
 not here: this script prints only what it measured in this run, with each userspace figure
 as a ratio to the kernel's in the same run.
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from hivenet.datapath._testdriver import driver_argv, read_counters, request_counters
+from hivenet.datapath.ebpf._testdriver import argv as ebpf_driver_argv
 from hivenet.lab.cleanup import clean
 from hivenet.lab.netns import (
     LabScope,
@@ -59,6 +63,7 @@ VM1_MAC, VM2_MAC = "02:00:00:00:02:01", "02:00:00:00:02:02"
 VM1_IP, VM2_IP = "10.0.9.1", "10.0.9.2"
 SMALL_UDP_PAYLOAD = 18  # 14 Ethernet + 20 IPv4 + 8 UDP + 18 = 60 bytes, 64 on the wire with FCS
 IPERF_PORT = 5201
+DATAPATH = "userspace"  # or "ebpf" (--datapath)
 
 
 @dataclass
@@ -92,7 +97,10 @@ def _start_driver(
     config_file = workdir / f"{lab.scope.tag}-{name}.json"
     counters_file = workdir / f"{lab.scope.tag}-{name}.counters.json"
     config_file.write_text(json.dumps(config))
-    argv = driver_argv(config_file, counters_file)
+    if DATAPATH == "ebpf":
+        argv = ebpf_driver_argv(str(config_file), str(counters_file))
+    else:
+        argv = driver_argv(config_file, counters_file)
     if profile is not None:
         argv = [argv[0], "-m", "cProfile", "-o", str(profile), *argv[1:]]
     log_path = workdir / f"{lab.scope.tag}-{name}.log"
@@ -671,7 +679,7 @@ def _summarise(runs: list[tuple[Measurement, dict[str, int]]]) -> dict[str, Any]
 
 
 def main() -> int:
-    global SENDERS
+    global SENDERS, DATAPATH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported")
@@ -681,7 +689,14 @@ def main() -> int:
     parser.add_argument(
         "--micro-only", action="store_true", help="only the in-process micro-benchmark"
     )
+    parser.add_argument(
+        "--datapath",
+        choices=("userspace", "ebpf"),
+        default="userspace",
+        help="which of our datapaths to measure against the kernel",
+    )
     args = parser.parse_args()
+    DATAPATH = args.datapath
     if args.runs < 1 or args.senders < 1 or args.probes < 0:
         parser.error("--runs and --senders must be >= 1, --probes >= 0")
     SENDERS = args.senders
@@ -706,7 +721,7 @@ def main() -> int:
             # Interleaved (kernel, ours, kernel, ours, ...) so slow phases of the shared machine
             # hit both sides.
             for scenario, kernel in labels:
-                label = f"{scenario}/{'kernel' if kernel else 'userspace'}"
+                label = f"{scenario}/{'kernel' if kernel else DATAPATH}"
                 collected.setdefault(label, []).append(
                     run_scenario(scenario, kernel, args.seconds, workdir, probes=args.probes)
                 )
@@ -719,7 +734,7 @@ def main() -> int:
 
     ratios: dict[str, float] = {}
     print(
-        f"\nUserspace datapath vs kernel ({tool}, {args.seconds:.0f}s per measurement, "
+        f"\n{DATAPATH} datapath vs kernel ({tool}, {args.seconds:.0f}s per measurement, "
         f"medians of {args.runs} runs)"
     )
     print(
@@ -739,11 +754,11 @@ def main() -> int:
             f"{(f'{per_frame:.1f}' if per_frame else '-'):>9}{first:>16}{cached:>16}"
         )
     for scenario in ("local", "vxlan"):
-        kernel_row, ours = results[f"{scenario}/kernel"], results[f"{scenario}/userspace"]
+        kernel_row, ours = results[f"{scenario}/kernel"], results[f"{scenario}/{DATAPATH}"]
         for metric in ("tcp_gbps", "small_pps"):
             base = kernel_row[metric]
             ratios[f"{scenario}_{metric}"] = round(ours[metric] / base, 3) if base else 0.0
-    print("ratios userspace/kernel: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    print(f"ratios {DATAPATH}/kernel: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
     for scenario, rows in profiles.items():
         print(f"\nwhere the datapath's time goes ({scenario}, cProfile own time, TCP then 64B):")
         for function, own, share in rows:
@@ -752,6 +767,7 @@ def main() -> int:
         json.dumps(
             {
                 "bench": "datapath",
+                "datapath": DATAPATH,
                 "tool": tool,
                 "seconds": args.seconds,
                 "runs": args.runs,

@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +21,9 @@ from rich.table import Table
 
 from hivenet.agent.agent import HostAgent
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
+
+if TYPE_CHECKING:
+    from hivenet.datapath.base import Datapath
 
 app = typer.Typer(help="The HiveNet host agent.", no_args_is_help=True)
 
@@ -65,7 +69,11 @@ def run(
         str | None, typer.Option(help="Tunnel zone id to join with --underlay-ip.")
     ] = None,
     datapath: Annotated[
-        str, typer.Option(help="userspace (AF_PACKET + VXLAN) or memory")
+        str,
+        typer.Option(
+            help="userspace (AF_PACKET + VXLAN; the default), ebpf (established flows in the "
+            "kernel; falls back to userspace where it cannot load) or memory"
+        ),
     ] = "userspace",
     vxlan_port: Annotated[int, typer.Option(min=1, max=65535)] = 4789,
     underlay_mtu: Annotated[
@@ -105,12 +113,12 @@ def run(
     )
     state = state_dir or default_state_dir()
     state.mkdir(parents=True, exist_ok=True)
-    if datapath not in ("userspace", "memory"):
+    if datapath not in ("userspace", "ebpf", "memory"):
         raise typer.BadParameter(
-            f"{datapath!r}: expected userspace or memory", param_hint="--datapath"
+            f"{datapath!r}: expected userspace, ebpf or memory", param_hint="--datapath"
         )
     if health_probes is None:
-        health_probes = os.geteuid() == 0 and datapath == "userspace"
+        health_probes = os.geteuid() == 0 and datapath in ("userspace", "ebpf")
     elif health_probes and os.geteuid() != 0:
         raise typer.BadParameter(
             "needs root (it creates network namespaces)", param_hint="--health-probes"
@@ -149,17 +157,12 @@ async def _run_agent(
     underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
     metrics_address: tuple[str, int] | None = None,
 ) -> None:
-    from hivenet.datapath.base import Datapath
     from hivenet.store import open_store
 
     store = open_store(store_url)
     datapath: Datapath
-    if datapath_kind == "userspace":
-        from hivenet.datapath.userspace import UserspaceDatapath
-
-        userspace = UserspaceDatapath(underlay_ip, vxlan_port=vxlan_port)
-        userspace.start()
-        datapath = userspace
+    if datapath_kind in ("userspace", "ebpf"):
+        datapath = _start_host_datapath(datapath_kind, underlay_ip, vxlan_port)
     else:
         from hivenet.datapath.memory import MemoryDatapath
 
@@ -193,6 +196,26 @@ async def _run_agent(
         if close is not None:
             close()
         await store.close()
+
+
+def _start_host_datapath(kind: str, underlay_ip: str | None, vxlan_port: int) -> Datapath:
+    """The host's datapath, started; `ebpf` falls back to `userspace` with one line saying why."""
+    from hivenet.datapath.userspace import UserspaceDatapath
+
+    if kind == "ebpf":
+        from hivenet.datapath.ebpf.datapath import EbpfDatapath
+        from hivenet.datapath.ebpf.kernel import FastPathUnavailable
+
+        ebpf = EbpfDatapath(underlay_ip, vxlan_port=vxlan_port)
+        try:
+            ebpf.start()
+        except FastPathUnavailable as error:
+            print(f"ebpf datapath unavailable ({error}); using userspace", file=sys.stderr)
+        else:
+            return ebpf
+    userspace = UserspaceDatapath(underlay_ip, vxlan_port=vxlan_port)
+    userspace.start()
+    return userspace
 
 
 @app.command("stats")

@@ -48,6 +48,7 @@ class CleanReport:
     namespaces: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     pid_files: list[str] = field(default_factory=list)
+    bpf_pins: list[str] = field(default_factory=list)
     # Not a lab's own leftovers (so not part of is_empty()): what dead test runs left.
     stale_etcd_dirs: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -80,6 +81,14 @@ def clean(tag: str = "", *, directory: Path | None = None) -> CleanReport:
             report.failures.append(f"link {link}: {error}")
     if not tag:
         _clean_stale_etcd(report)
+    # eBPF fast-path pins (/sys/fs/bpf/hn-*) of datapaths that died, or all on a full clean;
+    # their tc filters and VXLAN devices went with the links and namespaces above.
+    from hivenet.datapath.ebpf.kernel import remove_stale_pins
+
+    try:
+        report.bpf_pins = remove_stale_pins(every=not tag)
+    except OSError as error:
+        report.failures.append(f"bpf pins: {error}")
     return report
 
 
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"stopped {len(report.processes)} process(es), deleted {len(report.namespaces)} "
         f"namespace(s), {len(report.links)} link(s) and {len(report.stale_etcd_dirs)} stale "
-        "etcd data dir(s)"
+        f"etcd data dir(s){f', {len(report.bpf_pins)} BPF pin dir(s)' if report.bpf_pins else ''}"
     )
     for failure in report.failures:
         print(f"failed: {failure}", file=sys.stderr)

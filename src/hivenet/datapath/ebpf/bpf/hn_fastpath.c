@@ -1,0 +1,362 @@
+// SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0)
+/* HiveNet kernel fast path: exact-match flows of established traffic at tc ingress.
+ *
+ * Programs (one object, maps shared, loaded and pinned by `bpftool prog loadall`):
+ *   hn_port_ingress      tc ingress (direct action) of each bound VM port. A hit in hn_flows
+ *                        applies the entry's rewrites and redirects to a local port or, with
+ *                        bpf_skb_set_tunnel_key, to the collect-metadata VXLAN device. A miss
+ *                        is dropped here: the agent's AF_PACKET tap saw it already.
+ *   hn_port_upcall       socket filter on the agent's AF_PACKET socket of the same port: the
+ *                        same key, the opposite answer (misses go up, hits do not), so every
+ *                        frame is handled exactly once.
+ *   hn_tunnel_ingress    tc ingress of the VXLAN device: deliver by tunnel key (hn_ports) to the
+ *                        local port, no flow lookup (the ingress host already simulated).
+ *   hn_underlay_upcall   socket filter on the agent's AF_PACKET socket of the underlay: VXLAN
+ *                        whose key is not a local port (flow-state messages, unknown keys) goes
+ *                        to the agent.
+ *
+ * The key layout is mirrored in datapath/ebpf/entries.py (FLOW_KEY); a unit test checks the
+ * sizes and a root test runs these programs on frames built by Python (BPF_PROG_TEST_RUN).
+ * Only untagged IPv4 TCP/UDP/ICMP without options or fragmentation is eligible; TCP with
+ * SYN, FIN or RST always goes to the agent (connection state lives there).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/in.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+struct hn_flow_key {
+	__u32 ifindex;
+	__u32 ip_src;
+	__u32 ip_dst;
+	__u16 tp_src;
+	__u16 tp_dst;
+	__u8 eth_src[6];
+	__u8 eth_dst[6];
+	__u8 ip_proto;
+	__u8 ip_tos;
+	__u8 ip_ttl;
+	__u8 icmp_type;
+	__u8 icmp_code;
+	__u8 pad;
+	__u16 icmp_id;
+};
+
+#define HN_SET_ETH_SRC (1U << 0)
+#define HN_SET_ETH_DST (1U << 1)
+#define HN_SET_IP_SRC (1U << 2)
+#define HN_SET_IP_DST (1U << 3)
+#define HN_SET_TP_SRC (1U << 4)
+#define HN_SET_TP_DST (1U << 5)
+#define HN_DEC_TTL (1U << 6)
+#define HN_OUT_TUNNEL (1U << 7)
+
+struct hn_flow_entry {
+	__u64 packets;
+	__u64 bytes;
+	__u32 flags;
+	__u32 out_ifindex;
+	__u32 tunnel_id;
+	__u32 tunnel_remote; /* IPv4, host byte order (bpf_tunnel_key.remote_ipv4) */
+	__u32 ip_src;
+	__u32 ip_dst;
+	__u16 tp_src;
+	__u16 tp_dst;
+	__u8 eth_src[6];
+	__u8 eth_dst[6];
+	__u8 pad[8];
+};
+
+enum hn_counter {
+	HN_PORT_HITS,
+	HN_PORT_MISSES,
+	HN_TUNNEL_DELIVERED,
+	HN_TUNNEL_UNKNOWN_KEY,
+	HN_TUNNEL_FLOWSTATE,
+	HN_ACTION_FAILED,
+	HN_COUNTER_MAX,
+};
+
+#define HN_FLOWSTATE_KEY 0xFFFFFF
+#define HN_CONFIG_VXLAN_PORT 0
+
+/* LRU: a full map evicts the least recently used entry instead of refusing an insert. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct hn_flow_key);
+	__type(value, struct hn_flow_entry);
+} hn_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);   /* tunnel key of a local port */
+	__type(value, __u32); /* ifindex of its interface */
+} hn_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HN_COUNTER_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} hn_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} hn_config SEC(".maps");
+
+#define ETH_HLEN_ 14
+#define IP_OFF ETH_HLEN_
+#define TCP_FLAGS_TO_AGENT 0x07 /* FIN | SYN | RST */
+
+static __always_inline void count(__u32 index)
+{
+	__u64 *value = bpf_map_lookup_elem(&hn_counters, &index);
+
+	if (value)
+		__sync_fetch_and_add(value, 1);
+}
+
+struct hn_ipv4 {
+	__u8 version_ihl;
+	__u8 tos;
+	__u16 total_length;
+	__u16 id;
+	__u16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__u16 check;
+	__u32 saddr;
+	__u32 daddr;
+};
+
+/* The exact-match key of an eligible frame; -1 when the frame must go to the agent. */
+static __always_inline int parse_key(struct __sk_buff *skb, struct hn_flow_key *key)
+{
+	struct hn_ipv4 ip;
+	__u8 l4[14];
+	__u16 eth_type;
+
+	if (skb->vlan_present)
+		return -1;
+	if (bpf_skb_load_bytes(skb, 0, key->eth_dst, 6) < 0 ||
+	    bpf_skb_load_bytes(skb, 6, key->eth_src, 6) < 0 ||
+	    bpf_skb_load_bytes(skb, 12, &eth_type, 2) < 0)
+		return -1;
+	if (eth_type != bpf_htons(ETH_P_IP))
+		return -1;
+	if (bpf_skb_load_bytes(skb, IP_OFF, &ip, sizeof(ip)) < 0)
+		return -1;
+	if (ip.version_ihl != 0x45 || (ip.frag_off & bpf_htons(0x3FFF)))
+		return -1;
+	if (bpf_ntohs(ip.total_length) + ETH_HLEN_ > skb->len)
+		return -1;
+	key->ifindex = skb->ifindex;
+	key->ip_src = ip.saddr;
+	key->ip_dst = ip.daddr;
+	key->ip_proto = ip.protocol;
+	key->ip_tos = ip.tos;
+	key->ip_ttl = ip.ttl;
+	if (ip.protocol == IPPROTO_TCP) {
+		if (bpf_ntohs(ip.total_length) < 40 ||
+		    bpf_skb_load_bytes(skb, IP_OFF + 20, l4, 14) < 0)
+			return -1;
+		if (l4[13] & TCP_FLAGS_TO_AGENT)
+			return -1;
+	} else if (ip.protocol == IPPROTO_UDP || ip.protocol == IPPROTO_ICMP) {
+		if (bpf_ntohs(ip.total_length) < 28 ||
+		    bpf_skb_load_bytes(skb, IP_OFF + 20, l4, 8) < 0)
+			return -1;
+	} else {
+		return -1;
+	}
+	if (ip.protocol == IPPROTO_ICMP) {
+		key->icmp_type = l4[0];
+		key->icmp_code = l4[1];
+		if (l4[0] == 0 || l4[0] == 8) /* echo reply / request */
+			__builtin_memcpy(&key->icmp_id, &l4[4], 2);
+	} else {
+		__builtin_memcpy(&key->tp_src, &l4[0], 2);
+		__builtin_memcpy(&key->tp_dst, &l4[2], 2);
+	}
+	return 0;
+}
+
+static __always_inline int l4_checksum_offset(__u8 protocol)
+{
+	if (protocol == IPPROTO_TCP)
+		return IP_OFF + 20 + 16;
+	if (protocol == IPPROTO_UDP)
+		return IP_OFF + 20 + 6;
+	return -1;
+}
+
+static __always_inline int rewrite_address(struct __sk_buff *skb, const struct hn_flow_key *key,
+					   int field_offset, __u32 old, __u32 new)
+{
+	int csum_offset = l4_checksum_offset(key->ip_proto);
+	__u64 flags = BPF_F_PSEUDO_HDR | sizeof(new);
+
+	if (key->ip_proto == IPPROTO_UDP)
+		flags |= BPF_F_MARK_MANGLED_0;
+	if (csum_offset >= 0 && bpf_l4_csum_replace(skb, csum_offset, old, new, flags) < 0)
+		return -1;
+	if (bpf_l3_csum_replace(skb, IP_OFF + 10, old, new, sizeof(new)) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, IP_OFF + field_offset, &new, sizeof(new), 0);
+}
+
+static __always_inline int rewrite_port(struct __sk_buff *skb, const struct hn_flow_key *key,
+					int field_offset, __u16 old, __u16 new)
+{
+	int csum_offset = l4_checksum_offset(key->ip_proto);
+	__u64 flags = sizeof(new);
+
+	if (csum_offset < 0)
+		return -1;
+	if (key->ip_proto == IPPROTO_UDP)
+		flags |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(skb, csum_offset, old, new, flags) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, IP_OFF + 20 + field_offset, &new, sizeof(new), 0);
+}
+
+static __always_inline int apply(struct __sk_buff *skb, const struct hn_flow_key *key,
+				 const struct hn_flow_entry *entry)
+{
+	__u32 flags = entry->flags;
+
+	if ((flags & HN_SET_ETH_DST) && bpf_skb_store_bytes(skb, 0, entry->eth_dst, 6, 0) < 0)
+		return -1;
+	if ((flags & HN_SET_ETH_SRC) && bpf_skb_store_bytes(skb, 6, entry->eth_src, 6, 0) < 0)
+		return -1;
+	if ((flags & HN_SET_IP_SRC) && rewrite_address(skb, key, 12, key->ip_src, entry->ip_src) < 0)
+		return -1;
+	if ((flags & HN_SET_IP_DST) && rewrite_address(skb, key, 16, key->ip_dst, entry->ip_dst) < 0)
+		return -1;
+	if ((flags & HN_SET_TP_SRC) && rewrite_port(skb, key, 0, key->tp_src, entry->tp_src) < 0)
+		return -1;
+	if ((flags & HN_SET_TP_DST) && rewrite_port(skb, key, 2, key->tp_dst, entry->tp_dst) < 0)
+		return -1;
+	if (flags & HN_DEC_TTL) {
+		/* The 16-bit word TTL|protocol, as the IPv4 header checksum sees it. */
+		__u16 old_word = bpf_htons(((__u16)key->ip_ttl << 8) | key->ip_proto);
+		__u16 new_word = bpf_htons(((__u16)(key->ip_ttl - 1) << 8) | key->ip_proto);
+		__u8 ttl = key->ip_ttl - 1;
+
+		if (bpf_l3_csum_replace(skb, IP_OFF + 10, old_word, new_word, 2) < 0 ||
+		    bpf_skb_store_bytes(skb, IP_OFF + 8, &ttl, 1, 0) < 0)
+			return -1;
+	}
+	if (flags & HN_OUT_TUNNEL) {
+		struct bpf_tunnel_key tunnel = {};
+
+		tunnel.tunnel_id = entry->tunnel_id;
+		tunnel.remote_ipv4 = entry->tunnel_remote;
+		tunnel.tunnel_ttl = 64;
+		if (bpf_skb_set_tunnel_key(skb, &tunnel, sizeof(tunnel), BPF_F_ZERO_CSUM_TX) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+SEC("tc")
+int hn_port_ingress(struct __sk_buff *skb)
+{
+	struct hn_flow_key key;
+	struct hn_flow_entry *entry;
+	__u32 segments = skb->gso_segs;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	if (parse_key(skb, &key) < 0)
+		goto miss;
+	entry = bpf_map_lookup_elem(&hn_flows, &key);
+	if (!entry)
+		goto miss;
+	__sync_fetch_and_add(&entry->packets, segments ? segments : 1);
+	__sync_fetch_and_add(&entry->bytes, skb->len);
+	if (apply(skb, &key, entry) < 0) {
+		count(HN_ACTION_FAILED);
+		return TC_ACT_SHOT;
+	}
+	count(HN_PORT_HITS);
+	return bpf_redirect(entry->out_ifindex, 0);
+miss:
+	/* The agent's tap (hn_port_upcall) took this frame up already. */
+	count(HN_PORT_MISSES);
+	return TC_ACT_SHOT;
+}
+
+SEC("socket")
+int hn_port_upcall(struct __sk_buff *skb)
+{
+	struct hn_flow_key key;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	if (parse_key(skb, &key) == 0 && bpf_map_lookup_elem(&hn_flows, &key))
+		return 0;
+	return -1;
+}
+
+SEC("tc")
+int hn_tunnel_ingress(struct __sk_buff *skb)
+{
+	struct bpf_tunnel_key tunnel = {};
+	__u32 *ifindex;
+	__u32 tunnel_key;
+
+	if (bpf_skb_get_tunnel_key(skb, &tunnel, sizeof(tunnel), 0) < 0) {
+		count(HN_TUNNEL_UNKNOWN_KEY);
+		return TC_ACT_SHOT;
+	}
+	tunnel_key = tunnel.tunnel_id;
+	ifindex = bpf_map_lookup_elem(&hn_ports, &tunnel_key);
+	if (!ifindex) {
+		/* Flow-state messages and unknown keys reached the agent by hn_underlay_upcall. */
+		count(tunnel_key == HN_FLOWSTATE_KEY ? HN_TUNNEL_FLOWSTATE : HN_TUNNEL_UNKNOWN_KEY);
+		return TC_ACT_SHOT;
+	}
+	count(HN_TUNNEL_DELIVERED);
+	return bpf_redirect(*ifindex, 0);
+}
+
+SEC("socket")
+int hn_underlay_upcall(struct __sk_buff *skb)
+{
+	__u32 config_index = HN_CONFIG_VXLAN_PORT;
+	struct hn_ipv4 ip;
+	__u16 eth_type, udp_port;
+	__u8 vxlan[8];
+	__u32 *vxlan_port, tunnel_key, offset;
+
+	if (skb->pkt_type != PACKET_HOST)
+		return 0;
+	if (bpf_skb_load_bytes(skb, 12, &eth_type, 2) < 0 || eth_type != bpf_htons(ETH_P_IP))
+		return 0;
+	if (bpf_skb_load_bytes(skb, IP_OFF, &ip, sizeof(ip)) < 0)
+		return 0;
+	if ((ip.version_ihl >> 4) != 4 || ip.protocol != IPPROTO_UDP ||
+	    (ip.frag_off & bpf_htons(0x3FFF)))
+		return 0;
+	offset = IP_OFF + (ip.version_ihl & 0x0F) * 4;
+	vxlan_port = bpf_map_lookup_elem(&hn_config, &config_index);
+	if (!vxlan_port || bpf_skb_load_bytes(skb, offset + 2, &udp_port, 2) < 0 ||
+	    bpf_ntohs(udp_port) != *vxlan_port)
+		return 0;
+	if (bpf_skb_load_bytes(skb, offset + 8, vxlan, sizeof(vxlan)) < 0)
+		return -1; /* truncated VXLAN: the agent counts it */
+	tunnel_key = ((__u32)vxlan[4] << 16) | ((__u32)vxlan[5] << 8) | vxlan[6];
+	if (bpf_map_lookup_elem(&hn_ports, &tunnel_key))
+		return 0;
+	return -1;
+}
+
+/* Offered under GPL-2.0 too (SPDX line above), as the kernel asks of BPF programs. */
+char LICENSE[] SEC("license") = "GPL";

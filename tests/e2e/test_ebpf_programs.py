@@ -1,0 +1,204 @@
+"""The eBPF fast path's programs in the kernel of this machine: the verifier accepts every
+program of bpf/hn_fastpath.o (loaded and pinned by `KernelFastPath`, as the datapath does), and
+the programs, run on frames built here (BPF_PROG_TEST_RUN), agree with the Python reference:
+a hit rewrites the frame exactly as `execute_actions` does (checksums included) and redirects,
+a miss goes to the agent, and the socket filter gives the opposite answer to tc.
+
+Root only (BPF), no namespaces. Keys are made for ifindex 1: test runs see the loopback device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from hivenet.datapath.ebpf import bpfsys
+from hivenet.datapath.ebpf.entries import kernel_entry, kernel_key
+from hivenet.datapath.ebpf.kernel import BPFFS, KernelFastPath, object_path
+from hivenet.flows.actions import Action, DecTtl, Output, SetField, Tunnel
+from hivenet.flows.execute import execute_actions
+from hivenet.flows.table import flow_match_values
+from hivenet.packets import extract_flow_match
+from hivenet.packets.builders import build_echo_request, build_tcp_segment, build_udp_datagram
+from hivenet.packets.parse import verify_checksums
+
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+LOOPBACK_IFINDEX = 1
+OUT_IFINDEX = 42  # any: a test run only reports the redirect
+TCP_ACK = 0x10
+TCP_PSH = 0x08
+TCP_FIN = 0x01
+
+MAC_A = "02:00:00:00:00:0a"
+MAC_B = "02:00:00:00:00:0b"
+
+
+@pytest.fixture
+def kernel() -> Iterator[KernelFastPath]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (BPF)")
+    made = KernelFastPath(None, vxlan_port=4789)
+    made.setup()
+    try:
+        yield made
+    finally:
+        made.close()
+    assert not made.pin_dir.exists()
+
+
+def _program(kernel: KernelFastPath, name: str) -> int:
+    return bpfsys.object_get(str(kernel.pin_dir / name))
+
+
+def _install(kernel: KernelFastPath, frame: bytes, actions: list[Action]) -> None:
+    values = flow_match_values(extract_flow_match(frame, 1))
+    key = kernel_key(values, LOOPBACK_IFINDEX)
+    assert key is not None
+    entry = kernel_entry(values, actions, {2: OUT_IFINDEX}, OUT_IFINDEX)
+    assert entry is not None
+    kernel.set_entry(key, entry.value)
+
+
+def _run(kernel: KernelFastPath, program: str, frame: bytes) -> tuple[int, bytes]:
+    fd = _program(kernel, program)
+    try:
+        if program.endswith("_upcall"):
+            # A socket filter's test run pulls one Ethernet header, as a receive does, and
+            # (unlike tc's) does not push it back; AF_PACKET does. Lend it one to pull.
+            return bpfsys.prog_test_run(fd, frame[:14] + frame)
+        return bpfsys.prog_test_run(fd, frame)
+    finally:
+        os.close(fd)
+
+
+def _tcp(flags: int = TCP_ACK, **changes: object) -> bytes:
+    fields: dict[str, object] = {
+        "eth_src": MAC_A,
+        "eth_dst": MAC_B,
+        "ip_src": "10.0.0.1",
+        "ip_dst": "10.0.0.2",
+        "src_port": 40000,
+        "dst_port": 80,
+        "flags": flags,
+        "payload": b"x" * 50,
+    }
+    fields.update(changes)
+    return build_tcp_segment(**fields)  # type: ignore[arg-type]
+
+
+def test_every_program_is_loaded_and_pinned(kernel: KernelFastPath) -> None:
+    assert object_path().is_file()
+    pinned = {path.name for path in kernel.pin_dir.iterdir()}
+    assert {
+        "hn_port_ingress",
+        "hn_port_upcall",
+        "hn_tunnel_ingress",
+        "hn_underlay_upcall",
+        "hn_flows",
+        "hn_ports",
+    } <= pinned
+    assert kernel.pin_dir.parent == BPFFS and kernel.pin_dir.name.startswith("hn-")
+
+
+NAT_ACTIONS: list[Action] = [
+    SetField("eth_src", 0x020000000001),
+    SetField("eth_dst", 0x020000000002),
+    SetField("ip_src", 0xC0A80101),
+    SetField("ip_dst", 0xC0A80202),
+    SetField("tp_src", 5555),
+    SetField("tp_dst", 8080),
+    DecTtl(),
+    Output(2),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "frame", "actions"),
+    [
+        ("tcp_nat", _tcp(), NAT_ACTIONS),
+        ("tcp_push_to_tunnel", _tcp(TCP_ACK | TCP_PSH), [Tunnel("172.31.250.2", 77)]),
+        (
+            "udp_nat",
+            build_udp_datagram(
+                eth_src=MAC_A,
+                eth_dst=MAC_B,
+                ip_src="10.0.0.1",
+                ip_dst="10.0.0.2",
+                src_port=5353,
+                dst_port=53,
+                payload=b"query",
+            ),
+            NAT_ACTIONS,
+        ),
+        (
+            "icmp_echo_routed",
+            build_echo_request(
+                eth_src=MAC_A,
+                eth_dst=MAC_B,
+                ip_src="10.0.0.1",
+                ip_dst="10.0.0.2",
+                identifier=9,
+                sequence=1,
+            ),
+            [SetField("ip_dst", 0xC0A80202), DecTtl(), Output(2)],
+        ),
+    ],
+)
+def test_a_hit_rewrites_like_the_python_reference_and_redirects(
+    kernel: KernelFastPath, name: str, frame: bytes, actions: list[Action]
+) -> None:
+    _install(kernel, frame, actions)
+    verdict, output = _run(kernel, "hn_port_ingress", frame)
+    assert verdict == TC_ACT_REDIRECT, name
+    ((_, expected),) = execute_actions(frame, actions)
+    assert output == expected, name
+    assert verify_checksums(output) == []
+    # The upcall filter must keep the hit away from the agent.
+    assert _run(kernel, "hn_port_upcall", frame)[0] == 0
+    assert kernel.counters()["kernel_hits"] == 1
+    key = kernel_key(flow_match_values(extract_flow_match(frame, 1)), LOOPBACK_IFINDEX)
+    assert key is not None
+    assert kernel.entry_counters(key) == (1, len(frame))
+
+
+@pytest.mark.parametrize(
+    ("name", "packet"),
+    [
+        ("other_5_tuple", _tcp(src_port=40001)),
+        ("fin_goes_to_the_agent", _tcp(TCP_ACK | TCP_FIN)),
+        ("other_ttl", _tcp(ttl=9)),
+        ("vlan_tagged", _tcp(vlan=5)),
+    ],
+)
+def test_a_miss_goes_to_the_agent_and_not_through_tc(
+    kernel: KernelFastPath, name: str, packet: bytes
+) -> None:
+    _install(kernel, _tcp(), [Output(2)])
+    verdict, _output = _run(kernel, "hn_port_ingress", packet)
+    assert verdict == TC_ACT_SHOT, name
+    assert _run(kernel, "hn_port_upcall", packet)[0] != 0, name
+    assert kernel.counters()["kernel_misses"] == 1
+
+
+def test_removed_entries_stop_hitting(kernel: KernelFastPath) -> None:
+    frame = _tcp()
+    _install(kernel, frame, [Output(2)])
+    assert _run(kernel, "hn_port_ingress", frame)[0] == TC_ACT_REDIRECT
+    (key,) = kernel.entry_keys()
+    kernel.delete_entry(key)
+    assert _run(kernel, "hn_port_ingress", frame)[0] == TC_ACT_SHOT
+    assert kernel.entry_counters(key) is None
+
+
+def test_lab_clean_removes_the_pins_of_datapaths_that_died(kernel: KernelFastPath) -> None:
+    from hivenet.lab.cleanup import clean
+
+    dead_pid = 2**22 + 1  # above pid_max's ceiling: no such process
+    stale = BPFFS / f"hn-{dead_pid}-0"
+    stale.mkdir()
+    report = clean("zzzz")
+    assert stale.name in report.bpf_pins and not stale.exists()
+    assert kernel.pin_dir.exists()  # a running datapath's pins stay
