@@ -90,7 +90,7 @@ def test_vms_boot_by_dhcp_with_address_router_and_mtu(lab: Lab) -> None:
 
 def test_name_servers_and_static_routes_arrive_on_renewal(lab: Lab) -> None:
     with lab.client() as client:
-        client.update(
+        written = client.update(
             "subnet",
             "subnet.net1",
             {
@@ -99,7 +99,9 @@ def test_name_servers_and_static_routes_arrive_on_renewal(lab: Lab) -> None:
                 "domain_name": "lab.example",
             },
         )
+    assert written.revision is not None
     for vm in ("vm1", "vm2"):
+        lab.wait_agent_revision(lab.plan.vm(vm).host, written.revision)
         renew(lab, vm)
         wait_for(lambda vm=vm: lease_of(lab, vm).dns, f"{vm}'s renewed lease")  # type: ignore[misc]
         lease = lease_of(lab, vm)
@@ -137,11 +139,15 @@ def test_malformed_dhcp_is_counted_and_dropped_and_dhcp_still_works(lab: Lab) ->
 def test_an_address_change_reaches_the_vm_at_its_next_renewal(lab: Lab) -> None:
     with lab.client() as client:
         port = client.get("port", lab.plan.vm("vm1").port_id).data
-        client.update(
+        written = client.update(
             "port",
             port["id"],
             {"fixed_ips": [{"subnet_id": "subnet.net1", "ip_address": "10.0.1.77"}]},
         )
+    assert written.revision is not None
+    # Renew only once vm1's agent has the new address: otherwise the renewal can race the
+    # watch, get an ACK for the old address, and the next renewal is hours away.
+    lab.wait_agent_revision("h1", written.revision)
     renew(lab, "vm1")  # NAK for 10.0.1.10, then DISCOVER -> OFFER 10.0.1.77
     wait_for(
         lambda: lease_of(lab, "vm1").address == ipaddress.IPv4Interface("10.0.1.77/24"),

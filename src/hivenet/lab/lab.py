@@ -585,6 +585,21 @@ class Lab(TrafficProbes):
             return None
         return data
 
+    def wait_agent_revision(self, host: str, revision: int, *, timeout: float = 20.0) -> None:
+        """Wait until `host`'s agent has applied the store up to `revision` (a write the test
+        made), so what the test does next meets the new state, not a race with the watch."""
+        deadline = time.monotonic() + timeout
+        seen = None
+        while time.monotonic() < deadline:
+            counters = self.fresh_agent_counters(host, timeout=max(0.1, deadline - time.monotonic()))
+            seen = counters.get("revision")
+            if isinstance(seen, int) and seen >= revision:
+                return
+        raise LabError(
+            f"the agent of {host} did not reach store revision {revision} within "
+            f"{timeout:.0f} s (at {seen})"
+        )
+
     def fresh_agent_counters(self, host: str, *, timeout: float = 5.0) -> dict[str, Any]:
         """The counters of `host`'s agent written after this call (agents write each second)."""
         path = self.state_dir / f"agent-{self.plan.host(host).name}.json"
