@@ -591,7 +591,9 @@ class Lab(TrafficProbes):
         deadline = time.monotonic() + timeout
         seen = None
         while time.monotonic() < deadline:
-            counters = self.fresh_agent_counters(host, timeout=max(0.1, deadline - time.monotonic()))
+            counters = self.fresh_agent_counters(
+                host, timeout=max(0.1, deadline - time.monotonic())
+            )
             seen = counters.get("revision")
             if isinstance(seen, int) and seen >= revision:
                 return
