@@ -27,7 +27,7 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +103,7 @@ class HostAgent:
         lease_ttl: int = 10,
         counters_path: Path | None = None,
         reconcile_interval: float = 1.0,
-        clock: Clock | Callable[[], float] = SYSTEM_CLOCK,
+        clock: Clock = SYSTEM_CLOCK,
         state_dir: Path | None = None,
         health_prober: Prober | None = None,
         overlay_health_probes: bool = False,
@@ -123,10 +123,9 @@ class HostAgent:
         self.lease_ttl = lease_ttl
         self.counters_path = counters_path
         self.reconcile_interval = reconcile_interval
-        # The agent's own loops sleep on the injected clock; a bare reading function (older
-        # harnesses fake only readings) leaves them on real time.
+        # The agent's own loops read and sleep on the injected clock (hivenet/clock.py).
         self.clock = clock
-        self._sleep = clock.sleep if isinstance(clock, Clock) else asyncio.sleep
+        self._sleep = clock.sleep
         self.repository = TopologyRepository(store)
         self.topology = TopologyView()
         self.tables = MemoryTables()
