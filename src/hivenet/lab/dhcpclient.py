@@ -12,6 +12,7 @@ host's), so the name servers are only recorded. Must not talk to the API nor bui
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,13 +192,22 @@ class ClientFiles:
 
 
 def write_scripts(directory: Path) -> None:
-    """The event scripts and dhclient's configuration, once per lab."""
+    """The event scripts and dhclient's configuration, shared by every VM of a lab.
+
+    Each file is written to a temporary name and renamed over the old one: another VM's
+    client may be executing the script right now, and opening a running executable for
+    writing fails with ETXTBSY (a rename leaves the running copy's inode alone)."""
     directory.mkdir(parents=True, exist_ok=True)
     for client, text in ((UDHCPC, UDHCPC_SCRIPT), (DHCLIENT, DHCLIENT_SCRIPT)):
-        path = directory / f"{client}.script"
-        path.write_text(text)
-        path.chmod(0o755)
-    (directory / "dhclient.conf").write_text(DHCLIENT_CONF)
+        _replace(directory / f"{client}.script", text, 0o755)
+    _replace(directory / "dhclient.conf", DHCLIENT_CONF, 0o644)
+
+
+def _replace(path: Path, text: str, mode: int) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    staging.chmod(mode)
+    os.replace(staging, path)
 
 
 def client_argv(client: str, interface: str, files: ClientFiles, hostname: str) -> list[str]:

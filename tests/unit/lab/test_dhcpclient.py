@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -118,3 +119,21 @@ def test_argv_and_bad_lease_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lease file"):
         parse_lease("event=bound\nip=not-an-ip\n")
     assert read_lease(files) is None
+
+
+def test_scripts_can_be_rewritten_while_a_client_executes_them(tmp_path: Path) -> None:
+    """Every VM of a lab shares one script; writing it in place while another VM's client
+    runs it fails with ETXTBSY. A running binary in its place reproduces that for certain."""
+    running = tmp_path / f"{UDHCPC}.script"
+    shutil.copy("/bin/sleep", running)
+    running.chmod(0o755)
+    sleeper = subprocess.Popen([str(running), "30"])
+    try:
+        write_scripts(tmp_path)
+        assert running.read_text().startswith("#!/bin/sh")
+        assert os.access(running, os.X_OK)
+        assert sleeper.poll() is None
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
