@@ -32,6 +32,8 @@ def running_lab(
     require_root()
     scope = LabScope.unique()
     state_dir = root / "state"
+    # HN_LAB_DATAPATH=ebpf runs the e2e tier with the agents on the eBPF fast path.
+    options.setdefault("datapath", os.environ.get("HN_LAB_DATAPATH", "userspace"))
     lab = Lab(scenario, state_dir=state_dir, scope=scope, **options)
     try:
         lab.up(timeout=timeout)

@@ -92,6 +92,15 @@ def up(
             show_default=False,
         ),
     ] = None,
+    datapath: Annotated[
+        str,
+        typer.Option(
+            "--datapath",
+            help="The agents' datapath: userspace (AF_PACKET, every packet in Python) or ebpf "
+            "(established flows in the kernel at tc; an agent that cannot load it says so and "
+            "falls back to userspace).",
+        ),
+    ] = "userspace",
     tag: Annotated[
         str,
         typer.Option(
@@ -114,6 +123,7 @@ def up(
             scope=LabScope(tag),
             store=store,
             agent_lease_ttl=lease_ttl,
+            datapath=datapath,
             progress=lambda message: typer.echo(f"- {message}", err=True),
         )
         lab.up(timeout=timeout)

@@ -64,8 +64,10 @@ from hivenet.lab.processes import (
 )
 from hivenet.lab.processes import read_record as read_process_record
 from hivenet.lab.record import (
+    DATAPATH_USERSPACE,
     DHCP_DIR,
     ENV_FILE,
+    LAB_DATAPATHS,
     LAB_FILE,
     STORE_ETCD,
     STORE_FILE,
@@ -143,8 +145,13 @@ class Lab(TrafficProbes):
         scope: LabScope | None = None,
         store: str = STORE_SQLITE,
         agent_lease_ttl: int | None = None,
+        datapath: str = DATAPATH_USERSPACE,
         progress: Progress = _quiet,
     ) -> None:
+        if datapath not in LAB_DATAPATHS:
+            raise LabError(
+                f"--datapath {datapath!r}: the lab's agents run {' or '.join(LAB_DATAPATHS)}"
+            )
         if store not in SUPPORTED_STORES:
             raise LabError(
                 f"--store {store!r}: the lab supports {', '.join(SUPPORTED_STORES)} for now"
@@ -170,6 +177,7 @@ class Lab(TrafficProbes):
             macs=assign_macs(scenario, self.scope),
             store=store,
             agent_lease_ttl=agent_lease_ttl,
+            datapath=datapath,
         )
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._etcd: EtcdCluster | None = None  # the cluster this process started, if any
@@ -188,6 +196,7 @@ class Lab(TrafficProbes):
             scope=LabScope(record.tag),
             store=record.store,
             agent_lease_ttl=record.agent_lease_ttl,
+            datapath=record.datapath,
             progress=progress,
         )
         lab.record = record
@@ -499,7 +508,7 @@ class Lab(TrafficProbes):
             "--tunnel-zone",
             TUNNEL_ZONE_ID,
             "--datapath",
-            "userspace",
+            self.record.datapath,
             "--state-dir",
             str(self.state_dir),
             *(

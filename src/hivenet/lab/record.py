@@ -33,6 +33,9 @@ TOKEN_FILE = "admin-token"
 STORE_SQLITE = "sqlite"
 STORE_ETCD = "etcd"
 SUPPORTED_STORES = (STORE_SQLITE, STORE_ETCD)
+DATAPATH_USERSPACE = "userspace"
+DATAPATH_EBPF = "ebpf"
+LAB_DATAPATHS = (DATAPATH_USERSPACE, DATAPATH_EBPF)
 LAB_RECORD_VERSION = 1
 
 
@@ -54,6 +57,7 @@ class LabRecord:
     created_at: float = field(default_factory=time.time)
     store: str = STORE_SQLITE  # backend kind: "sqlite" or "etcd"
     agent_lease_ttl: int | None = None  # None: the agent's default
+    datapath: str = DATAPATH_USERSPACE  # the agents' --datapath: userspace or ebpf
 
     def to_json(self) -> str:
         return json.dumps(
@@ -68,6 +72,7 @@ class LabRecord:
                 "created_at": self.created_at,
                 "store": self.store,
                 "agent_lease_ttl": self.agent_lease_ttl,
+                "datapath": self.datapath,
             },
             indent=1,
             sort_keys=True,
@@ -91,6 +96,7 @@ class LabRecord:
                 agent_lease_ttl=(
                     None if data.get("agent_lease_ttl") is None else int(data["agent_lease_ttl"])
                 ),
+                datapath=str(data.get("datapath") or DATAPATH_USERSPACE),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise LabError(f"{source}: not a lab record ({error})") from None

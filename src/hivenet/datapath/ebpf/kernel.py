@@ -174,6 +174,9 @@ class KernelFastPath:
 
     def _make_vxlan_device(self) -> None:
         device = self.vxlan_device
+        # An agent killed with -9 leaves its device behind, still holding the VXLAN port; it is
+        # this host's own (one agent per host), so its successor replaces it, as with the pins.
+        subprocess.run(["ip", "link", "del", device], capture_output=True)
         _run(["ip", "link", "add", device, "type", "vxlan", "external", "dstport",
               str(self.vxlan_port), "nolearning"])  # fmt: skip
         self._vxlan_made = True
