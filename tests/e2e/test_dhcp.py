@@ -108,7 +108,12 @@ def test_name_servers_and_static_routes_arrive_on_renewal(lab: Lab) -> None:
         assert [str(s) for s in lease.dns] == ["10.0.1.53"] and lease.domain == "lab.example"
         routes = {(str(d), str(g)) for d, g in lease.routes}
         # Option 121 carries the default route too (a client that takes it ignores option 3).
-        assert routes == {("192.168.0.0/16", "10.0.1.1"), ("0.0.0.0/0", "10.0.1.1")}
+        # And the route to the metadata service (the lab's agents run it).
+        assert routes == {
+            ("192.168.0.0/16", "10.0.1.1"),
+            ("169.254.169.254/32", "10.0.1.1"),
+            ("0.0.0.0/0", "10.0.1.1"),
+        }
         table = shell(lab, vm, "ip -4 route")
         assert "192.168.0.0/16 via 10.0.1.1 dev eth0" in table
         assert "default via 10.0.1.1 dev eth0" in table

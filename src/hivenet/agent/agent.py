@@ -40,6 +40,7 @@ from hivenet.agent.health import (
     Prober,
 )
 from hivenet.agent.lbstats import LB_STATUS_KINDS, LbStatsReporter, LbStatusWriter
+from hivenet.agent.metadata import MetadataProxy
 from hivenet.agent.metrics import HostStats, HostStatsReporter, agent_registry, serve_metrics
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
@@ -58,7 +59,9 @@ from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.model.types import int_to_mac, mac_to_int
 from hivenet.sim import LearnedEntry, SimulationResult, TopologyView
+from hivenet.sim.metadata import HANDOFF_METADATA
 from hivenet.sim.tables import LearnedMac, LearnedNeighbour, MemoryTables, ip_text
+from hivenet.sim.topology import PortInfo
 from hivenet.store.base import LeaseNotFoundError, Store, StoreError
 from hivenet.store.keys import (
     STATE_PREFIX,
@@ -110,6 +113,7 @@ class HostAgent:
         health_plumbing: HealthPlumbing | None = None,
         underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
         metrics_address: tuple[str, int] | None = None,
+        metadata: bool = False,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -134,6 +138,10 @@ class HostAgent:
         self.host_stats = HostStats(host_id, self.topology, self.datapath.flows)
         self.metrics_address = metrics_address
         self.metrics_server: asyncio.AbstractServer | None = None
+        # The metadata service for local VMs (agent/metadata.py), once it runs.
+        self.metadata: MetadataProxy | None = (
+            MetadataProxy(self.topology, datapath, underlay_mtu=underlay_mtu) if metadata else None
+        )
         # Conntrack and NAT state, shared with peers over the tunnel, journaled in state_dir.
         self.flowstate = FlowStateSync(
             host_id,
@@ -237,6 +245,7 @@ class HostAgent:
         """Register, load the topology and tables, bind local ports; then follow changes."""
         await self._acquire_lease()
         await self._register_host()
+        await self._start_metadata()
         self._tasks = [
             asyncio.create_task(self.topology_mirror.run(), name=f"hn-{self.host_id}-topology"),
             asyncio.create_task(self.tables_mirror.run(), name=f"hn-{self.host_id}-tables"),
@@ -301,6 +310,9 @@ class HostAgent:
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
+        if self.metadata is not None:
+            self.pipeline.set_handoff(None)
+            await self.metadata.stop()
         await self.flowstate.stop(compact=graceful)
         for port_id in list(self.bound_ports):
             self._unbind(port_id)
@@ -310,6 +322,26 @@ class HostAgent:
             with contextlib.suppress(StoreError):
                 await asyncio.wait_for(self.store.lease_revoke(self.lease_id), 2.0)
         self._write_counters()
+
+    async def _start_metadata(self) -> None:
+        """Before any port is bound (flows simulated without the service do not tell its
+        packets apart). A host that cannot run it forwards without it and says so."""
+        proxy = self.metadata
+        if proxy is None:
+            return
+        try:
+            await proxy.start()
+        except (OSError, IndexError) as exc:
+            log.warning("host %s: no metadata service: %s", self.host_id, exc)
+            self.metadata = None
+            return
+        metadata = proxy
+
+        def hand_off(service: str, port: PortInfo, frame: bytes) -> None:
+            if service == HANDOFF_METADATA:
+                metadata.from_vm(port, frame)
+
+        self.pipeline.set_handoff(hand_off)
 
     @property
     def pending_publications(self) -> int:
@@ -658,6 +690,7 @@ class HostAgent:
             "pipeline": self.pipeline.counters(),
             "flowstate": self.flowstate.counters_snapshot(),
             "datapath": self.datapath.counters(),
+            "metadata": self.metadata.counters_snapshot() if self.metadata is not None else None,
         }
 
     def _write_counters(self) -> None:

@@ -104,6 +104,15 @@ def run(
             help="Where to serve Prometheus metrics (GET /metrics): HOST:PORT, or 'off'.",
         ),
     ] = DEFAULT_METRICS_ADDRESS,
+    metadata: Annotated[
+        bool | None,
+        typer.Option(
+            "--metadata/--no-metadata",
+            help="Serve http://169.254.169.254/ to this host's VMs (a TUN device hnmd0 and "
+            "169.254.64.0/18 in the agent's namespace; default: on when root with the "
+            "userspace or ebpf datapath).",
+        ),
+    ] = None,
 ) -> None:
     """Run the agent for one host until SIGTERM/SIGINT."""
     metrics_address = parse_metrics_address(metrics)
@@ -123,6 +132,10 @@ def run(
         raise typer.BadParameter(
             "needs root (it creates network namespaces)", param_hint="--health-probes"
         )
+    if metadata is None:
+        metadata = os.geteuid() == 0 and datapath in ("userspace", "ebpf")
+    elif metadata and os.geteuid() != 0:
+        raise typer.BadParameter("needs root (it creates a TUN device)", param_hint="--metadata")
     asyncio.run(
         _run_agent(
             host_id=host_id,
@@ -138,6 +151,7 @@ def run(
             health_probes=health_probes,
             underlay_mtu=underlay_mtu,
             metrics_address=metrics_address,
+            metadata=metadata,
         )
     )
 
@@ -156,6 +170,7 @@ async def _run_agent(
     health_probes: bool = False,
     underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
     metrics_address: tuple[str, int] | None = None,
+    metadata: bool = False,
 ) -> None:
     from hivenet.store import open_store
 
@@ -179,6 +194,7 @@ async def _run_agent(
         overlay_health_probes=health_probes,
         underlay_mtu=underlay_mtu,
         metrics_address=metrics_address,
+        metadata=metadata,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -32,6 +32,7 @@ from hivenet.sim import (
     simulate,
 )
 from hivenet.sim.dhcp import DhcpBudget
+from hivenet.sim.topology import PortInfo
 
 if TYPE_CHECKING:
     from hivenet.agent.flowstate_sync import FlowStateSync
@@ -43,6 +44,9 @@ DHCP_BUDGET_SWEEP_UPCALLS = 4096
 # each simulated upcall (traffic counters).
 FlowKey = tuple[tuple[int, ...], tuple[int, ...]]
 SimulatedCallback = Callable[[str, SimulationResult, int, FlowKey | None], None]
+# (service, ingress port, frame) for a packet the simulation handed to a host service
+# (`SimulationResult.handoff`, e.g. "metadata": agent/metadata.py).
+HandoffCallback = Callable[[str, PortInfo, bytes], None]
 
 
 @dataclass(slots=True)
@@ -107,6 +111,7 @@ class FlowPipeline:
             dhcp_budget=self.dhcp_budget,
         )
         self.on_learned = on_learned
+        self.on_handoff: HandoffCallback | None = None
         # Conntrack/NAT: a transaction per upcall, committed and pushed before forwarding.
         self.stateful = stateful
         self.on_simulated = on_simulated
@@ -148,6 +153,8 @@ class FlowPipeline:
         self.stats.sim_seconds_max = max(self.stats.sim_seconds_max, elapsed)
         self.last_result = result
         installed = self.apply(result, frame)
+        if result.handoff is not None and self.on_handoff is not None:
+            self.on_handoff(result.handoff, port, frame)
         if self.on_simulated is not None:
             self.on_simulated(port.id, result, len(frame), installed)
 
@@ -178,6 +185,12 @@ class FlowPipeline:
             self.stats.generated += 1
             self.datapath.execute(packet.frame, packet.actions)
         return installed
+
+    def set_handoff(self, callback: HandoffCallback | None) -> None:
+        """Who takes packets for host services (None: the host runs none). Set it before
+        ports are bound: flows simulated without it do not tell the services' packets apart."""
+        self.on_handoff = callback
+        self.context = dataclasses.replace(self.context, metadata=callback is not None)
 
     def counters(self) -> dict[str, float]:
         return self.stats.as_dict()

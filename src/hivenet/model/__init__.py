@@ -25,7 +25,14 @@ from hivenet.model.topology import (
     parse_topology_key,
     topology_key,
 )
-from hivenet.model.types import AllowedAddressPair, FixedIp, NatTarget, PortRange, new_id
+from hivenet.model.types import (
+    AllowedAddressPair,
+    FixedIp,
+    InstanceMetadata,
+    NatTarget,
+    PortRange,
+    new_id,
+)
 
 # isort: split
 # After topology: importing topology first completes the loadbalancer module it registers
@@ -73,6 +80,7 @@ __all__ = [
     "Host",
     "HostRoute",
     "HttpMethod",
+    "InstanceMetadata",
     "IpAddrGroup",
     "LbAlgorithm",
     "LbProtocol",

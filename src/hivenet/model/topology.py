@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from hivenet.model.types import (
     AllowedAddressPair,
     FixedIp,
+    InstanceMetadata,
     IpAddress,
     IpInterface,
     IpNetwork,
@@ -151,6 +152,8 @@ class Port(TopologyObject):
     security_group_ids: tuple[ObjectId, ...] = ()
     allowed_address_pairs: tuple[AllowedAddressPair, ...] = ()
     fixed_ips: tuple[FixedIp, ...] = ()
+    # What the metadata service tells the VM behind this port (None: the defaults).
+    metadata: InstanceMetadata | None = None
 
     def references(self) -> list[tuple[str, str, str]]:
         return [

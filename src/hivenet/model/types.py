@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -129,3 +129,41 @@ class AllowedAddressPair(_Value):
 
     ip_address: IpNetwork
     mac_address: MacAddress | None = None
+
+
+USER_DATA_MAX = 65536  # bytes, as Nova's limit on user data
+PUBLIC_KEYS_MAX = 16
+PUBLIC_KEY_MAX = 16384
+
+
+class InstanceMetadata(_Value):
+    """What the metadata service (169.254.169.254) tells the VM behind a port, as Nova's
+    metadata does: `instance_id` (default: the port's id), `hostname` (default: the port's
+    name, else `host-` and its address with dashes), SSH `public_keys` by name and
+    `user_data` (cloud-init's input, at most 64 KiB)."""
+
+    instance_id: str = Field(default="", max_length=255)
+    hostname: str = Field(default="", max_length=253, pattern=r"^[A-Za-z0-9.-]*$")
+    public_keys: dict[str, str] = Field(default_factory=dict)
+    user_data: str = ""
+
+    @field_validator("public_keys")
+    @classmethod
+    def _bounded_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > PUBLIC_KEYS_MAX:
+            raise ValueError(f"public_keys: at most {PUBLIC_KEYS_MAX} keys, got {len(value)}")
+        for name, key in value.items():
+            if not 1 <= len(name) <= 255 or not 1 <= len(key) <= PUBLIC_KEY_MAX:
+                raise ValueError(
+                    f"public_keys[{name[:40]!r}]: names are 1-255 characters, keys 1-"
+                    f"{PUBLIC_KEY_MAX}"
+                )
+        return value
+
+    @field_validator("user_data")
+    @classmethod
+    def _bounded_user_data(cls, value: str) -> str:
+        size = len(value.encode())
+        if size > USER_DATA_MAX:
+            raise ValueError(f"user_data: {size} bytes, at most {USER_DATA_MAX}")
+        return value

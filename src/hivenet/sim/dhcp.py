@@ -13,6 +13,7 @@ the reply into a generated frame (`packets.dhcp.build_dhcp_reply_frame`) like an
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ from hivenet.packets.errors import PacketError
 from hivenet.packets.flowmatch import ETH_TYPE_IPV4, FULL_MASKS, IP_PROTO_UDP
 from hivenet.packets.options import Option
 from hivenet.packets.parse import parse_frame
+from hivenet.sim.masks import differing_mask
+from hivenet.sim.metadata import METADATA_ADDRESS
 from hivenet.sim.topology import BridgeInfo, PortInfo, TopologyView
 
 if TYPE_CHECKING:  # the walk imports this module (SimContext holds a DhcpBudget)
@@ -409,18 +412,16 @@ def _gateway_mac(view: TopologyView, bridge: BridgeInfo, server_ip: ipaddress.IP
     return DHCP_SERVER_FALLBACK_MAC
 
 
+def with_metadata_route(lease: DhcpLease) -> DhcpLease:
+    """`lease` with a host route to the metadata service (option 121): through the
+    subnet's gateway, else on-link (the service answers ARP for its address)."""
+    gateway = lease.subnet.gateway_ip
+    nexthop = gateway if isinstance(gateway, ipaddress.IPv4Address) else ipaddress.IPv4Address(0)
+    route = (ipaddress.IPv4Network(f"{METADATA_ADDRESS}/32"), nexthop)
+    return dataclasses.replace(lease, extra_routes=(*lease.extra_routes, route))
+
+
 # --- at port ingress (called by sim/ports.py) --------------------------------------------------
-
-
-def _differing_mask(value: int, wanted: int, width: int = 16) -> int:
-    """The fewest leading bits of a `width`-bit field that already tell `value` from
-    `wanted`: every value with those bits differs from `wanted` too (a megaflow that is
-    not "tp_dst == value" for all the other ports)."""
-    full = (1 << width) - 1
-    if value == wanted:
-        return full
-    lowest = (value ^ wanted).bit_length() - 1
-    return full & ~((1 << lowest) - 1)
 
 
 def serve_at_ingress(walk: Walk, packet: PacketState, port: PortInfo, here: Here) -> bool:
@@ -437,13 +438,15 @@ def serve_at_ingress(walk: Walk, packet: PacketState, port: PortInfo, here: Here
         walk.tags.add(intern(f"subnet:{looked}"))
     if lease is None or subnet_id is None:
         return False
+    if walk.ctx.metadata:
+        lease = with_metadata_route(lease)
     walk.read(packet, "eth_type", FULL_MASKS["eth_type"])
     if packet.eth_type != ETH_TYPE_IPV4:
         return False
     walk.read(packet, "ip_proto", FULL_MASKS["ip_proto"])
     if packet.ip_proto != IP_PROTO_UDP:
         return False
-    walk.read(packet, "tp_dst", _differing_mask(packet.tp_dst, DHCP_SERVER_PORT))
+    walk.read(packet, "tp_dst", differing_mask(packet.tp_dst, DHCP_SERVER_PORT))
     if packet.tp_dst != DHCP_SERVER_PORT:
         return False
     walk.no_cache("DHCP is answered per message, from the model as it is now", here.depth)

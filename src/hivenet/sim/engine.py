@@ -78,6 +78,7 @@ def simulate(
         drop_reason=drop_reason,
         trace=tuple(walk.trace),
         frame=rewritten,
+        handoff=walk.handoff,
     )
 
 

@@ -6,7 +6,7 @@ Owns port admin state and binding, port security (anti-spoofing and the security
 chains of a VM port), the port's own inbound/outbound chains, the device budget (loop
 protection) and the hand-off to the device behind the port (`sim/bridge.py`,
 `sim/router.py`). Port-ingress services (answering a local port's own requests before any
-device sees them) belong in `ingress`, after port security: DHCP (`sim/dhcp.py`).
+device sees them) belong in `ingress`, after port security: DHCP (`sim/dhcp.py`), the metadata service (`sim/metadata.py`).
 Must not touch I/O, the clock, the store or the datapath.
 """
 
@@ -17,7 +17,7 @@ from sys import intern
 from hivenet.flows.actions import Output, Tunnel
 from hivenet.model import DeviceKind
 from hivenet.sim import bridge as bridge_device
-from hivenet.sim import dhcp
+from hivenet.sim import dhcp, metadata
 from hivenet.sim import router as router_device
 from hivenet.sim.chains import run_chain
 from hivenet.sim.secgroups import full_mask_reader, spoof_reason
@@ -50,6 +50,8 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
         if not run_chain(walk, packet, guard.from_vm_chain_id, port, None, port, depth):
             return
     if dhcp.serve_at_ingress(walk, packet, port, here):
+        return
+    if metadata.serve_at_ingress(walk, packet, port, here):
         return
     if port.inbound_chain_id is not None and not run_chain(
         walk, packet, port.inbound_chain_id, port, None, port, depth

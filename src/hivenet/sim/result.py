@@ -97,6 +97,8 @@ class SimulationResult:
     # reach (the datagram quoted by a NATed ICMP error; such a result is never installed).
     # None: the frame that was simulated.
     frame: bytes | None = None
+    # A service of the host agent that takes the packet itself (sim/metadata.py), if any.
+    handoff: str | None = None
 
     @property
     def masked_match(self) -> tuple[int, ...]:

@@ -73,6 +73,9 @@ class SimContext:
     underlay_mtu: int = DEFAULT_UNDERLAY_MTU
     # Per-port DHCP flood budget (mutable, keyed by port; None: no limit, as for traces).
     dhcp_budget: DhcpBudget | None = None
+    # This host runs the metadata service: VM ports' packets for 169.254.169.254 go to it
+    # (sim/metadata.py) and DHCP gives VMs a route to it.
+    metadata: bool = False
 
 
 def sim_here(depth: int) -> Here:
@@ -182,6 +185,7 @@ class Walk:
         self.emissions: list[tuple[PacketState, Output | Tunnel]] = []
         self.pending: list[PendingReply] = []
         self.drop_reasons: list[str] = []
+        self.handoff: str | None = None
         self.install = True
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT
         self.device_budget = MAX_DEVICES_PER_SIMULATION
@@ -221,6 +225,12 @@ class Walk:
         """The packet ends here without being dropped as an error (ARP, ND answered)."""
         self.drop_reasons.append(reason)
         self.step(here, "consume", what)
+
+    def hand_off(self, here: Here, service: str, what: str) -> None:
+        """The packet goes to a service of the host agent (`SimulationResult.handoff`),
+        not into the topology."""
+        self.handoff = service
+        self.consume(here, service, what)
 
     def no_cache(self, why: str, depth: int) -> None:
         if self.install:
