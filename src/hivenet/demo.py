@@ -53,6 +53,7 @@ PING_INTERVAL_SECONDS = 0.02
 IPERF_SECONDS = 2.0
 PYTHON_TRANSFER_BYTES = 16 << 20
 CLI = (sys.executable, "-m", "hivenet.cli")
+METADATA_URL = "http://169.254.169.254/latest/meta-data"
 
 
 class Stopped(Exception):
@@ -197,6 +198,7 @@ def run_lab_demo(
         say(f"lab up in {time.monotonic() - started:.1f} s")
         print_summary(lab, console)
         _show_dhcp(lab, console)
+        _show_metadata(lab, console)
 
         use_iperf3 = _has_iperf3()
         say()
@@ -269,6 +271,25 @@ def _show_dhcp(lab: Lab, console: Console) -> None:
             f"  {vm.name} ({vm.dhcp_client} on {vm.host}): {lease.address}, router {routers}, "
             f"MTU {lease.mtu}, lease {lease.lease_time} s from {lease.server}"
         )
+
+
+def _show_metadata(lab: Lab, console: Console) -> None:
+    """What each VM reads from http://169.254.169.254/ (answered by its own host's agent)."""
+    console.print(
+        "[bold]Metadata[/bold]: each VM asks http://169.254.169.254/ for its identity, as "
+        "cloud-init does; its own host's agent answers from the stored port."
+    )
+    for vm in lab.plan.vms:
+        answers = []
+        for leaf in ("instance-id", "hostname"):
+            result = lab.run(
+                vm.name,
+                ["curl", "-sS", "--max-time", "5", f"{METADATA_URL}/{leaf}"],
+                check=False,
+                timeout=15,
+            )
+            answers.append(result.stdout.strip() if result.returncode == 0 else "no answer")
+        console.print(f"  {vm.name} on {vm.host}: instance-id {answers[0]}, hostname {answers[1]}")
 
 
 def _has_iperf3() -> bool:

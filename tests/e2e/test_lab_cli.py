@@ -153,6 +153,9 @@ def test_demo_measures_every_path_and_tears_down(scope: LabScope, tmp_path: Path
     for path in ("same host h1", "h1 -> h2 (VXLAN)", "via router"):
         assert path in demo.stdout, path
     assert "Mbit/s" in demo.stdout
+    # Each VM read its own identity from 169.254.169.254 (its host's agent answered).
+    assert "vm1 on h1: instance-id vm.vm1, hostname vm1" in demo.stdout
+    assert "vm4 on h3: instance-id vm.vm4, hostname vm4" in demo.stdout
     assert "bridges (2)" in demo.stdout  # `hivenet bridge list` reached the lab's API
     assert "lab removed" in demo.stdout
     # It ends with one trace (the path, the megaflow) and the page's URL.
