@@ -519,10 +519,23 @@ class Peer:
 
 
 def start_dnsmasq(scope: object, clients: Sequence[Client], workdir: Path) -> Peer:
+    """The peer's namespaces, bridge, veths and dnsmasq; on failure, nothing of them is left."""
     from hivenet.lab import netns
 
     assert isinstance(scope, netns.LabScope)
     peer = Peer(scope.namespace("dqs"), scope.namespace("dqc"), [])
+    try:
+        _build_peer(peer, scope, clients, workdir)
+    except BaseException:
+        stop_dnsmasq(peer)
+        raise
+    return peer
+
+
+def _build_peer(peer: Peer, scope: object, clients: Sequence[Client], workdir: Path) -> None:
+    from hivenet.lab import netns
+
+    assert isinstance(scope, netns.LabScope)
     netns.create_namespace(peer.server, ipv6=False)
     netns.create_namespace(peer.client, ipv6=False)
     bridge = scope.link("dqbr")
@@ -552,7 +565,6 @@ def start_dnsmasq(scope: object, clients: Sequence[Client], workdir: Path) -> Pe
     if peer.process.poll() is not None:
         stderr = peer.process.stderr.read().decode() if peer.process.stderr else ""
         raise SystemExit(f"dnsmasq did not start: {stderr}")
-    return peer
 
 
 def stop_dnsmasq(peer: Peer) -> None:
