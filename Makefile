@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_STAMP := .venv-apt.stamp
 APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps curl \
-	isc-dhcp-client chromium clang llvm libbpf-dev bpftool
+	isc-dhcp-client dnsmasq-base chromium clang llvm libbpf-dev bpftool
 # The topology page's graph library, vendored from npm at build time (never a CDN at run time).
 CYTOSCAPE_VERSION := 3.35.0
 UI_VENDOR := src/hivenet/api/ui/static/vendor/cytoscape.min.js
@@ -20,7 +20,7 @@ help:
 	@echo "make bench  - run the benchmarks in bench/"
 
 # System packages: only when root and apt exists (a non-root developer gets a warning).
-$(APT_STAMP):
+$(APT_STAMP): Makefile
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
