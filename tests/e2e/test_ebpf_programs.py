@@ -10,19 +10,23 @@ Root only (BPF), no namespaces. Keys are made for ifindex 1: test runs see the l
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 
 import pytest
 
 from hivenet.datapath.ebpf import bpfsys
+from hivenet.datapath.ebpf.datapath import VXLAN_AGENT_MARK
 from hivenet.datapath.ebpf.entries import kernel_entry, kernel_key
 from hivenet.datapath.ebpf.kernel import BPFFS, KernelFastPath, object_path
 from hivenet.flows.actions import Action, DecTtl, Output, SetField, Tunnel
 from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import flow_match_values
+from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import extract_flow_match
 from hivenet.packets.builders import build_echo_request, build_tcp_segment, build_udp_datagram
 from hivenet.packets.parse import verify_checksums
+from hivenet.packets.vxlan import vxlan_encapsulate
 
 TC_ACT_SHOT = 2
 TC_ACT_REDIRECT = 7
@@ -202,3 +206,31 @@ def test_lab_clean_removes_the_pins_of_datapaths_that_died(kernel: KernelFastPat
     report = clean("zzzz")
     assert stale.name in report.bpf_pins and not stale.exists()
     assert kernel.pin_dir.exists()  # a running datapath's pins stay
+
+
+def _vxlan(key: int, mark: int = 0) -> bytes:
+    header = vxlan_encapsulate(b"", key)
+    header = header[:7] + bytes([mark])
+    return build_udp_datagram(
+        eth_src=MAC_A,
+        eth_dst="00:00:00:00:00:00",  # the test run's device (loopback): a frame for this host
+        ip_src="172.31.250.2",
+        ip_dst="172.31.250.1",
+        src_port=50000,
+        dst_port=4789,
+        payload=header + _tcp(),
+    )
+
+
+def test_the_underlay_filter_gives_the_agent_what_the_kernel_must_not_deliver(
+    kernel: KernelFastPath,
+) -> None:
+    """A local port's VXLAN is the kernel's, unless a peer's agent marked it (it may follow
+    a flow-state message the agent must apply first); flow-state and unknown keys are the
+    agent's."""
+    local_key = 77
+    bpfsys.map_update(kernel._fds["hn_ports"], struct.pack("=I", local_key), struct.pack("=I", 1))
+    assert _run(kernel, "hn_underlay_upcall", _vxlan(local_key))[0] == 0
+    assert _run(kernel, "hn_underlay_upcall", _vxlan(local_key, VXLAN_AGENT_MARK))[0] != 0
+    assert _run(kernel, "hn_underlay_upcall", _vxlan(78))[0] != 0
+    assert _run(kernel, "hn_underlay_upcall", _vxlan(FLOWSTATE_TUNNEL_KEY))[0] != 0

@@ -244,6 +244,9 @@ class UserspaceDatapath:
     dp.bind_port(7, "hnv1")` ... `dp.close()`.
     """
 
+    # A mark in the last reserved byte of every VXLAN header this datapath sends (0: none).
+    _vxlan_mark = 0
+
     def __init__(
         self,
         underlay_ip: str | None,
@@ -754,9 +757,10 @@ class UserspaceDatapath:
             return
         header = self._vxlan_headers.get(tunnel.tunnel_key)
         if header is None:
-            header = self._vxlan_headers[tunnel.tunnel_key] = vxlan_encapsulate(
-                b"", tunnel.tunnel_key
-            )
+            header = vxlan_encapsulate(b"", tunnel.tunnel_key)
+            if self._vxlan_mark:  # the last reserved byte (RFC 7348: ignored on receipt)
+                header = header[:7] + bytes([self._vxlan_mark])
+            self._vxlan_headers[tunnel.tunnel_key] = header
         frames = (
             self._wire_frames(vnet_header, frame)
             if needs_software_offload(vnet_header)

@@ -16,7 +16,12 @@ the megaflow the agent installs for it gets the frame's exact entry at once. Rec
 to the collect-metadata device, whose tc ingress delivers it by key to the local port; what it
 does not deliver (flow-state messages, unknown keys) reaches `_decapsulate` via an AF_PACKET
 socket on the underlay with a socket filter. Slow-path tunnel output leaves from an ephemeral
-UDP source port (the VXLAN device owns the VXLAN port; receivers look at the destination only).
+UDP source port (the VXLAN device owns the VXLAN port; receivers look at the destination only)
+and carries `VXLAN_AGENT_MARK`: a receiving eBPF host hands it to its agent, not to its kernel,
+because it may depend on the flow-state message sent just before it (a NAT binding the reply
+needs), and only the agent's one socket keeps the two in order. Without the mark the kernel
+delivered the packet while the agent was still reading the message, and the member's first
+replies left unNATed.
 
 Built on `UserspaceDatapath` by subclassing: `_lookup_slow` (megaflow hit -> offload),
 `_upcall` (remember the frame being simulated) and `_open_tunnel_socket` are overridden; mypy
@@ -49,6 +54,8 @@ from hivenet.packets.errors import PacketError
 log = logging.getLogger(__name__)
 
 _ETHERNET_HEADER_LEN = 14
+# In the last reserved VXLAN byte of what an agent sends itself (bpf: HN_VXLAN_AGENT_MARK).
+VXLAN_AGENT_MARK = 0x01
 _UDP_HEADER_LEN = 8
 _IP_PROTO_UDP = 17
 
@@ -84,6 +91,8 @@ class EbpfDatapath(UserspaceDatapath):
 
     `start()` raises `kernel.FastPathUnavailable` (with nothing left behind) where the kernel
     side cannot load; the caller then falls back to `UserspaceDatapath`."""
+
+    _vxlan_mark = VXLAN_AGENT_MARK
 
     def __init__(
         self,

@@ -13,7 +13,11 @@
  *                        local port, no flow lookup (the ingress host already simulated).
  *   hn_underlay_upcall   socket filter on the agent's AF_PACKET socket of the underlay: VXLAN
  *                        whose key is not a local port (flow-state messages, unknown keys) goes
- *                        to the agent.
+ *                        to the agent, and so does VXLAN a peer's agent sent itself (marked
+ *                        HN_VXLAN_AGENT_MARK in the last reserved byte): it may follow a
+ *                        flow-state message that must be applied first, on the same socket.
+ *                        The kernel's VXLAN device drops a frame with a reserved bit set, so
+ *                        such a frame is delivered once, by the agent.
  *
  * The key layout is mirrored in datapath/ebpf/entries.py (FLOW_KEY); a unit test checks the
  * sizes and a root test runs these programs on frames built by Python (BPF_PROG_TEST_RUN).
@@ -81,6 +85,7 @@ enum hn_counter {
 };
 
 #define HN_FLOWSTATE_KEY 0xFFFFFF
+#define HN_VXLAN_AGENT_MARK 0x01 /* datapath/ebpf/datapath.py VXLAN_AGENT_MARK */
 #define HN_CONFIG_VXLAN_PORT 0
 
 /* LRU: a full map evicts the least recently used entry instead of refusing an insert. */
@@ -352,6 +357,8 @@ int hn_underlay_upcall(struct __sk_buff *skb)
 		return 0;
 	if (bpf_skb_load_bytes(skb, offset + 8, vxlan, sizeof(vxlan)) < 0)
 		return -1; /* truncated VXLAN: the agent counts it */
+	if (vxlan[7] & HN_VXLAN_AGENT_MARK)
+		return -1;
 	tunnel_key = ((__u32)vxlan[4] << 16) | ((__u32)vxlan[5] << 8) | vxlan[6];
 	if (bpf_map_lookup_elem(&hn_ports, &tunnel_key))
 		return 0;
