@@ -57,6 +57,7 @@ def simulate(
             f"of ingress port {ingress_port_id!r}"
         )
     walk = Walk(ctx, now, frame, match)
+    walk.ingress_port = port
     ports.ingress(walk, PacketState.of(match), ingress_port_id, 0)
     actions, drop_reason = walk.build_actions()
     generated = _run_generated(walk)
@@ -78,6 +79,7 @@ def simulate(
         drop_reason=drop_reason,
         trace=tuple(walk.trace),
         frame=rewritten,
+        mtu=walk.mtu,
     )
 
 

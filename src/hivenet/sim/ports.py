@@ -17,7 +17,7 @@ from sys import intern
 from hivenet.flows.actions import Output, Tunnel
 from hivenet.model import DeviceKind
 from hivenet.sim import bridge as bridge_device
-from hivenet.sim import dhcp
+from hivenet.sim import dhcp, mtu
 from hivenet.sim import router as router_device
 from hivenet.sim.chains import run_chain
 from hivenet.sim.secgroups import full_mask_reader, spoof_reason
@@ -119,11 +119,14 @@ def egress(
         walk.step(here, "egress", f"to peer port {port.peer_id}")
         ingress(walk, packet, port.peer_id, depth)
         return
-    _exterior_output(walk, packet, port, here)
+    _exterior_output(walk, packet, port, here, flooding)
 
 
-def _exterior_output(walk: Walk, packet: PacketState, port: PortInfo, here: Here) -> None:
-    """Out of the overlay: Output to a local interface or Tunnel to the port's host."""
+def _exterior_output(
+    walk: Walk, packet: PacketState, port: PortInfo, here: Here, flooding: bool
+) -> None:
+    """Out of the overlay: Output to a local interface or Tunnel to the port's host, if the
+    packet fits the egress MTU (`sim/mtu.py`)."""
     if not port.tunnel_key:
         walk.drop(here, "no_tunnel_key", "port has no tunnel key")
         return
@@ -143,5 +146,8 @@ def _exterior_output(walk: Walk, packet: PacketState, port: PortInfo, here: Here
             return
         action = Tunnel(underlay_ip, port.tunnel_key)
         detail = f"tunnel to host {host_id} ({underlay_ip}) key {port.tunnel_key}"
+    limit = mtu.egress_mtu(walk, port, tunnel=action.__class__ is Tunnel)
+    if limit and not mtu.admit(walk, packet, limit, here, flooding=flooding):
+        return
     walk.step(here, "output", detail)
     walk.emissions.append((packet, action))

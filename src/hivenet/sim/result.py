@@ -97,6 +97,10 @@ class SimulationResult:
     # reach (the datagram quoted by a NATed ICMP error; such a result is never installed).
     # None: the frame that was simulated.
     frame: bytes | None = None
+    # The largest IP packet (L3 bytes) the installed flow may carry: the smallest MTU of the
+    # networks it outputs to (0: none). A bigger packet hitting the flow is sent back to the
+    # simulation, which answers it with ICMP (`sim/mtu.py`); sizes are not flow-match fields.
+    mtu: int = 0
 
     @property
     def masked_match(self) -> tuple[int, ...]:
@@ -124,7 +128,10 @@ class SimulationResult:
         if self.drop_reason:
             lines.append(f"=> drop: {self.drop_reason}")
         lines.append(f"=> match on: {wildcard}")
-        lines.append(f"=> install: {self.install} (idle {self.idle_timeout}s)")
+        lines.append(
+            f"=> install: {self.install} (idle {self.idle_timeout}s"
+            + (f", mtu {self.mtu})" if self.mtu else ")")
+        )
         if self.learned:
             lines.append("=> learned: " + "; ".join(str(e) for e in self.learned))
         for packet in self.generated:
