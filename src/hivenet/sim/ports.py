@@ -4,7 +4,8 @@ interface or a tunnel to the port's host).
 
 Owns port admin state and binding, port security (anti-spoofing and the security-group
 chains of a VM port), the port's own inbound/outbound chains, the device budget (loop
-protection) and the hand-off to the device behind the port (`sim/bridge.py`,
+protection), the egress MTU check of what leaves the overlay (`sim/mtu.py`) and the hand-off
+to the device behind the port (`sim/bridge.py`,
 `sim/router.py`). Port-ingress services (answering a local port's own requests before any
 device sees them) belong in `ingress`, after port security: DHCP (`sim/dhcp.py`).
 Must not touch I/O, the clock, the store or the datapath.
