@@ -11,7 +11,9 @@ packet that does not fit:
   goes straight back); a bridged one on the destination's behalf (source: the packet's
   destination IP and MAC), as a firewall's reject is. Drop reason `frag_needed`.
 - IPv4 without DF: dropped, `too_big` (HiveNet does not fragment).
-- a flood copy or a generated packet that does not fit is skipped/dropped, never answered.
+- a generated packet that does not fit is dropped, never answered; a flood copy is skipped,
+  and answered (once per packet) only when the packet was unicast (a MAC the bridge has not
+  learned yet), never for a broadcast or multicast (RFC 1812 4.3.2.7).
 Sizes are not flow-match fields, so a packet that does not fit is never cached, and a result
 that is installed carries the smallest MTU of its outputs (`Walk.mtu` -> `SimulationResult.mtu`):
 the datapath sends a bigger packet hitting that flow back here (see `Datapath.install_flow`).
@@ -23,7 +25,7 @@ from __future__ import annotations
 from hivenet.model import DeviceKind
 from hivenet.model.subnet import overlay_mtu
 from hivenet.sim.topology import PortInfo
-from hivenet.sim.walk import Here, PacketState, Walk
+from hivenet.sim.walk import MULTICAST_BIT, Here, PacketState, Walk
 
 
 def egress_mtu(walk: Walk, port: PortInfo, *, tunnel: bool) -> int:
@@ -56,12 +58,14 @@ def admit(walk: Walk, packet: PacketState, limit: int, here: Here, *, flooding: 
     if may_fragment:
         _refuse(walk, here, "too_big", f"{detail}, DF clear (HiveNet does not fragment)", flooding)
         return False
-    if flooding or walk.generation:
+    if walk.generation or (flooding and walk.match.eth_dst & MULTICAST_BIT):
         _refuse(walk, here, "too_big", detail, flooding)
         return False
-    kind = "fragmentation needed" if version == 4 else "packet too big"
-    _answer(walk, packet, limit, f"ICMP {kind} (mtu {limit})")
-    walk.drop(here, "frag_needed", detail)
+    if not walk.mtu_answered:
+        walk.mtu_answered = True
+        kind = "fragmentation needed" if version == 4 else "packet too big"
+        _answer(walk, packet, limit, f"ICMP {kind} (mtu {limit})")
+    _refuse(walk, here, "frag_needed", detail, flooding)
     return False
 
 

@@ -202,6 +202,7 @@ class Walk:
         # smallest egress MTU of its emissions (0: none yet; see sim/mtu.py).
         self.ingress_port: PortInfo | None = None
         self.mtu = 0
+        self.mtu_answered = False  # one ICMP answer per packet, even when flooded
         self._ip_size: tuple[int, int, bool] | bool | None = False
 
     # ------------------------------------------------------------------ bookkeeping

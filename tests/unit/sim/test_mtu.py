@@ -222,10 +222,23 @@ def test_a_packet_too_big_without_df_is_dropped_unanswered(bridged: bool) -> Non
     assert result.generated == ()
 
 
-def test_a_flood_copy_too_big_is_skipped_without_an_answer() -> None:
+def test_a_flooded_unicast_too_big_is_answered_once() -> None:
     topo = topology()
     sim = Sim(topo.view())  # nothing learned: unicast to an unknown MAC floods
     frame = udp_of_size(mac(1), mac(99), "10.0.1.10", "10.0.1.99", 1451)
+    result = sim.run(frame, "vm1")
+    assert not result.install
+    assert not any(isinstance(a, Tunnel | Output) for a in result.actions)
+    assert result.format_trace().count("skip: frag_needed: 1451 bytes > mtu 1450") == 2
+    (error,) = result.generated  # vm3 and vm4 were both too small: one answer
+    assert error.actions == (Output(key(topo, "vm1")),)
+    assert parse_frame(error.frame).icmp.rest == 1450  # type: ignore[union-attr]
+
+
+def test_a_broadcast_too_big_is_skipped_without_an_answer() -> None:
+    topo = topology()
+    frame = udp_of_size(mac(1), "ff:ff:ff:ff:ff:ff", "10.0.1.10", "10.0.1.255", 1451)
+    sim = Sim(topo.view())
     result = sim.run(frame, "vm1")
     assert result.generated == () and not result.install
     assert not any(isinstance(a, Tunnel | Output) for a in result.actions)
