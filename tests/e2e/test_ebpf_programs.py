@@ -57,11 +57,11 @@ def _program(kernel: KernelFastPath, name: str) -> int:
     return bpfsys.object_get(str(kernel.pin_dir / name))
 
 
-def _install(kernel: KernelFastPath, frame: bytes, actions: list[Action]) -> None:
+def _install(kernel: KernelFastPath, frame: bytes, actions: list[Action], mtu: int = 0) -> None:
     values = flow_match_values(extract_flow_match(frame, 1))
     key = kernel_key(values, LOOPBACK_IFINDEX)
     assert key is not None
-    entry = kernel_entry(values, actions, {2: OUT_IFINDEX}, OUT_IFINDEX)
+    entry = kernel_entry(values, actions, {2: OUT_IFINDEX}, OUT_IFINDEX, mtu=mtu)
     assert entry is not None
     kernel.set_entry(key, entry.value)
 
@@ -185,6 +185,15 @@ def test_a_miss_goes_to_the_agent_and_not_through_tc(
     assert verdict == TC_ACT_SHOT, name
     assert _run(kernel, "hn_port_upcall", packet)[0] != 0, name
     assert kernel.counters()["kernel_misses"] == 1
+
+
+def test_a_packet_bigger_than_the_entrys_mtu_is_a_miss(kernel: KernelFastPath) -> None:
+    _install(kernel, _tcp(), [Output(2)], mtu=90)  # 20 + 20 + 50 bytes: exactly the MTU
+    assert _run(kernel, "hn_port_ingress", _tcp())[0] == TC_ACT_REDIRECT
+    assert _run(kernel, "hn_port_upcall", _tcp())[0] == 0
+    bigger = _tcp(payload=b"x" * 51)  # the same key, one byte more
+    assert _run(kernel, "hn_port_ingress", bigger)[0] == TC_ACT_SHOT
+    assert _run(kernel, "hn_port_upcall", bigger)[0] != 0  # the agent answers it
 
 
 def test_removed_entries_stop_hitting(kernel: KernelFastPath) -> None:

@@ -174,6 +174,7 @@ class FlowPipeline:
                 result.actions,
                 result.tags,
                 idle_timeout=result.idle_timeout,
+                mtu=result.mtu,
             )
             self.stats.installs += 1
         else:

@@ -452,3 +452,32 @@ def coalesce_tcp(frames: Sequence[bytes]) -> tuple[bytes, bytes] | None:
         csum_offset=16,
     ).encode()
     return vnet_header, bytes(header) + payload
+
+
+def segment_l3_length(
+    vnet_header: bytes | bytearray | memoryview, frame: bytes | memoryview
+) -> int:
+    """The L3 length of each wire segment (the first, the largest) of a TCP or UDP GSO
+    super-frame; 0 for a frame without GSO or one whose headers do not add up (the caller
+    then goes by the IP header's own length). For the MTU check of a flow hit."""
+    gso_type = vnet_header[1] & ~GSO_ECN
+    if gso_type not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
+        return 0
+    gso_size = vnet_header[4] | (vnet_header[5] << 8)
+    l4_offset = vnet_header[6] | (vnet_header[7] << 8)  # csum_start
+    l3_offset = 14
+    if len(frame) < 14:
+        return 0
+    eth_type = (frame[12] << 8) | frame[13]
+    while eth_type in (_ETH_TYPE_VLAN, _ETH_TYPE_QINQ) and len(frame) >= l3_offset + 4:
+        eth_type = (frame[l3_offset + 2] << 8) | frame[l3_offset + 3]
+        l3_offset += 4
+    if gso_type == GSO_UDP_L4:
+        l4_header = 8
+    elif len(frame) >= l4_offset + 13:
+        l4_header = (frame[l4_offset + 12] >> 4) * 4
+    else:
+        return 0
+    if gso_size <= 0 or l4_offset < l3_offset + 20:
+        return 0
+    return l4_offset - l3_offset + l4_header + gso_size

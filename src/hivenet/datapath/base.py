@@ -45,8 +45,15 @@ class Datapath(Protocol):
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
+        mtu: int = 0,
     ) -> None:
-        """Install a megaflow: packets whose FlowMatch masked by `mask` equals `match`."""
+        """Install a megaflow: packets whose FlowMatch masked by `mask` equals `match`.
+
+        `mtu` (0: none) is the largest IP packet, in L3 bytes (each segment's, for a GSO
+        super-frame), the flow carries: a bigger one does not take it. IPv4 with DF and IPv6
+        go to the upcall handler as a miss would (the simulation answers with ICMP
+        "fragmentation needed" / "packet too big", counted as `mtu_upcalls`); IPv4 without
+        DF is dropped and counted as "drop.too_big" (nothing fragments)."""
         ...
 
     def invalidate(self, tags: Iterable[str]) -> int:

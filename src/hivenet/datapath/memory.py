@@ -31,6 +31,7 @@ from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import Flow, FlowTable
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import PacketError, extract_flow_match
+from hivenet.packets.mtu import FITS, TOO_BIG, mtu_verdict
 
 _KNOWN_ACTIONS = (SetField, DecTtl, PushVlan, PopVlan, Output, Tunnel, Drop)
 
@@ -62,6 +63,7 @@ class _Counters:
     received: int = 0
     hits: int = 0
     misses: int = 0
+    mtu_upcalls: int = 0
     upcalls_without_handler: int = 0
     malformed: int = 0
     executed: int = 0
@@ -185,6 +187,7 @@ class MemoryDatapath:
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
+        mtu: int = 0,
     ) -> None:
         self._check_actions(actions, "install_flow")
         try:
@@ -196,6 +199,7 @@ class MemoryDatapath:
                 self.clock(),
                 idle_timeout=idle_timeout,
                 hard_timeout=hard_timeout,
+                mtu=mtu,
             )
         except ValueError as error:
             raise DatapathError(f"install_flow: {error}") from error
@@ -255,11 +259,18 @@ class MemoryDatapath:
             self._count_drop("malformed_frame")
             return
         flow = self.flow_table.lookup(match, self.clock(), packet_bytes=len(frame))
-        if flow is not None:
+        verdict = mtu_verdict(frame, flow.mtu) if flow is not None else FITS
+        if flow is not None and verdict == FITS:
             self._counters.hits += 1
             self.execute(frame, flow.actions)
             return
-        self._counters.misses += 1
+        if verdict == TOO_BIG:  # larger than the flow's MTU, may not be fragmented: the agent
+            self._counters.mtu_upcalls += 1
+        elif flow is not None:  # IPv4 without DF: nothing fragments
+            self._count_drop("too_big")
+            return
+        else:
+            self._counters.misses += 1
         if self._handler is None:
             self._counters.upcalls_without_handler += 1
             self._count_drop("no_upcall_handler")

@@ -36,8 +36,15 @@ sync) and are sent with `send_flow_state`. Other keys from FLOOD_KEY_BASE up are
 
 Counters (`counters()`): `port.<key>.{rx,tx}_{packets,bytes}`, `tunnel_{rx,tx}_{packets,bytes}`,
 `upcalls`, `emc_hits`, `megaflow_hits`, `flows`, `offload_segmented`, `offload_checksummed`,
-`offload_coalesced` (VXLAN trains merged back into one TCP super-frame), and `drop.<reason>`
-for every drop (malformed frames, bad VXLAN headers, flow drops, ...).
+`offload_coalesced` (VXLAN trains merged back into one TCP super-frame), `mtu_upcalls` (flow
+hits sent to the agent for being larger than the flow's MTU), and `drop.<reason>` for every
+drop (malformed frames, bad VXLAN headers, flow drops, `too_big`, ...).
+
+MTU: a flow installed with `mtu` (the egress network's, from the simulation) is not taken by
+an IP packet larger than that (a GSO super-frame: by its segments' size), as OVS's
+check_pkt_larger: IPv4 with DF and IPv6 go to the agent, whose simulation answers with ICMP
+"fragmentation needed" / "packet too big"; IPv4 without DF is dropped (`too_big`). The check
+costs one comparison for frames no longer than mtu + 14.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from hivenet.datapath._offload import (
     coalesce_tcp,
     forwardable_header,
     needs_software_offload,
+    segment_l3_length,
     wire_frames,
 )
 from hivenet.datapath.base import UpcallHandler
@@ -76,6 +84,7 @@ from hivenet.model.types import (
 from hivenet.packets import extract_flow_match
 from hivenet.packets.errors import PacketError
 from hivenet.packets.headers import VXLAN_FLAG_VNI_VALID, VXLAN_PORT
+from hivenet.packets.mtu import FITS, TOO_BIG, mtu_verdict
 from hivenet.packets.vxlan import VXLAN_HEADER_SIZE, vxlan_encapsulate
 
 log = logging.getLogger(__name__)
@@ -301,6 +310,7 @@ class UserspaceDatapath:
         self._upcalls = 0
         self._emc_hits = 0
         self._megaflow_hits = 0
+        self._mtu_upcalls = 0
         self._offload_segmented = 0
         self._offload_checksummed = 0
         self._offload_coalesced = 0
@@ -405,6 +415,7 @@ class UserspaceDatapath:
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
+        mtu: int = 0,
     ) -> None:
         checked_actions = tuple(actions)
         self._check_tunnel_addresses(checked_actions)
@@ -416,6 +427,7 @@ class UserspaceDatapath:
             self._clock(),
             idle_timeout=idle_timeout,
             hard_timeout=hard_timeout,
+            mtu=mtu,
         )
 
     def invalidate(self, tags: Iterable[str]) -> int:
@@ -450,6 +462,7 @@ class UserspaceDatapath:
             "flowstate_tx": self._flowstate_tx,
             "emc_hits": self._emc_hits,
             "megaflow_hits": self._megaflow_hits,
+            "mtu_upcalls": self._mtu_upcalls,
             "flows": len(self._table),
             "offload_segmented": self._offload_segmented,
             "offload_checksummed": self._offload_checksummed,
@@ -531,12 +544,15 @@ class UserspaceDatapath:
             entry = cache_get(key) if key is not None else None
             if entry is not None and record_use(entry[0], now, frame_len):
                 self._emc_hits += 1
-                plan = entry[1]
+                flow, plan = entry
             else:
                 found = self._lookup_slow(port, key, length, now)
                 if found is None:
                     continue
-                plan = found
+                flow, plan = found
+            mtu = flow.mtu
+            if mtu and frame_len > mtu + _ETHERNET_HEADER_LEN and self._too_big(port, length, mtu):
+                continue
             if plan.transforms:
                 self._apply(
                     plan,
@@ -566,7 +582,7 @@ class UserspaceDatapath:
 
     def _lookup_slow(
         self, port: _BoundPort, key: RawFlowKey | None, length: int, now: float
-    ) -> _ActionPlan | None:
+    ) -> tuple[Flow, _ActionPlan] | None:
         """The frame in `port.buffer[:length]` missed the port's raw-key cache (or has no raw
         key): parse it, look it up (exact-match cache by field values, then megaflows), and
         remember the result under its raw key. None when the frame was dropped or upcalled."""
@@ -583,7 +599,7 @@ class UserspaceDatapath:
             flow = self._emc.get(values)
             if flow is not None and table.record_use(flow, now, frame_len):
                 self._emc_hits += 1
-                return self._plan_for(flow.actions)
+                return flow, self._plan_for(flow.actions)
         flow = table.lookup_values(values, now, packet_bytes=frame_len)
         cache = port.flow_cache
         if flow is None:
@@ -599,7 +615,28 @@ class UserspaceDatapath:
             if key not in cache and len(cache) >= self._emc_capacity:
                 cache.popitem(last=False)
             cache[key] = (flow, plan)
-        return plan
+        return flow, plan
+
+    def _too_big(self, port: _BoundPort, length: int, mtu: int) -> bool:
+        """Whether the frame in `port.buffer[:length]` is an IP packet larger than `mtu` (its
+        flow's): then it was sent to the agent (DF, IPv6) or dropped (no DF) here."""
+        view = port.view
+        segment = (
+            segment_l3_length(view[:VNET_HEADER_LEN], view[VNET_HEADER_LEN:length])
+            if port.buffer[1]  # a GSO type: what goes on the wire are its segments
+            else 0
+        )
+        verdict = mtu_verdict(view[:length], mtu, VNET_HEADER_LEN, segment)
+        if verdict == FITS:
+            return False
+        if verdict == TOO_BIG:
+            self._mtu_upcalls += 1
+            self._upcall(
+                port.key, bytes(view[:VNET_HEADER_LEN]), bytes(view[VNET_HEADER_LEN:length])
+            )
+        else:
+            self._drop("too_big")
+        return True
 
     def _on_tunnel_readable(self) -> None:
         sock = self._tunnel_sock

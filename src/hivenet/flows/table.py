@@ -69,6 +69,11 @@ class Flow:
     packets: int = 0
     bytes: int = 0
     removed: bool = False
+    # The largest IP packet (L3 bytes) this flow may carry; 0: no limit. A bigger IP packet
+    # does not take the flow: the datapath sends it to the agent (IPv4 with DF, IPv6: the
+    # simulation answers "fragmentation needed" / "packet too big") or drops it (IPv4 without
+    # DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`.
+    mtu: int = 0
 
     def deadline(self) -> float:
         """When this flow expires if it is not used again (math.inf: never)."""
@@ -228,16 +233,19 @@ class FlowTable:
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
+        mtu: int = 0,
     ) -> Flow:
         """Install a megaflow; a flow with the identical (match, mask) is replaced (the new flow
         starts with fresh counters and timers, the old one is marked removed). Installing beyond
-        `max_flows` evicts the least recently used flows."""
+        `max_flows` evicts the least recently used flows. `mtu`: see `Flow.mtu`."""
         checked_match, checked_mask, checked_actions, checked_tags = _validate_flow(
             match, mask, actions, tags
         )
         now = _check_finite("now", now)
         idle_timeout = _check_finite("idle_timeout", idle_timeout, allow_negative=False)
         hard_timeout = _check_finite("hard_timeout", hard_timeout, allow_negative=False)
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not 0 <= mtu <= 0xFFFF:
+            raise ValueError(f"mtu must be an int in 0..65535 (0: no limit), got {mtu!r}")
 
         subtable = self._subtables.get(checked_mask)
         if subtable is None:
@@ -263,6 +271,7 @@ class FlowTable:
             last_used=now,
             idle_timeout=idle_timeout,
             hard_timeout=hard_timeout,
+            mtu=mtu,
         )
         subtable.flows[subtable.key_of(checked_match)] = flow
         for tag in checked_tags:

@@ -57,6 +57,7 @@ def simulate(
             f"of ingress port {ingress_port_id!r}"
         )
     walk = Walk(ctx, now, frame, match)
+    walk.ingress_port = port
     ports.ingress(walk, PacketState.of(match), ingress_port_id, 0)
     actions, drop_reason = walk.build_actions()
     generated = _run_generated(walk)
@@ -79,6 +80,7 @@ def simulate(
         trace=tuple(walk.trace),
         frame=rewritten,
         handoff=walk.handoff,
+        mtu=walk.mtu,
     )
 
 

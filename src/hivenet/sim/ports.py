@@ -4,7 +4,8 @@ interface or a tunnel to the port's host).
 
 Owns port admin state and binding, port security (anti-spoofing and the security-group
 chains of a VM port), the port's own inbound/outbound chains, the device budget (loop
-protection) and the hand-off to the device behind the port (`sim/bridge.py`,
+protection), the egress MTU check of what leaves the overlay (`sim/mtu.py`) and the hand-off
+to the device behind the port (`sim/bridge.py`,
 `sim/router.py`). Port-ingress services (answering a local port's own requests before any
 device sees them) belong in `ingress`, after port security: DHCP (`sim/dhcp.py`), the metadata service (`sim/metadata.py`).
 Must not touch I/O, the clock, the store or the datapath.
@@ -17,7 +18,7 @@ from sys import intern
 from hivenet.flows.actions import Output, Tunnel
 from hivenet.model import DeviceKind
 from hivenet.sim import bridge as bridge_device
-from hivenet.sim import dhcp, metadata
+from hivenet.sim import dhcp, metadata, mtu
 from hivenet.sim import router as router_device
 from hivenet.sim.chains import run_chain
 from hivenet.sim.secgroups import full_mask_reader, spoof_reason
@@ -121,11 +122,14 @@ def egress(
         walk.step(here, "egress", f"to peer port {port.peer_id}")
         ingress(walk, packet, port.peer_id, depth)
         return
-    _exterior_output(walk, packet, port, here)
+    _exterior_output(walk, packet, port, here, flooding)
 
 
-def _exterior_output(walk: Walk, packet: PacketState, port: PortInfo, here: Here) -> None:
-    """Out of the overlay: Output to a local interface or Tunnel to the port's host."""
+def _exterior_output(
+    walk: Walk, packet: PacketState, port: PortInfo, here: Here, flooding: bool
+) -> None:
+    """Out of the overlay: Output to a local interface or Tunnel to the port's host, if the
+    packet fits the egress MTU (`sim/mtu.py`)."""
     if not port.tunnel_key:
         walk.drop(here, "no_tunnel_key", "port has no tunnel key")
         return
@@ -145,5 +149,8 @@ def _exterior_output(walk: Walk, packet: PacketState, port: PortInfo, here: Here
             return
         action = Tunnel(underlay_ip, port.tunnel_key)
         detail = f"tunnel to host {host_id} ({underlay_ip}) key {port.tunnel_key}"
+    limit = mtu.egress_mtu(walk, port, tunnel=action.__class__ is Tunnel)
+    if limit and not mtu.admit(walk, packet, limit, here, flooding=flooding):
+        return
     walk.step(here, "output", detail)
     walk.emissions.append((packet, action))

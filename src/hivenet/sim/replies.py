@@ -21,6 +21,7 @@ from hivenet.packets.builders import (
     build_icmp_time_exceeded,
     build_icmpv6_dest_unreachable,
     build_icmpv6_echo_reply,
+    build_icmpv6_packet_too_big,
     build_icmpv6_time_exceeded,
     build_neighbor_advertisement,
     build_neighbor_solicitation,
@@ -29,6 +30,7 @@ from hivenet.packets.builders import (
 )
 from hivenet.packets.headers import (
     ICMP_ADMIN_PROHIBITED,
+    ICMP_FRAGMENTATION_NEEDED,
     ICMP_HOST_UNREACHABLE,
     ICMP_NET_UNREACHABLE,
     ICMP_PORT_UNREACHABLE,
@@ -49,7 +51,8 @@ _UNREACHABLE_CODES: dict[str, tuple[int, int]] = {
     "port_unreachable": (ICMP_PORT_UNREACHABLE, ICMPV6_PORT_UNREACHABLE),
     "admin_prohibited": (ICMP_ADMIN_PROHIBITED, ICMPV6_ADMIN_PROHIBITED),
 }
-ERROR_KINDS = frozenset({*_UNREACHABLE_CODES, "time_exceeded"})
+# "frag_needed": ICMP fragmentation needed (RFC 1191) / ICMPv6 packet too big, with an MTU.
+ERROR_KINDS = frozenset({*_UNREACHABLE_CODES, "time_exceeded", "frag_needed"})
 
 
 def _v4(ip: int) -> ipaddress.IPv4Address:
@@ -110,12 +113,18 @@ def echo_reply(request: bytes) -> bytes | None:
 
 
 def icmp_error(
-    offending: bytes, kind: str, *, source_mac: int | None, source_ip: int | None
+    offending: bytes,
+    kind: str,
+    *,
+    source_mac: int | None,
+    source_ip: int | None,
+    mtu: int = 0,
 ) -> bytes | None:
     """An ICMP/ICMPv6 error of `kind` about `offending`, sent back to its sender from
     `source_ip` (default: the offending packet's destination, as a firewall answering on the
-    destination's behalf) and `source_mac` (default: the MAC the packet was sent to).
-    None when RFC 1812 / RFC 4443 forbid an error about this packet."""
+    destination's behalf) and `source_mac` (default: the MAC the packet was sent to); `mtu`
+    for "frag_needed". None when RFC 1812 / RFC 4443 forbid an error about this packet (or
+    the MTU is below IPv6's minimum of 1280)."""
     if kind not in ERROR_KINDS:
         raise ValueError(
             f"icmp_error: unknown kind {kind!r} (expected one of {sorted(ERROR_KINDS)})"
@@ -128,6 +137,14 @@ def icmp_error(
             src_v4 = _v4(parsed.ipv4.dst if source_ip is None else source_ip)
             if kind == "time_exceeded":
                 return build_icmp_time_exceeded(offending, src_ip=src_v4, src_mac=source_mac)
+            if kind == "frag_needed":
+                return build_icmp_dest_unreachable(
+                    offending,
+                    ICMP_FRAGMENTATION_NEEDED,
+                    src_ip=src_v4,
+                    src_mac=source_mac,
+                    mtu=mtu,
+                )
             return build_icmp_dest_unreachable(
                 offending, _UNREACHABLE_CODES[kind][0], src_ip=src_v4, src_mac=source_mac
             )
@@ -135,10 +152,14 @@ def icmp_error(
             src_v6 = _v6(parsed.ipv6.dst if source_ip is None else source_ip)
             if kind == "time_exceeded":
                 return build_icmpv6_time_exceeded(offending, src_ip=src_v6, src_mac=source_mac)
+            if kind == "frag_needed":
+                return build_icmpv6_packet_too_big(
+                    offending, mtu=mtu, src_ip=src_v6, src_mac=source_mac
+                )
             return build_icmpv6_dest_unreachable(
                 offending, _UNREACHABLE_CODES[kind][1], src_ip=src_v6, src_mac=source_mac
             )
-    except PacketError:
+    except (PacketError, ValueError):  # ValueError: an MTU the builder refuses
         return None
     return None
 

@@ -99,6 +99,10 @@ class SimulationResult:
     frame: bytes | None = None
     # A service of the host agent that takes the packet itself (sim/metadata.py), if any.
     handoff: str | None = None
+    # The largest IP packet (L3 bytes) the installed flow may carry: the smallest MTU of the
+    # networks it outputs to (0: none). A bigger packet hitting the flow is sent back to the
+    # simulation, which answers it with ICMP (`sim/mtu.py`); sizes are not flow-match fields.
+    mtu: int = 0
 
     @property
     def masked_match(self) -> tuple[int, ...]:
@@ -126,7 +130,10 @@ class SimulationResult:
         if self.drop_reason:
             lines.append(f"=> drop: {self.drop_reason}")
         lines.append(f"=> match on: {wildcard}")
-        lines.append(f"=> install: {self.install} (idle {self.idle_timeout}s)")
+        lines.append(
+            f"=> install: {self.install} (idle {self.idle_timeout}s"
+            + (f", mtu {self.mtu})" if self.mtu else ")")
+        )
         if self.learned:
             lines.append("=> learned: " + "; ".join(str(e) for e in self.learned))
         for packet in self.generated:

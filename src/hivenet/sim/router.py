@@ -94,6 +94,8 @@ def _route(
     """An IP packet for the router: pre-routing chains, local delivery or TTL and route,
     post-routing chains, next hop."""
     depth = here.depth
+    if packet.first_router is None:  # who answers it if it does not fit the egress MTU
+        packet.first_router = (in_port, packet.copy())
     floating = walk.view.security.routers.get(router.id)
     vips = walk.view.vips.routers.get(router.id)
     pre_routing = (

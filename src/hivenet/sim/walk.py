@@ -41,6 +41,7 @@ from hivenet.packets.flowmatch import (
     FULL_MASKS,
     FlowMatch,
 )
+from hivenet.packets.mtu import ip_size
 from hivenet.sim import replies
 from hivenet.sim.dhcp import DhcpBudget
 from hivenet.sim.flowstate_hook import NO_FLOW_STATE, FlowStateHook
@@ -88,9 +89,12 @@ class PacketState:
 
     Holds the FlowMatch field values, the fields the simulation rewrote (`modified`), the
     number of TTL decrements so far and the 802.1Q tag currently on the frame (`vlan`).
+    `first_router`: the port by which the packet entered the first router on its path and the
+    packet as that router received it (None until routed): who answers it when it does not
+    fit the egress MTU (`sim/mtu.py`).
     """
 
-    __slots__ = (*FIELD_NAMES, "modified", "ttl_decrements")
+    __slots__ = (*FIELD_NAMES, "first_router", "modified", "ttl_decrements")
 
     in_port: int
     eth_src: int
@@ -117,6 +121,7 @@ class PacketState:
     nd_target: int
     modified: set[str]
     ttl_decrements: int
+    first_router: tuple[PortInfo, PacketState] | None
 
     @classmethod
     def of(cls, match: FlowMatch) -> PacketState:
@@ -125,6 +130,7 @@ class PacketState:
             setattr(state, name, getattr(match, name))
         state.modified = set()
         state.ttl_decrements = 0
+        state.first_router = None
         return state
 
     def copy(self) -> PacketState:
@@ -133,6 +139,7 @@ class PacketState:
             setattr(other, name, getattr(self, name))
         other.modified = set(self.modified)
         other.ttl_decrements = self.ttl_decrements
+        other.first_router = self.first_router
         return other
 
     def to_match(self) -> FlowMatch:
@@ -195,6 +202,12 @@ class Walk:
         self.lookups: dict[tuple[str, str, int, int], object] = {}
         # Rewrites of the datagram a NATed ICMP error quotes (no flow action can do them).
         self.inner_rewrites: dict[str, int] = {}
+        # The port the packet entered the topology by (None for a generated packet), and the
+        # smallest egress MTU of its emissions (0: none yet; see sim/mtu.py).
+        self.ingress_port: PortInfo | None = None
+        self.mtu = 0
+        self.mtu_answered = False  # one ICMP answer per packet, even when flooded
+        self._ip_size: tuple[int, int, bool] | bool | None = False
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -237,6 +250,13 @@ class Walk:
             self.step(sim_here(depth), "no-cache", why)
         self.install = False
 
+    def ip_size(self) -> tuple[int, int, bool] | None:
+        """(IP version, L3 length, may be fragmented) of the packet (rewrites keep them)."""
+        size = self._ip_size
+        if size is False:
+            size = self._ip_size = ip_size(self.frame)
+        return size  # type: ignore[return-value]
+
     def reply(self, frame: bytes, port: PortInfo, description: str) -> None:
         """Generate `frame` out of `port` once the walk is over."""
         self.pending.append(PendingReply(frame, port, description))
@@ -266,13 +286,15 @@ class Walk:
         kind: str,
         router_port: PortInfo | None,
         source_ip: int | None = None,
+        *,
+        mtu: int = 0,
     ) -> bytes | None:
         """An ICMP/ICMPv6 error about `seen` (None when RFC 1812/4443 forbid one). From a
         router: sourced from the router port's address, preferably the one on the sender's
         subnet. From a bridge: on behalf of the destination, like a firewall's REJECT."""
         version = packet.ip_version
         if router_port is None:
-            return replies.icmp_error(seen, kind, source_mac=None, source_ip=source_ip)
+            return replies.icmp_error(seen, kind, source_mac=None, source_ip=source_ip, mtu=mtu)
         if source_ip is None:
             candidates = router_port.addresses_of(version)
             preferred = next((a for a in candidates if a.contains(packet.ip_src)), None)
@@ -280,7 +302,9 @@ class Walk:
             if chosen is None:
                 return None
             source_ip = chosen.ip
-        return replies.icmp_error(seen, kind, source_mac=router_port.mac, source_ip=source_ip)
+        return replies.icmp_error(
+            seen, kind, source_mac=router_port.mac, source_ip=source_ip, mtu=mtu
+        )
 
     def send_icmp_error(
         self,

@@ -16,8 +16,9 @@ import pytest
 from hivenet.flows.actions import Drop, Output, SetField, Tunnel
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import build_arp_request
+from hivenet.packets.builders import ethernet_frame, ipv4_packet, ipv6_packet, udp_segment
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, mask_from
-from tests.unit.datapath.fakes import MAC_A, udp_frame
+from tests.unit.datapath.fakes import MAC_A, MAC_B, udp_frame
 from tests.unit.datapath.rigs import REMOTE_IP, MemoryRig, ReplayRig, Rig
 
 RIGS = ["memory", "userspace-replay"]
@@ -148,6 +149,42 @@ def test_a_drop_flow_counts_its_reason(rig: Rig) -> None:
     assert rig.delivered(2) == []
     assert upcalls == []
     assert rig.datapath.counters()["drop.flow_rule_drop"] == 2
+
+
+def udp_of_size(size: int, *, df: bool = True, v6: bool = False) -> bytes:
+    """A UDP datagram of `size` L3 bytes between the addresses of `udp_frame`."""
+    if v6:
+        segment = udp_segment("2001:db8::1", "2001:db8::2", 1000, 9, b"x" * (size - 48))
+        packet = ipv6_packet("2001:db8::1", "2001:db8::2", 17, segment)
+        return ethernet_frame(MAC_B, MAC_A, 0x86DD, packet)
+    segment = udp_segment("10.0.0.1", "10.0.0.2", 1000, 9, b"x" * (size - 28))
+    packet = ipv4_packet("10.0.0.1", "10.0.0.2", 17, segment, flags=0b010 if df else 0)
+    return ethernet_frame(MAC_B, MAC_A, IPV4, packet)
+
+
+@pytest.mark.parametrize("to_tunnel", [False, True])
+def test_a_flow_hit_bigger_than_the_flows_mtu_goes_to_the_agent_if_it_may_not_be_fragmented(
+    rig: Rig, to_tunnel: bool
+) -> None:
+    upcalls = with_ports(rig, 1, 2)
+    out = Tunnel(REMOTE_IP, 2) if to_tunnel else Output(2)
+    match = tuple({"in_port": 1}.get(name, 0) for name in FIELD_NAMES)
+    mask = mask_from({"in_port": FULL_MASKS["in_port"]})
+    rig.datapath.install_flow(match, mask, [out], ["mtu"], idle_timeout=0, mtu=1000)
+    fits = [udp_of_size(1000), udp_of_size(1000, df=False), udp_of_size(1000, v6=True)]
+    rig.send_from_vm(1, *fits)
+    sent = [frame for _ip, _key, frame in rig.tunnelled()] if to_tunnel else rig.delivered(2)
+    assert sorted(sent) == sorted(fits)  # a kernel fast path may send its own ones first
+    assert upcalls == []
+    too_big = [udp_of_size(1001), udp_of_size(1001, v6=True)]
+    rig.send_from_vm(1, *too_big)
+    assert upcalls == [(1, frame) for frame in too_big]  # the simulation answers them
+    assert rig.datapath.counters()["mtu_upcalls"] == 2
+    rig.send_from_vm(1, udp_of_size(1001, df=False))  # nothing fragments: dropped
+    assert rig.datapath.counters()["drop.too_big"] == 1
+    assert len(upcalls) == 2
+    sent = [frame for _ip, _key, frame in rig.tunnelled()] if to_tunnel else rig.delivered(2)
+    assert sent == []
 
 
 def test_invalidate_removes_exactly_the_flows_carrying_the_tags(rig: Rig) -> None:

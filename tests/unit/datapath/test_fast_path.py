@@ -154,3 +154,33 @@ def test_batch_size_bounds_one_readiness_callback(batch_size: int) -> None:
     harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(1000) for _ in range(5)))
     assert len(harness.sockets[2].sent) == batch_size
     assert len(harness.sockets[1].queue) == 5 - batch_size
+
+
+def _tso_frame(payload_len: int) -> bytes:
+    """A TCP super-frame with DF, as a VM's stack hands it to its interface (TSO)."""
+    from hivenet.packets.builders import ethernet_frame, ipv4_packet, tcp_segment
+
+    segment = tcp_segment("10.0.0.1", "10.0.0.2", 40000, 80, payload=bytes(payload_len), flags=0x10)
+    packet = ipv4_packet("10.0.0.1", "10.0.0.2", 6, segment, flags=0b010)
+    return ethernet_frame("02:00:00:00:00:02", MAC_A, 0x0800, packet)
+
+
+@pytest.mark.parametrize(("gso_size", "upcalled"), [(960, 0), (961, 4)])
+def test_a_tso_frame_is_held_to_the_flows_mtu_by_its_segments(gso_size: int, upcalled: int) -> None:
+    from hivenet.datapath._offload import GSO_TCPV4
+
+    harness = Harness()
+    match = tuple({"in_port": 1}.get(name, 0) for name in FIELD_NAMES)
+    mask = mask_from({"in_port": FULL_MASKS["in_port"]})
+    harness.datapath.install_flow(match, mask, [Output(2)], ["t"], idle_timeout=0, mtu=1000)
+    header = VNET_HEADER.pack(F_NEEDS_CSUM, GSO_TCPV4, 54, gso_size, 34, 16)
+    frame = _tso_frame(3840)
+    harness.receive(1, header + frame)
+    if not upcalled:  # 20 + 20 + 960 = 1000: the segments fit, the super-frame goes on whole
+        assert harness.sockets[2].sent == [header + frame]
+        assert harness.upcalls == []
+    else:  # each wire segment goes to the simulation, which answers it
+        assert harness.sockets[2].sent == []
+        assert len(harness.upcalls) == upcalled
+        assert max(len(f) for _port, f in harness.upcalls) == 14 + 40 + gso_size
+        assert harness.datapath.counters()["mtu_upcalls"] == 1

@@ -198,6 +198,7 @@ class EbpfDatapath(UserspaceDatapath):
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
+        mtu: int = 0,
     ) -> None:
         checked_actions = tuple(actions)
         self._check_tunnel_addresses(checked_actions)
@@ -209,6 +210,7 @@ class EbpfDatapath(UserspaceDatapath):
             self._clock(),
             idle_timeout=idle_timeout,
             hard_timeout=hard_timeout,
+            mtu=mtu,
         )
         self._purge_removed()
         simulating = self._simulating
@@ -252,7 +254,7 @@ class EbpfDatapath(UserspaceDatapath):
 
     def _lookup_slow(
         self, port: _BoundPort, key: object, length: int, now: float
-    ) -> _ActionPlan | None:
+    ) -> tuple[Flow, _ActionPlan] | None:
         """A frame the kernel did not forward: megaflow hit -> forward it and offload its exact
         entry; miss -> upcall. The base class's raw-key cache is left empty on purpose: every
         frame that reaches userspace passes here, so every megaflow hit can be offloaded."""
@@ -272,7 +274,7 @@ class EbpfDatapath(UserspaceDatapath):
             return None
         self._megaflow_hits += 1
         self._offload(port.key, values, flow)
-        return self._plan_for(flow.actions)
+        return flow, self._plan_for(flow.actions)
 
     def _offload(self, port_key: int, values: tuple[int, ...], flow: Flow) -> None:
         ifindex = self._port_ifindexes.get(port_key)
@@ -284,7 +286,13 @@ class EbpfDatapath(UserspaceDatapath):
         if key in self._entry_owner and self._entry_owner[key] is flow:
             return
         entry = (
-            kernel_entry(values, flow.actions, self._port_ifindexes, self.kernel.tunnel_ifindex)
+            kernel_entry(
+                values,
+                flow.actions,
+                self._port_ifindexes,
+                self.kernel.tunnel_ifindex,
+                mtu=flow.mtu,
+            )
             if mask_allows_exact_entry(flow.mask)
             else None
         )

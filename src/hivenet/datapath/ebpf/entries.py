@@ -33,8 +33,9 @@ from hivenet.packets.flowmatch import (
 # ip_tos, ip_ttl, icmp_type, icmp_code, pad, icmp_id (addresses and ports in network order).
 FLOW_KEY = struct.Struct("=I4s4s2s2s6s6sBBBBBx2s")
 # struct hn_flow_entry: packets, bytes (kernel counters), flags, out_ifindex, tunnel_id,
-# tunnel_remote (host order), ip_src, ip_dst, tp_src, tp_dst, eth_src, eth_dst, pad.
-FLOW_ENTRY = struct.Struct("=QQIIII4s4s2s2s6s6s8x")
+# tunnel_remote (host order), ip_src, ip_dst, tp_src, tp_dst, eth_src, eth_dst, mtu (host
+# order, 0: none; a bigger IP packet is a miss and goes to the agent), pad.
+FLOW_ENTRY = struct.Struct("=QQIIII4s4s2s2s6s6sH6x")
 assert FLOW_KEY.size == 36 and FLOW_ENTRY.size == 64
 
 SET_ETH_SRC = 1 << 0
@@ -120,8 +121,11 @@ def kernel_entry(
     actions: Sequence[Action],
     port_ifindexes: Mapping[int, int],
     tunnel_ifindex: int | None,
+    *,
+    mtu: int = 0,
 ) -> KernelEntry | None:
-    """The kernel action record for `actions` run on a packet with `values`; None when the
+    """The kernel action record for `actions` run on a packet with `values` (`mtu`: the
+    megaflow's, see `Flow.mtu`: the kernel passes a larger packet up); None when the
     kernel cannot do them (anything but header rewrites and TTL decrement followed by exactly
     one output to a bound port or one IPv4 tunnel, e.g. flooding, VLAN, drops, ToS/ICMP id
     rewrites, a TTL that would reach 0)."""
@@ -146,7 +150,7 @@ def kernel_entry(
         elif isinstance(action, Output | Tunnel):
             if position != len(actions) - 1:
                 return None
-            return _with_output(flags, fields, action, port_ifindexes, tunnel_ifindex)
+            return _with_output(flags, fields, action, port_ifindexes, tunnel_ifindex, mtu)
         else:
             return None
     return None
@@ -158,6 +162,7 @@ def _with_output(
     output: Output | Tunnel,
     port_ifindexes: Mapping[int, int],
     tunnel_ifindex: int | None,
+    mtu: int,
 ) -> KernelEntry | None:
     tunnel_id = tunnel_remote = 0
     output_port: int | None = None
@@ -190,6 +195,7 @@ def _with_output(
         fields.get("tp_dst", bytes(2)),
         fields.get("eth_src", bytes(6)),
         fields.get("eth_dst", bytes(6)),
+        mtu,
     )
     return KernelEntry(value, output_port)
 

@@ -1,6 +1,7 @@
 """A strict in-process stand-in for the eBPF datapath's kernel side (`FastPathKernel`), so the
 unit tier runs `EbpfDatapath` without root: it keeps the flow and port maps as bytes, and
-`forward()` does what hn_port_ingress does with a hit (decoding the entry record the datapath
+`forward()` does what hn_port_ingress does with a hit (a packet larger than the entry's mtu is
+a miss; decoding the entry record the datapath
 wrote, applying it with the Python reference `execute_actions`, counting it on the entry).
 tests/e2e/test_ebpf_programs.py checks the real programs against the same reference.
 """
@@ -17,6 +18,7 @@ from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import flow_match_values
 from hivenet.packets import extract_flow_match
 from hivenet.packets.errors import PacketError
+from hivenet.packets.mtu import ip_size
 from tests.unit.datapath.fakes import ReplaySocket
 
 TUNNEL_IFINDEX = 900
@@ -33,7 +35,7 @@ _FIELDS = (
 def decode_entry(value: bytes, port_of_ifindex: dict[int, int]) -> list[Action]:
     """The action list a `hn_flow_entry` record stands for (the inverse of kernel_entry)."""
     (_p, _b, flags, out_ifindex, tunnel_id, remote, ip_src, ip_dst, tp_src, tp_dst, eth_src,
-     eth_dst) = entries.FLOW_ENTRY.unpack(value)  # fmt: skip
+     eth_dst, _mtu) = entries.FLOW_ENTRY.unpack(value)  # fmt: skip
     stored = {"eth_src": eth_src, "eth_dst": eth_dst, "ip_src": ip_src, "ip_dst": ip_dst,
               "tp_src": tp_src, "tp_dst": tp_dst}  # fmt: skip
     actions: list[Action] = [
@@ -101,6 +103,10 @@ class FakeKernel:
         key = entries.kernel_key(values, ifindex)
         value = self.flows.get(key) if key is not None else None
         if key is None or value is None:
+            return None
+        mtu = entries.FLOW_ENTRY.unpack(value)[-1]
+        size = ip_size(frame)
+        if mtu and size is not None and size[1] > mtu:
             return None
         packets, byte_count = entries.entry_counters(value)
         self.flows[key] = struct.pack("=QQ", packets + 1, byte_count + len(frame)) + value[16:]

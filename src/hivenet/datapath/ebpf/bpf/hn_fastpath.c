@@ -22,7 +22,9 @@
  * The key layout is mirrored in datapath/ebpf/entries.py (FLOW_KEY); a unit test checks the
  * sizes and a root test runs these programs on frames built by Python (BPF_PROG_TEST_RUN).
  * Only untagged IPv4 TCP/UDP/ICMP without options or fragmentation is eligible; TCP with
- * SYN, FIN or RST always goes to the agent (connection state lives there).
+ * SYN, FIN or RST always goes to the agent (connection state lives there). An entry with an
+ * mtu is a miss for a packet whose IP length (of each segment, for GSO) exceeds it: the agent
+ * answers with ICMP "fragmentation needed" or drops it (OVS's check_pkt_larger).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -71,7 +73,8 @@ struct hn_flow_entry {
 	__u16 tp_dst;
 	__u8 eth_src[6];
 	__u8 eth_dst[6];
-	__u8 pad[8];
+	__u16 mtu; /* largest IP packet (per GSO segment) the entry takes; 0: no limit */
+	__u8 pad[6];
 };
 
 enum hn_counter {
@@ -142,8 +145,10 @@ struct hn_ipv4 {
 	__u32 daddr;
 };
 
-/* The exact-match key of an eligible frame; -1 when the frame must go to the agent. */
-static __always_inline int parse_key(struct __sk_buff *skb, struct hn_flow_key *key)
+/* The exact-match key of an eligible frame and its IP length on the wire (of each segment of
+ * a GSO frame); -1 when the frame must go to the agent. */
+static __always_inline int parse_key(struct __sk_buff *skb, struct hn_flow_key *key,
+				     __u32 *ip_length)
 {
 	struct hn_ipv4 ip;
 	__u8 l4[14];
@@ -181,6 +186,13 @@ static __always_inline int parse_key(struct __sk_buff *skb, struct hn_flow_key *
 			return -1;
 	} else {
 		return -1;
+	}
+	*ip_length = bpf_ntohs(ip.total_length);
+	if (skb->gso_size) {
+		if (ip.protocol == IPPROTO_TCP)
+			*ip_length = 20 + (l4[12] >> 4) * 4 + skb->gso_size;
+		else
+			*ip_length = 28 + skb->gso_size;
 	}
 	if (ip.protocol == IPPROTO_ICMP) {
 		key->icmp_type = l4[0];
@@ -272,6 +284,23 @@ static __always_inline int apply(struct __sk_buff *skb, const struct hn_flow_key
 	return 0;
 }
 
+/* The entry for this frame, or NULL: no key, no entry, or larger than the entry's mtu. Both
+ * programs of a port ask this, so they agree on every frame. */
+static __always_inline struct hn_flow_entry *lookup(struct __sk_buff *skb,
+						    struct hn_flow_key *key)
+{
+	struct hn_flow_entry *entry;
+	__u32 ip_length = 0;
+
+	__builtin_memset(key, 0, sizeof(*key));
+	if (parse_key(skb, key, &ip_length) < 0)
+		return NULL;
+	entry = bpf_map_lookup_elem(&hn_flows, key);
+	if (entry && entry->mtu && ip_length > entry->mtu)
+		return NULL;
+	return entry;
+}
+
 SEC("tc")
 int hn_port_ingress(struct __sk_buff *skb)
 {
@@ -279,10 +308,7 @@ int hn_port_ingress(struct __sk_buff *skb)
 	struct hn_flow_entry *entry;
 	__u32 segments = skb->gso_segs;
 
-	__builtin_memset(&key, 0, sizeof(key));
-	if (parse_key(skb, &key) < 0)
-		goto miss;
-	entry = bpf_map_lookup_elem(&hn_flows, &key);
+	entry = lookup(skb, &key);
 	if (!entry)
 		goto miss;
 	__sync_fetch_and_add(&entry->packets, segments ? segments : 1);
@@ -304,8 +330,7 @@ int hn_port_upcall(struct __sk_buff *skb)
 {
 	struct hn_flow_key key;
 
-	__builtin_memset(&key, 0, sizeof(key));
-	if (parse_key(skb, &key) == 0 && bpf_map_lookup_elem(&hn_flows, &key))
+	if (lookup(skb, &key))
 		return 0;
 	return -1;
 }
