@@ -74,6 +74,8 @@ CORE_SOURCES := */hivenet/packets/*,*/hivenet/model/*,*/hivenet/sim/*,*/hivenet/
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider --cov=hivenet --cov-report=term:skip-covered tests
+	@echo "== the lab tests again, agents on the userspace datapath (above: eBPF, the default)"
+	HN_LAB_DATAPATH=userspace $(BIN)/python -m pytest -q -p no:cacheprovider -m lab tests/e2e
 	@echo "== pure core coverage (floor $(CORE_COVERAGE_FLOOR)%)"
 	$(BIN)/coverage report --include='$(CORE_SOURCES)' --skip-covered --precision=1 \
 	  --fail-under=$(CORE_COVERAGE_FLOOR)

@@ -14,6 +14,7 @@ import pytest
 from hivenet.lab.cleanup import clean
 from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabScope, list_links, list_namespaces
+from hivenet.lab.record import DEFAULT_LAB_DATAPATH
 from hivenet.lab.scenario import Scenario
 
 
@@ -23,6 +24,12 @@ def require_root() -> None:
 
 
 @contextlib.contextmanager
+def lab_datapath() -> str:
+    """The agents' datapath for the e2e labs: the lab's default (ebpf), or HN_LAB_DATAPATH
+    (`make test` runs the lab tests a second time with HN_LAB_DATAPATH=userspace)."""
+    return os.environ.get("HN_LAB_DATAPATH", DEFAULT_LAB_DATAPATH)
+
+
 def running_lab(
     scenario: Scenario, root: Path, *, timeout: float = 60, **options: Any
 ) -> Iterator[Lab]:
@@ -32,8 +39,7 @@ def running_lab(
     require_root()
     scope = LabScope.unique()
     state_dir = root / "state"
-    # HN_LAB_DATAPATH=ebpf runs the e2e tier with the agents on the eBPF fast path.
-    options.setdefault("datapath", os.environ.get("HN_LAB_DATAPATH", "userspace"))
+    options.setdefault("datapath", lab_datapath())
     lab = Lab(scenario, state_dir=state_dir, scope=scope, **options)
     try:
         lab.up(timeout=timeout)

@@ -28,6 +28,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).resolve().is_relative_to(E2E_DIR):
             item.add_marker(pytest.mark.e2e)
+            # Tests on a lab whose agents run the datapath of HN_LAB_DATAPATH (tests/e2e/
+            # common.py): `make test` runs these once per datapath.
+            module = getattr(item, "module", None)
+            if hasattr(module, "lab_datapath") or hasattr(module, "running_lab"):
+                item.add_marker(pytest.mark.lab)
 
 
 @pytest.fixture

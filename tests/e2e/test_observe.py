@@ -32,6 +32,7 @@ from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabScope, list_links, list_namespaces
 from hivenet.lab.plan import vm_port_id
 from hivenet.lab.scenario import builtin_scenario
+from tests.e2e.common import lab_datapath
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +64,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     scope = LabScope.unique()
     root = tmp_path_factory.mktemp("observelab")
     state_dir = root / "state"
-    lab = Lab(builtin_scenario("nat"), state_dir=state_dir, scope=scope)
+    lab = Lab(builtin_scenario("nat"), state_dir=state_dir, scope=scope, datapath=lab_datapath())
     try:
         lab.up(timeout=90)
         for vm in MEMBERS:

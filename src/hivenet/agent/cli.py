@@ -71,10 +71,11 @@ def run(
     datapath: Annotated[
         str,
         typer.Option(
-            help="userspace (AF_PACKET + VXLAN; the default), ebpf (established flows in the "
-            "kernel; falls back to userspace where it cannot load) or memory"
+            help="ebpf (the default: established flows in the kernel at tc; falls back to "
+            "userspace, saying why, where it cannot load), userspace (AF_PACKET + VXLAN, every "
+            "packet in Python) or memory"
         ),
-    ] = "userspace",
+    ] = "ebpf",
     vxlan_port: Annotated[int, typer.Option(min=1, max=65535)] = 4789,
     underlay_mtu: Annotated[
         int,

@@ -22,7 +22,12 @@ from hivenet.agent.cli import stats as agent_stats
 from hivenet.lab.etcd import EtcdMemberStatus
 from hivenet.lab.lab import Lab, LabStatus, NeedsRootError, require_root
 from hivenet.lab.netns import LabError, LabScope
-from hivenet.lab.record import ENV_FILE, default_state_dir, remove_lab_files
+from hivenet.lab.record import (
+    DEFAULT_LAB_DATAPATH,
+    ENV_FILE,
+    default_state_dir,
+    remove_lab_files,
+)
 from hivenet.lab.scenario import ScenarioError, builtin_scenario_names, resolve_scenario
 
 app = typer.Typer(
@@ -96,11 +101,11 @@ def up(
         str,
         typer.Option(
             "--datapath",
-            help="The agents' datapath: userspace (AF_PACKET, every packet in Python) or ebpf "
-            "(established flows in the kernel at tc; an agent that cannot load it says so and "
-            "falls back to userspace).",
+            help="The agents' datapath: ebpf (the default: established flows in the kernel at "
+            "tc; an agent that cannot load it says so and falls back to userspace) or userspace "
+            "(AF_PACKET, every packet in Python).",
         ),
-    ] = "userspace",
+    ] = DEFAULT_LAB_DATAPATH,
     tag: Annotated[
         str,
         typer.Option(

@@ -64,7 +64,7 @@ from hivenet.lab.processes import (
 )
 from hivenet.lab.processes import read_record as read_process_record
 from hivenet.lab.record import (
-    DATAPATH_USERSPACE,
+    DEFAULT_LAB_DATAPATH,
     DHCP_DIR,
     ENV_FILE,
     LAB_DATAPATHS,
@@ -145,7 +145,7 @@ class Lab(TrafficProbes):
         scope: LabScope | None = None,
         store: str = STORE_SQLITE,
         agent_lease_ttl: int | None = None,
-        datapath: str = DATAPATH_USERSPACE,
+        datapath: str = DEFAULT_LAB_DATAPATH,
         progress: Progress = _quiet,
     ) -> None:
         if datapath not in LAB_DATAPATHS:

@@ -36,6 +36,7 @@ SUPPORTED_STORES = (STORE_SQLITE, STORE_ETCD)
 DATAPATH_USERSPACE = "userspace"
 DATAPATH_EBPF = "ebpf"
 LAB_DATAPATHS = (DATAPATH_USERSPACE, DATAPATH_EBPF)
+DEFAULT_LAB_DATAPATH = DATAPATH_EBPF  # as the agent's own default
 LAB_RECORD_VERSION = 1
 
 
@@ -57,7 +58,7 @@ class LabRecord:
     created_at: float = field(default_factory=time.time)
     store: str = STORE_SQLITE  # backend kind: "sqlite" or "etcd"
     agent_lease_ttl: int | None = None  # None: the agent's default
-    datapath: str = DATAPATH_USERSPACE  # the agents' --datapath: userspace or ebpf
+    datapath: str = DEFAULT_LAB_DATAPATH  # the agents' --datapath: userspace or ebpf
 
     def to_json(self) -> str:
         return json.dumps(

@@ -1,5 +1,6 @@
-"""The lab's datapath choice without root: the record keeps it (old records read as
-userspace), every agent's command line carries it, and bad input is refused by name."""
+"""The lab's datapath choice without root: ebpf by default, the record keeps it (old records
+read as userspace, what their agents ran), every agent's command line carries it, and bad
+input is refused by name."""
 
 from __future__ import annotations
 
@@ -22,20 +23,20 @@ def _datapath_of(argv: list[str]) -> str:
 
 
 def test_record_keeps_the_datapath_and_old_records_read_as_userspace(tmp_path: Path) -> None:
-    lab = Lab(builtin_scenario(), state_dir=tmp_path, datapath="ebpf")
+    lab = Lab(builtin_scenario(), state_dir=tmp_path, datapath="userspace")
     again = LabRecord.from_json(lab.record.to_json(), source="test")
-    assert again.datapath == "ebpf"
+    assert again.datapath == "userspace"
     old = json.loads(lab.record.to_json())
-    del old["datapath"]  # a record written before the option
+    del old["datapath"]  # a record written before the option: its agents ran userspace
     assert LabRecord.from_json(json.dumps(old), source="test").datapath == "userspace"
 
 
-def test_every_agent_runs_the_chosen_datapath(tmp_path: Path) -> None:
-    ebpf = Lab(builtin_scenario(), state_dir=tmp_path / "e", datapath="ebpf")
-    plain = Lab(builtin_scenario(), state_dir=tmp_path / "u")
+def test_every_agent_runs_the_chosen_datapath_ebpf_by_default(tmp_path: Path) -> None:
+    default = Lab(builtin_scenario(), state_dir=tmp_path / "e")
+    userspace = Lab(builtin_scenario(), state_dir=tmp_path / "u", datapath="userspace")
     hosts = list(builtin_scenario().hosts)
-    assert {_datapath_of(ebpf.agent_argv(host)) for host in hosts} == {"ebpf"}
-    assert {_datapath_of(plain.agent_argv(host)) for host in hosts} == {"userspace"}
+    assert {_datapath_of(default.agent_argv(host)) for host in hosts} == {"ebpf"}
+    assert {_datapath_of(userspace.agent_argv(host)) for host in hosts} == {"userspace"}
 
 
 def test_unknown_datapath_is_refused_by_name(tmp_path: Path) -> None:

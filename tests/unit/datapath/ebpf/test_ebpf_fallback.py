@@ -1,5 +1,6 @@
 """`hivenet agent run --datapath ebpf` where the kernel side cannot load: one line on stderr
-saying why, and the agent runs on the userspace datapath; where it loads, the eBPF one."""
+saying why, and the agent runs on the userspace datapath; where it loads, the eBPF one (the
+default)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,6 @@ def test_ebpf_is_used_where_it_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fake.set_up and fake.closed
 
 
-def test_userspace_stays_the_default_of_agent_run() -> None:
-    assert inspect.signature(run).parameters["datapath"].default == "userspace"
+def test_ebpf_is_the_default_of_agent_run_and_userspace_a_choice() -> None:
+    assert inspect.signature(run).parameters["datapath"].default == "ebpf"
     assert type(start("userspace")) is UserspaceDatapath
