@@ -246,11 +246,14 @@ def test_removed_member_takes_no_new_request_and_none_fails_then_comes_back(lab:
     warm_up(lab)
     with lab.client() as client:
         client.delete("member", "web-m2")
+        deleted_at = client.health()["revision"]
     for client_vm in CLIENTS:
         # While the removal propagates m2 still answers; no request may fail meanwhile.
         # A batch of 30 without m2 (1 in 5,000 by chance at its weight) marks it gone.
         settling = requests_until(lab, client_vm, lambda b: b["m2"] == 0, batch_size=30)
         assert settling["failed"] == 0, settling
+        # Gone for certain once the client's agent applied the delete (not by chance).
+        lab.wait_agent_revision(CLIENTS[client_vm][0], deleted_at)
         counts = requests(lab, client_vm, 60)
         assert counts["failed"] == 0 and counts["m2"] == 0, counts
     with lab.client() as client:

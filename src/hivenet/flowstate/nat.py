@@ -281,13 +281,25 @@ class NatTable:
     # --- creating bindings --------------------------------------------------------------------
 
     def dnat(
-        self, zone: str, key: FlowKey, targets: Sequence[NatRange], now: float
+        self,
+        zone: str,
+        key: FlowKey,
+        targets: Sequence[NatRange],
+        now: float,
+        *,
+        opening: bool = False,
     ) -> tuple[NatBinding, bool]:
         """The DNAT binding of forward key `key`: the existing one (touched), or a new one to
         a target chosen by a stable hash of the key (every host picks the same for the same
         connection), skipping targets that would collide with another binding's reply.
-        Returns (binding, created)."""
+        `opening`: the packet opens a connection (a TCP SYN); an existing binding to an
+        address no target covers any more (a load-balancer member removed since) belongs to
+        an earlier connection that reused the same ports, and is replaced, as conntrack
+        reopens a closed connection. Returns (binding, created)."""
         existing = self._live(self._by_original, zone, NatKind.DNAT, key, now)
+        if existing is not None and opening and not covers(targets, existing.binding):
+            self._drop(existing)
+            existing = None
         if existing is not None:
             self._touch_entry(existing, now, None)
             return existing.binding, False
@@ -531,3 +543,17 @@ def _check_targets(targets: Sequence[NatRange], key: FlowKey) -> None:
 def _rotate(targets: Sequence[NatRange], digest: int) -> list[NatRange]:
     start = digest % len(targets)
     return [*targets[start:], *targets[:start]]
+
+
+def covers(targets: Sequence[NatRange], binding: NatBinding) -> bool:
+    """Whether one of `targets` could have made `binding`'s translated destination."""
+    translated, original = binding.translated, binding.original
+    for target in targets:
+        if not target.contains_address(translated.ip_version, translated.ip_dst):
+            continue
+        if target.keeps_port or uses_echo_id(original):
+            if translated.tp_dst == original.tp_dst:
+                return True
+        elif target.port_from <= translated.tp_dst <= target.port_to:
+            return True
+    return False

@@ -24,11 +24,18 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hivenet.flowstate.conntrack import Classification, ConntrackRecord, ConntrackTable, Verdict
+from hivenet.flowstate.conntrack import (
+    TCP_ACK,
+    TCP_SYN,
+    Classification,
+    ConntrackRecord,
+    ConntrackTable,
+    Verdict,
+)
 from hivenet.flowstate.keys import FlowKey, format_address, is_icmp_error, key_of_match
-from hivenet.flowstate.nat import NatBinding, NatKind, NatTable
+from hivenet.flowstate.nat import NatBinding, NatKind, NatTable, covers
 from hivenet.flowstate.portblocks import NatRange
-from hivenet.packets.flowmatch import FlowMatch
+from hivenet.packets.flowmatch import IP_PROTO_TCP, FlowMatch
 
 
 class NatAction(enum.Enum):
@@ -163,7 +170,14 @@ class FlowStateTransaction:
             self._tags.add(tag)
             return NatOutcome(binding.reply_rewrites(), binding, frozenset({tag}))
         if action is NatAction.DNAT:
-            binding, created = self.nat_table.dnat(zone, key, targets, now)
+            opening = (
+                match.ip_proto == IP_PROTO_TCP and match.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            )
+            binding, created = self.nat_table.dnat(zone, key, targets, now, opening=opening)
+            if not created and match.ip_proto == IP_PROTO_TCP and not covers(targets, binding):
+                # Kept only because this is no SYN: a SYN on the same 5-tuple would rebind,
+                # so the decision read the TCP flags, which the megaflow does not.
+                self.cacheable = False
         else:
             binding, created = self.nat_table.snat(zone, key, targets, now)
         if created:

@@ -160,3 +160,38 @@ def test_dnat_load_balancer_with_conntrack(
         "ip_src": ip(vip),
         "tp_src": 80,
     }
+
+
+VIP = "10.0.9.100"
+MEMBER_A, MEMBER_B = "10.0.2.11", "10.0.2.12"
+
+
+def _member(address: str) -> NatRange:
+    return NatRange.parse(address, address, 8080, 8080)
+
+
+def _dnat(nat: NatTable, flags: int, member: str, now: float) -> tuple[str, bool]:
+    """(the member the packet went to, whether the decision may be cached)."""
+    transaction = FlowStateTransaction(ConntrackTable(), nat)
+    outcome = transaction.nat(
+        ROUTER, NatAction.DNAT, tcp(PRIVATE, 40000, VIP, 80, flags), [_member(member)], now
+    )
+    transaction.commit(now)
+    chosen = outcome.rewrites["ip_dst"]
+    return next(a for a in (MEMBER_A, MEMBER_B) if ip(a) == chosen), transaction.cacheable
+
+
+def test_a_connection_keeps_its_member_and_a_reused_port_gets_the_new_choice() -> None:
+    """A load balancer's binding sticks to the connection (the pool changing later moves no
+    packet of it), but a SYN on the same ports after the member left the pool opens a new
+    connection and goes to the member chosen now, as conntrack reopens a closed connection."""
+    nat = NatTable(PortBlockAllocator())
+    assert _dnat(nat, SYN, MEMBER_A, 0.0) == (MEMBER_A, True)
+    # The pool changed (A removed, B chosen): the established connection stays on A, and
+    # that packet's flow may not be cached (a SYN with the same 5-tuple would go elsewhere).
+    assert _dnat(nat, ACK, MEMBER_B, 1.0) == (MEMBER_A, False)
+    # A retransmitted SYN while A is still chosen keeps A.
+    assert _dnat(nat, SYN, MEMBER_A, 2.0) == (MEMBER_A, True)
+    # The client reuses the port after A left: the new connection goes to B, and stays.
+    assert _dnat(nat, SYN, MEMBER_B, 3.0) == (MEMBER_B, True)
+    assert _dnat(nat, ACK, MEMBER_B, 4.0) == (MEMBER_B, True)
