@@ -18,8 +18,9 @@ micro-benchmark of the per-frame path (fake sockets, no root) runs first (`--mic
 Needs root for the lab part. Prints tables, then exactly one JSON line. Everything it creates
 is in a unique `hn` lab scope that is removed at the end (also on error or Ctrl-C).
 
-`--datapath ebpf` measures the eBPF datapath (established flows in the kernel, datapath/ebpf/)
-instead of the userspace one, against the same kernel baselines in the same run.
+By default both of our datapaths are measured, interleaved with the same kernel baselines in
+the same run: `ebpf` (established flows in the kernel, datapath/ebpf/; the agent's default)
+and `userspace`; `--datapath ebpf|userspace` measures one.
 
 Published figures (with the date and the machine they were measured on) live in the README,
 not here: this script prints only what it measured in this run, with each userspace figure
@@ -691,12 +692,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--datapath",
-        choices=("userspace", "ebpf"),
-        default="userspace",
+        choices=("both", "ebpf", "userspace"),
+        default="both",
         help="which of our datapaths to measure against the kernel",
     )
     args = parser.parse_args()
-    DATAPATH = args.datapath
+    datapaths = ("ebpf", "userspace") if args.datapath == "both" else (args.datapath,)
+    DATAPATH = datapaths[0]
     if args.runs < 1 or args.senders < 1 or args.probes < 0:
         parser.error("--runs and --senders must be >= 1, --probes >= 0")
     SENDERS = args.senders
@@ -710,9 +712,9 @@ def main() -> int:
 
     tool = "iperf3" if _has_iperf3() else "python socket pump"
     tool += f" for TCP, {SENDERS} sendmmsg UDP blaster(s) for 64B"
-    labels = [(scenario, kernel) for scenario in ("local", "vxlan") for kernel in (True, False)] + [
-        ("upcall", False)
-    ]
+    labels = [
+        (scenario, kind) for scenario in ("local", "vxlan") for kind in ("kernel", *datapaths)
+    ] + [("upcall", datapath) for datapath in datapaths]
     collected: dict[str, list[tuple[Measurement, dict[str, int]]]] = {}
     profiles: dict[str, list[tuple[str, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="hn-bench-") as directory:
@@ -720,11 +722,14 @@ def main() -> int:
         for _run in range(args.runs):
             # Interleaved (kernel, ours, kernel, ours, ...) so slow phases of the shared machine
             # hit both sides.
-            for scenario, kernel in labels:
-                label = f"{scenario}/{'kernel' if kernel else DATAPATH}"
-                collected.setdefault(label, []).append(
+            for scenario, kind in labels:
+                kernel = kind == "kernel"
+                if not kernel:
+                    DATAPATH = kind  # run_scenario starts this datapath
+                collected.setdefault(f"{scenario}/{kind}", []).append(
                     run_scenario(scenario, kernel, args.seconds, workdir, probes=args.probes)
                 )
+        DATAPATH = datapaths[0]
         if args.profile:
             for scenario in ("local", "vxlan"):
                 profile = workdir / f"{scenario}.prof"
@@ -734,8 +739,8 @@ def main() -> int:
 
     ratios: dict[str, float] = {}
     print(
-        f"\n{DATAPATH} datapath vs kernel ({tool}, {args.seconds:.0f}s per measurement, "
-        f"medians of {args.runs} runs)"
+        f"\n{' and '.join(datapaths)} datapath vs kernel ({tool}, {args.seconds:.0f}s per "
+        f"measurement, medians of {args.runs} runs)"
     )
     print(
         f"{'scenario':<18}{'TCP Gb/s':>9}{'64B kpps':>9}{'sent kpps':>10}{'dp CPU tcp/pps':>15}"
@@ -753,12 +758,17 @@ def main() -> int:
             f"{row['offered_pps'] / 1000:>10.0f}{cpu_text:>15}"
             f"{(f'{per_frame:.1f}' if per_frame else '-'):>9}{first:>16}{cached:>16}"
         )
-    for scenario in ("local", "vxlan"):
-        kernel_row, ours = results[f"{scenario}/kernel"], results[f"{scenario}/{DATAPATH}"]
-        for metric in ("tcp_gbps", "small_pps"):
-            base = kernel_row[metric]
-            ratios[f"{scenario}_{metric}"] = round(ours[metric] / base, 3) if base else 0.0
-    print(f"ratios {DATAPATH}/kernel: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    for datapath in datapaths:
+        mine: dict[str, float] = {}
+        for scenario in ("local", "vxlan"):
+            kernel_row, ours = results[f"{scenario}/kernel"], results[f"{scenario}/{datapath}"]
+            for metric in ("tcp_gbps", "small_pps"):
+                base = kernel_row[metric]
+                mine[f"{scenario}_{metric}"] = round(ours[metric] / base, 3) if base else 0.0
+        print(f"ratios {datapath}/kernel: " + ", ".join(f"{k}={v:.2f}" for k, v in mine.items()))
+        ratios.update(
+            mine if len(datapaths) == 1 else {f"{datapath}_{k}": v for k, v in mine.items()}
+        )
     for scenario, rows in profiles.items():
         print(f"\nwhere the datapath's time goes ({scenario}, cProfile own time, TCP then 64B):")
         for function, own, share in rows:
@@ -767,7 +777,7 @@ def main() -> int:
         json.dumps(
             {
                 "bench": "datapath",
-                "datapath": DATAPATH,
+                "datapath": DATAPATH if len(datapaths) == 1 else list(datapaths),
                 "tool": tool,
                 "seconds": args.seconds,
                 "runs": args.runs,
