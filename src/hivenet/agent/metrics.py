@@ -427,9 +427,24 @@ class AgentCollector(Collector):
         )
         seconds.add_metric([host], pipeline.sim_seconds_total)
         yield seconds
+        datapath = self.agent.datapath.counters()
         flows = GaugeMetricFamily("hivenet_flows", "Installed megaflows", labels=["host"])
-        flows.add_metric([host], self.agent.datapath.counters().get("flows", 0))
+        flows.add_metric([host], datapath.get("flows", 0))
         yield flows
+        budget_drops = CounterMetricFamily(
+            "hivenet_port_upcall_budget_drops",
+            "Frames from a port that missed the flow table beyond the port's upcall budget "
+            "(dropped unsimulated)",
+            labels=["host", "tenant", "device", "port"],
+        )
+        topology = self.agent.topology
+        for port_id, (key, _interface) in self.agent.bound_ports.items():
+            count = datapath.get(f"port.{key}.upcall_budget_drops")
+            if count is not None:
+                device = str(getattr(topology.get("port", port_id), "device_id", "") or "")
+                labels = [host, _tenant_of(topology, "port", port_id), device, port_id]
+                budget_drops.add_metric(labels, count)
+        yield budget_drops
         ports = GaugeMetricFamily("hivenet_bound_ports", "Ports bound here", labels=["host"])
         ports.add_metric([host], len(self.agent.bound_ports))
         yield ports
