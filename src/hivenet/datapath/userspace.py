@@ -31,9 +31,11 @@ Upcalls are budgeted per ingress port (`hivenet.datapath._budget.UpcallBudget`, 
 `upcall_rate` per second, `upcall_burst` at once; `set_upcall_budget`): a port over its budget
 has its missed frames dropped (`drop.upcall_budget`, `port.<key>.upcall_budget_drops`) instead
 of simulated, so one flooding VM cannot take the agent from the others. And one readiness
-callback makes at most `upcalls_per_batch` upcalls before it returns to the loop (which calls
-it again: readiness is level-triggered), so the ports ready together are served in turn and a
-busy port delays another by a few simulations, not by a batch of them.
+callback makes at most `upcalls_per_batch` upcalls (and takes at most 16 frames through the
+slow path without finding a flow) before it returns to the loop (which calls it again:
+readiness is level-triggered), so the ports ready together are served in turn and a busy port
+delays another by a couple of simulations, not by a batch of them. A flooding port's socket
+then fills and the kernel drops the rest of its frames, not the other ports'.
 
 Tunnel keys: the VNI is the egress port's tunnel key; received VXLAN is delivered by VNI to the
 bound port with that key, without a flow lookup (the ingress host already simulated). The key
@@ -123,8 +125,11 @@ _UDP_GSO_MAX_BYTES = 65000
 _GRO_SEGMENT_SIZE = struct.Struct("=i")
 
 _ETHERNET_HEADER_LEN = 14
-# Upcalls one port's readiness callback may make before it lets the loop serve the others.
-DEFAULT_UPCALLS_PER_BATCH = 8
+# Upcalls one port's readiness callback may make before it lets the loop serve the others, and
+# frames it may take through the slow path without finding a flow (upcalled, over the budget,
+# malformed: each is parsed and looked up, tens of microseconds).
+DEFAULT_UPCALLS_PER_BATCH = 2
+_MISSES_PER_BATCH = 16
 # Room for a 64 KiB GSO super-frame plus its Ethernet/VLAN header and the virtio-net header.
 _PORT_RECV_SIZE = 65536 + 64
 _TUNNEL_RECV_SIZE = 65536
@@ -570,7 +575,7 @@ class UserspaceDatapath:
         cache_get = port.flow_cache.get
         record_use = self._table.record_use
         ports = self._ports
-        received = 0
+        received = misses = 0
         while received < limit:
             try:
                 length = recv_into(buffer)
@@ -591,7 +596,11 @@ class UserspaceDatapath:
             else:
                 found = self._lookup_slow(port, key, length, now)
                 if found is None:
-                    if self._batch_upcalls >= self._upcalls_per_batch:
+                    misses += 1
+                    if (
+                        self._batch_upcalls >= self._upcalls_per_batch
+                        or misses >= _MISSES_PER_BATCH
+                    ):
                         break  # the other ports' turn (the loop calls again: level-triggered)
                     continue
                 flow, plan = found
