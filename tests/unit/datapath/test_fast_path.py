@@ -251,3 +251,13 @@ def test_unbinding_forgets_the_ports_budget() -> None:
 def test_set_upcall_budget_refuses_nonsense(rate: float, burst: int) -> None:
     with pytest.raises(ValueError):
         userspace.UserspaceDatapath("127.0.0.1").set_upcall_budget(rate, burst)
+
+
+def test_frames_over_the_budget_also_end_a_callbacks_turn() -> None:
+    """Each costs a parse and a lookup: a flooding port over its budget gets 16 per turn."""
+    harness = Harness()
+    harness.datapath.set_upcall_budget(1, 1)
+    harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(7000 + n) for n in range(40)))
+    assert len(harness.upcalls) == 1
+    assert harness.datapath.counters()["drop.upcall_budget"] == 15
+    assert len(harness.sockets[1].queue) == 24
