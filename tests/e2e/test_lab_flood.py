@@ -30,13 +30,14 @@ from tests.e2e.common import running_lab
 
 pytestmark = pytest.mark.e2e
 
-FLOOD_SECONDS = 4.0
+FLOOD_SECONDS = 20.0  # at most: it is stopped once the measurement is done
 FLOOD_RATE = 6000  # frames per second offered (half ARP broadcasts, half SYNs)
 
 # Raw frames out of eth0 at about RATE per second for SECONDS: ARP who-has random addresses of
 # the VM's /24, and TCP SYNs from random source ports to random ports of TARGET via the gateway's MAC.
 FLOODER = r"""
-import os, random, socket, struct, sys, time
+import os, random, signal, socket, struct, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 rate, seconds, target, gateway = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
 def mac_of(ip):
     for line in open("/proc/net/arp").read().splitlines()[1:]:
@@ -75,16 +76,18 @@ def syn():
 sent = 0
 start = time.monotonic()
 tick = 0.01
-while time.monotonic() - start < seconds:
-    due = int((time.monotonic() - start + tick) * rate)
-    while sent < due:
-        try:
-            sock.send(arp() if sent % 2 else syn())
-        except OSError:
-            pass
-        sent += 1
-    time.sleep(tick)
-print(sent, flush=True)
+try:
+    while time.monotonic() - start < seconds:
+        due = int((time.monotonic() - start + tick) * rate)
+        while sent < due:
+            try:
+                sock.send(arp() if sent % 2 else syn())
+            except OSError:
+                pass
+            sent += 1
+        time.sleep(tick)
+finally:
+    print(f"{sent} frames in {time.monotonic() - start:.1f} s", flush=True)
 """
 
 # COUNT TCP connections to HOST:PORT one after another, PAUSE apart: one JSON line each with
@@ -199,15 +202,14 @@ def test_a_flooding_vm_does_not_starve_its_neighbours_new_connections(lab: Lab) 
             time.sleep(0.5)  # the flood is under way
             pinged = lab.ping("vm1", TARGET_IP, count=10, interval=0.05, wait=2.0)
             flooded = connect_times(lab, "hnconnf", 30, 0.05)
-            assert flooder.poll() is None, "the flood ended before the measurement did"
-            flooder.popen.wait(timeout=FLOOD_SECONDS + 30)
+            flood_lasted = flooder.poll() is None
         finally:
             flooder.stop()
         sent = lab.log_of(FLOODER_VM, "hnflooder").read_text().strip()
     finally:
         server.stop()
     print(
-        f"\nflood: {sent} frames from {FLOODER_VM} in {FLOOD_SECONDS:g} s; vm1 -> vm2 TCP setup quiet: "
+        f"\nflood: {sent} from {FLOODER_VM}; vm1 -> vm2 TCP setup quiet: "
         f"{summary(quiet)}; under flood: {summary(flooded)}; ping under flood: "
         f"{pinged.received}/{pinged.sent}, rtts {pinged.rtts_ms}"
     )
@@ -226,6 +228,7 @@ def test_a_flooding_vm_does_not_starve_its_neighbours_new_connections(lab: Lab) 
         {k: v for k, v in counters["datapath"].items() if k.startswith("drop.")},
         {k: v for k, v in counters["pipeline"].items() if k.startswith("drop.")},
     )
+    assert flood_lasted, "the flood ended before the measurement did"
     assert all(process.running for process in lab.status().processes), lab.status()
     assert all("ms" in r for r in flooded), flooded
     times = sorted(r["ms"] for r in flooded)
