@@ -124,8 +124,8 @@ FLOODER_VM = "vm4"  # on h1 with vm1, net2
 # The agents' per-port budget, well below the default (2000/s): a NATed SYN costs the agent
 # about 1 ms on this machine, so under the default the flooding port is held back by the turns
 # it must give the other ports only (and its socket's overflow); this shows the budget too.
-UPCALL_RATE = 300
-UPCALL_BURST = 300
+UPCALL_RATE = 100
+UPCALL_BURST = 100
 
 
 @pytest.fixture(scope="module")
@@ -216,17 +216,12 @@ def test_a_flooding_vm_does_not_starve_its_neighbours_new_connections(lab: Lab) 
     drops_flooder = budget_drops(lab, "h1", port_key_of(lab, FLOODER_VM))
     drops_vm1 = budget_drops(lab, "h1", port_key_of(lab, "vm1"))
     print(f"h1 upcall budget drops: {FLOODER_VM} {drops_flooder}, vm1 {drops_vm1}")
-    counters = lab.fresh_agent_counters("h1")
-    vm2_key = port_key_of(lab, FLOODER_VM)
+    datapath = lab.fresh_agent_counters("h1")["datapath"]
+    flooder_key = port_key_of(lab, FLOODER_VM)
     print(
-        "h1: vm2 rx",
-        counters["datapath"].get(f"port.{vm2_key}.rx_packets"),
-        "upcalls",
-        counters["pipeline"]["upcalls"],
-        "sim mean ms",
-        round(counters["pipeline"]["sim_seconds_mean"] * 1000, 3),
-        {k: v for k, v in counters["datapath"].items() if k.startswith("drop.")},
-        {k: v for k, v in counters["pipeline"].items() if k.startswith("drop.")},
+        f"h1: {FLOODER_VM} frames read {datapath[f'port.{flooder_key}.rx_packets']}, "
+        f"dropped by its socket {datapath[f'port.{flooder_key}.rx_kernel_drops']}; "
+        f"upcalls {datapath['upcalls']}"
     )
     assert flood_lasted, "the flood ended before the measurement did"
     assert all(process.running for process in lab.status().processes), lab.status()
@@ -236,6 +231,7 @@ def test_a_flooding_vm_does_not_starve_its_neighbours_new_connections(lab: Lab) 
     # 1 s retransmit, far above both.
     assert statistics.median(times) < 100, summary(flooded)
     assert times[-1] < 900, summary(flooded)
-    assert pinged.ok, pinged.output
+    # Ping replies to a 2 s wait: one may be lost to a scheduling hiccup, not several.
+    assert pinged.received >= pinged.sent - 1, pinged.output
     assert drops_flooder > 0
     assert drops_vm1 == 0

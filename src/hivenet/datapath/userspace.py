@@ -35,7 +35,8 @@ callback makes at most `upcalls_per_batch` upcalls (and takes at most 16 frames 
 slow path without finding a flow) before it returns to the loop (which calls it again:
 readiness is level-triggered), so the ports ready together are served in turn and a busy port
 delays another by a couple of simulations, not by a batch of them. A flooding port's socket
-then fills and the kernel drops the rest of its frames, not the other ports'.
+then fills and the kernel drops the rest of its frames, not the other ports'
+(`port.<key>.rx_kernel_drops`, read from PACKET_STATISTICS by `counters()`).
 
 Tunnel keys: the VNI is the egress port's tunnel key; received VXLAN is delivered by VNI to the
 bound port with that key, without a flow lookup (the ingress host already simulated). The key
@@ -109,6 +110,8 @@ PACKET_MR_PROMISC = 1
 PACKET_QDISC_BYPASS = 20
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_STATISTICS = 6
+_PACKET_STATS = struct.Struct("=II")  # struct tpacket_stats: tp_packets, tp_drops (read resets)
 ETH_P_ALL = 0x0003
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -196,6 +199,7 @@ class _BoundPort:
         "buffer",
         "flow_cache",
         "interface_name",
+        "kernel_drops",
         "key",
         "recv_into",
         "rx_bytes",
@@ -223,6 +227,21 @@ class _BoundPort:
         self.rx_bytes = 0
         self.tx_packets = 0
         self.tx_bytes = 0
+        self.kernel_drops = 0
+
+    def read_kernel_drops(self) -> int:
+        """Frames the kernel dropped because this socket's buffer was full (the port sent faster
+        than we read: a flood held to its turns), summed since the bind."""
+        getsockopt = getattr(self.sock, "getsockopt", None)
+        if getsockopt is not None:
+            try:
+                _packets, drops = _PACKET_STATS.unpack(
+                    getsockopt(SOL_PACKET, PACKET_STATISTICS, _PACKET_STATS.size)
+                )
+            except (OSError, struct.error):
+                drops = 0
+            self.kernel_drops += drops
+        return self.kernel_drops
 
 
 def open_port_socket(interface_name: str) -> socket.socket:
@@ -520,6 +539,7 @@ class UserspaceDatapath:
             result[f"port.{key}.tx_bytes"] = port.tx_bytes
             budget = self._upcall_budgets.get(key)
             result[f"port.{key}.upcall_budget_drops"] = budget.dropped if budget else 0
+            result[f"port.{key}.rx_kernel_drops"] = port.read_kernel_drops()
         for reason, count in sorted(self._drops.items()):
             result[f"drop.{reason}"] = count
         return result

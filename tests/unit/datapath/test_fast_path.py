@@ -261,3 +261,18 @@ def test_frames_over_the_budget_also_end_a_callbacks_turn() -> None:
     assert len(harness.upcalls) == 1
     assert harness.datapath.counters()["drop.upcall_budget"] == 15
     assert len(harness.sockets[1].queue) == 24
+
+
+def test_the_kernels_drops_on_a_full_port_socket_are_summed_across_reads() -> None:
+    """PACKET_STATISTICS resets on read: the counter keeps the sum."""
+    harness = Harness()
+    reported = iter([3, 0, 4, 0])
+
+    def getsockopt(level: int, option: int, size: int) -> bytes:
+        assert (level, option, size) == (userspace.SOL_PACKET, userspace.PACKET_STATISTICS, 8)
+        return struct.pack("=II", 100, next(reported))
+
+    harness.sockets[1].getsockopt = getsockopt  # type: ignore[attr-defined]
+    counts = [harness.datapath.counters()["port.1.rx_kernel_drops"] for _ in range(3)]
+    assert counts == [3, 3, 7]
+    assert harness.datapath.counters()["port.2.rx_kernel_drops"] == 0  # no getsockopt: none
