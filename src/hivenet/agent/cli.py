@@ -20,10 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 from hivenet.agent.agent import HostAgent
+from hivenet.datapath._budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 
 if TYPE_CHECKING:
     from hivenet.datapath.base import Datapath
+    from hivenet.datapath.userspace import UserspaceDatapath
 
 app = typer.Typer(help="The HiveNet host agent.", no_args_is_help=True)
 
@@ -114,6 +116,23 @@ def run(
             "userspace or ebpf datapath).",
         ),
     ] = None,
+    upcall_rate: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            envvar="HIVENET_UPCALL_RATE",
+            help="Upcalls (new flows to simulate) each port may cause per second; its excess "
+            "is dropped and counted (drop.upcall_budget). 0: no limit.",
+        ),
+    ] = DEFAULT_UPCALL_RATE,
+    upcall_burst: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="HIVENET_UPCALL_BURST",
+            help="Upcalls a port may cause at once after a quiet spell.",
+        ),
+    ] = DEFAULT_UPCALL_BURST,
 ) -> None:
     """Run the agent for one host until SIGTERM/SIGINT."""
     metrics_address = parse_metrics_address(metrics)
@@ -153,6 +172,7 @@ def run(
             underlay_mtu=underlay_mtu,
             metrics_address=metrics_address,
             metadata=metadata,
+            upcall_budget=(upcall_rate, upcall_burst),
         )
     )
 
@@ -172,13 +192,16 @@ async def _run_agent(
     underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
     metrics_address: tuple[str, int] | None = None,
     metadata: bool = False,
+    upcall_budget: tuple[float, int] = (DEFAULT_UPCALL_RATE, DEFAULT_UPCALL_BURST),
 ) -> None:
     from hivenet.store import open_store
 
     store = open_store(store_url)
     datapath: Datapath
     if datapath_kind in ("userspace", "ebpf"):
-        datapath = _start_host_datapath(datapath_kind, underlay_ip, vxlan_port)
+        host_datapath = _start_host_datapath(datapath_kind, underlay_ip, vxlan_port)
+        host_datapath.set_upcall_budget(*upcall_budget)
+        datapath = host_datapath
     else:
         from hivenet.datapath.memory import MemoryDatapath
 
@@ -215,7 +238,7 @@ async def _run_agent(
         await store.close()
 
 
-def _start_host_datapath(kind: str, underlay_ip: str | None, vxlan_port: int) -> Datapath:
+def _start_host_datapath(kind: str, underlay_ip: str | None, vxlan_port: int) -> UserspaceDatapath:
     """The host's datapath, started; `ebpf` falls back to `userspace` with one line saying why."""
     from hivenet.datapath.userspace import UserspaceDatapath
 

@@ -427,9 +427,36 @@ class AgentCollector(Collector):
         )
         seconds.add_metric([host], pipeline.sim_seconds_total)
         yield seconds
+        datapath = self.agent.datapath.counters()
         flows = GaugeMetricFamily("hivenet_flows", "Installed megaflows", labels=["host"])
-        flows.add_metric([host], self.agent.datapath.counters().get("flows", 0))
+        flows.add_metric([host], datapath.get("flows", 0))
         yield flows
+        port_drops = {
+            name: CounterMetricFamily(
+                f"hivenet_port_{name}", help_text, labels=["host", "tenant", "device", "port"]
+            )
+            for name, help_text in (
+                (
+                    "upcall_budget_drops",
+                    "Frames from a port that missed the flow table beyond the port's upcall "
+                    "budget (dropped unsimulated)",
+                ),
+                (
+                    "rx_kernel_drops",
+                    "Frames from a port the kernel dropped: its socket was full (a flood held "
+                    "to its turns)",
+                ),
+            )
+        }
+        topology = self.agent.topology
+        for port_id, (key, _interface) in self.agent.bound_ports.items():
+            device = str(getattr(topology.get("port", port_id), "device_id", "") or "")
+            labels = [host, _tenant_of(topology, "port", port_id), device, port_id]
+            for name, family in port_drops.items():
+                count = datapath.get(f"port.{key}.{name}")
+                if count is not None:
+                    family.add_metric(labels, count)
+        yield from port_drops.values()
         ports = GaugeMetricFamily("hivenet_bound_ports", "Ports bound here", labels=["host"])
         ports.add_metric([host], len(self.agent.bound_ports))
         yield ports

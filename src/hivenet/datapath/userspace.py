@@ -27,6 +27,17 @@ megaflow table, then upcalled. Tunnel output of one batch is held back and sent 
 equal-size datagrams to one peer as one UDP GSO train (one syscall for up to 64 frames). A
 PACKET_MMAP (TPACKET_V3) ring was considered; see bench/datapath.py.
 
+Upcalls are budgeted per ingress port (`hivenet.datapath._budget.UpcallBudget`, a token bucket:
+`upcall_rate` per second, `upcall_burst` at once; `set_upcall_budget`): a port over its budget
+has its missed frames dropped (`drop.upcall_budget`, `port.<key>.upcall_budget_drops`) instead
+of simulated, so one flooding VM cannot take the agent from the others. And one readiness
+callback makes at most `upcalls_per_batch` upcalls (and takes at most 16 frames through the
+slow path without finding a flow) before it returns to the loop (which calls it again:
+readiness is level-triggered), so the ports ready together are served in turn and a busy port
+delays another by a couple of simulations, not by a batch of them. A flooding port's socket
+then fills and the kernel drops the rest of its frames, not the other ports'
+(`port.<key>.rx_kernel_drops`, read from PACKET_STATISTICS by `counters()`).
+
 Tunnel keys: the VNI is the egress port's tunnel key; received VXLAN is delivered by VNI to the
 bound port with that key, without a flow lookup (the ingress host already simulated). The key
 FLOWSTATE_TUNNEL_KEY (0xFFFFFF) carries flow-state messages (`hivenet.flowstate.wire`), not
@@ -35,7 +46,7 @@ sync) and are sent with `send_flow_state`. Other keys from FLOOD_KEY_BASE up are
 (flooding): counted and dropped for now.
 
 Counters (`counters()`): `port.<key>.{rx,tx}_{packets,bytes}`, `tunnel_{rx,tx}_{packets,bytes}`,
-`upcalls`, `emc_hits`, `megaflow_hits`, `flows`, `offload_segmented`, `offload_checksummed`,
+`upcalls`, `port.<key>.upcall_budget_drops`, `emc_hits`, `megaflow_hits`, `flows`, `offload_segmented`, `offload_checksummed`,
 `offload_coalesced` (VXLAN trains merged back into one TCP super-frame), `mtu_upcalls` (flow
 hits sent to the agent for being larger than the flow's MTU), and `drop.<reason>` for every
 drop (malformed frames, bad VXLAN headers, flow drops, `too_big`, ...).
@@ -60,6 +71,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from hivenet.datapath._budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE, UpcallBudget
 from hivenet.datapath._fastkey import RawFlowKey, raw_flow_key
 from hivenet.datapath._offload import (
     F_DATA_VALID,
@@ -98,6 +110,8 @@ PACKET_MR_PROMISC = 1
 PACKET_QDISC_BYPASS = 20
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_STATISTICS = 6
+_PACKET_STATS = struct.Struct("=II")  # struct tpacket_stats: tp_packets, tp_drops (read resets)
 ETH_P_ALL = 0x0003
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -114,6 +128,11 @@ _UDP_GSO_MAX_BYTES = 65000
 _GRO_SEGMENT_SIZE = struct.Struct("=i")
 
 _ETHERNET_HEADER_LEN = 14
+# Upcalls one port's readiness callback may make before it lets the loop serve the others, and
+# frames it may take through the slow path without finding a flow (upcalled, over the budget,
+# malformed: each is parsed and looked up, tens of microseconds).
+DEFAULT_UPCALLS_PER_BATCH = 2
+_MISSES_PER_BATCH = 16
 # Room for a 64 KiB GSO super-frame plus its Ethernet/VLAN header and the virtio-net header.
 _PORT_RECV_SIZE = 65536 + 64
 _TUNNEL_RECV_SIZE = 65536
@@ -180,6 +199,7 @@ class _BoundPort:
         "buffer",
         "flow_cache",
         "interface_name",
+        "kernel_drops",
         "key",
         "recv_into",
         "rx_bytes",
@@ -207,6 +227,21 @@ class _BoundPort:
         self.rx_bytes = 0
         self.tx_packets = 0
         self.tx_bytes = 0
+        self.kernel_drops = 0
+
+    def read_kernel_drops(self) -> int:
+        """Frames the kernel dropped because this socket's buffer was full (the port sent faster
+        than we read: a flood held to its turns), summed since the bind."""
+        getsockopt = getattr(self.sock, "getsockopt", None)
+        if getsockopt is not None:
+            try:
+                _packets, drops = _PACKET_STATS.unpack(
+                    getsockopt(SOL_PACKET, PACKET_STATISTICS, _PACKET_STATS.size)
+                )
+            except (OSError, struct.error):
+                drops = 0
+            self.kernel_drops += drops
+        return self.kernel_drops
 
 
 def open_port_socket(interface_name: str) -> socket.socket:
@@ -266,6 +301,9 @@ class UserspaceDatapath:
         batch_size: int = 64,
         expiry_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        upcall_rate: float = DEFAULT_UPCALL_RATE,
+        upcall_burst: int = DEFAULT_UPCALL_BURST,
+        upcalls_per_batch: int = DEFAULT_UPCALLS_PER_BATCH,
     ) -> None:
         self._underlay_family = socket.AF_INET
         if underlay_ip is not None:
@@ -283,6 +321,12 @@ class UserspaceDatapath:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         if not expiry_interval > 0:
             raise ValueError(f"expiry_interval: expected a number > 0, got {expiry_interval!r}")
+        if (
+            isinstance(upcalls_per_batch, bool)
+            or not isinstance(upcalls_per_batch, int)
+            or upcalls_per_batch < 1
+        ):
+            raise ValueError(f"upcalls_per_batch: expected an int >= 1, got {upcalls_per_batch!r}")
         self.underlay_ip = underlay_ip
         self.vxlan_port = vxlan_port
         self._batch_size = batch_size
@@ -296,6 +340,13 @@ class UserspaceDatapath:
         self._plans: dict[tuple[Action, ...], _ActionPlan] = {}
         self._vxlan_headers: dict[int, bytes] = {}
         self._upcall_handler: UpcallHandler | None = None
+        # Per ingress port key: its upcall token bucket (made at its first upcall).
+        self._upcall_budgets: dict[int, UpcallBudget] = {}
+        self._upcall_rate = 0.0
+        self._upcall_burst = 1
+        self.set_upcall_budget(upcall_rate, upcall_burst)
+        self._upcalls_per_batch = upcalls_per_batch
+        self._batch_upcalls = 0
         self._flow_state_handler: Callable[[bytes], None] | None = None
         self._flowstate_rx = 0
         self._flowstate_tx = 0
@@ -402,9 +453,22 @@ class UserspaceDatapath:
         if self._loop is not None:
             self._loop.remove_reader(port.sock.fileno())
         port.sock.close()
+        self._upcall_budgets.pop(port_key, None)
 
     def set_upcall_handler(self, handler: UpcallHandler) -> None:
         self._upcall_handler = handler
+
+    def set_upcall_budget(self, rate: float, burst: int) -> None:
+        """Each port may cause `rate` upcalls per second, `burst` at once; more are dropped
+        (`drop.upcall_budget`, `port.<key>.upcall_budget_drops`). `rate` 0: no budget.
+        Every port starts again with a full bucket."""
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate >= 0:
+            raise ValueError(f"rate: expected a number >= 0, got {rate!r}")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst: expected an int >= 1, got {burst!r}")
+        self._upcall_rate = float(rate)
+        self._upcall_burst = burst
+        self._upcall_budgets.clear()
 
     def install_flow(
         self,
@@ -473,6 +537,9 @@ class UserspaceDatapath:
             result[f"port.{key}.rx_bytes"] = port.rx_bytes
             result[f"port.{key}.tx_packets"] = port.tx_packets
             result[f"port.{key}.tx_bytes"] = port.tx_bytes
+            budget = self._upcall_budgets.get(key)
+            result[f"port.{key}.upcall_budget_drops"] = budget.dropped if budget else 0
+            result[f"port.{key}.rx_kernel_drops"] = port.read_kernel_drops()
         for reason, count in sorted(self._drops.items()):
             result[f"drop.{reason}"] = count
         return result
@@ -508,6 +575,7 @@ class UserspaceDatapath:
         # Tunnel output of this batch is collected and sent at the end, equal-size datagrams
         # to one peer together (one UDP GSO send instead of one send each).
         self._tunnel_batch = {}
+        self._batch_upcalls = 0
         try:
             self._receive_from_port(port, self._batch_size, self._clock())
         finally:
@@ -527,7 +595,7 @@ class UserspaceDatapath:
         cache_get = port.flow_cache.get
         record_use = self._table.record_use
         ports = self._ports
-        received = 0
+        received = misses = 0
         while received < limit:
             try:
                 length = recv_into(buffer)
@@ -548,6 +616,12 @@ class UserspaceDatapath:
             else:
                 found = self._lookup_slow(port, key, length, now)
                 if found is None:
+                    misses += 1
+                    if (
+                        self._batch_upcalls >= self._upcalls_per_batch
+                        or misses >= _MISSES_PER_BATCH
+                    ):
+                        break  # the other ports' turn (the loop calls again: level-triggered)
                     continue
                 flow, plan = found
             mtu = flow.mtu
@@ -931,6 +1005,17 @@ class UserspaceDatapath:
         if handler is None:
             self._drop("no_upcall_handler")
             return
+        if self._upcall_rate:
+            budget = self._upcall_budgets.get(port_key)
+            now = self._clock()
+            if budget is None:
+                budget = self._upcall_budgets[port_key] = UpcallBudget(
+                    self._upcall_rate, self._upcall_burst, now
+                )
+            if not budget.allow(now):
+                self._drop("upcall_budget")
+                return
+        self._batch_upcalls += 1
         frames = (
             self._wire_frames(vnet_header, frame)
             if needs_software_offload(vnet_header)

@@ -228,3 +228,30 @@ def test_rule_hits_from_upcalls_and_flow_hits() -> None:
             assert [v for labels, v in hits.items() if ("rule", icmp.id) in labels] == [5.0]
 
     run(scenario())
+
+
+def test_upcall_budget_and_kernel_drops_are_exposed_per_bound_port() -> None:
+    """The datapath's `port.<key>.upcall_budget_drops` becomes a per-port counter labelled
+    with the port id (the memory datapath has no budget: its counters are stood in for)."""
+
+    async def scenario() -> None:
+        async with cloud("memory://") as c:
+            vm1, _vm2, _gw_mac = await routed_traffic(c)
+            agent = c.agents["h1"]
+            datapath = c.datapaths["h1"]
+            plain = datapath.counters
+            key = agent.bound_ports[vm1.id][0]
+            datapath.counters = lambda: {  # type: ignore[method-assign]
+                **plain(),
+                f"port.{key}.upcall_budget_drops": 41,
+                f"port.{key}.rx_kernel_drops": 7,
+            }
+            text = generate_latest(agent_registry(agent)).decode()
+            drops = samples(text, "hivenet_port_upcall_budget_drops_total")
+            assert list(drops.values()) == [41]
+            labels = dict(next(iter(drops)))
+            assert labels["port"] == vm1.id and labels["device"] == vm1.device_id
+            kernel = samples(text, "hivenet_port_rx_kernel_drops_total")
+            assert kernel == {next(iter(drops)): 7}
+
+    run(scenario())

@@ -184,3 +184,95 @@ def test_a_tso_frame_is_held_to_the_flows_mtu_by_its_segments(gso_size: int, upc
         assert len(harness.upcalls) == upcalled
         assert max(len(f) for _port, f in harness.upcalls) == 14 + 40 + gso_size
         assert harness.datapath.counters()["mtu_upcalls"] == 1
+
+
+# ---- the per-port upcall budget and turn-taking ---------------------------------------------
+
+
+def test_a_port_over_its_upcall_budget_is_dropped_and_counted_while_others_upcall() -> None:
+    harness = Harness()
+    clock = [100.0]
+    harness.datapath._clock = lambda: clock[0]
+    harness.datapath.set_upcall_budget(10, 3)
+    for start in range(0, 8, 2):  # in callbacks of two, as a busy loop would take them
+        harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(2000 + n) for n in (start, start + 1)))
+    harness.receive(2, ZERO_VNET_HEADER + udp_frame(3000))
+    assert [port for port, _frame in harness.upcalls] == [1, 1, 1, 2]
+    counters = harness.datapath.counters()
+    assert counters["drop.upcall_budget"] == 5
+    assert counters["port.1.upcall_budget_drops"] == 5
+    assert counters["port.2.upcall_budget_drops"] == 0
+    clock[0] += 0.15  # one token and a half back for port 1
+    harness.receive(1, ZERO_VNET_HEADER + udp_frame(2100), ZERO_VNET_HEADER + udp_frame(2101))
+    assert [port for port, _frame in harness.upcalls] == [1, 1, 1, 2, 1]
+
+
+def test_flows_already_installed_do_not_spend_the_budget() -> None:
+    harness = Harness()
+    harness.datapath.set_upcall_budget(1, 1)
+    to_port_2(harness)
+    harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(1000 + n) for n in range(20)))
+    assert len(harness.sockets[2].sent) == 20
+    assert "drop.upcall_budget" not in harness.datapath.counters()
+
+
+def test_rate_zero_means_no_budget() -> None:
+    harness = Harness()
+    harness.datapath.set_upcall_budget(0, 1)
+    for n in range(30):
+        harness.receive(1, ZERO_VNET_HEADER + udp_frame(4000 + n))
+    assert len(harness.upcalls) == 30
+
+
+def test_one_callback_stops_after_its_upcall_share_and_the_rest_waits_on_the_socket() -> None:
+    harness = Harness()
+    harness.datapath._upcalls_per_batch = 3
+    harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(5000 + n) for n in range(10)))
+    assert len(harness.upcalls) == 3
+    assert len(harness.sockets[1].queue) == 7
+    # Cached frames do not count: a callback still forwards a whole batch of them.
+    to_port_2(harness)
+    harness.datapath._ports[1].flow_cache.clear()
+    harness.sockets[1].queue.clear()
+    harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(6000) for _ in range(10)))
+    assert len(harness.sockets[2].sent) == 10
+
+
+def test_unbinding_forgets_the_ports_budget() -> None:
+    harness = Harness()
+    harness.datapath.set_upcall_budget(10, 1)
+    harness.receive(1, ZERO_VNET_HEADER + udp_frame(1), ZERO_VNET_HEADER + udp_frame(2))
+    assert harness.datapath.counters()["port.1.upcall_budget_drops"] == 1
+    harness.datapath.unbind_port(1)
+    assert 1 not in harness.datapath._upcall_budgets
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(-1, 1), (1, 0), (True, 1), (1, 2.0)])
+def test_set_upcall_budget_refuses_nonsense(rate: float, burst: int) -> None:
+    with pytest.raises(ValueError):
+        userspace.UserspaceDatapath("127.0.0.1").set_upcall_budget(rate, burst)
+
+
+def test_frames_over_the_budget_also_end_a_callbacks_turn() -> None:
+    """Each costs a parse and a lookup: a flooding port over its budget gets 16 per turn."""
+    harness = Harness()
+    harness.datapath.set_upcall_budget(1, 1)
+    harness.receive(1, *(ZERO_VNET_HEADER + udp_frame(7000 + n) for n in range(40)))
+    assert len(harness.upcalls) == 1
+    assert harness.datapath.counters()["drop.upcall_budget"] == 15
+    assert len(harness.sockets[1].queue) == 24
+
+
+def test_the_kernels_drops_on_a_full_port_socket_are_summed_across_reads() -> None:
+    """PACKET_STATISTICS resets on read: the counter keeps the sum."""
+    harness = Harness()
+    reported = iter([3, 0, 4, 0])
+
+    def getsockopt(level: int, option: int, size: int) -> bytes:
+        assert (level, option, size) == (userspace.SOL_PACKET, userspace.PACKET_STATISTICS, 8)
+        return struct.pack("=II", 100, next(reported))
+
+    harness.sockets[1].getsockopt = getsockopt  # type: ignore[attr-defined]
+    counts = [harness.datapath.counters()["port.1.rx_kernel_drops"] for _ in range(3)]
+    assert counts == [3, 3, 7]
+    assert harness.datapath.counters()["port.2.rx_kernel_drops"] == 0  # no getsockopt: none

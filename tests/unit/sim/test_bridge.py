@@ -203,3 +203,22 @@ def test_bridge_loop_is_cut_by_the_device_limit() -> None:
     # Without spanning tree a looped frame also comes back to its sender; each port still
     # gets one copy (identical copies are merged) and the walk stays bounded.
     assert sorted(result.actions, key=str) == [Output(key(topo, "vm1")), Output(key(topo, "vm2"))]
+
+
+def test_a_broadcast_arp_request_is_copied_only_to_hosts_with_a_port_on_the_bridge() -> None:
+    """A flood of ARP requests (issue 16) reaches the hosts of the bridge's bound ports, not
+    every host of the zone; without a router to answer it, one megaflow serves every target."""
+    topo = three_host_bridge()
+    topo.bridge("b2")
+    topo.vm_port("b2", "elsewhere", "h4", mac_n=7)
+    topo.zone({**HOSTS, "h4": "192.0.2.4"})
+    sim = Sim(topo.view())
+    result = sim.run(arp_who_has(mac(1), "10.0.0.1", "10.0.0.77"), "vm1")
+    assert set(result.actions) == {
+        Tunnel("192.0.2.2", key(topo, "vm2")),
+        Tunnel("192.0.2.3", key(topo, "vm3")),
+        Output(key(topo, "vm4")),
+    }
+    assert result.install
+    other = sim.run(arp_who_has(mac(1), "10.0.0.1", "10.0.0.78"), "vm1")
+    assert (other.masked_match, other.mask) == (result.masked_match, result.mask)
