@@ -122,7 +122,7 @@ class FlowStateCounters:
     # Authentication (flowstate/auth.py), with `authenticate=True`: received messages
     # refused before decoding, never applied.
     rejected_unauthenticated: int = 0  # not sealed, malformed envelope, unknown key, bad tag
-    rejected_replayed: int = 0  # authentic, but a sequence already seen (or too old)
+    rejected_replayed: int = 0  # authentic, but a sequence already seen, or too old
     rejected_no_key: int = 0  # received before this host had the cluster keyring
     not_pushed_no_key: int = 0  # messages not sent: no cluster keyring yet
     by_event: dict[str, int] = field(default_factory=dict)
@@ -200,7 +200,7 @@ class FlowStateSync:
         self.authenticate = authenticate
         self.keyring = keyring
         self._receive_keys: dict[int, bytes] = keyring.receive_keys() if keyring else {}
-        self._sequence = int(wall_clock() * 1e9)
+        self._sequence = 0  # of the last message sealed (auth.next_sequence)
         self._replay = auth.ReplayWindow()
         self._max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES - (
             auth.overhead(host_id) if authenticate else 0
@@ -394,7 +394,7 @@ class FlowStateSync:
                 max_message_bytes=self._max_message_bytes,
             ):
                 if keyring is not None and self.authenticate:
-                    self._sequence += 1
+                    self._sequence = auth.next_sequence(self._sequence, self.wall_clock())
                     message = auth.seal(
                         message,
                         key_id=keyring.current.key_id,
@@ -438,7 +438,9 @@ class FlowStateSync:
             self.counters.rejected_unauthenticated += 1
             log.debug("host %s: flow-state message refused: %s", self.host_id, error)
             return None
-        if not self._replay.accept(opened.sender, opened.sequence):
+        if not auth.is_fresh(opened.sequence, self.wall_clock()) or not self._replay.accept(
+            opened.sender, opened.sequence
+        ):
             self.counters.rejected_replayed += 1
             return None
         return opened.message

@@ -15,9 +15,11 @@ Layout (network byte order), the UDP payload after the VXLAN header on key 0xFFF
 
 The receiver checks the tag against the current or the previous key of the keyring (by key
 id; rotation leaves both valid), then the sequence against the sender's replay window, and
-only then decodes the message. Senders start their sequence at their wall clock in
-nanoseconds and count up by one per message, so a restarted sender is ahead of everything
-it sent before (unless the clock went back further than it had sent messages).
+only then decodes the message. A sender's sequence is its wall clock in nanoseconds when
+it seals a message, or its previous sequence + 1 if that is larger: strictly increasing, so
+the replay window refuses any message twice, and close to the sender's wall clock, so a
+receiver that forgot its windows (a restart) still refuses a message older than
+`MAX_MESSAGE_AGE` (`is_fresh`). This asks hosts' wall clocks to agree within that (NTP).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ TAG_BYTES = 16
 KEY_BYTES = 32
 MAX_SEQUENCE = (1 << 64) - 1
 DEFAULT_WINDOW = 64
+MAX_MESSAGE_AGE = 300.0  # seconds: an older sequence is refused even from an unknown sender
 
 _PREFIX = struct.Struct("!4sBBB")  # magic, version, key id, sender length
 _SEQUENCE = struct.Struct("!Q")
@@ -111,6 +114,16 @@ def unseal(data: bytes, keys: dict[int, bytes]) -> Unsealed:
     (sequence,) = _SEQUENCE.unpack_from(data, sequence_at)
     message = bytes(view[sequence_at + _SEQUENCE.size : body_end])
     return Unsealed(sender, sequence, key_id, message)
+
+
+def next_sequence(previous: int, wall_clock: float) -> int:
+    """The sequence of a sender's next message (see the module docstring)."""
+    return min(MAX_SEQUENCE, max(previous + 1, int(wall_clock * 1e9)))
+
+
+def is_fresh(sequence: int, wall_clock: float, max_age: float = MAX_MESSAGE_AGE) -> bool:
+    """False for a message sealed more than `max_age` seconds before `wall_clock`."""
+    return sequence >= (wall_clock - max_age) * 1e9
 
 
 class ReplayWindow:

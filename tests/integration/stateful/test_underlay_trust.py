@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hivenet.agent.underlay import FLOWSTATE_KEYRING_KEY, rotate_keyring_if_due
 from hivenet.flowstate import ConntrackRecord, FlowKey, NatBinding, NatKind, NatRecord, encode
-from hivenet.flowstate.auth import seal
+from hivenet.flowstate.auth import MAX_MESSAGE_AGE, next_sequence, seal
 from hivenet.flowstate.conntrack import ConnState
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from tests.integration.common import eventually
@@ -97,6 +97,19 @@ def test_forged_replayed_and_foreign_flow_state_is_never_applied(tmp_path: Path)
             # A genuine message captured on the wire, played again.
             receive(FLOWSTATE_TUNNEL_KEY, to_h3[0], source_ip=HOSTS["h1"])
             assert h3.rejected_replayed == 1
+            # Sealed with the real key (a key holder's, or one captured long ago), but older
+            # than the maximum age: refused even from a sender h3 never heard of.
+            keyring = h3_agent.flowstate.keyring
+            assert keyring is not None
+            stale = seal(
+                forged_state(now),
+                key_id=keyring.current.key_id,
+                key=keyring.current.secret,
+                sender="h9",
+                sequence=next_sequence(0, time.time() - 2 * MAX_MESSAGE_AGE),
+            )
+            receive(FLOWSTATE_TUNNEL_KEY, stale, source_ip=HOSTS["h1"])
+            assert h3.rejected_replayed == 2
             # Genuine bytes, but from an address that is no tunnel peer: the datapath drops it.
             drops_before = c.datapaths["h3"].counters().get("drop.tunnel_unknown_source", 0)
             receive(FLOWSTATE_TUNNEL_KEY, to_h3[0], source_ip=ROGUE_IP)
@@ -105,7 +118,7 @@ def test_forged_replayed_and_foreign_flow_state_is_never_applied(tmp_path: Path)
             assert c.received_frames("out-a") == []
             assert table_sizes(c, "h3") == before
             snapshot = h3_agent.counters_snapshot()["flowstate"]
-            assert isinstance(snapshot, dict) and snapshot["rejected_replayed"] == 1
+            assert isinstance(snapshot, dict) and snapshot["rejected_replayed"] == 2
 
     run(scenario())
 

@@ -19,6 +19,8 @@ from hivenet.flowstate.auth import (
     ClusterKey,
     Keyring,
     ReplayWindow,
+    is_fresh,
+    next_sequence,
     overhead,
     seal,
     unseal,
@@ -157,3 +159,17 @@ def test_keyring_json_round_trip_and_rotation() -> None:
 def test_a_bad_stored_keyring_is_a_value_error(raw: bytes) -> None:
     with pytest.raises(ValueError, match="keyring"):
         Keyring.from_json(raw)
+
+
+def test_sequences_follow_the_wall_clock_and_never_go_back() -> None:
+    first = next_sequence(0, NOW)
+    assert first == int(NOW * 1e9)
+    assert next_sequence(first, NOW) == first + 1  # same clock reading: still increasing
+    assert next_sequence(first, NOW - 60) == first + 1  # the clock stepped back
+    assert next_sequence(first, NOW + 1) == int((NOW + 1) * 1e9)
+
+
+def test_a_message_older_than_the_maximum_age_is_stale() -> None:
+    sequence = next_sequence(0, NOW)
+    assert is_fresh(sequence, NOW + 299.0, max_age=300.0)
+    assert not is_fresh(sequence, NOW + 301.0, max_age=300.0)
