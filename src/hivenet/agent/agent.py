@@ -9,6 +9,9 @@ load-balancer members (`OverlayProbing`, agent/health.py), the write-back of loa
 status and its per-host LB counters (agent/lbstats.py), its traffic counters and Prometheus
 endpoint (agent/metrics.py), the trace requests for its ports (agent/tracing.py), publishing
 what the simulation learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
+Underlay trust (agent/underlay.py): the datapath's tunnel peers (live members of this host's
+tunnel zones, `set_tunnel_peers`), and the cluster's flow-state keyring (created if absent,
+watched, rotated on a schedule) that `FlowStateSync` seals and verifies messages with.
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
 

@@ -46,7 +46,7 @@ async def ensure_keyring(store: Store, now: float) -> Keyring:
         [Put(FLOWSTATE_KEYRING_KEY, fresh.to_json())],
     )
     stored = await store.get(FLOWSTATE_KEYRING_KEY)
-    if stored is None:  # deleted between the two calls: an operator's doing; try once more
+    if stored is None:  # deleted between the two calls: an operator's doing
         raise LookupError(f"{FLOWSTATE_KEYRING_KEY} vanished right after it was created")
     return Keyring.from_json(stored.value)
 
