@@ -3,6 +3,7 @@
 Scenarios (VMs are namespaces with veths, MTU 1450, offloads on; underlay MTU 1500):
   local   two VMs on one host:  our datapath (port -> port)   vs  a Linux bridge
   vxlan   VMs on two hosts:     our datapaths over VXLAN      vs  bridge + kernel VXLAN device
+          (ours accept VXLAN only from the peer host, as agents do: `set_tunnel_peers`)
 Metrics: single-stream TCP throughput (iperf3, else a Python socket pump) and 64-byte frame
 rate (UDP with 18-byte payloads; packets per second that reach the receiver). It also samples
 the CPU time the datapath process used, and with --profile runs the datapath under cProfile
@@ -185,6 +186,7 @@ def build_vxlan(scope: LabScope, kernel: bool, workdir: Path, profile: Path | No
                 "underlay_ip": host.underlay_ip,
                 "ports": {index: vm.port_link},
                 "flows": _flows_to(int(index), tunnel, peer_mac),
+                "tunnel_peers": [peer.underlay_ip],  # the agent's source check, on
             }
             _start_driver(lab, host.namespace, config, workdir, profile if index == "1" else None)
     return lab

@@ -9,6 +9,11 @@ topology with the stateful parts taken out (no security group, no port security,
 plain routed forwarding, so the table shows what connection tracking, NAT and the flow-state
 push cost per new connection, as a ratio.
 
+Also measured in the same run: the same stateful connections with the flow-state messages
+unauthenticated (no HMAC seal/verify, no replay window, no tunnel source check), as agents
+ran before the underlay was authenticated; alternating runs, the median of each, so the
+table shows what the HMAC costs per new connection.
+
 Owns nothing but this measurement: memory datapaths, no sockets, no files, no store (the SNAT
 range is claimed locally). Prints a human table, then exactly one JSON line.
 Usage: `python bench/flowstate.py [--quick] [--where N]` (`--where N`: also the N source
@@ -30,6 +35,7 @@ from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.flowstate import NatRange
+from hivenet.flowstate.auth import Keyring
 from hivenet.model import (
     Bridge,
     Chain,
@@ -55,10 +61,11 @@ R_IN_MAC, R_OUT_MAC = "02:00:00:00:ff:01", "02:00:00:00:ff:02"
 
 
 def build_hosts(
-    stateful: bool = True,
+    stateful: bool = True, authenticate: bool = True
 ) -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port]:
     """Two agents (h1: the VM, h2: the outside port). `stateful=False` is the peer: the same
-    topology without security group, port security or NAT rules."""
+    topology without security group, port security or NAT rules. `authenticate` (as agents
+    run): flow state sealed with a cluster key, tunnel sources checked."""
     objects: list[TopologyObject] = [
         Bridge(id="net"),
         Bridge(id="ext"),
@@ -141,6 +148,7 @@ def build_hosts(
     syncs: dict[str, FlowStateSync] = {}
     datapaths: dict[str, MemoryDatapath] = {}
     vm_port = next(o for o in objects if isinstance(o, Port) and o.id == "vm")
+    keyring = Keyring.new(bytes(range(32)), 0.0)
     for index, host in enumerate(("h1", "h2"), 1):
         view = TopologyView.from_objects(objects)
         tables = MemoryTables()
@@ -148,7 +156,9 @@ def build_hosts(
             OUT_MAC.replace(":", ""), 16
         )
         datapath = MemoryDatapath(host, f"192.0.2.{index}", underlay)
-        sync = FlowStateSync(host, datapath, view)
+        sync = FlowStateSync(host, datapath, view, authenticate=authenticate, keyring=keyring)
+        if authenticate:
+            datapath.set_tunnel_peers([f"192.0.2.{3 - index}"])
         sync.allocator.claim_all(NatRange.parse(SNAT_IP, SNAT_IP, 1024, 65535))
         FlowPipeline(host, datapath, view, tables, stateful=sync)
         datapath.bind_port(index, "hnvm" if index == 1 else "hnout")
@@ -156,8 +166,10 @@ def build_hosts(
     return syncs, datapaths, vm_port
 
 
-def connections_per_second(count: int, stateful: bool = True) -> dict[str, float]:
-    syncs, datapaths, _ = build_hosts(stateful)
+def connections_per_second(
+    count: int, stateful: bool = True, authenticate: bool = True
+) -> dict[str, float]:
+    syncs, datapaths, _ = build_hosts(stateful, authenticate)
     # To the outside host, varying ports: every SYN is a new connection (SG conntrack entry
     # in the VM port's zone + SNAT binding), pushed to the gateway host before it leaves.
     frames = [
@@ -197,7 +209,21 @@ def connections_per_second(count: int, stateful: bool = True) -> dict[str, float
         "pushed_bytes_per_connection": round(sync1.counters.pushed_bytes / count, 1),
         "pushed_entries_per_connection": round(sync1.counters.pushed_entries / count, 2),
         "peer_installed_entries": sync2.counters.received_entries,
+        "peer_rejected": sync2.counters.rejected_unauthenticated + sync2.counters.rejected_replayed,
     }
+
+
+def hmac_cost(count: int, rounds: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """(with HMAC, without), each the run of median rate among `rounds` alternating runs."""
+    runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    for _ in range(rounds):
+        for authenticate in (False, True):
+            runs[authenticate].append(connections_per_second(count, authenticate=authenticate))
+    median = rounds // 2
+    with_hmac, without = (
+        sorted(runs[flag], key=lambda r: r["per_second"])[median] for flag in (True, False)
+    )
+    return with_hmac, without
 
 
 def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[dict[str, object]]]:
@@ -264,8 +290,10 @@ def main() -> None:
     if args.where < 0:
         parser.error(f"--where must be >= 0, got {args.where}")
     count = 2_000 if args.quick else 20_000
-    rate = connections_per_second(count)
-    peer = connections_per_second(count, stateful=False)
+    rate, unauthenticated = hmac_cost(count)
+    peer = connections_per_second(count, stateful=False, authenticate=False)
+    if rate["peer_installed_entries"] == 0 or rate["peer_rejected"]:
+        raise SystemExit("the gateway did not install authenticated flow state: invalid")
     if peer["delivered"] != count or rate["delivered"] != count:
         raise SystemExit(
             f"not every connection was delivered (stateful {rate['delivered']}, "
@@ -281,6 +309,12 @@ def main() -> None:
     print(f"{'us per new connection':<52} {rate['us_per_connection']:>14}")
     print(f"{'peer: new routed flows/s, same agents, no state':<52} {peer['per_second']:>14,.0f}")
     print(f"{'stateful / stateless rate':<52} {ratio:>14.2f}")
+    hmac_ratio = rate["per_second"] / unauthenticated["per_second"]
+    print(
+        f"{'same, flow state unauthenticated (no HMAC)':<52} "
+        f"{unauthenticated['per_second']:>14,.0f}"
+    )
+    print(f"{'with HMAC / without HMAC rate':<52} {hmac_ratio:>14.3f}")
     print(
         f"{'flow-state bytes pushed per connection':<52} {rate['pushed_bytes_per_connection']:>14}"
     )
@@ -303,6 +337,8 @@ def main() -> None:
                 "rate": rate,
                 "stateless_peer": peer,
                 "stateful_vs_stateless": round(ratio, 3),
+                "without_hmac": unauthenticated,
+                "with_vs_without_hmac": round(hmac_ratio, 3),
                 "memory": memory,
                 **({"where": by_line} if args.where else {}),
             },

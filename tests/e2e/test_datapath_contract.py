@@ -100,10 +100,16 @@ class VethRig(Rig):
             key, inner = vxlan_decapsulate(datagram)
             sent.append((REMOTE_IP, key, inner))
 
-    def arrive_from_tunnel(self, tunnel_key: int, payload: bytes) -> None:
-        self.peer.sendto(
-            vxlan_encapsulate(payload, tunnel_key), (LOCAL_IP, self.userspace.vxlan_port)
-        )
+    def arrive_from_tunnel(
+        self, tunnel_key: int, payload: bytes, source_ip: str = REMOTE_IP
+    ) -> None:
+        datagram = vxlan_encapsulate(payload, tunnel_key)
+        if source_ip == REMOTE_IP:
+            self.peer.sendto(datagram, (LOCAL_IP, self.userspace.vxlan_port))
+        else:  # another sender on the loopback underlay
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                other.bind((source_ip, 0))
+                other.sendto(datagram, (LOCAL_IP, self.userspace.vxlan_port))
         self.settle()
 
     def close(self) -> None:

@@ -9,6 +9,9 @@ load-balancer members (`OverlayProbing`, agent/health.py), the write-back of loa
 status and its per-host LB counters (agent/lbstats.py), its traffic counters and Prometheus
 endpoint (agent/metrics.py), the trace requests for its ports (agent/tracing.py), publishing
 what the simulation learned, invalidating exactly the flows whose tags a change touches, and writing its counters.
+Underlay trust (agent/underlay.py): the datapath's tunnel peers (live members of this host's
+tunnel zones, `set_tunnel_peers`), and the cluster's flow-state keyring (created if absent,
+watched, rotated on a schedule) that `FlowStateSync` seals and verifies messages with.
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
 
@@ -27,7 +30,8 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +49,17 @@ from hivenet.agent.metrics import HostStats, HostStatsReporter, agent_registry, 
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.agent.tracing import TraceRequests
+from hivenet.agent.underlay import (
+    CLUSTER_PREFIX,
+    DEFAULT_KEY_ROTATION,
+    FLOWSTATE_KEYRING_KEY,
+    ensure_keyring,
+    rotate_keyring_if_due,
+    tunnel_peer_addresses,
+)
 from hivenet.clock import SYSTEM_CLOCK, Clock
 from hivenet.datapath.base import Datapath
+from hivenet.flowstate.auth import Keyring
 from hivenet.model import (
     Host,
     TopologyObject,
@@ -114,6 +127,8 @@ class HostAgent:
         underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
         metrics_address: tuple[str, int] | None = None,
         metadata: bool = False,
+        wall_clock: Callable[[], float] = time.time,
+        flowstate_key_rotation: float = DEFAULT_KEY_ROTATION,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -130,6 +145,8 @@ class HostAgent:
         # The agent's own loops read and sleep on the injected clock (hivenet/clock.py).
         self.clock = clock
         self._sleep = clock.sleep
+        self.wall_clock = wall_clock  # creation times of flow-state keys (shared in the store)
+        self.flowstate_key_rotation = flowstate_key_rotation  # seconds; 0: never rotate
         self.repository = TopologyRepository(store)
         self.topology = TopologyView()
         self.tables = MemoryTables()
@@ -151,6 +168,8 @@ class HostAgent:
             lease_id=lambda: self.lease_id,
             state_dir=state_dir,
             clock=clock,
+            wall_clock=wall_clock,
+            authenticate=True,  # sealed with the cluster key (ensure_keyring, at start)
         )
         self.pipeline = FlowPipeline(
             host_id,
@@ -171,7 +190,10 @@ class HostAgent:
         )
         self.tables_mirror = PrefixMirror(store, TABLES_PREFIX, self._on_table_change)
         self.state_mirror = PrefixMirror(store, STATE_PREFIX, self._on_state_change)
+        self.cluster_mirror = PrefixMirror(store, CLUSTER_PREFIX, self._on_cluster_change)
         self.live_hosts: set[str] = set()
+        # What the datapath accepts tunnel packets from (None: not told yet).
+        self.tunnel_peers: frozenset[str] | None = None
         # Probes through the overlay: health ports and namespaces this agent keeps itself.
         self.overlay_probing: OverlayProbing | None = None
         if overlay_health_probes:
@@ -243,13 +265,17 @@ class HostAgent:
 
     async def start(self, *, load_timeout: float = 30.0) -> None:
         """Register, load the topology and tables, bind local ports; then follow changes."""
+        # Until the topology and liveness are loaded, no underlay source is a known peer.
+        self._set_tunnel_peers(frozenset())
         await self._acquire_lease()
         await self._register_host()
+        self.flowstate.set_keyring(await ensure_keyring(self.store, self.wall_clock()))
         await self._start_metadata()
         self._tasks = [
             asyncio.create_task(self.topology_mirror.run(), name=f"hn-{self.host_id}-topology"),
             asyncio.create_task(self.tables_mirror.run(), name=f"hn-{self.host_id}-tables"),
             asyncio.create_task(self.state_mirror.run(), name=f"hn-{self.host_id}-state"),
+            asyncio.create_task(self.cluster_mirror.run(), name=f"hn-{self.host_id}-cluster"),
             asyncio.create_task(self._lease_loop(), name=f"hn-{self.host_id}-lease"),
             asyncio.create_task(self._publish_loop(), name=f"hn-{self.host_id}-publish"),
             asyncio.create_task(self._reconcile_loop(), name=f"hn-{self.host_id}-ports"),
@@ -273,6 +299,10 @@ class HostAgent:
                     *self.metrics_address,
                     exc,
                 )
+        if self.flowstate_key_rotation > 0:
+            self._tasks.append(
+                asyncio.create_task(self._key_rotation_loop(), name=f"hn-{self.host_id}-keys")
+            )
         if self.counters_path is not None:
             self._tasks.append(
                 asyncio.create_task(self._counters_loop(), name=f"hn-{self.host_id}-counters")
@@ -286,6 +316,7 @@ class HostAgent:
             load_timeout,
         )
         self._refresh_liveness()
+        self._refresh_tunnel_peers()
         self._reconcile_ports()
         await self.flowstate.start()
         if self.overlay_probing is not None:
@@ -444,6 +475,8 @@ class HostAgent:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
         if kind in LB_STATUS_KINDS:
             self.lb_status.wake()
+        if kind in ("host", "tunnel_zone") and self.state_mirror.loaded.is_set():
+            self._refresh_tunnel_peers()
         if kind in ("port", "host", "tunnel_zone"):
             self._ports_dirty.set()
             if obj is not None and self.state_mirror.loaded.is_set():
@@ -472,6 +505,7 @@ class HostAgent:
         self._ports_dirty.set()
         if self.state_mirror.loaded.is_set():
             self._refresh_liveness()
+            self._refresh_tunnel_peers()
 
     def _on_state_change(self, key: str, value: bytes | None, revision: int) -> None:
         try:
@@ -496,6 +530,7 @@ class HostAgent:
         self.lb_status.wake()  # the writer of some statuses may have moved
         if self.topology_mirror.loaded.is_set():
             self._refresh_host_liveness(host_id)
+            self._refresh_tunnel_peers()
 
     def _refresh_liveness(self) -> None:
         """Hosts whose agent holds no liveness key are down; so are the ports bound to them."""
@@ -507,6 +542,39 @@ class HostAgent:
             tags |= self.topology.set_host_alive(host_id, alive)
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
+
+    def _refresh_tunnel_peers(self) -> None:
+        """Tell the datapath the underlay addresses of the live members of our tunnel zones
+        (when they changed): tunnel packets from any other source are dropped."""
+        zones = (z for z in self.topology.all("tunnel_zone") if isinstance(z, TunnelZone))
+        self._set_tunnel_peers(tunnel_peer_addresses(zones, self.host_id, self.live_hosts))
+
+    def _set_tunnel_peers(self, peers: frozenset[str]) -> None:
+        if peers == self.tunnel_peers:
+            return
+        self.tunnel_peers = peers
+        self.datapath.set_tunnel_peers(peers)
+
+    def _on_cluster_change(self, key: str, value: bytes | None, revision: int) -> None:
+        if key != FLOWSTATE_KEYRING_KEY or value is None:
+            return  # a deleted keyring: keep the keys we have (ensure_keyring recreates it)
+        try:
+            self.flowstate.set_keyring(Keyring.from_json(value))
+        except ValueError as exc:
+            self.counters.bad_store_values += 1
+            log.error("host %s: ignoring bad flow-state keyring: %s", self.host_id, exc)
+
+    async def _key_rotation_loop(self) -> None:
+        """Rotate the cluster's flow-state key when it is older than the rotation period (one
+        agent wins the compare-and-swap; the others see the new key through the watch)."""
+        period = self.flowstate_key_rotation
+        while True:
+            await self._sleep(min(max(period / 10, 1.0), 600.0))
+            try:
+                if await rotate_keyring_if_due(self.store, self.wall_clock(), period):
+                    log.info("host %s: rotated the flow-state key", self.host_id)
+            except (StoreError, OSError, ValueError) as exc:
+                log.warning("host %s: flow-state key rotation failed: %s", self.host_id, exc)
 
     def _refresh_host_liveness(self, host_id: str) -> None:
         alive = host_id == self.host_id or host_id in self.live_hosts

@@ -52,6 +52,7 @@ from hivenet.flowstate import (
     PortBlockAllocator,
     PortBlockError,
     WireFormatError,
+    auth,
     conntrack_tag,
     decode,
     decode_stream,
@@ -66,6 +67,7 @@ from hivenet.flowstate import (
 )
 from hivenet.flowstate.keys import is_icmp_error
 from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
+from hivenet.flowstate.wire import DEFAULT_MAX_MESSAGE_BYTES
 from hivenet.model import Port, PortGroup
 from hivenet.packets import (
     FlowMatch,
@@ -117,6 +119,12 @@ class FlowStateCounters:
     journal_errors: int = 0  # journal writes that failed (OSError, e.g. disk full)
     blocks_retaken: int = 0  # held blocks taken again on a new lease after the old one died
     blocks_lost: int = 0  # held blocks another host took while our lease was gone
+    # Authentication (flowstate/auth.py), with `authenticate=True`: received messages
+    # refused before decoding, never applied.
+    rejected_unauthenticated: int = 0  # not sealed, malformed envelope, unknown key, bad tag
+    rejected_replayed: int = 0  # authentic, but a sequence already seen, or too old
+    rejected_no_key: int = 0  # received before this host had the cluster keyring
+    not_pushed_no_key: int = 0  # messages not sent: no cluster keyring yet
     by_event: dict[str, int] = field(default_factory=dict)
 
 
@@ -146,6 +154,8 @@ class FlowStateSync:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         tick_interval: float = 0.5,
+        authenticate: bool = False,
+        keyring: auth.Keyring | None = None,
     ) -> None:
         self.host_id = host_id
         self.datapath = datapath
@@ -185,6 +195,16 @@ class FlowStateSync:
         self._blocks_to_retake: set[PortBlock] = set()
         self._push_maps = _PushTargetMaps(None, -1, {}, frozenset())
         self._stateful_group_hosts: dict[str, set[str]] | None = None
+        # Sealed messages (flowstate/auth.py): what the agent always asks for. Without it,
+        # plain wire messages are sent and accepted (unit tests, the benchmark's baseline).
+        self.authenticate = authenticate
+        self.keyring = keyring
+        self._receive_keys: dict[int, bytes] = keyring.receive_keys() if keyring else {}
+        self._sequence = 0  # of the last message sealed (auth.next_sequence)
+        self._replay = auth.ReplayWindow()
+        self._max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES - (
+            auth.overhead(host_id) if authenticate else 0
+        )
         datapath.set_flow_state_handler(self.receive)
 
     # ------------------------------------------------------------------ life cycle
@@ -266,6 +286,11 @@ class FlowStateSync:
         if tags:
             self.datapath.invalidate(tags)
         self.push_due(now)
+
+    def set_keyring(self, keyring: auth.Keyring | None) -> None:
+        """The cluster's flow-state keys (the agent's store watch calls this on a change)."""
+        self.keyring = keyring
+        self._receive_keys = keyring.receive_keys() if keyring else {}
 
     def push_targets(self, result: SimulationResult, ingress_port_id: str) -> frozenset[str]:
         view = self.topology
@@ -351,6 +376,10 @@ class FlowStateSync:
     ) -> None:
         conntrack_by_peer = group_by_peer(conntrack_due)
         nat_by_peer = group_by_peer(nat_due)
+        keyring = self.keyring
+        if self.authenticate and keyring is None:
+            self.counters.not_pushed_no_key += len(set(conntrack_by_peer) | set(nat_by_peer))
+            return
         for peer in sorted(set(conntrack_by_peer) | set(nat_by_peer)):
             remote_ip = self.topology.host_underlay_ip.get(peer)
             if remote_ip is None:
@@ -358,14 +387,35 @@ class FlowStateSync:
                 continue
             conntrack_records = conntrack_by_peer.get(peer, [])
             nat_records = nat_by_peer.get(peer, [])
-            for message in encode_batches(conntrack_records, nat_records, now=now):
+            for message in encode_batches(
+                conntrack_records,
+                nat_records,
+                now=now,
+                max_message_bytes=self._max_message_bytes,
+            ):
+                if keyring is not None and self.authenticate:
+                    self._sequence = auth.next_sequence(self._sequence, self.wall_clock())
+                    message = auth.seal(
+                        message,
+                        key_id=keyring.current.key_id,
+                        key=keyring.current.secret,
+                        sender=self.host_id,
+                        sequence=self._sequence,
+                    )
                 self.datapath.send_flow_state(remote_ip, message)
                 self.counters.pushed_messages += 1
                 self.counters.pushed_bytes += len(message)
             self.counters.pushed_entries += len(conntrack_records) + len(nat_records)
 
     def receive(self, payload: bytes) -> None:
-        """A peer's push (the datapath's handler for the flow-state VNI)."""
+        """A peer's push (the datapath's handler for the flow-state VNI). With
+        `authenticate`, only a sealed message with a valid tag and a sequence not seen before
+        from its sender is decoded; anything else is counted and dropped, never applied."""
+        if self.authenticate:
+            opened = self._unseal(payload)
+            if opened is None:
+                return
+            payload = opened
         now = self.clock()
         try:
             batch = decode(payload, now)
@@ -377,6 +427,23 @@ class FlowStateSync:
         self.counters.received_entries += len(batch)
         self._install(batch.conntrack, batch.nat, now)
         self._journal_append(payload, written_at=now)
+
+    def _unseal(self, payload: bytes) -> bytes | None:
+        if not self._receive_keys:
+            self.counters.rejected_no_key += 1
+            return None
+        try:
+            opened = auth.unseal(payload, self._receive_keys)
+        except auth.AuthError as error:
+            self.counters.rejected_unauthenticated += 1
+            log.debug("host %s: flow-state message refused: %s", self.host_id, error)
+            return None
+        if not auth.is_fresh(opened.sequence, self.wall_clock()) or not self._replay.accept(
+            opened.sender, opened.sequence
+        ):
+            self.counters.rejected_replayed += 1
+            return None
+        return opened.message
 
     def _install(
         self, conntrack: Iterable[ConntrackRecord], nat: Iterable[NatRecord], now: float

@@ -17,7 +17,8 @@ Config (all keys but "ports" optional):
                             {"set_field": {"field": "eth_dst", "value": 2}}, {"dec_ttl": true},
                             {"push_vlan": 10}, {"pop_vlan": true}, {"drop": "reason"}],
                 "idle_timeout": 0}],
-     "miss_actions": {"1": [{"output": 2}]}}
+     "miss_actions": {"1": [{"output": 2}]},
+     "tunnel_peers": ["172.31.250.2"]}
 A flow's match names the fields it matches exactly (FlowMatch names, int values); every other
 field is wildcarded.
 """
@@ -151,6 +152,8 @@ async def serve(config: dict[str, Any], counters_file: Path) -> None:
         config.get("underlay_ip"), vxlan_port=int(config.get("vxlan_port", DEFAULT_VXLAN_PORT))
     )
     datapath.start()
+    if "tunnel_peers" in config:  # as an agent does: VXLAN only from these sources
+        datapath.set_tunnel_peers(config["tunnel_peers"])
     miss_actions = {
         int(key): [
             parse_action(action, f"miss_actions[{key}][{index}]")

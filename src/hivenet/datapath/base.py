@@ -12,6 +12,7 @@ snapshot of the installed flows with their usage), never as an object of its own
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -22,6 +23,22 @@ from hivenet.flows.table import Flow
 UpcallHandler = Callable[[int, bytes], None]
 # One flow-state message (conntrack/NAT entries, flowstate/wire.py) received from a peer.
 FlowStateHandler = Callable[[bytes], None]
+
+
+def tunnel_peer_set(addresses: Iterable[str] | None) -> frozenset[str] | None:
+    """`set_tunnel_peers`' argument as the canonical text of each address (as the socket
+    API reports a datagram's source); ValueError naming a bad one."""
+    if addresses is None:
+        return None
+    if isinstance(addresses, str):
+        raise ValueError(f"tunnel peers: expected addresses, got the string {addresses!r}")
+    peers: set[str] = set()
+    for address in addresses:
+        try:
+            peers.add(str(ipaddress.ip_address(address)))
+        except ValueError:
+            raise ValueError(f"tunnel peers: {address!r} is not an IP address") from None
+    return frozenset(peers)
 
 
 class Datapath(Protocol):
@@ -87,4 +104,11 @@ class Datapath(Protocol):
 
     def send_flow_state(self, remote_ip: str, payload: bytes) -> None:
         """One flow-state message to the host at `remote_ip` over the reserved tunnel key."""
+        ...
+
+    def set_tunnel_peers(self, addresses: Iterable[str] | None) -> None:
+        """Accept tunnel packets (frames and flow-state messages) only from these underlay
+        source addresses (the live members of this host's tunnel zones); any other is
+        dropped and counted as "drop.tunnel_unknown_source". None (the initial state):
+        accept every source. A bad address raises ValueError naming it."""
         ...

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from hivenet.datapath.base import UpcallHandler
+from hivenet.datapath.base import UpcallHandler, tunnel_peer_set
 from hivenet.flows.actions import Action as FlowAction
 from hivenet.flows.actions import (
     DecTtl,
@@ -117,7 +117,7 @@ class MemoryUnderlay:
         if self.drop_all or frozenset((source_ip, remote_ip)) in self._partitions:
             self.dropped += 1
             return False
-        destination.receive_tunnel(tunnel_key, frame)
+        destination.receive_tunnel(tunnel_key, frame, source_ip=source_ip)
         return True
 
 
@@ -150,6 +150,7 @@ class MemoryDatapath:
         self._handler: UpcallHandler | None = None
         self._flow_state_handler: Callable[[bytes], None] | None = None
         self._counters = _Counters()
+        self._tunnel_peers: frozenset[str] | None = None
         if underlay is not None:
             underlay.attach(underlay_ip, self)
 
@@ -294,9 +295,19 @@ class MemoryDatapath:
         self._counters.flowstate_sent += 1
         self.underlay.send(self.underlay_ip, remote_ip, FLOWSTATE_TUNNEL_KEY, payload)
 
-    def receive_tunnel(self, tunnel_key: int, frame: bytes) -> None:
+    def set_tunnel_peers(self, addresses: Iterable[str] | None) -> None:
+        self._tunnel_peers = tunnel_peer_set(addresses)
+
+    def receive_tunnel(
+        self, tunnel_key: int, frame: bytes, *, source_ip: str | None = None
+    ) -> None:
         """The egress half of a tunnel: deliver to the port the key names (or, for the
-        reserved flow-state key, hand the message to the flow-state handler)."""
+        reserved flow-state key, hand the message to the flow-state handler). `source_ip`:
+        the outer source address (None: unknown, refused once tunnel peers are set)."""
+        peers = self._tunnel_peers
+        if peers is not None and source_ip not in peers:
+            self._count_drop("tunnel_unknown_source")
+            return
         if tunnel_key == FLOWSTATE_TUNNEL_KEY:
             self._counters.flowstate_received += 1
             if self._flow_state_handler is None:

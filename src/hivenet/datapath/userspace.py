@@ -43,7 +43,9 @@ bound port with that key, without a flow lookup (the ingress host already simula
 FLOWSTATE_TUNNEL_KEY (0xFFFFFF) carries flow-state messages (`hivenet.flowstate.wire`), not
 frames: they go to the handler set with `set_flow_state_handler` (the agent's flow-state
 sync) and are sent with `send_flow_state`. Other keys from FLOOD_KEY_BASE up are reserved
-(flooding): counted and dropped for now.
+(flooding): counted and dropped for now. Once `set_tunnel_peers` gave the allowed underlay
+sources (the agent: live members of its tunnel zones), a datagram from any other source is
+dropped before its header is read (`drop.tunnel_unknown_source`).
 
 Counters (`counters()`): `port.<key>.{rx,tx}_{packets,bytes}`, `tunnel_{rx,tx}_{packets,bytes}`,
 `upcalls`, `port.<key>.upcall_budget_drops`, `emc_hits`, `megaflow_hits`, `flows`, `offload_segmented`, `offload_checksummed`,
@@ -83,7 +85,7 @@ from hivenet.datapath._offload import (
     segment_l3_length,
     wire_frames,
 )
-from hivenet.datapath.base import UpcallHandler
+from hivenet.datapath.base import UpcallHandler, tunnel_peer_set
 from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
 from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import ExactMatchCache, Flow, FlowTable, flow_match_values
@@ -350,6 +352,7 @@ class UserspaceDatapath:
         self._flow_state_handler: Callable[[bytes], None] | None = None
         self._flowstate_rx = 0
         self._flowstate_tx = 0
+        self._tunnel_peers: frozenset[str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnel_sock: socket.socket | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -566,6 +569,9 @@ class UserspaceDatapath:
         self._flowstate_tx += 1
         self._send_datagrams(sock, [header, payload], 1, 0, (remote_ip, self.vxlan_port))
 
+    def set_tunnel_peers(self, addresses: Iterable[str] | None) -> None:
+        self._tunnel_peers = tunnel_peer_set(addresses)
+
     def bound_ports(self) -> dict[int, str]:
         return {key: port.interface_name for key, port in self._ports.items()}
 
@@ -720,12 +726,19 @@ class UserspaceDatapath:
         decapsulate = self._decapsulate
         for _ in range(self._batch_size):
             try:
-                data, ancillary, _flags, _address = recvmsg(_TUNNEL_RECV_SIZE, 64)
+                data, ancillary, _flags, address = recvmsg(_TUNNEL_RECV_SIZE, 64)
             except BlockingIOError:
                 return
             except OSError as error:
                 # ICMP errors for earlier sends surface here (e.g. ECONNREFUSED): not fatal.
                 self._drop(f"tunnel_rx_error_{errno.errorcode.get(error.errno or 0, 'unknown')}")
+                continue
+            peers = self._tunnel_peers
+            if peers is not None and address[0] not in peers:
+                # One datagram or a whole GRO train: every segment came from this source.
+                self._tunnel_rx_packets += 1
+                self._tunnel_rx_bytes += len(data)
+                self._drop("tunnel_unknown_source")
                 continue
             if not ancillary:
                 decapsulate(data)
@@ -739,9 +752,16 @@ class UserspaceDatapath:
                 continue
             self._decapsulate_train(data, segment_size)
 
-    def _decapsulate(self, datagram: bytes) -> None:
+    def _decapsulate(self, datagram: bytes, source_ip: str | None = None) -> None:
+        """One received VXLAN datagram. `source_ip`: its outer source, when the caller has not
+        checked it against the tunnel peers yet (the eBPF datapath's underlay socket)."""
         self._tunnel_rx_packets += 1
         self._tunnel_rx_bytes += len(datagram)
+        if source_ip is not None:
+            peers = self._tunnel_peers
+            if peers is not None and source_ip not in peers:
+                self._drop("tunnel_unknown_source")
+                return
         tunnel_key, bad_header = parse_vxlan_header(datagram)
         if bad_header is not None:
             self._drop(bad_header)

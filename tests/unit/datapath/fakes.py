@@ -74,6 +74,7 @@ class RecordingUdpSocket(_FakeSocket):
         super().__init__()
         self.datagrams: list[tuple[bytes, int]] = []  # (payload, GSO segment size or 0)
         self.addresses: list[tuple[str, int]] = []
+        self.sources: list[tuple[str, int]] = []  # of queued datagrams, when a test gives them
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> int:
         self.datagrams.append((bytes(data), 0))
@@ -96,7 +97,9 @@ class RecordingUdpSocket(_FakeSocket):
     def recvmsg(self, _size: int, _ancillary_size: int) -> tuple[bytes, list[Any], int, Any]:
         if not self.queue:
             raise BlockingIOError
-        return self.queue.pop(0), [], 0, None
+        # The source of each queued datagram, when the test gave one (`sources`, in order).
+        source = self.sources.pop(0) if self.sources else ("127.0.0.2", 4789)
+        return self.queue.pop(0), [], 0, source
 
     def split(self) -> list[bytes]:
         """Every VXLAN datagram sent, GSO trains cut apart as the kernel would."""

@@ -48,7 +48,10 @@ class Rig:
         """(remote IP, tunnel key, inner frame or message) sent since the last call."""
         raise NotImplementedError
 
-    def arrive_from_tunnel(self, tunnel_key: int, payload: bytes) -> None:
+    def arrive_from_tunnel(
+        self, tunnel_key: int, payload: bytes, source_ip: str = REMOTE_IP
+    ) -> None:
+        """VXLAN with `tunnel_key` around `payload`, from underlay address `source_ip`."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -61,7 +64,7 @@ class _RecordingPeer:
     def __init__(self) -> None:
         self.received: list[tuple[int, bytes]] = []
 
-    def receive_tunnel(self, tunnel_key: int, frame: bytes) -> None:
+    def receive_tunnel(self, tunnel_key: int, frame: bytes, *, source_ip: str) -> None:
         self.received.append((tunnel_key, frame))
 
 
@@ -86,8 +89,10 @@ class MemoryRig(Rig):
         self.peer.received.clear()
         return sent
 
-    def arrive_from_tunnel(self, tunnel_key: int, payload: bytes) -> None:
-        self.memory.receive_tunnel(tunnel_key, payload)
+    def arrive_from_tunnel(
+        self, tunnel_key: int, payload: bytes, source_ip: str = REMOTE_IP
+    ) -> None:
+        self.memory.receive_tunnel(tunnel_key, payload, source_ip=source_ip)
 
 
 class ReplayRig(Rig):
@@ -139,8 +144,11 @@ class ReplayRig(Rig):
             result.append((address, key, inner))
         return result
 
-    def arrive_from_tunnel(self, tunnel_key: int, payload: bytes) -> None:
+    def arrive_from_tunnel(
+        self, tunnel_key: int, payload: bytes, source_ip: str = REMOTE_IP
+    ) -> None:
         self.tunnel.queue.append(vxlan_encapsulate(payload, tunnel_key))
+        self.tunnel.sources.append((source_ip, userspace.DEFAULT_VXLAN_PORT))
         self.loop.readable(self.tunnel.fileno())
 
     def close(self) -> None:

@@ -291,6 +291,64 @@ def test_flow_state_messages_travel_on_the_reserved_key(rig: Rig) -> None:
     assert received == [STATE_MESSAGE + b"2"]
 
 
+ROGUE_IP = "127.0.0.9"  # an underlay address that is not a tunnel peer
+
+
+def unknown_source_drops(rig: Rig) -> int:
+    """Tunnel packets dropped for their source, wherever the backend dropped them (the eBPF
+    datapath's kernel counts those it would have delivered itself)."""
+    counters = rig.datapath.counters()
+    return sum(v for name, v in counters.items() if name.endswith("tunnel_unknown_source"))
+
+
+def test_without_tunnel_peers_every_source_is_accepted(rig: Rig) -> None:
+    with_ports(rig, 2)
+    rig.arrive_from_tunnel(2, udp_frame(), ROGUE_IP)
+    assert rig.delivered(2) == [udp_frame()]
+    assert unknown_source_drops(rig) == 0
+
+
+def test_frames_from_a_source_that_is_not_a_tunnel_peer_are_dropped_and_counted(
+    rig: Rig,
+) -> None:
+    upcalls = with_ports(rig, 2)
+    rig.datapath.set_tunnel_peers([REMOTE_IP])
+    rig.arrive_from_tunnel(2, udp_frame(1000), ROGUE_IP)
+    rig.arrive_from_tunnel(2, udp_frame(1001))
+    assert rig.delivered(2) == [udp_frame(1001)]
+    assert unknown_source_drops(rig) == 1
+    assert upcalls == []
+
+
+def test_flow_state_from_a_source_that_is_not_a_tunnel_peer_never_reaches_the_handler(
+    rig: Rig,
+) -> None:
+    received: list[bytes] = []
+    rig.datapath.set_flow_state_handler(received.append)
+    rig.datapath.set_tunnel_peers([REMOTE_IP])
+    rig.arrive_from_tunnel(FLOWSTATE_TUNNEL_KEY, STATE_MESSAGE + b"rogue", ROGUE_IP)
+    rig.arrive_from_tunnel(FLOWSTATE_TUNNEL_KEY, STATE_MESSAGE + b"peer")
+    assert received == [STATE_MESSAGE + b"peer"]
+    assert unknown_source_drops(rig) == 1
+
+
+def test_tunnel_peers_can_change_and_be_lifted(rig: Rig) -> None:
+    with_ports(rig, 2)
+    rig.datapath.set_tunnel_peers([])
+    rig.arrive_from_tunnel(2, udp_frame(1000))
+    rig.datapath.set_tunnel_peers([ROGUE_IP, REMOTE_IP])
+    rig.arrive_from_tunnel(2, udp_frame(1001), ROGUE_IP)
+    rig.datapath.set_tunnel_peers(None)
+    rig.arrive_from_tunnel(2, udp_frame(1002), "127.0.0.10")
+    assert rig.delivered(2) == [udp_frame(1001), udp_frame(1002)]
+    assert unknown_source_drops(rig) == 1
+
+
+def test_a_tunnel_peer_that_is_not_an_address_is_refused_naming_it(rig: Rig) -> None:
+    with pytest.raises(ValueError, match="not-an-ip"):
+        rig.datapath.set_tunnel_peers([REMOTE_IP, "not-an-ip"])
+
+
 def test_flow_state_without_a_handler_is_a_counted_drop(rig: Rig) -> None:
     rig.arrive_from_tunnel(FLOWSTATE_TUNNEL_KEY, STATE_MESSAGE)
     assert rig.datapath.counters()["drop.flowstate_without_handler"] == 1

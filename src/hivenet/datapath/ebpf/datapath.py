@@ -74,6 +74,7 @@ class FastPathKernel(Protocol):
     def delete_entry(self, key: bytes) -> None: ...
     def entry_counters(self, key: bytes) -> tuple[int, int] | None: ...
     def counters(self) -> dict[str, int]: ...
+    def set_tunnel_peers(self, addresses: frozenset[str] | None) -> None: ...
 
 
 class _Offloaded:
@@ -246,6 +247,12 @@ class EbpfDatapath(UserspaceDatapath):
         result["kernel_offload_refused"] = self._offload_refused
         return result
 
+    def set_tunnel_peers(self, addresses: Iterable[str] | None) -> None:
+        """The userspace check (flow-state messages and marked frames reach `_decapsulate`)
+        and the kernel's (hn_tunnel_ingress, for what the VXLAN device delivers itself)."""
+        super().set_tunnel_peers(addresses)
+        self.kernel.set_tunnel_peers(self._tunnel_peers)
+
     def kernel_entries(self) -> dict[bytes, Flow]:
         """Kernel key -> the megaflow it stands for (a copy, for tests and tools)."""
         return dict(self._entry_owner)
@@ -390,11 +397,14 @@ class EbpfDatapath(UserspaceDatapath):
             except OSError:
                 self._drop("underlay_rx_error")
                 return
-            datagram = vxlan_datagram(bytes(buffer[:length]))
+            frame = bytes(buffer[:length])
+            datagram = vxlan_datagram(frame)
             if datagram is None:
                 self._drop("underlay_malformed")
                 continue
-            self._decapsulate(datagram)
+            # vxlan_datagram checked the IPv4 header is there: its source is bytes 12..16.
+            start = _ETHERNET_HEADER_LEN + 12
+            self._decapsulate(datagram, socket.inet_ntoa(frame[start : start + 4]))
 
 
 def vxlan_datagram(frame: bytes) -> bytes | None:

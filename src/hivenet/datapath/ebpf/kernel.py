@@ -17,6 +17,7 @@ without the `hn` prefix. Everything it made is removed by `close()`; after a cra
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -47,7 +48,10 @@ KERNEL_COUNTERS = (
     "drop.kernel_tunnel_unknown_key",
     "kernel_tunnel_flowstate",
     "drop.kernel_action_failed",
+    "drop.kernel_tunnel_unknown_source",
 )
+CONFIG_VXLAN_PORT = 0
+CONFIG_PEERS = 1  # hn_config index: 1 = hn_tunnel_peers is enforced
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _instances = count()
@@ -141,6 +145,7 @@ class KernelFastPath:
         self._fds: dict[str, int] = {}
         self._vxlan_made = False
         self._attached: dict[int, str] = {}
+        self._tunnel_peers: set[int] = set()  # in hn_tunnel_peers (host byte order)
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -161,9 +166,11 @@ class KernelFastPath:
             _run(["bpftool", "prog", "loadall", str(program), str(self.pin_dir),
                   "pinmaps", str(self.pin_dir)])  # fmt: skip
             for pinned in ("hn_flows", "hn_ports", "hn_counters", "hn_config",
-                           "hn_port_upcall", "hn_underlay_upcall"):  # fmt: skip
+                           "hn_tunnel_peers", "hn_port_upcall", "hn_underlay_upcall"):  # fmt: skip
                 self._fds[pinned] = bpfsys.object_get(str(self.pin_dir / pinned))
-            bpfsys.map_update(self._fds["hn_config"], _U32.pack(0), _U32.pack(self.vxlan_port))
+            bpfsys.map_update(
+                self._fds["hn_config"], _U32.pack(CONFIG_VXLAN_PORT), _U32.pack(self.vxlan_port)
+            )
             if self.underlay_ip is not None:
                 self._make_vxlan_device()
         except BaseException as error:
@@ -242,6 +249,31 @@ class KernelFastPath:
             bpfsys.map_delete(self._fds["hn_ports"], _U32.pack(port_key))
         # The interface may be gone already (its namespace deleted): nothing left to remove.
         subprocess.run(["tc", "qdisc", "del", "dev", interface_name, "clsact"], capture_output=True)
+
+    # ---- tunnel peers -----------------------------------------------------------------------
+
+    def set_tunnel_peers(self, addresses: frozenset[str] | None) -> None:
+        """hn_tunnel_ingress accepts VXLAN only from these IPv4 sources (None: from any).
+        The map is filled before enforcement starts and emptied after it stops, and a change
+        writes only the difference, so a peer that stays is never refused in between."""
+        config = self._fds["hn_config"]
+        if addresses is None:
+            bpfsys.map_update(config, _U32.pack(CONFIG_PEERS), _U32.pack(0))
+            wanted: set[int] = set()
+        else:
+            wanted = {
+                int(address)
+                for address in map(ipaddress.ip_address, addresses)
+                if isinstance(address, ipaddress.IPv4Address)
+            }
+        peers = self._fds["hn_tunnel_peers"]
+        for address in wanted - self._tunnel_peers:
+            bpfsys.map_update(peers, _U32.pack(address), b"\x01")
+        if addresses is not None:
+            bpfsys.map_update(config, _U32.pack(CONFIG_PEERS), _U32.pack(1))
+        for address in self._tunnel_peers - wanted:
+            bpfsys.map_delete(peers, _U32.pack(address))
+        self._tunnel_peers = wanted
 
     # ---- flow entries and counters ----------------------------------------------------------
 

@@ -60,6 +60,8 @@ class FakeKernel:
         self.underlay = ReplaySocket()
         self.set_up = False
         self.closed = False
+        self.tunnel_peers: frozenset[str] | None = None
+        self.unknown_source_drops = 0
 
     def setup(self) -> None:
         self.set_up = True
@@ -90,7 +92,13 @@ class FakeKernel:
         return None if value is None else entries.entry_counters(value)
 
     def counters(self) -> dict[str, int]:
-        return {"kernel_fake_entries": len(self.flows)}
+        return {
+            "kernel_fake_entries": len(self.flows),
+            "drop.kernel_tunnel_unknown_source": self.unknown_source_drops,
+        }
+
+    def set_tunnel_peers(self, addresses: frozenset[str] | None) -> None:
+        self.tunnel_peers = addresses
 
     def forward(self, port_key: int, frame: bytes) -> list[tuple[Action, bytes]] | None:
         """What tc ingress does with `frame` from port `port_key`: None on a miss (the agent's

@@ -67,8 +67,14 @@ class EbpfReplayRig(ReplayRig):
         self._kernel_tunnelled = []
         return result
 
-    def arrive_from_tunnel(self, tunnel_key: int, payload: bytes) -> None:
+    def arrive_from_tunnel(
+        self, tunnel_key: int, payload: bytes, source_ip: str = REMOTE_IP
+    ) -> None:
         if tunnel_key in self.kernel.ports:  # hn_tunnel_ingress delivers it by key
+            peers = self.kernel.tunnel_peers
+            if peers is not None and source_ip not in peers:  # ... from a peer only
+                self.kernel.unknown_source_drops += 1
+                return
             port_of_ifindex = {index: key for key, index in self.kernel.ports.items()}
             port_key = port_of_ifindex[self.kernel.ports[tunnel_key]]
             self.sockets[self._ports[port_key]].sent.append(VNET_HEADER + payload)
@@ -76,7 +82,7 @@ class EbpfReplayRig(ReplayRig):
         outer = build_udp_datagram(
             eth_src=MAC_B,
             eth_dst=MAC_A,
-            ip_src=REMOTE_IP,
+            ip_src=source_ip,
             ip_dst=LOCAL_IP,
             src_port=49152,
             dst_port=self.ebpf.vxlan_port,

@@ -11,6 +11,9 @@
  *                        frame is handled exactly once.
  *   hn_tunnel_ingress    tc ingress of the VXLAN device: deliver by tunnel key (hn_ports) to the
  *                        local port, no flow lookup (the ingress host already simulated).
+ *                        Once the agent enforces tunnel peers (hn_config[HN_CONFIG_PEERS]), a
+ *                        frame for a local port whose outer source is not in hn_tunnel_peers
+ *                        is dropped (what goes to the agent, the agent checks and counts).
  *   hn_underlay_upcall   socket filter on the agent's AF_PACKET socket of the underlay: VXLAN
  *                        whose key is not a local port (flow-state messages, unknown keys) goes
  *                        to the agent, and so does VXLAN a peer's agent sent itself (marked
@@ -84,12 +87,14 @@ enum hn_counter {
 	HN_TUNNEL_UNKNOWN_KEY,
 	HN_TUNNEL_FLOWSTATE,
 	HN_ACTION_FAILED,
+	HN_TUNNEL_UNKNOWN_SOURCE,
 	HN_COUNTER_MAX,
 };
 
 #define HN_FLOWSTATE_KEY 0xFFFFFF
 #define HN_VXLAN_AGENT_MARK 0x01 /* datapath/ebpf/datapath.py VXLAN_AGENT_MARK */
 #define HN_CONFIG_VXLAN_PORT 0
+#define HN_CONFIG_PEERS 1 /* 1: accept tunnel packets only from hn_tunnel_peers */
 
 /* LRU: a full map evicts the least recently used entry instead of refusing an insert. */
 struct {
@@ -115,10 +120,18 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } hn_config SEC(".maps");
+
+/* Underlay addresses allowed to send us VXLAN: the live members of our tunnel zones. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);  /* IPv4, host byte order (bpf_tunnel_key.remote_ipv4) */
+	__type(value, __u8); /* 1 */
+} hn_tunnel_peers SEC(".maps");
 
 #define ETH_HLEN_ 14
 #define IP_OFF ETH_HLEN_
@@ -335,6 +348,16 @@ int hn_port_upcall(struct __sk_buff *skb)
 	return -1;
 }
 
+static __always_inline int tunnel_peer_allowed(__u32 remote_ipv4)
+{
+	__u32 config_index = HN_CONFIG_PEERS;
+	__u32 *enforced = bpf_map_lookup_elem(&hn_config, &config_index);
+
+	if (!enforced || !*enforced)
+		return 1;
+	return bpf_map_lookup_elem(&hn_tunnel_peers, &remote_ipv4) != NULL;
+}
+
 SEC("tc")
 int hn_tunnel_ingress(struct __sk_buff *skb)
 {
@@ -349,8 +372,13 @@ int hn_tunnel_ingress(struct __sk_buff *skb)
 	tunnel_key = tunnel.tunnel_id;
 	ifindex = bpf_map_lookup_elem(&hn_ports, &tunnel_key);
 	if (!ifindex) {
-		/* Flow-state messages and unknown keys reached the agent by hn_underlay_upcall. */
+		/* Flow-state messages and unknown keys reached the agent by hn_underlay_upcall
+		 * (which checks their source and counts them). */
 		count(tunnel_key == HN_FLOWSTATE_KEY ? HN_TUNNEL_FLOWSTATE : HN_TUNNEL_UNKNOWN_KEY);
+		return TC_ACT_SHOT;
+	}
+	if (!tunnel_peer_allowed(tunnel.remote_ipv4)) {
+		count(HN_TUNNEL_UNKNOWN_SOURCE);
 		return TC_ACT_SHOT;
 	}
 	count(HN_TUNNEL_DELIVERED);
