@@ -23,13 +23,13 @@ def require_root() -> None:
         pytest.skip("e2e: needs root (network namespaces, veth)")
 
 
-@contextlib.contextmanager
 def lab_datapath() -> str:
     """The agents' datapath for the e2e labs: the lab's default (ebpf), or HN_LAB_DATAPATH
     (`make test` runs the lab tests a second time with HN_LAB_DATAPATH=userspace)."""
     return os.environ.get("HN_LAB_DATAPATH", DEFAULT_LAB_DATAPATH)
 
 
+@contextlib.contextmanager
 def running_lab(
     scenario: Scenario, root: Path, *, timeout: float = 60, **options: Any
 ) -> Iterator[Lab]:
