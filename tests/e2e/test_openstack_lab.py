@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ class OpenStackCli:
     def __call__(self, *args: str) -> Any:
         """The parsed JSON output (None for commands that print nothing); exit 0 or fail."""
         command = [str(VENV_BIN / "openstack"), "--os-cloud", CLOUD, *args]
-        if {"create", "show", "list"} & set(args[:4]):
+        if {"create", "show", "list"} & set(args[:4]) and "status" not in args:
             command += ["-f", "json"]
         result = subprocess.run(
             command,
@@ -102,13 +103,14 @@ def binding_host(port: dict[str, Any]) -> Any:
     return port.get("binding_host_id", port.get("binding:host_id"))
 
 
-def wait_port_active(cli: OpenStackCli, port_id: str, timeout: float = 20.0) -> dict[str, Any]:
+def wait_ports_active(cli: OpenStackCli, port_ids: list[str], timeout: float = 20.0) -> None:
+    """Until every port's status is ACTIVE (its host's agent bound it), by `port list`."""
     deadline = time.monotonic() + timeout
     while True:
-        port: dict[str, Any] = cli("port", "show", port_id)
-        if port["status"] == "ACTIVE":
-            return port
-        assert time.monotonic() < deadline, f"port {port_id} not ACTIVE: {port}"
+        statuses = {p["ID"]: p["Status"] for p in cli("port", "list", "--long")}
+        if all(statuses.get(port_id) == "ACTIVE" for port_id in port_ids):
+            return
+        assert time.monotonic() < deadline, f"ports not ACTIVE: {statuses}"
         time.sleep(0.5)
 
 
@@ -145,35 +147,32 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield lab
 
 
-def test_openstack_cli_builds_a_tenant_network_that_lab_vms_use(lab: Lab, tmp_path: Path) -> None:
-    cli = OpenStackCli(lab, tmp_path)
-
-    # ---- the external network and the outside world on it (bound on h3) -------------------
+def build_external(cli: OpenStackCli, lab: Lab) -> dict[str, Any]:
+    """The external network and a port on it for the outside world, bound on h3 to the
+    interface its binding:profile names."""
     public = cli("network", "create", "--external", "public")
     assert public["router:external"] is True
-    public_subnet = cli(
+    subnet = cli(
         "subnet", "create", "--network", "public", "--subnet-range", PUBLIC_CIDR,
         "--gateway", OUTSIDE_IP, "--allocation-pool", "start=192.0.2.10,end=192.0.2.99",
         "--no-dhcp", "public-subnet",
     )  # fmt: skip
-    assert (public_subnet["cidr"], public_subnet["gateway_ip"]) == (PUBLIC_CIDR, OUTSIDE_IP)
-    outside_link = lab.scope.link("outp")
-    outside_port = cli(
+    assert (subnet["cidr"], subnet["gateway_ip"]) == (PUBLIC_CIDR, OUTSIDE_IP)
+    assert subnet["enable_dhcp"] is False
+    link = lab.scope.link("outp")
+    port = cli(
         "port", "create", "--network", "public", "--host", OUTSIDE_HOST,
-        "--binding-profile", f"interface_name={outside_link}",
+        "--binding-profile", f"interface_name={link}",
         "--disable-port-security", "--no-security-group", "--no-fixed-ip", "outside",
     )  # fmt: skip
-    assert binding_host(outside_port) == OUTSIDE_HOST
-    lab.plug_vm(
-        "out",
-        host=OUTSIDE_HOST,
-        interface=outside_link,
-        mac=outside_port["mac_address"],
-        ip=f"{OUTSIDE_IP}/24",
-        dhcp_client=None,
-    )
+    assert binding_host(port) == OUTSIDE_HOST and port["binding_profile"] == {
+        "interface_name": link
+    }
+    assert port["port_security_enabled"] is False and port["fixed_ips"] == []
+    return {"network": public, "subnet": subnet, "port": port, "link": link}
 
-    # ---- the tenant network, a front network, their router and its gateway ---------------
+
+def build_tenant(cli: OpenStackCli) -> dict[str, Any]:
     network = cli("network", "create", "tenant")
     assert network["mtu"] == 1450 and network["router:external"] is False
     subnet = cli(
@@ -181,78 +180,50 @@ def test_openstack_cli_builds_a_tenant_network_that_lab_vms_use(lab: Lab, tmp_pa
         "--dns-nameserver", DNS_SERVER, "tenant-subnet",
     )  # fmt: skip
     assert subnet["dns_nameservers"] == [DNS_SERVER] and subnet["gateway_ip"] == "10.20.0.1"
-    cli("network", "create", "front")
-    cli("subnet", "create", "--network", "front", "--subnet-range", FRONT_CIDR, "front-subnet")
+    assert subnet["network_id"] == network["id"]
+    return subnet
+
+
+def build_front(cli: OpenStackCli) -> dict[str, Any]:
+    network = cli("network", "create", "front")
+    subnet = cli(
+        "subnet", "create", "--network", "front", "--subnet-range", FRONT_CIDR, "front-subnet"
+    )
+    assert subnet["network_id"] == network["id"] and subnet["gateway_ip"] == "10.30.0.1"
+    return subnet
+
+
+def open_default_group(cli: OpenStackCli) -> None:
+    """Ping and HTTP (port 80) into the project's default group from anywhere."""
+    rules = [
+        cli("security", "group", "rule", "create", *rule_args, "default")
+        for rule_args in (("--protocol", "icmp"), ("--protocol", "tcp", "--dst-port", "80"))
+    ]
+    assert len({rule["security_group_id"] for rule in rules}) == 1, rules
+    assert [(r["protocol"], r["port_range_min"], r["direction"]) for r in rules] == [
+        ("icmp", None, "ingress"),
+        ("tcp", 80, "ingress"),
+    ]
+
+
+def build_router(cli: OpenStackCli, public_id: str, public_subnet_id: str) -> dict[str, Any]:
     router = cli("router", "create", "edge")
     cli("router", "add", "subnet", "edge", "tenant-subnet")
     cli("router", "add", "subnet", "edge", "front-subnet")
     cli("router", "set", "--external-gateway", "public", "edge")
-    gateway = cli("router", "show", "edge")["external_gateway_info"]
-    assert gateway["network_id"] == public["id"] and gateway["enable_snat"] is True
-    assert gateway["external_fixed_ips"][0]["subnet_id"] == public_subnet["id"]
+    shown: dict[str, Any] = cli("router", "show", "edge")
+    assert shown["id"] == router["id"]
+    gateway = shown["external_gateway_info"]
+    assert gateway["network_id"] == public_id and gateway["enable_snat"] is True
+    assert gateway["external_fixed_ips"][0]["subnet_id"] == public_subnet_id
+    return shown
 
-    # ---- security: ping and HTTP from anywhere ---------------------------------------------
-    group = cli("security", "group", "show", "default")
-    for rule_args in (("--protocol", "icmp"), ("--protocol", "tcp", "--dst-port", "80")):
-        rule = cli("security", "group", "rule", "create", *rule_args, group["id"])
-        assert rule["security_group_id"] == group["id"] and rule["direction"] == "ingress"
 
-    # ---- three VMs on ports bound Nova-style (--host), addressed by DHCP ---------------------
-    placement = {**{vm: (host, "tenant") for vm, host in MEMBERS.items()}}
-    placement[CLIENT] = (CLIENT_HOST, "front")
-    ports: dict[str, dict[str, Any]] = {}
-    for vm, (host, net) in placement.items():
-        port = cli("port", "create", "--network", net, "--host", host, f"{vm}-port")
-        assert binding_host(port) == host and port["status"] == "DOWN"
-        ports[vm] = port
-    addresses = {vm: port["fixed_ips"][0]["ip_address"] for vm, port in ports.items()}
-    for vm, (host, _net) in placement.items():
-        lab.plug_vm(
-            vm,
-            host=host,
-            interface=f"tap{ports[vm]['id'][:11]}",  # Nova's name, bound by host's agent
-            mac=ports[vm]["mac_address"],
-            ip=f"{addresses[vm]}/24",
-        )
-    deadline = time.monotonic() + 30
-    for vm, (_host, net) in placement.items():
-        lease = lab.wait_dhcp_lease(lab.plugged_vm(vm), deadline=deadline)
-        router_ip = "10.20.0.1" if net == "tenant" else "10.30.0.1"
-        assert [str(r) for r in lease.routers] == [router_ip], lease
-        assert lease.mtu == 1450, lease
-        if net == "tenant":
-            assert [str(d) for d in lease.dns] == [DNS_SERVER], lease
-    for vm in placement:
-        port = wait_port_active(cli, ports[vm]["id"])
-        assert port.get("binding_vif_type", port.get("binding:vif_type")) == "tap", port
-
-    # On different hosts, the members ping each other; through the router, the client both;
-    # through SNAT on the gateway, vm2 the outside.
-    assert reaches(lab, "vm1", addresses["vm2"]) and reaches(lab, "vm2", addresses["vm1"])
-    assert reaches(lab, CLIENT, addresses["vm1"]) and reaches(lab, CLIENT, addresses["vm2"])
-    assert reaches(lab, "vm2", OUTSIDE_IP)
-
-    # ---- a floating IP: the outside reaches vm1 ---------------------------------------------
-    fip = cli("floating", "ip", "create", "public")
-    assert fip["floating_network_id"] == public["id"]
-    floating = fip["floating_ip_address"]
-    cli("floating", "ip", "set", "--port", "vm1-port", floating)
-    shown = cli("floating", "ip", "show", fip["id"])
-    assert (shown["port_id"], shown["fixed_ip_address"]) == (ports["vm1"]["id"], addresses["vm1"])
-    assert shown["router_id"] == router["id"]
-    assert reaches(lab, "out", floating)
-
-    # ---- a load balancer: the VIP answers HTTP from both VMs ---------------------------------
-    for vm in MEMBERS:
-        site = tmp_path / f"site-{vm}"
-        site.mkdir()
-        (site / "who").write_text(vm)
-        lab.start_in(
-            vm, [sys.executable, "-m", "http.server", "80", "--directory", str(site)], label="http"
-        )
+def build_load_balancer(cli: OpenStackCli, subnet_id: str, members: dict[str, str]) -> str:
+    """A VIP on the tenant subnet: TCP 80 to port 80 of `members` (name -> address), with an
+    HTTP health monitor; its address."""
     lb = cli("loadbalancer", "create", "--vip-subnet-id", "tenant-subnet", "--name", "lb1")
-    assert lb["vip_subnet_id"] == subnet["id"]
-    vip = lb["vip_address"]
+    assert lb["vip_subnet_id"] == subnet_id and lb["provisioning_status"] == "ACTIVE"
     listener = cli(
         "loadbalancer", "listener", "create", "--protocol", "TCP", "--protocol-port", "80",
         "--name", "web", "lb1",
@@ -263,24 +234,137 @@ def test_openstack_cli_builds_a_tenant_network_that_lab_vms_use(lab: Lab, tmp_pa
         "--lb-algorithm", "SOURCE_IP_PORT", "--name", "web-pool",
     )  # fmt: skip
     assert pool["lb_algorithm"] == "SOURCE_IP_PORT"
-    for vm in MEMBERS:
+
+    def add_member(name: str) -> None:
         member = cli(
-            "loadbalancer", "member", "create", "--address", addresses[vm],
-            "--protocol-port", "80", "--subnet-id", "tenant-subnet", "--name", vm, "web-pool",
+            "loadbalancer", "member", "create", "--address", members[name],
+            "--protocol-port", "80", "--subnet-id", "tenant-subnet", "--name", name, "web-pool",
         )  # fmt: skip
-        assert (member["address"], member["protocol_port"]) == (addresses[vm], 80)
+        assert (member["address"], member["protocol_port"]) == (members[name], 80)
+
+    in_parallel(*(lambda name=name: add_member(name) for name in members))
     monitor = cli(
         "loadbalancer", "healthmonitor", "create", "--delay", "2", "--timeout", "1",
         "--max-retries", "2", "--type", "HTTP", "--url-path", "/who", "--name", "hm", "web-pool",
     )  # fmt: skip
-    assert monitor["url_path"] == "/who"
-    assert cli("loadbalancer", "listener", "show", "web")["default_pool_id"] == pool["id"]
+    assert (monitor["type"], monitor["url_path"]) == ("HTTP", "/who")
+    return str(lb["vip_address"])
+
+
+def in_parallel(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent CLI steps side by side (each `openstack` call costs a second or two of
+    start-up); their results, or the first failure raised."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+
+
+def test_openstack_cli_builds_a_tenant_network_that_lab_vms_use(lab: Lab, tmp_path: Path) -> None:
+    cli = OpenStackCli(lab, tmp_path)
+    external, subnet, _front, _ = in_parallel(
+        lambda: build_external(cli, lab),
+        lambda: build_tenant(cli),
+        lambda: build_front(cli),
+        lambda: open_default_group(cli),
+    )
+    lab.plug_vm(
+        "out",
+        host=OUTSIDE_HOST,
+        interface=external["link"],
+        mac=external["port"]["mac_address"],
+        ip=f"{OUTSIDE_IP}/24",
+        dhcp_client=None,
+    )
+
+    # The router, and meanwhile three ports bound Nova-style (--host) on three hosts.
+    placement = {vm: (host, "tenant") for vm, host in MEMBERS.items()}
+    placement[CLIENT] = (CLIENT_HOST, "front")
+
+    def create_port(vm: str) -> dict[str, Any]:
+        host, net = placement[vm]
+        port: dict[str, Any] = cli("port", "create", "--network", net, "--host", host, f"{vm}-port")
+        assert binding_host(port) == host and port["status"] == "DOWN"
+        return port
+
+    router, *created = in_parallel(
+        lambda: build_router(cli, external["network"]["id"], external["subnet"]["id"]),
+        *(lambda vm=vm: create_port(vm) for vm in placement),
+    )
+    ports = dict(zip(placement, created, strict=True))
+    addresses = {vm: port["fixed_ips"][0]["ip_address"] for vm, port in ports.items()}
+
+    # The load balancer is built while the VMs come up.
+    with ThreadPoolExecutor(max_workers=1) as background:
+        vip_future = background.submit(
+            build_load_balancer, cli, subnet["id"], {vm: addresses[vm] for vm in MEMBERS}
+        )
+        for vm, (host, _net) in placement.items():
+            lab.plug_vm(
+                vm,
+                host=host,
+                interface=f"tap{ports[vm]['id'][:11]}",  # Nova's name, bound by the agent
+                mac=ports[vm]["mac_address"],
+                ip=f"{addresses[vm]}/24",
+            )
+        for vm in MEMBERS:
+            site = tmp_path / f"site-{vm}"
+            site.mkdir()
+            (site / "who").write_text(vm)
+            lab.start_in(
+                vm,
+                [sys.executable, "-m", "http.server", "80", "--directory", str(site)],
+                label="http",
+            )
+        deadline = time.monotonic() + 30
+        for vm, (_host, net) in placement.items():
+            lease = lab.wait_dhcp_lease(lab.plugged_vm(vm), deadline=deadline)
+            router_ip = "10.20.0.1" if net == "tenant" else "10.30.0.1"
+            assert [str(r) for r in lease.routers] == [router_ip], lease
+            assert lease.mtu == 1450, lease
+            if net == "tenant":
+                assert [str(d) for d in lease.dns] == [DNS_SERVER], lease
+        wait_ports_active(cli, [ports[vm]["id"] for vm in placement])
+
+        # On different hosts, the members ping each other; through the router, the client
+        # both; through SNAT on the gateway, vm2 the outside.
+        assert reaches(lab, "vm1", addresses["vm2"]) and reaches(lab, "vm2", addresses["vm1"])
+        assert reaches(lab, CLIENT, addresses["vm1"]) and reaches(lab, CLIENT, addresses["vm2"])
+        assert reaches(lab, "vm2", OUTSIDE_IP)
+
+        # A floating IP: the outside reaches vm1.
+        fip = cli("floating", "ip", "create", "public")
+        assert fip["floating_network_id"] == external["network"]["id"]
+        floating = fip["floating_ip_address"]
+        cli("floating", "ip", "set", "--port", "vm1-port", floating)
+        shown = cli("floating", "ip", "show", fip["id"])
+        assert (shown["port_id"], shown["fixed_ip_address"]) == (
+            ports["vm1"]["id"],
+            addresses["vm1"],
+        )
+        assert shown["router_id"] == router["id"]
+        assert reaches(lab, "out", floating)
+        vip = vip_future.result()
+
+    # The VIP answers HTTP from both members.
     for vm in MEMBERS:
         wait_http_server(lab, vm)
     total: Counter[str] = Counter()
     deadline = time.monotonic() + 20
-    while set(total) != set(MEMBERS):
+    while set(total) != set(MEMBERS):  # the first requests may meet unresolved neighbours
         total.update(http_counts(lab, CLIENT, vip, 10))
         assert time.monotonic() < deadline, total
     counts = http_counts(lab, CLIENT, vip, 40)
     assert counts["failed"] == 0 and set(counts) <= set(MEMBERS), counts
+
+    # The status tree: the listener, its pool and both members, ONLINE by the monitor.
+    deadline = time.monotonic() + 20
+    while True:
+        tree = cli("loadbalancer", "status", "show", "lb1")["loadbalancer"]
+        pool = tree["listeners"][0]["pools"][0]
+        statuses = {m["address"]: m["operating_status"] for m in pool["members"]}
+        if statuses == {addresses[vm]: "ONLINE" for vm in MEMBERS}:
+            break
+        assert time.monotonic() < deadline, tree
+        time.sleep(1)
+    assert tree["listeners"][0]["name"] == "web" and pool["name"] == "web-pool"
+    assert pool["health_monitor"]["type"] == "HTTP"
