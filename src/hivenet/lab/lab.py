@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -629,7 +630,7 @@ class Lab(TrafficProbes):
 
     def status(self) -> LabStatus:
         existing = set(netns.list_namespaces(netns.NAME_PREFIX))
-        namespaces = {name: name in existing for name in self.plan.namespaces()}
+        namespaces = {name: name in existing for name in self.namespaces()}
         processes = [
             ProcessStatus(record.namespace, record.label, record.pid, record.is_running())
             for record in self._process_records()
@@ -665,7 +666,7 @@ class Lab(TrafficProbes):
     def _process_records(self) -> list[ProcessRecord]:
         if not self.state_dir.is_dir():
             return []
-        ours = {*self.plan.namespaces(), self.plan.api_namespace}
+        ours = {*self.namespaces(), self.plan.api_namespace}
         records = []
         for pid_file in sorted(self.state_dir.glob("*.json")):
             record = read_process_record(pid_file)
@@ -673,28 +674,103 @@ class Lab(TrafficProbes):
                 records.append(record)
         return records
 
+    # ---- VMs plugged onto ports made through the API --------------------------------------------
+
+    def namespaces(self) -> list[str]:
+        """The plan's namespaces and those of the VMs `plug_vm` added."""
+        return [*self.plan.namespaces(), *(vm.namespace for vm in self.plugged_vms())]
+
+    def plugged_vms(self) -> list[VmPlan]:
+        return [VmPlan(**data) for data in self.record.plugged.values()]
+
+    def plugged_vm(self, name: str) -> VmPlan:
+        data = self.record.plugged.get(name)
+        if data is None:
+            raise LabError(f"VM {name!r}: not plugged in this lab")
+        return VmPlan(**data)
+
+    def namespace_of(self, name: str) -> str:
+        """The namespace of a VM (scenario or plugged), a host or the external network."""
+        for vm in self.plugged_vms():
+            if name in (vm.name, vm.namespace):
+                return vm.namespace
+        return self.plan.namespace_of(name)
+
+    def plug_vm(
+        self,
+        name: str,
+        *,
+        host: str,
+        interface: str,
+        mac: str,
+        ip: str,
+        dhcp_client: str | None = dhcpclient.UDHCPC,
+    ) -> VmPlan:
+        """A VM namespace `name` (`eth0` with `mac`) wired to `interface` in `host`'s namespace,
+        for a port made through the API after `up` and bound to (`host`, `interface`) -- e.g.
+        `openstack port create --host h1` (`interface` is then Nova's `tap` + the first 11
+        characters of the port id) --, with its DHCP client started; `ip` (with prefix) is the
+        address its lease must give (`wait_dhcp_lease`), or with `dhcp_client` None its static
+        address (if any). The agent binds the interface once it appears. Recorded in lab.json,
+        so `down` removes it whatever happens."""
+        taken = {vm.name for vm in self.plan.vms} | set(self.plan.host_names)
+        if name in taken or name in self.record.plugged or name == EXTERNAL_ROLE:
+            raise LabError(f"plug_vm: {name!r} is already a VM, host or role of this lab")
+        host_plan = self.plan.host(host)
+        setup_link = self.scope.link(f"{name}i")
+        host_link = self.scope.link(f"{name}p")
+        vm = VmPlan(
+            name=name,
+            host=host,
+            network="",
+            namespace=self.scope.namespace(name),
+            port_id="",
+            port_link=interface,
+            setup_link=setup_link,
+            ip=ip,
+            gateway=None,
+            dhcp_client=dhcp_client,
+        )
+        self.record.plugged[name] = dataclasses.asdict(vm)
+        self._save_record()  # first, so `down` finds the namespace whatever fails next
+        netns.create_namespace(vm.namespace, ipv6=False)
+        # A DHCP VM starts like a fresh VM (MTU 1500) and learns 1450 from the lease.
+        netns.create_veth(
+            setup_link,
+            host_link,
+            namespace=vm.namespace,
+            peer_namespace=host_plan.namespace,
+            mtu=netns.VM_MTU if dhcp_client is None else netns.UNDERLAY_MTU,
+        )
+        netns.rename_link(vm.namespace, setup_link, VM_INTERFACE, mac)
+        if interface != host_link:  # a name only ever made inside the host namespace
+            netns.rename_link(host_plan.namespace, host_link, interface, None)
+        if dhcp_client is not None:
+            self.start_dhcp_client(vm)
+        elif ip:
+            netns.add_address(VM_INTERFACE, ip, namespace=vm.namespace)
+        return vm
+
     # ---- commands in namespaces ---------------------------------------------------------------
 
     def exec_argv(self, name: str, argv: Sequence[str]) -> list[str]:
         """`ip netns exec <namespace> argv...` for a VM, host or the external network."""
         if not argv:
             raise LabError("exec: no command given (e.g. `hivenet lab exec vm1 -- ping 10.0.1.11`)")
-        return ["ip", "netns", "exec", self.plan.namespace_of(name), *argv]
+        return ["ip", "netns", "exec", self.namespace_of(name), *argv]
 
     def run(
         self, name: str, argv: Sequence[str], *, timeout: float = 30.0, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return netns.run_in_namespace(
-            self.plan.namespace_of(name), argv, timeout=timeout, check=check
-        )
+        return netns.run_in_namespace(self.namespace_of(name), argv, timeout=timeout, check=check)
 
     def log_of(self, name: str, label: str) -> Path:
         """The output file of the process `start_in(name, ..., label=label)` started."""
-        return self._log_path(self.plan.namespace_of(name), label)
+        return self._log_path(self.namespace_of(name), label)
 
     def start_in(self, name: str, argv: Sequence[str], *, label: str) -> netns.NamespaceProcess:
         """A background process in a lab namespace (PID file in the state dir; `down` ends it)."""
-        namespace = self.plan.namespace_of(name)
+        namespace = self.namespace_of(name)
         log_path = self._log_path(namespace, label)
         log_path.unlink(missing_ok=True)
         with log_path.open("wb") as log:
@@ -748,7 +824,7 @@ class Lab(TrafficProbes):
         self._etcd = None
         existing = set(netns.list_namespaces(netns.NAME_PREFIX))
         own_pid = os.getpid()
-        for namespace in self.plan.namespaces():
+        for namespace in self.namespaces():
             if namespace not in existing:
                 continue
             # Whatever else runs in there (`lab exec` leftovers) would keep it alive.

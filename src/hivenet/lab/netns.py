@@ -684,14 +684,18 @@ def add_vm(
     return VmPlumbing(namespace, vm_end, port_end, address, mac)
 
 
-def rename_link(namespace: str, link: str, new_name: str, mac: str) -> None:
-    """Rename `link` inside `namespace` (a name like eth0 cannot be created in the root
-    namespace, where the machine may have its own), set its MAC and bring it up."""
+def rename_link(namespace: str, link: str, new_name: str, mac: str | None) -> None:
+    """Rename `link` inside `namespace` (a name like eth0 or a Nova tap name cannot be created
+    in the root namespace, where the machine may have its own), set its MAC (None: keep it)
+    and bring it up."""
     try:
         with _ipr(namespace) as ipr:
             index = _index(ipr, link, namespace)
             ipr.link("set", index=index, state="down")
-            ipr.link("set", index=index, ifname=new_name, address=mac)
+            if mac is None:
+                ipr.link("set", index=index, ifname=new_name)
+            else:
+                ipr.link("set", index=index, ifname=new_name, address=mac)
             ipr.link("set", index=index, state="up")
     except OSError as error:  # NetlinkError is an OSError
         raise LabError(f"rename {link!r} to {new_name!r} in {namespace!r}: {error}") from error

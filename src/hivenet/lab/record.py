@@ -59,6 +59,8 @@ class LabRecord:
     store: str = STORE_SQLITE  # backend kind: "sqlite" or "etcd"
     agent_lease_ttl: int | None = None  # None: the agent's default
     datapath: str = DEFAULT_LAB_DATAPATH  # the agents' --datapath: userspace or ebpf
+    # VMs plugged after `up` onto ports made through the API (`Lab.plug_vm`): name -> plan
+    plugged: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -74,6 +76,7 @@ class LabRecord:
                 "store": self.store,
                 "agent_lease_ttl": self.agent_lease_ttl,
                 "datapath": self.datapath,
+                "plugged": self.plugged,
             },
             indent=1,
             sort_keys=True,
@@ -98,6 +101,7 @@ class LabRecord:
                     None if data.get("agent_lease_ttl") is None else int(data["agent_lease_ttl"])
                 ),
                 datapath=str(data.get("datapath") or DATAPATH_USERSPACE),
+                plugged={str(k): dict(v) for k, v in dict(data.get("plugged") or {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise LabError(f"{source}: not a lab record ({error})") from None

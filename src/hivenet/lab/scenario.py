@@ -200,9 +200,11 @@ class ExternalSpec(_Spec):
 class Scenario(_Spec):
     name: str = Field(default="lab", min_length=1, max_length=64)
     hosts: tuple[MachineName, ...] = Field(min_length=1, max_length=253)
-    networks: tuple[NetworkSpec, ...] = Field(min_length=1)
+    # Both may be empty: a lab of hosts whose networks come later through the API (e.g. the
+    # `openstack` CLI), with VMs plugged onto their ports by `Lab.plug_vm`.
+    networks: tuple[NetworkSpec, ...] = ()
     routers: tuple[RouterSpec, ...] = ()
-    vms: tuple[VmSpec, ...] = Field(min_length=1)
+    vms: tuple[VmSpec, ...] = ()
     external: ExternalSpec | None = None
 
     # ---- lookups ------------------------------------------------------------------------
