@@ -9,6 +9,7 @@ revision, and CompactedError below the compaction point.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -225,7 +226,11 @@ async def _drain(
     done, _ = await asyncio.wait({pending}, timeout=0.002)
     assert not done, f"extra event {pending.result() if done else None}"
     pending.cancel()
-    await close_watch(events)
+    # Let the cancelled read finish before closing the generator: closing one whose read
+    # is still running (an etcd watch still being set up on a loaded machine) can hang.
+    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+        await asyncio.wait_for(pending, 10)
+    await asyncio.wait_for(close_watch(events), 10)
 
 
 # The thread-execution variant runs the same SQL as "sqlite-file"; the plain contract suite
