@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hivenet.agent.agent import HostAgent
-from hivenet.datapath._budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE
+from hivenet.flows.budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 
 if TYPE_CHECKING:

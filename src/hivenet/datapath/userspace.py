@@ -27,7 +27,7 @@ megaflow table, then upcalled. Tunnel output of one batch is held back and sent 
 equal-size datagrams to one peer as one UDP GSO train (one syscall for up to 64 frames). A
 PACKET_MMAP (TPACKET_V3) ring was considered; see bench/datapath.py.
 
-Upcalls are budgeted per ingress port (`hivenet.datapath._budget.UpcallBudget`, a token bucket:
+Upcalls are budgeted per ingress port (`hivenet.flows.budget.UpcallBudget`, a token bucket:
 `upcall_rate` per second, `upcall_burst` at once; `set_upcall_budget`): a port over its budget
 has its missed frames dropped (`drop.upcall_budget`, `port.<key>.upcall_budget_drops`) instead
 of simulated, so one flooding VM cannot take the agent from the others. And one readiness
@@ -73,7 +73,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from hivenet.datapath._budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE, UpcallBudget
 from hivenet.datapath._fastkey import RawFlowKey, raw_flow_key
 from hivenet.datapath._offload import (
     F_DATA_VALID,
@@ -87,6 +86,7 @@ from hivenet.datapath._offload import (
 )
 from hivenet.datapath.base import UpcallHandler, tunnel_peer_set
 from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
+from hivenet.flows.budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE, UpcallBudget
 from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import ExactMatchCache, Flow, FlowTable, flow_match_values
 from hivenet.model.types import (

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from sys import intern
 from typing import TYPE_CHECKING
 
+from hivenet.flows.budget import UpcallBudget
 from hivenet.model import DeviceKind
 from hivenet.model.subnet import Subnet, overlay_mtu
 from hivenet.packets.dhcp import (
@@ -311,33 +312,21 @@ def decode_and_answer(payload: bytes, lease: DhcpLease | None) -> DhcpAnswer:
 # --- flood budget ----------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    updated: float
-
-
 @dataclass
 class DhcpBudget:
-    """A token bucket per port: `allow(port, now)` spends one token; tokens refill at `rate`
-    per second up to `burst`. Callers pass the clock. Buckets of ports that went quiet are
-    dropped by `forget_idle`."""
+    """A token bucket per port (`flows.budget.UpcallBudget`): `allow(port, now)` spends one
+    token; tokens refill at `rate` per second up to `burst`. Callers pass the clock. Buckets
+    of ports that went quiet are dropped by `forget_idle`."""
 
     burst: int = DHCP_BURST
     rate: float = DHCP_RATE_PER_SECOND
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _buckets: dict[str, UpcallBudget] = field(default_factory=dict)
 
     def allow(self, port_id: str, now: float) -> bool:
         bucket = self._buckets.get(port_id)
         if bucket is None:
-            bucket = self._buckets[port_id] = _Bucket(float(self.burst), now)
-        elapsed = max(0.0, now - bucket.updated)
-        bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate)
-        bucket.updated = now
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True
+            bucket = self._buckets[port_id] = UpcallBudget(self.rate, self.burst, now)
+        return bucket.allow(now)
 
     def forget_idle(self, now: float) -> None:
         """Drop buckets that are full again (nothing to remember about those ports)."""

@@ -1,4 +1,4 @@
-"""The per-port upcall token bucket (`hivenet.datapath._budget.UpcallBudget`), on a clock the
+"""The per-port upcall token bucket (`hivenet.flows.budget.UpcallBudget`), on a clock the
 test moves by hand."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hivenet.datapath._budget import UpcallBudget
+from hivenet.flows.budget import UpcallBudget
 
 
 def spend(budget: UpcallBudget, count: int, now: float) -> int:

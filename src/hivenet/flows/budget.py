@@ -1,11 +1,11 @@
-"""`UpcallBudget`: the token bucket that bounds how many upcalls one ingress port may cause.
+"""`UpcallBudget`: the token bucket that bounds what one ingress port may ask of flow setup.
 
 Pure (no clock, no I/O): the caller passes `now`. The userspace datapath keeps one per bound
-port, so a VM that floods new flows (a SYN flood, broadcast ARP, random UDP) spends its own
-budget only and its excess is dropped and counted before it reaches the agent, while the other
-ports' upcalls are still simulated; as Open vSwitch's per-port upcall handling keeps one port
-from taking every handler thread. The DHCP server has the same idea one level up
-(`hivenet.sim.dhcp.DhcpBudget`, per message kind, much smaller).
+port for its upcalls, so a VM that floods new flows (a SYN flood, broadcast ARP, random UDP)
+spends its own budget only and its excess is dropped and counted before it reaches the agent,
+while the other ports' upcalls are still simulated; as Open vSwitch's per-port upcall handling
+keeps one port from taking every handler thread. The DHCP responder keeps one per port too,
+much smaller (`hivenet.sim.dhcp.DhcpBudget`).
 """
 
 from __future__ import annotations
