@@ -4,6 +4,7 @@ compares evaluated client-side, lease errors. The shared semantics are in `test_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from hivenet.store import (
 )
 from hivenet.store.etcd import EtcdStore, endpoints_from_url
 from tests.store.conftest import Backend, EtcdBackend
+from tests.store.test_contract import close_watch
 
 
 @pytest.fixture
@@ -267,3 +269,48 @@ def test_close_lets_a_lagging_watch_receive_what_was_committed_before(
 
     for _ in range(3):  # etcd's replay timer is not ours: make a lucky pass unlikely
         asyncio.run(main())
+
+
+def test_closing_a_watch_ends_a_reader_whose_grpc_read_ignores_cancellation(
+    closed_endpoint: str,
+) -> None:
+    """grpcio's aio `call.read()` on an established stream can swallow its task's
+    cancellation and wait for the next message (seen about once in 300 closes under load);
+    `aclose()` must cancel the call itself, and the reader must end rather than reconnect."""
+
+    class DeafRead:
+        """A stream whose pending read ends only when the call is cancelled."""
+
+        def __init__(self) -> None:
+            self.cancelled = asyncio.Event()
+
+        def cancel(self) -> None:
+            self.cancelled.set()
+
+        async def read(self) -> None:
+            while not self.cancelled.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.cancelled.wait()
+            raise StopAsyncIteration  # stands for the CANCELLED status a cancelled call ends with
+
+    async def main() -> None:
+        store = EtcdStore([closed_endpoint], connect_timeout=0.1)
+        try:
+            watch = store.watch("/", start_revision=1)
+            call = DeafRead()
+
+            async def reader() -> None:
+                watch._call = call  # type: ignore[attr-defined]
+                with contextlib.suppress(StopAsyncIteration):
+                    await call.read()
+
+            watch._reader = asyncio.create_task(reader())  # type: ignore[attr-defined]
+            await asyncio.sleep(0)
+            await asyncio.wait_for(close_watch(watch), 1.0)
+            assert call.cancelled.is_set()
+            assert watch._reader.done()  # type: ignore[attr-defined]
+            assert [event async for event in watch] == []
+        finally:
+            await store.close()
+
+    asyncio.run(main())

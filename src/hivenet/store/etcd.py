@@ -118,6 +118,8 @@ _WATCH_HIGH_WATER: Final = 4096  # buffered events at which a watch stops readin
 _WATCH_LOW_WATER: Final = 1024
 _COMPACT_PROBE_TIMEOUT: Final = 1.0  # etcd reports a compacted watch within ~100 ms
 _CANCEL_SETTLE_SECONDS: Final = 0.02
+# How long stopping a watch waits for its reader task to end after cancelling it and its call.
+_WATCH_STOP_TIMEOUT: Final = 2.0
 # On close, how long live watches may take to receive what was committed before it (a watch
 # that started behind the head is caught up by etcd only every 100 ms).
 _CLOSE_GRACE_SECONDS: Final = 0.3
@@ -1273,6 +1275,8 @@ class _EtcdWatch(AsyncIterator[Event]):
         self._failure: BaseException | None = None
         self._ended = False
         self._reader: asyncio.Task[None] | None = None
+        self._call: Any = None  # the gRPC stream being followed, so stop() can cancel it
+        self._stopping = False  # set by stop(): the reader ends instead of reconnecting
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -1351,12 +1355,26 @@ class _EtcdWatch(AsyncIterator[Event]):
                 )
 
     async def stop(self) -> None:
-        """End the reader; events already received are still handed out, then the end."""
+        """End the reader; events already received are still handed out, then the end.
+
+        The gRPC call is cancelled first: a task awaiting `call.read()` on an established
+        stream does not always end when only the task is cancelled (grpcio's aio read can miss
+        the cancellation and wait for the next message, which may never come). The wait is
+        bounded all the same, and the caller's own cancellation is never swallowed.
+        """
+        self._stopping = True
         reader = self._reader
         if reader is not None and not reader.done():
+            if self._call is not None:
+                self._call.cancel()
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            done, _ = await asyncio.wait({reader}, timeout=_WATCH_STOP_TIMEOUT)
+            if not done:
+                _log.warning(
+                    "%r: reader did not end %gs after cancel; left behind",
+                    self,
+                    _WATCH_STOP_TIMEOUT,
+                )
         self._ended = True
         self._store._watches.discard(self)
         self._readable.set()
@@ -1382,7 +1400,7 @@ class _EtcdWatch(AsyncIterator[Event]):
         loop = asyncio.get_running_loop()
         give_up_at: float | None = None
         failures_in_a_row = 0
-        while not store.closed:
+        while not store.closed and not self._stopping:
             index = store._current
             endpoint = store._endpoints[index]
             try:
@@ -1394,7 +1412,7 @@ class _EtcdWatch(AsyncIterator[Event]):
             except _StreamLost as error:
                 problem = f"{endpoint.address}: {error}"
                 give_up_at, failures_in_a_row = None, 0  # it was up: the give-up clock restarts
-            if store.closed:
+            if store.closed or self._stopping:
                 return
             now = loop.time()
             if give_up_at is None:
@@ -1414,6 +1432,7 @@ class _EtcdWatch(AsyncIterator[Event]):
         """Follow one stream. Returns when the store closes; raises _NotConnected if the watch
         could not be created, _StreamLost when an established stream breaks."""
         call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER)
+        self._call = call
         self.streams_opened += 1
         self._store._streams_opened += 1
         created = False
@@ -1461,7 +1480,7 @@ class _EtcdWatch(AsyncIterator[Event]):
                     self._room.clear()
                     await self._room.wait()
         except grpc.aio.AioRpcError as error:
-            if self._store.closed:
+            if self._store.closed or self._stopping:
                 return
             if not (_is_transient(error) or error.code() == grpc.StatusCode.CANCELLED):
                 raise _translate(error, f"watch {self._prefix!r}") from error
@@ -1469,13 +1488,14 @@ class _EtcdWatch(AsyncIterator[Event]):
                 raise _StreamLost(_details(error)) from error
             raise _NotConnected(f"{endpoint.address}: {_details(error)}") from error
         except _StreamLost:
-            if self._store.closed:
+            if self._store.closed or self._stopping:
                 return
             if not created:
                 raise _NotConnected(f"{endpoint.address}: watch not created") from None
             raise
         finally:
             self._stream_created_at = None
+            self._call = None
             call.cancel()
 
     def _note_received(self, revision: int) -> None:
