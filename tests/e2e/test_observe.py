@@ -114,6 +114,20 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 break
         warm = http_ok(lab, "vm1", VIP, 6)
         assert warm >= 4, warm
+        # Maglev may have sent all of those to one member: resolve r1's neighbour entry of
+        # each member, and wait until the API and h1's agent both see it, so a trace to
+        # either member does not stop at neighbour_unresolved.
+        deadline = time.monotonic() + 30
+        for address in MEMBERS.values():
+            for via in ("api", "agent"):
+                while True:
+                    body = trace(
+                        lab, from_port=vm_port_id("vm1"), ip_dst=address, dst_port=8080, via=via
+                    )
+                    if body["drop_reason"] is None:
+                        break
+                    assert time.monotonic() < deadline, body
+                    lab.ping("vm1", address, count=1, wait=0.5)
         yield lab
     finally:
         failures = lab.down()

@@ -293,9 +293,10 @@ class NatTable:
         a target chosen by a stable hash of the key (every host picks the same for the same
         connection), skipping targets that would collide with another binding's reply.
         `opening`: the packet opens a connection (a TCP SYN); an existing binding to an
-        address no target covers any more (a load-balancer member removed since) belongs to
-        an earlier connection that reused the same ports, and is replaced, as conntrack
-        reopens a closed connection. Returns (binding, created)."""
+        address no target covers any more belongs to an earlier connection that reused the
+        same ports, and is replaced, as conntrack reopens a closed connection. (For a VIP the
+        one target is the member a new connection gets now: a member removed, offline or
+        moved by Maglev since.) Returns (binding, created)."""
         existing = self._live(self._by_original, zone, NatKind.DNAT, key, now)
         if existing is not None and opening and not covers(targets, existing.binding):
             self._drop(existing)
