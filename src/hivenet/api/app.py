@@ -4,7 +4,7 @@ Owns the app's lifecycle: the admin token file and the store are set up in the l
 the store is reopened on demand when it could not be opened (locked: 503, corrupt: 500 until
 fixed), so a server started next to a busy or broken database still answers with the reason.
 Routes live in `resources.py` (collections) and here (`/v1/health`); errors in `errors.py`;
-auth in `auth.py`. Must not contain topology rules (see `store/topology.py`).
+auth in `auth.py`; the request body limit in `bodylimit.py`; TLS file checks in `tls.py`. Must not contain topology rules (see `store/topology.py`).
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
+from hivenet.api import DEFAULT_MAX_BODY_BYTES
 from hivenet.api.auth import ADMIN, TokenRegistry, load_or_create_admin_token
+from hivenet.api.bodylimit import BodyLimitMiddleware
 from hivenet.api.errors import ErrorBody, install_error_handlers
 from hivenet.api.hoststats import hoststats_router
 from hivenet.api.lbstats import lbstats_router
 from hivenet.api.metrics import install_metrics
 from hivenet.api.neutron import OpenStackOptions, mount_openstack
 from hivenet.api.resources import API_PREFIX, topology_routers
+from hivenet.api.tls import check_server_files
 from hivenet.api.traces import traces_router
 from hivenet.api.ui import install_ui
 from hivenet.store import open_store
@@ -77,10 +80,12 @@ def create_app(
     *,
     store_options: Mapping[str, Any] | None = None,
     openstack: OpenStackOptions | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The API app. The store (`open_store(store_url, **store_options)`) and the admin token
     (`<state_dir>/admin-token`) are set up when the app starts (its lifespan). The Neutron
-    and Octavia APIs (`/v2.0`) are served from the same store (`api/neutron/`)."""
+    and Octavia APIs (`/v2.0`) are served from the same store (`api/neutron/`). A request
+    body over `max_body_bytes` is refused with 413 on every path, those APIs' included."""
     state_dir = Path(state_dir)
 
     @asynccontextmanager
@@ -129,6 +134,9 @@ def create_app(
     app.include_router(traces_router())
     install_ui(app)
     mount_openstack(app, openstack or OpenStackOptions())
+    # Added last, so outermost of the app's own middleware: the limit holds before metrics,
+    # routing and the mounted Neutron/Octavia apps see the request.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     return app
 
 
@@ -140,12 +148,22 @@ def run_server(
     *,
     log_level: str = "info",
     openstack: OpenStackOptions | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
-    """Serve the API with uvicorn until interrupted."""
+    """Serve the API with uvicorn until interrupted; over HTTPS when `tls_cert` and `tls_key`
+    (PEM files, checked first: `hivenet.api.tls.TlsFileError` names the file at fault)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both or neither")
+    if tls_cert is not None and tls_key is not None:
+        check_server_files(tls_cert, tls_key)
     uvicorn.run(
-        create_app(store_url, Path(state_dir), openstack=openstack),
+        create_app(store_url, Path(state_dir), openstack=openstack, max_body_bytes=max_body_bytes),
         host=host,
         port=port,
         log_level=log_level,
         proxy_headers=False,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
     )

@@ -13,12 +13,19 @@ here once per create), so a retry returns the first result; PUT and PATCH withou
 (they set fields to values); DELETE (a retry that finds the object gone is done). A write
 with `If-Match` is retried only when the 503 says it was not applied. A server that cannot
 be reached at all (connection refused) is reported at once, not retried.
+
+TLS: an `https://` server's certificate and name are always verified, against the system trust
+store or the CA bundle given as `ca_cert`; a certificate that fails is `TlsVerificationError`
+(never retried). Only `insecure=True` turns verification off, and says so with an
+`InsecureTlsWarning` each time a client is made that way.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +33,11 @@ from urllib.parse import quote
 
 import httpx
 
+from hivenet.api.tls import (
+    client_ssl_context,
+    insecure_ssl_context,
+    verification_failure,
+)
 from hivenet.model import KINDS, TopologyObject
 
 API_PREFIX = "/v1"
@@ -66,6 +78,18 @@ class ApiConnectionError(ApiClientError):
         super().__init__(f"cannot reach the HiveNet API at {base_url}: {reason}")
         self.base_url = base_url
         self.reason = reason
+
+
+class TlsVerificationError(ApiConnectionError):
+    """The server's TLS certificate was not accepted (unknown CA, wrong name, expired)."""
+
+    def __init__(self, base_url: str, reason: str) -> None:
+        super().__init__(base_url, f"its TLS certificate was not accepted: {reason}")
+        self.verify_reason = reason
+
+
+class InsecureTlsWarning(UserWarning):
+    """A client was made with `insecure=True`: it accepts any server certificate."""
 
 
 class ApiError(ApiClientError):
@@ -275,7 +299,10 @@ class HivenetClient:
     """A client for one HiveNet API server. Use as a context manager or call `close()`.
 
     `base_url` is the server root (e.g. `http://127.0.0.1:9696`); the `/v1` prefix is added
-    here. `token` is sent as `Authorization: Bearer <token>` when given.
+    here. `token` is sent as `Authorization: Bearer <token>` when given. For an `https://`
+    root, `ca_cert` names the PEM bundle of the CA(s) to trust (default: the system trust
+    store); `insecure=True` accepts any certificate and warns (`InsecureTlsWarning`).
+    A `ca_cert` that cannot be used raises `hivenet.api.tls.TlsFileError`.
     """
 
     def __init__(
@@ -287,6 +314,8 @@ class HivenetClient:
         transport: httpx.BaseTransport | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        ca_cert: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry if retry is not None else RetryPolicy()
@@ -294,11 +323,22 @@ class HivenetClient:
         headers = {"Accept": "application/json", "User-Agent": "hivenet-client/0.1"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        if insecure:
+            warnings.warn(
+                f"TLS certificate verification is off for {self.base_url}: anyone between "
+                "here and the server can read and change the traffic, the token included",
+                InsecureTlsWarning,
+                stacklevel=2,
+            )
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
             timeout=timeout,
             transport=transport,
+            # A plain-http server needs no CA: a bundle is checked only when it will be used.
+            verify=insecure_ssl_context()
+            if insecure
+            else client_ssl_context(ca_cert if self.base_url.startswith("https://") else None),
         )
 
     def __enter__(self) -> HivenetClient:
@@ -357,6 +397,9 @@ class HivenetClient:
                     headers=all_headers,
                 )
             except httpx.TransportError as exc:
+                refused = verification_failure(exc)
+                if refused is not None:  # the same certificate again: no retry
+                    raise TlsVerificationError(self.base_url, refused.reason) from exc
                 # No server to talk to: say so at once (a retry would only delay that).
                 never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
                 if last or never_sent or not retryable.always:

@@ -3,8 +3,13 @@
 Owns the resolution order and remembers, for every setting, which source supplied it (so
 `hivenet config show` can say so):
 
-    API URL: --api-url > $HIVENET_API_URL > config file `api_url` > http://127.0.0.1:9696
-    token:   --token   > $HIVENET_TOKEN   > config file `token`   > <state dir>/admin-token
+    API URL: --api-url > $HIVENET_API_URL  > config file `api_url` > http://127.0.0.1:9696
+    token:   --token   > $HIVENET_TOKEN    > config file `token`   > <state dir>/admin-token
+    CA:      --ca-cert > $HIVENET_CA_CERT  > config file `ca_cert` > the system trust store
+
+(a relative `ca_cert` in the config file is relative to the file's folder). There is
+deliberately no setting that turns certificate verification off: only the `--insecure` flag
+of each command line does.
 
 The config file is `~/.config/hivenet/config.yaml` ($HIVENET_CONFIG overrides the path).
 The state dir is $HIVENET_STATE_DIR, else /var/lib/hivenet as root, else
@@ -23,10 +28,12 @@ import yaml
 DEFAULT_PORT = 9696
 DEFAULT_API_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 ADMIN_TOKEN_FILE = "admin-token"
-CONFIG_KEYS = ("api_url", "token")
+CONFIG_KEYS = ("api_url", "token", "ca_cert")
+SYSTEM_TRUST_STORE = "the system trust store"
 
 ENV_API_URL = "HIVENET_API_URL"
 ENV_TOKEN = "HIVENET_TOKEN"
+ENV_CA_CERT = "HIVENET_CA_CERT"
 ENV_STATE_DIR = "HIVENET_STATE_DIR"
 ENV_CONFIG = "HIVENET_CONFIG"
 
@@ -47,6 +54,7 @@ class Setting:
 class ClientSettings:
     api_url: Setting
     token: Setting
+    ca_cert: Setting  # value None: the system trust store
     config_file: Path
     config_file_exists: bool
     state_dir: Path
@@ -125,6 +133,7 @@ def resolve_settings(
     *,
     api_url_option: str | None,
     token_option: str | None,
+    ca_cert_option: str | None = None,
     env: Mapping[str, str] | None = None,
     home: Path | None = None,
     is_root: bool | None = None,
@@ -135,8 +144,11 @@ def resolve_settings(
 
     config_path = config_file_path(env, home)
     state_dir = default_state_dir(env, is_root=is_root, home=home)
-    needs_file = not (api_url_option or env.get(ENV_API_URL)) or not (
-        token_option or env.get(ENV_TOKEN)
+    explicit_url = api_url_option or env.get(ENV_API_URL)
+    needs_file = (
+        not explicit_url
+        or not (token_option or env.get(ENV_TOKEN))
+        or (_is_https(explicit_url) and not (ca_cert_option or env.get(ENV_CA_CERT)))
     )
     # A config file that is not consulted cannot break a command that does not need it.
     file_settings = read_config_file(config_path) if needs_file else {}
@@ -160,13 +172,30 @@ def resolve_settings(
         value, why = read_admin_token(state_dir)
         token = Setting(value, why)
 
+    if ca_cert_option:
+        ca_cert = Setting(str(Path(ca_cert_option).expanduser()), "--ca-cert option")
+    elif env.get(ENV_CA_CERT):
+        ca_cert = Setting(
+            str(Path(env[ENV_CA_CERT]).expanduser()), f"environment variable {ENV_CA_CERT}"
+        )
+    elif "ca_cert" in file_settings:
+        in_file = config_path.parent / Path(file_settings["ca_cert"]).expanduser()
+        ca_cert = Setting(str(in_file), f"config file {config_path}")
+    else:
+        ca_cert = Setting(None, f"built-in default: {SYSTEM_TRUST_STORE}")
+
     return ClientSettings(
         api_url=Setting(_normalize_url(api_url.value or DEFAULT_API_URL), api_url.source),
         token=token,
+        ca_cert=ca_cert,
         config_file=config_path,
         config_file_exists=config_path.exists(),
         state_dir=state_dir,
     )
+
+
+def _is_https(url: str) -> bool:
+    return url.strip().lower().startswith("https://")
 
 
 def _normalize_url(url: str) -> str:

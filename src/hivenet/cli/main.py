@@ -1,6 +1,6 @@
 """The `hivenet` command (entry point `hivenet.cli.main:app`).
 
-Owns the root command: global options (--api-url, --token), `serve`, `config show`, one
+Owns the root command: global options (--api-url, --token, --ca-cert, --insecure), `serve`, `config show`, one
 command group per topology kind (built by `resources.build_kind_app`), and the lazily loaded
 sub-apps other packages register in `plugins.SUBAPP_SOURCES` (`agent`, `lab`). Must not
 contain per-kind logic or talk to the store directly: everything goes through the REST API.
@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from hivenet.cli.config import mask_token
+from hivenet.cli.config import SYSTEM_TRUST_STORE, mask_token
 from hivenet.cli.context import CliState, reporting_errors, state_of
 from hivenet.cli.output import make_console, print_json
 from hivenet.cli.plugins import PluginGroup
@@ -66,6 +66,24 @@ def root(
             show_default=False,
         ),
     ] = None,
+    ca_cert: Annotated[
+        str | None,
+        typer.Option(
+            "--ca-cert",
+            metavar="PATH",
+            help="PEM bundle of the CA that signed an https:// API server's certificate "
+            "(else $HIVENET_CA_CERT, the config file, the system trust store).",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Do not verify the API server's TLS certificate (warns every time; "
+            "for a first test only).",
+        ),
+    ] = False,
     version: Annotated[
         bool,
         typer.Option(
@@ -73,7 +91,9 @@ def root(
         ),
     ] = False,
 ) -> None:
-    state = CliState(api_url_option=api_url, token_option=token)
+    state = CliState(
+        api_url_option=api_url, token_option=token, ca_cert_option=ca_cert, insecure=insecure
+    )
     ctx.obj = state
     ctx.call_on_close(state.close)
 
@@ -89,7 +109,8 @@ def show_config(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show the API URL, token, config file and state dir in use, and where each came from."""
+    """Show the API URL, token, CA bundle, config file and state dir in use, and where each
+    came from."""
     state = state_of(ctx)
     with reporting_errors(state):
         settings = state.settings()
@@ -99,6 +120,7 @@ def show_config(
     rows = [
         ("api_url", settings.api_url.value or "", settings.api_url.source),
         ("token", mask_token(settings.token.value), settings.token.source),
+        ("ca_cert", settings.ca_cert.value or f"({SYSTEM_TRUST_STORE})", settings.ca_cert.source),
         ("config_file", config_file, "$HIVENET_CONFIG or ~/.config/hivenet/config.yaml"),
         ("state_dir", str(settings.state_dir), "$HIVENET_STATE_DIR or the default"),
     ]

@@ -2,7 +2,8 @@
 
 Owns the command-line side only: the state directory default (shared with the client config),
 the default embedded-store URL `sqlite:///<state-dir>/hivenet.db`, creating the state
-directory, and handing everything to `hivenet.api.run_server`. The server itself (auth,
+directory, checking the TLS files (`--tls-cert`/`--tls-key`, errors named by option) before
+anything starts, and handing everything to `hivenet.api.run_server`. The server itself (auth,
 admin-token file, routes) belongs to `hivenet.api`; this module must not reimplement it.
 """
 
@@ -14,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from hivenet.api import DEFAULT_MAX_BODY_BYTES
+from hivenet.api.tls import TlsFileError, check_server_files
 from hivenet.cli.config import (
     ADMIN_TOKEN_FILE,
     DEFAULT_PORT,
@@ -22,6 +25,8 @@ from hivenet.cli.config import (
     running_as_root,
 )
 from hivenet.cli.context import fail
+
+_TLS_OPTIONS = {"cert": "--tls-cert", "key": "--tls-key"}
 
 
 def default_store_url(state_dir: Path) -> str:
@@ -64,8 +69,51 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            metavar="PATH",
+            help="Serve HTTPS with this PEM certificate (chain, the server's first); "
+            "needs --tls-key.",
+            show_default=False,
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-key",
+            metavar="PATH",
+            help="The certificate's unencrypted PEM private key; needs --tls-cert.",
+            show_default=False,
+        ),
+    ] = None,
+    max_body_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-body-bytes",
+            min=1,
+            metavar="BYTES",
+            help="Refuse request bodies longer than this with 413 (all APIs, Neutron and "
+            "Octavia included).",
+        ),
+    ] = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Run the HiveNet API server (foreground; stop with Ctrl-C)."""
+    if (tls_cert is None) != (tls_key is None):
+        given, missing = (
+            ("--tls-cert", "--tls-key") if tls_key is None else ("--tls-key", "--tls-cert")
+        )
+        raise typer.BadParameter(
+            f"{given} {tls_cert or tls_key} needs {missing} too (give both or neither)",
+            param_hint=missing,
+        )
+    if tls_cert is not None and tls_key is not None:
+        tls_cert, tls_key = tls_cert.expanduser(), tls_key.expanduser()
+        try:
+            check_server_files(tls_cert, tls_key)
+        except TlsFileError as exc:
+            raise fail(f"error: {_TLS_OPTIONS[exc.role]} {exc.path}: {exc.reason}") from None
     resolved_state_dir = (
         state_dir.expanduser()
         if state_dir is not None
@@ -83,10 +131,13 @@ def serve(
         from hivenet.api.neutron import OpenStackOptions
     except ImportError as exc:
         raise fail(f"error: the API server is not available in this installation: {exc}") from None
+    scheme = "https" if tls_cert is not None else "http"
     typer.echo(
-        f"hivenet: API on http://{host}:{port} (store {store_url}; "
-        f"token file {resolved_state_dir / ADMIN_TOKEN_FILE}); "
-        f"topology page http://{host}:{port}/ui#token=<token>",
+        f"hivenet: API on {scheme}://{host}:{port} (store {store_url}; "
+        f"token file {resolved_state_dir / ADMIN_TOKEN_FILE}; "
+        f"TLS {f'certificate {tls_cert}' if tls_cert else 'off'}; "
+        f"max request body {max_body_bytes} bytes); "
+        f"topology page {scheme}://{host}:{port}/ui#token=<token>",
         err=True,
     )
     run_server(
@@ -95,4 +146,7 @@ def serve(
         port,
         resolved_state_dir,
         openstack=OpenStackOptions(noauth_project=openstack_noauth_project),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_body_bytes=max_body_bytes,
     )

@@ -107,11 +107,17 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def hivenet_for(url: str, token: str, monkeypatch: pytest.MonkeyPatch) -> Hivenet:
+    """A runner whose commands go to the server at `url` with `token` (through the
+    environment, as a user would set them)."""
+    monkeypatch.setenv("HIVENET_API_URL", url)
+    monkeypatch.setenv("HIVENET_TOKEN", token)
+    return Hivenet()
+
+
 @pytest.fixture
 def hivenet(api_server: RunningApi, isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> Hivenet:
-    monkeypatch.setenv("HIVENET_API_URL", api_server.url)
-    monkeypatch.setenv("HIVENET_TOKEN", api_server.token)
-    return Hivenet()
+    return hivenet_for(api_server.url, api_server.token, monkeypatch)
 
 
 @pytest.fixture

@@ -74,6 +74,35 @@ def test_resolution_order_option_env_file_token_file(tmp_path: Path) -> None:
     assert token is None and "does not exist" in source
 
 
+def test_ca_cert_resolution_order(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    config = _write_config(home, "ca_cert: certs/ca.pem\n")
+    https = {"HIVENET_API_URL": "https://api:9696", "HIVENET_TOKEN": "t"}
+
+    def resolve(option: str | None, env: dict[str, str]) -> tuple[str | None, str]:
+        ca = resolve_settings(
+            api_url_option=None, token_option=None, ca_cert_option=option, env=env, home=home
+        ).ca_cert
+        return ca.value, ca.source
+
+    assert resolve("/opt/ca.pem", {**https, "HIVENET_CA_CERT": "/env/ca.pem"}) == (
+        "/opt/ca.pem",
+        "--ca-cert option",
+    )
+    assert resolve(None, {**https, "HIVENET_CA_CERT": "/env/ca.pem"}) == (
+        "/env/ca.pem",
+        "environment variable HIVENET_CA_CERT",
+    )
+    # Relative to the config file's folder; the file is read for an https URL only.
+    assert resolve(None, https) == (
+        str(config.parent / "certs" / "ca.pem"),
+        f"config file {config}",
+    )
+    assert resolve(None, {**https, "HIVENET_API_URL": "http://api:9696"})[0] is None
+    config.write_text("# nothing set\n")
+    assert resolve(None, https) == (None, "built-in default: the system trust store")
+
+
 def test_default_state_dir_depends_on_root(tmp_path: Path) -> None:
     as_root = resolve_settings(
         api_url_option=None, token_option=None, env={}, home=tmp_path, is_root=True

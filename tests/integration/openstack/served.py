@@ -1,6 +1,9 @@
 """A running `hivenet serve` for the real OpenStack clients: the server as a subprocess on
 127.0.0.1 (auth_type none acting for project `demo`), a generated clouds.yaml with both
 endpoint override forms, and `Served.cli(...)` running the `openstack` command against it.
+`serve(..., tls=)` runs it over HTTPS (and the readiness check verifies its certificate);
+further `hivenet serve` options go in `extra_args`. The server is this interpreter's
+`python -m hivenet.cli`, so it runs the sources under test.
 
 Owns only the process and the files it makes in the test's tmp dir; always stops the server.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +25,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from tests.integration.tlsfiles import TlsFiles
 
 VENV_BIN = Path(sys.executable).parent
 NOAUTH_PROJECT = "demo"
@@ -81,13 +87,18 @@ def write_clouds_yaml(path: Path, base_url: str) -> None:
 
 
 @contextmanager
-def serve(tmp_path: Path) -> Iterator[Served]:
+def serve(tmp_path: Path, *extra_args: str, tls: TlsFiles | None = None) -> Iterator[Served]:
     port = free_port()
     state_dir = tmp_path / "hn-state"
     log = (tmp_path / "serve.log").open("w")
+    tls_args = [] if tls is None else [
+        "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key),
+    ]  # fmt: skip
     server = subprocess.Popen(
         [
-            str(VENV_BIN / "hivenet"),
+            sys.executable,
+            "-m",
+            "hivenet.cli",
             "serve",
             "--host",
             "127.0.0.1",
@@ -97,16 +108,19 @@ def serve(tmp_path: Path) -> Iterator[Served]:
             str(state_dir),
             "--openstack-noauth-project",
             NOAUTH_PROJECT,
+            *tls_args,
+            *extra_args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    base_url = f"http://127.0.0.1:{port}"
+    base_url = f"{'http' if tls is None else 'https'}://127.0.0.1:{port}"
+    verify = True if tls is None else ssl.create_default_context(cafile=str(tls.ca_cert))
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{base_url}/", timeout=2).status_code == 200:
+                if httpx.get(f"{base_url}/", timeout=2, verify=verify).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
