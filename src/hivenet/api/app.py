@@ -27,6 +27,7 @@ from hivenet.api.lbstats import lbstats_router
 from hivenet.api.metrics import install_metrics
 from hivenet.api.neutron import OpenStackOptions, mount_openstack
 from hivenet.api.resources import API_PREFIX, topology_routers
+from hivenet.api.tokens import resolve_project_token, tokens_router
 from hivenet.api.traces import traces_router
 from hivenet.api.ui import install_ui
 from hivenet.store import open_store
@@ -109,6 +110,7 @@ def create_app(
     )
     install_error_handlers(app)
     install_metrics(app)
+    app.state.project_tokens = resolve_project_token
 
     @app.get(
         f"{API_PREFIX}/health",
@@ -127,6 +129,7 @@ def create_app(
     app.include_router(lbstats_router())
     app.include_router(hoststats_router())
     app.include_router(traces_router())
+    app.include_router(tokens_router())
     install_ui(app)
     mount_openstack(app, openstack or OpenStackOptions())
     return app

@@ -93,6 +93,14 @@ class Bridge(TopologyObject):
     # The MTU its VMs use (DHCP option 26); None: the underlay MTU less the VXLAN overhead
     # (`hivenet.model.subnet.overlay_mtu`), which each agent knows for its own underlay.
     mtu: int | None = Field(default=None, ge=68, le=65535)
+    # Every project may reference it (attach its own ports, as to an external network); only
+    # its own project may change it. Set by the cluster admin only (the API refuses tenants).
+    shared: bool = False
+
+
+def is_shared(obj: TopologyObject) -> bool:
+    """True for an object every project may reference (a bridge flagged `shared`)."""
+    return isinstance(obj, Bridge) and obj.shared
 
 
 class Router(TopologyObject):
