@@ -738,12 +738,22 @@ class TopologyRepository:
         assert isinstance(obj, cls)
         return Versioned(obj, kv.mod_revision)
 
-    async def update(self, obj: T, *, expected_revision: int | None = None) -> Versioned[T]:
+    async def update(
+        self,
+        obj: T,
+        *,
+        expected_revision: int | None = None,
+        scope: ProjectScope | None = None,
+    ) -> Versioned[T]:
         """Replace the stored object with the same kind and id by `obj`.
 
         A port's tunnel_key may be given as 0 (keep) or as its current value."""
         return await self.modify(
-            type(obj), obj.id, lambda _current: obj, expected_revision=expected_revision
+            type(obj),
+            obj.id,
+            lambda _current: obj,
+            expected_revision=expected_revision,
+            scope=scope,
         )
 
     async def modify(
