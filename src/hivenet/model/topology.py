@@ -10,6 +10,7 @@ Must not touch the store, the clock or any I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -98,9 +99,20 @@ class Bridge(TopologyObject):
     shared: bool = False
 
 
+# Kinds whose objects may be shared with every project, and the flag field that says so.
+SHARED_FLAGS: dict[str, str] = {"bridge": "shared"}
+
+
 def is_shared(obj: TopologyObject) -> bool:
     """True for an object every project may reference (a bridge flagged `shared`)."""
-    return isinstance(obj, Bridge) and obj.shared
+    flag = SHARED_FLAGS.get(obj.KIND)
+    return flag is not None and getattr(obj, flag) is True
+
+
+def is_shared_data(kind: str, data: Mapping[str, object]) -> bool:
+    """`is_shared` of the object whose JSON fields are `data` (no model validation)."""
+    flag = SHARED_FLAGS.get(kind)
+    return flag is not None and data.get(flag) is True
 
 
 class Router(TopologyObject):

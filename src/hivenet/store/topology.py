@@ -61,6 +61,7 @@ from hivenet.model.topology import (
     decode,
     encode,
     is_shared,
+    is_shared_data,
     topology_key,
 )
 from hivenet.model.types import TUNNEL_KEY_MAX, TUNNEL_KEY_MIN, FixedIp, IpAddress, IpInterface
@@ -235,6 +236,17 @@ class ProjectScope:
     def sees(self, obj: TopologyObject) -> bool:
         return obj.tenant_id == self.project or is_shared(obj)
 
+    def sees_stored(self, kind: str, key: str, raw: bytes) -> bool:
+        """`sees` of a stored value, reading only its owner and shared flag (a reference
+        check must not pay for validating the whole object)."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise StoreCorruptError(f"stored value of {key} is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise StoreCorruptError(f"stored value of {key} is not a JSON object")
+        return data.get("tenant_id") == self.project or is_shared_data(kind, data)
+
 
 # References a scoped write may keep to objects it cannot see (see ProjectScope).
 _UNSCOPED_REFERENCE_KINDS = frozenset({"host"})
@@ -377,7 +389,7 @@ async def _read_visible(attempt: _Attempt, field: str, kind: str, object_id: str
         raw = await attempt.read_existing(key)
     else:
         raw = await attempt.read(key)
-        if raw is not None and not attempt.scope.sees(_decode_stored(kind, key, raw)):
+        if raw is not None and not attempt.scope.sees_stored(kind, key, raw):
             raw = None
     if raw is None:
         raise DanglingReferenceError(field, object_id, kind)
