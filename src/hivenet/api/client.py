@@ -564,6 +564,31 @@ class HivenetClient:
         path = f"{self.object_path(kind, object_id)}/stats"
         return _json_object(self._request("GET", path))
 
+    def create_token(
+        self,
+        project: str,
+        role: str,
+        *,
+        name: str | None = None,
+        expires_at: str | None = None,
+    ) -> dict[str, Any]:
+        """`POST /v1/tokens`: a project token; the answer's `secret` is shown this once."""
+        body: dict[str, Any] = {"project": project, "role": role}
+        if name is not None:
+            body["name"] = name
+        if expires_at is not None:
+            body["expires_at"] = expires_at
+        return _json_object(self._request("POST", "/v1/tokens", json_body=body))
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """`GET /v1/tokens`: the tokens this caller manages (no secrets)."""
+        items = _json_object(self._request("GET", "/v1/tokens")).get("items")
+        return list(items) if isinstance(items, list) else []
+
+    def revoke_token(self, token_id: str) -> None:
+        """`DELETE /v1/tokens/{id}`: its next request on any API server is refused."""
+        self._request("DELETE", f"/v1/tokens/{quote(token_id, safe='')}")
+
     def delete(
         self,
         kind: str,

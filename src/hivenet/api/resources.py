@@ -28,7 +28,8 @@ from pydantic import BaseModel, create_model
 
 from hivenet.api.auth import Principal, authenticate
 from hivenet.api.errors import ApiError, ErrorBody, detail
-from hivenet.model import KINDS, Port, TopologyObject
+from hivenet.api.tenancy import check_infrastructure, scope_of
+from hivenet.model import KINDS, Port, TopologyObject, is_shared
 from hivenet.model.types import ObjectId
 from hivenet.store.topology import (
     DEFAULT_PAGE_SIZE,
@@ -192,6 +193,12 @@ def _require_tenant(principal: Principal, obj: TopologyObject) -> None:
         raise NotFoundError(obj.KIND, obj.id)
 
 
+def _require_readable(principal: Principal, obj: TopologyObject) -> None:
+    """A caller may read its own objects and the shared ones (it may reference those)."""
+    if not is_shared(obj):
+        _require_tenant(principal, obj)
+
+
 def _require_tenant_write(principal: Principal, obj: TopologyObject) -> None:
     if not principal.may_access(obj.tenant_id):
         raise ApiError(
@@ -277,10 +284,11 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             data.setdefault("id", idempotent_id(principal.tenant_id, kind, idempotency_key))
         obj = cls.model_validate(data)
         _require_tenant_write(principal, obj)
+        check_infrastructure(principal, cls, None, obj)
         location = f"{API_PREFIX}/{plural}/{obj.id}"
         request.state.created_location = location  # for a 503: where to read the outcome
         try:
-            stored = await repository.create(obj)
+            stored = await repository.create(obj, scope=scope_of(principal))
         except AlreadyExistsError:
             existing = await repository.get(cls, obj.id)
             if not (
@@ -336,7 +344,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
         repository: TopologyRepository = Depends(get_repository),
     ) -> Response:
         stored = await repository.get(cls, _checked_path_id(cls, object_id))
-        _require_tenant(principal, stored.obj)
+        _require_readable(principal, stored.obj)
         return object_response(stored)
 
     @router.put(
@@ -357,6 +365,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
         principal: Principal = Depends(authenticate),
         repository: TopologyRepository = Depends(get_repository),
     ) -> Response:
+        check_infrastructure(principal, cls, None, None)
         object_id = _checked_path_id(cls, object_id)
         expected = parse_if_match(request)
         data = await read_json_object(request)
@@ -368,6 +377,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
                 fields.setdefault(name, getattr(current, name))
             replacement = cls.model_validate(fields)
             _require_tenant_write(principal, replacement)
+            check_infrastructure(principal, cls, current, replacement)
             return replacement
 
         stored = await repository.modify(
@@ -376,6 +386,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             replace,
             expected_revision=expected,
             precondition=lambda current: _require_tenant(principal, current),
+            scope=scope_of(principal),
         )
         return object_response(stored)
 
@@ -404,6 +415,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
         principal: Principal = Depends(authenticate),
         repository: TopologyRepository = Depends(get_repository),
     ) -> Response:
+        check_infrastructure(principal, cls, None, None)
         object_id = _checked_path_id(cls, object_id)
         expected = parse_if_match(request)
         data = await read_json_object(request)
@@ -412,6 +424,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
         def merge(current: TopologyObject) -> TopologyObject:
             replacement = cls.model_validate({**current.model_dump(mode="json"), **data})
             _require_tenant_write(principal, replacement)
+            check_infrastructure(principal, cls, current, replacement)
             return replacement
 
         stored = await repository.modify(
@@ -420,6 +433,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             merge,
             expected_revision=expected,
             precondition=lambda current: _require_tenant(principal, current),
+            scope=scope_of(principal),
         )
         return object_response(stored)
 
@@ -439,6 +453,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
         principal: Principal = Depends(authenticate),
         repository: TopologyRepository = Depends(get_repository),
     ) -> Response:
+        check_infrastructure(principal, cls, None, None)
         object_id = _checked_path_id(cls, object_id)
         expected = parse_if_match(request)
         await repository.delete(
@@ -447,6 +462,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             cascade=cascade,
             expected_revision=expected,
             precondition=lambda current: _require_tenant(principal, current),
+            scope=scope_of(principal),
         )
         return Response(status_code=204)
 

@@ -1,9 +1,10 @@
 """The `hivenet` command (entry point `hivenet.cli.main:app`).
 
-Owns the root command: global options (--api-url, --token, --ca-cert, --insecure), `serve`, `config show`, one
-command group per topology kind (built by `resources.build_kind_app`), and the lazily loaded
-sub-apps other packages register in `plugins.SUBAPP_SOURCES` (`agent`, `lab`). Must not
-contain per-kind logic or talk to the store directly: everything goes through the REST API.
+Owns the root command: global options (--api-url, --token, --ca-cert, --insecure), `serve`,
+`config show`, `token`, one command group per topology kind (built by
+`resources.build_kind_app`), and the lazily loaded sub-apps other packages register in
+`plugins.SUBAPP_SOURCES` (`agent`, `lab`). Must not contain per-kind logic or talk to the
+store directly: everything goes through the REST API.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hivenet.cli.output import make_console, print_json
 from hivenet.cli.plugins import PluginGroup
 from hivenet.cli.resources import build_kind_app, command_name
 from hivenet.cli.serve import serve
+from hivenet.cli.tokens import token_app
 from hivenet.cli.trace import trace
 from hivenet.model import KINDS
 
@@ -136,6 +138,7 @@ def show_config(
 
 
 app.add_typer(config_app, name="config", rich_help_panel="Server")
+app.add_typer(token_app, name="token", rich_help_panel="Server")
 
 for _kind in KINDS:
     app.add_typer(build_kind_app(_kind), name=command_name(_kind), rich_help_panel="Topology")

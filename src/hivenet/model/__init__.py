@@ -22,6 +22,7 @@ from hivenet.model.topology import (
     TunnelZoneMember,
     decode,
     encode,
+    is_shared,
     parse_topology_key,
     topology_key,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "TunnelZoneMember",
     "decode",
     "encode",
+    "is_shared",
     "new_id",
     "overlay_mtu",
     "parse_topology_key",

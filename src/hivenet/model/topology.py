@@ -10,6 +10,7 @@ Must not touch the store, the clock or any I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -93,6 +94,25 @@ class Bridge(TopologyObject):
     # The MTU its VMs use (DHCP option 26); None: the underlay MTU less the VXLAN overhead
     # (`hivenet.model.subnet.overlay_mtu`), which each agent knows for its own underlay.
     mtu: int | None = Field(default=None, ge=68, le=65535)
+    # Every project may reference it (attach its own ports, as to an external network); only
+    # its own project may change it. Set by the cluster admin only (the API refuses tenants).
+    shared: bool = False
+
+
+# Kinds whose objects may be shared with every project, and the flag field that says so.
+SHARED_FLAGS: dict[str, str] = {"bridge": "shared"}
+
+
+def is_shared(obj: TopologyObject) -> bool:
+    """True for an object every project may reference (a bridge flagged `shared`)."""
+    flag = SHARED_FLAGS.get(obj.KIND)
+    return flag is not None and getattr(obj, flag) is True
+
+
+def is_shared_data(kind: str, data: Mapping[str, object]) -> bool:
+    """`is_shared` of the object whose JSON fields are `data` (no model validation)."""
+    flag = SHARED_FLAGS.get(kind)
+    return flag is not None and data.get(flag) is True
 
 
 class Router(TopologyObject):

@@ -60,6 +60,8 @@ from hivenet.model.topology import (
     TunnelZone,
     decode,
     encode,
+    is_shared,
+    is_shared_data,
     topology_key,
 )
 from hivenet.model.types import TUNNEL_KEY_MAX, TUNNEL_KEY_MIN, FixedIp, IpAddress, IpInterface
@@ -221,6 +223,35 @@ class Page(Generic[T]):
     next_marker: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ProjectScope:
+    """The project a write acts for (a tenant's write through the API; None: the cluster
+    admin, unscoped). A scoped write may reference only objects of `project` or shared ones
+    (`is_shared`), sees any other object as missing, and may change no object of another
+    project (a cascade or a peer link that would is refused). References to hosts are not
+    checked: host bindings are the cluster admin's, the API refuses tenant changes to them."""
+
+    project: str
+
+    def sees(self, obj: TopologyObject) -> bool:
+        return obj.tenant_id == self.project or is_shared(obj)
+
+    def sees_stored(self, kind: str, key: str, raw: bytes) -> bool:
+        """`sees` of a stored value, reading only its owner and shared flag (a reference
+        check must not pay for validating the whole object)."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise StoreCorruptError(f"stored value of {key} is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise StoreCorruptError(f"stored value of {key} is not a JSON object")
+        return data.get("tenant_id") == self.project or is_shared_data(kind, data)
+
+
+# References a scoped write may keep to objects it cannot see (see ProjectScope).
+_UNSCOPED_REFERENCE_KINDS = frozenset({"host"})
+
+
 # --------------------------------------------------------------------------------------------
 # Keys
 
@@ -342,13 +373,27 @@ def _without_reference(
 async def _read_referenced(attempt: _Attempt, cls: type[T], object_id: str, field: str) -> T:
     """The object `field` names, guarded only for existence (callers rely on fields that
     cannot change); DanglingReferenceError naming `field` if there is none."""
-    key = topology_key(cls.KIND, object_id)
-    raw = await attempt.read_existing(key)
-    if raw is None:
-        raise DanglingReferenceError(field, object_id, cls.KIND)
-    obj = _decode_stored(cls.KIND, key, raw)
+    raw = await _read_visible(attempt, field, cls.KIND, object_id)
+    obj = _decode_stored(cls.KIND, topology_key(cls.KIND, object_id), raw)
     assert isinstance(obj, cls)
     return obj
+
+
+async def _read_visible(attempt: _Attempt, field: str, kind: str, object_id: str) -> bytes:
+    """The stored value of the object `field` names; DanglingReferenceError naming `field`
+    when there is none, or when the attempt's project may not reference it (exactly the
+    same error: another project's ids must look missing). Unscoped, only the object's
+    existence is guarded; scoped, its value is (its tenant_id or shared flag may change)."""
+    key = topology_key(kind, object_id)
+    if attempt.scope is None:
+        raw = await attempt.read_existing(key)
+    else:
+        raw = await attempt.read(key)
+        if raw is not None and not attempt.scope.sees_stored(kind, key, raw):
+            raw = None
+    if raw is None:
+        raise DanglingReferenceError(field, object_id, kind)
+    return raw
 
 
 def _revalidated(obj: T) -> T:
@@ -374,9 +419,10 @@ class _Attempt:
 
     Reads see this attempt's own pending writes first."""
 
-    def __init__(self, store: Store, number: int) -> None:
+    def __init__(self, store: Store, number: int, scope: ProjectScope | None = None) -> None:
         self.store = store
         self.number = number  # 0 for the first attempt
+        self.scope = scope
         self._seen: dict[str, KeyValue | None] = {}
         self._compares: dict[str, Compare] = {}
         self._writes: dict[str, bytes | None] = {}  # None = delete
@@ -646,12 +692,15 @@ class TopologyRepository:
     # ---- the retry loop
 
     async def _transact(
-        self, attempt_body: Callable[[_Attempt], Awaitable[R]], what: str
+        self,
+        attempt_body: Callable[[_Attempt], Awaitable[R]],
+        what: str,
+        scope: ProjectScope | None = None,
     ) -> tuple[R, int | None]:
         """Run `attempt_body` and commit; (its result, commit revision or None if it wrote
         nothing). Typed errors raised by the body end the loop at once."""
         for number in range(self.max_attempts):
-            attempt = _Attempt(self.store, number)
+            attempt = _Attempt(self.store, number, scope)
             result = await attempt_body(attempt)
             if not attempt.has_writes:
                 return result, None
@@ -668,19 +717,26 @@ class TopologyRepository:
     # ---- public API
 
     async def transaction(
-        self, body: Callable[[TopologyTransaction], Awaitable[R]], what: str = "transaction"
+        self,
+        body: Callable[[TopologyTransaction], Awaitable[R]],
+        what: str = "transaction",
+        *,
+        scope: ProjectScope | None = None,
     ) -> tuple[R, int | None]:
         """Run `body` over a `TopologyTransaction` and commit everything it wrote in ONE
         store txn (retried as a whole when a concurrent writer invalidated a read);
-        (body's result, commit revision or None when it wrote nothing)."""
-        return await self._transact(lambda attempt: body(TopologyTransaction(self, attempt)), what)
+        (body's result, commit revision or None when it wrote nothing). With `scope`, every
+        write in it follows the project rules of `ProjectScope`, checked in the same txn."""
+        return await self._transact(
+            lambda attempt: body(TopologyTransaction(self, attempt)), what, scope
+        )
 
-    async def create(self, obj: T) -> Versioned[T]:
+    async def create(self, obj: T, *, scope: ProjectScope | None = None) -> Versioned[T]:
         """Store a new object; ports get their tunnel key here (a client-chosen one is refused)."""
         obj = _revalidated(obj)
         _refuse_client_tunnel_key(obj)
         stored, revision = await self.transaction(
-            lambda txn: txn.create(obj), f"create {obj.KIND} {obj.id}"
+            lambda txn: txn.create(obj), f"create {obj.KIND} {obj.id}", scope=scope
         )
         assert revision is not None
         return Versioned(stored, revision)
@@ -694,12 +750,22 @@ class TopologyRepository:
         assert isinstance(obj, cls)
         return Versioned(obj, kv.mod_revision)
 
-    async def update(self, obj: T, *, expected_revision: int | None = None) -> Versioned[T]:
+    async def update(
+        self,
+        obj: T,
+        *,
+        expected_revision: int | None = None,
+        scope: ProjectScope | None = None,
+    ) -> Versioned[T]:
         """Replace the stored object with the same kind and id by `obj`.
 
         A port's tunnel_key may be given as 0 (keep) or as its current value."""
         return await self.modify(
-            type(obj), obj.id, lambda _current: obj, expected_revision=expected_revision
+            type(obj),
+            obj.id,
+            lambda _current: obj,
+            expected_revision=expected_revision,
+            scope=scope,
         )
 
     async def modify(
@@ -710,6 +776,7 @@ class TopologyRepository:
         *,
         expected_revision: int | None = None,
         precondition: Callable[[T], None] | None = None,
+        scope: ProjectScope | None = None,
     ) -> Versioned[T]:
         """Read-modify-write in one txn: `change` gets the current object (re-read on every
         retry) and returns the replacement; it may raise (pydantic or typed errors).
@@ -724,6 +791,7 @@ class TopologyRepository:
                 precondition=precondition,
             ),
             f"update {cls.KIND} {object_id}",
+            scope=scope,
         )
         return Versioned(stored, revision if revision is not None else unchanged_revision)
 
@@ -735,6 +803,7 @@ class TopologyRepository:
         cascade: bool = False,
         expected_revision: int | None = None,
         precondition: Callable[[TopologyObject], None] | None = None,
+        scope: ProjectScope | None = None,
     ) -> int:
         """Delete an object; returns the store revision of the delete.
 
@@ -750,6 +819,7 @@ class TopologyRepository:
                 precondition=precondition,
             ),
             f"delete {cls.KIND} {object_id}",
+            scope=scope,
         )
         assert revision is not None
         return revision
@@ -798,13 +868,25 @@ class TopologyRepository:
         subject = new if new is not None else old
         assert subject is not None
         kind, object_id = subject.KIND, subject.id
+        scope = attempt.scope
+        if scope is not None and any(
+            obj is not None and obj.tenant_id != scope.project for obj in (old, new)
+        ):
+            # The API refuses a tenant's write of another project's object before this; what
+            # reaches here is a side effect (a cascade, a peer link) into another project.
+            raise ConflictError(
+                f"{kind} {object_id}: this change would also change objects of other "
+                "projects; only the cluster admin can make it"
+            )
         old_targets, new_targets = _reference_map(old), _reference_map(new)
         for (target_kind, target_id), fields in new_targets.items():
             previous_fields = old_targets.get((target_kind, target_id))
+            if previous_fields is None or (
+                # Scoped: every reference the object keeps is checked, not only new ones.
+                scope is not None and target_kind not in _UNSCOPED_REFERENCE_KINDS
+            ):
+                await _read_visible(attempt, fields[0], target_kind, target_id)
             if previous_fields is None:
-                target = topology_key(target_kind, target_id)
-                if await attempt.read_existing(target) is None:
-                    raise DanglingReferenceError(fields[0], target_id, target_kind)
                 # A new referrer: a concurrent delete of the target must notice it.
                 attempt.put(refs_version_key(target_kind, target_id), b"")
             if previous_fields != fields:
@@ -907,10 +989,10 @@ class TopologyRepository:
         if holder is None:
             attempt.put(index_key, port.id.encode())
         elif holder != port.id.encode():
+            # A scoped caller is not told which port (it may be another project's).
+            by = "" if attempt.scope is not None else f" by port {holder.decode(errors='replace')}"
             raise AddressInUseError(
-                "fixed_ips",
-                str(address),
-                f"is in use on subnet {subnet.id} by port {holder.decode(errors='replace')}",
+                "fixed_ips", str(address), f"is in use on subnet {subnet.id}{by}"
             )
 
     async def _allocate_address(self, attempt: _Attempt, subnet: Subnet, port_id: str) -> IpAddress:
@@ -971,10 +1053,12 @@ class TopologyRepository:
             other = _decode_stored("subnet", key, raw)
             assert isinstance(other, Subnet)
             if other.cidr.version == subnet.cidr.version and other.cidr.overlaps(subnet.cidr):
+                hidden = attempt.scope is not None and not attempt.scope.sees(other)
+                named = "another project's subnet" if hidden else f"subnet {other.id}"
                 raise InvalidFieldError(
                     "cidr",
                     str(subnet.cidr),
-                    f"overlaps subnet {other.id} ({other.cidr}) on bridge {subnet.bridge_id}",
+                    f"overlaps {named} ({other.cidr}) on bridge {subnet.bridge_id}",
                 )
 
     async def _link_peer(self, attempt: _Attempt, port: Port) -> None:
@@ -1055,6 +1139,12 @@ class TopologyRepository:
             fields = tuple(_reference_map(referrer).get((kind, object_id), ()))
             if not fields:
                 continue
+            if attempt.scope is not None and referrer.tenant_id != attempt.scope.project:
+                # Neither blocked by nor cascading into what the caller cannot see; no ids.
+                raise ConflictError(
+                    f"{kind} {object_id} is used by objects of other projects; "
+                    "only the cluster admin can delete it"
+                )
             action = _on_delete(referrer_kind, fields)
             if action is _OnDelete.UNLINK_PEER:
                 await self._unlink_peer(attempt, referrer_id, object_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from hivenet.api.tokens import TOKENS_PREFIX
 from hivenet.model import KINDS, TOPOLOGY_PREFIX, Port, TopologyObject, parse_topology_key
 from hivenet.store.base import KeyValue, Store
 from hivenet.store.topology import (
@@ -83,6 +84,7 @@ async def assert_consistent(store: Store) -> None:
         TUNNEL_KEY_INDEX_PREFIX,
         IP_INDEX_PREFIX,
         IP_COUNTER_PREFIX,
+        TOKENS_PREFIX,  # the API's project tokens (api/tokens.py), not the repository's
     )
     for kv in (await store.range("/hivenet/v1/")).kvs:
         assert kv.key.startswith(known) or kv.key == TUNNEL_KEY_COUNTER_KEY, kv.key

@@ -1,0 +1,162 @@
+"""`ProjectScope`: a scoped write references only its project's or shared objects, checked in
+the write's own txn (a rival change between the check and the commit makes it retry and
+re-check), and changes no object of another project."""
+
+from __future__ import annotations
+
+import pytest
+
+from hivenet.model import Bridge, Chain, Port
+from hivenet.store.topology import (
+    ConflictError,
+    DanglingReferenceError,
+    ProjectScope,
+    TopologyRepository,
+)
+from tests.unit.store_topology.conftest import Runner
+from tests.unit.store_topology.invariants import assert_consistent, dump
+from tests.unit.store_topology.test_concurrency import RivalStore, bridge_port
+
+ACME = ProjectScope("acme")
+
+
+def test_another_projects_object_is_refused_exactly_like_a_missing_one(run: Runner) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="theirs", tenant_id="globex"))
+        errors = []
+        for target in ("theirs", "nowhere"):
+            with pytest.raises(DanglingReferenceError) as caught:
+                await repo.create(bridge_port(target, tenant_id="acme"), scope=ACME)
+            errors.append(str(caught.value).replace(target, "X"))
+        assert errors[0] == errors[1] == "device_id='X': no bridge with that id"
+        # Unscoped (the cluster admin), the same write is allowed.
+        await repo.create(bridge_port("theirs", tenant_id="acme"))
+
+    run(body)
+
+
+def test_a_shared_bridge_may_be_referenced(run: Runner) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="ext", tenant_id="ops", shared=True))
+        stored = await repo.create(bridge_port("ext", tenant_id="acme"), scope=ACME)
+        assert stored.obj.device_id == "ext"
+
+    run(body)
+
+
+def test_a_target_moved_to_another_project_before_the_commit_refuses_the_write(
+    run: Runner,
+) -> None:
+    """The check is part of the txn: the reference was read as acme's, a rival moved it to
+    globex just before the commit, so the commit fails, the retry re-checks and refuses."""
+
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="b1", tenant_id="acme"))
+
+        async def rival() -> None:
+            await repo.update(Bridge(id="b1", tenant_id="globex"))
+
+        racing = TopologyRepository(RivalStore(repo.store, rival))
+        with pytest.raises(DanglingReferenceError) as caught:
+            await racing.create(bridge_port("b1", tenant_id="acme"), scope=ACME)
+        assert caught.value.field == "device_id"
+        assert [p.obj.id for p in (await repo.list(Port)).items] == []
+        await assert_consistent(repo.store)
+
+    run(body)
+
+
+def test_a_shared_flag_cleared_before_the_commit_refuses_the_write(run: Runner) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="ext", tenant_id="ops", shared=True))
+
+        async def rival() -> None:
+            await repo.update(Bridge(id="ext", tenant_id="ops", shared=False))
+
+        racing = TopologyRepository(RivalStore(repo.store, rival))
+        with pytest.raises(DanglingReferenceError):
+            await racing.create(bridge_port("ext", tenant_id="acme"), scope=ACME)
+        assert (await repo.list(Port)).items == []
+
+    run(body)
+
+
+def test_a_kept_reference_to_another_project_is_refused_on_a_scoped_update(
+    run: Runner,
+) -> None:
+    """Scoped, every reference the written object holds is checked, not only new ones (an
+    admin-made cross-project reference cannot be carried along by a tenant)."""
+
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Chain(id="theirs", tenant_id="globex"))
+        await repo.create(Bridge(id="b1", tenant_id="acme", inbound_chain_id="theirs"))
+        with pytest.raises(DanglingReferenceError) as caught:
+            await repo.update(
+                Bridge(id="b1", tenant_id="acme", inbound_chain_id="theirs", name="x"),
+                scope=ACME,
+            )
+        assert caught.value.field == "inbound_chain_id"
+
+    run(body)
+
+
+def test_a_scoped_delete_never_changes_another_projects_objects(run: Runner) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="ext", tenant_id="acme", shared=True))
+        await repo.create(bridge_port("ext", id="p1", tenant_id="globex"))
+        before = await dump(repo.store)
+        for cascade in (False, True):
+            with pytest.raises(ConflictError) as caught:
+                await repo.delete(Bridge, "ext", cascade=cascade, scope=ACME)
+            assert "p1" not in str(caught.value)
+        assert await dump(repo.store) == before
+
+    run(body)
+
+
+def test_a_scoped_link_to_another_projects_port_looks_missing(run: Runner) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        from hivenet.model import Router
+
+        await repo.create(Router(id="r1", tenant_id="acme"))
+        await repo.create(Bridge(id="b2", tenant_id="globex"))
+        await repo.create(bridge_port("b2", id="their-port", tenant_id="globex"))
+        with pytest.raises(DanglingReferenceError) as caught:
+            await repo.create(
+                Port.model_validate(
+                    {
+                        "device_kind": "router",
+                        "device_id": "r1",
+                        "tenant_id": "acme",
+                        "peer_id": "their-port",
+                    }
+                ),
+                scope=ACME,
+            )
+        assert caught.value.field == "peer_id"
+        assert (await repo.get(Port, "their-port")).obj.peer_id is None
+
+    run(body)
+
+
+def test_a_scoped_update_whose_side_effect_reaches_another_project_is_refused(
+    run: Runner,
+) -> None:
+    """An admin linked acme's router port to globex's port; acme unlinking its own port
+    would change globex's port: refused."""
+
+    async def body(repo: TopologyRepository) -> None:
+        from hivenet.model import Router
+
+        await repo.create(Router(id="r1", tenant_id="acme"))
+        await repo.create(Bridge(id="b2", tenant_id="globex"))
+        await repo.create(bridge_port("b2", id="theirs", tenant_id="globex"))
+        mine = Port.model_validate(
+            {"id": "mine", "device_kind": "router", "device_id": "r1", "tenant_id": "acme"}
+        )
+        await repo.create(mine.model_copy(update={"peer_id": "theirs"}))
+        with pytest.raises(ConflictError):
+            await repo.update(mine, scope=ACME)
+        assert (await repo.get(Port, "theirs")).obj.peer_id == "mine"
+
+    run(body)
