@@ -80,7 +80,7 @@ def test_snat_from_two_hosts_at_once_no_port_collision_and_replies_arrive(lab: L
     ping_until_ok(lab, "vm2", OUTSIDE_IP)  # and h2's
     before = {host: lab.fresh_agent_counters(host) for host in ("h1", "h2", "h3")}
     server = lab.echo_server("ext", OUTSIDE_IP, 7000, connections=2, label="snatsrv")
-    capture = lab.capture("ext", 4.0, label="snatcap")
+    capture = lab.capture("ext", 5.0, label="snatcap")
     try:
         # Both VMs use the same source port on purpose: only SNAT can tell them apart.
         clients = {

@@ -241,10 +241,14 @@ class Capture:
             self.process.popen.wait(self.seconds + 10)
         finally:
             self.process.stop()
-        lines = self.log_path.read_text().split()
+        lines = self.log_path.read_text().splitlines()
         if "done" not in lines:
             raise LabError(f"capture did not finish: {tail(self.log_path)}")
-        return [bytes.fromhex(line) for line in lines if line not in ("ready", "done")]
+        drops = [int(line.split()[1]) for line in lines if line.startswith("drops ")]
+        if drops != [0]:
+            raise LabError(f"capture on {self.log_path.name} missed frames (drops {drops})")
+        frames = (line for line in lines if line not in ("ready", "done"))
+        return [bytes.fromhex(line) for line in frames if not line.startswith("drops ")]
 
 
 class TrafficProbes:
