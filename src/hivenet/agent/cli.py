@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -282,3 +283,27 @@ def stats(
             shown = f"{value:.6f}" if isinstance(value, float) else str(value)
             table.add_row(f"{section}.{name}", shown)
     Console().print(table)
+
+
+@app.command("rotate-key")
+def rotate_key(
+    store: Annotated[str, typer.Option(help="Store URL: sqlite:///path.db or etcd://h:p,h:p")],
+) -> None:
+    """Rotate the cluster's flow-state key now (agents pick it up by their store watch; they
+    accept the previous key meanwhile). Run it twice to retire a key you think leaked."""
+    from hivenet.agent.underlay import rotate_keyring_now
+    from hivenet.store import open_store
+
+    async def rotate() -> int:
+        opened = open_store(store)
+        try:
+            return (await rotate_keyring_now(opened, time.time())).current.key_id
+        finally:
+            await opened.close()
+
+    try:
+        key_id = asyncio.run(rotate())
+    except (LookupError, ValueError, RuntimeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"flow-state key rotated: key {key_id} is current, the one before it still accepted")

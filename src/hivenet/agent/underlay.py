@@ -6,7 +6,8 @@ the flow-state keyring and its life cycle in the store: `ensure_keyring` (create
 whichever agent comes first, with a create-if-absent transaction) and `rotate_keyring_if_due`
 (on a schedule: the first agent to find the current key older than the rotation period
 writes a new one with a compare-and-swap on the key's revision, so one rotation happens
-however many agents try; receivers accept the current and the previous key).
+however many agents try; receivers accept the current and the previous key), and
+`rotate_keyring_now` (an operator's `hivenet agent rotate-key`).
 Does not own the HMAC envelope (flowstate/auth.py) or the datapath.
 """
 
@@ -66,3 +67,23 @@ async def rotate_keyring_if_due(store: Store, now: float, max_age: float) -> boo
         [Put(FLOWSTATE_KEYRING_KEY, rotated.to_json())],
     )
     return result.succeeded
+
+
+async def rotate_keyring_now(store: Store, now: float, attempts: int = 5) -> Keyring:
+    """Rotate the flow-state key now, whatever its age (an operator who suspects a leak runs
+    it twice: the second rotation drops the suspect key from the receivers' keyring too).
+    LookupError when there is no keyring yet (no agent has started); the keyring written."""
+    for _ in range(attempts):
+        stored = await store.get(FLOWSTATE_KEYRING_KEY)
+        if stored is None:
+            raise LookupError(
+                f"no flow-state keyring at {FLOWSTATE_KEYRING_KEY}: no agent has started yet"
+            )
+        rotated = Keyring.from_json(stored.value).rotated(secrets.token_bytes(KEY_BYTES), now)
+        result = await store.txn(
+            [Compare(FLOWSTATE_KEYRING_KEY, "mod_revision", "==", stored.mod_revision)],
+            [Put(FLOWSTATE_KEYRING_KEY, rotated.to_json())],
+        )
+        if result.succeeded:
+            return rotated
+    raise RuntimeError(f"the flow-state keyring kept changing under {attempts} rotation attempts")
