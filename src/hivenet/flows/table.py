@@ -61,7 +61,7 @@ class Flow:
     match: tuple[int, ...]
     mask: tuple[int, ...]
     actions: tuple[Action, ...]
-    tags: frozenset[str]
+    tags: tuple[str, ...]
     created: float
     last_used: float
     idle_timeout: float = 60.0
@@ -172,7 +172,7 @@ def _raise_for_bad_field(match: tuple[int, ...], mask: tuple[int, ...]) -> None:
 
 def _validate_flow(
     match: object, mask: object, actions: object, tags: object
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Action, ...], frozenset[str]]:
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Action, ...], tuple[str, ...]]:
     checked_mask = _check_key_tuple("mask", mask)
     checked_match = _check_key_tuple("match", match)
     well_formed = (
@@ -191,7 +191,7 @@ def _validate_flow(
             raise ValueError(f"actions[{position}] is not an Action: {action!r}")
     if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
         raise ValueError(f"tags must be an iterable of str (not a bare string), got {tags!r}")
-    checked_tags = frozenset(tags)
+    checked_tags = tuple(frozenset(tags))
     for tag in checked_tags:
         if not isinstance(tag, str) or not tag:
             raise ValueError(f"tags must be non-empty strings, got {tag!r}")
@@ -208,7 +208,10 @@ class FlowTable:
         self._subtables: dict[tuple[int, ...], _Subtable] = {}
         # Probe order; reordered by hit count every _REORDER_INTERVAL lookups.
         self._probe_order: list[_Subtable] = []
-        self._tag_index: dict[str, dict[Flow, None]] = {}  # dicts as insertion-ordered sets
+        # tag -> the one flow carrying it, or an insertion-ordered set (a dict) of two or more.
+        # Most tags of a stateful flow are its own connection's (conntrack, NAT): one flow
+        # each, so a bare reference instead of a one-entry dict saves ~200 bytes per tag.
+        self._tag_index: dict[str, Flow | dict[Flow, None]] = {}
         self._lru: OrderedDict[Flow, None] = OrderedDict()  # least recently used first
         self._expiry_heap: list[tuple[float, int, Flow]] = []
         self._heap_sequence = 0
@@ -264,7 +267,7 @@ class FlowTable:
 
         flow = Flow(
             match=checked_match,
-            mask=checked_mask,
+            mask=subtable.mask,  # one tuple per mask shared by its flows, not one per flow
             actions=checked_actions,
             tags=checked_tags,
             created=now,
@@ -274,8 +277,15 @@ class FlowTable:
             mtu=mtu,
         )
         subtable.flows[subtable.key_of(checked_match)] = flow
+        index = self._tag_index
         for tag in checked_tags:
-            self._tag_index.setdefault(tag, {})[flow] = None
+            held = index.get(tag)
+            if held is None:
+                index[tag] = flow
+            elif isinstance(held, dict):
+                held[flow] = None
+            else:
+                index[tag] = {held: None, flow: None}
         self._lru[flow] = None
         self._push_deadline(flow)
         self._installs += 1
@@ -292,11 +302,15 @@ class FlowTable:
         if not subtable.flows:
             del self._subtables[flow.mask]
             self._probe_order.remove(subtable)
+        index = self._tag_index
         for tag in flow.tags:
-            tagged = self._tag_index[tag]
-            del tagged[flow]
-            if not tagged:
-                del self._tag_index[tag]
+            held = index[tag]
+            if isinstance(held, dict):
+                del held[flow]
+                if len(held) == 1:
+                    index[tag] = next(iter(held))
+            else:
+                del index[tag]
         del self._lru[flow]
         flow.removed = True
 
@@ -365,8 +379,13 @@ class FlowTable:
         if isinstance(tags, str | bytes):
             raise ValueError(f"tags must be an iterable of str (not a bare string), got {tags!r}")
         doomed: dict[Flow, None] = {}
+        index = self._tag_index
         for tag in tags:
-            doomed.update(self._tag_index.get(tag, {}))
+            held = index.get(tag)
+            if isinstance(held, dict):
+                doomed.update(held)
+            elif held is not None:
+                doomed[held] = None
         for flow in doomed:
             self._remove(flow)
         self._invalidated += len(doomed)
