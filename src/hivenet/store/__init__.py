@@ -72,6 +72,7 @@ __all__ = [
     "TxnOp",
     "TxnResult",
     "WriteOutcome",
+    "check_store_url",
     "open_store",
     "redact_store_url",
     "sqlite_path_from_url",
@@ -93,6 +94,25 @@ def sqlite_path_from_url(url: str) -> str:
     if path == "/" or path.endswith("/"):
         raise InvalidRequestError(f"store url {url!r} names no database file")
     return path
+
+
+def check_store_url(url: str) -> None:
+    """Refuse a bad store URL before anything is opened (a command checks its `--store` with
+    it): InvalidRequestError naming the problem; an etcd URL's files are read and checked."""
+    if not isinstance(url, str):
+        raise InvalidRequestError(f"store url must be a str, got {url!r}")
+    if url in MEMORY_URLS or url.startswith(SQLITE_SCHEME):
+        sqlite_path_from_url(url)
+        return
+    if url.startswith(ETCD_SCHEMES):
+        from hivenet.store.etcd_url import parse_etcd_url
+
+        parse_etcd_url(url)
+        return
+    raise InvalidRequestError(
+        f"store url {redact_store_url(url)!r} has an unknown scheme; expected 'memory://', "
+        "'sqlite:///abs/path.db', 'etcd://host:port,...' or 'etcds://host:port,...'"
+    )
 
 
 def open_store(url: str, **options: Any) -> Store:
