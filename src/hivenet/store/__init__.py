@@ -109,7 +109,11 @@ def check_store_url(url: str) -> None:
 
         parse_etcd_url(url)
         return
-    raise InvalidRequestError(
+    raise _unknown_scheme(url)
+
+
+def _unknown_scheme(url: str) -> InvalidRequestError:
+    return InvalidRequestError(
         f"store url {redact_store_url(url)!r} has an unknown scheme; expected 'memory://', "
         "'sqlite:///abs/path.db', 'etcd://host:port,...' or 'etcds://host:port,...'"
     )
@@ -133,7 +137,4 @@ def open_store(url: str, **options: Any) -> Store:
 
         parsed = parse_etcd_url(url)  # every file read and checked before anything connects
         return EtcdStore(list(parsed.endpoints), tls=parsed.tls, auth=parsed.auth, **options)
-    raise InvalidRequestError(
-        f"store url {redact_store_url(url)!r} has an unknown scheme; expected 'memory://', "
-        "'sqlite:///abs/path.db', 'etcd://host:port,...' or 'etcds://host:port,...'"
-    )
+    raise _unknown_scheme(url)

@@ -585,6 +585,12 @@ class EtcdStore:
             raise InvalidRequestError(f"auth must be an EtcdAuth, got {auth!r}")
         self._tls = tls
         self._auth = auth
+        if auth is not None and tls is None:
+            _log.warning(
+                "etcd user %r over plaintext: its password and token cross the network in "
+                "clear (use etcds:// or cacert=)",
+                auth.user,
+            )
         # etcd's auth token for `auth` (None: none asked for yet; "": etcd has auth off).
         self._token: str | None = None
         self._auth_lock = asyncio.Lock()
@@ -795,7 +801,12 @@ class EtcdStore:
                 await endpoint.connect(
                     min(self._connect_timeout, max(deadline - loop.time(), 0.001))
                 )
-                await self._authenticate(endpoint, max(deadline - loop.time(), 0.001))
+                try:
+                    await self._authenticate(endpoint, max(deadline - loop.time(), 0.001))
+                except grpc.aio.AioRpcError as error:  # the request itself was not sent
+                    raise _NotConnected(
+                        f"{endpoint.address}: authenticate: {_details(error)}"
+                    ) from error
                 token = self._token
                 budget = deadline - loop.time()
                 attempt_timeout = (
