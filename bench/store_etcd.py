@@ -27,7 +27,6 @@ from typing import Any
 
 from hivenet.lab.etcd import start_cluster, stop_all
 from hivenet.store import SqliteStore, Store
-from hivenet.store.etcd import EtcdStore
 
 # The shared measurements live in bench/store.py (this script's directory is on sys.path).
 from store import bench_puts, bench_txns, bench_watch_latency, percentile
@@ -73,7 +72,7 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="hn-bench-etcd-"))
     try:
         with start_cluster(directory) as cluster:
-            etcd = asyncio.run(measure(EtcdStore(cluster.endpoints), counts))
+            etcd = asyncio.run(measure(cluster.store(), counts))
         sqlite = asyncio.run(measure(SqliteStore(directory / "hn-bench.db"), counts))
     finally:
         stop_all(directory)

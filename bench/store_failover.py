@@ -40,7 +40,6 @@ from typing import Any
 from hivenet.lab.etcd import EtcdCluster, start_cluster, stop_all
 from hivenet.model import Bridge
 from hivenet.store import StoreError
-from hivenet.store.etcd import EtcdStore
 from hivenet.store.topology import TopologyRepository
 
 ETCDCTL = "etcdctl"
@@ -149,7 +148,7 @@ async def one_round(cluster: EtcdCluster, repository: TopologyRepository) -> dic
 
 
 async def run(cluster: EtcdCluster, kills: int) -> tuple[list[dict[str, Any]], int]:
-    store = EtcdStore(cluster.endpoints)
+    store = cluster.store()
     repository = TopologyRepository(store)
     rounds: list[dict[str, Any]] = []
     try:

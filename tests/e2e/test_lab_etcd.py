@@ -42,7 +42,7 @@ from hivenet.lab.netns import (
 from hivenet.lab.scenario import builtin_scenario
 from hivenet.model import Route
 from hivenet.model.topology import TOPOLOGY_PREFIX
-from hivenet.store import open_store
+from hivenet.store import StoreUnavailableError, open_store
 from hivenet.store.keys import host_alive_key, port_active_key
 from tests.e2e.common import running_lab
 
@@ -227,6 +227,20 @@ def ping_ok(lab: Lab, source: str, target: str, count: int = 3) -> None:
     assert result.ok, result.output
 
 
+def assert_refused_without_client_certificate(cluster: EtcdCluster) -> None:
+    url = f"etcds://{cluster.endpoints[0]}?cacert={cluster.ca_file}"
+
+    async def read() -> None:
+        store = open_store(url, call_timeout=1.0)
+        try:
+            with pytest.raises(StoreUnavailableError, match="refused the client certificate"):
+                await store.get("/hivenet/v1/")
+        finally:
+            await store.close()
+
+    asyncio.run(read())
+
+
 # ---- tests -----------------------------------------------------------------------------------
 
 
@@ -249,8 +263,11 @@ def test_a_cluster_is_found_again_from_its_state_dir(tmp_path: Path) -> None:
         loaded.start_member(follower)
         loaded.wait_healthy(20)
         assert EtcdCluster.load(tmp_path).pid(follower) == loaded.pid(follower) != killed_pid
+        tls_dir = loaded.tls_dir
+        assert loaded.secure and (tls_dir / "hivenet.password").is_file()
         stopped = stop_all(tmp_path)
         assert len(stopped) == 3
+        assert not tls_dir.exists()  # certificates, keys and password go with the cluster
     with pytest.raises(EtcdLabError, match="no etcd cluster recorded"):
         EtcdCluster.load(tmp_path)
 
@@ -262,6 +279,11 @@ def test_b_lab_runs_on_three_members_reachable_from_host_namespaces(lab: Lab) ->
     assert all(
         endpoint.startswith(f"{ROOT_UNDERLAY_ADDRESS.ip}:") for endpoint in cluster.endpoints
     )
+    # TLS with client certificates and etcd auth, files in the lab's state dir.
+    assert cluster.url.startswith("etcds://") and "&user=hivenet&password_file=" in cluster.url
+    assert cluster.ca_file.is_relative_to(lab.state_dir) and cluster.ca_file.is_file()
+    assert cluster.password_file.read_text().strip() not in cluster.url
+    assert_refused_without_client_certificate(cluster)
     for host in HOSTS:
         argv = lab.agent_argv(host)
         assert argv[argv.index("--store") + 1] == cluster.url

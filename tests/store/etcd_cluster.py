@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -37,13 +38,15 @@ def require_etcd() -> None:
 
 
 @contextmanager
-def running_cluster(size: int = 3) -> Iterator[EtcdCluster]:
-    """A fresh `size`-member cluster, stopped by PID and removed on exit."""
+def running_cluster(size: int = 3, **options: Any) -> Iterator[EtcdCluster]:
+    """A fresh `size`-member cluster, stopped by PID and removed on exit. It is secure (TLS,
+    client certificates, etcd auth: see `hivenet.lab.etcd`) unless `secure=False`; `options`
+    go to `start_cluster`."""
     require_etcd()
     base = _FAST_DISK if _FAST_DISK.is_dir() else None
     directory = Path(tempfile.mkdtemp(prefix="hn-etcd-", dir=base))
     try:
-        cluster = start_cluster(directory, size=size, die_with_owner=True)
+        cluster = start_cluster(directory, size=size, die_with_owner=True, **options)
         try:
             yield cluster
         finally:
@@ -59,7 +62,7 @@ def wipe(cluster: EtcdCluster) -> None:
     for member in cluster.members:
         if not cluster.is_running(member.name):
             continue
-        channel = grpc.insecure_channel(member.endpoint)
+        channel = cluster.admin_channel(member)  # root, by its client certificate
         try:
             leases = rpc.LeaseStub(channel)
             listed = leases.LeaseLeases(rpc.LeaseLeasesRequest(), timeout=_WIPE_TIMEOUT)

@@ -74,7 +74,7 @@ def test_paginated_range_keeps_reading_its_revision_after_compaction(
             await store.put(f"/pg/{index}", b"old")
         snapshot = await store.current_revision()
         await store.delete("/pg/", prefix=True)
-        paged = EtcdStore(store.endpoints, range_page_size=2)
+        paged = EtcdStore(store.endpoints, range_page_size=2, tls=store.tls, auth=store.auth)
         try:
             result = await paged.range("/pg/", revision=snapshot)
             assert [kv.key for kv in result.kvs] == [f"/pg/{index}" for index in range(6)]

@@ -14,7 +14,6 @@ import pytest
 
 from hivenet.lab.etcd import EtcdCluster, EtcdMember
 from hivenet.store import Compare, Event, Get, Put, StoreUnavailableError, WriteOutcome
-from hivenet.store.etcd import EtcdStore
 from tests.store.etcd_cluster import running_cluster, wipe
 
 WRITES = 200
@@ -59,9 +58,9 @@ def test_watch_on_the_killed_leader_resumes_on_a_survivor_exactly_once(
 
     async def main() -> None:
         # The watch stream lives on the leader: its endpoint is first.
-        watcher = EtcdStore([leader.endpoint, *(m.endpoint for m in survivors)])
-        writer = EtcdStore([m.endpoint for m in survivors], call_timeout=2.0)
-        reference = EtcdStore([m.endpoint for m in survivors])
+        watcher = cluster.store([leader.endpoint, *(m.endpoint for m in survivors)])
+        writer = cluster.store([m.endpoint for m in survivors], call_timeout=2.0)
+        reference = cluster.store([m.endpoint for m in survivors])
         try:
             start = await writer.current_revision() + 1
             events = watcher.watch("/kill/", start_revision=start)
@@ -117,7 +116,7 @@ def test_calls_fail_over_when_their_member_dies(healthy_cluster: EtcdCluster) ->
     others = [member for member in cluster.members if member is not victim]
 
     async def main() -> None:
-        store = EtcdStore([victim.endpoint, *(m.endpoint for m in others)], call_timeout=5.0)
+        store = cluster.store([victim.endpoint, *(m.endpoint for m in others)], call_timeout=5.0)
         try:
             # Reads stay on the first endpoint; writes move the store to the leader.
             assert await store.get("/fo/k") is None
@@ -154,7 +153,7 @@ def test_a_watch_gives_up_only_when_no_member_answers_for_its_reconnect_timeout(
     cluster = healthy_cluster
 
     async def main() -> None:
-        store = EtcdStore(cluster.endpoints, watch_reconnect_timeout=1.0, connect_timeout=0.2)
+        store = cluster.store(watch_reconnect_timeout=1.0, connect_timeout=0.2)
         try:
             start = await store.current_revision() + 1
             events = store.watch("/gone/", start_revision=start)
@@ -182,7 +181,7 @@ def test_a_write_without_quorum_names_the_lost_leader_and_says_what_became_of_it
     follower = next(member for member in cluster.members if member is not leader)
 
     async def main() -> None:
-        store = EtcdStore(cluster.endpoints, call_timeout=2.0)
+        store = cluster.store(call_timeout=2.0)
         try:
             await store.put("/quorum/k", b"")  # finds the leader
             assert store.leader_endpoint == leader.endpoint

@@ -25,7 +25,6 @@ from hivenet.lab.etcd import EtcdCluster
 from hivenet.model import Bridge
 from hivenet.model.topology import topology_key
 from hivenet.store import EventType, StoreUnavailableError, WriteOutcome
-from hivenet.store.etcd import EtcdStore
 from hivenet.store.topology import TopologyRepository
 from tests.store.etcd_cluster import running_cluster, wipe
 
@@ -43,8 +42,8 @@ def cluster() -> Iterator[EtcdCluster]:
 async def writes_through_a_leader_kill(cluster: EtcdCluster, kill_at: int) -> float:
     """Run the writes, kill the leader once `kill_at` were acknowledged; check the store;
     return the window in seconds."""
-    store = EtcdStore(cluster.endpoints)
-    watcher = EtcdStore(cluster.endpoints)
+    store = cluster.store()
+    watcher = cluster.store()
     repository = TopologyRepository(store)
     try:
         start = await watcher.current_revision() + 1

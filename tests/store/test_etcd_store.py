@@ -146,7 +146,7 @@ def test_a_watch_with_no_endpoint_raises_after_its_reconnect_timeout(closed_endp
 
 def test_a_dead_first_endpoint_is_skipped(etcd_cluster: EtcdCluster, closed_endpoint: str) -> None:
     async def main() -> None:
-        store = EtcdStore([closed_endpoint, *etcd_cluster.endpoints], connect_timeout=2.0)
+        store = etcd_cluster.store([closed_endpoint, *etcd_cluster.endpoints], connect_timeout=2.0)
         try:
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -178,7 +178,7 @@ def test_big_range_is_paged_at_the_revision_of_its_first_page(etcd_backend: Back
         assert isinstance(store, EtcdStore)
         for index in range(40):
             await store.put(f"/big/{index:02d}", b"v0")
-        paged = CountingStore(store.endpoints, range_page_size=4)
+        paged = CountingStore(store.endpoints, range_page_size=4, tls=store.tls, auth=store.auth)
         stop = asyncio.Event()
 
         async def churn() -> None:  # writes all through the paging, in the same prefix
@@ -202,9 +202,9 @@ def test_big_range_is_paged_at_the_revision_of_its_first_page(etcd_backend: Back
         assert result.kvs == snapshot.kvs  # exactly the state at one revision
         assert result.count == len(result.kvs) and not result.more
 
-        limited = await EtcdStore(store.endpoints, range_page_size=3).range(
-            "/big/", revision=result.revision, limit=7, start_after=result.kvs[2].key
-        )
+        limited = await EtcdStore(
+            store.endpoints, range_page_size=3, tls=store.tls, auth=store.auth
+        ).range("/big/", revision=result.revision, limit=7, start_after=result.kvs[2].key)
         assert limited.kvs == result.kvs[3:10]
         assert limited.count == result.count and limited.more
 

@@ -81,7 +81,7 @@ def run(cluster: EtcdCluster, body: Callable[[EtcdStore, EtcdStore], Awaitable[N
     wipe(cluster)
 
     async def main() -> None:
-        store, other = EtcdStore(cluster.endpoints), EtcdStore(cluster.endpoints)
+        store, other = cluster.store(), cluster.store()
         try:
             await asyncio.wait_for(body(store, other), 20.0)
         finally:

@@ -64,7 +64,13 @@ def run(
     host_id: Annotated[
         str, typer.Option(help="This host's id (a Host object; created if missing).")
     ],
-    store: Annotated[str, typer.Option(help="Store URL: sqlite:///path.db or etcd://h:p,h:p")],
+    store: Annotated[
+        str,
+        typer.Option(
+            help="Store URL: sqlite:///path.db, etcd://h:p,h:p, or etcds://h:p,h:p?cacert=...&"
+            "cert=...&key=...&user=...&password_file=... (docs/deploy.md)"
+        ),
+    ],
     underlay_ip: Annotated[
         str | None, typer.Option(help="This host's tunnel endpoint (VXLAN source address).")
     ] = None,
@@ -157,6 +163,12 @@ def run(
         metadata = os.geteuid() == 0 and datapath in ("userspace", "ebpf")
     elif metadata and os.geteuid() != 0:
         raise typer.BadParameter("needs root (it creates a TUN device)", param_hint="--metadata")
+    from hivenet.store import InvalidRequestError, check_store_url
+
+    try:
+        check_store_url(store)
+    except InvalidRequestError as error:
+        raise typer.BadParameter(str(error), param_hint="--store") from None
     asyncio.run(
         _run_agent(
             host_id=host_id,

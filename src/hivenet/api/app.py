@@ -35,7 +35,7 @@ from hivenet.api.tls import check_server_files
 from hivenet.api.tokens import resolve_project_token, tokens_router
 from hivenet.api.traces import traces_router
 from hivenet.api.ui import install_ui
-from hivenet.store import open_store
+from hivenet.store import open_store, redact_store_url
 from hivenet.store.base import Store, StoreCorruptError, StoreUnavailableError
 from hivenet.store.topology import TopologyRepository
 
@@ -101,7 +101,7 @@ def create_app(
             await holder.repository()
         except (StoreUnavailableError, StoreCorruptError) as exc:
             # Keep serving: every request answers with the reason until the store opens.
-            _log.error("store %s cannot be opened yet: %s", store_url, exc)
+            _log.error("store %s cannot be opened yet: %s", redact_store_url(store_url), exc)
         try:
             yield
         finally:

@@ -25,6 +25,7 @@ from hivenet.cli.config import (
     running_as_root,
 )
 from hivenet.cli.context import fail
+from hivenet.store import InvalidRequestError, check_store_url, redact_store_url
 
 _TLS_OPTIONS = {"cert": "--tls-cert", "key": "--tls-key"}
 
@@ -39,7 +40,8 @@ def serve(
         typer.Option(
             "--store",
             metavar="URL",
-            help="Store URL, e.g. sqlite:///path/hivenet.db or etcd://host:2379 "
+            help="Store URL, e.g. sqlite:///path/hivenet.db, etcd://host:2379, or etcds://host:2379"
+            "?cacert=...&cert=...&key=...&user=...&password_file=... (docs/deploy.md) "
             "(default: sqlite:///<state-dir>/hivenet.db).",
             show_default=False,
         ),
@@ -127,13 +129,17 @@ def serve(
         ) from None
     store_url = store or default_store_url(resolved_state_dir)
     try:
+        check_store_url(store_url)
+    except InvalidRequestError as error:
+        raise fail(f"error: --store: {error}") from None
+    try:
         from hivenet.api import run_server
         from hivenet.api.neutron import OpenStackOptions
     except ImportError as exc:
         raise fail(f"error: the API server is not available in this installation: {exc}") from None
     scheme = "https" if tls_cert is not None else "http"
     typer.echo(
-        f"hivenet: API on {scheme}://{host}:{port} (store {store_url}; "
+        f"hivenet: API on {scheme}://{host}:{port} (store {redact_store_url(store_url)}; "
         f"token file {resolved_state_dir / ADMIN_TOKEN_FILE}; "
         f"TLS {f'certificate {tls_cert}' if tls_cert else 'off'}; "
         f"max request body {max_body_bytes} bytes); "

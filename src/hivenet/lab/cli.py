@@ -29,6 +29,7 @@ from hivenet.lab.record import (
     remove_lab_files,
 )
 from hivenet.lab.scenario import ScenarioError, builtin_scenario_names, resolve_scenario
+from hivenet.store import redact_store_url
 
 app = typer.Typer(
     help="A whole HiveNet cloud on this machine: hosts and VMs as network namespaces.",
@@ -195,7 +196,7 @@ def print_summary(lab: Lab, out: Console = console) -> None:
             f"SNAT:       {', '.join(spec.snat)} -> {spec.router_ip.ip} "
             f"(leaving by {spec.router}'s uplink on {spec.host})"
         )
-    out.print(f"store:      {lab.store_url}")
+    out.print(f"store:      {redact_store_url(lab.store_url)}")
     out.print(f"API URL:    {lab.api_url}")
     out.print(f"token file: {lab.token_path}")
     out.print(f"state dir:  {lab.state_dir}  (logs, PID files, agent counters)")
@@ -350,7 +351,7 @@ def print_status(lab: Lab, report: LabStatus, out: Console = console) -> None:
             "running" if process.running else "GONE",
         )
     out.print(processes)
-    out.print(f"store: {report.store} {report.store_url or '-'}")
+    out.print(f"store: {report.store} {redact_store_url(report.store_url) or '-'}")
     if report.store_problem is not None:
         out.print(f"store members: {report.store_problem}")
     elif report.store_members:

@@ -24,6 +24,20 @@ ends, so members are forked by one thread of this module that lives as long as t
 owner is gone. The lab's own cluster has no owner (it outlives `hivenet lab up`) and is ended
 by `hivenet lab down|clean` through its records.
 
+Security (`secure=True`, the default): clients speak TLS to the members and must present a
+certificate signed by the cluster's own CA (`--client-cert-auth`), and etcd authentication is
+on. `start_cluster` makes the CA and certificates with `lab/pki.py` into `<etcd dir>/tls/`
+(removed with the directory): a server certificate for 127.0.0.1 and `client_host`, a client
+certificate with common name `root` (etcd's admin: a request without a token is root's by its
+certificate, so the lab and the tests administer the cluster with it and no password) and one
+with common name `hivenet`. Before enabling auth it adds the users `root` (a random password
+nobody keeps) and `hivenet` (a random password in `tls/hivenet.password`, 0600) with a role
+`hivenet` that may read and write every key (the cluster is HiveNet's alone; the store reads
+the whole key space for its revision). `url` names the `hivenet` user with its password file,
+so the store exercises the token path (Authenticate, renewal on expiry); `admin_url` is root's
+certificate-only URL. Peer traffic stays plaintext on 127.0.0.1. The random passwords need
+no slow hash: etcd runs with `--bcrypt-cost 4`, so each Authenticate stays cheap.
+
 Timing: heartbeat 50 ms and election timeout 500 ms (etcd's defaults are 100/1000) so a killed
 leader is replaced within about a second, and etcd's minimum lease TTL is 1 s (it is
 1.5 x election timeout, rounded up), which a 1-second lease test needs.
@@ -40,6 +54,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -48,7 +63,16 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
+
+import grpc
+from aetcd import rpc
+
+from hivenet.lab.pki import new_ca
+
+if TYPE_CHECKING:
+    from hivenet.store.etcd import EtcdStore
 
 __all__ = [
     "DEFAULT_ETCD_BINARY",
@@ -77,6 +101,11 @@ SETPRIV: Final = "/usr/bin/setpriv"
 _EXEC_TIMEOUT: Final = 5.0
 _START_ATTEMPTS: Final = 3  # a picked port may be taken by someone else before etcd binds it
 _HTTP_TIMEOUT: Final = 1.0
+TLS_SUBDIR: Final = "tls"
+STORE_USER: Final = "hivenet"
+ADMIN_USER: Final = "root"  # etcd's built-in admin user and role
+_BCRYPT_COST: Final = "4"  # etcd's minimum: the lab's passwords are random, not guessable
+_ADMIN_TIMEOUT: Final = 5.0
 
 
 class EtcdLabError(RuntimeError):
@@ -95,9 +124,12 @@ class EtcdMember:
     record_file: Path
     client_host: str = HOST
 
+    secure: bool = False
+
     @property
     def client_url(self) -> str:
-        return f"http://{self.client_host}:{self.client_port}"
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{self.client_host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -292,9 +324,14 @@ def _child_environment() -> dict[str, str]:
 _DIRECT_HTTP: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http_get(url: str) -> tuple[int, str] | None:
+def _http_get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str] | None:
+    opener = _DIRECT_HTTP
+    if context is not None:
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
     try:
-        with _DIRECT_HTTP.open(url, timeout=_HTTP_TIMEOUT) as response:
+        with opener.open(url, timeout=_HTTP_TIMEOUT) as response:
             return response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
         return error.code, ""
@@ -318,10 +355,14 @@ class EtcdCluster:
         heartbeat_ms: int,
         election_ms: int,
         die_with_owner: bool = False,
+        secure: bool = False,
+        auth_token_ttl: int | None = None,
     ) -> None:
         self.directory = directory
         self.members = members
         self.token = token
+        self.secure = secure
+        self.auth_token_ttl = auth_token_ttl
         self._binary = binary
         self._heartbeat_ms = heartbeat_ms
         self._election_ms = election_ms
@@ -341,6 +382,8 @@ class EtcdCluster:
         try:
             data = json.loads(path.read_text())
             client_host = check_client_host(data.get("client_host", HOST))
+            secure = bool(data.get("secure", False))
+            ttl = data.get("auth_token_ttl")
             members = [
                 _member(
                     directory,
@@ -348,6 +391,7 @@ class EtcdCluster:
                     int(entry["client_port"]),
                     int(entry["peer_port"]),
                     client_host,
+                    secure,
                 )
                 for entry in data["members"]
             ]
@@ -358,6 +402,8 @@ class EtcdCluster:
                 binary=Path(binary if binary is not None else data["binary"]),
                 heartbeat_ms=int(data["heartbeat_ms"]),
                 election_ms=int(data["election_ms"]),
+                secure=secure,
+                auth_token_ttl=None if ttl is None else int(ttl),
             )
         except FileNotFoundError:
             raise EtcdLabError(f"no etcd cluster recorded under {str(directory)!r}") from None
@@ -380,6 +426,8 @@ class EtcdCluster:
             # The process the members die with (None: they outlive whoever started them).
             "owner": _process_identity(os.getpid()) if self.die_with_owner else None,
             "client_host": client_hosts.pop() if len(client_hosts) == 1 else HOST,
+            "secure": self.secure,
+            "auth_token_ttl": self.auth_token_ttl,
             "members": [
                 {"name": m.name, "client_port": m.client_port, "peer_port": m.peer_port}
                 for m in self.members
@@ -404,8 +452,121 @@ class EtcdCluster:
 
     @property
     def url(self) -> str:
-        """The store URL naming every member: `etcd://127.0.0.1:p1,127.0.0.1:p2,...`."""
-        return "etcd://" + ",".join(self.endpoints)
+        """The store URL naming every member: `etcd://127.0.0.1:p1,127.0.0.1:p2,...`; when
+        secure `etcds://...?cacert=...` with the `hivenet` user's certificate and password file."""
+        if not self.secure:
+            return "etcd://" + ",".join(self.endpoints)
+        return self._tls_url(STORE_USER, self.password_file)
+
+    @property
+    def admin_url(self) -> str:
+        """A store URL as etcd's root (by its client certificate, no password): to wipe or
+        inspect the cluster. The same as `url` when the cluster is not secure."""
+        return self._tls_url(ADMIN_USER) if self.secure else self.url
+
+    def _tls_url(self, user: str, password_file: Path | None = None) -> str:
+        cert, key = self.client_cert(user)
+        options = {"cacert": self.ca_file, "cert": cert, "key": key}
+        query = "&".join(f"{name}={quote(str(path), safe='/')}" for name, path in options.items())
+        if password_file is not None:
+            query += f"&user={user}&password_file={quote(str(password_file), safe='/')}"
+        return "etcds://" + ",".join(self.endpoints) + "?" + query
+
+    def store(self, endpoints: list[str] | None = None, **options: Any) -> EtcdStore:
+        """An `EtcdStore` on `endpoints` (default: every member, in order) with this cluster's
+        TLS files and `hivenet` credentials (those of `url`); `options` go to `EtcdStore`."""
+        from hivenet.store.etcd import EtcdStore
+        from hivenet.store.etcd_url import parse_etcd_url
+
+        parsed = parse_etcd_url(self.url)
+        chosen = list(parsed.endpoints) if endpoints is None else endpoints
+        return EtcdStore(chosen, tls=parsed.tls, auth=parsed.auth, **options)
+
+    # -- TLS files (secure clusters)
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.directory / TLS_SUBDIR
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def password_file(self) -> Path:
+        """The `hivenet` user's password (one line, 0600)."""
+        return self.tls_dir / f"{STORE_USER}.password"
+
+    def client_cert(self, user: str) -> tuple[Path, Path]:
+        """(certificate, key) of the client certificate whose common name is `user`."""
+        return self.tls_dir / f"{user}.pem", self.tls_dir / f"{user}-key.pem"
+
+    def _make_tls_files(self) -> None:
+        ca = new_ca(f"hivenet lab etcd CA {self.token}")
+        self.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca.write_cert(self.ca_file)
+        names = tuple(dict.fromkeys([HOST, *(member.client_host for member in self.members)]))
+        ca.issue_server(self.tls_dir, "server", names)
+        for user in (ADMIN_USER, STORE_USER):
+            ca.issue_client(self.tls_dir, user, user)
+        self.password_file.touch(mode=0o600)
+        self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """For /health and /metrics: verify the member, present root's certificate."""
+        if not self.secure:
+            return None
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        context.load_cert_chain(*map(str, self.client_cert(ADMIN_USER)))
+        return context
+
+    def admin_channel(self, member: EtcdMember) -> grpc.Channel:
+        """A blocking gRPC channel to `member` as root (its certificate; plaintext when the
+        cluster is not secure). The caller closes it."""
+        if not self.secure:
+            return grpc.insecure_channel(member.endpoint)
+        cert, key = self.client_cert(ADMIN_USER)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=key.read_bytes(),
+            certificate_chain=cert.read_bytes(),
+        )
+        return grpc.secure_channel(member.endpoint, credentials)
+
+    def _enable_auth(self) -> None:
+        """Add root and the `hivenet` user and role, then turn etcd authentication on."""
+        member = self.members[0]
+        channel = self.admin_channel(member)
+        every_key = rpc.Permission(permType=rpc.Permission.READWRITE, key=b"\0", range_end=b"\0")
+        steps: list[tuple[str, Any]] = [
+            ("UserAdd", rpc.AuthUserAddRequest(name=ADMIN_USER, password=secrets.token_hex(16))),
+            ("UserGrantRole", rpc.AuthUserGrantRoleRequest(user=ADMIN_USER, role=ADMIN_USER)),
+            ("RoleAdd", rpc.AuthRoleAddRequest(name=STORE_USER)),
+            (
+                "RoleGrantPermission",
+                rpc.AuthRoleGrantPermissionRequest(name=STORE_USER, perm=every_key),
+            ),
+            (
+                "UserAdd",
+                rpc.AuthUserAddRequest(
+                    name=STORE_USER, password=self.password_file.read_text().rstrip("\n")
+                ),
+            ),
+            ("UserGrantRole", rpc.AuthUserGrantRoleRequest(user=STORE_USER, role=STORE_USER)),
+            ("AuthEnable", rpc.AuthEnableRequest()),
+        ]
+        try:
+            auth = rpc.AuthStub(channel)
+            for method, request in steps:
+                try:
+                    getattr(auth, method)(request, timeout=_ADMIN_TIMEOUT)
+                except grpc.RpcError as error:
+                    raise EtcdLabError(
+                        f"enabling etcd auth through {member.name} ({member.endpoint}): "
+                        f"{method} failed: {error.details()}"
+                    ) from None
+        finally:
+            channel.close()
 
     def member(self, name: str) -> EtcdMember:
         for member in self.members:
@@ -457,7 +618,26 @@ class EtcdCluster:
             "stderr",
             "--log-level",
             "warn",
+            *self._security_arguments(),
         ]
+
+    def _security_arguments(self) -> list[str]:
+        if not self.secure:
+            return []
+        arguments = [
+            "--cert-file",
+            str(self.tls_dir / "server.pem"),
+            "--key-file",
+            str(self.tls_dir / "server-key.pem"),
+            "--trusted-ca-file",
+            str(self.ca_file),
+            "--client-cert-auth",
+            "--bcrypt-cost",
+            _BCRYPT_COST,
+        ]
+        if self.auth_token_ttl is not None:
+            arguments += ["--auth-token-ttl", str(self.auth_token_ttl)]
+        return arguments
 
     def _launch(self, member: EtcdMember) -> None:
         if self.is_running(member.name):
@@ -551,7 +731,7 @@ class EtcdCluster:
         member = self.member(name)
         if not self.is_running(name):
             return False
-        answer = _http_get(f"{member.client_url}/health")
+        answer = _http_get(f"{member.client_url}/health", self._ssl_context())
         if answer is None or answer[0] != 200:
             return False
         with contextlib.suppress(ValueError):
@@ -589,7 +769,7 @@ class EtcdCluster:
         member = self.member(name)
         if not self.is_running(name):
             return False
-        answer = _http_get(f"{member.client_url}/metrics")
+        answer = _http_get(f"{member.client_url}/metrics", self._ssl_context())
         return answer is not None and "\netcd_server_is_leader 1\n" in answer[1]
 
     def leader(self, timeout: float = 10.0) -> EtcdMember:
@@ -644,11 +824,17 @@ def start_cluster(
     timeout: float = 30.0,
     client_host: str = HOST,
     die_with_owner: bool = False,
+    secure: bool = True,
+    auth_token_ttl: int | None = None,
 ) -> EtcdCluster:
     """Start a `size`-member cluster with its files under `state_dir/etcd/`; wait until healthy.
 
     Clients reach the members on `client_host` (an IPv4 address of this machine's root
     namespace); the members talk to each other on 127.0.0.1.
+
+    `secure` (the default): TLS with client certificates and etcd authentication (see the
+    module docstring); `auth_token_ttl` is etcd's `--auth-token-ttl` (seconds; etcd's default
+    300 when None). Without `secure`, plaintext and no authentication.
 
     With `die_with_owner` every member (also one restarted later through this object) gets
     SIGKILL when this process ends, however it ends (see the module docstring).
@@ -695,6 +881,7 @@ def start_cluster(
                 ports[2 * index],
                 ports[2 * index + 1],
                 client_host,
+                secure,
             )
             for index in range(size)
         ]
@@ -706,12 +893,18 @@ def start_cluster(
             heartbeat_ms=heartbeat_ms,
             election_ms=election_ms,
             die_with_owner=die_with_owner,
+            secure=secure,
+            auth_token_ttl=auth_token_ttl,
         )
         cluster._save_description()
         try:
+            if secure:
+                cluster._make_tls_files()
             for member in members:
                 cluster.start_member(member.name)
             cluster.wait_healthy(timeout, names=cluster.names())
+            if secure:
+                cluster._enable_auth()
         except EtcdLabError as error:
             last_error = error
             cluster.stop(remove_data=False)
@@ -724,7 +917,12 @@ def start_cluster(
 
 
 def _member(
-    directory: Path, name: str, client_port: int, peer_port: int, client_host: str
+    directory: Path,
+    name: str,
+    client_port: int,
+    peer_port: int,
+    client_host: str,
+    secure: bool = False,
 ) -> EtcdMember:
     return EtcdMember(
         name=name,
@@ -734,6 +932,7 @@ def _member(
         log_file=directory / f"{name}.log",
         record_file=directory / f"{name}.json",
         client_host=client_host,
+        secure=secure,
     )
 
 

@@ -10,7 +10,9 @@ Bringing a lab up: underlay bridge, host namespaces, the store -- the embedded S
 with `store="etcd"` a local 3-member etcd cluster (`hivenet.lab.etcd`) whose client URLs listen
 on the root underlay address `netns.ROOT_UNDERLAY_ADDRESS` (172.31.250.254, given to this lab's
 bridge: the agents run inside host namespaces, where 127.0.0.1 is not the root namespace's
-loopback) --, `hivenet serve` in the root namespace, the topology written THROUGH THE REST API,
+loopback), over TLS with client certificates and etcd auth (its CA, certificates and the
+`hivenet` user's password file under `<state dir>/etcd/tls/`, gone with `lab down|clean`) --,
+`hivenet serve` in the root namespace, the topology written THROUGH THE REST API,
 VM namespaces whose `eth0` is wired to a bound port in the host namespace, the optional outside
 world `hn-ext` behind the external router's uplink port, one `hivenet agent run --datapath
 userspace` per host inside its namespace; then waiting until every agent has bound its ports.
@@ -348,7 +350,10 @@ class Lab(TrafficProbes):
 
     def _start_etcd(self, deadline: float) -> None:
         client_host = str(netns.ROOT_UNDERLAY_ADDRESS.ip)
-        self.progress(f"{ETCD_MEMBERS}-member etcd cluster on {client_host}")
+        self.progress(
+            f"{ETCD_MEMBERS}-member etcd cluster on {client_host} "
+            "(TLS, client certificates, etcd user hivenet)"
+        )
         try:
             self._etcd = start_cluster(
                 self.state_dir,

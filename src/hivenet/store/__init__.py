@@ -8,8 +8,13 @@ URLs:
 - `sqlite:///abs/path.db`: a SQLite WAL file shared by every process on the machine. The part
   after `sqlite://` is an absolute path; `sqlite:////abs/path.db` means the same file.
 - `etcd://host:port,host:port`: an etcd v3 cluster (`etcd.EtcdStore`), failing over between
-  the endpoints in the order given. Options: `call_timeout`, `connect_timeout`,
-  `range_page_size`, `watch_reconnect_timeout`.
+  the endpoints in the order given. `etcds://` (or any TLS option) for TLS; URL options
+  `cacert`, `cert`, `key`, `user`, `password_file`, `password_env` (see `etcd_url.py`).
+  Keyword options: `call_timeout`, `connect_timeout`, `range_page_size`,
+  `watch_reconnect_timeout`.
+
+Print a store URL with `redact_store_url` (a URL this module accepts holds no password, but one
+it refuses may).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from hivenet.store.base import (
     TxnResult,
     WriteOutcome,
 )
+from hivenet.store.etcd_url import ETCD_SCHEMES, redact_store_url
 from hivenet.store.sqlite import SqliteStore
 
 __all__ = [
@@ -66,13 +72,14 @@ __all__ = [
     "TxnOp",
     "TxnResult",
     "WriteOutcome",
+    "check_store_url",
     "open_store",
+    "redact_store_url",
     "sqlite_path_from_url",
 ]
 
 MEMORY_URLS = ("memory://", "sqlite:///:memory:")
 SQLITE_SCHEME = "sqlite://"
-ETCD_SCHEME = "etcd://"
 
 
 def sqlite_path_from_url(url: str) -> str:
@@ -89,6 +96,29 @@ def sqlite_path_from_url(url: str) -> str:
     return path
 
 
+def check_store_url(url: str) -> None:
+    """Refuse a bad store URL before anything is opened (a command checks its `--store` with
+    it): InvalidRequestError naming the problem; an etcd URL's files are read and checked."""
+    if not isinstance(url, str):
+        raise InvalidRequestError(f"store url must be a str, got {url!r}")
+    if url in MEMORY_URLS or url.startswith(SQLITE_SCHEME):
+        sqlite_path_from_url(url)
+        return
+    if url.startswith(ETCD_SCHEMES):
+        from hivenet.store.etcd_url import parse_etcd_url
+
+        parse_etcd_url(url)
+        return
+    raise _unknown_scheme(url)
+
+
+def _unknown_scheme(url: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"store url {redact_store_url(url)!r} has an unknown scheme; expected 'memory://', "
+        "'sqlite:///abs/path.db', 'etcd://host:port,...' or 'etcds://host:port,...'"
+    )
+
+
 def open_store(url: str, **options: Any) -> Store:
     """Open the store a URL names. `options` go to the backend (e.g. `clock`, `busy_timeout`;
     for etcd `call_timeout`...). An etcd store connects on its first call, not here.
@@ -100,12 +130,11 @@ def open_store(url: str, **options: Any) -> Store:
         raise InvalidRequestError(f"store url must be a str, got {url!r}")
     if url in MEMORY_URLS or url.startswith(SQLITE_SCHEME):
         return SqliteStore(sqlite_path_from_url(url), **options)
-    if url.startswith(ETCD_SCHEME):
+    if url.startswith(ETCD_SCHEMES):
         # Imported here: only etcd users pay for loading gRPC.
-        from hivenet.store.etcd import EtcdStore, endpoints_from_url
+        from hivenet.store.etcd import EtcdStore
+        from hivenet.store.etcd_url import parse_etcd_url
 
-        return EtcdStore(endpoints_from_url(url), **options)
-    raise InvalidRequestError(
-        f"store url {url!r} has an unknown scheme; expected 'memory://', "
-        "'sqlite:///abs/path.db' or 'etcd://host:port,...'"
-    )
+        parsed = parse_etcd_url(url)  # every file read and checked before anything connects
+        return EtcdStore(list(parsed.endpoints), tls=parsed.tls, auth=parsed.auth, **options)
+    raise _unknown_scheme(url)

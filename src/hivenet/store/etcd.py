@@ -10,8 +10,23 @@ Client: the protobuf messages and gRPC stubs that `aetcd` 1.0.0 ships (`aetcd.rp
 `grpc.aio` channels of our own, one per endpoint. `aetcd.Client` itself is not used, because
 for this contract it falls short where it matters: its range builder drops `limit` and
 `revision` (no pagination, no historical reads), its compares lack the `lease` target, a client
-talks to a single host:port (no failover), and its shared watch multiplexer reports a lost
-stream to every watch without a way to resume each one from its own revision.
+talks to a single host:port (no failover), its shared watch multiplexer reports a lost
+stream to every watch without a way to resume each one from its own revision, and it has no
+TLS (insecure channels only) and authenticates once at connect, never again when the token
+expires.
+
+Security (the URL options are parsed in `etcd_url.py`): TLS channels verify each member
+against the given CA bundle (`cacert`, else the system's) and present the client certificate
+if one is given. With a `user`, the store gets a token from etcd's Authenticate RPC (through
+whichever member it is talking to: tokens are issued through raft, so every member knows
+them) and sends it as the `token` metadata of every request, watch and keepalive stream. A
+rejected token (expired: etcd's simple tokens live `--auth-token-ttl` after their last use; a
+restarted member; an older auth revision) is renewed and the request sent again, at most twice
+per call: etcd checks the token before it acts, so this is safe for writes too. A watch whose
+creation etcd 3.4 refuses with "permission denied" (what an expired token gets there) is
+created again with a new token once before the refusal counts. A refused password raises
+StoreUnavailableError at once, naming the user and where the password came from; a TLS
+handshake failure is reported with gRPC's reason and the CA file.
 
 Behaviour:
 - Every call has a deadline (`call_timeout`, all retries included); running out of it raises
@@ -93,6 +108,14 @@ from hivenet.store.base import (
     TxnResult,
     WriteOutcome,
 )
+from hivenet.store.etcd_url import (
+    ETCD_PLAIN_SCHEME,
+    ETCD_TLS_SCHEME,
+    EtcdAuth,
+    EtcdTls,
+    check_endpoint,
+    parse_etcd_url,
+)
 from hivenet.store.validate import (
     check_compare,
     check_int,
@@ -107,7 +130,7 @@ __all__ = ["ETCD_SCHEME", "EtcdStore", "endpoints_from_url"]
 
 _log = logging.getLogger(__name__)
 
-ETCD_SCHEME: Final = "etcd://"
+ETCD_SCHEME: Final = ETCD_PLAIN_SCHEME
 _T = TypeVar("_T")
 
 # etcd's metadata asking a member to refuse when it has no leader (clientv3.WithRequireLeader).
@@ -131,6 +154,8 @@ _BACKOFF_MAX: Final = 0.5
 _CALL_BACKOFF_MAX: Final = 0.1
 # How long the probe for the leader (Maintenance.Status on every member at once) may take.
 _LEADER_PROBE_TIMEOUT: Final = 0.25
+# How long the call that asks a failed channel why may take (it fails at once).
+_FAILURE_PROBE_TIMEOUT: Final = 0.5
 
 _CHANNEL_OPTIONS: Final = (
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -165,12 +190,27 @@ _ERR_FUTURE: Final = "required revision is a future revision"
 _ERR_LEASE_NOT_FOUND: Final = "requested lease not found"
 _ERR_NO_LEADER: Final = "etcdserver: no leader"
 _ERR_TOO_MANY_REQUESTS: Final = "etcdserver: too many requests"
+# Answers that mean "authenticate again": the token expired (etcd's simple tokens live
+# `--auth-token-ttl` seconds after their last use; a restarted member forgets them), or the
+# auth store changed since it was issued; "user name is empty": a request went without one.
+_ERR_TOKEN_REJECTED: Final = (
+    "etcdserver: invalid auth token",
+    "etcdserver: revision of auth store is old",
+    "etcdserver: user name is empty",
+)
+_ERR_AUTH_FAILED: Final = "etcdserver: authentication failed"
+_ERR_AUTH_NOT_ENABLED: Final = "etcdserver: authentication is not enabled"
+_ERR_PERMISSION_DENIED: Final = "etcdserver: permission denied"
+# Token refreshes one call may make before etcd's refusal is taken as the answer.
+_MAX_REAUTHENTICATIONS: Final = 2
 # gRPC texts for a call that never left this process (no connection to the member).
 _NOT_SENT_MARKERS: Final = (
     "failed to connect",
     "connection refused",
     "connections to all backends failing",
     "dns resolution failed",
+    "handshake",  # TLS: the connection never carried a request
+    "certificate",
 )
 
 
@@ -179,28 +219,7 @@ _NOT_SENT_MARKERS: Final = (
 
 def endpoints_from_url(url: str) -> list[str]:
     """The `host:port` endpoints of `etcd://host:port,host:port` (IPv6 as `[addr]:port`)."""
-    if not isinstance(url, str) or not url.startswith(ETCD_SCHEME):
-        raise InvalidRequestError(
-            f"store url {url!r} is not an etcd URL (expected 'etcd://host:port,...')"
-        )
-    body = url[len(ETCD_SCHEME) :].rstrip("/")
-    if not body:
-        raise InvalidRequestError(f"store url {url!r} names no etcd endpoint")
-    return [_check_endpoint(part.strip(), url) for part in body.split(",")]
-
-
-def _check_endpoint(endpoint: str, url: str) -> str:
-    host, colon, port_text = endpoint.rpartition(":")
-    problem = ""
-    if not colon or not host:
-        problem = "expected host:port"
-    elif not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        problem = f"port {port_text!r} is not a number in 1..65535"
-    elif host.startswith("[") != host.endswith("]") or any(c in host for c in "/@?# "):
-        problem = f"host {host!r} is not a host name or address"
-    if problem:
-        raise InvalidRequestError(f"store url {url!r}: endpoint {endpoint!r}: {problem}")
-    return f"{host}:{int(port_text)}"
+    return list(parse_etcd_url(url).endpoints)
 
 
 def _encode(text: str) -> bytes:
@@ -313,12 +332,23 @@ class _StreamLost(Exception):
     """An established watch stream broke; resume it elsewhere."""
 
 
+class _TokenRejected(Exception):
+    """etcd refused a watch's auth token; create the stream again with a new one."""
+
+
 class _EtcdCompacted(StoreError):
     """etcd said "compacted" without saying where; the caller raises the full CompactedError."""
 
 
 def _details(error: grpc.aio.AioRpcError) -> str:
     return error.details() or error.code().name
+
+
+def _token_rejected(error: grpc.aio.AioRpcError) -> bool:
+    """etcd refused the request's token (expired, or from an older auth store): it did not act
+    on it (the token is checked before a write is proposed, and again before it applies)."""
+    details = _details(error)
+    return any(marker in details for marker in _ERR_TOKEN_REJECTED)
 
 
 def _was_not_sent(error: grpc.aio.AioRpcError) -> bool:
@@ -418,23 +448,37 @@ def _replay_guard(compares: Sequence[Compare], success: Sequence[TxnOp]) -> tupl
 
 
 class _Endpoint:
-    """One member's address, its gRPC channel (opened on first use) and the stubs on it."""
+    """One member's address, its gRPC channel (opened on first use; TLS when `tls` is given)
+    and the stubs on it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: EtcdTls | None = None) -> None:
         self.address = address
+        self.tls = tls
         self.channel: grpc.aio.Channel | None = None
         self.kv: Any = None
         self.lease: Any = None
         self.watch: Any = None
         self.maintenance: Any = None
+        self.auth: Any = None
 
     def open(self) -> grpc.aio.Channel:
         if self.channel is None:
-            self.channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            if self.tls is None:
+                self.channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            else:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=self.tls.ca_pem,
+                    private_key=self.tls.key_pem,
+                    certificate_chain=self.tls.cert_pem,
+                )
+                self.channel = grpc.aio.secure_channel(
+                    self.address, credentials, options=_CHANNEL_OPTIONS
+                )
             self.kv = rpc.KVStub(self.channel)
             self.lease = rpc.LeaseStub(self.channel)
             self.watch = rpc.WatchStub(self.channel)
             self.maintenance = rpc.MaintenanceStub(self.channel)
+            self.auth = rpc.AuthStub(self.channel)
         return self.channel
 
     async def connect(self, timeout: float) -> None:
@@ -448,7 +492,7 @@ class _Endpoint:
                 grpc.ChannelConnectivity.TRANSIENT_FAILURE,
                 grpc.ChannelConnectivity.SHUTDOWN,
             ):
-                raise _NotConnected(f"{self.address}: cannot connect")
+                raise _NotConnected(f"{self.address}: {await self._failure_reason()}")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise _NotConnected(f"{self.address}: no connection within {timeout:g}s")
@@ -457,6 +501,26 @@ class _Endpoint:
             except TimeoutError:
                 raise _NotConnected(f"{self.address}: no connection within {timeout:g}s") from None
             state = channel.get_state(try_to_connect=True)
+
+    async def _failure_reason(self) -> str:
+        """Why the channel failed (gRPC tells it only to a call: one that fails at once)."""
+        try:
+            await self.maintenance.Status(rpc.StatusRequest(), timeout=_FAILURE_PROBE_TIMEOUT)
+        except grpc.aio.AioRpcError as error:
+            reason = _details(error)
+            if self.tls is None:
+                return reason
+            if "handshake" in reason.lower() or "ssl" in reason.lower():
+                return f"TLS handshake failed (CA {self.tls.ca_source!r}): {reason}"
+            if "TSI_DATA_CORRUPTED" in reason or "unwrap failed" in reason.lower():
+                # What gRPC reports when the member ends the TLS session with an alert.
+                given = "a client certificate" if self.tls.cert_pem else "no client certificate"
+                return (
+                    f"the member closed the TLS connection: it refused the client certificate "
+                    f"(this store gives {given}; options cert and key): {reason}"
+                )
+            return reason
+        return "cannot connect"
 
     async def close(self) -> None:
         channel, self.channel = self.channel, None
@@ -493,13 +557,15 @@ class EtcdStore:
         attempt_timeout: float = 0.5,
         range_page_size: int = 1000,
         watch_reconnect_timeout: float = 10.0,
+        tls: EtcdTls | None = None,
+        auth: EtcdAuth | None = None,
     ) -> None:
         if isinstance(endpoints, str) or not isinstance(endpoints, Sequence) or not endpoints:
             raise InvalidRequestError(
                 f"endpoints must be a non-empty list of 'host:port', got {endpoints!r}"
             )
         checked = [
-            _check_endpoint(str(endpoint), ETCD_SCHEME + ",".join(map(str, endpoints)))
+            check_endpoint(str(endpoint), ETCD_SCHEME + ",".join(map(str, endpoints)))
             for endpoint in endpoints
         ]
         for name, seconds in (
@@ -513,7 +579,23 @@ class EtcdStore:
                     f"{name} must be a number of seconds > 0, got {seconds!r}"
                 )
         check_int(range_page_size, "range_page_size", minimum=1)
-        self._endpoints = [_Endpoint(address) for address in checked]
+        if tls is not None and not isinstance(tls, EtcdTls):
+            raise InvalidRequestError(f"tls must be an EtcdTls, got {tls!r}")
+        if auth is not None and not isinstance(auth, EtcdAuth):
+            raise InvalidRequestError(f"auth must be an EtcdAuth, got {auth!r}")
+        self._tls = tls
+        self._auth = auth
+        if auth is not None and tls is None:
+            _log.warning(
+                "etcd user %r over plaintext: its password and token cross the network in "
+                "clear (use etcds:// or cacert=)",
+                auth.user,
+            )
+        # etcd's auth token for `auth` (None: none asked for yet; "": etcd has auth off).
+        self._token: str | None = None
+        self._auth_lock = asyncio.Lock()
+        self.authentications = 0  # tokens etcd issued to this store (observability, tests)
+        self._endpoints = [_Endpoint(address, tls) for address in checked]
         self._current = 0
         self._call_timeout = float(call_timeout)
         self._connect_timeout = float(connect_timeout)
@@ -539,6 +621,14 @@ class EtcdStore:
         return [endpoint.address for endpoint in self._endpoints]
 
     @property
+    def tls(self) -> EtcdTls | None:
+        return self._tls
+
+    @property
+    def auth(self) -> EtcdAuth | None:
+        return self._auth
+
+    @property
     def current_endpoint(self) -> str:
         """The endpoint the next call goes to first (it moves on failover)."""
         return self._endpoints[self._current].address
@@ -553,7 +643,57 @@ class EtcdStore:
         return self._closed
 
     def __repr__(self) -> str:
-        return f"EtcdStore({ETCD_SCHEME + ','.join(self.endpoints)!r})"
+        scheme = ETCD_TLS_SCHEME if self._tls is not None else ETCD_PLAIN_SCHEME
+        user = f", user={self._auth.user!r}" if self._auth is not None else ""
+        return f"EtcdStore({scheme + ','.join(self.endpoints)!r}{user})"
+
+    # -- authentication
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of every request: `hasleader`, and the auth token once there is one."""
+        if self._token:
+            return (*_REQUIRE_LEADER, ("token", self._token))
+        return _REQUIRE_LEADER
+
+    async def _authenticate(self, endpoint: _Endpoint, timeout: float) -> None:
+        """Get a token for `auth` from `endpoint` unless there is one. Concurrent callers wait
+        for one Authenticate (etcd checks a bcrypt hash for each: costly). A refused password
+        raises StoreUnavailableError at once (no other member would say otherwise)."""
+        if self._auth is None or self._token is not None:
+            return
+        async with self._auth_lock:
+            if self._token is not None:
+                return
+            request = rpc.AuthenticateRequest(name=self._auth.user, password=self._auth.password)
+            try:
+                response = await endpoint.auth.Authenticate(
+                    request, timeout=timeout, metadata=_REQUIRE_LEADER
+                )
+            except grpc.aio.AioRpcError as error:
+                details = _details(error)
+                if _ERR_AUTH_NOT_ENABLED in details:
+                    _log.warning(
+                        "%r: etcd has authentication off; user %r is not used",
+                        self,
+                        self._auth.user,
+                    )
+                    self._token = ""
+                    return
+                if _ERR_AUTH_FAILED in details:
+                    raise StoreUnavailableError(
+                        f"etcd at {endpoint.address} refused user {self._auth.user!r} with the "
+                        f"password from {self._auth.source}: {details}",
+                        failed=f"authentication of user {self._auth.user!r}",
+                    ) from error
+                raise
+            self._token = str(response.token)
+            self.authentications += 1
+
+    def _drop_token(self, used: str | None) -> None:
+        """etcd rejected token `used`: the next call authenticates again (unless another call
+        already did)."""
+        if self._auth is not None and used and self._token == used:
+            self._token = None
 
     # -- plumbing
 
@@ -649,6 +789,8 @@ class EtcdStore:
             await self._point_at_leader(deadline)
         failures_in_a_row = 0
         timeouts = 0
+        reauthentications = 0
+        token: str | None = None
         problems: dict[str, str] = {}
         while True:
             if deadline - loop.time() <= 0:
@@ -659,6 +801,13 @@ class EtcdStore:
                 await endpoint.connect(
                     min(self._connect_timeout, max(deadline - loop.time(), 0.001))
                 )
+                try:
+                    await self._authenticate(endpoint, max(deadline - loop.time(), 0.001))
+                except grpc.aio.AioRpcError as error:  # the request itself was not sent
+                    raise _NotConnected(
+                        f"{endpoint.address}: authenticate: {_details(error)}"
+                    ) from error
+                token = self._token
                 budget = deadline - loop.time()
                 attempt_timeout = (
                     budget
@@ -674,6 +823,17 @@ class EtcdStore:
             except grpc.aio.AioRpcError as error:
                 if self._closed:
                     raise StoreUnavailableError(f"{what}: store {self!r} is closed") from error
+                if (
+                    self._auth is not None
+                    and _token_rejected(error)
+                    and reauthentications < _MAX_REAUTHENTICATIONS
+                ):
+                    reauthentications += 1
+                    _log.info(
+                        "%s: etcd rejected the auth token (%s); renewing it", what, _details(error)
+                    )
+                    self._drop_token(token)
+                    continue
                 if not _is_transient(error):
                     raise _translate(error, what, lease_id=lease_id) from error
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -722,7 +882,7 @@ class EtcdStore:
     ) -> Any:
         async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
             call = getattr(getattr(endpoint, stub), method)
-            return await call(request, timeout=timeout, metadata=_REQUIRE_LEADER)
+            return await call(request, timeout=timeout, metadata=self._metadata())
 
         response = await self._call(
             what,
@@ -762,7 +922,7 @@ class EtcdStore:
         something (compacted, cancelled, or events), or None if the stream ends first."""
 
         async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
-            call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER, timeout=timeout)
+            call = endpoint.watch.Watch(metadata=self._metadata(), timeout=timeout)
             self._streams_opened += 1
             try:
                 await call.write(
@@ -1187,7 +1347,7 @@ class EtcdStore:
         _check_lease_id(lease_id, "lease_id")
 
         async def attempt(endpoint: _Endpoint, timeout: float) -> Any:
-            call = endpoint.lease.LeaseKeepAlive(metadata=_REQUIRE_LEADER, timeout=timeout)
+            call = endpoint.lease.LeaseKeepAlive(metadata=self._metadata(), timeout=timeout)
             self._streams_opened += 1
             try:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
@@ -1400,18 +1560,31 @@ class _EtcdWatch(AsyncIterator[Event]):
         loop = asyncio.get_running_loop()
         give_up_at: float | None = None
         failures_in_a_row = 0
+        token_renewals = 0  # in a row, without a stream created in between
         while not store.closed and not self._stopping:
             index = store._current
             endpoint = store._endpoints[index]
             try:
                 await endpoint.connect(store._connect_timeout)
+                await store._authenticate(endpoint, store._call_timeout)
                 await self._stream(endpoint)
                 return  # only when the store closes
+            except _TokenRejected as error:
+                if token_renewals >= _MAX_REAUTHENTICATIONS:
+                    raise StoreError(
+                        f"watch {self._prefix!r}: etcd refused it with a new token too: {error}"
+                    ) from None
+                token_renewals += 1
+                _log.info("watch %r: %s; renewing the auth token", self._prefix, error)
+                continue
+            except grpc.aio.AioRpcError as error:  # from Authenticate
+                problem = f"{endpoint.address}: {_details(error)}"
             except _NotConnected as error:
                 problem = str(error)
             except _StreamLost as error:
                 problem = f"{endpoint.address}: {error}"
                 give_up_at, failures_in_a_row = None, 0  # it was up: the give-up clock restarts
+                token_renewals = 0
             if store.closed or self._stopping:
                 return
             now = loop.time()
@@ -1431,7 +1604,8 @@ class _EtcdWatch(AsyncIterator[Event]):
     async def _stream(self, endpoint: _Endpoint) -> None:
         """Follow one stream. Returns when the store closes; raises _NotConnected if the watch
         could not be created, _StreamLost when an established stream breaks."""
-        call = endpoint.watch.Watch(metadata=_REQUIRE_LEADER)
+        token = self._store._token
+        call = endpoint.watch.Watch(metadata=self._store._metadata())
         self._call = call
         self.streams_opened += 1
         self._store._streams_opened += 1
@@ -1469,6 +1643,13 @@ class _EtcdWatch(AsyncIterator[Event]):
                     reason = response.cancel_reason or "cancelled by the server"
                     if not response.cancel_reason or _ERR_NO_LEADER in reason:
                         raise _StreamLost(reason)
+                    if self._store._auth is not None and (
+                        _ERR_PERMISSION_DENIED in reason or _ERR_TOKEN_REJECTED[0] in reason
+                    ):
+                        # etcd 3.4 answers an expired token on a watch with "permission
+                        # denied": try once more with a new one before believing it.
+                        self._store._drop_token(token)
+                        raise _TokenRejected(f"{endpoint.address}: {reason}")
                     raise StoreError(f"watch {self._prefix!r}: etcd cancelled it: {reason}")
                 if response.created:
                     created = True
@@ -1482,6 +1663,9 @@ class _EtcdWatch(AsyncIterator[Event]):
         except grpc.aio.AioRpcError as error:
             if self._store.closed or self._stopping:
                 return
+            if self._store._auth is not None and _token_rejected(error):
+                self._store._drop_token(token)
+                raise _TokenRejected(f"{endpoint.address}: {_details(error)}") from error
             if not (_is_transient(error) or error.code() == grpc.StatusCode.CANCELLED):
                 raise _translate(error, f"watch {self._prefix!r}") from error
             if created:
