@@ -3,7 +3,8 @@
 Owns the app's lifecycle: the admin token file and the store are set up in the lifespan, and
 the store is reopened on demand when it could not be opened (locked: 503, corrupt: 500 until
 fixed), so a server started next to a busy or broken database still answers with the reason.
-Routes live in `resources.py` (collections), `tokens.py` (project tokens) and here
+Routes live in `resources.py` (collections), `tokens.py` (project tokens), `quotas.py`
+(per-project quotas) and here
 (`/v1/health`); errors in `errors.py`; auth in `auth.py` and `tenancy.py`; the request body
 limit in `bodylimit.py`; TLS file checks in `tls.py`. Must not contain topology rules (see
 `store/topology.py`).
@@ -30,6 +31,7 @@ from hivenet.api.hoststats import hoststats_router
 from hivenet.api.lbstats import lbstats_router
 from hivenet.api.metrics import install_metrics
 from hivenet.api.neutron import OpenStackOptions, mount_openstack
+from hivenet.api.quotas import quotas_router
 from hivenet.api.resources import API_PREFIX, topology_routers
 from hivenet.api.tls import check_server_files
 from hivenet.api.tokens import resolve_project_token, tokens_router
@@ -137,6 +139,7 @@ def create_app(
     app.include_router(hoststats_router())
     app.include_router(traces_router())
     app.include_router(tokens_router())
+    app.include_router(quotas_router())
     install_ui(app)
     mount_openstack(app, openstack or OpenStackOptions())
     # Added last, so outermost of the app's own middleware: the limit holds before metrics,

@@ -38,11 +38,13 @@ from hivenet.store.base import (
     StoreUnavailableError,
     WriteOutcome,
 )
+from hivenet.store.quota import QuotaConflictError, QuotaValueError
 from hivenet.store.topology import (
     ConflictError,
     DanglingReferenceError,
     InvalidFieldError,
     NotFoundError,
+    OverQuotaError,
     ReferencedError,
     RevisionMismatchError,
 )
@@ -231,6 +233,28 @@ async def _conflict(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(409, str(exc))
 
 
+async def _over_quota(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OverQuotaError)
+    return error_response(
+        409,
+        str(exc),
+        [
+            {
+                "field": exc.kind,
+                "value": exc.usage,
+                "project": exc.project,
+                "limit": exc.limit,
+                "message": f"over quota: limit {exc.limit}, in use {exc.usage}",
+            }
+        ],
+    )
+
+
+async def _quota_value(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QuotaValueError)
+    return error_response(422, str(exc), [detail(exc.field, exc.value, exc.reason)])
+
+
 async def _revision_mismatch(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RevisionMismatchError)
     return error_response(
@@ -303,6 +327,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DanglingReferenceError, _dangling)
     app.add_exception_handler(InvalidFieldError, _invalid_field)
     app.add_exception_handler(ConflictError, _conflict)
+    app.add_exception_handler(OverQuotaError, _over_quota)
+    app.add_exception_handler(QuotaValueError, _quota_value)
+    app.add_exception_handler(QuotaConflictError, _conflict)
     app.add_exception_handler(RevisionMismatchError, _revision_mismatch)
     app.add_exception_handler(StoreUnavailableError, _store_unavailable)
     app.add_exception_handler(StoreCorruptError, _store_corrupt)
