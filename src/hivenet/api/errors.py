@@ -148,12 +148,19 @@ def validation_details(
     location (e.g. "query", "path") are dropped from the field name."""
     merged: dict[tuple[str | None, str], dict[str, Any]] = {}
     for error in errors:
+        parts = list(error.get("loc", ()))[strip_location:]
         location = [
-            str(part)
-            for part in list(error.get("loc", ()))[strip_location:]
-            if isinstance(part, int) or _FIELD_NAME.match(str(part))
+            str(part) for part in parts if isinstance(part, int) or _FIELD_NAME.match(str(part))
         ]
-        field = ".".join(location) or None
+        last = parts[-1] if parts else None
+        if (
+            error.get("type") == "extra_forbidden"
+            and isinstance(last, str)
+            and not _FIELD_NAME.match(last)
+        ):
+            # The client's own key, whatever its characters: it is what must be named.
+            location.append(last)
+        field = ".".join(location) if location else None
         value = error.get("input") if field is not None else None
         message = _pydantic_message(error, field)
         # A value checked against a union fails once per member: report it once.
