@@ -10,8 +10,13 @@ between the two tokens (several runs each, the median), in process through the A
 (`fastapi.testclient`) on the in-memory store, so the figures are the API's own cost.
 
 Owns nothing but this measurement; must not be imported by the package.
+The same run also measures the per-client rate limit's own cost (`api/ratelimit.py`): the
+project token's rounds on a second app whose limit is on but never reached, against the first
+app (no limit), alternating.
+
 Usage: python bench/api_auth.py [--rounds N] [--runs R] [--quick]
-Prints a table, then exactly one JSON line (`tenant_vs_admin`: the rate ratio, goal >= 0.9).
+Prints a table, then exactly one JSON line (`tenant_vs_admin`: the rate ratio, goal >= 0.9;
+`rate_limited_vs_not`: the project token's rate with the limit on over without).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from fastapi.testclient import TestClient
 
 from hivenet.api import create_app
 from hivenet.api.auth import ADMIN_TOKEN_FILE
+from hivenet.api.ratelimit import RateLimit
 
 PROJECT = "acme"
 REQUESTS_PER_ROUND = 7
@@ -79,6 +85,19 @@ def run_rounds(client: TestClient, token: str, ids: dict[str, str], rounds: int)
     return rounds * REQUESTS_PER_ROUND / (time.perf_counter() - started)
 
 
+def _setup(client: TestClient, state_dir: Path) -> tuple[str, str, dict[str, str]]:
+    """(admin token, a member token of PROJECT, ids of PROJECT's chain, bridge, router)."""
+    admin = (state_dir / ADMIN_TOKEN_FILE).read_text().strip()
+    tenant = _call(client, admin, "POST", "/v1/tokens", {"project": PROJECT, "role": "member"})[
+        "secret"
+    ]
+    ids = {
+        kind: _call(client, admin, "POST", f"/v1/{kind}s", {"tenant_id": PROJECT})["id"]
+        for kind in ("chain", "bridge", "router")
+    }
+    return admin, tenant, ids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200, help="rounds of the mix per run")
@@ -87,31 +106,40 @@ def main() -> None:
     args = parser.parse_args()
     rounds, runs = (20, 3) if args.quick else (args.rounds, args.runs)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        state_dir = Path(tmp)
-        with TestClient(create_app("memory://", state_dir)) as client:
-            admin = (state_dir / ADMIN_TOKEN_FILE).read_text().strip()
-            tenant = _call(
-                client, admin, "POST", "/v1/tokens", {"project": PROJECT, "role": "member"}
-            )["secret"]
-            ids = {
-                kind: _call(client, admin, "POST", f"/v1/{kind}s", {"tenant_id": PROJECT})["id"]
-                for kind in ("chain", "bridge", "router")
-            }
-            run_rounds(client, admin, ids, max(rounds // 10, 2))  # warm up both paths
-            run_rounds(client, tenant, ids, max(rounds // 10, 2))
-            rates: dict[str, list[float]] = {"admin": [], "tenant": []}
+    never_reached = RateLimit(rate=1e9, burst=10**9)
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as limited_tmp:
+        state_dir, limited_dir = Path(tmp), Path(limited_tmp)
+        with (
+            TestClient(create_app("memory://", state_dir)) as client,
+            TestClient(
+                create_app("memory://", limited_dir, rate_limit=never_reached)
+            ) as limited_client,
+        ):
+            admin, tenant, ids = _setup(client, state_dir)
+            _, limited_tenant, limited_ids = _setup(limited_client, limited_dir)
+            warm_up = max(rounds // 10, 2)
+            run_rounds(client, admin, ids, warm_up)
+            run_rounds(client, tenant, ids, warm_up)
+            run_rounds(limited_client, limited_tenant, limited_ids, warm_up)
+            rates: dict[str, list[float]] = {"admin": [], "tenant": [], "limited": []}
             for _ in range(runs):
                 rates["admin"].append(run_rounds(client, admin, ids, rounds))
                 rates["tenant"].append(run_rounds(client, tenant, ids, rounds))
+                rates["limited"].append(
+                    run_rounds(limited_client, limited_tenant, limited_ids, rounds)
+                )
 
     admin_rate = statistics.median(rates["admin"])
     tenant_rate = statistics.median(rates["tenant"])
+    limited_rate = statistics.median(rates["limited"])
     ratio = tenant_rate / admin_rate
+    limit_ratio = limited_rate / tenant_rate
     print(f"{'mixed API requests, in process, memory store':<52} {'requests/s':>14}")
     print(f"{'cluster-admin token (unscoped)':<52} {admin_rate:>14.0f}")
     print(f"{'project token (store lookup + reference checks)':<52} {tenant_rate:>14.0f}")
     print(f"{'project / admin rate':<52} {ratio:>14.3f}")
+    print(f"{'project token, rate limit on (never reached)':<52} {limited_rate:>14.0f}")
+    print(f"{'rate limit on / off':<52} {limit_ratio:>14.3f}")
     print(
         json.dumps(
             {
@@ -122,6 +150,8 @@ def main() -> None:
                 "admin_requests_per_s": round(admin_rate, 1),
                 "tenant_requests_per_s": round(tenant_rate, 1),
                 "tenant_vs_admin": round(ratio, 3),
+                "rate_limited_requests_per_s": round(limited_rate, 1),
+                "rate_limited_vs_not": round(limit_ratio, 3),
                 "python": platform.python_version(),
             }
         )

@@ -21,6 +21,11 @@ __all__ = ["create_app", "run_server"]
 # more. 1 MiB takes all of those with room to spare and still bounds what one request makes
 # the server parse (a few tens of MiB of Python objects at most).
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # `hivenet serve --max-body-bytes`, bodylimit.py
+# Per client (token, else address) and API server process: `hivenet serve --rate-limit
+# --rate-burst`, ratelimit.py. Far above what a person, the CLI or an OpenStack client does
+# (a few requests per command); a script looping on the API is slowed, not the server.
+DEFAULT_RATE_LIMIT = 100.0
+DEFAULT_RATE_BURST = 200
 
 
 def __getattr__(name: str) -> Any:

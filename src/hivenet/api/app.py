@@ -3,9 +3,10 @@
 Owns the app's lifecycle: the admin token file and the store are set up in the lifespan, and
 the store is reopened on demand when it could not be opened (locked: 503, corrupt: 500 until
 fixed), so a server started next to a busy or broken database still answers with the reason.
-Routes live in `resources.py` (collections), `tokens.py` (project tokens) and here
+Routes live in `resources.py` (collections), `tokens.py` (project tokens), `quotas.py`
+(per-project quotas) and here
 (`/v1/health`); errors in `errors.py`; auth in `auth.py` and `tenancy.py`; the request body
-limit in `bodylimit.py`; TLS file checks in `tls.py`. Must not contain topology rules (see
+limit in `bodylimit.py`; the per-client rate limit in `ratelimit.py`; TLS file checks in `tls.py`. Must not contain topology rules (see
 `store/topology.py`).
 """
 
@@ -30,6 +31,8 @@ from hivenet.api.hoststats import hoststats_router
 from hivenet.api.lbstats import lbstats_router
 from hivenet.api.metrics import install_metrics
 from hivenet.api.neutron import OpenStackOptions, mount_openstack
+from hivenet.api.quotas import quotas_router
+from hivenet.api.ratelimit import RateLimit, RateLimitMiddleware
 from hivenet.api.resources import API_PREFIX, topology_routers
 from hivenet.api.tls import check_server_files
 from hivenet.api.tokens import resolve_project_token, tokens_router
@@ -84,11 +87,13 @@ def create_app(
     store_options: Mapping[str, Any] | None = None,
     openstack: OpenStackOptions | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    rate_limit: RateLimit | None = None,
 ) -> FastAPI:
     """The API app. The store (`open_store(store_url, **store_options)`) and the admin token
     (`<state_dir>/admin-token`) are set up when the app starts (its lifespan). The Neutron
     and Octavia APIs (`/v2.0`) are served from the same store (`api/neutron/`). A request
-    body over `max_body_bytes` is refused with 413 on every path, those APIs' included."""
+    body over `max_body_bytes` is refused with 413 on every path, those APIs' included; a
+    client over `rate_limit` (None: no limit; `hivenet serve` sets one) with 429."""
     state_dir = Path(state_dir)
 
     @asynccontextmanager
@@ -137,11 +142,15 @@ def create_app(
     app.include_router(hoststats_router())
     app.include_router(traces_router())
     app.include_router(tokens_router())
+    app.include_router(quotas_router())
     install_ui(app)
     mount_openstack(app, openstack or OpenStackOptions())
     # Added last, so outermost of the app's own middleware: the limit holds before metrics,
     # routing and the mounted Neutron/Octavia apps see the request.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    if rate_limit is not None and rate_limit.enabled:
+        # Outermost: a client over its rate costs no body read, no token lookup.
+        app.add_middleware(RateLimitMiddleware, limit=rate_limit)
     return app
 
 
@@ -156,6 +165,7 @@ def run_server(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    rate_limit: RateLimit | None = None,
 ) -> None:
     """Serve the API with uvicorn until interrupted; over HTTPS when `tls_cert` and `tls_key`
     (PEM files, checked first: `hivenet.api.tls.TlsFileError` names the file at fault)."""
@@ -164,7 +174,13 @@ def run_server(
     if tls_cert is not None and tls_key is not None:
         check_server_files(tls_cert, tls_key)
     uvicorn.run(
-        create_app(store_url, Path(state_dir), openstack=openstack, max_body_bytes=max_body_bytes),
+        create_app(
+            store_url,
+            Path(state_dir),
+            openstack=openstack,
+            max_body_bytes=max_body_bytes,
+            rate_limit=rate_limit,
+        ),
         host=host,
         port=port,
         log_level=log_level,

@@ -589,6 +589,19 @@ class HivenetClient:
         """`DELETE /v1/tokens/{id}`: its next request on any API server is refused."""
         self._request("DELETE", f"/v1/tokens/{quote(token_id, safe='')}")
 
+    def get_quotas(self, project: str) -> dict[str, Any]:
+        """`GET /v1/quotas/{project}`: {"project", "quotas", "usage"} (limits per kind)."""
+        return _json_object(self._request("GET", f"/v1/quotas/{quote(project, safe='')}"))
+
+    def set_quotas(self, project: str, limits: dict[str, int]) -> dict[str, Any]:
+        """`PUT /v1/quotas/{project}`: change the named kinds' limits (-1: unlimited)."""
+        path = f"/v1/quotas/{quote(project, safe='')}"
+        return _json_object(self._request("PUT", path, json_body=limits))
+
+    def reset_quotas(self, project: str) -> None:
+        """`DELETE /v1/quotas/{project}`: every kind back to its default."""
+        self._request("DELETE", f"/v1/quotas/{quote(project, safe='')}")
+
     def delete(
         self,
         kind: str,

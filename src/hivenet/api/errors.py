@@ -38,11 +38,13 @@ from hivenet.store.base import (
     StoreUnavailableError,
     WriteOutcome,
 )
+from hivenet.store.quota import QuotaConflictError, QuotaValueError
 from hivenet.store.topology import (
     ConflictError,
     DanglingReferenceError,
     InvalidFieldError,
     NotFoundError,
+    OverQuotaError,
     ReferencedError,
     RevisionMismatchError,
 )
@@ -146,12 +148,19 @@ def validation_details(
     location (e.g. "query", "path") are dropped from the field name."""
     merged: dict[tuple[str | None, str], dict[str, Any]] = {}
     for error in errors:
+        parts = list(error.get("loc", ()))[strip_location:]
         location = [
-            str(part)
-            for part in list(error.get("loc", ()))[strip_location:]
-            if isinstance(part, int) or _FIELD_NAME.match(str(part))
+            str(part) for part in parts if isinstance(part, int) or _FIELD_NAME.match(str(part))
         ]
-        field = ".".join(location) or None
+        last = parts[-1] if parts else None
+        if (
+            error.get("type") == "extra_forbidden"
+            and isinstance(last, str)
+            and not _FIELD_NAME.match(last)
+        ):
+            # The client's own key, whatever its characters: it is what must be named.
+            location.append(last)
+        field = ".".join(location) if location else None
         value = error.get("input") if field is not None else None
         message = _pydantic_message(error, field)
         # A value checked against a union fails once per member: report it once.
@@ -231,6 +240,28 @@ async def _conflict(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(409, str(exc))
 
 
+async def _over_quota(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OverQuotaError)
+    return error_response(
+        409,
+        str(exc),
+        [
+            {
+                "field": exc.kind,
+                "value": exc.usage,
+                "project": exc.project,
+                "limit": exc.limit,
+                "message": f"over quota: limit {exc.limit}, in use {exc.usage}",
+            }
+        ],
+    )
+
+
+async def _quota_value(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QuotaValueError)
+    return error_response(422, str(exc), [detail(exc.field, exc.value, exc.reason)])
+
+
 async def _revision_mismatch(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RevisionMismatchError)
     return error_response(
@@ -303,6 +334,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DanglingReferenceError, _dangling)
     app.add_exception_handler(InvalidFieldError, _invalid_field)
     app.add_exception_handler(ConflictError, _conflict)
+    app.add_exception_handler(OverQuotaError, _over_quota)
+    app.add_exception_handler(QuotaValueError, _quota_value)
+    app.add_exception_handler(QuotaConflictError, _conflict)
     app.add_exception_handler(RevisionMismatchError, _revision_mismatch)
     app.add_exception_handler(StoreUnavailableError, _store_unavailable)
     app.add_exception_handler(StoreCorruptError, _store_corrupt)

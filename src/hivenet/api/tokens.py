@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hivenet.api.auth import Principal, Role, authenticate
 from hivenet.api.errors import ApiError, ErrorBody, detail
+from hivenet.model.topology import DEFAULT_TENANT
 from hivenet.model.types import ObjectId
 from hivenet.store.base import Compare, Delete, Put, Store, StoreCorruptError
 
@@ -149,6 +150,14 @@ def tokens_router() -> APIRouter:
     ) -> JSONResponse:
         """Issue a token for `project` with `role`; the answer holds its secret, once."""
         _require_token_admin(principal, body.project)
+        if body.project == DEFAULT_TENANT:
+            # The cluster admin's own tenant (infrastructure) has no quota: no tenant acts in it.
+            raise ApiError(
+                422,
+                f"project={body.project!r} is the cluster admin's own tenant; "
+                "issue tokens for other projects",
+                [detail("project", body.project, "reserved for the cluster admin")],
+            )
         now = _now()
         if body.expires_at is not None:
             if body.expires_at.tzinfo is None:

@@ -19,6 +19,7 @@ from hivenet.cli.config import SYSTEM_TRUST_STORE, mask_token
 from hivenet.cli.context import CliState, reporting_errors, state_of
 from hivenet.cli.output import make_console, print_json
 from hivenet.cli.plugins import PluginGroup
+from hivenet.cli.quotas import quota_app
 from hivenet.cli.resources import build_kind_app, command_name
 from hivenet.cli.serve import serve
 from hivenet.cli.tokens import token_app
@@ -139,6 +140,7 @@ def show_config(
 
 app.add_typer(config_app, name="config", rich_help_panel="Server")
 app.add_typer(token_app, name="token", rich_help_panel="Server")
+app.add_typer(quota_app, name="quota", rich_help_panel="Server")
 
 for _kind in KINDS:
     app.add_typer(build_kind_app(_kind), name=command_name(_kind), rich_help_panel="Topology")

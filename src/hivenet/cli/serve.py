@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from hivenet.api import DEFAULT_MAX_BODY_BYTES
+from hivenet.api import DEFAULT_MAX_BODY_BYTES, DEFAULT_RATE_BURST, DEFAULT_RATE_LIMIT
 from hivenet.api.tls import TlsFileError, check_server_files
 from hivenet.cli.config import (
     ADMIN_TOKEN_FILE,
@@ -100,6 +100,24 @@ def serve(
             "Octavia included).",
         ),
     ] = DEFAULT_MAX_BODY_BYTES,
+    rate_limit: Annotated[
+        str,
+        typer.Option(
+            "--rate-limit",
+            metavar="N/s",
+            help="Requests per second each client (bearer token, else address) may make; "
+            "over it: 429 with Retry-After. 0: no limit. Per API server process.",
+        ),
+    ] = f"{DEFAULT_RATE_LIMIT:g}/s",
+    rate_burst: Annotated[
+        int,
+        typer.Option(
+            "--rate-burst",
+            min=1,
+            metavar="M",
+            help="Requests a client may make at once before --rate-limit applies.",
+        ),
+    ] = DEFAULT_RATE_BURST,
 ) -> None:
     """Run the HiveNet API server (foreground; stop with Ctrl-C)."""
     if (tls_cert is None) != (tls_key is None):
@@ -116,6 +134,12 @@ def serve(
             check_server_files(tls_cert, tls_key)
         except TlsFileError as exc:
             raise fail(f"error: {_TLS_OPTIONS[exc.role]} {exc.path}: {exc.reason}") from None
+    from hivenet.api.ratelimit import RateLimit, parse_rate
+
+    try:
+        limit = RateLimit(parse_rate(rate_limit), rate_burst)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rate-limit") from None
     resolved_state_dir = (
         state_dir.expanduser()
         if state_dir is not None
@@ -142,7 +166,8 @@ def serve(
         f"hivenet: API on {scheme}://{host}:{port} (store {redact_store_url(store_url)}; "
         f"token file {resolved_state_dir / ADMIN_TOKEN_FILE}; "
         f"TLS {f'certificate {tls_cert}' if tls_cert else 'off'}; "
-        f"max request body {max_body_bytes} bytes); "
+        f"max request body {max_body_bytes} bytes; "
+        f"rate limit {limit.describe() + ' per client' if limit.enabled else 'off'}); "
         f"topology page {scheme}://{host}:{port}/ui#token=<token>",
         err=True,
     )
@@ -155,4 +180,5 @@ def serve(
         tls_cert=tls_cert,
         tls_key=tls_key,
         max_body_bytes=max_body_bytes,
+        rate_limit=limit,
     )

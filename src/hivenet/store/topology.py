@@ -23,7 +23,10 @@ changed something the attempt relied on):
   (value: the port id), created under a create_revision==0 compare in the port's own txn, so
   two API servers allocating at once never hand out one address; `/hivenet/v1/counters/ip/
   <subnet>` is where the next allocation starts looking. A port's fixed IPs are mirrored in
-  its `addresses` (with the subnet's prefix), subnets of one bridge never overlap.
+  its `addresses` (with the subnet's prefix), subnets of one bridge never overlap;
+- quotas: every create, delete or owner change of a counted kind rewrites the owner's usage
+  counter `/hivenet/v1/usage/<project>/<kind>` under a guard, and a create past the
+  project's limit is refused (`OverQuotaError`; keys and defaults in `store/quota.py`).
 
 Must not touch the backend internals (only the `Store` protocol), the network or the clock
 beyond the retry back-off. Objects are validated by the model; this module adds only the
@@ -73,6 +76,17 @@ from hivenet.store.base import (
     Store,
     StoreCorruptError,
     TxnOp,
+)
+from hivenet.store.quota import (
+    DEFAULT_QUOTAS,
+    UNLIMITED,
+    count_owned,
+    decode_overrides,
+    decode_usage,
+    effective_limits,
+    is_counted,
+    quota_key,
+    usage_key,
 )
 
 REFS_PREFIX = "/hivenet/v1/refs/"
@@ -180,6 +194,20 @@ class AlreadyExistsError(ConflictError):
         super().__init__(f"a {kind} with id {object_id!r} already exists")
         self.kind = kind
         self.object_id = object_id
+
+
+class OverQuotaError(ConflictError):
+    """A create that would take a project past its quota of a kind."""
+
+    def __init__(self, kind: str, project: str, limit: int, usage: int) -> None:
+        super().__init__(
+            f"quota exceeded: project {project} may hold {limit} {kind} objects and holds "
+            f"{usage}; delete some or ask the cluster admin to raise the quota"
+        )
+        self.kind = kind
+        self.project = project
+        self.limit = limit
+        self.usage = usage
 
 
 class RevisionMismatchError(TopologyError):
@@ -878,6 +906,7 @@ class TopologyRepository:
                 f"{kind} {object_id}: this change would also change objects of other "
                 "projects; only the cluster admin can make it"
             )
+        await self._count_usage(attempt, old, new)
         old_targets, new_targets = _reference_map(old), _reference_map(new)
         for (target_kind, target_id), fields in new_targets.items():
             previous_fields = old_targets.get((target_kind, target_id))
@@ -900,6 +929,43 @@ class TopologyRepository:
             attempt.delete(key)
         else:
             attempt.put(key, encode(new))
+
+    async def _count_usage(
+        self, attempt: _Attempt, old: TopologyObject | None, new: TopologyObject | None
+    ) -> None:
+        """Keep the owners' usage counters of a counted kind (see `store.quota`) and refuse a
+        new object past its project's quota. The counter and the limits are read guarded, so
+        of two writers racing for the last unit, one retries and is refused."""
+        kind = (new if new is not None else old).KIND  # type: ignore[union-attr]
+        if kind not in DEFAULT_QUOTAS:
+            return
+        before = None if old is None else old.tenant_id
+        after = None if new is None else new.tenant_id
+        if before == after:
+            return
+        if before is not None and is_counted(kind, before):
+            await self._add_usage(attempt, kind, before, -1)
+        if after is not None and is_counted(kind, after):
+            await self._add_usage(attempt, kind, after, +1)
+
+    async def _add_usage(self, attempt: _Attempt, kind: str, project: str, delta: int) -> None:
+        key = usage_key(project, kind)
+        raw = await attempt.read(key)
+        if raw is not None:
+            usage = decode_usage(key, raw)
+        else:
+            # A store from before quotas: count once from the committed objects (this
+            # attempt's own writes all pass here, so none of them is counted yet). The
+            # counter's absence is guarded: a concurrent first count makes this one retry.
+            usage = await count_owned(self.store, kind, project)
+        if delta > 0:
+            limits_key = quota_key(project)
+            limit = effective_limits(decode_overrides(limits_key, await attempt.read(limits_key)))[
+                kind
+            ]
+            if limit != UNLIMITED and usage + delta > limit:
+                raise OverQuotaError(kind, project, limit, usage)
+        attempt.put(key, str(max(usage + delta, 0)).encode())
 
     async def _allocate_tunnel_key(self, attempt: _Attempt, port_id: str) -> int:
         raw = await attempt.read_hint(TUNNEL_KEY_COUNTER_KEY)

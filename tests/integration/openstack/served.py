@@ -34,6 +34,8 @@ NOAUTH_PROJECT = "demo"
 # overrides end in /v2.0 (also accepted).
 ROOT_CLOUD = "hn"
 VERSIONED_CLOUD = "hn-v2"
+# The cluster admin: keystoneauth's admin_token plugin sends the server's admin token.
+ADMIN_CLOUD = "hn-admin"
 
 
 def free_port() -> int:
@@ -69,18 +71,26 @@ class Served:
         return json.loads(result.stdout) if result.stdout.strip() else None
 
 
-def write_clouds_yaml(path: Path, base_url: str) -> None:
+def write_clouds_yaml(path: Path, base_url: str, admin_token: str) -> None:
     def cloud(endpoint: str) -> dict[str, Any]:
         return {
             "auth_type": "none",
             "network_endpoint_override": endpoint,
             "load_balancer_endpoint_override": endpoint,
+            # The project lookup of `openstack quota ...` (api/neutron/identity.py).
+            "identity_endpoint_override": f"{base_url}/identity/v3",
         }
 
+    admin = {
+        **cloud(f"{base_url}/"),
+        "auth_type": "admin_token",
+        "auth": {"token": admin_token, "endpoint": f"{base_url}/"},
+    }
     clouds = {
         "clouds": {
             ROOT_CLOUD: cloud(f"{base_url}/"),
             VERSIONED_CLOUD: cloud(f"{base_url}/v2.0"),
+            ADMIN_CLOUD: admin,
         }
     }
     path.write_text(yaml.safe_dump(clouds))
@@ -128,7 +138,7 @@ def serve(tmp_path: Path, *extra_args: str, tls: TlsFiles | None = None) -> Iter
             assert time.monotonic() < deadline, "hivenet serve did not come up"
             time.sleep(0.2)
         clouds_yaml = tmp_path / "clouds.yaml"
-        write_clouds_yaml(clouds_yaml, base_url)
+        write_clouds_yaml(clouds_yaml, base_url, (state_dir / "admin-token").read_text().strip())
         yield Served(base_url, clouds_yaml, state_dir)
     finally:
         server.terminate()

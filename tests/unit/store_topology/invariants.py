@@ -8,6 +8,7 @@ import json
 from hivenet.api.tokens import TOKENS_PREFIX
 from hivenet.model import KINDS, TOPOLOGY_PREFIX, Port, TopologyObject, parse_topology_key
 from hivenet.store.base import KeyValue, Store
+from hivenet.store.quota import QUOTA_PREFIX, USAGE_PREFIX, is_counted, usage_key
 from hivenet.store.topology import (
     IP_COUNTER_PREFIX,
     IP_INDEX_PREFIX,
@@ -73,6 +74,15 @@ async def assert_consistent(store: Store) -> None:
     for port in ports:
         assert {f.ip_address for f in port.fixed_ips} <= {a.ip for a in port.addresses}
 
+    # Every usage counter that exists is exact (one that does not is counted when needed).
+    owned: dict[str, int] = {}
+    for obj in stored.values():
+        if is_counted(obj.KIND, obj.tenant_id):
+            key = usage_key(obj.tenant_id, obj.KIND)
+            owned[key] = owned.get(key, 0) + 1
+    for kv in (await store.range(USAGE_PREFIX)).kvs:
+        assert int(kv.value) == owned.get(kv.key, 0), f"{kv.key}: {kv.value!r} != {owned}"
+
     # Version keys only for live objects; nothing else lives under /hivenet/v1/ but these.
     for kv in (await store.range(REFS_VERSION_PREFIX)).kvs:
         kind, _, object_id = kv.key[len(REFS_VERSION_PREFIX) :].partition("/")
@@ -85,6 +95,8 @@ async def assert_consistent(store: Store) -> None:
         IP_INDEX_PREFIX,
         IP_COUNTER_PREFIX,
         TOKENS_PREFIX,  # the API's project tokens (api/tokens.py), not the repository's
+        QUOTA_PREFIX,
+        USAGE_PREFIX,
     )
     for kv in (await store.range("/hivenet/v1/")).kvs:
         assert kv.key.startswith(known) or kv.key == TUNNEL_KEY_COUNTER_KEY, kv.key

@@ -1,5 +1,6 @@
-"""Neutron v2.0 compatible API over HiveNet's topology (`/v2.0`), and the versions document at
-`GET /` that OpenStack clients discover it (and Octavia's `/v2.0/lbaas`) by.
+"""Neutron v2.0 compatible API over HiveNet's topology (`/v2.0`), the versions document at
+`GET /` that OpenStack clients discover it (and Octavia's `/v2.0/lbaas`) by, and the project
+lookup of `/identity/v3` (`identity.py`).
 
 `mount_openstack(app, options)` is the one entry point `hivenet.api.app` calls. Must not hold
 state of its own: everything is in the app's store, reached through `TopologyRepository`.
@@ -11,7 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from hivenet.api.auth import TokenRegistry
-from hivenet.api.neutron.common import OpenStackOptions
+from hivenet.api.neutron.common import HiveNetTokens, OpenStackOptions, caller_of
+from hivenet.api.neutron.identity import IDENTITY_PATH, identity_app
 from hivenet.api.neutron.routes import neutron_app, version_entry
 from hivenet.store.topology import TopologyRepository
 
@@ -37,4 +39,6 @@ def mount_openstack(app: FastAPI, options: OpenStackOptions) -> None:
         return JSONResponse({"versions": [version_entry(str(request.base_url))]})
 
     app.mount("/v2.0/lbaas", octavia_app(options, repository, tokens))
+    resolver = options.resolver or HiveNetTokens(tokens, options.project_tokens)
+    app.mount(IDENTITY_PATH, identity_app(lambda request: caller_of(request, options, resolver)))
     app.mount("/v2.0", neutron_app(options, repository, tokens))

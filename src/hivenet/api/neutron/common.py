@@ -477,12 +477,20 @@ def translate_error(exc: Exception, resources: Mapping[str, str]) -> OpenStackEr
         DanglingReferenceError,
         InvalidFieldError,
         NotFoundError,
+        OverQuotaError,
         ReferencedError,
         RevisionMismatchError,
     )
 
     if isinstance(exc, OpenStackError):
         return exc
+    if isinstance(exc, OverQuotaError):
+        resource = resources.get(exc.kind, exc.kind)
+        return conflict(
+            "OverQuota",
+            f"Quota exceeded for resources: ['{resource}']: project {exc.project} may hold "
+            f"{exc.limit} and holds {exc.usage}",
+        )
     if isinstance(exc, NotFoundError):
         return not_found(resources.get(exc.kind, exc.kind), exc.object_id)
     if isinstance(exc, DanglingReferenceError):

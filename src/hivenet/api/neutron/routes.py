@@ -1,5 +1,5 @@
 """The Neutron v2.0 HTTP API (`neutron_app()`, mounted at `/v2.0`): networks, ports, routers,
-security groups and rules, tags, extensions.
+security groups and rules, tags, extensions, quotas (`quotas.py`).
 
 Owns the HTTP side: status codes, the NeutronError shape, which objects a caller sees (its
 project's; the admin sees all), and that every write request is ONE
@@ -41,6 +41,7 @@ from hivenet.api.neutron.common import (
     visible_or_404,
     wrapped_body,
 )
+from hivenet.api.neutron.quotas import add_quota_routes
 from hivenet.model import (
     Bridge,
     DeviceKind,
@@ -53,6 +54,7 @@ from hivenet.model import (
     TopologyObject,
 )
 from hivenet.model.subnet import Subnet
+from hivenet.store.base import Store
 from hivenet.store.topology import TopologyRepository, TopologyTransaction
 
 RepositorySource = Callable[[], Awaitable[TopologyRepository]]
@@ -86,6 +88,8 @@ EXTENSIONS: list[dict[str, str]] = [
     {"alias": "sorting", "name": "Sorting support"},
     {"alias": "pagination", "name": "Pagination support"},
     {"alias": "fields", "name": "Fields support"},
+    {"alias": "quotas", "name": "Quota management support"},
+    {"alias": "quota_details", "name": "Quota details extension"},
 ]
 
 
@@ -280,6 +284,11 @@ def neutron_app(
             if extension["alias"] == alias:
                 return JSONResponse({"extension": _extension(extension)})
         raise OpenStackError(404, "ExtensionNotFound", f"extension {alias!r} is not supported")
+
+    async def store_of() -> Store:
+        return (await ctx.repository()).store
+
+    add_quota_routes(app, ctx.caller, store_of)
 
     # ---- networks
 
