@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hivenet.flows.actions import Drop, Output, SetField, Tunnel
+from hivenet.flows.actions import DecTtl, Drop, Output, SetField, Tunnel
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import build_arp_request
 from hivenet.packets.builders import ethernet_frame, ipv4_packet, ipv6_packet, udp_segment
@@ -149,6 +149,25 @@ def test_a_drop_flow_counts_its_reason(rig: Rig) -> None:
     assert rig.delivered(2) == []
     assert upcalls == []
     assert rig.datapath.counters()["drop.flow_rule_drop"] == 2
+
+
+def test_a_routed_flow_drops_a_bad_ipv4_header_checksum_and_counts_it(rig: Rig) -> None:
+    # The checksum is no match field: a flow that a good packet installed through a router
+    # (it decrements the TTL) checks every packet; a bridged flow forwards it (a switch).
+    upcalls = with_ports(rig, 1, 2, 3)
+    install(rig, {"in_port": 1}, [DecTtl(), Output(2)], ["routed"])
+    install(rig, {"in_port": 3}, [Output(2)], ["bridged"])
+    good = udp_frame()
+    bad = good[:24] + bytes((good[24] ^ 0x5A,)) + good[25:]
+    rig.send_from_vm(1, bad)
+    assert rig.delivered(2) == []
+    assert rig.datapath.counters()["drop.bad_ip_checksum"] == 1
+    rig.send_from_vm(1, good)
+    assert len(rig.delivered(2)) == 1
+    rig.send_from_vm(3, bad)
+    assert rig.delivered(2) == [bad]
+    assert upcalls == []
+    assert rig.datapath.counters()["drop.bad_ip_checksum"] == 1
 
 
 def udp_of_size(size: int, *, df: bool = True, v6: bool = False) -> bytes:
