@@ -110,6 +110,21 @@ def test_a_malformed_frame_is_dropped_and_counted_not_upcalled(rig: Rig) -> None
 # --------------------------------------------------------------------------- flows
 
 
+def test_a_truncated_8021q_frame_is_counted_and_a_tagged_one_keeps_its_tag(rig: Rig) -> None:
+    # Linux frees an 802.1Q frame too short to untag before any packet socket sees it: a real
+    # port counts it by the interface's receive count (drop.port_stack), the fakes parse it.
+    upcalls = with_ports(rig, 1, 2)
+    truncated = udp_frame()[:12] + b"\x81\x00\x00\x05"
+    rig.send_from_vm(1, truncated)
+    counters = rig.datapath.counters()
+    assert counters.get("drop.malformed_frame", 0) + counters.get("drop.port_stack", 0) == 1
+    assert upcalls == [] and rig.delivered(2) == []
+    # The kernel takes a whole tag off too (into metadata): the agent must still see it.
+    tagged = udp_frame()[:12] + b"\x81\x00\x00\x05" + udp_frame()[12:]
+    rig.send_from_vm(1, tagged)
+    assert upcalls == [(1, tagged)]
+
+
 def test_an_installed_flow_forwards_matching_frames_without_upcalls(rig: Rig) -> None:
     upcalls = with_ports(rig, 1, 2)
     install(rig, {"in_port": 1, "eth_type": IPV4}, [Output(2)], ["to2"])

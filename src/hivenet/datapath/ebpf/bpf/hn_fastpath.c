@@ -134,6 +134,16 @@ struct {
 	__type(value, __u8); /* 1 */
 } hn_tunnel_peers SEC(".maps");
 
+/* Every frame tc ingress saw on each port, by ifindex: what the interface received and no
+ * program saw died in the host's stack first (a truncated 802.1Q frame; the agent counts the
+ * difference as drop.port_stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);   /* ifindex */
+	__type(value, __u64); /* frames */
+} hn_port_frames SEC(".maps");
+
 #define ETH_HLEN_ 14
 #define IP_OFF ETH_HLEN_
 #define TCP_FLAGS_TO_AGENT 0x07 /* FIN | SYN | RST */
@@ -343,7 +353,11 @@ int hn_port_ingress(struct __sk_buff *skb)
 	struct hn_flow_key key;
 	struct hn_flow_entry *entry;
 	__u32 segments = skb->gso_segs;
+	__u32 ifindex = skb->ifindex;
+	__u64 *frames = bpf_map_lookup_elem(&hn_port_frames, &ifindex);
 
+	if (frames)
+		__sync_fetch_and_add(frames, 1);
 	entry = lookup(skb, &key);
 	if (!entry)
 		goto miss;
