@@ -650,7 +650,7 @@ class UserspaceDatapath:
             result[f"port.{key}.rx_stack_drops"] = lost
         for reason, count in sorted(self._drops.items()):
             result[f"drop.{reason}"] = count
-        if stack_drops:
+        if sum(stack_drops.values()):  # like every drop reason: present once counted
             result["drop.port_stack"] = sum(stack_drops.values())
         return result
 
