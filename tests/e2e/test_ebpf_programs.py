@@ -196,6 +196,22 @@ def test_a_packet_bigger_than_the_entrys_mtu_is_a_miss(kernel: KernelFastPath) -
     assert _run(kernel, "hn_port_upcall", bigger)[0] != 0  # the agent answers it
 
 
+def _bad_header_checksum(frame: bytes) -> bytes:
+    return frame[:24] + bytes((frame[24] ^ 0x5A,)) + frame[25:]
+
+
+def test_a_bad_ipv4_header_checksum_misses_a_routed_entry_only(kernel: KernelFastPath) -> None:
+    # The checksum is no key field: a routed (DecTtl) entry must not take a packet whose header
+    # sum is wrong; the agent drops and counts it. A bridged entry forwards it (as a switch).
+    routed, bridged = _tcp(), _tcp(src_port=40002)
+    _install(kernel, routed, [DecTtl(), Output(2)])
+    _install(kernel, bridged, [Output(2)])
+    assert _run(kernel, "hn_port_ingress", _bad_header_checksum(routed))[0] == TC_ACT_SHOT
+    assert _run(kernel, "hn_port_upcall", _bad_header_checksum(routed))[0] != 0
+    assert _run(kernel, "hn_port_ingress", routed)[0] == TC_ACT_REDIRECT
+    assert _run(kernel, "hn_port_ingress", _bad_header_checksum(bridged))[0] == TC_ACT_REDIRECT
+
+
 def test_removed_entries_stop_hitting(kernel: KernelFastPath) -> None:
     frame = _tcp()
     _install(kernel, frame, [Output(2)])

@@ -31,6 +31,8 @@ from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import Flow, FlowTable
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import PacketError, extract_flow_match
+from hivenet.packets.checksum import ipv4_header_checksum_ok
+from hivenet.packets.flowmatch import ETH_TYPE_IPV4
 from hivenet.packets.mtu import FITS, TOO_BIG, mtu_verdict
 
 _KNOWN_ACTIONS = (SetField, DecTtl, PushVlan, PopVlan, Output, Tunnel, Drop)
@@ -261,6 +263,15 @@ class MemoryDatapath:
             return
         flow = self.flow_table.lookup(match, self.clock(), packet_bytes=len(frame))
         verdict = mtu_verdict(frame, flow.mtu) if flow is not None else FITS
+        if (
+            flow is not None
+            and match.eth_type == ETH_TYPE_IPV4
+            and any(isinstance(action, DecTtl) for action in flow.actions)
+            and not ipv4_header_checksum_ok(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
+        ):
+            # As the userspace datapath: a routed flow re-checks every packet's header checksum.
+            self._count_drop("bad_ip_checksum")
+            return
         if flow is not None and verdict == FITS:
             self._counters.hits += 1
             self.execute(frame, flow.actions)

@@ -72,6 +72,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from hivenet.datapath._fastkey import RawFlowKey, raw_flow_key
 from hivenet.datapath._offload import (
@@ -96,6 +97,7 @@ from hivenet.model.types import (
     TUNNEL_KEY_MIN,
 )
 from hivenet.packets import extract_flow_match
+from hivenet.packets.checksum import ipv4_header_checksum_ok
 from hivenet.packets.errors import PacketError
 from hivenet.packets.headers import VXLAN_FLAG_VNI_VALID, VXLAN_PORT
 from hivenet.packets.mtu import FITS, TOO_BIG, mtu_verdict
@@ -113,6 +115,16 @@ PACKET_QDISC_BYPASS = 20
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
 PACKET_STATISTICS = 6
+PACKET_AUXDATA = 8
+# struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, vlan_tpid.
+_AUXDATA = struct.Struct("=IIIHHHH")
+_AUXDATA_SPACE = socket.CMSG_SPACE(_AUXDATA.size)
+TP_STATUS_VLAN_VALID = 1 << 4
+TP_STATUS_VLAN_TPID_VALID = 1 << 6
+_ETH_TYPE_VLAN = 0x8100
+_VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+_VNET_U16 = struct.Struct("<H")  # hdr_len at 2, csum_start at 6
+_VLAN_TAG = struct.Struct("!HH")
 _PACKET_STATS = struct.Struct("=II")  # struct tpacket_stats: tp_packets, tp_drops (read resets)
 ETH_P_ALL = 0x0003
 SO_SNDBUFFORCE = 32
@@ -159,6 +171,9 @@ class _ActionPlan:
     offload_safe: bool
     destinations: tuple[Output | Tunnel, ...]
     drop_reason: str | None
+    # Routed (a TTL decrement): the IPv4 header checksum is checked on every packet, since
+    # it is no match field and a good packet's flow must not carry a bad one (RFC 1812).
+    routed: bool = False
 
 
 def _plan(actions: tuple[Action, ...]) -> _ActionPlan:
@@ -180,7 +195,8 @@ def _plan(actions: tuple[Action, ...]) -> _ActionPlan:
                 offload_safe = False
     if not destinations and drop_reason is None:
         drop_reason = "flow_no_output"
-    return _ActionPlan(actions, transforms, offload_safe, tuple(destinations), drop_reason)
+    routed = any(isinstance(action, DecTtl) for action in actions)
+    return _ActionPlan(actions, transforms, offload_safe, tuple(destinations), drop_reason, routed)
 
 
 # Tunnel output held back during one receive batch: (tunnel key, remote IP) -> (VXLAN header,
@@ -204,10 +220,12 @@ class _BoundPort:
         "kernel_drops",
         "key",
         "recv_into",
+        "rx_baseline",
         "rx_bytes",
         "rx_packets",
         "send",
         "sock",
+        "socket_packets",
         "tx_bytes",
         "tx_packets",
         "view",
@@ -218,10 +236,16 @@ class _BoundPort:
         self.interface_name = interface_name
         self.sock = sock
         self.send = sock.send
-        self.recv_into = sock.recv_into
         # Every frame is read into this one buffer and forwarded from it (no per-frame bytes).
         self.buffer = bytearray(_PORT_RECV_SIZE)
         self.view = memoryview(self.buffer)
+        # A real packet socket hands out the 802.1Q tag the kernel took off (PACKET_AUXDATA);
+        # test and benchmark stand-ins give plain frames.
+        self.recv_into = (
+            _tag_restoring_receiver(sock, self.view)
+            if isinstance(sock, socket.socket)
+            else sock.recv_into
+        )
         # Ordered: evicting the oldest entry of a plain dict again and again scans the holes
         # that earlier evictions left at its front.
         self.flow_cache: OrderedDict[RawFlowKey, tuple[Flow, _ActionPlan]] = OrderedDict()
@@ -230,6 +254,12 @@ class _BoundPort:
         self.tx_packets = 0
         self.tx_bytes = 0
         self.kernel_drops = 0
+        self.socket_packets = 0  # frames the kernel queued to (or dropped at) the socket
+        # The interface's own receive count at bind: frames it took in that no HiveNet program
+        # ever saw died in the host's stack (a truncated 802.1Q frame: see `stack_drops`).
+        self.rx_baseline = (
+            interface_rx_packets(interface_name) if isinstance(sock, socket.socket) else None
+        )
 
     def read_kernel_drops(self) -> int:
         """Frames the kernel dropped because this socket's buffer was full (the port sent faster
@@ -237,13 +267,84 @@ class _BoundPort:
         getsockopt = getattr(self.sock, "getsockopt", None)
         if getsockopt is not None:
             try:
-                _packets, drops = _PACKET_STATS.unpack(
+                packets, drops = _PACKET_STATS.unpack(
                     getsockopt(SOL_PACKET, PACKET_STATISTICS, _PACKET_STATS.size)
                 )
             except (OSError, struct.error):
-                drops = 0
+                packets = drops = 0
             self.kernel_drops += drops
+            self.socket_packets += packets
         return self.kernel_drops
+
+
+def interface_rx_packets(interface_name: str) -> int | None:
+    """The kernel's receive packet count of `interface_name` in this process's network
+    namespace (/proc/self/net/dev), None when it is not there."""
+    try:
+        lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return None
+    for line in lines:
+        name, _, fields = line.partition(":")
+        if name.strip() == interface_name:
+            return int(fields.split()[1])
+    return None
+
+
+def routable_ipv4(buffer: memoryview, base: int, size: int) -> bool:
+    """False for an IPv4 frame at `buffer[base:base + size]` whose header checksum is wrong;
+    True for any other frame (the flow matched it, so it parsed)."""
+    at = base + 14
+    eth_type = buffer[base + 12 : base + 14]
+    if eth_type == b"\x81\x00":
+        eth_type = buffer[base + 16 : base + 18]
+        at += 4
+    if eth_type != b"\x08\x00":
+        return True
+    return ipv4_header_checksum_ok(buffer, at)
+
+
+def restore_vlan_tag(buffer: bytearray, length: int, auxdata: bytes) -> int:
+    """Put back into the received frame in `buffer[:length]` (virtio-net header, then the
+    frame) the outermost 802.1Q/802.1ad tag that the kernel's receive path took off and
+    reported in `auxdata` (struct tpacket_auxdata); returns the new length.
+
+    Why: Linux untags every VLAN frame before any packet socket sees it (skb_vlan_untag), so
+    without this a tagged frame from a VM would be forwarded as untagged and a QinQ frame as
+    single-tagged. `buffer` must have 4 spare bytes after `length`."""
+    status, _len, _snaplen, _mac, _net, tci, tpid = _AUXDATA.unpack(auxdata)
+    if not status & TP_STATUS_VLAN_VALID:
+        return length
+    if not status & TP_STATUS_VLAN_TPID_VALID:
+        tpid = _ETH_TYPE_VLAN
+    at = VNET_HEADER_LEN + 12
+    buffer[at + 4 : length + 4] = buffer[at:length]
+    _VLAN_TAG.pack_into(buffer, at, tpid, tci)
+    if buffer[0] & _VIRTIO_NET_HDR_F_NEEDS_CSUM or buffer[1]:
+        # Offsets in the virtio-net header count from the frame's start: the tag moved L3.
+        header_length = _VNET_U16.unpack_from(buffer, 2)[0]
+        if header_length:
+            _VNET_U16.pack_into(buffer, 2, header_length + 4)
+        _VNET_U16.pack_into(buffer, 6, _VNET_U16.unpack_from(buffer, 6)[0] + 4)
+    return length + 4
+
+
+def _tag_restoring_receiver(
+    sock: socket.socket, buffer_view: memoryview
+) -> Callable[[bytearray], int]:
+    """`recv_into` for a packet socket with PACKET_AUXDATA on, always called with the buffer
+    under `buffer_view`: the frame with its VLAN tag (4 bytes are kept free for it)."""
+    recvmsg_into = sock.recvmsg_into
+    into = (buffer_view[:-4],)
+
+    def receive(buffer: bytearray) -> int:
+        length, ancillary, _flags, _address = recvmsg_into(into, _AUXDATA_SPACE)
+        for level, kind, data in ancillary:
+            if level == SOL_PACKET and kind == PACKET_AUXDATA and data[0] & TP_STATUS_VLAN_VALID:
+                return restore_vlan_tag(buffer, length, data)
+        return length
+
+    return receive
 
 
 def open_port_socket(interface_name: str) -> socket.socket:
@@ -256,6 +357,7 @@ def open_port_socket(interface_name: str) -> socket.socket:
         sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
         sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _SOCKET_BUFFER_BYTES)
         sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, _SOCKET_BUFFER_BYTES)
         sock.bind((interface_name, ETH_P_ALL))
@@ -543,9 +645,37 @@ class UserspaceDatapath:
             budget = self._upcall_budgets.get(key)
             result[f"port.{key}.upcall_budget_drops"] = budget.dropped if budget else 0
             result[f"port.{key}.rx_kernel_drops"] = port.read_kernel_drops()
+        stack_drops = self._stack_drops()
+        for key, lost in stack_drops.items():
+            result[f"port.{key}.rx_stack_drops"] = lost
         for reason, count in sorted(self._drops.items()):
             result[f"drop.{reason}"] = count
+        if sum(stack_drops.values()):  # like every drop reason: present once counted
+            result["drop.port_stack"] = sum(stack_drops.values())
         return result
+
+    def _stack_drops(self) -> dict[int, int]:
+        """Per port: frames the interface received that the host's stack freed before any
+        HiveNet program saw them. Linux frees an 802.1Q/802.1ad frame too short to untag
+        (under 20 bytes) before packet sockets, tc or XDP-less paths: it has no counter of its
+        own. Exact when the port is quiet; under load, frames still queued in the kernel
+        between the interface and us count until they arrive."""
+        out: dict[int, int] = {}
+        for key, port in sorted(self._ports.items()):
+            if port.rx_baseline is None:
+                continue
+            received = interface_rx_packets(port.interface_name)
+            seen = self._frames_seen(port)
+            if received is None or seen is None:
+                continue
+            out[key] = max(0, received - port.rx_baseline - seen)
+        return out
+
+    def _frames_seen(self, port: _BoundPort) -> int | None:
+        """Frames of `port` that reached our program (here: the packet socket sees every one),
+        counted after the interface's count was read."""
+        port.read_kernel_drops()
+        return port.socket_packets
 
     # ---- flow state and bound ports ---------------------------------------------------------
 
@@ -634,6 +764,9 @@ class UserspaceDatapath:
             if mtu and frame_len > mtu + _ETHERNET_HEADER_LEN and self._too_big(port, length, mtu):
                 continue
             if plan.transforms:
+                if plan.routed and not routable_ipv4(view, VNET_HEADER_LEN, frame_len):
+                    self._drop("bad_ip_checksum")
+                    continue
                 self._apply(
                     plan,
                     plan.actions,

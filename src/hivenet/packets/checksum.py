@@ -65,3 +65,11 @@ def checksum_update_word(checksum: int, old_word: int, new_word: int) -> int:
     """`checksum_update` for one aligned 16-bit word given as ints."""
     folded = ((~checksum & _ONES) - old_word + new_word) % _ONES
     return ~folded & _ONES if folded else 0
+
+
+def ipv4_header_checksum_ok(frame: bytes | bytearray | memoryview, offset: int) -> bool:
+    """Whether the IPv4 header at `frame[offset:]` (its IHL already checked by the caller)
+    sums to 0xFFFF, as RFC 1812 5.2.2 asks a router to verify before forwarding."""
+    header_length = (frame[offset] & 0x0F) * 4
+    value = int.from_bytes(frame[offset : offset + header_length], "big")
+    return value != 0 and value % _ONES == 0

@@ -149,6 +149,7 @@ def _ipv4(
     if header_length > 20:
         walk_end_nop_options("IPv4", frame[offset + 20 : offset + header_length])
     if flags_fragment & 0x1FFF:
+        check_ipv4_fragment(flags_fragment & 0x1FFF, protocol, total_length - header_length)
         return FlowMatch(
             in_port=in_port,
             eth_src=eth_src,
@@ -193,6 +194,17 @@ def _ipv4(
         icmp_code,
         icmp_id,
     )
+
+
+def check_ipv4_fragment(offset_units: int, protocol: int, payload_length: int) -> None:
+    """Refuse the stateless-detectable fragment attacks on a non-first IPv4 fragment: one that
+    ends past the 65535 bytes a datagram may have (ping of death), and a TCP fragment at
+    offset 8 bytes, which can only overlap the first fragment's TCP header (RFC 1858)."""
+    end = offset_units * 8 + payload_length
+    if end + 20 > 65535:  # + the smallest header the reassembled datagram can have
+        raise MalformedPacket("IPv4", "fragment_offset", f"fragment ends at {end}")
+    if offset_units == 1 and protocol == IP_PROTO_TCP:
+        raise MalformedPacket("IPv4", "fragment_offset", "TCP fragment at offset 8 (RFC 1858)")
 
 
 def _transport(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from hivenet.packets.checksum import internet_checksum, transport_checksum
 from hivenet.packets.errors import MalformedPacket, TruncatedPacket, UnsupportedPacket
+from hivenet.packets.flowextract import check_ipv4_fragment
 from hivenet.packets.flowmatch import (
     ETH_TYPE_ARP,
     ETH_TYPE_IPV4,
@@ -135,6 +136,9 @@ def _parse_ipv4(
         l3_offset=offset,
     )
     if ip_frag == FRAG_LATER:
+        check_ipv4_fragment(
+            ipv4.fragment_offset, ipv4.protocol, ipv4.total_length - ipv4.header_length
+        )
         return network
     if ipv4.protocol == IP_PROTO_ICMP:
         icmp = IcmpHeader.decode(_bounded(frame, start, end, "ICMP", 8))

@@ -70,6 +70,12 @@ def receive(
     if dst_mac != in_port.mac and not dst_mac & MULTICAST_BIT:
         walk.drop(here, "not_for_router", f"dst {mac_text(dst_mac)}")
         return
+    if version == 4 and not walk.ipv4_header_valid():
+        # RFC 1812 5.2.2. The checksum is no match field: a flow installed for a good packet
+        # is re-checked per packet by the datapath (flows with DecTtl), so never cache this.
+        walk.drop(here, "bad_ip_checksum", "IPv4 header checksum")
+        walk.no_cache("a bad header checksum is not in the flow match", here.depth)
+        return
     if version == 6:
         walk.read(packet, "ip_proto", FULL_MASKS["ip_proto"])
         if packet.ip_proto == IP_PROTO_ICMPV6:

@@ -34,6 +34,7 @@ from hivenet.flows.actions import (
 from hivenet.model import DeviceKind
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.packets import dec_ttl, pop_vlan, push_vlan, rewrite_frame
+from hivenet.packets.checksum import ipv4_header_checksum_ok
 from hivenet.packets.flowmatch import (
     ETH_TYPE_IPV4,
     ETH_TYPE_IPV6,
@@ -256,6 +257,12 @@ class Walk:
         if size is False:
             size = self._ip_size = ip_size(self.frame)
         return size  # type: ignore[return-value]
+
+    def ipv4_header_valid(self) -> bool:
+        """Whether the received IPv4 packet's header checksum is right (rewrites on the way
+        keep it right or wrong: they update it incrementally)."""
+        frame = self.frame
+        return ipv4_header_checksum_ok(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
 
     def reply(self, frame: bytes, port: PortInfo, description: str) -> None:
         """Generate `frame` out of `port` once the walk is over."""

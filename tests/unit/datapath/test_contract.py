@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hivenet.flows.actions import Drop, Output, SetField, Tunnel
+from hivenet.flows.actions import DecTtl, Drop, Output, SetField, Tunnel
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import build_arp_request
 from hivenet.packets.builders import ethernet_frame, ipv4_packet, ipv6_packet, udp_segment
@@ -110,6 +110,21 @@ def test_a_malformed_frame_is_dropped_and_counted_not_upcalled(rig: Rig) -> None
 # --------------------------------------------------------------------------- flows
 
 
+def test_a_truncated_8021q_frame_is_counted_and_a_tagged_one_keeps_its_tag(rig: Rig) -> None:
+    # Linux frees an 802.1Q frame too short to untag before any packet socket sees it: a real
+    # port counts it by the interface's receive count (drop.port_stack), the fakes parse it.
+    upcalls = with_ports(rig, 1, 2)
+    truncated = udp_frame()[:12] + b"\x81\x00\x00\x05"
+    rig.send_from_vm(1, truncated)
+    counters = rig.datapath.counters()
+    assert counters.get("drop.malformed_frame", 0) + counters.get("drop.port_stack", 0) == 1
+    assert upcalls == [] and rig.delivered(2) == []
+    # The kernel takes a whole tag off too (into metadata): the agent must still see it.
+    tagged = udp_frame()[:12] + b"\x81\x00\x00\x05" + udp_frame()[12:]
+    rig.send_from_vm(1, tagged)
+    assert upcalls == [(1, tagged)]
+
+
 def test_an_installed_flow_forwards_matching_frames_without_upcalls(rig: Rig) -> None:
     upcalls = with_ports(rig, 1, 2)
     install(rig, {"in_port": 1, "eth_type": IPV4}, [Output(2)], ["to2"])
@@ -149,6 +164,25 @@ def test_a_drop_flow_counts_its_reason(rig: Rig) -> None:
     assert rig.delivered(2) == []
     assert upcalls == []
     assert rig.datapath.counters()["drop.flow_rule_drop"] == 2
+
+
+def test_a_routed_flow_drops_a_bad_ipv4_header_checksum_and_counts_it(rig: Rig) -> None:
+    # The checksum is no match field: a flow that a good packet installed through a router
+    # (it decrements the TTL) checks every packet; a bridged flow forwards it (a switch).
+    upcalls = with_ports(rig, 1, 2, 3)
+    install(rig, {"in_port": 1}, [DecTtl(), Output(2)], ["routed"])
+    install(rig, {"in_port": 3}, [Output(2)], ["bridged"])
+    good = udp_frame()
+    bad = good[:24] + bytes((good[24] ^ 0x5A,)) + good[25:]
+    rig.send_from_vm(1, bad)
+    assert rig.delivered(2) == []
+    assert rig.datapath.counters()["drop.bad_ip_checksum"] == 1
+    rig.send_from_vm(1, good)
+    assert len(rig.delivered(2)) == 1
+    rig.send_from_vm(3, bad)
+    assert rig.delivered(2) == [bad]
+    assert upcalls == []
+    assert rig.datapath.counters()["drop.bad_ip_checksum"] == 1
 
 
 def udp_of_size(size: int, *, df: bool = True, v6: bool = False) -> bytes:

@@ -119,7 +119,8 @@ def ipv4_packets(draw: st.DrawFn) -> Packet:
         options=draw(ip_options),
     )
     if fragment_offset:
-        header.proto = draw(st.sampled_from([1, 6, 17]))
+        # A TCP fragment at offset 8 bytes can only overlap the TCP header: refused (RFC 1858).
+        header.proto = draw(st.sampled_from([1, 17] if fragment_offset == 1 else [1, 6, 17]))
         return header / Raw(draw(payloads))
     layer = draw(st.sampled_from(["tcp", "udp", "icmp", "other"]))
     if layer == "tcp":

@@ -20,6 +20,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrHopByHop,
 )
 from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import Raw
 
 from hivenet.packets import PacketError, extract_flow_match, flow_match_of, parse_frame
 from hivenet.packets.flowmatch import FRAG_FIRST, FRAG_LATER, FRAG_NONE, FlowMatch
@@ -209,3 +210,28 @@ def test_lying_headers_raise_typed_errors_naming_the_field(frame: bytes, error_t
     for decode in (lambda: extract_flow_match(frame, 1), lambda: parse_frame(frame)):
         with pytest.raises(PacketError, match=error_text.replace(".", r"\.")):
             decode()
+
+
+@pytest.mark.parametrize(
+    ("name", "packet"),
+    [
+        ("ends_past_65535", IP(frag=8191, proto=17) / Raw(b"x" * 16)),
+        ("tcp_at_offset_8", IP(frag=1, proto=6) / Raw(b"x" * 16)),
+        ("tiny_first_tcp", IP(flags="MF", proto=6) / Raw(b"x" * 8)),
+        ("tiny_first_udp", IP(flags="MF", proto=17) / Raw(b"x" * 4)),
+    ],
+)
+def test_fragment_attacks_are_refused_by_both_decoders(name: str, packet: IP) -> None:
+    frame = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / packet)
+    assert _both(frame) == ("error", "error"), name
+
+
+def test_ordinary_fragments_still_decode() -> None:
+    for packet in (
+        IP(flags="MF") / TCP() / Raw(b"x" * 8),
+        IP(frag=2, proto=6) / Raw(b"x" * 8),
+        IP(frag=8000, proto=17) / Raw(b"x" * 16),
+    ):
+        frame = bytes(Ether() / packet)
+        fast, generic = _both(frame)
+        assert fast != "error" and fast == generic

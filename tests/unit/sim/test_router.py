@@ -93,6 +93,27 @@ def test_forwarding_rewrites_macs_and_decrements_ttl() -> None:
     assert result.wildcard()["ip_ttl"] == 0xFE
 
 
+def test_a_bad_ipv4_header_checksum_is_dropped_at_the_router_and_never_cached() -> None:
+    topo = two_subnets()
+    good = udp(mac(1), gw(topo), "10.0.1.10", "10.0.2.10", ttl=64)
+    bad = good[:24] + bytes((good[24] ^ 0x5A,)) + good[25:]
+    result = resolved(topo).run(bad, "vm1")
+    assert result.drop_reason == "bad_ip_checksum"
+    assert not result.install and result.generated == ()
+    assert resolved(topo).run(good, "vm1").drop_reason is None
+
+
+def test_a_bridge_forwards_a_bad_ipv4_header_checksum_as_a_switch_does() -> None:
+    topo = two_subnets()
+    topo.vm_port("b1", "vm3", "h2", mac_n=3, addresses=("10.0.1.11/24",))
+    good = udp(mac(1), mac(3), "10.0.1.10", "10.0.1.11")
+    bad = good[:24] + bytes((good[24] ^ 0x5A,)) + good[25:]
+    sim = Sim(topo.view())
+    sim.tables.macs[("b1", 0, mac_to_int(mac(3)))] = "vm3"
+    result = sim.run(bad, "vm1")
+    assert result.drop_reason is None and result.actions == (Tunnel("192.0.2.2", key(topo, "vm3")),)
+
+
 def test_unresolved_next_hop_sends_arp_request_and_installs_a_short_tagged_drop() -> None:
     topo = two_subnets()
     result = Sim(topo.view()).run(udp(mac(1), gw(topo), "10.0.1.10", "10.0.2.10"), "vm1")

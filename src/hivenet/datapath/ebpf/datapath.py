@@ -45,6 +45,7 @@ from hivenet.datapath.userspace import (
     UserspaceDatapath,
     _ActionPlan,
     _BoundPort,
+    interface_rx_packets,
 )
 from hivenet.flows.actions import Action
 from hivenet.flows.table import Flow, flow_match_values
@@ -75,6 +76,7 @@ class FastPathKernel(Protocol):
     def entry_counters(self, key: bytes) -> tuple[int, int] | None: ...
     def counters(self) -> dict[str, int]: ...
     def set_tunnel_peers(self, addresses: frozenset[str] | None) -> None: ...
+    def port_frames(self, ifindex: int) -> int | None: ...
 
 
 class _Offloaded:
@@ -175,6 +177,14 @@ class EbpfDatapath(UserspaceDatapath):
             super().unbind_port(port_key)
             raise
         self._port_ifindexes[port_key] = ifindex
+        port = self._ports[port_key]
+        if port.rx_baseline is not None:  # tc counts from its attachment on
+            port.rx_baseline = interface_rx_packets(interface_name)
+
+    def _frames_seen(self, port: _BoundPort) -> int | None:
+        """Every frame of the port passes tc ingress (the socket gets only the misses)."""
+        ifindex = self._port_ifindexes.get(port.key)
+        return None if ifindex is None else self.kernel.port_frames(ifindex)
 
     def unbind_port(self, port_key: int) -> None:
         port = self._ports.get(port_key)

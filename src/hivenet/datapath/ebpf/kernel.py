@@ -145,6 +145,7 @@ class KernelFastPath:
         self._fds: dict[str, int] = {}
         self._vxlan_made = False
         self._attached: dict[int, str] = {}
+        self._ifindexes: dict[int, int] = {}
         self._tunnel_peers: set[int] = set()  # in hn_tunnel_peers (host byte order)
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -166,7 +167,8 @@ class KernelFastPath:
             _run(["bpftool", "prog", "loadall", str(program), str(self.pin_dir),
                   "pinmaps", str(self.pin_dir)])  # fmt: skip
             for pinned in ("hn_flows", "hn_ports", "hn_counters", "hn_config",
-                           "hn_tunnel_peers", "hn_port_upcall", "hn_underlay_upcall"):  # fmt: skip
+                           "hn_tunnel_peers", "hn_port_upcall", "hn_underlay_upcall",
+                           "hn_port_frames"):  # fmt: skip
                 self._fds[pinned] = bpfsys.object_get(str(self.pin_dir / pinned))
             bpfsys.map_update(
                 self._fds["hn_config"], _U32.pack(CONFIG_VXLAN_PORT), _U32.pack(self.vxlan_port)
@@ -232,11 +234,13 @@ class KernelFastPath:
         ifindex = socket.if_nametoindex(interface_name)
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, self._fds["hn_port_upcall"])
         self._attached[port_key] = interface_name
+        self._ifindexes[port_key] = ifindex
         try:
             _run(["tc", "qdisc", "replace", "dev", interface_name, "clsact"])
             _run(["tc", "filter", "replace", "dev", interface_name, "ingress", "pref", "1",
                   "handle", "1", "bpf", "da", "pinned",
                   str(self.pin_dir / "hn_port_ingress")])  # fmt: skip
+            bpfsys.map_update(self._fds["hn_port_frames"], _U32.pack(ifindex), _U64.pack(0))
             bpfsys.map_update(self._fds["hn_ports"], _U32.pack(port_key), _U32.pack(ifindex))
         except BaseException:
             self.detach_port(port_key, interface_name)
@@ -245,8 +249,11 @@ class KernelFastPath:
 
     def detach_port(self, port_key: int, interface_name: str) -> None:
         self._attached.pop(port_key, None)
+        ifindex = self._ifindexes.pop(port_key, None)
         if "hn_ports" in self._fds:
             bpfsys.map_delete(self._fds["hn_ports"], _U32.pack(port_key))
+        if "hn_port_frames" in self._fds and ifindex is not None:
+            bpfsys.map_delete(self._fds["hn_port_frames"], _U32.pack(ifindex))
         # The interface may be gone already (its namespace deleted): nothing left to remove.
         subprocess.run(["tc", "qdisc", "del", "dev", interface_name, "clsact"], capture_output=True)
 
@@ -290,6 +297,11 @@ class KernelFastPath:
 
     def entry_keys(self) -> list[bytes]:
         return bpfsys.map_keys(self._fds["hn_flows"], FLOW_KEY.size)
+
+    def port_frames(self, ifindex: int) -> int | None:
+        """Frames tc ingress saw on the port with `ifindex` since it was attached."""
+        value = bpfsys.map_lookup(self._fds["hn_port_frames"], _U32.pack(ifindex), _U64.size)
+        return _U64.unpack(value)[0] if value else None
 
     def counters(self) -> dict[str, int]:
         result = {}

@@ -77,6 +77,9 @@ class FakeKernel:
         self.ports[port_key] = ifindex
         return ifindex
 
+    def port_frames(self, ifindex: int) -> int | None:
+        return None  # no interface behind it: no stack-drop count
+
     def detach_port(self, port_key: int, interface_name: str) -> None:
         del self.ports[port_key]
 

@@ -24,6 +24,7 @@
  *
  * The key layout is mirrored in datapath/ebpf/entries.py (FLOW_KEY); a unit test checks the
  * sizes and a root test runs these programs on frames built by Python (BPF_PROG_TEST_RUN).
+ * A routed entry (HN_DEC_TTL) takes only packets whose IPv4 header checksum is right.
  * Only untagged IPv4 TCP/UDP/ICMP without options or fragmentation is eligible; TCP with
  * SYN, FIN or RST always goes to the agent (connection state lives there). An entry with an
  * mtu is a miss for a packet whose IP length (of each segment, for GSO) exceeds it: the agent
@@ -133,6 +134,16 @@ struct {
 	__type(value, __u8); /* 1 */
 } hn_tunnel_peers SEC(".maps");
 
+/* Every frame tc ingress saw on each port, by ifindex: what the interface received and no
+ * program saw died in the host's stack first (a truncated 802.1Q frame; the agent counts the
+ * difference as drop.port_stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);   /* ifindex */
+	__type(value, __u64); /* frames */
+} hn_port_frames SEC(".maps");
+
 #define ETH_HLEN_ 14
 #define IP_OFF ETH_HLEN_
 #define TCP_FLAGS_TO_AGENT 0x07 /* FIN | SYN | RST */
@@ -158,10 +169,26 @@ struct hn_ipv4 {
 	__u32 daddr;
 };
 
-/* The exact-match key of an eligible frame and its IP length on the wire (of each segment of
- * a GSO frame); -1 when the frame must go to the agent. */
+/* 1 when the option-less IPv4 header sums to 0xFFFF (RFC 1071; byte order does not matter). */
+static __always_inline int ipv4_header_ok(const struct hn_ipv4 *ip)
+{
+	const __u16 *words = (const __u16 *)ip;
+	__u32 sum = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 10; i++)
+		sum += words[i];
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	return sum == 0xFFFF;
+}
+
+/* The exact-match key of an eligible frame, its IP length on the wire (of each segment of
+ * a GSO frame) and whether its header checksum is right; -1 when the frame must go to the
+ * agent. */
 static __always_inline int parse_key(struct __sk_buff *skb, struct hn_flow_key *key,
-				     __u32 *ip_length)
+				     __u32 *ip_length, int *header_ok)
 {
 	struct hn_ipv4 ip;
 	__u8 l4[14];
@@ -201,6 +228,7 @@ static __always_inline int parse_key(struct __sk_buff *skb, struct hn_flow_key *
 		return -1;
 	}
 	*ip_length = bpf_ntohs(ip.total_length);
+	*header_ok = ipv4_header_ok(&ip);
 	if (skb->gso_size) {
 		if (ip.protocol == IPPROTO_TCP)
 			*ip_length = 20 + (l4[12] >> 4) * 4 + skb->gso_size;
@@ -297,19 +325,24 @@ static __always_inline int apply(struct __sk_buff *skb, const struct hn_flow_key
 	return 0;
 }
 
-/* The entry for this frame, or NULL: no key, no entry, or larger than the entry's mtu. Both
- * programs of a port ask this, so they agree on every frame. */
+/* The entry for this frame, or NULL: no key, no entry, larger than the entry's mtu, or a bad
+ * IPv4 header checksum on a routed entry (the checksum is no key field, so a good packet's
+ * entry must not carry a bad one; the agent drops and counts it). Both programs of a port
+ * ask this, so they agree on every frame. */
 static __always_inline struct hn_flow_entry *lookup(struct __sk_buff *skb,
 						    struct hn_flow_key *key)
 {
 	struct hn_flow_entry *entry;
 	__u32 ip_length = 0;
+	int header_ok = 0;
 
 	__builtin_memset(key, 0, sizeof(*key));
-	if (parse_key(skb, key, &ip_length) < 0)
+	if (parse_key(skb, key, &ip_length, &header_ok) < 0)
 		return NULL;
 	entry = bpf_map_lookup_elem(&hn_flows, key);
 	if (entry && entry->mtu && ip_length > entry->mtu)
+		return NULL;
+	if (entry && (entry->flags & HN_DEC_TTL) && !header_ok)
 		return NULL;
 	return entry;
 }
@@ -320,7 +353,11 @@ int hn_port_ingress(struct __sk_buff *skb)
 	struct hn_flow_key key;
 	struct hn_flow_entry *entry;
 	__u32 segments = skb->gso_segs;
+	__u32 ifindex = skb->ifindex;
+	__u64 *frames = bpf_map_lookup_elem(&hn_port_frames, &ifindex);
 
+	if (frames)
+		__sync_fetch_and_add(frames, 1);
 	entry = lookup(skb, &key);
 	if (!entry)
 		goto miss;
