@@ -299,7 +299,9 @@ def stats(
 
 @app.command("rotate-key")
 def rotate_key(
-    store: Annotated[str, typer.Option(help="Store URL: sqlite:///path.db or etcd://h:p,h:p")],
+    store: Annotated[
+        str, typer.Option(help="Store URL, as for `hivenet agent run` (docs/deploy.md)")
+    ],
 ) -> None:
     """Rotate the cluster's flow-state key now (agents pick it up by their store watch; they
     accept the previous key meanwhile). Run it twice to retire a key you think leaked."""
