@@ -4,6 +4,12 @@ Scenarios (VMs are namespaces with veths, MTU 1450, offloads on; underlay MTU 15
   local   two VMs on one host:  our datapath (port -> port)   vs  a Linux bridge
   vxlan   VMs on two hosts:     our datapaths over VXLAN      vs  bridge + kernel VXLAN device
           (ours accept VXLAN only from the peer host, as agents do: `set_tunnel_peers`)
+  vxlan-dnat  ours only: VM1 talks to a VIP whose address and ports every packet has rewritten
+          to VM2's (and back on replies), as established load-balanced or floating-IP flows;
+          its peer is the plain kernel VXLAN row
+  at scale    ours only: VM1 keeps 10k UDP flows to VM2 active (--flows, --flows-rate): how
+          fast the datapath takes them on (eBPF: one kernel entry per flow, derived from the
+          megaflow) and the datapath process's CPU once they are all established
 Metrics: single-stream TCP throughput (iperf3, else a Python socket pump) and 64-byte frame
 rate (UDP with 18-byte payloads; packets per second that reach the receiver). It also samples
 the CPU time the datapath process used, and with --profile runs the datapath under cProfile
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import pstats
@@ -87,6 +94,14 @@ class Lab:
     vm2_link: str
     drivers: list[tuple[NamespaceProcess, Path]] = field(default_factory=list)
     offered_pps: float = 0.0
+    # Where VM1's traffic goes: VM2's address, or in the NAT scenario the address the datapath
+    # rewrites to VM2's (VM2 binds its own address either way).
+    target_ip: str = VM2_IP
+    # Server port -> the port VM1 sends to (the DNAT scenario maps VIP ports to VM2's).
+    client_ports: dict[int, int] = field(default_factory=dict)
+
+    def port(self, server_port: int) -> str:
+        return str(self.client_ports.get(server_port, server_port))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -155,13 +170,66 @@ def build_local(
     return lab
 
 
-def build_vxlan(scope: LabScope, kernel: bool, workdir: Path, profile: Path | None) -> Lab:
+# The DNAT scenario: VM1 talks to a VIP whose ports map to VM2's (as a load balancer's or a
+# floating IP's established flows: addresses and ports rewritten, checksums fixed, both ways).
+VIP = "10.0.9.100"
+VIP_PORTS = {IPERF_PORT: 80, 9: 19, 7: 17}  # VM2's port -> the VIP's
+UDP, TCP = 17, 6
+
+
+def _dnat_flows(port_key: int, tunnel: dict[str, Any], forward: bool) -> list[dict[str, Any]]:
+    """VM1 -> VIP:vport rewritten to VM2:port (`forward`), or VM2's replies from port
+    rewritten back to VIP:vport; the ARP and ping flows of `_flows_to` stay plain."""
+    peer_mac = VM2_MAC if forward else VM1_MAC
+    flows = _flows_to(port_key, tunnel, peer_mac)
+    flows[1]["match"]["ip_proto"] = 1  # ping: plain (the warm-up, VM2 answers VM1 directly)
+    if forward:
+        flows[1]["match"]["ip_dst"] = int(ipaddress.IPv4Address(VM2_IP))
+    for server_port, vip_port in VIP_PORTS.items():
+        proto = TCP if server_port == IPERF_PORT else UDP
+        match = {"in_port": port_key, "eth_type": 0x0800, "eth_dst": mac_to_int(peer_mac)}
+        match["ip_proto"] = proto
+        if forward:
+            match |= {"ip_dst": int(ipaddress.IPv4Address(VIP)), "tp_dst": vip_port}
+            rewrite = [("ip_dst", int(ipaddress.IPv4Address(VM2_IP))), ("tp_dst", server_port)]
+        else:
+            match["tp_src"] = server_port
+            rewrite = [("ip_src", int(ipaddress.IPv4Address(VIP))), ("tp_src", vip_port)]
+        actions = [{"set_field": {"field": name, "value": value}} for name, value in rewrite]
+        flows.append({"match": match, "actions": [*actions, tunnel]})
+    return flows
+
+
+def build_vxlan(
+    scope: LabScope, kernel: bool, workdir: Path, profile: Path | None, *, dnat: bool = False
+) -> Lab:
     bridge = add_underlay(scope)
     h1 = add_host(scope, "h1", 1, bridge)
     h2 = add_host(scope, "h2", 2, bridge)
     vm1 = add_vm(scope, "vm1", h1, f"{VM1_IP}/24", VM1_MAC)
     vm2 = add_vm(scope, "vm2", h2, f"{VM2_IP}/24", VM2_MAC)
     lab = Lab(scope, vm1.namespace, vm2.namespace, vm2.vm_link)
+    if dnat:
+        if kernel:
+            raise ValueError("the DNAT scenario is ours only (its peer is the plain kernel VXLAN)")
+        lab.target_ip = VIP
+        lab.client_ports = dict(VIP_PORTS)
+        # VM1 reaches the VIP on its link (the router's MAC would do the same in a real topology)
+        run_in_namespace(
+            vm1.namespace,
+            [
+                "ip",
+                "neigh",
+                "replace",
+                VIP,
+                "lladdr",
+                VM2_MAC,
+                "dev",
+                vm1.vm_link,
+                "nud",
+                "permanent",
+            ],
+        )
     pairs = ((h1, h2, vm1, "1"), (h2, h1, vm2, "2"))
     if kernel:
         for host, peer, vm, index in pairs:
@@ -182,10 +250,14 @@ def build_vxlan(scope: LabScope, kernel: bool, workdir: Path, profile: Path | No
             pairs, (2, 1), (VM2_MAC, VM1_MAC), strict=True
         ):
             tunnel = {"tunnel": {"remote_ip": peer.underlay_ip, "key": peer_key}}
+            if dnat:
+                flows = _dnat_flows(int(index), tunnel, forward=index == "1")
+            else:
+                flows = _flows_to(int(index), tunnel, peer_mac)
             config = {
                 "underlay_ip": host.underlay_ip,
                 "ports": {index: vm.port_link},
-                "flows": _flows_to(int(index), tunnel, peer_mac),
+                "flows": flows,
                 "tunnel_peers": [peer.underlay_ip],  # the agent's source check, on
             }
             _start_driver(lab, host.namespace, config, workdir, profile if index == "1" else None)
@@ -327,7 +399,7 @@ def _tcp_iperf3(lab: Lab, seconds: float) -> float:
         lab.vm2_ns, ["iperf3", "-s", "-1", "-B", VM2_IP, "-p", str(IPERF_PORT)], label="iperf3"
     )
     try:
-        argv = ["iperf3", "-c", VM2_IP, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+        argv = ["iperf3", "-c", lab.target_ip, "-p", lab.port(IPERF_PORT), "-t", str(seconds), "-J"]
         for _attempt in range(50):  # the server needs a moment to listen
             result = run_in_namespace(lab.vm1_ns, argv, timeout=seconds + 30, check=False)
             if "Connection refused" not in result.stdout + result.stderr:
@@ -352,7 +424,14 @@ def _tcp_python_pump(lab: Lab, seconds: float) -> float:
         try:
             run_in_namespace(
                 lab.vm1_ns,
-                [sys.executable, "-c", TCP_SOURCE, VM2_IP, str(IPERF_PORT), str(seconds)],
+                [
+                    sys.executable,
+                    "-c",
+                    TCP_SOURCE,
+                    lab.target_ip,
+                    lab.port(IPERF_PORT),
+                    str(seconds),
+                ],
                 timeout=seconds + 30,
             )
             sink.popen.wait(30)
@@ -386,8 +465,8 @@ def _small_packets(lab: Lab, seconds: float) -> float:
                 sys.executable,
                 "-c",
                 UDP_BLAST,
-                VM2_IP,
-                "9",
+                lab.target_ip,
+                lab.port(9),
                 str(SMALL_UDP_PAYLOAD),
                 str(seconds),
             ]
@@ -422,7 +501,7 @@ def _latency(lab: Lab, probes: int) -> dict[str, float]:
         time.sleep(0.3)
         result = run_in_namespace(
             lab.vm1_ns,
-            [sys.executable, "-c", UDP_PROBE, VM2_IP, "7", str(probes)],
+            [sys.executable, "-c", UDP_PROBE, lab.target_ip, lab.port(7), str(probes)],
             timeout=probes + 30,
         )
     finally:
@@ -457,12 +536,13 @@ def run_scenario(
     profile: Path | None = None,
     probes: int = 0,
 ) -> tuple[Measurement, dict[str, int]]:
-    """Measure one scenario: "local", "vxlan", or "upcall" (local without flows: only the
-    latency of frames that all go through the upcall handler)."""
+    """Measure one scenario: "local", "vxlan", "vxlan-dnat" (vxlan with every packet's address
+    and port rewritten, ours only) or "upcall" (local without flows: only the latency of
+    frames that all go through the upcall handler)."""
     scope = LabScope.unique()
     try:
-        if name == "vxlan":
-            lab = build_vxlan(scope, kernel, workdir, profile)
+        if name in ("vxlan", "vxlan-dnat"):
+            lab = build_vxlan(scope, kernel, workdir, profile, dnat=name == "vxlan-dnat")
         else:
             lab = build_local(scope, kernel, workdir, profile, upcall_only=name == "upcall")
         _warm_up(lab)
@@ -489,6 +569,120 @@ def run_scenario(
                     counters[key] = counters.get(key, 0) + value
             process.stop()
         return measurement, counters
+    finally:
+        clean(scope.tag)
+
+
+# ---- many active flows -------------------------------------------------------------------------
+
+# One UDP socket in VM1 sends to `count` destination ports of VM2 in turn (each a flow of its
+# own: one exact-match kernel entry on eBPF), paced at `rate` datagrams per second.
+UDP_MANY_FLOWS = """
+import socket, sys, time
+address, first, count, rate, seconds = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                                         float(sys.argv[4]), float(sys.argv[5]))
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+payload, sent, started = bytes(18), 0, time.monotonic()
+while (now := time.monotonic()) < started + seconds:
+    due = int((now - started) * rate)
+    while sent < due:
+        try:
+            sock.sendto(payload, (address, first + sent % count))
+        except OSError:
+            pass
+        sent += 1
+    time.sleep(0.001)
+print(sent)
+"""
+MANY_FLOWS_FIRST_PORT = 20000
+
+
+def flows_at_scale(
+    datapath: str, workdir: Path, flows: int, rate: float, seconds: float
+) -> dict[str, Any]:
+    """VM1 keeps `flows` UDP flows active across hosts: how fast the datapath takes them on
+    (kernel entries installed per second on eBPF) and what its process costs in CPU once they
+    are all established (the kernel forwards them; the process syncs hit counters)."""
+    global DATAPATH
+    DATAPATH = datapath
+    scope = LabScope.unique()
+    try:
+        lab = build_vxlan(scope, False, workdir, None)
+        _warm_up(lab)
+        last = MANY_FLOWS_FIRST_PORT + flows - 1
+        # VM2 drops them before its UDP stack (no ICMP port-unreachable flood back to VM1).
+        rules = workdir / f"{scope.tag}-drop.nft"
+        rules.write_text(
+            "table inet hnbench {\n  chain input {\n    type filter hook input priority 0;\n"
+            f"    udp dport {MANY_FLOWS_FIRST_PORT}-{last} drop\n  }}\n}}\n"
+        )
+        run_in_namespace(lab.vm2_ns, ["nft", "-f", str(rules)])
+        (ingress, counters_file) = lab.drivers[0]
+        sender = start_in_namespace(
+            lab.vm1_ns,
+            [
+                sys.executable,
+                "-c",
+                UDP_MANY_FLOWS,
+                VM2_IP,
+                str(MANY_FLOWS_FIRST_PORT),
+                str(flows),
+                str(rate),
+                str(seconds),
+            ],
+            label="manyflows",
+        )
+        base = request_counters(ingress.pid, counters_file)
+        started, cpu_start = time.monotonic(), _cpu_seconds(ingress.pid)
+        rx_start = _rx_packets(lab)
+        established_at: float | None = None
+        cpu_established = 0.0
+        samples: list[dict[str, float]] = []
+        try:
+            while sender.popen.poll() is None:
+                time.sleep(0.25)
+                now_counters = request_counters(ingress.pid, counters_file)
+                now, cpu = time.monotonic() - started, _cpu_seconds(ingress.pid) - cpu_start
+                settled = {
+                    key: now_counters.get(key, 0) - base.get(key, 0)
+                    for key in (
+                        "kernel_offloads",
+                        "upcalls",
+                        "megaflow_hits",
+                        "emc_hits",
+                        "port.1.rx_kernel_drops",
+                        "drop.upcall_budget",
+                    )
+                }
+                samples.append({"t": now, "cpu": cpu, **settled})
+                known = settled["kernel_offloads"] if datapath == "ebpf" else flows
+                if established_at is None and known >= flows and now > flows / rate:
+                    established_at, cpu_established = now, cpu
+        finally:
+            sender.stop()
+        elapsed = time.monotonic() - started
+        received = _rx_packets(lab) - rx_start
+        final = samples[-1] if samples else {"cpu": 0.0, "t": elapsed}
+        row: dict[str, Any] = {
+            "flows": flows,
+            "offered_pps": round(rate),
+            "received_pps": round(received / elapsed),
+            "kernel_entries_installed": int(final.get("kernel_offloads", 0)),
+            "upcalls": int(final.get("upcalls", 0)),
+            "userspace_hits": int(final.get("megaflow_hits", 0) + final.get("emc_hits", 0)),
+            # Frames the port's socket had no room for (the kernel dropped them before userspace)
+            "socket_drops": int(final.get("port.1.rx_kernel_drops", 0)),
+            "upcall_budget_drops": int(final.get("drop.upcall_budget", 0)),
+        }
+        if established_at is not None and final["t"] > established_at:
+            if datapath == "ebpf":  # userspace keeps no per-flow entries: nothing to set up
+                row["setup_seconds"] = round(established_at, 2)
+                row["setup_flows_per_s"] = round(flows / established_at)
+                row["cpu_setup"] = round(cpu_established / established_at, 3)
+            row["cpu_established"] = round(
+                (final["cpu"] - cpu_established) / (final["t"] - established_at), 3
+            )
+        return row
     finally:
         clean(scope.tag)
 
@@ -727,6 +921,12 @@ def main() -> int:
         default="both",
         help="which of our datapaths to measure against the kernel",
     )
+    parser.add_argument(
+        "--flows", type=int, default=10_000, help="active flows of the at-scale run (0: skip)"
+    )
+    parser.add_argument(
+        "--flows-rate", type=float, default=50_000.0, help="datagrams/s over those flows"
+    )
     args = parser.parse_args()
     datapaths = ("ebpf", "userspace") if args.datapath == "both" else (args.datapath,)
     DATAPATH = datapaths[0]
@@ -745,7 +945,7 @@ def main() -> int:
     tool += f" for TCP, {SENDERS} sendmmsg UDP blaster(s) for 64B"
     labels = [
         (scenario, kind) for scenario in ("local", "vxlan") for kind in ("kernel", *datapaths)
-    ] + [("upcall", datapath) for datapath in datapaths]
+    ] + [(scenario, dp) for scenario in ("vxlan-dnat", "upcall") for dp in datapaths]
     collected: dict[str, list[tuple[Measurement, dict[str, int]]]] = {}
     profiles: dict[str, list[tuple[str, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="hn-bench-") as directory:
@@ -759,6 +959,12 @@ def main() -> int:
                     DATAPATH = kind  # run_scenario starts this datapath
                 collected.setdefault(f"{scenario}/{kind}", []).append(
                     run_scenario(scenario, kernel, args.seconds, workdir, probes=args.probes)
+                )
+        at_scale: dict[str, dict[str, Any]] = {}
+        if args.flows > 0:
+            for datapath in datapaths:
+                at_scale[datapath] = flows_at_scale(
+                    datapath, workdir, args.flows, args.flows_rate, max(12.0, 3 * args.seconds)
                 )
         DATAPATH = datapaths[0]
         if args.profile:
@@ -791,15 +997,35 @@ def main() -> int:
         )
     for datapath in datapaths:
         mine: dict[str, float] = {}
-        for scenario in ("local", "vxlan"):
-            kernel_row, ours = results[f"{scenario}/kernel"], results[f"{scenario}/{datapath}"]
+        # The DNAT scenario's peer is the plain kernel VXLAN path: rewriting costs must not
+        # take the ratio below the unrewritten target.
+        for scenario, peer in (("local", "local"), ("vxlan", "vxlan"), ("vxlan-dnat", "vxlan")):
+            kernel_row, ours = results[f"{peer}/kernel"], results[f"{scenario}/{datapath}"]
             for metric in ("tcp_gbps", "small_pps"):
                 base = kernel_row[metric]
-                mine[f"{scenario}_{metric}"] = round(ours[metric] / base, 3) if base else 0.0
+                mine[f"{scenario.replace('-', '_')}_{metric}"] = (
+                    round(ours[metric] / base, 3) if base else 0.0
+                )
         print(f"ratios {datapath}/kernel: " + ", ".join(f"{k}={v:.2f}" for k, v in mine.items()))
         ratios.update(
             mine if len(datapaths) == 1 else {f"{datapath}_{k}": v for k, v in mine.items()}
         )
+    if at_scale:
+        print(
+            f"\n{args.flows} active UDP flows across hosts at {args.flows_rate / 1000:.0f} kpps "
+            "(datapath process CPU in seconds per second; eBPF: one kernel entry per flow)"
+        )
+        print(
+            f"{'datapath':<12}{'setup s':>9}{'flows/s':>9}{'CPU setup':>10}{'CPU estab.':>11}"
+            f"{'entries':>9}{'upcalls':>9}{'rx kpps':>9}{'sock drops':>11}"
+        )
+        for datapath, row in at_scale.items():
+            print(
+                f"{datapath:<12}{row.get('setup_seconds', '-'):>9}"
+                f"{row.get('setup_flows_per_s', '-'):>9}{row.get('cpu_setup', '-'):>10}"
+                f"{row.get('cpu_established', '-'):>11}{row['kernel_entries_installed']:>9}"
+                f"{row['upcalls']:>9}{row['received_pps'] / 1000:>9.1f}{row['socket_drops']:>11}"
+            )
     for scenario, rows in profiles.items():
         print(f"\nwhere the datapath's time goes ({scenario}, cProfile own time, TCP then 64B):")
         for function, own, share in rows:
@@ -815,6 +1041,7 @@ def main() -> int:
                 "senders": SENDERS,
                 "results": results,
                 "ratios": ratios,
+                "at_scale": at_scale,
                 "micro": micro,
                 "profile": {
                     scenario: [[function, round(share, 4)] for function, _own, share in rows]

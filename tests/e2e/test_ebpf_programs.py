@@ -259,3 +259,24 @@ def test_the_underlay_filter_gives_the_agent_what_the_kernel_must_not_deliver(
     assert _run(kernel, "hn_underlay_upcall", _vxlan(local_key, VXLAN_AGENT_MARK))[0] != 0
     assert _run(kernel, "hn_underlay_upcall", _vxlan(78))[0] != 0
     assert _run(kernel, "hn_underlay_upcall", _vxlan(FLOWSTATE_TUNNEL_KEY))[0] != 0
+
+
+def test_the_batch_dump_reads_every_entry_as_the_lookups_do(kernel: KernelFastPath) -> None:
+    # More entries than one batch (4096), so the dump has to resume from its cursor.
+    def key_of(frame: bytes) -> bytes:
+        key = kernel_key(flow_match_values(extract_flow_match(frame, 1)), LOOPBACK_IFINDEX)
+        assert key is not None
+        return key
+
+    wanted: dict[bytes, tuple[int, int]] = {}
+    for port in range(5000):
+        frame = _tcp(src_port=20000 + port)
+        _install(kernel, frame, [Output(2)])
+        wanted[key_of(frame)] = (0, 0)
+    hit = _tcp(src_port=20007)
+    for _ in range(3):
+        assert _run(kernel, "hn_port_ingress", hit)[0] == TC_ACT_REDIRECT
+    wanted[key_of(hit)] = (3, 3 * len(hit))
+    dumped = kernel.all_entry_counters()
+    assert dumped == wanted
+    assert all(kernel.entry_counters(key) == counted for key, counted in dumped.items())

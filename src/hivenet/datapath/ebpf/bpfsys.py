@@ -1,8 +1,8 @@
 """A small ctypes shim over the bpf(2) syscall: the map and test-run commands the eBPF datapath
 needs at run time, nothing else.
 
-Owns: pinned-object lookup (BPF_OBJ_GET), map element lookup / update / delete / key walk, and
-BPF_PROG_TEST_RUN (the tests run the programs on frames built in Python). Loading programs and
+Owns: pinned-object lookup (BPF_OBJ_GET), map element lookup / update / delete / key walk, a
+batch dump of a hash map (BPF_MAP_LOOKUP_BATCH), and BPF_PROG_TEST_RUN (the tests run the programs on frames built in Python). Loading programs and
 attaching them is not here: `bpftool` (loader) and `tc` (attach) do that (see `kernel.py`).
 
 Why a shim rather than a binding: the map operations run on the agent's event loop for every
@@ -25,6 +25,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
+BPF_MAP_LOOKUP_BATCH = 24
 
 BPF_ANY = 0
 
@@ -39,6 +40,19 @@ class _MapElemAttr(ctypes.Structure):
         ("pad", ctypes.c_uint32),
         ("key", ctypes.c_uint64),
         ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
         ("flags", ctypes.c_uint64),
     ]
 
@@ -155,6 +169,45 @@ def map_keys(map_fd: int, key_size: int) -> list[bytes]:
         # `current` lives until the next iteration's call has read it.
         current = ctypes.create_string_buffer(next_buffer.raw, key_size)
         attr.key = _address(current)
+
+
+def map_dump(map_fd: int, key_size: int, value_size: int, batch: int = 4096) -> tuple[bytes, bytes]:
+    """Every key and value of a hash map in a few BPF_MAP_LOOKUP_BATCH calls (one syscall per
+    `batch` entries instead of one per entry; a snapshot, entries may come and go meanwhile):
+    (the keys back to back, the values back to back, in the same order)."""
+    keys_out: list[bytes] = []
+    values_out: list[bytes] = []
+    # The batch cursor is opaque (a bucket index for hash maps); key-sized is always enough.
+    cursor_in = ctypes.create_string_buffer(max(8, key_size))
+    cursor_out = ctypes.create_string_buffer(max(8, key_size))
+    first = True
+    while True:
+        keys = ctypes.create_string_buffer(key_size * batch)
+        values = ctypes.create_string_buffer(value_size * batch)
+        attr = _BatchAttr(
+            in_batch=0 if first else _address(cursor_in),
+            out_batch=_address(cursor_out),
+            keys=_address(keys),
+            values=_address(values),
+            count=batch,
+            map_fd=map_fd,
+        )
+        done = False
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr, "MAP_LOOKUP_BATCH")
+        except BpfError as error:
+            if error.errno == 28:  # ENOSPC: one bucket holds more than `batch` entries
+                batch *= 2
+                continue
+            if error.errno != 2:  # ENOENT: the last batch (`count` says how many it holds)
+                raise
+            done = True
+        keys_out.append(keys.raw[: attr.count * key_size])
+        values_out.append(values.raw[: attr.count * value_size])
+        if done:
+            return b"".join(keys_out), b"".join(values_out)
+        ctypes.memmove(cursor_in, cursor_out, len(cursor_out))
+        first = False
 
 
 def prog_test_run(

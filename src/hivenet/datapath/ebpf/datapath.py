@@ -59,6 +59,7 @@ _ETHERNET_HEADER_LEN = 14
 VXLAN_AGENT_MARK = 0x01
 _UDP_HEADER_LEN = 8
 _IP_PROTO_UDP = 17
+_BATCH_SYNC_ENTRIES = 64  # above this many kernel entries, counters are read in one batch dump
 
 
 class FastPathKernel(Protocol):
@@ -74,6 +75,7 @@ class FastPathKernel(Protocol):
     def set_entry(self, key: bytes, value: bytes) -> None: ...
     def delete_entry(self, key: bytes) -> None: ...
     def entry_counters(self, key: bytes) -> tuple[int, int] | None: ...
+    def all_entry_counters(self) -> dict[bytes, tuple[int, int]]: ...
     def counters(self) -> dict[str, int]: ...
     def set_tunnel_peers(self, addresses: frozenset[str] | None) -> None: ...
     def port_frames(self, ifindex: int) -> int | None: ...
@@ -358,22 +360,43 @@ class EbpfDatapath(UserspaceDatapath):
         """Fold what the kernel counted since the last call into the megaflows (their idle
         timers restart when their entries were hit) and into the port and tunnel counters."""
         self._purge_removed()
+        # Beyond a few entries one batch dump of the map (a syscall per 4096 entries) costs far
+        # less than a lookup syscall per entry: at 10k flows, every expiry tick.
+        dump = (
+            self.kernel.all_entry_counters()
+            if len(self._entry_owner) > _BATCH_SYNC_ENTRIES
+            else None
+        )
+        # Traffic per (in port, out port) and per megaflow, applied once each at the end: at
+        # 10k entries of a few megaflows that is a few updates instead of 10k.
+        by_ports: dict[tuple[int, int], list[int]] = {}
         for flow, offloaded in list(self._offloaded.items()):
+            flow_packets = flow_bytes = 0
             for key, seen in list(offloaded.entries.items()):
-                counted = self.kernel.entry_counters(key)
+                counted = self.kernel.entry_counters(key) if dump is None else dump.get(key)
                 if counted is None:  # the kernel's LRU evicted it
                     self._delete_entry(flow, key, in_kernel=False)
                     continue
-                packets, byte_count = counted[0] - seen[0], counted[1] - seen[1]
+                packets = counted[0] - seen[0]
                 if packets <= 0:
                     continue
+                byte_count = counted[1] - seen[1]
                 seen[0], seen[1] = counted
-                self._account_kernel_traffic(seen[2], seen[3], packets, byte_count)
-                if self._table.record_use(flow, now, byte_count):
-                    flow.packets += packets - 1
+                flow_packets += packets
+                flow_bytes += byte_count
+                pair = by_ports.get((seen[2], seen[3]))
+                if pair is None:
+                    by_ports[(seen[2], seen[3])] = [packets, byte_count]
+                else:
+                    pair[0] += packets
+                    pair[1] += byte_count
+            if flow_packets:
+                if self._table.record_use(flow, now, flow_bytes):
+                    flow.packets += flow_packets - 1
                 else:
                     self._forget(flow)
-                    break
+        for (in_port, out_port), (packets, byte_count) in by_ports.items():
+            self._account_kernel_traffic(in_port, out_port, packets, byte_count)
 
     def _account_kernel_traffic(
         self, in_port: int, out_port: int, packets: int, byte_count: int

@@ -54,6 +54,8 @@ CONFIG_VXLAN_PORT = 0
 CONFIG_PEERS = 1  # hn_config index: 1 = hn_tunnel_peers is enforced
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
+# The (packets, bytes) at the head of a flow entry (struct hn_flow_entry), the rest skipped.
+_ENTRY_COUNTERS = struct.Struct(f"=QQ{FLOW_ENTRY.size - 16}x")
 _instances = count()
 
 
@@ -294,6 +296,18 @@ class KernelFastPath:
         """(packets, bytes) the kernel counted on the entry; None when it is gone (evicted)."""
         value = bpfsys.map_lookup(self._fds["hn_flows"], key, FLOW_ENTRY.size)
         return None if value is None else entry_counters(value)
+
+    def all_entry_counters(self) -> dict[bytes, tuple[int, int]]:
+        """(packets, bytes) of every entry in the kernel, by key, in a few batch syscalls."""
+        keys, values = bpfsys.map_dump(self._fds["hn_flows"], FLOW_KEY.size, FLOW_ENTRY.size)
+        size = FLOW_KEY.size
+        return dict(
+            zip(
+                [keys[start : start + size] for start in range(0, len(keys), size)],
+                _ENTRY_COUNTERS.iter_unpack(values),
+                strict=True,
+            )
+        )
 
     def entry_keys(self) -> list[bytes]:
         return bpfsys.map_keys(self._fds["hn_flows"], FLOW_KEY.size)

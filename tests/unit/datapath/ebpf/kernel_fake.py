@@ -94,6 +94,9 @@ class FakeKernel:
         value = self.flows.get(key)
         return None if value is None else entries.entry_counters(value)
 
+    def all_entry_counters(self) -> dict[bytes, tuple[int, int]]:
+        return {key: entries.entry_counters(value) for key, value in self.flows.items()}
+
     def counters(self) -> dict[str, int]:
         return {
             "kernel_fake_entries": len(self.flows),

@@ -131,3 +131,30 @@ def test_a_full_kernel_map_that_evicted_an_entry_is_noticed(rig: EbpfReplayRig) 
     assert rig.ebpf.counters()["kernel_entries"] == 0
     rig.send_from_vm(1, udp_frame(1000), udp_frame(1000))
     assert rig.kernel_forwarded == 1  # re-offloaded by the next userspace hit
+
+
+def test_with_many_entries_the_counters_come_from_one_batch_dump(
+    rig: EbpfReplayRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bind(rig)
+    install(rig, ["t"], idle_timeout=10.0)
+    ports = range(1000, 1100)  # more entries than _BATCH_SYNC_ENTRIES
+    rig.send_from_vm(1, *(udp_frame(port) for port in ports))
+    assert len(rig.kernel.flows) == 100
+
+    def no_lookups(key: bytes) -> None:
+        raise AssertionError("a lookup per entry: the batch dump was not used")
+
+    monkeypatch.setattr(rig.kernel, "entry_counters", no_lookups)
+    rig.clock.advance(8.0)
+    rig.send_from_vm(1, *(udp_frame(port) for port in ports))  # all in the kernel now
+    assert rig.kernel_forwarded == 100
+    assert rig.ebpf.expire_flows() == 0
+    (flow,) = rig.ebpf.flows()
+    assert flow.packets == 200
+    evicted = next(iter(rig.kernel.flows))
+    del rig.kernel.flows[evicted]  # the LRU map dropped one
+    assert rig.ebpf.counters()["kernel_entries"] == 99
+    rig.clock.advance(11.0)
+    assert rig.ebpf.expire_flows() == 1
+    assert rig.kernel.flows == {}
