@@ -127,6 +127,9 @@ class EbpfDatapath(UserspaceDatapath):
         self._offloaded: dict[Flow, _Offloaded] = {}
         self._entry_owner: dict[bytes, Flow] = {}
         self._simulating: tuple[int, tuple[int, ...]] | None = None
+        # Kernel entries to write once the frames of the current port batch are sent (None:
+        # outside a batch, written at once): a first packet does not wait for the syscalls.
+        self._deferred_offloads: list[tuple[int, tuple[int, ...], Flow]] | None = None
         self._underlay_sock: socket.socket | None = None
         self._underlay_buffer = bytearray(65536)
         self._offload_installs = 0
@@ -228,7 +231,7 @@ class EbpfDatapath(UserspaceDatapath):
         self._purge_removed()
         simulating = self._simulating
         if simulating is not None and flow.matches(simulating[1]):
-            self._offload(simulating[0], simulating[1], flow)
+            self._offload_soon(simulating[0], simulating[1], flow)
 
     def invalidate(self, tags: Iterable[str]) -> int:
         removed = self._table.invalidate(tags)
@@ -292,8 +295,23 @@ class EbpfDatapath(UserspaceDatapath):
                 self._simulating = None
             return None
         self._megaflow_hits += 1
-        self._offload(port.key, values, flow)
+        self._offload_soon(port.key, values, flow)
         return flow, self._plan_for(flow.actions)
+
+    def _on_port_readable(self, port: _BoundPort) -> None:
+        self._deferred_offloads = []
+        try:
+            super()._on_port_readable(port)
+        finally:
+            deferred, self._deferred_offloads = self._deferred_offloads, None
+            for port_key, values, flow in deferred:
+                self._offload(port_key, values, flow)
+
+    def _offload_soon(self, port_key: int, values: tuple[int, ...], flow: Flow) -> None:
+        if self._deferred_offloads is None:
+            self._offload(port_key, values, flow)
+        else:
+            self._deferred_offloads.append((port_key, values, flow))
 
     def _offload(self, port_key: int, values: tuple[int, ...], flow: Flow) -> None:
         ifindex = self._port_ifindexes.get(port_key)

@@ -158,3 +158,22 @@ def test_with_many_entries_the_counters_come_from_one_batch_dump(
     rig.clock.advance(11.0)
     assert rig.ebpf.expire_flows() == 1
     assert rig.kernel.flows == {}
+
+
+def test_a_first_frame_is_sent_before_its_kernel_entry_is_written(rig: EbpfReplayRig) -> None:
+    # The entry's syscalls come after the batch's frames left: the first packet never waits.
+    seen_during_upcall: list[int] = []
+
+    def simulate(port: int, frame: bytes) -> None:
+        install(rig, ["t"])
+        rig.ebpf.execute(frame, [Output(2)])
+        seen_during_upcall.append(len(rig.kernel.flows))
+
+    bind(rig)
+    rig.ebpf.set_upcall_handler(simulate)
+    rig.send_from_vm(1, udp_frame(1000))
+    assert seen_during_upcall == [0]
+    assert len(rig.delivered(2)) == 1
+    assert len(rig.kernel.flows) == 1  # written once the batch was done
+    rig.send_from_vm(1, udp_frame(1000))
+    assert rig.kernel_forwarded == 1
