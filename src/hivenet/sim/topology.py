@@ -74,6 +74,10 @@ class PortInfo:
     tunnel_key: int
     addresses: tuple[PortAddress, ...]
     tag: str
+    # L2 gateway: the external VTEP (its IPv4, the VNI) egress tunnels to from any host, and
+    # the 802.1Q tag frames carry on the port's interface (popped at ingress, pushed at egress).
+    vtep: tuple[str, int] | None = None
+    interface_vlan: int | None = None
 
     def addresses_of(self, version: int) -> tuple[PortAddress, ...]:
         return tuple(a for a in self.addresses if a.version == version)
@@ -374,10 +378,13 @@ class TopologyView:
                 outbound_chain_id=new.outbound_chain_id,
                 port_group_ids=frozenset(new.port_group_ids),
                 host_id=new.host_id,
-                bound=new.host_id is not None and new.interface_name is not None,
+                bound=(new.host_id is not None and new.interface_name is not None)
+                or new.vtep_ip is not None,
                 tunnel_key=new.tunnel_key,
                 addresses=tuple(_port_address(a) for a in new.addresses),
                 tag=f"port:{new.id}",
+                vtep=None if new.vtep_ip is None else (str(new.vtep_ip), new.vtep_vni or 0),
+                interface_vlan=new.interface_vlan,
             )
 
     def _build_bridge(self, bridge_id: str) -> None:
