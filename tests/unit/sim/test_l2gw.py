@@ -78,9 +78,7 @@ def test_unicast_to_a_mac_learned_on_the_vtep_is_tunnelled_to_it_from_any_host()
 
 def test_a_vtep_frame_is_never_flooded_back_to_the_vtep() -> None:
     topo = gateway_bridge()
-    result = Sim(topo.view(), host="h3").run(
-        arp_who_has(mac(7), "10.0.0.7", "10.0.0.1"), "vtep"
-    )
+    result = Sim(topo.view(), host="h3").run(arp_who_has(mac(7), "10.0.0.7", "10.0.0.1"), "vtep")
     assert Tunnel(VTEP_IP, VNI) not in result.actions
     assert Output(key(topo, "vlan")) in result.actions
 
