@@ -753,12 +753,18 @@ class HostAgent:
 
     def _reconcile_vteps(self) -> None:
         """Every host accepts the L2 gateway's external VTEPs (a VTEP may send to any host):
-        port id -> (tunnel key, VTEP IP, VNI) of each VTEP port, bound in the datapath."""
-        wanted = {
-            port.id: (port.tunnel_key, str(port.vtep_ip), port.vtep_vni or 0)
-            for port in self.topology.all("port")
-            if isinstance(port, Port) and port.vtep_ip is not None and port.tunnel_key
-        }
+        port id -> (tunnel key, VTEP IP, VNI) of each VTEP port, bound in the datapath. Not
+        one at a HiveNet host's underlay address: its datagrams would shadow the host's."""
+        hosts = set(self.topology.host_underlay_ip.values())
+        wanted: dict[str, tuple[int, str, int]] = {}
+        for port in self.topology.all("port"):
+            if not isinstance(port, Port) or port.vtep_ip is None or not port.tunnel_key:
+                continue
+            if str(port.vtep_ip) in hosts:
+                self.counters.bind_errors += 1
+                log.info("host %s: VTEP port %s is at a host's address", self.host_id, port.id)
+                continue
+            wanted[port.id] = (port.tunnel_key, str(port.vtep_ip), port.vtep_vni or 0)
         for port_id, binding in list(self.bound_vteps.items()):
             if wanted.get(port_id) != binding:
                 self._unbind_vtep(port_id)
@@ -769,7 +775,7 @@ class HostAgent:
                 self.datapath.bind_vtep(*binding)
             except ValueError as exc:
                 self.counters.bind_errors += 1
-                log.warning("host %s: cannot accept VTEP port %s: %s", self.host_id, port_id, exc)
+                log.info("host %s: cannot accept VTEP port %s: %s", self.host_id, port_id, exc)
                 continue
             self.bound_vteps[port_id] = binding
 

@@ -357,13 +357,16 @@ class TopologyView:
     def _store_port(self, port_id: str, old: Port | None, new: Port | None) -> None:
         if old is not None:
             self._ports_by_device.get(old.device_id, set()).discard(port_id)
-            if self.port_by_tunnel_key.get(old.tunnel_key) == port_id:
-                del self.port_by_tunnel_key[old.tunnel_key]
+            for key in (old.tunnel_key, old.vtep_vni):
+                if key and self.port_by_tunnel_key.get(key) == port_id:
+                    del self.port_by_tunnel_key[key]
             self.ports.pop(port_id, None)
         if new is not None:
             self._ports_by_device.setdefault(new.device_id, set()).add(port_id)
             if new.tunnel_key:
                 self.port_by_tunnel_key[new.tunnel_key] = port_id
+            if new.vtep_vni:  # reserved in the key space: traces and counters name the port
+                self.port_by_tunnel_key[new.vtep_vni] = port_id
             self.ports[port_id] = PortInfo(
                 port=new,
                 id=new.id,

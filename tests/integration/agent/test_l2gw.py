@@ -149,3 +149,28 @@ def test_a_vlan_bound_port_untags_what_it_takes_and_tags_what_it_sends(store_url
             assert extract_flow_match(sent, 0).vlan == 100
 
     run(scenario())
+
+
+def test_a_vtep_at_a_hosts_underlay_address_is_not_accepted(store_url: str) -> None:
+    """Its datagrams would be taken for the VTEP's and the host's own tunnel traffic lost."""
+
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            bridge = (await c.repo.create(Bridge(name="net1"))).obj
+            await c.repo.create(
+                Port(
+                    device_kind=DeviceKind.BRIDGE,
+                    device_id=bridge.id,
+                    vtep_ip=ipaddress.ip_address(HOSTS["h2"]),
+                    vtep_vni=VNI,
+                )
+            )
+            for host in ("h1", "h2"):
+                await c.start_agent(host)
+            await c.synced()
+            for host in ("h1", "h2"):
+                agent = c.agents[host]
+                await eventually(lambda a=agent: a.counters.bind_errors > 0)
+                assert agent.bound_vteps == {}
+
+    run(scenario())

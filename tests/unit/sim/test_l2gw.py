@@ -74,6 +74,7 @@ def test_unicast_to_a_mac_learned_on_the_vtep_is_tunnelled_to_it_from_any_host()
         udp(mac(1), mac(7), "10.0.0.1", "10.0.0.7"), "vm1"
     )
     assert reply.actions == (Tunnel(VTEP_IP, VNI),)
+    assert sim.view.port_by_tunnel_key[VNI] == "vtep"  # traces and counters name it
 
 
 def test_a_vtep_frame_is_never_flooded_back_to_the_vtep() -> None:
