@@ -156,8 +156,13 @@ def _exterior_output(
         action = Tunnel(underlay_ip, port.tunnel_key)
         detail = f"tunnel to host {host_id} ({underlay_ip}) key {port.tunnel_key}"
     if port.interface_vlan is not None:  # L2 gateway: the interface's VLAN, tagged
-        if packet.vlan:
-            walk.drop(here, "vlan_stacked", f"vlan {packet.vlan} frame to a VLAN-bound port")
+        walk.read(packet, "vlan", FULL_MASKS["vlan"])
+        if packet.vlan:  # no QinQ
+            reason = f"vlan {packet.vlan} frame to a port on vlan {port.interface_vlan}"
+            if flooding:
+                walk.step(here, "skip", reason)
+            else:
+                walk.drop(here, "vlan_stacked", reason)
             return
         packet.vlan = port.interface_vlan
         packet.modified.add("vlan")

@@ -39,9 +39,10 @@ def key(topo: Topo, port_id: str) -> int:
     return topo.ports[port_id].tunnel_key
 
 
-def tags_at_outputs(actions: tuple[object, ...]) -> dict[object, int]:
-    """Each output action -> the 802.1Q tag the frame carries there (0: none)."""
-    tag, seen = 0, {}
+def tags_at_outputs(actions: tuple[object, ...], tag: int = 0) -> dict[object, int]:
+    """Each output action -> the 802.1Q tag the frame carries there (0: none), starting from
+    the frame's own `tag`."""
+    seen = {}
     for action in actions:
         if isinstance(action, PushVlan):
             tag = action.vlan
@@ -104,3 +105,14 @@ def test_unicast_to_the_vlan_port_is_tagged() -> None:
         udp(mac(1), mac(3), "10.0.0.1", "10.0.0.3"), "vm1"
     )
     assert back.actions == (PushVlan(100), Tunnel("192.0.2.3", key(topo, "vlan")))
+
+
+def test_a_frame_tagged_inside_a_vlan_aware_bridge_is_not_double_tagged() -> None:
+    topo = gateway_bridge()
+    topo.vm_port("b1", "trunk", "h1", mac_n=5)  # no vlan_id: a trunk of b1
+    flood = Sim(topo.view()).run(udp(mac(5), mac(8), "10.0.0.5", "10.0.0.8", vlan=7), "trunk")
+    assert flood.drop_reason is None
+    outputs = tags_at_outputs(flood.actions, tag=7)
+    assert Tunnel("192.0.2.3", key(topo, "vlan")) not in outputs  # skipped: no QinQ
+    assert outputs[Tunnel(VTEP_IP, VNI)] == 7  # the other copies keep the bridge's tag
+    assert any(step.event == "skip" and "on vlan 100" in step.detail for step in flood.trace)
