@@ -62,6 +62,7 @@ from hivenet.datapath.base import Datapath
 from hivenet.flowstate.auth import Keyring
 from hivenet.model import (
     Host,
+    Port,
     TopologyObject,
     TunnelZone,
     TunnelZoneMember,
@@ -252,6 +253,8 @@ class HostAgent:
         )
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
+        # The L2 gateway's external VTEPs the datapath accepts: port id -> (key, IP, VNI).
+        self.bound_vteps: dict[str, tuple[int, str, int]] = {}
         # What this host publishes under its lease: key -> value (re-put after a lease loss).
         self._published: dict[str, bytes] = {}
         self._to_publish: dict[str, bytes] = {}
@@ -347,6 +350,8 @@ class HostAgent:
         await self.flowstate.stop(compact=graceful)
         for port_id in list(self.bound_ports):
             self._unbind(port_id)
+        for port_id in list(self.bound_vteps):
+            self._unbind_vtep(port_id)
         if self.overlay_probing is not None:
             await self.overlay_probing.close()
         if graceful and self.lease_id:
@@ -717,6 +722,7 @@ class HostAgent:
         for port_id, binding in list(self.bound_ports.items()):
             if wanted.get(port_id) != binding:
                 self._unbind(port_id)
+        self._reconcile_vteps()
         for port_id, (key, interface) in wanted.items():
             if port_id in self.bound_ports:
                 continue
@@ -744,6 +750,39 @@ class HostAgent:
         with contextlib.suppress(KeyError, OSError, ValueError):
             self.datapath.unbind_port(key)
         self._unpublish(port_active_key(self.host_id, port_id))
+
+    def _reconcile_vteps(self) -> None:
+        """Every host accepts the L2 gateway's external VTEPs (a VTEP may send to any host):
+        port id -> (tunnel key, VTEP IP, VNI) of each VTEP port, bound in the datapath. Not
+        one at a HiveNet host's underlay address: its datagrams would shadow the host's."""
+        hosts = set(self.topology.host_underlay_ip.values())
+        wanted: dict[str, tuple[int, str, int]] = {}
+        for port in self.topology.all("port"):
+            if not isinstance(port, Port) or port.vtep_ip is None or not port.tunnel_key:
+                continue
+            if str(port.vtep_ip) in hosts:
+                self.counters.bind_errors += 1
+                log.info("host %s: VTEP port %s is at a host's address", self.host_id, port.id)
+                continue
+            wanted[port.id] = (port.tunnel_key, str(port.vtep_ip), port.vtep_vni or 0)
+        for port_id, binding in list(self.bound_vteps.items()):
+            if wanted.get(port_id) != binding:
+                self._unbind_vtep(port_id)
+        for port_id, binding in wanted.items():
+            if port_id in self.bound_vteps:
+                continue
+            try:
+                self.datapath.bind_vtep(*binding)
+            except ValueError as exc:
+                self.counters.bind_errors += 1
+                log.info("host %s: cannot accept VTEP port %s: %s", self.host_id, port_id, exc)
+                continue
+            self.bound_vteps[port_id] = binding
+
+    def _unbind_vtep(self, port_id: str) -> None:
+        key, _ip, _vni = self.bound_vteps.pop(port_id)
+        with contextlib.suppress(KeyError):
+            self.datapath.unbind_vtep(key)
 
     # ------------------------------------------------------------------------- counters
 

@@ -2,7 +2,8 @@
 
 Owns the list of what only the cluster admin may write: whole kinds (hosts, tunnel zones) and
 fields of tenant objects that bind them to the physical world or to other projects (a port's
-host binding `host_id`/`interface_name`, a bridge's `shared` flag). `check_infrastructure`
+host binding `host_id`/`interface_name`/`interface_vlan`, its external VTEP
+`vtep_ip`/`vtep_vni`, a bridge's `shared` flag). `check_infrastructure`
 refuses a tenant write that sets or changes one with a 403 naming the kind or field;
 `scope_of` gives the repository the project rules of a caller's writes (references checked
 in the write's own store txn, `store.topology.ProjectScope`). Must not touch the store.
@@ -18,7 +19,7 @@ from hivenet.store.topology import ProjectScope
 INFRASTRUCTURE_KINDS: frozenset[str] = frozenset({"host", "tunnel_zone"})
 # Per kind: fields a tenant may keep as they are but neither set nor change.
 INFRASTRUCTURE_FIELDS: dict[str, tuple[str, ...]] = {
-    "port": ("host_id", "interface_name"),
+    "port": ("host_id", "interface_name", "interface_vlan", "vtep_ip", "vtep_vni"),
     "bridge": ("shared",),
 }
 

@@ -51,6 +51,16 @@ class Datapath(Protocol):
         """Stop using the port; KeyError when `port_key` is not bound."""
         ...
 
+    def bind_vtep(self, port_key: int, remote_ip: str, vni: int) -> None:
+        """Accept VXLAN from the external VTEP at `remote_ip` with `vni` as frames entering
+        virtual port `port_key` (flow lookup, upcall on a miss), whether or not `remote_ip`
+        is a tunnel peer; nothing else from it. ValueError names a bad or repeated value."""
+        ...
+
+    def unbind_vtep(self, port_key: int) -> None:
+        """Stop accepting the VTEP bound as `port_key`; KeyError when none is."""
+        ...
+
     def set_upcall_handler(self, handler: UpcallHandler) -> None: ...
 
     def install_flow(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from hivenet.datapath.base import UpcallHandler, tunnel_peer_set
+from hivenet.datapath.vtep import VtepTable
 from hivenet.flows.actions import Action as FlowAction
 from hivenet.flows.actions import (
     DecTtl,
@@ -153,6 +154,7 @@ class MemoryDatapath:
         self._flow_state_handler: Callable[[bytes], None] | None = None
         self._counters = _Counters()
         self._tunnel_peers: frozenset[str] | None = None
+        self._vteps = VtepTable()
         if underlay is not None:
             underlay.attach(underlay_ip, self)
 
@@ -177,6 +179,16 @@ class MemoryDatapath:
     def unbind_port(self, port_key: int) -> None:
         if self._interfaces.pop(port_key, None) is None:
             raise KeyError(f"unbind_port: port_key {port_key} is not bound on {self.host_id}")
+
+    def bind_vtep(self, port_key: int, remote_ip: str, vni: int) -> None:
+        if not isinstance(port_key, int) or not 1 <= port_key <= 0xEFFFFF:
+            raise DatapathError(f"bind_vtep: port_key {port_key!r} is not a port tunnel key")
+        if port_key in self._interfaces:
+            raise DatapathError(f"bind_vtep: port_key {port_key} is bound to an interface")
+        self._vteps.bind(port_key, remote_ip, vni)
+
+    def unbind_vtep(self, port_key: int) -> None:
+        self._vteps.unbind(port_key)
 
     def set_upcall_handler(self, handler: UpcallHandler) -> None:
         self._handler = handler
@@ -251,6 +263,9 @@ class MemoryDatapath:
         """A frame sent by the VM on the interface bound to `port_key`."""
         if port_key not in self._interfaces:
             raise DatapathError(f"receive: port_key {port_key} is not bound on {self.host_id}")
+        self._ingress(port_key, frame)
+
+    def _ingress(self, port_key: int, frame: bytes) -> None:
         self._counters.received += 1
         try:
             match = extract_flow_match(frame, port_key)
@@ -315,6 +330,13 @@ class MemoryDatapath:
         """The egress half of a tunnel: deliver to the port the key names (or, for the
         reserved flow-state key, hand the message to the flow-state handler). `source_ip`:
         the outer source address (None: unknown, refused once tunnel peers are set)."""
+        if source_ip is not None and source_ip in self._vteps.sources:
+            vtep_port = self._vteps.port_key(source_ip, tunnel_key)
+            if vtep_port is None:
+                self._count_drop("tunnel_unknown_source")
+            else:  # an external VTEP's frame enters the overlay here (the L2 gateway)
+                self._ingress(vtep_port, frame)
+            return
         peers = self._tunnel_peers
         if peers is not None and source_ip not in peers:
             self._count_drop("tunnel_unknown_source")

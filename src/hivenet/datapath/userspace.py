@@ -47,6 +47,11 @@ sync) and are sent with `send_flow_state`. Other keys from FLOOD_KEY_BASE up are
 sources (the agent: live members of its tunnel zones), a datagram from any other source is
 dropped before its header is read (`drop.tunnel_unknown_source`).
 
+External VTEPs (`bind_vtep`, the L2 gateway): a datagram from a bound VTEP's address is
+checked before the tunnel peers: with a VNI bound to that address its frame enters the bound
+virtual port like a frame from a local interface (flow lookup, upcall on a miss); with any
+other VNI it is dropped as `tunnel_unknown_source`. Output to a VTEP is a plain `Tunnel`.
+
 Counters (`counters()`): `port.<key>.{rx,tx}_{packets,bytes}`, `tunnel_{rx,tx}_{packets,bytes}`,
 `upcalls`, `port.<key>.upcall_budget_drops`, `emc_hits`, `megaflow_hits`, `flows`, `offload_segmented`, `offload_checksummed`,
 `offload_coalesced` (VXLAN trains merged back into one TCP super-frame), `mtu_upcalls` (flow
@@ -86,6 +91,7 @@ from hivenet.datapath._offload import (
     wire_frames,
 )
 from hivenet.datapath.base import UpcallHandler, tunnel_peer_set
+from hivenet.datapath.vtep import VtepTable
 from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
 from hivenet.flows.budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE, UpcallBudget
 from hivenet.flows.execute import execute_actions
@@ -455,6 +461,7 @@ class UserspaceDatapath:
         self._flowstate_rx = 0
         self._flowstate_tx = 0
         self._tunnel_peers: frozenset[str] | None = None
+        self._vteps = VtepTable()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnel_sock: socket.socket | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -536,6 +543,8 @@ class UserspaceDatapath:
         if port_key in self._ports:
             bound = self._ports[port_key].interface_name
             raise ValueError(f"port_key: {port_key} is already bound to {bound!r}")
+        if port_key in self._vteps:
+            raise ValueError(f"port_key: {port_key} is already bound to a VTEP")
         for port in self._ports.values():
             if port.interface_name == interface_name:
                 raise ValueError(
@@ -558,6 +567,16 @@ class UserspaceDatapath:
         if self._loop is not None:
             self._loop.remove_reader(port.sock.fileno())
         port.sock.close()
+        self._upcall_budgets.pop(port_key, None)
+
+    def bind_vtep(self, port_key: int, remote_ip: str, vni: int) -> None:
+        _check_port_key("port_key", port_key)
+        if port_key in self._ports:
+            raise ValueError(f"port_key: {port_key} is already bound to an interface")
+        self._vteps.bind(port_key, remote_ip, vni)
+
+    def unbind_vtep(self, port_key: int) -> None:
+        self._vteps.unbind(port_key)
         self._upcall_budgets.pop(port_key, None)
 
     def set_upcall_handler(self, handler: UpcallHandler) -> None:
@@ -866,6 +885,10 @@ class UserspaceDatapath:
                 # ICMP errors for earlier sends surface here (e.g. ECONNREFUSED): not fatal.
                 self._drop(f"tunnel_rx_error_{errno.errorcode.get(error.errno or 0, 'unknown')}")
                 continue
+            if address[0] in self._vteps.sources:
+                for datagram in _gro_segments(data, ancillary):
+                    self._from_vtep(datagram, address[0])
+                continue
             peers = self._tunnel_peers
             if peers is not None and address[0] not in peers:
                 # One datagram or a whole GRO train: every segment came from this source.
@@ -888,6 +911,9 @@ class UserspaceDatapath:
     def _decapsulate(self, datagram: bytes, source_ip: str | None = None) -> None:
         """One received VXLAN datagram. `source_ip`: its outer source, when the caller has not
         checked it against the tunnel peers yet (the eBPF datapath's underlay socket)."""
+        if source_ip is not None and source_ip in self._vteps.sources:
+            self._from_vtep(datagram, source_ip)
+            return
         self._tunnel_rx_packets += 1
         self._tunnel_rx_bytes += len(datagram)
         if source_ip is not None:
@@ -920,6 +946,40 @@ class UserspaceDatapath:
             return
         inner_len = len(datagram) - VXLAN_HEADER_SIZE
         self._send_to_port(port, ZERO_VNET_HEADER + datagram[VXLAN_HEADER_SIZE:], inner_len)
+
+    def _from_vtep(self, datagram: bytes, source_ip: str) -> None:
+        """A VXLAN datagram from an external VTEP: its frame enters the port bound to
+        (source, VNI) as a frame from a local interface would (flow lookup, else upcall)."""
+        self._tunnel_rx_packets += 1
+        self._tunnel_rx_bytes += len(datagram)
+        vni, bad_header = parse_vxlan_header(datagram)
+        if bad_header is not None:
+            self._drop(bad_header)
+            return
+        port_key = self._vteps.port_key(source_ip, vni)
+        if port_key is None:  # a VNI this VTEP does not carry here
+            self._drop("tunnel_unknown_source")
+            return
+        frame = datagram[VXLAN_HEADER_SIZE:]
+        try:
+            values = flow_match_values(extract_flow_match(frame, port_key))
+        except PacketError:
+            self._drop("malformed_frame")
+            return
+        flow = self._table.lookup_values(values, self._clock(), packet_bytes=len(frame))
+        if flow is None:
+            self._upcall(port_key, ZERO_VNET_HEADER, frame)
+            return
+        self._megaflow_hits += 1
+        verdict = mtu_verdict(frame, flow.mtu)
+        if verdict == TOO_BIG:  # larger than the flow's MTU, DF or IPv6: the agent answers
+            self._mtu_upcalls += 1
+            self._upcall(port_key, ZERO_VNET_HEADER, frame)
+            return
+        if verdict != FITS:
+            self._drop("too_big")
+            return
+        self._apply(self._plan_for(flow.actions), flow.actions, ZERO_VNET_HEADER, frame)
 
     def _decapsulate_train(self, data: bytes, segment_size: int) -> None:
         """A train of same-size VXLAN datagrams read at once (UDP GRO). When they are
@@ -1025,6 +1085,9 @@ class UserspaceDatapath:
             if self._vxlan_mark:  # the last reserved byte (RFC 7348: ignored on receipt)
                 header = header[:7] + bytes([self._vxlan_mark])
             self._vxlan_headers[tunnel.tunnel_key] = header
+        if self._vxlan_mark and tunnel.remote_ip in self._vteps.sources:
+            # An external VTEP gets a plain header: a kernel VXLAN device drops the mark.
+            header = header[:7] + b"\x00"
         frames = (
             self._wire_frames(vnet_header, frame)
             if needs_software_offload(vnet_header)
@@ -1207,6 +1270,18 @@ class UserspaceDatapath:
                         f"underlay's address family ({self.underlay_ip!r})"
                     )
                 _check_port_key(f"actions[{position}].tunnel_key", action.tunnel_key, tunnel=True)
+
+
+def _gro_segments(data: bytes, ancillary: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """The datagrams of one read from the VXLAN socket (a UDP GRO train is split by the
+    segment size the kernel reports)."""
+    segment_size = 0
+    for level, kind, value in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO:
+            segment_size = _GRO_SEGMENT_SIZE.unpack_from(value)[0]
+    if segment_size <= 0 or segment_size >= len(data):
+        return [data]
+    return [data[start : start + segment_size] for start in range(0, len(data), segment_size)]
 
 
 def _check_port_key(name: str, value: int, *, tunnel: bool = False) -> None:

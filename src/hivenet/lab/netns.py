@@ -231,9 +231,11 @@ def create_vxlan(
     namespace: str,
     port: int = 4789,
     mtu: int = VM_MTU,
+    learning: bool = False,
 ) -> None:
     """A kernel VXLAN device (an external VTEP we did not write) inside `namespace`, sending
-    VNI `vni` to `remote_ip`:`port` over `underlay_link`, up."""
+    VNI `vni` to `remote_ip`:`port` over `underlay_link` (with `learning`: unicast to a MAC
+    it learned goes to the address that MAC came from instead), up."""
     check_link_name(name)
     if not 0 <= vni <= 0xFFFFFF:
         raise LabError(f"vni {vni!r}: expected 0..0xFFFFFF")
@@ -250,7 +252,7 @@ def create_vxlan(
             vxlan_group=str(ipaddress.ip_address(remote_ip)),
             vxlan_port=port,
             vxlan_link=underlay_index,
-            vxlan_learning=0,
+            vxlan_learning=int(learning),
         )
         index = _index(ipr, name, namespace)
         _netlink(f"set {name!r} up", ipr.link, "set", index=index, mtu=mtu, state="up")

@@ -16,6 +16,8 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hivenet.model.types import (
+    TUNNEL_KEY_MAX,
+    TUNNEL_KEY_MIN,
     AllowedAddressPair,
     FixedIp,
     InstanceMetadata,
@@ -140,6 +142,15 @@ class Port(TopologyObject):
     `fixed_ips` are the port's addresses on subnets (IPAM): an entry without `ip_address`
     gets the next free pool address from the store, each address is unique in its subnet,
     and the store keeps every fixed IP in `addresses` too (with the subnet's prefix).
+
+    L2 gateway (docs/architecture.md, "L2 gateway"): with `interface_vlan` the bound interface
+    carries the port's frames 802.1Q-tagged with that VLAN (the simulation pops the tag at
+    ingress, drops other frames, pushes it at egress), unlike `vlan_id`, the access tag of a
+    VLAN-aware bridge. A bridge port with `vtep_ip` and
+    `vtep_vni` is no host's: it stands for an external VXLAN VTEP, reached by tunnelling
+    to `vtep_ip` with VNI `vtep_vni` from every host, and what that VTEP sends with that VNI
+    enters the bridge through it. The VNI is taken from the tunnel-key space (the store
+    reserves it, so no port gets it as its key and no two VTEP ports share it).
     """
 
     KIND: ClassVar[str] = "port"
@@ -164,6 +175,9 @@ class Port(TopologyObject):
     port_group_ids: tuple[ObjectId, ...] = ()
     host_id: ObjectId | None = None
     interface_name: str | None = Field(default=None, min_length=1, max_length=15)
+    interface_vlan: VlanId | None = None
+    vtep_ip: IpAddress | None = None
+    vtep_vni: int | None = Field(default=None, ge=TUNNEL_KEY_MIN, le=TUNNEL_KEY_MAX)
     tunnel_key: int = Field(default=0, ge=0, le=0xEFFFFF)
     # Port security (VM ports): anti-spoofing on what the VM sends (its MAC and `addresses`,
     # plus `allowed_address_pairs`) and the stateful security groups. Off by default so a
@@ -196,6 +210,12 @@ class Port(TopologyObject):
             )
         if self.peer_id == self.id:
             raise ValueError(f"port {self.id}: peer_id cannot name the port itself")
+        if self.interface_vlan is not None and self.interface_name is None:
+            raise ValueError(
+                f"port {self.id}: interface_vlan={self.interface_vlan} needs a host binding "
+                "(host_id and interface_name)"
+            )
+        self._check_vtep()
         if self.device_kind is DeviceKind.ROUTER and self.vlan_id is not None:
             raise ValueError(f"port {self.id}: vlan_id={self.vlan_id} is only for bridge ports")
         if len(set(self.port_group_ids)) != len(self.port_group_ids):
@@ -221,6 +241,30 @@ class Port(TopologyObject):
         if len(set(pinned)) != len(pinned):
             raise ValueError(f"port {self.id}: an address appears twice in fixed_ips {pinned}")
         return self
+
+    def _check_vtep(self) -> None:
+        if (self.vtep_ip is None) != (self.vtep_vni is None):
+            raise ValueError(
+                f"port {self.id}: vtep_ip and vtep_vni go together "
+                f"(vtep_ip={self.vtep_ip}, vtep_vni={self.vtep_vni})"
+            )
+        if self.vtep_ip is None:
+            return
+        where = f"port {self.id}: a VTEP port (vtep_ip={self.vtep_ip})"
+        if self.device_kind is not DeviceKind.BRIDGE:
+            raise ValueError(f"{where} is only for bridge ports")
+        if self.peer_id is not None:
+            raise ValueError(f"{where} cannot be an interior port (peer_id={self.peer_id})")
+        if self.host_id is not None:
+            raise ValueError(f"{where} is bound to no host (host_id={self.host_id})")
+        if self.vtep_ip.version != 4:
+            raise ValueError(f"{where}: vtep_ip must be IPv4 (the underlay is IPv4)")
+        if self.port_security_enabled:
+            raise ValueError(f"{where} takes no port_security_enabled (that is for VM ports)")
+
+    @property
+    def is_vtep(self) -> bool:
+        return self.vtep_ip is not None
 
 
 class RouteType(enum.StrEnum):

@@ -17,6 +17,7 @@ from sys import intern
 
 from hivenet.flows.actions import Output, Tunnel
 from hivenet.model import DeviceKind
+from hivenet.packets.flowmatch import FULL_MASKS
 from hivenet.sim import bridge as bridge_device
 from hivenet.sim import dhcp, metadata, mtu
 from hivenet.sim import router as router_device
@@ -39,6 +40,8 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
     walk.step(here, "ingress", f"into {port.device_kind.value}")
     if not port.admin_up:
         walk.drop(here, "port_down", "ingress port is down")
+        return
+    if port.interface_vlan is not None and not _pop_interface_vlan(walk, packet, port, here):
         return
     guard = view.security.guards.get(port.id)
     if guard is not None:
@@ -134,7 +137,10 @@ def _exterior_output(
         walk.drop(here, "no_tunnel_key", "port has no tunnel key")
         return
     action: Output | Tunnel
-    if port.host_id == walk.ctx.local_host_id:
+    if port.vtep is not None:  # an L2 gateway's external VTEP: straight there, from here
+        action = Tunnel(*port.vtep)
+        detail = f"tunnel to VTEP {port.vtep[0]} VNI {port.vtep[1]}"
+    elif port.host_id == walk.ctx.local_host_id:
         action = Output(port.tunnel_key)
         detail = f"output to local port key {port.tunnel_key}"
     else:
@@ -149,8 +155,35 @@ def _exterior_output(
             return
         action = Tunnel(underlay_ip, port.tunnel_key)
         detail = f"tunnel to host {host_id} ({underlay_ip}) key {port.tunnel_key}"
+    if port.interface_vlan is not None:  # L2 gateway: the interface's VLAN, tagged
+        walk.read(packet, "vlan", FULL_MASKS["vlan"])
+        if packet.vlan:  # no QinQ
+            reason = f"vlan {packet.vlan} frame to a port on vlan {port.interface_vlan}"
+            if flooding:
+                walk.step(here, "skip", reason)
+            else:
+                walk.drop(here, "vlan_stacked", reason)
+            return
+        packet.vlan = port.interface_vlan
+        packet.modified.add("vlan")
     limit = mtu.egress_mtu(walk, port, tunnel=action.__class__ is Tunnel)
     if limit and not mtu.admit(walk, packet, limit, here, flooding=flooding):
         return
     walk.step(here, "output", detail)
     walk.emissions.append((packet, action))
+
+
+def _pop_interface_vlan(walk: Walk, packet: PacketState, port: PortInfo, here: Here) -> bool:
+    """A port bound to VLAN `interface_vlan` of its interface (the L2 gateway) takes frames of
+    that VLAN only, untagged from here on; False (dropped) for anything else on the wire."""
+    walk.read(packet, "vlan", FULL_MASKS["vlan"])
+    if packet.vlan != port.interface_vlan:
+        walk.drop(
+            here,
+            "vlan_mismatch",
+            f"frame on vlan {packet.vlan or 'none'} at a port of vlan {port.interface_vlan}",
+        )
+        return False
+    packet.vlan = 0
+    packet.modified.add("vlan")
+    return True

@@ -74,6 +74,10 @@ class PortInfo:
     tunnel_key: int
     addresses: tuple[PortAddress, ...]
     tag: str
+    # L2 gateway: the external VTEP (its IPv4, the VNI) egress tunnels to from any host, and
+    # the 802.1Q tag frames carry on the port's interface (popped at ingress, pushed at egress).
+    vtep: tuple[str, int] | None = None
+    interface_vlan: int | None = None
 
     def addresses_of(self, version: int) -> tuple[PortAddress, ...]:
         return tuple(a for a in self.addresses if a.version == version)
@@ -353,13 +357,16 @@ class TopologyView:
     def _store_port(self, port_id: str, old: Port | None, new: Port | None) -> None:
         if old is not None:
             self._ports_by_device.get(old.device_id, set()).discard(port_id)
-            if self.port_by_tunnel_key.get(old.tunnel_key) == port_id:
-                del self.port_by_tunnel_key[old.tunnel_key]
+            for key in (old.tunnel_key, old.vtep_vni):
+                if key and self.port_by_tunnel_key.get(key) == port_id:
+                    del self.port_by_tunnel_key[key]
             self.ports.pop(port_id, None)
         if new is not None:
             self._ports_by_device.setdefault(new.device_id, set()).add(port_id)
             if new.tunnel_key:
                 self.port_by_tunnel_key[new.tunnel_key] = port_id
+            if new.vtep_vni:  # reserved in the key space: traces and counters name the port
+                self.port_by_tunnel_key[new.vtep_vni] = port_id
             self.ports[port_id] = PortInfo(
                 port=new,
                 id=new.id,
@@ -374,10 +381,13 @@ class TopologyView:
                 outbound_chain_id=new.outbound_chain_id,
                 port_group_ids=frozenset(new.port_group_ids),
                 host_id=new.host_id,
-                bound=new.host_id is not None and new.interface_name is not None,
+                bound=(new.host_id is not None and new.interface_name is not None)
+                or new.vtep_ip is not None,
                 tunnel_key=new.tunnel_key,
                 addresses=tuple(_port_address(a) for a in new.addresses),
                 tag=f"port:{new.id}",
+                vtep=None if new.vtep_ip is None else (str(new.vtep_ip), new.vtep_vni or 0),
+                interface_vlan=new.interface_vlan,
             )
 
     def _build_bridge(self, bridge_id: str) -> None:

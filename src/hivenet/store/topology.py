@@ -24,6 +24,8 @@ changed something the attempt relied on):
   two API servers allocating at once never hand out one address; `/hivenet/v1/counters/ip/
   <subnet>` is where the next allocation starts looking. A port's fixed IPs are mirrored in
   its `addresses` (with the subnet's prefix), subnets of one bridge never overlap;
+- an L2 gateway's VTEP port also holds the tunnel-key index key of its `vtep_vni`, so a VNI
+  is never a port's tunnel key and two VTEP ports never share one;
 - quotas: every create, delete or owner change of a counted kind rewrites the owner's usage
   counter `/hivenet/v1/usage/<project>/<kind>` under a guard, and a create past the
   project's limit is refused (`OverQuotaError`; keys and defaults in `store/quota.py`).
@@ -300,6 +302,40 @@ def tunnel_key_index_key(tunnel_key: int) -> str:
     return f"{TUNNEL_KEY_INDEX_PREFIX}{tunnel_key}"
 
 
+def _vtep_vni(obj: TopologyObject | None) -> int | None:
+    return obj.vtep_vni if isinstance(obj, Port) else None
+
+
+async def _reserve_vtep_vni(
+    attempt: _Attempt, old: TopologyObject | None, new: TopologyObject | None
+) -> None:
+    """A VTEP port's VNI is reserved in the tunnel-key index (value: the port id), guarded, so
+    no port is given it as its tunnel key and no two VTEP ports share it: a datapath can then
+    tell a VTEP's frames from a peer's by VNI alone. Freed when the port drops it or goes."""
+    old_vni, new_vni = _vtep_vni(old), _vtep_vni(new)
+    if old_vni == new_vni:
+        return
+    subject = new if new is not None else old
+    assert isinstance(subject, Port)
+    mine = subject.id.encode()
+    if old_vni is not None and old_vni != subject.tunnel_key:
+        index_key = tunnel_key_index_key(old_vni)
+        if await attempt.read(index_key) == mine:
+            attempt.delete(index_key)
+    if new_vni is not None:
+        index_key = tunnel_key_index_key(new_vni)
+        holder = await attempt.read(index_key)
+        if holder is None:
+            attempt.put(index_key, mine)
+        elif holder != mine:
+            by = "" if attempt.scope is not None else f" of port {holder.decode(errors='replace')}"
+            raise AddressInUseError(
+                "vtep_vni",
+                new_vni,
+                f"is the tunnel key{by} (VTEP VNIs share the tunnel-key space): choose another",
+            )
+
+
 def ip_index_prefix(subnet_id: str) -> str:
     return f"{IP_INDEX_PREFIX}{subnet_id}/"
 
@@ -395,6 +431,7 @@ def _without_reference(
             data[field] = None
             if isinstance(referrer, Port) and field == "host_id":
                 data["interface_name"] = None  # a binding is host + interface together
+                data["interface_vlan"] = None
     return type(referrer).model_validate(data)
 
 
@@ -907,6 +944,7 @@ class TopologyRepository:
                 "projects; only the cluster admin can make it"
             )
         await self._count_usage(attempt, old, new)
+        await _reserve_vtep_vni(attempt, old, new)
         old_targets, new_targets = _reference_map(old), _reference_map(new)
         for (target_kind, target_id), fields in new_targets.items():
             previous_fields = old_targets.get((target_kind, target_id))

@@ -343,6 +343,30 @@ def test_cross_field_errors_are_422_with_the_reason(api: Api) -> None:
     assert only["field"] is None and "host_id and interface_name go together" in only["message"]
 
 
+def test_l2_gateway_ports_round_trip_and_a_taken_vni_is_refused_naming_it(api: Api) -> None:
+    ids = base_objects(api)
+    vtep = {"device_kind": "bridge", "device_id": ids["bridge"], "vtep_ip": "192.0.2.200"}
+    created = api.post("/v1/ports", vtep | {"vtep_vni": 0xE00001})
+    assert created.status_code == 201, created.text
+    assert (created.json()["vtep_ip"], created.json()["vtep_vni"]) == ("192.0.2.200", 0xE00001)
+    taken = created.json()["tunnel_key"]  # another port's tunnel key cannot be a VNI
+    with unchanged(api):
+        refused = api.post("/v1/ports", vtep | {"vtep_vni": taken})
+    assert refused.status_code == 422, refused.text
+    assert {"field": "vtep_vni", "value": taken} in [
+        {"field": d["field"], "value": d["value"]} for d in refused.json()["error"]["details"]
+    ]
+    vlan = {
+        "device_kind": "bridge",
+        "device_id": ids["bridge"],
+        "host_id": ids["host"],
+        "interface_name": "hn-gw1",
+        "interface_vlan": 100,
+    }
+    bound = api.post("/v1/ports", vlan)
+    assert bound.status_code == 201 and bound.json()["interface_vlan"] == 100, bound.text
+
+
 def test_missing_reference_is_422_naming_field_and_value(api: Api) -> None:
     ids = base_objects(api)
     with unchanged(api):

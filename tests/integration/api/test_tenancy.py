@@ -185,6 +185,17 @@ def test_infrastructure_is_for_the_cluster_admin_only(api: Api) -> None:
         ),
         ("PATCH", f"/v1/bridges/{bridge['id']}", {"shared": True}, "shared"),
         ("POST", "/v1/bridges", {"name": "s", "shared": True}, "shared"),
+        (  # the L2 gateway: joining an external VTEP is the admin's
+            "POST",
+            "/v1/ports",
+            {
+                "device_kind": "bridge",
+                "device_id": bridge["id"],
+                "vtep_ip": "192.0.2.200",
+                "vtep_vni": 5000,
+            },
+            "vtep_ip",
+        ),
     ]
     for method, url, body, field in refusals:
         response = acme_admin.request(method, url, json=body)

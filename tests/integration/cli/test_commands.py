@@ -100,8 +100,21 @@ def test_topology_with_ports_routes_rules_and_filters(hivenet: Hivenet, unique: 
     assert vm_port["vlan_id"] == 7
     assert vm_port["interface_name"] == "hnvm1"
 
+    gateway_port = hivenet.json(
+        "port", "create", "--device-kind", "bridge", "--device-id", bridge,
+        "--host-id", host, "--interface", "hngw1", "--interface-vlan", "100",
+    )  # fmt: skip
+    assert gateway_port["interface_vlan"] == 100
+    vtep_port = hivenet.json(
+        "port", "create", "--device-kind", "bridge", "--device-id", bridge,
+        "--vtep-ip", "192.0.2.200", "--vtep-vni", str(0xE00000 + int(unique, 16) % 0xFFFF),
+    )  # fmt: skip
+    assert vtep_port["vtep_ip"] == "192.0.2.200" and vtep_port["host_id"] is None
+
     on_bridge = hivenet.json("port", "list", "--device-id", bridge)["items"]
-    assert sorted(item["id"] for item in on_bridge) == sorted([uplink, vm_port["id"]])
+    assert sorted(item["id"] for item in on_bridge) == sorted(
+        [uplink, vm_port["id"], gateway_port["id"], vtep_port["id"]]
+    )
 
     route = hivenet.json(
         "route", "create", "--router-id", router, "--dst", "10.9.1.0/24",

@@ -386,3 +386,69 @@ def test_a_tunnel_peer_that_is_not_an_address_is_refused_naming_it(rig: Rig) -> 
 def test_flow_state_without_a_handler_is_a_counted_drop(rig: Rig) -> None:
     rig.arrive_from_tunnel(FLOWSTATE_TUNNEL_KEY, STATE_MESSAGE)
     assert rig.datapath.counters()["drop.flowstate_without_handler"] == 1
+
+
+# --------------------------------------------------------------------------- external VTEPs
+
+VTEP_IP = "127.0.0.20"  # an external VXLAN VTEP (the L2 gateway): not a tunnel peer
+VTEP_VNI = 5000
+VTEP_PORT = 7  # the virtual port its frames enter by
+
+
+def with_vtep(rig: Rig, *keys: int) -> list[tuple[int, bytes]]:
+    upcalls = with_ports(rig, *keys)
+    rig.datapath.set_tunnel_peers([REMOTE_IP])
+    rig.datapath.bind_vtep(VTEP_PORT, VTEP_IP, VTEP_VNI)
+    return upcalls
+
+
+def test_a_frame_from_a_bound_vtep_enters_its_port_and_a_miss_goes_to_the_agent(
+    rig: Rig,
+) -> None:
+    upcalls = with_vtep(rig, 1)
+    rig.arrive_from_tunnel(VTEP_VNI, udp_frame(1000), VTEP_IP)
+    assert upcalls == [(VTEP_PORT, udp_frame(1000))]
+    assert rig.delivered(1) == []
+    assert unknown_source_drops(rig) == 0
+
+
+def test_a_vtep_frame_that_hits_a_flow_is_forwarded_without_an_upcall(rig: Rig) -> None:
+    upcalls = with_vtep(rig, 1)
+    install(rig, {"in_port": VTEP_PORT}, [Output(1)], ["vtep"])
+    rig.arrive_from_tunnel(VTEP_VNI, udp_frame(1000), VTEP_IP)
+    rig.arrive_from_tunnel(VTEP_VNI, udp_frame(1001), VTEP_IP)
+    assert rig.delivered(1) == [udp_frame(1000), udp_frame(1001)]
+    assert upcalls == []
+
+
+def test_a_vtep_is_accepted_only_with_its_vni_and_never_as_a_tunnel_peer(rig: Rig) -> None:
+    upcalls = with_vtep(rig, 1)
+    rig.arrive_from_tunnel(VTEP_VNI + 1, udp_frame(1000), VTEP_IP)  # not its VNI
+    rig.arrive_from_tunnel(FLOWSTATE_TUNNEL_KEY, STATE_MESSAGE, VTEP_IP)  # not a peer's
+    rig.arrive_from_tunnel(VTEP_VNI, udp_frame(1001), VTEP_IP)  # the VTEP's frame
+    rig.arrive_from_tunnel(1, udp_frame(1002))  # a peer's delivery to the local port
+    assert unknown_source_drops(rig) == 2
+    assert upcalls == [(VTEP_PORT, udp_frame(1001))]
+    assert rig.delivered(1) == [udp_frame(1002)]
+
+
+def test_an_unbound_vtep_is_a_stranger_again(rig: Rig) -> None:
+    upcalls = with_vtep(rig)
+    rig.datapath.unbind_vtep(VTEP_PORT)
+    rig.arrive_from_tunnel(VTEP_VNI, udp_frame(), VTEP_IP)
+    assert upcalls == []
+    assert unknown_source_drops(rig) == 1
+    with pytest.raises(KeyError, match=str(VTEP_PORT)):
+        rig.datapath.unbind_vtep(VTEP_PORT)
+
+
+def test_bad_or_repeated_vtep_bindings_are_refused_naming_the_value(rig: Rig) -> None:
+    with_vtep(rig, 1)
+    with pytest.raises(ValueError, match="not-an-ip"):
+        rig.datapath.bind_vtep(8, "not-an-ip", 1)
+    with pytest.raises(ValueError, match="0xf00000"):
+        rig.datapath.bind_vtep(8, VTEP_IP, 0xF00000)  # the reserved keys
+    with pytest.raises(ValueError, match=str(VTEP_VNI)):
+        rig.datapath.bind_vtep(8, VTEP_IP, VTEP_VNI)  # that VNI of that VTEP is taken
+    with pytest.raises(ValueError, match="port_key"):
+        rig.datapath.bind_vtep(1, VTEP_IP, VTEP_VNI + 1)  # key 1 is an interface's

@@ -62,7 +62,12 @@ async def assert_consistent(store: Store) -> None:
         int(kv.key[len(TUNNEL_KEY_INDEX_PREFIX) :]): kv.value.decode()
         for kv in (await store.range(TUNNEL_KEY_INDEX_PREFIX)).kvs
     }
-    assert index == {port.tunnel_key: port.id for port in ports}
+    held_keys = {port.tunnel_key: port.id for port in ports}
+    for port in ports:  # an L2 gateway's VTEP port also holds its VNI
+        if port.vtep_vni is not None:
+            assert held_keys.get(port.vtep_vni, port.id) == port.id, "a VNI is a port's key"
+            held_keys[port.vtep_vni] = port.id
+    assert index == held_keys
 
     ip_index = {
         kv.key[len(IP_INDEX_PREFIX) :]: kv.value.decode()

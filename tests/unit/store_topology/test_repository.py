@@ -607,6 +607,76 @@ def test_allocation_skips_taken_keys_and_wraps(run: Runner) -> None:
     run(body)
 
 
+def vtep_port(bridge: Bridge, vni: int, **fields: Any) -> Port:
+    return bridge_port(bridge, vtep_ip=ipaddress.ip_address("192.0.2.200"), vtep_vni=vni, **fields)
+
+
+def test_a_vtep_vni_is_reserved_in_the_tunnel_key_space(run: Runner) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        bridge = (await repo.create(Bridge())).obj
+        first = (await repo.create(bridge_port(bridge))).obj  # key 1
+        vtep = (await repo.create(vtep_port(bridge, 10))).obj  # takes key 10 as its VNI
+        assert vtep.tunnel_key == 2  # and has its own key
+        await repo.store.put(TUNNEL_KEY_COUNTER_KEY, b"9")  # the allocator comes to 10 next
+        assert (await repo.create(bridge_port(bridge))).obj.tunnel_key == 11  # 10 is skipped
+        for vni in (first.tunnel_key, 10):  # a port's key, another VTEP port's VNI
+            with pytest.raises(InvalidFieldError) as caught:
+                await repo.create(vtep_port(bridge, vni))
+            assert (caught.value.field, caught.value.value) == ("vtep_vni", vni)
+            assert "tunnel key" in str(caught.value)
+        await assert_consistent(repo.store)
+        # Changing the VNI frees the old one; deleting the port frees the new one.
+        moved = await repo.update(vtep.model_copy(update={"vtep_vni": 4000, "tunnel_key": 0}))
+        assert moved.obj.vtep_vni == 4000
+        assert await repo.store.get(tunnel_key_index_key(10)) is None
+        await assert_consistent(repo.store)
+        await repo.delete(Port, vtep.id)
+        assert await repo.store.get(tunnel_key_index_key(4000)) is None
+        assert await repo.store.get(tunnel_key_index_key(vtep.tunnel_key)) is None
+        await assert_consistent(repo.store)
+
+    run(body)
+
+
+def test_a_vtep_port_is_a_bridge_port_of_no_host() -> None:
+    bridge = Bridge()
+    for alone in ({"vtep_vni": 5}, {"vtep_ip": ipaddress.ip_address("192.0.2.9")}):
+        with pytest.raises(pydantic.ValidationError, match="vtep_ip and vtep_vni go together"):
+            bridge_port(bridge, **alone)
+    for fields, named in (
+        ({"host_id": "h1", "interface_name": "eth1"}, "bound to no host"),
+        ({"vtep_ip": ipaddress.ip_address("2001:db8::1")}, "must be IPv4"),
+        ({"port_security_enabled": True}, "port_security_enabled"),
+    ):
+        base = {"vtep_ip": ipaddress.ip_address("192.0.2.200"), "vtep_vni": 7}
+        with pytest.raises(pydantic.ValidationError, match=named):
+            bridge_port(bridge, **(base | fields))
+    with pytest.raises(pydantic.ValidationError, match="only for bridge ports"):
+        router_port(Router(), vtep_ip=ipaddress.ip_address("192.0.2.200"), vtep_vni=7)
+    with pytest.raises(pydantic.ValidationError, match="vtep_vni"):
+        bridge_port(bridge, vtep_ip=ipaddress.ip_address("192.0.2.200"), vtep_vni=0xF00000)
+    with pytest.raises(pydantic.ValidationError, match="interface_vlan=100 needs a host"):
+        bridge_port(bridge, interface_vlan=100)
+    with pytest.raises(pydantic.ValidationError, match="interface_vlan"):
+        bridge_port(bridge, host_id="h1", interface_name="eth1", interface_vlan=4095)
+
+
+def test_deleting_a_host_unbinds_its_vlan_ports(run: Runner) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        bridge = (await repo.create(Bridge())).obj
+        host = (await repo.create(Host(id="h1"))).obj
+        port = (
+            await repo.create(
+                bridge_port(bridge, host_id=host.id, interface_name="eth1", interface_vlan=100)
+            )
+        ).obj
+        await repo.delete(Host, host.id, cascade=True)
+        unbound = (await repo.get(Port, port.id)).obj
+        assert (unbound.host_id, unbound.interface_name, unbound.interface_vlan) == (None,) * 3
+
+    run(body)
+
+
 # ---- list
 
 
