@@ -24,7 +24,7 @@ from hivenet.packets.vxlan import vxlan_decapsulate, vxlan_encapsulate
 from tests.unit.datapath.rigs import LOCAL_IP, REMOTE_IP, Rig
 from tests.unit.datapath.test_contract import *  # noqa: F403 (the cases, collected here again)
 
-SETTLE = 0.15  # real seconds the datapath's loop runs after each action
+SETTLE = 0.3  # real seconds the datapath's loop runs after each action (slack for a loaded machine)
 PACKET_OUTGOING = 4  # linux/if_packet.h: a frame this socket's interface sent
 
 
