@@ -28,13 +28,12 @@ from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from hivenet.api.auth import TokenRegistry
 from hivenet.api.lbstats import load_balancer_stats
 from hivenet.api.neutron.common import (
     Caller,
-    HiveNetTokens,
     OpenStackError,
     OpenStackOptions,
+    TokenResolver,
     bad_request,
     caller_of,
     collection_url,
@@ -485,7 +484,7 @@ VipAllocator = Callable[
 def octavia_app(
     options: OpenStackOptions,
     repository: RepositorySource,
-    tokens: Callable[[], TokenRegistry],
+    resolver: TokenResolver,
     vip_allocator: VipAllocator = allocate_vip,
 ) -> FastAPI:
     app = openstack_subapp(
@@ -494,7 +493,6 @@ def octavia_app(
         octavia_error,
         RESOURCE_OF_KIND,
     )
-    resolver = options.resolver or HiveNetTokens(tokens, options.project_tokens)
 
     async def caller(request: Request) -> Caller:
         return await caller_of(request, options, resolver)
