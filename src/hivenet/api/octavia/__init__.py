@@ -116,9 +116,11 @@ RESOURCE_OF_KIND = {
 
 def octavia_error(error: OpenStackError) -> Response:
     kind = "Client" if error.status < 500 else "Server"
+    # Octavia answers a create past a quota with 403 (Neutron: 409 OverQuota).
+    status = 403 if error.error_type == "OverQuota" else error.status
     return JSONResponse(
         {"faultcode": kind, "faultstring": error.message, "debuginfo": None},
-        status_code=error.status,
+        status_code=status,
     )
 
 
