@@ -238,6 +238,30 @@ def _require_tenant_write(principal: Principal, obj: TopologyObject) -> None:
         )
 
 
+async def _modify_as(
+    principal: Principal,
+    repository: TopologyRepository,
+    cls: type[TopologyObject],
+    object_id: str,
+    change: Callable[[TopologyObject], TopologyObject],
+    expected: int | None,
+) -> Versioned[TopologyObject]:
+    """A PUT/PATCH's read-modify-write as `principal` (its project's objects only; another
+    project's shared object: 403, see `_refuse_shared`)."""
+    try:
+        return await repository.modify(
+            cls,
+            object_id,
+            change,
+            expected_revision=expected,
+            precondition=lambda current: _require_tenant(principal, current),
+            scope=scope_of(principal),
+        )
+    except NotFoundError:
+        await _refuse_shared(principal, cls, object_id, repository)
+        raise
+
+
 def _kept_when_omitted(cls: type[TopologyObject]) -> tuple[str, ...]:
     """Fields a full replacement (PUT) keeps when the body omits them: the owner tenant and
     the fields the model would fill with a fresh random value (a port's MAC), so a PUT that
@@ -408,18 +432,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             check_infrastructure(principal, cls, current, replacement)
             return replacement
 
-        try:
-            stored = await repository.modify(
-                cls,
-                object_id,
-                replace,
-                expected_revision=expected,
-                precondition=lambda current: _require_tenant(principal, current),
-                scope=scope_of(principal),
-            )
-        except NotFoundError:
-            await _refuse_shared(principal, cls, object_id, repository)
-            raise
+        stored = await _modify_as(principal, repository, cls, object_id, replace, expected)
         return object_response(stored)
 
     @router.patch(
@@ -459,18 +472,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             check_infrastructure(principal, cls, current, replacement)
             return replacement
 
-        try:
-            stored = await repository.modify(
-                cls,
-                object_id,
-                merge,
-                expected_revision=expected,
-                precondition=lambda current: _require_tenant(principal, current),
-                scope=scope_of(principal),
-            )
-        except NotFoundError:
-            await _refuse_shared(principal, cls, object_id, repository)
-            raise
+        stored = await _modify_as(principal, repository, cls, object_id, merge, expected)
         return object_response(stored)
 
     @router.delete(

@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
+from hivenet.api.tenancy import INFRASTRUCTURE_KINDS
 from hivenet.model import (
+    KINDS,
     Bridge,
     Chain,
     HealthMonitor,
@@ -104,26 +106,15 @@ def _factories(tenant: str = "acme") -> dict[str, Callable[[int], TopologyObject
     }
 
 
-def test_the_defaults_are_neutrons_and_lbaas() -> None:
-    assert dict(DEFAULT_QUOTAS) == {
-        "bridge": 100,
-        "subnet": 100,
-        "port": 500,
-        "router": 10,
-        "floating_ip": 50,
-        "security_group": 10,
-        "security_group_rule": 100,
-        "chain": 100,
-        "rule": 1000,
-        "route": 1000,
-        "ip_addr_group": 100,
-        "port_group": 100,
-        "load_balancer": 10,
-        "listener": 50,
-        "pool": 10,
-        "member": 500,
-        "health_monitor": 50,
-    }
+def test_every_kind_a_tenant_creates_has_a_quota_with_openstacks_defaults() -> None:
+    tenant_kinds = set(KINDS) - INFRASTRUCTURE_KINDS
+    assert set(DEFAULT_QUOTAS) == tenant_kinds
+    neutron = ("bridge", 100), ("subnet", 100), ("port", 500), ("router", 10)
+    more = ("floating_ip", 50), ("security_group", 10), ("security_group_rule", 100)
+    lbaas = ("load_balancer", 10), ("pool", 10)  # neutron-lbaas's
+    assert {kind: DEFAULT_QUOTAS[kind] for kind, _ in (*neutron, *more, *lbaas)} == dict(
+        (*neutron, *more, *lbaas)
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(DEFAULT_QUOTAS))
