@@ -55,6 +55,7 @@ from hivenet.model.loadbalancer import (
 from hivenet.model.subnet import Subnet
 from hivenet.model.topology import (
     KINDS,
+    SHARED_FLAGS,
     TOPOLOGY_PREFIX,
     DeviceKind,
     Port,
@@ -422,6 +423,38 @@ async def _read_visible(attempt: _Attempt, field: str, kind: str, object_id: str
     if raw is None:
         raise DanglingReferenceError(field, object_id, kind)
     return raw
+
+
+# What sharing grants another project: attaching its own ports (a port on a shared bridge,
+# its addresses on the bridge's subnets). Any other reference by another project to a shared
+# object (a subnet added to a shared bridge) would change the owner's network: refused.
+_SHARED_ATTACH: frozenset[tuple[str, str]] = frozenset(
+    {("port", "device_id"), ("port", "fixed_ips")}
+)
+
+
+def _check_shared_use(
+    scope: ProjectScope,
+    kind: str,
+    fields: Sequence[str],
+    target_kind: str,
+    target_id: str,
+    raw: bytes,
+) -> None:
+    """A scoped reference to another project's shared object is only an attachment
+    (`_SHARED_ATTACH`); InvalidFieldError naming the field otherwise."""
+    if target_kind not in SHARED_FLAGS and target_kind not in _SHARED_WITH_PARENT:
+        return
+    if any((kind, field) in _SHARED_ATTACH for field in fields):
+        return
+    if json.loads(raw).get("tenant_id") == scope.project:
+        return
+    raise InvalidFieldError(
+        fields[0],
+        target_id,
+        f"{target_kind} {target_id} is shared by another project: other projects attach "
+        f"ports to it, only its own project adds a {kind} to it",
+    )
 
 
 # Kinds shared with their parent: a subnet of a shared bridge is shared (ports of every
@@ -938,7 +971,9 @@ class TopologyRepository:
                 # Scoped: every reference the object keeps is checked, not only new ones.
                 scope is not None and target_kind not in _UNSCOPED_REFERENCE_KINDS
             ):
-                await _read_visible(attempt, fields[0], target_kind, target_id)
+                raw = await _read_visible(attempt, fields[0], target_kind, target_id)
+                if scope is not None:
+                    _check_shared_use(scope, kind, fields, target_kind, target_id, raw)
             if previous_fields is None:
                 # A new referrer: a concurrent delete of the target must notice it.
                 attempt.put(refs_version_key(target_kind, target_id), b"")

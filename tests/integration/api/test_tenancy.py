@@ -315,6 +315,13 @@ def test_a_shared_bridge_may_be_referenced_and_read_but_not_changed(api: Api) ->
         response = member.request(method, url, json=body)
         assert response.status_code == 403, response.text
         assert "shared by another project" in response.json()["error"]["message"]
+    # Attaching ports is what sharing grants; adding a subnet to the bridge is not.
+    added = member.request(
+        "POST", "/v1/subnets", json={"bridge_id": external["id"], "cidr": "10.7.0.0/24"}
+    )
+    assert added.status_code == 422, added.text
+    assert added.json()["error"]["details"][0]["field"] == "bridge_id"
+    assert "shared by another project" in added.json()["error"]["message"]
     # The private bridge stays a missing one: 404 on every method.
     for method, body in (("GET", None), ("PATCH", {"name": "x"}), ("DELETE", None)):
         response = member.request(method, f"/v1/bridges/{private['id']}", json=body)

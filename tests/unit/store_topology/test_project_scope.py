@@ -12,6 +12,7 @@ from hivenet.model.types import FixedIp
 from hivenet.store.topology import (
     ConflictError,
     DanglingReferenceError,
+    InvalidFieldError,
     ProjectScope,
     TopologyRepository,
 )
@@ -68,6 +69,30 @@ def test_a_port_takes_an_address_on_a_shared_bridges_subnet_but_not_a_private_on
         with pytest.raises(DanglingReferenceError) as caught:
             await repo.create(hidden, scope=ACME)
         assert caught.value.field == "fixed_ips" and caught.value.kind == "subnet"
+        await assert_consistent(repo.store)
+
+    run(body)
+
+
+def test_another_project_attaches_ports_to_a_shared_bridge_but_adds_no_subnet(
+    run: Runner,
+) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="ext", tenant_id="ops", shared=True))
+        before = await dump(repo.store)
+        with pytest.raises(InvalidFieldError) as caught:
+            await repo.create(
+                Subnet(bridge_id="ext", cidr="10.7.0.0/24", tenant_id="acme"), scope=ACME
+            )
+        assert caught.value.field == "bridge_id" and "shared by another project" in str(
+            caught.value
+        )
+        assert await dump(repo.store) == before
+        # Its own project (and the cluster admin) may.
+        await repo.create(
+            Subnet(bridge_id="ext", cidr="10.7.0.0/24", tenant_id="ops"), scope=ProjectScope("ops")
+        )
+        await repo.create(Subnet(bridge_id="ext", cidr="10.6.0.0/24", tenant_id="acme"))
         await assert_consistent(repo.store)
 
     run(body)
