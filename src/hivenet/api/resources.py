@@ -193,10 +193,40 @@ def _require_tenant(principal: Principal, obj: TopologyObject) -> None:
         raise NotFoundError(obj.KIND, obj.id)
 
 
-def _require_readable(principal: Principal, obj: TopologyObject) -> None:
+async def _shared(repository: TopologyRepository, obj: TopologyObject) -> bool:
+    """Every project may read (and reference) it: a shared bridge, a subnet of one."""
+    return is_shared(obj) or await repository.shared_via_parent(obj)
+
+
+async def _require_readable(
+    principal: Principal, obj: TopologyObject, repository: TopologyRepository
+) -> None:
     """A caller may read its own objects and the shared ones (it may reference those)."""
-    if not is_shared(obj):
-        _require_tenant(principal, obj)
+    if not principal.may_access(obj.tenant_id) and not await _shared(repository, obj):
+        raise NotFoundError(obj.KIND, obj.id)
+
+
+async def _refuse_shared(
+    principal: Principal,
+    cls: type[TopologyObject],
+    object_id: str,
+    repository: TopologyRepository,
+) -> None:
+    """After a tenant's write was refused as 'not found': a 403 when the object is another
+    project's shared one (the caller reads it, so hiding it would be a lie); else nothing."""
+    if principal.is_admin:
+        return
+    try:
+        stored = await repository.get(cls, object_id)
+    except NotFoundError:
+        return
+    if not principal.may_access(stored.obj.tenant_id) and await _shared(repository, stored.obj):
+        raise ApiError(
+            403,
+            f"{cls.KIND} {object_id} is shared by another project: this token may read and "
+            f"reference it, not change it (this token: {principal.describe()})",
+            [detail("id", object_id, "another project's shared object")],
+        )
 
 
 def _require_tenant_write(principal: Principal, obj: TopologyObject) -> None:
@@ -206,6 +236,30 @@ def _require_tenant_write(principal: Principal, obj: TopologyObject) -> None:
             f"tenant_id={obj.tenant_id!r}: this token acts for tenant {principal.tenant_id!r}",
             [detail("tenant_id", obj.tenant_id, "not your tenant")],
         )
+
+
+async def _modify_as(
+    principal: Principal,
+    repository: TopologyRepository,
+    cls: type[TopologyObject],
+    object_id: str,
+    change: Callable[[TopologyObject], TopologyObject],
+    expected: int | None,
+) -> Versioned[TopologyObject]:
+    """A PUT/PATCH's read-modify-write as `principal` (its project's objects only; another
+    project's shared object: 403, see `_refuse_shared`)."""
+    try:
+        return await repository.modify(
+            cls,
+            object_id,
+            change,
+            expected_revision=expected,
+            precondition=lambda current: _require_tenant(principal, current),
+            scope=scope_of(principal),
+        )
+    except NotFoundError:
+        await _refuse_shared(principal, cls, object_id, repository)
+        raise
 
 
 def _kept_when_omitted(cls: type[TopologyObject]) -> tuple[str, ...]:
@@ -316,10 +370,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
         principal: Principal = Depends(authenticate),
         repository: TopologyRepository = Depends(get_repository),
     ) -> Response:
-        if principal.tenant_id is not None:
-            if tenant_id is not None and tenant_id != principal.tenant_id:
-                return JSONResponse({"items": [], "next_marker": None})
-            tenant_id = principal.tenant_id
+        # A project lists its own objects and the shared ones (see `_require_readable`).
         page = await repository.list(
             cls,
             name=name,
@@ -327,6 +378,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             field_filters=child_filter,
             limit=limit,
             marker=marker,
+            scope=scope_of(principal),
         )
         return JSONResponse(
             {"items": [_object_body(item) for item in page.items], "next_marker": page.next_marker}
@@ -344,7 +396,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
         repository: TopologyRepository = Depends(get_repository),
     ) -> Response:
         stored = await repository.get(cls, _checked_path_id(cls, object_id))
-        _require_readable(principal, stored.obj)
+        await _require_readable(principal, stored.obj, repository)
         return object_response(stored)
 
     @router.put(
@@ -380,14 +432,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             check_infrastructure(principal, cls, current, replacement)
             return replacement
 
-        stored = await repository.modify(
-            cls,
-            object_id,
-            replace,
-            expected_revision=expected,
-            precondition=lambda current: _require_tenant(principal, current),
-            scope=scope_of(principal),
-        )
+        stored = await _modify_as(principal, repository, cls, object_id, replace, expected)
         return object_response(stored)
 
     @router.patch(
@@ -427,14 +472,7 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
             check_infrastructure(principal, cls, current, replacement)
             return replacement
 
-        stored = await repository.modify(
-            cls,
-            object_id,
-            merge,
-            expected_revision=expected,
-            precondition=lambda current: _require_tenant(principal, current),
-            scope=scope_of(principal),
-        )
+        stored = await _modify_as(principal, repository, cls, object_id, merge, expected)
         return object_response(stored)
 
     @router.delete(
@@ -456,14 +494,18 @@ def kind_router(cls: type[TopologyObject]) -> APIRouter:
         check_infrastructure(principal, cls, None, None)
         object_id = _checked_path_id(cls, object_id)
         expected = parse_if_match(request)
-        await repository.delete(
-            cls,
-            object_id,
-            cascade=cascade,
-            expected_revision=expected,
-            precondition=lambda current: _require_tenant(principal, current),
-            scope=scope_of(principal),
-        )
+        try:
+            await repository.delete(
+                cls,
+                object_id,
+                cascade=cascade,
+                expected_revision=expected,
+                precondition=lambda current: _require_tenant(principal, current),
+                scope=scope_of(principal),
+            )
+        except NotFoundError:
+            await _refuse_shared(principal, cls, object_id, repository)
+            raise
         return Response(status_code=204)
 
     return router

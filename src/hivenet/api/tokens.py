@@ -95,21 +95,29 @@ async def _store(request: Request) -> Store:
     return store
 
 
-async def resolve_project_token(request: Request, secret: str) -> Principal | None:
-    """The principal of a project token (None: unknown or revoked; 401 when expired)."""
-    store = await _store(request)
+class ExpiredTokenError(Exception):
+    """A project token past its `expires_at` (each API answers it with its own 401)."""
+
+
+async def lookup_project_token(store: Store, secret: str) -> Principal | None:
+    """The principal of a project token (None: unknown or revoked); `ExpiredTokenError`
+    when it has expired. One store read; shared by /v1 and the OpenStack APIs."""
     key = token_key(token_hash(secret))
     kv = await store.get(key)
     if kv is None:
         return None
     info = _decode(key, kv.value)
     if info.expired(_now()):
-        raise ApiError(
-            401,
-            f"bearer token {info.id} expired at {info.expires_at:%Y-%m-%dT%H:%M:%SZ}",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise ExpiredTokenError(f"token {info.id} expired at {info.expires_at:%Y-%m-%dT%H:%M:%SZ}")
     return Principal(name=f"token {info.id}", tenant_id=info.project, role=info.role)
+
+
+async def resolve_project_token(request: Request, secret: str) -> Principal | None:
+    """The principal of a project token (None: unknown or revoked; 401 when expired)."""
+    try:
+        return await lookup_project_token(await _store(request), secret)
+    except ExpiredTokenError as exc:
+        raise ApiError(401, f"bearer {exc}", headers={"WWW-Authenticate": "Bearer"}) from None
 
 
 def _require_token_admin(principal: Principal, project: str | None = None) -> None:

@@ -74,6 +74,16 @@ def set_quotas(
     floating_ips: Limit = None,
     security_groups: Limit = None,
     security_group_rules: Limit = None,
+    chains: Limit = None,
+    rules: Limit = None,
+    routes: Limit = None,
+    ip_addr_groups: Limit = None,
+    port_groups: Limit = None,
+    load_balancers: Limit = None,
+    listeners: Limit = None,
+    pools: Limit = None,
+    members: Limit = None,
+    health_monitors: Limit = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Change some of a project's limits (cluster admin). A limit below the usage deletes
@@ -86,6 +96,16 @@ def set_quotas(
         "floating_ip": floating_ips,
         "security_group": security_groups,
         "security_group_rule": security_group_rules,
+        "chain": chains,
+        "rule": rules,
+        "route": routes,
+        "ip_addr_group": ip_addr_groups,
+        "port_group": port_groups,
+        "load_balancer": load_balancers,
+        "listener": listeners,
+        "pool": pools,
+        "member": members,
+        "health_monitor": health_monitors,
     }
     limits = {kind: limit for kind, limit in given.items() if limit is not None}
     if not limits:

@@ -33,7 +33,11 @@ QUOTA_MAX = 1_000_000
 _SET_ATTEMPTS = 16
 _RANGE_BATCH = 500
 
-# Neutron's defaults, on HiveNet's kinds (a Neutron network is a bridge).
+# Neutron's defaults on HiveNet's kinds (a Neutron network is a bridge); neutron-lbaas's for
+# load balancers and pools (Octavia's own default is unlimited: a tenant could fill the store),
+# and, for what has no OpenStack quota, limits far above what the OpenStack APIs make per
+# project at their own defaults (a Neutron router with a gateway holds 2 chains and a rule
+# per interface subnet; a router interface adds a route).
 DEFAULT_QUOTAS: Mapping[str, int] = MappingProxyType(
     {
         "bridge": 100,
@@ -43,6 +47,16 @@ DEFAULT_QUOTAS: Mapping[str, int] = MappingProxyType(
         "floating_ip": 50,
         "security_group": 10,
         "security_group_rule": 100,
+        "chain": 100,
+        "rule": 1000,
+        "route": 1000,
+        "ip_addr_group": 100,
+        "port_group": 100,
+        "load_balancer": 10,
+        "listener": 50,
+        "pool": 10,
+        "member": 500,
+        "health_monitor": 50,
     }
 )
 # Neutron resource name -> HiveNet kind.

@@ -57,6 +57,7 @@ from hivenet.model.loadbalancer import (
 from hivenet.model.subnet import Subnet
 from hivenet.model.topology import (
     KINDS,
+    SHARED_FLAGS,
     TOPOLOGY_PREFIX,
     DeviceKind,
     Port,
@@ -454,11 +455,67 @@ async def _read_visible(attempt: _Attempt, field: str, kind: str, object_id: str
         raw = await attempt.read_existing(key)
     else:
         raw = await attempt.read(key)
-        if raw is not None and not attempt.scope.sees_stored(kind, key, raw):
+        if raw is not None and not await _scope_sees(attempt, attempt.scope, kind, key, raw):
             raw = None
     if raw is None:
         raise DanglingReferenceError(field, object_id, kind)
     return raw
+
+
+# What sharing grants another project: attaching its own ports (a port on a shared bridge,
+# its addresses on the bridge's subnets). Any other reference by another project to a shared
+# object (a subnet added to a shared bridge) would change the owner's network: refused.
+_SHARED_ATTACH: frozenset[tuple[str, str]] = frozenset(
+    {("port", "device_id"), ("port", "fixed_ips")}
+)
+
+
+def _check_shared_use(
+    scope: ProjectScope,
+    kind: str,
+    fields: Sequence[str],
+    target_kind: str,
+    target_id: str,
+    raw: bytes,
+) -> None:
+    """A scoped reference to another project's shared object is only an attachment
+    (`_SHARED_ATTACH`); InvalidFieldError naming the field otherwise."""
+    if target_kind not in SHARED_FLAGS and target_kind not in _SHARED_WITH_PARENT:
+        return
+    if any((kind, field) in _SHARED_ATTACH for field in fields):
+        return
+    if json.loads(raw).get("tenant_id") == scope.project:
+        return
+    raise InvalidFieldError(
+        fields[0],
+        target_id,
+        f"{target_kind} {target_id} is shared by another project: other projects attach "
+        f"ports to it, only its own project adds a {kind} to it",
+    )
+
+
+# Kinds shared with their parent: a subnet of a shared bridge is shared (ports of every
+# project take addresses on it). kind -> (the parent field, the parent's kind).
+_SHARED_WITH_PARENT: dict[str, tuple[str, str]] = {"subnet": ("bridge_id", "bridge")}
+
+
+async def _scope_sees(
+    attempt: _Attempt, scope: ProjectScope, kind: str, key: str, raw: bytes
+) -> bool:
+    """`scope.sees_stored`, and for a kind shared with its parent, whether the parent (read
+    guarded: a concurrent unsharing fails the commit) is shared."""
+    if scope.sees_stored(kind, key, raw):
+        return True
+    parent = _SHARED_WITH_PARENT.get(kind)
+    if parent is None:
+        return False
+    field, parent_kind = parent
+    parent_id = json.loads(raw).get(field)
+    if not isinstance(parent_id, str):
+        return False
+    parent_key = topology_key(parent_kind, parent_id)
+    parent_raw = await attempt.read(parent_key)
+    return parent_raw is not None and is_shared_data(parent_kind, json.loads(parent_raw))
 
 
 def _revalidated(obj: T) -> T:
@@ -952,7 +1009,9 @@ class TopologyRepository:
                 # Scoped: every reference the object keeps is checked, not only new ones.
                 scope is not None and target_kind not in _UNSCOPED_REFERENCE_KINDS
             ):
-                await _read_visible(attempt, fields[0], target_kind, target_id)
+                raw = await _read_visible(attempt, fields[0], target_kind, target_id)
+                if scope is not None:
+                    _check_shared_use(scope, kind, fields, target_kind, target_id, raw)
             if previous_fields is None:
                 # A new referrer: a concurrent delete of the target must notice it.
                 attempt.put(refs_version_key(target_kind, target_id), b"")
@@ -1278,6 +1337,35 @@ class TopologyRepository:
         await self._write(attempt, obj, None)
         attempt.delete(refs_version_key(kind, object_id))
 
+    async def _shared_parent_ids(self, kind: str, revision: int) -> frozenset[str]:
+        """The ids of the shared parents of `kind` (bridges, for subnets) at `revision`."""
+        parent = _SHARED_WITH_PARENT.get(kind)
+        if parent is None:
+            return frozenset()
+        parent_kind = parent[1]
+        prefix = f"{TOPOLOGY_PREFIX}{parent_kind}/"
+        found: set[str] = set()
+        start_after: str | None = None
+        while True:
+            result = await self.store.range(
+                prefix, revision=revision, limit=_RANGE_BATCH, start_after=start_after
+            )
+            for kv in result.kvs:
+                data = json.loads(kv.value)
+                if is_shared_data(parent_kind, data):
+                    found.add(kv.key[len(prefix) :])
+            if not result.more or not result.kvs:
+                return frozenset(found)
+            start_after = result.kvs[-1].key
+
+    async def shared_via_parent(self, obj: TopologyObject) -> bool:
+        """True when `obj` is shared because its parent is (a subnet of a shared bridge)."""
+        parent = _SHARED_WITH_PARENT.get(obj.KIND)
+        if parent is None:
+            return False
+        kv = await self.store.get(topology_key(parent[1], getattr(obj, parent[0])))
+        return kv is not None and is_shared_data(parent[1], json.loads(kv.value))
+
     # Last in the class: from here on `list` names this method in the class namespace.
     async def list(
         self,
@@ -1288,9 +1376,11 @@ class TopologyRepository:
         field_filters: Mapping[str, str] | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
         marker: str | None = None,
+        scope: ProjectScope | None = None,
     ) -> Page[T]:
         """One page of objects of `cls`, sorted by id, with id > `marker`, matching every
-        filter (all equality). Read at one store revision."""
+        filter (all equality) and, with `scope`, only what that project may see (its own
+        objects, shared ones, and subnets of shared bridges). Read at one store revision."""
         kind = cls.KIND
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise InvalidFieldError("limit", limit, f"must be between 1 and {MAX_PAGE_SIZE}")
@@ -1312,6 +1402,7 @@ class TopologyRepository:
         start_after = prefix + marker if marker else None
         revision: int | None = None
         items: list[Versioned[T]] = []
+        shared_parents: frozenset[str] | None = None  # read once, when first needed
         batch = min(max(limit + 1, 64), _RANGE_BATCH)
         while True:
             result = await self.store.range(
@@ -1323,12 +1414,22 @@ class TopologyRepository:
                 assert isinstance(obj, cls)
                 if not all(_field_text(obj, f) == want for f, want in filters.items()):
                     continue
+                if scope is not None and not scope.sees(obj):
+                    if shared_parents is None:
+                        shared_parents = await self._shared_parent_ids(kind, revision)
+                    if not _shared_via_parent(obj, shared_parents):
+                        continue
                 if len(items) == limit:
                     return Page(items, next_marker=items[-1].obj.id)
                 items.append(Versioned(obj, kv.mod_revision))
             if not result.more or not result.kvs:
                 return Page(items, next_marker=None)
             start_after = result.kvs[-1].key
+
+
+def _shared_via_parent(obj: TopologyObject, shared_parents: frozenset[str]) -> bool:
+    parent = _SHARED_WITH_PARENT.get(obj.KIND)
+    return parent is not None and getattr(obj, parent[0]) in shared_parents
 
 
 def _with_fixed_addresses(port: Port, current: Port | None, subnets: Mapping[str, Subnet]) -> Port:

@@ -1,9 +1,11 @@
 """Schemathesis fuzzes HiveNet's own /v1 API from its OpenAPI document (/openapi.json), in
 process (ASGI), as the cluster admin and as a project member: every operation with generated
-requests. (A stateful run over the links schemathesis derives is not here yet: its steps
-did not carry the token.) It demands no 5xx, and that every 4xx carries the error shape of
-`api/errors.py` with a message, and for a 422 a field on every detail that the message names.
-Bounded: a few examples per operation, well under a minute per principal here."""
+requests, then a stateful run (schemathesis's state machine over the links it infers between
+operations: a create's id feeds the get, patch and delete of that object) whose every step
+carries the principal's token (`get_call_kwargs`). It demands no 5xx, and that every 4xx
+carries the error shape of `api/errors.py` with a message, and for a 422 a field on every
+detail that the message names. Bounded: a few examples per operation, and a few dozen
+scenarios, well under a minute per principal here."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.generation.modes import GenerationMode
 
 from hivenet.api import create_app
 from hivenet.api.auth import ADMIN_TOKEN_FILE
@@ -24,6 +27,8 @@ from hivenet.model import KINDS
 pytestmark = pytest.mark.timeout(600)
 
 EXAMPLES_PER_OPERATION = 8
+STATEFUL_SCENARIOS = 40
+STATEFUL_STEPS = 8
 PROJECT = "fuzz"
 
 
@@ -117,3 +122,59 @@ def test_every_operation_answers_without_5xx_and_with_named_fields(
         ran
     )
     assert 201 in ran["POST /v1/bridges"], ran["POST /v1/bridges"]
+
+
+@pytest.mark.parametrize("principal", ["admin", "member"])
+def test_stateful_sequences_carry_the_token_and_follow_links(
+    served: tuple[object, dict[str, str]], principal: str
+) -> None:
+    """Scenarios of linked calls: every step is authenticated (a 401 would mean the token
+    was lost between steps), none is a 5xx, every 4xx has the error shape, and some steps
+    reach an object by an id only an earlier step's answer could have given (a 2xx on
+    `/v1/<kind>/{object_id}`: generated ids never exist)."""
+    app, tokens = served
+    headers = {"Authorization": f"Bearer {tokens[principal]}"}
+    schema = _schema(app)
+    # Positive requests only: the stateless test above covers the negative ones, and a
+    # negative step may drop the Authorization header on purpose (its 401 would be right).
+    schema.config.generation.update(modes=[GenerationMode.POSITIVE])
+    statuses: dict[tuple[str, str], list[int]] = {}
+
+    class Authenticated(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"headers": headers}
+
+        def after_call(self, response: Any, case: schemathesis.Case) -> None:
+            sent = response.request.headers.get("Authorization")
+            assert sent == headers["Authorization"], f"{case.method} {case.path}: no token"
+            statuses.setdefault((case.method, case.path), []).append(response.status_code)
+            super().after_call(response, case)
+
+        def validate_response(
+            self,
+            response: Any,
+            case: schemathesis.Case,
+            additional_checks: Any = None,
+            **kwargs: Any,
+        ) -> None:
+            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs or None)
+
+    Authenticated.run(
+        settings=settings(
+            max_examples=STATEFUL_SCENARIOS,
+            stateful_step_count=STATEFUL_STEPS,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
+    )
+    every = [status for found in statuses.values() for status in found]
+    assert 401 not in every, {k: v for k, v in statuses.items() if 401 in v}
+    assert len(every) >= STATEFUL_SCENARIOS, len(every)
+    linked = {
+        key: found
+        for key, found in statuses.items()
+        if key[1].endswith("{object_id}") and any(200 <= s < 300 for s in found)
+    }
+    assert linked, sorted(statuses)

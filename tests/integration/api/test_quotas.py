@@ -29,7 +29,7 @@ def test_the_admin_reads_sets_and_resets_a_projects_quotas(api: Api) -> None:
 
 def test_bad_quota_bodies_name_the_field(api: Api) -> None:
     for body, field in (
-        ({"chain": 3}, "chain"),
+        ({"host": 3}, "host"),
         ({"router": -2}, "router"),
         ({"port": "x"}, "port"),
     ):
@@ -133,3 +133,103 @@ def test_neutron_over_quota_and_quota_api(api: Api) -> None:
     assert api.client.delete("/v2.0/quotas/acme", headers=admin).status_code == 204
     shown = api.client.get("/v2.0/quotas/acme", headers=admin).json()["quota"]
     assert shown["network"] == 100 and shown["project_id"] == "acme"
+
+
+def test_every_counted_kind_is_held_to_its_quota_on_v1(api: Api) -> None:
+    """Chains, rules, routes, address groups and the load-balancer kinds: one each at a
+    limit of 1, the second is a 409 naming the kind, and nothing is written."""
+    kinds = [
+        "chain", "rule", "route", "ip_addr_group", "port_group",
+        "load_balancer", "listener", "pool", "member", "health_monitor",
+    ]  # fmt: skip
+    api.request("PUT", "/v1/quotas/acme", json=dict.fromkeys(kinds, 1))
+    member: Caller = issue(api, "acme", "member")
+    router = member.create("routers", {"name": "r"})
+    chain = member.create("chains", {"name": "c"})
+    lb = member.create("load_balancers", {"router_id": router["id"]})
+    pool = member.create("pools", {"load_balancer_id": lb["id"]})
+    bodies = {
+        "chain": {"name": "c2"},
+        "rule": {"chain_id": chain["id"], "action": "drop"},
+        "route": {"router_id": router["id"], "dst_prefix": "10.0.0.0/8", "type": "blackhole"},
+        "ip_addr_group": {},
+        "port_group": {},
+        "load_balancer": {"router_id": router["id"]},
+        "listener": {"load_balancer_id": lb["id"], "vip_address": "10.0.0.5", "protocol_port": 80},
+        "pool": {"load_balancer_id": lb["id"]},
+        "member": {"pool_id": pool["id"], "address": "10.0.1.5", "protocol_port": 80},
+        "health_monitor": {"pool_id": pool["id"], "type": "tcp"},
+    }
+    for kind in ("rule", "route", "ip_addr_group", "port_group", "listener", "member",
+                 "health_monitor"):  # fmt: skip
+        member.create(f"{kind}s", bodies[kind])
+    before = api.dump()
+    for kind in kinds:
+        _over_quota(member.request("POST", f"/v1/{kind}s", json=bodies[kind]), kind, 1, 1)
+    assert api.dump() == before
+    usage = member.request("GET", "/v1/quotas/acme").json()["usage"]
+    assert {kind: usage[kind] for kind in kinds} == dict.fromkeys(kinds, 1)
+    api.assert_consistent()
+
+
+def test_octavia_and_neutron_l3_creates_are_held_to_the_same_quotas(api: Api) -> None:
+    admin = {"X-Auth-Token": api.token}
+    project = {"X-Auth-Token": issue(api, "acme", "member").token}
+
+    def post(path: str, member: str, body: dict[str, object]) -> dict[str, object]:
+        response = api.client.post(path, json={member: body}, headers=project)
+        assert response.status_code == 201, response.text
+        created: dict[str, object] = response.json()[member]
+        return created
+
+    network = post("/v2.0/networks", "network", {"name": "web"})
+    subnet = post("/v2.0/subnets", "subnet", {"network_id": network["id"], "cidr": "10.0.0.0/24"})
+    router = post("/v2.0/routers", "router", {"name": "r"})
+    added = api.client.put(
+        f"/v2.0/routers/{router['id']}/add_router_interface",
+        json={"subnet_id": subnet["id"]},
+        headers=project,
+    )
+    assert added.status_code == 200, added.text
+    limits = {"load_balancer": 1, "pool": 1, "member": 1, "chain": 0}
+    assert api.request("PUT", "/v1/quotas/acme", json=limits).status_code == 200
+    lb = post("/v2.0/lbaas/loadbalancers", "loadbalancer", {"vip_subnet_id": subnet["id"]})
+    pool = post(
+        "/v2.0/lbaas/pools",
+        "pool",
+        {"loadbalancer_id": lb["id"], "protocol": "TCP", "lb_algorithm": "ROUND_ROBIN"},
+    )
+    member_body = {"address": "10.0.0.20", "protocol_port": 80}
+    post(f"/v2.0/lbaas/pools/{pool['id']}/members", "member", member_body)
+    before = api.dump()
+    for path, member, body, kind in (
+        ("/v2.0/lbaas/loadbalancers", "loadbalancer", {"vip_subnet_id": subnet["id"]}, "load_balancer"),
+        ("/v2.0/lbaas/pools", "pool", {"loadbalancer_id": lb["id"], "protocol": "TCP",
+                                       "lb_algorithm": "ROUND_ROBIN"}, "pool"),
+        (f"/v2.0/lbaas/pools/{pool['id']}/members", "member",
+         {"address": "10.0.0.21", "protocol_port": 80}, "member"),
+    ):  # fmt: skip
+        refused = api.client.post(path, json={member: body}, headers=project)
+        assert refused.status_code == 403, refused.text  # Octavia's status for a quota
+        assert f"['{kind}']" in refused.json()["faultstring"], refused.text
+        assert "may hold 1 and holds 1" in refused.json()["faultstring"]
+    # A Neutron gateway needs the router's NAT chains: past the chain quota, nothing is set.
+    external = api.client.post(
+        "/v2.0/networks", json={"network": {"name": "pub", "router:external": True}}, headers=admin
+    ).json()["network"]
+    api.client.post(
+        "/v2.0/subnets",
+        json={"subnet": {"network_id": external["id"], "cidr": "203.0.113.0/24"}},
+        headers=admin,
+    )
+    before = api.dump()
+    gateway = api.client.put(
+        f"/v2.0/routers/{router['id']}",
+        json={"router": {"external_gateway_info": {"network_id": external["id"]}}},
+        headers=project,
+    )
+    assert gateway.status_code == 409, gateway.text
+    error = gateway.json()["NeutronError"]
+    assert error["type"] == "OverQuota" and "['chain']" in error["message"]
+    assert api.dump() == before
+    api.assert_consistent()

@@ -294,13 +294,53 @@ def test_a_reference_to_another_projects_object_looks_missing(api: Api) -> None:
 
 def test_a_shared_bridge_may_be_referenced_and_read_but_not_changed(api: Api) -> None:
     external = api.create("bridges", {"name": "ext", "tenant_id": "ops", "shared": True})
+    subnet = api.create(
+        "subnets", {"bridge_id": external["id"], "cidr": "10.9.0.0/24", "tenant_id": "ops"}
+    )
+    private = api.create("bridges", {"name": "private", "tenant_id": "ops"})
+    api.create("subnets", {"bridge_id": private["id"], "cidr": "10.8.0.0/24", "tenant_id": "ops"})
     member = issue(api, "acme", "member")
     assert member.request("GET", f"/v1/bridges/{external['id']}").status_code == 200
-    port = member.create("ports", {"device_kind": "bridge", "device_id": external["id"]})
-    assert port["tenant_id"] == "acme"
-    for method, body in (("PATCH", {"name": "x"}), ("DELETE", None)):
-        response = member.request(method, f"/v1/bridges/{external['id']}", json=body)
+    assert member.request("GET", f"/v1/subnets/{subnet['id']}").status_code == 200
+    listed = member.request("GET", "/v1/bridges").json()["items"]
+    assert [b["id"] for b in listed] == [external["id"]]
+    subnets = member.request("GET", "/v1/subnets").json()["items"]
+    assert [s["id"] for s in subnets] == [subnet["id"]]
+    port = member.create(
+        "ports",
+        {
+            "device_kind": "bridge",
+            "device_id": external["id"],
+            "fixed_ips": [{"subnet_id": subnet["id"]}],
+        },
+    )
+    assert port["tenant_id"] == "acme" and port["fixed_ips"][0]["ip_address"].startswith("10.9.")
+    before = api.dump()
+    for method, url, body in (
+        ("PATCH", f"/v1/bridges/{external['id']}", {"name": "x"}),
+        ("PUT", f"/v1/bridges/{external['id']}", {"name": "x", "shared": True}),
+        ("DELETE", f"/v1/bridges/{external['id']}", None),
+        ("PATCH", f"/v1/subnets/{subnet['id']}", {"name": "x"}),
+        ("DELETE", f"/v1/subnets/{subnet['id']}", None),
+    ):
+        response = member.request(method, url, json=body)
+        assert response.status_code == 403, response.text
+        assert "shared by another project" in response.json()["error"]["message"]
+    # Attaching ports is what sharing grants; adding a subnet to the bridge is not.
+    added = member.request(
+        "POST", "/v1/subnets", json={"bridge_id": external["id"], "cidr": "10.7.0.0/24"}
+    )
+    assert added.status_code == 422, added.text
+    assert added.json()["error"]["details"][0]["field"] == "bridge_id"
+    assert "shared by another project" in added.json()["error"]["message"]
+    # The private bridge stays a missing one: 404 on every method.
+    for method, body in (("GET", None), ("PATCH", {"name": "x"}), ("DELETE", None)):
+        response = member.request(method, f"/v1/bridges/{private['id']}", json=body)
         assert response.status_code == 404, response.text
+    assert api.dump() == before
+    # The port is acme's own: acme changes and deletes it.
+    assert member.request("DELETE", f"/v1/ports/{port['id']}").status_code == 204
+    api.assert_consistent()
 
 
 def test_deleting_an_own_object_never_cascades_into_another_project(api: Api) -> None:

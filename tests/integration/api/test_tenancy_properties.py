@@ -6,7 +6,10 @@ cluster admin), through the app in-process. After every call by a project token:
 - the answer names no object of another project (not shared) that the request did not name
   itself: gets and lists return only what the caller may see, errors leak no ids;
 - no object of another project was created, changed or deleted (a reader changes nothing);
-- every object the call wrote references only its project's objects or shared ones.
+- every object the call wrote references only its project's objects or shared ones;
+- shared objects (bridges the cluster admin flags `shared`, which it also unflags at random,
+  and their subnets) are readable by every project, and a member's port on a shared bridge
+  is created, owned by the member's project; they are changed only by their own project.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from hypothesis import strategies as st
 
 from hivenet.api import create_app
 from hivenet.model import KINDS, TOPOLOGY_PREFIX, TopologyObject, is_shared, parse_topology_key
+from hivenet.model.subnet import Subnet
 from tests.integration.api.conftest import Api, start
 from tests.integration.api.tenants import Caller, issue
 
 ROLES = ("reader", "member", "admin")
-WRITE_KINDS = ("bridge", "router", "chain", "port", "rule", "route")
+WRITE_KINDS = ("bridge", "router", "chain", "port", "rule", "route", "subnet")
 MISSING = "00000000-0000-4000-8000-00000000dead"
 PREFIXES = ("10.0.0.0/8", "192.168.1.0/24", "0.0.0.0/0")
 
@@ -63,15 +67,19 @@ class Example:
         return created
 
     def seed(self, data: st.DataObject) -> None:
-        """Per project: a chain, bridges with a port, a router with a port, a route and a
-        rule; one shared bridge owned by the first project."""
-        for project in self.projects:
+        """Per project: a chain, bridges with a port, a subnet, a router with a port, a route
+        and a rule; one shared bridge with a subnet owned by the first project."""
+        for number, project in enumerate(self.projects):
             chain = self.create("chains", {"tenant_id": project})
             for _ in range(data.draw(st.integers(1, 2), label="bridges")):
                 bridge = self.create("bridges", {"tenant_id": project, "inbound_chain_id": chain})
                 self.create(
                     "ports", {"tenant_id": project, "device_kind": "bridge", "device_id": bridge}
                 )
+            self.create(
+                "subnets",
+                {"tenant_id": project, "bridge_id": bridge, "cidr": f"10.{number}.0.0/24"},
+            )
             router = self.create("routers", {"tenant_id": project, "outbound_chain_id": chain})
             port = self.create(
                 "ports",
@@ -100,7 +108,12 @@ class Example:
                     "in_port_ids": [port],
                 },
             )
-        self.create("bridges", {"tenant_id": self.projects[0], "name": "ext", "shared": True})
+        shared = self.create(
+            "bridges", {"tenant_id": self.projects[0], "name": "ext", "shared": True}
+        )
+        self.create(
+            "subnets", {"tenant_id": self.projects[0], "bridge_id": shared, "cidr": "10.9.0.0/24"}
+        )
 
     def ref(
         self, data: st.DataObject, world: dict[str, tuple[TopologyObject, int]], kind: str
@@ -117,6 +130,13 @@ class Example:
             body = {"name": data.draw(st.sampled_from(["a", "b"]))}
             if data.draw(st.booleans(), label="chain?"):
                 body[field] = self.ref(data, world, "chain")
+            if kind == "bridge" and data.draw(st.integers(0, 2), label="shared?") == 0:
+                body["shared"] = data.draw(st.booleans(), label="shared")
+        elif kind == "subnet":
+            body = {
+                "bridge_id": self.ref(data, world, "bridge"),
+                "cidr": data.draw(st.sampled_from(["10.7.0.0/24", "10.9.0.0/25"])),
+            }
         elif kind == "chain":
             body = {"name": "c"}
         elif kind == "port":
@@ -124,6 +144,8 @@ class Example:
             body = {"device_kind": device_kind, "device_id": self.ref(data, world, device_kind)}
             if device_kind == "router" and data.draw(st.booleans(), label="peer?"):
                 body["peer_id"] = self.ref(data, world, "port")
+            if device_kind == "bridge" and data.draw(st.booleans(), label="fixed ip?"):
+                body["fixed_ips"] = [{"subnet_id": self.ref(data, world, "subnet")}]
         elif kind == "rule":
             body = {"chain_id": self.ref(data, world, "chain"), "action": "accept"}
             if data.draw(st.booleans(), label="ports?"):
@@ -139,6 +161,14 @@ class Example:
         return body
 
 
+def shared(obj: TopologyObject, world: dict[str, tuple[TopologyObject, int]]) -> bool:
+    """Every project may read and reference it: a shared bridge, or a subnet of one."""
+    if isinstance(obj, Subnet):
+        bridge = world.get(obj.bridge_id)
+        return bridge is not None and is_shared(bridge[0])
+    return is_shared(obj)
+
+
 def check_call(
     project: str,
     role: str,
@@ -148,7 +178,7 @@ def check_call(
     after: dict[str, tuple[TopologyObject, int]],
 ) -> None:
     def visible(obj: TopologyObject) -> bool:
-        return obj.tenant_id == project or is_shared(obj)
+        return obj.tenant_id == project or shared(obj, before) or shared(obj, after)
 
     # Nothing of another project is named in the answer unless the request named it, or
     # one of the caller's own objects does (a reference only the cluster admin could make).
@@ -178,6 +208,35 @@ def check_call(
                     continue
                 target_obj = after[target][0]
                 assert visible(target_obj), f"{object_id}.{field} -> {kind} {target} of other"
+
+
+def check_shared_access(
+    project: str,
+    role: str,
+    op: str,
+    kind: str,
+    target: str,
+    body: dict[str, Any] | None,
+    response: Any,
+    world: dict[str, tuple[TopologyObject, int]],
+) -> None:
+    """What sharing grants: any project reads a shared object, and its member attaches a
+    plain port (no tenant override, no other reference) to a shared bridge, owned by it."""
+    entry = world.get(target)
+    if op == "get" and entry is not None and shared(entry[0], world):
+        assert response.status_code == 200, response.text
+    if (
+        op == "create"
+        and kind == "port"
+        and role != "reader"
+        and body is not None
+        and set(body) == {"id", "device_kind", "device_id"}
+        and body["device_kind"] == "bridge"
+        and body["device_id"] in world
+        and shared(world[body["device_id"]][0], world)
+    ):
+        assert response.status_code == 201, response.text
+        assert response.json()["tenant_id"] == project
 
 
 _EXAMPLES = itertools.count()
@@ -232,4 +291,5 @@ def test_no_project_token_reads_or_changes_another_project(
             project, role = principal
             sent = url + json.dumps(body)
             check_call(project, role, sent, response.text, world, objects(api))
+            check_shared_access(project, role, op, kind, target, body, response, world)
     api.assert_consistent()

@@ -39,6 +39,16 @@ def test_quota_commands_against_a_served_api(served: Served) -> None:
     changed = hivenet.json("quota", "set", "acme", "--networks", "1", "--ports", "-1", env=admin)
     assert changed["quotas"]["bridge"] == 1 and changed["quotas"]["port"] == -1
     assert "unlimited" in hivenet.ok("quota", "show", "acme", env=admin).stdout
+    lb_kinds = hivenet.json(
+        "quota", "set", "acme", "--load-balancers", "2", "--members", "20", "--chains", "5",
+        "--health-monitors", "3", env=admin,
+    )  # fmt: skip
+    assert {k: lb_kinds["quotas"][k] for k in ("load_balancer", "member", "chain")} == {
+        "load_balancer": 2,
+        "member": 20,
+        "chain": 5,
+    }
+    assert lb_kinds["quotas"]["health_monitor"] == 3 and lb_kinds["quotas"]["pool"] == 10
     hivenet.json("bridge", "create", "--name", "one", env=member)
     refused = hivenet.fails("bridge", "create", "--name", "two", env=member)
     assert "409" in refused.stderr

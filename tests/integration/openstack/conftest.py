@@ -1,6 +1,7 @@
 """Fixtures for the Neutron/Octavia tests: the whole HiveNet app on a fresh memory store,
-driven over HTTP by `fastapi.testclient` (`OpenStackApi`), with the admin token, two project
-tokens and `auth_type: none` acting for project `demo`."""
+driven over HTTP by `fastapi.testclient` (`OpenStackApi`), with the admin token, project
+tokens issued through `/v1/tokens` (`OpenStackApi.issue`, `as_project`) and `auth_type: none`
+acting for project `demo`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from hivenet.api.neutron import OpenStackOptions
 from hivenet.store.base import KeyValue, Store
 from tests.unit.store_topology.invariants import dump
 
-PROJECT_TOKENS = {"token-alpha": "alpha", "token-beta": "beta"}
 NOAUTH_PROJECT = "demo"
 
 
@@ -33,6 +33,21 @@ class OpenStackApi:
 
     def as_admin(self) -> OpenStackApi:
         return self.as_token(self.admin_token)
+
+    def issue(self, project: str, role: str = "member") -> str:
+        """A new project token (its secret), issued by the cluster admin on /v1/tokens."""
+        response = self.client.post(
+            "/v1/tokens",
+            json={"project": project, "role": role},
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+        )
+        assert response.status_code == 201, response.text
+        secret: str = response.json()["secret"]
+        return secret
+
+    def as_project(self, project: str, role: str = "member") -> OpenStackApi:
+        """This API as a new `role` token of `project`."""
+        return self.as_token(self.issue(project, role))
 
     def request(self, method: str, url: str, **kwargs: Any) -> Any:
         headers = dict(kwargs.pop("headers", {}))
@@ -82,7 +97,7 @@ def openstack(tmp_path: Path) -> Iterator[OpenStackApi]:
     app = create_app(
         "memory://",
         state_dir,
-        openstack=OpenStackOptions(noauth_project=NOAUTH_PROJECT, project_tokens=PROJECT_TOKENS),
+        openstack=OpenStackOptions(noauth_project=NOAUTH_PROJECT),
     )
     with TestClient(app, raise_server_exceptions=False) as client:
         token = (state_dir / ADMIN_TOKEN_FILE).read_text().strip()

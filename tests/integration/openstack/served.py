@@ -70,6 +70,26 @@ class Served:
         assert result.returncode == 0, f"{' '.join(args)}: {result.stderr}{result.stdout}"
         return json.loads(result.stdout) if result.stdout.strip() else None
 
+    def issue_token_cloud(self, name: str, project: str, role: str) -> str:
+        """A new `/v1/tokens` token of `project` with `role` (issued by the cluster admin),
+        added to clouds.yaml as cloud `name` (keystoneauth's admin_token plugin sends it as
+        X-Auth-Token); returns the cloud's name."""
+        response = httpx.post(
+            f"{self.base_url}/v1/tokens",
+            json={"project": project, "role": role},
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+            timeout=30,
+        )
+        assert response.status_code == 201, response.text
+        clouds = yaml.safe_load(self.clouds_yaml.read_text())
+        base = f"{self.base_url}/"
+        clouds["clouds"][name] = {
+            **clouds["clouds"][ADMIN_CLOUD],
+            "auth": {"token": response.json()["secret"], "endpoint": base},
+        }
+        self.clouds_yaml.write_text(yaml.safe_dump(clouds))
+        return name
+
 
 def write_clouds_yaml(path: Path, base_url: str, admin_token: str) -> None:
     def cloud(endpoint: str) -> dict[str, Any]:

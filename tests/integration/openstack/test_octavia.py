@@ -229,5 +229,5 @@ def test_refusals_name_the_field(openstack: OpenStackApi) -> None:
     assert v6_member.status_code == 400 and "address" in _fault(v6_member)
     missing = openstack.request("GET", f"{LBAAS}/loadbalancers/nope")
     assert missing.status_code == 404 and "x-openstack-request-id" in missing.headers
-    other = openstack.as_token("token-alpha").request("GET", f"{LBAAS}/loadbalancers/{lb['id']}")
+    other = openstack.as_project("alpha").request("GET", f"{LBAAS}/loadbalancers/{lb['id']}")
     assert other.status_code == 404

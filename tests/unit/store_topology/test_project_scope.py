@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from hivenet.model import Bridge, Chain, Port
+from hivenet.model import Bridge, Chain, DeviceKind, Port, Router
+from hivenet.model.subnet import Subnet
+from hivenet.model.types import FixedIp
 from hivenet.store.topology import (
     ConflictError,
     DanglingReferenceError,
+    InvalidFieldError,
     ProjectScope,
     TopologyRepository,
 )
@@ -40,6 +43,88 @@ def test_a_shared_bridge_may_be_referenced(run: Runner) -> None:
         await repo.create(Bridge(id="ext", tenant_id="ops", shared=True))
         stored = await repo.create(bridge_port("ext", tenant_id="acme"), scope=ACME)
         assert stored.obj.device_id == "ext"
+
+    run(body)
+
+
+def test_a_port_takes_an_address_on_a_shared_bridges_subnet_but_not_a_private_ones(
+    run: Runner,
+) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="ext", tenant_id="ops", shared=True))
+        await repo.create(Subnet(id="ext-v4", bridge_id="ext", cidr="10.9.0.0/24", tenant_id="ops"))
+        port = bridge_port("ext", tenant_id="acme").model_copy(
+            update={"fixed_ips": (FixedIp(subnet_id="ext-v4"),)}
+        )
+        stored = await repo.create(port, scope=ACME)
+        assert str(stored.obj.fixed_ips[0].ip_address).startswith("10.9.0.")
+        # The same on a bridge that is not shared looks exactly like a missing subnet.
+        await repo.create(Bridge(id="priv", tenant_id="ops"))
+        await repo.create(
+            Subnet(id="priv-v4", bridge_id="priv", cidr="10.8.0.0/24", tenant_id="ops")
+        )
+        hidden = bridge_port("ext", tenant_id="acme").model_copy(
+            update={"fixed_ips": (FixedIp(subnet_id="priv-v4"),)}
+        )
+        with pytest.raises(DanglingReferenceError) as caught:
+            await repo.create(hidden, scope=ACME)
+        assert caught.value.field == "fixed_ips" and caught.value.kind == "subnet"
+        await assert_consistent(repo.store)
+
+    run(body)
+
+
+def test_another_project_attaches_ports_to_a_shared_bridge_but_adds_no_subnet(
+    run: Runner,
+) -> None:
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="ext", tenant_id="ops", shared=True))
+        before = await dump(repo.store)
+        with pytest.raises(InvalidFieldError) as caught:
+            await repo.create(
+                Subnet(bridge_id="ext", cidr="10.7.0.0/24", tenant_id="acme"), scope=ACME
+            )
+        assert caught.value.field == "bridge_id" and "shared by another project" in str(
+            caught.value
+        )
+        assert await dump(repo.store) == before
+        # Its own project (and the cluster admin) may.
+        await repo.create(
+            Subnet(bridge_id="ext", cidr="10.7.0.0/24", tenant_id="ops"), scope=ProjectScope("ops")
+        )
+        await repo.create(Subnet(bridge_id="ext", cidr="10.6.0.0/24", tenant_id="acme"))
+        await assert_consistent(repo.store)
+
+    run(body)
+
+
+def test_a_bridge_unshared_before_the_commit_refuses_an_address_on_its_subnet(
+    run: Runner,
+) -> None:
+    """The subnet's bridge is read guarded: unsharing it between the check and the commit
+    fails the commit, and the retry refuses the reference."""
+
+    async def body(repo: TopologyRepository) -> None:
+        await repo.create(Bridge(id="ext", tenant_id="ops", shared=True))
+        await repo.create(Bridge(id="mine", tenant_id="acme"))
+        await repo.create(Subnet(id="ext-v4", bridge_id="ext", cidr="10.9.0.0/24", tenant_id="ops"))
+
+        async def rival() -> None:
+            await repo.update(Bridge(id="ext", tenant_id="ops", shared=False))
+
+        racing = TopologyRepository(RivalStore(repo.store, rival))
+        # A router port on acme's own router may hold an address on any visible subnet.
+        await repo.create(Router(id="r", tenant_id="acme"))
+        port = Port(
+            tenant_id="acme",
+            device_kind=DeviceKind.ROUTER,
+            device_id="r",
+            fixed_ips=(FixedIp(subnet_id="ext-v4", ip_address="10.9.0.7"),),
+        )
+        with pytest.raises(DanglingReferenceError):
+            await racing.create(port, scope=ACME)
+        assert (await repo.list(Port, tenant_id="acme")).items == []
+        await assert_consistent(repo.store)
 
     run(body)
 

@@ -10,7 +10,26 @@ from collections.abc import Callable
 
 import pytest
 
-from hivenet.model import Bridge, Router, TopologyObject
+from hivenet.api.tenancy import INFRASTRUCTURE_KINDS
+from hivenet.model import (
+    KINDS,
+    Bridge,
+    Chain,
+    HealthMonitor,
+    HealthMonitorType,
+    IpAddrGroup,
+    Listener,
+    LoadBalancer,
+    Member,
+    Pool,
+    PortGroup,
+    Route,
+    Router,
+    RouteType,
+    Rule,
+    RuleAction,
+    TopologyObject,
+)
 from hivenet.model.security import FloatingIp, SecurityGroup, SecurityGroupRule
 from hivenet.model.subnet import Subnet
 from hivenet.store.quota import (
@@ -34,6 +53,9 @@ async def _parents(repo: TopologyRepository, tenant: str = "acme") -> None:
     await repo.create(Bridge(id="net", tenant_id=tenant))
     await repo.create(Router(id="gw", tenant_id=tenant))
     await repo.create(SecurityGroup(id="sg", tenant_id=tenant))
+    await repo.create(Chain(id="ch", tenant_id=tenant))
+    await repo.create(LoadBalancer(id="lb", router_id="gw", tenant_id=tenant))
+    await repo.create(Pool(id="pl", load_balancer_id="lb", tenant_id=tenant))
 
 
 def _factories(tenant: str = "acme") -> dict[str, Callable[[int], TopologyObject]]:
@@ -54,19 +76,45 @@ def _factories(tenant: str = "acme") -> dict[str, Callable[[int], TopologyObject
         "security_group_rule": lambda n: SecurityGroupRule(
             security_group_id="sg", direction="ingress", protocol=6, tenant_id=tenant
         ),
+        "chain": lambda n: Chain(tenant_id=tenant),
+        "rule": lambda n: Rule(chain_id="ch", action=RuleAction.DROP, tenant_id=tenant),
+        "route": lambda n: Route(
+            router_id="gw",
+            dst_prefix=ipaddress.ip_network(f"10.{n}.0.0/16"),
+            type=RouteType.BLACKHOLE,
+            tenant_id=tenant,
+        ),
+        "ip_addr_group": lambda n: IpAddrGroup(tenant_id=tenant),
+        "port_group": lambda n: PortGroup(tenant_id=tenant),
+        "load_balancer": lambda n: LoadBalancer(router_id="gw", tenant_id=tenant),
+        "listener": lambda n: Listener(
+            load_balancer_id="lb",
+            vip_address=ipaddress.ip_address("10.0.0.9"),
+            protocol_port=80 + n,
+            tenant_id=tenant,
+        ),
+        "pool": lambda n: Pool(load_balancer_id="lb", tenant_id=tenant),
+        "member": lambda n: Member(
+            pool_id="pl",
+            address=ipaddress.ip_address(f"10.0.1.{n + 1}"),
+            protocol_port=80,
+            tenant_id=tenant,
+        ),
+        "health_monitor": lambda n: HealthMonitor(
+            pool_id="pl", type=HealthMonitorType.TCP, tenant_id=tenant
+        ),
     }
 
 
-def test_the_defaults_are_neutrons() -> None:
-    assert dict(DEFAULT_QUOTAS) == {
-        "bridge": 100,
-        "subnet": 100,
-        "port": 500,
-        "router": 10,
-        "floating_ip": 50,
-        "security_group": 10,
-        "security_group_rule": 100,
-    }
+def test_every_kind_a_tenant_creates_has_a_quota_with_openstacks_defaults() -> None:
+    tenant_kinds = set(KINDS) - INFRASTRUCTURE_KINDS
+    assert set(DEFAULT_QUOTAS) == tenant_kinds
+    neutron = ("bridge", 100), ("subnet", 100), ("port", 500), ("router", 10)
+    more = ("floating_ip", 50), ("security_group", 10), ("security_group_rule", 100)
+    lbaas = ("load_balancer", 10), ("pool", 10)  # neutron-lbaas's
+    assert {kind: DEFAULT_QUOTAS[kind] for kind, _ in (*neutron, *more, *lbaas)} == dict(
+        (*neutron, *more, *lbaas)
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(DEFAULT_QUOTAS))
@@ -169,7 +217,7 @@ def test_unlimited_zero_and_reset(run: Runner) -> None:
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"chain": 5}, "chain"),
+        ({"host": 5}, "host"),
         ({"router": -2}, "router"),
         ({"router": True}, "router"),
         ({"router": "5"}, "router"),
@@ -237,6 +285,39 @@ def test_a_rival_taking_the_last_unit_before_the_commit_refuses_the_create(run: 
         assert (caught.value.limit, caught.value.usage) == (2, 2)
         ids = {stored.obj.id for stored in (await repo.list(Router, tenant_id="acme")).items}
         assert "rival" in ids and "late" not in ids
+        await assert_consistent(repo.store)
+
+    run(body)
+
+
+@pytest.mark.parametrize("kind", sorted(DEFAULT_QUOTAS))
+def test_a_race_for_the_last_unit_of_each_kind_has_one_winner(run: Runner, kind: str) -> None:
+    """The same race as above for every counted kind (LB kinds, chains, rules, routes and
+    address groups included): the rival's create commits, this one is refused, the counter
+    matches the objects."""
+
+    async def body(repo: TopologyRepository) -> None:
+        await _parents(repo)
+        make = _factories()[kind]
+        held = (await read_usage(repo.store, "acme"))[kind]
+        await set_quotas(repo.store, "acme", {kind: held + 1})
+        rival_obj = make(1)
+
+        async def rival() -> None:
+            await repo.create(rival_obj, scope=ACME)
+
+        racing = TopologyRepository(RivalStore(repo.store, rival))
+        late = make(2)
+        with pytest.raises(OverQuotaError) as caught:
+            await racing.create(late, scope=ACME)
+        assert (caught.value.kind, caught.value.limit, caught.value.usage) == (
+            kind,
+            held + 1,
+            held + 1,
+        )
+        ids = {stored.obj.id for stored in (await repo.list(type(late), tenant_id="acme")).items}
+        assert rival_obj.id in ids and late.id not in ids
+        assert len(ids) == held + 1 == (await read_usage(repo.store, "acme"))[kind]
         await assert_consistent(repo.store)
 
     run(body)

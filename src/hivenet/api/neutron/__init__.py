@@ -15,6 +15,7 @@ from hivenet.api.auth import TokenRegistry
 from hivenet.api.neutron.common import HiveNetTokens, OpenStackOptions, caller_of
 from hivenet.api.neutron.identity import IDENTITY_PATH, identity_app
 from hivenet.api.neutron.routes import neutron_app, version_entry
+from hivenet.store.base import Store
 from hivenet.store.topology import TopologyRepository
 
 __all__ = ["OpenStackOptions", "mount_openstack"]
@@ -32,13 +33,16 @@ def mount_openstack(app: FastAPI, options: OpenStackOptions) -> None:
         registry: TokenRegistry = app.state.tokens
         return registry
 
+    async def store() -> Store:
+        return (await repository()).store
+
     @app.get("/", include_in_schema=False)
     async def versions(request: Request) -> JSONResponse:
         """The versions document: keystoneauth discovery finds v2.0 here for the `network`
         and `load-balancer` services alike."""
         return JSONResponse({"versions": [version_entry(str(request.base_url))]})
 
-    app.mount("/v2.0/lbaas", octavia_app(options, repository, tokens))
-    resolver = options.resolver or HiveNetTokens(tokens, options.project_tokens)
+    resolver = options.resolver or HiveNetTokens(tokens, store)
+    app.mount("/v2.0/lbaas", octavia_app(options, repository, resolver))
     app.mount(IDENTITY_PATH, identity_app(lambda request: caller_of(request, options, resolver)))
-    app.mount("/v2.0", neutron_app(options, repository, tokens))
+    app.mount("/v2.0", neutron_app(options, repository, resolver))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import pydantic
@@ -23,7 +23,8 @@ from fastapi import FastAPI, Request
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
 
-from hivenet.api.auth import Principal, TokenRegistry
+from hivenet.api.auth import READ_METHODS, Principal, TokenRegistry
+from hivenet.api.tokens import ExpiredTokenError, lookup_project_token
 from hivenet.model import TOPOLOGY_PREFIX, TopologyObject, decode
 from hivenet.model.topology import DEFAULT_TENANT
 from hivenet.store.base import Store
@@ -78,17 +79,21 @@ class TokenResolver(Protocol):
 
 @dataclass(frozen=True)
 class HiveNetTokens:
-    """HiveNet's own tokens: the server's registry (the admin token: every project), plus
-    `project_tokens` (token -> project id) for project-scoped callers."""
+    """HiveNet's own tokens, the same as on `/v1`: the server's admin token (every project)
+    and the project tokens of `/v1/tokens` (one project, one role), looked up in the store on
+    every request (a revocation holds on the next request)."""
 
     registry: Callable[[], TokenRegistry]
-    project_tokens: Mapping[str, str] = field(default_factory=dict)
+    store: Callable[[], Awaitable[Store]]
 
     async def resolve(self, token: str) -> Principal | None:
-        project = self.project_tokens.get(token)
-        if project is not None:
-            return Principal(name=f"project {project}", tenant_id=project)
-        return self.registry().lookup(token)
+        principal = self.registry().lookup(token)
+        if principal is not None:
+            return principal
+        try:
+            return await lookup_project_token(await self.store(), token)
+        except ExpiredTokenError as exc:
+            raise OpenStackError(401, "HTTPUnauthorized", f"X-Auth-Token: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -96,23 +101,31 @@ class OpenStackOptions:
     """How `hivenet serve` exposes the OpenStack APIs.
 
     `noauth_project`: requests without X-Auth-Token act for this project (an operator's
-    `auth_type: none` setup); None refuses them with 401. `project_tokens`: extra HiveNet
-    tokens mapped to one project each. `resolver`: replaces HiveNet token lookup (Keystone)."""
+    `auth_type: none` setup, which trusts whoever reaches the server: such a caller may also
+    set the cluster admin's attributes, as Neutron's noauth context is an admin); None
+    refuses them with 401. `resolver`: replaces HiveNet token lookup (Keystone)."""
 
     noauth_project: str | None = None
-    project_tokens: Mapping[str, str] = field(default_factory=dict)
     resolver: TokenResolver | None = None
 
 
 @dataclass(frozen=True)
 class Caller:
-    """The principal and the project its writes default to."""
+    """The principal and the project its writes default to. `noauth`: no token was sent and
+    the server acts for its `--openstack-noauth-project`."""
 
     principal: Principal
+    noauth: bool = False
 
     @property
     def is_admin(self) -> bool:
         return self.principal.is_admin
+
+    @property
+    def may_set_infrastructure(self) -> bool:
+        """May set what binds objects to the physical world or to other projects (a network's
+        `shared` and `router:external`, a port's `binding:host_id`/`binding:profile`)."""
+        return self.principal.is_admin or self.noauth
 
     @property
     def project_id(self) -> str:
@@ -134,8 +147,19 @@ class Caller:
             )
         return requested
 
+    def require_infrastructure(self, attribute: str, value: object) -> None:
+        """403 naming the attribute unless the caller may set cluster-admin attributes."""
+        if not self.may_set_infrastructure:
+            raise OpenStackError(
+                403,
+                "HTTPForbidden",
+                f"{attribute}={value!r}: only the cluster admin may set {attribute} "
+                f"(this token: {self.principal.describe()})",
+            )
+
 
 async def caller_of(request: Request, options: OpenStackOptions, resolver: TokenResolver) -> Caller:
+    """Who is calling; 401 without a valid token, 403 for a reader's write."""
     token = request.headers.get("x-auth-token")
     if token == NOAUTH_TOKEN and options.noauth_project is not None:
         token = None
@@ -147,10 +171,18 @@ async def caller_of(request: Request, options: OpenStackOptions, resolver: Token
                 "missing X-Auth-Token (start `hivenet serve --openstack-noauth-project P` "
                 "for auth_type none)",
             )
-        return Caller(Principal(name="noauth", tenant_id=options.noauth_project))
+        return Caller(Principal(name="noauth", tenant_id=options.noauth_project), noauth=True)
     principal = await resolver.resolve(token)
     if principal is None:
         raise OpenStackError(401, "HTTPUnauthorized", "invalid X-Auth-Token")
+    if request.method not in READ_METHODS and not principal.may_write:
+        raise OpenStackError(
+            403,
+            "HTTPForbidden",
+            f"role {principal.role.value!r} may only read: {request.method} "
+            f"{request.url.path} needs role member or admin (this token: "
+            f"{principal.describe()})",
+        )
     return Caller(principal)
 
 
@@ -526,6 +558,22 @@ def visible_or_404(caller: Caller, obj: Any, resource: str, object_id: str) -> A
     project's object does not exist as far as the caller can tell)."""
     if obj is None or not caller.sees(obj):
         raise not_found(resource, object_id)
+    return obj
+
+
+def owned_or_error(caller: Caller, obj: Any, resource: str, object_id: str, readable: bool) -> Any:
+    """`obj` when the caller may change it (its project's); a 403 when it may only read it
+    (`readable`: a shared or external network and its subnets); otherwise the 404."""
+    if obj is None or not (caller.sees(obj) or readable):
+        raise not_found(resource, object_id)
+    if not caller.sees(obj):
+        words = resource.replace("_", " ")
+        raise OpenStackError(
+            403,
+            "HTTPForbidden",
+            f"{words} {object_id} is shared by another project: this token may read it and "
+            f"attach ports to it, not change it (this token: {caller.principal.describe()})",
+        )
     return obj
 
 

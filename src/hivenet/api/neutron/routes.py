@@ -18,21 +18,21 @@ from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from hivenet.api.auth import TokenRegistry
 from hivenet.api.neutron import l3
 from hivenet.api.neutron import translate as tr
 from hivenet.api.neutron.common import (
     Caller,
-    HiveNetTokens,
     OpenStackError,
     OpenStackOptions,
     Snapshot,
+    TokenResolver,
     bad_request,
     caller_of,
     collection_url,
     conflict,
     not_found,
     openstack_subapp,
+    owned_or_error,
     page_of,
     parse_list_query,
     port_is_active,
@@ -119,10 +119,12 @@ class TagsRequest(BaseModel):
 class Neutron:
     """The request handlers' shared context."""
 
-    def __init__(self, options: OpenStackOptions, repository: RepositorySource, tokens: Any):
+    def __init__(
+        self, options: OpenStackOptions, repository: RepositorySource, resolver: TokenResolver
+    ):
         self.options = options
         self.repository = repository
-        self.resolver = options.resolver or HiveNetTokens(tokens, options.project_tokens)
+        self.resolver = resolver
 
     async def caller(self, request: Request) -> Caller:
         return await caller_of(request, self.options, self.resolver)
@@ -148,6 +150,26 @@ class Neutron:
         if not caller.sees(stored.obj) and not (shared is not None and shared(stored.obj)):
             raise not_found(resource, object_id)
         return stored.obj, stored.mod_revision
+
+    async def subnet_readable(self, caller: Caller, subnet: Subnet) -> bool:
+        """A subnet another project may read: one on an external or a shared network."""
+        from hivenet.store.topology import NotFoundError
+
+        try:
+            bridge = (await (await self.repository()).get(Bridge, subnet.bridge_id)).obj
+        except NotFoundError:
+            return False
+        return tr.network_visible(caller, bridge)
+
+    async def subnet_id_readable(self, caller: Caller, subnet_id: str) -> bool:
+        """`subnet_readable` by id (False when there is no such subnet)."""
+        from hivenet.store.topology import NotFoundError
+
+        try:
+            subnet = (await (await self.repository()).get(Subnet, subnet_id)).obj
+        except NotFoundError:
+            return False
+        return await self.subnet_readable(caller, subnet)
 
     async def read(self, body: Callable[[TopologyTransaction], Awaitable[Any]]) -> Any:
         """`body`'s result from a read-only transaction (one consistent view)."""
@@ -234,7 +256,7 @@ async def ensure_default_security_group(txn: TopologyTransaction, project_id: st
 def neutron_app(
     options: OpenStackOptions,
     repository: RepositorySource,
-    tokens: Callable[[], TokenRegistry],
+    resolver: TokenResolver,
 ) -> FastAPI:
     app = openstack_subapp(
         "HiveNet Neutron API",
@@ -242,7 +264,7 @@ def neutron_app(
         neutron_error,
         RESOURCE_OF_KIND,
     )
-    ctx = Neutron(options, repository, tokens)
+    ctx = Neutron(options, repository, resolver)
 
     @app.get("/", include_in_schema=False)
     @app.get("", include_in_schema=False)
@@ -296,11 +318,13 @@ def neutron_app(
     async def create_network(request: Request, body: NetworkRequest = Body(...)) -> JSONResponse:  # type: ignore[valid-type]
         caller = await ctx.caller(request)
         spec: tr.NetworkBody = body.network  # type: ignore[attr-defined]
+        _check_network_infrastructure(caller, spec, None)
         bridge = Bridge(
             name=spec.name or "",
             tenant_id=caller.owner_for(_owner(spec)),
             admin_state_up=True if spec.admin_state_up is None else spec.admin_state_up,
             mtu=spec.mtu,
+            shared=bool(spec.shared),
             external_ids=_network_ids(spec, {}),
         )
         repository = await ctx.repository()
@@ -327,7 +351,7 @@ def neutron_app(
     async def show_network(network_id: str, request: Request) -> JSONResponse:
         caller = await ctx.caller(request)
         bridge, revision = await ctx.visible(
-            caller, Bridge, network_id, "network", shared=tr.is_external
+            caller, Bridge, network_id, "network", shared=lambda b: tr.network_visible(caller, b)
         )
         return JSONResponse(
             {"network": show_fields(request, await ctx.network_dict(bridge, revision))}
@@ -344,7 +368,10 @@ def neutron_app(
         _no_owner_change(spec)
 
         def change(current: Bridge) -> Bridge:
+            _check_network_infrastructure(caller, spec, current)
             updates: dict[str, Any] = {"external_ids": _network_ids(spec, current.external_ids)}
+            if spec.shared is not None:
+                updates["shared"] = spec.shared
             if spec.name is not None:
                 updates["name"] = spec.name
             if spec.admin_state_up is not None:
@@ -358,7 +385,9 @@ def neutron_app(
             Bridge,
             network_id,
             change,
-            precondition=lambda current: visible_or_404(caller, current, "network", network_id),
+            precondition=lambda current: owned_or_error(
+                caller, current, "network", network_id, tr.network_visible(caller, current)
+            ),
             expected_revision=_if_match(request),
         )
         return JSONResponse({"network": await ctx.network_dict(stored.obj, stored.mod_revision)})
@@ -369,7 +398,13 @@ def neutron_app(
 
         async def body(txn: TopologyTransaction) -> None:
             bridge = await txn.get(Bridge, network_id)
-            visible_or_404(caller, bridge, "network", network_id)
+            owned_or_error(
+                caller,
+                bridge,
+                "network",
+                network_id,
+                bool(bridge and tr.network_visible(caller, bridge)),
+            )
             for kind, referrer_id in await txn.referrers("bridge", network_id, "port"):
                 if kind == "port":
                     raise conflict(
@@ -396,8 +431,8 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> Port:
             bridge = await txn.get(Bridge, network_id)
-            visible_or_404(caller, bridge, "network", network_id)
-            assert bridge is not None
+            if bridge is None or not tr.network_attachable(caller, bridge):
+                raise not_found("network", network_id)
             port_security = (
                 tr.network_port_security(bridge)
                 if spec.port_security_enabled is None
@@ -419,7 +454,7 @@ def neutron_app(
             if spec.mac_address is not None:
                 fields["mac"] = spec.mac_address
             port = Port.model_validate(fields)
-            port = await _bind(txn, port, spec)
+            port = await _bind(txn, caller, port, spec)
             return await txn.create(port)
 
         port, revision = await ctx.transact(write, "create port")
@@ -519,7 +554,7 @@ def neutron_app(
                 updates["admin_state_up"] = spec.admin_state_up
             port = Port.model_validate({**current.model_dump(), **updates})
             if spec.binding_host_id is not None or spec.binding_profile is not None:
-                port = await _bind(txn, port, spec)
+                port = await _bind(txn, caller, port, spec)
             return await txn.update(port)
 
         port, revision = await ctx.transact(write, f"update port {port_id}")
@@ -670,7 +705,13 @@ def neutron_app(
 
         async def write(txn: TopologyTransaction) -> Subnet:
             bridge = await txn.get(Bridge, network_id)
-            visible_or_404(caller, bridge, "network", network_id)
+            owned_or_error(
+                caller,
+                bridge,
+                "network",
+                network_id,
+                bool(bridge and tr.network_visible(caller, bridge)),
+            )
             assert bridge is not None
             owner = caller.owner_for(_owner(spec))
             subnet = Subnet.model_validate(
@@ -691,11 +732,11 @@ def neutron_app(
         caller = await ctx.caller(request)
         query = parse_list_query(request, tr.SUBNET_ATTRIBUTES)
         snapshot = await scan(await ctx.repository(), [Subnet, Bridge])
-        external = {b.id for b in snapshot.of(Bridge) if tr.is_external(b)}
+        readable = {b.id for b in snapshot.of(Bridge) if tr.network_visible(caller, b)}
         items = [
             tr.subnet_view(subnet, snapshot.revisions[subnet.id])
             for subnet in snapshot.of(Subnet)
-            if caller.sees(subnet) or subnet.bridge_id in external
+            if caller.sees(subnet) or subnet.bridge_id in readable
         ]
         return JSONResponse(page_of(items, query, "subnets", collection_url(request)))
 
@@ -704,16 +745,8 @@ def neutron_app(
         caller = await ctx.caller(request)
         repository = await ctx.repository()
 
-        async def on_external(subnet: Subnet) -> bool:
-            from hivenet.store.topology import NotFoundError
-
-            try:
-                return tr.is_external((await repository.get(Bridge, subnet.bridge_id)).obj)
-            except NotFoundError:
-                return False
-
         stored = await repository.get(Subnet, subnet_id)
-        if not caller.sees(stored.obj) and not await on_external(stored.obj):
+        if not caller.sees(stored.obj) and not await ctx.subnet_readable(caller, stored.obj):
             raise not_found("subnet", subnet_id)
         subnet, revision = stored.obj, stored.mod_revision
         return JSONResponse({"subnet": show_fields(request, tr.subnet_view(subnet, revision))})
@@ -739,11 +772,15 @@ def neutron_app(
             }
             return Subnet.model_validate(fields)
 
-        stored = await (await ctx.repository()).modify(
+        repository = await ctx.repository()
+        readable = await ctx.subnet_id_readable(caller, subnet_id)
+        stored = await repository.modify(
             Subnet,
             subnet_id,
             change,
-            precondition=lambda current: visible_or_404(caller, current, "subnet", subnet_id),
+            precondition=lambda current: owned_or_error(
+                caller, current, "subnet", subnet_id, readable
+            ),
             expected_revision=_if_match(request),
         )
         return JSONResponse({"subnet": tr.subnet_view(stored.obj, stored.mod_revision)})
@@ -752,8 +789,10 @@ def neutron_app(
     async def delete_subnet(subnet_id: str, request: Request) -> Response:
         caller = await ctx.caller(request)
 
+        readable = await ctx.subnet_id_readable(caller, subnet_id)
+
         async def write(txn: TopologyTransaction) -> None:
-            visible_or_404(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id)
+            owned_or_error(caller, await txn.get(Subnet, subnet_id), "subnet", subnet_id, readable)
             for kind, referrer_id in await txn.referrers("subnet", subnet_id, "port"):
                 if kind == "port":
                     raise conflict(
@@ -1279,6 +1318,19 @@ def _if_match(request: Request) -> int | None:
     return int(number)
 
 
+def _check_network_infrastructure(
+    caller: Caller, spec: tr.NetworkBody, current: Bridge | None
+) -> None:
+    """`shared` and `router:external` open a network to every project: cluster admin only
+    (403 naming the attribute when a project token sets or changes one)."""
+    shared = False if current is None else current.shared
+    external = False if current is None else tr.is_external(current)
+    if spec.shared is not None and spec.shared != shared:
+        caller.require_infrastructure("shared", spec.shared)
+    if spec.router_external is not None and spec.router_external != external:
+        caller.require_infrastructure("router:external", spec.router_external)
+
+
 def _network_ids(spec: tr.NetworkBody, current: dict[str, str]) -> dict[str, str]:
     updates: dict[str, str | None] = {}
     if spec.router_external is not None:
@@ -1350,9 +1402,14 @@ async def _port_groups(
     return tuple(groups)
 
 
-async def _bind(txn: TopologyTransaction, port: Port, spec: tr.PortBody) -> Port:
+async def _bind(txn: TopologyTransaction, caller: Caller, port: Port, spec: tr.PortBody) -> Port:
     """Bind as Nova does: binding:host_id names the host, the interface is Nova's tap name
-    unless binding:profile names one; an empty host_id unbinds."""
+    unless binding:profile names one; an empty host_id unbinds. A host binding is the
+    cluster admin's (as on /v1, and as Neutron's default policy has it)."""
+    if spec.binding_host_id is not None:
+        caller.require_infrastructure("binding:host_id", spec.binding_host_id)
+    if spec.binding_profile is not None:
+        caller.require_infrastructure("binding:profile", spec.binding_profile)
     host_id = spec.binding_host_id if spec.binding_host_id is not None else port.host_id
     if not host_id:
         return port.model_copy(update={"host_id": None, "interface_name": None})

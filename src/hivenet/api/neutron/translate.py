@@ -175,13 +175,6 @@ class NetworkBody(_Body):
     mtu: int | None = Field(default=None, ge=68, le=65535)
     availability_zone_hints: list[str] | None = Field(default=None, max_length=0)
 
-    @field_validator("shared")
-    @classmethod
-    def _not_shared(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("shared networks are not supported (RBAC is not implemented)")
-        return value
-
 
 class AddressPairBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -351,7 +344,7 @@ def network_view(bridge: Bridge, revision: int, subnet_ids: list[str]) -> dict[s
         **common_fields(bridge, revision),
         "admin_state_up": bridge.admin_state_up,
         "status": "ACTIVE" if bridge.admin_state_up else "DOWN",
-        "shared": False,
+        "shared": bridge.shared,
         "router:external": _bool(ext.get(EXTERNAL), False),
         "port_security_enabled": _bool(ext.get(PORT_SECURITY), True),
         "mtu": overlay_mtu(bridge.mtu),
@@ -389,8 +382,14 @@ def is_external(bridge: Bridge) -> bool:
 
 
 def network_visible(caller: Any, bridge: Bridge) -> bool:
-    """Every project may read (and use as a gateway or for floating IPs) an external network."""
-    return bool(caller.sees(bridge)) or is_external(bridge)
+    """Every project may read an external network (and use it as a gateway or for floating
+    IPs) and a shared one (and attach its own ports to it)."""
+    return bool(caller.sees(bridge)) or is_external(bridge) or bridge.shared
+
+
+def network_attachable(caller: Any, bridge: Bridge) -> bool:
+    """Whose ports a network takes: its own project's, and every project's when shared."""
+    return bool(caller.sees(bridge)) or bridge.shared
 
 
 def network_port_security(bridge: Bridge) -> bool:

@@ -28,13 +28,12 @@ from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from hivenet.api.auth import TokenRegistry
 from hivenet.api.lbstats import load_balancer_stats
 from hivenet.api.neutron.common import (
     Caller,
-    HiveNetTokens,
     OpenStackError,
     OpenStackOptions,
+    TokenResolver,
     bad_request,
     caller_of,
     collection_url,
@@ -117,9 +116,11 @@ RESOURCE_OF_KIND = {
 
 def octavia_error(error: OpenStackError) -> Response:
     kind = "Client" if error.status < 500 else "Server"
+    # Octavia answers a create past a quota with 403 (Neutron: 409 OverQuota).
+    status = 403 if error.error_type == "OverQuota" else error.status
     return JSONResponse(
         {"faultcode": kind, "faultstring": error.message, "debuginfo": None},
-        status_code=error.status,
+        status_code=status,
     )
 
 
@@ -485,7 +486,7 @@ VipAllocator = Callable[
 def octavia_app(
     options: OpenStackOptions,
     repository: RepositorySource,
-    tokens: Callable[[], TokenRegistry],
+    resolver: TokenResolver,
     vip_allocator: VipAllocator = allocate_vip,
 ) -> FastAPI:
     app = openstack_subapp(
@@ -494,7 +495,6 @@ def octavia_app(
         octavia_error,
         RESOURCE_OF_KIND,
     )
-    resolver = options.resolver or HiveNetTokens(tokens, options.project_tokens)
 
     async def caller(request: Request) -> Caller:
         return await caller_of(request, options, resolver)
