@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from hivenet.datapath._fragments import FragmentKey, FragmentTracker, ipv4_fragment
 from hivenet.datapath.base import UpcallHandler, tunnel_peer_set
 from hivenet.flows.actions import Action as FlowAction
 from hivenet.flows.actions import (
@@ -153,6 +154,8 @@ class MemoryDatapath:
         self._flow_state_handler: Callable[[bytes], None] | None = None
         self._counters = _Counters()
         self._tunnel_peers: frozenset[str] | None = None
+        self.fragments = FragmentTracker()
+        self._recording_fragment: FragmentKey | None = None
         if underlay is not None:
             underlay.attach(underlay_ip, self)
 
@@ -216,6 +219,9 @@ class MemoryDatapath:
     def execute(self, frame: bytes, actions: Sequence[FlowAction]) -> None:
         self._check_actions(actions, "execute")
         self._counters.executed += 1
+        if self._recording_fragment is not None:
+            self.fragments.record(self._recording_fragment, tuple(actions))
+            self._recording_fragment = None
         outputs = execute_actions(frame, actions)
         if not outputs:
             self._count_drop(_drop_reason(actions))
@@ -252,6 +258,10 @@ class MemoryDatapath:
         if port_key not in self._interfaces:
             raise DatapathError(f"receive: port_key {port_key} is not bound on {self.host_id}")
         self._counters.received += 1
+        fragment, tiny = ipv4_fragment(frame, port_key)
+        if tiny is not None:
+            self._count_drop(tiny)
+            return
         try:
             match = extract_flow_match(frame, port_key)
         except PacketError:
@@ -261,7 +271,22 @@ class MemoryDatapath:
             self._counters.malformed += 1
             self._count_drop("malformed_frame")
             return
-        flow = self.flow_table.lookup(match, self.clock(), packet_bytes=len(frame))
+        now = self.clock()
+        if fragment is not None:  # as the userspace datapath does (`datapath._fragments`)
+            if fragment.start:
+                actions, mtu, reason = self.fragments.later(fragment, now)
+                if actions is None:
+                    self._count_drop(reason or "fragment_no_first")
+                elif mtu and len(frame) > mtu + 14:
+                    self._count_drop("too_big")
+                else:
+                    self.execute(frame, actions)
+                return
+            reason = self.fragments.first(fragment, now)
+            if reason is not None:
+                self._count_drop(reason)
+                return
+        flow = self.flow_table.lookup(match, now, packet_bytes=len(frame))
         verdict = mtu_verdict(frame, flow.mtu) if flow is not None else FITS
         if (
             flow is not None
@@ -274,6 +299,8 @@ class MemoryDatapath:
             return
         if flow is not None and verdict == FITS:
             self._counters.hits += 1
+            if fragment is not None:
+                self.fragments.record(fragment.key, tuple(flow.actions), flow.mtu)
             self.execute(frame, flow.actions)
             return
         if verdict == TOO_BIG:  # larger than the flow's MTU, may not be fragmented: the agent
@@ -287,7 +314,14 @@ class MemoryDatapath:
             self._counters.upcalls_without_handler += 1
             self._count_drop("no_upcall_handler")
             return
-        self._handler(port_key, frame)
+        if fragment is None:
+            self._handler(port_key, frame)
+            return
+        self._recording_fragment = fragment.key  # the agent's first execute is its verdict
+        try:
+            self._handler(port_key, frame)
+        finally:
+            self._recording_fragment = None
 
     def set_flow_state_handler(self, handler: Callable[[bytes], None]) -> None:
         """Who receives flow-state messages (tunnel key FLOWSTATE_TUNNEL_KEY): the agent."""
