@@ -32,9 +32,9 @@ from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import Flow, FlowTable
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import PacketError, extract_flow_match
-from hivenet.packets.checksum import ipv4_header_checksum_ok
 from hivenet.packets.flowmatch import ETH_TYPE_IPV4
 from hivenet.packets.mtu import FITS, TOO_BIG, mtu_verdict
+from hivenet.packets.options import ipv4_unroutable
 
 _KNOWN_ACTIONS = (SetField, DecTtl, PushVlan, PopVlan, Output, Tunnel, Drop)
 
@@ -279,6 +279,10 @@ class MemoryDatapath:
                     self._count_drop(reason or "fragment_no_first")
                 elif mtu and len(frame) > mtu + 14:
                     self._count_drop("too_big")
+                elif any(isinstance(action, DecTtl) for action in actions) and (
+                    refused := ipv4_unroutable(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
+                ):
+                    self._count_drop(refused)
                 else:
                     self.execute(frame, actions)
                 return
@@ -288,14 +292,16 @@ class MemoryDatapath:
                 return
         flow = self.flow_table.lookup(match, now, packet_bytes=len(frame))
         verdict = mtu_verdict(frame, flow.mtu) if flow is not None else FITS
-        if (
-            flow is not None
+        refused = (
+            ipv4_unroutable(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
+            if flow is not None
             and match.eth_type == ETH_TYPE_IPV4
             and any(isinstance(action, DecTtl) for action in flow.actions)
-            and not ipv4_header_checksum_ok(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
-        ):
-            # As the userspace datapath: a routed flow re-checks every packet's header checksum.
-            self._count_drop("bad_ip_checksum")
+            else None
+        )
+        if refused is not None:
+            # As the userspace datapath: a routed flow re-checks every packet's header.
+            self._count_drop(refused)
             return
         if flow is not None and verdict == FITS:
             self._counters.hits += 1

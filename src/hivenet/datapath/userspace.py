@@ -98,10 +98,10 @@ from hivenet.model.types import (
     TUNNEL_KEY_MIN,
 )
 from hivenet.packets import extract_flow_match
-from hivenet.packets.checksum import ipv4_header_checksum_ok
 from hivenet.packets.errors import PacketError
 from hivenet.packets.headers import VXLAN_FLAG_VNI_VALID, VXLAN_PORT
 from hivenet.packets.mtu import FITS, TOO_BIG, mtu_verdict
+from hivenet.packets.options import ipv4_unroutable
 from hivenet.packets.vxlan import VXLAN_HEADER_SIZE, vxlan_encapsulate
 
 log = logging.getLogger(__name__)
@@ -292,17 +292,18 @@ def interface_rx_packets(interface_name: str) -> int | None:
     return None
 
 
-def routable_ipv4(buffer: memoryview, base: int, size: int) -> bool:
-    """False for an IPv4 frame at `buffer[base:base + size]` whose header checksum is wrong;
-    True for any other frame (the flow matched it, so it parsed)."""
+def unroutable_ipv4(buffer: memoryview, base: int, size: int) -> str | None:
+    """The drop reason of an IPv4 frame at `buffer[base:base + size]` a router must not
+    forward (`ipv4_unroutable`: bad header checksum, source route); None for any other frame
+    (the flow matched it, so it parsed)."""
     at = base + 14
     eth_type = buffer[base + 12 : base + 14]
     if eth_type == b"\x81\x00":
         eth_type = buffer[base + 16 : base + 18]
         at += 4
     if eth_type != b"\x08\x00":
-        return True
-    return ipv4_header_checksum_ok(buffer, at)
+        return None
+    return ipv4_unroutable(buffer, at)
 
 
 def restore_vlan_tag(buffer: bytearray, length: int, auxdata: bytes) -> int:
@@ -773,8 +774,8 @@ class UserspaceDatapath:
             if mtu and frame_len > mtu + _ETHERNET_HEADER_LEN and self._too_big(port, length, mtu):
                 continue
             if plan.transforms:
-                if plan.routed and not routable_ipv4(view, VNET_HEADER_LEN, frame_len):
-                    self._drop("bad_ip_checksum")
+                if plan.routed and (refused := unroutable_ipv4(view, VNET_HEADER_LEN, frame_len)):
+                    self._drop(refused)
                     continue
                 self._apply(
                     plan,
@@ -880,8 +881,8 @@ class UserspaceDatapath:
             self._drop("too_big")
             return
         plan = self._plan_for(actions)
-        if plan.routed and not routable_ipv4(memoryview(frame), 0, len(frame)):
-            self._drop("bad_ip_checksum")
+        if plan.routed and (refused := unroutable_ipv4(memoryview(frame), 0, len(frame))):
+            self._drop(refused)
             return
         self._apply(plan, actions, vnet_header, frame)
 

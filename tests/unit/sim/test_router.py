@@ -103,6 +103,35 @@ def test_a_bad_ipv4_header_checksum_is_dropped_at_the_router_and_never_cached() 
     assert resolved(topo).run(good, "vm1").drop_reason is None
 
 
+def with_ipv4_option(frame: bytes, option: bytes) -> bytes:
+    """`frame` (untagged IPv4, no options) with `option` (a multiple of 4 bytes) added."""
+    header = bytearray(frame[14:34]) + option
+    header[0] = 0x40 | len(header) // 4
+    header[2:4] = (int.from_bytes(frame[16:18], "big") + len(option)).to_bytes(2, "big")
+    header[10:12] = b"\x00\x00"
+    total = sum(int.from_bytes(header[i : i + 2], "big") for i in range(0, len(header), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    header[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    return frame[:14] + bytes(header) + frame[34:]
+
+
+# Loose source route through 10.0.2.10 (type 131, length 7, pointer 4) + end of list.
+LSRR = bytes((131, 7, 4, 10, 0, 2, 10, 0))
+RECORD_ROUTE = bytes((7, 7, 4, 0, 0, 0, 0, 0))
+
+
+def test_a_source_routed_packet_is_dropped_at_the_router_and_never_cached() -> None:
+    topo = two_subnets()
+    good = udp(mac(1), gw(topo), "10.0.1.10", "10.0.2.10", ttl=64)
+    result = resolved(topo).run(with_ipv4_option(good, LSRR), "vm1")
+    assert result.drop_reason == "ip_source_route"
+    assert not result.install and result.generated == ()
+    # Other options (record route) are forwarded as they are.
+    recorded = resolved(topo).run(with_ipv4_option(good, RECORD_ROUTE), "vm1")
+    assert recorded.drop_reason is None and recorded.install
+
+
 def test_a_bridge_forwards_a_bad_ipv4_header_checksum_as_a_switch_does() -> None:
     topo = two_subnets()
     topo.vm_port("b1", "vm3", "h2", mac_n=3, addresses=("10.0.1.11/24",))
