@@ -212,8 +212,9 @@ def test_security_group_allows_its_port_drops_another_and_passes_replies(lab: La
                 after = lab.fresh_agent_counters("h3")["pipeline"].get("drop.security_group", 0)
                 assert after > before, (before, after)
             finally:
+                # Back to the VM port's default: anti-spoofing, no group.
                 client.update(
-                    "port", "vm.vm4", {"port_security_enabled": False, "security_group_ids": []}
+                    "port", "vm.vm4", {"port_security_enabled": True, "security_group_ids": []}
                 )
                 for kind, object_id in (
                     ("security_group_rule", "hn-web-8080"),

@@ -4,11 +4,12 @@ On the `nat` lab vm1 (h1, net1) sends, for a bounded time, scapy-built frames th
 r1 towards vm3 (h2, net2): IPv4 with a bad header checksum, with a total length longer than
 the frame and shorter than its header, fragments ending past 65535 bytes, TCP fragments at
 offset 8, first fragments too short for their TCP header, truncated 802.1Q frames, QinQ and
-double-tagged frames, and TCP flag soup (valid IP, all flags set). Meanwhile vm4 (h1, net2)
+double-tagged frames, TCP flag soup (valid IP, all flags set), IPv4 options (a loose source
+route, a record route, an option whose length runs past the header). Meanwhile vm4 (h1, net2)
 pings vm3. Checked: no agent dies, vm4 loses no ping, vm3's capture holds no blaster frame
-that is malformed (bad header checksum, bad length, fragment attack, tagged), and h1's drop
-counters grew for every reason the frames should be dropped by. Timing changes the counts,
-so only growth is asserted. Runs on the lab's datapath (eBPF default; HN_LAB_DATAPATH).
+that is malformed (bad header checksum, bad length, fragment attack, tagged, source-routed,
+bad option), and h1's drop counters grew for every reason the frames should be dropped by.
+Timing changes the counts, so only growth is asserted. Runs on the lab's datapath (eBPF default; HN_LAB_DATAPATH).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ MARKER = b"HNBLAST-MARKER"
 # Each kind of frame once per round, rounds for SECONDS; scapy builds them (the test oracle).
 BLASTER = r"""
 import socket, sys, time
-from scapy.all import Ether, Dot1Q, Dot1AD, IP, TCP, UDP, Raw, get_if_hwaddr
+from scapy.all import Ether, Dot1Q, Dot1AD, IP, IPOption_LSRR, IPOption_RR, TCP, UDP, Raw, get_if_hwaddr
 seconds, target, gateway, marker = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].encode()
 mac = get_if_hwaddr("eth0")
 gw = next(line.split()[3] for line in open("/proc/net/arp").read().splitlines()[1:]
@@ -47,6 +48,16 @@ def raw(packet):
 bad_checksum = bytearray(raw(head / udp)); bad_checksum[24] ^= 0x5A
 too_long = bytearray(raw(head / udp)); too_long[16:18] = (2000).to_bytes(2, "big")
 too_short = bytearray(raw(head / udp)); too_short[16:18] = (12).to_bytes(2, "big")
+def with_header_checksum(frame):
+    frame = bytearray(frame); frame[24:26] = b"\0\0"
+    header = frame[14 : 14 + (frame[14] & 15) * 4]
+    total = sum(int.from_bytes(header[i : i + 2], "big") for i in range(0, len(header), 2))
+    while total >> 16: total = (total & 0xFFFF) + (total >> 16)
+    frame[24:26] = (~total & 0xFFFF).to_bytes(2, "big")
+    return bytes(frame)
+bad_option = bytearray(raw(head / IP(dst=target, options=[IPOption_RR()]) / UDP(sport=40004, dport=9) / Raw(marker)))
+bad_option[35] = 60  # the record-route option's length runs past the options area
+bad_option = with_header_checksum(bad_option)
 frames = {
     "bad_checksum": bytes(bad_checksum),
     "too_long": bytes(too_long),
@@ -58,6 +69,9 @@ frames = {
     "qinq": raw(Ether(src=mac, dst=gw) / Dot1AD(vlan=7) / Dot1Q(vlan=5) / udp),
     "double_8021q": raw(Ether(src=mac, dst=gw) / Dot1Q(vlan=7) / Dot1Q(vlan=5) / udp),
     "flag_soup": raw(head / IP(dst=target) / TCP(sport=40001, dport=22, flags="FSRPAUEC") / Raw(marker)),
+    "source_route": raw(head / IP(dst=target, options=[IPOption_LSRR(routers=[target])]) / UDP(sport=40002, dport=9) / Raw(marker)),
+    "record_route": raw(head / IP(dst=target, options=[IPOption_RR()]) / UDP(sport=40003, dport=9) / Raw(marker)),
+    "bad_option_length": bad_option,
 }
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 sock.bind(("eth0", 0))
@@ -77,7 +91,9 @@ print(f"sent {sent}", flush=True)
 # Drop reasons on h1 (pipeline and datapath summed) that must grow: each stands for kinds above.
 EXPECTED_REASONS = (
     "drop.bad_ip_checksum",  # bad_checksum, routed
-    "drop.malformed_frame",  # too_long, too_short, fragment attacks, tiny first fragment
+    "drop.malformed_frame",  # too_long, too_short, fragment attacks, bad_option_length
+    "drop.fragment_tiny",  # tiny_first_tcp
+    "drop.ip_source_route",  # source_route, routed
     "drop.port_stack",  # truncated_8021q, freed by the host kernel before any program
 )
 
@@ -113,6 +129,11 @@ def malformed(frame: bytes) -> str | None:
         return f"fragment attack (offset {ip.frag})"
     if ip.flags.MF and ip.frag == 0 and ip.proto == 6 and TCP not in ip:
         return "tiny first fragment"
+    options = header[20:]
+    if options[:1] in (b"\x83", b"\x89"):  # LSRR, SSRR (the only option the blaster puts first)
+        return "source route"
+    if options[:2] == b"\x07\x3c":
+        return "bad option length"
     return None
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from hivenet.datapath._fragments import FragmentKey, FragmentTracker, ipv4_fragment
 from hivenet.datapath.base import UpcallHandler, tunnel_peer_set
 from hivenet.datapath.vtep import VtepTable
 from hivenet.flows.actions import Action as FlowAction
@@ -32,9 +33,9 @@ from hivenet.flows.execute import execute_actions
 from hivenet.flows.table import Flow, FlowTable
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import PacketError, extract_flow_match
-from hivenet.packets.checksum import ipv4_header_checksum_ok
 from hivenet.packets.flowmatch import ETH_TYPE_IPV4
 from hivenet.packets.mtu import FITS, TOO_BIG, mtu_verdict
+from hivenet.packets.options import ipv4_unroutable
 
 _KNOWN_ACTIONS = (SetField, DecTtl, PushVlan, PopVlan, Output, Tunnel, Drop)
 
@@ -155,6 +156,8 @@ class MemoryDatapath:
         self._counters = _Counters()
         self._tunnel_peers: frozenset[str] | None = None
         self._vteps = VtepTable()
+        self.fragments = FragmentTracker()
+        self._recording_fragment: FragmentKey | None = None
         if underlay is not None:
             underlay.attach(underlay_ip, self)
 
@@ -228,6 +231,9 @@ class MemoryDatapath:
     def execute(self, frame: bytes, actions: Sequence[FlowAction]) -> None:
         self._check_actions(actions, "execute")
         self._counters.executed += 1
+        if self._recording_fragment is not None:
+            self.fragments.record(self._recording_fragment, tuple(actions))
+            self._recording_fragment = None
         outputs = execute_actions(frame, actions)
         if not outputs:
             self._count_drop(_drop_reason(actions))
@@ -267,6 +273,10 @@ class MemoryDatapath:
 
     def _ingress(self, port_key: int, frame: bytes) -> None:
         self._counters.received += 1
+        fragment, tiny = ipv4_fragment(frame, port_key)
+        if tiny is not None:
+            self._count_drop(tiny)
+            return
         try:
             match = extract_flow_match(frame, port_key)
         except PacketError:
@@ -276,19 +286,42 @@ class MemoryDatapath:
             self._counters.malformed += 1
             self._count_drop("malformed_frame")
             return
-        flow = self.flow_table.lookup(match, self.clock(), packet_bytes=len(frame))
+        now = self.clock()
+        if fragment is not None:  # as the userspace datapath does (`datapath._fragments`)
+            if fragment.start:
+                actions, mtu, reason = self.fragments.later(fragment, now)
+                if actions is None:
+                    self._count_drop(reason or "fragment_no_first")
+                elif mtu and len(frame) > mtu + 14:
+                    self._count_drop("too_big")
+                elif any(isinstance(action, DecTtl) for action in actions) and (
+                    refused := ipv4_unroutable(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
+                ):
+                    self._count_drop(refused)
+                else:
+                    self.execute(frame, actions)
+                return
+            reason = self.fragments.first(fragment, now)
+            if reason is not None:
+                self._count_drop(reason)
+                return
+        flow = self.flow_table.lookup(match, now, packet_bytes=len(frame))
         verdict = mtu_verdict(frame, flow.mtu) if flow is not None else FITS
-        if (
-            flow is not None
+        refused = (
+            ipv4_unroutable(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
+            if flow is not None
             and match.eth_type == ETH_TYPE_IPV4
             and any(isinstance(action, DecTtl) for action in flow.actions)
-            and not ipv4_header_checksum_ok(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
-        ):
-            # As the userspace datapath: a routed flow re-checks every packet's header checksum.
-            self._count_drop("bad_ip_checksum")
+            else None
+        )
+        if refused is not None:
+            # As the userspace datapath: a routed flow re-checks every packet's header.
+            self._count_drop(refused)
             return
         if flow is not None and verdict == FITS:
             self._counters.hits += 1
+            if fragment is not None:
+                self.fragments.record(fragment.key, tuple(flow.actions), flow.mtu)
             self.execute(frame, flow.actions)
             return
         if verdict == TOO_BIG:  # larger than the flow's MTU, may not be fragmented: the agent
@@ -302,7 +335,14 @@ class MemoryDatapath:
             self._counters.upcalls_without_handler += 1
             self._count_drop("no_upcall_handler")
             return
-        self._handler(port_key, frame)
+        if fragment is None:
+            self._handler(port_key, frame)
+            return
+        self._recording_fragment = fragment.key  # the agent's first execute is its verdict
+        try:
+            self._handler(port_key, frame)
+        finally:
+            self._recording_fragment = None
 
     def set_flow_state_handler(self, handler: Callable[[bytes], None]) -> None:
         """Who receives flow-state messages (tunnel key FLOWSTATE_TUNNEL_KEY): the agent."""

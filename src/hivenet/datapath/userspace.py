@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hivenet.datapath._fastkey import RawFlowKey, raw_flow_key
+from hivenet.datapath._fragments import Fragment, FragmentKey, FragmentTracker, ipv4_fragment
 from hivenet.datapath._offload import (
     F_DATA_VALID,
     VNET_HEADER_LEN,
@@ -103,10 +104,10 @@ from hivenet.model.types import (
     TUNNEL_KEY_MIN,
 )
 from hivenet.packets import extract_flow_match
-from hivenet.packets.checksum import ipv4_header_checksum_ok
 from hivenet.packets.errors import PacketError
 from hivenet.packets.headers import VXLAN_FLAG_VNI_VALID, VXLAN_PORT
 from hivenet.packets.mtu import FITS, TOO_BIG, mtu_verdict
+from hivenet.packets.options import ipv4_unroutable
 from hivenet.packets.vxlan import VXLAN_HEADER_SIZE, vxlan_encapsulate
 
 log = logging.getLogger(__name__)
@@ -297,17 +298,18 @@ def interface_rx_packets(interface_name: str) -> int | None:
     return None
 
 
-def routable_ipv4(buffer: memoryview, base: int, size: int) -> bool:
-    """False for an IPv4 frame at `buffer[base:base + size]` whose header checksum is wrong;
-    True for any other frame (the flow matched it, so it parsed)."""
+def unroutable_ipv4(buffer: memoryview, base: int, size: int) -> str | None:
+    """The drop reason of an IPv4 frame at `buffer[base:base + size]` a router must not
+    forward (`ipv4_unroutable`: bad header checksum, source route); None for any other frame
+    (the flow matched it, so it parsed)."""
     at = base + 14
     eth_type = buffer[base + 12 : base + 14]
     if eth_type == b"\x81\x00":
         eth_type = buffer[base + 16 : base + 18]
         at += 4
     if eth_type != b"\x08\x00":
-        return True
-    return ipv4_header_checksum_ok(buffer, at)
+        return None
+    return ipv4_unroutable(buffer, at)
 
 
 def restore_vlan_tag(buffer: bytearray, length: int, auxdata: bytes) -> int:
@@ -478,6 +480,8 @@ class UserspaceDatapath:
         self._offload_checksummed = 0
         self._offload_coalesced = 0
         self._udp_gso = True  # until the kernel refuses it (underlay without checksum offload)
+        self._fragments = FragmentTracker()
+        self._recording_fragment: FragmentKey | None = None
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -628,6 +632,9 @@ class UserspaceDatapath:
             raise ValueError(f"frame: expected bytes, got {type(frame).__name__}")
         checked_actions = tuple(actions)
         self._check_tunnel_addresses(checked_actions)
+        if self._recording_fragment is not None:
+            self._fragments.record(self._recording_fragment, checked_actions)
+            self._recording_fragment = None
         self._apply(
             self._plan_for(checked_actions), checked_actions, ZERO_VNET_HEADER, bytes(frame)
         )
@@ -655,6 +662,9 @@ class UserspaceDatapath:
             "offload_segmented": self._offload_segmented,
             "offload_checksummed": self._offload_checksummed,
             "offload_coalesced": self._offload_coalesced,
+            "fragment_datagrams": len(self._fragments),
+            "fragment_forwarded": self._fragments.forwarded,
+            "fragment_evictions": self._fragments.evictions,
         }
         for key, port in sorted(self._ports.items()):
             result[f"port.{key}.rx_packets"] = port.rx_packets
@@ -783,8 +793,8 @@ class UserspaceDatapath:
             if mtu and frame_len > mtu + _ETHERNET_HEADER_LEN and self._too_big(port, length, mtu):
                 continue
             if plan.transforms:
-                if plan.routed and not routable_ipv4(view, VNET_HEADER_LEN, frame_len):
-                    self._drop("bad_ip_checksum")
+                if plan.routed and (refused := unroutable_ipv4(view, VNET_HEADER_LEN, frame_len)):
+                    self._drop(refused)
                     continue
                 self._apply(
                     plan,
@@ -821,25 +831,28 @@ class UserspaceDatapath:
         view = port.view
         frame = bytes(view[VNET_HEADER_LEN:length])
         frame_len = len(frame)
-        try:
-            values = flow_match_values(extract_flow_match(frame, port.key))
-        except PacketError:
-            self._drop("malformed_frame")
+        parsed = self._parse_slow(port.key, bytes(view[:VNET_HEADER_LEN]), frame, now)
+        if parsed is None:
             return None
+        values, fragment = parsed
         table = self._table
         if key is None:
             flow = self._emc.get(values)
             if flow is not None and table.record_use(flow, now, frame_len):
                 self._emc_hits += 1
+                if fragment is not None:
+                    self._fragments.record(fragment.key, flow.actions, flow.mtu)
                 return flow, self._plan_for(flow.actions)
         flow = table.lookup_values(values, now, packet_bytes=frame_len)
         cache = port.flow_cache
         if flow is None:
             if key is not None:
                 cache.pop(key, None)
-            self._upcall(port.key, bytes(view[:VNET_HEADER_LEN]), frame)
+            self._upcall_first(port.key, bytes(view[:VNET_HEADER_LEN]), frame, fragment)
             return None
         self._megaflow_hits += 1
+        if fragment is not None:
+            self._fragments.record(fragment.key, flow.actions, flow.mtu)
         plan = self._plan_for(flow.actions)
         if key is None:
             self._emc.put(values, flow)
@@ -848,6 +861,63 @@ class UserspaceDatapath:
                 cache.popitem(last=False)
             cache[key] = (flow, plan)
         return flow, plan
+
+    def _parse_slow(
+        self, port_key: int, vnet_header: bytes, frame: bytes, now: float
+    ) -> tuple[tuple[int, ...], Fragment | None] | None:
+        """(FlowMatch values, the frame's place in its datagram if it is a first IPv4
+        fragment) of a frame on the slow path, or None when it was taken care of here: a
+        malformed or tiny frame dropped, a later fragment forwarded as its first fragment was
+        or dropped (`hivenet.datapath._fragments`)."""
+        fragment, tiny = ipv4_fragment(frame, port_key)
+        if tiny is not None:
+            self._drop(tiny)
+            return None
+        try:
+            values = flow_match_values(extract_flow_match(frame, port_key))
+        except PacketError:
+            self._drop("malformed_frame")
+            return None
+        if fragment is None:
+            return values, None
+        if fragment.start:
+            self._later_fragment(fragment, vnet_header, frame, now)
+            return None
+        reason = self._fragments.first(fragment, now)
+        if reason is not None:
+            self._drop(reason)
+            return None
+        return values, fragment
+
+    def _later_fragment(
+        self, fragment: Fragment, vnet_header: bytes, frame: bytes, now: float
+    ) -> None:
+        actions, mtu, reason = self._fragments.later(fragment, now)
+        if actions is None:
+            self._drop(reason or "fragment_no_first")
+            return
+        if mtu and len(frame) > mtu + _ETHERNET_HEADER_LEN:
+            self._drop("too_big")
+            return
+        plan = self._plan_for(actions)
+        if plan.routed and (refused := unroutable_ipv4(memoryview(frame), 0, len(frame))):
+            self._drop(refused)
+            return
+        self._apply(plan, actions, vnet_header, frame)
+
+    def _upcall_first(
+        self, port_key: int, vnet_header: bytes, frame: bytes, fragment: Fragment | None
+    ) -> None:
+        """Upcall a frame; for a first fragment, what the agent executes for it (its first
+        `execute` during the upcall) is recorded for its later fragments."""
+        if fragment is None:
+            self._upcall(port_key, vnet_header, frame)
+            return
+        self._recording_fragment = fragment.key
+        try:
+            self._upcall(port_key, vnet_header, frame)
+        finally:
+            self._recording_fragment = None
 
     def _too_big(self, port: _BoundPort, length: int, mtu: int) -> bool:
         """Whether the frame in `port.buffer[:length]` is an IP packet larger than `mtu` (its

@@ -179,9 +179,11 @@ class Port(TopologyObject):
     vtep_ip: IpAddress | None = None
     vtep_vni: int | None = Field(default=None, ge=TUNNEL_KEY_MIN, le=TUNNEL_KEY_MAX)
     tunnel_key: int = Field(default=0, ge=0, le=0xEFFFFF)
-    # Port security (VM ports): anti-spoofing on what the VM sends (its MAC and `addresses`,
-    # plus `allowed_address_pairs`) and the stateful security groups. Off by default so a
-    # port without it behaves as before (Neutron turns it on per network).
+    # Port security (VM ports): anti-spoofing on what the VM sends (its MAC, `addresses` and
+    # the MAC's IPv6 link-local address, plus `allowed_address_pairs`) and, for a port in
+    # security groups, the stateful groups. When not given, on for a VM port (an exterior
+    # bridge port created with `addresses`, `fixed_ips`, security groups or address pairs), as
+    # Neutron does; off for every other port. `false` turns it off explicitly.
     port_security_enabled: bool = False
     security_group_ids: tuple[ObjectId, ...] = ()
     allowed_address_pairs: tuple[AllowedAddressPair, ...] = ()
@@ -195,6 +197,28 @@ class Port(TopologyObject):
             *super().references(),
             *(("fixed_ips", "subnet", fixed.subnet_id) for fixed in self.fixed_ips),
         ]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _port_security_default(cls, data: object) -> object:
+        """`port_security_enabled` left out: True for a VM port (see the field)."""
+        if (
+            isinstance(data, dict)
+            and "port_security_enabled" not in data
+            and str(data.get("device_kind", "")) == DeviceKind.BRIDGE.value
+            and data.get("peer_id") is None
+            and any(
+                data.get(name)
+                for name in (
+                    "addresses",
+                    "fixed_ips",
+                    "security_group_ids",
+                    "allowed_address_pairs",
+                )
+            )
+        ):
+            return {**data, "port_security_enabled": True}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Port:

@@ -7,6 +7,7 @@ returns the options as (kind, data) pairs; callers that only need validation ign
 
 from __future__ import annotations
 
+from hivenet.packets.checksum import ipv4_header_checksum_ok
 from hivenet.packets.errors import MalformedPacket, TruncatedPacket
 
 Option = tuple[int, bytes]
@@ -43,6 +44,32 @@ def walk_end_nop_options(layer: str, data: bytes) -> tuple[Option, ...]:
         options.append((kind, bytes(data[position + 2 : position + length])))
         position += length
     return tuple(options)
+
+
+IPV4_OPTION_LSRR = 131  # loose source and record route
+IPV4_OPTION_SSRR = 137  # strict source and record route
+
+
+def ipv4_source_routed(frame: bytes | bytearray | memoryview, offset: int) -> bool:
+    """Whether the IPv4 header at `frame[offset:]` (already parsed: its options are valid)
+    carries a source route option. A router drops such a packet (RFC 7126 4.3, 4.4; Linux's
+    accept_source_route=0 default): it lets the sender pick the path past filters."""
+    header_length = (frame[offset] & 0x0F) * 4
+    if header_length <= 20:
+        return False
+    options = walk_end_nop_options("IPv4", bytes(frame[offset + 20 : offset + header_length]))
+    return any(kind in (IPV4_OPTION_LSRR, IPV4_OPTION_SSRR) for kind, _ in options)
+
+
+def ipv4_unroutable(frame: bytes | bytearray | memoryview, offset: int) -> str | None:
+    """Why a router must not forward the parsed IPv4 packet whose header is at
+    `frame[offset:]`: "bad_ip_checksum" (RFC 1812 5.2.2), "ip_source_route"; None if it may.
+    Neither is a flow match field, so a datapath re-checks every packet of a routed flow."""
+    if not ipv4_header_checksum_ok(frame, offset):
+        return "bad_ip_checksum"
+    if frame[offset] != 0x45 and ipv4_source_routed(frame, offset):
+        return "ip_source_route"
+    return None
 
 
 def walk_ipv6_tlv_options(layer: str, data: bytes) -> tuple[Option, ...]:

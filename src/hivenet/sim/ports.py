@@ -51,7 +51,9 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
         if spoofed is not None:
             walk.drop(here, spoofed, "port security")
             return
-        if not run_chain(walk, packet, guard.from_vm_chain_id, port, None, port, depth):
+        if guard.from_vm_chain_id is not None and not run_chain(
+            walk, packet, guard.from_vm_chain_id, port, None, port, depth
+        ):
             return
     if dhcp.serve_at_ingress(walk, packet, port, here):
         return
@@ -117,8 +119,12 @@ def egress(
     ):
         return
     guard = walk.view.security.guards.get(port.id)
-    if guard is not None and not run_chain(
-        walk, packet, guard.to_vm_chain_id, device_in_port, port.id, device_in_port, depth
+    if (
+        guard is not None
+        and guard.to_vm_chain_id is not None
+        and not run_chain(
+            walk, packet, guard.to_vm_chain_id, device_in_port, port.id, device_in_port, depth
+        )
     ):
         return
     if port.peer_id is not None:

@@ -76,6 +76,11 @@ def receive(
         walk.drop(here, "bad_ip_checksum", "IPv4 header checksum")
         walk.no_cache("a bad header checksum is not in the flow match", here.depth)
         return
+    if version == 4 and walk.ipv4_source_routed():
+        # IP options are no match field either: routed flows re-check them per packet too.
+        walk.drop(here, "ip_source_route", "IPv4 source route option")
+        walk.no_cache("IPv4 options are not in the flow match", here.depth)
+        return
     if version == 6:
         walk.read(packet, "ip_proto", FULL_MASKS["ip_proto"])
         if packet.ip_proto == IP_PROTO_ICMPV6:

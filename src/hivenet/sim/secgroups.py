@@ -2,10 +2,14 @@
 `SecurityIndex`, kept by the `TopologyView` and updated one object at a time.
 
 Owns, per port with `port_security_enabled`:
-- a `PortGuard`: the (MAC, IP prefix) pairs the VM may send from (its own MAC and addresses
-  plus its allowed address pairs), checked by `spoof_reason` before anything else (spoofed
-  MAC, IP, ARP sender; a VM answering as a DHCP server or sending IPv6 router adverts);
-- two virtual chains registered in the view's chains, so the engine evaluates, traces and
+- a `PortGuard`: the (MAC, IP prefix) pairs the VM may send from (its own MAC and addresses,
+  its MAC's IPv6 link-local address, plus its allowed address pairs), checked by
+  `spoof_reason` before anything else (spoofed MAC, IP, ARP sender; a VM answering as a DHCP
+  server or sending IPv6 router adverts);
+- for a port in at least one security group (a port in none gets anti-spoofing only: port
+  security is on by default for VM ports, and the /v1 API has no per-project "default"
+  group to put them in, as Neutron does),
+  two virtual chains registered in the view's chains, so the engine evaluates, traces and
   tags them like any chain: `sg-in.<port>` (what the VM sends: its groups' egress rules)
   and `sg-out.<port>` (what it receives: ingress rules). Each accepts ARP (the guard already
   checked it), then return traffic of tracked connections (`match_return_flow`, conntrack
@@ -84,8 +88,9 @@ class PortGuard:
     macs: frozenset[int]
     v4: tuple[tuple[int, int, int], ...]
     v6: tuple[tuple[int, int, int], ...]
-    from_vm_chain_id: str
-    to_vm_chain_id: str
+    # The security-group chains; None for a port in no security group (anti-spoofing only).
+    from_vm_chain_id: str | None
+    to_vm_chain_id: str | None
 
     def allows_ip(self, version: int, mac: int, ip: int) -> bool:
         for allowed_mac, network, mask in self.v4 if version == 4 else self.v6:
@@ -137,11 +142,19 @@ def spoof_reason(
     if version == 6 and proto == IP_PROTO_ICMPV6 and packet.icmp_type == ND_ROUTER_ADVERT:
         return "spoofed_router_advert"
     if not guard.allows_ip(version, packet.eth_src, packet.ip_src):
-        unspecified_ok = packet.ip_src == 0 and (
-            (version == 4 and proto == IP_PROTO_UDP and packet.tp_dst == DHCP_SERVER_PORT)
-            or (version == 6 and proto == IP_PROTO_ICMPV6)
+        # A DHCP client message may come from any address: a renewal or rebinding from an
+        # address the port no longer has must reach the server, to be NAKed (Neutron's
+        # firewall lets DHCP client traffic pass before its anti-spoofing rules too).
+        client_port, server = (
+            (DHCP_CLIENT_PORT, DHCP_SERVER_PORT)
+            if version == 4
+            else (DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT)
         )
-        if not unspecified_ok:
+        dhcp_client = (
+            proto == IP_PROTO_UDP and packet.tp_src == client_port and packet.tp_dst == server
+        )
+        unspecified_ok = packet.ip_src == 0 and version == 6 and proto == IP_PROTO_ICMPV6
+        if not (dhcp_client or unspecified_ok):
             return "spoofed_ip"
     return None
 
@@ -302,6 +315,18 @@ class SecurityIndex:
             allowed[pair.ip_address.version].append(
                 (mac, int(pair.ip_address.network_address), int(pair.ip_address.netmask))
             )
+        # IPv6 link-local from the MAC (modified EUI-64, RFC 4291 2.5.6): the VM's neighbour
+        # discovery and MLD come from it, as Neutron allows.
+        allowed[6].append((port_mac, _eui64_link_local(port_mac), (1 << 128) - 1))
+        if not port.security_group_ids:
+            # Port security without groups: anti-spoofing only, no filtering (module doc).
+            self.guards[port_id] = PortGuard(
+                port_id, frozenset(macs), tuple(allowed[4]), tuple(allowed[6]), None, None
+            )
+            for chain_id in (from_vm, to_vm):
+                self._chains.pop(chain_id, None)
+                self.chain_zones.pop(chain_id, None)
+            return
         self.guards[port_id] = PortGuard(
             port_id, frozenset(macs), tuple(allowed[4]), tuple(allowed[6]), from_vm, to_vm
         )
@@ -536,6 +561,12 @@ class SecurityIndex:
             return None
         version = fip.floating_ip_address.version
         return next((a.ip for a in port.addresses if a.version == version), None)
+
+
+def _eui64_link_local(mac: int) -> int:
+    """fe80::/64 with the modified EUI-64 interface identifier of `mac`."""
+    identifier = ((mac >> 24) << 40) | (0xFFFE << 24) | (mac & 0xFFFFFF)
+    return (0xFE80 << 112) | (identifier ^ (0x02 << 56))
 
 
 def full_mask_reader(read: Callable[[str, int], None]) -> Callable[[str], None]:

@@ -43,6 +43,7 @@ from hivenet.packets.flowmatch import (
     FlowMatch,
 )
 from hivenet.packets.mtu import ip_size
+from hivenet.packets.options import ipv4_source_routed
 from hivenet.sim import replies
 from hivenet.sim.dhcp import DhcpBudget
 from hivenet.sim.flowstate_hook import NO_FLOW_STATE, FlowStateHook
@@ -263,6 +264,12 @@ class Walk:
         keep it right or wrong: they update it incrementally)."""
         frame = self.frame
         return ipv4_header_checksum_ok(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
+
+    def ipv4_source_routed(self) -> bool:
+        """Whether the received IPv4 packet carries a source route option (rewrites on the
+        way never add or remove options)."""
+        frame = self.frame
+        return ipv4_source_routed(frame, 18 if frame[12:14] == b"\x81\x00" else 14)
 
     def reply(self, frame: bytes, port: PortInfo, description: str) -> None:
         """Generate `frame` out of `port` once the walk is over."""

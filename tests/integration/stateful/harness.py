@@ -193,6 +193,8 @@ async def build_provider(
         (("vm1", net), ("vm2", net), ("out-a", ext_a), ("out-b", ext_b)), 1
     ):
         groups = (uplinks.id,) if vm.startswith("out") else ()
+        # out-a/out-b stand for upstream routers (any source address): no port security.
+        fields = {"port_security_enabled": not vm.startswith("out"), **extra.get(vm, {})}
         port = Port(
             id=vm,
             device_kind=DeviceKind.BRIDGE,
@@ -202,7 +204,7 @@ async def build_provider(
             mac=f"02:00:00:00:00:{n:02x}",
             addresses=(ipaddress.ip_interface(f"{VM_IPS[vm]}/24"),),
             port_group_ids=groups,
-            **extra.get(vm, {}),  # type: ignore[arg-type]
+            **fields,  # type: ignore[arg-type]
         )
         c.ports[vm] = (await repo.create(port)).obj
 

@@ -185,6 +185,23 @@ def test_a_routed_flow_drops_a_bad_ipv4_header_checksum_and_counts_it(rig: Rig) 
     assert rig.datapath.counters()["drop.bad_ip_checksum"] == 1
 
 
+def test_a_routed_flow_drops_a_source_routed_packet_and_counts_it(rig: Rig) -> None:
+    # IP options are no match field: a routed flow re-checks every packet for a source route.
+    upcalls = with_ports(rig, 1, 2)
+    install(rig, {"in_port": 1}, [DecTtl(), Output(2)], ["routed"])
+    segment = udp_segment("10.0.0.1", "10.0.0.2", 1000, 9, b"x" * 18)
+    lsrr = bytes((131, 7, 4, 10, 0, 0, 2, 0))  # loose source route via 10.0.0.2, end of list
+    packet = ipv4_packet("10.0.0.1", "10.0.0.2", 17, segment, options=lsrr)
+    record_route = ipv4_packet(
+        "10.0.0.1", "10.0.0.2", 17, segment, options=bytes((7, 7, 4, 0, 0, 0, 0, 0))
+    )
+    rig.send_from_vm(1, ethernet_frame(MAC_B, MAC_A, IPV4, packet))
+    assert rig.delivered(2) == []
+    assert rig.datapath.counters()["drop.ip_source_route"] == 1
+    rig.send_from_vm(1, ethernet_frame(MAC_B, MAC_A, IPV4, record_route))
+    assert len(rig.delivered(2)) == 1 and upcalls == []
+
+
 def udp_of_size(size: int, *, df: bool = True, v6: bool = False) -> bytes:
     """A UDP datagram of `size` L3 bytes between the addresses of `udp_frame`."""
     if v6:

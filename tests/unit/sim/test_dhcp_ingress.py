@@ -51,9 +51,10 @@ def topology(*, dhcp: bool = True, security: bool = False, **bridge: Any) -> Top
         )
     )
     fixed = (FixedIp(subnet_id="s1", ip_address=ipaddress.IPv4Address(VM_IP)),)
-    extra: dict[str, Any] = {"port_security_enabled": True} if security else {}
+    extra: dict[str, Any] = {"port_security_enabled": security}
     topo.vm_port("b1", "vm1", mac_n=0xA01, addresses=(f"{VM_IP}/24",), fixed_ips=fixed, **extra)
-    topo.vm_port("b1", "vm2", mac_n=0xA02, addresses=("10.0.1.30/24",))
+    # vm2: no fixed IP, and no port security (whose guard reads the UDP ports of every frame).
+    topo.vm_port("b1", "vm2", mac_n=0xA02, addresses=("10.0.1.30/24",), port_security_enabled=False)
     topo.vm_port("b1", "vm3", "h2", mac_n=0xA03, addresses=("10.0.1.40/24",))
     topo.zone({"h1": "192.168.100.1", "h2": "192.168.100.2"})
     return topo

@@ -20,8 +20,8 @@ def two_subnets() -> Topo:
     topo.bridge("b1")
     topo.bridge("b2")
     topo.router("r1")
-    topo.vm_port("b1", "vm1", "h1", mac_n=1, addresses=("10.0.1.10/24",))
-    topo.vm_port("b2", "vm2", "h2", mac_n=2, addresses=("10.0.2.10/24",))
+    topo.vm_port("b1", "vm1", "h1", mac_n=1, addresses=("10.0.1.10/24", "2001:db8:1::10/64"))
+    topo.vm_port("b2", "vm2", "h2", mac_n=2, addresses=("10.0.2.10/24", "2001:db8:2::10/64"))
     topo.link("b1", "r1", "10.0.1.1/24", "2001:db8:1::1/64")
     topo.link("b2", "r1", "10.0.2.1/24", "2001:db8:2::1/64")
     topo.zone(HOSTS)
@@ -101,6 +101,35 @@ def test_a_bad_ipv4_header_checksum_is_dropped_at_the_router_and_never_cached() 
     assert result.drop_reason == "bad_ip_checksum"
     assert not result.install and result.generated == ()
     assert resolved(topo).run(good, "vm1").drop_reason is None
+
+
+def with_ipv4_option(frame: bytes, option: bytes) -> bytes:
+    """`frame` (untagged IPv4, no options) with `option` (a multiple of 4 bytes) added."""
+    header = bytearray(frame[14:34]) + option
+    header[0] = 0x40 | len(header) // 4
+    header[2:4] = (int.from_bytes(frame[16:18], "big") + len(option)).to_bytes(2, "big")
+    header[10:12] = b"\x00\x00"
+    total = sum(int.from_bytes(header[i : i + 2], "big") for i in range(0, len(header), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    header[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    return frame[:14] + bytes(header) + frame[34:]
+
+
+# Loose source route through 10.0.2.10 (type 131, length 7, pointer 4) + end of list.
+LSRR = bytes((131, 7, 4, 10, 0, 2, 10, 0))
+RECORD_ROUTE = bytes((7, 7, 4, 0, 0, 0, 0, 0))
+
+
+def test_a_source_routed_packet_is_dropped_at_the_router_and_never_cached() -> None:
+    topo = two_subnets()
+    good = udp(mac(1), gw(topo), "10.0.1.10", "10.0.2.10", ttl=64)
+    result = resolved(topo).run(with_ipv4_option(good, LSRR), "vm1")
+    assert result.drop_reason == "ip_source_route"
+    assert not result.install and result.generated == ()
+    # Other options (record route) are forwarded as they are.
+    recorded = resolved(topo).run(with_ipv4_option(good, RECORD_ROUTE), "vm1")
+    assert recorded.drop_reason is None and recorded.install
 
 
 def test_a_bridge_forwards_a_bad_ipv4_header_checksum_as_a_switch_does() -> None:

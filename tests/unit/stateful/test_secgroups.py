@@ -18,10 +18,20 @@ from hivenet.model import (
     SecurityGroupRule,
 )
 from hivenet.packets import build_arp_reply, build_udp_datagram, extract_flow_match
+from hivenet.packets.builders import build_neighbor_solicitation
 from hivenet.sim.secgroups import spoof_reason
 from tests.unit.sim.topo import Topo, mac
 
 VM_MAC = mac(1)
+
+
+def eui64_link_local(mac_text: str) -> str:
+    """fe80:: + the modified EUI-64 of a MAC, as Linux makes it (written out independently)."""
+    octets = [int(part, 16) for part in mac_text.split(":")]
+    octets[0] ^= 0x02
+    words = [octets[0] << 8 | octets[1], octets[2] << 8 | 0xFF, 0xFE << 8 | octets[3]]
+    words.append(octets[4] << 8 | octets[5])
+    return "fe80::" + ":".join(f"{word:x}" for word in words)
 
 
 def guarded_view() -> tuple[Topo, object]:
@@ -162,6 +172,29 @@ def guarded_view() -> tuple[Topo, object]:
             ),
             None,
         ),
+        # A DHCP renewal from an address the port no longer has reaches the server (to NAK).
+        (
+            build_udp_datagram(
+                eth_src=VM_MAC,
+                eth_dst="ff:ff:ff:ff:ff:ff",
+                ip_src="10.0.0.99",
+                ip_dst="255.255.255.255",
+                src_port=68,
+                dst_port=67,
+            ),
+            None,
+        ),
+        # Neighbour discovery from the MAC's own link-local address; not from another one.
+        (
+            build_neighbor_solicitation(
+                src_mac=VM_MAC, src_ip=eui64_link_local(VM_MAC), target_ip="fe80::1"
+            ),
+            None,
+        ),
+        (
+            build_neighbor_solicitation(src_mac=VM_MAC, src_ip="fe80::99", target_ip="fe80::1"),
+            "spoofed_ip",
+        ),
     ],
 )
 def test_spoof_verdicts(frame: bytes, reason: str | None) -> None:
@@ -258,10 +291,45 @@ def test_model_rejects_bad_security_input_naming_the_field() -> None:
             remote_ip_prefix=ipaddress.ip_network("2001:db8::/32"),
         )
     with pytest.raises(ValidationError, match="port_security_enabled"):
-        Port(device_kind="bridge", device_id="b", security_group_ids=("g",))
+        Port(
+            device_kind="bridge",
+            device_id="b",
+            security_group_ids=("g",),
+            port_security_enabled=False,
+        )
     with pytest.raises(ValidationError, match="fixed_ip_address"):
         FloatingIp(
             floating_ip_address=ipaddress.ip_address("203.0.113.9"),
             router_id="r",
             fixed_ip_address=ipaddress.ip_address("2001:db8::1"),
         )
+
+
+def test_a_vm_port_gets_anti_spoofing_by_default_and_false_turns_it_off() -> None:
+    topo = Topo()
+    topo.bridge("b")
+    default = topo.vm_port("b", "vm1", mac_n=1, addresses=("10.0.0.11/24",))
+    off = topo.vm_port(
+        "b", "vm2", mac_n=2, addresses=("10.0.0.12/24",), port_security_enabled=False
+    )
+    bare = topo.vm_port("b", "vm3", mac_n=3)  # no address: no VM port yet, nothing to guard
+    assert default.port_security_enabled and not off.port_security_enabled
+    assert not bare.port_security_enabled
+    view = topo.view()
+    guard = view.security.guards["vm1"]
+    # In no security group: anti-spoofing only, no filtering chains.
+    assert guard.from_vm_chain_id is None and guard.to_vm_chain_id is None
+    assert "sg-in.vm1" not in view.chains
+    assert set(view.security.guards) == {"vm1"}
+    spoofed = build_udp_datagram(
+        eth_src=mac(1),
+        eth_dst=mac(2),
+        ip_src="10.0.0.99",
+        ip_dst="10.0.0.12",
+        src_port=1,
+        dst_port=2,
+    )
+    assert spoof_reason(guard, extract_flow_match(spoofed, 1), lambda name: None) == "spoofed_ip"
+    # Interior and router ports are never VM ports.
+    router_port = Port(device_kind="router", device_id="r", addresses=("10.0.0.1/24",))
+    assert not router_port.port_security_enabled

@@ -48,9 +48,7 @@ from hivenet.datapath.userspace import (
     interface_rx_packets,
 )
 from hivenet.flows.actions import Action
-from hivenet.flows.table import Flow, flow_match_values
-from hivenet.packets import extract_flow_match
-from hivenet.packets.errors import PacketError
+from hivenet.flows.table import Flow
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +134,11 @@ class EbpfDatapath(UserspaceDatapath):
         self._kernel_packets = 0
         self._kernel_bytes = 0
         self._offload_refused = 0
+        # What this agent tunnels goes to the peer agent's AF_PACKET socket on the underlay
+        # (marked), which gets a UDP GSO train over veth as one frame it cannot cut apart
+        # (no segment size): the several equal-size fragments of one datagram arrived as one
+        # oversized frame. So datagram by datagram (bulk traffic is in the kernel anyway).
+        self._udp_gso = False
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -281,20 +284,21 @@ class EbpfDatapath(UserspaceDatapath):
         entry; miss -> upcall. The base class's raw-key cache is left empty on purpose: every
         frame that reaches userspace passes here, so every megaflow hit can be offloaded."""
         frame = bytes(port.view[VNET_HEADER_LEN:length])
-        try:
-            values = flow_match_values(extract_flow_match(frame, port.key))
-        except PacketError:
-            self._drop("malformed_frame")
+        parsed = self._parse_slow(port.key, bytes(port.view[:VNET_HEADER_LEN]), frame, now)
+        if parsed is None:
             return None
+        values, fragment = parsed
         flow = self._table.lookup_values(values, now, packet_bytes=len(frame))
         if flow is None:
             self._simulating = (port.key, values)
             try:
-                self._upcall(port.key, bytes(port.view[:VNET_HEADER_LEN]), frame)
+                self._upcall_first(port.key, bytes(port.view[:VNET_HEADER_LEN]), frame, fragment)
             finally:
                 self._simulating = None
             return None
         self._megaflow_hits += 1
+        if fragment is not None:
+            self._fragments.record(fragment.key, flow.actions, flow.mtu)
         self._offload_soon(port.key, values, flow)
         return flow, self._plan_for(flow.actions)
 
