@@ -15,11 +15,12 @@ from hivenet.api.errors import ApiError, detail
 from hivenet.model import TopologyObject
 from hivenet.store.topology import ProjectScope
 
-INFRASTRUCTURE_KINDS: frozenset[str] = frozenset({"host", "tunnel_zone"})
+INFRASTRUCTURE_KINDS: frozenset[str] = frozenset({"host", "tunnel_zone", "bgp_peer"})
 # Per kind: fields a tenant may keep as they are but neither set nor change.
 INFRASTRUCTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "port": ("host_id", "interface_name"),
     "bridge": ("shared",),
+    "route": ("learned_from",),  # learned routes are the BGP speakers' (agent/bgp.py)
 }
 
 
