@@ -5,8 +5,9 @@ outside router hn-ext running BIRD (a real Debian daemon) peering with both.
 hn-ext has no static route into the cloud: whatever it reaches behind the gateways it learned
 by BGP, and the cloud reaches 203.0.113.1 (an address on hn-ext's loopback, on no uplink's
 segment) only through the default route r1 learned from hn-ext. The tests run in order on one
-lab: sessions, SNAT and floating IP, an asymmetric return path, then gw1's agent killed
-(its routes withdrawn at the peer and in r1, traffic through gw2) and restarted.
+lab: sessions, SNAT and floating IP, asymmetric return paths (SNAT replies and floating-IP
+requests entering through the other gateway, counted by nftables in hn-ext), then gw1's agent
+killed (its routes withdrawn at the peer and in r1, traffic through gw2) and restarted.
 """
 
 from __future__ import annotations
@@ -90,9 +91,64 @@ def learned_defaults_by_peer(lab: Lab) -> set[str]:
     }
 
 
-def rx_packets(lab: Lab, link: str) -> int:
-    text = lab.run("ext", ["cat", f"/sys/class/net/{link}/statistics/rx_packets"]).stdout
-    return int(text.strip())
+class EchoCounters:
+    """nftables counters in hn-ext: echo requests arriving on, and echo replies leaving by,
+    each uplink segment (BGP keepalives make plain interface counters useless here)."""
+
+    TABLE = "hnedge"
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.nft("add", "table", "ip", self.TABLE)
+        self.nft(
+            "add", "chain", "ip", self.TABLE, "pre", "{ type filter hook prerouting priority 0; }"
+        )
+        self.nft(
+            "add", "chain", "ip", self.TABLE, "post", "{ type filter hook postrouting priority 0; }"
+        )
+        for link in EXT_LINKS.values():
+            self.nft(
+                "add",
+                "rule",
+                "ip",
+                self.TABLE,
+                "pre",
+                "iifname",
+                link,
+                "icmp",
+                "type",
+                "echo-request",
+                "counter",
+            )
+            self.nft(
+                "add",
+                "rule",
+                "ip",
+                self.TABLE,
+                "pre",
+                "iifname",
+                link,
+                "icmp",
+                "type",
+                "echo-reply",
+                "counter",
+            )
+
+    def nft(self, *argv: str) -> str:
+        return self.lab.run("ext", ["nft", *argv]).stdout
+
+    def arrived(self) -> dict[tuple[str, str], int]:
+        """(link, "echo-request" | "echo-reply") -> packets that entered hn-ext by it."""
+        text = self.nft("list", "table", "ip", self.TABLE)
+        found = re.findall(r'iifname "(eth\d)" icmp type (echo-\w+) counter packets (\d+)', text)
+        return {(link, kind): int(count) for link, kind, count in found}
+
+    def close(self) -> None:
+        self.lab.run("ext", ["nft", "delete", "table", "ip", self.TABLE], check=False)
+
+
+def gateway_of_link(link: str) -> str:
+    return next(gateway for gateway, name in EXT_LINKS.items() if name == link)
 
 
 def ping_ok(lab: Lab, source: str, target: str, attempts: int = 6) -> None:
@@ -138,20 +194,62 @@ def test_outside_reaches_a_floating_ip(lab: Lab) -> None:
 
 
 def test_snat_return_through_the_other_gateway(lab: Lab) -> None:
-    """hn-ext sends every reply to the SNAT address through gw2; r1 spreads the flows over both
-    uplinks, so the flows that left through gw1 come back through gw2, whose agent has their
-    NAT state only because the uplinks share connection state."""
-    lab.run("ext", ["ip", "route", "replace", f"{SNAT_IP}/32", "via", GATEWAYS["gw2"]])
+    """vm1's pings to the outside leave through one uplink (r1's ECMP choice); hn-ext is made
+    to send the replies to the SNAT address through the other gateway, whose agent can
+    reverse the translation only because the uplinks share connection state (without the
+    stateful port group every reply is lost: checked by hand when this test was written)."""
+    counters = EchoCounters(lab)
     try:
-        before = rx_packets(lab, EXT_LINKS["gw1"])
-        flows = 16  # each ping a new ICMP id: a new 5-tuple for r1's ECMP hash
-        for _ in range(flows):
-            ping_ok(lab, "vm1", INTERNET_IP)
-        left_through_gw1 = rx_packets(lab, EXT_LINKS["gw1"]) - before
-        # With 16 flows over 2 uplinks, all on gw2 has probability 2**-16.
-        assert left_through_gw1 > 0, "no flow left through gw1: nothing was asymmetric"
+        before = counters.arrived()
+        ping_ok(lab, "vm1", INTERNET_IP)
+        after = counters.arrived()
+        (out_link,) = [
+            link
+            for link in EXT_LINKS.values()
+            if after[(link, "echo-request")] > before[(link, "echo-request")]
+        ]
+        other = next(g for g in GATEWAYS if g != gateway_of_link(out_link))
+        lab.run("ext", ["ip", "route", "replace", f"{SNAT_IP}/32", "via", GATEWAYS[other]])
+        before = counters.arrived()
+        result = lab.ping("vm1", INTERNET_IP, count=5, wait=1.0)
+        assert result.ok, result.output
+        after = counters.arrived()
+        # Still asymmetric: the requests kept arriving through the first gateway.
+        assert after[(out_link, "echo-request")] - before[(out_link, "echo-request")] >= 5
     finally:
         lab.run("ext", ["ip", "route", "del", f"{SNAT_IP}/32"], check=False)
+        counters.close()
+
+
+def test_floating_ip_return_through_the_other_gateway(lab: Lab) -> None:
+    """hn-ext reaches vm2's floating IP through gw2 from its gw1-segment address; vm2's replies
+    go to that address on r1's connected route, out through gw1."""
+    counters = EchoCounters(lab)
+    lab.run("ext", ["ip", "route", "replace", f"{VM2_FLOATING}/32", "via", GATEWAYS["gw2"]])
+    try:
+        before = counters.arrived()
+        for _ in range(6):
+            if (
+                lab.run(
+                    "ext",
+                    ["ping", "-n", "-c", "1", "-W", "1", "-I", "192.0.2.2", VM2_FLOATING],
+                    check=False,
+                ).returncode
+                == 0
+            ):
+                break
+        result = lab.run(
+            "ext",
+            ["ping", "-n", "-c", "5", "-i", "0.05", "-W", "1", "-I", "192.0.2.2", VM2_FLOATING],
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout
+        after = counters.arrived()
+        assert after[("eth0", "echo-reply")] - before[("eth0", "echo-reply")] >= 5
+        assert after[("eth1", "echo-reply")] == before[("eth1", "echo-reply")]
+    finally:
+        lab.run("ext", ["ip", "route", "del", f"{VM2_FLOATING}/32"], check=False)
+        counters.close()
 
 
 def test_dead_gateway_is_withdrawn_and_traffic_goes_through_the_other(lab: Lab) -> None:

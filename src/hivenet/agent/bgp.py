@@ -426,7 +426,9 @@ class BgpSpeakers:
         self.live_hosts = live_hosts
         self.clock = clock
         self._own_dir = state_dir is None
-        self.state_dir = state_dir if state_dir is not None else Path(tempfile.mkdtemp("hn-bgp"))
+        self.state_dir = (
+            state_dir if state_dir is not None else Path(tempfile.mkdtemp(prefix="hn-bgp-"))
+        )
         self.speakers: dict[str, Speaker] = {}
         self.sessions: dict[str, str] = {}
         self.errors = 0

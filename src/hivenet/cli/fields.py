@@ -321,11 +321,7 @@ KIND_OPTIONS: dict[str, tuple[FieldOption, ...]] = {
         FieldOption("next_hop_gateway", flag="--gateway"),
         "weight",
         "type",
-        FieldOption(
-            "learned_from",
-            hint="the bgp_peer that learned it (set by its speaker)",
-            list_filter="learned_from",
-        ),
+        FieldOption("learned_from", hint="the bgp_peer that learned it (set by its speaker)"),
     ),
     "chain": (),
     "rule": _opts(
