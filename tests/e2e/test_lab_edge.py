@@ -92,7 +92,7 @@ def learned_defaults_by_peer(lab: Lab) -> set[str]:
 
 
 class EchoCounters:
-    """nftables counters in hn-ext: echo requests arriving on, and echo replies leaving by,
+    """nftables counters in hn-ext: echo requests and echo replies arriving on
     each uplink segment (BGP keepalives make plain interface counters useless here)."""
 
     TABLE = "hnedge"
@@ -103,36 +103,10 @@ class EchoCounters:
         self.nft(
             "add", "chain", "ip", self.TABLE, "pre", "{ type filter hook prerouting priority 0; }"
         )
-        self.nft(
-            "add", "chain", "ip", self.TABLE, "post", "{ type filter hook postrouting priority 0; }"
-        )
         for link in EXT_LINKS.values():
-            self.nft(
-                "add",
-                "rule",
-                "ip",
-                self.TABLE,
-                "pre",
-                "iifname",
-                link,
-                "icmp",
-                "type",
-                "echo-request",
-                "counter",
-            )
-            self.nft(
-                "add",
-                "rule",
-                "ip",
-                self.TABLE,
-                "pre",
-                "iifname",
-                link,
-                "icmp",
-                "type",
-                "echo-reply",
-                "counter",
-            )
+            for kind in ("echo-request", "echo-reply"):
+                rule = ("iifname", link, "icmp", "type", kind, "counter")
+                self.nft("add", "rule", "ip", self.TABLE, "pre", *rule)
 
     def nft(self, *argv: str) -> str:
         return self.lab.run("ext", ["nft", *argv]).stdout
