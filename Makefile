@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_STAMP := .venv-apt.stamp
 APT_PACKAGES := iproute2 nftables tcpdump iperf3 busybox etcd-server etcd-client iputils-ping procps curl \
-	isc-dhcp-client dnsmasq-base chromium clang llvm libbpf-dev bpftool iputils-tracepath
+	isc-dhcp-client dnsmasq-base chromium clang llvm libbpf-dev bpftool iputils-tracepath bird2
 # The topology page's graph library, vendored from npm at build time (never a CDN at run time).
 CYTOSCAPE_VERSION := 3.35.0
 UI_VENDOR := src/hivenet/api/ui/static/vendor/cytoscape.min.js

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivenet.agent.bgp import BgpSpeakers
 from hivenet.agent.flowstate_sync import FlowStateSync, is_nat_block_key
 from hivenet.agent.health import (
     MEMBER_HEALTH_KIND,
@@ -74,6 +75,7 @@ from hivenet.model.topology import TOPOLOGY_PREFIX
 from hivenet.model.types import int_to_mac, mac_to_int
 from hivenet.sim import LearnedEntry, SimulationResult, TopologyView
 from hivenet.sim.metadata import HANDOFF_METADATA
+from hivenet.sim.router import HANDOFF_BGP
 from hivenet.sim.tables import LearnedMac, LearnedNeighbour, MemoryTables, ip_text
 from hivenet.sim.topology import PortInfo
 from hivenet.store.base import LeaseNotFoundError, Store, StoreError
@@ -130,6 +132,8 @@ class HostAgent:
         metadata: bool = False,
         wall_clock: Callable[[], float] = time.time,
         flowstate_key_rotation: float = DEFAULT_KEY_ROTATION,
+        bgp: bool = False,
+        bgp_dir: Path | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -251,6 +255,20 @@ class HostAgent:
             unpublish=self._unpublish,
             clock=clock,
         )
+        # BGP speakers for the uplinks bound here (agent/bgp.py); None: this host runs none.
+        self.bgp: BgpSpeakers | None = None
+        if bgp:
+            self.bgp = BgpSpeakers(
+                host_id,
+                self.topology,
+                self.tables,
+                datapath,
+                self.repository,
+                is_bound=lambda port_id: port_id in self.bound_ports,
+                live_hosts=lambda: set(self.live_hosts),
+                state_dir=bgp_dir,
+                clock=clock,
+            )
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
         # The L2 gateway's external VTEPs the datapath accepts: port id -> (key, IP, VNI).
@@ -302,6 +320,8 @@ class HostAgent:
                     *self.metrics_address,
                     exc,
                 )
+        if self.bgp is not None:
+            self._tasks.append(asyncio.create_task(self.bgp.run(), name=f"hn-{self.host_id}-bgp"))
         if self.flowstate_key_rotation > 0:
             self._tasks.append(
                 asyncio.create_task(self._key_rotation_loop(), name=f"hn-{self.host_id}-keys")
@@ -344,9 +364,12 @@ class HostAgent:
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
-        if self.metadata is not None:
+        if self.metadata is not None or self.bgp is not None:
             self.pipeline.set_handoff(None)
+        if self.metadata is not None:
             await self.metadata.stop()
+        if self.bgp is not None:
+            await self.bgp.close()
         await self.flowstate.stop(compact=graceful)
         for port_id in list(self.bound_ports):
             self._unbind(port_id)
@@ -363,21 +386,23 @@ class HostAgent:
         """Before any port is bound (flows simulated without the service do not tell its
         packets apart). A host that cannot run it forwards without it and says so."""
         proxy = self.metadata
-        if proxy is None:
+        if proxy is not None:
+            try:
+                await proxy.start()
+            except (OSError, IndexError) as exc:
+                log.warning("host %s: no metadata service: %s", self.host_id, exc)
+                self.metadata = None
+        metadata, bgp = self.metadata, self.bgp
+        if metadata is None and bgp is None:
             return
-        try:
-            await proxy.start()
-        except (OSError, IndexError) as exc:
-            log.warning("host %s: no metadata service: %s", self.host_id, exc)
-            self.metadata = None
-            return
-        metadata = proxy
 
         def hand_off(service: str, port: PortInfo, frame: bytes) -> None:
-            if service == HANDOFF_METADATA:
+            if service == HANDOFF_METADATA and metadata is not None:
                 metadata.from_vm(port, frame)
+            elif service == HANDOFF_BGP and bgp is not None:
+                bgp.hand_off(port, frame)
 
-        self.pipeline.set_handoff(hand_off)
+        self.pipeline.set_handoff(hand_off, metadata=metadata is not None)
 
     @property
     def pending_publications(self) -> int:
@@ -798,6 +823,7 @@ class HostAgent:
             "flowstate": self.flowstate.counters_snapshot(),
             "datapath": self.datapath.counters(),
             "metadata": self.metadata.counters_snapshot() if self.metadata is not None else None,
+            "bgp": self.bgp.counters_snapshot() if self.bgp is not None else None,
         }
 
     def _write_counters(self) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -123,6 +124,15 @@ def run(
             "userspace or ebpf datapath).",
         ),
     ] = None,
+    bgp: Annotated[
+        bool | None,
+        typer.Option(
+            "--bgp/--no-bgp",
+            help="Run a BIRD 2 speaker (in a namespace hn-bgp...) for each bgp_peer of an "
+            "uplink bound on this host (default: on when root with the userspace or ebpf "
+            "datapath and bird installed).",
+        ),
+    ] = None,
     upcall_rate: Annotated[
         float,
         typer.Option(
@@ -163,6 +173,10 @@ def run(
         metadata = os.geteuid() == 0 and datapath in ("userspace", "ebpf")
     elif metadata and os.geteuid() != 0:
         raise typer.BadParameter("needs root (it creates a TUN device)", param_hint="--metadata")
+    if bgp is None:
+        bgp = os.geteuid() == 0 and datapath in ("userspace", "ebpf") and bool(shutil.which("bird"))
+    elif bgp and (os.geteuid() != 0 or not shutil.which("bird")):
+        raise typer.BadParameter("needs root and bird (apt-get install bird2)", param_hint="--bgp")
     from hivenet.store import InvalidRequestError, check_store_url
 
     try:
@@ -186,6 +200,7 @@ def run(
             metrics_address=metrics_address,
             metadata=metadata,
             upcall_budget=(upcall_rate, upcall_burst),
+            bgp_dir=state / f"bgp-{host_id}" if bgp else None,
         )
     )
 
@@ -206,6 +221,7 @@ async def _run_agent(
     metrics_address: tuple[str, int] | None = None,
     metadata: bool = False,
     upcall_budget: tuple[float, int] = (DEFAULT_UPCALL_RATE, DEFAULT_UPCALL_BURST),
+    bgp_dir: Path | None = None,
 ) -> None:
     from hivenet.store import open_store
 
@@ -232,6 +248,8 @@ async def _run_agent(
         underlay_mtu=underlay_mtu,
         metrics_address=metrics_address,
         metadata=metadata,
+        bgp=bgp_dir is not None,
+        bgp_dir=bgp_dir,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

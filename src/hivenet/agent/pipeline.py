@@ -187,11 +187,12 @@ class FlowPipeline:
             self.datapath.execute(packet.frame, packet.actions)
         return installed
 
-    def set_handoff(self, callback: HandoffCallback | None) -> None:
-        """Who takes packets for host services (None: the host runs none). Set it before
-        ports are bound: flows simulated without it do not tell the services' packets apart."""
+    def set_handoff(self, callback: HandoffCallback | None, *, metadata: bool = True) -> None:
+        """Who takes packets for host services (None: the host runs none); `metadata`: whether
+        the metadata service is one of them. Set it before ports are bound: flows simulated
+        without it do not tell the services' packets apart."""
         self.on_handoff = callback
-        self.context = dataclasses.replace(self.context, metadata=callback is not None)
+        self.context = dataclasses.replace(self.context, metadata=callback is not None and metadata)
 
     def counters(self) -> dict[str, float]:
         return self.stats.as_dict()

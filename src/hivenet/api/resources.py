@@ -56,6 +56,7 @@ CHILD_FILTERS: dict[str, str] = {
     "security_group_rule": "security_group_id",
     "floating_ip": "router_id",
     "subnet": "bridge_id",
+    "bgp_peer": "port_id",
 }
 # Fields only the server sets: a create that names them is refused.
 SERVER_OWNED_FIELDS: dict[str, frozenset[str]] = {"port": frozenset({"tunnel_key"})}

@@ -16,11 +16,12 @@ from hivenet.api.errors import ApiError, detail
 from hivenet.model import TopologyObject
 from hivenet.store.topology import ProjectScope
 
-INFRASTRUCTURE_KINDS: frozenset[str] = frozenset({"host", "tunnel_zone"})
+INFRASTRUCTURE_KINDS: frozenset[str] = frozenset({"host", "tunnel_zone", "bgp_peer"})
 # Per kind: fields a tenant may keep as they are but neither set nor change.
 INFRASTRUCTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "port": ("host_id", "interface_name", "interface_vlan", "vtep_ip", "vtep_vni"),
     "bridge": ("shared",),
+    "route": ("learned_from",),  # learned routes are the BGP speakers' (agent/bgp.py)
 }
 
 

@@ -324,6 +324,7 @@ KIND_OPTIONS: dict[str, tuple[FieldOption, ...]] = {
         FieldOption("next_hop_gateway", flag="--gateway"),
         "weight",
         "type",
+        FieldOption("learned_from", hint="the bgp_peer that learned it (set by its speaker)"),
     ),
     "chain": (),
     "rule": _opts(
@@ -351,6 +352,15 @@ KIND_OPTIONS: dict[str, tuple[FieldOption, ...]] = {
         FieldOption("domain_name", flag="--domain"),
     ),
     "port_group": _opts("stateful"),
+    "bgp_peer": _opts(
+        FieldOption("port_id", hint="the router's uplink port", list_filter="port_id"),
+        "local_as",
+        "peer_as",
+        FieldOption("peer_ip", hint="the neighbour, on the uplink's subnet"),
+        FieldOption("hold_time", hint="seconds (3..65535)"),
+        FieldOption("advertise", flag="--advertise", hint="a prefix announced (repeat)"),
+        _ADMIN_STATE,
+    ),
     "ip_addr_group": _opts(FieldOption("addresses", flag="--address")),
     "host": (),
     "tunnel_zone": _opts(FieldOption("members", flag="--member"), "vxlan_port"),

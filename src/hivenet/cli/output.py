@@ -58,7 +58,9 @@ LIST_COLUMNS: dict[str, tuple[str, ...]] = {
         "next_hop_port_id",
         "next_hop_gateway",
         "weight",
+        "learned_from",
     ),
+    "bgp_peer": ("id", "port_id", "local_as", "peer_as", "peer_ip", "hold_time", "advertise"),
     "chain": ("id", "name", "tenant_id"),
     "rule": (
         "id",

@@ -44,6 +44,12 @@ from hivenet.lab import dhcpclient, netns
 from hivenet.lab.etcd import EtcdCluster, EtcdLabError, EtcdMemberStatus, start_cluster
 from hivenet.lab.etcd import stop_all as stop_etcd_cluster
 from hivenet.lab.netns import LabError, LabScope, ProcessRecord
+from hivenet.lab.outside import (
+    OUTSIDE_BIRD_CONFIG,
+    OUTSIDE_BIRD_LABEL,
+    OUTSIDE_BIRD_SOCKET,
+    outside_bird_config,
+)
 from hivenet.lab.plan import (
     EXTERNAL_ROLE,
     TUNNEL_ZONE_ID,
@@ -494,8 +500,32 @@ class Lab(TrafficProbes):
             external.namespace, external.setup_link, VM_INTERFACE, self.record.macs[EXTERNAL_ROLE]
         )
         netns.add_address(VM_INTERFACE, external.ip, namespace=external.namespace)
+        for uplink in external.uplinks:
+            netns.create_veth(
+                uplink.setup_link,
+                uplink.port_link,
+                namespace=external.namespace,
+                peer_namespace=self.plan.host(uplink.host).namespace,
+                mtu=netns.VM_MTU,
+            )
+            netns.rename_link(external.namespace, uplink.setup_link, uplink.interface, None)
+            netns.add_address(uplink.interface, uplink.ip, namespace=external.namespace)
         for prefix in external.routes:
             netns.add_route(prefix, gateway=external.router_address, namespace=external.namespace)
+        spec = self.scenario.external
+        if spec is not None and spec.bgp is not None:
+            config = self.state_dir / OUTSIDE_BIRD_CONFIG
+            config.write_text(outside_bird_config(external, spec.bgp))
+            self.start_in(
+                EXTERNAL_ROLE,
+                ["bird", "-f", "-c", str(config), "-s", str(self.outside_bird_socket)],
+                label=OUTSIDE_BIRD_LABEL,
+            )
+
+    @property
+    def outside_bird_socket(self) -> Path:
+        """The control socket of hn-ext's BIRD: `birdc -s <it> show route`."""
+        return self.state_dir / OUTSIDE_BIRD_SOCKET
 
     # ---- agents -----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from hivenet.lab.netns import LabError, LabScope, underlay_address
 from hivenet.lab.scenario import SNAT_PORT_FIRST, SNAT_PORT_LAST, Scenario
 from hivenet.model import (
+    BgpPeer,
     Bridge,
     Chain,
     DeviceKind,
@@ -22,6 +23,7 @@ from hivenet.model import (
     Host,
     NatTarget,
     Port,
+    PortGroup,
     Route,
     Router,
     Rule,
@@ -74,6 +76,27 @@ class VmPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class UplinkPlan:
+    """One more uplink of the external router (the first is ExternalPlan's own fields)."""
+
+    host: str
+    port_id: str
+    port_link: str  # the uplink port's interface, in the gateway host's namespace
+    setup_link: str  # hn-ext's end until it is renamed `interface`
+    interface: str  # its name inside hn-ext (eth1, eth2, ...)
+    ip: str  # hn-ext's address on this segment, with prefix
+    router_ip: str
+
+    @property
+    def address(self) -> str:
+        return self.ip.split("/")[0]
+
+    @property
+    def router_address(self) -> str:
+        return self.router_ip.split("/")[0]
+
+
+@dataclass(frozen=True, slots=True)
 class ExternalPlan:
     host: str
     router: str
@@ -85,10 +108,24 @@ class ExternalPlan:
     router_ip: str
     floating_gateway: str | None = None  # the uplink's address in a routed floating range
     routes: tuple[str, ...] = ()  # prefixes hn-ext routes via router_ip
+    uplinks: tuple[UplinkPlan, ...] = ()  # more gateways (the scenario's external.uplinks)
 
     @property
     def address(self) -> str:
         return self.ip.split("/")[0]
+
+    def all_uplinks(self) -> tuple[UplinkPlan, ...]:
+        """Every uplink, the first one (eth0 in hn-ext) included."""
+        first = UplinkPlan(
+            host=self.host,
+            port_id=self.port_id,
+            port_link=self.port_link,
+            setup_link=self.setup_link,
+            interface=VM_INTERFACE,
+            ip=self.ip,
+            router_ip=self.router_ip,
+        )
+        return (first, *self.uplinks)
 
     @property
     def router_address(self) -> str:
@@ -156,7 +193,8 @@ class LabPlan:
         for vm in self.vms:
             ports[vm.host].append(vm.port_id)
         if self.external is not None:
-            ports[self.external.host].append(self.external.port_id)
+            for uplink in self.external.all_uplinks():
+                ports[uplink.host].append(uplink.port_id)
         return ports
 
 
@@ -178,6 +216,20 @@ def vm_port_id(vm: str) -> str:
 
 def external_port_id(router: str) -> str:
     return f"ext.{router}"
+
+
+def extra_uplink_port_id(router: str, number: int) -> str:
+    """The uplink ports after the first: ext.<router>.2, ext.<router>.3, ..."""
+    return f"ext.{router}.{number}"
+
+
+def uplink_group_id(router: str) -> str:
+    """The stateful port group of a router's uplinks: connection state reaches every gateway."""
+    return f"uplinks.{router}"
+
+
+def bgp_peer_id(port_id: str) -> str:
+    return f"bgp.{port_id}"
 
 
 def route_id(router: str, index: int) -> str:
@@ -245,6 +297,18 @@ def plan_lab(scenario: Scenario, scope: LabScope) -> LabPlan:
             router_ip=str(spec.router_ip),
             floating_gateway=None if spec.floating_gateway is None else str(spec.floating_gateway),
             routes=tuple(str(prefix) for prefix in spec.routed_prefixes),
+            uplinks=tuple(
+                UplinkPlan(
+                    host=uplink.host,
+                    port_id=extra_uplink_port_id(spec.router, number),
+                    port_link=scope.link(f"{EXTERNAL_ROLE}{number}p"),
+                    setup_link=scope.link(f"{EXTERNAL_ROLE}{number}i"),
+                    interface=f"eth{number - 1}",
+                    ip=str(uplink.ip),
+                    router_ip=str(uplink.router_ip),
+                )
+                for number, uplink in enumerate(spec.uplinks, start=2)
+            ),
         )
     plan = LabPlan(
         tag=scope.tag,
@@ -399,21 +463,50 @@ def _external_objects(scenario: Scenario, external: ExternalPlan) -> list[Topolo
     spec = scenario.external
     assert spec is not None
     tenant = scenario.router(external.router).tenant
-    addresses = [spec.router_ip]
-    if spec.floating_gateway is not None:
-        addresses.append(spec.floating_gateway)
-    objects: list[TopologyObject] = [
-        Port(
-            id=external.port_id,
-            name=f"{external.router}-external",
-            tenant_id=tenant,
-            device_kind=DeviceKind.ROUTER,
-            device_id=external.router,
-            addresses=tuple(addresses),
-            host_id=external.host,
-            interface_name=external.port_link,
+    uplinks = external.all_uplinks()
+    objects: list[TopologyObject] = []
+    group_ids: tuple[str, ...] = ()
+    if len(uplinks) > 1:
+        # A return packet may enter through another gateway than its flow left by.
+        group_ids = (uplink_group_id(external.router),)
+        objects.append(
+            PortGroup(
+                id=group_ids[0],
+                name=f"{external.router} uplinks",
+                tenant_id=tenant,
+                stateful=True,
+            )
         )
-    ]
+    for uplink in uplinks:
+        addresses = [ipaddress.IPv4Interface(uplink.router_ip)]
+        if spec.floating_gateway is not None:
+            addresses.append(spec.floating_gateway)
+        objects.append(
+            Port(
+                id=uplink.port_id,
+                name=f"{external.router}-external-{uplink.host}",
+                tenant_id=tenant,
+                device_kind=DeviceKind.ROUTER,
+                device_id=external.router,
+                addresses=tuple(addresses),
+                host_id=uplink.host,
+                interface_name=uplink.port_link,
+                port_group_ids=group_ids,
+            )
+        )
+        if spec.bgp is not None:
+            objects.append(
+                BgpPeer(
+                    id=bgp_peer_id(uplink.port_id),
+                    name=f"{uplink.host} to the outside",
+                    port_id=uplink.port_id,
+                    local_as=spec.bgp.local_as,
+                    peer_as=spec.bgp.peer_as,
+                    peer_ip=ipaddress.IPv4Address(uplink.address),
+                    hold_time=spec.bgp.hold_time,
+                    advertise=() if spec.floating_range is None else (spec.floating_range,),
+                )
+            )
     if spec.snat:
         inbound, outbound = nat_chain_ids(external.router)
         # Replies to SNATed connections get their VM's address back before routing.
@@ -426,7 +519,7 @@ def _external_objects(scenario: Scenario, external: ExternalPlan) -> list[Topolo
                 action=RuleAction.REV_SNAT,
             )
         )
-        snat_address = spec.router_ip.ip
+        snat_address = spec.snat_address
         for index, network in enumerate(spec.snat):
             objects.append(
                 Rule(
@@ -436,7 +529,7 @@ def _external_objects(scenario: Scenario, external: ExternalPlan) -> list[Topolo
                     position=10 + index,
                     action=RuleAction.SNAT,
                     nw_src=scenario.network(network).subnet,
-                    out_port_ids=(external.port_id,),
+                    out_port_ids=tuple(uplink.port_id for uplink in uplinks),
                     nat_targets=(
                         NatTarget(
                             address_from=snat_address,

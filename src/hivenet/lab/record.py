@@ -172,6 +172,8 @@ def remove_lab_files(state_dir: Path) -> None:
         f"{netns.NAME_PREFIX}*.json",
         f"{netns.NAME_PREFIX}*.log",
         f"{netns.NAME_PREFIX}*.tmp",
+        f"{netns.NAME_PREFIX}*.conf",  # the outside router's BIRD (lab/outside.py)
+        f"{netns.NAME_PREFIX}*.ctl",
         "lab.tmp",
     ]
     for pattern in patterns:
@@ -180,7 +182,7 @@ def remove_lab_files(state_dir: Path) -> None:
                 path.unlink(missing_ok=True)
     # The agents' flow-state journals: a later lab in this dir must not inherit connections;
     # the VMs' DHCP client scripts and leases.
-    for path in [*state_dir.glob("flowstate-*"), state_dir / DHCP_DIR]:
+    for path in [*state_dir.glob("flowstate-*"), *state_dir.glob("bgp-*"), state_dir / DHCP_DIR]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):

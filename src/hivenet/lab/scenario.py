@@ -163,6 +163,24 @@ SNAT_PORT_FIRST = 1024
 SNAT_PORT_LAST = 65535
 
 
+class UplinkSpec(_Spec):
+    """One more uplink of the external router: its own gateway `host`, segment and addresses
+    (`router_ip`: the uplink port's; `ip`: hn-ext's end)."""
+
+    host: MachineName
+    router_ip: ipaddress.IPv4Interface
+    ip: ipaddress.IPv4Interface
+
+
+class BgpSpec(_Spec):
+    """BGP between every uplink port (AS `local_as`) and hn-ext (AS `peer_as`), which runs
+    BIRD: the uplinks announce the floating range, hn-ext announces a default route."""
+
+    local_as: int = Field(default=65001, ge=1, le=4294967295)
+    peer_as: int = Field(default=65000, ge=1, le=4294967295)
+    hold_time: int = Field(default=3, ge=3, le=65535)
+
+
 class ExternalSpec(_Spec):
     """The `hn-ext` namespace: the outside world, behind an exterior port of `router` (address
     `router_ip`) bound on the gateway host `host`. `ip` is the outside end's address.
@@ -176,6 +194,23 @@ class ExternalSpec(_Spec):
     mac: MacAddress | None = None
     floating_range: ipaddress.IPv4Network | None = None
     snat: tuple[DeviceName, ...] = ()
+    uplinks: tuple[UplinkSpec, ...] = Field(default=(), max_length=7)
+    bgp: BgpSpec | None = None
+
+    @property
+    def all_uplinks(self) -> tuple[UplinkSpec, ...]:
+        """The first uplink (host, router_ip, ip) and the `uplinks` after it."""
+        first = UplinkSpec(host=self.host, router_ip=self.router_ip, ip=self.ip)
+        return (first, *self.uplinks)
+
+    @property
+    def snat_address(self) -> ipaddress.IPv4Address:
+        """Where `snat` networks leave as: router_ip, or with several uplinks the router's
+        address in the routed floating range (reachable through every uplink)."""
+        gateway = self.floating_gateway
+        if self.uplinks and gateway is not None:
+            return gateway.ip
+        return self.router_ip.ip
 
     @property
     def floating_network(self) -> ipaddress.IPv4Network:
@@ -193,8 +228,11 @@ class ExternalSpec(_Spec):
 
     @property
     def routed_prefixes(self) -> tuple[ipaddress.IPv4Network, ...]:
-        """What hn-ext routes via router_ip (the off-link floating range, if any)."""
-        return () if self.floating_gateway is None else (self.floating_network,)
+        """What hn-ext routes via router_ip (the off-link floating range, if any; with BGP
+        hn-ext learns it instead)."""
+        if self.floating_gateway is None or self.bgp is not None:
+            return ()
+        return (self.floating_network,)
 
 
 class Scenario(_Spec):
@@ -361,6 +399,7 @@ class Scenario(_Spec):
                     f"{name} ({subnet}) on router {external.router}"
                 )
         self._check_floating_range(attached, problems)
+        self._check_uplinks(attached, problems)
         _duplicates(problems, "external.snat", external.snat)
         for index, network in enumerate(external.snat):
             if network not in attached:
@@ -369,6 +408,38 @@ class Scenario(_Spec):
                     f"{external.router} ({', '.join(attached) or 'none'})"
                 )
         self._check_floating_ips(attached, problems)
+
+    def _check_uplinks(
+        self, attached: dict[str, ipaddress.IPv4Network], problems: list[str]
+    ) -> None:
+        external = self.external
+        assert external is not None
+        if external.uplinks and external.floating_gateway is None:
+            problems.append(
+                "external.uplinks: several uplinks need a routed floating_range (outside "
+                "router_ip's subnet): SNAT and floating IPs must be reachable through each"
+            )
+        segments = [external.router_ip.network]
+        hosts = [external.host]
+        for index, uplink in enumerate(external.uplinks):
+            where = f"external.uplinks[{index}]"
+            if uplink.host not in self.hosts:
+                problems.append(f"{where}.host: {uplink.host!r} is not in hosts {list(self.hosts)}")
+            elif uplink.host in hosts:
+                problems.append(f"{where}.host: {uplink.host!r} already has an uplink")
+            hosts.append(uplink.host)
+            if uplink.ip.network != uplink.router_ip.network:
+                problems.append(
+                    f"{where}.ip: {uplink.ip} is not in router_ip's subnet {uplink.router_ip.network}"
+                )
+            elif uplink.ip.ip == uplink.router_ip.ip:
+                problems.append(f"{where}.ip: {uplink.ip.ip} is also its router_ip")
+            for other in [*segments, *attached.values()]:
+                if uplink.router_ip.network.overlaps(other):
+                    problems.append(
+                        f"{where}.router_ip: {uplink.router_ip.network} overlaps {other}"
+                    )
+            segments.append(uplink.router_ip.network)
 
     def _check_floating_range(
         self, attached: dict[str, ipaddress.IPv4Network], problems: list[str]

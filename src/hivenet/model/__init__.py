@@ -38,6 +38,7 @@ from hivenet.model.types import (
 # isort: split
 # After topology: importing topology first completes the loadbalancer module it registers
 # in KINDS (loadbalancer needs topology's TopologyObject, topology needs its kinds).
+from hivenet.model.bgp import BgpPeer
 from hivenet.model.loadbalancer import (
     HealthMonitor,
     HealthMonitorType,
@@ -68,6 +69,7 @@ __all__ = [
     "TOPOLOGY_PREFIX",
     "AllocationPool",
     "AllowedAddressPair",
+    "BgpPeer",
     "Bridge",
     "Chain",
     "DeviceKind",

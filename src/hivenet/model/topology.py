@@ -302,7 +302,11 @@ class Route(TopologyObject):
     prefixes, same weight) share traffic by consistent hashing. Lower weight wins."""
 
     KIND: ClassVar[str] = "route"
-    REFS: ClassVar[dict[str, str]] = {"router_id": "router", "next_hop_port_id": "port"}
+    REFS: ClassVar[dict[str, str]] = {
+        "router_id": "router",
+        "next_hop_port_id": "port",
+        "learned_from": "bgp_peer",
+    }
 
     router_id: ObjectId
     dst_prefix: IpNetwork
@@ -311,6 +315,9 @@ class Route(TopologyObject):
     next_hop_port_id: ObjectId | None = None
     next_hop_gateway: IpAddress | None = None
     weight: Weight = 100
+    # The bgp_peer whose session learned this route (agent/bgp.py writes and withdraws it);
+    # None: a static route. A learned route is used only while its next hop port's host is up.
+    learned_from: ObjectId | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Route:
@@ -501,6 +508,7 @@ class TunnelZone(TopologyObject):
 
 
 # The load-balancer kinds live in their own module, which needs TopologyObject from this one.
+from hivenet.model.bgp import BGP_KINDS  # noqa: E402
 from hivenet.model.loadbalancer import LB_KINDS  # noqa: E402
 from hivenet.model.security import SECURITY_KINDS  # noqa: E402
 from hivenet.model.subnet import SUBNET_KINDS  # noqa: E402
@@ -523,6 +531,7 @@ KINDS: dict[str, type[TopologyObject]] = {
 KINDS.update({cls.KIND: cls for cls in LB_KINDS})
 KINDS.update({cls.KIND: cls for cls in SECURITY_KINDS})
 KINDS.update({cls.KIND: cls for cls in SUBNET_KINDS})
+KINDS.update({cls.KIND: cls for cls in BGP_KINDS})
 
 
 def topology_key(kind: str, object_id: str) -> str:

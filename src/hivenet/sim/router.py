@@ -41,6 +41,10 @@ ND_REDIRECT = 137
 ND_NEIGHBOR_SOLICIT = 135
 ND_NEIGHBOR_ADVERT = 136
 
+# `SimulationResult.handoff` of a BGP packet for an uplink's own address (agent/bgp.py).
+HANDOFF_BGP = "bgp"
+BGP_TCP_PORT = 179
+
 # A drop installed while a next hop is being resolved: short, and tagged with the missing
 # ARP/ND entry so learning it invalidates the drop at once.
 UNRESOLVED_IDLE_TIMEOUT = 2.0
@@ -105,6 +109,11 @@ def _route(
     """An IP packet for the router: pre-routing chains, local delivery or TTL and route,
     post-routing chains, next hop."""
     depth = here.depth
+    if version == 4 and in_port.id in walk.view.bgp_ports and _is_bgp(walk, packet, in_port):
+        # Before the chains: a NAT binding on the uplink address must never take the session.
+        walk.no_cache("BGP packets go to the host's speaker one by one", depth)
+        walk.hand_off(here, HANDOFF_BGP, f"to the BGP speaker of port {in_port.id}")
+        return
     if packet.first_router is None:  # who answers it if it does not fit the egress MTU
         packet.first_router = (in_port, packet.copy())
     floating = walk.view.security.routers.get(router.id)
@@ -148,6 +157,20 @@ def _route(
     if not _run_chains(walk, packet, post_routing, in_port, out_port.id, depth):
         return
     _forward(walk, packet, router, in_port, out_port, version, next_hop_ip, here)
+
+
+def _is_bgp(walk: Walk, packet: PacketState, in_port: PortInfo) -> bool:
+    """TCP to or from port 179 addressed to the uplink port's own IPv4 address: the BGP
+    session its speaker holds (the address lives here, in the router, not in a kernel)."""
+    walk.read(packet, "ip_dst", FULL_MASKS["ip_dst"])
+    if not any(address.ip == packet.ip_dst for address in in_port.addresses_of(4)):
+        return False
+    walk.read(packet, "ip_proto", FULL_MASKS["ip_proto"])
+    if packet.ip_proto != IP_PROTO_TCP:
+        return False
+    walk.read(packet, "tp_src", FULL_MASKS["tp_src"])
+    walk.read(packet, "tp_dst", FULL_MASKS["tp_dst"])
+    return BGP_TCP_PORT in (packet.tp_src, packet.tp_dst)
 
 
 def _run_chains(

@@ -475,18 +475,19 @@ class SecurityIndex:
         hairpin_ports: dict[str, Any] = {}
         for fip in fips:
             fixed = self._fixed_address(fip)
-            uplink = next(
-                (
-                    port
+            # Every uplink on the floating subnet (a router with several uplinks, ECMP).
+            uplink_ids = tuple(
+                sorted(
+                    port.id
                     for port in router_ports
                     if any(fip.floating_ip_address in a.network for a in port.addresses)
-                ),
-                None,
+                )
             )
-            if fixed is None or uplink is None:
+            if fixed is None or not uplink_ids:
                 continue  # unassociated, or no router port on the floating subnet yet
             if fip.floating_ip_address.version == 4:
-                arp_answers.setdefault(uplink.id, set()).add(int(fip.floating_ip_address))
+                for uplink_id in uplink_ids:
+                    arp_answers.setdefault(uplink_id, set()).add(int(fip.floating_ip_address))
             floating = fip.floating_ip_address
             pre_rules.append(
                 _virtual_rule(
@@ -505,7 +506,7 @@ class SecurityIndex:
                     RuleAction.SNAT,
                     name=FLOATING_IP_RULE,
                     nw_src=_network(int(fixed), fixed.version),
-                    out_port_ids=(uplink.id,),
+                    out_port_ids=uplink_ids,
                     nat_targets=(NatTarget(address_from=floating, address_to=floating),),
                 )
             )

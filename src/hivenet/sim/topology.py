@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from hivenet.model import (
+    BgpPeer,
     Bridge,
     Chain,
     DeviceKind,
@@ -185,6 +186,9 @@ class TopologyView:
         # treated as down: traffic towards them is dropped at ingress instead of tunnelled into
         # the void. Empty by default: liveness is the agent's knowledge, not the topology's.
         self.down_hosts: set[str] = set()
+        # Uplink ports with a BGP session (bgp_peer objects, admin up): port id -> peer id.
+        # The router hands their BGP packets to the host's speaker (sim/router.py).
+        self.bgp_ports: dict[str, str] = {}
         # Inside `apply_all`: what to recompile once at the end, by kind.
         self._deferred: dict[str, set[str]] | None = None
         # Port security, security groups and floating IPs (sim/secgroups.py): its virtual
@@ -274,7 +278,21 @@ class TopologyView:
         else:
             self.down_hosts.add(host_id)
         self.revision += 1
-        return frozenset({f"host:{host_id}"})
+        tags = {f"host:{host_id}"}
+        # Routes learned by the host's BGP speakers leave (or rejoin) their routers' ECMP sets.
+        for router_id in self._routers_learning_on(host_id):
+            self._compile_router(router_id)
+            tags.add(f"router:{router_id}")
+        return frozenset(tags)
+
+    def _routers_learning_on(self, host_id: str) -> set[str]:
+        routers: set[str] = set()
+        for route in self.objects.get("route", {}).values():
+            if isinstance(route, Route) and route.learned_from is not None:
+                port = self.ports.get(route.next_hop_port_id or "")
+                if port is not None and port.host_id == host_id:
+                    routers.add(route.router_id)
+        return routers
 
     def remove(self, kind: str, object_id: str) -> frozenset[str]:
         """Delete an object (unknown ids are ignored). Returns invalidated tags."""
@@ -315,6 +333,8 @@ class TopologyView:
         elif kind == "tunnel_zone":
             for host_id in self._recompute_underlay(old, new):
                 tags.add(f"host:{host_id}")
+        elif kind == "bgp_peer":
+            self._bgp_peer_changed(object_id, old, new, tags)
         elif kind in ("port_group", "host", "subnet"):
             pass  # tagged by kind:id above; nothing compiled depends on their fields yet
         elif kind in ("security_group", "security_group_rule", "floating_ip"):
@@ -328,6 +348,21 @@ class TopologyView:
         if kind == "port" or kind in LB_KINDS:
             tags |= self.vips.changed(kind, object_id, old, new)
         return frozenset(tags)
+
+    def _bgp_peer_changed(
+        self,
+        peer_id: str,
+        old: TopologyObject | None,
+        new: TopologyObject | None,
+        tags: set[str],
+    ) -> None:
+        for peer in (old, new):
+            if isinstance(peer, BgpPeer):
+                tags.add(f"port:{peer.port_id}")  # its flows did not tell BGP packets apart
+                if self.bgp_ports.get(peer.port_id) == peer_id:
+                    del self.bgp_ports[peer.port_id]
+        if isinstance(new, BgpPeer) and new.admin_state_up:
+            self.bgp_ports[new.port_id] = peer_id
 
     def _port_changed(
         self, port_id: str, old: Port | None, new: Port | None, tags: set[str]
@@ -462,6 +497,12 @@ class TopologyView:
             # A normal route through a missing or down port is not usable (ECMP moves on).
             if route.type is RouteType.NORMAL and route.next_hop_port_id not in usable:
                 continue
+            if route.learned_from is not None:
+                # A learned route lives as long as its speaker's host: a dead gateway's routes
+                # leave the ECMP set as soon as its liveness key is gone.
+                via = usable.get(route.next_hop_port_id or "")
+                if via is None or via.host_id is None or via.host_id in self.down_hosts:
+                    continue
             routes.append(route)
         has_v4 = any(version == 4 for version, _ in own)
         has_v6 = any(version == 6 for version, _ in own)

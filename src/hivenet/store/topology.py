@@ -110,7 +110,8 @@ _RANGE_BATCH = 500
 # Fields `list()` may filter on by equality, per kind (the children of a parent).
 FILTERABLE_FIELDS: dict[str, frozenset[str]] = {
     "port": frozenset({"device_id", "device_kind", "host_id", "peer_id"}),
-    "route": frozenset({"router_id", "next_hop_port_id"}),
+    "route": frozenset({"router_id", "next_hop_port_id", "learned_from"}),
+    "bgp_peer": frozenset({"port_id"}),
     "rule": frozenset({"chain_id", "jump_chain_id"}),
     "load_balancer": frozenset({"router_id"}),
     "listener": frozenset({"load_balancer_id", "default_pool_id"}),
@@ -127,6 +128,7 @@ FILTERABLE_FIELDS: dict[str, frozenset[str]] = {
 IMMUTABLE_FIELDS: dict[str, tuple[str, ...]] = {
     "port": ("device_kind", "device_id", "tunnel_key"),
     "route": ("router_id",),
+    "bgp_peer": ("port_id",),
     "rule": ("chain_id",),
     "subnet": ("bridge_id", "cidr"),
     **LB_IMMUTABLE_FIELDS,
@@ -368,6 +370,8 @@ _ON_DELETE: dict[tuple[str, str], _OnDelete] = {
     ("port", "peer_id"): _OnDelete.UNLINK_PEER,
     ("route", "router_id"): _OnDelete.DELETE,
     ("route", "next_hop_port_id"): _OnDelete.DELETE,
+    ("route", "learned_from"): _OnDelete.DELETE,
+    ("bgp_peer", "port_id"): _OnDelete.DELETE,
     ("rule", "chain_id"): _OnDelete.DELETE,
     ("rule", "jump_chain_id"): _OnDelete.DELETE,
     ("rule", "port_group_id"): _OnDelete.DELETE,

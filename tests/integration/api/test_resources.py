@@ -137,6 +137,14 @@ BODIES: dict[str, Callable[[dict[str, str]], dict[str, Any]]] = {
         "router_id": ids["router"],
         "fixed_ip_address": "10.0.0.5",
     },
+    "bgp_peer": lambda ids: {
+        "port_id": ids["router_port"],
+        "local_as": 65001,
+        "peer_as": 4200000000,
+        "peer_ip": "10.0.0.2",
+        "hold_time": 3,
+        "advertise": ["198.51.100.0/24"],
+    },
 }
 
 

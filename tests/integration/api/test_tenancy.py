@@ -359,3 +359,43 @@ def test_deleting_an_own_object_never_cascades_into_another_project(api: Api) ->
         assert "other projects" in response.text and port["id"] not in response.text
     assert api.dump() == before
     api.assert_consistent()
+
+
+def test_bgp_peers_and_learned_routes_are_infrastructure(api: Api) -> None:
+    """A project's router may have an uplink, but only the cluster admin makes it speak BGP,
+    and only speakers mark routes as learned."""
+    acme_admin = issue(api, "acme", "admin")
+    router = acme_admin.create("routers", {"name": "r"})
+    uplink = acme_admin.create(
+        "ports",
+        {"device_kind": "router", "device_id": router["id"], "addresses": ["192.0.2.1/25"]},
+    )
+    peer_body = {
+        "port_id": uplink["id"],
+        "local_as": 65001,
+        "peer_as": 65000,
+        "peer_ip": "192.0.2.2",
+    }
+    before = api.dump()
+    response = acme_admin.request("POST", "/v1/bgp_peers", json=peer_body)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["details"][0]["field"] == "kind"
+    assert api.dump() == before
+    peer = api.create("bgp_peers", peer_body)
+    route_body = {
+        "router_id": router["id"],
+        "dst_prefix": "0.0.0.0/0",
+        "next_hop_port_id": uplink["id"],
+        "next_hop_gateway": "192.0.2.2",
+        "learned_from": peer["id"],
+    }
+    response = acme_admin.request("POST", "/v1/routes", json=route_body)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["details"][0]["field"] == "learned_from"
+    # Its learned routes keep a plain delete of the peer from happening; a cascade takes them
+    # with it (a withdrawal in the same txn).
+    learned = api.create("routes", route_body)
+    assert api.request("DELETE", f"/v1/bgp_peers/{peer['id']}").status_code == 409
+    response = api.request("DELETE", f"/v1/bgp_peers/{peer['id']}?cascade=true")
+    assert response.status_code == 204, response.text
+    assert api.request("GET", f"/v1/routes/{learned['id']}").status_code == 404

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from hivenet.model import (
+    BgpPeer,
     Bridge,
     Chain,
     DeviceKind,
@@ -61,6 +62,7 @@ class Net:
     security_group_rule: SecurityGroupRule  # remote group: its own group
     floating_ip: FloatingIp  # on `router`, to vm_port
     subnet: Subnet  # 10.0.0.0/24 on `bridge`; vm_port holds an address of it
+    bgp_peer: BgpPeer  # the session of router_uplink with 192.0.2.1
 
 
 async def build(repo: TopologyRepository) -> Net:
@@ -187,6 +189,16 @@ async def build(repo: TopologyRepository) -> Net:
             )
         )
     ).obj
+    bgp_peer = (
+        await repo.create(
+            BgpPeer(
+                port_id=router_uplink.id,
+                local_as=65001,
+                peer_as=65000,
+                peer_ip=ipaddress.ip_address("192.0.2.1"),
+            )
+        )
+    ).obj
     # The link is symmetric: re-read the bridge side.
     bridge_uplink = (await repo.get(Port, bridge_uplink.id)).obj
     return Net(
@@ -214,4 +226,5 @@ async def build(repo: TopologyRepository) -> Net:
         security_group_rule,
         floating_ip,
         subnet,
+        bgp_peer,
     )
