@@ -181,6 +181,10 @@ class TopologyView:
         # treated as down: traffic towards them is dropped at ingress instead of tunnelled into
         # the void. Empty by default: liveness is the agent's knowledge, not the topology's.
         self.down_hosts: set[str] = set()
+        # Exterior ports known to be down though their host is up (a gateway's uplink
+        # interface lost its link, as that gateway's probe replies say): left out of ECMP,
+        # traffic out of them dropped. Liveness, like `down_hosts`, is the agent's knowledge.
+        self.down_ports: set[str] = set()
         # Inside `apply_all`: what to recompile once at the end, by kind.
         self._deferred: dict[str, set[str]] | None = None
         # Port security, security groups and floating IPs (sim/secgroups.py): its virtual
@@ -271,6 +275,18 @@ class TopologyView:
             self.down_hosts.add(host_id)
         self.revision += 1
         return frozenset({f"host:{host_id}"})
+
+    def set_port_alive(self, port_id: str, alive: bool) -> frozenset[str]:
+        """Record an exterior port's liveness; returns the tags to invalidate when it changed
+        (`port:<id>`: the flows leaving through it and those whose ECMP choice skipped it)."""
+        if alive == (port_id not in self.down_ports):
+            return frozenset()
+        if alive:
+            self.down_ports.discard(port_id)
+        else:
+            self.down_ports.add(port_id)
+        self.revision += 1
+        return frozenset({f"port:{port_id}"})
 
     def remove(self, kind: str, object_id: str) -> frozenset[str]:
         """Delete an object (unknown ids are ignored). Returns invalidated tags."""
