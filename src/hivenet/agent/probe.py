@@ -5,8 +5,9 @@ Owns `ProbeSession` (one probed host: Up/Down with a detect multiplier and recov
 hysteresis) and the probe message layout (`encode_probe`/`decode_probe`). Pure: no I/O, no
 clock; the caller ticks a session once per probe interval and reports answers.
 
-NOT YET WIRED INTO THE AGENT (see docs/architecture.md): the sending loop, the transport (a
-sealed message on the flow-state channel) and the uplink link watcher are still to do.
+`GatewayProber` is the agent's side (which hosts to probe, answering, reporting changes);
+the agent carries its messages sealed on the flow-state channel. `LinkWatcher`: a gateway's
+own uplink interfaces (operstate), whose down ports go into its replies.
 
 Detection counts probe intervals, not elapsed time, so a stalled event loop or a jump of the
 clock costs at most one missed interval: a session goes Down after `multiplier` consecutive
@@ -22,8 +23,12 @@ Layout (network byte order):
 
 from __future__ import annotations
 
+import logging
 import struct
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"HNPB"
 VERSION = 1
@@ -133,3 +138,160 @@ class ProbeSession:
         self._answered = False
         self.sequence = self.sequence % 0xFFFFFFFF + 1
         return change
+
+
+class GatewayProber:
+    """The agent's side: probe every other host that owns an exterior router port (the only
+    ECMP next hops), answer probes with this host's down uplink ports, and report changes.
+
+    `send(host_id, message)` carries a probe (sealed, on the flow-state channel);
+    `on_host(host_id)` is called when a probed host's state changed (read `is_down`);
+    `on_port(port_id, alive)` when a remote gateway's port changed liveness.
+    `tick()` once per interval (`run()` loops it on the injected sleep)."""
+
+    def __init__(
+        self,
+        host_id: str,
+        gateway_hosts: Callable[[], Iterable[tuple[str, str]]],
+        send: Callable[[str, bytes], None],
+        on_host: Callable[[str], None],
+        on_port: Callable[[str, bool], None],
+        local_down_ports: Callable[[], Iterable[str]] = tuple,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        multiplier: int = DEFAULT_MULTIPLIER,
+        recover: int = DEFAULT_RECOVER,
+    ) -> None:
+        if not interval > 0:
+            raise ValueError(f"interval: {interval} must be positive")
+        ProbeSession(multiplier=multiplier, recover=recover)  # checks them
+        self.host_id = host_id
+        self.interval = interval
+        self.multiplier = multiplier
+        self.recover = recover
+        self._gateway_hosts = gateway_hosts  # (host id, port id) of remote exterior router ports
+        self._send = send
+        self._on_host = on_host
+        self._on_port = on_port
+        self._local_down_ports = local_down_ports
+        self.sessions: dict[str, ProbeSession] = {}
+        self._ports: dict[str, set[str]] = {}  # probed host -> its exterior router ports
+        self._down_ports: dict[str, frozenset[str]] = {}  # probed host -> what it reported
+
+    def is_down(self, host_id: str) -> bool:
+        session = self.sessions.get(host_id)
+        return session is not None and not session.up
+
+    def tick(self) -> None:
+        wanted: dict[str, set[str]] = {}
+        for host_id, port_id in self._gateway_hosts():
+            if host_id != self.host_id:
+                wanted.setdefault(host_id, set()).add(port_id)
+        for host_id in list(self.sessions):
+            if host_id not in wanted:  # no longer a gateway: lease-only liveness again
+                gone = self.sessions.pop(host_id)
+                for port_id in self._down_ports.pop(host_id, frozenset()):
+                    self._on_port(port_id, True)
+                self._ports.pop(host_id, None)
+                if not gone.up:
+                    self._on_host(host_id)
+        self._ports = wanted
+        for host_id in sorted(wanted):
+            session = self.sessions.get(host_id)
+            if session is None:
+                session = self.sessions[host_id] = ProbeSession(
+                    multiplier=self.multiplier, recover=self.recover
+                )
+            if session.tick() is not None:
+                self._on_host(host_id)
+            self._send(host_id, encode_probe(ProbeMessage(REQUEST, session.sequence)))
+
+    def receive(self, sender: str, payload: bytes) -> None:
+        """A sealed probe from `sender` (authenticated by the flow-state envelope)."""
+        message = decode_probe(payload)
+        if message.type == REQUEST:
+            down = tuple(sorted(self._local_down_ports()))
+            self._send(sender, encode_probe(ProbeMessage(REPLY, message.sequence, down)))
+            return
+        session = self.sessions.get(sender)
+        if session is None:
+            return
+        session.answered(message.sequence)
+        # Only the sender's own exterior ports: a gateway speaks for its uplinks, no others.
+        reported = frozenset(message.down_ports) & self._ports.get(sender, set())
+        before = self._down_ports.get(sender, frozenset())
+        if reported != before:
+            self._down_ports[sender] = reported
+            for port_id in before - reported:
+                self._on_port(port_id, True)
+            for port_id in reported - before:
+                self._on_port(port_id, False)
+
+    async def run(
+        self,
+        sleep: Callable[[float], Awaitable[None]],
+        before_tick: Callable[[], None] | None = None,
+    ) -> None:
+        while True:
+            try:
+                if before_tick is not None:
+                    before_tick()  # the agent polls its own uplinks here
+                self.tick()
+            except Exception:  # the prober must survive one bad tick
+                log.exception("host %s: gateway probe tick failed", self.host_id)
+            await sleep(self.interval)
+
+
+def sysfs_link_up(interface: str) -> bool | None:
+    """An interface's operational state from /sys/class/net (None: no such interface here)."""
+    try:
+        with open(f"/sys/class/net/{interface}/operstate") as file:
+            state = file.read().strip()
+    except OSError:
+        return None
+    return state in ("up", "unknown")  # "unknown": drivers that report no state (tun, dummy)
+
+
+class LinkWatcher:
+    """A gateway's uplink interfaces: polled once per probe interval. Down at once when the
+    link goes down (or a seen interface vanishes), up again only after `recover` consecutive
+    polls found it up (a bouncing link does not flap its peers' ECMP). An interface never
+    seen (not in this namespace, a test's fake) is not judged."""
+
+    def __init__(
+        self,
+        read: Callable[[str], bool | None] = sysfs_link_up,
+        *,
+        recover: int = DEFAULT_RECOVER,
+    ) -> None:
+        self._read = read
+        self.recover = recover
+        self._seen: set[str] = set()
+        self._up_polls: dict[str, int] = {}  # down port -> consecutive up polls
+        self.down: set[str] = set()  # port ids
+
+    def poll(self, ports: dict[str, str]) -> dict[str, bool]:
+        """Poll `ports` (port id -> interface); returns the ports whose liveness changed."""
+        changed: dict[str, bool] = {}
+        for port_id in list(self.down):
+            if port_id not in ports:  # unbound: no longer ours to judge
+                self.down.discard(port_id)
+                self._up_polls.pop(port_id, None)
+                changed[port_id] = True
+        for port_id, interface in ports.items():
+            state = self._read(interface)
+            if state is not None:
+                self._seen.add(interface)
+            up = state is not False and (state is not None or interface not in self._seen)
+            if not up:
+                self._up_polls[port_id] = 0
+                if port_id not in self.down:
+                    self.down.add(port_id)
+                    changed[port_id] = False
+            elif port_id in self.down:
+                self._up_polls[port_id] = self._up_polls.get(port_id, 0) + 1
+                if self._up_polls[port_id] >= self.recover:
+                    self.down.discard(port_id)
+                    del self._up_polls[port_id]
+                    changed[port_id] = True
+        return changed

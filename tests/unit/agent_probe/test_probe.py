@@ -8,6 +8,8 @@ import pytest
 from hivenet.agent.probe import (
     REPLY,
     REQUEST,
+    GatewayProber,
+    LinkWatcher,
     ProbeMessage,
     ProbeSession,
     decode_probe,
@@ -77,3 +79,61 @@ def test_probe_messages_round_trip_and_bad_bytes_are_refused() -> None:
             decode_probe(bad)
     with pytest.raises(ValueError, match="type"):
         encode_probe(ProbeMessage(9, 1))
+
+
+def test_prober_answers_with_down_ports_and_reports_only_the_senders_own_ports() -> None:
+    sent: list[tuple[str, ProbeMessage]] = []
+    host_changes: list[str] = []
+    port_changes: list[tuple[str, bool]] = []
+    gateways = [("g1", "up-g1"), ("g2", "up-g2"), ("me", "up-me")]
+    prober = GatewayProber(
+        "me",
+        lambda: gateways,
+        lambda host, raw: sent.append((host, decode_probe(raw))),
+        host_changes.append,
+        lambda port, alive: port_changes.append((port, alive)),
+        local_down_ports=lambda: {"up-me"},
+        multiplier=2,
+        recover=2,
+    )
+    prober.tick()
+    assert sorted(host for host, _ in sent) == ["g1", "g2"]  # never itself
+    # Answering a request: this host's down uplinks go in the reply.
+    sent.clear()
+    prober.receive("g1", encode_probe(ProbeMessage(REQUEST, 5)))
+    assert sent == [("g1", ProbeMessage(REPLY, 5, ("up-me",)))]
+    # g1 claims its own port and g2's: only its own is believed.
+    sequence = prober.sessions["g1"].sequence
+    prober.receive("g1", encode_probe(ProbeMessage(REPLY, sequence, ("up-g1", "up-g2"))))
+    assert port_changes == [("up-g1", False)]
+    prober.receive("g1", encode_probe(ProbeMessage(REPLY, sequence, ())))
+    assert port_changes[-1] == ("up-g1", True)
+    # g2 never answers: down after `multiplier` intervals; g1 answers and stays up.
+    for _ in range(3):
+        prober.tick()
+        prober.receive("g1", encode_probe(ProbeMessage(REPLY, prober.sessions["g1"].sequence)))
+    assert prober.is_down("g2") and not prober.is_down("g1")
+    assert host_changes == ["g2"]
+    # g2 is no longer a gateway: its session goes, and it is reported (lease-only again).
+    gateways.remove(("g2", "up-g2"))
+    prober.tick()
+    assert "g2" not in prober.sessions and not prober.is_down("g2")
+    assert host_changes == ["g2", "g2"]
+
+
+def test_link_watcher_down_at_once_up_after_recover_polls_and_unseen_is_not_judged() -> None:
+    links: dict[str, bool | None] = {"hnup1": True}
+    watcher = LinkWatcher(links.get, recover=2)
+    ports = {"up1": "hnup1", "fake": "hnfake"}  # hnfake: never seen in this namespace
+    assert watcher.poll(ports) == {}
+    links["hnup1"] = False
+    assert watcher.poll(ports) == {"up1": False}
+    links["hnup1"] = True
+    assert watcher.poll(ports) == {}  # one good poll is not enough
+    links["hnup1"] = False
+    assert watcher.poll(ports) == {}  # still down, count restarts
+    links["hnup1"] = True
+    assert watcher.poll(ports) == {} and watcher.poll(ports) == {"up1": True}
+    del links["hnup1"]  # a seen interface vanished: down
+    assert watcher.poll(ports) == {"up1": False}
+    assert watcher.poll({}) == {"up1": True}  # unbound: no longer judged
