@@ -12,6 +12,9 @@ what the simulation learned, invalidating exactly the flows whose tags a change 
 Underlay trust (agent/underlay.py): the datapath's tunnel peers (live members of this host's
 tunnel zones, `set_tunnel_peers`), and the cluster's flow-state keyring (created if absent,
 watched, rotated on a schedule) that `FlowStateSync` seals and verifies messages with.
+Fast gateway liveness (agent/probe.py): probes to the hosts owning uplinks, sealed on the
+flow-state channel; a host is down when its lease is gone or its probe is, and this host's
+own uplink links are watched and reported in its probe replies.
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
 
@@ -106,6 +109,7 @@ class AgentCounters:
     publish_errors: int = 0
     bind_errors: int = 0
     published_entries: int = 0
+    bad_probes: int = 0
 
 
 class HostAgent:
@@ -631,7 +635,7 @@ class HostAgent:
         try:
             self.probe.receive(sender, payload)
         except ValueError as exc:
-            self.counters.bad_store_values += 1
+            self.counters.bad_probes += 1
             log.warning("host %s: bad probe from %s: %s", self.host_id, sender, exc)
 
     def _poll_uplinks(self) -> None:
