@@ -12,6 +12,9 @@ what the simulation learned, invalidating exactly the flows whose tags a change 
 Underlay trust (agent/underlay.py): the datapath's tunnel peers (live members of this host's
 tunnel zones, `set_tunnel_peers`), and the cluster's flow-state keyring (created if absent,
 watched, rotated on a schedule) that `FlowStateSync` seals and verifies messages with.
+Fast gateway liveness (agent/probe.py): probes to the hosts owning uplinks, sealed on the
+flow-state channel; a host is down when its lease is gone or its probe is, and this host's
+own uplink links are watched and reported in its probe replies.
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
 
@@ -49,6 +52,8 @@ from hivenet.agent.metadata import MetadataProxy
 from hivenet.agent.metrics import HostStats, HostStatsReporter, agent_registry, serve_metrics
 from hivenet.agent.mirror import PrefixMirror
 from hivenet.agent.pipeline import FlowPipeline
+from hivenet.agent.probe import DEFAULT_INTERVAL as DEFAULT_PROBE_INTERVAL
+from hivenet.agent.probe import GatewayProber, LinkWatcher, sysfs_link_up
 from hivenet.agent.tracing import TraceRequests
 from hivenet.agent.underlay import (
     CLUSTER_PREFIX,
@@ -62,6 +67,7 @@ from hivenet.clock import SYSTEM_CLOCK, Clock
 from hivenet.datapath.base import Datapath
 from hivenet.flowstate.auth import Keyring
 from hivenet.model import (
+    DeviceKind,
     Host,
     Port,
     TopologyObject,
@@ -106,6 +112,7 @@ class AgentCounters:
     publish_errors: int = 0
     bind_errors: int = 0
     published_entries: int = 0
+    bad_probes: int = 0
 
 
 class HostAgent:
@@ -134,6 +141,8 @@ class HostAgent:
         flowstate_key_rotation: float = DEFAULT_KEY_ROTATION,
         bgp: bool = False,
         bgp_dir: Path | None = None,
+        gateway_probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        link_state: Callable[[str], bool | None] | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -197,6 +206,20 @@ class HostAgent:
         self.state_mirror = PrefixMirror(store, STATE_PREFIX, self._on_state_change)
         self.cluster_mirror = PrefixMirror(store, CLUSTER_PREFIX, self._on_cluster_change)
         self.live_hosts: set[str] = set()
+        # Fast gateway liveness (agent/probe.py): probes to hosts owning uplinks, sealed on
+        # the flow-state channel; a host is down when its lease is gone OR its probe is.
+        self.gateway_probe_interval = gateway_probe_interval  # 0: no probing
+        self.links = LinkWatcher(link_state or sysfs_link_up)  # this host's uplinks
+        self.probe = GatewayProber(
+            host_id,
+            self._gateway_ports,
+            self._send_probe,
+            on_host=self._refresh_host_liveness,
+            on_port=self._on_probe_port,
+            local_down_ports=lambda: self.links.down,
+            interval=gateway_probe_interval or DEFAULT_PROBE_INTERVAL,
+        )
+        self.flowstate.control_handler = self._on_probe
         # What the datapath accepts tunnel packets from (None: not told yet).
         self.tunnel_peers: frozenset[str] | None = None
         # Probes through the overlay: health ports and namespaces this agent keeps itself.
@@ -342,6 +365,12 @@ class HostAgent:
         self._refresh_tunnel_peers()
         self._reconcile_ports()
         await self.flowstate.start()
+        if self.gateway_probe_interval > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self.probe.run(self._sleep, self._poll_uplinks), name=f"hn-{self.host_id}-probe"
+                )
+            )
         if self.overlay_probing is not None:
             # Only now: with the topology loaded it adopts the health ports it left, instead
             # of sweeping them as unwanted.
@@ -568,8 +597,7 @@ class HostAgent:
         hosts.update(h for p in self.topology.all("port") if (h := getattr(p, "host_id", None)))
         tags: set[str] = set()
         for host_id in hosts:
-            alive = host_id == self.host_id or host_id in self.live_hosts
-            tags |= self.topology.set_host_alive(host_id, alive)
+            tags |= self.topology.set_host_alive(host_id, self._host_alive(host_id))
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
 
@@ -607,8 +635,53 @@ class HostAgent:
                 log.warning("host %s: flow-state key rotation failed: %s", self.host_id, exc)
 
     def _refresh_host_liveness(self, host_id: str) -> None:
-        alive = host_id == self.host_id or host_id in self.live_hosts
-        tags = self.topology.set_host_alive(host_id, alive)
+        tags = self.topology.set_host_alive(host_id, self._host_alive(host_id))
+        if tags:
+            self.counters.flows_invalidated += self.datapath.invalidate(tags)
+
+    def _host_alive(self, host_id: str) -> bool:
+        if host_id == self.host_id:
+            return True
+        return host_id in self.live_hosts and not self.probe.is_down(host_id)
+
+    def _gateway_ports(self) -> list[tuple[str, str]]:
+        """(host, port) of every exterior router port bound to a host: what is probed."""
+        return [
+            (port.host_id, port.id)
+            for port in self.topology.ports.values()
+            if port.device_kind is DeviceKind.ROUTER and port.peer_id is None and port.host_id
+        ]
+
+    def _send_probe(self, host_id: str, message: bytes) -> None:
+        remote_ip = self.topology.host_underlay_ip.get(host_id)
+        if remote_ip is None:
+            return
+        try:
+            self.flowstate.send_control(remote_ip, message)
+        except (OSError, ValueError) as exc:  # the underlay may refuse it: that is a miss
+            log.debug("host %s: probe to %s not sent: %s", self.host_id, host_id, exc)
+
+    def _on_probe(self, sender: str, payload: bytes) -> None:
+        try:
+            self.probe.receive(sender, payload)
+        except ValueError as exc:
+            self.counters.bad_probes += 1
+            log.warning("host %s: bad probe from %s: %s", self.host_id, sender, exc)
+
+    def _poll_uplinks(self) -> None:
+        """This host's bound router ports (uplinks): a link change is applied here at once
+        and reaches the other agents in the next probe reply."""
+        uplinks = {
+            port_id: interface
+            for port_id, (_key, interface) in self.bound_ports.items()
+            if (port := self.topology.ports.get(port_id)) is not None
+            and port.device_kind is DeviceKind.ROUTER
+        }
+        for port_id, alive in self.links.poll(uplinks).items():
+            self._on_probe_port(port_id, alive)
+
+    def _on_probe_port(self, port_id: str, alive: bool) -> None:
+        tags = self.topology.set_port_alive(port_id, alive)
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
 

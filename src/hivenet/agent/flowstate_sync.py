@@ -91,6 +91,7 @@ from hivenet.store.base import Compare, Put, Store, StoreError
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "flowstate.journal"
+CONTROL_MAGIC = b"HNPB"  # sealed messages that are gateway probes (agent/probe.py), not flow state
 _JOURNAL_HEADER = struct.Struct("!Id")
 MAX_JOURNAL_BYTES = 4 << 20
 
@@ -205,6 +206,8 @@ class FlowStateSync:
         self._max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES - (
             auth.overhead(host_id) if authenticate else 0
         )
+        # Who gets sealed control messages (magic CONTROL_MAGIC: gateway probes): the agent.
+        self.control_handler: Callable[[str, bytes], None] | None = None
         datapath.set_flow_state_handler(self.receive)
 
     # ------------------------------------------------------------------ life cycle
@@ -415,7 +418,10 @@ class FlowStateSync:
             opened = self._unseal(payload)
             if opened is None:
                 return
-            payload = opened
+            sender, payload = opened
+            if self.control_handler is not None and payload[:4] == CONTROL_MAGIC:
+                self.control_handler(sender, payload)  # a gateway probe (agent/probe.py)
+                return
         now = self.clock()
         try:
             batch = decode(payload, now)
@@ -428,7 +434,24 @@ class FlowStateSync:
         self._install(batch.conntrack, batch.nat, now)
         self._journal_append(payload, written_at=now)
 
-    def _unseal(self, payload: bytes) -> bytes | None:
+    def send_control(self, remote_ip: str, message: bytes) -> bool:
+        """A sealed control message (a gateway probe) to the host at `remote_ip`, in the
+        sender's one sequence space; False when there is no key yet."""
+        keyring = self.keyring
+        if keyring is None or not self.authenticate:
+            return False
+        self._sequence = auth.next_sequence(self._sequence, self.wall_clock())
+        sealed = auth.seal(
+            message,
+            key_id=keyring.current.key_id,
+            key=keyring.current.secret,
+            sender=self.host_id,
+            sequence=self._sequence,
+        )
+        self.datapath.send_flow_state(remote_ip, sealed)
+        return True
+
+    def _unseal(self, payload: bytes) -> tuple[str, bytes] | None:
         if not self._receive_keys:
             self.counters.rejected_no_key += 1
             return None
@@ -443,7 +466,7 @@ class FlowStateSync:
         ):
             self.counters.rejected_replayed += 1
             return None
-        return opened.message
+        return opened.sender, opened.message
 
     def _install(
         self, conntrack: Iterable[ConntrackRecord], nat: Iterable[NatRecord], now: float

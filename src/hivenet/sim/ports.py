@@ -142,6 +142,9 @@ def _exterior_output(
     if not port.tunnel_key:
         walk.drop(here, "no_tunnel_key", "port has no tunnel key")
         return
+    if port.id in walk.view.down_ports:
+        walk.drop(here, "egress_port_down", f"port {port.id} is down (link)")
+        return
     action: Output | Tunnel
     if port.vtep is not None:  # an L2 gateway's external VTEP: straight there, from here
         action = Tunnel(*port.vtep)

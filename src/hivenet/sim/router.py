@@ -214,16 +214,22 @@ def _choose_next_hop(
     if ecmp > 1:
         for field in ("ip_src", "ip_dst", "ip_proto", "tp_src", "tp_dst"):
             walk.read(packet, field, FULL_MASKS[field])
-        hop = group.choose(
-            flow_hash(packet.ip_src, packet.ip_dst, packet.ip_proto, packet.tp_src, packet.tp_dst)
+        hop, skipped = group.choose_live(
+            flow_hash(packet.ip_src, packet.ip_dst, packet.ip_proto, packet.tp_src, packet.tp_dst),
+            lambda candidate: _hop_is_live(walk, candidate),
         )
+        # The flow depends on the liveness of its hop and of the dead hops ranked above it:
+        # tag it with theirs, so exactly the flows a death or a return moves are invalidated.
+        for candidate in (hop, *skipped):
+            _tag_hop_liveness(walk, candidate)
     else:
-        hop = group.next_hops[0]
+        hop, skipped = group.next_hops[0], ()
     walk.step(
         here,
         "route",
         f"{ip_text(version, packet.ip_dst)} via route {hop.route_id} ({hop.type.value}"
         + (f", ecmp 1 of {ecmp}" if ecmp > 1 else "")
+        + (f", {len(skipped)} down skipped" if skipped else "")
         + ")",
     )
     if hop.type is RouteType.BLACKHOLE:
@@ -234,6 +240,26 @@ def _choose_next_hop(
         walk.drop(here, "reject_route", hop.route_id)
         return None
     return hop
+
+
+def _hop_is_live(walk: Walk, hop: NextHop) -> bool:
+    """False for a next hop through an exterior port that is down: its host is down (lease
+    gone or probe timed out) or its uplink is (`down_ports`). Other hops count as live."""
+    port = walk.view.ports.get(hop.port_id or "")
+    if port is None or port.peer_id is not None:
+        return True
+    if port.id in walk.view.down_ports:
+        return False
+    return not (port.host_id and port.host_id in walk.view.down_hosts)
+
+
+def _tag_hop_liveness(walk: Walk, hop: NextHop) -> None:
+    port = walk.view.ports.get(hop.port_id or "")
+    if port is None or port.peer_id is not None:
+        return
+    walk.tags.add(port.tag)
+    if port.host_id:
+        walk.tags.add(intern(f"host:{port.host_id}"))
 
 
 def _forward(

@@ -19,7 +19,7 @@ strings (salted per process): every agent must pick the same next hop for a flow
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hivenet.model import Route, RouteType
@@ -74,6 +74,21 @@ class RouteGroup:
         if len(self.next_hops) == 1:
             return self.next_hops[0]
         return max(self.next_hops, key=lambda hop: mix64(five_tuple_hash ^ hop.seed))
+
+    def choose_live(
+        self, five_tuple_hash: int, is_live: Callable[[NextHop], bool]
+    ) -> tuple[NextHop, tuple[NextHop, ...]]:
+        """The highest-scoring live next hop, and the hops whose liveness decided it: the
+        dead ones ranked above it (were one to come back, it would win). With no live hop:
+        the highest-scoring one (its egress drops the packet) and all the others (the first
+        to come back wins). Hops ranked below the choice never matter to this flow."""
+        ranked = sorted(
+            self.next_hops, key=lambda hop: mix64(five_tuple_hash ^ hop.seed), reverse=True
+        )
+        for index, hop in enumerate(ranked):
+            if is_live(hop):
+                return hop, tuple(ranked[:index])
+        return ranked[0], tuple(ranked[1:])
 
 
 def _prefix_mask(bits: int, length: int) -> int:

@@ -189,6 +189,10 @@ class TopologyView:
         # Uplink ports with a BGP session (bgp_peer objects, admin up): port id -> peer id.
         # The router hands their BGP packets to the host's speaker (sim/router.py).
         self.bgp_ports: dict[str, str] = {}
+        # Exterior ports known to be down though their host is up (a gateway's uplink
+        # interface lost its link, as that gateway's probe replies say): left out of ECMP,
+        # traffic out of them dropped. Liveness, like `down_hosts`, is the agent's knowledge.
+        self.down_ports: set[str] = set()
         # Inside `apply_all`: what to recompile once at the end, by kind.
         self._deferred: dict[str, set[str]] | None = None
         # Port security, security groups and floating IPs (sim/secgroups.py): its virtual
@@ -293,6 +297,18 @@ class TopologyView:
                 if port is not None and port.host_id == host_id:
                     routers.add(route.router_id)
         return routers
+
+    def set_port_alive(self, port_id: str, alive: bool) -> frozenset[str]:
+        """Record an exterior port's liveness; returns the tags to invalidate when it changed
+        (`port:<id>`: the flows leaving through it and those whose ECMP choice skipped it)."""
+        if alive == (port_id not in self.down_ports):
+            return frozenset()
+        if alive:
+            self.down_ports.discard(port_id)
+        else:
+            self.down_ports.add(port_id)
+        self.revision += 1
+        return frozenset({f"port:{port_id}"})
 
     def remove(self, kind: str, object_id: str) -> frozenset[str]:
         """Delete an object (unknown ids are ignored). Returns invalidated tags."""
