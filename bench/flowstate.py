@@ -14,11 +14,18 @@ unauthenticated (no HMAC seal/verify, no replay window, no tunnel source check),
 ran before the underlay was authenticated; alternating runs, the median of each, so the
 table shows what the HMAC costs per new connection.
 
-Owns nothing but this measurement: memory datapaths, no sockets, no files, no store (the SNAT
-range is claimed locally). Prints a human table, then exactly one JSON line.
-Usage: `python bench/flowstate.py [--quick] [--where N]` (`--where N`: also the N source
-lines that allocated the most bytes per connection, tracemalloc by line, in the table and
-in the JSON line as `where`).
+And the rate goal's peer, in the same run: the same end-to-end measurement
+(`connections_per_second`) with the code of another git revision (`--base`, default `main`:
+the previous release), its `src/` and `bench/` unpacked to a temporary directory
+(`bench/baseline.py`); both sides run in child processes, alternating, `--rounds` times each,
+and the median of each is compared (`rate_vs_base`).
+
+Owns nothing but this measurement: memory datapaths, no sockets, no store (the SNAT range is
+claimed locally); files only in the base revision's temporary directory. Prints a human
+table, then exactly one JSON line.
+Usage: `python bench/flowstate.py [--quick] [--where N] [--base REV] [--rounds N]`
+(`--where N`: also the N source lines that allocated the most bytes per connection,
+tracemalloc by line, in the table and in the JSON line as `where`; `--base ''`: no base).
 """
 
 from __future__ import annotations
@@ -28,8 +35,11 @@ import gc
 import ipaddress
 import json
 import platform
+import statistics
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
@@ -54,6 +64,9 @@ from hivenet.model import (
 )
 from hivenet.packets import build_tcp_segment
 from hivenet.sim import MemoryTables, TopologyView
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline  # noqa: E402  (bench/baseline.py, next to this file)
 
 SNAT_IP = "203.0.113.2"
 VM_MAC, OUT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:03"
@@ -226,6 +239,31 @@ def hmac_cost(count: int, rounds: int = 3) -> tuple[dict[str, float], dict[str, 
     return with_hmac, without
 
 
+def versus_base(count: int, base: str, rounds: int) -> dict[str, object]:
+    """End-to-end rate of this tree and of git revision `base`, each in a child process,
+    alternating `rounds` times; the median of each and their ratio."""
+    snippet = f"print(json.dumps(bench.connections_per_second({count})))\n"
+    trees = {"current": baseline.current_tree(), "base": baseline.checkout(base)}
+    rates: dict[str, list[float]] = {"current": [], "base": []}
+    for _ in range(rounds):
+        for side in ("base", "current"):
+            result = baseline.run(trees[side], "flowstate", snippet)
+            if result["delivered"] != count:
+                raise SystemExit(f"{side}: {result['delivered']} of {count} delivered: invalid")
+            rates[side].append(float(result["per_second"]))  # type: ignore[arg-type]
+    current, previous = (statistics.median(rates[side]) for side in ("current", "base"))
+    return {
+        "base": base,
+        "base_commit": baseline.describe(base),
+        "rounds": rounds,
+        "current_per_second": current,
+        "base_per_second": previous,
+        "current_runs": rates["current"],
+        "base_runs": rates["base"],
+        "ratio": round(current / previous, 3),
+    }
+
+
 def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[dict[str, object]]]:
     syncs, datapaths, _ = build_hosts()
     frames = [
@@ -286,10 +324,20 @@ def main() -> None:
     parser.add_argument(
         "--where", type=int, default=0, metavar="N", help="top N allocating lines (tracemalloc)"
     )
+    parser.add_argument(
+        "--base",
+        default="main",
+        metavar="REV",
+        help="git revision whose code is the rate's peer (default main; '' for none)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side vs --base")
     args = parser.parse_args()
     if args.where < 0:
         parser.error(f"--where must be >= 0, got {args.where}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     count = 2_000 if args.quick else 20_000
+    against = versus_base(count, args.base, args.rounds) if args.base else None
     rate, unauthenticated = hmac_cost(count)
     peer = connections_per_second(count, stateful=False, authenticate=False)
     if rate["peer_installed_entries"] == 0 or rate["peer_rejected"]:
@@ -309,6 +357,13 @@ def main() -> None:
     print(f"{'us per new connection':<52} {rate['us_per_connection']:>14}")
     print(f"{'peer: new routed flows/s, same agents, no state':<52} {peer['per_second']:>14,.0f}")
     print(f"{'stateful / stateless rate':<52} {ratio:>14.2f}")
+    if against is not None:
+        label = f"same, code of {against['base']} ({against['base_commit']}), median"
+        print(f"{label:<52} {against['base_per_second']:>14,.0f}")
+        print(
+            f"{'same, this tree, median (child processes)':<52} {against['current_per_second']:>14,.0f}"
+        )
+        print(f"{'this tree / base rate':<52} {against['ratio']:>14.2f}")
     hmac_ratio = rate["per_second"] / unauthenticated["per_second"]
     print(
         f"{'same, flow state unauthenticated (no HMAC)':<52} "
@@ -337,6 +392,7 @@ def main() -> None:
                 "rate": rate,
                 "stateless_peer": peer,
                 "stateful_vs_stateless": round(ratio, 3),
+                "versus_base": against,
                 "without_hmac": unauthenticated,
                 "with_vs_without_hmac": round(hmac_ratio, 3),
                 "memory": memory,

@@ -194,6 +194,9 @@ class FlowStateSync:
         # current lease, or give them up only if another host was faster.
         self._blocks_to_retake: set[PortBlock] = set()
         self._push_maps = _PushTargetMaps(None, -1, {}, frozenset())
+        # Rule id -> its NAT targets parsed, for topology revision `_nat_targets_at` only.
+        self._nat_targets: dict[str, list[NatRange]] = {}
+        self._nat_targets_at = -1
         self._stateful_group_hosts: dict[str, set[str]] | None = None
         # Sealed messages (flowstate/auth.py): what the agent always asks for. Without it,
         # plain wire messages are sent and accepted (unit tests, the benchmark's baseline).
@@ -249,7 +252,13 @@ class FlowStateSync:
                 embedded = key_of_embedded(embedded_datagram(parse_frame(frame)))
         except (PacketError, ValueError):
             embedded = None
-        return TransactionHook(FlowStateTransaction(self.conntrack, self.nat, embedded))
+        view = self.topology
+        if self._nat_targets_at != view.revision:  # parsed targets of the rules in force
+            self._nat_targets = {}
+            self._nat_targets_at = view.revision
+        return TransactionHook(
+            FlowStateTransaction(self.conntrack, self.nat, embedded), self._nat_targets
+        )
 
     def finish(
         self, hook: TransactionHook, result: SimulationResult, ingress_port_id: str, now: float

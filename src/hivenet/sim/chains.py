@@ -78,13 +78,14 @@ def _evaluate(
     depth: int,
     stack: list[str],
 ) -> str:
-    walk.tags.add(intern(f"chain:{chain_id}"))
     chain = walk.view.chains.get(chain_id)
     if chain is None:
+        walk.tags.add(intern(f"chain:{chain_id}"))
         walk.drop(
             Here("chain", chain_id, chain_id, depth), "unknown_chain", "chain not in topology"
         )
         return "drop"
+    walk.tags.add(chain.tag)
     here = Here("chain", chain.id, chain.name, depth)
     if chain_id in stack:
         walk.drop(here, "jump_loop", " -> ".join([*stack, chain_id]))
@@ -155,8 +156,12 @@ def _evaluate(
             break
     finally:
         if rules:
-            for field, mask in chain.reads_through[evaluated_through].items():
-                walk.read(packet, field, mask)
+            # Walk.read for each (field, mask) of the rules evaluated, inline (hot path).
+            modified = packet.modified
+            reads = walk.reads
+            for field, mask in chain.read_pairs[evaluated_through]:
+                if field not in modified:
+                    reads[field] = reads.get(field, 0) | mask
         stack.pop()
     return verdict
 
