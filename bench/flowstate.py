@@ -66,7 +66,7 @@ from hivenet.packets import build_tcp_segment
 from hivenet.sim import MemoryTables, TopologyView
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import baseline  # noqa: E402  (bench/baseline.py, next to this file)
+import baseline
 
 SNAT_IP = "203.0.113.2"
 VM_MAC, OUT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:03"
