@@ -18,7 +18,8 @@ And the rate goal's peer, in the same run: the same end-to-end measurement
 (`connections_per_second`) with the code of another git revision (`--base`, default `main`:
 the previous release), its `src/` and `bench/` unpacked to a temporary directory
 (`bench/baseline.py`); both sides run in child processes, alternating, `--rounds` times each,
-and the median of each is compared (`rate_vs_base`).
+and the median of each is compared (`versus_base`); the children time CPU time of their
+own process (`bench/baseline.py`), as the machine may be shared.
 
 Owns nothing but this measurement: memory datapaths, no sockets, no store (the SNAT range is
 claimed locally); files only in the base revision's temporary directory. Prints a human
@@ -75,7 +76,7 @@ R_IN_MAC, R_OUT_MAC = "02:00:00:00:ff:01", "02:00:00:00:ff:02"
 
 def build_hosts(
     stateful: bool = True, authenticate: bool = True
-) -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port]:
+) -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port, dict[str, FlowPipeline]]:
     """Two agents (h1: the VM, h2: the outside port). `stateful=False` is the peer: the same
     topology without security group, port security or NAT rules. `authenticate` (as agents
     run): flow state sealed with a cluster key, tunnel sources checked."""
@@ -160,6 +161,7 @@ def build_hosts(
     underlay = MemoryUnderlay()
     syncs: dict[str, FlowStateSync] = {}
     datapaths: dict[str, MemoryDatapath] = {}
+    pipelines: dict[str, FlowPipeline] = {}
     vm_port = next(o for o in objects if isinstance(o, Port) and o.id == "vm")
     keyring = Keyring.new(bytes(range(32)), 0.0)
     for index, host in enumerate(("h1", "h2"), 1):
@@ -173,16 +175,19 @@ def build_hosts(
         if authenticate:
             datapath.set_tunnel_peers([f"192.0.2.{3 - index}"])
         sync.allocator.claim_all(NatRange.parse(SNAT_IP, SNAT_IP, 1024, 65535))
-        FlowPipeline(host, datapath, view, tables, stateful=sync)
+        pipelines[host] = FlowPipeline(host, datapath, view, tables, stateful=sync)
         datapath.bind_port(index, "hnvm" if index == 1 else "hnout")
         syncs[host], datapaths[host] = sync, datapath
-    return syncs, datapaths, vm_port
+    return syncs, datapaths, vm_port, pipelines
 
 
 def connections_per_second(
-    count: int, stateful: bool = True, authenticate: bool = True
+    count: int, stateful: bool = True, authenticate: bool = True, batch: int = 0
 ) -> dict[str, float]:
-    syncs, datapaths, _ = build_hosts(stateful, authenticate)
+    """`batch` > 0: upcalls handled `batch` at a time (`FlowPipeline.batch()`: one flow-state
+    push per peer per batch, flows installed and packets sent after it), as a datapath would
+    hand over one receive batch; 0: one at a time, as the agent runs today."""
+    syncs, datapaths, _, pipelines = build_hosts(stateful, authenticate)
     # To the outside host, varying ports: every SYN is a new connection (SG conntrack entry
     # in the VM port's zone + SNAT binding), pushed to the gateway host before it leaves.
     frames = [
@@ -200,7 +205,13 @@ def connections_per_second(
     h1, h2 = datapaths["h1"], datapaths["h2"]
     gc.collect()
     started = time.perf_counter()
-    if stateful:
+    if stateful and batch:
+        pipeline = pipelines["h1"]
+        for first in range(0, count, batch):
+            with pipeline.batch():
+                for frame in frames[first : first + batch]:
+                    h1.receive(1, frame)
+    elif stateful:
         for frame in frames:
             h1.receive(1, frame)
     else:
@@ -239,33 +250,45 @@ def hmac_cost(count: int, rounds: int = 3) -> tuple[dict[str, float], dict[str, 
     return with_hmac, without
 
 
+BATCH = 64  # upcalls per batch: the userspace datapath's receive batch size
+
+
 def versus_base(count: int, base: str, rounds: int) -> dict[str, object]:
-    """End-to-end rate of this tree and of git revision `base`, each in a child process,
-    alternating `rounds` times; the median of each and their ratio."""
-    snippet = f"print(json.dumps(bench.connections_per_second({count})))\n"
-    trees = {"current": baseline.current_tree(), "base": baseline.checkout(base)}
-    rates: dict[str, list[float]] = {"current": [], "base": []}
+    """End-to-end rate of git revision `base`, of this tree one upcall at a time (as the
+    agent runs) and of this tree in batches of BATCH upcalls, each in a child process,
+    alternating `rounds` times; the median of each and the ratios to the base."""
+    call = f"bench.connections_per_second({count})"
+    sides = {  # name: (tree, call)
+        "base": (baseline.checkout(base), call),
+        "current": (baseline.current_tree(), call),
+        "batched": (
+            baseline.current_tree(),
+            f"bench.connections_per_second({count}, batch={BATCH})",
+        ),
+    }
+    rates: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(rounds):
-        for side in ("base", "current"):
-            result = baseline.run(trees[side], "flowstate", snippet)
-            if result["delivered"] != count:
+        for side, (tree, expression) in sides.items():
+            result = baseline.run(tree, "flowstate", f"print(json.dumps({expression}))\n")
+            if result["delivered"] != count or result["peer_installed_entries"] == 0:
                 raise SystemExit(f"{side}: {result['delivered']} of {count} delivered: invalid")
             rates[side].append(float(result["per_second"]))  # type: ignore[arg-type]
-    current, previous = (statistics.median(rates[side]) for side in ("current", "base"))
+    median = {side: statistics.median(runs) for side, runs in rates.items()}
     return {
         "base": base,
         "base_commit": baseline.describe(base),
         "rounds": rounds,
-        "current_per_second": current,
-        "base_per_second": previous,
-        "current_runs": rates["current"],
-        "base_runs": rates["base"],
-        "ratio": round(current / previous, 3),
+        "clock": "process CPU time",
+        "batch": BATCH,
+        **{f"{side}_per_second": median[side] for side in sides},
+        **{f"{side}_runs": rates[side] for side in sides},
+        "ratio": round(median["current"] / median["base"], 3),
+        "batched_ratio": round(median["batched"] / median["base"], 3),
     }
 
 
 def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[dict[str, object]]]:
-    syncs, datapaths, _ = build_hosts()
+    syncs, datapaths, _, _ = build_hosts()
     frames = [
         build_tcp_segment(
             eth_src=VM_MAC,
@@ -359,11 +382,18 @@ def main() -> None:
     print(f"{'stateful / stateless rate':<52} {ratio:>14.2f}")
     if against is not None:
         label = f"same, code of {against['base']} ({against['base_commit']}), median"
-        print(f"{label:<52} {against['base_per_second']:>14,.0f}")
-        print(
-            f"{'same, this tree, median (child processes)':<52} {against['current_per_second']:>14,.0f}"
-        )
-        print(f"{'this tree / base rate':<52} {against['ratio']:>14.2f}")
+        rows = [
+            (label, f"{against['base_per_second']:,.0f}"),
+            ("same, this tree, one upcall at a time", f"{against['current_per_second']:,.0f}"),
+            (
+                f"same, this tree, batches of {BATCH} upcalls",
+                f"{against['batched_per_second']:,.0f}",
+            ),
+            ("this tree / base (one at a time)", f"{against['ratio']:.2f}"),
+            (f"this tree / base (batches of {BATCH})", f"{against['batched_ratio']:.2f}"),
+        ]
+        for name, value in rows:
+            print(f"{name:<52} {value:>14}")
     hmac_ratio = rate["per_second"] / unauthenticated["per_second"]
     print(
         f"{'same, flow state unauthenticated (no HMAC)':<52} "

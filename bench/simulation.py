@@ -18,7 +18,8 @@ packets (the same seeded topology and work list), as does this tree, each in a c
 process, alternating `--rounds` times; medians and their ratio are printed
 (`engine_vs_base`), with first-packet latency through the agent (`FlowPipeline` on memory
 datapaths, four hosts: upcall -> simulation -> flow install -> execute; only packets that
-missed every flow counted) as p50/p99 for both.
+missed every flow counted) as p50/p99 for both. The child runs time CPU time of their own
+process (`bench/baseline.py`), not the wall clock of a shared machine.
 
 Usage: `python bench/simulation.py [--base REV] [--rounds N]` (`--base ''`: no base).
 Prints a table, then exactly one JSON line.

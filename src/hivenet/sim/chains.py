@@ -40,7 +40,17 @@ _CONNTRACK_READS = (
     "icmp_code",
     "icmp_id",
 )
+_CONNTRACK_READ_PAIRS = tuple((field, FULL_MASKS[field]) for field in _CONNTRACK_READS)
 _FORWARD_NAT = (RuleAction.DNAT, RuleAction.SNAT)
+
+
+def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], ...]) -> None:
+    """`walk.read(packet, field, mask)` for every (field, mask) pair, in one loop."""
+    modified = packet.modified
+    reads = walk.reads
+    for field, mask in pairs:
+        if field not in modified:
+            reads[field] = reads.get(field, 0) | mask
 
 
 class _ChainStop(Exception):
@@ -156,12 +166,7 @@ def _evaluate(
             break
     finally:
         if rules:
-            # Walk.read for each (field, mask) of the rules evaluated, inline (hot path).
-            modified = packet.modified
-            reads = walk.reads
-            for field, mask in chain.read_pairs[evaluated_through]:
-                if field not in modified:
-                    reads[field] = reads.get(field, 0) | mask
+            _read_pairs(walk, packet, chain.read_pairs[evaluated_through])
         stack.pop()
     return verdict
 
@@ -183,8 +188,7 @@ def _conntrack_holds(
         raise _ChainStop from unsupported
     # Connection state is per flow: a cached flow must not outlive the connection's
     # direction, so everything the flow key is made of is part of the megaflow.
-    for field in _CONNTRACK_READS:
-        walk.read(packet, field, FULL_MASKS[field])
+    _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)
     if decision.reads_tcp_flags:
         walk.read(packet, "tcp_flags", FULL_MASKS["tcp_flags"])
     walk.tags.update(decision.tags)
@@ -210,8 +214,7 @@ def _nat(
         walk.drop(here, reason, unsupported.reason)
         walk.no_cache("flow state unsupported", here.depth)
         raise _ChainStop from unsupported
-    for field in _CONNTRACK_READS:
-        walk.read(packet, field, FULL_MASKS[field])
+    _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)
     walk.tags.update(decision.tags)
     if not decision.cacheable:
         walk.no_cache("NAT decision not cacheable", here.depth)
@@ -237,8 +240,7 @@ def _load_balance(
 ) -> str:
     """A flow to a VIP (sim/vips.py): DNAT to the member chosen for it, or to the member
     its connection already has (NAT state); "reject" when no member can take it."""
-    for field in _CONNTRACK_READS:  # the choice hashes the 5-tuple; NAT keys on it
-        walk.read(packet, field, FULL_MASKS[field])
+    _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)  # the choice hashes the 5-tuple
     vips = walk.view.vips
     choice = vips.choose(rule.id, packet.to_match(), packet.ip_version, walk.now)
     walk.tags.update(choice.tags)
