@@ -25,6 +25,7 @@ from hivenet.sim.vips import VipRefusal
 from hivenet.sim.walk import TCP_FLAG_RST, Here, PacketState, Walk
 
 MAX_JUMP_DEPTH = 16
+_new_tuple = tuple.__new__  # Here(...) without the NamedTuple's Python-level __new__
 
 # Every field a flow-state key (flowstate.keys) is made of: the 5-tuple, ICMP echo ids and
 # types (an echo request and its reply are told apart by type) and fragmentation.
@@ -42,6 +43,15 @@ _CONNTRACK_READS = (
 )
 _CONNTRACK_READ_PAIRS = tuple((field, FULL_MASKS[field]) for field in _CONNTRACK_READS)
 _FORWARD_NAT = (RuleAction.DNAT, RuleAction.SNAT)
+# Enum members as module constants: `RuleAction.X` is a descriptor call on every access.
+_CONTINUE, _JUMP, _ACCEPT, _DROP, _REJECT, _RETURN = (
+    RuleAction.CONTINUE,
+    RuleAction.JUMP,
+    RuleAction.ACCEPT,
+    RuleAction.DROP,
+    RuleAction.REJECT,
+    RuleAction.RETURN,
+)
 
 
 def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], ...]) -> None:
@@ -96,7 +106,7 @@ def _evaluate(
         )
         return "drop"
     walk.tags.add(chain.tag)
-    here = Here("chain", chain.id, chain.name, depth)
+    here = _new_tuple(Here, ("chain", chain.id, chain.name, depth))
     if chain_id in stack:
         walk.drop(here, "jump_loop", " -> ".join([*stack, chain_id]))
         return "drop"
@@ -125,10 +135,10 @@ def _evaluate(
                 continue
             action = rule.action
             walk.step(here, "rule", rule.description)
-            if action is RuleAction.CONTINUE:
+            if action is _CONTINUE:
                 start = index + 1
                 continue
-            if action is RuleAction.JUMP:
+            if action is _JUMP:
                 target = rule.jump_chain_id or ""
                 sub = _evaluate(walk, packet, target, in_port, out_port_id, depth, stack)
                 if sub in ("accept", "drop", "reject"):
@@ -138,9 +148,9 @@ def _evaluate(
                 start = index + 1
                 continue
             evaluated_through = index
-            if action is RuleAction.ACCEPT:
+            if action is _ACCEPT:
                 verdict = "accept"
-            elif action is RuleAction.DROP:
+            elif action is _DROP:
                 reason = (
                     drop_reason_of(rule.rule, "rule_drop")
                     if chain.id in walk.view.security.chain_zones
@@ -148,10 +158,10 @@ def _evaluate(
                 )
                 walk.drop(here, reason, rule.id)
                 verdict = "drop"
-            elif action is RuleAction.REJECT:
+            elif action is _REJECT:
                 walk.drop(here, "rule_reject", rule.id)
                 verdict = "reject"
-            elif action is RuleAction.RETURN:
+            elif action is _RETURN:
                 verdict = "return"
             elif walk.view.vips.is_vip_rule(rule.id):
                 verdict = _load_balance(walk, packet, rule, in_port, here)
