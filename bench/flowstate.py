@@ -14,11 +14,19 @@ unauthenticated (no HMAC seal/verify, no replay window, no tunnel source check),
 ran before the underlay was authenticated; alternating runs, the median of each, so the
 table shows what the HMAC costs per new connection.
 
-Owns nothing but this measurement: memory datapaths, no sockets, no files, no store (the SNAT
-range is claimed locally). Prints a human table, then exactly one JSON line.
-Usage: `python bench/flowstate.py [--quick] [--where N]` (`--where N`: also the N source
-lines that allocated the most bytes per connection, tracemalloc by line, in the table and
-in the JSON line as `where`).
+And the rate goal's peer, in the same run: the same end-to-end measurement
+(`connections_per_second`) with the code of another git revision (`--base`, default `main`:
+the previous release), its `src/` and `bench/` unpacked to a temporary directory
+(`bench/baseline.py`); both sides run in child processes, alternating, `--rounds` times each,
+and the median of each is compared (`versus_base`); the children time CPU time of their
+own process (`bench/baseline.py`), as the machine may be shared.
+
+Owns nothing but this measurement: memory datapaths, no sockets, no store (the SNAT range is
+claimed locally); files only in the base revision's temporary directory. Prints a human
+table, then exactly one JSON line.
+Usage: `python bench/flowstate.py [--quick] [--where N] [--base REV] [--rounds N]`
+(`--where N`: also the N source lines that allocated the most bytes per connection,
+tracemalloc by line, in the table and in the JSON line as `where`; `--base ''`: no base).
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ import gc
 import ipaddress
 import json
 import platform
+import statistics
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
@@ -55,6 +66,9 @@ from hivenet.model import (
 from hivenet.packets import build_tcp_segment
 from hivenet.sim import MemoryTables, TopologyView
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline
+
 SNAT_IP = "203.0.113.2"
 VM_MAC, OUT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:03"
 R_IN_MAC, R_OUT_MAC = "02:00:00:00:ff:01", "02:00:00:00:ff:02"
@@ -62,7 +76,7 @@ R_IN_MAC, R_OUT_MAC = "02:00:00:00:ff:01", "02:00:00:00:ff:02"
 
 def build_hosts(
     stateful: bool = True, authenticate: bool = True
-) -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port]:
+) -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port, dict[str, FlowPipeline]]:
     """Two agents (h1: the VM, h2: the outside port). `stateful=False` is the peer: the same
     topology without security group, port security or NAT rules. `authenticate` (as agents
     run): flow state sealed with a cluster key, tunnel sources checked."""
@@ -147,6 +161,7 @@ def build_hosts(
     underlay = MemoryUnderlay()
     syncs: dict[str, FlowStateSync] = {}
     datapaths: dict[str, MemoryDatapath] = {}
+    pipelines: dict[str, FlowPipeline] = {}
     vm_port = next(o for o in objects if isinstance(o, Port) and o.id == "vm")
     keyring = Keyring.new(bytes(range(32)), 0.0)
     for index, host in enumerate(("h1", "h2"), 1):
@@ -160,16 +175,19 @@ def build_hosts(
         if authenticate:
             datapath.set_tunnel_peers([f"192.0.2.{3 - index}"])
         sync.allocator.claim_all(NatRange.parse(SNAT_IP, SNAT_IP, 1024, 65535))
-        FlowPipeline(host, datapath, view, tables, stateful=sync)
+        pipelines[host] = FlowPipeline(host, datapath, view, tables, stateful=sync)
         datapath.bind_port(index, "hnvm" if index == 1 else "hnout")
         syncs[host], datapaths[host] = sync, datapath
-    return syncs, datapaths, vm_port
+    return syncs, datapaths, vm_port, pipelines
 
 
 def connections_per_second(
-    count: int, stateful: bool = True, authenticate: bool = True
+    count: int, stateful: bool = True, authenticate: bool = True, batch: int = 0
 ) -> dict[str, float]:
-    syncs, datapaths, _ = build_hosts(stateful, authenticate)
+    """`batch` > 0: upcalls handled `batch` at a time (`FlowPipeline.batch()`: one flow-state
+    push per peer per batch, flows installed and packets sent after it), as a datapath would
+    hand over one receive batch; 0: one at a time, as the agent runs today."""
+    syncs, datapaths, _, pipelines = build_hosts(stateful, authenticate)
     # To the outside host, varying ports: every SYN is a new connection (SG conntrack entry
     # in the VM port's zone + SNAT binding), pushed to the gateway host before it leaves.
     frames = [
@@ -187,7 +205,13 @@ def connections_per_second(
     h1, h2 = datapaths["h1"], datapaths["h2"]
     gc.collect()
     started = time.perf_counter()
-    if stateful:
+    if stateful and batch:
+        pipeline = pipelines["h1"]
+        for first in range(0, count, batch):
+            with pipeline.batch():
+                for frame in frames[first : first + batch]:
+                    h1.receive(1, frame)
+    elif stateful:
         for frame in frames:
             h1.receive(1, frame)
     else:
@@ -226,8 +250,45 @@ def hmac_cost(count: int, rounds: int = 3) -> tuple[dict[str, float], dict[str, 
     return with_hmac, without
 
 
+BATCH = 64  # upcalls per batch: the userspace datapath's receive batch size
+
+
+def versus_base(count: int, base: str, rounds: int) -> dict[str, object]:
+    """End-to-end rate of git revision `base`, of this tree one upcall at a time (as the
+    agent runs) and of this tree in batches of BATCH upcalls, each in a child process,
+    alternating `rounds` times; the median of each and the ratios to the base."""
+    call = f"bench.connections_per_second({count})"
+    sides = {  # name: (tree, call)
+        "base": (baseline.checkout(base), call),
+        "current": (baseline.current_tree(), call),
+        "batched": (
+            baseline.current_tree(),
+            f"bench.connections_per_second({count}, batch={BATCH})",
+        ),
+    }
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, (tree, expression) in sides.items():
+            result = baseline.run(tree, "flowstate", f"print(json.dumps({expression}))\n")
+            if result["delivered"] != count or result["peer_installed_entries"] == 0:
+                raise SystemExit(f"{side}: {result['delivered']} of {count} delivered: invalid")
+            rates[side].append(float(result["per_second"]))  # type: ignore[arg-type]
+    median = {side: statistics.median(runs) for side, runs in rates.items()}
+    return {
+        "base": base,
+        "base_commit": baseline.describe(base),
+        "rounds": rounds,
+        "clock": "process CPU time",
+        "batch": BATCH,
+        **{f"{side}_per_second": median[side] for side in sides},
+        **{f"{side}_runs": rates[side] for side in sides},
+        "ratio": round(median["current"] / median["base"], 3),
+        "batched_ratio": round(median["batched"] / median["base"], 3),
+    }
+
+
 def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[dict[str, object]]]:
-    syncs, datapaths, _ = build_hosts()
+    syncs, datapaths, _, _ = build_hosts()
     frames = [
         build_tcp_segment(
             eth_src=VM_MAC,
@@ -286,10 +347,20 @@ def main() -> None:
     parser.add_argument(
         "--where", type=int, default=0, metavar="N", help="top N allocating lines (tracemalloc)"
     )
+    parser.add_argument(
+        "--base",
+        default="main",
+        metavar="REV",
+        help="git revision whose code is the rate's peer (default main; '' for none)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side vs --base")
     args = parser.parse_args()
     if args.where < 0:
         parser.error(f"--where must be >= 0, got {args.where}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     count = 2_000 if args.quick else 20_000
+    against = versus_base(count, args.base, args.rounds) if args.base else None
     rate, unauthenticated = hmac_cost(count)
     peer = connections_per_second(count, stateful=False, authenticate=False)
     if rate["peer_installed_entries"] == 0 or rate["peer_rejected"]:
@@ -309,6 +380,20 @@ def main() -> None:
     print(f"{'us per new connection':<52} {rate['us_per_connection']:>14}")
     print(f"{'peer: new routed flows/s, same agents, no state':<52} {peer['per_second']:>14,.0f}")
     print(f"{'stateful / stateless rate':<52} {ratio:>14.2f}")
+    if against is not None:
+        label = f"same, code of {against['base']} ({against['base_commit']}), median"
+        rows = [
+            (label, f"{against['base_per_second']:,.0f}"),
+            ("same, this tree, one upcall at a time", f"{against['current_per_second']:,.0f}"),
+            (
+                f"same, this tree, batches of {BATCH} upcalls",
+                f"{against['batched_per_second']:,.0f}",
+            ),
+            ("this tree / base (one at a time)", f"{against['ratio']:.2f}"),
+            (f"this tree / base (batches of {BATCH})", f"{against['batched_ratio']:.2f}"),
+        ]
+        for name, value in rows:
+            print(f"{name:<52} {value:>14}")
     hmac_ratio = rate["per_second"] / unauthenticated["per_second"]
     print(
         f"{'same, flow state unauthenticated (no HMAC)':<52} "
@@ -337,6 +422,7 @@ def main() -> None:
                 "rate": rate,
                 "stateless_peer": peer,
                 "stateful_vs_stateless": round(ratio, 3),
+                "versus_base": against,
                 "without_hmac": unauthenticated,
                 "with_vs_without_hmac": round(hmac_ratio, 3),
                 "memory": memory,

@@ -12,17 +12,29 @@ walking the same 50-rule chains for the same packets; the table prints the compi
 matcher's rate as a ratio to it. Whole-simulation rates are printed as measured (no constant
 target): compare runs of this script on the same machine, not against a number in a file.
 
+Peer engine, in the same run: the previous release's code (`--base`, default the git
+revision `main`, unpacked by `bench/baseline.py`) runs the same measurement on the same
+packets (the same seeded topology and work list), as does this tree, each in a child
+process, alternating `--rounds` times; medians and their ratio are printed
+(`engine_vs_base`), with first-packet latency through the agent (`FlowPipeline` on memory
+datapaths, four hosts: upcall -> simulation -> flow install -> execute; only packets that
+missed every flow counted) as p50/p99 for both. The child runs time CPU time of their own
+process (`bench/baseline.py`), not the wall clock of a shared machine.
+
+Usage: `python bench/simulation.py [--base REV] [--rounds N]` (`--base ''`: no base).
 Prints a table, then exactly one JSON line.
 """
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import io
 import ipaddress
 import json
 import pstats
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +61,9 @@ from hivenet.packets import build_tcp_segment, extract_flow_match
 from hivenet.packets.flowmatch import FIELD_NAMES, FlowMatch
 from hivenet.sim import MemoryTables, SimContext, TopologyView, simulate
 from hivenet.sim.rules import compile_chain, rule_matches_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline
 
 HOSTS = ("h1", "h2", "h3", "h4")
 VMS_PER_BRIDGE = 150
@@ -277,7 +292,89 @@ def measure_hit_rate(reference: Reference, view: TopologyView, packets: int) -> 
     }
 
 
+# Run in a child process by both this tree and the base revision (`bench` is that tree's
+# copy of this module): only names both have are used, so the work is the same packets.
+ENGINE_CHILD = """
+import statistics, time
+from hivenet.agent.pipeline import FlowPipeline
+from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
+reference = bench.reference_topology()
+view = bench.TopologyView.from_objects(reference.objects)
+rng = bench.random.Random(3)
+work = []
+for _ in range(COUNT):
+    client, server = rng.sample(range(len(reference.vms)), 2)
+    port_id, frame = bench.connection_frame(
+        reference, client, server, rng.randrange(32768, 61000), rng.choice(bench.SERVICE_PORTS)
+    )
+    work.append((port_id, frame, bench.extract_flow_match(frame, view.ports[port_id].tunnel_key)))
+tables = bench.warm_tables(reference)
+bench.measure_throughput(view, tables, work[:300])
+with_match, with_parse, _ = bench.measure_throughput(view, tables, work)
+underlay = MemoryUnderlay()
+datapaths = {}
+for index, host in enumerate(bench.HOSTS, 1):
+    datapaths[host] = MemoryDatapath(host, f"192.0.2.{index}", underlay)
+    FlowPipeline(host, datapaths[host], view, bench.warm_tables(reference))
+for port in view.ports.values():
+    if port.host_id:
+        datapaths[port.host_id].bind_port(port.tunnel_key, f"hn{port.tunnel_key}")
+samples = []
+for port_id, frame, _ in work:
+    port = view.ports[port_id]
+    datapath = datapaths[port.host_id]
+    misses = datapath.counters()["misses"]
+    started = time.perf_counter()
+    datapath.receive(port.tunnel_key, frame)
+    elapsed = time.perf_counter() - started
+    if datapath.counters()["misses"] == misses + 1:
+        samples.append(elapsed)
+samples.sort()
+print(json.dumps({
+    "with_match": with_match,
+    "with_parse": with_parse,
+    "first_packets": len(samples),
+    "p50_us": samples[len(samples) // 2] * 1e6,
+    "p99_us": samples[min(len(samples) - 1, len(samples) * 99 // 100)] * 1e6,
+}))
+"""
+
+
+def engine_vs_base(base: str, rounds: int, count: int = 5000) -> dict[str, object]:
+    """This tree's engine against `base`'s on the same packets: simulations/s (median of
+    `rounds` alternating child runs each) and first-packet latency through the agent."""
+    snippet = ENGINE_CHILD.replace("COUNT", str(count))
+    trees = {"current": baseline.current_tree(), "base": baseline.checkout(base)}
+    runs: dict[str, list[dict[str, float]]] = {"current": [], "base": []}
+    for _ in range(rounds):
+        for side in ("base", "current"):
+            runs[side].append(baseline.run(trees[side], "simulation", snippet))  # type: ignore[arg-type]
+    out: dict[str, object] = {
+        "base": base,
+        "base_commit": baseline.describe(base),
+        "rounds": rounds,
+    }
+    for side in ("current", "base"):
+        for name in ("with_match", "with_parse", "p50_us", "p99_us"):
+            out[f"{side}_{name}"] = round(statistics.median(r[name] for r in runs[side]), 1)
+        out[f"{side}_first_packets"] = min(r["first_packets"] for r in runs[side])
+    out["ratio"] = round(out["current_with_match"] / out["base_with_match"], 3)  # type: ignore[operator]
+    return out
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--base",
+        default="main",
+        metavar="REV",
+        help="git revision whose engine is the peer (default main; '' for none)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side vs --base")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    against = engine_vs_base(args.base, args.rounds) if args.base else None
     reference = reference_topology()
     started = time.perf_counter()
     view = TopologyView.from_objects(reference.objects)
@@ -329,6 +426,21 @@ def main() -> None:
         ("megaflow hit rate (mix)", f"{hit['hit_rate']:.1%} of {hit['packets']:,} packets"),
         ("megaflows installed", f"{hit['flows']:,}"),
     ]
+    if against is not None:
+        base_name = f"{against['base']} ({against['base_commit']})"
+        rows += [
+            ("engine, this tree (child runs, median)", f"{against['current_with_match']:,.0f}/s"),
+            (f"engine, {base_name} (peer)", f"{against['base_with_match']:,.0f}/s"),
+            ("this tree / base", f"{against['ratio']:.2f}x"),
+            (
+                "first packet via agent p50/p99, this tree",
+                f"{against['current_p50_us']:.0f} / {against['current_p99_us']:.0f} us",
+            ),
+            (
+                f"first packet via agent p50/p99, {against['base']}",
+                f"{against['base_p50_us']:.0f} / {against['base_p99_us']:.0f} us",
+            ),
+        ]
     width = max(len(name) for name, _ in rows)
     print("HiveNet simulation benchmark (one core)")
     for name, value in rows:
@@ -354,6 +466,7 @@ def main() -> None:
                 "megaflows": hit["flows"],
                 "view_build_seconds": round(build_seconds, 3),
                 "rule_update_ms": round(rule_update_ms, 3),
+                "engine_vs_base": against,
             }
         )
     )

@@ -195,6 +195,11 @@ class FlowStateSync:
         # current lease, or give them up only if another host was faster.
         self._blocks_to_retake: set[PortBlock] = set()
         self._push_maps = _PushTargetMaps(None, -1, {}, frozenset())
+        # Inside a pipeline batch: the tag sets invalidated so far (None: no batch).
+        self._batch_log: list[frozenset[str]] | None = None
+        # Rule id -> its NAT targets parsed, for topology revision `_nat_targets_at` only.
+        self._nat_targets: dict[str, list[NatRange]] = {}
+        self._nat_targets_at = -1
         self._stateful_group_hosts: dict[str, set[str]] | None = None
         # Sealed messages (flowstate/auth.py): what the agent always asks for. Without it,
         # plain wire messages are sent and accepted (unit tests, the benchmark's baseline).
@@ -252,7 +257,13 @@ class FlowStateSync:
                 embedded = key_of_embedded(embedded_datagram(parse_frame(frame)))
         except (PacketError, ValueError):
             embedded = None
-        return TransactionHook(FlowStateTransaction(self.conntrack, self.nat, embedded))
+        view = self.topology
+        if self._nat_targets_at != view.revision:  # parsed targets of the rules in force
+            self._nat_targets = {}
+            self._nat_targets_at = view.revision
+        return TransactionHook(
+            FlowStateTransaction(self.conntrack, self.nat, embedded), self._nat_targets
+        )
 
     def finish(
         self, hook: TransactionHook, result: SimulationResult, ingress_port_id: str, now: float
@@ -287,8 +298,26 @@ class FlowStateSync:
             tags.add(nat_tag(binding))
             self.counters.nat_bindings_created += 1
         if tags:
-            self.datapath.invalidate(tags)
+            self._invalidate(tags)
+        if self._batch_log is None:
+            self.push_due(now)
+
+    def begin_batch(self) -> list[frozenset[str]]:
+        """Until `end_batch`: commits push nothing (the batch's entries go together at its
+        end); returns the log of the tag sets invalidated meanwhile, in order (the pipeline
+        installs no flow that a later entry of it invalidated)."""
+        self._batch_log = []
+        return self._batch_log
+
+    def end_batch(self, now: float) -> None:
+        """Push what the batch committed: one message per peer (or more if it is large)."""
+        self._batch_log = None
         self.push_due(now)
+
+    def _invalidate(self, tags: set[str]) -> None:
+        self.datapath.invalidate(tags)
+        if self._batch_log is not None:
+            self._batch_log.append(frozenset(tags))
 
     def set_keyring(self, keyring: auth.Keyring | None) -> None:
         """The cluster's flow-state keys (the agent's store watch calls this on a change)."""
@@ -365,11 +394,14 @@ class FlowStateSync:
         if not conntrack_due and not nat_due:
             return
         self._send_to_peers(conntrack_due, nat_due, now)
-        self._journal_append(
-            encode(
-                (record for record, _ in conntrack_due), (record for record, _ in nat_due), now=now
+        if self._journal_path is not None:  # (no journal: nothing to encode it for)
+            self._journal_append(
+                encode(
+                    (record for record, _ in conntrack_due),
+                    (record for record, _ in nat_due),
+                    now=now,
+                )
             )
-        )
 
     def _send_to_peers(
         self,
@@ -489,7 +521,7 @@ class FlowStateSync:
             if merged_binding is None:
                 self._tag_entries.pop(nat_tag(binding), None)
         if tags:
-            self.datapath.invalidate(tags)
+            self._invalidate(tags)
 
     # ------------------------------------------------------------------ time
 
@@ -516,7 +548,7 @@ class FlowStateSync:
             self._tag_entries.pop(nat_tag(binding), None)
             self.counters.expired_entries += 1
         if tags:
-            self.datapath.invalidate(tags)
+            self._invalidate(tags)
         self.push_due(now)
         self._want_served_targets()
         if self._journal_path is not None and (

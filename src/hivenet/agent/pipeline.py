@@ -8,13 +8,23 @@ megaflow unless the result says not to, execute the packet and every generated p
 count upcalls, installs, drops by reason and simulation latency; then tell `on_simulated`
 (the agent's traffic counters, agent/metrics.py) what the upcall became.
 Does not own the topology cache, the shared tables or the datapath: they are passed in.
+
+Batches (`with pipeline.batch():` around a run of upcalls, as a datapath drains a receive
+batch): each upcall is simulated and its flow state committed at once, but the new entries
+are pushed together at the end (`FlowStateSync.end_batch`: one message per peer, not one per
+connection), and only then are the batch's results applied in order (learned entries, flow,
+packet), so a peer still has a connection's state before its first packet. A result whose
+flow tags a later upcall of the batch invalidated (e.g. it cached "no connection" and a later
+packet opened it) is executed but not installed, as the per-upcall order would have removed
+the flow right after installing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -119,7 +129,31 @@ class FlowPipeline:
         self.timer = timer
         self.stats = PipelineStats()
         self.last_result: SimulationResult | None = None
+        # Inside `batch()`: (port, result, frame, position in the batch's invalidation log).
+        self._deferred: list[tuple[PortInfo, SimulationResult, bytes, int]] | None = None
+        self._invalidated: list[frozenset[str]] = []
         datapath.set_upcall_handler(self.handle_upcall)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Upcalls inside are applied together at the end, after one flow-state push per
+        peer (see the module docstring). Nested batches are one batch."""
+        if self._deferred is not None:
+            yield
+            return
+        self._deferred = []
+        self._invalidated = self.stateful.begin_batch() if self.stateful is not None else []
+        try:
+            yield
+        finally:
+            deferred, self._deferred = self._deferred, None
+            invalidated = self._invalidated
+            if self.stateful is not None:
+                self.stateful.end_batch(self.clock())
+            for port, result, frame, position in deferred:
+                later = invalidated[position:]
+                stale = bool(later) and any(not tags.isdisjoint(result.tags) for tags in later)
+                self._complete(port, result, frame, install=not stale)
 
     def handle_upcall(self, port_key: int, frame: bytes) -> None:
         self.stats.upcalls += 1
@@ -152,21 +186,32 @@ class FlowPipeline:
         self.stats.sim_seconds_total += elapsed
         self.stats.sim_seconds_max = max(self.stats.sim_seconds_max, elapsed)
         self.last_result = result
-        installed = self.apply(result, frame)
+        if self._deferred is not None:
+            self._deferred.append((port, result, frame, len(self._invalidated)))
+            return
+        self._complete(port, result, frame)
+
+    def _complete(
+        self, port: PortInfo, result: SimulationResult, frame: bytes, *, install: bool = True
+    ) -> None:
+        installed = self.apply(result, frame, install=install)
         if result.handoff is not None and self.on_handoff is not None:
             self.on_handoff(result.handoff, port, frame)
         if self.on_simulated is not None:
             self.on_simulated(port.id, result, len(frame), installed)
 
-    def apply(self, result: SimulationResult, frame: bytes) -> FlowKey | None:
+    def apply(
+        self, result: SimulationResult, frame: bytes, *, install: bool = True
+    ) -> FlowKey | None:
         """Act on a simulation result for `frame` (learned entries, flow, packet, replies);
-        returns the key (match, mask) of the flow installed, if any."""
+        returns the key (match, mask) of the flow installed, if any. `install=False`: the
+        packet only (the flow went stale before it could be installed)."""
         installed: FlowKey | None = None
         if result.learned:
             self.stats.learned += len(result.learned)
             if self.on_learned is not None:
                 self.on_learned(result.learned)
-        if result.install:
+        if result.install and install:
             installed = (result.masked_match, result.mask)
             self.datapath.install_flow(
                 installed[0],

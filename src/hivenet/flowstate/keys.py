@@ -95,8 +95,8 @@ class FlowKey(_FlowKeyFields):
         )
 
     def __repr__(self) -> str:
-        src = ipaddress.ip_address(self.ip_src) if self.ip_version == 4 else self._v6(self.ip_src)
-        dst = ipaddress.ip_address(self.ip_dst) if self.ip_version == 4 else self._v6(self.ip_dst)
+        src = format_address(4, self.ip_src) if self.ip_version == 4 else self._v6(self.ip_src)
+        dst = format_address(4, self.ip_dst) if self.ip_version == 4 else self._v6(self.ip_dst)
         return f"FlowKey({src}:{self.tp_src} -> {dst}:{self.tp_dst} proto {self.ip_proto})"
 
     @staticmethod
@@ -165,4 +165,8 @@ def uses_echo_id(key: FlowKey) -> bool:
 
 
 def format_address(ip_version: int, address: int) -> str:
+    """The address as `ipaddress` spells it (flow tags are built from it on every new
+    connection: IPv4 is formatted here directly, the same dotted quad, ~10x cheaper)."""
+    if ip_version == 4 and 0 <= address <= 0xFFFFFFFF:
+        return f"{address >> 24}.{address >> 16 & 255}.{address >> 8 & 255}.{address & 255}"
     return str(ipaddress.ip_address(address) if ip_version == 4 else ipaddress.IPv6Address(address))

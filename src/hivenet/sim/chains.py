@@ -25,6 +25,7 @@ from hivenet.sim.vips import VipRefusal
 from hivenet.sim.walk import TCP_FLAG_RST, Here, PacketState, Walk
 
 MAX_JUMP_DEPTH = 16
+_new_tuple = tuple.__new__  # Here(...) without the NamedTuple's Python-level __new__
 
 # Every field a flow-state key (flowstate.keys) is made of: the 5-tuple, ICMP echo ids and
 # types (an echo request and its reply are told apart by type) and fragmentation.
@@ -40,7 +41,26 @@ _CONNTRACK_READS = (
     "icmp_code",
     "icmp_id",
 )
+_CONNTRACK_READ_PAIRS = tuple((field, FULL_MASKS[field]) for field in _CONNTRACK_READS)
 _FORWARD_NAT = (RuleAction.DNAT, RuleAction.SNAT)
+# Enum members as module constants: `RuleAction.X` is a descriptor call on every access.
+_CONTINUE, _JUMP, _ACCEPT, _DROP, _REJECT, _RETURN = (
+    RuleAction.CONTINUE,
+    RuleAction.JUMP,
+    RuleAction.ACCEPT,
+    RuleAction.DROP,
+    RuleAction.REJECT,
+    RuleAction.RETURN,
+)
+
+
+def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], ...]) -> None:
+    """`walk.read(packet, field, mask)` for every (field, mask) pair, in one loop."""
+    modified = packet.modified
+    reads = walk.reads
+    for field, mask in pairs:
+        if field not in modified:
+            reads[field] = reads.get(field, 0) | mask
 
 
 class _ChainStop(Exception):
@@ -78,14 +98,15 @@ def _evaluate(
     depth: int,
     stack: list[str],
 ) -> str:
-    walk.tags.add(intern(f"chain:{chain_id}"))
     chain = walk.view.chains.get(chain_id)
     if chain is None:
+        walk.tags.add(intern(f"chain:{chain_id}"))
         walk.drop(
             Here("chain", chain_id, chain_id, depth), "unknown_chain", "chain not in topology"
         )
         return "drop"
-    here = Here("chain", chain.id, chain.name, depth)
+    walk.tags.add(chain.tag)
+    here = _new_tuple(Here, ("chain", chain.id, chain.name, depth))
     if chain_id in stack:
         walk.drop(here, "jump_loop", " -> ".join([*stack, chain_id]))
         return "drop"
@@ -114,10 +135,10 @@ def _evaluate(
                 continue
             action = rule.action
             walk.step(here, "rule", rule.description)
-            if action is RuleAction.CONTINUE:
+            if action is _CONTINUE:
                 start = index + 1
                 continue
-            if action is RuleAction.JUMP:
+            if action is _JUMP:
                 target = rule.jump_chain_id or ""
                 sub = _evaluate(walk, packet, target, in_port, out_port_id, depth, stack)
                 if sub in ("accept", "drop", "reject"):
@@ -127,9 +148,9 @@ def _evaluate(
                 start = index + 1
                 continue
             evaluated_through = index
-            if action is RuleAction.ACCEPT:
+            if action is _ACCEPT:
                 verdict = "accept"
-            elif action is RuleAction.DROP:
+            elif action is _DROP:
                 reason = (
                     drop_reason_of(rule.rule, "rule_drop")
                     if chain.id in walk.view.security.chain_zones
@@ -137,10 +158,10 @@ def _evaluate(
                 )
                 walk.drop(here, reason, rule.id)
                 verdict = "drop"
-            elif action is RuleAction.REJECT:
+            elif action is _REJECT:
                 walk.drop(here, "rule_reject", rule.id)
                 verdict = "reject"
-            elif action is RuleAction.RETURN:
+            elif action is _RETURN:
                 verdict = "return"
             elif walk.view.vips.is_vip_rule(rule.id):
                 verdict = _load_balance(walk, packet, rule, in_port, here)
@@ -155,8 +176,7 @@ def _evaluate(
             break
     finally:
         if rules:
-            for field, mask in chain.reads_through[evaluated_through].items():
-                walk.read(packet, field, mask)
+            _read_pairs(walk, packet, chain.read_pairs[evaluated_through])
         stack.pop()
     return verdict
 
@@ -178,8 +198,7 @@ def _conntrack_holds(
         raise _ChainStop from unsupported
     # Connection state is per flow: a cached flow must not outlive the connection's
     # direction, so everything the flow key is made of is part of the megaflow.
-    for field in _CONNTRACK_READS:
-        walk.read(packet, field, FULL_MASKS[field])
+    _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)
     if decision.reads_tcp_flags:
         walk.read(packet, "tcp_flags", FULL_MASKS["tcp_flags"])
     walk.tags.update(decision.tags)
@@ -205,8 +224,7 @@ def _nat(
         walk.drop(here, reason, unsupported.reason)
         walk.no_cache("flow state unsupported", here.depth)
         raise _ChainStop from unsupported
-    for field in _CONNTRACK_READS:
-        walk.read(packet, field, FULL_MASKS[field])
+    _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)
     walk.tags.update(decision.tags)
     if not decision.cacheable:
         walk.no_cache("NAT decision not cacheable", here.depth)
@@ -232,8 +250,7 @@ def _load_balance(
 ) -> str:
     """A flow to a VIP (sim/vips.py): DNAT to the member chosen for it, or to the member
     its connection already has (NAT state); "reject" when no member can take it."""
-    for field in _CONNTRACK_READS:  # the choice hashes the 5-tuple; NAT keys on it
-        walk.read(packet, field, FULL_MASKS[field])
+    _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)  # the choice hashes the 5-tuple
     vips = walk.view.vips
     choice = vips.choose(rule.id, packet.to_match(), packet.ip_version, walk.now)
     walk.tags.update(choice.tags)

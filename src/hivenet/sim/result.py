@@ -9,9 +9,11 @@ anything: the walk (`sim/walk.py`, `sim/engine.py`) fills it, `agent/` acts on i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import and_
 from typing import NamedTuple
 
 from hivenet.flows.actions import Action
+from hivenet.flows.table import flow_match_values
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
 from hivenet.sim.tables import LearnedEntry
 
@@ -107,7 +109,7 @@ class SimulationResult:
     @property
     def masked_match(self) -> tuple[int, ...]:
         """The flow key to install: `match` under `mask`."""
-        return self.match.masked(self.mask)
+        return tuple(map(and_, flow_match_values(self.match), self.mask))
 
     @property
     def is_drop(self) -> bool:

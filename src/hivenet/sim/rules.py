@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from sys import intern
 from typing import Any
 
 from hivenet.model import FragmentPolicy, IpAddrGroup, Rule, RuleAction
@@ -99,6 +100,10 @@ class CompiledChain:
     reads_through: tuple[Mapping[str, int], ...]
     ip_addr_group_ids: frozenset[str]
     source: str
+    # The flow tag of the chain ("chain:<id>", interned) and `reads_through` as
+    # ((field, mask), ...) pairs: what every evaluation adds, computed once per compile.
+    tag: str = ""
+    read_pairs: tuple[tuple[tuple[str, int], ...], ...] = ()
 
 
 class _RuleCompiler:
@@ -311,6 +316,8 @@ def compile_chain(
         reads_through=tuple(reads_through),
         ip_addr_group_ids=frozenset(group_ids),
         source=source,
+        tag=intern(f"chain:{chain_id}"),
+        read_pairs=tuple(tuple(reads.items()) for reads in reads_through),
     )
 
 

@@ -103,10 +103,17 @@ class HookRecord:
 class TransactionHook:
     """`FlowStateHook` over one `FlowStateTransaction` (one simulated packet)."""
 
-    def __init__(self, transaction: FlowStateTransaction) -> None:
+    def __init__(
+        self,
+        transaction: FlowStateTransaction,
+        nat_targets: dict[str, list[NatRange]] | None = None,
+    ) -> None:
+        """`nat_targets`: rule id -> its parsed NAT targets, shared by the hooks of one
+        topology revision (the owner empties it when the revision changes); default: this
+        hook's own."""
         self.transaction = transaction
         self.record = HookRecord()
-        self._targets: dict[str, list[NatRange]] = {}
+        self._targets: dict[str, list[NatRange]] = {} if nat_targets is None else nat_targets
 
     # ---------------------------------------------------------------- conntrack
 

@@ -18,16 +18,21 @@ from hivenet.model.types import int_to_mac
 
 
 def mac_text(mac: int) -> str:
+    # Same text as int_to_mac (lowercase, colons) in one C call: tags are spelled per flow.
+    if 0 <= mac < 1 << 48:
+        return mac.to_bytes(6, "big").hex(":")
     return int_to_mac(mac)
 
 
 def ip_text(version: int, ip: int) -> str:
+    if version == 4 and 0 <= ip <= 0xFFFFFFFF:  # ipaddress's dotted quad, ~10x cheaper
+        return f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}"
     return str(ipaddress.IPv4Address(ip) if version == 4 else ipaddress.IPv6Address(ip))
 
 
 def mac_entry_tag(bridge_id: str, vlan: int, mac: int) -> str:
     """Tag of a MAC table entry, hit or miss: "mac:<bridge_id>:<vlan>:<aa:bb:cc:dd:ee:ff>"."""
-    return f"mac:{bridge_id}:{vlan}:{int_to_mac(mac)}"
+    return f"mac:{bridge_id}:{vlan}:{mac_text(mac)}"
 
 
 def neighbour_entry_tag(router_id: str, version: int, ip: int) -> str:

@@ -18,7 +18,9 @@ bits that decision depended on; over-approximating (recording more bits) is alwa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from operator import and_, attrgetter
 
 from hivenet.flows.actions import (
     SETTABLE_FIELDS,
@@ -58,7 +60,9 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 MAX_DEVICES_PER_PATH = 16
 MAX_DEVICES_PER_SIMULATION = 256
 
-_MASKS = tuple((name, FULL_MASKS[name]) for name in FIELD_NAMES)
+_ZEROS = (0,) * len(FIELD_NAMES)
+_FULL_MASK_TUPLE = tuple(FULL_MASKS[name] for name in FIELD_NAMES)
+_new_tuple = tuple.__new__  # builds a NamedTuple from a tuple of all its fields
 _SETTABLE_ORDER = tuple(name for name in FIELD_NAMES if name in SETTABLE_FIELDS)
 
 
@@ -128,8 +132,7 @@ class PacketState:
     @classmethod
     def of(cls, match: FlowMatch) -> PacketState:
         state = cls()
-        for name in FIELD_NAMES:
-            setattr(state, name, getattr(match, name))
+        _copy_fields(state, match)
         state.modified = set()
         state.ttl_decrements = 0
         state.first_router = None
@@ -137,15 +140,14 @@ class PacketState:
 
     def copy(self) -> PacketState:
         other = PacketState()
-        for name in FIELD_NAMES:
-            setattr(other, name, getattr(self, name))
+        _copy_fields(other, self)
         other.modified = set(self.modified)
         other.ttl_decrements = self.ttl_decrements
         other.first_router = self.first_router
         return other
 
     def to_match(self) -> FlowMatch:
-        return FlowMatch(**{name: getattr(self, name) for name in FIELD_NAMES})
+        return FlowMatch(*_field_values(self))
 
     def set(self, field: str, value: int) -> None:
         setattr(self, field, value)
@@ -154,6 +156,20 @@ class PacketState:
     @property
     def ip_version(self) -> int:
         return 4 if self.eth_type == ETH_TYPE_IPV4 else 6 if self.eth_type == ETH_TYPE_IPV6 else 0
+
+
+def _field_copier() -> Callable[[object, object], None]:
+    """`copy(dst, src)`: every FlowMatch field of `src` set on `dst`, one statement each (a
+    loop of getattr/setattr over 23 names costs ~3x more; this runs on every simulation).
+    The source holds only the field names of FIELD_NAMES, never topology text."""
+    body = "".join(f"    dst.{name} = src.{name}\n" for name in FIELD_NAMES)
+    namespace: dict[str, object] = {}
+    exec(compile(f"def copy(dst, src):\n{body}", "<PacketState fields>", "exec"), namespace)
+    return namespace["copy"]  # type: ignore[return-value]
+
+
+_copy_fields = _field_copier()
+_field_values = attrgetter(*FIELD_NAMES)
 
 
 @dataclass(slots=True)
@@ -223,14 +239,16 @@ class Walk:
         """The walk reached `device` (its flows now carry the device's tag): where it is, or
         None when the device is down and the frame was dropped."""
         self.tags.add(device.tag)
-        here = Here(kind, device.id, device.name, depth)
+        here = _new_tuple(Here, (kind, device.id, device.name, depth))
         if not device.admin_up:
             self.drop(here, "device_down", f"{kind} is down")
             return None
         return here
 
     def step(self, here: Here, event: str, detail: str) -> None:
-        self.trace.append(TraceStep(here, event, detail))
+        # TraceStep(here, event, detail) without the NamedTuple's Python-level __new__:
+        # about half the cost, and a simulation takes a dozen steps or more.
+        self.trace.append(_new_tuple(TraceStep, (here, event, detail)))
 
     def drop(self, here: Here, reason: str, detail: str = "") -> None:
         self.drop_reasons.append(reason)
@@ -391,5 +409,4 @@ class Walk:
         return tuple(actions), None
 
     def mask(self) -> tuple[int, ...]:
-        reads = self.reads
-        return tuple(reads.get(name, 0) & full for name, full in _MASKS)
+        return tuple(map(and_, map(self.reads.get, FIELD_NAMES, _ZEROS), _FULL_MASK_TUPLE))

@@ -1,0 +1,228 @@
+"""`FlowPipeline.batch()`: upcalls of a batch are committed at once, their flow state pushed
+together (one message per peer) before any of their flows is installed or packet sent, and a
+flow that a later upcall of the same batch made stale is never installed.
+
+Two agents' pipelines over memory datapaths, no store (the SNAT range claimed locally):
+vm (h1, security group allowing egress only) and vm2 (h1, no security group) on net, routed
+by r (SNAT to 203.0.113.2) to out (h2)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hivenet.agent.flowstate_sync import FlowStateSync
+from hivenet.agent.pipeline import FlowPipeline
+from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
+from hivenet.flowstate import NatRange
+from hivenet.model import (
+    Bridge,
+    Chain,
+    DeviceKind,
+    Direction,
+    NatTarget,
+    Port,
+    Router,
+    Rule,
+    RuleAction,
+    SecurityGroup,
+    SecurityGroupRule,
+    TopologyObject,
+    TunnelZone,
+    TunnelZoneMember,
+)
+from hivenet.packets import build_tcp_segment, extract_flow_match
+from hivenet.sim import MemoryTables, TopologyView
+
+SNAT_IP = "203.0.113.2"
+OUT_IP = "203.0.113.100"
+MACS = {"vm": "02:00:00:00:00:01", "vm2": "02:00:00:00:00:02", "out": "02:00:00:00:00:03"}
+R_IN_MAC, R_OUT_MAC = "02:00:00:00:ff:01", "02:00:00:00:ff:02"
+KEYS = {"vm": 1, "vm2": 2, "out": 3}
+
+
+def topology() -> list[TopologyObject]:
+    def router_port(port_id: str, mac: str, address: str, peer: str) -> Port:
+        return Port(
+            id=port_id,
+            device_kind=DeviceKind.ROUTER,
+            device_id="r",
+            mac=mac,
+            addresses=(ipaddress.ip_interface(address),),
+            peer_id=peer,
+        )
+
+    def vm(port_id: str, bridge: str, host: str, address: str, **extra: object) -> Port:
+        return Port(
+            id=port_id,
+            device_kind=DeviceKind.BRIDGE,
+            device_id=bridge,
+            host_id=host,
+            interface_name=f"hn{port_id}",
+            mac=MACS[port_id],
+            tunnel_key=KEYS[port_id],
+            addresses=(ipaddress.ip_interface(address),),
+            **extra,  # type: ignore[arg-type]
+        )
+
+    snat = NatTarget(
+        address_from=ipaddress.ip_address(SNAT_IP),
+        address_to=ipaddress.ip_address(SNAT_IP),
+        port_from=1024,
+        port_to=65535,
+    )
+    return [
+        Bridge(id="net"),
+        Bridge(id="ext"),
+        Chain(id="pre"),
+        Chain(id="post"),
+        Router(id="r", inbound_chain_id="pre", outbound_chain_id="post"),
+        Rule(chain_id="pre", action=RuleAction.REV_SNAT),
+        Rule(
+            chain_id="post",
+            action=RuleAction.SNAT,
+            nw_src=ipaddress.ip_network("10.0.0.0/24"),
+            out_port_ids=("r-ext",),
+            nat_targets=(snat,),
+        ),
+        SecurityGroup(id="sg"),
+        SecurityGroupRule(id="egress", security_group_id="sg", direction=Direction.EGRESS),
+        router_port("r-net", R_IN_MAC, "10.0.0.1/24", "b-net"),
+        Port(id="b-net", device_kind=DeviceKind.BRIDGE, device_id="net", peer_id="r-net"),
+        router_port("r-ext", R_OUT_MAC, "203.0.113.1/24", "b-ext"),
+        Port(id="b-ext", device_kind=DeviceKind.BRIDGE, device_id="ext", peer_id="r-ext"),
+        vm(
+            "vm",
+            "net",
+            "h1",
+            "10.0.0.11/24",
+            port_security_enabled=True,
+            security_group_ids=("sg",),
+        ),
+        vm("vm2", "net", "h1", "10.0.0.12/24"),
+        vm("out", "ext", "h2", f"{OUT_IP}/24"),
+        TunnelZone(
+            id="tz",
+            members=tuple(
+                TunnelZoneMember(host_id=h, underlay_ip=ipaddress.ip_address(f"192.0.2.{i}"))
+                for i, h in ((1, "h1"), (2, "h2"))
+            ),
+        ),
+    ]
+
+
+class Hosts:
+    def __init__(self) -> None:
+        underlay = MemoryUnderlay()
+        objects = topology()
+        self.datapaths: dict[str, MemoryDatapath] = {}
+        self.syncs: dict[str, FlowStateSync] = {}
+        self.pipelines: dict[str, FlowPipeline] = {}
+        # Flow-state messages h2 received, with how many packets `out` had got by then.
+        self.state_arrivals: list[int] = []
+        for index, host in enumerate(("h1", "h2"), 1):
+            view = TopologyView.from_objects(objects)
+            tables = MemoryTables()
+            tables.neighbours[("r", 4, int(ipaddress.ip_address(OUT_IP)))] = int(
+                MACS["out"].replace(":", ""), 16
+            )
+            for port_id in ("vm", "vm2"):
+                tables.macs[("net", 0, int(MACS[port_id].replace(":", ""), 16))] = port_id
+            datapath = MemoryDatapath(host, f"192.0.2.{index}", underlay)
+            sync = FlowStateSync(host, datapath, view)
+            sync.allocator.claim_all(NatRange.parse(SNAT_IP, SNAT_IP, 1024, 65535))
+            self.pipelines[host] = FlowPipeline(host, datapath, view, tables, stateful=sync)
+            for port_id, key in KEYS.items():
+                if (port_id == "out") == (host == "h2"):
+                    datapath.bind_port(key, f"hn{port_id}")
+            self.datapaths[host], self.syncs[host] = datapath, sync
+        h2_receive = self.syncs["h2"].receive
+
+        def receive(payload: bytes) -> None:
+            self.state_arrivals.append(len(self.datapaths["h2"].deliveries))
+            h2_receive(payload)
+
+        self.datapaths["h2"].set_flow_state_handler(receive)
+
+
+def syn(sport: int) -> bytes:
+    return build_tcp_segment(
+        eth_src=MACS["vm"],
+        eth_dst=R_IN_MAC,
+        ip_src="10.0.0.11",
+        ip_dst=OUT_IP,
+        src_port=sport,
+        dst_port=80,
+        flags=0x02,
+    )
+
+
+def test_a_batch_pushes_once_per_peer_before_any_flow_or_packet() -> None:
+    hosts = Hosts()
+    h1, h2 = hosts.datapaths["h1"], hosts.datapaths["h2"]
+    sync1 = hosts.syncs["h1"]
+    with hosts.pipelines["h1"].batch():
+        for sport in range(40000, 40005):
+            h1.receive(KEYS["vm"], syn(sport))
+        # Simulated and committed, but nothing installed, sent or pushed yet.
+        assert len(sync1.conntrack) == 5 and len(sync1.nat) == 5
+        assert len(h1.flow_table) == 0
+        assert h2.deliveries == [] and hosts.state_arrivals == []
+    assert sync1.counters.pushed_messages == 1  # 10 entries, one message to h2
+    assert hosts.state_arrivals == [0]  # the state arrived before the first packet
+    assert len(hosts.syncs["h2"].nat) == 5
+    assert len(h1.flow_table) == 5
+    sent = [extract_flow_match(frame, 0) for frame in h2.take(KEYS["out"])]
+    assert sorted(m.tp_src for m in sent) == sorted({m.tp_src for m in sent})  # 5 ports
+    assert {m.ip_src for m in sent} == {int(ipaddress.ip_address(SNAT_IP))}
+    # The same connections again: the installed flows take them, no upcall.
+    misses = h1.counters()["misses"]
+    for sport in range(40000, 40005):
+        h1.receive(KEYS["vm"], syn(sport))
+    assert h1.counters()["misses"] == misses
+    assert len(h2.take(KEYS["out"])) == 5
+
+
+def test_one_upcall_at_a_time_is_unchanged_outside_a_batch() -> None:
+    hosts = Hosts()
+    h1 = hosts.datapaths["h1"]
+    for sport in range(40000, 40003):
+        h1.receive(KEYS["vm"], syn(sport))
+    assert hosts.syncs["h1"].counters.pushed_messages == 3
+    assert hosts.state_arrivals == [0, 1, 2]  # each connection's state before its packet
+    assert len(h1.flow_table) == 3
+
+
+def test_a_flow_a_later_upcall_of_the_batch_made_stale_is_not_installed() -> None:
+    hosts = Hosts()
+    h1 = hosts.datapaths["h1"]
+    # vm2 -> vm unsolicited: vm's security group drops it (a cacheable drop that depends on
+    # there being no connection); then vm opens that very connection (vm -> vm2).
+    unsolicited = build_tcp_segment(
+        eth_src=MACS["vm2"],
+        eth_dst=MACS["vm"],
+        ip_src="10.0.0.12",
+        ip_dst="10.0.0.11",
+        src_port=80,
+        dst_port=40000,
+        flags=0x10,
+    )
+    opening = build_tcp_segment(
+        eth_src=MACS["vm"],
+        eth_dst=MACS["vm2"],
+        ip_src="10.0.0.11",
+        ip_dst="10.0.0.12",
+        src_port=40000,
+        dst_port=80,
+        flags=0x02,
+    )
+    pipeline = hosts.pipelines["h1"]
+    with pipeline.batch():
+        h1.receive(KEYS["vm2"], unsolicited)
+        dropped = pipeline.last_result
+        h1.receive(KEYS["vm"], opening)
+    assert dropped is not None and dropped.is_drop and dropped.install
+    assert len(h1.flow_table) == 1  # vm's SYN only; the stale drop was never installed
+    assert h1.take(KEYS["vm2"]) == [opening]
+    # vm2's answer now reaches vm (per-upcall order would have removed the drop flow too).
+    h1.receive(KEYS["vm2"], unsolicited)
+    assert h1.take(KEYS["vm"]) == [unsolicited]
