@@ -129,6 +129,7 @@ class HostAgent:
         metadata: bool = False,
         wall_clock: Callable[[], float] = time.time,
         flowstate_key_rotation: float = DEFAULT_KEY_ROTATION,
+        flowstate_max_entries: int | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -170,6 +171,7 @@ class HostAgent:
             clock=clock,
             wall_clock=wall_clock,
             authenticate=True,  # sealed with the cluster key (ensure_keyring, at start)
+            max_entries=flowstate_max_entries,  # of each table; None: unbounded
         )
         self.pipeline = FlowPipeline(
             host_id,
