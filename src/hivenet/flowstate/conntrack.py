@@ -552,16 +552,12 @@ class ConntrackTable:
             entry for zone, key in keep if (entry := self._zones.get(zone, {}).get(key)) is not None
         }
         while self._count >= self.max_entries:
-            victim = next((entry for entry in self._half_open if entry not in kept), None)
-            if victim is not None:
-                self.evicted_half_open += 1
-            else:
-                found = self._schedule.soonest_expiring(kept)
-                if found is None:
-                    return  # only kept entries left: the table holds one more for a moment
-                assert isinstance(found, _ConnEntry)
-                victim = found
-                self.evicted_other += 1
+            victim, half_open = self._schedule.victim(self._half_open, kept)
+            if victim is None:
+                return  # only kept entries left: the table holds one more for a moment
+            assert isinstance(victim, _ConnEntry)
+            self.evicted_half_open += half_open
+            self.evicted_other += not half_open
             self._unlink(victim)
             self._evicted.append(victim.record())
 

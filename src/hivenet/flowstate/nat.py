@@ -447,16 +447,12 @@ class NatTable:
             is not None
         }
         while self._count >= self.max_entries:
-            victim = next((entry for entry in self._unused if entry not in kept), None)
-            if victim is not None:
-                self.evicted_unused += 1
-            else:
-                found = self._schedule.soonest_expiring(kept)
-                if found is None:
-                    return  # only kept bindings left: the table holds one more for a moment
-                assert isinstance(found, _NatEntry)
-                victim = found
-                self.evicted_other += 1
+            victim, unused = self._schedule.victim(self._unused, kept)
+            if victim is None:
+                return  # only kept bindings left: the table holds one more for a moment
+            assert isinstance(victim, _NatEntry)
+            self.evicted_unused += unused
+            self.evicted_other += not unused
             self._evicted.append(NatRecord(victim.binding, victim.expires_at))
             self._drop(victim)
 

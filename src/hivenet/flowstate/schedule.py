@@ -17,7 +17,7 @@ expires here and on the peers at about the same time.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 
@@ -239,10 +239,17 @@ class EntryScheduler:
             self.mark_known_to_peers(entry, now)
         return due
 
-    def soonest_expiring(self, skip: Container[TrackedEntry] = ()) -> TrackedEntry | None:
-        """An entry of the earliest expiry bucket (the one closest to its idle timeout, to a
-        bucket's granularity), not in `skip`; None when there is none."""
-        return self._expiry.first(skip)
+    def victim(
+        self, preferred: Iterable[TrackedEntry], kept: Container[TrackedEntry]
+    ) -> tuple[TrackedEntry | None, bool]:
+        """What a full table evicts: the first of `preferred` (its half-open entries, oldest
+        first) not kept, else one of the earliest expiry bucket (closest to its idle timeout,
+        to a bucket's granularity) not kept; and whether it was preferred.
+        (None, False): only kept entries are left."""
+        victim = next((entry for entry in preferred if entry not in kept), None)
+        if victim is not None:
+            return victim, True
+        return self._expiry.first(kept), False
 
     def scheduled_count(self) -> int:
         """Entries in the expiry wheel (for consistency checks in tests)."""
