@@ -27,6 +27,13 @@ table, then exactly one JSON line.
 Usage: `python bench/flowstate.py [--quick] [--where N] [--base REV] [--rounds N]`
 (`--where N`: also the N source lines that allocated the most bytes per connection,
 tracemalloc by line, in the table and in the JSON line as `where`; `--base ''`: no base).
+
+Memory mode: `python bench/flowstate.py --memory-sizes 100000,1000000 [--baseline-src DIR]`
+measures only the bytes per connection (both agents, tables + flows + tags, tracemalloc) at
+each size, so growth is linear and the constant is known; the flow tables are sized to hold
+every connection's flow, the delivered frames are not counted. `--baseline-src` runs the
+same measurement in a subprocess with another checkout's `src` first on the path (e.g. the
+previous commit's, `git worktree add`), alternating with this code, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ import argparse
 import gc
 import ipaddress
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -75,7 +84,7 @@ R_IN_MAC, R_OUT_MAC = "02:00:00:00:ff:01", "02:00:00:00:ff:02"
 
 
 def build_hosts(
-    stateful: bool = True, authenticate: bool = True
+    stateful: bool = True, authenticate: bool = True, max_flows: int = 100_000
 ) -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port, dict[str, FlowPipeline]]:
     """Two agents (h1: the VM, h2: the outside port). `stateful=False` is the peer: the same
     topology without security group, port security or NAT rules. `authenticate` (as agents
@@ -170,7 +179,7 @@ def build_hosts(
         tables.neighbours[("r", 4, int(ipaddress.ip_address("203.0.113.100")))] = int(
             OUT_MAC.replace(":", ""), 16
         )
-        datapath = MemoryDatapath(host, f"192.0.2.{index}", underlay)
+        datapath = MemoryDatapath(host, f"192.0.2.{index}", underlay, max_flows=max_flows)
         sync = FlowStateSync(host, datapath, view, authenticate=authenticate, keyring=keyring)
         if authenticate:
             datapath.set_tunnel_peers([f"192.0.2.{3 - index}"])
@@ -181,16 +190,9 @@ def build_hosts(
     return syncs, datapaths, vm_port, pipelines
 
 
-def connections_per_second(
-    count: int, stateful: bool = True, authenticate: bool = True, batch: int = 0
-) -> dict[str, float]:
-    """`batch` > 0: upcalls handled `batch` at a time (`FlowPipeline.batch()`: one flow-state
-    push per peer per batch, flows installed and packets sent after it), as a datapath would
-    hand over one receive batch; 0: one at a time, as the agent runs today."""
-    syncs, datapaths, _, pipelines = build_hosts(stateful, authenticate)
-    # To the outside host, varying ports: every SYN is a new connection (SG conntrack entry
-    # in the VM port's zone + SNAT binding), pushed to the gateway host before it leaves.
-    frames = [
+def syn_frames(count: int) -> list[bytes]:
+    """To the outside host, varying ports: every SYN is a new connection."""
+    return [
         build_tcp_segment(
             eth_src=VM_MAC,
             eth_dst=R_IN_MAC,
@@ -202,6 +204,18 @@ def connections_per_second(
         )
         for n in range(count)
     ]
+
+
+def connections_per_second(
+    count: int, stateful: bool = True, authenticate: bool = True, batch: int = 0
+) -> dict[str, float]:
+    """`batch` > 0: upcalls handled `batch` at a time (`FlowPipeline.batch()`: one flow-state
+    push per peer per batch, flows installed and packets sent after it), as a datapath would
+    hand over one receive batch; 0: one at a time, as the agent runs today."""
+    syncs, datapaths, _, pipelines = build_hosts(stateful, authenticate)
+    # To the outside host, varying ports: every SYN is a new connection (SG conntrack entry
+    # in the VM port's zone + SNAT binding), pushed to the gateway host before it leaves.
+    frames = syn_frames(count)
     h1, h2 = datapaths["h1"], datapaths["h2"]
     gc.collect()
     started = time.perf_counter()
@@ -289,18 +303,7 @@ def versus_base(count: int, base: str, rounds: int) -> dict[str, object]:
 
 def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[dict[str, object]]]:
     syncs, datapaths, _, _ = build_hosts()
-    frames = [
-        build_tcp_segment(
-            eth_src=VM_MAC,
-            eth_dst=R_IN_MAC,
-            ip_src="10.0.0.11",
-            ip_dst="203.0.113.100",
-            src_port=1024 + n % 64000,
-            dst_port=1 + n // 64000,
-            flags=0x02,
-        )
-        for n in range(count)
-    ]
+    frames = syn_frames(count)
     gateway = syncs["h2"]
     gc.collect()
     tracemalloc.start()
@@ -341,7 +344,73 @@ def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[
     }, by_line
 
 
+def memory_only(count: int) -> float:
+    """Bytes per connection, both agents, tables + flows + tags (delivered frames dropped)."""
+    syncs, datapaths, _, _ = build_hosts(max_flows=count + 1)
+    frames = syn_frames(count)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for index, frame in enumerate(frames):
+        datapaths["h1"].receive(1, frame)
+        if index % 1000 == 999:  # frames delivered are the benchmark's, not state
+            datapaths["h2"].take(2)
+            datapaths["h2"].deliveries.clear()
+    datapaths["h2"].take(2)
+    datapaths["h2"].deliveries.clear()
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    entries = len(syncs["h2"].conntrack) + len(syncs["h2"].nat)
+    if len(datapaths["h1"].flow_table) != count or entries != 2 * count:
+        raise SystemExit(f"{count} connections did not all hold a flow and 2 entries: invalid")
+    return (after - before) / count
+
+
+def memory_mode(sizes: list[int], baseline_src: str | None) -> None:
+    rows: dict[str, dict[int, float]] = {"this": {}}
+    if baseline_src:
+        rows["baseline"] = {}
+    for size in sizes:
+        rows["this"][size] = round(memory_only(size), 1)
+        if baseline_src:
+            env = dict(os.environ, PYTHONPATH=os.path.join(baseline_src, "src"))
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-one", str(size)],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            rows["baseline"][size] = float(out.strip().splitlines()[-1])
+    print(
+        f"{'bytes per connection (2 agents, tables+flows+tags)':<52} "
+        + "".join(f"{size:>12,}" for size in sizes)
+    )
+    print("-" * (53 + 12 * len(sizes)))
+    for name, values in rows.items():
+        print(f"{name:<52} " + "".join(f"{values[size]:>12,.1f}" for size in sizes))
+    ratios = {}
+    if baseline_src:
+        ratios = {size: round(rows["this"][size] / rows["baseline"][size], 3) for size in sizes}
+        print(f"{'this / baseline':<52} " + "".join(f"{ratios[size]:>12.3f}" for size in sizes))
+    print(
+        json.dumps(
+            {
+                "bench": "flowstate_memory",
+                "python": platform.python_version(),
+                "bytes_per_connection": {name: values for name, values in rows.items()},
+                "this_vs_baseline": ratios,
+            },
+            separators=(",", ":"),
+        )
+    )
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory-one":  # the baseline's subprocess
+        print(memory_only(int(sys.argv[2])))
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer connections")
     parser.add_argument(
@@ -354,11 +423,28 @@ def main() -> None:
         help="git revision whose code is the rate's peer (default main; '' for none)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side vs --base")
+    parser.add_argument(
+        "--memory-sizes",
+        metavar="N,N",
+        help="memory mode: bytes per connection at these connection counts only",
+    )
+    parser.add_argument("--baseline-src", metavar="DIR", help="memory mode: checkout to compare")
     args = parser.parse_args()
     if args.where < 0:
         parser.error(f"--where must be >= 0, got {args.where}")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.memory_sizes:
+        try:
+            sizes = [int(part) for part in args.memory_sizes.split(",")]
+        except ValueError:
+            parser.error(
+                f"--memory-sizes must be counts like 100000,1000000, got {args.memory_sizes!r}"
+            )
+        if any(size < 1 for size in sizes):
+            parser.error(f"--memory-sizes must be counts >= 1, got {args.memory_sizes!r}")
+        memory_mode(sizes, args.baseline_src)
+        return
     count = 2_000 if args.quick else 20_000
     against = versus_base(count, args.base, args.rounds) if args.base else None
     rate, unauthenticated = hmac_cost(count)

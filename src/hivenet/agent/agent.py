@@ -143,6 +143,7 @@ class HostAgent:
         bgp_dir: Path | None = None,
         gateway_probe_interval: float = DEFAULT_PROBE_INTERVAL,
         link_state: Callable[[str], bool | None] | None = None,
+        flowstate_max_entries: int | None = None,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -184,6 +185,7 @@ class HostAgent:
             clock=clock,
             wall_clock=wall_clock,
             authenticate=True,  # sealed with the cluster key (ensure_keyring, at start)
+            max_entries=flowstate_max_entries,  # of each table; None: unbounded
         )
         self.pipeline = FlowPipeline(
             host_id,

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hivenet.agent.agent import HostAgent
+from hivenet.agent.flowstate_sync import default_max_entries
 from hivenet.flows.budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 
@@ -150,6 +151,16 @@ def run(
             help="Upcalls a port may cause at once after a quiet spell.",
         ),
     ] = DEFAULT_UPCALL_BURST,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            envvar="HIVENET_MAX_CONNECTIONS",
+            help="Entries each flow-state table (conntrack, NAT) may hold; a full table evicts "
+            "half-open connections first, oldest first (counted in `agent stats`). "
+            "0: one per 16 KiB of memory, 64k..4M.",
+        ),
+    ] = 0,
 ) -> None:
     """Run the agent for one host until SIGTERM/SIGINT."""
     metrics_address = parse_metrics_address(metrics)
@@ -201,6 +212,7 @@ def run(
             metadata=metadata,
             upcall_budget=(upcall_rate, upcall_burst),
             bgp_dir=state / f"bgp-{host_id}" if bgp else None,
+            max_connections=max_connections or default_max_entries(),
         )
     )
 
@@ -222,6 +234,7 @@ async def _run_agent(
     metadata: bool = False,
     upcall_budget: tuple[float, int] = (DEFAULT_UPCALL_RATE, DEFAULT_UPCALL_BURST),
     bgp_dir: Path | None = None,
+    max_connections: int | None = None,
 ) -> None:
     from hivenet.store import open_store
 
@@ -250,6 +263,7 @@ async def _run_agent(
         metadata=metadata,
         bgp=bgp_dir is not None,
         bgp_dir=bgp_dir,
+        flowstate_max_entries=max_connections,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -308,7 +322,7 @@ def stats(
     table = Table(title=f"agent {host_id} (revision {data.get('revision')})", title_justify="left")
     table.add_column("counter")
     table.add_column("value", justify="right")
-    for section in ("agent", "pipeline", "datapath"):
+    for section in ("agent", "pipeline", "flowstate", "datapath"):
         for name, value in sorted(data.get(section, {}).items()):
             shown = f"{value:.6f}" if isinstance(value, float) else str(value)
             table.add_row(f"{section}.{name}", shown)

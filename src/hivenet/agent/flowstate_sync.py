@@ -96,6 +96,24 @@ _JOURNAL_HEADER = struct.Struct("!Id")
 MAX_JOURNAL_BYTES = 4 << 20
 
 
+# Bound of each flow-state table when none is given, as Linux sizes nf_conntrack: one entry
+# per 16 KiB of memory, here within [64k, 4M] (8 GiB: 512k connections per table).
+BYTES_OF_MEMORY_PER_ENTRY = 16 * 1024
+MIN_DEFAULT_ENTRIES, MAX_DEFAULT_ENTRIES = 1 << 16, 1 << 22
+
+
+def default_max_entries(memory_bytes: int | None = None) -> int:
+    """The default bound of each flow-state table for a host with `memory_bytes` of memory
+    (None: this host's, from sysconf; unknown: 256k)."""
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (OSError, ValueError):
+            memory_bytes = (1 << 18) * BYTES_OF_MEMORY_PER_ENTRY
+    entries = memory_bytes // BYTES_OF_MEMORY_PER_ENTRY
+    return max(MIN_DEFAULT_ENTRIES, min(MAX_DEFAULT_ENTRIES, entries))
+
+
 @dataclass(slots=True)
 class FlowStateCounters:
     transactions: int = 0
@@ -157,6 +175,7 @@ class FlowStateSync:
         tick_interval: float = 0.5,
         authenticate: bool = False,
         keyring: auth.Keyring | None = None,
+        max_entries: int | None = None,
     ) -> None:
         self.host_id = host_id
         self.datapath = datapath
@@ -167,8 +186,9 @@ class FlowStateSync:
         self.wall_clock = wall_clock
         self.tick_interval = tick_interval
         self.allocator = PortBlockAllocator(seed=zlib.crc32(host_id.encode()))
-        self.conntrack = ConntrackTable()
-        self.nat = NatTable(self.allocator)
+        # Each table bounded (None: unbounded); full, it evicts half-open entries first.
+        self.conntrack = ConntrackTable(max_entries=max_entries)
+        self.nat = NatTable(self.allocator, max_entries=max_entries)
         self.counters = FlowStateCounters()
         # Flow tag -> the entry it names (for refresh from flow statistics). Filled from the
         # tags of flows this host's simulations made (the same string objects), not for every
@@ -283,6 +303,7 @@ class FlowStateSync:
             transaction.rollback()
             if hook.record.used:
                 self.counters.rolled_back += 1
+            self._forget_evicted()
             return
         peers = self.push_targets(result, ingress_port_id)
         committed = transaction.commit(now, peers)
@@ -299,6 +320,7 @@ class FlowStateSync:
             self.counters.nat_bindings_created += 1
         if tags:
             self._invalidate(tags)
+        self._forget_evicted()
         if self._batch_log is None:
             self.push_due(now)
 
@@ -522,6 +544,7 @@ class FlowStateSync:
                 self._tag_entries.pop(nat_tag(binding), None)
         if tags:
             self._invalidate(tags)
+        self._forget_evicted()
 
     # ------------------------------------------------------------------ time
 
@@ -536,19 +559,10 @@ class FlowStateSync:
     def tick(self, now: float) -> None:
         """Refresh entries whose flows were used, expire the idle ones, push what is due."""
         self._touch_used(now)
-        tags: set[str] = set()
-        for record in self.conntrack.expire(now):
-            tags |= connection_tags(record.zone, record.key)
-            self._tag_entries.pop(conntrack_tag(record.zone, record.key), None)
-            self.counters.expired_entries += 1
-        for nat_record in self.nat.expire(now):
-            binding = nat_record.binding
-            tags.add(nat_tag(binding))
-            tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-            self._tag_entries.pop(nat_tag(binding), None)
-            self.counters.expired_entries += 1
-        if tags:
-            self._invalidate(tags)
+        expired_conntrack, expired_nat = self.conntrack.expire(now), self.nat.expire(now)
+        self.counters.expired_entries += len(expired_conntrack) + len(expired_nat)
+        self._forget(expired_conntrack, expired_nat)
+        self._forget_evicted()
         self.push_due(now)
         self._want_served_targets()
         if self._journal_path is not None and (
@@ -561,6 +575,26 @@ class FlowStateSync:
                 log.warning(
                     "host %s: flow-state journal compaction failed: %s", self.host_id, error
                 )
+
+    def _forget(self, conntrack: list[ConntrackRecord], nat: list[NatRecord]) -> None:
+        """Entries left the tables (expired or evicted): remove the flows tagged with them."""
+        tags: set[str] = set()
+        for record in conntrack:
+            tags |= connection_tags(record.zone, record.key)
+            self._tag_entries.pop(conntrack_tag(record.zone, record.key), None)
+        for nat_record in nat:
+            binding = nat_record.binding
+            tags.add(nat_tag(binding))
+            tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
+            self._tag_entries.pop(nat_tag(binding), None)
+        if tags:
+            self._invalidate(tags)
+
+    def _forget_evicted(self) -> None:
+        """Entries a full table evicted (see `ConntrackTable`, `NatTable`)."""
+        conntrack, nat = self.conntrack.take_evicted(), self.nat.take_evicted()
+        if conntrack or nat:
+            self._forget(conntrack, nat)
 
     def _touch_used(self, now: float) -> None:
         since = self._last_scan
@@ -810,6 +844,11 @@ class FlowStateSync:
         }
         out["connections"] = len(self.conntrack)
         out["nat_bindings"] = len(self.nat)
+        out["max_entries"] = self.conntrack.max_entries or 0  # of each table; 0: unbounded
+        out["evicted_connections_half_open"] = self.conntrack.evicted_half_open
+        out["evicted_connections_other"] = self.conntrack.evicted_other
+        out["evicted_nat_bindings_unused"] = self.nat.evicted_unused
+        out["evicted_nat_bindings_other"] = self.nat.evicted_other
         out["nat_blocks"] = len(self.allocator.blocks)
         return out
 

@@ -476,6 +476,25 @@ class AgentCollector(Collector):
         entries.add_metric([host, "conntrack"], len(flowstate.conntrack))
         entries.add_metric([host, "nat"], len(flowstate.nat))
         yield entries
+        limit = GaugeMetricFamily(
+            "hivenet_flowstate_max_entries",
+            "Entries a flow-state table may hold (0: unbounded)",
+            labels=["host", "table"],
+        )
+        limit.add_metric([host, "conntrack"], flowstate.conntrack.max_entries or 0)
+        limit.add_metric([host, "nat"], flowstate.nat.max_entries or 0)
+        yield limit
+        evicted = CounterMetricFamily(
+            "hivenet_flowstate_evicted",
+            "Entries a full flow-state table evicted to make room (half_open: TCP handshake "
+            "not done, datagram never answered, NAT binding never used again)",
+            labels=["host", "table", "kind"],
+        )
+        evicted.add_metric([host, "conntrack", "half_open"], flowstate.conntrack.evicted_half_open)
+        evicted.add_metric([host, "conntrack", "other"], flowstate.conntrack.evicted_other)
+        evicted.add_metric([host, "nat", "half_open"], flowstate.nat.evicted_unused)
+        evicted.add_metric([host, "nat", "other"], flowstate.nat.evicted_other)
+        yield evicted
 
     def _load_balancers(self, host: str) -> Iterator[Metric]:
         reports = {

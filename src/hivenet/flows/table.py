@@ -28,8 +28,8 @@ import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
 from operator import and_, attrgetter, itemgetter, le
+from typing import Any
 
 from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
@@ -50,30 +50,93 @@ _REORDER_INTERVAL = 4096
 _HEAP_COMPACT_FACTOR = 2
 
 
-@dataclass(slots=True, eq=False)
+class _TagGroup:
+    """Tags shared by many flows (the devices, chains and ports a path crosses), held once for
+    all the flows carrying exactly this set, with those flows. Interned by the table."""
+
+    __slots__ = ("flows", "tags")
+
+    def __init__(self, tags: tuple[str, ...]) -> None:
+        self.tags = tags
+        self.flows: dict[Flow, None] = {}
+
+
+_NO_TAGS: tuple[str, ...] = ()
+
+
 class Flow:
     """One installed megaflow. Mutable (counters, last use); compared and hashed by identity.
 
     `removed` turns True when the table drops the flow (replaced, invalidated, expired,
     evicted), so holders of a reference such as the exact-match cache notice it is gone.
+
+    Compact (issue 16, a table may hold a million): the flow keeps its subtable's dict key
+    and subtable, not its own copy of the 23-field match and mask (`match` and `mask` are
+    rebuilt from them on demand); its tags are the table's interned group of shared tags
+    plus its own (a connection's), and `tags` joins them on demand.
     """
 
-    match: tuple[int, ...]
-    mask: tuple[int, ...]
-    actions: tuple[Action, ...]
-    tags: tuple[str, ...]
-    created: float
-    last_used: float
-    idle_timeout: float = 60.0
-    hard_timeout: float = 0.0
-    packets: int = 0
-    bytes: int = 0
-    removed: bool = False
-    # The largest IP packet (L3 bytes) this flow may carry; 0: no limit. A bigger IP packet
-    # does not take the flow: the datapath sends it to the agent (IPv4 with DF, IPv6: the
-    # simulation answers "fragmentation needed" / "packet too big") or drops it (IPv4 without
-    # DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`.
-    mtu: int = 0
+    __slots__ = (
+        "_group",
+        "_key",
+        "_own_tags",
+        "_subtable",
+        "actions",
+        "bytes",
+        "created",
+        "hard_timeout",
+        "idle_timeout",
+        "last_used",
+        "mtu",
+        "packets",
+        "removed",
+    )
+
+    def __init__(
+        self,
+        subtable: _Subtable,
+        key: Hashable,
+        actions: tuple[Action, ...],
+        group: _TagGroup | None,
+        own_tags: tuple[str, ...],
+        created: float,
+        idle_timeout: float = 60.0,
+        hard_timeout: float = 0.0,
+        mtu: int = 0,
+    ) -> None:
+        self._subtable = subtable
+        self._key = key
+        self.actions = actions
+        self._group = group
+        self._own_tags = own_tags
+        self.created = created
+        self.last_used = created
+        self.idle_timeout = idle_timeout
+        self.hard_timeout = hard_timeout
+        self.packets = 0
+        self.bytes = 0
+        self.removed = False
+        # The largest IP packet (L3 bytes) this flow may carry; 0: no limit. A bigger IP
+        # packet does not take the flow: the datapath sends it to the agent (IPv4 with DF,
+        # IPv6: the simulation answers "fragmentation needed" / "packet too big") or drops it
+        # (IPv4 without DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`.
+        self.mtu = mtu
+
+    @property
+    def match(self) -> tuple[int, ...]:
+        """The masked match (one value per FlowMatch field, FIELD_NAMES order)."""
+        return self._subtable.match_of(self._key)
+
+    @property
+    def mask(self) -> tuple[int, ...]:
+        return self._subtable.mask
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        group = self._group
+        if group is None:
+            return self._own_tags
+        return group.tags + self._own_tags if self._own_tags else group.tags
 
     def deadline(self) -> float:
         """When this flow expires if it is not used again (math.inf: never)."""
@@ -89,7 +152,14 @@ class Flow:
 
     def matches(self, values: tuple[int, ...]) -> bool:
         """Whether a packet with these field values (FIELD_NAMES order) matches this flow."""
-        return tuple(map(and_, values, self.mask)) == self.match
+        return self._subtable.key_of(values) == self._key
+
+    def __repr__(self) -> str:
+        return (
+            f"Flow(match={self.match}, mask={self.mask}, actions={self.actions}, "
+            f"tags={self.tags}, created={self.created}, last_used={self.last_used}, "
+            f"packets={self.packets}, removed={self.removed})"
+        )
 
 
 def _subtable_key_function(mask: tuple[int, ...]) -> Callable[[tuple[int, ...]], Hashable]:
@@ -120,14 +190,44 @@ def _subtable_key_function(mask: tuple[int, ...]) -> Callable[[tuple[int, ...]],
     return lambda values: tuple(map(and_, pick_covered(values), covered_masks))
 
 
+def _subtable_match_function(mask: tuple[int, ...]) -> Callable[[Hashable], tuple[int, ...]]:
+    """The inverse of `_subtable_key_function(mask)` on masked matches: a key back to the
+    masked match it was made from (every field the mask does not cover is 0)."""
+    covered = [index for index, field_mask in enumerate(mask) if field_mask]
+    partial = [index for index in covered if mask[index] != _FULL_MASK_BY_INDEX[index]]
+    full = [index for index in covered if index not in partial]
+
+    def as_values(key: Hashable) -> tuple[int, ...]:
+        if not partial:
+            return (key,) if len(full) == 1 else key  # type: ignore[return-value]
+        if len(partial) == 1:
+            if not full:
+                return (key,)  # type: ignore[return-value]
+            pair: tuple[Any, int] = key  # type: ignore[assignment]
+            picked = pair[0]
+            return (*((picked,) if len(full) == 1 else picked), pair[1])
+        return key  # type: ignore[return-value]
+
+    positions = full + partial if len(partial) == 1 else covered
+
+    def match_of(key: Hashable) -> tuple[int, ...]:
+        values = [0] * _FIELD_COUNT
+        for index, value in zip(positions, as_values(key), strict=True):
+            values[index] = value
+        return tuple(values)
+
+    return match_of
+
+
 class _Subtable:
     """All flows sharing one mask, keyed by `key_of(masked match)`."""
 
-    __slots__ = ("flows", "hits", "key_of", "mask")
+    __slots__ = ("flows", "hits", "key_of", "mask", "match_of")
 
     def __init__(self, mask: tuple[int, ...]) -> None:
         self.mask = mask
         self.key_of = _subtable_key_function(mask)
+        self.match_of = _subtable_match_function(mask)
         self.flows: dict[Hashable, Flow] = {}
         self.hits = 0
 
@@ -172,7 +272,7 @@ def _raise_for_bad_field(match: tuple[int, ...], mask: tuple[int, ...]) -> None:
 
 def _validate_flow(
     match: object, mask: object, actions: object, tags: object
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Action, ...], tuple[str, ...]]:
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Action, ...], frozenset[str]]:
     checked_mask = _check_key_tuple("mask", mask)
     checked_match = _check_key_tuple("match", match)
     well_formed = (
@@ -191,27 +291,50 @@ def _validate_flow(
             raise ValueError(f"actions[{position}] is not an Action: {action!r}")
     if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
         raise ValueError(f"tags must be an iterable of str (not a bare string), got {tags!r}")
-    checked_tags = tuple(frozenset(tags))
+    checked_tags = frozenset(tags)
     for tag in checked_tags:
         if not isinstance(tag, str) or not tag:
             raise ValueError(f"tags must be non-empty strings, got {tag!r}")
     return checked_match, checked_mask, checked_actions, checked_tags
 
 
-class FlowTable:
-    """Megaflow table: install, lookup, invalidate by tag, expire, LRU-bounded size."""
+def is_connection_tag(tag: str) -> bool:
+    """Tags naming one connection's flow state (conntrack entry, NAT binding, a NAT reply
+    key): carried by one or two flows each, so kept per flow rather than in a shared group.
+    Only a memory choice: invalidation is exact whichever way a tag is classed."""
+    return tag.startswith(CONNECTION_TAG_PREFIXES)
 
-    def __init__(self, max_flows: int = 100_000) -> None:
+
+# The spellings of `flowstate.transaction.conntrack_tag`/`nat_tag` and `sim.stateful.nat_reply_tag`.
+CONNECTION_TAG_PREFIXES = ("conntrack:", "nat:", "natr:")
+
+
+class FlowTable:
+    """Megaflow table: install, lookup, invalidate by tag, expire, LRU-bounded size.
+
+    Tags are indexed twice: a flow's own tags (`own_tag`, by default a connection's) map to
+    the flow itself; the rest of its tags form a group interned by the table and shared by
+    every flow with the same set (the devices and chains of a path), and each of those tags
+    maps to its groups. So a flow costs one entry in its group instead of one per shared tag.
+    """
+
+    def __init__(
+        self, max_flows: int = 100_000, own_tag: Callable[[str], bool] = is_connection_tag
+    ) -> None:
         if isinstance(max_flows, bool) or not isinstance(max_flows, int) or max_flows < 1:
             raise ValueError(f"max_flows must be an int >= 1, got {max_flows!r}")
         self.max_flows = max_flows
+        self._own_tag = own_tag
         self._subtables: dict[tuple[int, ...], _Subtable] = {}
         # Probe order; reordered by hit count every _REORDER_INTERVAL lookups.
         self._probe_order: list[_Subtable] = []
-        # tag -> the one flow carrying it, or an insertion-ordered set (a dict) of two or more.
-        # Most tags of a stateful flow are its own connection's (conntrack, NAT): one flow
-        # each, so a bare reference instead of a one-entry dict saves ~200 bytes per tag.
+        # Own tag -> the one flow carrying it, or an insertion-ordered set (a dict) of two or
+        # more (a connection's tags are carried by one flow each way: a bare reference
+        # instead of a one-entry dict saves ~200 bytes per tag).
         self._tag_index: dict[str, Flow | dict[Flow, None]] = {}
+        # Shared tags: the interned groups (by their set of tags), and tag -> its groups.
+        self._groups: dict[frozenset[str], _TagGroup] = {}
+        self._group_index: dict[str, dict[_TagGroup, None]] = {}
         self._lru: OrderedDict[Flow, None] = OrderedDict()  # least recently used first
         self._expiry_heap: list[tuple[float, int, Flow]] = []
         self._heap_sequence = 0
@@ -241,7 +364,7 @@ class FlowTable:
         """Install a megaflow; a flow with the identical (match, mask) is replaced (the new flow
         starts with fresh counters and timers, the old one is marked removed). Installing beyond
         `max_flows` evicts the least recently used flows. `mtu`: see `Flow.mtu`."""
-        checked_match, checked_mask, checked_actions, checked_tags = _validate_flow(
+        checked_match, checked_mask, checked_actions, tag_set = _validate_flow(
             match, mask, actions, tags
         )
         now = _check_finite("now", now)
@@ -265,20 +388,27 @@ class FlowTable:
                     self._subtables[checked_mask] = subtable
                     self._probe_order.append(subtable)
 
+        own_tag = self._own_tag
+        own_tags = tuple(tag for tag in tag_set if own_tag(tag))
+        shared = tag_set.difference(own_tags) if own_tags else tag_set
+        group = self._group_of(shared) if shared else None
+        key = subtable.key_of(checked_match)
         flow = Flow(
-            match=checked_match,
-            mask=subtable.mask,  # one tuple per mask shared by its flows, not one per flow
-            actions=checked_actions,
-            tags=checked_tags,
-            created=now,
-            last_used=now,
+            subtable,
+            key,
+            checked_actions,
+            group,
+            own_tags,
+            now,
             idle_timeout=idle_timeout,
             hard_timeout=hard_timeout,
             mtu=mtu,
         )
-        subtable.flows[subtable.key_of(checked_match)] = flow
+        subtable.flows[key] = flow
+        if group is not None:
+            group.flows[flow] = None
         index = self._tag_index
-        for tag in checked_tags:
+        for tag in own_tags:
             held = index.get(tag)
             if held is None:
                 index[tag] = flow
@@ -296,14 +426,32 @@ class FlowTable:
             self._evictions += 1
         return flow
 
+    def _group_of(self, tags: frozenset[str]) -> _TagGroup:
+        group = self._groups.get(tags)
+        if group is None:
+            group = self._groups[tags] = _TagGroup(tuple(tags))
+            for tag in group.tags:
+                self._group_index.setdefault(tag, {})[group] = None
+        return group
+
     def _remove(self, flow: Flow) -> None:
-        subtable = self._subtables[flow.mask]
-        del subtable.flows[subtable.key_of(flow.match)]
+        subtable = flow._subtable
+        del subtable.flows[flow._key]
         if not subtable.flows:
-            del self._subtables[flow.mask]
+            del self._subtables[subtable.mask]
             self._probe_order.remove(subtable)
+        group = flow._group
+        if group is not None:
+            del group.flows[flow]
+            if not group.flows:
+                del self._groups[frozenset(group.tags)]
+                for tag in group.tags:
+                    groups = self._group_index[tag]
+                    del groups[group]
+                    if not groups:
+                        del self._group_index[tag]
         index = self._tag_index
-        for tag in flow.tags:
+        for tag in flow._own_tags:
             held = index[tag]
             if isinstance(held, dict):
                 del held[flow]
@@ -380,12 +528,15 @@ class FlowTable:
             raise ValueError(f"tags must be an iterable of str (not a bare string), got {tags!r}")
         doomed: dict[Flow, None] = {}
         index = self._tag_index
+        group_index = self._group_index
         for tag in tags:
             held = index.get(tag)
             if isinstance(held, dict):
                 doomed.update(held)
             elif held is not None:
                 doomed[held] = None
+            for group in group_index.get(tag, ()):
+                doomed.update(group.flows)
         for flow in doomed:
             self._remove(flow)
         self._invalidated += len(doomed)
@@ -445,7 +596,8 @@ class FlowTable:
         return {
             "flows": len(self._lru),
             "masks": len(self._subtables),
-            "tags": len(self._tag_index),
+            "tags": len(self._tag_index) + len(self._group_index),
+            "tag_groups": len(self._groups),
             "lookups": self._lookups,
             "hits": self._hits,
             "misses": self._misses,

@@ -23,7 +23,7 @@ ICMP/ICMPv6 30; any other protocol 600 (generic_timeout).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -63,6 +63,9 @@ class ConnState(enum.IntEnum):
 
 
 TCP_STATES = frozenset(ConnState) - {ConnState.UNREPLIED, ConnState.REPLIED}
+# Connections no reply completed yet (a TCP handshake not finished, a datagram flow never
+# answered): what a full table evicts first (see `ConntrackTable`).
+HALF_OPEN_STATES = frozenset({ConnState.SYN_SENT, ConnState.SYN_RECV, ConnState.UNREPLIED})
 
 
 class Direction(enum.IntEnum):
@@ -295,19 +298,43 @@ def _next_state(
 
 class ConntrackTable:
     """Connections per zone, with idle expiry and the push/refresh queue (see
-    `schedule.py`). Entries are mutable inside; callers see `ConntrackRecord` snapshots."""
+    `schedule.py`). Entries are mutable inside; callers see `ConntrackRecord` snapshots.
+
+    Bounded (`max_entries`, None: unbounded): a new connection in a full table first evicts
+    one, as Linux's `early_drop` does, in this order: the half-open connection
+    (`HALF_OPEN_STATES`) that became half-open longest ago; only when there is none, the
+    connection closest to its idle timeout (to the wheel's granularity: closing TCP states
+    and short datagram timeouts come first, then the longest idle established connection;
+    Linux would drop the new packet instead, which lets a flood of established connections
+    lock new ones out). Entries the caller is working on (`keep`) are never evicted, so a
+    table may briefly hold up to `len(keep)` more than `max_entries`. A SYN flood therefore
+    only replaces its own half-open entries. Evicted entries are counted (`evicted_half_open`,
+    `evicted_other`) and handed out once by `take_evicted()`, so the caller can remove the
+    flows tagged with them, as it does for `expire()`. Evictions are not pushed: a peer's
+    copy lapses at its own timeout (nobody refreshes it) or under its own bound."""
 
     def __init__(
         self,
         timeouts: ConntrackTimeouts = DEFAULT_TIMEOUTS,
         refresh: RefreshPolicy | None = None,
         granularity: float = 1.0,
+        max_entries: int | None = None,
     ) -> None:
+        if max_entries is not None and (
+            isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
+        ):
+            raise ValueError(f"max_entries must be an int >= 1 or None, got {max_entries!r}")
         self.timeouts = timeouts
+        self.max_entries = max_entries
         self._timeout_cache: dict[tuple[int, ConnState], float] = {}
         self._zones: dict[str, dict[FlowKey, _ConnEntry]] = {}
         self._schedule = EntryScheduler(refresh or RefreshPolicy(), granularity)
         self._count = 0
+        # Half-open entries in the order they became half-open (a dict as an ordered set).
+        self._half_open: dict[_ConnEntry, None] = {}
+        self._evicted: list[ConntrackRecord] = []
+        self.evicted_half_open = 0
+        self.evicted_other = 0
 
     def __len__(self) -> int:
         return self._count
@@ -428,12 +455,17 @@ class ConntrackTable:
     # --- changes ------------------------------------------------------------------------------
 
     def commit(
-        self, classification: Classification, tcp_flags: int, now: float
+        self,
+        classification: Classification,
+        tcp_flags: int,
+        now: float,
+        keep: Collection[tuple[str, FlowKey]] = (),
     ) -> ConntrackRecord | None:
         """Apply a classified packet that the simulation let through: open the connection
         (NEW), or move and refresh it (FORWARD/RETURN). The transition is recomputed against
         the entry as it is now, so a commit after other changes stays consistent. Returns
-        the entry after the change (None for verdicts that change nothing)."""
+        the entry after the change (None for verdicts that change nothing). `keep`: (zone,
+        key) of connections a full table must not evict to make room (the packet's own)."""
         verdict = classification.verdict
         key = classification.key
         if key is None or verdict not in (Verdict.NEW, Verdict.FORWARD, Verdict.RETURN):
@@ -446,7 +478,7 @@ class ConntrackTable:
             state = _next_state(key.ip_proto, None, Direction.ORIGINAL, tcp_flags)
             if state is None:
                 return None
-            return self._insert(zone, key, state, now, changed=True).record()
+            return self._insert(zone, key, state, now, changed=True, keep=keep).record()
         self._advance(entry, classification.direction, tcp_flags, now)
         return entry.record()
 
@@ -464,7 +496,8 @@ class ConntrackTable:
         if state is None:
             return
         changed = state is not entry.state
-        entry.state = state
+        if changed:
+            self._set_state(entry, state)
         self._schedule.set_expiry(
             entry,
             now + self._timeout(proto, state),
@@ -475,24 +508,78 @@ class ConntrackTable:
         else:
             self._schedule.mark_used(entry)
 
+    def _set_state(self, entry: _ConnEntry, state: ConnState) -> None:
+        if state in HALF_OPEN_STATES:
+            if entry.state not in HALF_OPEN_STATES:
+                self._half_open[entry] = None
+        elif entry.state in HALF_OPEN_STATES:
+            self._half_open.pop(entry, None)
+        entry.state = state
+
     def _insert(
-        self, zone: str, key: FlowKey, state: ConnState, now: float, changed: bool
+        self,
+        zone: str,
+        key: FlowKey,
+        state: ConnState,
+        now: float,
+        changed: bool,
+        keep: Collection[tuple[str, FlowKey]] = (),
     ) -> _ConnEntry:
         timeout = self._timeout(key.ip_proto, state)
         entries = self._zones.get(zone)
+        old = entries.get(key) if entries is not None else None
+        if old is not None:
+            self._unlink(old)
+        elif self.max_entries is not None and self._count >= self.max_entries:
+            self._make_room(keep)
+        entries = self._zones.get(zone)
         if entries is None:
             entries = self._zones[zone] = {}
-        old = entries.get(key)
-        if old is not None:
-            self._schedule.forget(old)
-            self._count -= 1
         entry = _ConnEntry(zone, key, state, now + timeout, timeout)
+        if state in HALF_OPEN_STATES:
+            self._half_open[entry] = None
         entries[key] = entry
         self._count += 1
         self._schedule.set_expiry(entry, now + timeout, timeout)
         if changed:
             self._schedule.mark_changed(entry)
         return entry
+
+    def _make_room(self, keep: Collection[tuple[str, FlowKey]]) -> None:
+        """Evict until a new entry fits (see the class docstring for the order)."""
+        assert self.max_entries is not None
+        kept = {
+            entry for zone, key in keep if (entry := self._zones.get(zone, {}).get(key)) is not None
+        }
+        while self._count >= self.max_entries:
+            victim, half_open = self._schedule.victim(self._half_open, kept)
+            if victim is None:
+                return  # only kept entries left: the table holds one more for a moment
+            assert isinstance(victim, _ConnEntry)
+            self.evicted_half_open += half_open
+            self.evicted_other += not half_open
+            self._unlink(victim)
+            self._evicted.append(victim.record())
+
+    def _unlink(self, entry: _ConnEntry) -> None:
+        """Remove `entry` from every index and schedule."""
+        entries = self._zones.get(entry.zone)
+        if entries is not None and entries.get(entry.key) is entry:
+            del entries[entry.key]
+            if not entries:
+                del self._zones[entry.zone]
+        self._schedule.forget(entry)
+        self._half_open.pop(entry, None)
+        self._count -= 1
+
+    def take_evicted(self) -> list[ConntrackRecord]:
+        """The entries evicted to make room since the last call (each handed out once)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    @property
+    def evicted(self) -> int:
+        return self.evicted_half_open + self.evicted_other
 
     def touch(self, zone: str, key: FlowKey, now: float) -> bool:
         """A live flow used the connection `key` belongs to (either direction): reset its
@@ -565,7 +652,7 @@ class ConntrackTable:
             expires_at = now + timeout
         else:
             expires_at = max(entry.expires_at, record.expires_at)
-        entry.state = merged
+        self._set_state(entry, merged)
         self._schedule.set_expiry(entry, expires_at, timeout)
         if merged is not incoming:
             self._schedule.mark_changed(entry)  # the sender holds an older state: tell it
@@ -575,13 +662,10 @@ class ConntrackTable:
 
     def remove(self, zone: str, key: FlowKey) -> bool:
         entries = self._zones.get(zone)
-        entry = entries.pop(key, None) if entries is not None else None
-        if entry is None or entries is None:
+        entry = entries.get(key) if entries is not None else None
+        if entry is None:
             return False
-        self._schedule.forget(entry)
-        self._count -= 1
-        if not entries:
-            del self._zones[zone]
+        self._unlink(entry)
         return True
 
     def set_peers(self, zone: str, key: FlowKey, peers: frozenset[str]) -> None:
@@ -600,10 +684,7 @@ class ConntrackTable:
             assert isinstance(entry, _ConnEntry)
             entries = self._zones.get(entry.zone)
             if entries is not None and entries.get(entry.key) is entry:
-                del entries[entry.key]
-                self._count -= 1
-                if not entries:
-                    del self._zones[entry.zone]
+                self._unlink(entry)
             expired.append(entry.record())
         return expired
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -209,7 +209,16 @@ def _stable_hash(key: FlowKey) -> int:
 
 
 class NatTable:
-    """NAT bindings with idle expiry and the push/refresh queue (see `schedule.py`)."""
+    """NAT bindings with idle expiry and the push/refresh queue (see `schedule.py`).
+
+    Bounded (`max_entries`, None: unbounded), as `ConntrackTable` is: a new binding in a
+    full table first evicts the binding never used since it was made (no second packet
+    either way, no reply lookup, no refresh from a peer) that was made longest ago, and
+    only when there is none the binding closest to its idle timeout (the longest idle).
+    A NAT table cannot see TCP states, so "used again" stands for "half-open": a flood of
+    one-packet connections only replaces its own bindings. Bindings in `keep` (the ones the
+    caller's packet depends on) are never evicted. An evicted binding frees its port; it is
+    counted (`evicted_unused`, `evicted_other`) and handed out once by `take_evicted()`."""
 
     def __init__(
         self,
@@ -217,13 +226,24 @@ class NatTable:
         timeouts: NatTimeouts = DEFAULT_NAT_TIMEOUTS,
         refresh: RefreshPolicy | None = None,
         granularity: float = 1.0,
+        max_entries: int | None = None,
     ) -> None:
+        if max_entries is not None and (
+            isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
+        ):
+            raise ValueError(f"max_entries must be an int >= 1 or None, got {max_entries!r}")
         self.allocator = allocator
         self.timeouts = timeouts
+        self.max_entries = max_entries
         self._by_original: dict[_Index, dict[FlowKey, _NatEntry]] = {}
         self._by_translated: dict[_Index, dict[FlowKey, _NatEntry]] = {}
         self._schedule = EntryScheduler(refresh or RefreshPolicy(), granularity)
         self._count = 0
+        # Bindings not used since they were made, oldest first (a dict as an ordered set).
+        self._unused: dict[_NatEntry, None] = {}
+        self._evicted: list[NatRecord] = []
+        self.evicted_unused = 0
+        self.evicted_other = 0
 
     def __len__(self) -> int:
         return self._count
@@ -268,8 +288,13 @@ class NatTable:
     def lookup_reply(
         self, zone: str, kind: NatKind, reply_key: FlowKey, now: float
     ) -> NatBinding | None:
-        """The binding a reply packet (key `reply_key`) belongs to."""
-        return self.lookup_translated(zone, kind, reply_key.reversed(), now)
+        """The binding a reply packet (key `reply_key`) belongs to (which counts as a use
+        for the eviction order: the connection was answered)."""
+        entry = self._live(self._by_translated, zone, kind, reply_key.reversed(), now)
+        if entry is None:
+            return None
+        self._unused.pop(entry, None)
+        return entry.binding
 
     def reverse(
         self, zone: str, kind: NatKind, reply_key: FlowKey, now: float
@@ -288,6 +313,7 @@ class NatTable:
         now: float,
         *,
         opening: bool = False,
+        keep: Collection[NatBinding] = (),
     ) -> tuple[NatBinding, bool]:
         """The DNAT binding of forward key `key`: the existing one (touched), or a new one to
         a target chosen by a stable hash of the key (every host picks the same for the same
@@ -296,7 +322,8 @@ class NatTable:
         address no target covers any more belongs to an earlier connection that reused the
         same ports, and is replaced, as conntrack reopens a closed connection. (For a VIP the
         one target is the member a new connection gets now: a member removed, offline or
-        moved by Maglev since.) Returns (binding, created)."""
+        moved by Maglev since.) `keep`: bindings a full table must not evict to make room.
+        Returns (binding, created)."""
         existing = self._live(self._by_original, zone, NatKind.DNAT, key, now)
         if existing is not None and opening and not covers(targets, existing.binding):
             self._drop(existing)
@@ -327,18 +354,25 @@ class NatTable:
                 entry = taken.get(translated)
                 if entry is None or entry.expires_at <= now:
                     binding = NatBinding(zone, NatKind.DNAT, key, translated)
-                    self._insert(binding, now, changed=True)
+                    self._insert(binding, now, changed=True, keep=keep)
                     return binding, True
         raise NatTargetsExhausted(
             f"DNAT in zone {zone!r}: every target of {list(targets)} collides for {key}"
         )
 
     def snat(
-        self, zone: str, key: FlowKey, targets: Sequence[NatRange], now: float
+        self,
+        zone: str,
+        key: FlowKey,
+        targets: Sequence[NatRange],
+        now: float,
+        *,
+        keep: Collection[NatBinding] = (),
     ) -> tuple[NatBinding, bool]:
         """The SNAT binding of forward key `key`: the existing one (touched), or a new one
         with an (address, port) from the allocator's blocks that no binding to the same
-        destination uses. Raises NatPortsExhausted when the held blocks are full."""
+        destination uses. Raises NatPortsExhausted when the held blocks are full. `keep`:
+        bindings a full table must not evict to make room."""
         existing = self._live(self._by_original, zone, NatKind.SNAT, key, now)
         if existing is not None:
             self._touch_entry(existing, now, None)
@@ -365,13 +399,18 @@ class NatTable:
             allocated = self.allocator.allocate(target, destination, key.tp_src, is_taken)
             if allocated is not None:
                 binding = NatBinding(zone, NatKind.SNAT, key, make(allocated.ip, allocated.port))
-                entry = self._insert(binding, now, changed=True)
+                entry = self._insert(binding, now, changed=True, keep=keep)
                 entry.owns_port = True
                 return binding, True
         raise NatPortsExhausted(zone, targets, destination)
 
     def _insert(
-        self, binding: NatBinding, now: float, changed: bool, expires_at: float | None = None
+        self,
+        binding: NatBinding,
+        now: float,
+        changed: bool,
+        expires_at: float | None = None,
+        keep: Collection[NatBinding] = (),
     ) -> _NatEntry:
         self.remove(binding.zone, binding.kind, binding.original)
         index = _Index(binding.zone, binding.kind)
@@ -380,16 +419,51 @@ class NatTable:
         )
         if stale is not None:  # a translated key is unique: the newer binding wins
             self._drop(stale)
+        if self.max_entries is not None and self._count >= self.max_entries:
+            self._make_room(keep)
         timeout = self.timeouts.timeout_for(binding.original.ip_proto)
         deadline = now + timeout if expires_at is None else expires_at
         entry = _NatEntry(binding, deadline, timeout)
         self._by_original.setdefault(index, {})[binding.original] = entry
         self._by_translated.setdefault(index, {})[binding.translated] = entry
         self._count += 1
+        self._unused[entry] = None
         self._schedule.set_expiry(entry, deadline, timeout)
         if changed:
             self._schedule.mark_changed(entry)
         return entry
+
+    def _make_room(self, keep: Collection[NatBinding]) -> None:
+        """Evict until a new binding fits (see the class docstring for the order)."""
+        assert self.max_entries is not None
+        kept = {
+            entry
+            for binding in keep
+            if (
+                entry := self._by_original.get(_Index(binding.zone, binding.kind), {}).get(
+                    binding.original
+                )
+            )
+            is not None
+        }
+        while self._count >= self.max_entries:
+            victim, unused = self._schedule.victim(self._unused, kept)
+            if victim is None:
+                return  # only kept bindings left: the table holds one more for a moment
+            assert isinstance(victim, _NatEntry)
+            self.evicted_unused += unused
+            self.evicted_other += not unused
+            self._evicted.append(NatRecord(victim.binding, victim.expires_at))
+            self._drop(victim)
+
+    def take_evicted(self) -> list[NatRecord]:
+        """The bindings evicted to make room since the last call (each handed out once)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    @property
+    def evicted(self) -> int:
+        return self.evicted_unused + self.evicted_other
 
     # --- ICMP errors --------------------------------------------------------------------------
 
@@ -444,6 +518,7 @@ class NatTable:
         return True
 
     def _touch_entry(self, entry: _NatEntry, now: float, timeout: float | None) -> None:
+        self._unused.pop(entry, None)
         timeout = entry.timeout if timeout is None else timeout
         self._schedule.set_expiry(entry, now + timeout, timeout)
         self._schedule.mark_used(entry)
@@ -458,6 +533,7 @@ class NatTable:
             return None
         entry = self._live(self._by_original, binding.zone, binding.kind, binding.original, now)
         if entry is not None and entry.binding == binding:
+            self._unused.pop(entry, None)  # the peer refreshed it: it is in use there
             self._schedule.set_expiry(
                 entry, max(entry.expires_at, record.expires_at), entry.timeout
             )
@@ -489,6 +565,7 @@ class NatTable:
                 if not entries:
                     del table[index]
         self._schedule.forget(entry)
+        self._unused.pop(entry, None)
         self._count -= 1
         if entry.owns_port and self.allocator is not None:
             translated = binding.translated

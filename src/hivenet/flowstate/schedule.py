@@ -17,6 +17,7 @@ expires here and on the peers at about the same time.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 
@@ -120,6 +121,27 @@ class _Wheel:
                 out.extend(members)
         return out
 
+    def first(self, skip: Container[TrackedEntry]) -> TrackedEntry | None:
+        """An entry of the earliest non-empty bucket not in `skip` (None: none left)."""
+        heap = self.heap
+        while heap:
+            members = self.buckets.get(heap[0])
+            if members:
+                break
+            bucket = heapq.heappop(heap)  # emptied by discard(): drop it now
+            self.buckets.pop(bucket, None)
+            self.numbers.pop(bucket, None)
+        if not heap:
+            return None
+        for entry in self.buckets[heap[0]]:
+            if entry not in skip:
+                return entry
+        for bucket in sorted(heap)[1:]:  # rare: every entry of the first bucket is skipped
+            for entry in self.buckets.get(bucket, ()):
+                if entry not in skip:
+                    return entry
+        return None
+
     def __len__(self) -> int:
         return sum(len(members) for members in self.buckets.values())
 
@@ -216,6 +238,18 @@ class EntryScheduler:
         for entry in due:
             self.mark_known_to_peers(entry, now)
         return due
+
+    def victim(
+        self, preferred: Iterable[TrackedEntry], kept: Container[TrackedEntry]
+    ) -> tuple[TrackedEntry | None, bool]:
+        """What a full table evicts: the first of `preferred` (its half-open entries, oldest
+        first) not kept, else one of the earliest expiry bucket (closest to its idle timeout,
+        to a bucket's granularity) not kept; and whether it was preferred.
+        (None, False): only kept entries are left."""
+        victim = next((entry for entry in preferred if entry not in kept), None)
+        if victim is not None:
+            return victim, True
+        return self._expiry.first(kept), False
 
     def scheduled_count(self) -> int:
         """Entries in the expiry wheel (for consistency checks in tests)."""

@@ -108,6 +108,9 @@ class FlowStateTransaction:
         self.embedded = embedded
         self._classified: list[tuple[Classification, int]] = []
         self._created: list[NatBinding] = []
+        # Every binding this packet's translation used: a full table must not evict them to
+        # make room for another binding of the same packet (its flow depends on all of them).
+        self._bindings: list[NatBinding] = []
         self._tags: set[str] = set()
         # Keys seen in this transaction: the NAT binding of a connection reuses the key object
         # its conntrack entry holds (the tables keep both; one object saves ~100 bytes).
@@ -162,26 +165,31 @@ class FlowStateTransaction:
                     return NatOutcome()
                 tag = nat_tag(translation.binding)
                 self._tags.add(tag)
+                self._bindings.append(translation.binding)
                 return NatOutcome(translation.outer_rewrites, translation.binding, frozenset({tag}))
             binding = self.nat_table.lookup_reply(zone, kind, key, now)
             if binding is None:
                 return NatOutcome()
             tag = nat_tag(binding)
             self._tags.add(tag)
+            self._bindings.append(binding)
             return NatOutcome(binding.reply_rewrites(), binding, frozenset({tag}))
         if action is NatAction.DNAT:
             opening = (
                 match.ip_proto == IP_PROTO_TCP and match.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
             )
-            binding, created = self.nat_table.dnat(zone, key, targets, now, opening=opening)
+            binding, created = self.nat_table.dnat(
+                zone, key, targets, now, opening=opening, keep=self._bindings
+            )
             if not created and match.ip_proto == IP_PROTO_TCP and not covers(targets, binding):
                 # Kept only because this is no SYN: a SYN on the same 5-tuple would rebind,
                 # so the decision read the TCP flags, which the megaflow does not.
                 self.cacheable = False
         else:
-            binding, created = self.nat_table.snat(zone, key, targets, now)
+            binding, created = self.nat_table.snat(zone, key, targets, now, keep=self._bindings)
         if created:
             self._created.append(binding)
+        self._bindings.append(binding)
         tag = nat_tag(binding)
         self._tags.add(tag)
         return NatOutcome(binding.forward_rewrites(), binding, frozenset({tag}))
@@ -192,8 +200,14 @@ class FlowStateTransaction:
         self._check_open()
         self._finished = True
         connections = []
+        # A full table must not evict a connection this packet depends on to open another.
+        keep = [
+            (classification.zone, classification.key)
+            for classification, _ in self._classified
+            if classification.key is not None
+        ]
         for classification, tcp_flags in self._classified:
-            record = self.conntrack.commit(classification, tcp_flags, now)
+            record = self.conntrack.commit(classification, tcp_flags, now, keep)
             if record is not None:
                 connections.append(record)
                 if peers:

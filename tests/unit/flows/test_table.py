@@ -565,13 +565,15 @@ class ModelFlow:
 
 
 class FlowTableMachine(RuleBasedStateMachine):
-    """Drives a small FlowTable and a naive model (a list in LRU order) side by side."""
+    """Drives a small FlowTable and a naive model (a list in LRU order) side by side. Tags
+    "a" and "b" are the flows' own (as a connection's), "c".."e" go into shared groups, so
+    both indexes and the groups' interning and release are exercised."""
 
     MAX_FLOWS = 6
 
     def __init__(self) -> None:
         super().__init__()
-        self.table = FlowTable(max_flows=self.MAX_FLOWS)
+        self.table = FlowTable(max_flows=self.MAX_FLOWS, own_tag=lambda tag: tag in "ab")
         self.model: list[ModelFlow] = []  # least recently used first
         self.now = 0.0
         self.emc = ExactMatchCache(4)
@@ -589,7 +591,7 @@ class FlowTableMachine(RuleBasedStateMachine):
     @rule(
         key=keys,
         mask=masks(),
-        tags=st.sets(st.sampled_from("abcd"), max_size=2),
+        tags=st.sets(st.sampled_from("abcd"), max_size=3),
         idle=st.sampled_from([0.0, 2.0, 5.0]),
         hard=st.sampled_from([0.0, 4.0, 9.0]),
     )
@@ -671,6 +673,12 @@ class FlowTableMachine(RuleBasedStateMachine):
         ]
         assert len(self.table) == len(flows)
         assert set(self.table.masks()) == {f.mask for f in flows}
+        # Groups exist exactly for the shared tag sets in use, each holding its flows.
+        shared_sets = {frozenset(f.tags) - {"a", "b"} for f in self.model} - {frozenset()}
+        assert set(self.table._groups) == shared_sets
+        for tags, group in self.table._groups.items():
+            assert set(group.flows) == {f for f in flows if frozenset(f.tags) - {"a", "b"} == tags}
+        assert set(self.table._group_index) == {tag for tags in shared_sets for tag in tags}
 
 
 FlowTableMachine.TestCase.settings = settings(

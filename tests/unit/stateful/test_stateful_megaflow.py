@@ -2,7 +2,9 @@
 doing SNAT/rev_snat, every packet that hits a cached flow gets what a fresh simulation would
 give it -- while connections open, are used from both sides and expire. Flows are installed
 and invalidated as the agent does (`FlowStateSync.finish`: commit, then invalidate the tags
-of opened connections and new bindings; expiry invalidates theirs)."""
+of opened connections and new bindings; expiry and eviction invalidate theirs). The tables
+are drawn unbounded or bounded to a few entries, so a full table's evictions are exercised:
+an evicted entry's flows must go exactly as an expired entry's do."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from hypothesis import strategies as st
 
 from hivenet.flows.table import FlowTable
 from hivenet.flowstate import (
+    ConntrackRecord,
     ConntrackTable,
     FlowStateTransaction,
     NatRange,
+    NatRecord,
     NatTable,
     PortBlockAllocator,
     nat_tag,
@@ -158,8 +162,23 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
         )
     allocator = PortBlockAllocator()
     allocator.claim_all(NatRange.parse(SNAT_IP, SNAT_IP, 1024, 1100))
-    conntrack, nat = ConntrackTable(), NatTable(allocator)
+    bound = data.draw(st.sampled_from([None, 1, 2, 3]))
+    conntrack = ConntrackTable(max_entries=bound)
+    nat = NatTable(allocator, max_entries=bound)
     flows = FlowTable()
+
+    def forget(connections: list[ConntrackRecord], bindings: list[NatRecord]) -> None:
+        tags: set[str] = set()
+        for record in connections:
+            tags |= connection_tags(record.zone, record.key)
+        for nat_record in bindings:
+            binding = nat_record.binding
+            tags |= {
+                nat_tag(binding),
+                nat_reply_tag(binding.zone, binding.kind, binding.translated),
+            }
+        flows.invalidate(tags)
+
     now = 0.0
     hits = 0
     drawn = data.draw(st.lists(specs(), min_size=1, max_size=4))
@@ -171,16 +190,7 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
         if data.draw(st.integers(0, 9)) == 0:
             now += data.draw(st.sampled_from([1.0, 40.0, 400.0]))
             flows.expire(now)
-            tags: set[str] = set()
-            for record in conntrack.expire(now):
-                tags |= connection_tags(record.zone, record.key)
-            for nat_record in nat.expire(now):
-                binding = nat_record.binding
-                tags |= {
-                    nat_tag(binding),
-                    nat_reply_tag(binding.zone, binding.kind, binding.translated),
-                }
-            flows.invalidate(tags)
+            forget(conntrack.expire(now), nat.expire(now))
             continue
         sender, frame = data.draw(st.sampled_from(bases))
         port = view.ports[sender]
@@ -189,6 +199,7 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
         hook = TransactionHook(FlowStateTransaction(conntrack, nat))
         ctx = SimContext(topology=view, tables=tables, local_host_id="h1", flow_state=hook)
         bindings_before = len(nat)
+        evicted_before = conntrack.evicted + nat.evicted
         fresh = simulate(frame, sender, ctx, now)
         if cached is not None:
             hits += 1
@@ -200,6 +211,7 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
             # flow of a lone mid-stream segment would never open its connection).
             assert not (hook.record.opened and not fresh.is_drop), fresh.format_trace()
             assert created_bindings == 0, fresh.format_trace()
+            assert conntrack.evicted + nat.evicted == evicted_before, fresh.format_trace()
             continue
         if fresh.is_drop:
             hook.transaction.rollback()
@@ -214,6 +226,7 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
                     nat_reply_tag(binding.zone, binding.kind, binding.translated),
                 }
             flows.invalidate(tags)
+        forget(conntrack.take_evicted(), nat.take_evicted())
         if fresh.install:
             flows.install(
                 fresh.masked_match,
