@@ -170,7 +170,9 @@ def test_port_admin_down_spares_flows_of_other_ports_on_the_same_bridge(lab: Lab
 
 
 def test_deleted_route_stops_traffic_and_restored_flows_again(lab: Lab) -> None:
-    # A subnet behind vm4 (its loopback), reached through a static route on the router.
+    # A subnet behind vm4 (its loopback), reached through a static route on the router. vm4's
+    # port has port security (the default for a VM port), so it may answer from that subnet
+    # only once the subnet is one of its allowed address pairs, as in Neutron.
     lab.run("vm4", ["ip", "address", "add", "10.0.9.20/32", "dev", "lo"])
     route = Route(
         id="route.test",
@@ -181,8 +183,14 @@ def test_deleted_route_stops_traffic_and_restored_flows_again(lab: Lab) -> None:
         next_hop_gateway="10.0.2.20",  # type: ignore[arg-type]
     )
     with lab.client() as client:
+        pairs = client.get("port", "vm.vm4").data["allowed_address_pairs"]
         try:
             client.create_object(route)
+            # Routed there, but vm4's replies from 10.0.9.20 are spoofed as far as its port knows.
+            assert lab.ping("vm1", "10.0.9.20", count=3, interval=0.05, wait=0.5).received == 0
+            client.update(
+                "port", "vm.vm4", {"allowed_address_pairs": [*pairs, {"ip_address": "10.0.9.0/24"}]}
+            )
             seconds_until((lab, "vm1", "10.0.9.20"), True)
             ping(lab, "vm1", "10.0.1.20")  # an unrelated pair that does not cross the router
             client.delete("route", "route.test")
@@ -195,6 +203,7 @@ def test_deleted_route_stops_traffic_and_restored_flows_again(lab: Lab) -> None:
         finally:
             with contextlib.suppress(NotFoundError):
                 client.delete("route", "route.test")
+            client.update("port", "vm.vm4", {"allowed_address_pairs": pairs})
             lab.run("vm4", ["ip", "address", "del", "10.0.9.20/32", "dev", "lo"], check=False)
 
 
