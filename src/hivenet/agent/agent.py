@@ -899,6 +899,7 @@ class HostAgent:
             "datapath": self.datapath.counters(),
             "metadata": self.metadata.counters_snapshot() if self.metadata is not None else None,
             "bgp": self.bgp.counters_snapshot() if self.bgp is not None else None,
+            "probe": {**self.probe.snapshot(), "local_down_ports": sorted(self.links.down)},
         }
 
     def _write_counters(self) -> None:

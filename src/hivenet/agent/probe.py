@@ -177,10 +177,26 @@ class GatewayProber:
         self.sessions: dict[str, ProbeSession] = {}
         self._ports: dict[str, set[str]] = {}  # probed host -> its exterior router ports
         self._down_ports: dict[str, frozenset[str]] = {}  # probed host -> what it reported
+        self.sent = 0  # requests sent
+        self.answers = 0  # replies to a session's current or previous request
+        self.host_changes = 0  # Up/Down transitions of probed hosts
+        self.port_changes = 0  # liveness changes of their reported uplink ports
 
     def is_down(self, host_id: str) -> bool:
         session = self.sessions.get(host_id)
         return session is not None and not session.up
+
+    def snapshot(self) -> dict[str, object]:
+        """What the agent's counters file shows: each probed host's state, the remote
+        uplink ports reported down, and the totals."""
+        return {
+            "hosts": {host: "up" if s.up else "down" for host, s in sorted(self.sessions.items())},
+            "down_ports": sorted(p for ports in self._down_ports.values() for p in ports),
+            "sent": self.sent,
+            "answers": self.answers,
+            "host_changes": self.host_changes,
+            "port_changes": self.port_changes,
+        }
 
     def tick(self) -> None:
         wanted: dict[str, set[str]] = {}
@@ -203,8 +219,16 @@ class GatewayProber:
                     multiplier=self.multiplier, recover=self.recover
                 )
             if session.tick() is not None:
+                self.host_changes += 1
+                log.info(
+                    "host %s: gateway %s is %s (probe)",
+                    self.host_id,
+                    host_id,
+                    "up" if session.up else "down",
+                )
                 self._on_host(host_id)
             self._send(host_id, encode_probe(ProbeMessage(REQUEST, session.sequence)))
+            self.sent += 1
 
     def receive(self, sender: str, payload: bytes) -> None:
         """A sealed probe from `sender` (authenticated by the flow-state envelope)."""
@@ -216,12 +240,15 @@ class GatewayProber:
         session = self.sessions.get(sender)
         if session is None:
             return
+        if session.sequence - 1 <= message.sequence <= session.sequence:
+            self.answers += 1
         session.answered(message.sequence)
         # Only the sender's own exterior ports: a gateway speaks for its uplinks, no others.
         reported = frozenset(message.down_ports) & self._ports.get(sender, set())
         before = self._down_ports.get(sender, frozenset())
         if reported != before:
             self._down_ports[sender] = reported
+            self.port_changes += len(reported ^ before)
             for port_id in before - reported:
                 self._on_port(port_id, True)
             for port_id in reported - before:
