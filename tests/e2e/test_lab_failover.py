@@ -116,7 +116,11 @@ def all_up(lab: Lab) -> None:
     wait_for("r1's defaults learned via both", lambda: learned_default_gateways(lab) == {*GATEWAYS})
     wait_for(
         "every ingress host's probes of both gateways up",
-        lambda: all(probed_states(lab, h) == dict.fromkeys(GATEWAYS, "up") for h in INGRESS),
+        lambda: all(
+            probed_states(lab, h) == dict.fromkeys(GATEWAYS, "up")
+            and probe_view(lab, h).get("down_ports") == []
+            for h in INGRESS
+        ),
     )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hivenet.lab.lab import Lab
 from hivenet.lab.netns import NamespaceProcess
-from hivenet.lab.outside import session_name
+from hivenet.lab.outside import OUTSIDE_BIRD_CONFIG, session_name
 from hivenet.lab.plan import UplinkPlan
 
 _PROTOCOL = re.compile(r"^(\S+)\s+BGP\s+\S+\s+(\w+)\s+(\S+(?: \S+)?)\s+(\w+)", re.MULTILINE)
@@ -69,6 +69,23 @@ def bgp_sessions(lab: Lab) -> dict[str, Session]:
         name: Session(state, since, info)
         for name, state, since, info in _PROTOCOL.findall(birdc(lab, "show", "protocols"))
     }
+
+
+ANNOUNCED = "hn_announced"  # hn-ext's BIRD protocol holding the prefixes of `announce`
+
+
+def announce(lab: Lab, prefixes: list[str]) -> None:
+    """hn-ext's BIRD announces `prefixes` (besides its default route) to every gateway, or
+    stops announcing them ([]): a static protocol appended to its configuration, applied by
+    `birdc configure` (the sessions are not restarted: their configuration is unchanged)."""
+    config = lab.state_dir / OUTSIDE_BIRD_CONFIG
+    base = config.read_text().split(f"protocol static {ANNOUNCED}")[0]
+    routes = "".join(f" route {prefix} blackhole;" for prefix in prefixes)
+    extra = f"protocol static {ANNOUNCED} {{ ipv4;{routes} }}\n" if prefixes else ""
+    config.write_text(base + extra)
+    answer = birdc(lab, "configure")
+    if "Reconfigured" not in answer and "Reconfiguration in progress" not in answer:
+        raise RuntimeError(f"hn-ext's BIRD refused its new configuration: {answer.strip()}")
 
 
 def next_hops(lab: Lab, prefix: str) -> set[str]:

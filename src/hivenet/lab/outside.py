@@ -3,7 +3,9 @@
 hn-ext peers with every uplink port of the external router (each a directly connected eBGP
 neighbour on its own segment), announces a default route (itself: the rest of the world) and
 installs what it learns into its kernel, several equal paths merged into one ECMP route, so
-the floating range is reached through every live gateway. Hold time from the scenario (3 s:
+the floating range is reached through every live gateway. Every static route of its own is
+exported: a static protocol added later (`hivenet.lab.edge.announce`, then `birdc configure`)
+announces more prefixes without restarting a session. Hold time from the scenario (3 s:
 a dead gateway's routes go within seconds). Must not touch the kernel or processes:
 `hivenet.lab.lab` writes the file and starts BIRD with it.
 """
@@ -33,7 +35,7 @@ def outside_bird_config(external: ExternalPlan, bgp: BgpSpec) -> str:
         f"  keepalive time {keepalive};\n"
         "  connect retry time 2;\n"
         "  error wait time 1, 10;\n"
-        '  ipv4 { import all; export where proto = "hn_default"; };\n'
+        "  ipv4 { import all; export where source = RTS_STATIC; };\n"
         "}\n"
         for number, uplink in enumerate(external.all_uplinks(), start=1)
     )
