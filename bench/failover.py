@@ -42,7 +42,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-INTERNET_IP = "203.0.113.1"
+from hivenet.lab.edge import INTERNET_IP, wait_until
+
 VM2_FLOATING = "198.51.100.20"
 FLOATING_RANGE = "198.51.100.0/24"
 NEW_PREFIX = "203.0.113.128/26"
@@ -53,12 +54,7 @@ PING_INTERVAL = 0.01
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 90.0) -> float:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.05)
-    return time.time()
+    return wait_until(what, check, timeout)
 
 
 class Edge:
@@ -190,6 +186,7 @@ def route_learning(edge: Edge) -> dict[str, float]:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from hivenet.lab.cleanup import clean
+    from hivenet.lab.edge import add_internet
     from hivenet.lab.lab import Lab
     from hivenet.lab.netns import LabScope
     from hivenet.lab.scenario import builtin_scenario
@@ -201,7 +198,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     learning: list[dict[str, float]] = []
     try:
         lab.up(timeout=120)
-        lab.run("ext", ["ip", "addr", "add", f"{INTERNET_IP}/32", "dev", "lo"])
+        add_internet(lab)
         edge = Edge(lab)
         edge.all_up()
         for number in range(args.runs):

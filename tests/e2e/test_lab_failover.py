@@ -28,8 +28,10 @@ from pathlib import Path
 import pytest
 
 from hivenet.lab.edge import (
+    INTERNET_IP,
     Arrivals,
     PingLog,
+    add_internet,
     bgp_sessions,
     kill_gateway,
     next_hops,
@@ -39,6 +41,7 @@ from hivenet.lab.edge import (
     session_of,
     set_uplink_cable,
     uplink_of,
+    wait_until,
 )
 from hivenet.lab.lab import Lab
 from hivenet.lab.probes import EchoClient, EchoServer
@@ -48,7 +51,6 @@ from tests.e2e.common import running_lab
 
 pytestmark = pytest.mark.e2e
 
-INTERNET_IP = "203.0.113.1"  # on hn-ext's loopback: reached only by r1's learned default
 FLOATING_RANGE = "198.51.100.0/24"
 VM2_FLOATING = "198.51.100.20"
 GATEWAYS = ("gw1", "gw2")
@@ -63,24 +65,14 @@ VICTIM: dict[str, str] = {}  # the gateway the death test killed, for the return
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    with running_lab(
-        builtin_scenario("edge"),
-        tmp_path_factory.mktemp("failoverlab"),
-        timeout=90,
-        agent_lease_ttl=LEASE_TTL,
-    ) as lab:
-        lab.run("ext", ["ip", "addr", "add", f"{INTERNET_IP}/32", "dev", "lo"])
+    root = tmp_path_factory.mktemp("failoverlab")
+    with running_lab(builtin_scenario("edge"), root, timeout=90, agent_lease_ttl=LEASE_TTL) as lab:
+        add_internet(lab)
         yield lab
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = SETTLE) -> float:
-    """Poll `check` until true; the wall-clock time it was first seen true."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.2)
-    return time.time()
+    return wait_until(what, check, timeout, poll=0.2)
 
 
 def established(lab: Lab) -> set[str]:

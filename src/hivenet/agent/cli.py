@@ -23,6 +23,7 @@ from rich.table import Table
 
 from hivenet.agent.agent import HostAgent
 from hivenet.agent.flowstate_sync import default_max_entries
+from hivenet.agent.probe import DEFAULT_INTERVAL as DEFAULT_PROBE_INTERVAL
 from hivenet.flows.budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 
@@ -161,6 +162,15 @@ def run(
             "0: one per 16 KiB of memory, 64k..4M.",
         ),
     ] = 0,
+    gateway_probe_interval: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            envvar="HIVENET_GATEWAY_PROBE_INTERVAL",
+            help="Seconds between probes of each gateway host (a gateway that misses 3 leaves "
+            "this host's ECMP sets; 3 answers bring it back). 0: no probes, the lease decides.",
+        ),
+    ] = DEFAULT_PROBE_INTERVAL,
 ) -> None:
     """Run the agent for one host until SIGTERM/SIGINT."""
     metrics_address = parse_metrics_address(metrics)
@@ -213,6 +223,7 @@ def run(
             upcall_budget=(upcall_rate, upcall_burst),
             bgp_dir=state / f"bgp-{host_id}" if bgp else None,
             max_connections=max_connections or default_max_entries(),
+            gateway_probe_interval=gateway_probe_interval,
         )
     )
 
@@ -235,6 +246,7 @@ async def _run_agent(
     upcall_budget: tuple[float, int] = (DEFAULT_UPCALL_RATE, DEFAULT_UPCALL_BURST),
     bgp_dir: Path | None = None,
     max_connections: int | None = None,
+    gateway_probe_interval: float = DEFAULT_PROBE_INTERVAL,
 ) -> None:
     from hivenet.store import open_store
 
@@ -264,6 +276,7 @@ async def _run_agent(
         bgp=bgp_dir is not None,
         bgp_dir=bgp_dir,
         flowstate_max_entries=max_connections,
+        gateway_probe_interval=gateway_probe_interval,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,29 @@ from hivenet.lab.netns import NamespaceProcess
 from hivenet.lab.outside import OUTSIDE_BIRD_CONFIG, session_name
 from hivenet.lab.plan import UplinkPlan
 
+INTERNET_IP = "203.0.113.1"  # `add_internet` puts it on hn-ext's loopback
+
 _PROTOCOL = re.compile(r"^(\S+)\s+BGP\s+\S+\s+(\w+)\s+(\S+(?: \S+)?)\s+(\w+)", re.MULTILINE)
 _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from", re.MULTILINE)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float, poll: float = 0.05) -> float:
+    """Poll `check` until true; the wall-clock time it was first seen true. TimeoutError
+    naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(poll)
+    return time.time()
+
+
+def add_internet(lab: Lab) -> str:
+    """An address on hn-ext's loopback, on no uplink's segment: the cloud reaches it only by
+    the default route r1 learned from hn-ext, and hn-ext's pings from it are answered only
+    through r1's ECMP choice of an uplink. Returns it."""
+    lab.run("ext", ["ip", "addr", "add", f"{INTERNET_IP}/32", "dev", "lo"])
+    return INTERNET_IP
 
 
 def uplink_of(lab: Lab, gateway: str) -> UplinkPlan:

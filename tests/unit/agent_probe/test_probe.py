@@ -114,6 +114,11 @@ def test_prober_answers_with_down_ports_and_reports_only_the_senders_own_ports()
         prober.receive("g1", encode_probe(ProbeMessage(REPLY, prober.sessions["g1"].sequence)))
     assert prober.is_down("g2") and not prober.is_down("g1")
     assert host_changes == ["g2"]
+    # What the agent's counters file shows of it (the lab's failover tests read this).
+    snapshot = prober.snapshot()
+    assert snapshot["hosts"] == {"g1": "up", "g2": "down"} and snapshot["down_ports"] == []
+    assert snapshot["host_changes"] == 1 and snapshot["port_changes"] == 2
+    assert snapshot["sent"] == 8 and snapshot["answers"] == 5, snapshot
     # g2 is no longer a gateway: its session goes, and it is reported (lease-only again).
     gateways.remove(("g2", "up-g2"))
     prober.tick()
