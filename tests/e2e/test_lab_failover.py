@@ -189,7 +189,8 @@ class Traffic:
         return self.lab.log_of("vm1", "ipc")
 
     def iperf_result(self) -> tuple[float, float]:
-        """(megabits received, longest run of empty 0.5 s intervals in seconds)."""
+        """(megabits received, longest run of empty 0.5 s intervals in seconds); the run
+        must have ended well and still carried data in its last interval."""
         code = self.iperf.popen.wait(self.seconds + 30)
         report = json.loads(self.iperf_log().read_text())
         assert code == 0 and "error" not in report, report.get("error")
@@ -198,6 +199,7 @@ class Traffic:
             total = interval["sum"]
             stalled = stalled + total["seconds"] if total["bytes"] == 0 else 0.0
             longest = max(longest, stalled)
+        assert report["intervals"][-1]["sum"]["bytes"] > 0, report["intervals"][-1]
         return report["end"]["sum_received"]["bytes"] * 8 / 1e6, longest
 
     def close(self) -> None:
@@ -261,6 +263,7 @@ def test_gateway_death_under_traffic(lab: Lab) -> None:
         for n, (client, gateway) in traffic.echoes.items():
             result = client.result(timeout=30)
             assert result.echoes_match, (n, gateway)
+            assert result.longest_wait < MAX_GAP, (n, gateway, result)
             echo_waits[f"echo{n} via {gateway}"] = round(result.longest_wait, 3)
         print(
             f"\ngateway death ({victim} killed, {lab.record.datapath} datapath): longest ping gap"
@@ -270,6 +273,7 @@ def test_gateway_death_under_traffic(lab: Lab) -> None:
         )
         assert out_gap < MAX_GAP, out_gap
         assert in_gap < MAX_GAP, in_gap
+        assert stall < MAX_GAP, stall
         # The ping left through the victim; now it enters hn-ext through the survivor only.
         assert after[(victim, "ping")] == before[(victim, "ping")]
         assert after[(survivor, "ping")] - before[(survivor, "ping")] >= 10
