@@ -88,12 +88,6 @@ class Edge:
             ),
         )
 
-    def peer_has_route_from(self, gateway: str) -> bool:
-        text = self.edge.birdc(
-            self.lab, "show", "route", FLOATING_RANGE, "protocol", self.sessions[gateway]
-        )
-        return FLOATING_RANGE in text
-
     def learned(self, prefix: str) -> list[tuple[str, int | None]]:
         """(route id, store revision) of r1's routes to `prefix` learned by BGP."""
         with self.lab.client() as client:
@@ -147,7 +141,7 @@ def one_death(edge: Edge, kind: str, number: int) -> dict[str, float | str]:
             lab.kill_agent(victim)
         peer = wait_for(
             "hn-ext's BIRD withdrawing the victim's route",
-            lambda: not edge.peer_has_route_from(victim),
+            lambda: not tools.peer_has_route(lab, FLOATING_RANGE, victim),
             timeout=30,
         )
         time.sleep(2.0)

@@ -5,8 +5,9 @@ Owns `ProbeSession` (one probed host: Up/Down with a detect multiplier and recov
 hysteresis) and the probe message layout (`encode_probe`/`decode_probe`). Pure: no I/O, no
 clock; the caller ticks a session once per probe interval and reports answers.
 
-`GatewayProber` is the agent's side (which hosts to probe, answering, reporting changes);
-the agent carries its messages sealed on the flow-state channel. `LinkWatcher`: a gateway's
+`GatewayProber` is the agent's side (which hosts to probe, answering, reporting changes,
+its counters in `snapshot()`: the `probe` section of the agent's counters file); the agent
+carries its messages sealed on the flow-state channel. `LinkWatcher`: a gateway's
 own uplink interfaces (operstate), whose down ports go into its replies.
 
 Detection counts probe intervals, not elapsed time, so a stalled event loop or a jump of the
@@ -114,11 +115,13 @@ class ProbeSession:
         self.sequence = 0  # of the last request sent (0: none yet)
         self._answered = False
 
-    def answered(self, sequence: int) -> None:
+    def answered(self, sequence: int) -> bool:
         """A reply (authenticated by the caller) to request `sequence`; a late one to an
-        older request than the previous is ignored."""
+        older request than the previous is ignored (returns whether it counted)."""
         if self.sequence and self.sequence - 1 <= sequence <= self.sequence:
             self._answered = True
+            return True
+        return False
 
     def tick(self) -> bool | None:
         """The interval ended: account it and number the next request (`sequence`). Returns
@@ -240,9 +243,8 @@ class GatewayProber:
         session = self.sessions.get(sender)
         if session is None:
             return
-        if session.sequence - 1 <= message.sequence <= session.sequence:
+        if session.answered(message.sequence):
             self.answers += 1
-        session.answered(message.sequence)
         # Only the sender's own exterior ports: a gateway speaks for its uplinks, no others.
         reported = frozenset(message.down_ports) & self._ports.get(sender, set())
         before = self._down_ports.get(sender, frozenset())

@@ -110,6 +110,12 @@ def announce(lab: Lab, prefixes: list[str]) -> None:
         raise RuntimeError(f"hn-ext's BIRD refused its new configuration: {answer.strip()}")
 
 
+def peer_has_route(lab: Lab, prefix: str, gateway: str) -> bool:
+    """Whether hn-ext's BIRD holds a route to `prefix` learned from `gateway`'s session."""
+    answer = birdc(lab, "show", "route", prefix, "protocol", session_of(lab, gateway))
+    return prefix in answer
+
+
 def next_hops(lab: Lab, prefix: str) -> set[str]:
     """The next hops of hn-ext's kernel route to `prefix` (BGP-learned, ECMP merged)."""
     text = lab.run("ext", ["ip", "route", "show", prefix]).stdout
