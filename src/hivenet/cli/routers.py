@@ -17,6 +17,10 @@ from rich.text import Text
 from hivenet.api.client import HivenetClient
 
 EXTRA_KEYS = ("uplinks", "learned_routes")
+ROUTER_SHOW_HELP = (
+    "With its uplinks (host, interface, host alive, link, BGP sessions) and learned routes; "
+    "--json adds them as `uplinks` and `learned_routes` when it has any."
+)
 
 
 def fetch_router_extra(client: HivenetClient, router_id: str) -> dict[str, Any]:
