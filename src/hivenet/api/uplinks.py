@@ -9,7 +9,8 @@ the link's operational state and each BGP session's state and prefix counts, lis
 `bgp_peer` of the port (state null: no live report of it, e.g. the host is down or its BIRD
 has not answered yet). A report counts only while its host's liveness key is present; one
 that does not parse is skipped and logged. Learned routes: the router's routes with a
-`learned_from`. All read in one store revision per batch of uplinks.
+`learned_from`. Each list is read at one store revision, and the liveness keys and reports
+of up to 50 uplinks in one txn (not the whole answer at one revision).
 
 Auth and tenant scoping as for the stats: a caller who may not see the router gets 404, as
 for an unknown id; ports, peers and routes are those the caller may see. Host liveness, link
