@@ -14,7 +14,8 @@ tunnel zones, `set_tunnel_peers`), and the cluster's flow-state keyring (created
 watched, rotated on a schedule) that `FlowStateSync` seals and verifies messages with.
 Fast gateway liveness (agent/probe.py): probes to the hosts owning uplinks, sealed on the
 flow-state channel; a host is down when its lease is gone or its probe is, and this host's
-own uplink links are watched and reported in its probe replies.
+own uplink links are watched and reported in its probe replies. Its uplinks' link and BGP
+session states are published for the API (agent/uplinks.py).
 The packet work itself is `FlowPipeline` (upcalls) and the datapath (fast path); the
 simulation is `hivenet.sim`.
 
@@ -63,6 +64,7 @@ from hivenet.agent.underlay import (
     rotate_keyring_if_due,
     tunnel_peer_addresses,
 )
+from hivenet.agent.uplinks import UplinkStatusReporter
 from hivenet.clock import SYSTEM_CLOCK, Clock
 from hivenet.datapath.base import Datapath
 from hivenet.flowstate.auth import Keyring
@@ -294,6 +296,17 @@ class HostAgent:
                 state_dir=bgp_dir,
                 clock=clock,
             )
+        # This host's uplinks (link, BGP sessions) published for the API (agent/uplinks.py).
+        self.uplink_status = UplinkStatusReporter(
+            host_id,
+            self.topology,
+            bound=lambda: self.bound_ports,
+            sessions=lambda: self.bgp.sessions if self.bgp is not None else {},
+            link_state=link_state or sysfs_link_up,
+            publish=self._publish,
+            unpublish=self._unpublish,
+            clock=clock,
+        )
         self.lease_id = 0
         self.bound_ports: dict[str, tuple[int, str]] = {}  # port id -> (tunnel key, interface)
         # The L2 gateway's external VTEPs the datapath accepts: port id -> (key, IP, VNI).
@@ -332,6 +345,7 @@ class HostAgent:
                 self.host_stats_reporter.run(), name=f"hn-{self.host_id}-host-stats"
             ),
             asyncio.create_task(self.traces.run(), name=f"hn-{self.host_id}-traces"),
+            asyncio.create_task(self.uplink_status.run(), name=f"hn-{self.host_id}-uplinks"),
         ]
         if self.metrics_address is not None:
             try:

@@ -22,8 +22,12 @@ Deleting the bgp_peer or the port deletes its learned routes in the same txn (st
 BIRD runs under `setpriv --pdeathsig KILL`: it dies with the agent, so the peer's hold timer
 withdraws a dead gateway's announcements.
 
-Pure helpers (`bird_config`, `parse_learned_routes`, `route_id_for`, `learned_routes_for`) are
-tested without root; the I/O (`Speaker`, `BgpSpeakers`) in the lab (tests/e2e/test_lab_edge.py).
+`sessions` holds each session's state and prefix counts as last read (`show protocols all`),
+published by agent/uplinks.py.
+
+Pure helpers (`bird_config`, `parse_learned_routes`, `parse_session_status`, `route_id_for`,
+`learned_routes_for`) are tested without root; the I/O (`Speaker`, `BgpSpeakers`) in the lab
+(tests/e2e/test_lab_edge.py).
 Must not touch namespaces, links or processes it did not make (all named `hn...`).
 """
 
@@ -132,6 +136,35 @@ def parse_learned_routes(text: str) -> list[LearnedRoute]:
     if current is not None and not gateway_seen:
         routes.append(LearnedRoute(current, None))
     return routes
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatus:
+    """A session as BIRD tells it: its state word and how many prefixes it took and sent."""
+
+    state: str  # BIRD's BGP state: Established, Active, Connect, Idle, ... ("unknown")
+    received: int = 0  # routes imported from the peer
+    advertised: int = 0  # routes exported to the peer
+
+
+_STATE_LINE = re.compile(r"^\s+BGP state:\s+(\S+)")
+_ROUTES_LINE = re.compile(r"^\s+Routes:\s+(\d+) imported, (?:\d+ filtered, )?(\d+) exported")
+
+
+def parse_session_status(text: str) -> SessionStatus:
+    """The session of `birdc show protocols all hn_peer` (BIRD 2 layout). No `Routes:` line
+    (the channel is down until the session is up): nothing received nor advertised."""
+    state = "unknown"
+    received = advertised = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[0] == BGP_PROTOCOL:  # the summary line: its Info
+            state = fields[5] if len(fields) >= 6 else fields[3]
+        if (match := _STATE_LINE.match(line)) is not None:
+            state = match.group(1)
+        elif (match := _ROUTES_LINE.match(line)) is not None:
+            received, advertised = int(match.group(1)), int(match.group(2))
+    return SessionStatus(state, received, advertised)
 
 
 def route_id_for(peer_id: str, prefix: ipaddress.IPv4Network) -> str:
@@ -331,14 +364,10 @@ class Speaker:
     async def learned(self) -> list[LearnedRoute]:
         return parse_learned_routes(await self.birdc("show", "route", "protocol", BGP_PROTOCOL))
 
-    async def session_state(self) -> str:
-        """BIRD's word for the session (`Established`, `Active`, `Connect`, ...)."""
-        text = await self.birdc("show", "protocols", BGP_PROTOCOL)
-        for line in text.splitlines():
-            fields = line.split()
-            if fields and fields[0] == BGP_PROTOCOL:
-                return fields[-1] if len(fields) >= 6 else fields[3]
-        return "unknown"
+    async def session_status(self) -> SessionStatus:
+        """BIRD's word for the session (`Established`, `Active`, `Connect`, ...) and its
+        prefix counts."""
+        return parse_session_status(await self.birdc("show", "protocols", "all", BGP_PROTOCOL))
 
     # ------------------------------------------------------------------ packets both ways
 
@@ -430,7 +459,7 @@ class BgpSpeakers:
             state_dir if state_dir is not None else Path(tempfile.mkdtemp(prefix="hn-bgp-"))
         )
         self.speakers: dict[str, Speaker] = {}
-        self.sessions: dict[str, str] = {}
+        self.sessions: dict[str, SessionStatus] = {}  # peer id -> last status read from BIRD
         self.errors = 0
 
     def available(self) -> bool:
@@ -494,7 +523,7 @@ class BgpSpeakers:
                 continue
             try:
                 learned = await speaker.learned()
-                self.sessions[peer_id] = await speaker.session_state()
+                self.sessions[peer_id] = await speaker.session_status()
             except OSError as exc:  # BIRD not answering yet
                 log.info("host %s: BGP speaker %s: %s", self.host_id, peer_id, exc)
                 continue
@@ -554,6 +583,6 @@ class BgpSpeakers:
     def counters_snapshot(self) -> dict[str, object]:
         return {
             "errors": self.errors,
-            "sessions": dict(self.sessions),
+            "sessions": {peer_id: status.state for peer_id, status in self.sessions.items()},
             "speakers": {peer_id: dict(s.counters) for peer_id, s in self.speakers.items()},
         }

@@ -38,6 +38,7 @@ from hivenet.api.tls import check_server_files
 from hivenet.api.tokens import resolve_project_token, tokens_router
 from hivenet.api.traces import traces_router
 from hivenet.api.ui import install_ui
+from hivenet.api.uplinks import uplinks_router
 from hivenet.store import open_store, redact_store_url
 from hivenet.store.base import Store, StoreCorruptError, StoreUnavailableError
 from hivenet.store.topology import TopologyRepository
@@ -140,6 +141,7 @@ def create_app(
         app.include_router(router)
     app.include_router(lbstats_router())
     app.include_router(hoststats_router())
+    app.include_router(uplinks_router())
     app.include_router(traces_router())
     app.include_router(tokens_router())
     app.include_router(quotas_router())

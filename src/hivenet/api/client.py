@@ -564,6 +564,13 @@ class HivenetClient:
         path = f"{self.object_path(kind, object_id)}/stats"
         return _json_object(self._request("GET", path))
 
+    def router_uplinks(self, router_id: str) -> dict[str, Any]:
+        """`GET /v1/routers/{id}/uplinks`: the router's uplinks (host, interface, host alive,
+        link, BGP sessions) and its learned routes."""
+        return _json_object(
+            self._request("GET", f"{self.object_path('router', router_id)}/uplinks")
+        )
+
     def create_token(
         self,
         project: str,

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 from typer._click.exceptions import UsageError  # typer vendors click; its own UsageError
 
-from hivenet.api.client import MAX_PAGE_SIZE, StoredObject
+from hivenet.api.client import MAX_PAGE_SIZE, HivenetClient, StoredObject
 from hivenet.cli.context import reporting_errors, state_of
 from hivenet.cli.fields import (
     FieldOption,
@@ -30,6 +31,7 @@ from hivenet.cli.fields import (
 )
 from hivenet.cli.lbstats import load_balancer_stats
 from hivenet.cli.output import list_table, make_console, object_table, print_json
+from hivenet.cli.routers import ROUTER_SHOW_HELP, fetch_router_extra, router_extra_tables
 from hivenet.cli.stats import STATS_KINDS, stats_command
 
 SET_HELP = (
@@ -42,6 +44,17 @@ EXTRA_VERBS: dict[str, dict[str, Callable[..., None]]] = {
     "load_balancer": {"stats": load_balancer_stats},
     **{kind: {"stats": stats_command(kind)} for kind in STATS_KINDS},
 }
+
+# Kinds whose `show` adds what the API tells about the object beyond its fields: how to
+# fetch it (keys merged into `--json`), the tables printed after the object's, and help.
+SHOW_EXTRAS: dict[
+    str,
+    tuple[
+        Callable[[HivenetClient, str], dict[str, Any]],
+        Callable[[dict[str, Any]], list[Table]],
+        str,
+    ],
+] = {"router": (fetch_router_extra, router_extra_tables, ROUTER_SHOW_HELP)}
 
 
 def command_name(kind: str) -> str:
@@ -278,14 +291,22 @@ def _list_command(kind: str) -> Callable[..., None]:
 def _show_command(kind: str) -> Callable[..., None]:
     def run(ctx: typer.Context, object_id: str, as_json: bool, all_fields: bool) -> None:
         state = state_of(ctx)
+        extras = SHOW_EXTRAS.get(kind)
+        extra: dict[str, Any] = {}
         with reporting_errors(state):
-            stored = state.client().get(kind, object_id)
+            client = state.client()
+            stored = client.get(kind, object_id)
+            if extras is not None:
+                extra = extras[0](client, object_id)
         if as_json:
-            print_json(stored.data)
+            print_json({**stored.data, **extra})
             return
-        make_console().print(
+        console = make_console()
+        console.print(
             object_table(kind, stored.data, revision=stored.revision, all_fields=all_fields)
         )
+        for table in extras[1](extra) if extras is not None else ():
+            console.print(table)
 
     all_option = typer.Option(
         "--all-fields", "-a", help="Also show fields that are at their default."
@@ -296,7 +317,8 @@ def _show_command(kind: str) -> Callable[..., None]:
         _json_parameter(),
         _param("all_fields", Annotated[bool, all_option], False),
     ]
-    return _make_command(parameters, run, f"Show one {_kind_label(kind)}.")
+    extra_help = SHOW_EXTRAS[kind][2] if kind in SHOW_EXTRAS else ""
+    return _make_command(parameters, run, f"Show one {_kind_label(kind)}. {extra_help}".strip())
 
 
 def _update_command(kind: str) -> Callable[..., None]:

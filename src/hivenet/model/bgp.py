@@ -7,6 +7,9 @@ ranges and the tenant prefixes meant to be public) with the port's address as ne
 writes what it learns into the port's router as routes marked `learned_from` this peer
 (agent/bgp.py). Only the cluster admin writes these (api/tenancy.py).
 
+`UplinkReport` is what that agent says about an uplink it binds (its link, its sessions),
+under its host's state keys (agent/uplinks.py writes it, api/uplinks.py reads it).
+
 Must not touch the store, the clock or any I/O.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hivenet.model.topology import TopologyObject
 from hivenet.model.types import IpAddress, IpNetwork, ObjectId
@@ -54,3 +57,24 @@ class BgpPeer(TopologyObject):
 
 
 BGP_KINDS: tuple[type[TopologyObject], ...] = (BgpPeer,)
+
+
+class BgpSessionReport(BaseModel):
+    """One session as the gateway's BIRD tells it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state: str = Field(min_length=1, max_length=32)  # Established, Active, Connect, Idle, ...
+    received: int = Field(default=0, ge=0)  # prefixes imported from the peer
+    advertised: int = Field(default=0, ge=0)  # prefixes exported to the peer
+
+
+class UplinkReport(BaseModel):
+    """A gateway agent's report of one uplink port it binds: the interface's operational
+    state (None: the agent cannot see it) and each running session, by bgp_peer id."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    interface: str = Field(min_length=1, max_length=15)
+    link_up: bool | None = None
+    bgp: dict[str, BgpSessionReport] = {}

@@ -16,6 +16,7 @@ LB_STATS_KIND = "lb_stats"
 HOST_STATS_KIND = "host_stats"
 TRACE_REQUEST_KIND = "trace_request"
 TRACE_RESULT_KIND = "trace_result"
+UPLINK_STATUS_KIND = "uplink_status"
 
 
 def host_alive_key(host_id: str) -> str:
@@ -45,6 +46,12 @@ def trace_request_key(host_id: str, trace_id: str) -> str:
 def trace_result_key(host_id: str, trace_id: str) -> str:
     """The agent's answer to a trace request (on its lease; withdrawn with the request)."""
     return f"{STATE_PREFIX}{host_id}/{TRACE_RESULT_KIND}/{trace_id}"
+
+
+def uplink_status_key(host_id: str, port_id: str) -> str:
+    """A gateway's report of one of its uplink ports: link, BGP sessions (agent/uplinks.py;
+    on its lease)."""
+    return f"{STATE_PREFIX}{host_id}/{UPLINK_STATUS_KIND}/{port_id}"
 
 
 def parse_state_key(key: str) -> tuple[str, str, str]:
