@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -349,7 +350,7 @@ def underlay_drops(counters: dict[str, Any]) -> dict[str, int]:
 
 
 def test_an_underlay_blaster_harms_no_one_and_every_drop_is_counted(
-    lab: Lab, rogue: str, tmp_path: Any
+    lab: Lab, rogue: str, tmp_path: Path
 ) -> None:
     h1_ip, h2_ip = lab.plan.host("h1").underlay_ip, lab.plan.host("h2").underlay_ip
     rogue_ip = str(netns.underlay_address(ROGUE_INDEX).ip)
@@ -373,7 +374,7 @@ def test_an_underlay_blaster_harms_no_one_and_every_drop_is_counted(
     agents_before = {host: lab.agent_record(host) for host in ("h1", "h2", "h3")}
     before = underlay_drops(lab.fresh_agent_counters("h2"))
     capture = lab.capture("vm3", BLAST_SECONDS + 4, label="hnublastcap")
-    log_path = lab.state_dir / "hn-underlay-blaster.log"
+    log_path = tmp_path / "underlay-blaster.log"
     with log_path.open("wb") as log:
         blaster = netns.start_in_namespace(
             rogue,
