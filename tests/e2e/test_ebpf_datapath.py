@@ -122,15 +122,40 @@ def test_the_kernel_objects_are_removed_when_the_datapath_stops(
     lab_scope: LabScope, start_ebpf: Callable[[str, dict[str, Any]], EbpfDriver]
 ) -> None:
     lab = build_two_hosts(lab_scope)
-    dp1, _dp2 = start_two(lab, start_ebpf)
+    # Someone else's filter on h1's underlay interface (a shared interface): it must stay.
+    underlay = ["dev", lab.h1.underlay_link, "ingress"]
+    run_in_namespace(
+        lab.h1.namespace, ["tc", "qdisc", "add", "dev", lab.h1.underlay_link, "clsact"]
+    )
+    # (u32 matching a destination MAC of de:ad:be:ef:..: no frame here; act_gact is absent)
+    run_in_namespace(lab.h1.namespace, ["tc", "filter", "add", *underlay, "pref", "7",
+                                        "protocol", "all", "u32", "match", "u32", "0xdeadbeef",
+                                        "0xffffffff", "at", "0", "classid", "1:1"])  # fmt: skip
+    dp1, dp2 = start_two(lab, start_ebpf)
     links = run_in_namespace(lab.h1.namespace, ["ip", "-o", "link"]).stdout
     assert "hnvx0" in links
     filters = run_in_namespace(
         lab.h1.namespace, ["tc", "filter", "show", "dev", lab.vm1.port_link, "ingress"]
     ).stdout
     assert "hn_port_ingress" in filters
+    underlay_filters = run_in_namespace(lab.h1.namespace, ["tc", "filter", "show", *underlay])
+    assert "hn_underlay_ingress" in underlay_filters.stdout
+    assert "u32" in underlay_filters.stdout
     dp1.process.stop()
     links = run_in_namespace(lab.h1.namespace, ["ip", "-o", "link"]).stdout
     assert "hnvx0" not in links
     qdiscs = run_in_namespace(lab.h1.namespace, ["tc", "qdisc", "show", "dev", lab.vm1.port_link])
+    assert "clsact" not in qdiscs.stdout
+    underlay_filters = run_in_namespace(lab.h1.namespace, ["tc", "filter", "show", *underlay])
+    assert "hn_underlay_ingress" not in underlay_filters.stdout
+    assert "u32" in underlay_filters.stdout  # only ours went
+    # Where the underlay had no clsact, the datapath removes the one it made.
+    qdiscs = run_in_namespace(
+        lab.h2.namespace, ["tc", "qdisc", "show", "dev", lab.h2.underlay_link]
+    )
+    assert "clsact" in qdiscs.stdout
+    dp2.process.stop()
+    qdiscs = run_in_namespace(
+        lab.h2.namespace, ["tc", "qdisc", "show", "dev", lab.h2.underlay_link]
+    )
     assert "clsact" not in qdiscs.stdout

@@ -28,6 +28,7 @@ from hivenet.packets.builders import build_echo_request, build_tcp_segment, buil
 from hivenet.packets.parse import verify_checksums
 from hivenet.packets.vxlan import vxlan_encapsulate
 
+TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 TC_ACT_REDIRECT = 7
 LOOPBACK_IFINDEX = 1
@@ -101,6 +102,7 @@ def test_every_program_is_loaded_and_pinned(kernel: KernelFastPath) -> None:
         "hn_port_upcall",
         "hn_tunnel_ingress",
         "hn_underlay_upcall",
+        "hn_underlay_ingress",
         "hn_flows",
         "hn_ports",
     } <= pinned
@@ -259,6 +261,60 @@ def test_the_underlay_filter_gives_the_agent_what_the_kernel_must_not_deliver(
     assert _run(kernel, "hn_underlay_upcall", _vxlan(local_key, VXLAN_AGENT_MARK))[0] != 0
     assert _run(kernel, "hn_underlay_upcall", _vxlan(78))[0] != 0
     assert _run(kernel, "hn_underlay_upcall", _vxlan(FLOWSTATE_TUNNEL_KEY))[0] != 0
+
+
+def _with_vxlan_header(frame: bytes, header: bytes, inner: bytes = b"") -> bytes:
+    """`frame` (a `_vxlan` datagram) with its VXLAN header and inner frame replaced, the IP
+    and UDP lengths and the IP header checksum made right again."""
+    payload = header + inner
+    ip = bytearray(frame[14:34])
+    ip[2:4] = (20 + 8 + len(payload)).to_bytes(2, "big")
+    ip[10:12] = b"\0\0"
+    total = sum(int.from_bytes(ip[i : i + 2], "big") for i in range(0, 20, 2))
+    total = (total & 0xFFFF) + (total >> 16)
+    ip[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    udp = frame[34:38] + (8 + len(payload)).to_bytes(2, "big") + b"\0\0"
+    return frame[:14] + bytes(ip) + udp + payload
+
+
+@pytest.mark.parametrize(
+    ("name", "header", "inner", "agent"),
+    [
+        ("local key, well formed", "0800000000004d00", _tcp(), False),
+        ("no I flag", "0000000000004d00", _tcp(), True),
+        ("a reserved flag bit", "0c00000000004d00", _tcp(), True),
+        ("a reserved byte", "0800010000004d00", _tcp(), True),
+        ("the last reserved byte (an agent's mark)", "0800000000004d01", _tcp(), True),
+        ("inner frame shorter than Ethernet", "0800000000004d00", b"x" * 13, True),
+        ("truncated VXLAN header", "0800", b"", True),
+        ("unknown key", "0800000000004e00", _tcp(), True),
+    ],
+)
+def test_the_underlay_programs_agree_and_the_kernel_gets_only_what_it_delivers(
+    kernel: KernelFastPath, name: str, header: str, inner: bytes, agent: bool
+) -> None:
+    """Every datagram Linux's VXLAN device would drop without a readable reason goes to the
+    agent (which counts it by reason) and tc drops the kernel's copy; a well-formed datagram
+    for a local port is the kernel's alone."""
+    bpfsys.map_update(kernel._fds["hn_ports"], struct.pack("=I", 77), struct.pack("=I", 1))
+    frame = _with_vxlan_header(_vxlan(77), bytes.fromhex(header), inner)
+    to_agent = _run(kernel, "hn_underlay_upcall", frame)[0] != 0
+    verdict = _run(kernel, "hn_underlay_ingress", frame)[0]
+    assert to_agent is agent, name
+    assert verdict == (TC_ACT_SHOT if agent else TC_ACT_OK), name
+    assert kernel.counters()["kernel_underlay_to_agent"] == (1 if agent else 0)
+
+
+def test_the_underlay_programs_leave_other_traffic_to_the_stack(kernel: KernelFastPath) -> None:
+    plain = _with_vxlan_header(_vxlan(77), b"")  # UDP to the VXLAN port, nothing in it
+    other_port = bytearray(_vxlan(78))
+    other_port[36:38] = (4790).to_bytes(2, "big")
+    fragment = bytearray(_vxlan(78))
+    fragment[20:22] = (0x2000).to_bytes(2, "big")  # MF: the stack reassembles it
+    assert _run(kernel, "hn_underlay_ingress", plain)[0] == TC_ACT_SHOT  # truncated: agent's
+    for frame in (bytes(other_port), bytes(fragment), _tcp()):
+        assert _run(kernel, "hn_underlay_upcall", frame)[0] == 0
+        assert _run(kernel, "hn_underlay_ingress", frame)[0] == TC_ACT_OK
 
 
 def test_the_batch_dump_reads_every_entry_as_the_lookups_do(kernel: KernelFastPath) -> None:

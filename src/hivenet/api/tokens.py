@@ -6,7 +6,10 @@ SHA-256 under `/hivenet/v1/auth/tokens/<sha256 hex>` (a key space of its own, no
 kind), written and deleted in guarded store txns. Every request with a token that is not the
 admin token reads that one key (`resolve_project_token`), so a revocation or an expiry takes
 effect on the next request on every API server; the secret is hashed before the lookup, so
-the lookup leaks nothing through its timing.
+the lookup leaks nothing through its timing. What is cached is only the decoding of a stored
+value, by (store, key, mod revision): the same revision of a key is the same bytes, so the
+read still happens every time and a revoked token (key gone) or a changed one (new revision)
+is never answered from the cache.
 
 Who may issue/list/revoke: the cluster admin for any project; a project admin for its own
 project (any role: admin is the highest a project has); members and readers not at all.
@@ -20,6 +23,8 @@ import hashlib
 import json
 import secrets
 import uuid
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 import pydantic
@@ -59,9 +64,10 @@ class TokenRequest(BaseModel):
 
 
 class TokenInfo(BaseModel):
-    """A token as stored and listed: everything but the secret."""
+    """A token as stored and listed: everything but the secret. Frozen: a decoded value is
+    shared by the requests that read the same stored revision."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
     project: ObjectId
@@ -90,6 +96,28 @@ def _decode(key: str, raw: bytes) -> TokenInfo:
         raise StoreCorruptError(f"stored value of {key} is not a valid token: {exc}") from exc
 
 
+_DECODED_PER_STORE = 4096  # decoded token values kept per store (least recently used go)
+_decoded: weakref.WeakKeyDictionary[Store, OrderedDict[tuple[str, int], TokenInfo]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _decode_cached(store: Store, key: str, mod_revision: int, raw: bytes) -> TokenInfo:
+    """`_decode`, remembered by (store, key, mod revision): that names one stored value."""
+    cache = _decoded.get(store)
+    if cache is None:
+        cache = _decoded[store] = OrderedDict()
+    cached = cache.get((key, mod_revision))
+    if cached is not None:
+        cache.move_to_end((key, mod_revision))
+        return cached
+    info = _decode(key, raw)
+    cache[(key, mod_revision)] = info
+    if len(cache) > _DECODED_PER_STORE:
+        cache.popitem(last=False)
+    return info
+
+
 async def _store(request: Request) -> Store:
     store: Store = await request.app.state.store_holder.store()
     return store
@@ -106,7 +134,7 @@ async def lookup_project_token(store: Store, secret: str) -> Principal | None:
     kv = await store.get(key)
     if kv is None:
         return None
-    info = _decode(key, kv.value)
+    info = _decode_cached(store, key, kv.mod_revision, kv.value)
     if info.expired(_now()):
         raise ExpiredTokenError(f"token {info.id} expired at {info.expires_at:%Y-%m-%dT%H:%M:%SZ}")
     return Principal(name=f"token {info.id}", tenant_id=info.project, role=info.role)

@@ -71,6 +71,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -296,6 +297,24 @@ def interface_rx_packets(interface_name: str) -> int | None:
         if name.strip() == interface_name:
             return int(fields.split()[1])
     return None
+
+
+def udp_socket_drops(sock: socket.socket) -> int:
+    """The kernel's receive drop count of a UDP socket of this process (0 when not found)."""
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+    except OSError:
+        return 0
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 12 and fields[9] == inode:
+                return int(fields[12])
+    return 0
 
 
 def unroutable_ipv4(buffer: memoryview, base: int, size: int) -> str | None:
@@ -681,7 +700,18 @@ class UserspaceDatapath:
             result[f"drop.{reason}"] = count
         if sum(stack_drops.values()):  # like every drop reason: present once counted
             result["drop.port_stack"] = sum(stack_drops.values())
+        overflow = self._underlay_socket_drops()
+        if overflow:
+            result["drop.tunnel_socket_overflow"] = overflow
         return result
+
+    def _underlay_socket_drops(self) -> int:
+        """Datagrams the kernel dropped because the VXLAN socket's buffer was full (the
+        `drops` column of /proc/self/net/udp for its inode): lost before any HiveNet code."""
+        sock = self._tunnel_sock
+        if sock is None:
+            return 0
+        return udp_socket_drops(sock)
 
     def _stack_drops(self) -> dict[int, int]:
         """Per port: frames the interface received that the host's stack freed before any

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
@@ -41,7 +42,10 @@ from typing import Protocol
 from hivenet.datapath._offload import VNET_HEADER_LEN
 from hivenet.datapath.ebpf.entries import kernel_entry, kernel_key, mask_allows_exact_entry
 from hivenet.datapath.userspace import (
+    _PACKET_STATS,
     DEFAULT_VXLAN_PORT,
+    PACKET_STATISTICS,
+    SOL_PACKET,
     UserspaceDatapath,
     _ActionPlan,
     _BoundPort,
@@ -130,6 +134,7 @@ class EbpfDatapath(UserspaceDatapath):
         self._deferred_offloads: list[tuple[int, tuple[int, ...], Flow]] | None = None
         self._underlay_sock: socket.socket | None = None
         self._underlay_buffer = bytearray(65536)
+        self._underlay_drops = 0  # what the underlay socket's full buffer cost, summed
         self._offload_installs = 0
         self._kernel_packets = 0
         self._kernel_bytes = 0
@@ -438,6 +443,21 @@ class EbpfDatapath(UserspaceDatapath):
             self._tunnel_tx_bytes += byte_count
 
     # ---- received VXLAN the kernel did not deliver -------------------------------------------
+
+    def _underlay_socket_drops(self) -> int:
+        """Frames for the agent lost at its full underlay socket (PACKET_STATISTICS, which
+        resets on each read: summed here); the kernel dropped its copy at tc, so they are
+        lost, and counted as the userspace datapath's UDP socket drops are."""
+        getsockopt = getattr(self._underlay_sock, "getsockopt", None)  # tests' fakes: none
+        if getsockopt is not None:
+            try:
+                _packets, drops = _PACKET_STATS.unpack(
+                    getsockopt(SOL_PACKET, PACKET_STATISTICS, _PACKET_STATS.size)
+                )
+            except (OSError, struct.error):
+                drops = 0
+            self._underlay_drops += drops
+        return self._underlay_drops
 
     def _on_underlay_readable(self) -> None:
         sock = self._underlay_sock

@@ -4,7 +4,9 @@ Owns: loading bpf/hn_fastpath.o with `bpftool prog loadall` (programs and maps p
 /sys/fs/bpf/hn-<name>/, mounting the BPF filesystem there first if needed), the collect-metadata
 VXLAN device (`ip link ... type vxlan external`, default name hnvx0) with hn_tunnel_ingress at its
 tc ingress, the clsact qdisc + hn_port_ingress filter of each bound port, the socket filters on
-the agent's AF_PACKET sockets, and the map operations (flow entries, port keys, counters).
+the agent's AF_PACKET sockets, the hn_underlay_ingress filter on the underlay interface (one
+filter at its own preference; the qdisc is removed only if this made it), the map operations
+(flow entries, port keys, counters) and the VXLAN device's own receive errors and drops.
 
 Why these tools: `bpftool` (Debian's, built on libbpf) is the maintained loader, so there is no
 ELF loader here; `tc` attaches a pinned program in one command; the map updates that run per
@@ -45,11 +47,16 @@ KERNEL_COUNTERS = (
     "kernel_hits",
     "kernel_misses",
     "kernel_tunnel_delivered",
-    "drop.kernel_tunnel_unknown_key",
-    "kernel_tunnel_flowstate",
+    "drop.kernel_tunnel_unknown_key",  # only a reassembled datagram (no agent saw it)
+    "drop.kernel_tunnel_fragmented_flowstate",  # likewise
     "drop.kernel_action_failed",
     "drop.kernel_tunnel_unknown_source",
+    "kernel_underlay_to_agent",  # the agent's socket took it: the kernel dropped its copy
+    "drop.kernel_port_tx_too_big",  # larger than the port's MTU (bpf_check_mtu)
 )
+# tc preference of hn_underlay_ingress on the underlay interface (a shared interface: one
+# filter of ours among whatever else is there).
+UNDERLAY_FILTER_PREF = "20040"
 CONFIG_VXLAN_PORT = 0
 CONFIG_PEERS = 1  # hn_config index: 1 = hn_tunnel_peers is enforced
 _U32 = struct.Struct("=I")
@@ -149,6 +156,8 @@ class KernelFastPath:
         self._attached: dict[int, str] = {}
         self._ifindexes: dict[int, int] = {}
         self._tunnel_peers: set[int] = set()  # in hn_tunnel_peers (host byte order)
+        self._underlay_filtered: str | None = None  # the interface with hn_underlay_ingress
+        self._underlay_qdisc_made = False
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -210,15 +219,45 @@ class KernelFastPath:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             sock.bind((interface, ETH_P_ALL))
             sock.setblocking(False)
+            # Only once the socket takes the agent's share may tc drop the kernel's copy.
+            self._attach_underlay(interface)
         except BaseException:
             sock.close()
             raise
         return sock
 
+    def _attach_underlay(self, interface: str) -> None:
+        shown = subprocess.run(
+            ["tc", "-j", "qdisc", "show", "dev", interface], capture_output=True, text=True
+        )
+        qdiscs = json.loads(shown.stdout or "[]")
+        if not any(qdisc.get("kind") == "clsact" for qdisc in qdiscs):
+            _run(["tc", "qdisc", "add", "dev", interface, "clsact"])
+            self._underlay_qdisc_made = True
+        self._underlay_filtered = interface
+        _run(["tc", "filter", "replace", "dev", interface, "ingress", "pref",
+              UNDERLAY_FILTER_PREF, "handle", "1", "bpf", "da", "pinned",
+              str(self.pin_dir / "hn_underlay_ingress")])  # fmt: skip
+
+    def _detach_underlay(self) -> None:
+        interface, self._underlay_filtered = self._underlay_filtered, None
+        if interface is None:
+            return
+        # The interface may be gone with its namespace: nothing left to remove then.
+        if self._underlay_qdisc_made:
+            subprocess.run(["tc", "qdisc", "del", "dev", interface, "clsact"], capture_output=True)
+        else:
+            subprocess.run(
+                ["tc", "filter", "del", "dev", interface, "ingress", "pref", UNDERLAY_FILTER_PREF],
+                capture_output=True,
+            )
+        self._underlay_qdisc_made = False
+
     def close(self) -> None:
         """Remove everything this made. Safe to call twice."""
         for port_key, interface_name in list(self._attached.items()):
             self.detach_port(port_key, interface_name)
+        self._detach_underlay()
         if self._vxlan_made:
             subprocess.run(["ip", "link", "del", self.vxlan_device], capture_output=True)
             self._vxlan_made = False
@@ -322,4 +361,26 @@ class KernelFastPath:
         for index, name in enumerate(KERNEL_COUNTERS):
             value = bpfsys.map_lookup(self._fds["hn_counters"], _U32.pack(index), _U64.size)
             result[name] = _U64.unpack(value)[0] if value else 0
+        if self._vxlan_made:
+            result.update(vxlan_device_drops(self.vxlan_device))
         return result
+
+
+def vxlan_device_drops(device: str) -> dict[str, int]:
+    """What the kernel's VXLAN device counted itself as receive errors and drops
+    (/proc/self/net/dev: `errs` is rx_errors, `drop` rx_dropped + rx_missed). The underlay
+    programs keep from it every datagram it would refuse unfragmented, so these grow only for
+    a reassembled datagram with a reserved bit set, or an error of the kernel's own."""
+    try:
+        lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return {}
+    for line in lines:
+        name, _, fields = line.partition(":")
+        if name.strip() == device:
+            receive = fields.split()
+            return {
+                "drop.kernel_vxlan_rx_errors": int(receive[2]),
+                "drop.kernel_vxlan_rx_dropped": int(receive[3]),
+            }
+    return {}

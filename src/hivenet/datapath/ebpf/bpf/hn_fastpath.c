@@ -10,7 +10,8 @@
  *                        same key, the opposite answer (misses go up, hits do not), so every
  *                        frame is handled exactly once.
  *   hn_tunnel_ingress    tc ingress of the VXLAN device: deliver by tunnel key (hn_ports) to the
- *                        local port, no flow lookup (the ingress host already simulated).
+ *                        local port, no flow lookup (the ingress host already simulated);
+ *                        any other key here came in IP fragments (no agent saw it): dropped.
  *                        Once the agent enforces tunnel peers (hn_config[HN_CONFIG_PEERS]), a
  *                        frame for a local port whose outer source is not in hn_tunnel_peers
  *                        is dropped (what goes to the agent, the agent checks and counts).
@@ -19,8 +20,14 @@
  *                        to the agent, and so does VXLAN a peer's agent sent itself (marked
  *                        HN_VXLAN_AGENT_MARK in the last reserved byte): it may follow a
  *                        flow-state message that must be applied first, on the same socket.
- *                        The kernel's VXLAN device drops a frame with a reserved bit set, so
- *                        such a frame is delivered once, by the agent.
+ *                        So does every datagram the kernel's VXLAN device would drop without
+ *                        a reason anyone can read (truncated, no I flag, a reserved bit set,
+ *                        an inner frame shorter than Ethernet): the agent counts it by reason.
+ *   hn_underlay_ingress  tc ingress of the underlay interface, the same verdict
+ *                        (underlay_verdict): what the filter gave the agent is dropped here
+ *                        (counted kernel_underlay_to_agent, not a drop), so the kernel never
+ *                        handles a datagram a second time and drops nothing silently; the rest
+ *                        passes to the stack and the VXLAN device.
  *
  * The key layout is mirrored in datapath/ebpf/entries.py (FLOW_KEY); a unit test checks the
  * sizes and a root test runs these programs on frames built by Python (BPF_PROG_TEST_RUN).
@@ -89,6 +96,8 @@ enum hn_counter {
 	HN_TUNNEL_FLOWSTATE,
 	HN_ACTION_FAILED,
 	HN_TUNNEL_UNKNOWN_SOURCE,
+	HN_UNDERLAY_TO_AGENT,
+	HN_TUNNEL_TOO_BIG,
 	HN_COUNTER_MAX,
 };
 
@@ -400,7 +409,7 @@ int hn_tunnel_ingress(struct __sk_buff *skb)
 {
 	struct bpf_tunnel_key tunnel = {};
 	__u32 *ifindex;
-	__u32 tunnel_key;
+	__u32 tunnel_key, mtu_length = 0;
 
 	if (bpf_skb_get_tunnel_key(skb, &tunnel, sizeof(tunnel), 0) < 0) {
 		count(HN_TUNNEL_UNKNOWN_KEY);
@@ -409,8 +418,8 @@ int hn_tunnel_ingress(struct __sk_buff *skb)
 	tunnel_key = tunnel.tunnel_id;
 	ifindex = bpf_map_lookup_elem(&hn_ports, &tunnel_key);
 	if (!ifindex) {
-		/* Flow-state messages and unknown keys reached the agent by hn_underlay_upcall
-		 * (which checks their source and counts them). */
+		/* Unfragmented, these went to the agent (underlay_verdict) and never got here: a
+		 * datagram the stack reassembled, which no agent socket saw. Dropped, counted. */
 		count(tunnel_key == HN_FLOWSTATE_KEY ? HN_TUNNEL_FLOWSTATE : HN_TUNNEL_UNKNOWN_KEY);
 		return TC_ACT_SHOT;
 	}
@@ -418,41 +427,80 @@ int hn_tunnel_ingress(struct __sk_buff *skb)
 		count(HN_TUNNEL_UNKNOWN_SOURCE);
 		return TC_ACT_SHOT;
 	}
+	/* Larger than the port's MTU (a reassembled datagram): the veth would drop it, counted
+	 * nowhere HiveNet reads. */
+	if (bpf_check_mtu(skb, *ifindex, &mtu_length, 0, 0) != BPF_MTU_CHK_RET_SUCCESS) {
+		count(HN_TUNNEL_TOO_BIG);
+		return TC_ACT_SHOT;
+	}
 	count(HN_TUNNEL_DELIVERED);
 	return bpf_redirect(*ifindex, 0);
+}
+
+#define HN_VXLAN_FLAG_I 0x08
+#define HN_VXLAN_HLEN 8
+
+enum hn_underlay_verdict {
+	HN_UNDERLAY_PASS,   /* not unfragmented VXLAN for this host: the stack's */
+	HN_UNDERLAY_AGENT,  /* the agent's (hn_underlay_upcall takes it up) */
+	HN_UNDERLAY_KERNEL, /* a well-formed frame for a local port: the VXLAN device's */
+};
+
+/* Who handles a frame arriving on the underlay. Both underlay programs ask this, so each
+ * VXLAN datagram is handled, and counted, exactly once. A fragmented datagram is the
+ * stack's (reassembled, then the VXLAN device's and hn_tunnel_ingress's). */
+static __always_inline int underlay_verdict(struct __sk_buff *skb)
+{
+	__u32 config_index = HN_CONFIG_VXLAN_PORT;
+	struct hn_ipv4 ip;
+	__u16 eth_type, udp_port;
+	__u8 vxlan[HN_VXLAN_HLEN];
+	__u32 *vxlan_port, tunnel_key, offset, payload;
+
+	if (skb->pkt_type != PACKET_HOST)
+		return HN_UNDERLAY_PASS;
+	if (bpf_skb_load_bytes(skb, 12, &eth_type, 2) < 0 || eth_type != bpf_htons(ETH_P_IP))
+		return HN_UNDERLAY_PASS;
+	if (bpf_skb_load_bytes(skb, IP_OFF, &ip, sizeof(ip)) < 0)
+		return HN_UNDERLAY_PASS;
+	if ((ip.version_ihl >> 4) != 4 || ip.protocol != IPPROTO_UDP ||
+	    (ip.frag_off & bpf_htons(0x3FFF)))
+		return HN_UNDERLAY_PASS;
+	offset = IP_OFF + (ip.version_ihl & 0x0F) * 4;
+	vxlan_port = bpf_map_lookup_elem(&hn_config, &config_index);
+	if (!vxlan_port || bpf_skb_load_bytes(skb, offset + 2, &udp_port, 2) < 0 ||
+	    bpf_ntohs(udp_port) != *vxlan_port)
+		return HN_UNDERLAY_PASS;
+	/* The UDP payload by the IP length (the frame may carry Ethernet padding). */
+	payload = bpf_ntohs(ip.total_length);
+	if (payload < (offset - IP_OFF) + 8 + HN_VXLAN_HLEN + ETH_HLEN_)
+		return HN_UNDERLAY_AGENT; /* truncated VXLAN or inner frame: the agent counts it */
+	if (bpf_skb_load_bytes(skb, offset + 8, vxlan, sizeof(vxlan)) < 0)
+		return HN_UNDERLAY_AGENT;
+	/* RFC 7348 says ignore reserved bits; Linux's device drops such a frame (counting at most
+	 * rx_errors), and an agent's mark is one: the agent delivers it. No I flag: it drops it. */
+	if (vxlan[0] != HN_VXLAN_FLAG_I || vxlan[1] || vxlan[2] || vxlan[3] || vxlan[7])
+		return HN_UNDERLAY_AGENT;
+	tunnel_key = ((__u32)vxlan[4] << 16) | ((__u32)vxlan[5] << 8) | vxlan[6];
+	if (bpf_map_lookup_elem(&hn_ports, &tunnel_key))
+		return HN_UNDERLAY_KERNEL;
+	return HN_UNDERLAY_AGENT;
 }
 
 SEC("socket")
 int hn_underlay_upcall(struct __sk_buff *skb)
 {
-	__u32 config_index = HN_CONFIG_VXLAN_PORT;
-	struct hn_ipv4 ip;
-	__u16 eth_type, udp_port;
-	__u8 vxlan[8];
-	__u32 *vxlan_port, tunnel_key, offset;
+	return underlay_verdict(skb) == HN_UNDERLAY_AGENT ? -1 : 0;
+}
 
-	if (skb->pkt_type != PACKET_HOST)
-		return 0;
-	if (bpf_skb_load_bytes(skb, 12, &eth_type, 2) < 0 || eth_type != bpf_htons(ETH_P_IP))
-		return 0;
-	if (bpf_skb_load_bytes(skb, IP_OFF, &ip, sizeof(ip)) < 0)
-		return 0;
-	if ((ip.version_ihl >> 4) != 4 || ip.protocol != IPPROTO_UDP ||
-	    (ip.frag_off & bpf_htons(0x3FFF)))
-		return 0;
-	offset = IP_OFF + (ip.version_ihl & 0x0F) * 4;
-	vxlan_port = bpf_map_lookup_elem(&hn_config, &config_index);
-	if (!vxlan_port || bpf_skb_load_bytes(skb, offset + 2, &udp_port, 2) < 0 ||
-	    bpf_ntohs(udp_port) != *vxlan_port)
-		return 0;
-	if (bpf_skb_load_bytes(skb, offset + 8, vxlan, sizeof(vxlan)) < 0)
-		return -1; /* truncated VXLAN: the agent counts it */
-	if (vxlan[7] & HN_VXLAN_AGENT_MARK)
-		return -1;
-	tunnel_key = ((__u32)vxlan[4] << 16) | ((__u32)vxlan[5] << 8) | vxlan[6];
-	if (bpf_map_lookup_elem(&hn_ports, &tunnel_key))
-		return 0;
-	return -1;
+SEC("tc")
+int hn_underlay_ingress(struct __sk_buff *skb)
+{
+	if (underlay_verdict(skb) != HN_UNDERLAY_AGENT)
+		return TC_ACT_OK;
+	/* The agent's socket (a tap, ahead of tc) has it; the kernel must not handle it too. */
+	count(HN_UNDERLAY_TO_AGENT);
+	return TC_ACT_SHOT;
 }
 
 /* Offered under GPL-2.0 too (SPDX line above), as the kernel asks of BPF programs. */
