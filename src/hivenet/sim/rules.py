@@ -16,6 +16,12 @@ topology object (names, ids) reaches `compile()`.
 
 Matcher semantics: `matcher(packet, start, in_port_id, out_port_id, in_port_groups)` returns
 the index of the first rule at or after `start` whose header conditions all hold, or -1.
+
+When: `compile_chain` builds the source, the constants and the reads at once, but runs
+Python's `compile()` (most of a chain's compile time) on the matcher's first call, which then
+puts the compiled function in the chain's `matcher` itself; rule descriptions (for traces)
+are also made on first use. An agent loading 20k chains (`bench/startup.py`) pays for the
+chains its simulations reach, when they first reach them.
 """
 
 from __future__ import annotations
