@@ -195,9 +195,10 @@ def main() -> None:
         written = time.perf_counter()
         if path.exists():
             keys = 1 + BRIDGES + args.ports + 2 * args.ports * (1 + args.rules // (2 * args.ports))
+            filled = f"reused {path}"
         else:
             keys = asyncio.run(fill(url, args.ports, args.rules))
-        fill_seconds = time.perf_counter() - written
+            filled = f"written in {time.perf_counter() - written:.1f} s"
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
         for _ in range(args.rounds):
             for name, tree in sides.items():
@@ -211,7 +212,7 @@ def main() -> None:
         if row["keys"] != keys:
             raise SystemExit(f"{name}: loaded {row['keys']:.0f} keys, wrote {keys}")
     print(
-        f"{args.ports} ports, {args.rules} rules: {keys} keys (written in {fill_seconds:.1f} s);"
+        f"{args.ports} ports, {args.rules} rules: {keys} keys ({filled});"
         f" median of {args.rounds} runs, CPU seconds of the child"
     )
     print(f"{'side':<22} {'CPU s':>8} {'wall s':>8} {'RSS MiB':>8} {'+RSS MiB':>9} {'x floor':>8}")
