@@ -287,6 +287,42 @@ def test_historical_range_paginates(backend: Backend) -> None:
     backend.run(body)
 
 
+def test_historical_pages_skip_deleted_keys_and_fill_up(backend: Backend) -> None:
+    """Pages of a past revision whose prefix has runs of deleted keys (deleted before the
+    snapshot, or deleted and written again after it): every page but the last is full, the
+    pages together are exactly the snapshot, and `count` is the snapshot's size."""
+
+    async def body(store: Store) -> None:
+        for index in range(40):
+            await store.put(f"/g/{index:02d}", f"v{index}".encode())
+        for index in [*range(3, 11), 17, 18, 25, *range(30, 38)]:
+            await store.delete(f"/g/{index:02d}")
+        await store.put("/g/04", b"back")  # a deleted key written again before the snapshot
+        snapshot = await store.current_revision()
+        expected = (await store.range("/g/")).kvs
+        for index in (0, 4, 17, 39):  # changed or deleted after the snapshot
+            await store.put(f"/g/{index:02d}", b"later")
+        await store.delete("/g/01")
+        await store.put("/g/99", b"new")
+        assert len(expected) == 40 - 19 + 1
+        for size in (1, 3, 7, 50):
+            seen: list[KeyValue] = []
+            start_after: str | None = None
+            while True:
+                page = await store.range(
+                    "/g/", revision=snapshot, limit=size, start_after=start_after
+                )
+                assert page.count == len(expected) and page.revision == snapshot
+                seen.extend(page.kvs)
+                if not page.more:
+                    break
+                assert len(page.kvs) == size, (size, start_after)
+                start_after = page.kvs[-1].key
+            assert seen == expected, size
+
+    backend.run(body)
+
+
 # --------------------------------------------------------------------------- compaction
 
 
@@ -591,6 +627,75 @@ def test_watchers_see_their_prefix_only_and_all_see_same_order(backend: Backend)
             await close_watch(events)
 
     backend.run(body)
+
+
+def test_many_watches_of_one_prefix_each_get_their_own_exact_stream(backend: Backend) -> None:
+    """Watches of one prefix that started at different revisions (past, present, future),
+    joined late, or read at different paces each get exactly the events from their start,
+    in order; writes under another prefix reach none of them. (The SQLite backend shares one
+    poll among watches at the same place in the log: this is what must not leak.)"""
+
+    async def body(store: Store) -> None:
+        base = await store.current_revision()
+        await store.put("/w/k0", b"0")  # base + 1
+        await store.put("/w/k1", b"1")  # base + 2
+        starts = [base + 1, base + 2, base + 3, base + 3, base + 5, base + 8]
+        watches = [store.watch("/w/", start_revision=start) for start in starts]
+        lease = await store.lease_grant(60)
+        expected: list[tuple[str, str, bytes, int]] = [
+            ("put", "/w/k0", b"0", base + 1),
+            ("put", "/w/k1", b"1", base + 2),
+        ]
+        # Every other step also writes under another prefix, which no watch here sees.
+        for step in range(8):
+            if step == 3:
+                await store.delete("/w/k0")
+                change = ("delete", "/w/k0", b"")
+            elif step == 5:
+                await store.put("/w/leased", b"l", lease=lease.id)
+                change = ("put", "/w/leased", b"l")
+            elif step == 6:
+                await store.lease_revoke(lease.id)
+                change = ("delete", "/w/leased", b"")
+            else:
+                await store.put(f"/w/s{step}", str(step).encode())
+                change = ("put", f"/w/s{step}", str(step).encode())
+            expected.append((*change, await store.current_revision()))
+            if step % 2:
+                await store.put(f"/other/{step}", b"x")
+        # Read the watches at different paces: one event at a time from some, all at once
+        # from the others, interleaved.
+        got: list[list[Event]] = [[] for _ in watches]
+        for round_ in range(len(expected)):
+            for index, events in enumerate(watches):
+                if index % 2 == 0 and round_ == 0:
+                    got[index] = await take(events, len(_from(expected, starts[index])))
+                elif index % 2 == 1 and len(got[index]) < len(_from(expected, starts[index])):
+                    got[index] += await take(events, 1)
+        for index, start in enumerate(starts):
+            assert summary(got[index]) == _from(expected, start), start - base
+        late = store.watch("/w/", start_revision=starts[2])
+        assert summary(await take(late, len(_from(expected, starts[2])))) == _from(
+            expected, starts[2]
+        )
+        # Live: every watch has caught up; each new change reaches each of them once.
+        for round_ in range(3):
+            await store.put(f"/other/live{round_}", b"x")
+            await store.put("/w/live", str(round_).encode())
+            live = ("put", "/w/live", str(round_).encode(), await store.current_revision())
+            for events in [*watches, late]:
+                assert summary(await take(events, 1)) == [live]
+        for events in [*watches, late]:
+            await assert_quiet(events, 0.02)
+            await close_watch(events)
+
+    backend.run(body)
+
+
+def _from(
+    expected: list[tuple[str, str, bytes, int]], start: int
+) -> list[tuple[str, str, bytes, int]]:
+    return [event for event in expected if event[3] >= start]
 
 
 def test_close_ends_watch_iterators_and_later_calls_fail(backend: Backend) -> None:

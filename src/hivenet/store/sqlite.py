@@ -38,6 +38,16 @@ Schema (version 1, recorded in `meta`):
 
 History grows until someone calls `compact()`; choosing when is the caller's policy.
 
+Watches and large reads (measured with `bench/propagation.py` and `bench/startup.py`): a
+commit wakes only the watches whose prefix one of its keys is under (all of them for another
+process's commit, whose keys are unknown), and watches of one prefix at the same place in
+the log share one event-log query until the next change, as a server fans one event out to
+its watchers; 1000 agents' 4 watches each had cost 4000 queries per write. A paged range
+bounds each page by `start_after` alone (SQLite would otherwise seek to the prefix and rescan
+every earlier key), counts a (prefix, revision) once, and at a past revision walks the
+`events_by_key` index from `start_after` a page at a time: an agent's paged load of 130k keys
+is linear, it was quadratic.
+
 Revisions follow etcd: a new store is at revision 1; every write that changes something bumps
 it by exactly one (all changes of one txn share it); a revoke or an expiry deletes the lease's
 keys in one revision of its own. A range or watch at revision R <= the compact revision raises
@@ -58,7 +68,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
@@ -148,6 +158,9 @@ _SCHEMA: Final = (
 )
 
 _T = TypeVar("_T")
+# Counts of keys kept (`_Engine._count`); ids per `IN (...)` (SQLite's variable limit).
+_COUNT_CACHE_SIZE = 256
+_IN_CHUNK = 500
 
 _KV_COLUMNS: Final = "key, value, create_revision, mod_revision, version, lease"
 _EVENT_SELECT: Final = """
@@ -180,6 +193,18 @@ def _key_range_sql(column: str, prefix: str) -> tuple[str, list[object]]:
     if end is None:
         return f"{column} >= ?", [prefix]
     return f"{column} >= ? AND {column} < ?", [prefix, end]
+
+
+def _page_range_sql(column: str, prefix: str, start_after: str | None) -> tuple[str, list[object]]:
+    """Keys under `prefix` after `start_after`, as one lower and one upper bound: given both
+    `>= prefix` and `> start_after`, SQLite seeks to the prefix and scans every key before
+    `start_after` again, so a paged read of a large prefix would cost its square."""
+    if start_after is None or start_after < prefix:
+        return _key_range_sql(column, prefix)
+    end = _prefix_end(prefix)
+    if end is None:
+        return f"{column} > ?", [start_after]
+    return f"{column} > ? AND {column} < ?", [start_after, end]
 
 
 def _kv_from_row(row: Sequence[Any]) -> KeyValue:
@@ -230,16 +255,22 @@ def _translate(error: sqlite3.Error, location: str, busy_timeout: float) -> Stor
 # --------------------------------------------------------------------------- engine
 
 
+# The keys one write transaction changed (empty: the revision did not move).
+_Keys = tuple[str, ...]
+
+
 class _Revisions:
     """The revision counter of one write transaction: each group of changes gets one revision,
-    allocated on its first change so a group that changes nothing does not bump it."""
+    allocated on its first change so a group that changes nothing does not bump it. Also
+    collects the keys the transaction changed, so only the watches they concern are woken."""
 
-    __slots__ = ("_group_open", "committed", "current")
+    __slots__ = ("_group_open", "committed", "current", "keys")
 
     def __init__(self, committed: int) -> None:
         self.committed = committed
         self.current = committed
         self._group_open = False
+        self.keys: list[str] = []
 
     def for_change(self) -> int:
         if not self._group_open:
@@ -253,6 +284,10 @@ class _Revisions:
     @property
     def changed(self) -> bool:
         return self.current != self.committed
+
+    def changed_keys(self) -> _Keys:
+        """The keys changed (empty when the revision did not move)."""
+        return tuple(self.keys) if self.changed else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +313,8 @@ class _Engine:
         self._poll_lock = threading.Lock()  # the poll connection: loop thread vs close()
         self._poll_connection: sqlite3.Connection | None = None
         self._last_data_version: int | None = None
+        # (prefix, revision) -> number of keys (`_count`).
+        self._counts: dict[tuple[str, int], int] = {}
         try:
             self._connection = self._connect()
         except sqlite3.Error as error:
@@ -423,10 +460,10 @@ class _Engine:
 
     def _write(
         self, body: Callable[[sqlite3.Connection, _Revisions], _T], now: float
-    ) -> tuple[_T, bool]:
+    ) -> tuple[_T, _Keys]:
         """Run `body` in one BEGIN IMMEDIATE transaction after expiring due leases.
 
-        Returns the body's result and whether the store revision moved. If the body raises a
+        Returns the body's result and the keys it changed (empty: the revision did not move). If the body raises a
         StoreError after expiry changed something, the expiry is still committed (its own
         revisions) and the body's partial work is rolled back.
         """
@@ -440,6 +477,7 @@ class _Engine:
                     if expired:
                         connection.execute("SAVEPOINT body")
                     revision_after_expiry = revisions.current
+                    keys_after_expiry = len(revisions.keys)
                     try:
                         result = body(connection, revisions)
                     except StoreError:
@@ -447,10 +485,11 @@ class _Engine:
                             raise
                         connection.execute("ROLLBACK TO body")
                         revisions.current = revision_after_expiry
+                        del revisions.keys[keys_after_expiry:]
                         self._finish_write(connection, revisions)
                         raise
                     self._finish_write(connection, revisions)
-                    return result, revisions.changed
+                    return result, revisions.changed_keys()
                 except BaseException:
                     self._rollback()
                     raise
@@ -530,8 +569,28 @@ class _Engine:
 
         return self._read(body)
 
-    @staticmethod
+    def _count(
+        self,
+        connection: sqlite3.Connection,
+        prefix: str,
+        revision: int,
+        sql: str,
+        params: Sequence[object],
+    ) -> int:
+        """The number of keys under `prefix` at `revision`, by `sql`. A revision's keys never
+        change, so it is counted once: a paged read of a large prefix (an agent loading the
+        topology, every page at one revision) would otherwise count every key on every page."""
+        cached = self._counts.get((prefix, revision))
+        if cached is not None:
+            return cached
+        count = int(connection.execute(sql, params).fetchone()[0])
+        if len(self._counts) >= _COUNT_CACHE_SIZE:
+            self._counts.clear()
+        self._counts[(prefix, revision)] = count
+        return count
+
     def _range_current(
+        self,
         connection: sqlite3.Connection,
         prefix: str,
         current: int,
@@ -539,10 +598,7 @@ class _Engine:
         start_after: str | None,
     ) -> RangeResult:
         where, params = _key_range_sql("key", prefix)
-        page_where, page_params = where, list(params)
-        if start_after is not None:
-            page_where += " AND key > ?"
-            page_params.append(start_after)
+        page_where, page_params = _page_range_sql("key", prefix, start_after)
         sql = f"SELECT {_KV_COLUMNS} FROM kv WHERE {page_where} ORDER BY key"
         if limit:
             sql += " LIMIT ?"
@@ -553,12 +609,14 @@ class _Engine:
         if not limit and start_after is None:
             count = len(kvs)
         else:
-            count_row = connection.execute(f"SELECT COUNT(*) FROM kv WHERE {where}", params)
-            count = count_row.fetchone()[0]
+            # `current` is committed (a read transaction), so its count is final.
+            count = self._count(
+                connection, prefix, current, f"SELECT COUNT(*) FROM kv WHERE {where}", params
+            )
         return RangeResult(kvs=kvs, revision=current, more=more, count=count)
 
-    @staticmethod
     def _range_history(
+        self,
         connection: sqlite3.Connection,
         prefix: str,
         revision: int,
@@ -566,33 +624,53 @@ class _Engine:
         start_after: str | None,
     ) -> RangeResult:
         where, params = _key_range_sql("key", prefix)
-        # The newest version of each key at `revision`; keys whose newest version is a DELETE
-        # did not exist then.
-        newest = f"SELECT MAX(id) AS id FROM events WHERE {where} AND revision <= ? GROUP BY key"
-        base_params: list[object] = [*params, revision]
-        page_sql = (
-            "SELECT e.key, e.value, e.create_revision, e.revision, e.version, e.lease "
-            f"FROM events e JOIN ({newest}) newest ON e.id = newest.id WHERE e.kind = {_PUT}"
-        )
-        page_params = list(base_params)
-        if start_after is not None:
-            page_sql += " AND e.key > ?"
-            page_params.append(start_after)
-        page_sql += " ORDER BY e.key"
-        if limit:
-            page_sql += " LIMIT ?"
-            page_params.append(limit + 1)
-        rows = connection.execute(page_sql, page_params).fetchall()
+        # Walk the keys in order along events_by_key, taking each key's newest event at
+        # `revision`, a batch of keys at a time from `start_after` on, until the page (and one
+        # more, to tell whether there is more) is full: a page costs its own size, not the
+        # prefix's. Keys whose newest event is a DELETE did not exist then: skipped.
+        wanted = limit + 1 if limit else 0
+        rows: list[Sequence[Any]] = []
+        after = start_after
+        while True:
+            page_where, page_params = _page_range_sql("key", prefix, after)
+            group_sql = (
+                f"SELECT key, MAX(id) FROM events WHERE {page_where} AND revision <= ? "
+                "GROUP BY key ORDER BY key"
+            )
+            group_params: list[object] = [*page_params, revision]
+            batch = wanted - len(rows) if wanted else 0
+            if batch:
+                group_sql += " LIMIT ?"
+                group_params.append(batch)
+            groups = connection.execute(group_sql, group_params).fetchall()
+            newest: dict[int, Sequence[Any]] = {}
+            ids = [event_id for _key, event_id in groups]
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                for row in connection.execute(
+                    "SELECT id, key, value, create_revision, revision, version, lease, kind "
+                    f"FROM events WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    newest[row[0]] = row
+            rows.extend(newest[event_id][1:7] for event_id in ids if newest[event_id][7] == _PUT)
+            if not batch or len(groups) < batch or len(rows) >= wanted:
+                break
+            after = groups[-1][0]
         more = bool(limit) and len(rows) > limit
         kvs = [_kv_from_row(row) for row in (rows[:limit] if limit else rows)]
         if not limit and start_after is None:
             count = len(kvs)
         else:
-            count = connection.execute(
-                f"SELECT COUNT(*) FROM events e JOIN ({newest}) newest ON e.id = newest.id "
+            count = self._count(
+                connection,
+                prefix,
+                revision,
+                "SELECT COUNT(*) FROM events e JOIN (SELECT MAX(id) AS id FROM events "
+                f"WHERE {where} AND revision <= ? GROUP BY key) newest ON e.id = newest.id "
                 f"WHERE e.kind = {_PUT}",
-                base_params,
-            ).fetchone()[0]
+                [*params, revision],
+            )
         return RangeResult(kvs=kvs, revision=revision, more=more, count=count)
 
     def fetch_events(
@@ -645,14 +723,14 @@ class _Engine:
 
     # -- writes
 
-    def put(self, key: str, value: bytes, lease: int, now: float) -> tuple[int, bool]:
+    def put(self, key: str, value: bytes, lease: int, now: float) -> tuple[int, _Keys]:
         def body(connection: sqlite3.Connection, revisions: _Revisions) -> int:
             self._put(connection, revisions, key, value, lease, now)
             return revisions.current
 
         return self._write(body, now)
 
-    def delete(self, key: str, prefix: bool, now: float) -> tuple[int, bool]:
+    def delete(self, key: str, prefix: bool, now: float) -> tuple[int, _Keys]:
         def body(connection: sqlite3.Connection, revisions: _Revisions) -> int:
             return self._delete(connection, revisions, key, prefix)
 
@@ -664,7 +742,7 @@ class _Engine:
         success: Sequence[TxnOp],
         failure: Sequence[TxnOp],
         now: float,
-    ) -> tuple[TxnResult, bool]:
+    ) -> tuple[TxnResult, _Keys]:
         def body(connection: sqlite3.Connection, revisions: _Revisions) -> TxnResult:
             succeeded = all(
                 compare_holds(compare, self._get(connection, compare.key)) for compare in compares
@@ -707,6 +785,7 @@ class _Engine:
             f"SELECT {_KV_COLUMNS}, event_id FROM kv WHERE key = ?", (key,)
         ).fetchone()
         revision = revisions.for_change()
+        revisions.keys.append(key)
         if previous_row is None:
             previous, create_revision, version, previous_event = None, revision, 1, None
         else:
@@ -737,14 +816,16 @@ class _Engine:
         ).fetchall()
         if not doomed:
             return 0
-        self._log_deletes(connection, revisions.for_change(), doomed)
+        self._log_deletes(connection, revisions, doomed)
         connection.execute(f"DELETE FROM kv WHERE {where}", params)
         return len(doomed)
 
     @staticmethod
     def _log_deletes(
-        connection: sqlite3.Connection, revision: int, doomed: Sequence[Sequence[Any]]
+        connection: sqlite3.Connection, revisions: _Revisions, doomed: Sequence[Sequence[Any]]
     ) -> None:
+        revision = revisions.for_change()
+        revisions.keys.extend(key for key, _event_id in doomed)
         connection.executemany(
             "INSERT INTO events(revision, kind, key, value, create_revision, version, lease, "
             f"prev_id) VALUES (?, {_DELETE}, ?, x'', 0, 0, 0, ?)",
@@ -756,7 +837,7 @@ class _Engine:
             "SELECT key, event_id FROM kv WHERE lease = ? ORDER BY key", (lease,)
         ).fetchall()
         if doomed:
-            self._log_deletes(connection, revisions.for_change(), doomed)
+            self._log_deletes(connection, revisions, doomed)
             connection.execute("DELETE FROM kv WHERE lease = ?", (lease,))
             revisions.end_group()
         connection.execute("DELETE FROM leases WHERE id = ?", (lease,))
@@ -782,13 +863,13 @@ class _Engine:
             )
         )
 
-    def expire_due_leases(self, now: float) -> bool:
-        """Revoke every lease past its deadline; True if that changed the revision."""
+    def expire_due_leases(self, now: float) -> _Keys:
+        """Revoke every lease past its deadline; the keys that deleted (empty: none)."""
         if not self.has_due_leases(now):
-            return False
+            return ()
         return self._write(lambda connection, revisions: None, now)[1]
 
-    def lease_grant(self, ttl: int, now: float) -> tuple[Lease, bool]:
+    def lease_grant(self, ttl: int, now: float) -> tuple[Lease, _Keys]:
         def body(connection: sqlite3.Connection, revisions: _Revisions) -> Lease:
             lease_id = connection.execute(
                 "INSERT INTO leases(ttl, deadline) VALUES (?, ?)", (ttl, now + ttl)
@@ -798,7 +879,7 @@ class _Engine:
 
         return self._write(body, now)
 
-    def lease_keepalive(self, lease: int, now: float) -> tuple[int, bool]:
+    def lease_keepalive(self, lease: int, now: float) -> tuple[int, _Keys]:
         def body(connection: sqlite3.Connection, revisions: _Revisions) -> int:
             row = connection.execute("SELECT ttl FROM leases WHERE id = ?", (lease,)).fetchone()
             if row is None:
@@ -808,7 +889,7 @@ class _Engine:
 
         return self._write(body, now)
 
-    def lease_revoke(self, lease: int, now: float) -> tuple[None, bool]:
+    def lease_revoke(self, lease: int, now: float) -> tuple[None, _Keys]:
         def body(connection: sqlite3.Connection, revisions: _Revisions) -> None:
             if connection.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
                 raise LeaseNotFoundError(lease)
@@ -816,7 +897,10 @@ class _Engine:
 
         return self._write(body, now)
 
-    def compact(self, revision: int, now: float) -> None:
+    def compact(self, revision: int, now: float) -> _Keys:
+        """Drop history at or below `revision`; returns the keys that expiring due leases
+        deleted on the way (the compaction itself changes no key)."""
+
         def body(connection: sqlite3.Connection, revisions: _Revisions) -> None:
             if revision > revisions.current:
                 raise FutureRevisionError(
@@ -841,7 +925,7 @@ class _Engine:
                 "UPDATE meta SET value = ? WHERE name = 'compact_revision'", (revision,)
             )
 
-        self._write(body, now)
+        return self._write(body, now)[1]
 
 
 def _event_from_row(row: Sequence[Any]) -> Event:
@@ -887,6 +971,10 @@ class _WatchStream(AsyncIterator[Event]):
     def __repr__(self) -> str:
         return f"<watch {self._prefix!r} from revision {self._start_revision} on {self._store!r}>"
 
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
     def wake_up(self, running: asyncio.AbstractEventLoop | None) -> None:
         """Called by the store (from any thread) when the event log may have grown."""
         loop, wake = self._loop, self._wake
@@ -910,13 +998,8 @@ class _WatchStream(AsyncIterator[Event]):
                 continue
             wake.clear()  # a commit from now on wakes us again
             try:
-                batch = await self._store._run(
-                    self._store._engine.fetch_events,
-                    self._prefix,
-                    self._start_revision,
-                    self._after_id,
-                    self._floor_revision,
-                    _WATCH_BATCH,
+                batch = await self._store._fetch_events(
+                    self._prefix, self._start_revision, self._after_id, self._floor_revision
                 )
             except StoreUnavailableError:
                 if self._store.closed:
@@ -1017,7 +1100,11 @@ class SqliteStore:
             if execution != "loop"
             else None
         )
-        self._watches: weakref.WeakSet[_WatchStream] = weakref.WeakSet()
+        # Open watches by prefix (a change wakes only the prefixes it concerns).
+        self._watches: dict[str, weakref.WeakSet[_WatchStream]] = {}
+        # Watch polls shared until the next change (`_fetch_events`), and that change's count.
+        self._polls: dict[tuple[str, int, int, int], _EventBatch] = {}
+        self._poll_epoch = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._maintenance: asyncio.Task[None] | None = None
@@ -1051,10 +1138,10 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
 
-    async def _run_write(self, function: Callable[..., tuple[_T, bool]], *args: Any) -> _T:
-        result, changed = await self._run(function, *args)
-        if changed:
-            self._notify()
+    async def _run_write(self, function: Callable[..., tuple[_T, _Keys]], *args: Any) -> _T:
+        result, keys = await self._run(function, *args)
+        if keys:
+            self._notify(keys)
         return result
 
     def _ensure_background(self) -> None:
@@ -1065,19 +1152,56 @@ class SqliteStore:
         self._maintenance_wake = asyncio.Event()
         self._maintenance = loop.create_task(self._maintain(), name=f"hn-store-{id(self):x}")
 
-    def _notify(self) -> None:
-        """Wake every watch (on its own loop) to poll the event log."""
+    def _notify(self, keys: Collection[str] | None = None) -> None:
+        """The event log may have grown: forget the shared poll results, and wake (each on its
+        own loop) the watches whose prefix one of `keys` is under; every watch when the keys
+        are not known (another process's commit, closing)."""
+        self._poll_epoch += 1
+        self._polls.clear()
         running = _running_loop()
-        for stream in list(self._watches):
-            stream.wake_up(running)
+        for prefix, streams in list(self._watches.items()):
+            if keys is None or any(key.startswith(prefix) for key in keys):
+                for stream in list(streams):
+                    stream.wake_up(running)
+
+    async def _fetch_events(
+        self, prefix: str, start_revision: int, after_id: int, floor_revision: int
+    ) -> _EventBatch:
+        """One watch poll. Watches of one prefix at the same place in the log (every watch
+        that has caught up) share one query until the next change: a commit seen by a thousand
+        watches of a prefix costs one read, as a server fanning one event out to its watchers
+        does. The shared result is dropped by `_notify`, before any watch is woken."""
+        if after_id and start_revision <= floor_revision:
+            # Every event after `after_id` is at or above the floor, so the start revision
+            # filters nothing: watches that started at different revisions share the poll.
+            start_revision = 0
+        poll = (prefix, start_revision, after_id, floor_revision)
+        batch = self._polls.get(poll)
+        if batch is None:
+            epoch = self._poll_epoch
+            batch = await self._run(
+                self._engine.fetch_events,
+                prefix,
+                start_revision,
+                after_id,
+                floor_revision,
+                _WATCH_BATCH,
+            )
+            if epoch == self._poll_epoch:  # else the log grew meanwhile: the batch may be stale
+                self._polls[poll] = batch
+        return batch
 
     def _add_watch(self, stream: _WatchStream) -> None:
-        self._watches.add(stream)
+        self._watches.setdefault(stream.prefix, weakref.WeakSet()).add(stream)
         if self._maintenance_wake is not None and self._loop is _running_loop():
             self._maintenance_wake.set()  # start polling for other processes' commits
 
     def _remove_watch(self, stream: _WatchStream) -> None:
-        self._watches.discard(stream)
+        streams = self._watches.get(stream.prefix)
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self._watches[stream.prefix]
 
     async def _maintain(self) -> None:
         """Per-process background work: lease expiry, and noticing other processes' commits."""
@@ -1086,14 +1210,15 @@ class SqliteStore:
         assert wake is not None
         next_lease_check = 0.0
         while not self._closed:
-            polling = bool(self._watches) and not self._in_memory
+            polling = any(self._watches.values()) and not self._in_memory
             if polling and self._engine.changed_elsewhere():
                 self._notify()
             if loop.time() >= next_lease_check:
                 next_lease_check = loop.time() + self._lease_check_interval
                 try:
-                    if await self._run(self._engine.expire_due_leases, self._clock()):
-                        self._notify()
+                    expired = await self._run(self._engine.expire_due_leases, self._clock())
+                    if expired:
+                        self._notify(expired)
                 except StoreError as error:
                     if self._closed:
                         return
@@ -1193,7 +1318,8 @@ class SqliteStore:
 
     async def compact(self, revision: int) -> None:
         check_int(revision, "revision", minimum=1)
-        await self._run(self._engine.compact, revision, self._clock(), long=True)
+        expired = await self._run(self._engine.compact, revision, self._clock(), long=True)
+        self._notify(expired)  # also drops shared polls that predate the compaction
 
     async def close(self) -> None:
         """Stop the background task, end every watch iterator, close the database."""

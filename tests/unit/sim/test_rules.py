@@ -16,7 +16,7 @@ from hivenet.model.types import mac_to_int
 from hivenet.packets import parse_frame
 from hivenet.packets.flowmatch import FIELD_NAMES, FlowMatch
 from hivenet.sim.engine import PacketState
-from hivenet.sim.rules import compile_chain, rule_matches_reference
+from hivenet.sim.rules import compile_chain, describe_rule, rule_matches_reference
 from tests.unit.sim.topo import Sim, Topo, mac, ping, port_mac, tcp, udp
 
 GROUPS = {
@@ -247,6 +247,42 @@ def test_compiled_matcher_agrees_with_reference(
     compiled = chain.matcher(PacketState.of(packet), 0, in_port, out_port, groups) == 0
     values = {name: getattr(packet, name) for name in FIELD_NAMES}
     assert compiled == rule_matches_reference(rule, values, in_port, out_port, groups, GROUPS)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rules=st.lists(random_rules(), min_size=1, max_size=4),
+    packet_list=st.lists(packets(), min_size=1, max_size=4),
+    in_port=st.sampled_from(["p1", "p2"]),
+)
+def test_matcher_compiled_on_first_call_is_the_one_every_call_uses(
+    rules: list[Rule], packet_list: list[FlowMatch], in_port: str
+) -> None:
+    """The matcher is compiled when first called (agent start-up compiles every chain): the
+    first call answers as the reference does, and from then on the chain holds that compiled
+    function itself, answering every packet as a fresh compile of the same rules does.
+    Rule descriptions, also made on first use, are `describe_rule`'s."""
+    rules = [r.model_copy(update={"chain_id": "c", "position": i}) for i, r in enumerate(rules)]
+    chain = compile_chain("c", "c", rules, GROUPS)
+    first = chain.matcher
+    state = PacketState.of(packet_list[0])
+    answer = chain.matcher(state, 0, in_port, None, frozenset())
+    compiled = chain.matcher
+    assert compiled is not first and chain.matcher is compiled  # replaced once, then kept
+    for packet in packet_list:
+        state = PacketState.of(packet)
+        fresh = compile_chain("c", "c", rules, GROUPS)
+        assert compiled(state, 0, in_port, None, frozenset()) == fresh.matcher(
+            state, 0, in_port, None, frozenset()
+        )
+    values = {name: getattr(packet_list[0], name) for name in FIELD_NAMES}
+    matching = [
+        i
+        for i, r in enumerate(rules)
+        if rule_matches_reference(r, values, in_port, None, frozenset(), GROUPS)
+    ]
+    assert answer == (matching[0] if matching else -1)
+    assert [r.description for r in chain.rules] == [describe_rule(r) for r in rules]
 
 
 # --- actions, through the engine -------------------------------------------------------------
