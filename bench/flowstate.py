@@ -39,6 +39,8 @@ previous commit's, `git worktree add`), alternating with this code, and prints t
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import gc
 import ipaddress
 import json
@@ -50,10 +52,12 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
+from hivenet.flows.actions import SetField
 from hivenet.flowstate import NatRange
 from hivenet.flowstate.auth import Keyring
 from hivenet.model import (
@@ -344,13 +348,146 @@ def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[
     }, by_line
 
 
-def memory_only(count: int) -> float:
-    """Bytes per connection, both agents, tables + flows + tags (delivered frames dropped)."""
-    syncs, datapaths, _, _ = build_hosts(max_flows=count + 1)
-    frames = syn_frames(count)
+class _Recorder:
+    """A flow-state hook that passes every question to the agent's hook and records it
+    (method, packet, rule, zone, decision): the template connection's simulation."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook, self.transaction, self.record = hook, hook.transaction, hook.record
+        self.calls: list[tuple[str, Any, Any, str, Any]] = []
+
+    def conntrack(self, packet: Any, zone: str, now: float) -> Any:
+        decision = self.hook.conntrack(packet, zone, now)
+        self.calls.append(("conntrack", packet, None, zone, decision))
+        return decision
+
+    def nat(self, packet: Any, rule: Any, zone: str, now: float) -> Any:
+        decision = self.hook.nat(packet, rule, zone, now)
+        self.calls.append(("nat", packet, rule, zone, decision))
+        return decision
+
+
+def _template(
+    sync: FlowStateSync, datapath: MemoryDatapath, pipelines: dict[str, FlowPipeline]
+) -> tuple[list[tuple[str, Any, Any, str, Any]], Any]:
+    """Connection 0 through the real pipeline, its hook questions and result recorded."""
+    begin, recorders = sync.begin, []
+
+    def recording_begin(frame: bytes, match: Any = None) -> Any:
+        recorders.append(_Recorder(begin(frame, match)))
+        return recorders[-1]
+
+    sync.begin = recording_begin  # type: ignore[method-assign]
+    try:
+        datapath.receive(1, syn_frames(1)[0])
+    finally:
+        del sync.begin
+    (recorder,) = recorders
+    return recorder.calls, pipelines["h1"].last_result
+
+
+DIRECT_BATCH = 512  # connections per flow-state push in the direct build
+
+
+def build_direct(count: int, hosts: Any) -> None:
+    """Open `count` connections (the first through the real pipeline, the rest as its replay)
+    without simulating each: per connection the same hook questions the simulation of
+    connection 0 asked (conntrack in the port's zone, reverse SNAT, SNAT: the agent's own
+    `TransactionHook`, so the real tables), the same commit and push (`FlowStateSync.finish`:
+    encode, seal, the gateway's decode and install) and the flow the simulation would install
+    (connection 0's result with this connection's match, NAT rewrites and tags). The caller
+    checks it against the pipeline at a small size (`check_direct`)."""
+    syncs, datapaths, _, pipelines = hosts
+    sync, datapath = syncs["h1"], datapaths["h1"]
+    calls, template = _template(sync, datapath, pipelines)
+    rewrites0: dict[str, int] = {}
+    connection_tags: set[str] = set()
+    for _, _, _, _, decision in calls:
+        connection_tags |= decision.tags
+        rewrites0.update(getattr(decision, "rewrites", {}))
+    static_tags = template.tags - connection_tags
+    first_match = template.match
+    for n in range(1, count):
+        if n % DIRECT_BATCH == 1:
+            sync.begin_batch()
+        tp_src, tp_dst = 1024 + n % 64000, 1 + n // 64000
+        now = datapath.clock()
+        hook = sync.begin(b"", dataclasses.replace(first_match, tp_src=tp_src, tp_dst=tp_dst))
+        tags = set(static_tags)
+        rewrites: dict[str, int] = {}
+        for method, packet, rule, zone, _ in calls:
+            seen = dataclasses.replace(packet, tp_src=tp_src, tp_dst=tp_dst)
+            if method == "conntrack":
+                decision = hook.conntrack(seen, zone, now)
+            else:
+                decision = hook.nat(seen, rule, zone, now)
+                rewrites.update(decision.rewrites)
+            tags |= decision.tags
+        actions = tuple(  # new objects, as each simulation makes its own
+            SetField(a.field, rewrites[a.field])
+            if isinstance(a, SetField) and rewrites0.get(a.field) == a.value
+            else copy.copy(a)
+            for a in template.actions
+        )
+        result = dataclasses.replace(
+            template,
+            match=dataclasses.replace(first_match, tp_src=tp_src, tp_dst=tp_dst),
+            tags=frozenset(tags),
+            actions=actions,
+        )
+        sync.finish(hook, result, "vm", now)
+        datapath.install_flow(
+            result.masked_match,
+            result.mask,
+            result.actions,
+            result.tags,
+            idle_timeout=result.idle_timeout,
+            mtu=result.mtu,
+        )
+        if n % DIRECT_BATCH == 0 or n == count - 1:
+            sync.end_batch(now)
+
+
+def _state(hosts: Any) -> object:
+    syncs, datapaths, _, _ = hosts
+    flows = {
+        (flow.match, flow.mask, flow.actions, frozenset(flow.tags))
+        for flow in datapaths["h1"].flow_table.flows()
+    }
+    tables = [
+        (
+            sorted((r.zone, r.key, r.state) for r in s.conntrack.snapshot(0.0)),
+            sorted(map(repr, (r.binding for r in s.nat.snapshot(0.0)))),
+        )
+        for s in syncs.values()
+    ]
+    return flows, tables, len(datapaths["h2"].flow_table)
+
+
+def check_direct(count: int) -> None:
+    """The direct build's state equals the real pipeline's for `count` connections (flows with
+    their actions and tags on the sender, conntrack/NAT entries on both agents): else exit."""
+    piped = build_hosts(max_flows=count + 1)
+    for frame in syn_frames(count):
+        piped[1]["h1"].receive(1, frame)
+    direct = build_hosts(max_flows=count + 1)
+    build_direct(count, direct)
+    if _state(piped) != _state(direct):
+        raise SystemExit(f"direct build differs from the pipeline at {count} connections")
+
+
+def memory_only(count: int, direct: bool = True) -> float:
+    """Bytes per connection, both agents, tables + flows + tags (delivered frames dropped).
+    `direct`: built by `build_direct` (checked equal to the pipeline by `check_direct`),
+    else every connection through the pipeline (slow under tracemalloc)."""
+    hosts = build_hosts(max_flows=count + 1)
+    syncs, datapaths, _, _ = hosts
+    frames = [] if direct else syn_frames(count)
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
+    if direct:
+        build_direct(count, hosts)
     for index, frame in enumerate(frames):
         datapaths["h1"].receive(1, frame)
         if index % 1000 == 999:  # frames delivered are the benchmark's, not state
@@ -367,39 +504,61 @@ def memory_only(count: int) -> float:
     return (after - before) / count
 
 
-def memory_mode(sizes: list[int], baseline_src: str | None) -> None:
-    rows: dict[str, dict[int, float]] = {"this": {}}
-    if baseline_src:
-        rows["baseline"] = {}
-    for size in sizes:
-        rows["this"][size] = round(memory_only(size), 1)
-        if baseline_src:
-            env = dict(os.environ, PYTHONPATH=os.path.join(baseline_src, "src"))
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-one", str(size)],
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            rows["baseline"][size] = float(out.strip().splitlines()[-1])
+def _memory_row(size: int, direct: bool, baseline_src: str | None) -> float:
+    """Bytes per connection at `size`, this tree in this process or `baseline_src`'s `src`
+    in a child process (checked against its own pipeline first when `direct`)."""
+    if baseline_src is None:
+        if direct:
+            check_direct(CHECK_SIZE)
+        return round(memory_only(size, direct), 1)
+    env = dict(os.environ, PYTHONPATH=os.path.join(baseline_src, "src"))
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-one", str(size), "direct" if direct else "pipeline"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return round(float(out.strip().splitlines()[-1]), 1)
+
+
+CHECK_SIZE = 300  # connections built both ways and compared before each direct measurement
+
+
+def memory_mode(sizes: list[int], baseline_src: str | None, calibrate: int) -> None:
+    """Bytes per connection at each size (direct build), and at `calibrate` connections
+    through the pipeline and the direct build both (how far the direct build is from the
+    per-packet path), for this tree and the baseline, alternating."""
+    sides = {"this": None} if not baseline_src else {"this": None, "baseline": baseline_src}
+    rows: dict[str, dict[str, float]] = {side: {} for side in sides}
+    columns = [str(size) for size in sizes]
+    if calibrate:
+        columns += [f"pipeline {calibrate}", f"direct {calibrate}"]
+    for column in columns:
+        for side, src in sides.items():
+            size = int(column.split()[-1])
+            direct = not column.startswith("pipeline")
+            rows[side][column] = _memory_row(size, direct, src)
+            print(f"  {side} {column}: {rows[side][column]} B/connection", file=sys.stderr)
+    width = max(14, *(len(column) + 2 for column in columns))
     print(
-        f"{'bytes per connection (2 agents, tables+flows+tags)':<52} "
-        + "".join(f"{size:>12,}" for size in sizes)
+        f"{'bytes/connection (2 agents, tables+flows+tags)':<48}"
+        + "".join(f"{column:>{width}}" for column in columns)
     )
-    print("-" * (53 + 12 * len(sizes)))
-    for name, values in rows.items():
-        print(f"{name:<52} " + "".join(f"{values[size]:>12,.1f}" for size in sizes))
+    print("-" * (48 + width * len(columns)))
+    for side, values in rows.items():
+        print(f"{side:<48}" + "".join(f"{values[c]:>{width},.1f}" for c in columns))
     ratios = {}
     if baseline_src:
-        ratios = {size: round(rows["this"][size] / rows["baseline"][size], 3) for size in sizes}
-        print(f"{'this / baseline':<52} " + "".join(f"{ratios[size]:>12.3f}" for size in sizes))
+        ratios = {c: round(rows["this"][c] / rows["baseline"][c], 3) for c in columns}
+        print(f"{'this / baseline':<48}" + "".join(f"{ratios[c]:>{width}.3f}" for c in columns))
     print(
         json.dumps(
             {
                 "bench": "flowstate_memory",
                 "python": platform.python_version(),
-                "bytes_per_connection": {name: values for name, values in rows.items()},
+                "build": f"direct (checked equal to the pipeline at {CHECK_SIZE})",
+                "bytes_per_connection": rows,
                 "this_vs_baseline": ratios,
             },
             separators=(",", ":"),
@@ -408,8 +567,11 @@ def memory_mode(sizes: list[int], baseline_src: str | None) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory-one":  # the baseline's subprocess
-        print(memory_only(int(sys.argv[2])))
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory-one":  # the baseline's subprocess
+        direct = sys.argv[3] == "direct"
+        if direct:
+            check_direct(CHECK_SIZE)
+        print(memory_only(int(sys.argv[2]), direct))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer connections")
@@ -429,6 +591,13 @@ def main() -> None:
         help="memory mode: bytes per connection at these connection counts only",
     )
     parser.add_argument("--baseline-src", metavar="DIR", help="memory mode: checkout to compare")
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="memory mode: also N connections through the pipeline and directly (0: not)",
+    )
     args = parser.parse_args()
     if args.where < 0:
         parser.error(f"--where must be >= 0, got {args.where}")
@@ -443,7 +612,9 @@ def main() -> None:
             )
         if any(size < 1 for size in sizes):
             parser.error(f"--memory-sizes must be counts >= 1, got {args.memory_sizes!r}")
-        memory_mode(sizes, args.baseline_src)
+        if args.calibrate < 0:
+            parser.error(f"--calibrate must be >= 0, got {args.calibrate}")
+        memory_mode(sizes, args.baseline_src, args.calibrate)
         return
     count = 2_000 if args.quick else 20_000
     against = versus_base(count, args.base, args.rounds) if args.base else None

@@ -309,6 +309,9 @@ def is_connection_tag(tag: str) -> bool:
 CONNECTION_TAG_PREFIXES = ("conntrack:", "nat:", "natr:")
 
 
+_SHARED_VALUES_MAX = 1 << 17
+
+
 class FlowTable:
     """Megaflow table: install, lookup, invalidate by tag, expire, LRU-bounded size.
 
@@ -338,6 +341,15 @@ class FlowTable:
         self._lru: OrderedDict[Flow, None] = OrderedDict()  # least recently used first
         self._expiry_heap: list[tuple[float, int, Flow]] = []
         self._heap_sequence = 0
+        # Interned actions: one object per distinct action held by any flow, with the number
+        # of places holding it (a flow's actions repeat its path's rewrites and outputs; only
+        # a connection's NAT rewrite is its own). Counted, so nothing outlives its flows.
+        self._actions: dict[Action, list[Any]] = {}
+        self._mtus: dict[int, int] = {}  # one int object per MTU value (at most 65536)
+        # One int object per match value in the flows' keys (a masked match's MACs, addresses
+        # and ports are fresh ints, ~32 bytes each). Values only, so nothing can go stale;
+        # emptied at _SHARED_VALUES_MAX values (keys already made keep theirs).
+        self._values: dict[int, int] = {}
         self._lookups = 0
         self._hits = 0
         self._misses = 0
@@ -392,17 +404,17 @@ class FlowTable:
         own_tags = tuple(tag for tag in tag_set if own_tag(tag))
         shared = tag_set.difference(own_tags) if own_tags else tag_set
         group = self._group_of(shared) if shared else None
-        key = subtable.key_of(checked_match)
+        key = self._shared_key(subtable.key_of(checked_match))
         flow = Flow(
             subtable,
             key,
-            checked_actions,
+            self._intern_actions(checked_actions),
             group,
             own_tags,
             now,
             idle_timeout=idle_timeout,
             hard_timeout=hard_timeout,
-            mtu=mtu,
+            mtu=self._mtus.setdefault(mtu, mtu),
         )
         subtable.flows[key] = flow
         if group is not None:
@@ -425,6 +437,40 @@ class FlowTable:
             self._remove(least_recent)
             self._evictions += 1
         return flow
+
+    def _shared_key(self, key: Any) -> Any:
+        """`key` (an int, or a tuple of ints and tuples) made of the table's shared ints."""
+        values = self._values
+        if len(values) >= _SHARED_VALUES_MAX:
+            values.clear()
+        if type(key) is int:
+            return values.setdefault(key, key)
+        if type(key) is tuple:
+            shared = values.setdefault
+            return tuple(
+                shared(value, value) if type(value) is int else self._shared_key(value)
+                for value in key
+            )
+        return key
+
+    def _intern_actions(self, actions: tuple[Action, ...]) -> tuple[Action, ...]:
+        held = self._actions
+        out = []
+        for action in actions:
+            use = held.get(action)
+            if use is None:
+                use = held[action] = [action, 0]
+            use[1] += 1
+            out.append(use[0])
+        return tuple(out)
+
+    def _release_actions(self, actions: tuple[Action, ...]) -> None:
+        held = self._actions
+        for action in actions:
+            use = held[action]
+            use[1] -= 1
+            if not use[1]:
+                del held[action]
 
     def _group_of(self, tags: frozenset[str]) -> _TagGroup:
         group = self._groups.get(tags)
@@ -460,6 +506,7 @@ class FlowTable:
             else:
                 del index[tag]
         del self._lru[flow]
+        self._release_actions(flow.actions)
         flow.removed = True
 
     # ---- lookup -----------------------------------------------------------------------------

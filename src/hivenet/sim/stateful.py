@@ -132,7 +132,9 @@ class TransactionHook:
             tag = conntrack_tag(zone, key)
             tags = frozenset((tag,))
             if classification.key is not None:
-                self.record.tagged.append((tag, ("ct", zone, classification.key, 0)))
+                # The key object the conntrack entry will hold, not a second copy.
+                shared = transaction.shared_key(classification.key)
+                self.record.tagged.append((tag, ("ct", zone, shared, 0)))
         return ConntrackDecision(
             is_return=classification.is_return,
             verdict=classification.verdict.value,
