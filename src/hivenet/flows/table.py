@@ -78,6 +78,7 @@ class Flow:
 
     __slots__ = (
         "_group",
+        "_heap_at",
         "_key",
         "_own_tags",
         "_subtable",
@@ -121,6 +122,7 @@ class Flow:
         # IPv6: the simulation answers "fragmentation needed" / "packet too big") or drops it
         # (IPv4 without DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`.
         self.mtu = mtu
+        self._heap_at = math.inf  # the table's expiry heap orders flows by it (`__lt__`)
 
     @property
     def match(self) -> tuple[int, ...]:
@@ -137,6 +139,9 @@ class Flow:
         if group is None:
             return self._own_tags
         return group.tags + self._own_tags if self._own_tags else group.tags
+
+    def __lt__(self, other: Flow) -> bool:
+        return self._heap_at < other._heap_at
 
     def deadline(self) -> float:
         """When this flow expires if it is not used again (math.inf: never)."""
@@ -339,8 +344,9 @@ class FlowTable:
         self._groups: dict[frozenset[str], _TagGroup] = {}
         self._group_index: dict[str, dict[_TagGroup, None]] = {}
         self._lru: OrderedDict[Flow, None] = OrderedDict()  # least recently used first
-        self._expiry_heap: list[tuple[float, int, Flow]] = []
-        self._heap_sequence = 0
+        # Flows by the deadline they had when pushed (`Flow._heap_at`, set only while out of
+        # the heap): the flow itself is the heap entry, no (deadline, sequence, flow) tuple.
+        self._expiry_heap: list[Flow] = []
         # Interned actions: one object per distinct action held by any flow, with the number
         # of places holding it (a flow's actions repeat its path's rewrites and outputs; only
         # a connection's NAT rewrite is its own). Counted, so nothing outlives its flows.
@@ -594,8 +600,8 @@ class FlowTable:
         now = _check_finite("now", now)
         heap = self._expiry_heap
         expired: list[Flow] = []
-        while heap and heap[0][0] <= now:
-            _, _, flow = heapq.heappop(heap)
+        while heap and heap[0]._heap_at <= now:
+            flow = heapq.heappop(heap)
             if flow.removed:
                 continue
             deadline = flow.deadline()
@@ -614,12 +620,12 @@ class FlowTable:
             deadline = flow.deadline()
         if deadline == math.inf:
             return
-        self._heap_sequence += 1
-        heapq.heappush(self._expiry_heap, (deadline, self._heap_sequence, flow))
+        flow._heap_at = deadline
+        heapq.heappush(self._expiry_heap, flow)
 
     def _rebuild_expiry_heap(self) -> None:
         # Entries of removed flows pile up under churn (replacement, invalidation, eviction).
-        live = [entry for entry in self._expiry_heap if not entry[2].removed]
+        live = [flow for flow in self._expiry_heap if not flow.removed]
         heapq.heapify(live)
         self._expiry_heap = live
 
