@@ -39,7 +39,6 @@ previous commit's, `git worktree add`), alternating with this code, and prints t
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import gc
 import ipaddress
@@ -51,6 +50,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from operator import and_
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.flows.actions import SetField
+from hivenet.flows.table import flow_match_values
 from hivenet.flowstate import NatRange
 from hivenet.flowstate.auth import Keyring
 from hivenet.model import (
@@ -77,6 +78,7 @@ from hivenet.model import (
     TunnelZoneMember,
 )
 from hivenet.packets import build_tcp_segment
+from hivenet.packets.flowmatch import FlowMatch
 from hivenet.sim import MemoryTables, TopologyView
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -406,46 +408,62 @@ def build_direct(count: int, hosts: Any) -> None:
         connection_tags |= decision.tags
         rewrites0.update(getattr(decision, "rewrites", {}))
     static_tags = template.tags - connection_tags
-    first_match = template.match
+    # Fresh objects per connection, as each simulation makes its own, built positionally
+    # (dataclasses.replace is most of a connection's cost here).
+    calls_with_fields = [(call, packet_fields(call[1])) for call in calls]
+    first_fields = packet_fields(template.match)
+    action_fields = [(type(a), dataclasses.astuple(a)) for a in template.actions]
+    mask = template.mask
     for n in range(1, count):
         if n % DIRECT_BATCH == 1:
             sync.begin_batch()
         tp_src, tp_dst = 1024 + n % 64000, 1 + n // 64000
         now = datapath.clock()
-        hook = sync.begin(b"", dataclasses.replace(first_match, tp_src=tp_src, tp_dst=tp_dst))
+        match = with_ports(first_fields, tp_src, tp_dst)
+        hook = sync.begin(b"", match)
         tags = set(static_tags)
         rewrites: dict[str, int] = {}
-        for method, packet, rule, zone, _ in calls:
-            seen = dataclasses.replace(packet, tp_src=tp_src, tp_dst=tp_dst)
+        for (method, _, rule, zone, _), fields in calls_with_fields:
+            seen = with_ports(fields, tp_src, tp_dst)
             if method == "conntrack":
                 decision = hook.conntrack(seen, zone, now)
             else:
                 decision = hook.nat(seen, rule, zone, now)
                 rewrites.update(decision.rewrites)
             tags |= decision.tags
-        actions = tuple(  # new objects, as each simulation makes its own
-            SetField(a.field, rewrites[a.field])
-            if isinstance(a, SetField) and rewrites0.get(a.field) == a.value
-            else copy.copy(a)
-            for a in template.actions
+        actions = tuple(
+            SetField(args[0], rewrites[args[0]])
+            if kind is SetField and rewrites0.get(args[0]) == args[1]
+            else kind(*args)
+            for kind, args in action_fields
         )
-        result = dataclasses.replace(
-            template,
-            match=dataclasses.replace(first_match, tp_src=tp_src, tp_dst=tp_dst),
-            tags=frozenset(tags),
-            actions=actions,
-        )
-        sync.finish(hook, result, "vm", now)
+        sync.finish(hook, template, "vm", now)  # reads only the result's path and verdict
         datapath.install_flow(
-            result.masked_match,
-            result.mask,
-            result.actions,
-            result.tags,
-            idle_timeout=result.idle_timeout,
-            mtu=result.mtu,
+            tuple(map(and_, flow_match_values(match), mask)),
+            mask,
+            actions,
+            tags,
+            idle_timeout=template.idle_timeout,
+            mtu=template.mtu,
         )
         if n % DIRECT_BATCH == 0 or n == count - 1:
             sync.end_batch(now)
+
+
+def packet_fields(match: FlowMatch) -> list[Any]:
+    """`match`'s field values in constructor order (for `with_ports`)."""
+    return [getattr(match, field.name) for field in dataclasses.fields(match)]
+
+
+_TP_SRC, _TP_DST = (
+    [field.name for field in dataclasses.fields(FlowMatch)].index(name)
+    for name in ("tp_src", "tp_dst")
+)
+
+
+def with_ports(fields: list[Any], tp_src: int, tp_dst: int) -> FlowMatch:
+    fields[_TP_SRC], fields[_TP_DST] = tp_src, tp_dst
+    return FlowMatch(*fields)
 
 
 def _state(hosts: Any) -> object:
@@ -484,6 +502,7 @@ def memory_only(count: int, direct: bool = True) -> float:
     syncs, datapaths, _, _ = hosts
     frames = [] if direct else syn_frames(count)
     gc.collect()
+    gc.disable()  # full collections over millions of live objects: minutes, and no garbage
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     if direct:
@@ -495,6 +514,7 @@ def memory_only(count: int, direct: bool = True) -> float:
             datapaths["h2"].deliveries.clear()
     datapaths["h2"].take(2)
     datapaths["h2"].deliveries.clear()
+    gc.enable()
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
