@@ -28,17 +28,26 @@ Usage: `python bench/flowstate.py [--quick] [--where N] [--base REV] [--rounds N
 (`--where N`: also the N source lines that allocated the most bytes per connection,
 tracemalloc by line, in the table and in the JSON line as `where`; `--base ''`: no base).
 
-Memory mode: `python bench/flowstate.py --memory-sizes 100000,1000000 [--baseline-src DIR]`
-measures only the bytes per connection (both agents, tables + flows + tags, tracemalloc) at
-each size, so growth is linear and the constant is known; the flow tables are sized to hold
-every connection's flow, the delivered frames are not counted. `--baseline-src` runs the
-same measurement in a subprocess with another checkout's `src` first on the path (e.g. the
-previous commit's, `git worktree add`), alternating with this code, and prints the ratio.
+Memory mode: `python bench/flowstate.py --memory-sizes 100000,1000000 [--baseline-src DIR]
+[--calibrate N]` measures only the bytes per connection (both agents, tables + flows + tags,
+tracemalloc) at each size, so growth is linear and the constant is known; the flow tables
+are sized to hold every connection's flow, the delivered frames are not counted. The
+connections are built directly (`build_direct`): connection 0 goes through the pipeline with
+its flow-state questions recorded, every other one asks the agent's own hook the same
+questions, commits and pushes through `FlowStateSync` (the gateway decodes and installs) and
+installs the flow the simulation would have (connection 0's, with its own match, NAT
+rewrite and tags): no per-packet simulation, ~1.3 ms of CPU per connection under tracemalloc
+instead of ~3. Before each measurement the direct build is checked equal to the pipeline at
+300 connections (flows with actions and tags, both agents' entries), and `--calibrate N`
+(default 5000) also measures N connections both ways, in the table. `--baseline-src` runs
+the same in a subprocess with another checkout's `src` first on the path (e.g. the previous
+commit's, `git worktree add`), alternating with this code, and prints the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import ipaddress
 import json
@@ -49,11 +58,15 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from operator import and_
 from pathlib import Path
+from typing import Any
 
 from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
+from hivenet.flows.actions import SetField
+from hivenet.flows.table import flow_match_values
 from hivenet.flowstate import NatRange
 from hivenet.flowstate.auth import Keyring
 from hivenet.model import (
@@ -73,6 +86,7 @@ from hivenet.model import (
     TunnelZoneMember,
 )
 from hivenet.packets import build_tcp_segment
+from hivenet.packets.flowmatch import FlowMatch
 from hivenet.sim import MemoryTables, TopologyView
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -190,6 +204,12 @@ def build_hosts(
     return syncs, datapaths, vm_port, pipelines
 
 
+# Connections per destination (server port): half the SNAT range, so no destination passes
+# the allocator's low-water mark (75% in use), where the previous code recounted the used
+# ports on every allocation (quadratic: the 100k runs that did not finish).
+PER_DESTINATION = 32_000
+
+
 def syn_frames(count: int) -> list[bytes]:
     """To the outside host, varying ports: every SYN is a new connection."""
     return [
@@ -198,8 +218,8 @@ def syn_frames(count: int) -> list[bytes]:
             eth_dst=R_IN_MAC,
             ip_src="10.0.0.11",
             ip_dst="203.0.113.100",
-            src_port=1024 + n % 64000,
-            dst_port=1 + n // 64000,
+            src_port=1024 + n % PER_DESTINATION,
+            dst_port=1 + n // PER_DESTINATION,
             flags=0x02,
         )
         for n in range(count)
@@ -344,13 +364,163 @@ def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[
     }, by_line
 
 
-def memory_only(count: int) -> float:
-    """Bytes per connection, both agents, tables + flows + tags (delivered frames dropped)."""
-    syncs, datapaths, _, _ = build_hosts(max_flows=count + 1)
-    frames = syn_frames(count)
+class _Recorder:
+    """A flow-state hook that passes every question to the agent's hook and records it
+    (method, packet, rule, zone, decision): the template connection's simulation."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook, self.transaction, self.record = hook, hook.transaction, hook.record
+        self.calls: list[tuple[str, Any, Any, str, Any]] = []
+
+    def conntrack(self, packet: Any, zone: str, now: float) -> Any:
+        decision = self.hook.conntrack(packet, zone, now)
+        self.calls.append(("conntrack", packet, None, zone, decision))
+        return decision
+
+    def nat(self, packet: Any, rule: Any, zone: str, now: float) -> Any:
+        decision = self.hook.nat(packet, rule, zone, now)
+        self.calls.append(("nat", packet, rule, zone, decision))
+        return decision
+
+
+def _template(
+    sync: FlowStateSync, datapath: MemoryDatapath, pipelines: dict[str, FlowPipeline]
+) -> tuple[list[tuple[str, Any, Any, str, Any]], Any]:
+    """Connection 0 through the real pipeline, its hook questions and result recorded."""
+    begin, recorders = sync.begin, []
+
+    def recording_begin(frame: bytes, match: Any = None) -> Any:
+        recorders.append(_Recorder(begin(frame, match)))
+        return recorders[-1]
+
+    sync.begin = recording_begin  # type: ignore[method-assign]
+    try:
+        datapath.receive(1, syn_frames(1)[0])
+    finally:
+        del sync.begin
+    (recorder,) = recorders
+    return recorder.calls, pipelines["h1"].last_result
+
+
+DIRECT_BATCH = 512  # connections per flow-state push in the direct build
+
+
+def build_direct(count: int, hosts: Any) -> None:
+    """Open `count` connections (the first through the real pipeline, the rest as its replay)
+    without simulating each: per connection the same hook questions the simulation of
+    connection 0 asked (conntrack in the port's zone, reverse SNAT, SNAT: the agent's own
+    `TransactionHook`, so the real tables), the same commit and push (`FlowStateSync.finish`:
+    encode, seal, the gateway's decode and install) and the flow the simulation would install
+    (connection 0's result with this connection's match, NAT rewrites and tags). The caller
+    checks it against the pipeline at a small size (`check_direct`)."""
+    syncs, datapaths, _, pipelines = hosts
+    sync, datapath = syncs["h1"], datapaths["h1"]
+    calls, template = _template(sync, datapath, pipelines)
+    rewrites0: dict[str, int] = {}
+    connection_tags: set[str] = set()
+    for _, _, _, _, decision in calls:
+        connection_tags |= decision.tags
+        rewrites0.update(getattr(decision, "rewrites", {}))
+    static_tags = template.tags - connection_tags
+    # Fresh objects per connection, as each simulation makes its own, built positionally
+    # (dataclasses.replace is most of a connection's cost here).
+    calls_with_fields = [(call, packet_fields(call[1])) for call in calls]
+    first_fields = packet_fields(template.match)
+    action_fields = [(type(a), dataclasses.astuple(a)) for a in template.actions]
+    mask = template.mask
+    for n in range(1, count):
+        if n % DIRECT_BATCH == 1:
+            sync.begin_batch()
+        tp_src, tp_dst = 1024 + n % PER_DESTINATION, 1 + n // PER_DESTINATION
+        now = datapath.clock()
+        match = with_ports(first_fields, tp_src, tp_dst)
+        hook = sync.begin(b"", match)
+        tags = set(static_tags)
+        rewrites: dict[str, int] = {}
+        for (method, _, rule, zone, _), fields in calls_with_fields:
+            seen = with_ports(fields, tp_src, tp_dst)
+            if method == "conntrack":
+                decision = hook.conntrack(seen, zone, now)
+            else:
+                decision = hook.nat(seen, rule, zone, now)
+                rewrites.update(decision.rewrites)
+            tags |= decision.tags
+        actions = tuple(
+            SetField(args[0], rewrites[args[0]])
+            if kind is SetField and rewrites0.get(args[0]) == args[1]
+            else kind(*args)
+            for kind, args in action_fields
+        )
+        sync.finish(hook, template, "vm", now)  # reads only the result's path and verdict
+        datapath.install_flow(
+            tuple(map(and_, flow_match_values(match), mask)),
+            mask,
+            actions,
+            tags,
+            idle_timeout=template.idle_timeout,
+            mtu=template.mtu,
+        )
+        if n % DIRECT_BATCH == 0 or n == count - 1:
+            sync.end_batch(now)
+
+
+def packet_fields(match: FlowMatch) -> list[Any]:
+    """`match`'s field values in constructor order (for `with_ports`)."""
+    return [getattr(match, field.name) for field in dataclasses.fields(match)]
+
+
+_TP_SRC, _TP_DST = (
+    [field.name for field in dataclasses.fields(FlowMatch)].index(name)
+    for name in ("tp_src", "tp_dst")
+)
+
+
+def with_ports(fields: list[Any], tp_src: int, tp_dst: int) -> FlowMatch:
+    fields[_TP_SRC], fields[_TP_DST] = tp_src, tp_dst
+    return FlowMatch(*fields)
+
+
+def _state(hosts: Any) -> object:
+    syncs, datapaths, _, _ = hosts
+    flows = {
+        (flow.match, flow.mask, flow.actions, frozenset(flow.tags))
+        for flow in datapaths["h1"].flow_table.flows()
+    }
+    tables = [
+        (
+            sorted((r.zone, r.key, r.state) for r in s.conntrack.snapshot(0.0)),
+            sorted(map(repr, (r.binding for r in s.nat.snapshot(0.0)))),
+        )
+        for s in syncs.values()
+    ]
+    return flows, tables, len(datapaths["h2"].flow_table)
+
+
+def check_direct(count: int) -> None:
+    """The direct build's state equals the real pipeline's for `count` connections (flows with
+    their actions and tags on the sender, conntrack/NAT entries on both agents): else exit."""
+    piped = build_hosts(max_flows=count + 1)
+    for frame in syn_frames(count):
+        piped[1]["h1"].receive(1, frame)
+    direct = build_hosts(max_flows=count + 1)
+    build_direct(count, direct)
+    if _state(piped) != _state(direct):
+        raise SystemExit(f"direct build differs from the pipeline at {count} connections")
+
+
+def memory_only(count: int, direct: bool = True) -> float:
+    """Bytes per connection, both agents, tables + flows + tags (delivered frames dropped).
+    `direct`: built by `build_direct` (checked equal to the pipeline by `check_direct`),
+    else every connection through the pipeline (slow under tracemalloc)."""
+    hosts = build_hosts(max_flows=count + 1)
+    syncs, datapaths, _, _ = hosts
+    frames = [] if direct else syn_frames(count)
     gc.collect()
+    gc.disable()  # full collections over millions of live objects: minutes, and no garbage
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
+    if direct:
+        build_direct(count, hosts)
     for index, frame in enumerate(frames):
         datapaths["h1"].receive(1, frame)
         if index % 1000 == 999:  # frames delivered are the benchmark's, not state
@@ -358,6 +528,7 @@ def memory_only(count: int) -> float:
             datapaths["h2"].deliveries.clear()
     datapaths["h2"].take(2)
     datapaths["h2"].deliveries.clear()
+    gc.enable()
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
@@ -367,39 +538,61 @@ def memory_only(count: int) -> float:
     return (after - before) / count
 
 
-def memory_mode(sizes: list[int], baseline_src: str | None) -> None:
-    rows: dict[str, dict[int, float]] = {"this": {}}
-    if baseline_src:
-        rows["baseline"] = {}
-    for size in sizes:
-        rows["this"][size] = round(memory_only(size), 1)
-        if baseline_src:
-            env = dict(os.environ, PYTHONPATH=os.path.join(baseline_src, "src"))
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-one", str(size)],
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            rows["baseline"][size] = float(out.strip().splitlines()[-1])
+def _memory_row(size: int, direct: bool, baseline_src: str | None) -> float:
+    """Bytes per connection at `size`, this tree in this process or `baseline_src`'s `src`
+    in a child process (checked against its own pipeline first when `direct`)."""
+    if baseline_src is None:
+        if direct:
+            check_direct(CHECK_SIZE)
+        return round(memory_only(size, direct), 1)
+    env = dict(os.environ, PYTHONPATH=os.path.join(baseline_src, "src"))
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-one", str(size), "direct" if direct else "pipeline"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return round(float(out.strip().splitlines()[-1]), 1)
+
+
+CHECK_SIZE = 300  # connections built both ways and compared before each direct measurement
+
+
+def memory_mode(sizes: list[int], baseline_src: str | None, calibrate: int) -> None:
+    """Bytes per connection at each size (direct build), and at `calibrate` connections
+    through the pipeline and the direct build both (how far the direct build is from the
+    per-packet path), for this tree and the baseline, alternating."""
+    sides = {"this": None} if not baseline_src else {"this": None, "baseline": baseline_src}
+    rows: dict[str, dict[str, float]] = {side: {} for side in sides}
+    columns = [str(size) for size in sizes]
+    if calibrate:
+        columns += [f"pipeline {calibrate}", f"direct {calibrate}"]
+    for column in columns:
+        for side, src in sides.items():
+            size = int(column.split()[-1])
+            direct = not column.startswith("pipeline")
+            rows[side][column] = _memory_row(size, direct, src)
+            print(f"  {side} {column}: {rows[side][column]} B/connection", file=sys.stderr)
+    width = max(14, *(len(column) + 2 for column in columns))
     print(
-        f"{'bytes per connection (2 agents, tables+flows+tags)':<52} "
-        + "".join(f"{size:>12,}" for size in sizes)
+        f"{'bytes/connection (2 agents, tables+flows+tags)':<48}"
+        + "".join(f"{column:>{width}}" for column in columns)
     )
-    print("-" * (53 + 12 * len(sizes)))
-    for name, values in rows.items():
-        print(f"{name:<52} " + "".join(f"{values[size]:>12,.1f}" for size in sizes))
+    print("-" * (48 + width * len(columns)))
+    for side, values in rows.items():
+        print(f"{side:<48}" + "".join(f"{values[c]:>{width},.1f}" for c in columns))
     ratios = {}
     if baseline_src:
-        ratios = {size: round(rows["this"][size] / rows["baseline"][size], 3) for size in sizes}
-        print(f"{'this / baseline':<52} " + "".join(f"{ratios[size]:>12.3f}" for size in sizes))
+        ratios = {c: round(rows["this"][c] / rows["baseline"][c], 3) for c in columns}
+        print(f"{'this / baseline':<48}" + "".join(f"{ratios[c]:>{width}.3f}" for c in columns))
     print(
         json.dumps(
             {
                 "bench": "flowstate_memory",
                 "python": platform.python_version(),
-                "bytes_per_connection": {name: values for name, values in rows.items()},
+                "build": f"direct (checked equal to the pipeline at {CHECK_SIZE})",
+                "bytes_per_connection": rows,
                 "this_vs_baseline": ratios,
             },
             separators=(",", ":"),
@@ -408,8 +601,11 @@ def memory_mode(sizes: list[int], baseline_src: str | None) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory-one":  # the baseline's subprocess
-        print(memory_only(int(sys.argv[2])))
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory-one":  # the baseline's subprocess
+        direct = sys.argv[3] == "direct"
+        if direct:
+            check_direct(CHECK_SIZE)
+        print(memory_only(int(sys.argv[2]), direct))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer connections")
@@ -429,6 +625,13 @@ def main() -> None:
         help="memory mode: bytes per connection at these connection counts only",
     )
     parser.add_argument("--baseline-src", metavar="DIR", help="memory mode: checkout to compare")
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="memory mode: also N connections through the pipeline and directly (0: not)",
+    )
     args = parser.parse_args()
     if args.where < 0:
         parser.error(f"--where must be >= 0, got {args.where}")
@@ -443,7 +646,9 @@ def main() -> None:
             )
         if any(size < 1 for size in sizes):
             parser.error(f"--memory-sizes must be counts >= 1, got {args.memory_sizes!r}")
-        memory_mode(sizes, args.baseline_src)
+        if args.calibrate < 0:
+            parser.error(f"--calibrate must be >= 0, got {args.calibrate}")
+        memory_mode(sizes, args.baseline_src, args.calibrate)
         return
     count = 2_000 if args.quick else 20_000
     against = versus_base(count, args.base, args.rounds) if args.base else None

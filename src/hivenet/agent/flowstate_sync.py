@@ -44,6 +44,7 @@ from hivenet.flowstate import (
     Destination,
     FlowKey,
     FlowStateTransaction,
+    NatBinding,
     NatKind,
     NatRange,
     NatRecord,
@@ -606,11 +607,10 @@ class FlowStateSync:
                 entry = self._tag_entries.get(tag)
                 if entry is None:
                     continue
-                what, zone, key, kind = entry
-                if what == "ct":
-                    refreshed = self.conntrack.touch(zone, key, now)
+                if isinstance(entry, NatBinding):
+                    refreshed = self.nat.touch(entry.zone, entry.kind, entry.original, now)
                 else:
-                    refreshed = self.nat.touch(zone, NatKind(kind), key, now)
+                    refreshed = self.conntrack.touch(entry[0], entry[1], now)
                 if refreshed:
                     self.counters.refreshed_entries += 1
 

@@ -78,6 +78,7 @@ class Flow:
 
     __slots__ = (
         "_group",
+        "_heap_at",
         "_key",
         "_own_tags",
         "_subtable",
@@ -121,6 +122,7 @@ class Flow:
         # IPv6: the simulation answers "fragmentation needed" / "packet too big") or drops it
         # (IPv4 without DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`.
         self.mtu = mtu
+        self._heap_at = math.inf  # the table's expiry heap orders flows by it (`__lt__`)
 
     @property
     def match(self) -> tuple[int, ...]:
@@ -137,6 +139,9 @@ class Flow:
         if group is None:
             return self._own_tags
         return group.tags + self._own_tags if self._own_tags else group.tags
+
+    def __lt__(self, other: Flow) -> bool:
+        return self._heap_at < other._heap_at
 
     def deadline(self) -> float:
         """When this flow expires if it is not used again (math.inf: never)."""
@@ -309,6 +314,9 @@ def is_connection_tag(tag: str) -> bool:
 CONNECTION_TAG_PREFIXES = ("conntrack:", "nat:", "natr:")
 
 
+_SHARED_VALUES_MAX = 1 << 17
+
+
 class FlowTable:
     """Megaflow table: install, lookup, invalidate by tag, expire, LRU-bounded size.
 
@@ -336,8 +344,18 @@ class FlowTable:
         self._groups: dict[frozenset[str], _TagGroup] = {}
         self._group_index: dict[str, dict[_TagGroup, None]] = {}
         self._lru: OrderedDict[Flow, None] = OrderedDict()  # least recently used first
-        self._expiry_heap: list[tuple[float, int, Flow]] = []
-        self._heap_sequence = 0
+        # Flows by the deadline they had when pushed (`Flow._heap_at`, set only while out of
+        # the heap): the flow itself is the heap entry, no (deadline, sequence, flow) tuple.
+        self._expiry_heap: list[Flow] = []
+        # Interned actions: one object per distinct action held by any flow, with the number
+        # of places holding it (a flow's actions repeat its path's rewrites and outputs; only
+        # a connection's NAT rewrite is its own). Counted, so nothing outlives its flows.
+        self._actions: dict[Action, list[Any]] = {}
+        self._mtus: dict[int, int] = {}  # one int object per MTU value (at most 65536)
+        # One int object per match value in the flows' keys (a masked match's MACs, addresses
+        # and ports are fresh ints, ~32 bytes each). Values only, so nothing can go stale;
+        # emptied at _SHARED_VALUES_MAX values (keys already made keep theirs).
+        self._values: dict[int, int] = {}
         self._lookups = 0
         self._hits = 0
         self._misses = 0
@@ -392,17 +410,17 @@ class FlowTable:
         own_tags = tuple(tag for tag in tag_set if own_tag(tag))
         shared = tag_set.difference(own_tags) if own_tags else tag_set
         group = self._group_of(shared) if shared else None
-        key = subtable.key_of(checked_match)
+        key = self._shared_key(subtable.key_of(checked_match))
         flow = Flow(
             subtable,
             key,
-            checked_actions,
+            self._intern_actions(checked_actions),
             group,
             own_tags,
             now,
             idle_timeout=idle_timeout,
             hard_timeout=hard_timeout,
-            mtu=mtu,
+            mtu=self._mtus.setdefault(mtu, mtu),
         )
         subtable.flows[key] = flow
         if group is not None:
@@ -425,6 +443,40 @@ class FlowTable:
             self._remove(least_recent)
             self._evictions += 1
         return flow
+
+    def _shared_key(self, key: Any) -> Any:
+        """`key` (an int, or a tuple of ints and tuples) made of the table's shared ints."""
+        values = self._values
+        if len(values) >= _SHARED_VALUES_MAX:
+            values.clear()
+        if type(key) is int:
+            return values.setdefault(key, key)
+        if type(key) is tuple:
+            shared = values.setdefault
+            return tuple(
+                shared(value, value) if type(value) is int else self._shared_key(value)
+                for value in key
+            )
+        return key
+
+    def _intern_actions(self, actions: tuple[Action, ...]) -> tuple[Action, ...]:
+        held = self._actions
+        out = []
+        for action in actions:
+            use = held.get(action)
+            if use is None:
+                use = held[action] = [action, 0]
+            use[1] += 1
+            out.append(use[0])
+        return tuple(out)
+
+    def _release_actions(self, actions: tuple[Action, ...]) -> None:
+        held = self._actions
+        for action in actions:
+            use = held[action]
+            use[1] -= 1
+            if not use[1]:
+                del held[action]
 
     def _group_of(self, tags: frozenset[str]) -> _TagGroup:
         group = self._groups.get(tags)
@@ -460,6 +512,7 @@ class FlowTable:
             else:
                 del index[tag]
         del self._lru[flow]
+        self._release_actions(flow.actions)
         flow.removed = True
 
     # ---- lookup -----------------------------------------------------------------------------
@@ -547,8 +600,8 @@ class FlowTable:
         now = _check_finite("now", now)
         heap = self._expiry_heap
         expired: list[Flow] = []
-        while heap and heap[0][0] <= now:
-            _, _, flow = heapq.heappop(heap)
+        while heap and heap[0]._heap_at <= now:
+            flow = heapq.heappop(heap)
             if flow.removed:
                 continue
             deadline = flow.deadline()
@@ -567,12 +620,12 @@ class FlowTable:
             deadline = flow.deadline()
         if deadline == math.inf:
             return
-        self._heap_sequence += 1
-        heapq.heappush(self._expiry_heap, (deadline, self._heap_sequence, flow))
+        flow._heap_at = deadline
+        heapq.heappush(self._expiry_heap, flow)
 
     def _rebuild_expiry_heap(self) -> None:
         # Entries of removed flows pile up under churn (replacement, invalidation, eviction).
-        live = [entry for entry in self._expiry_heap if not entry[2].removed]
+        live = [flow for flow in self._expiry_heap if not flow.removed]
         heapq.heapify(live)
         self._expiry_heap = live
 

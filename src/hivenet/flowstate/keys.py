@@ -42,6 +42,14 @@ _ADDRESS_BITS = {4: 32, 6: 128}
 _ETH_TYPE_VERSION = {ETH_TYPE_IPV4: 4, ETH_TYPE_IPV6: 6}
 
 
+# One int object per address and port value, shared by every key holding it (a key's fields
+# parsed from a packet or decoded from the wire are fresh ints: ~32 bytes each, four per key,
+# several keys per connection). Only values are kept, so nothing here can go stale; emptied
+# when it holds `_SHARED_VALUES_MAX` values (keys already made keep theirs).
+_shared_values: dict[int, int] = {}
+_SHARED_VALUES_MAX = 1 << 17
+
+
 class FlowKeyError(ValueError):
     """A flow key field is out of range; the message names the field and the value."""
 
@@ -84,8 +92,22 @@ class FlowKey(_FlowKeyFields):
     def unchecked(
         cls, ip_version: int, ip_src: int, ip_dst: int, ip_proto: int, tp_src: int, tp_dst: int
     ) -> FlowKey:
-        """A key from values the caller already knows are in range (no validation)."""
-        return tuple.__new__(cls, (ip_version, ip_src, ip_dst, ip_proto, tp_src, tp_dst))
+        """A key from values the caller already knows are in range (no validation); its
+        address and port ints are the shared ones (see `_shared_values`)."""
+        if len(_shared_values) >= _SHARED_VALUES_MAX:
+            _shared_values.clear()
+        shared = _shared_values.setdefault
+        return tuple.__new__(
+            cls,
+            (
+                ip_version,
+                shared(ip_src, ip_src),
+                shared(ip_dst, ip_dst),
+                ip_proto,
+                shared(tp_src, tp_src),
+                shared(tp_dst, tp_dst),
+            ),
+        )
 
     def reversed(self) -> FlowKey:
         """The key of the other direction of the same connection."""

@@ -24,6 +24,7 @@ from typing import NamedTuple
 from hivenet.flowstate.keys import format_address
 
 BLOCK_SIZE = 64
+_LOW_COUNTS_MAX = 1024  # `PortBlockAllocator._low_counts` entries before it is emptied
 NAT_BLOCK_PREFIX = "/hivenet/v1/tables/nat/"
 MAX_BLOCKS_PER_CLAIM = 1 << 16
 _ADDRESS_BITS = {4: 32, 6: 128}
@@ -182,6 +183,13 @@ class PortBlockAllocator:
         # Targets whose free ports for some destination fell below the low-water mark, with
         # that destination (the agent drains this: `take_running_low`).
         self.running_low: dict[NatRange, Destination] = {}
+        # `used_for` counts of targets found running low, with `_changes` when counted: each
+        # allocation or release since moves a count by at most one, so a count that many
+        # above the mark still proves "running low" without a rescan (a scan per allocation
+        # once a destination passed the mark made new connections O(ports in use) each).
+        # Emptied when a block comes or goes.
+        self._low_counts: dict[tuple[NatRange, Destination], tuple[int, int]] = {}
+        self._changes = 0
 
     # --- blocks ----------------------------------------------------------------------------
 
@@ -203,6 +211,7 @@ class PortBlockAllocator:
             return
         self._block_use[block] = 0
         self._spans.clear()
+        self._low_counts.clear()
         indexes = self._blocks_by_address.setdefault((block.ip_version, block.ip), [])
         indexes.append(block.number)
         indexes.sort()
@@ -214,6 +223,7 @@ class PortBlockAllocator:
         if in_use is None:
             return 0
         self._spans.clear()
+        self._low_counts.clear()
         address = (block.ip_version, block.ip)
         self._blocks_by_address[address].remove(block.number)
         if not self._blocks_by_address[address]:
@@ -366,7 +376,14 @@ class PortBlockAllocator:
         # Cheap bound first: every port used towards the destination, whatever the target.
         if used is None or len(used) < threshold:
             return capacity == 0
-        return self.used_for(target, destination) >= threshold
+        known = self._low_counts.get((target, destination))
+        if known is not None and known[0] - (self._changes - known[1]) >= threshold:
+            return True
+        count = self.used_for(target, destination)
+        if len(self._low_counts) >= _LOW_COUNTS_MAX:
+            self._low_counts.clear()
+        self._low_counts[(target, destination)] = (count, self._changes)
+        return count >= threshold
 
     def take_running_low(self) -> dict[NatRange, Destination]:
         """The targets noted as running low since the last call (and forget them)."""
@@ -415,6 +432,7 @@ class PortBlockAllocator:
                     if used is None:
                         used = self._used[destination] = set()
                     used.add(pair)
+                    self._changes += 1
                     self._block_use[PortBlock(span.ip_version, span.ip, span.block_number)] += 1
                     self._cursor = position + 1
                     if not target.keeps_port and self.is_running_low(target, destination):
@@ -438,6 +456,7 @@ class PortBlockAllocator:
         if used is None or pair not in used:
             return False
         used.discard(pair)
+        self._changes += 1
         if not used:
             del self._used[destination]
         block = PortBlock(allocated.ip_version, allocated.ip, allocated.port // self.block_size)

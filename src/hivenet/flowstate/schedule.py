@@ -48,32 +48,39 @@ class RefreshPolicy:
 NO_PEERS: frozenset[str] = frozenset()
 
 
+NEEDS_PUSH, USED_SINCE_PUSH, AWAITING_USE = 1, 2, 4  # `TrackedEntry.flags`
+
+
 class TrackedEntry:
     """Timing fields of one table entry. Identity-hashed: the wheels hold entries as keys of
     insertion-ordered dicts (a dict grows by 2-3x where a set grows by 4x: fewer bytes per
     entry)."""
 
-    __slots__ = (
-        "awaiting_use",
-        "expires_at",
-        "expiry_bucket",
-        "needs_push",
-        "peers",
-        "refresh_bucket",
-        "timeout",
-        "used_since_push",
-    )
+    __slots__ = ("expires_at", "expiry_bucket", "flags", "peers", "refresh_bucket", "timeout")
 
     def __init__(self, expires_at: float, timeout: float) -> None:
         self.expires_at = expires_at
         self.timeout = timeout
         self.expiry_bucket = -1
         self.refresh_bucket = -1
-        self.needs_push = False
-        self.used_since_push = False
-        self.awaiting_use = False
+        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE (one small int instead of three slots).
+        self.flags = 0
         # Hosts this entry is pushed to, as the agent last told the table (empty: unknown).
         self.peers: frozenset[str] = NO_PEERS
+
+    @property
+    def needs_push(self) -> bool:
+        """New or changed since its last push."""
+        return bool(self.flags & NEEDS_PUSH)
+
+    @property
+    def used_since_push(self) -> bool:
+        return bool(self.flags & USED_SINCE_PUSH)
+
+    @property
+    def awaiting_use(self) -> bool:
+        """Its refresh check found it unused: it is due at its next use."""
+        return bool(self.flags & AWAITING_USE)
 
 
 class _Wheel:
@@ -202,22 +209,20 @@ class EntryScheduler:
 
     def mark_changed(self, entry: TrackedEntry) -> None:
         """The entry is new or its state changed: push it at the next opportunity."""
-        entry.needs_push = True
+        entry.flags |= NEEDS_PUSH
         self._due[entry] = None
 
     def mark_used(self, entry: TrackedEntry) -> None:
         """A live flow used the entry (its expiry is extended by the table)."""
-        entry.used_since_push = True
-        if entry.awaiting_use:
-            entry.awaiting_use = False
+        flags = entry.flags
+        entry.flags = (flags | USED_SINCE_PUSH) & ~AWAITING_USE
+        if flags & AWAITING_USE:
             self._due[entry] = None
 
     def mark_known_to_peers(self, entry: TrackedEntry, now: float) -> None:
         """The peers hold this entry as of `now` (we pushed it, or a peer pushed it to us):
         the next refresh check is due `refresh_after(timeout)` from now."""
-        entry.needs_push = False
-        entry.used_since_push = False
-        entry.awaiting_use = False
+        entry.flags = 0
         self._due.pop(entry, None)
         if entry.refresh_bucket >= 0:
             self._refresh.discard(entry, entry.refresh_bucket)
@@ -229,10 +234,10 @@ class EntryScheduler:
         they became due. Each is then considered pushed at `now`."""
         for entry in self._refresh.pop_through(self._refresh.bucket_of(now)):
             entry.refresh_bucket = -1
-            if entry.used_since_push:
+            if entry.flags & USED_SINCE_PUSH:
                 self._due[entry] = None
             else:
-                entry.awaiting_use = True
+                entry.flags |= AWAITING_USE
         due = [entry for entry in self._due if entry.expires_at > now]
         self._due.clear()
         for entry in due:

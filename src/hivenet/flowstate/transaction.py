@@ -126,6 +126,11 @@ class FlowStateTransaction:
         if self._finished:
             raise RuntimeError("flow-state transaction already committed or rolled back")
 
+    def shared_key(self, key: FlowKey) -> FlowKey:
+        """The key object this transaction holds equal to `key` (the tables keep it), so
+        callers that keep a key of this packet share it instead of holding a copy."""
+        return self._keys.setdefault(key, key)
+
     def is_return_flow(self, zone: str, match: FlowMatch, now: float) -> bool:
         self._check_open()
         classification = self.conntrack.classify(zone, match, now, self.embedded)

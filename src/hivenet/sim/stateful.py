@@ -30,6 +30,7 @@ from hivenet.flowstate import (
     FlowKey,
     FlowStateTransaction,
     NatAction,
+    NatBinding,
     NatError,
     NatKind,
     NatPortsExhausted,
@@ -73,8 +74,9 @@ def connection_tags(zone: str, key: FlowKey) -> frozenset[str]:
 
 
 # What a flow tag of a conntrack or NAT entry names, for refreshing the entry while flows
-# carrying the tag are used: ("ct", zone, key, 0) or ("nat", zone, original key, NatKind).
-TaggedEntry = tuple[str, str, FlowKey, int]
+# carrying the tag are used: (zone, key) of a connection, or the NAT binding itself (the
+# table's object: a tuple per binding would cost ~70 bytes per connection).
+TaggedEntry = tuple[str, FlowKey] | NatBinding
 
 
 def _rewrite_key(key: FlowKey, rewrites: dict[str, int]) -> FlowKey:
@@ -132,7 +134,9 @@ class TransactionHook:
             tag = conntrack_tag(zone, key)
             tags = frozenset((tag,))
             if classification.key is not None:
-                self.record.tagged.append((tag, ("ct", zone, classification.key, 0)))
+                # The key object the conntrack entry will hold, not a second copy.
+                shared = transaction.shared_key(classification.key)
+                self.record.tagged.append((tag, (zone, shared)))
         return ConntrackDecision(
             is_return=classification.is_return,
             verdict=classification.verdict.value,
@@ -171,7 +175,7 @@ class TransactionHook:
             outcome = transaction.nat(zone, action, packet, (), now)
             if outcome.binding is None:
                 return NatDecision(tags=frozenset({miss_tag}), applied=False)
-            self._tag_binding(outcome.tags, zone, kind, outcome.binding.original)
+            self._tag_binding(outcome.tags, outcome.binding)
             return NatDecision(
                 rewrites=dict(outcome.rewrites),
                 tags=outcome.tags | {miss_tag},
@@ -190,18 +194,15 @@ class TransactionHook:
             raise FlowStateUnsupported(f"nat_error: {error}") from error
         binding = outcome.binding
         assert binding is not None  # dnat/snat always bind
-        self._tag_binding(outcome.tags, zone, kind, binding.original)
+        self._tag_binding(outcome.tags, binding)
         return NatDecision(
             rewrites=dict(outcome.rewrites),
             tags=outcome.tags | {nat_reply_tag(zone, kind, binding.translated)},
             description=f"{action.value} {binding.original} -> {binding.translated}",
         )
 
-    def _tag_binding(
-        self, tags: frozenset[str], zone: str, kind: NatKind, original: FlowKey
-    ) -> None:
-        entry: TaggedEntry = ("nat", zone, original, int(kind))
-        self.record.tagged.extend((tag, entry) for tag in tags)
+    def _tag_binding(self, tags: frozenset[str], binding: NatBinding) -> None:
+        self.record.tagged.extend((tag, binding) for tag in tags)
 
     def _hold_static_block(self, targets: list[NatRange], key: FlowKey) -> None:
         """1:1 NAT keeps the port; hold that port's block of the single floating address."""

@@ -594,11 +594,20 @@ class FlowTableMachine(RuleBasedStateMachine):
         tags=st.sets(st.sampled_from("abcd"), max_size=3),
         idle=st.sampled_from([0.0, 2.0, 5.0]),
         hard=st.sampled_from([0.0, 4.0, 9.0]),
+        port=st.sampled_from([1024, 1025, 2000]),
     )
     def install(
-        self, key: FlowMatch, mask: tuple[int, ...], tags: set[str], idle: float, hard: float
+        self,
+        key: FlowMatch,
+        mask: tuple[int, ...],
+        tags: set[str],
+        idle: float,
+        hard: float,
+        port: int,
     ) -> None:
         match = key.masked(mask)
+        # Equal actions in fresh objects (as each simulation makes them): interned by value.
+        actions = (SetField("tp_src", int(str(port))), Tunnel("192.0.2.2", 7), Output(1))
         install_for(
             self.table,
             key,
@@ -607,6 +616,7 @@ class FlowTableMachine(RuleBasedStateMachine):
             now=self.now,
             idle_timeout=idle,
             hard_timeout=hard,
+            actions=actions,
         )
         index = self._model_index(match, mask)
         if index is not None:
@@ -679,6 +689,13 @@ class FlowTableMachine(RuleBasedStateMachine):
         for tags, group in self.table._groups.items():
             assert set(group.flows) == {f for f in flows if frozenset(f.tags) - {"a", "b"} == tags}
         assert set(self.table._group_index) == {tag for tags in shared_sets for tag in tags}
+        # Interned actions: exactly those the live flows hold, one object each, counted.
+        held: dict[Action, int] = {}
+        for flow in flows:
+            for action in flow.actions:
+                held[action] = held.get(action, 0) + 1
+                assert self.table._actions[action][0] is action
+        assert {action: use[1] for action, use in self.table._actions.items()} == held
 
 
 FlowTableMachine.TestCase.settings = settings(

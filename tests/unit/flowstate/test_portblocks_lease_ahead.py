@@ -101,6 +101,45 @@ def test_a_busy_destination_does_not_rescan_its_used_ports() -> None:
     assert allocator.allocate(TARGET, SERVER) is None
 
 
+def test_past_the_low_water_mark_allocations_do_not_recount_the_used_ports() -> None:
+    """Every allocation past the mark asks whether the target runs low; the allocator
+    recounts its used ports only when its last count no longer proves it (a few times per
+    destination), not once per allocation."""
+    allocator = allocator_with(1000)
+    recounts = 0
+    used_for = allocator.used_for
+
+    def counting_used_for(target: NatRange, destination: Destination) -> int:
+        nonlocal recounts
+        recounts += 1
+        return used_for(target, destination)
+
+    allocator.used_for = counting_used_for  # type: ignore[method-assign]
+    for _ in range(1000 * BLOCK_SIZE):
+        assert allocator.allocate(TARGET, SERVER) is not None
+        assert allocator.take_running_low() in ({}, {TARGET: SERVER})
+    assert allocator.is_running_low(TARGET, SERVER)
+    assert 1 <= recounts <= 40
+
+
+def test_releases_below_the_mark_end_running_low_despite_the_remembered_count() -> None:
+    """Ports used through another target keep the destination's total past the mark, so
+    only a count of this target's ports (or a remembered one still valid) can answer."""
+    allocator = allocator_with(1)  # 64 ports of TARGET: the mark is at 48 in use
+    for block in allocator.blocks_to_try(OTHER_TARGET, limit=2):
+        allocator.add_block(block)
+    for _ in range(100):
+        assert allocator.allocate(OTHER_TARGET, SERVER) is not None
+    taken = [allocator.allocate(TARGET, SERVER) for _ in range(50)]
+    assert allocator.is_running_low(TARGET, SERVER)
+    for allocated in taken[:2]:
+        assert allocated is not None and allocator.release(allocated, SERVER)
+    assert allocator.is_running_low(TARGET, SERVER)  # 48 in use: still at the mark
+    for allocated in taken[2:10]:
+        assert allocated is not None and allocator.release(allocated, SERVER)
+    assert not allocator.is_running_low(TARGET, SERVER)  # 40 in use
+
+
 def test_a_released_port_is_not_handed_out_next() -> None:
     allocator = allocator_with(1)
     first = allocator.allocate(TARGET, SERVER)
@@ -151,8 +190,12 @@ def test_allocations_stay_unique_and_counts_exact(operations: list[tuple[str, in
                 pairs[:] = [p for p in pairs if not (p[0] == block.ip and p[1] in span)]
         held = {(b.ip, p) for b in allocator.blocks for p in b.ports() if 1024 <= p <= 65535}
         assert allocator.capacity(TARGET) == len(held)
+        capacity = allocator.capacity(TARGET)
         for each in destinations:
             assert allocator.used_for(TARGET, each) == len(live[each])
+            # The low-water mark as defined, whatever `is_running_low` remembered meanwhile.
+            below_mark = len(live[each]) >= capacity * (1.0 - allocator.low_water)
+            assert allocator.is_running_low(TARGET, each) == (capacity == 0 or below_mark)
     for destination in destinations:
         for address, port in live[destination]:
             assert allocator.is_allocated(AllocatedPort(4, address, port), destination)
