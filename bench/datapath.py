@@ -717,6 +717,9 @@ class _FakeUdpSocket:
     def __init__(self) -> None:
         self.calls = 0
 
+    def fileno(self) -> int:
+        return -1  # no kernel socket: its drop count (`udp_socket_drops`) reads as 0
+
     def sendto(self, data: bytes, address: object) -> int:
         self.calls += 1
         return len(data)
