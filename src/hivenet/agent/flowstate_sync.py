@@ -452,14 +452,7 @@ class FlowStateSync:
                 max_message_bytes=self._max_message_bytes,
             ):
                 if keyring is not None and self.authenticate:
-                    self._sequence = auth.next_sequence(self._sequence, self.wall_clock())
-                    message = auth.seal(
-                        message,
-                        key_id=keyring.current.key_id,
-                        key=keyring.current.secret,
-                        sender=self.host_id,
-                        sequence=self._sequence,
-                    )
+                    message = self._seal(keyring, message)
                 self.datapath.send_flow_state(remote_ip, message)
                 self.counters.pushed_messages += 1
                 self.counters.pushed_bytes += len(message)
@@ -495,16 +488,20 @@ class FlowStateSync:
         keyring = self.keyring
         if keyring is None or not self.authenticate:
             return False
+        self.datapath.send_flow_state(remote_ip, self._seal(keyring, message))
+        return True
+
+    def _seal(self, keyring: auth.Keyring, message: bytes) -> bytes:
+        """`message` sealed with the current key and the next sequence of this sender's one
+        sequence space (flow-state pushes and control messages share it)."""
         self._sequence = auth.next_sequence(self._sequence, self.wall_clock())
-        sealed = auth.seal(
+        return auth.seal(
             message,
             key_id=keyring.current.key_id,
             key=keyring.current.secret,
             sender=self.host_id,
             sequence=self._sequence,
         )
-        self.datapath.send_flow_state(remote_ip, sealed)
-        return True
 
     def _unseal(self, payload: bytes) -> tuple[str, bytes] | None:
         if not self._receive_keys:
