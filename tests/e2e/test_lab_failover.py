@@ -304,7 +304,12 @@ def test_dead_gateway_comes_back_without_flapping(lab: Lab) -> None:
     changes = {host: probe_view(lab, host)["host_changes"] for host in INGRESS}
     for _ in range(10):
         time.sleep(0.5)
-        assert bgp_sessions(lab) == sessions
+        now_sessions = bgp_sessions(lab)
+        assert now_sessions.keys() == sessions.keys(), (now_sessions, sessions)
+        assert all(now_sessions[name].held_since(sessions[name]) for name in sessions), (
+            now_sessions,
+            sessions,
+        )
         assert floating_gateways(lab) == set(GATEWAYS)
     for host in INGRESS:
         now = lab.fresh_agent_counters(host)["probe"]

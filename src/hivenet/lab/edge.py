@@ -84,6 +84,21 @@ class Session:
     def established(self) -> bool:
         return self.state == "up" and self.info == "Established"
 
+    def held_since(self, earlier: Session) -> bool:
+        """The same session state as `earlier` without a change in between. BIRD prints
+        `since` as wall time converted from its monotonic clock at each read, so two reads of
+        one unchanged time may differ by a millisecond: a change moves it by far more (a
+        session re-established takes at least an OPEN exchange)."""
+        moved = abs(_seconds_of_day(self.since) - _seconds_of_day(earlier.since))
+        held = min(moved, 86400 - moved) < 0.5  # midnight may fall between the reads
+        return held and (self.state, self.info) == (earlier.state, earlier.info)
+
+
+def _seconds_of_day(since: str) -> float:
+    """BIRD's `since` ("HH:MM:SS.mmm", maybe after a date) as seconds after midnight."""
+    hours, minutes, seconds = since.split()[-1].split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
 
 def bgp_sessions(lab: Lab) -> dict[str, Session]:
     """hn-ext's BGP sessions by protocol name (gw1, gw2, ...)."""
