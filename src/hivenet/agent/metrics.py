@@ -21,6 +21,9 @@ What is counted, and where the cost goes:
   them. Rules: packets they matched (reported by id for stored rules; the virtual chains'
   rules, security groups and VIPs, count in their chain only). Drops: by reason (first word
   of the simulation's reason, at most `MAX_DROP_REASONS` distinct, the rest as `other`).
+  The datapath's own drops (malformed frames, tunnel errors, too big, full sockets, and every
+  packet an installed drop flow dropped) are read from its `drop.<reason>` counters at scrape
+  time, labelled the same way (`hivenet_datapath_drops`).
 - Not counted: packets that hit a flow in the last `interval` before it was removed.
 
 Bounded memory and label sets: every counter is keyed by the id of a port, device, chain or
@@ -102,6 +105,21 @@ class FlowAttribution:
 
 def _reason_label(reason: str) -> str:
     return reason.split(":", 1)[0].split(" ", 1)[0] or OTHER_REASON
+
+
+def _datapath_drop_reasons(counters: dict[str, Any]) -> dict[str, int]:
+    """The datapath's `drop.<reason>` counters by label: a flow drop's reason is cut to its
+    first word as the simulation's are (`flow_rule`, not the rule's text), and past
+    `MAX_DROP_REASONS` distinct labels the rest add up under `other`."""
+    out: dict[str, int] = {}
+    for name, count in sorted(counters.items()):
+        if not name.startswith("drop."):
+            continue
+        reason = _reason_label(name.removeprefix("drop."))
+        if reason not in out and len(out) >= MAX_DROP_REASONS:
+            reason = OTHER_REASON
+        out[reason] = out.get(reason, 0) + int(count)
+    return out
 
 
 class HostStats:
@@ -431,6 +449,16 @@ class AgentCollector(Collector):
         flows = GaugeMetricFamily("hivenet_flows", "Installed megaflows", labels=["host"])
         flows.add_metric([host], datapath.get("flows", 0))
         yield flows
+        datapath_drops = CounterMetricFamily(
+            "hivenet_datapath_drops",
+            "Frames the datapath dropped, by reason: malformed frames, bad tunnel headers, "
+            "installed drop flows (flow_<reason>), too big, full sockets (the backend's "
+            "`drop.<reason>` counters)",
+            labels=["host", "reason"],
+        )
+        for reason, dropped in _datapath_drop_reasons(datapath).items():
+            datapath_drops.add_metric([host, reason], dropped)
+        yield datapath_drops
         port_drops = {
             name: CounterMetricFamily(
                 f"hivenet_port_{name}", help_text, labels=["host", "tenant", "device", "port"]

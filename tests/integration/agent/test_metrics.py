@@ -255,3 +255,41 @@ def test_upcall_budget_and_kernel_drops_are_exposed_per_bound_port() -> None:
             assert kernel == {next(iter(drops)): 7}
 
     run(scenario())
+
+
+def test_datapath_drop_reasons_are_exposed_by_label() -> None:
+    """The datapath's own `drop.<reason>` counters become `hivenet_datapath_drops{reason}`:
+    every packet an installed drop flow dropped is counted there by the flow's reason (its
+    first word); free-text reasons share one label and the labels are capped."""
+
+    async def scenario() -> None:
+        async with cloud("memory://") as c:
+            vm1, _vm2, gw_mac = await routed_traffic(c)
+            agent = c.agents["h1"]
+            datapath = c.datapaths["h1"]
+            before = datapath.counters().get("drop.flow_no_route", 0)
+            for seq in range(3):  # no route: simulated once, its drop flow executes all three
+                datapath.receive(vm1.tunnel_key, ping(vm1, gw_mac, "192.0.2.99", seq))
+            assert datapath.counters()["drop.flow_no_route"] - before == 3
+            text = generate_latest(agent_registry(agent)).decode()
+            exposed = samples(text, "hivenet_datapath_drops_total")
+            assert {dict(labels)["host"] for labels in exposed} == {"h1"}
+            by_reason = {dict(labels)["reason"]: value for labels, value in exposed.items()}
+            assert by_reason["flow_no_route"] == datapath.counters()["drop.flow_no_route"]
+            assert by_reason["flow_no_route"] >= 3, by_reason
+
+            plain = datapath.counters
+            datapath.counters = lambda: {  # type: ignore[method-assign]
+                **plain(),
+                **{f"drop.flow_rule:chain-{n} matched": 1 for n in range(MAX_DROP_REASONS + 5)},
+            }
+            text = generate_latest(agent_registry(agent)).decode()
+            capped = {
+                dict(labels)["reason"]: value
+                for labels, value in samples(text, "hivenet_datapath_drops_total").items()
+            }
+            # One label for all the rule texts (their first word), so nothing reaches the cap.
+            assert capped["flow_rule"] == MAX_DROP_REASONS + 5
+            assert len(capped) <= MAX_DROP_REASONS + 1
+
+    run(scenario())
