@@ -101,6 +101,7 @@ async def in_process(store_url: str, agents_count: int, writes: int) -> dict[str
     startup = time.perf_counter() - started
     if startup > LEASE_TTL / 2:
         print(f"warning: {agents_count} agents took {startup:.0f} s to start", file=sys.stderr)
+    quiet = await settle(store, agents)
     # As each agent process does once started (agent/cli.py): the loaded state is moved out
     # of the cyclic GC's generations. Here one heap holds every agent's, so a full collection
     # walked 1000 agents' views in one pause (1.1 s measured), where an agent's own process
@@ -131,7 +132,32 @@ async def in_process(store_url: str, agents_count: int, writes: int) -> dict[str
         "all_p50_ms": percentile(last_agent, 0.5) * 1000,
         "all_p99_ms": percentile(last_agent, 0.99) * 1000,
         "startup_s": startup,
+        "settle_s": quiet,
     }
+
+
+async def settle(store: Store, agents: list[HostAgent], quiet_for: float = 1.0) -> float:
+    """Wait until the agents' start-up writes are done: each has published its first traffic
+    report (`HostStatsReporter`, 2 s after its start) and the store's revision has not moved
+    for `quiet_for` seconds. Without it the first writes were measured while the last of 1000
+    agents' first reports (each seen by all 1000 state watches) were still landing: ~100 of
+    them during 30 writes, each a burst of 1000 wake-ups in front of the marker's. Returns
+    the seconds waited."""
+    started = time.perf_counter()
+    deadline = started + LEASE_TTL / 4
+    revision, since = -1, started
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(0.1)
+        current = await store.current_revision()
+        if current != revision:
+            revision, since = current, time.perf_counter()
+            continue
+        published = all(
+            a.host_stats_reporter._published is not None and not a._to_publish for a in agents
+        )
+        if published and time.perf_counter() - since >= quiet_for:
+            return time.perf_counter() - started
+    raise RuntimeError(f"the store did not go quiet in {LEASE_TTL / 4:.0f} s after start-up")
 
 
 async def bare_watches(store_url: str, watchers: int, writes: int) -> dict[str, float]:

@@ -77,6 +77,7 @@ from hivenet.model import (
     TunnelZoneMember,
     decode,
     parse_topology_key,
+    topology_key,
 )
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.model.topology import TOPOLOGY_PREFIX
@@ -85,7 +86,7 @@ from hivenet.sim import LearnedEntry, SimulationResult, TopologyView
 from hivenet.sim.metadata import HANDOFF_METADATA
 from hivenet.sim.router import HANDOFF_BGP
 from hivenet.sim.tables import LearnedMac, LearnedNeighbour, MemoryTables, ip_text
-from hivenet.sim.topology import PortInfo
+from hivenet.sim.topology import LAZY_KINDS, PortInfo
 from hivenet.store.base import LeaseNotFoundError, Store, StoreError
 from hivenet.store.keys import (
     STATE_PREFIX,
@@ -165,7 +166,7 @@ class HostAgent:
         self.wall_clock = wall_clock  # creation times of flow-state keys (shared in the store)
         self.flowstate_key_rotation = flowstate_key_rotation  # seconds; 0: never rotate
         self.repository = TopologyRepository(store)
-        self.topology = TopologyView()
+        self.topology = TopologyView(decode=self._decode_stored)
         self.tables = MemoryTables()
         self.counters = AgentCounters()
         # Traffic counters per port/device/chain/drop reason (agent/metrics.py), published.
@@ -531,6 +532,17 @@ class HostAgent:
             raise ValueError(f"id {obj.id!r} in the value does not match the key")
         return obj
 
+    def _decode_stored(self, kind: str, object_id: str, value: bytes) -> TopologyObject | None:
+        """The view's decoder for values it loaded undecoded: a bad one is counted and logged
+        (naming its key and the field), as at load."""
+        key = topology_key(kind, object_id)
+        try:
+            return self._decode_topology(key, value)
+        except ValueError as exc:
+            self.counters.bad_store_values += 1
+            log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)
+            return None
+
     def _on_topology_change(self, key: str, value: bytes | None, revision: int) -> None:
         self.counters.topology_events += 1
         try:
@@ -563,17 +575,21 @@ class HostAgent:
         """A (re)load: compile every touched device once, not once per object."""
         self.counters.topology_events += len(changes)
         objects: list[TopologyObject] = []
+        # Chains and rules (most of a large topology) are decoded when a chain is first used.
+        raw: list[tuple[str, str, bytes]] = []
         tags: set[str] = set()
         for key, value in changes:
             try:
                 if value is None:
                     tags |= self.topology.remove(*parse_topology_key(key))
+                elif (kind_id := parse_topology_key(key))[0] in LAZY_KINDS:
+                    raw.append((*kind_id, value))
                 else:
                     objects.append(self._decode_topology(key, value))
             except ValueError as exc:
                 self.counters.bad_store_values += 1
                 log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)
-        tags |= self.topology.apply_all(objects)
+        tags |= self.topology.apply_all(objects, raw)
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
         self.lb_status.wake()
