@@ -52,9 +52,9 @@ from hivenet.model import (
     PortRange,
     Rule,
     RuleAction,
-    encode,
     topology_key,
 )
+from hivenet.model import encode as encode_model
 from hivenet.store import Put, open_store
 
 BRIDGES = 100
@@ -86,10 +86,17 @@ def _port_chains(index: int, per_chain: int, port_id: str) -> list[Chain | Rule]
     return objects
 
 
-async def fill(url: str, ports: int, rules: int) -> int:
-    """Write the topology; returns the number of keys written."""
+async def fill(url: str, ports: int, rules: int, compact: bool = False) -> int:
+    """Write the topology; returns the number of keys written. `compact`: values without
+    the fields at their defaults (older revisions' models refuse fields added since)."""
     per_chain = max(1, rules // (2 * ports))
     store = open_store(url)
+
+    def encode(obj: Host | Bridge | Port | Chain | Rule) -> bytes:
+        if compact:
+            return obj.model_dump_json(exclude_defaults=True).encode()
+        return encode_model(obj)
+
     keys: list[tuple[str, bytes]] = [(topology_key("host", HOST_ID), encode(Host(id=HOST_ID)))]
     bridges = [Bridge(name=f"b{i}") for i in range(BRIDGES)]
     keys.extend((topology_key("bridge", b.id), encode(b)) for b in bridges)
@@ -196,6 +203,12 @@ def main() -> None:
     parser.add_argument(
         "--db", metavar="PATH", help="SQLite file to use (filled if missing, kept): re-runs"
     )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="write values without fields at their defaults (for --base revisions whose"
+        " models refuse fields added since)",
+    )
     args = parser.parse_args()
     if args.ports < 1 or args.rules < 2 * args.ports:
         parser.error(f"--rules must be at least 2 x --ports, got {args.rules} for {args.ports}")
@@ -217,7 +230,7 @@ def main() -> None:
             keys = 1 + BRIDGES + args.ports + 2 * args.ports * (1 + args.rules // (2 * args.ports))
             filled = f"reused {path}"
         else:
-            keys = asyncio.run(fill(url, args.ports, args.rules))
+            keys = asyncio.run(fill(url, args.ports, args.rules, args.compact))
             filled = f"written in {time.perf_counter() - written:.1f} s"
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
         for _ in range(args.rounds):
@@ -261,6 +274,7 @@ def main() -> None:
                 "keys": keys,
                 "rounds": args.rounds,
                 "base": args.base,
+                "compact": args.compact,
                 "results": {n: {k: round(v, 4) for k, v in r.items()} for n, r in rows.items()},
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
             }

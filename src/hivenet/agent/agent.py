@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import ipaddress
 import json
 import logging
@@ -572,7 +573,18 @@ class HostAgent:
                     self._refresh_host_liveness(host_id)
 
     def _on_topology_snapshot(self, changes: list[tuple[str, bytes | None]], revision: int) -> None:
-        """A (re)load: compile every touched device once, not once per object."""
+        """A (re)load: compile every touched device once, not once per object. The cyclic GC
+        is held off meanwhile: what a load allocates survives it, and the collections it
+        triggered walked the growing view again and again (~10% of a 130k-key start-up)."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_topology(changes)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _load_topology(self, changes: list[tuple[str, bytes | None]]) -> None:
         self.counters.topology_events += len(changes)
         objects: list[TopologyObject] = []
         # Chains and rules (most of a large topology) are decoded when a chain is first used.
@@ -700,9 +712,9 @@ class HostAgent:
             self.counters.bad_probes += 1
             log.warning("host %s: bad probe from %s: %s", self.host_id, sender, exc)
 
-    def _poll_uplinks(self) -> None:
+    def _poll_uplinks(self) -> bool:
         """This host's bound router ports (uplinks): a link change is applied here at once
-        and reaches the other agents in the next probe reply."""
+        and reaches the other agents in the next probe reply. Returns whether it has any."""
         uplinks = {
             port_id: interface
             for port_id, (_key, interface) in self.bound_ports.items()
@@ -711,6 +723,7 @@ class HostAgent:
         }
         for port_id, alive in self.links.poll(uplinks).items():
             self._on_probe_port(port_id, alive)
+        return bool(uplinks)
 
     def _on_probe_port(self, port_id: str, alive: bool) -> None:
         tags = self.topology.set_port_alive(port_id, alive)
@@ -853,6 +866,7 @@ class HostAgent:
             if wanted.get(port_id) != binding:
                 self._unbind(port_id)
         self._reconcile_vteps()
+        self.probe.wake()  # gateways and this host's uplinks may have changed
         for port_id, (key, interface) in wanted.items():
             if port_id in self.bound_ports:
                 continue

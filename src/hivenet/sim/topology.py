@@ -266,7 +266,7 @@ class TopologyView:
         `raw`: stored values as (kind, id, value) of kinds in LAZY_KINDS, kept undecoded: a
         chain they belong to is decoded (with the decoder given to the view) and compiled on
         its first lookup in `chains`, unless it is compiled already (then at once, as for an
-        object). Their tags are returned now, as for objects."""
+        object). The tags of the chains they touch are returned now."""
         if self._deferred is not None:
             raise RuntimeError("TopologyView.apply_all is not reentrant")
         self._deferred = {"bridge": set(), "router": set(), "chain": set()}
@@ -274,8 +274,10 @@ class TopologyView:
         try:
             for obj in objects:
                 tags |= self.apply(obj)
+            chain_ids: set[str] = set()
             for kind, object_id, value in raw:
-                tags |= self._apply_raw(kind, object_id, value)
+                self._apply_raw(kind, object_id, value, tags, chain_ids)
+            tags.update(f"chain:{chain_id}" for chain_id in chain_ids)
         finally:
             deferred, self._deferred = self._deferred, None
             for chain_id in sorted(deferred["chain"]):
@@ -328,41 +330,57 @@ class TopologyView:
 
     # ----------------------------------------------------------------- undecoded values
 
-    def _apply_raw(self, kind: str, object_id: str, value: bytes) -> frozenset[str]:
-        """Insert or replace a stored chain or rule without decoding it (see `apply_all`)."""
+    def _apply_raw(
+        self, kind: str, object_id: str, value: bytes, tags: set[str], chain_ids: set[str]
+    ) -> None:
+        """Insert or replace a stored chain or rule without decoding it (see `apply_all`).
+        The chains it touches go in `chain_ids` (the caller tags each once: 120k calls at a
+        large start-up, where a set of 240k tag strings cost more than the rest); a rule's
+        own tag is left out (no flow carries one, only its chain's). A value decoded at once
+        instead adds its tags to `tags`."""
         if self._decode is None:
             raise TypeError("TopologyView: undecoded values need the view's decoder")
         parent = peek_id(value, "chain_id") if kind == "rule" else object_id
         if kind not in LAZY_KINDS or parent is None:
             obj = self._decode(kind, object_id, value)
-            return self.apply(obj) if obj is not None else frozenset()
-        tags = {f"{kind}:{object_id}"}
-        chains = {parent}
+            if obj is not None:
+                tags |= self.apply(obj)
+            return
         if kind == "rule":
-            old = self._rule_parent(object_id)
+            previous = self._raw_rules.get(object_id)
+            old = previous[0] if previous is not None else self._rule_parent(object_id)
             if old is not None:
-                self._rules_by_chain.get(old, set()).discard(object_id)
-                chains.add(old)
-            self.objects.get("rule", {}).pop(object_id, None)
+                self._rules_by_chain[old].discard(object_id)
+                if "rule" in self.objects:
+                    self.objects["rule"].pop(object_id, None)
+                if old != parent:
+                    chain_ids.add(old)
+                    self._raw_chain_changed(old)
             self._raw_rules[object_id] = (parent, value)
-            self._rules_by_chain.setdefault(parent, set()).add(object_id)
-            tags.update(f"chain:{chain_id}" for chain_id in chains)
-        else:
-            self.objects.get("chain", {}).pop(object_id, None)
-            self._raw_chains[object_id] = value
-        for chain_id in chains:
-            if dict.__contains__(self.chains, chain_id):
-                self._compile_chain(chain_id)  # in use: compiled now, as for an object
+            children = self._rules_by_chain.get(parent)
+            if children is None:
+                self._rules_by_chain[parent] = {object_id}
             else:
-                self._lazy_chains.add(chain_id)
+                children.add(object_id)
+        else:
+            if "chain" in self.objects:
+                self.objects["chain"].pop(object_id, None)
+            self._raw_chains[object_id] = value
+        chain_ids.add(parent)
+        self._raw_chain_changed(parent)
         self.revision += 1
-        return frozenset(tags)
+
+    def _raw_chain_changed(self, chain_id: str) -> None:
+        if dict.__contains__(self.chains, chain_id):
+            self._compile_chain(chain_id)  # in use: compiled now, as for an object
+        else:
+            self._lazy_chains.add(chain_id)
 
     def _rule_parent(self, rule_id: str) -> str | None:
         raw = self._raw_rules.get(rule_id)
         if raw is not None:
             return raw[0]
-        rule = self.objects.get("rule", {}).get(rule_id)
+        rule = self.objects["rule"].get(rule_id) if "rule" in self.objects else None
         return rule.chain_id if isinstance(rule, Rule) else None
 
     def _materialize(self, kind: str, object_id: str) -> TopologyObject | None:

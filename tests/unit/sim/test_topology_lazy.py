@@ -131,7 +131,7 @@ def test_a_reload_of_undecoded_values_over_compiled_chains_recompiles_them() -> 
     rule = next(o for o in topo.objects if isinstance(o, Rule) and o.chain_id == "c1")
     replaced = rule.model_copy(update={"action": RuleAction.ACCEPT, "position": 9})
     tags = view.apply_all([], [("rule", replaced.id, encode(replaced))])
-    assert {"chain:c1", f"rule:{rule.id}"} <= tags
+    assert "chain:c1" in tags
     assert dict.__contains__(view.chains, "c1")  # compiled at once: it was in use
     assert compiled(view, "c1") != before
     assert view.chains["c1"].rules[-1].rule == replaced
