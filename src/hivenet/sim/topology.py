@@ -397,6 +397,9 @@ class TopologyView:
         if obj is None or kind != obj.KIND or obj.id != object_id:
             return None  # a bad value: the decoder reported it; as if never stored
         self.objects.setdefault(kind, {})[object_id] = obj
+        # What `loaded()` returns changed: caches keyed on the revision (the agent's rule index
+        # for its traffic counters) are rebuilt.
+        self.revision += 1
         if isinstance(obj, Rule):
             # `peek_id` read the chain id the value holds, so it is `parent`.
             self._rules_by_chain.setdefault(obj.chain_id, set()).add(object_id)

@@ -86,7 +86,10 @@ def test_lazy_load_decodes_nothing_until_a_chain_is_looked_up_then_compiles_the_
     assert decoder.decoded == []
     assert dict.__len__(view.chains) == 0
     assert view.loaded("rule") == []
+    revision = view.revision
     assert compiled(view, "c1") == compiled(eager, "c1")
+    # Decoding changed what `loaded` returns: the revision says so (caches keyed on it).
+    assert view.revision > revision and len(view.loaded("rule")) == 2
     assert sorted(decoder.decoded) == sorted(
         [("chain", "c1")] + [("rule", o.id) for o in objects if getattr(o, "chain_id", "") == "c1"]
     )
