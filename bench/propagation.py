@@ -11,7 +11,13 @@ Measures, in one run:
 Peer measured in the same run: for each in-process agent count, the same writes observed by
 as many bare store watches (a `Store.watch` on the key, nothing applied): the store's own
 delivery time. The table prints the agents' figures as a ratio to it, so the cost of the
-agent (decode, TopologyView update, invalidation) is separated from the store's.
+agent (decode, TopologyView update, invalidation) is separated from the store's. With
+`--base REV ...`, the in-process agents also with the code of those git revisions (this
+module copied into each tree).
+Clocks: the in-process rows run each in a child process (`bench/baseline.py`) whose clock is
+the process's CPU time (the machine is shared; all agents are in that one process); the
+3-process row is wall time. Writes start once the agents' start-up writes are done (see
+`settle`).
 
 Prints a table, then one JSON line.
 """
@@ -23,6 +29,7 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +38,7 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+import baseline
 from hivenet.agent.agent import HostAgent
 from hivenet.datapath.memory import MemoryDatapath
 from hivenet.model import Bridge, DeviceKind, Host, Port, encode, topology_key
@@ -78,7 +86,13 @@ class Probe:
         agent.topology_mirror._on_change = on_change
 
 
-async def in_process(store_url: str, agents_count: int, writes: int) -> dict[str, float]:
+async def in_process(
+    store_url: str, agents_count: int, writes: int, gc_threshold: int = 0
+) -> dict[str, float]:
+    """`gc_threshold`: the cyclic GC's generation-0 threshold during the writes (0: the
+    interpreter's, 700), to show what the collections cost: in one heap holding 1000
+    agents a young collection took ~4 ms of CPU and a generation-1 one ~40 ms, ~50 ms per
+    write together, where each agent's own process would collect its own small heap."""
     store = open_store(store_url)
     repo = TopologyRepository(store)
     marker = (await repo.create(Bridge(name="marker-start"))).obj
@@ -101,12 +115,16 @@ async def in_process(store_url: str, agents_count: int, writes: int) -> dict[str
     startup = time.perf_counter() - started
     if startup > LEASE_TTL / 2:
         print(f"warning: {agents_count} agents took {startup:.0f} s to start", file=sys.stderr)
+    quiet = await settle(store, agents)
     # As each agent process does once started (agent/cli.py): the loaded state is moved out
     # of the cyclic GC's generations. Here one heap holds every agent's, so a full collection
     # walked 1000 agents' views in one pause (1.1 s measured), where an agent's own process
     # would walk one.
     gc.collect()
     gc.freeze()
+    thresholds = gc.get_threshold()
+    if gc_threshold:
+        gc.set_threshold(gc_threshold, *thresholds[1:])
     latencies: list[float] = []
     last_agent: list[float] = []
     for k in range(writes):
@@ -124,6 +142,7 @@ async def in_process(store_url: str, agents_count: int, writes: int) -> dict[str
     for agent in agents:
         await agent.stop(graceful=False)
     await store.close()
+    gc.set_threshold(*thresholds)
     gc.unfreeze()
     return {
         "p50_ms": percentile(latencies, 0.5) * 1000,
@@ -131,7 +150,36 @@ async def in_process(store_url: str, agents_count: int, writes: int) -> dict[str
         "all_p50_ms": percentile(last_agent, 0.5) * 1000,
         "all_p99_ms": percentile(last_agent, 0.99) * 1000,
         "startup_s": startup,
+        "settle_s": quiet,
     }
+
+
+async def settle(store: Store, agents: list[HostAgent], quiet_for: float = 1.0) -> float:
+    """Wait until the agents' start-up writes are done: each has published its first traffic
+    report (`HostStatsReporter`, 2 s after its start) and the store's revision has not moved
+    for `quiet_for` seconds. Without it the first writes were measured while the last of 1000
+    agents' first reports (each seen by all 1000 state watches) were still landing: ~100 of
+    them during 30 writes, each a burst of 1000 wake-ups in front of the marker's. Returns
+    the seconds waited."""
+    started = time.monotonic()  # wall time: `perf_counter` is CPU time in a --base child
+    deadline = started + LEASE_TTL / 4
+    revision, since = -1, started
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        current = await store.current_revision()
+        if current != revision:
+            revision, since = current, time.monotonic()
+            continue
+        published = all(_start_writes_done(a) for a in agents)
+        if published and time.monotonic() - since >= quiet_for:
+            return time.monotonic() - started
+    raise RuntimeError(f"the store did not go quiet in {LEASE_TTL / 4:.0f} s after start-up")
+
+
+def _start_writes_done(agent: HostAgent) -> bool:
+    reporter = getattr(agent, "host_stats_reporter", None)  # older revisions: none
+    first_report = reporter is None or reporter._published is not None
+    return first_report and not getattr(agent, "_to_publish", None)
 
 
 async def bare_watches(store_url: str, watchers: int, writes: int) -> dict[str, float]:
@@ -313,6 +361,15 @@ async def agent_cost(store_url: str, ports: int, idle_seconds: float) -> dict[st
     return {"load_s": load_seconds, "memory_mib": (after - before) / 2**20, "idle_cpu": idle_cpu}
 
 
+def child(tree: Path, call: str) -> dict[str, float]:
+    """`bench.<call>` in a child process on `tree`'s code (`bench/baseline.py`), where
+    `time.perf_counter` is the process's CPU time."""
+    result = baseline.run(
+        tree, "propagation", f"print(json.dumps(bench.asyncio.run(bench.{call})))\n"
+    )
+    return {k: float(v) for k, v in result.items() if isinstance(v, int | float)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writes", type=int, default=30)
@@ -322,7 +379,29 @@ def main() -> None:
     parser.add_argument(
         "--etcd", action="store_true", help="also measure on a 3-member etcd cluster"
     )
+    parser.add_argument(
+        "--base",
+        nargs="*",
+        default=[],
+        metavar="REV",
+        help="also measure the in-process agents with the code of these git revisions",
+    )
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure this tree's in-process agents with the GC's generation-0 threshold"
+        " at N during the writes (see `in_process`)",
+    )
     args = parser.parse_args()
+    here = baseline.current_tree()
+    bases: dict[str, Path] = {}
+    for base in args.base:
+        tree = bases[baseline.describe(base)] = baseline.checkout(base)
+        shutil.copy(Path(__file__), tree / "bench" / "propagation.py")
+        if not (tree / "bench" / "baseline.py").exists():  # older than the harness
+            shutil.copy(Path(baseline.__file__), tree / "bench" / "baseline.py")
     rows: list[tuple[str, str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="hn-bench-") as tmp:
         file_url = f"sqlite:///{tmp}/state.db"
@@ -336,13 +415,24 @@ def main() -> None:
         os.unlink(f"{tmp}/state.db")
         ratios: dict[str, float] = {}
         for count in args.agents:
-            agents_row = asyncio.run(in_process("memory://", count, args.writes))
-            peer_row = asyncio.run(bare_watches("memory://", count, args.writes))
+            agents_row = child(here, f"in_process('memory://', {count}, {args.writes})")
+            peer_row = child(here, f"bare_watches('memory://', {count}, {args.writes})")
             rows.append((f"{count} in-process agents", "sqlite memory", agents_row))
             rows.append((f"{count} bare watches (peer)", "sqlite memory", peer_row))
             ratios[f"{count}_agents_all_p99_vs_bare_watches"] = (
                 agents_row["all_p99_ms"] / peer_row["all_p99_ms"]
             )
+            if args.gc_threshold:
+                call = f"in_process('memory://', {count}, {args.writes}, {args.gc_threshold})"
+                rows.append(
+                    (f"{count} agents, gc0 {args.gc_threshold}", "sqlite memory", child(here, call))
+                )
+            for name, tree in bases.items():
+                base_row = child(tree, f"in_process('memory://', {count}, {args.writes})")
+                rows.append((f"{count} agents @{name}", "sqlite memory", base_row))
+                ratios[f"{count}_agents_all_p99_vs_{name}"] = (
+                    agents_row["all_p99_ms"] / base_row["all_p99_ms"]
+                )
         for store_name, url in (
             ("sqlite memory", "memory://"),
             ("sqlite file", f"sqlite:///{tmp}/cost.db"),

@@ -13,13 +13,18 @@ shows the median:
 - `store read` (the floor, peer in the same run): the same child reads the whole topology
   prefix the way the agent's mirror does (1000-key pages at one revision) and nothing else;
 - `agent` (this tree): `HostAgent.start()` on a memory datapath, to ready;
-- `agent @REV` (`--base REV`, default `landing`; `--base ''`: none): the same with the code
-  of another git revision, this benchmark module copied into its tree.
+- `agent @REV` (`--base REV ...`, default `landing`; `--base` alone: none): the same with the
+  code of other git revisions, this benchmark module copied into each tree.
 RSS is the child's resident set after ready (`/proc/self/statm`), and `+RSS` what start-up
 added to the RSS the child had with its modules imported and the store opened.
+Ready: the mirror loaded and the view built, and the first local port's inbound chain looked
+up. Since start-up decodes a stored chain and its rules on the chain's first lookup (most
+chains belong to ports of other hosts), `chains s` is the CPU, after ready, of looking up
+every stored chain once (what a lazy load defers; ~0 for a tree that compiles all at load),
+and `RSS all` the resident set then.
 
 Prints a table, then one JSON line. Usage:
-`python bench/startup.py [--ports N] [--rules N] [--rounds N] [--base REV]`
+`python bench/startup.py [--ports N] [--rules N] [--rounds N] [--base REV ...]`
 Files only in a temporary directory it removes; no network.
 """
 
@@ -47,9 +52,9 @@ from hivenet.model import (
     PortRange,
     Rule,
     RuleAction,
-    encode,
     topology_key,
 )
+from hivenet.model import encode as encode_model
 from hivenet.store import Put, open_store
 
 BRIDGES = 100
@@ -81,10 +86,17 @@ def _port_chains(index: int, per_chain: int, port_id: str) -> list[Chain | Rule]
     return objects
 
 
-async def fill(url: str, ports: int, rules: int) -> int:
-    """Write the topology; returns the number of keys written."""
+async def fill(url: str, ports: int, rules: int, compact: bool = False) -> int:
+    """Write the topology; returns the number of keys written. `compact`: values without
+    the fields at their defaults (older revisions' models refuse fields added since)."""
     per_chain = max(1, rules // (2 * ports))
     store = open_store(url)
+
+    def encode(obj: Host | Bridge | Port | Chain | Rule) -> bytes:
+        if compact:
+            return obj.model_dump_json(exclude_defaults=True).encode()
+        return encode_model(obj)
+
     keys: list[tuple[str, bytes]] = [(topology_key("host", HOST_ID), encode(Host(id=HOST_ID)))]
     bridges = [Bridge(name=f"b{i}") for i in range(BRIDGES)]
     keys.extend((topology_key("bridge", b.id), encode(b)) for b in bridges)
@@ -146,11 +158,22 @@ async def measure(url: str, what: str) -> dict[str, float]:
         )
         await agent.start(load_timeout=600)
         loaded = len(agent.topology_mirror.values)
-        if len(agent.topology.chains) < 1 or len(agent.topology.ports) < 1:
+        local = [p for p in agent.topology.ports.values() if p.host_id == HOST_ID]
+        if not local or agent.topology.chains.get(local[0].inbound_chain_id or "") is None:
             raise RuntimeError("agent ready without a compiled topology")
     cpu = time.perf_counter() - started
     wall = time.monotonic() - wall
     rss = _rss()
+    chains_s = 0.0
+    if what != "read":
+        # What a lazy load defers: every chain looked up once (compiled where not yet).
+        chain_ids = [k.rsplit("/", 1)[1] for k in agent.topology_mirror.values if "/chain/" in k]
+        chains_started = time.perf_counter()
+        compiled = sum(agent.topology.chains.get(c) is not None for c in chain_ids)
+        chains_s = time.perf_counter() - chains_started
+        if compiled != len(chain_ids):
+            raise RuntimeError(f"{len(chain_ids) - compiled} stored chains did not compile")
+        rss_all = _rss()
     if what != "read":
         await agent.stop(graceful=False)
     await store.close()
@@ -160,6 +183,8 @@ async def measure(url: str, what: str) -> dict[str, float]:
         "keys": loaded,
         "rss_mib": rss / 2**20,
         "rss_added_mib": (rss - rss_before) / 2**20,
+        "all_chains_s": chains_s,
+        "rss_all_chains_mib": (rss_all if what != "read" else rss) / 2**20,
     }
 
 
@@ -174,9 +199,15 @@ def main() -> None:
     parser.add_argument("--ports", type=int, default=10_000)
     parser.add_argument("--rules", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--base", default="landing", metavar="REV")
+    parser.add_argument("--base", nargs="*", default=["landing"], metavar="REV")
     parser.add_argument(
         "--db", metavar="PATH", help="SQLite file to use (filled if missing, kept): re-runs"
+    )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="write values without fields at their defaults (for --base revisions whose"
+        " models refuse fields added since)",
     )
     args = parser.parse_args()
     if args.ports < 1 or args.rules < 2 * args.ports:
@@ -185,10 +216,12 @@ def main() -> None:
         "store read": baseline.current_tree(),
         "agent": baseline.current_tree(),
     }
-    if args.base:
-        tree = baseline.checkout(args.base)
+    for base in args.base:
+        tree = baseline.checkout(base)
         shutil.copy(Path(__file__), tree / "bench" / "startup.py")
-        sides[f"agent @{baseline.describe(args.base)}"] = tree
+        if not (tree / "bench" / "baseline.py").exists():  # older than the harness
+            shutil.copy(Path(baseline.__file__), tree / "bench" / "baseline.py")
+        sides[f"agent @{baseline.describe(base)}"] = tree
     with tempfile.TemporaryDirectory(prefix="hn-bench-") as tmp:
         path = Path(args.db) if args.db else Path(tmp) / "startup.db"
         url = f"sqlite:///{path}"
@@ -197,7 +230,7 @@ def main() -> None:
             keys = 1 + BRIDGES + args.ports + 2 * args.ports * (1 + args.rules // (2 * args.ports))
             filled = f"reused {path}"
         else:
-            keys = asyncio.run(fill(url, args.ports, args.rules))
+            keys = asyncio.run(fill(url, args.ports, args.rules, args.compact))
             filled = f"written in {time.perf_counter() - written:.1f} s"
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
         for _ in range(args.rounds):
@@ -215,18 +248,23 @@ def main() -> None:
         f"{args.ports} ports, {args.rules} rules: {keys} keys ({filled});"
         f" median of {args.rounds} runs, CPU seconds of the child"
     )
-    print(f"{'side':<22} {'CPU s':>8} {'wall s':>8} {'RSS MiB':>8} {'+RSS MiB':>9} {'x floor':>8}")
+    print(
+        f"{'side':<22} {'CPU s':>8} {'wall s':>8} {'RSS MiB':>8} {'+RSS MiB':>9} {'x floor':>8}"
+        f" {'chains s':>9} {'RSS all':>8}"
+    )
     floor = rows["store read"]["cpu_s"]
     for name, row in rows.items():
         print(
             f"{name:<22} {row['cpu_s']:8.2f} {row['wall_s']:8.2f} {row['rss_mib']:8.1f}"
             f" {row['rss_added_mib']:9.1f} {row['cpu_s'] / floor:8.2f}"
+            f" {row['all_chains_s']:9.2f} {row['rss_all_chains_mib']:8.1f}"
         )
     ratios = {f"{name} vs store read": rows[name]["cpu_s"] / floor for name in rows}
-    if args.base:
-        base_name = next(name for name in rows if name.startswith("agent @"))
-        ratios["agent vs base"] = rows["agent"]["cpu_s"] / rows[base_name]["cpu_s"]
-        print(f"agent / {base_name}: {ratios['agent vs base']:.2f}x CPU")
+    for base_name in (name for name in rows if name.startswith("agent @")):
+        ratio = ratios[f"agent vs {base_name[6:]}"] = (
+            rows["agent"]["cpu_s"] / rows[base_name]["cpu_s"]
+        )
+        print(f"agent / {base_name}: {ratio:.2f}x CPU")
     print(
         json.dumps(
             {
@@ -235,7 +273,8 @@ def main() -> None:
                 "rules": args.rules,
                 "keys": keys,
                 "rounds": args.rounds,
-                "base": args.base or None,
+                "base": args.base,
+                "compact": args.compact,
                 "results": {n: {k: round(v, 4) for k, v in r.items()} for n, r in rows.items()},
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
             }

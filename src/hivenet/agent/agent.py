@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import ipaddress
 import json
 import logging
@@ -77,6 +78,7 @@ from hivenet.model import (
     TunnelZoneMember,
     decode,
     parse_topology_key,
+    topology_key,
 )
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.model.topology import TOPOLOGY_PREFIX
@@ -85,7 +87,7 @@ from hivenet.sim import LearnedEntry, SimulationResult, TopologyView
 from hivenet.sim.metadata import HANDOFF_METADATA
 from hivenet.sim.router import HANDOFF_BGP
 from hivenet.sim.tables import LearnedMac, LearnedNeighbour, MemoryTables, ip_text
-from hivenet.sim.topology import PortInfo
+from hivenet.sim.topology import LAZY_KINDS, PortInfo
 from hivenet.store.base import LeaseNotFoundError, Store, StoreError
 from hivenet.store.keys import (
     STATE_PREFIX,
@@ -165,7 +167,7 @@ class HostAgent:
         self.wall_clock = wall_clock  # creation times of flow-state keys (shared in the store)
         self.flowstate_key_rotation = flowstate_key_rotation  # seconds; 0: never rotate
         self.repository = TopologyRepository(store)
-        self.topology = TopologyView()
+        self.topology = TopologyView(decode=self._decode_stored)
         self.tables = MemoryTables()
         self.counters = AgentCounters()
         # Traffic counters per port/device/chain/drop reason (agent/metrics.py), published.
@@ -531,6 +533,17 @@ class HostAgent:
             raise ValueError(f"id {obj.id!r} in the value does not match the key")
         return obj
 
+    def _decode_stored(self, kind: str, object_id: str, value: bytes) -> TopologyObject | None:
+        """The view's decoder for values it loaded undecoded: a bad one is counted and logged
+        (naming its key and the field), as at load."""
+        key = topology_key(kind, object_id)
+        try:
+            return self._decode_topology(key, value)
+        except ValueError as exc:
+            self.counters.bad_store_values += 1
+            log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)
+            return None
+
     def _on_topology_change(self, key: str, value: bytes | None, revision: int) -> None:
         self.counters.topology_events += 1
         try:
@@ -560,20 +573,35 @@ class HostAgent:
                     self._refresh_host_liveness(host_id)
 
     def _on_topology_snapshot(self, changes: list[tuple[str, bytes | None]], revision: int) -> None:
-        """A (re)load: compile every touched device once, not once per object."""
+        """A (re)load: compile every touched device once, not once per object. The cyclic GC
+        is held off meanwhile: what a load allocates survives it, and the collections it
+        triggered walked the growing view again and again (~10% of a 130k-key start-up)."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_topology(changes)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _load_topology(self, changes: list[tuple[str, bytes | None]]) -> None:
         self.counters.topology_events += len(changes)
         objects: list[TopologyObject] = []
+        # Chains and rules (most of a large topology) are decoded when a chain is first used.
+        raw: list[tuple[str, str, bytes]] = []
         tags: set[str] = set()
         for key, value in changes:
             try:
                 if value is None:
                     tags |= self.topology.remove(*parse_topology_key(key))
+                elif (kind_id := parse_topology_key(key))[0] in LAZY_KINDS:
+                    raw.append((*kind_id, value))
                 else:
                     objects.append(self._decode_topology(key, value))
             except ValueError as exc:
                 self.counters.bad_store_values += 1
                 log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)
-        tags |= self.topology.apply_all(objects)
+        tags |= self.topology.apply_all(objects, raw)
         if tags:
             self.counters.flows_invalidated += self.datapath.invalidate(tags)
         self.lb_status.wake()
@@ -684,9 +712,9 @@ class HostAgent:
             self.counters.bad_probes += 1
             log.warning("host %s: bad probe from %s: %s", self.host_id, sender, exc)
 
-    def _poll_uplinks(self) -> None:
+    def _poll_uplinks(self) -> bool:
         """This host's bound router ports (uplinks): a link change is applied here at once
-        and reaches the other agents in the next probe reply."""
+        and reaches the other agents in the next probe reply. Returns whether it has any."""
         uplinks = {
             port_id: interface
             for port_id, (_key, interface) in self.bound_ports.items()
@@ -695,6 +723,7 @@ class HostAgent:
         }
         for port_id, alive in self.links.poll(uplinks).items():
             self._on_probe_port(port_id, alive)
+        return bool(uplinks)
 
     def _on_probe_port(self, port_id: str, alive: bool) -> None:
         tags = self.topology.set_port_alive(port_id, alive)
@@ -837,6 +866,7 @@ class HostAgent:
             if wanted.get(port_id) != binding:
                 self._unbind(port_id)
         self._reconcile_vteps()
+        self.probe.wake()  # gateways and this host's uplinks may have changed
         for port_id, (key, interface) in wanted.items():
             if port_id in self.bound_ports:
                 continue

@@ -285,7 +285,7 @@ class HostStats:
             self._rule_ids_revision = self.topology.revision
             self.rule_ids = {
                 (str(getattr(rule, "chain_id", "")), int(getattr(rule, "position", -1))): rule.id
-                for rule in self.topology.all("rule")
+                for rule in self.topology.loaded("rule")  # rules of unused chains: no hits
             }
         self.rule_hits = {k: v for k, v in self.rule_hits.items() if k in self.rule_ids}
 

@@ -67,15 +67,18 @@ class PrefixMirror:
             page = await self._store.range(
                 self.prefix, revision=revision, limit=PAGE_SIZE, start_after=page.kvs[-1].key
             )
-        changes: list[tuple[str, bytes | None]] = [
-            (key, None) for key in self.values if key not in snapshot
-        ]
-        changes.extend((k, v) for k, v in snapshot.items() if self.values.get(k) != v)
-        for key, value in changes:
-            if value is None:
-                del self.values[key]
-            else:
-                self.values[key] = value
+        changes: list[tuple[str, bytes | None]]
+        if not self.values:  # the first load: everything is a change
+            changes = [(key, value) for key, value in snapshot.items()]
+            self.values = snapshot
+        else:
+            changes = [(key, None) for key in self.values if key not in snapshot]
+            changes.extend((k, v) for k, v in snapshot.items() if self.values.get(k) != v)
+            for key, value in changes:
+                if value is None:
+                    del self.values[key]
+                else:
+                    self.values[key] = value
         if self._on_snapshot is not None:
             self._deliver(self._on_snapshot, changes, revision)
         else:

@@ -24,6 +24,7 @@ Layout (network byte order):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Iterable
@@ -184,6 +185,7 @@ class GatewayProber:
         self.answers = 0  # replies to a session's current or previous request
         self.host_changes = 0  # Up/Down transitions of probed hosts
         self.port_changes = 0  # liveness changes of their reported uplink ports
+        self._wakeup: asyncio.Event | None = None  # set by `wake()` while `run` is idle
 
     def is_down(self, host_id: str) -> bool:
         session = self.sessions.get(host_id)
@@ -201,7 +203,14 @@ class GatewayProber:
             "port_changes": self.port_changes,
         }
 
-    def tick(self) -> None:
+    def wake(self) -> None:
+        """What `tick` reads may have changed (the topology's ports, this host's bindings):
+        an idle `run` ticks again at once."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def tick(self) -> bool:
+        """One interval: returns whether any gateway host is probed."""
         wanted: dict[str, set[str]] = {}
         for host_id, port_id in self._gateway_hosts():
             if host_id != self.host_id:
@@ -232,6 +241,7 @@ class GatewayProber:
                 self._on_host(host_id)
             self._send(host_id, encode_probe(ProbeMessage(REQUEST, session.sequence)))
             self.sent += 1
+        return bool(wanted)
 
     def receive(self, sender: str, payload: bytes) -> None:
         """A sealed probe from `sender` (authenticated by the flow-state envelope)."""
@@ -259,16 +269,25 @@ class GatewayProber:
     async def run(
         self,
         sleep: Callable[[float], Awaitable[None]],
-        before_tick: Callable[[], None] | None = None,
+        before_tick: Callable[[], bool] | None = None,
     ) -> None:
+        """Tick every interval while there is a gateway to probe or an uplink of this host
+        to poll (`before_tick` returns whether it polled one); else wait for `wake()`: a host
+        with neither (most hosts) runs no timer for it."""
+        self._wakeup = asyncio.Event()
         while True:
+            busy = True
             try:
-                if before_tick is not None:
-                    before_tick()  # the agent polls its own uplinks here
-                self.tick()
+                self._wakeup.clear()
+                # The agent polls its own uplinks here.
+                polled = before_tick() if before_tick is not None else False
+                busy = self.tick() or polled
             except Exception:  # the prober must survive one bad tick
                 log.exception("host %s: gateway probe tick failed", self.host_id)
-            await sleep(self.interval)
+            if busy:
+                await sleep(self.interval)
+            else:
+                await self._wakeup.wait()
 
 
 def sysfs_link_up(interface: str) -> bool | None:

@@ -24,6 +24,7 @@ from hivenet.model.topology import (
     encode,
     is_shared,
     parse_topology_key,
+    peek_id,
     topology_key,
 )
 from hivenet.model.types import (
@@ -116,5 +117,6 @@ __all__ = [
     "new_id",
     "overlay_mtu",
     "parse_topology_key",
+    "peek_id",
     "topology_key",
 ]

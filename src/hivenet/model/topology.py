@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hivenet.model.types import (
+    _ID_RE,
     TUNNEL_KEY_MAX,
     TUNNEL_KEY_MIN,
     AllowedAddressPair,
@@ -557,3 +558,30 @@ def encode(obj: TopologyObject) -> bytes:
 
 def decode(kind: str, data: bytes) -> TopologyObject:
     return KINDS[kind].model_validate_json(data)
+
+
+def peek_id(data: bytes, field: str) -> str | None:
+    """The id in string field `field` of a stored value, read without decoding it, or None
+    when that cannot be certain (then decode the value instead).
+
+    Certain when the value looks as `encode` writes it: the quoted name occurs exactly once
+    (inside a JSON string a quote is escaped, so a string cannot hold it; a string equal to
+    the name makes two occurrences) and is followed by `:"` and a valid id up to the next
+    quote. A value that does not decode is still rejected when it is decoded: this only says
+    which parent (a rule's chain) the value names, for an index."""
+    quoted = f'"{field}"'.encode()
+    if data.count(quoted) != 1:
+        return None
+    name = quoted + b':"'
+    start = data.find(name)
+    if start < 0:
+        return None
+    start += len(name)
+    end = data.find(b'"', start)
+    if end < 0:
+        return None
+    try:
+        value = data[start:end].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return value if _ID_RE.match(value) else None

@@ -14,7 +14,7 @@ apply changes in place. Must not touch the store, the clock or any I/O: objects 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from hivenet.model import (
@@ -30,6 +30,7 @@ from hivenet.model import (
     Rule,
     TopologyObject,
     TunnelZone,
+    peek_id,
 )
 from hivenet.model.types import mac_to_int
 from hivenet.sim.routing import RouteTable
@@ -162,18 +163,65 @@ def _device_sees_change(old: Port | None, new: Port | None) -> bool:
     return any(getattr(old, name) != getattr(new, name) for name in fields)
 
 
+# Decodes a stored value of (kind, id) for `TopologyView.apply_all(raw=...)`: the object, or
+# None when the value is bad (the decoder reports it, naming the key and the field).
+RawDecoder = Callable[[str, str, bytes], TopologyObject | None]
+
+# Kinds whose stored values a view may keep undecoded until a chain is first looked up: the
+# bulk of a large topology (100k rules in 20k chains for 10k ports), most of it never
+# evaluated on a given host.
+LAZY_KINDS = frozenset({"chain", "rule"})
+
+
+class CompiledChains(dict[str, CompiledChain]):
+    """`TopologyView.chains`: compiled chains by id. A stored chain loaded undecoded (see
+    `TopologyView.apply_all`) is decoded and compiled on its first lookup (`[]`, `get`, `in`);
+    length and iteration cover the compiled ones only."""
+
+    def __init__(self, build: Callable[[str], None], lazy: set[str]) -> None:
+        super().__init__()
+        self._build = build
+        self._lazy = lazy  # ids of stored chains not compiled yet
+
+    def __missing__(self, chain_id: str) -> CompiledChain:
+        if chain_id in self._lazy:
+            self._build(chain_id)
+            if dict.__contains__(self, chain_id):
+                return dict.__getitem__(self, chain_id)
+        raise KeyError(chain_id)
+
+    def get(self, chain_id: str, default: CompiledChain | None = None) -> CompiledChain | None:  # type: ignore[override]
+        try:
+            return self[chain_id]
+        except KeyError:
+            return default
+
+    def __contains__(self, chain_id: object) -> bool:
+        return dict.__contains__(self, chain_id) or (
+            isinstance(chain_id, str) and self.get(chain_id) is not None
+        )
+
+
 class TopologyView:
     """The topology as the simulation reads it. Build empty and `apply()` objects, or use
     `TopologyView.from_objects(...)`. Attribute dicts are read-only for callers."""
 
-    def __init__(self) -> None:
+    def __init__(self, decode: RawDecoder | None = None) -> None:
         # Raw objects by kind and id.
         self.objects: dict[str, dict[str, TopologyObject]] = {}
+        # Stored values not decoded yet (`apply_all(raw=...)`, kinds in LAZY_KINDS): chains
+        # by id, and rules by id with the chain id their value names. Decoded (and moved to
+        # `objects`) by `get`/`all` and when their chain is compiled.
+        self._decode = decode
+        self._raw_chains: dict[str, bytes] = {}
+        self._raw_rules: dict[str, tuple[str, bytes]] = {}
+        # Stored chains with undecoded parts that are not compiled yet: compiled on lookup.
+        self._lazy_chains: set[str] = set()
         # Compiled read side.
         self.ports: dict[str, PortInfo] = {}
         self.bridges: dict[str, BridgeInfo] = {}
         self.routers: dict[str, RouterInfo] = {}
-        self.chains: dict[str, CompiledChain] = {}
+        self.chains: dict[str, CompiledChain] = CompiledChains(self._build_chain, self._lazy_chains)
         self.port_by_tunnel_key: dict[int, str] = {}
         self.host_underlay_ip: dict[str, str] = {}
         # Reverse indexes used for incremental recompilation.
@@ -207,9 +255,18 @@ class TopologyView:
         view.apply_all(objects)
         return view
 
-    def apply_all(self, objects: Iterable[TopologyObject]) -> frozenset[str]:
+    def apply_all(
+        self,
+        objects: Iterable[TopologyObject],
+        raw: Iterable[tuple[str, str, bytes]] = (),
+    ) -> frozenset[str]:
         """Apply many objects (e.g. the initial snapshot), compiling each touched device and
-        chain once at the end instead of after every object. Returns invalidated tags."""
+        chain once at the end instead of after every object. Returns invalidated tags.
+
+        `raw`: stored values as (kind, id, value) of kinds in LAZY_KINDS, kept undecoded: a
+        chain they belong to is decoded (with the decoder given to the view) and compiled on
+        its first lookup in `chains`, unless it is compiled already (then at once, as for an
+        object). The tags of the chains they touch are returned now."""
         if self._deferred is not None:
             raise RuntimeError("TopologyView.apply_all is not reentrant")
         self._deferred = {"bridge": set(), "router": set(), "chain": set()}
@@ -217,6 +274,10 @@ class TopologyView:
         try:
             for obj in objects:
                 tags |= self.apply(obj)
+            chain_ids: set[str] = set()
+            for kind, object_id, value in raw:
+                self._apply_raw(kind, object_id, value, tags, chain_ids)
+            tags.update(f"chain:{chain_id}" for chain_id in chain_ids)
         finally:
             deferred, self._deferred = self._deferred, None
             for chain_id in sorted(deferred["chain"]):
@@ -240,6 +301,8 @@ class TopologyView:
             self._build_router(router_id)
 
     def _compile_chain(self, chain_id: str) -> None:
+        if chain_id in self._lazy_chains:
+            return  # compiled on its first lookup, from what is stored then
         if self._deferred is not None:
             self._deferred["chain"].add(chain_id)
         else:
@@ -248,10 +311,99 @@ class TopologyView:
     # ----------------------------------------------------------------- reading helpers
 
     def get(self, kind: str, object_id: str) -> TopologyObject | None:
-        return self.objects.get(kind, {}).get(object_id)
+        obj = self.objects.get(kind, {}).get(object_id)
+        if obj is None and kind in LAZY_KINDS:
+            obj = self._materialize(kind, object_id)
+        return obj
 
     def all(self, kind: str) -> list[TopologyObject]:
+        """Every object of `kind`, decoding those loaded undecoded (see `loaded`)."""
+        pending = self._raw_rules if kind == "rule" else self._raw_chains if kind == "chain" else {}
+        for object_id in list(pending):
+            self._materialize(kind, object_id)
+        return self.loaded(kind)
+
+    def loaded(self, kind: str) -> list[TopologyObject]:
+        """The decoded objects of `kind`: all of them, except stored chains and rules not
+        decoded yet (those of chains never looked up since a lazy load)."""
         return list(self.objects.get(kind, {}).values())
+
+    # ----------------------------------------------------------------- undecoded values
+
+    def _apply_raw(
+        self, kind: str, object_id: str, value: bytes, tags: set[str], chain_ids: set[str]
+    ) -> None:
+        """Insert or replace a stored chain or rule without decoding it (see `apply_all`).
+        The chains it touches go in `chain_ids` (the caller tags each once: 120k calls at a
+        large start-up, where a set of 240k tag strings cost more than the rest); a rule's
+        own tag is left out (no flow carries one, only its chain's). A value decoded at once
+        instead adds its tags to `tags`."""
+        if self._decode is None:
+            raise TypeError("TopologyView: undecoded values need the view's decoder")
+        parent = peek_id(value, "chain_id") if kind == "rule" else object_id
+        if kind not in LAZY_KINDS or parent is None:
+            obj = self._decode(kind, object_id, value)
+            if obj is not None:
+                tags |= self.apply(obj)
+            return
+        if kind == "rule":
+            previous = self._raw_rules.get(object_id)
+            old = previous[0] if previous is not None else self._rule_parent(object_id)
+            if old is not None:
+                self._rules_by_chain[old].discard(object_id)
+                if "rule" in self.objects:
+                    self.objects["rule"].pop(object_id, None)
+                if old != parent:
+                    chain_ids.add(old)
+                    self._raw_chain_changed(old)
+            self._raw_rules[object_id] = (parent, value)
+            children = self._rules_by_chain.get(parent)
+            if children is None:
+                self._rules_by_chain[parent] = {object_id}
+            else:
+                children.add(object_id)
+        else:
+            if "chain" in self.objects:
+                self.objects["chain"].pop(object_id, None)
+            self._raw_chains[object_id] = value
+        chain_ids.add(parent)
+        self._raw_chain_changed(parent)
+        self.revision += 1
+
+    def _raw_chain_changed(self, chain_id: str) -> None:
+        if dict.__contains__(self.chains, chain_id):
+            self._compile_chain(chain_id)  # in use: compiled now, as for an object
+        else:
+            self._lazy_chains.add(chain_id)
+
+    def _rule_parent(self, rule_id: str) -> str | None:
+        raw = self._raw_rules.get(rule_id)
+        if raw is not None:
+            return raw[0]
+        rule = self.objects["rule"].get(rule_id) if "rule" in self.objects else None
+        return rule.chain_id if isinstance(rule, Rule) else None
+
+    def _materialize(self, kind: str, object_id: str) -> TopologyObject | None:
+        """Decode an undecoded stored chain or rule into `objects` (None: none, or bad)."""
+        parent: str | None = None
+        if kind == "rule" and object_id in self._raw_rules:
+            parent, value = self._raw_rules.pop(object_id)
+            self._rules_by_chain.get(parent, set()).discard(object_id)
+        elif kind == "chain" and object_id in self._raw_chains:
+            value = self._raw_chains.pop(object_id)
+        else:
+            return None
+        obj = self._decode(kind, object_id, value) if self._decode is not None else None
+        if obj is None or kind != obj.KIND or obj.id != object_id:
+            return None  # a bad value: the decoder reported it; as if never stored
+        self.objects.setdefault(kind, {})[object_id] = obj
+        # What `loaded()` returns changed: caches keyed on the revision (the agent's rule index
+        # for its traffic counters) are rebuilt.
+        self.revision += 1
+        if isinstance(obj, Rule):
+            # `peek_id` read the chain id the value holds, so it is `parent`.
+            self._rules_by_chain.setdefault(obj.chain_id, set()).add(object_id)
+        return obj
 
     def port_by_key(self, tunnel_key: int) -> PortInfo | None:
         port_id = self.port_by_tunnel_key.get(tunnel_key)
@@ -268,8 +420,8 @@ class TopologyView:
         if not isinstance(obj, TopologyObject) or not obj.KIND:
             raise TypeError(f"TopologyView.apply: not a topology object: {obj!r}")
         kind = obj.KIND
-        old = self.objects.setdefault(kind, {}).get(obj.id)
-        self.objects[kind][obj.id] = obj
+        old = self.get(kind, obj.id)
+        self.objects.setdefault(kind, {})[obj.id] = obj
         self.revision += 1
         return self._changed(kind, obj.id, old, obj)
 
@@ -312,6 +464,7 @@ class TopologyView:
 
     def remove(self, kind: str, object_id: str) -> frozenset[str]:
         """Delete an object (unknown ids are ignored). Returns invalidated tags."""
+        self.get(kind, object_id)  # decoded first if it was loaded undecoded
         old = self.objects.get(kind, {}).pop(object_id, None)
         if old is None:
             return frozenset()
@@ -539,14 +692,17 @@ class TopologyView:
         )
 
     def _build_chain(self, chain_id: str) -> None:
-        previous = self.chains.get(chain_id)
+        self._lazy_chains.discard(chain_id)
+        previous = dict.get(self.chains, chain_id)
         if previous is not None:
             for group_id in previous.ip_addr_group_ids:
                 self._chains_by_ip_group.get(group_id, set()).discard(chain_id)
-        chain = self.objects.get("chain", {}).get(chain_id)
+        chain = self.get("chain", chain_id)
         if not isinstance(chain, Chain):
             self.chains.pop(chain_id, None)
             return
+        for rule_id in [r for r in self._rules_by_chain.get(chain_id, ()) if r in self._raw_rules]:
+            self._materialize("rule", rule_id)
         rule_objects = self.objects.get("rule", {})
         rules = [
             rule

@@ -3,6 +3,8 @@ single lost probe) and the probe message codec."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from hivenet.agent.probe import (
@@ -142,3 +144,50 @@ def test_link_watcher_down_at_once_up_after_recover_polls_and_unseen_is_not_judg
     del links["hnup1"]  # a seen interface vanished: down
     assert watcher.poll(ports) == {"up1": False}
     assert watcher.poll({}) == {"up1": True}  # unbound: no longer judged
+
+
+def test_prober_runs_no_timer_without_gateways_or_uplinks_and_wakes_on_a_change() -> None:
+    """Most hosts have nothing to probe: `run` then waits for `wake()` instead of ticking
+    every interval (1000 agents' 0.1 s ticks were most of a shared loop's work)."""
+    gateways: list[tuple[str, str]] = []
+    uplinks = [False]
+    sent: list[str] = []
+    sleeps: list[float] = []
+    prober = GatewayProber(
+        "me", lambda: gateways, lambda host, raw: sent.append(host), print, print, interval=0.1
+    )
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(prober.run(sleep, lambda: uplinks[0]))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert sleeps == [] and sent == []  # idle: waiting, no timer
+        gateways.append(("g1", "up-g1"))
+        prober.wake()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(sleeps) >= 5 and sent.count("g1") == len(sleeps)  # ticking every interval
+        gateways.clear()
+        uplinks[0] = True  # an uplink of its own to poll keeps it ticking
+        for _ in range(5):
+            await asyncio.sleep(0)
+        ticking = len(sleeps)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(sleeps) > ticking
+        uplinks[0] = False
+        for _ in range(5):
+            await asyncio.sleep(0)
+        idle = len(sleeps)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(sleeps) == idle and not prober.sessions
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
