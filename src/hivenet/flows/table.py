@@ -188,8 +188,13 @@ def _subtable_key_function(mask: tuple[int, ...]) -> Callable[[tuple[int, ...]],
         prefix_index, prefix_mask = partial[0], mask[partial[0]]
         if not full:
             return lambda values: values[prefix_index] & prefix_mask
+        if len(full) == 1:
+            (only,) = full
+            return lambda values: (values[only], values[prefix_index] & prefix_mask)
+        # One flat tuple (the whole fields, then the prefix), not a pair holding a tuple:
+        # ~56 bytes less a flow for ~30 ns a probe.
         pick_full = itemgetter(*full)
-        return lambda values: (pick_full(values), values[prefix_index] & prefix_mask)
+        return lambda values: pick_full(values) + (values[prefix_index] & prefix_mask,)  # noqa: RUF005 (faster)
     pick_covered = itemgetter(*covered)
     covered_masks = tuple(mask[index] for index in covered)
     return lambda values: tuple(map(and_, pick_covered(values), covered_masks))
@@ -205,12 +210,8 @@ def _subtable_match_function(mask: tuple[int, ...]) -> Callable[[Hashable], tupl
     def as_values(key: Hashable) -> tuple[int, ...]:
         if not partial:
             return (key,) if len(full) == 1 else key  # type: ignore[return-value]
-        if len(partial) == 1:
-            if not full:
-                return (key,)  # type: ignore[return-value]
-            pair: tuple[Any, int] = key  # type: ignore[assignment]
-            picked = pair[0]
-            return (*((picked,) if len(full) == 1 else picked), pair[1])
+        if len(partial) == 1 and not full:
+            return (key,)  # type: ignore[return-value]
         return key  # type: ignore[return-value]
 
     positions = full + partial if len(partial) == 1 else covered

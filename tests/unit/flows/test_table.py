@@ -3,6 +3,7 @@ and ExactMatchCache. Table-driven cases plus hypothesis properties against naive
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -702,3 +703,26 @@ FlowTableMachine.TestCase.settings = settings(
     max_examples=120, stateful_step_count=40, deadline=None
 )
 test_flow_table_against_model = FlowTableMachine.TestCase
+
+
+@pytest.mark.parametrize(
+    "full_fields",
+    [(), ("in_port",), ("in_port", "eth_dst"), ("in_port", "eth_dst", "tp_src", "tp_dst")],
+)
+def test_one_prefix_field_keys_are_flat_and_round_trip(full_fields: tuple[str, ...]) -> None:
+    """Whole fields plus one address prefix (the usual megaflow): the stored key is one flat
+    tuple (or a bare int), the flow gives back its masked match, and lookups find it only
+    inside the prefix."""
+    mask = mask_from(
+        {name: FULL_MASKS[name] for name in full_fields} | {"ip_dst": FULL_MASKS["ip_dst"] << 8}
+    )
+    packet = FlowMatch(
+        in_port=3, eth_dst=0x020000000001, eth_type=0x0800, ip_dst=0x0A000105, tp_src=7, tp_dst=9
+    )
+    table = FlowTable()
+    flow = install_for(table, packet, mask)
+    assert flow.match == packet.masked(mask)
+    assert type(flow._key) is int or all(type(value) is int for value in flow._key)
+    assert table.lookup(packet, 1.0) is flow
+    assert table.lookup(dataclasses.replace(packet, ip_dst=0x0A0001FE), 1.0) is flow
+    assert table.lookup(dataclasses.replace(packet, ip_dst=0x0A000205), 1.0) is None
