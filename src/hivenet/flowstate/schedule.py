@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -49,7 +49,9 @@ class RefreshPolicy:
 NO_PEERS: frozenset[str] = frozenset()
 
 
-NEEDS_PUSH, USED_SINCE_PUSH, AWAITING_USE = 1, 2, 4  # `TrackedEntry.flags`
+NEEDS_PUSH, USED_SINCE_PUSH, AWAITING_USE = 1, 2, 4  # `TrackedEntry.flags`: the push's
+PUSH_FLAGS = NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE
+IN_ORDER, QUEUED = 8, 16  # `EntryOrder`'s: a member; has its one place in the queue
 
 
 class TrackedEntry:
@@ -64,7 +66,8 @@ class TrackedEntry:
         self.timeout = timeout
         self.expiry_bucket = -1
         self.refresh_bucket = -1
-        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE (one small int instead of three slots).
+        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE | IN_ORDER | QUEUED (one small int
+        # instead of five slots).
         self.flags = 0
         # Hosts this entry is pushed to, as the agent last told the table (empty: unknown).
         self.peers: frozenset[str] = NO_PEERS
@@ -86,6 +89,63 @@ class TrackedEntry:
 
 # Stale bucket members tolerated beyond the live ones before a wheel is compacted.
 _COMPACT_SLACK = 1024
+
+
+class EntryOrder:
+    """Entries in the order they were (last) added, as a dict used as an ordered set keeps
+    them, for ~9 bytes an entry instead of ~40: a deque with lazy removal. Membership is a
+    bit of the entry's `flags` (an entry is in at most one `EntryOrder`); `discard` leaves
+    the entry's place in the queue behind, skipped when read and dropped at the front or
+    when stale places outnumber members (so the queue holds at most about twice the members).
+    An entry added again while its old place is still queued moves to the end (O(n), rare:
+    a connection half-open again after it closed)."""
+
+    __slots__ = ("_live", "_queue", "_stale")
+
+    def __init__(self) -> None:
+        self._queue: deque[TrackedEntry] = deque()
+        self._live = 0
+        self._stale = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __contains__(self, entry: TrackedEntry) -> bool:
+        return bool(entry.flags & IN_ORDER)
+
+    def add(self, entry: TrackedEntry) -> None:
+        flags = entry.flags
+        if flags & IN_ORDER:
+            return
+        if flags & QUEUED:  # its old place is still in the queue: it joins at the end
+            self._queue.remove(entry)
+            self._stale -= 1
+        entry.flags = flags | IN_ORDER | QUEUED
+        self._queue.append(entry)
+        self._live += 1
+
+    def discard(self, entry: TrackedEntry) -> None:
+        if not entry.flags & IN_ORDER:
+            return
+        entry.flags &= ~IN_ORDER
+        self._live -= 1
+        self._stale += 1
+        if self._stale > self._live + _COMPACT_SLACK:
+            kept: deque[TrackedEntry] = deque()
+            for queued in self._queue:
+                if queued.flags & IN_ORDER:
+                    kept.append(queued)
+                else:
+                    queued.flags &= ~QUEUED
+            self._queue, self._stale = kept, 0
+
+    def __iter__(self) -> Iterator[TrackedEntry]:
+        """Members, oldest first (stale places at the front are dropped on the way)."""
+        queue = self._queue
+        while queue and not queue[0].flags & IN_ORDER:
+            queue.popleft().flags &= ~QUEUED
+            self._stale -= 1
+        return (entry for entry in queue if entry.flags & IN_ORDER)
 
 
 class _Wheel:
@@ -267,7 +327,7 @@ class EntryScheduler:
     def mark_known_to_peers(self, entry: TrackedEntry, now: float) -> None:
         """The peers hold this entry as of `now` (we pushed it, or a peer pushed it to us):
         the next refresh check is due `refresh_after(timeout)` from now."""
-        entry.flags = 0
+        entry.flags &= ~PUSH_FLAGS
         self._due.pop(entry, None)
         if entry.refresh_bucket >= 0:
             self._refresh.discard(entry, entry.refresh_bucket)

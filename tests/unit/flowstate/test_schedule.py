@@ -1,7 +1,7 @@
-"""The scheduler's timer wheels (lists with lazy removal, compacted when stale members
-outnumber live ones) against a model: a plain dict of each entry's expiry and refresh
-times. Random moves, removals, expiries, pushes and evictions; the compaction threshold is
-lowered so it runs often."""
+"""The scheduler's timer wheels and `EntryOrder` (deques with lazy removal, compacted when
+stale members outnumber live ones) against models: a dict of each entry's expiry time, a
+dict used as an ordered set. Random moves, removals, expiries, pushes and evictions; the
+compaction threshold is lowered so it runs often."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from hivenet.flowstate import schedule
-from hivenet.flowstate.schedule import EntryScheduler, RefreshPolicy, TrackedEntry
+from hivenet.flowstate.schedule import EntryOrder, EntryScheduler, RefreshPolicy, TrackedEntry
 
 ENTRIES = 12
 
@@ -96,3 +96,50 @@ def test_many_moves_stay_bounded() -> None:
     assert members <= 2 * len(entries) + schedule._COMPACT_SLACK + 1
     assert scheduler.scheduled_count() == len(entries)
     assert set(scheduler.pop_expired(2000.0)) == set(entries)
+
+
+class OrderMachine(RuleBasedStateMachine):
+    """`EntryOrder` (deque, lazy removal) against a dict used as an ordered set, with the
+    push bits of the same `flags` changed in between (they must not disturb membership)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order = EntryOrder()
+        self.scheduler = EntryScheduler(RefreshPolicy(), granularity=1.0)
+        self.entries = [TrackedEntry(100.0, 10.0) for _ in range(ENTRIES)]
+        self.model: dict[int, None] = {}
+
+    @rule(index=st.integers(0, ENTRIES - 1))
+    def add(self, index: int) -> None:
+        self.order.add(self.entries[index])
+        self.model.setdefault(index, None)
+
+    @rule(index=st.integers(0, ENTRIES - 1))
+    def discard(self, index: int) -> None:
+        self.order.discard(self.entries[index])
+        self.model.pop(index, None)
+
+    @rule(index=st.integers(0, ENTRIES - 1))
+    def push_bits(self, index: int) -> None:
+        entry = self.entries[index]
+        self.scheduler.mark_changed(entry)
+        self.scheduler.mark_known_to_peers(entry, 0.0)
+        self.scheduler.mark_used(entry)
+
+    @rule()
+    def first_member(self) -> None:
+        first = next(iter(self.order), None)
+        expected = next(iter(self.model), None)
+        assert first is (None if expected is None else self.entries[expected])
+
+    @invariant()
+    def same_members_in_order(self) -> None:
+        assert [self.entries.index(entry) for entry in self.order] == list(self.model)
+        assert len(self.order) == len(self.model)
+        for index, entry in enumerate(self.entries):
+            assert (entry in self.order) == (index in self.model)
+        assert len(self.order._queue) <= 2 * len(self.model) + schedule._COMPACT_SLACK + 1
+
+
+TestOrder = OrderMachine.TestCase
+TestOrder.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
