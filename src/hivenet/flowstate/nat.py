@@ -34,7 +34,13 @@ from hivenet.flowstate.portblocks import (
     NatRange,
     PortBlockAllocator,
 )
-from hivenet.flowstate.schedule import EntryOrder, EntryScheduler, RefreshPolicy, TrackedEntry
+from hivenet.flowstate.schedule import (
+    TABLE_FLAG,
+    EntryOrder,
+    EntryScheduler,
+    RefreshPolicy,
+    TrackedEntry,
+)
 from hivenet.packets.flowmatch import IP_PROTO_TCP, IP_PROTO_UDP, FlowMatch
 
 
@@ -182,14 +188,22 @@ class IcmpErrorTranslation:
 
 
 class _NatEntry(TrackedEntry):
-    # `owns_port`: this host allocated the translated port (SNAT) and must release it; the
-    # port and its destination are read back from the binding instead of kept twice.
-    __slots__ = ("binding", "owns_port")
+    __slots__ = ("binding",)
 
     def __init__(self, binding: NatBinding, expires_at: float, timeout: float) -> None:
         super().__init__(expires_at, timeout)
         self.binding = binding
-        self.owns_port = False
+
+    @property
+    def owns_port(self) -> bool:
+        """This host allocated the translated port (SNAT) and must release it; the port and
+        its destination are read back from the binding instead of kept twice (a bit of
+        `flags`, not a slot of its own)."""
+        return bool(self.flags & TABLE_FLAG)
+
+    @owns_port.setter
+    def owns_port(self, owns: bool) -> None:
+        self.flags = self.flags | TABLE_FLAG if owns else self.flags & ~TABLE_FLAG
 
 
 def snat_destination(key: FlowKey) -> Destination:

@@ -52,6 +52,7 @@ NO_PEERS: frozenset[str] = frozenset()
 NEEDS_PUSH, USED_SINCE_PUSH, AWAITING_USE = 1, 2, 4  # `TrackedEntry.flags`: the push's
 PUSH_FLAGS = NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE
 IN_ORDER, QUEUED = 8, 16  # `EntryOrder`'s: a member; has its one place in the queue
+TABLE_FLAG = 32  # the owning table's own bit (NAT: the entry owns its translated port)
 
 
 class TrackedEntry:
@@ -66,8 +67,8 @@ class TrackedEntry:
         self.timeout = timeout
         self.expiry_bucket = -1
         self.refresh_bucket = -1
-        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE | IN_ORDER | QUEUED (one small int
-        # instead of five slots).
+        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE | IN_ORDER | QUEUED | TABLE_FLAG (one
+        # small int instead of six slots).
         self.flags = 0
         # Hosts this entry is pushed to, as the agent last told the table (empty: unknown).
         self.peers: frozenset[str] = NO_PEERS
