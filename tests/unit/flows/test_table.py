@@ -688,7 +688,8 @@ class FlowTableMachine(RuleBasedStateMachine):
         shared_sets = {frozenset(f.tags) - {"a", "b"} for f in self.model} - {frozenset()}
         assert set(self.table._groups) == shared_sets
         for tags, group in self.table._groups.items():
-            assert set(group.flows) == {f for f in flows if frozenset(f.tags) - {"a", "b"} == tags}
+            members = {f for f in flows if frozenset(f.tags) - {"a", "b"} == tags}
+            assert set(group.live_flows()) == members and group.live == len(members)
         assert set(self.table._group_index) == {tag for tags in shared_sets for tag in tags}
         # Interned actions: exactly those the live flows hold, one object each, counted.
         held: dict[Action, int] = {}
@@ -726,3 +727,22 @@ def test_one_prefix_field_keys_are_flat_and_round_trip(full_fields: tuple[str, .
     assert table.lookup(packet, 1.0) is flow
     assert table.lookup(dataclasses.replace(packet, ip_dst=0x0A0001FE), 1.0) is flow
     assert table.lookup(dataclasses.replace(packet, ip_dst=0x0A000205), 1.0) is None
+
+
+def test_a_shared_tag_group_forgets_removed_flows() -> None:
+    """Flows sharing a group come and go (expired, replaced, invalidated by their own tags):
+    the group's list stays within twice its live flows plus slack, and invalidating by a
+    shared tag removes exactly the live ones."""
+    table = FlowTable()
+    live: list[Flow] = []
+    for round_ in range(40):
+        for n in range(10):
+            packet = FlowMatch(in_port=1 + n, eth_dst=round_ + 1)
+            live.append(install_for(table, packet, PORT_AND_DST, tags=("bridge:b", f"nat:{n}")))
+        table.invalidate([f"nat:{n}" for n in range(8)])  # eight of the ten go
+        live = [flow for flow in live if not flow.removed]
+    (group,) = table._groups.values()
+    assert group.live == len(live) == 80
+    assert len(group.flows) <= 2 * group.live + 16
+    assert set(table.invalidate(["bridge:b"])) == set(live)
+    assert len(table) == 0 and not table._groups
