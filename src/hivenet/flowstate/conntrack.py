@@ -37,7 +37,7 @@ from hivenet.flowstate.keys import (
     is_icmp_error,
     key_of_match,
 )
-from hivenet.flowstate.schedule import EntryScheduler, RefreshPolicy, TrackedEntry
+from hivenet.flowstate.schedule import EntryOrder, EntryScheduler, RefreshPolicy, TrackedEntry
 from hivenet.packets.flowmatch import IP_PROTO_TCP, IP_PROTO_UDP, FlowMatch
 
 TCP_FIN = 0x01
@@ -331,7 +331,7 @@ class ConntrackTable:
         self._schedule = EntryScheduler(refresh or RefreshPolicy(), granularity)
         self._count = 0
         # Half-open entries in the order they became half-open (a dict as an ordered set).
-        self._half_open: dict[_ConnEntry, None] = {}
+        self._half_open = EntryOrder()
         self._evicted: list[ConntrackRecord] = []
         self.evicted_half_open = 0
         self.evicted_other = 0
@@ -511,9 +511,9 @@ class ConntrackTable:
     def _set_state(self, entry: _ConnEntry, state: ConnState) -> None:
         if state in HALF_OPEN_STATES:
             if entry.state not in HALF_OPEN_STATES:
-                self._half_open[entry] = None
+                self._half_open.add(entry)
         elif entry.state in HALF_OPEN_STATES:
-            self._half_open.pop(entry, None)
+            self._half_open.discard(entry)
         entry.state = state
 
     def _insert(
@@ -537,7 +537,7 @@ class ConntrackTable:
             entries = self._zones[zone] = {}
         entry = _ConnEntry(zone, key, state, now + timeout, timeout)
         if state in HALF_OPEN_STATES:
-            self._half_open[entry] = None
+            self._half_open.add(entry)
         entries[key] = entry
         self._count += 1
         self._schedule.set_expiry(entry, now + timeout, timeout)
@@ -569,7 +569,7 @@ class ConntrackTable:
             if not entries:
                 del self._zones[entry.zone]
         self._schedule.forget(entry)
-        self._half_open.pop(entry, None)
+        self._half_open.discard(entry)
         self._count -= 1
 
     def take_evicted(self) -> list[ConntrackRecord]:

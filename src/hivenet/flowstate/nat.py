@@ -34,7 +34,13 @@ from hivenet.flowstate.portblocks import (
     NatRange,
     PortBlockAllocator,
 )
-from hivenet.flowstate.schedule import EntryScheduler, RefreshPolicy, TrackedEntry
+from hivenet.flowstate.schedule import (
+    TABLE_FLAG,
+    EntryOrder,
+    EntryScheduler,
+    RefreshPolicy,
+    TrackedEntry,
+)
 from hivenet.packets.flowmatch import IP_PROTO_TCP, IP_PROTO_UDP, FlowMatch
 
 
@@ -182,14 +188,22 @@ class IcmpErrorTranslation:
 
 
 class _NatEntry(TrackedEntry):
-    # `owns_port`: this host allocated the translated port (SNAT) and must release it; the
-    # port and its destination are read back from the binding instead of kept twice.
-    __slots__ = ("binding", "owns_port")
+    __slots__ = ("binding",)
 
     def __init__(self, binding: NatBinding, expires_at: float, timeout: float) -> None:
         super().__init__(expires_at, timeout)
         self.binding = binding
-        self.owns_port = False
+
+    @property
+    def owns_port(self) -> bool:
+        """This host allocated the translated port (SNAT) and must release it; the port and
+        its destination are read back from the binding instead of kept twice (a bit of
+        `flags`, not a slot of its own)."""
+        return bool(self.flags & TABLE_FLAG)
+
+    @owns_port.setter
+    def owns_port(self, owns: bool) -> None:
+        self.flags = self.flags | TABLE_FLAG if owns else self.flags & ~TABLE_FLAG
 
 
 def snat_destination(key: FlowKey) -> Destination:
@@ -240,7 +254,7 @@ class NatTable:
         self._schedule = EntryScheduler(refresh or RefreshPolicy(), granularity)
         self._count = 0
         # Bindings not used since they were made, oldest first (a dict as an ordered set).
-        self._unused: dict[_NatEntry, None] = {}
+        self._unused = EntryOrder()
         self._evicted: list[NatRecord] = []
         self.evicted_unused = 0
         self.evicted_other = 0
@@ -293,7 +307,7 @@ class NatTable:
         entry = self._live(self._by_translated, zone, kind, reply_key.reversed(), now)
         if entry is None:
             return None
-        self._unused.pop(entry, None)
+        self._unused.discard(entry)
         return entry.binding
 
     def reverse(
@@ -427,7 +441,7 @@ class NatTable:
         self._by_original.setdefault(index, {})[binding.original] = entry
         self._by_translated.setdefault(index, {})[binding.translated] = entry
         self._count += 1
-        self._unused[entry] = None
+        self._unused.add(entry)
         self._schedule.set_expiry(entry, deadline, timeout)
         if changed:
             self._schedule.mark_changed(entry)
@@ -518,7 +532,7 @@ class NatTable:
         return True
 
     def _touch_entry(self, entry: _NatEntry, now: float, timeout: float | None) -> None:
-        self._unused.pop(entry, None)
+        self._unused.discard(entry)
         timeout = entry.timeout if timeout is None else timeout
         self._schedule.set_expiry(entry, now + timeout, timeout)
         self._schedule.mark_used(entry)
@@ -533,7 +547,7 @@ class NatTable:
             return None
         entry = self._live(self._by_original, binding.zone, binding.kind, binding.original, now)
         if entry is not None and entry.binding == binding:
-            self._unused.pop(entry, None)  # the peer refreshed it: it is in use there
+            self._unused.discard(entry)  # the peer refreshed it: it is in use there
             self._schedule.set_expiry(
                 entry, max(entry.expires_at, record.expires_at), entry.timeout
             )
@@ -565,7 +579,7 @@ class NatTable:
                 if not entries:
                     del table[index]
         self._schedule.forget(entry)
-        self._unused.pop(entry, None)
+        self._unused.discard(entry)
         self._count -= 1
         if entry.owns_port and self.allocator is not None:
             translated = binding.translated

@@ -17,7 +17,8 @@ expires here and on the peers at about the same time.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container, Iterable
+from collections import deque
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -48,7 +49,10 @@ class RefreshPolicy:
 NO_PEERS: frozenset[str] = frozenset()
 
 
-NEEDS_PUSH, USED_SINCE_PUSH, AWAITING_USE = 1, 2, 4  # `TrackedEntry.flags`
+NEEDS_PUSH, USED_SINCE_PUSH, AWAITING_USE = 1, 2, 4  # `TrackedEntry.flags`: the push's
+PUSH_FLAGS = NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE
+IN_ORDER, QUEUED = 8, 16  # `EntryOrder`'s: a member; has its one place in the queue
+TABLE_FLAG = 32  # the owning table's own bit (NAT: the entry owns its translated port)
 
 
 class TrackedEntry:
@@ -63,7 +67,8 @@ class TrackedEntry:
         self.timeout = timeout
         self.expiry_bucket = -1
         self.refresh_bucket = -1
-        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE (one small int instead of three slots).
+        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE | IN_ORDER | QUEUED | TABLE_FLAG (one
+        # small int instead of six slots).
         self.flags = 0
         # Hosts this entry is pushed to, as the agent last told the table (empty: unknown).
         self.peers: frozenset[str] = NO_PEERS
@@ -83,74 +88,175 @@ class TrackedEntry:
         return bool(self.flags & AWAITING_USE)
 
 
+# Stale bucket members tolerated beyond the live ones before a wheel is compacted.
+_COMPACT_SLACK = 1024
+
+
+class EntryOrder:
+    """Entries in the order they were (last) added, as a dict used as an ordered set keeps
+    them, for ~9 bytes an entry instead of ~40: a deque with lazy removal. Membership is a
+    bit of the entry's `flags` (an entry is in at most one `EntryOrder`); `discard` leaves
+    the entry's place in the queue behind, skipped when read and dropped at the front or
+    when stale places outnumber members (so the queue holds at most about twice the members).
+    An entry added again while its old place is still queued moves to the end (O(n), rare:
+    a connection half-open again after it closed)."""
+
+    __slots__ = ("_live", "_queue", "_stale")
+
+    def __init__(self) -> None:
+        self._queue: deque[TrackedEntry] = deque()
+        self._live = 0
+        self._stale = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __contains__(self, entry: TrackedEntry) -> bool:
+        return bool(entry.flags & IN_ORDER)
+
+    def add(self, entry: TrackedEntry) -> None:
+        flags = entry.flags
+        if flags & IN_ORDER:
+            return
+        if flags & QUEUED:  # its old place is still in the queue: it joins at the end
+            self._queue.remove(entry)
+            self._stale -= 1
+        entry.flags = flags | IN_ORDER | QUEUED
+        self._queue.append(entry)
+        self._live += 1
+
+    def discard(self, entry: TrackedEntry) -> None:
+        if not entry.flags & IN_ORDER:
+            return
+        entry.flags &= ~IN_ORDER
+        self._live -= 1
+        self._stale += 1
+        if self._stale > self._live + _COMPACT_SLACK:
+            kept: deque[TrackedEntry] = deque()
+            for queued in self._queue:
+                if queued.flags & IN_ORDER:
+                    kept.append(queued)
+                else:
+                    queued.flags &= ~QUEUED
+            self._queue, self._stale = kept, 0
+
+    def __iter__(self) -> Iterator[TrackedEntry]:
+        """Members, oldest first (stale places at the front are dropped on the way)."""
+        queue = self._queue
+        while queue and not queue[0].flags & IN_ORDER:
+            queue.popleft().flags &= ~QUEUED
+            self._stale -= 1
+        return (entry for entry in queue if entry.flags & IN_ORDER)
+
+
 class _Wheel:
     """Entries bucketed by `floor(time / granularity)`; a heap of bucket numbers finds the
-    earliest. Each entry sits in at most one bucket of a wheel (the caller keeps its number)."""
+    earliest. Each entry sits in at most one bucket of a wheel: the one its `attr` slot
+    (`expiry_bucket` or `refresh_bucket`) names, -1 for none.
 
-    __slots__ = ("buckets", "granularity", "heap", "numbers")
+    A bucket is a deque (~8 bytes a member, where a dict as an ordered set costs ~40), and
+    removal is lazy: `discard` only counts the entry as stale (the caller resets its slot),
+    and a member whose slot names another bucket is skipped when the bucket is read. When
+    the stale members outnumber the live ones, every bucket is compacted, so the lists hold
+    at most about twice the live entries whatever the timers do."""
 
-    def __init__(self, granularity: float) -> None:
+    __slots__ = ("attr", "buckets", "granularity", "heap", "live", "numbers", "stale")
+
+    def __init__(self, granularity: float, attr: str) -> None:
         self.granularity = granularity
-        self.buckets: dict[int, dict[TrackedEntry, None]] = {}
+        self.attr = attr
+        self.buckets: dict[int, deque[TrackedEntry]] = {}
         self.heap: list[int] = []
         # One int object per live bucket number, shared by every entry in the bucket (each
         # entry keeps its bucket number; a fresh int per entry would be 32 bytes each).
         self.numbers: dict[int, int] = {}
+        self.live = 0  # entries whose slot names a bucket of this wheel
+        self.stale = 0  # members left behind by `discard` (an upper bound)
 
     def bucket_of(self, at: float) -> int:
         return int(at // self.granularity)
 
     def add(self, entry: TrackedEntry, bucket: int) -> int:
-        """Put `entry` in `bucket`; returns the bucket number to keep (a shared int)."""
+        """Put `entry` in `bucket`; returns the bucket number the caller stores in the
+        entry's slot (a shared int). The entry must not be in a bucket of this wheel."""
         members = self.buckets.get(bucket)
         if members is None:
-            members = self.buckets[bucket] = {}
+            members = self.buckets[bucket] = deque()
             self.numbers[bucket] = bucket
             heapq.heappush(self.heap, bucket)
-        members[entry] = None
+        members.append(entry)
+        self.live += 1
         return self.numbers[bucket]
 
     def discard(self, entry: TrackedEntry, bucket: int) -> None:
-        members = self.buckets.get(bucket)
-        if members is not None:
-            members.pop(entry, None)
-            # Empty buckets stay in the heap; pop() drops them when they come due.
+        """`entry` leaves `bucket` (the caller then resets or changes its slot)."""
+        self.live -= 1
+        self.stale += 1
+        if self.stale > self.live + _COMPACT_SLACK:
+            self._compact(entry)
+
+    def _members(self, bucket: int, members: Iterable[TrackedEntry]) -> list[TrackedEntry]:
+        """The live members of `bucket`, each once, in the order they were added."""
+        attr = self.attr
+        return list(dict.fromkeys(entry for entry in members if getattr(entry, attr) == bucket))
+
+    def _compact(self, leaving: TrackedEntry) -> None:
+        """Drop every stale member (`leaving` is being discarded: its slot is not reset yet)."""
+        for bucket, members in list(self.buckets.items()):
+            kept = [entry for entry in self._members(bucket, members) if entry is not leaving]
+            if kept:
+                self.buckets[bucket] = deque(kept)
+            else:
+                del self.buckets[bucket]
+                self.numbers.pop(bucket, None)
+        self.heap = list(self.buckets)
+        heapq.heapify(self.heap)
+        self.stale = 0
 
     def pop_through(self, last_bucket: int) -> list[TrackedEntry]:
-        """Remove and return every entry in buckets <= last_bucket."""
+        """Remove and return every entry in buckets <= last_bucket (their slots set to -1)."""
         out: list[TrackedEntry] = []
-        heap = self.heap
+        heap, attr = self.heap, self.attr
         while heap and heap[0] <= last_bucket:
             bucket = heapq.heappop(heap)
             members = self.buckets.pop(bucket, None)
-            self.numbers.pop(bucket, None)
             if members:
-                out.extend(members)
+                live = self._members(bucket, members)
+                self.stale -= min(self.stale, len(members) - len(live))
+                for entry in live:
+                    setattr(entry, attr, -1)
+                out.extend(live)
+            self.numbers.pop(bucket, None)
+        self.live -= len(out)
         return out
 
     def first(self, skip: Container[TrackedEntry]) -> TrackedEntry | None:
-        """An entry of the earliest non-empty bucket not in `skip` (None: none left)."""
-        heap = self.heap
+        """A live entry of the earliest non-empty bucket not in `skip` (None: none left).
+        Stale members at the front of that bucket are dropped on the way (O(1) each), so
+        evicting a bucket's entries one after the other does not rescan them."""
+        heap, attr = self.heap, self.attr
         while heap:
-            members = self.buckets.get(heap[0])
+            bucket = heap[0]
+            members = self.buckets.get(bucket)
+            while members and getattr(members[0], attr) != bucket:
+                members.popleft()
+                self.stale -= self.stale > 0
             if members:
                 break
-            bucket = heapq.heappop(heap)  # emptied by discard(): drop it now
+            heapq.heappop(heap)  # emptied by discard(): drop it now
             self.buckets.pop(bucket, None)
             self.numbers.pop(bucket, None)
         if not heap:
             return None
-        for entry in self.buckets[heap[0]]:
-            if entry not in skip:
-                return entry
-        for bucket in sorted(heap)[1:]:  # rare: every entry of the first bucket is skipped
+        for bucket in [heap[0], *sorted(heap)[1:]]:  # later buckets: rare, all skipped
             for entry in self.buckets.get(bucket, ()):
-                if entry not in skip:
+                if getattr(entry, attr) == bucket and entry not in skip:
                     return entry
         return None
 
     def __len__(self) -> int:
-        return sum(len(members) for members in self.buckets.values())
+        """Live entries (counted from the buckets: for consistency checks)."""
+        return sum(len(self._members(b, members)) for b, members in self.buckets.items())
 
 
 class EntryScheduler:
@@ -162,8 +268,8 @@ class EntryScheduler:
         if not granularity > 0:
             raise ValueError(f"granularity must be > 0 seconds, got {granularity!r}")
         self.policy = policy
-        self._expiry = _Wheel(granularity)
-        self._refresh = _Wheel(granularity)
+        self._expiry = _Wheel(granularity, "expiry_bucket")
+        self._refresh = _Wheel(granularity, "refresh_bucket")
         # Entries to push at the next `pop_due_for_push` (a dict as an insertion-ordered set).
         self._due: dict[TrackedEntry, None] = {}
 
@@ -185,11 +291,11 @@ class EntryScheduler:
         expired: list[TrackedEntry] = []
         for entry in self._expiry.pop_through(current):
             if entry.expires_at <= now:
-                entry.expiry_bucket = -1
                 self._forget_push(entry)
                 expired.append(entry)
             else:
-                entry.expiry_bucket = self._expiry.add(entry, entry.expiry_bucket)
+                bucket = self._expiry.bucket_of(entry.expires_at)
+                entry.expiry_bucket = self._expiry.add(entry, bucket)
         return expired
 
     def forget(self, entry: TrackedEntry) -> None:
@@ -222,7 +328,7 @@ class EntryScheduler:
     def mark_known_to_peers(self, entry: TrackedEntry, now: float) -> None:
         """The peers hold this entry as of `now` (we pushed it, or a peer pushed it to us):
         the next refresh check is due `refresh_after(timeout)` from now."""
-        entry.flags = 0
+        entry.flags &= ~PUSH_FLAGS
         self._due.pop(entry, None)
         if entry.refresh_bucket >= 0:
             self._refresh.discard(entry, entry.refresh_bucket)
@@ -233,7 +339,6 @@ class EntryScheduler:
         """Entries to push at `now` (new, changed, or used and due for refresh), in the order
         they became due. Each is then considered pushed at `now`."""
         for entry in self._refresh.pop_through(self._refresh.bucket_of(now)):
-            entry.refresh_bucket = -1
             if entry.flags & USED_SINCE_PUSH:
                 self._due[entry] = None
             else:

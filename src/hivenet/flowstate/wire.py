@@ -254,6 +254,14 @@ def _decode_nat(reader: _Reader, now: float, start: int) -> NatRecord:
     return NatRecord(binding, now + expiry / 1000.0)
 
 
+# Keys decoded lately, by their encoding: a key decoded again (the same connection's
+# conntrack entry and NAT binding, usually in different messages of one push, or a refresh)
+# is the same object, so a peer's tables hold one copy (~96 bytes a key). Values only, so
+# nothing here can go stale; emptied when full (keys already decoded keep theirs).
+_recent_keys: dict[bytes, FlowKey] = {}
+_RECENT_KEYS_MAX = 1 << 13
+
+
 def _decode_message(
     data: bytes | bytearray | memoryview, offset: int, now: float, batch: DecodedBatch
 ) -> int:
@@ -271,7 +279,9 @@ def _decode_message(
     if flags != 0:
         raise WireFormatError(f"reserved flags {flags:#x} are not 0", offset + 5)
     offset += _HEADER.size
-    keys: dict[bytes, FlowKey] = {}
+    keys = _recent_keys
+    if len(keys) >= _RECENT_KEYS_MAX:
+        keys.clear()
     for index in range(count):
         if total - offset < _ENTRY.size:
             raise WireFormatError(f"truncated entry {index} of {count}", offset)

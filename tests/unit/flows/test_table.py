@@ -3,6 +3,7 @@ and ExactMatchCache. Table-driven cases plus hypothesis properties against naive
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -687,7 +688,8 @@ class FlowTableMachine(RuleBasedStateMachine):
         shared_sets = {frozenset(f.tags) - {"a", "b"} for f in self.model} - {frozenset()}
         assert set(self.table._groups) == shared_sets
         for tags, group in self.table._groups.items():
-            assert set(group.flows) == {f for f in flows if frozenset(f.tags) - {"a", "b"} == tags}
+            members = {f for f in flows if frozenset(f.tags) - {"a", "b"} == tags}
+            assert set(group.live_flows()) == members and group.live == len(members)
         assert set(self.table._group_index) == {tag for tags in shared_sets for tag in tags}
         # Interned actions: exactly those the live flows hold, one object each, counted.
         held: dict[Action, int] = {}
@@ -702,3 +704,45 @@ FlowTableMachine.TestCase.settings = settings(
     max_examples=120, stateful_step_count=40, deadline=None
 )
 test_flow_table_against_model = FlowTableMachine.TestCase
+
+
+@pytest.mark.parametrize(
+    "full_fields",
+    [(), ("in_port",), ("in_port", "eth_dst"), ("in_port", "eth_dst", "tp_src", "tp_dst")],
+)
+def test_one_prefix_field_keys_are_flat_and_round_trip(full_fields: tuple[str, ...]) -> None:
+    """Whole fields plus one address prefix (the usual megaflow): the stored key is one flat
+    tuple (or a bare int), the flow gives back its masked match, and lookups find it only
+    inside the prefix."""
+    mask = mask_from(
+        {name: FULL_MASKS[name] for name in full_fields} | {"ip_dst": FULL_MASKS["ip_dst"] << 8}
+    )
+    packet = FlowMatch(
+        in_port=3, eth_dst=0x020000000001, eth_type=0x0800, ip_dst=0x0A000105, tp_src=7, tp_dst=9
+    )
+    table = FlowTable()
+    flow = install_for(table, packet, mask)
+    assert flow.match == packet.masked(mask)
+    assert type(flow._key) is int or all(type(value) is int for value in flow._key)
+    assert table.lookup(packet, 1.0) is flow
+    assert table.lookup(dataclasses.replace(packet, ip_dst=0x0A0001FE), 1.0) is flow
+    assert table.lookup(dataclasses.replace(packet, ip_dst=0x0A000205), 1.0) is None
+
+
+def test_a_shared_tag_group_forgets_removed_flows() -> None:
+    """Flows sharing a group come and go (expired, replaced, invalidated by their own tags):
+    the group's list stays within twice its live flows plus slack, and invalidating by a
+    shared tag removes exactly the live ones."""
+    table = FlowTable()
+    live: list[Flow] = []
+    for round_ in range(40):
+        for n in range(10):
+            packet = FlowMatch(in_port=1 + n, eth_dst=round_ + 1)
+            live.append(install_for(table, packet, PORT_AND_DST, tags=("bridge:b", f"nat:{n}")))
+        table.invalidate([f"nat:{n}" for n in range(8)])  # eight of the ten go
+        live = [flow for flow in live if not flow.removed]
+    (group,) = table._groups.values()
+    assert group.live == len(live) == 80
+    assert len(group.flows) <= 2 * group.live + 16
+    assert set(table.invalidate(["bridge:b"])) == set(live)
+    assert len(table) == 0 and not table._groups

@@ -168,6 +168,20 @@ def test_expiry_and_removal_free_the_port() -> None:
     assert not table.remove(ZONE, NatKind.SNAT, key)
 
 
+def test_a_pushed_and_refreshed_binding_still_frees_its_port() -> None:
+    """Owning the port is a bit of the entry's flags, next to the push's bits: pushing,
+    using and refreshing the binding (which rewrite those bits) keep it."""
+    table, allocator = snat_table()
+    key = FlowKey(4, ip(PRIVATE), ip(REMOTE), 17, 5000, 53)
+    binding, _ = table.snat(ZONE, key, [NAT_RANGE], 0.0)
+    assert [record.binding for record, _ in table.due_for_push(0.0)] == [binding]
+    table.snat(ZONE, key, [NAT_RANGE], 200.0)  # used: due for refresh
+    assert [record.binding for record, _ in table.due_for_push(200.0)] == [binding]
+    assert allocator.in_use() == 1
+    assert [record.binding for record in table.expire(500.0)] == [binding]
+    assert allocator.in_use() == 0
+
+
 def test_touch_with_conntrack_timeout() -> None:
     table, _ = snat_table()
     key = FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443)

@@ -53,6 +53,20 @@ def test_round_trip_keeps_relative_expiry() -> None:
     assert decoded.skipped_entries == 0
 
 
+def test_a_key_decoded_again_in_another_message_is_the_same_object() -> None:
+    """A connection's conntrack entry and NAT binding arrive in different messages of one
+    push: the peer's tables then hold one key object between them, not two equal ones."""
+    key = v4_key()
+    translated = FlowKey(4, 0xCB007107, 0xC0000201, 6, 1025, 443)
+    first = decode(encode([ConntrackRecord("p", key, ConnState.SYN_SENT, NOW + 9)], now=NOW), NOW)
+    binding = NatBinding("r1", NatKind.SNAT, key, translated)
+    second = decode(encode([], [NatRecord(binding, NOW + 9)], now=NOW), NOW)
+    (record,), (nat,) = first.conntrack, second.nat
+    assert record.key == key and nat.binding == binding
+    assert nat.binding.original is record.key
+    assert nat.binding.translated is not record.key
+
+
 def test_expired_entries_encode_as_deletions() -> None:
     record = ConntrackRecord("r1", v4_key(), ConnState.CLOSED, NOW - 3.0)
     decoded = decode(encode([record], now=NOW), now=NOW)
