@@ -79,6 +79,31 @@ def run_chain(
     """Evaluate a chain; True when the packet continues, False when the branch ended
     (drop, reject, unsupported). A top-level RETURN or falling off the end continues.
     A rejected packet is answered out of `reply_port`."""
+    chain = walk.view.chains.get(chain_id)
+    if chain is not None and chain.plain:
+        # The common chain (security groups, port filters): every rule ends the chain and
+        # none asks the flow state, so the first match is the verdict: no jump stack, no
+        # loop (what `_evaluate` does for it, without its generality).
+        walk.tags.add(chain.tag)
+        rules = chain.rules
+        index = chain.matcher(packet, 0, in_port.id, out_port_id, in_port.port_group_ids)
+        if index < 0:
+            if rules:
+                _read_pairs(walk, packet, chain.read_pairs[-1])
+            return True
+        _read_pairs(walk, packet, chain.read_pairs[index])
+        rule = rules[index]
+        action = rule.action
+        here = _new_tuple(Here, ("chain", chain.id, chain.name, depth))
+        walk.step(here, "rule", rule.description)
+        if action is _ACCEPT or action is _RETURN:
+            return True
+        if action is _DROP:
+            walk.drop(here, _drop_reason(walk, chain.id, rule), rule.id)
+            return False
+        walk.drop(here, "rule_reject", rule.id)
+        reject(walk, packet, reply_port, depth)
+        return False
     try:
         verdict = _evaluate(walk, packet, chain_id, in_port, out_port_id, depth, [])
     except _ChainStop:
@@ -151,12 +176,7 @@ def _evaluate(
             if action is _ACCEPT:
                 verdict = "accept"
             elif action is _DROP:
-                reason = (
-                    drop_reason_of(rule.rule, "rule_drop")
-                    if chain.id in walk.view.security.chain_zones
-                    else "rule_drop"
-                )
-                walk.drop(here, reason, rule.id)
+                walk.drop(here, _drop_reason(walk, chain.id, rule), rule.id)
                 verdict = "drop"
             elif action is _REJECT:
                 walk.drop(here, "rule_reject", rule.id)
@@ -179,6 +199,13 @@ def _evaluate(
             _read_pairs(walk, packet, chain.read_pairs[evaluated_through])
         stack.pop()
     return verdict
+
+
+def _drop_reason(walk: Walk, chain_id: str, rule: CompiledRule) -> str:
+    """A security-group chain's drop rules name their reason; other chains' say rule_drop."""
+    if chain_id in walk.view.security.chain_zones:
+        return drop_reason_of(rule.rule, "rule_drop")
+    return "rule_drop"
 
 
 def _zone(walk: Walk, chain_id: str, in_port: PortInfo) -> str:

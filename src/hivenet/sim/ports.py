@@ -22,9 +22,12 @@ from hivenet.sim import bridge as bridge_device
 from hivenet.sim import dhcp, metadata, mtu
 from hivenet.sim import router as router_device
 from hivenet.sim.chains import run_chain
-from hivenet.sim.secgroups import full_mask_reader, spoof_reason
+from hivenet.sim.secgroups import spoof_reason
 from hivenet.sim.topology import PortInfo
 from hivenet.sim.walk import MAX_DEVICES_PER_SIMULATION, Here, PacketState, Walk
+
+_new_tuple = tuple.__new__  # Here(...) without the NamedTuple's Python-level __new__
+_INTO = {kind: f"into {kind.value}" for kind in DeviceKind}
 
 
 def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
@@ -36,8 +39,8 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
         walk.drop(Here("port", port_id, port_id, depth), "unknown_port", "port not in topology")
         return
     walk.tags.add(port.tag)
-    here = Here("port", port.id, port.name, depth)
-    walk.step(here, "ingress", f"into {port.device_kind.value}")
+    here = _new_tuple(Here, ("port", port.id, port.name, depth))
+    walk.step(here, "ingress", _INTO[port.device_kind])
     if not port.admin_up:
         walk.drop(here, "port_down", "ingress port is down")
         return
@@ -45,9 +48,7 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
         return
     guard = view.security.guards.get(port.id)
     if guard is not None:
-        spoofed = spoof_reason(
-            guard, packet, full_mask_reader(lambda name, mask: walk.read(packet, name, mask))
-        )
+        spoofed = spoof_reason(guard, packet, walk.full_reader(packet))
         if spoofed is not None:
             walk.drop(here, spoofed, "port security")
             return
@@ -101,7 +102,7 @@ def egress(
     """`packet` leaves its device through `port` (it came in by `device_in_port`); a
     flood copy skips a port that cannot take it instead of dropping the whole packet."""
     walk.tags.add(port.tag)
-    here = Here("port", port.id, port.name, depth)
+    here = _new_tuple(Here, ("port", port.id, port.name, depth))
     if not port.admin_up:
         if flooding:
             walk.step(here, "skip", "port is down")

@@ -52,7 +52,6 @@ from hivenet.packets.flowmatch import (
     ETH_TYPE_ARP,
     ETH_TYPE_IPV4,
     ETH_TYPE_IPV6,
-    FULL_MASKS,
     IP_PROTO_ICMPV6,
     IP_PROTO_UDP,
 )
@@ -568,15 +567,6 @@ def _eui64_link_local(mac: int) -> int:
     """fe80::/64 with the modified EUI-64 interface identifier of `mac`."""
     identifier = ((mac >> 24) << 40) | (0xFFFE << 24) | (mac & 0xFFFFFF)
     return (0xFE80 << 112) | (identifier ^ (0x02 << 56))
-
-
-def full_mask_reader(read: Callable[[str, int], None]) -> Callable[[str], None]:
-    """Adapts the engine's `read(field, mask)` to `spoof_reason`'s full-width reads."""
-
-    def read_full(name: str) -> None:
-        read(name, FULL_MASKS[name])
-
-    return read_full
 
 
 def drop_reason_of(rule: Rule, default: str) -> str:

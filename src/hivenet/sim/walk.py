@@ -235,6 +235,17 @@ class Walk:
         reads = self.reads
         reads[field] = reads.get(field, 0) | mask
 
+    def full_reader(self, packet: PacketState) -> Callable[[str], None]:
+        """`read(field)`: `self.read(packet, field, <all its bits>)`, in one call."""
+        reads = self.reads
+        modified = packet.modified
+
+        def read(field: str) -> None:
+            if field not in modified:
+                reads[field] = reads.get(field, 0) | FULL_MASKS[field]
+
+        return read
+
     def enter(self, kind: str, device: BridgeInfo | RouterInfo, depth: int) -> Here | None:
         """The walk reached `device` (its flows now carry the device's tag): where it is, or
         None when the device is down and the frame was dropped."""
