@@ -50,12 +50,12 @@ def receive(
     if bridge.arp_proxy and _answer_arp_proxy(walk, packet, bridge, in_port, here):
         return
     dst = packet.eth_dst
-    walk.read(packet, "eth_dst", MULTICAST_BIT)
     if dst & MULTICAST_BIT:
+        walk.read(packet, "eth_dst", MULTICAST_BIT)
         walk.step(here, "flood", f"multicast {mac_text(dst)}")
         flood(walk, packet, bridge, in_port, vlan, depth)
         return
-    walk.read(packet, "eth_dst", FULL_MASKS["eth_dst"])
+    walk.read(packet, "eth_dst", FULL_MASKS["eth_dst"])  # (its multicast bit with the rest)
     out_port = _unicast_port(walk, bridge, vlan, dst)
     if out_port is None:
         walk.step(here, "flood", f"unknown unicast {mac_text(dst)}")

@@ -18,6 +18,7 @@ from hivenet.model import DeviceKind, RuleAction
 from hivenet.packets.flowmatch import FULL_MASKS, IP_PROTO_TCP
 from hivenet.sim import replies
 from hivenet.sim.flowstate_hook import FlowStateUnsupported
+from hivenet.sim.result import TraceStep
 from hivenet.sim.rules import CompiledRule
 from hivenet.sim.secgroups import drop_reason_of
 from hivenet.sim.topology import PortInfo
@@ -55,12 +56,24 @@ _CONTINUE, _JUMP, _ACCEPT, _DROP, _REJECT, _RETURN = (
 
 
 def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], ...]) -> None:
-    """`walk.read(packet, field, mask)` for every (field, mask) pair, in one loop."""
+    """`walk.read(packet, field, mask)` for every (field, mask) pair, in one loop. A tuple
+    recorded whole before in this walk adds nothing (the masks are OR-ed): skipped. Chains
+    of the same shape share their tuples (`sim/rules.py` interns them), so a path through
+    several such chains records their reads once."""
+    key = id(pairs)  # the tuple is held by its chain (or this module) for the whole walk
+    recorded = walk.recorded_reads
+    if key in recorded:
+        return
     modified = packet.modified
     reads = walk.reads
+    whole = True
     for field, mask in pairs:
-        if field not in modified:
+        if field in modified:
+            whole = False
+        else:
             reads[field] = reads.get(field, 0) | mask
+    if whole:
+        recorded.add(key)
 
 
 class _ChainStop(Exception):
@@ -85,17 +98,18 @@ def run_chain(
         # none asks the flow state, so the first match is the verdict: no jump stack, no
         # loop (what `_evaluate` does for it, without its generality).
         walk.tags.add(chain.tag)
-        rules = chain.rules
         index = chain.matcher(packet, 0, in_port.id, out_port_id, in_port.port_group_ids)
         if index < 0:
-            if rules:
+            if chain.read_pairs:
                 _read_pairs(walk, packet, chain.read_pairs[-1])
             return True
-        _read_pairs(walk, packet, chain.read_pairs[index])
-        rule = rules[index]
+        pairs = chain.read_pairs[index]
+        if id(pairs) not in walk.recorded_reads:
+            _read_pairs(walk, packet, pairs)
+        rule = chain.rules[index]
         action = rule.action
         here = _new_tuple(Here, ("chain", chain.id, chain.name, depth))
-        walk.step(here, "rule", rule.description)
+        walk.trace.append(_new_tuple(TraceStep, (here, "rule", rule.description)))
         if action is _ACCEPT or action is _RETURN:
             return True
         if action is _DROP:

@@ -423,6 +423,23 @@ def _matcher_source(
     return "".join(out)
 
 
+# (field, mask) tuples of chains' `read_pairs`, one object per content: security-group chains
+# of a topology mostly read the same fields with the same masks (less memory; the walk records
+# a tuple it already recorded once, by identity). Bounded: emptied when full (only sharing is
+# lost).
+_PAIRS: dict[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]] = {}
+_PAIRS_LIMIT = 65536
+
+
+def _shared_pairs(pairs: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+    shared = _PAIRS.get(pairs)
+    if shared is None:
+        if len(_PAIRS) >= _PAIRS_LIMIT:
+            _PAIRS.clear()
+        shared = _PAIRS[pairs] = pairs
+    return shared
+
+
 def compile_chain(
     chain_id: str,
     chain_name: str,
@@ -508,7 +525,7 @@ def compile_chain(
         ip_addr_group_ids=frozenset(group_ids),
         source=source,
         tag=intern(f"chain:{chain_id}"),
-        read_pairs=tuple(tuple(reads.items()) for reads in reads_through),
+        read_pairs=tuple(_shared_pairs(tuple(reads.items())) for reads in reads_through),
         plain=all(
             rule.action in _PLAIN_ACTIONS and rule.conntrack_condition is None for rule in compiled
         ),
