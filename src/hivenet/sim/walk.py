@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
+from sys import intern
 
 from hivenet.flows.actions import (
     SETTABLE_FIELDS,
@@ -182,6 +183,27 @@ _mask_of = _mask_builder()
 _field_values = attrgetter(*FIELD_NAMES)
 
 
+_TAG_MEMO_LIMIT = 1 << 16
+
+
+def memo_tag(make: Callable[[str, int, int], str]) -> Callable[[str, int, int], str]:
+    """`make(id, a, b)` interned and remembered per argument triple (a table entry's tag is
+    spelled on every simulation that looks the entry up). A pure function of its key, so
+    never stale; bounded (emptied when full)."""
+    cache: dict[tuple[str, int, int], str] = {}
+
+    def tag(device_id: str, a: int, b: int) -> str:
+        key = (device_id, a, b)
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= _TAG_MEMO_LIMIT:
+                cache.clear()
+            found = cache[key] = intern(make(device_id, a, b))
+        return found
+
+    return tag
+
+
 @dataclass(slots=True)
 class PendingReply:
     """A packet to generate once the main walk is over: it leaves through `port` (which may
@@ -247,14 +269,15 @@ class Walk:
         reads = self.reads
         reads[field] = reads.get(field, 0) | mask
 
-    def full_reader(self, packet: PacketState) -> Callable[[str], None]:
-        """`read(field)`: `self.read(packet, field, <all its bits>)`, in one call."""
+    def full_reader(self, packet: PacketState) -> Callable[..., None]:
+        """`read(*fields)`: `self.read(packet, field, <all its bits>)` for each, in one call."""
         reads = self.reads
         modified = packet.modified
 
-        def read(field: str) -> None:
-            if field not in modified:
-                reads[field] = reads.get(field, 0) | FULL_MASKS[field]
+        def read(*fields: str) -> None:
+            for field in fields:
+                if field not in modified:
+                    reads[field] = reads.get(field, 0) | FULL_MASKS[field]
 
         return read
 

@@ -578,3 +578,37 @@ def test_a_security_group_sized_chain_is_dispatched_by_protocol_and_port() -> No
                     assert got == port - 9000
                 else:
                     assert got == 49
+
+
+def test_a_rule_change_recompiles_the_dispatched_matcher() -> None:
+    """No stale matcher: a rule added to (then removed from) a dispatched chain of the view
+    decides the next packets at once."""
+    from hivenet.model import Chain
+    from hivenet.sim import TopologyView
+
+    rules = [
+        Rule(
+            chain_id="c",
+            position=i,
+            action=RuleAction.ACCEPT,
+            nw_proto=6,
+            tp_dst=PortRange(start=9000 + i, end=9000 + i),
+        )
+        for i in range(20)
+    ]
+    view = TopologyView.from_objects([Chain(id="c", name="c"), *rules])
+    state = PacketState.of(FlowMatch(eth_type=0x0800, ip_proto=6, tp_dst=80))
+    assert "tp_dst < " in view.chains["c"].source
+    assert view.chains["c"].matcher(state, 0, "p1", None, frozenset()) == -1
+    drop = Rule(
+        chain_id="c",
+        position=50,
+        action=RuleAction.DROP,
+        nw_proto=6,
+        tp_dst=PortRange(start=80, end=80),
+    )
+    view.apply(drop)
+    chain = view.chains["c"]
+    assert chain.rules[chain.matcher(state, 0, "p1", None, frozenset())].id == drop.id
+    view.remove("rule", drop.id)
+    assert view.chains["c"].matcher(state, 0, "p1", None, frozenset()) == -1
