@@ -109,7 +109,10 @@ def run_chain(
         rule = chain.rules[index]
         action = rule.action
         here = _new_tuple(Here, ("chain", chain.id, chain.name, depth))
-        walk.trace.append(_new_tuple(TraceStep, (here, "rule", rule.description)))
+        detail = rule._description  # made once (the property), read here without it
+        if detail is None:
+            detail = rule.description
+        walk.trace.append(_new_tuple(TraceStep, (here, "rule", detail)))
         if action is _ACCEPT or action is _RETURN:
             return True
         if action is _DROP:

@@ -218,6 +218,36 @@ class Walk:
     """One simulation: the state shared by all branches of one packet and by every device
     module it passes through."""
 
+    __slots__ = (
+        "_ip_size",
+        "ctx",
+        "device_budget",
+        "drop_reasons",
+        "emissions",
+        "frame",
+        "generation",
+        "handoff",
+        "idle_timeout",
+        "ingress_port",
+        "inner_rewrites",
+        "install",
+        "learned",
+        "lookups",
+        "mac_overlay",
+        "match",
+        "mtu",
+        "mtu_answered",
+        "neighbour_overlay",
+        "now",
+        "pending",
+        "reads",
+        "recorded_reads",
+        "tables",
+        "tags",
+        "trace",
+        "view",
+    )
+
     def __init__(
         self,
         ctx: SimContext,
