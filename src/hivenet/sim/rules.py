@@ -28,9 +28,10 @@ candidate still tests all its conditions, so the result is the straight-line mat
 change. A chain whose rules do not split (or would be repeated too often) keeps the
 straight-line function.
 
-When: `compile_chain` builds the source, the constants and the reads at once, but runs
-Python's `compile()` (most of a chain's compile time) on the matcher's first call, which then
-puts the compiled function in the chain's `matcher` itself; rule descriptions (for traces)
+When: `compile_chain` builds each rule's condition text, the constants and the reads at
+once, but writes the matcher's source (with its dispatch plan) and runs Python's `compile()`
+(most of a chain's compile time) on the matcher's first call, which then puts the compiled
+function in the chain's `matcher` itself; rule descriptions (for traces)
 are also made on first use. An agent loading 20k chains (`bench/startup.py`) pays for the
 chains its simulations reach, when they first reach them.
 """
@@ -129,7 +130,10 @@ class CompiledChain:
     matcher: ChainMatcher
     reads_through: tuple[Mapping[str, int], ...]
     ip_addr_group_ids: frozenset[str]
-    source: str
+    # The matcher's source (`source`), written when first asked for: on the matcher's first
+    # call, or by a test.
+    make_source: Callable[[], str] = dataclasses.field(repr=False, compare=False, default=str)
+    _source: str | None = dataclasses.field(default=None, repr=False, compare=False)
     # The flow tag of the chain ("chain:<id>", interned) and `reads_through` as
     # ((field, mask), ...) pairs: what every evaluation adds, computed once per compile.
     tag: str = ""
@@ -137,6 +141,13 @@ class CompiledChain:
     # Every rule ends the chain (accept, drop, reject, return) and none has a conntrack
     # condition: the matcher's first match is the verdict (`sim/chains.py`'s fast path).
     plain: bool = False
+
+    @property
+    def source(self) -> str:
+        if self._source is None:
+            object.__setattr__(self, "_source", self.make_source())
+        assert self._source is not None
+        return self._source
 
 
 class _RuleCompiler:
@@ -373,7 +384,7 @@ _MATCHER_ARGS = "packet, start, in_port_id, out_port_id, in_port_groups"
 
 
 def _matcher_source(
-    tests: Sequence[str], rule_fields: Sequence[frozenset[str]], dispatch: _Dispatch | None
+    tests: Sequence[str], rule_fields: Sequence[Iterable[str]], dispatch: _Dispatch | None
 ) -> str:
     """The matcher's source: one function testing every rule in order or, dispatched, only a
     packet's candidates: a binary search on tp_dst (per protocol) finds the earliest match
@@ -460,7 +471,6 @@ def compile_chain(
     compiler = _RuleCompiler()
     compiled: list[CompiledRule] = []
     tests: list[str] = []
-    rule_fields: list[frozenset[str]] = []
     reads_through: list[dict[str, int]] = []
     cumulative: dict[str, int] = {}
     group_ids: set[str] = set()
@@ -475,7 +485,6 @@ def compile_chain(
         guard = [f"start <= {index}"]
         test = " and ".join(guard + conds) or "True"
         tests.append(test)
-        rule_fields.append(frozenset(reads))
         conntrack = (
             "forward" if rule.match_forward_flow else "return" if rule.match_return_flow else None
         )
@@ -489,15 +498,19 @@ def compile_chain(
                 reads=reads,
             )
         )
-    if dispatch_min_rules is None:
-        dispatch_min_rules = DISPATCH_MIN_RULES
-    dispatch = _dispatch_plan(ordered) if len(ordered) >= dispatch_min_rules else None
-    source = _matcher_source(tests, rule_fields, dispatch)
+    dispatched = len(ordered) >= (
+        DISPATCH_MIN_RULES if dispatch_min_rules is None else dispatch_min_rules
+    )
     constants = tuple(compiler.constants)
+
+    def make_source() -> str:
+        # On first use, like compile() (an agent loading 20k chains compiles few at once).
+        dispatch = _dispatch_plan(ordered) if dispatched else None
+        return _matcher_source(tests, [rule.reads.keys() for rule in compiled], dispatch)
 
     def compile_matcher() -> ChainMatcher:
         namespace: dict[str, Any] = {"K": constants, "__builtins__": {}}
-        exec(compile(source, f"<chain {chain_id}>", "exec"), namespace)
+        exec(compile(chain.source, f"<chain {chain_id}>", "exec"), namespace)
         matcher: ChainMatcher = namespace["chain_matcher"]
         return matcher
 
@@ -523,7 +536,7 @@ def compile_chain(
         matcher=first_call,
         reads_through=tuple(reads_through),
         ip_addr_group_ids=frozenset(group_ids),
-        source=source,
+        make_source=make_source,
         tag=intern(f"chain:{chain_id}"),
         read_pairs=tuple(_shared_pairs(tuple(reads.items())) for reads in reads_through),
         plain=all(
