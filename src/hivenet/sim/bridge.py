@@ -9,16 +9,19 @@ Must not touch I/O, the clock, the store or the datapath.
 
 from __future__ import annotations
 
-from sys import intern
-
 from hivenet.packets.flowmatch import ETH_TYPE_ARP, FULL_MASKS
 from hivenet.sim import ports, replies
 from hivenet.sim.chains import run_chain
 from hivenet.sim.tables import LearnedMac, ip_text, mac_entry_tag, mac_text
 from hivenet.sim.topology import BridgeInfo, PortInfo
-from hivenet.sim.walk import MULTICAST_BIT, Here, PacketState, Walk
+from hivenet.sim.walk import MULTICAST_BIT, Here, PacketState, Walk, memo_tag
 
 ARP_REQUEST = 1
+_mac_tag = memo_tag(mac_entry_tag)
+
+_FULL_VLAN = FULL_MASKS["vlan"]
+_FULL_ETH_SRC = FULL_MASKS["eth_src"]
+_FULL_ETH_DST = FULL_MASKS["eth_dst"]
 
 
 def receive(
@@ -27,7 +30,7 @@ def receive(
     here = walk.enter("bridge", bridge, depth)
     if here is None:
         return
-    walk.read(packet, "vlan", FULL_MASKS["vlan"])
+    walk.read(packet, "vlan", _FULL_VLAN)
     if in_port.vlan_id is not None:
         if packet.vlan:
             walk.drop(
@@ -40,7 +43,7 @@ def receive(
     else:
         vlan = packet.vlan
     src = packet.eth_src
-    walk.read(packet, "eth_src", FULL_MASKS["eth_src"])
+    walk.read(packet, "eth_src", _FULL_ETH_SRC)
     if not src & MULTICAST_BIT and (vlan, src) not in bridge.static_macs:
         learn_mac(walk, bridge, vlan, src, in_port, here)
     if bridge.inbound_chain_id is not None and not run_chain(
@@ -50,12 +53,12 @@ def receive(
     if bridge.arp_proxy and _answer_arp_proxy(walk, packet, bridge, in_port, here):
         return
     dst = packet.eth_dst
-    walk.read(packet, "eth_dst", MULTICAST_BIT)
     if dst & MULTICAST_BIT:
+        walk.read(packet, "eth_dst", MULTICAST_BIT)
         walk.step(here, "flood", f"multicast {mac_text(dst)}")
         flood(walk, packet, bridge, in_port, vlan, depth)
         return
-    walk.read(packet, "eth_dst", FULL_MASKS["eth_dst"])
+    walk.read(packet, "eth_dst", _FULL_ETH_DST)  # (its multicast bit with the rest)
     out_port = _unicast_port(walk, bridge, vlan, dst)
     if out_port is None:
         walk.step(here, "flood", f"unknown unicast {mac_text(dst)}")
@@ -72,7 +75,7 @@ def _unicast_port(walk: Walk, bridge: BridgeInfo, vlan: int, dst: int) -> PortIn
     """The bridge's port for `dst` (static, else learned), or None: flood it."""
     out_port_id = bridge.static_macs.get((vlan, dst))
     if out_port_id is None:
-        walk.tags.add(intern(mac_entry_tag(bridge.id, vlan, dst)))
+        walk.tags.add(_mac_tag(bridge.id, vlan, dst))
         out_port_id = walk.mac_overlay.get((bridge.id, vlan, dst))
         if out_port_id is None:
             out_port_id = walk.tables.mac_port(bridge.id, vlan, dst)
@@ -87,7 +90,7 @@ def learn_mac(
     walk: Walk, bridge: BridgeInfo, vlan: int, mac: int, in_port: PortInfo, here: Here
 ) -> None:
     key = (bridge.id, vlan, mac)
-    walk.tags.add(intern(mac_entry_tag(bridge.id, vlan, mac)))
+    walk.tags.add(_mac_tag(bridge.id, vlan, mac))
     known = walk.mac_overlay.get(key)
     if known is None:
         known = walk.tables.mac_port(bridge.id, vlan, mac)

@@ -18,6 +18,7 @@ from hivenet.model import DeviceKind, RuleAction
 from hivenet.packets.flowmatch import FULL_MASKS, IP_PROTO_TCP
 from hivenet.sim import replies
 from hivenet.sim.flowstate_hook import FlowStateUnsupported
+from hivenet.sim.result import TraceStep
 from hivenet.sim.rules import CompiledRule
 from hivenet.sim.secgroups import drop_reason_of
 from hivenet.sim.topology import PortInfo
@@ -55,12 +56,24 @@ _CONTINUE, _JUMP, _ACCEPT, _DROP, _REJECT, _RETURN = (
 
 
 def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], ...]) -> None:
-    """`walk.read(packet, field, mask)` for every (field, mask) pair, in one loop."""
+    """`walk.read(packet, field, mask)` for every (field, mask) pair, in one loop. A tuple
+    recorded whole before in this walk adds nothing (the masks are OR-ed): skipped. Chains
+    of the same shape share their tuples (`sim/rules.py` interns them), so a path through
+    several such chains records their reads once."""
+    key = id(pairs)  # the tuple is held by its chain (or this module) for the whole walk
+    recorded = walk.recorded_reads
+    if key in recorded:
+        return
     modified = packet.modified
     reads = walk.reads
+    whole = True
     for field, mask in pairs:
-        if field not in modified:
+        if field in modified:
+            whole = False
+        else:
             reads[field] = reads.get(field, 0) | mask
+    if whole:
+        recorded.add(key)
 
 
 class _ChainStop(Exception):
@@ -79,6 +92,35 @@ def run_chain(
     """Evaluate a chain; True when the packet continues, False when the branch ended
     (drop, reject, unsupported). A top-level RETURN or falling off the end continues.
     A rejected packet is answered out of `reply_port`."""
+    chain = walk.view.chains.get(chain_id)
+    if chain is not None and chain.plain:
+        # The common chain (security groups, port filters): every rule ends the chain and
+        # none asks the flow state, so the first match is the verdict: no jump stack, no
+        # loop (what `_evaluate` does for it, without its generality).
+        walk.tags.add(chain.tag)
+        index = chain.matcher(packet, 0, in_port.id, out_port_id, in_port.port_group_ids)
+        if index < 0:
+            if chain.read_pairs:
+                _read_pairs(walk, packet, chain.read_pairs[-1])
+            return True
+        pairs = chain.read_pairs[index]
+        if id(pairs) not in walk.recorded_reads:
+            _read_pairs(walk, packet, pairs)
+        rule = chain.rules[index]
+        action = rule.action
+        here = _new_tuple(Here, ("chain", chain.id, chain.name, depth))
+        detail = rule._description  # made once (the property), read here without it
+        if detail is None:
+            detail = rule.description
+        walk.trace.append(_new_tuple(TraceStep, (here, "rule", detail)))
+        if action is _ACCEPT or action is _RETURN:
+            return True
+        if action is _DROP:
+            walk.drop(here, _drop_reason(walk, chain.id, rule), rule.id)
+            return False
+        walk.drop(here, "rule_reject", rule.id)
+        reject(walk, packet, reply_port, depth)
+        return False
     try:
         verdict = _evaluate(walk, packet, chain_id, in_port, out_port_id, depth, [])
     except _ChainStop:
@@ -151,12 +193,7 @@ def _evaluate(
             if action is _ACCEPT:
                 verdict = "accept"
             elif action is _DROP:
-                reason = (
-                    drop_reason_of(rule.rule, "rule_drop")
-                    if chain.id in walk.view.security.chain_zones
-                    else "rule_drop"
-                )
-                walk.drop(here, reason, rule.id)
+                walk.drop(here, _drop_reason(walk, chain.id, rule), rule.id)
                 verdict = "drop"
             elif action is _REJECT:
                 walk.drop(here, "rule_reject", rule.id)
@@ -179,6 +216,13 @@ def _evaluate(
             _read_pairs(walk, packet, chain.read_pairs[evaluated_through])
         stack.pop()
     return verdict
+
+
+def _drop_reason(walk: Walk, chain_id: str, rule: CompiledRule) -> str:
+    """A security-group chain's drop rules name their reason; other chains' say rule_drop."""
+    if chain_id in walk.view.security.chain_zones:
+        return drop_reason_of(rule.rule, "rule_drop")
+    return "rule_drop"
 
 
 def _zone(walk: Walk, chain_id: str, in_port: PortInfo) -> str:

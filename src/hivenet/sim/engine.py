@@ -17,6 +17,10 @@ flow holds its tags, and equal tags across flows must be one object, not one eac
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 from hivenet.flows.actions import Drop
 from hivenet.packets import PacketError, extract_flow_match
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
@@ -67,7 +71,7 @@ def simulate(
         # A NATed ICMP error: its quote is translated here, the outer headers by the actions
         # (independent bytes; the ICMP checksum is fixed for both). Never cached (see _nat).
         rewritten = rewrite_icmp_quote(frame, walk.inner_rewrites)
-    return SimulationResult(
+    return _result(
         actions=actions,
         match=match,
         mask=walk.mask(),
@@ -82,6 +86,36 @@ def simulate(
         handoff=walk.handoff,
         mtu=walk.mtu,
     )
+
+
+def _result_builder() -> Callable[..., SimulationResult]:
+    """`_result(**fields)`: a `SimulationResult` from keyword arguments, as its constructor
+    makes it, without the frozen dataclass's per-field `object.__setattr__` calls (2.9 us of
+    a ~50 us simulation): each slot is set through its descriptor. The source holds only the
+    dataclass's field names."""
+    fields = dataclasses.fields(SimulationResult)
+    namespace: dict[str, Any] = {"_new": object.__new__, "SimulationResult": SimulationResult}
+    params = []
+    for field in fields:
+        if field.default_factory is not dataclasses.MISSING:
+            return SimulationResult  # (not the case today) the constructor itself
+        namespace[f"_set_{field.name}"] = getattr(SimulationResult, field.name).__set__
+        if field.default is not dataclasses.MISSING:
+            namespace[f"_default_{field.name}"] = field.default
+            params.append(f"{field.name}=_default_{field.name}")
+        else:
+            params.append(field.name)
+    body = "".join(f"    _set_{field.name}(result, {field.name})\n" for field in fields)
+    source = (
+        f"def build(*, {', '.join(params)}):\n"
+        f"    result = _new(SimulationResult)\n{body}    return result\n"
+    )
+    exec(compile(source, "<SimulationResult builder>", "exec"), namespace)
+    build: Callable[..., SimulationResult] = namespace["build"]
+    return build
+
+
+_result = _result_builder()
 
 
 def _run_generated(walk: Walk) -> list[GeneratedPacket]:

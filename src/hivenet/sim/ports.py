@@ -22,9 +22,15 @@ from hivenet.sim import bridge as bridge_device
 from hivenet.sim import dhcp, metadata, mtu
 from hivenet.sim import router as router_device
 from hivenet.sim.chains import run_chain
-from hivenet.sim.secgroups import full_mask_reader, spoof_reason
+from hivenet.sim.result import TraceStep
+from hivenet.sim.secgroups import spoof_reason
 from hivenet.sim.topology import PortInfo
 from hivenet.sim.walk import MAX_DEVICES_PER_SIMULATION, Here, PacketState, Walk
+
+_new_tuple = tuple.__new__  # Here(...) without the NamedTuple's Python-level __new__
+_INTO = {kind: f"into {kind.value}" for kind in DeviceKind}
+_BRIDGE = DeviceKind.BRIDGE
+_HOST_TAGS: dict[str, str] = {}  # "host:<id>" by host id (a few per deployment)
 
 
 def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
@@ -36,8 +42,8 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
         walk.drop(Here("port", port_id, port_id, depth), "unknown_port", "port not in topology")
         return
     walk.tags.add(port.tag)
-    here = Here("port", port.id, port.name, depth)
-    walk.step(here, "ingress", f"into {port.device_kind.value}")
+    here = _new_tuple(Here, ("port", port.id, port.name, depth))
+    walk.trace.append(_new_tuple(TraceStep, (here, "ingress", _INTO[port.device_kind])))
     if not port.admin_up:
         walk.drop(here, "port_down", "ingress port is down")
         return
@@ -45,9 +51,7 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
         return
     guard = view.security.guards.get(port.id)
     if guard is not None:
-        spoofed = spoof_reason(
-            guard, packet, full_mask_reader(lambda name, mask: walk.read(packet, name, mask))
-        )
+        spoofed = spoof_reason(guard, packet, walk.full_reader(packet))
         if spoofed is not None:
             walk.drop(here, spoofed, "port security")
             return
@@ -55,9 +59,12 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
             walk, packet, guard.from_vm_chain_id, port, None, port, depth
         ):
             return
-    if dhcp.serve_at_ingress(walk, packet, port, here):
-        return
-    if metadata.serve_at_ingress(walk, packet, port, here):
+    # Port-ingress services answer a VM's own requests: exterior ports only (both check it
+    # first and leave an interior port's packet untouched: not asked at all here).
+    if port.peer_id is None and (
+        dhcp.serve_at_ingress(walk, packet, port, here)
+        or metadata.serve_at_ingress(walk, packet, port, here)
+    ):
         return
     if port.inbound_chain_id is not None and not run_chain(
         walk, packet, port.inbound_chain_id, port, None, port, depth
@@ -75,7 +82,7 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
             else f"more than {MAX_DEVICES_PER_SIMULATION} devices in one simulation",
         )
         return
-    if port.device_kind is DeviceKind.BRIDGE:
+    if port.device_kind is _BRIDGE:
         bridge = view.bridges.get(port.device_id)
         if bridge is not None:
             bridge_device.receive(walk, packet, bridge, port, depth)
@@ -101,7 +108,7 @@ def egress(
     """`packet` leaves its device through `port` (it came in by `device_in_port`); a
     flood copy skips a port that cannot take it instead of dropping the whole packet."""
     walk.tags.add(port.tag)
-    here = Here("port", port.id, port.name, depth)
+    here = _new_tuple(Here, ("port", port.id, port.name, depth))
     if not port.admin_up:
         if flooding:
             walk.step(here, "skip", "port is down")
@@ -128,7 +135,7 @@ def egress(
     ):
         return
     if port.peer_id is not None:
-        walk.step(here, "egress", f"to peer port {port.peer_id}")
+        walk.trace.append(_new_tuple(TraceStep, (here, "egress", f"to peer port {port.peer_id}")))
         ingress(walk, packet, port.peer_id, depth)
         return
     _exterior_output(walk, packet, port, here, flooding)
@@ -154,7 +161,12 @@ def _exterior_output(
         detail = f"output to local port key {port.tunnel_key}"
     else:
         host_id = port.host_id or ""
-        walk.tags.add(intern(f"host:{host_id}"))
+        tag = _HOST_TAGS.get(host_id)
+        if tag is None:
+            if len(_HOST_TAGS) >= 1 << 14:
+                _HOST_TAGS.clear()
+            tag = _HOST_TAGS[host_id] = intern(f"host:{host_id}")
+        walk.tags.add(tag)
         if host_id in walk.view.down_hosts:
             walk.drop(here, "egress_host_down", f"host {host_id} is down")
             return

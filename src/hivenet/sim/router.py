@@ -31,7 +31,7 @@ from hivenet.sim.chains import run_chain
 from hivenet.sim.routing import NextHop, flow_hash
 from hivenet.sim.tables import LearnedNeighbour, ip_text, mac_text, neighbour_entry_tag
 from hivenet.sim.topology import PortInfo, RouterInfo
-from hivenet.sim.walk import MULTICAST_BIT, TCP_FLAG_RST, Here, PacketState, Walk
+from hivenet.sim.walk import MULTICAST_BIT, TCP_FLAG_RST, Here, PacketState, Walk, memo_tag
 
 ARP_REQUEST = 1
 ICMP_ECHO_REQUEST = 8
@@ -48,6 +48,12 @@ BGP_TCP_PORT = 179
 # A drop installed while a next hop is being resolved: short, and tagged with the missing
 # ARP/ND entry so learning it invalidates the drop at once.
 UNRESOLVED_IDLE_TIMEOUT = 2.0
+_neighbour_tag = memo_tag(neighbour_entry_tag)
+_BLACKHOLE, _REJECT_ROUTE = RouteType.BLACKHOLE, RouteType.REJECT
+
+_FULL_VLAN = FULL_MASKS["vlan"]
+_FULL_ETH_TYPE = FULL_MASKS["eth_type"]
+_FULL_ETH_DST = FULL_MASKS["eth_dst"]
 
 
 def receive(
@@ -56,11 +62,11 @@ def receive(
     here = walk.enter("router", router, depth)
     if here is None:
         return
-    walk.read(packet, "vlan", FULL_MASKS["vlan"])
+    walk.read(packet, "vlan", _FULL_VLAN)
     if packet.vlan:
         walk.drop(here, "vlan_tagged", f"vlan {packet.vlan}")
         return
-    walk.read(packet, "eth_type", FULL_MASKS["eth_type"])
+    walk.read(packet, "eth_type", _FULL_ETH_TYPE)
     eth_type = packet.eth_type
     if eth_type == ETH_TYPE_ARP:
         _answer_arp(walk, packet, router, in_port, here)
@@ -69,7 +75,7 @@ def receive(
         walk.drop(here, "not_ip", f"ethertype {eth_type:#06x}")
         return
     version = 4 if eth_type == ETH_TYPE_IPV4 else 6
-    walk.read(packet, "eth_dst", FULL_MASKS["eth_dst"])
+    walk.read(packet, "eth_dst", _FULL_ETH_DST)
     dst_mac = packet.eth_dst
     if dst_mac != in_port.mac and not dst_mac & MULTICAST_BIT:
         walk.drop(here, "not_for_router", f"dst {mac_text(dst_mac)}")
@@ -232,10 +238,10 @@ def _choose_next_hop(
         + (f", {len(skipped)} down skipped" if skipped else "")
         + ")",
     )
-    if hop.type is RouteType.BLACKHOLE:
+    if hop.type is _BLACKHOLE:
         walk.drop(here, "blackhole", hop.route_id)
         return None
-    if hop.type is RouteType.REJECT:
+    if hop.type is _REJECT_ROUTE:
         walk.send_icmp_error(packet, "net_unreachable", in_port, here.depth)
         walk.drop(here, "reject_route", hop.route_id)
         return None
@@ -290,7 +296,7 @@ def _forward(
 
 
 def resolve_neighbour(walk: Walk, router: RouterInfo, version: int, ip: int) -> int | None:
-    walk.tags.add(intern(neighbour_entry_tag(router.id, version, ip)))
+    walk.tags.add(_neighbour_tag(router.id, version, ip))
     key = (router.id, version, ip)
     mac = walk.neighbour_overlay.get(key)
     if mac is None:

@@ -17,9 +17,21 @@ topology object (names, ids) reaches `compile()`.
 Matcher semantics: `matcher(packet, start, in_port_id, out_port_id, in_port_groups)` returns
 the index of the first rule at or after `start` whose header conditions all hold, or -1.
 
-When: `compile_chain` builds the source, the constants and the reads at once, but runs
-Python's `compile()` (most of a chain's compile time) on the matcher's first call, which then
-puts the compiled function in the chain's `matcher` itself; rule descriptions (for traces)
+Dispatch: in a chain of `DISPATCH_MIN_RULES` rules or more, most rules usually name a
+protocol and a destination port (security-group rules). Such a rule cannot match a packet of
+another protocol or port, so the matcher tests only a packet's candidates: the rules that
+need its (ip_proto, tp_dst), found by a binary search on tp_dst per protocol, and the rules
+of its protocol that need no port, in order; the earliest match of the two wins. A rule is
+left out only on a non-inverted condition that is false for every other value, and each
+candidate still tests all its conditions, so the result is the straight-line matcher's
+(checked against the reference by the tests); the megaflow mask (`reads_through`) does not
+change. A chain whose rules do not split (or would be repeated too often) keeps the
+straight-line function.
+
+When: `compile_chain` builds each rule's condition text, the constants and the reads at
+once, but writes the matcher's source (with its dispatch plan) and runs Python's `compile()`
+(most of a chain's compile time) on the matcher's first call, which then puts the compiled
+function in the chain's `matcher` itself; rule descriptions (for traces)
 are also made on first use. An agent loading 20k chains (`bench/startup.py`) pays for the
 chains its simulations reach, when they first reach them.
 """
@@ -72,6 +84,9 @@ _READABLE_FIELDS = frozenset(
 _ETH_TYPE_FOR_VERSION = {4: ETH_TYPE_IPV4, 6: ETH_TYPE_IPV6}
 _L4_PORT_PROTOCOLS = (IP_PROTO_TCP, IP_PROTO_UDP)
 _ICMP_PROTOCOLS = (IP_PROTO_ICMP, IP_PROTO_ICMPV6)
+_PLAIN_ACTIONS = frozenset(
+    {RuleAction.ACCEPT, RuleAction.DROP, RuleAction.REJECT, RuleAction.RETURN}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +130,24 @@ class CompiledChain:
     matcher: ChainMatcher
     reads_through: tuple[Mapping[str, int], ...]
     ip_addr_group_ids: frozenset[str]
-    source: str
+    # The matcher's source (`source`), written when first asked for: on the matcher's first
+    # call, or by a test.
+    make_source: Callable[[], str] = dataclasses.field(repr=False, compare=False, default=str)
+    _source: str | None = dataclasses.field(default=None, repr=False, compare=False)
     # The flow tag of the chain ("chain:<id>", interned) and `reads_through` as
     # ((field, mask), ...) pairs: what every evaluation adds, computed once per compile.
     tag: str = ""
     read_pairs: tuple[tuple[tuple[str, int], ...], ...] = ()
+    # Every rule ends the chain (accept, drop, reject, return) and none has a conntrack
+    # condition: the matcher's first match is the verdict (`sim/chains.py`'s fast path).
+    plain: bool = False
+
+    @property
+    def source(self) -> str:
+        if self._source is None:
+            object.__setattr__(self, "_source", self.make_source())
+        assert self._source is not None
+        return self._source
 
 
 class _RuleCompiler:
@@ -127,7 +155,6 @@ class _RuleCompiler:
 
     def __init__(self) -> None:
         self.constants: list[object] = []
-        self.fields_used: set[str] = set()
 
     def constant(self, value: object) -> str:
         self.constants.append(value)
@@ -136,7 +163,6 @@ class _RuleCompiler:
     def use(self, reads: dict[str, int], field: str, mask: int | None = None) -> str:
         if field not in _READABLE_FIELDS:
             raise ValueError(f"rule compiler: field {field!r} is not readable")
-        self.fields_used.add(field)
         full = FULL_MASKS[field]
         reads[field] = reads.get(field, 0) | (full if mask is None else mask & full)
         return field
@@ -270,13 +296,172 @@ def describe_rule(rule: Rule) -> str:
     return " ".join(parts)
 
 
+# Chains shorter than this are matched by one straight-line function (a dispatch costs about
+# as much as testing a few rules).
+DISPATCH_MIN_RULES = 8
+# A dispatched matcher repeats the rules that need no particular protocol once per protocol
+# branch: past this many rule tests in all (per rule of the chain), it is not used.
+_DISPATCH_GROWTH = 3
+# Port leaves of the tp_dst search tree hold up to this many ports, tested one by one.
+_LEAF_PORTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Dispatch:
+    """A chain's rules by what a packet must have for them to match, each in chain order:
+    `ports[ip_proto][tp_dst]` the rules that need that protocol (TCP or UDP) and that
+    destination port; `protos[ip_proto]` those that need that protocol (or none) and no
+    particular port; `default` those that need no particular protocol."""
+
+    ports: dict[int, dict[int, tuple[int, ...]]]
+    protos: dict[int, tuple[int, ...]]
+    default: tuple[int, ...]
+
+
+def _protocol_constraint(rule: Rule) -> tuple[frozenset[int] | None, int | None]:
+    """(the ip_proto values a packet must have for `rule` to match, or None: any; the one
+    tp_dst it must have, or None: any). Only non-inverted conditions constrain: each of them
+    is false, as compiled above and in `rule_matches_reference`, for any other value."""
+    protos: frozenset[int] | None = None
+    needs: list[frozenset[int]] = []
+    if rule.nw_proto is not None and not rule.inv_nw_proto:
+        needs.append(frozenset({rule.nw_proto}))
+    if (rule.tp_src is not None and not rule.inv_tp_src) or (
+        rule.tp_dst is not None and not rule.inv_tp_dst
+    ):
+        needs.append(frozenset(_L4_PORT_PROTOCOLS))
+    if rule.icmp_type is not None and not rule.inv_icmp:
+        needs.append(frozenset(_ICMP_PROTOCOLS))
+    for need in needs:
+        protos = need if protos is None else protos & need
+    port = None
+    tp_dst = rule.tp_dst
+    if tp_dst is not None and not rule.inv_tp_dst and tp_dst.start == tp_dst.end:
+        port = tp_dst.start
+    return protos, port
+
+
+def _dispatch_plan(rules: Sequence[Rule]) -> _Dispatch | None:
+    """The rules grouped so that a packet's candidates are `protos[ip_proto]` (else
+    `default`) and `ports[ip_proto][tp_dst]`: a rule in neither cannot match the packet.
+    None when some protocol's candidates are the whole chain anyway, or when the groups
+    would repeat too many rules."""
+    constraints = [_protocol_constraint(rule) for rule in rules]
+    named = sorted({p for protos, _ in constraints if protos is not None for p in protos})
+    if not named:
+        return None
+    default = tuple(i for i, (protos, _) in enumerate(constraints) if protos is None)
+    protos_of = {
+        p: tuple(
+            i
+            for i, (protos, port) in enumerate(constraints)
+            if port is None and (protos is None or p in protos)
+        )
+        for p in named
+    }
+    ports: dict[int, dict[int, list[int]]] = {}
+    for i, (protos, port) in enumerate(constraints):
+        if port is not None and protos is not None:
+            for p in protos:  # TCP and/or UDP: a tp_dst condition requires one of them
+                ports.setdefault(p, {}).setdefault(port, []).append(i)
+    tests = (
+        len(default)
+        + sum(map(len, protos_of.values()))
+        + sum(len(members) for by_port in ports.values() for members in by_port.values())
+    )
+    if tests > _DISPATCH_GROWTH * len(rules) + 16:
+        return None
+    if any(len(members) == len(rules) for members in protos_of.values()):
+        return None
+    return _Dispatch(
+        ports={p: {port: tuple(m) for port, m in by_port.items()} for p, by_port in ports.items()},
+        protos=protos_of,
+        default=default,
+    )
+
+
+_MATCHER_ARGS = "packet, start, in_port_id, out_port_id, in_port_groups"
+
+
+def _matcher_source(
+    tests: Sequence[str], rule_fields: Sequence[Iterable[str]], dispatch: _Dispatch | None
+) -> str:
+    """The matcher's source: one function testing every rule in order or, dispatched, only a
+    packet's candidates: a binary search on tp_dst (per protocol) finds the earliest match
+    among the rules that need that port, then the rules of the packet's protocol that need
+    no port are tested in order, each winning only over a later port match. Only FlowMatch
+    field names, integers and `K[...]` constants appear in it."""
+    out = [f"def chain_matcher({_MATCHER_ARGS}):\n"]
+    fields = sorted(set().union(*rule_fields))
+    if dispatch is not None:
+        fields = sorted({*fields, "ip_proto", "tp_dst"})
+    out.extend(f"    {field} = packet.{field}\n" for field in fields)
+    if dispatch is None:
+        out.extend(f"    if {tests[i]}:\n        return {i}\n" for i in range(len(tests)))
+        out.append("    return -1\n")
+        return "".join(out)
+
+    def port_tree(by_port: Mapping[int, tuple[int, ...]], ports: Sequence[int], pad: str) -> None:
+        if len(ports) > _LEAF_PORTS:
+            middle = len(ports) // 2
+            out.append(f"{pad}if tp_dst < {ports[middle]}:\n")
+            port_tree(by_port, ports[:middle], pad + "    ")
+            out.append(f"{pad}else:\n")
+            port_tree(by_port, ports[middle:], pad + "    ")
+            return
+        for n, port in enumerate(ports):
+            out.append(f"{pad}{'if' if n == 0 else 'elif'} tp_dst == {port}:\n")
+            for k, i in enumerate(by_port[port]):
+                out.append(f"{pad}    {'if' if k == 0 else 'elif'} {tests[i]}:\n")
+                out.append(f"{pad}        found = {i}\n")
+
+    out.append("    found = -1\n")
+    for n, (proto, by_port) in enumerate(sorted(dispatch.ports.items())):
+        out.append(f"    {'if' if n == 0 else 'elif'} ip_proto == {proto}:\n")
+        port_tree(by_port, sorted(by_port), "        ")
+    branches: list[tuple[int | None, tuple[int, ...]]] = [
+        *sorted(dispatch.protos.items()),
+        (None, dispatch.default),
+    ]
+    for n, (named, members) in enumerate(branches):
+        head = "else" if named is None else f"{'if' if n == 0 else 'elif'} ip_proto == {named}"
+        out.append(f"    {head}:\n")
+        for i in members:
+            out.append(f"        if {tests[i]}:\n")
+            out.append(f"            return {i} if found < 0 or {i} < found else found\n")
+        out.append("        pass\n")
+    out.append("    return found\n")
+    return "".join(out)
+
+
+# (field, mask) tuples of chains' `read_pairs`, one object per content: security-group chains
+# of a topology mostly read the same fields with the same masks (less memory; the walk records
+# a tuple it already recorded once, by identity). Bounded: emptied when full (only sharing is
+# lost).
+_PAIRS: dict[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]] = {}
+_PAIRS_LIMIT = 65536
+
+
+def _shared_pairs(pairs: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+    shared = _PAIRS.get(pairs)
+    if shared is None:
+        if len(_PAIRS) >= _PAIRS_LIMIT:
+            _PAIRS.clear()
+        shared = _PAIRS[pairs] = pairs
+    return shared
+
+
 def compile_chain(
     chain_id: str,
     chain_name: str,
     rules: Iterable[Rule],
     ip_addr_groups: Mapping[str, IpAddrGroup],
+    *,
+    dispatch_min_rules: int | None = None,
 ) -> CompiledChain:
-    """Compile `rules` (any order; sorted here by (position, id)) into a `CompiledChain`."""
+    """Compile `rules` (any order; sorted here by (position, id)) into a `CompiledChain`.
+    A chain of at least `dispatch_min_rules` (default `DISPATCH_MIN_RULES`) rules gets a
+    dispatched matcher (see the module doc), when its rules allow one."""
     ordered = sorted(rules, key=lambda r: (r.position, r.id))
     for rule in ordered:
         if rule.chain_id != chain_id:
@@ -285,7 +470,7 @@ def compile_chain(
             )
     compiler = _RuleCompiler()
     compiled: list[CompiledRule] = []
-    blocks: list[str] = []
+    tests: list[str] = []
     reads_through: list[dict[str, int]] = []
     cumulative: dict[str, int] = {}
     group_ids: set[str] = set()
@@ -299,7 +484,7 @@ def compile_chain(
         reads_through.append(dict(cumulative))
         guard = [f"start <= {index}"]
         test = " and ".join(guard + conds) or "True"
-        blocks.append(f"    if {test}:\n        return {index}\n")
+        tests.append(test)
         conntrack = (
             "forward" if rule.match_forward_flow else "return" if rule.match_return_flow else None
         )
@@ -313,19 +498,21 @@ def compile_chain(
                 reads=reads,
             )
         )
-    loads = "".join(f"    {field} = packet.{field}\n" for field in sorted(compiler.fields_used))
-    source = (
-        "def chain_matcher(packet, start, in_port_id, out_port_id, in_port_groups):\n"
-        + loads
-        + "".join(blocks)
-        + "    return -1\n"
+    dispatched = len(ordered) >= (
+        DISPATCH_MIN_RULES if dispatch_min_rules is None else dispatch_min_rules
     )
     constants = tuple(compiler.constants)
 
+    def make_source() -> str:
+        # On first use, like compile() (an agent loading 20k chains compiles few at once).
+        dispatch = _dispatch_plan(ordered) if dispatched else None
+        return _matcher_source(tests, [rule.reads.keys() for rule in compiled], dispatch)
+
     def compile_matcher() -> ChainMatcher:
-        namespace: dict[str, object] = {"K": constants, "__builtins__": {}}
-        exec(compile(source, f"<chain {chain_id}>", "exec"), namespace)
-        return namespace["chain_matcher"]  # type: ignore[return-value]
+        namespace: dict[str, Any] = {"K": constants, "__builtins__": {}}
+        exec(compile(chain.source, f"<chain {chain_id}>", "exec"), namespace)
+        matcher: ChainMatcher = namespace["chain_matcher"]
+        return matcher
 
     def first_call(
         packet: Any,
@@ -349,9 +536,12 @@ def compile_chain(
         matcher=first_call,
         reads_through=tuple(reads_through),
         ip_addr_group_ids=frozenset(group_ids),
-        source=source,
+        make_source=make_source,
         tag=intern(f"chain:{chain_id}"),
-        read_pairs=tuple(tuple(reads.items()) for reads in reads_through),
+        read_pairs=tuple(_shared_pairs(tuple(reads.items())) for reads in reads_through),
+        plain=all(
+            rule.action in _PLAIN_ACTIONS and rule.conntrack_condition is None for rule in compiled
+        ),
     )
     return chain
 

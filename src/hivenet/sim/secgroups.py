@@ -52,7 +52,6 @@ from hivenet.packets.flowmatch import (
     ETH_TYPE_ARP,
     ETH_TYPE_IPV4,
     ETH_TYPE_IPV6,
-    FULL_MASKS,
     IP_PROTO_ICMPV6,
     IP_PROTO_UDP,
 )
@@ -112,19 +111,16 @@ class _PacketFields(Protocol):
     arp_spa: int
 
 
-def spoof_reason(
-    guard: PortGuard, packet: _PacketFields, read: Callable[[str], None]
-) -> str | None:
-    """The drop reason for a frame the VM behind `guard` may not send, or None. `read(field)`
-    records each field the verdict depended on (full width) for the megaflow."""
+def spoof_reason(guard: PortGuard, packet: _PacketFields, read: Callable[..., None]) -> str | None:
+    """The drop reason for a frame the VM behind `guard` may not send, or None.
+    `read(*fields)` records fields the verdict depended on (full width) for the megaflow."""
     read("eth_src")
     if packet.eth_src not in guard.macs:
         return "spoofed_mac"
     read("eth_type")
     eth_type = packet.eth_type
     if eth_type == ETH_TYPE_ARP:
-        read("arp_sha")
-        read("arp_spa")
+        read("arp_sha", "arp_spa")
         if packet.arp_sha != packet.eth_src:
             return "spoofed_arp"
         if packet.arp_spa and not guard.allows_ip(4, packet.arp_sha, packet.arp_spa):
@@ -133,8 +129,7 @@ def spoof_reason(
     if eth_type not in (ETH_TYPE_IPV4, ETH_TYPE_IPV6):
         return "port_security_ethertype"
     version = 4 if eth_type == ETH_TYPE_IPV4 else 6
-    for name in ("ip_src", "ip_proto", "ip_frag", "tp_src", "tp_dst", "icmp_type"):
-        read(name)
+    read("ip_src", "ip_proto", "ip_frag", "tp_src", "tp_dst", "icmp_type")
     proto = packet.ip_proto
     server_port = DHCP_SERVER_PORT if version == 4 else DHCPV6_SERVER_PORT
     if proto == IP_PROTO_UDP and packet.tp_src == server_port:
@@ -568,15 +563,6 @@ def _eui64_link_local(mac: int) -> int:
     """fe80::/64 with the modified EUI-64 interface identifier of `mac`."""
     identifier = ((mac >> 24) << 40) | (0xFFFE << 24) | (mac & 0xFFFFFF)
     return (0xFE80 << 112) | (identifier ^ (0x02 << 56))
-
-
-def full_mask_reader(read: Callable[[str, int], None]) -> Callable[[str], None]:
-    """Adapts the engine's `read(field, mask)` to `spoof_reason`'s full-width reads."""
-
-    def read_full(name: str) -> None:
-        read(name, FULL_MASKS[name])
-
-    return read_full
 
 
 def drop_reason_of(rule: Rule, default: str) -> str:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from operator import and_, attrgetter
+from operator import attrgetter
+from sys import intern
 
 from hivenet.flows.actions import (
     SETTABLE_FIELDS,
@@ -60,8 +61,6 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 MAX_DEVICES_PER_PATH = 16
 MAX_DEVICES_PER_SIMULATION = 256
 
-_ZEROS = (0,) * len(FIELD_NAMES)
-_FULL_MASK_TUPLE = tuple(FULL_MASKS[name] for name in FIELD_NAMES)
 _new_tuple = tuple.__new__  # builds a NamedTuple from a tuple of all its fields
 _SETTABLE_ORDER = tuple(name for name in FIELD_NAMES if name in SETTABLE_FIELDS)
 
@@ -168,8 +167,41 @@ def _field_copier() -> Callable[[object, object], None]:
     return namespace["copy"]  # type: ignore[return-value]
 
 
+def _mask_builder() -> Callable[[dict[str, int]], tuple[int, ...]]:
+    """`mask(reads)`: the FlowMatch-ordered tuple of each field's read bits, cut to the
+    field's width (0 for a field never read), one expression per field (~45% less than
+    mapping over the names). The source holds only field names and integers."""
+    values = ", ".join(f"get({name!r}, 0) & {FULL_MASKS[name]}" for name in FIELD_NAMES)
+    source = f"def mask(reads):\n    get = reads.get\n    return ({values})\n"
+    namespace: dict[str, object] = {}
+    exec(compile(source, "<megaflow mask>", "exec"), namespace)
+    return namespace["mask"]  # type: ignore[return-value]
+
+
 _copy_fields = _field_copier()
+_mask_of = _mask_builder()
 _field_values = attrgetter(*FIELD_NAMES)
+
+
+_TAG_MEMO_LIMIT = 1 << 16
+
+
+def memo_tag(make: Callable[[str, int, int], str]) -> Callable[[str, int, int], str]:
+    """`make(id, a, b)` interned and remembered per argument triple (a table entry's tag is
+    spelled on every simulation that looks the entry up). A pure function of its key, so
+    never stale; bounded (emptied when full)."""
+    cache: dict[tuple[str, int, int], str] = {}
+
+    def tag(device_id: str, a: int, b: int) -> str:
+        key = (device_id, a, b)
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= _TAG_MEMO_LIMIT:
+                cache.clear()
+            found = cache[key] = intern(make(device_id, a, b))
+        return found
+
+    return tag
 
 
 @dataclass(slots=True)
@@ -185,6 +217,36 @@ class PendingReply:
 class Walk:
     """One simulation: the state shared by all branches of one packet and by every device
     module it passes through."""
+
+    __slots__ = (
+        "_ip_size",
+        "ctx",
+        "device_budget",
+        "drop_reasons",
+        "emissions",
+        "frame",
+        "generation",
+        "handoff",
+        "idle_timeout",
+        "ingress_port",
+        "inner_rewrites",
+        "install",
+        "learned",
+        "lookups",
+        "mac_overlay",
+        "match",
+        "mtu",
+        "mtu_answered",
+        "neighbour_overlay",
+        "now",
+        "pending",
+        "reads",
+        "recorded_reads",
+        "tables",
+        "tags",
+        "trace",
+        "view",
+    )
 
     def __init__(
         self,
@@ -202,6 +264,8 @@ class Walk:
         self.match = match
         self.generation = generation
         self.reads: dict[str, int] = {"in_port": FULL_MASKS["in_port"]}
+        # Ids of (field, mask) tuples whose every mask is in `reads` (sim/chains.py).
+        self.recorded_reads: set[int] = set()
         self.tags: set[str] = set()
         self.trace: list[TraceStep] = []
         self.learned: list[LearnedEntry] = []
@@ -234,6 +298,18 @@ class Walk:
             return
         reads = self.reads
         reads[field] = reads.get(field, 0) | mask
+
+    def full_reader(self, packet: PacketState) -> Callable[..., None]:
+        """`read(*fields)`: `self.read(packet, field, <all its bits>)` for each, in one call."""
+        reads = self.reads
+        modified = packet.modified
+
+        def read(*fields: str) -> None:
+            for field in fields:
+                if field not in modified:
+                    reads[field] = reads.get(field, 0) | FULL_MASKS[field]
+
+        return read
 
     def enter(self, kind: str, device: BridgeInfo | RouterInfo, depth: int) -> Here | None:
         """The walk reached `device` (its flows now carry the device's tag): where it is, or
@@ -374,6 +450,33 @@ class Walk:
         if not self.emissions:
             reason = self.drop_reasons[0] if self.drop_reasons else "no_output"
             return (Drop(reason),), reason
+        if len(self.emissions) == 1:  # most simulations
+            return self._one_emission_actions(), None
+        return self._ordered_actions(), None
+
+    def _one_emission_actions(self) -> tuple[Action, ...]:
+        """`_ordered_actions()` for a walk with one emission, without its bookkeeping."""
+        packet, out = self.emissions[0]
+        original = self.match
+        self.reads["vlan"] = FULL_MASKS["vlan"]
+        actions: list[Action] = []
+        modified = packet.modified
+        if modified:
+            actions.extend(
+                SetField(field, getattr(packet, field))
+                for field in _SETTABLE_ORDER
+                if field in modified
+            )
+        if packet.vlan != original.vlan:
+            if original.vlan:
+                actions.append(PopVlan())
+            if packet.vlan:
+                actions.append(PushVlan(packet.vlan))
+        actions.extend(DecTtl() for _ in range(packet.ttl_decrements))
+        actions.append(out)
+        return tuple(actions)
+
+    def _ordered_actions(self) -> tuple[Action, ...]:
         original = self.match
         actions: list[Action] = []
         current: dict[str, int] = {}
@@ -406,7 +509,7 @@ class Walk:
                 continue
             emitted.add(state)
             actions.append(out)
-        return tuple(actions), None
+        return tuple(actions)
 
     def mask(self) -> tuple[int, ...]:
-        return tuple(map(and_, map(self.reads.get, FIELD_NAMES, _ZEROS), _FULL_MASK_TUPLE))
+        return _mask_of(self.reads)

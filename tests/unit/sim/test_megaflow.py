@@ -15,6 +15,7 @@ from hivenet.model import FixedIp, Port, PortRange, RouteType, RuleAction, Subne
 from hivenet.model.types import mac_to_int
 from hivenet.packets import build_arp_reply, extract_flow_match
 from hivenet.sim import MemoryTables
+from hivenet.sim import rules as rules_module
 from tests.unit.sim.topo import Sim, Topo, arp_who_has, mac, ping, tcp, udp
 
 VM_PORTS = ("vm1", "vm2", "vm3", "vm4", "vm5")
@@ -318,6 +319,30 @@ def mutate(draw: st.DrawFn, topo: Topo, sim: Sim) -> frozenset[str]:
 def test_cached_flows_give_what_a_fresh_simulation_gives(
     topo: Topo, tables: MemoryTables, data: st.DataObject
 ) -> None:
+    check_cached_flows(topo, tables, data)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(topo=topologies(), tables=table_states(), data=st.data())
+def test_cached_flows_are_sound_with_dispatched_chain_matchers(
+    topo: Topo, tables: MemoryTables, data: st.DataObject
+) -> None:
+    """The same property with every chain, however short, compiled to the matcher dispatched
+    by protocol and destination port (`sim/rules.py`), as the view compiles them also after
+    rule changes."""
+    saved = rules_module.DISPATCH_MIN_RULES
+    rules_module.DISPATCH_MIN_RULES = 1
+    try:
+        check_cached_flows(topo, tables, data)
+    finally:
+        rules_module.DISPATCH_MIN_RULES = saved
+
+
+def check_cached_flows(topo: Topo, tables: MemoryTables, data: st.DataObject) -> None:
     sim = Sim(topo.view(), host="h1", tables=tables)
     flows = FlowTable()
     bases = data.draw(st.lists(packet_specs(), min_size=1, max_size=5))

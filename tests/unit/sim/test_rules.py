@@ -4,6 +4,7 @@ action, jumps and jump loops, chain attachment points, and the flow-state placeh
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -424,3 +425,190 @@ def test_conntrack_and_nat_rules_drop_as_unsupported_and_are_not_cached() -> Non
     _, sim = chained_bridge(("c", {"action": "dnat", "nat_targets": (target,)}))
     result = send(sim)
     assert result.drop_reason == "unsupported" and result.actions == (Drop("unsupported"),)
+
+
+# --- the dispatched matcher (by protocol and destination port) -------------------------------
+
+DISPATCH_PORTS = (5, 22, 23, 70)
+
+
+@st.composite
+def dispatch_rules(draw: st.DrawFn) -> Rule:
+    """Rules a dispatched matcher buckets: mostly a protocol and/or an exact destination
+    port (sometimes inverted, sometimes a range), on a bare rule (so that many match) or
+    over `random_rules`' other conditions."""
+    bare = Rule(chain_id="c", action=RuleAction.ACCEPT)
+    rule = draw(st.one_of(st.just(bare), st.just(bare), random_rules()))
+    update: dict[str, Any] = {
+        "nw_proto": draw(st.sampled_from([None, 1, 6, 6, 17, 17, 58])),
+        "inv_nw_proto": draw(st.integers(0, 5)) == 0,
+        "tp_dst": draw(
+            st.one_of(
+                st.none(),
+                st.sampled_from([PortRange(start=p, end=p) for p in DISPATCH_PORTS]),
+                st.sampled_from([PortRange(start=p, end=p) for p in DISPATCH_PORTS]),
+                port_ranges,
+            )
+        ),
+        "inv_tp_dst": draw(st.integers(0, 5)) == 0,
+    }
+    if draw(st.integers(0, 3)) == 0:
+        update["nw_src"] = ipaddress.ip_network(draw(st.sampled_from(["10.0.0.0/8", "::/0"])))
+    return rule.model_copy(update=update)
+
+
+def dispatch_packets() -> st.SearchStrategy[FlowMatch]:
+    """`packets`, mostly TCP/UDP to one of the ports `dispatch_rules` name."""
+    return st.builds(
+        lambda packet, proto, port, frag: replace(
+            packet, ip_proto=proto, tp_dst=port, ip_frag=frag
+        ),
+        packets(),
+        st.sampled_from([6, 6, 17, 17, 1, 58, 0]),
+        st.sampled_from([*DISPATCH_PORTS, *DISPATCH_PORTS, 0, 71]),
+        st.sampled_from([0, 0, 0, 1, 2]),
+    )
+
+
+def first_match_reference(
+    rules: list[Rule], values: dict[str, int], start: int, in_port: str, groups: frozenset[str]
+) -> int:
+    for index, rule in enumerate(rules):
+        if index >= start and rule_matches_reference(rule, values, in_port, None, groups, GROUPS):
+            return index
+    return -1
+
+
+def merged(packet: FlowMatch, other: FlowMatch, mask: dict[str, int]) -> FlowMatch:
+    """`other` with the bits of `mask` taken from `packet`: a packet the megaflow installed
+    for `packet` with that mask also matches."""
+    return FlowMatch(
+        *(
+            (getattr(packet, name) & mask.get(name, 0))
+            | (getattr(other, name) & ~mask.get(name, 0))
+            for name in FIELD_NAMES
+        )
+    )
+
+
+def well_formed(packet: FlowMatch) -> bool:
+    """An address that fits the ethertype (see `packets`)."""
+    return packet.eth_type == 0x86DD or max(packet.ip_src, packet.ip_dst) < 1 << 32
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    rule_list=st.lists(dispatch_rules(), min_size=1, max_size=12),
+    packet=dispatch_packets(),
+    other=dispatch_packets(),
+    start=st.integers(0, 12),
+    in_port=st.sampled_from(["p1", "p2"]),
+    grouped=st.booleans(),
+)
+def test_dispatched_matcher_gives_the_reference_verdict_and_a_sound_mask(
+    rule_list: list[Rule],
+    packet: FlowMatch,
+    other: FlowMatch,
+    start: int,
+    in_port: str,
+    grouped: bool,
+) -> None:
+    """The dispatched matcher (forced on, whatever the chain's length) returns the
+    reference's first match at or after `start`; the straight-line matcher of the same rules
+    agrees; and any packet agreeing with this one on the bits the chain says the verdict
+    read (`reads_through`) gets the same verdict, from both matchers and the reference: a
+    megaflow installed from that mask is sound."""
+    rules = [r.model_copy(update={"chain_id": "c", "position": i}) for i, r in enumerate(rule_list)]
+    groups = frozenset({"pg"}) if grouped else frozenset()
+    dispatched = compile_chain("c", "c", rules, GROUPS, dispatch_min_rules=1)
+    linear = compile_chain("c", "c", rules, GROUPS, dispatch_min_rules=len(rules) + 1)
+    assert "found = -1" not in linear.source
+
+    def verdicts(p: FlowMatch) -> tuple[int, int]:
+        state = PacketState.of(p)
+        return (
+            dispatched.matcher(state, start, in_port, None, groups),
+            linear.matcher(state, start, in_port, None, groups),
+        )
+
+    values = {name: getattr(packet, name) for name in FIELD_NAMES}
+    expected = first_match_reference(rules, values, start, in_port, groups)
+    assert verdicts(packet) == (expected, expected)
+    mask = dict(dispatched.reads_through[expected if expected >= 0 else -1])
+    assert mask == dict(linear.reads_through[expected if expected >= 0 else -1])
+    lookalike = merged(packet, other, mask)
+    assert verdicts(lookalike) == (expected, expected)
+    if well_formed(lookalike):
+        lookalike_values = {name: getattr(lookalike, name) for name in FIELD_NAMES}
+        assert first_match_reference(rules, lookalike_values, start, in_port, groups) == expected
+
+
+def test_a_security_group_sized_chain_is_dispatched_by_protocol_and_port() -> None:
+    """50 rules of one protocol and port each (bench/simulation.py's chains): dispatched,
+    and the verdict for every port and protocol is the straight-line matcher's."""
+    rules = [
+        Rule(
+            chain_id="c",
+            position=i,
+            action=RuleAction.DROP if i % 3 else RuleAction.ACCEPT,
+            nw_proto=(6, 17)[i % 2],
+            tp_dst=PortRange(start=9000 + i, end=9000 + i),
+            nw_src=ipaddress.ip_network(f"10.{i % 4}.0.0/16"),
+        )
+        for i in range(49)
+    ]
+    rules.append(Rule(chain_id="c", position=49, action=RuleAction.ACCEPT))
+    dispatched = compile_chain("c", "c", rules, GROUPS)
+    linear = compile_chain("c", "c", rules, GROUPS, dispatch_min_rules=1000)
+    assert "tp_dst < " in dispatched.source and "tp_dst < " not in linear.source
+    for proto in (1, 6, 17):
+        for port in (80, *range(8999, 9051)):
+            for source in (0x0A00_0001, 0x0A03_0001):
+                state = PacketState.of(
+                    FlowMatch(eth_type=0x0800, ip_proto=proto, tp_dst=port, ip_src=source)
+                )
+                got = dispatched.matcher(state, 0, "p1", None, frozenset())
+                assert got == linear.matcher(state, 0, "p1", None, frozenset())
+                if (
+                    proto in (6, 17)
+                    and 9000 <= port < 9049
+                    and (port - 9000) % 2 == (proto == 17)
+                    and (port - 9000) % 4 == source >> 16 & 3
+                ):
+                    assert got == port - 9000
+                else:
+                    assert got == 49
+
+
+def test_a_rule_change_recompiles_the_dispatched_matcher() -> None:
+    """No stale matcher: a rule added to (then removed from) a dispatched chain of the view
+    decides the next packets at once."""
+    from hivenet.model import Chain
+    from hivenet.sim import TopologyView
+
+    rules = [
+        Rule(
+            chain_id="c",
+            position=i,
+            action=RuleAction.ACCEPT,
+            nw_proto=6,
+            tp_dst=PortRange(start=9000 + i, end=9000 + i),
+        )
+        for i in range(20)
+    ]
+    view = TopologyView.from_objects([Chain(id="c", name="c"), *rules])
+    state = PacketState.of(FlowMatch(eth_type=0x0800, ip_proto=6, tp_dst=80))
+    assert "tp_dst < " in view.chains["c"].source
+    assert view.chains["c"].matcher(state, 0, "p1", None, frozenset()) == -1
+    drop = Rule(
+        chain_id="c",
+        position=50,
+        action=RuleAction.DROP,
+        nw_proto=6,
+        tp_dst=PortRange(start=80, end=80),
+    )
+    view.apply(drop)
+    chain = view.chains["c"]
+    assert chain.rules[chain.matcher(state, 0, "p1", None, frozenset())].id == drop.id
+    view.remove("rule", drop.id)
+    assert view.chains["c"].matcher(state, 0, "p1", None, frozenset()) == -1

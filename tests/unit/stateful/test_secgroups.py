@@ -201,7 +201,7 @@ def test_spoof_verdicts(frame: bytes, reason: str | None) -> None:
     _, view = guarded_view()
     guard = view.security.guards["vm1"]  # type: ignore[attr-defined]
     read: list[str] = []
-    assert spoof_reason(guard, extract_flow_match(frame, 1), read.append) == reason
+    assert spoof_reason(guard, extract_flow_match(frame, 1), lambda *f: read.extend(f)) == reason
     assert "eth_src" in read
 
 
@@ -329,7 +329,7 @@ def test_a_vm_port_gets_anti_spoofing_by_default_and_false_turns_it_off() -> Non
         src_port=1,
         dst_port=2,
     )
-    assert spoof_reason(guard, extract_flow_match(spoofed, 1), lambda name: None) == "spoofed_ip"
+    assert spoof_reason(guard, extract_flow_match(spoofed, 1), lambda *names: None) == "spoofed_ip"
     # Interior and router ports are never VM ports.
     router_port = Port(device_kind="router", device_id="r", addresses=("10.0.0.1/24",))
     assert not router_port.port_security_enabled
