@@ -75,8 +75,9 @@ def _unicast_port(walk: Walk, bridge: BridgeInfo, vlan: int, dst: int) -> PortIn
     """The bridge's port for `dst` (static, else learned), or None: flood it."""
     out_port_id = bridge.static_macs.get((vlan, dst))
     if out_port_id is None:
-        walk.tags.add(_mac_tag(bridge.id, vlan, dst))
-        out_port_id = walk.mac_overlay.get((bridge.id, vlan, dst))
+        key = (bridge.id, vlan, dst)
+        walk.tags.add(_mac_tag(key))
+        out_port_id = walk.mac_overlay.get(key)
         if out_port_id is None:
             out_port_id = walk.tables.mac_port(bridge.id, vlan, dst)
         walk.lookups.setdefault(("mac", bridge.id, vlan, dst), out_port_id)
@@ -90,7 +91,7 @@ def learn_mac(
     walk: Walk, bridge: BridgeInfo, vlan: int, mac: int, in_port: PortInfo, here: Here
 ) -> None:
     key = (bridge.id, vlan, mac)
-    walk.tags.add(_mac_tag(bridge.id, vlan, mac))
+    walk.tags.add(_mac_tag(key))
     known = walk.mac_overlay.get(key)
     if known is None:
         known = walk.tables.mac_port(bridge.id, vlan, mac)

@@ -27,6 +27,9 @@ from hivenet.sim.walk import TCP_FLAG_RST, Here, PacketState, Walk
 
 MAX_JUMP_DEPTH = 16
 _new_tuple = tuple.__new__  # Here(...) without the NamedTuple's Python-level __new__
+# A compiled chain by id without `CompiledChains.get`'s Python frame (it skips the lazy
+# `__missing__`: a None falls back to `get`, which decodes and compiles a stored chain).
+_dict_get = dict.get
 
 # Every field a flow-state key (flowstate.keys) is made of: the 5-tuple, ICMP echo ids and
 # types (an echo request and its reply are told apart by type) and fragmentation.
@@ -92,7 +95,10 @@ def run_chain(
     """Evaluate a chain; True when the packet continues, False when the branch ended
     (drop, reject, unsupported). A top-level RETURN or falling off the end continues.
     A rejected packet is answered out of `reply_port`."""
-    chain = walk.view.chains.get(chain_id)
+    chains = walk.view.chains
+    chain = _dict_get(chains, chain_id)
+    if chain is None:
+        chain = chains.get(chain_id)
     if chain is not None and chain.plain:
         # The common chain (security groups, port filters): every rule ends the chain and
         # none asks the flow state, so the first match is the verdict: no jump stack, no

@@ -296,8 +296,8 @@ def _forward(
 
 
 def resolve_neighbour(walk: Walk, router: RouterInfo, version: int, ip: int) -> int | None:
-    walk.tags.add(_neighbour_tag(router.id, version, ip))
     key = (router.id, version, ip)
+    walk.tags.add(_neighbour_tag(key))
     mac = walk.neighbour_overlay.get(key)
     if mac is None:
         mac = walk.tables.neighbour_mac(router.id, version, ip)
