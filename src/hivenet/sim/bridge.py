@@ -14,10 +14,12 @@ from hivenet.sim import ports, replies
 from hivenet.sim.chains import run_chain
 from hivenet.sim.tables import LearnedMac, ip_text, mac_entry_tag, mac_text
 from hivenet.sim.topology import BridgeInfo, PortInfo
-from hivenet.sim.walk import MULTICAST_BIT, Here, PacketState, Walk, memo_tag
+from hivenet.sim.walk import MULTICAST_BIT, Here, PacketState, Walk, memo_tag, memo_value
 
 ARP_REQUEST = 1
 _mac_tag = memo_tag(mac_entry_tag)
+
+_forward_text = memo_value(lambda mac, port_id: f"{mac_text(mac)} -> port {port_id}")
 
 _FULL_VLAN = FULL_MASKS["vlan"]
 _FULL_ETH_SRC = FULL_MASKS["eth_src"]
@@ -67,7 +69,7 @@ def receive(
     if out_port.id == in_port.id:
         walk.drop(here, "same_port", f"{mac_text(dst)} is on the ingress port")
         return
-    walk.step(here, "forward", f"{mac_text(dst)} -> port {out_port.id}")
+    walk.step(here, "forward", _forward_text((dst, out_port.id)))
     _send(walk, packet, bridge, in_port, out_port, vlan, depth, flooding=False)
 
 

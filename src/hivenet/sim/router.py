@@ -31,7 +31,15 @@ from hivenet.sim.chains import run_chain
 from hivenet.sim.routing import NextHop, flow_hash
 from hivenet.sim.tables import LearnedNeighbour, ip_text, mac_text, neighbour_entry_tag
 from hivenet.sim.topology import PortInfo, RouterInfo
-from hivenet.sim.walk import MULTICAST_BIT, TCP_FLAG_RST, Here, PacketState, Walk, memo_tag
+from hivenet.sim.walk import (
+    MULTICAST_BIT,
+    TCP_FLAG_RST,
+    Here,
+    PacketState,
+    Walk,
+    memo_tag,
+    memo_value,
+)
 
 ARP_REQUEST = 1
 ICMP_ECHO_REQUEST = 8
@@ -50,6 +58,27 @@ BGP_TCP_PORT = 179
 UNRESOLVED_IDLE_TIMEOUT = 2.0
 _neighbour_tag = memo_tag(neighbour_entry_tag)
 _BLACKHOLE, _REJECT_ROUTE = RouteType.BLACKHOLE, RouteType.REJECT
+
+
+
+def _route_text_of(
+    version: int, ip_dst: int, route_id: str, route_type: RouteType, ecmp: int, skipped: int
+) -> str:
+    return (
+        f"{ip_text(version, ip_dst)} via route {route_id} ({route_type.value}"
+        + (f", ecmp 1 of {ecmp}" if ecmp > 1 else "")
+        + (f", {skipped} down skipped" if skipped else "")
+        + ")"
+    )
+
+
+def _forward_text_of(version: int, next_hop_ip: int, mac: int, port_id: str) -> str:
+    return f"next hop {ip_text(version, next_hop_ip)} is-at {mac_text(mac)}, out port {port_id}"
+
+
+# Trace text of a route and a forward, by the values it is made of.
+_route_text = memo_value(_route_text_of)
+_forward_text = memo_value(_forward_text_of)
 
 _FULL_VLAN = FULL_MASKS["vlan"]
 _FULL_ETH_TYPE = FULL_MASKS["eth_type"]
@@ -231,12 +260,7 @@ def _choose_next_hop(
     else:
         hop, skipped = group.next_hops[0], ()
     walk.step(
-        here,
-        "route",
-        f"{ip_text(version, packet.ip_dst)} via route {hop.route_id} ({hop.type.value}"
-        + (f", ecmp 1 of {ecmp}" if ecmp > 1 else "")
-        + (f", {len(skipped)} down skipped" if skipped else "")
-        + ")",
+        here, "route", _route_text((version, packet.ip_dst, hop.route_id, hop.type, ecmp, len(skipped)))
     )
     if hop.type is _BLACKHOLE:
         walk.drop(here, "blackhole", hop.route_id)
@@ -287,11 +311,7 @@ def _forward(
     packet.set("eth_dst", neighbour)
     packet.ip_ttl -= 1
     packet.ttl_decrements += 1
-    walk.step(
-        here,
-        "forward",
-        f"next hop {ip_text(version, next_hop_ip)} is-at {mac_text(neighbour)}, out port {out_port.id}",
-    )
+    walk.step(here, "forward", _forward_text((version, next_hop_ip, neighbour, out_port.id)))
     ports.egress(walk, packet, out_port, in_port, here.depth)
 
 
