@@ -32,7 +32,11 @@ def receive(
     here = walk.enter("bridge", bridge, depth)
     if here is None:
         return
-    walk.read(packet, "vlan", _FULL_VLAN)
+    # walk.read() of vlan and eth_src, inline (every bridge a packet crosses reads both).
+    reads = walk.reads
+    modified = packet.modified
+    if "vlan" not in modified:
+        reads["vlan"] = reads.get("vlan", 0) | _FULL_VLAN
     if in_port.vlan_id is not None:
         if packet.vlan:
             walk.drop(
@@ -45,7 +49,8 @@ def receive(
     else:
         vlan = packet.vlan
     src = packet.eth_src
-    walk.read(packet, "eth_src", _FULL_ETH_SRC)
+    if "eth_src" not in modified:
+        reads["eth_src"] = reads.get("eth_src", 0) | _FULL_ETH_SRC
     if not src & MULTICAST_BIT and (vlan, src) not in bridge.static_macs:
         learn_mac(walk, bridge, vlan, src, in_port, here)
     if bridge.inbound_chain_id is not None and not run_chain(

@@ -80,6 +80,7 @@ def _forward_text_of(version: int, next_hop_ip: int, mac: int, port_id: str) -> 
 _route_text = memo_value(_route_text_of)
 _forward_text = memo_value(_forward_text_of)
 
+_NO_CHAINS = (None, None, None)  # a stage of a router without chains (most routers)
 _FULL_VLAN = FULL_MASKS["vlan"]
 _FULL_ETH_TYPE = FULL_MASKS["eth_type"]
 _FULL_ETH_DST = FULL_MASKS["eth_dst"]
@@ -158,7 +159,9 @@ def _route(
         vips.pre_chain_id if vips is not None else None,
         router.inbound_chain_id,
     )
-    if not _run_chains(walk, packet, pre_routing, in_port, None, depth):
+    if pre_routing != _NO_CHAINS and not _run_chains(
+        walk, packet, pre_routing, in_port, None, depth
+    ):
         return
     own_mask = router.own_v4_read_mask if version == 4 else router.own_v6_read_mask
     walk.read(packet, "ip_dst", own_mask)
@@ -189,7 +192,9 @@ def _route(
         vips.post_chain_id if vips is not None else None,
         router.outbound_chain_id,
     )
-    if not _run_chains(walk, packet, post_routing, in_port, out_port.id, depth):
+    if post_routing != _NO_CHAINS and not _run_chains(
+        walk, packet, post_routing, in_port, out_port.id, depth
+    ):
         return
     _forward(walk, packet, router, in_port, out_port, version, next_hop_ip, here)
 
