@@ -76,7 +76,7 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
     # first and leave an interior port's packet untouched: not asked at all here).
     if port.peer_id is None and (
         dhcp.serve_at_ingress(walk, packet, port, here)
-        or metadata.serve_at_ingress(walk, packet, port, here)
+        or (walk.ctx.metadata and metadata.serve_at_ingress(walk, packet, port, here))
     ):
         return
     if port.inbound_chain_id is not None and not run_chain(
