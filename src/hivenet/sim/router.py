@@ -60,7 +60,6 @@ _neighbour_tag = memo_tag(neighbour_entry_tag)
 _BLACKHOLE, _REJECT_ROUTE = RouteType.BLACKHOLE, RouteType.REJECT
 
 
-
 def _route_text_of(
     version: int, ip_dst: int, route_id: str, route_type: RouteType, ecmp: int, skipped: int
 ) -> str:
@@ -265,7 +264,9 @@ def _choose_next_hop(
     else:
         hop, skipped = group.next_hops[0], ()
     walk.step(
-        here, "route", _route_text((version, packet.ip_dst, hop.route_id, hop.type, ecmp, len(skipped)))
+        here,
+        "route",
+        _route_text((version, packet.ip_dst, hop.route_id, hop.type, ecmp, len(skipped))),
     )
     if hop.type is _BLACKHOLE:
         walk.drop(here, "blackhole", hop.route_id)

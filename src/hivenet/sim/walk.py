@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
 from sys import intern
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from hivenet.flows.actions import (
     SETTABLE_FIELDS,
@@ -207,19 +207,18 @@ def memo_tag(make: Callable[[str, int, int], str]) -> Callable[[tuple[str, int, 
 
 
 _VALUE_MEMO_LIMIT = 1 << 16
-_K = TypeVar("_K", bound=tuple[object, ...])
 _V = TypeVar("_V")
 
 
-def memo_value(make: Callable[..., _V]) -> Callable[[_K], _V]:
+def memo_value(make: Callable[..., _V]) -> Callable[[tuple[Any, ...]], _V]:
     """`value(key)`: `make(*key)` remembered per key tuple, for immutable values a walk
     builds from a few plain values (flow actions and their trace text: a frozen dataclass's
     constructor sets each field through `object.__setattr__`). A pure function of its key,
     so never stale; bounded (emptied when full)."""
-    cache: dict[_K, _V] = {}
+    cache: dict[tuple[Any, ...], _V] = {}
     get = cache.get
 
-    def value(key: _K) -> _V:
+    def value(key: tuple[Any, ...]) -> _V:
         found = get(key)
         if found is None:
             if len(cache) >= _VALUE_MEMO_LIMIT:
