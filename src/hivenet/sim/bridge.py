@@ -14,10 +14,12 @@ from hivenet.sim import ports, replies
 from hivenet.sim.chains import run_chain
 from hivenet.sim.tables import LearnedMac, ip_text, mac_entry_tag, mac_text
 from hivenet.sim.topology import BridgeInfo, PortInfo
-from hivenet.sim.walk import MULTICAST_BIT, Here, PacketState, Walk, memo_tag
+from hivenet.sim.walk import MULTICAST_BIT, Here, PacketState, Walk, memo_tag, memo_value
 
 ARP_REQUEST = 1
 _mac_tag = memo_tag(mac_entry_tag)
+
+_forward_text = memo_value(lambda mac, port_id: f"{mac_text(mac)} -> port {port_id}")
 
 _FULL_VLAN = FULL_MASKS["vlan"]
 _FULL_ETH_SRC = FULL_MASKS["eth_src"]
@@ -30,7 +32,11 @@ def receive(
     here = walk.enter("bridge", bridge, depth)
     if here is None:
         return
-    walk.read(packet, "vlan", _FULL_VLAN)
+    # walk.read() of vlan and eth_src, inline (every bridge a packet crosses reads both).
+    reads = walk.reads
+    modified = packet.modified
+    if "vlan" not in modified:
+        reads["vlan"] = reads.get("vlan", 0) | _FULL_VLAN
     if in_port.vlan_id is not None:
         if packet.vlan:
             walk.drop(
@@ -43,7 +49,8 @@ def receive(
     else:
         vlan = packet.vlan
     src = packet.eth_src
-    walk.read(packet, "eth_src", _FULL_ETH_SRC)
+    if "eth_src" not in modified:
+        reads["eth_src"] = reads.get("eth_src", 0) | _FULL_ETH_SRC
     if not src & MULTICAST_BIT and (vlan, src) not in bridge.static_macs:
         learn_mac(walk, bridge, vlan, src, in_port, here)
     if bridge.inbound_chain_id is not None and not run_chain(
@@ -67,7 +74,7 @@ def receive(
     if out_port.id == in_port.id:
         walk.drop(here, "same_port", f"{mac_text(dst)} is on the ingress port")
         return
-    walk.step(here, "forward", f"{mac_text(dst)} -> port {out_port.id}")
+    walk.step(here, "forward", _forward_text((dst, out_port.id)))
     _send(walk, packet, bridge, in_port, out_port, vlan, depth, flooding=False)
 
 
@@ -75,8 +82,9 @@ def _unicast_port(walk: Walk, bridge: BridgeInfo, vlan: int, dst: int) -> PortIn
     """The bridge's port for `dst` (static, else learned), or None: flood it."""
     out_port_id = bridge.static_macs.get((vlan, dst))
     if out_port_id is None:
-        walk.tags.add(_mac_tag(bridge.id, vlan, dst))
-        out_port_id = walk.mac_overlay.get((bridge.id, vlan, dst))
+        key = (bridge.id, vlan, dst)
+        walk.tags.add(_mac_tag(key))
+        out_port_id = walk.mac_overlay.get(key)
         if out_port_id is None:
             out_port_id = walk.tables.mac_port(bridge.id, vlan, dst)
         walk.lookups.setdefault(("mac", bridge.id, vlan, dst), out_port_id)
@@ -90,7 +98,7 @@ def learn_mac(
     walk: Walk, bridge: BridgeInfo, vlan: int, mac: int, in_port: PortInfo, here: Here
 ) -> None:
     key = (bridge.id, vlan, mac)
-    walk.tags.add(_mac_tag(bridge.id, vlan, mac))
+    walk.tags.add(_mac_tag(key))
     known = walk.mac_overlay.get(key)
     if known is None:
         known = walk.tables.mac_port(bridge.id, vlan, mac)

@@ -19,7 +19,7 @@ from hivenet.packets.flowmatch import FULL_MASKS, IP_PROTO_TCP
 from hivenet.sim import replies
 from hivenet.sim.flowstate_hook import FlowStateUnsupported
 from hivenet.sim.result import TraceStep
-from hivenet.sim.rules import CompiledRule
+from hivenet.sim.rules import CompiledChain, CompiledRule
 from hivenet.sim.secgroups import drop_reason_of
 from hivenet.sim.topology import PortInfo
 from hivenet.sim.vips import VipRefusal
@@ -27,6 +27,9 @@ from hivenet.sim.walk import TCP_FLAG_RST, Here, PacketState, Walk
 
 MAX_JUMP_DEPTH = 16
 _new_tuple = tuple.__new__  # Here(...) without the NamedTuple's Python-level __new__
+# A compiled chain by id without `CompiledChains.get`'s Python frame (it skips the lazy
+# `__missing__`: a None falls back to `get`, which decodes and compiles a stored chain).
+_dict_get = dict.get
 
 # Every field a flow-state key (flowstate.keys) is made of: the 5-tuple, ICMP echo ids and
 # types (an echo request and its reply are told apart by type) and fragmentation.
@@ -76,6 +79,18 @@ def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], .
         recorded.add(key)
 
 
+def _rule_step(chain: CompiledChain, index: int, rule: CompiledRule, depth: int) -> TraceStep:
+    """The trace step of `rule` deciding in `chain` at `depth`, remembered by the chain."""
+    steps = chain.steps
+    if steps is None:
+        steps = {}
+        object.__setattr__(chain, "steps", steps)
+    step = steps[index, depth] = TraceStep(
+        Here("chain", chain.id, chain.name, depth), "rule", rule.description
+    )
+    return step
+
+
 class _ChainStop(Exception):
     """Internal: a chain verdict that ends the branch (drop, reject, unsupported)."""
 
@@ -92,7 +107,10 @@ def run_chain(
     """Evaluate a chain; True when the packet continues, False when the branch ended
     (drop, reject, unsupported). A top-level RETURN or falling off the end continues.
     A rejected packet is answered out of `reply_port`."""
-    chain = walk.view.chains.get(chain_id)
+    chains = walk.view.chains
+    chain = _dict_get(chains, chain_id)
+    if chain is None:
+        chain = chains.get(chain_id)
     if chain is not None and chain.plain:
         # The common chain (security groups, port filters): every rule ends the chain and
         # none asks the flow state, so the first match is the verdict: no jump stack, no
@@ -108,13 +126,14 @@ def run_chain(
             _read_pairs(walk, packet, pairs)
         rule = chain.rules[index]
         action = rule.action
-        here = _new_tuple(Here, ("chain", chain.id, chain.name, depth))
-        detail = rule._description  # made once (the property), read here without it
-        if detail is None:
-            detail = rule.description
-        walk.trace.append(_new_tuple(TraceStep, (here, "rule", detail)))
+        steps = chain.steps
+        step = steps.get((index, depth)) if steps is not None else None
+        if step is None:
+            step = _rule_step(chain, index, rule, depth)
+        walk.trace.append(step)
         if action is _ACCEPT or action is _RETURN:
             return True
+        here = step.where
         if action is _DROP:
             walk.drop(here, _drop_reason(walk, chain.id, rule), rule.id)
             return False

@@ -422,6 +422,8 @@ def serve_at_ingress(walk: Walk, packet: PacketState, port: PortInfo, here: Here
     field here; a served port's flows read the protocol and the bits of tp_dst that tell it
     from 67, and carry the tags of the subnets that decided (enabling DHCP later or
     changing the subnet invalidates them)."""
+    if not port.port.fixed_ips:  # port_lease's answer for it (no lease, no subnet looked at)
+        return False
     lease, subnet_id, looked_at = port_lease(walk.view, port, walk.ctx.underlay_mtu)
     for looked in looked_at:
         walk.tags.add(intern(f"subnet:{looked}"))

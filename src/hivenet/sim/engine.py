@@ -64,8 +64,9 @@ def simulate(
     walk.ingress_port = port
     ports.ingress(walk, PacketState.of(match), ingress_port_id, 0)
     actions, drop_reason = walk.build_actions()
-    generated = _run_generated(walk)
-    walk.check_lookups_still_valid()
+    generated: tuple[GeneratedPacket, ...] = tuple(_run_generated(walk)) if walk.pending else ()
+    if walk.learned:
+        walk.check_lookups_still_valid()
     rewritten = None
     if walk.inner_rewrites and drop_reason is None:
         # A NATed ICMP error: its quote is translated here, the outer headers by the actions
@@ -76,7 +77,7 @@ def simulate(
         match=match,
         mask=walk.mask(),
         tags=frozenset(walk.tags),
-        generated=tuple(generated),
+        generated=generated,
         learned=tuple(walk.learned),
         install=walk.install,
         idle_timeout=walk.idle_timeout,

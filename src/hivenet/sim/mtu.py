@@ -27,18 +27,20 @@ from hivenet.model.subnet import overlay_mtu
 from hivenet.sim.topology import PortInfo
 from hivenet.sim.walk import MULTICAST_BIT, Here, PacketState, Walk
 
+_BRIDGE = DeviceKind.BRIDGE
+
 
 def egress_mtu(walk: Walk, port: PortInfo, *, tunnel: bool) -> int:
     """The MTU an IP packet leaving the overlay through exterior `port` must fit (0: none
     known, e.g. a router's exterior port delivered locally)."""
-    underlay_mtu = walk.ctx.underlay_mtu
+    room = overlay_mtu(None, walk.ctx.underlay_mtu)  # what one VXLAN packet carries
     limit = 0
-    if port.device_kind is DeviceKind.BRIDGE:
+    if port.device_kind is _BRIDGE:
         bridge = walk.view.bridges.get(port.device_id)
         if bridge is not None:
-            limit = overlay_mtu(bridge.bridge.mtu, underlay_mtu)
+            bridge_mtu = bridge.bridge.mtu  # overlay_mtu(bridge_mtu, underlay), one call less
+            limit = bridge_mtu if bridge_mtu is not None else room
     if tunnel:
-        room = overlay_mtu(None, underlay_mtu)
         limit = min(limit, room) if limit else room
     return limit
 

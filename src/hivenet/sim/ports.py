@@ -25,12 +25,25 @@ from hivenet.sim.chains import run_chain
 from hivenet.sim.result import TraceStep
 from hivenet.sim.secgroups import spoof_reason
 from hivenet.sim.topology import PortInfo
-from hivenet.sim.walk import MAX_DEVICES_PER_SIMULATION, Here, PacketState, Walk
+from hivenet.sim.walk import MAX_DEVICES_PER_SIMULATION, Here, PacketState, Walk, memo_value
 
 _new_tuple = tuple.__new__  # Here(...) without the NamedTuple's Python-level __new__
 _INTO = {kind: f"into {kind.value}" for kind in DeviceKind}
 _BRIDGE = DeviceKind.BRIDGE
 _HOST_TAGS: dict[str, str] = {}  # "host:<id>" by host id (a few per deployment)
+
+
+def _output_to(key: int) -> tuple[Output, str]:
+    return Output(key), f"output to local port key {key}"
+
+
+def _tunnel_to(host_id: str, underlay_ip: str, key: int) -> tuple[Tunnel, str]:
+    return Tunnel(underlay_ip, key), f"tunnel to host {host_id} ({underlay_ip}) key {key}"
+
+
+# An exterior port's action and its trace text, by the values they are made of.
+_output_action = memo_value(_output_to)
+_tunnel_action = memo_value(_tunnel_to)
 
 
 def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
@@ -63,7 +76,7 @@ def ingress(walk: Walk, packet: PacketState, port_id: str, depth: int) -> None:
     # first and leave an interior port's packet untouched: not asked at all here).
     if port.peer_id is None and (
         dhcp.serve_at_ingress(walk, packet, port, here)
-        or metadata.serve_at_ingress(walk, packet, port, here)
+        or (walk.ctx.metadata and metadata.serve_at_ingress(walk, packet, port, here))
     ):
         return
     if port.inbound_chain_id is not None and not run_chain(
@@ -157,8 +170,7 @@ def _exterior_output(
         action = Tunnel(*port.vtep)
         detail = f"tunnel to VTEP {port.vtep[0]} VNI {port.vtep[1]}"
     elif port.host_id == walk.ctx.local_host_id:
-        action = Output(port.tunnel_key)
-        detail = f"output to local port key {port.tunnel_key}"
+        action, detail = _output_action((port.tunnel_key,))
     else:
         host_id = port.host_id or ""
         tag = _HOST_TAGS.get(host_id)
@@ -174,8 +186,7 @@ def _exterior_output(
         if underlay_ip is None:
             walk.drop(here, "no_underlay", f"host {host_id} has no underlay IP")
             return
-        action = Tunnel(underlay_ip, port.tunnel_key)
-        detail = f"tunnel to host {host_id} ({underlay_ip}) key {port.tunnel_key}"
+        action, detail = _tunnel_action((host_id, underlay_ip, port.tunnel_key))
     if port.interface_vlan is not None:  # L2 gateway: the interface's VLAN, tagged
         walk.read(packet, "vlan", FULL_MASKS["vlan"])
         if packet.vlan:  # no QinQ

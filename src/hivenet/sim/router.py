@@ -31,7 +31,15 @@ from hivenet.sim.chains import run_chain
 from hivenet.sim.routing import NextHop, flow_hash
 from hivenet.sim.tables import LearnedNeighbour, ip_text, mac_text, neighbour_entry_tag
 from hivenet.sim.topology import PortInfo, RouterInfo
-from hivenet.sim.walk import MULTICAST_BIT, TCP_FLAG_RST, Here, PacketState, Walk, memo_tag
+from hivenet.sim.walk import (
+    MULTICAST_BIT,
+    TCP_FLAG_RST,
+    Here,
+    PacketState,
+    Walk,
+    memo_tag,
+    memo_value,
+)
 
 ARP_REQUEST = 1
 ICMP_ECHO_REQUEST = 8
@@ -51,6 +59,27 @@ UNRESOLVED_IDLE_TIMEOUT = 2.0
 _neighbour_tag = memo_tag(neighbour_entry_tag)
 _BLACKHOLE, _REJECT_ROUTE = RouteType.BLACKHOLE, RouteType.REJECT
 
+
+def _route_text_of(
+    version: int, ip_dst: int, route_id: str, route_type: RouteType, ecmp: int, skipped: int
+) -> str:
+    return (
+        f"{ip_text(version, ip_dst)} via route {route_id} ({route_type.value}"
+        + (f", ecmp 1 of {ecmp}" if ecmp > 1 else "")
+        + (f", {skipped} down skipped" if skipped else "")
+        + ")"
+    )
+
+
+def _forward_text_of(version: int, next_hop_ip: int, mac: int, port_id: str) -> str:
+    return f"next hop {ip_text(version, next_hop_ip)} is-at {mac_text(mac)}, out port {port_id}"
+
+
+# Trace text of a route and a forward, by the values it is made of.
+_route_text = memo_value(_route_text_of)
+_forward_text = memo_value(_forward_text_of)
+
+_NO_CHAINS = (None, None, None)  # a stage of a router without chains (most routers)
 _FULL_VLAN = FULL_MASKS["vlan"]
 _FULL_ETH_TYPE = FULL_MASKS["eth_type"]
 _FULL_ETH_DST = FULL_MASKS["eth_dst"]
@@ -129,7 +158,9 @@ def _route(
         vips.pre_chain_id if vips is not None else None,
         router.inbound_chain_id,
     )
-    if not _run_chains(walk, packet, pre_routing, in_port, None, depth):
+    if pre_routing != _NO_CHAINS and not _run_chains(
+        walk, packet, pre_routing, in_port, None, depth
+    ):
         return
     own_mask = router.own_v4_read_mask if version == 4 else router.own_v6_read_mask
     walk.read(packet, "ip_dst", own_mask)
@@ -160,7 +191,9 @@ def _route(
         vips.post_chain_id if vips is not None else None,
         router.outbound_chain_id,
     )
-    if not _run_chains(walk, packet, post_routing, in_port, out_port.id, depth):
+    if post_routing != _NO_CHAINS and not _run_chains(
+        walk, packet, post_routing, in_port, out_port.id, depth
+    ):
         return
     _forward(walk, packet, router, in_port, out_port, version, next_hop_ip, here)
 
@@ -233,10 +266,7 @@ def _choose_next_hop(
     walk.step(
         here,
         "route",
-        f"{ip_text(version, packet.ip_dst)} via route {hop.route_id} ({hop.type.value}"
-        + (f", ecmp 1 of {ecmp}" if ecmp > 1 else "")
-        + (f", {len(skipped)} down skipped" if skipped else "")
-        + ")",
+        _route_text((version, packet.ip_dst, hop.route_id, hop.type, ecmp, len(skipped))),
     )
     if hop.type is _BLACKHOLE:
         walk.drop(here, "blackhole", hop.route_id)
@@ -287,17 +317,13 @@ def _forward(
     packet.set("eth_dst", neighbour)
     packet.ip_ttl -= 1
     packet.ttl_decrements += 1
-    walk.step(
-        here,
-        "forward",
-        f"next hop {ip_text(version, next_hop_ip)} is-at {mac_text(neighbour)}, out port {out_port.id}",
-    )
+    walk.step(here, "forward", _forward_text((version, next_hop_ip, neighbour, out_port.id)))
     ports.egress(walk, packet, out_port, in_port, here.depth)
 
 
 def resolve_neighbour(walk: Walk, router: RouterInfo, version: int, ip: int) -> int | None:
-    walk.tags.add(_neighbour_tag(router.id, version, ip))
     key = (router.id, version, ip)
+    walk.tags.add(_neighbour_tag(key))
     mac = walk.neighbour_overlay.get(key)
     if mac is None:
         mac = walk.tables.neighbour_mac(router.id, version, ip)

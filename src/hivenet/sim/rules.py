@@ -141,6 +141,13 @@ class CompiledChain:
     # Every rule ends the chain (accept, drop, reject, return) and none has a conntrack
     # condition: the matcher's first match is the verdict (`sim/chains.py`'s fast path).
     plain: bool = False
+    # The trace steps of a plain chain's verdicts, by (rule index, depth): values of the
+    # chain's own rules, made on first use (`sim/chains.py`; None until then, as for most
+    # chains of a large topology). A topology change replaces the compiled chain, and this
+    # with it.
+    steps: dict[tuple[int, int], Any] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def source(self) -> str:

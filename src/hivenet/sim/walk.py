@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
 from sys import intern
+from typing import Any, TypeVar
 
 from hivenet.flows.actions import (
     SETTABLE_FIELDS,
@@ -186,22 +187,50 @@ _field_values = attrgetter(*FIELD_NAMES)
 _TAG_MEMO_LIMIT = 1 << 16
 
 
-def memo_tag(make: Callable[[str, int, int], str]) -> Callable[[str, int, int], str]:
-    """`make(id, a, b)` interned and remembered per argument triple (a table entry's tag is
-    spelled on every simulation that looks the entry up). A pure function of its key, so
-    never stale; bounded (emptied when full)."""
+def memo_tag(make: Callable[[str, int, int], str]) -> Callable[[tuple[str, int, int]], str]:
+    """`tag(key)`: `make(*key)` interned and remembered per key triple (a table entry's tag
+    is spelled on every simulation that looks the entry up; the caller's key is the one it
+    looks the entry up by, built once). A pure function of its key, so never stale;
+    bounded (emptied when full)."""
     cache: dict[tuple[str, int, int], str] = {}
+    get = cache.get
 
-    def tag(device_id: str, a: int, b: int) -> str:
-        key = (device_id, a, b)
-        found = cache.get(key)
+    def tag(key: tuple[str, int, int]) -> str:
+        found = get(key)
         if found is None:
             if len(cache) >= _TAG_MEMO_LIMIT:
                 cache.clear()
-            found = cache[key] = intern(make(device_id, a, b))
+            found = cache[key] = intern(make(*key))
         return found
 
     return tag
+
+
+_VALUE_MEMO_LIMIT = 1 << 16
+_V = TypeVar("_V")
+
+
+def memo_value(make: Callable[..., _V]) -> Callable[[tuple[Any, ...]], _V]:
+    """`value(key)`: `make(*key)` remembered per key tuple, for immutable values a walk
+    builds from a few plain values (flow actions and their trace text: a frozen dataclass's
+    constructor sets each field through `object.__setattr__`). A pure function of its key,
+    so never stale; bounded (emptied when full)."""
+    cache: dict[tuple[Any, ...], _V] = {}
+    get = cache.get
+
+    def value(key: tuple[Any, ...]) -> _V:
+        found = get(key)
+        if found is None:
+            if len(cache) >= _VALUE_MEMO_LIMIT:
+                cache.clear()
+            found = cache[key] = make(*key)
+        return found
+
+    return value
+
+
+set_field_action: Callable[[tuple[str, int]], SetField] = memo_value(SetField)
+DEC_TTL = DecTtl()
 
 
 @dataclass(slots=True)
@@ -462,17 +491,16 @@ class Walk:
         actions: list[Action] = []
         modified = packet.modified
         if modified:
-            actions.extend(
-                SetField(field, getattr(packet, field))
-                for field in _SETTABLE_ORDER
-                if field in modified
-            )
+            for field in _SETTABLE_ORDER:
+                if field in modified:
+                    actions.append(set_field_action((field, getattr(packet, field))))
         if packet.vlan != original.vlan:
             if original.vlan:
                 actions.append(PopVlan())
             if packet.vlan:
                 actions.append(PushVlan(packet.vlan))
-        actions.extend(DecTtl() for _ in range(packet.ttl_decrements))
+        if packet.ttl_decrements:
+            actions.extend([DEC_TTL] * packet.ttl_decrements)
         actions.append(out)
         return tuple(actions)
 
@@ -489,11 +517,11 @@ class Walk:
                 if field in packet.modified:
                     value = getattr(packet, field)
                     if current.get(field) != value:
-                        actions.append(SetField(field, value))
+                        actions.append(set_field_action((field, value)))
                         current[field] = value
                 elif field in current:
                     self.reads[field] = FULL_MASKS[field]
-                    actions.append(SetField(field, getattr(original, field)))
+                    actions.append(set_field_action((field, getattr(original, field))))
                     del current[field]
             if packet.vlan != current_vlan:
                 if current_vlan:
@@ -502,7 +530,7 @@ class Walk:
                     actions.append(PushVlan(packet.vlan))
                 current_vlan = packet.vlan
             while current_decrements < packet.ttl_decrements:
-                actions.append(DecTtl())
+                actions.append(DEC_TTL)
                 current_decrements += 1
             state = (out, current_vlan, current_decrements, tuple(sorted(current.items())))
             if state in emitted:
