@@ -210,11 +210,13 @@ class TopologyView:
         # Raw objects by kind and id.
         self.objects: dict[str, dict[str, TopologyObject]] = {}
         # Stored values not decoded yet (`apply_all(raw=...)`, kinds in LAZY_KINDS): chains
-        # by id, and rules by id with the chain id their value names. Decoded (and moved to
-        # `objects`) by `get`/`all` and when their chain is compiled.
+        # and rules by id. A rule is filed only when `peek_id` reads the chain id its value
+        # names, and read again when needed (no (chain id, value) pair per rule: 100k tuples
+        # at a large start-up, each one more object for the cyclic GC to walk). Decoded (and
+        # moved to `objects`) by `get`/`all` and when their chain is compiled.
         self._decode = decode
         self._raw_chains: dict[str, bytes] = {}
-        self._raw_rules: dict[str, tuple[str, bytes]] = {}
+        self._raw_rules: dict[str, bytes] = {}
         # Stored chains with undecoded parts that are not compiled yet: compiled on lookup.
         self._lazy_chains: set[str] = set()
         # Compiled read side.
@@ -352,7 +354,7 @@ class TopologyView:
                     if object_id not in raw_rules and object_id not in objects.get("rule", ()):
                         parent = peek_id(value, "chain_id")
                         if parent is not None:
-                            raw_rules[object_id] = (parent, value)
+                            raw_rules[object_id] = value
                             children = rules_by_chain.get(parent)
                             if children is None:
                                 rules_by_chain[parent] = {object_id}
@@ -389,15 +391,14 @@ class TopologyView:
                 tags |= self.apply(obj)
             return
         if kind == "rule":
-            previous = self._raw_rules.get(object_id)
-            old = previous[0] if previous is not None else self._rule_parent(object_id)
+            old = self._rule_parent(object_id)
             if old is not None:
                 self._rules_by_chain[old].discard(object_id)
                 if "rule" in self.objects:
                     self.objects["rule"].pop(object_id, None)
                 if old != parent:
                     chain_ids.add(old)
-            self._raw_rules[object_id] = (parent, value)
+            self._raw_rules[object_id] = value
             self._rules_by_chain.setdefault(parent, set()).add(object_id)
         else:
             if "chain" in self.objects:
@@ -408,15 +409,15 @@ class TopologyView:
     def _rule_parent(self, rule_id: str) -> str | None:
         raw = self._raw_rules.get(rule_id)
         if raw is not None:
-            return raw[0]
+            return _raw_rule_parent(raw)
         rule = self.objects["rule"].get(rule_id) if "rule" in self.objects else None
         return rule.chain_id if isinstance(rule, Rule) else None
 
     def _materialize(self, kind: str, object_id: str) -> TopologyObject | None:
         """Decode an undecoded stored chain or rule into `objects` (None: none, or bad)."""
-        parent: str | None = None
         if kind == "rule" and object_id in self._raw_rules:
-            parent, value = self._raw_rules.pop(object_id)
+            value = self._raw_rules.pop(object_id)
+            parent = _raw_rule_parent(value)
             self._rules_by_chain.get(parent, set()).discard(object_id)
         elif kind == "chain" and object_id in self._raw_chains:
             value = self._raw_chains.pop(object_id)
@@ -775,6 +776,15 @@ class TopologyView:
             if before != ip:
                 changed.add(host_id)
         return changed
+
+
+def _raw_rule_parent(value: bytes) -> str:
+    """The chain id of a rule filed undecoded: `peek_id` read it when the rule was filed, and
+    reads the same bytes the same way now."""
+    parent = peek_id(value, "chain_id")
+    if parent is None:  # pragma: no cover - filed only when it was read
+        raise RuntimeError("TopologyView: an undecoded rule without a chain id")
+    return parent
 
 
 def _move_child(
