@@ -543,14 +543,16 @@ def topology_key(kind: str, object_id: str) -> str:
 TOPOLOGY_PREFIX = "/hivenet/v1/topology/"
 
 
+_PREFIX_LEN = len(TOPOLOGY_PREFIX)
+
+
 def parse_topology_key(key: str) -> tuple[str, str]:
     """(kind, id) from a topology key; ValueError for anything else."""
-    if not key.startswith(TOPOLOGY_PREFIX):
-        raise ValueError(f"not a topology key: {key!r}")
-    kind, _, object_id = key[len(TOPOLOGY_PREFIX) :].partition("/")
-    if kind not in KINDS or not object_id:
-        raise ValueError(f"not a topology key: {key!r}")
-    return kind, object_id
+    if key.startswith(TOPOLOGY_PREFIX):
+        kind, _, object_id = key[_PREFIX_LEN:].partition("/")
+        if object_id and kind in KINDS:
+            return kind, object_id
+    raise ValueError(f"not a topology key: {key!r}")
 
 
 def encode(obj: TopologyObject) -> bytes:
