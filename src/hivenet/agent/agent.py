@@ -525,7 +525,11 @@ class HostAgent:
     # ------------------------------------------------------------------------- watches
 
     def _decode_topology(self, key: str, value: bytes) -> TopologyObject:
-        kind, object_id = parse_topology_key(key)
+        return self._decode_parsed(*parse_topology_key(key), value)
+
+    @staticmethod
+    def _decode_parsed(kind: str, object_id: str, value: bytes) -> TopologyObject:
+        """`_decode_topology` of a key already parsed into its kind and id."""
         obj = decode(kind, value)
         if obj.id != object_id:
             # Never file an object under an id no key names (a value without an id would get
@@ -536,10 +540,10 @@ class HostAgent:
     def _decode_stored(self, kind: str, object_id: str, value: bytes) -> TopologyObject | None:
         """The view's decoder for values it loaded undecoded: a bad one is counted and logged
         (naming its key and the field), as at load."""
-        key = topology_key(kind, object_id)
         try:
-            return self._decode_topology(key, value)
+            return self._decode_parsed(kind, object_id, value)
         except ValueError as exc:
+            key = topology_key(kind, object_id)
             self.counters.bad_store_values += 1
             log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)
             return None
@@ -592,12 +596,13 @@ class HostAgent:
         tags: set[str] = set()
         for key, value in changes:
             try:
+                kind, object_id = parse_topology_key(key)  # once per key: 130k at a start-up
                 if value is None:
-                    tags |= self.topology.remove(*parse_topology_key(key))
-                elif (kind_id := parse_topology_key(key))[0] in LAZY_KINDS:
-                    raw.append((*kind_id, value))
+                    tags |= self.topology.remove(kind, object_id)
+                elif kind in LAZY_KINDS:
+                    raw.append((kind, object_id, value))
                 else:
-                    objects.append(self._decode_topology(key, value))
+                    objects.append(self._decode_parsed(kind, object_id, value))
             except ValueError as exc:
                 self.counters.bad_store_values += 1
                 log.error("host %s: ignoring bad topology value at %s: %s", self.host_id, key, exc)

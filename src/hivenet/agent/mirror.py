@@ -69,7 +69,7 @@ class PrefixMirror:
             )
         changes: list[tuple[str, bytes | None]]
         if not self.values:  # the first load: everything is a change
-            changes = [(key, value) for key, value in snapshot.items()]
+            changes = list(snapshot.items())
             self.values = snapshot
         else:
             changes = [(key, None) for key in self.values if key not in snapshot]

@@ -10,13 +10,14 @@ Must not touch the store, the clock or any I/O.
 from __future__ import annotations
 
 import enum
+import functools
+import re
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hivenet.model.types import (
-    _ID_RE,
     TUNNEL_KEY_MAX,
     TUNNEL_KEY_MIN,
     AllowedAddressPair,
@@ -542,14 +543,16 @@ def topology_key(kind: str, object_id: str) -> str:
 TOPOLOGY_PREFIX = "/hivenet/v1/topology/"
 
 
+_PREFIX_LEN = len(TOPOLOGY_PREFIX)
+
+
 def parse_topology_key(key: str) -> tuple[str, str]:
     """(kind, id) from a topology key; ValueError for anything else."""
-    if not key.startswith(TOPOLOGY_PREFIX):
-        raise ValueError(f"not a topology key: {key!r}")
-    kind, _, object_id = key[len(TOPOLOGY_PREFIX) :].partition("/")
-    if kind not in KINDS or not object_id:
-        raise ValueError(f"not a topology key: {key!r}")
-    return kind, object_id
+    if key.startswith(TOPOLOGY_PREFIX):
+        kind, _, object_id = key[_PREFIX_LEN:].partition("/")
+        if object_id and kind in KINDS:
+            return kind, object_id
+    raise ValueError(f"not a topology key: {key!r}")
 
 
 def encode(obj: TopologyObject) -> bytes:
@@ -569,19 +572,16 @@ def peek_id(data: bytes, field: str) -> str | None:
     the name makes two occurrences) and is followed by `:"` and a valid id up to the next
     quote. A value that does not decode is still rejected when it is decoded: this only says
     which parent (a rule's chain) the value names, for an index."""
-    quoted = f'"{field}"'.encode()
+    quoted, pattern = _peek_patterns(field)
     if data.count(quoted) != 1:
         return None
-    name = quoted + b':"'
-    start = data.find(name)
-    if start < 0:
-        return None
-    start += len(name)
-    end = data.find(b'"', start)
-    if end < 0:
-        return None
-    try:
-        value = data[start:end].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    return value if _ID_RE.match(value) else None
+    # The only occurrence of the name: the first `"name":"` is that one.
+    match = pattern.search(data)
+    return None if match is None else match.group(1).decode("ascii")
+
+
+@functools.cache
+def _peek_patterns(field: str) -> tuple[bytes, re.Pattern[bytes]]:
+    """`peek_id`'s quoted name and `"name":"<id>"` (an id as `_ID_RE` allows, then the quote)."""
+    quoted = f'"{field}"'.encode()
+    return quoted, re.compile(re.escape(quoted) + rb':"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"')

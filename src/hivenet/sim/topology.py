@@ -210,11 +210,13 @@ class TopologyView:
         # Raw objects by kind and id.
         self.objects: dict[str, dict[str, TopologyObject]] = {}
         # Stored values not decoded yet (`apply_all(raw=...)`, kinds in LAZY_KINDS): chains
-        # by id, and rules by id with the chain id their value names. Decoded (and moved to
-        # `objects`) by `get`/`all` and when their chain is compiled.
+        # and rules by id. A rule is filed only when `peek_id` reads the chain id its value
+        # names, and read again when needed (no (chain id, value) pair per rule: 100k tuples
+        # at a large start-up, each one more object for the cyclic GC to walk). Decoded (and
+        # moved to `objects`) by `get`/`all` and when their chain is compiled.
         self._decode = decode
         self._raw_chains: dict[str, bytes] = {}
-        self._raw_rules: dict[str, tuple[str, bytes]] = {}
+        self._raw_rules: dict[str, bytes] = {}
         # Stored chains with undecoded parts that are not compiled yet: compiled on lookup.
         self._lazy_chains: set[str] = set()
         # Compiled read side.
@@ -275,8 +277,7 @@ class TopologyView:
             for obj in objects:
                 tags |= self.apply(obj)
             chain_ids: set[str] = set()
-            for kind, object_id, value in raw:
-                self._apply_raw(kind, object_id, value, tags, chain_ids)
+            self._apply_raw_all(raw, tags, chain_ids)
             tags.update(f"chain:{chain_id}" for chain_id in chain_ids)
         finally:
             deferred, self._deferred = self._deferred, None
@@ -330,64 +331,93 @@ class TopologyView:
 
     # ----------------------------------------------------------------- undecoded values
 
+    def _apply_raw_all(
+        self, raw: Iterable[tuple[str, str, bytes]], tags: set[str], chain_ids: set[str]
+    ) -> None:
+        """`_apply_raw` of each stored value, the chains they touch compiled (if in use) or
+        marked lazy once at the end (also when one fails). A chain or rule not held yet (every one at start-up:
+        120k values for 10k ports) takes the short way here: filed, its chain noted."""
+        raw_chains, raw_rules, rules_by_chain = (
+            self._raw_chains,
+            self._raw_rules,
+            self._rules_by_chain,
+        )
+        objects = self.objects
+        applied = False
+        try:
+            for kind, object_id, value in raw:
+                if not applied:
+                    if self._decode is None:
+                        raise TypeError("TopologyView: undecoded values need the view's decoder")
+                    applied = True
+                if kind == "rule":
+                    if object_id not in raw_rules and object_id not in objects.get("rule", ()):
+                        parent = peek_id(value, "chain_id")
+                        if parent is not None:
+                            raw_rules[object_id] = value
+                            children = rules_by_chain.get(parent)
+                            if children is None:
+                                rules_by_chain[parent] = {object_id}
+                            else:
+                                children.add(object_id)
+                            chain_ids.add(parent)
+                            continue
+                elif kind == "chain" and object_id not in objects.get("chain", ()):
+                    raw_chains[object_id] = value
+                    chain_ids.add(object_id)
+                    continue
+                self._apply_raw(kind, object_id, value, tags, chain_ids)
+        finally:
+            for chain_id in chain_ids:
+                if dict.__contains__(self.chains, chain_id):
+                    self._compile_chain(chain_id)  # in use: compiled now, as for an object
+                else:
+                    self._lazy_chains.add(chain_id)
+            if applied:
+                self.revision += 1
+
     def _apply_raw(
         self, kind: str, object_id: str, value: bytes, tags: set[str], chain_ids: set[str]
     ) -> None:
         """Insert or replace a stored chain or rule without decoding it (see `apply_all`).
-        The chains it touches go in `chain_ids` (the caller tags each once: 120k calls at a
-        large start-up, where a set of 240k tag strings cost more than the rest); a rule's
-        own tag is left out (no flow carries one, only its chain's). A value decoded at once
-        instead adds its tags to `tags`."""
-        if self._decode is None:
-            raise TypeError("TopologyView: undecoded values need the view's decoder")
+        The chains it touches go in `chain_ids`: the caller tags each once (120k calls at a
+        large start-up, where a set of 240k tag strings cost more than the rest) and compiles
+        it if in use, else marks it lazy; a rule's own tag is left out (no flow carries one,
+        only its chain's). A value decoded at once instead adds its tags to `tags`."""
         parent = peek_id(value, "chain_id") if kind == "rule" else object_id
         if kind not in LAZY_KINDS or parent is None:
-            obj = self._decode(kind, object_id, value)
+            obj = self._decode(kind, object_id, value) if self._decode is not None else None
             if obj is not None:
                 tags |= self.apply(obj)
             return
         if kind == "rule":
-            previous = self._raw_rules.get(object_id)
-            old = previous[0] if previous is not None else self._rule_parent(object_id)
+            old = self._rule_parent(object_id)
             if old is not None:
                 self._rules_by_chain[old].discard(object_id)
                 if "rule" in self.objects:
                     self.objects["rule"].pop(object_id, None)
                 if old != parent:
                     chain_ids.add(old)
-                    self._raw_chain_changed(old)
-            self._raw_rules[object_id] = (parent, value)
-            children = self._rules_by_chain.get(parent)
-            if children is None:
-                self._rules_by_chain[parent] = {object_id}
-            else:
-                children.add(object_id)
+            self._raw_rules[object_id] = value
+            self._rules_by_chain.setdefault(parent, set()).add(object_id)
         else:
             if "chain" in self.objects:
                 self.objects["chain"].pop(object_id, None)
             self._raw_chains[object_id] = value
         chain_ids.add(parent)
-        self._raw_chain_changed(parent)
-        self.revision += 1
-
-    def _raw_chain_changed(self, chain_id: str) -> None:
-        if dict.__contains__(self.chains, chain_id):
-            self._compile_chain(chain_id)  # in use: compiled now, as for an object
-        else:
-            self._lazy_chains.add(chain_id)
 
     def _rule_parent(self, rule_id: str) -> str | None:
         raw = self._raw_rules.get(rule_id)
         if raw is not None:
-            return raw[0]
+            return _raw_rule_parent(raw)
         rule = self.objects["rule"].get(rule_id) if "rule" in self.objects else None
         return rule.chain_id if isinstance(rule, Rule) else None
 
     def _materialize(self, kind: str, object_id: str) -> TopologyObject | None:
         """Decode an undecoded stored chain or rule into `objects` (None: none, or bad)."""
-        parent: str | None = None
         if kind == "rule" and object_id in self._raw_rules:
-            parent, value = self._raw_rules.pop(object_id)
+            value = self._raw_rules.pop(object_id)
+            parent = _raw_rule_parent(value)
             self._rules_by_chain.get(parent, set()).discard(object_id)
         elif kind == "chain" and object_id in self._raw_chains:
             value = self._raw_chains.pop(object_id)
@@ -746,6 +776,15 @@ class TopologyView:
             if before != ip:
                 changed.add(host_id)
         return changed
+
+
+def _raw_rule_parent(value: bytes) -> str:
+    """The chain id of a rule filed undecoded: `peek_id` read it when the rule was filed, and
+    reads the same bytes the same way now."""
+    parent = peek_id(value, "chain_id")
+    if parent is None:  # pragma: no cover - filed only when it was read
+        raise RuntimeError("TopologyView: an undecoded rule without a chain id")
+    return parent
 
 
 def _move_child(

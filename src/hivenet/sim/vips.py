@@ -228,6 +228,8 @@ class VipIndex:
     ) -> set[str]:
         """Follow one object change; returns the flow tags to invalidate."""
         tags: set[str] = set()
+        if kind == "port" and not self.routers:
+            return tags  # only routers that have VIPs care about their ports (10k at start-up)
         routers = self._routers_of(old) | self._routers_of(new)
         if kind == "port":
             routers &= set(self.routers)  # only routers that have VIPs care about their ports

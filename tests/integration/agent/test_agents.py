@@ -363,6 +363,33 @@ def test_a_value_whose_id_differs_from_its_key_is_refused(store_url: str) -> Non
     run(scenario())
 
 
+def test_bad_values_in_the_loaded_snapshot_are_counted_and_left_out(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start-up (one snapshot, each key parsed once): a key of no kind, a value whose id
+    differs from its key and a value no model accepts are counted and logged by key; the rest
+    loads."""
+
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            await c.repo.create(Bridge(id="good"))
+            await c.store.put("/hivenet/v1/topology/nokind/x", b"{}")
+            await c.store.put(
+                "/hivenet/v1/topology/bridge/b2", Bridge(id="b3").model_dump_json().encode()
+            )
+            await c.store.put("/hivenet/v1/topology/port/p9", b'{"id":"p9","device_kind":7}')
+            with caplog.at_level(logging.ERROR):
+                agent = await c.start_agent("h1")
+            assert agent.counters.bad_store_values == 3
+            assert [b.id for b in agent.topology.all("bridge")] == ["good"]
+            assert agent.topology.ports == {}
+            for key in ("nokind/x", "bridge/b2", "port/p9"):
+                assert f"/hivenet/v1/topology/{key}" in caplog.text
+            assert "does not match the key" in caplog.text
+
+    run(scenario())
+
+
 def test_chains_load_undecoded_and_a_later_change_or_bad_value_is_seen_on_lookup(
     store_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -77,6 +77,10 @@ def test_peek_reads_the_chain_id_only_when_certain() -> None:
     assert peek_id(b'{"chain_id":"not an id"}', "chain_id") is None
     assert peek_id(b'{"chain_id":"c1', "chain_id") is None
     assert peek_id(b'{"id":"r1"}', "chain_id") is None
+    assert peek_id(b'{"chain_id":"' + b"c" * 64 + b'"}', "chain_id") == "c" * 64
+    assert peek_id(b'{"chain_id":"' + b"c" * 65 + b'"}', "chain_id") is None
+    assert peek_id(b'{"chain_id":"c1\n"}', "chain_id") is None
+    assert peek_id(b'{"chain_id":"-c1"}', "chain_id") is None
 
 
 def test_lazy_load_decodes_nothing_until_a_chain_is_looked_up_then_compiles_the_same() -> None:
@@ -138,6 +142,48 @@ def test_a_reload_of_undecoded_values_over_compiled_chains_recompiles_them() -> 
     assert dict.__contains__(view.chains, "c1")  # compiled at once: it was in use
     assert compiled(view, "c1") != before
     assert view.chains["c1"].rules[-1].rule == replaced
+
+
+def test_a_reload_of_undecoded_values_moves_rules_between_undecoded_chains() -> None:
+    """A second raw load over values still undecoded (a resync): a rule that moved to another
+    chain leaves the first, a chain's new value replaces the old, the revision moves."""
+    topo = sample()
+    view, _ = lazy_view(topo.objects)
+    revision = view.revision
+    rule = next(o for o in topo.objects if isinstance(o, Rule) and o.chain_id == "c1")
+    moved = rule.model_copy(update={"chain_id": "c2", "position": 7})
+    renamed = Chain(id="c2", name="renamed")
+    tags = view.apply_all([], [("rule", moved.id, encode(moved)), ("chain", "c2", encode(renamed))])
+    assert {"chain:c1", "chain:c2"} <= tags
+    assert view.revision > revision
+    assert moved.id not in compiled(view, "c1")[1]
+    assert moved.id in compiled(view, "c2")[1]
+    assert view.chains["c2"].name == "renamed"
+    eager = TopologyView.from_objects(
+        [moved if o.id == moved.id else renamed if o.id == "c2" else o for o in topo.objects]
+    )
+    for chain_id in ("c1", "c2"):
+        assert compiled(view, chain_id) == compiled(eager, chain_id)
+
+
+def test_a_load_that_fails_midway_leaves_the_chains_filed_before_it_lookupable() -> None:
+    """Chains are marked lazy once at the end of a raw load, also when a value on the way
+    raised: those filed before it compile on their first lookup."""
+    topo = sample()
+
+    def failing(kind: str, object_id: str, value: bytes) -> TopologyObject | None:
+        if object_id == "boom":
+            raise RuntimeError("decoder bug")
+        return decode(kind, value)
+
+    view = TopologyView(decode=failing)
+    view.apply_all([o for o in topo.objects if o.KIND not in LAZY_KINDS])
+    raw = [(o.KIND, o.id, encode(o)) for o in topo.objects if o.KIND in LAZY_KINDS]
+    with pytest.raises(RuntimeError):
+        view.apply_all([], [*raw, ("rule", "boom", b'{"id":"boom"}')])
+    eager = TopologyView.from_objects(topo.objects)
+    for chain_id in ("c1", "c2"):
+        assert compiled(view, chain_id) == compiled(eager, chain_id)
 
 
 def test_a_bad_stored_rule_is_reported_by_key_and_field_and_left_out() -> None:
