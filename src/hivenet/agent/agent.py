@@ -371,14 +371,26 @@ class HostAgent:
             self._tasks.append(
                 asyncio.create_task(self._counters_loop(), name=f"hn-{self.host_id}-counters")
             )
-        await asyncio.wait_for(
-            asyncio.gather(
-                self.topology_mirror.loaded.wait(),
-                self.tables_mirror.loaded.wait(),
-                self.state_mirror.loaded.wait(),
-            ),
-            load_timeout,
-        )
+        # The mirrors read the store and load now. The cyclic GC is held off until they are
+        # done: what the read and the view build allocate survives, and every collection it
+        # triggered walked the growing heap again (see _on_topology_snapshot, which covers
+        # a later reload). The load leaves no cyclic garbage (a collection right after it
+        # finds none), so the process's first collection after ready (agent/cli.py) is one
+        # walk of the heap instead of one per threshold crossed during the load.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(
+                    self.topology_mirror.loaded.wait(),
+                    self.tables_mirror.loaded.wait(),
+                    self.state_mirror.loaded.wait(),
+                ),
+                load_timeout,
+            )
+        finally:
+            if collecting:
+                gc.enable()
         self._refresh_liveness()
         self._refresh_tunnel_peers()
         self._reconcile_ports()

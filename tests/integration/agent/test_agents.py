@@ -5,6 +5,7 @@ datapath per host, a memory underlay between them. Topology goes in through the 
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 from contextlib import AbstractAsyncContextManager
@@ -429,5 +430,35 @@ def test_chains_load_undecoded_and_a_later_change_or_bad_value_is_seen_on_lookup
             assert [(r.id, r.rule.position) for r in rules] == [(rule.id, 2)]
             assert agent.counters.bad_store_values == 1
             assert bad_key in caplog.text and "action" in caplog.text
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_start_holds_the_cyclic_gc_off_while_it_reads_and_loads_the_store(
+    store_url: str, monkeypatch: pytest.MonkeyPatch, enabled_before: bool
+) -> None:
+    """The store read and the first load run without the cyclic GC (every collection would
+    walk the growing heap again); start() leaves it as the caller had it."""
+
+    async def scenario() -> None:
+        async with cloud(store_url) as c:
+            await c.repo.create(Bridge(id="b1"))
+            seen: list[bool] = []
+            store_range = c.store.range
+
+            async def spying_range(*args: object, **kwargs: object) -> object:
+                seen.append(gc.isenabled())
+                return await store_range(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(c.store, "range", spying_range)
+            (gc.enable if enabled_before else gc.disable)()
+            try:
+                agent = await c.start_agent("h1")
+                assert gc.isenabled() is enabled_before
+            finally:
+                gc.enable()
+            assert seen and not any(seen)
+            assert [b.id for b in agent.topology.all("bridge")] == ["b1"]
 
     run(scenario())
