@@ -94,13 +94,17 @@ class Flow:
     Compact (issue 16, a table may hold a million): the flow keeps its subtable's dict key
     and subtable, not its own copy of the 23-field match and mask (`match` and `mask` are
     rebuilt from them on demand); its tags are the table's interned group of shared tags
-    plus its own (a connection's), and `tags` joins them on demand.
+    plus its own (a connection's), and `tags` joins them on demand. Its place in the table's
+    LRU order is two links of its own (`_older`, `_newer`: 16 bytes, where an OrderedDict
+    costs ~100 a flow).
     """
 
     __slots__ = (
         "_group",
         "_heap_at",
         "_key",
+        "_newer",
+        "_older",
         "_own_tags",
         "_subtable",
         "actions",
@@ -144,6 +148,9 @@ class Flow:
         # (IPv4 without DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`.
         self.mtu = mtu
         self._heap_at = math.inf  # the table's expiry heap orders flows by it (`__lt__`)
+        # Neighbours in the table's LRU list (None: an end of it, or not in a table).
+        self._older: Flow | None = None
+        self._newer: Flow | None = None
 
     @property
     def match(self) -> tuple[int, ...]:
@@ -365,7 +372,11 @@ class FlowTable:
         # Shared tags: the interned groups (by their set of tags), and tag -> its groups.
         self._groups: dict[frozenset[str], _TagGroup] = {}
         self._group_index: dict[str, dict[_TagGroup, None]] = {}
-        self._lru: OrderedDict[Flow, None] = OrderedDict()  # least recently used first
+        # The flows, least recently used first: a doubly linked list through the flows'
+        # `_older`/`_newer` links (`_lru_append`, `_lru_unlink`), with its two ends.
+        self._oldest: Flow | None = None
+        self._newest: Flow | None = None
+        self._count = 0
         # Flows by the deadline they had when pushed (`Flow._heap_at`, set only while out of
         # the heap): the flow itself is the heap entry, no (deadline, sequence, flow) tuple.
         self._expiry_heap: list[Flow] = []
@@ -456,15 +467,40 @@ class FlowTable:
                 held[flow] = None
             else:
                 index[tag] = {held: None, flow: None}
-        self._lru[flow] = None
+        self._lru_append(flow)
+        self._count += 1
         self._push_deadline(flow)
         self._installs += 1
 
-        while len(self._lru) > self.max_flows:
-            least_recent = next(iter(self._lru))
+        while self._count > self.max_flows:
+            least_recent = self._oldest
+            assert least_recent is not None
             self._remove(least_recent)
             self._evictions += 1
         return flow
+
+    def _lru_append(self, flow: Flow) -> None:
+        """Make `flow` the most recently used (it must not be in the list)."""
+        newest = self._newest
+        flow._older = newest
+        flow._newer = None
+        if newest is None:
+            self._oldest = flow
+        else:
+            newest._newer = flow
+        self._newest = flow
+
+    def _lru_unlink(self, flow: Flow) -> None:
+        older, newer = flow._older, flow._newer
+        if older is None:
+            self._oldest = newer
+        else:
+            older._newer = newer
+        if newer is None:
+            self._newest = older
+        else:
+            newer._older = older
+        flow._older = flow._newer = None
 
     def _shared_key(self, key: Any) -> Any:
         """`key` (an int, or a tuple of ints and tuples) made of the table's shared ints."""
@@ -533,7 +569,8 @@ class FlowTable:
                     index[tag] = next(iter(held))
             else:
                 del index[tag]
-        del self._lru[flow]
+        self._lru_unlink(flow)
+        self._count -= 1
         self._release_actions(flow.actions)
         flow.removed = True
 
@@ -586,7 +623,9 @@ class FlowTable:
             flow.last_used = now
         flow.packets += 1
         flow.bytes += packet_bytes
-        self._lru.move_to_end(flow)
+        if flow is not self._newest:  # move it to the end of the LRU list
+            self._lru_unlink(flow)
+            self._lru_append(flow)
         return True
 
     def _reorder_subtables(self) -> None:
@@ -633,7 +672,7 @@ class FlowTable:
             else:  # used since this entry was pushed: wait for its new deadline
                 self._push_deadline(flow, deadline)
         self._expired += len(expired)
-        if len(heap) > _HEAP_COMPACT_FACTOR * len(self._lru) + 1024:
+        if len(heap) > _HEAP_COMPACT_FACTOR * self._count + 1024:
             self._rebuild_expiry_heap()
         return expired
 
@@ -655,13 +694,23 @@ class FlowTable:
 
     def flows(self) -> list[Flow]:
         """All installed flows, least recently used first."""
-        return list(self._lru)
+        out = []
+        flow = self._oldest
+        while flow is not None:
+            out.append(flow)
+            flow = flow._newer
+        return out
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return self._count
 
     def __contains__(self, flow: object) -> bool:
-        return flow in self._lru
+        if not isinstance(flow, Flow) or flow.removed:
+            return False
+        subtable = flow._subtable
+        return (
+            self._subtables.get(subtable.mask) is subtable and subtable.flows.get(flow._key) is flow
+        )
 
     def masks(self) -> list[tuple[int, ...]]:
         """The distinct masks, in current probe order."""
@@ -669,7 +718,7 @@ class FlowTable:
 
     def stats(self) -> dict[str, int]:
         return {
-            "flows": len(self._lru),
+            "flows": self._count,
             "masks": len(self._subtables),
             "tags": len(self._tag_index) + len(self._group_index),
             "tag_groups": len(self._groups),

@@ -396,6 +396,30 @@ def test_eviction_keeps_bound_and_evicts_least_recently_used() -> None:
     assert table.lookup(FlowMatch(in_port=2), 8.0) is None
 
 
+def test_lru_order_and_membership_after_removals() -> None:
+    """The LRU list is the flows' own links: removing the oldest, the newest or one in the
+    middle keeps the order of the others, and a removed flow (or another table's) is not in
+    the table."""
+    table, other = FlowTable(max_flows=10), FlowTable(max_flows=10)
+    flows = [
+        install_for(table, FlowMatch(in_port=p), PORT_ONLY, now=p, tags=(f"t{p}",))
+        for p in range(1, 6)
+    ]
+    stranger = install_for(other, FlowMatch(in_port=1), PORT_ONLY, now=1.0)
+    table.lookup(FlowMatch(in_port=2), 6.0)  # 2 moves to the end
+    table.lookup(FlowMatch(in_port=2), 6.5)  # already the newest: stays
+    assert table.flows() == [flows[0], flows[2], flows[3], flows[4], flows[1]]
+    table.invalidate(["t1", "t4", "t2"])  # the oldest, one in the middle, the newest
+    assert table.flows() == [flows[2], flows[4]]
+    assert len(table) == 2 and table.stats()["flows"] == 2
+    assert [flow in table for flow in flows] == [False, False, True, False, True]
+    assert stranger not in table and stranger in other and "t3" not in table  # type: ignore[operator]
+    table.invalidate(["t3", "t5"])
+    assert table.flows() == [] and len(table) == 0
+    again = install_for(table, FlowMatch(in_port=7), PORT_ONLY, now=7.0)
+    assert table.flows() == [again] and again in table
+
+
 def test_replacement_does_not_evict() -> None:
     table = FlowTable(max_flows=2)
     a = install_for(table, FlowMatch(in_port=1), PORT_ONLY)
