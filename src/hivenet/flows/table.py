@@ -253,17 +253,74 @@ def _subtable_match_function(mask: tuple[int, ...]) -> Callable[[Hashable], tupl
     return match_of
 
 
+# What `_Subtable.key_of` returns for values whose hoisted fields differ from the subtable's:
+# never a key of its dict, so the probe misses.
+_NO_KEY = object()
+
+
 class _Subtable:
-    """All flows sharing one mask, keyed by `key_of(masked match)`."""
+    """All flows sharing one mask, keyed by `key_of(masked match)`.
 
-    __slots__ = ("flows", "hits", "key_of", "mask", "match_of")
+    Fields every flow of the subtable has the same value in ("hoisted": at first every fully
+    masked field, with the first flow's values) are held once here and left out of the keys:
+    a megaflow's key keeps only the fields its flows differ in (a 16-field key tuple is ~170
+    bytes a flow; the ports alone ~60). `key_of` checks the hoisted fields first (a packet
+    with other values there matches none of the subtable's flows). A flow that differs in a
+    hoisted field makes the subtable `admit` it: that field goes back into the keys and every
+    flow is re-keyed (at most once per field in the subtable's life)."""
 
-    def __init__(self, mask: tuple[int, ...]) -> None:
+    __slots__ = ("flows", "hits", "hoisted", "key_of", "mask", "match_of")
+
+    def __init__(self, mask: tuple[int, ...], first: tuple[int, ...]) -> None:
         self.mask = mask
-        self.key_of = _subtable_key_function(mask)
-        self.match_of = _subtable_match_function(mask)
         self.flows: dict[Hashable, Flow] = {}
         self.hits = 0
+        # Hoisted field index -> the value every flow has there.
+        self.hoisted: dict[int, int] = {
+            index: first[index]
+            for index, field_mask in enumerate(mask)
+            if field_mask and field_mask == _FULL_MASK_BY_INDEX[index]
+        }
+        self._build()
+
+    def _build(self) -> None:
+        hoisted = self.hoisted
+        keyed = tuple(0 if index in hoisted else m for index, m in enumerate(self.mask))
+        key_of = _subtable_key_function(keyed)
+        values_of = _subtable_match_function(keyed)
+        if not hoisted:
+            self.key_of, self.match_of = key_of, values_of
+            return
+        indexes = sorted(hoisted)
+        pick = itemgetter(*indexes)
+        expected = pick(tuple(hoisted.get(i, 0) for i in range(_FIELD_COUNT)))
+        no_key = _NO_KEY
+        self.key_of = lambda values: key_of(values) if pick(values) == expected else no_key
+        filled = tuple(hoisted.items())
+
+        def match_of(key: Hashable) -> tuple[int, ...]:
+            values = list(values_of(key))
+            for index, value in filled:
+                values[index] = value
+            return tuple(values)
+
+        self.match_of = match_of
+
+    def admit(self, match: tuple[int, ...], share: Callable[[Any], Any]) -> None:
+        """Make room for a flow with (masked) `match`: hoisted fields where it differs go
+        back into the keys, and every flow is re-keyed (`share`: the table's key interning)."""
+        hoisted = self.hoisted
+        differing = [index for index, value in hoisted.items() if match[index] != value]
+        if not differing:
+            return
+        matches = [(self.match_of(key), flow) for key, flow in self.flows.items()]
+        for index in differing:
+            del hoisted[index]
+        self._build()
+        self.flows = {}
+        for values, flow in matches:
+            flow._key = share(self.key_of(values))
+            self.flows[flow._key] = flow
 
 
 def _check_finite(name: str, value: float, *, allow_negative: bool = True) -> float:
@@ -426,10 +483,11 @@ class FlowTable:
 
         subtable = self._subtables.get(checked_mask)
         if subtable is None:
-            subtable = _Subtable(checked_mask)
+            subtable = _Subtable(checked_mask, checked_match)
             self._subtables[checked_mask] = subtable
             self._probe_order.append(subtable)
         else:
+            subtable.admit(checked_match, self._shared_key)
             previous = subtable.flows.get(subtable.key_of(checked_match))
             if previous is not None:
                 self._remove(previous)
