@@ -123,7 +123,7 @@ class FlowStateTransaction:
         self._bindings: list[NatBinding] = []
         self._tags: set[str] = set()
         # Keys seen in this transaction: the NAT binding of a connection reuses the key object
-        # its conntrack entry holds (the tables keep both; one object saves ~100 bytes).
+        # its conntrack entry holds (the tables keep both; one object saves ~64 bytes).
         self._keys: dict[FlowKey, FlowKey] = {}
         self.cacheable = True
         self._finished = False
