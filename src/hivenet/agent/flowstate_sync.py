@@ -55,6 +55,7 @@ from hivenet.flowstate import (
     WireFormatError,
     auth,
     conntrack_tag,
+    conntrack_tag_zone,
     decode,
     decode_stream,
     encode,
@@ -607,7 +608,7 @@ class FlowStateSync:
                 if isinstance(entry, NatBinding):
                     refreshed = self.nat.touch(entry.zone, entry.kind, entry.original, now)
                 else:
-                    refreshed = self.conntrack.touch(entry[0], entry[1], now)
+                    refreshed = self.conntrack.touch(conntrack_tag_zone(tag), entry, now)
                 if refreshed:
                     self.counters.refreshed_entries += 1
 

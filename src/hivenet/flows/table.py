@@ -94,13 +94,17 @@ class Flow:
     Compact (issue 16, a table may hold a million): the flow keeps its subtable's dict key
     and subtable, not its own copy of the 23-field match and mask (`match` and `mask` are
     rebuilt from them on demand); its tags are the table's interned group of shared tags
-    plus its own (a connection's), and `tags` joins them on demand.
+    plus its own (a connection's), and `tags` joins them on demand. Its place in the table's
+    LRU order is two links of its own (`_older`, `_newer`: 16 bytes, where an OrderedDict
+    costs ~100 a flow).
     """
 
     __slots__ = (
         "_group",
         "_heap_at",
         "_key",
+        "_newer",
+        "_older",
         "_own_tags",
         "_subtable",
         "actions",
@@ -144,6 +148,9 @@ class Flow:
         # (IPv4 without DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`.
         self.mtu = mtu
         self._heap_at = math.inf  # the table's expiry heap orders flows by it (`__lt__`)
+        # Neighbours in the table's LRU list (None: an end of it, or not in a table).
+        self._older: Flow | None = None
+        self._newer: Flow | None = None
 
     @property
     def match(self) -> tuple[int, ...]:
@@ -246,17 +253,74 @@ def _subtable_match_function(mask: tuple[int, ...]) -> Callable[[Hashable], tupl
     return match_of
 
 
+# What `_Subtable.key_of` returns for values whose hoisted fields differ from the subtable's:
+# never a key of its dict, so the probe misses.
+_NO_KEY = object()
+
+
 class _Subtable:
-    """All flows sharing one mask, keyed by `key_of(masked match)`."""
+    """All flows sharing one mask, keyed by `key_of(masked match)`.
 
-    __slots__ = ("flows", "hits", "key_of", "mask", "match_of")
+    Fields every flow of the subtable has the same value in ("hoisted": at first every fully
+    masked field, with the first flow's values) are held once here and left out of the keys:
+    a megaflow's key keeps only the fields its flows differ in (a 16-field key tuple is ~170
+    bytes a flow; the ports alone ~60). `key_of` checks the hoisted fields first (a packet
+    with other values there matches none of the subtable's flows). A flow that differs in a
+    hoisted field makes the subtable `admit` it: that field goes back into the keys and every
+    flow is re-keyed (at most once per field in the subtable's life)."""
 
-    def __init__(self, mask: tuple[int, ...]) -> None:
+    __slots__ = ("flows", "hits", "hoisted", "key_of", "mask", "match_of")
+
+    def __init__(self, mask: tuple[int, ...], first: tuple[int, ...]) -> None:
         self.mask = mask
-        self.key_of = _subtable_key_function(mask)
-        self.match_of = _subtable_match_function(mask)
         self.flows: dict[Hashable, Flow] = {}
         self.hits = 0
+        # Hoisted field index -> the value every flow has there.
+        self.hoisted: dict[int, int] = {
+            index: first[index]
+            for index, field_mask in enumerate(mask)
+            if field_mask and field_mask == _FULL_MASK_BY_INDEX[index]
+        }
+        self._build()
+
+    def _build(self) -> None:
+        hoisted = self.hoisted
+        keyed = tuple(0 if index in hoisted else m for index, m in enumerate(self.mask))
+        key_of = _subtable_key_function(keyed)
+        values_of = _subtable_match_function(keyed)
+        if not hoisted:
+            self.key_of, self.match_of = key_of, values_of
+            return
+        indexes = sorted(hoisted)
+        pick = itemgetter(*indexes)
+        expected = pick(tuple(hoisted.get(i, 0) for i in range(_FIELD_COUNT)))
+        no_key = _NO_KEY
+        self.key_of = lambda values: key_of(values) if pick(values) == expected else no_key
+        filled = tuple(hoisted.items())
+
+        def match_of(key: Hashable) -> tuple[int, ...]:
+            values = list(values_of(key))
+            for index, value in filled:
+                values[index] = value
+            return tuple(values)
+
+        self.match_of = match_of
+
+    def admit(self, match: tuple[int, ...], share: Callable[[Any], Any]) -> None:
+        """Make room for a flow with (masked) `match`: hoisted fields where it differs go
+        back into the keys, and every flow is re-keyed (`share`: the table's key interning)."""
+        hoisted = self.hoisted
+        differing = [index for index, value in hoisted.items() if match[index] != value]
+        if not differing:
+            return
+        matches = [(self.match_of(key), flow) for key, flow in self.flows.items()]
+        for index in differing:
+            del hoisted[index]
+        self._build()
+        self.flows = {}
+        for values, flow in matches:
+            flow._key = share(self.key_of(values))
+            self.flows[flow._key] = flow
 
 
 def _check_finite(name: str, value: float, *, allow_negative: bool = True) -> float:
@@ -365,7 +429,11 @@ class FlowTable:
         # Shared tags: the interned groups (by their set of tags), and tag -> its groups.
         self._groups: dict[frozenset[str], _TagGroup] = {}
         self._group_index: dict[str, dict[_TagGroup, None]] = {}
-        self._lru: OrderedDict[Flow, None] = OrderedDict()  # least recently used first
+        # The flows, least recently used first: a doubly linked list through the flows'
+        # `_older`/`_newer` links (`_lru_append`, `_lru_unlink`), with its two ends.
+        self._oldest: Flow | None = None
+        self._newest: Flow | None = None
+        self._count = 0
         # Flows by the deadline they had when pushed (`Flow._heap_at`, set only while out of
         # the heap): the flow itself is the heap entry, no (deadline, sequence, flow) tuple.
         self._expiry_heap: list[Flow] = []
@@ -415,10 +483,11 @@ class FlowTable:
 
         subtable = self._subtables.get(checked_mask)
         if subtable is None:
-            subtable = _Subtable(checked_mask)
+            subtable = _Subtable(checked_mask, checked_match)
             self._subtables[checked_mask] = subtable
             self._probe_order.append(subtable)
         else:
+            subtable.admit(checked_match, self._shared_key)
             previous = subtable.flows.get(subtable.key_of(checked_match))
             if previous is not None:
                 self._remove(previous)
@@ -456,15 +525,40 @@ class FlowTable:
                 held[flow] = None
             else:
                 index[tag] = {held: None, flow: None}
-        self._lru[flow] = None
+        self._lru_append(flow)
+        self._count += 1
         self._push_deadline(flow)
         self._installs += 1
 
-        while len(self._lru) > self.max_flows:
-            least_recent = next(iter(self._lru))
+        while self._count > self.max_flows:
+            least_recent = self._oldest
+            assert least_recent is not None
             self._remove(least_recent)
             self._evictions += 1
         return flow
+
+    def _lru_append(self, flow: Flow) -> None:
+        """Make `flow` the most recently used (it must not be in the list)."""
+        newest = self._newest
+        flow._older = newest
+        flow._newer = None
+        if newest is None:
+            self._oldest = flow
+        else:
+            newest._newer = flow
+        self._newest = flow
+
+    def _lru_unlink(self, flow: Flow) -> None:
+        older, newer = flow._older, flow._newer
+        if older is None:
+            self._oldest = newer
+        else:
+            older._newer = newer
+        if newer is None:
+            self._newest = older
+        else:
+            newer._older = older
+        flow._older = flow._newer = None
 
     def _shared_key(self, key: Any) -> Any:
         """`key` (an int, or a tuple of ints and tuples) made of the table's shared ints."""
@@ -533,7 +627,8 @@ class FlowTable:
                     index[tag] = next(iter(held))
             else:
                 del index[tag]
-        del self._lru[flow]
+        self._lru_unlink(flow)
+        self._count -= 1
         self._release_actions(flow.actions)
         flow.removed = True
 
@@ -586,7 +681,9 @@ class FlowTable:
             flow.last_used = now
         flow.packets += 1
         flow.bytes += packet_bytes
-        self._lru.move_to_end(flow)
+        if flow is not self._newest:  # move it to the end of the LRU list
+            self._lru_unlink(flow)
+            self._lru_append(flow)
         return True
 
     def _reorder_subtables(self) -> None:
@@ -633,7 +730,7 @@ class FlowTable:
             else:  # used since this entry was pushed: wait for its new deadline
                 self._push_deadline(flow, deadline)
         self._expired += len(expired)
-        if len(heap) > _HEAP_COMPACT_FACTOR * len(self._lru) + 1024:
+        if len(heap) > _HEAP_COMPACT_FACTOR * self._count + 1024:
             self._rebuild_expiry_heap()
         return expired
 
@@ -655,13 +752,23 @@ class FlowTable:
 
     def flows(self) -> list[Flow]:
         """All installed flows, least recently used first."""
-        return list(self._lru)
+        out = []
+        flow = self._oldest
+        while flow is not None:
+            out.append(flow)
+            flow = flow._newer
+        return out
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return self._count
 
     def __contains__(self, flow: object) -> bool:
-        return flow in self._lru
+        if not isinstance(flow, Flow) or flow.removed:
+            return False
+        subtable = flow._subtable
+        return (
+            self._subtables.get(subtable.mask) is subtable and subtable.flows.get(flow._key) is flow
+        )
 
     def masks(self) -> list[tuple[int, ...]]:
         """The distinct masks, in current probe order."""
@@ -669,7 +776,7 @@ class FlowTable:
 
     def stats(self) -> dict[str, int]:
         return {
-            "flows": len(self._lru),
+            "flows": self._count,
             "masks": len(self._subtables),
             "tags": len(self._tag_index) + len(self._group_index),
             "tag_groups": len(self._groups),

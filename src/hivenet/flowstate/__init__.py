@@ -50,6 +50,7 @@ from hivenet.flowstate.transaction import (
     NatOutcome,
     TransactionResult,
     conntrack_tag,
+    conntrack_tag_zone,
     nat_tag,
 )
 from hivenet.flowstate.wire import WireFormatError, decode, decode_stream, encode, encode_batches
@@ -89,6 +90,7 @@ __all__ = [
     "Verdict",
     "WireFormatError",
     "conntrack_tag",
+    "conntrack_tag_zone",
     "decode",
     "decode_stream",
     "encode",

@@ -11,7 +11,8 @@ Pure: no I/O, no clock; imports only `hivenet.packets`.
 from __future__ import annotations
 
 import ipaddress
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import Any
 
 from hivenet.packets.flowmatch import (
     ETH_TYPE_IPV4,
@@ -42,32 +43,29 @@ _ADDRESS_BITS = {4: 32, 6: 128}
 _ETH_TYPE_VERSION = {ETH_TYPE_IPV4: 4, ETH_TYPE_IPV6: 6}
 
 
-# One int object per address and port value, shared by every key holding it (a key's fields
-# parsed from a packet or decoded from the wire are fresh ints: ~32 bytes each, four per key,
-# several keys per connection). Only values are kept, so nothing here can go stale; emptied
-# when it holds `_SHARED_VALUES_MAX` values (keys already made keep theirs).
-_shared_values: dict[int, int] = {}
-_SHARED_VALUES_MAX = 1 << 17
-
-
 class FlowKeyError(ValueError):
     """A flow key field is out of range; the message names the field and the value."""
 
 
-class _FlowKeyFields(NamedTuple):
-    ip_version: int
-    ip_src: int
-    ip_dst: int
-    ip_proto: int
-    tp_src: int
-    tp_dst: int
+# A key is one int: its fields side by side, most significant first, each at a fixed width
+# for its IP version (addresses 32 bits for IPv4, 128 for IPv6), so that comparing two keys
+# of one version compares their fields in order, as tuples do:
+#   ip_version (4) | ip_src (A) | ip_dst (A) | ip_proto (8) | tp_src (16) | tp_dst (16)
+# An IPv4 key is 108 bits: a 48-byte object where a 6-tuple of ints took 96 (plus its
+# fields' ints); an IPv6 key 72 bytes. An IPv6 key is >= 6 << 296, an IPv4 key < 1 << 108.
+_PORTS_BITS = 32
+_LOW_BITS = 8 + _PORTS_BITS  # ip_proto, tp_src, tp_dst
+_V6_VERSION_SHIFT = _LOW_BITS + 2 * 128
 
 
-class FlowKey(_FlowKeyFields):
+class FlowKey(int):
     """One direction of a connection: (ip_version, ip_src, ip_dst, ip_proto, tp_src, tp_dst).
 
-    A tuple (cheap to hash, compact). The constructor validates every field; hot paths that
-    build keys from already-bounded values use `FlowKey.unchecked`.
+    Packed into one int (see above: compact, cheap to hash and compare) that reads as the
+    6-tuple it stands for: its fields by name, by index (`key[3]`), by iteration (`tuple(key)`
+    is the tuple), and keys of one IP version order as those tuples do. The constructor
+    validates every field; hot paths that build keys from already-bounded values use
+    `FlowKey.unchecked`.
     """
 
     __slots__ = ()
@@ -86,44 +84,106 @@ class FlowKey(_FlowKeyFields):
         for name, port in (("tp_src", tp_src), ("tp_dst", tp_dst)):
             if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
                 raise FlowKeyError(f"{name} must be 0..65535, got {port!r}")
-        return tuple.__new__(cls, (ip_version, ip_src, ip_dst, ip_proto, tp_src, tp_dst))
+        return cls.unchecked(ip_version, ip_src, ip_dst, ip_proto, tp_src, tp_dst)
 
     @classmethod
     def unchecked(
         cls, ip_version: int, ip_src: int, ip_dst: int, ip_proto: int, tp_src: int, tp_dst: int
     ) -> FlowKey:
-        """A key from values the caller already knows are in range (no validation); its
-        address and port ints are the shared ones (see `_shared_values`)."""
-        if len(_shared_values) >= _SHARED_VALUES_MAX:
-            _shared_values.clear()
-        shared = _shared_values.setdefault
-        return tuple.__new__(
+        """A key from values the caller already knows are in range (no validation)."""
+        bits = 32 if ip_version == 4 else 128
+        return int.__new__(
             cls,
-            (
-                ip_version,
-                shared(ip_src, ip_src),
-                shared(ip_dst, ip_dst),
-                ip_proto,
-                shared(tp_src, tp_src),
-                shared(tp_dst, tp_dst),
-            ),
+            ((((ip_version << bits | ip_src) << bits | ip_dst) << 8 | ip_proto) << 16 | tp_src)
+            << 16
+            | tp_dst,
         )
+
+    @property
+    def ip_version(self) -> int:
+        return 6 if self >> _V6_VERSION_SHIFT else 4
+
+    @property
+    def ip_src(self) -> int:
+        bits = 128 if self >> _V6_VERSION_SHIFT else 32
+        return int(self >> (_LOW_BITS + bits) & ((1 << bits) - 1))
+
+    @property
+    def ip_dst(self) -> int:
+        bits = 128 if self >> _V6_VERSION_SHIFT else 32
+        return int(self >> _LOW_BITS & ((1 << bits) - 1))
+
+    @property
+    def ip_proto(self) -> int:
+        return int(self >> _PORTS_BITS & 0xFF)
+
+    @property
+    def tp_src(self) -> int:
+        return int(self >> 16 & 0xFFFF)
+
+    @property
+    def tp_dst(self) -> int:
+        return int(self & 0xFFFF)
+
+    def fields(self) -> tuple[int, int, int, int, int, int]:
+        """(ip_version, ip_src, ip_dst, ip_proto, tp_src, tp_dst)."""
+        v6 = self >> _V6_VERSION_SHIFT
+        bits = 128 if v6 else 32
+        value = int(self)
+        addresses = value >> _LOW_BITS
+        mask = (1 << bits) - 1
+        return (
+            6 if v6 else 4,
+            addresses >> bits & mask,
+            addresses & mask,
+            value >> _PORTS_BITS & 0xFF,
+            value >> 16 & 0xFFFF,
+            value & 0xFFFF,
+        )
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.fields())
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> int:
+        return self.fields()[index]
 
     def reversed(self) -> FlowKey:
         """The key of the other direction of the same connection."""
-        return tuple.__new__(
+        bits = 128 if self >> _V6_VERSION_SHIFT else 32
+        value = int(self)
+        mask = (1 << bits) - 1
+        addresses = value >> _LOW_BITS
+        version = addresses >> (2 * bits)
+        swapped = (version << bits | addresses & mask) << bits | addresses >> bits & mask
+        return int.__new__(
             FlowKey,
-            (self[0], self[2], self[1], self[3], self[5], self[4]),
+            ((swapped << 8 | value >> _PORTS_BITS & 0xFF) << 16 | value & 0xFFFF) << 16
+            | value >> 16 & 0xFFFF,
         )
 
     def __repr__(self) -> str:
-        src = format_address(4, self.ip_src) if self.ip_version == 4 else self._v6(self.ip_src)
-        dst = format_address(4, self.ip_dst) if self.ip_version == 4 else self._v6(self.ip_dst)
-        return f"FlowKey({src}:{self.tp_src} -> {dst}:{self.tp_dst} proto {self.ip_proto})"
+        version, ip_src, ip_dst, proto, tp_src, tp_dst = self.fields()
+        src = format_address(4, ip_src) if version == 4 else self._v6(ip_src)
+        dst = format_address(4, ip_dst) if version == 4 else self._v6(ip_dst)
+        return f"FlowKey({src}:{tp_src} -> {dst}:{tp_dst} proto {proto})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        # (int's own would call FlowKey(value), which takes the six fields)
+        return _flow_key_of_value, (int(self),)
 
     @staticmethod
     def _v6(value: int) -> str:
         return f"[{ipaddress.IPv6Address(value)}]"
+
+
+def _flow_key_of_value(value: int) -> FlowKey:
+    """The key whose packed value is `value` (unpickling, copying)."""
+    return int.__new__(FlowKey, value)
 
 
 def is_icmp_error(match: FlowMatch) -> bool:

@@ -62,12 +62,22 @@ def _key_text(key: FlowKey) -> str:
     )
 
 
+_CONNTRACK_TAG_PREFIX = "conntrack:"
+
+
 def conntrack_tag(zone: str, key: FlowKey) -> str:
     """The flow tag of the connection `key` belongs to: the same for both directions (the
     lower of `key` and its reverse is spelled), so a flow depends on one tag per connection
     and a flow cached before either side opened it is invalidated by that same tag."""
     reverse = key.reversed()
-    return f"conntrack:{zone}:{_key_text(key if key <= reverse else reverse)}"
+    return f"{_CONNTRACK_TAG_PREFIX}{zone}:{_key_text(key if key <= reverse else reverse)}"
+
+
+def conntrack_tag_zone(tag: str) -> str:
+    """The zone a `conntrack_tag` names (zones are object ids: no ':' in them), so whoever
+    keeps a tag need not keep its zone next to it."""
+    start = len(_CONNTRACK_TAG_PREFIX)
+    return tag[start : tag.index(":", start)]
 
 
 def nat_tag(binding: NatBinding) -> str:
@@ -113,7 +123,7 @@ class FlowStateTransaction:
         self._bindings: list[NatBinding] = []
         self._tags: set[str] = set()
         # Keys seen in this transaction: the NAT binding of a connection reuses the key object
-        # its conntrack entry holds (the tables keep both; one object saves ~100 bytes).
+        # its conntrack entry holds (the tables keep both; one object saves ~64 bytes).
         self._keys: dict[FlowKey, FlowKey] = {}
         self.cacheable = True
         self._finished = False

@@ -256,7 +256,7 @@ def _decode_nat(reader: _Reader, now: float, start: int) -> NatRecord:
 
 # Keys decoded lately, by their encoding: a key decoded again (the same connection's
 # conntrack entry and NAT binding, usually in different messages of one push, or a refresh)
-# is the same object, so a peer's tables hold one copy (~96 bytes a key). Values only, so
+# is the same object, so a peer's tables hold one copy (~64 bytes a key). Values only, so
 # nothing here can go stale; emptied when full (keys already decoded keep theirs).
 _recent_keys: dict[bytes, FlowKey] = {}
 _RECENT_KEYS_MAX = 1 << 13

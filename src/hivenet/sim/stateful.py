@@ -74,9 +74,10 @@ def connection_tags(zone: str, key: FlowKey) -> frozenset[str]:
 
 
 # What a flow tag of a conntrack or NAT entry names, for refreshing the entry while flows
-# carrying the tag are used: (zone, key) of a connection, or the NAT binding itself (the
-# table's object: a tuple per binding would cost ~70 bytes per connection).
-TaggedEntry = tuple[str, FlowKey] | NatBinding
+# carrying the tag are used: the key of a connection (the table's object; its zone is read
+# back from the tag, `conntrack_tag_zone`: a (zone, key) tuple would cost ~56 bytes per
+# connection), or the NAT binding itself (the table's object too).
+TaggedEntry = FlowKey | NatBinding
 
 
 def _rewrite_key(key: FlowKey, rewrites: dict[str, int]) -> FlowKey:
@@ -136,7 +137,7 @@ class TransactionHook:
             if classification.key is not None:
                 # The key object the conntrack entry will hold, not a second copy.
                 shared = transaction.shared_key(classification.key)
-                self.record.tagged.append((tag, (zone, shared)))
+                self.record.tagged.append((tag, shared))
         return ConntrackDecision(
             is_return=classification.is_return,
             verdict=classification.verdict.value,

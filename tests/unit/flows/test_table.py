@@ -396,6 +396,30 @@ def test_eviction_keeps_bound_and_evicts_least_recently_used() -> None:
     assert table.lookup(FlowMatch(in_port=2), 8.0) is None
 
 
+def test_lru_order_and_membership_after_removals() -> None:
+    """The LRU list is the flows' own links: removing the oldest, the newest or one in the
+    middle keeps the order of the others, and a removed flow (or another table's) is not in
+    the table."""
+    table, other = FlowTable(max_flows=10), FlowTable(max_flows=10)
+    flows = [
+        install_for(table, FlowMatch(in_port=p), PORT_ONLY, now=p, tags=(f"t{p}",))
+        for p in range(1, 6)
+    ]
+    stranger = install_for(other, FlowMatch(in_port=1), PORT_ONLY, now=1.0)
+    table.lookup(FlowMatch(in_port=2), 6.0)  # 2 moves to the end
+    table.lookup(FlowMatch(in_port=2), 6.5)  # already the newest: stays
+    assert table.flows() == [flows[0], flows[2], flows[3], flows[4], flows[1]]
+    table.invalidate(["t1", "t4", "t2"])  # the oldest, one in the middle, the newest
+    assert table.flows() == [flows[2], flows[4]]
+    assert len(table) == 2 and table.stats()["flows"] == 2
+    assert [flow in table for flow in flows] == [False, False, True, False, True]
+    assert stranger not in table and stranger in other and "t3" not in table  # type: ignore[operator]
+    table.invalidate(["t3", "t5"])
+    assert table.flows() == [] and len(table) == 0
+    again = install_for(table, FlowMatch(in_port=7), PORT_ONLY, now=7.0)
+    assert table.flows() == [again] and again in table
+
+
 def test_replacement_does_not_evict() -> None:
     table = FlowTable(max_flows=2)
     a = install_for(table, FlowMatch(in_port=1), PORT_ONLY)
@@ -526,6 +550,59 @@ def test_lookup_agrees_with_linear_scan(
             assert found is not None and any(found is flow for flow in candidates)
         else:
             assert found is None
+
+
+@dataclass(frozen=True)
+class _Installed:
+    match: tuple[int, ...]
+    mask: tuple[int, ...]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    flows=st.lists(st.tuples(keys, masks()), max_size=40),
+    lookups=st.lists(keys, min_size=1, max_size=30),
+)
+def test_flows_keep_their_match_while_subtables_rekey(
+    flows: list[tuple[FlowMatch, tuple[int, ...]]], lookups: list[FlowMatch]
+) -> None:
+    """Subtables keep fields all their flows share out of the keys and put them back when a
+    flow differs there: whatever the order, every flow reads back the match it was installed
+    with, and lookups agree with a scan of what was installed (not of what the table says)."""
+    table = FlowTable()
+    installed: dict[tuple[tuple[int, ...], tuple[int, ...]], Flow] = {}
+    for key, mask in flows:
+        flow = install_for(table, key, mask, idle_timeout=0.0)
+        installed[(_masked(key, mask), mask)] = flow
+    assert {(flow.match, flow.mask) for flow in table.flows()} == set(installed)
+    assert all(flow.match == match for (match, _), flow in installed.items())
+    model = [_Installed(match, mask) for match, mask in installed]
+    for key in lookups:
+        expected = {(entry.match, entry.mask) for entry in naive_matches(model, key)}
+        found = table.lookup(key, 1.0)
+        assert (found is None) == (not expected)
+        assert found is None or (found.match, found.mask) in expected
+
+
+def _masked(key: FlowMatch, mask: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(value & field_mask for value, field_mask in zip(key.as_tuple(), mask, strict=True))
+
+
+def test_subtable_puts_a_shared_field_back_into_the_keys() -> None:
+    """Two flows of one mask that share in_port and differ in eth_dst, then a third with
+    another in_port: all three are found by their own packets only, before and after."""
+    table = FlowTable()
+    a = install_for(table, FlowMatch(in_port=1, eth_dst=10), PORT_AND_DST)
+    b = install_for(table, FlowMatch(in_port=1, eth_dst=11), PORT_AND_DST)
+    assert table.lookup(FlowMatch(in_port=2, eth_dst=10), 1.0) is None
+    c = install_for(table, FlowMatch(in_port=2, eth_dst=10), PORT_AND_DST)
+    for flow, (port, dst) in ((a, (1, 10)), (b, (1, 11)), (c, (2, 10))):
+        assert table.lookup(FlowMatch(in_port=port, eth_dst=dst), 1.0) is flow
+        assert flow.match == _masked(FlowMatch(in_port=port, eth_dst=dst), PORT_AND_DST)
+    assert table.lookup(FlowMatch(in_port=2, eth_dst=11), 1.0) is None
+    a2 = install_for(table, FlowMatch(in_port=1, eth_dst=10), PORT_AND_DST)  # replaces a
+    assert a.removed and table.lookup(FlowMatch(in_port=1, eth_dst=10), 1.0) is a2
+    assert table.stats()["replaced"] == 1 and len(table) == 3
 
 
 @settings(max_examples=150, deadline=None)

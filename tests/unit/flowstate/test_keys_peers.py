@@ -3,7 +3,12 @@ datagram an ICMP error quotes, built with the real packet codecs) and `peers` (p
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hivenet.flowstate.keys import FlowKey, FlowKeyError, key_of_embedded, key_of_match
 from hivenet.flowstate.peers import group_by_peer, hosts_of_stateful_groups, push_targets
@@ -45,6 +50,45 @@ def test_flow_key_reversed_and_repr() -> None:
     assert key.reversed().reversed() == key
     assert repr(key) == "FlowKey(10.0.0.1:1000 -> 10.0.0.2:80 proto 6)"
     assert "[2001:db8::1]" in repr(FlowKey(6, ip("2001:db8::1"), 1, 17, 1, 2))
+
+
+@st.composite
+def key_fields(draw: st.DrawFn) -> tuple[int, int, int, int, int, int]:
+    version = draw(st.sampled_from([4, 6]))
+    address = st.integers(0, (1 << (32 if version == 4 else 128)) - 1)
+    port = st.integers(0, 0xFFFF)
+    return (
+        version,
+        draw(address),
+        draw(address),
+        draw(st.integers(0, 255)),
+        draw(port),
+        draw(port),
+    )
+
+
+@given(first=key_fields(), second=key_fields())
+def test_flow_key_reads_and_orders_as_its_tuple(
+    first: tuple[int, ...], second: tuple[int, ...]
+) -> None:
+    """A key is one packed int that reads back as the 6-tuple it was made from (by name, by
+    index, by iteration), reverses as the tuple would, equals and orders as the tuples do
+    (keys of one IP version: a connection's tag spells the lower of a key and its reverse),
+    and survives pickling and copying."""
+    key, other = FlowKey(*first), FlowKey(*second)
+    names = ("ip_version", "ip_src", "ip_dst", "ip_proto", "tp_src", "tp_dst")
+    assert tuple(key) == first == tuple(key[i] for i in range(6)) == key.fields()
+    assert repr(tuple(key)) == repr(first)  # DNAT picks its target by a hash of this
+    assert tuple(getattr(key, name) for name in names) == first and len(key) == 6
+    version, src, dst, proto, sport, dport = first
+    assert tuple(key.reversed()) == (version, dst, src, proto, dport, sport)
+    assert key.reversed().reversed() == key and type(key.reversed()) is FlowKey
+    assert FlowKey.unchecked(*first) == key and hash(FlowKey.unchecked(*first)) == hash(key)
+    assert (key == other) == (first == second)
+    if first[0] == second[0]:
+        assert (key <= other) == (first <= second) and (key < other) == (first < second)
+    for copied in (pickle.loads(pickle.dumps(key)), copy.deepcopy(key), copy.copy(key)):
+        assert copied == key and type(copied) is FlowKey and tuple(copied) == first
 
 
 def test_key_of_match_per_protocol() -> None:

@@ -5,6 +5,8 @@ translated back; tags and cacheability; the push queue after a commit."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hivenet.flowstate.conntrack import ConnState, ConntrackTable
 from hivenet.flowstate.keys import FlowKey
@@ -14,6 +16,7 @@ from hivenet.flowstate.transaction import (
     FlowStateTransaction,
     NatAction,
     conntrack_tag,
+    conntrack_tag_zone,
     nat_tag,
 )
 
@@ -195,3 +198,19 @@ def test_a_connection_keeps_its_member_and_a_reused_port_gets_the_new_choice() -
     # The client reuses the port after A left: the new connection goes to B, and stays.
     assert _dnat(nat, SYN, MEMBER_B, 3.0) == (MEMBER_B, True)
     assert _dnat(nat, ACK, MEMBER_B, 4.0) == (MEMBER_B, True)
+
+
+@given(
+    zone=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"),
+    version=st.sampled_from([4, 6]),
+    ip_src=st.integers(0, (1 << 32) - 1),
+    ip_dst=st.integers(0, (1 << 128) - 1),
+    ports=st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)),
+)
+def test_conntrack_tag_zone_reads_back_the_zone(
+    zone: str, version: int, ip_src: int, ip_dst: int, ports: tuple[int, int]
+) -> None:
+    """Object ids (the zones) with IPv4 and IPv6 keys (whose spelling has ':' in it)."""
+    key = FlowKey(version, ip_src, ip_dst if version == 6 else ip_dst >> 96, 6, *ports)
+    assert conntrack_tag_zone(conntrack_tag(zone, key)) == zone
+    assert conntrack_tag_zone(conntrack_tag(zone, key.reversed())) == zone
