@@ -54,7 +54,6 @@ from hivenet.flowstate import (
     PortBlockError,
     WireFormatError,
     auth,
-    conntrack_tag,
     decode,
     decode_stream,
     encode,
@@ -62,12 +61,12 @@ from hivenet.flowstate import (
     group_by_peer,
     hosts_of_stateful_groups,
     key_of_embedded,
-    nat_tag,
     parse_block_key,
     push_targets,
 )
 from hivenet.flowstate.keys import is_icmp_error
 from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
+from hivenet.flowstate.transaction import TagTexts
 from hivenet.flowstate.wire import DEFAULT_MAX_MESSAGE_BYTES
 from hivenet.model import Port, PortGroup
 from hivenet.packets import (
@@ -81,10 +80,8 @@ from hivenet.sim import SimulationResult, TopologyView
 from hivenet.sim.stateful import (
     TaggedEntry,
     TransactionHook,
-    connection_tags,
     egress_hosts_of,
     egress_port_keys_of,
-    nat_reply_tag,
     snat_targets_served,
 )
 from hivenet.store.base import Compare, Put, Store, StoreError
@@ -308,17 +305,14 @@ class FlowStateSync:
             return
         peers = self.push_targets(result, ingress_port_id)
         committed = transaction.commit(now, peers)
-        self.counters.committed += 1
-        tags: set[str] = set()
-        for zone, key in hook.record.opened:
-            tags |= connection_tags(zone, key)
-            self.counters.connections_opened += 1
+        counters = self.counters
+        counters.committed += 1
+        # The opened connections' and created bindings' tags, as the simulation spelled them.
+        tags, opened = hook.record.commit_tags(committed.nat_bindings)
+        counters.connections_opened += opened
+        counters.nat_bindings_created += len(committed.nat_bindings)
         if result.install:
             self._tag_entries.update(hook.record.tagged)
-        for binding in committed.nat_bindings:
-            tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-            tags.add(nat_tag(binding))
-            self.counters.nat_bindings_created += 1
         if tags:
             self._invalidate(tags)
         self._forget_evicted()
@@ -524,22 +518,27 @@ class FlowStateSync:
         self, conntrack: Iterable[ConntrackRecord], nat: Iterable[NatRecord], now: float
     ) -> None:
         tags: set[str] = set()
+        # A message's entries spell the same keys (a connection's conntrack key is its NAT
+        # binding's original key): each key's text is formatted once per message.
+        texts = TagTexts()
         for record in conntrack:
             existed = self.conntrack.get(record.zone, record.key, now) is not None
             merged = self.conntrack.merge(record, now)
             if merged is None or not existed:
-                tags |= connection_tags(record.zone, record.key)
-            if merged is None:
-                self._tag_entries.pop(conntrack_tag(record.zone, record.key), None)
+                tag = texts.conntrack(record.zone, record.key)
+                tags.add(tag)
+                if merged is None:
+                    self._tag_entries.pop(tag, None)
         for nat_record in nat:
             binding = nat_record.binding
             existing = self.nat.lookup_original(binding.zone, binding.kind, binding.original, now)
             merged_binding = self.nat.merge(nat_record, now)
             if merged_binding is None or existing != binding:
-                tags.add(nat_tag(binding))
-                tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-            if merged_binding is None:
-                self._tag_entries.pop(nat_tag(binding), None)
+                tag = texts.nat(binding)
+                tags.add(tag)
+                tags.add(texts.nat_reply(binding.zone, binding.kind, binding.translated))
+                if merged_binding is None:
+                    self._tag_entries.pop(tag, None)
         if tags:
             self._invalidate(tags)
         self._forget_evicted()
@@ -577,14 +576,17 @@ class FlowStateSync:
     def _forget(self, conntrack: list[ConntrackRecord], nat: list[NatRecord]) -> None:
         """Entries left the tables (expired or evicted): remove the flows tagged with them."""
         tags: set[str] = set()
+        texts = TagTexts()  # each key's text formatted once (see `_install`)
         for record in conntrack:
-            tags |= connection_tags(record.zone, record.key)
-            self._tag_entries.pop(conntrack_tag(record.zone, record.key), None)
+            tag = texts.conntrack(record.zone, record.key)
+            tags.add(tag)
+            self._tag_entries.pop(tag, None)
         for nat_record in nat:
             binding = nat_record.binding
-            tags.add(nat_tag(binding))
-            tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-            self._tag_entries.pop(nat_tag(binding), None)
+            tag = texts.nat(binding)
+            tags.add(tag)
+            tags.add(texts.nat_reply(binding.zone, binding.kind, binding.translated))
+            self._tag_entries.pop(tag, None)
         if tags:
             self._invalidate(tags)
 
