@@ -9,7 +9,11 @@ by r (SNAT to 203.0.113.2) to out (h2)."""
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
+import pytest
+
+from hivenet.agent import pipeline as pipeline_module
 from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
@@ -31,7 +35,15 @@ from hivenet.model import (
     TunnelZoneMember,
 )
 from hivenet.packets import build_tcp_segment, extract_flow_match
-from hivenet.sim import MemoryTables, TopologyView
+from hivenet.sim import (
+    NO_FLOW_STATE,
+    FlowStateHook,
+    MemoryTables,
+    SimContext,
+    SimulationResult,
+    TopologyView,
+)
+from hivenet.sim.stateful import TransactionHook
 
 SNAT_IP = "203.0.113.2"
 OUT_IP = "203.0.113.100"
@@ -226,3 +238,47 @@ def test_a_flow_a_later_upcall_of_the_batch_made_stale_is_not_installed() -> Non
     # vm2's answer now reaches vm (per-upcall order would have removed the drop flow too).
     h1.receive(KEYS["vm2"], unsolicited)
     assert h1.take(KEYS["vm"]) == [unsolicited]
+
+
+def test_the_upcall_context_is_made_once_and_holds_no_hook_between_upcalls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The simulation context with the flow-state hook is built once per `context` (not
+    copied per upcall), rebuilt when `context` is replaced, and carries the upcall's own
+    hook only while it is simulated, even when the simulation raises."""
+    hosts = Hosts()
+    h1, pipeline = hosts.datapaths["h1"], hosts.pipelines["h1"]
+    seen: list[tuple[SimContext, FlowStateHook]] = []
+    real_simulate = pipeline_module.simulate
+
+    def recording_simulate(
+        frame: bytes, port_id: str, context: SimContext, now: float, **kwargs: Any
+    ) -> SimulationResult:
+        assert isinstance(context.flow_state, pipeline_module._UpcallFlowState)
+        seen.append((context, context.flow_state.hook))
+        return real_simulate(frame, port_id, context, now, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "simulate", recording_simulate)
+    h1.receive(KEYS["vm"], syn(40000))
+    h1.receive(KEYS["vm"], syn(40001))
+    (first, hook1), (second, hook2) = seen
+    assert first is second and hook1 is not hook2
+    assert isinstance(hook1, TransactionHook) and isinstance(hook2, TransactionHook)
+    assert pipeline._upcall_flow_state.hook is NO_FLOW_STATE
+    assert len(hosts.syncs["h1"].conntrack) == 2  # both committed through the one context
+    # A replaced context (a host service set) is the one the next upcall sees.
+    pipeline.set_handoff(lambda service, port, frame: None)
+    h1.receive(KEYS["vm"], syn(40002))
+    third = seen[-1][0]
+    assert third is not first and third.metadata and not first.metadata
+    # A simulation that raises: rolled back, and the hook is let go all the same.
+
+    def failing_simulate(*args: Any, **kwargs: Any) -> SimulationResult:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline_module, "simulate", failing_simulate)
+    bindings = len(hosts.syncs["h1"].nat)
+    with pytest.raises(RuntimeError, match="boom"):
+        pipeline.handle_upcall(KEYS["vm"], syn(40003))
+    assert pipeline._upcall_flow_state.hook is NO_FLOW_STATE
+    assert len(hosts.syncs["h1"].nat) == bindings
