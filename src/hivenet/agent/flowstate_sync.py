@@ -153,6 +153,14 @@ class _PushTargetMaps:
     revision: int
     host_of_underlay_ip: dict[str, str]
     stateful_groups: frozenset[str]
+    # (ingress port, egress hosts, egress port keys) -> `push_targets`' answer, for this
+    # revision only (it is all topology: ports' groups, stateful groups and their hosts).
+    targets: dict[tuple[str, frozenset[str], frozenset[int]], frozenset[str]] = field(
+        default_factory=dict
+    )
+
+
+_PUSH_TARGETS_MAX = 4096  # answers kept per topology revision (emptied when full)
 
 
 class FlowStateSync:
@@ -342,11 +350,30 @@ class FlowStateSync:
         self._receive_keys = keyring.receive_keys() if keyring else {}
 
     def push_targets(self, result: SimulationResult, ingress_port_id: str) -> frozenset[str]:
-        view = self.topology
         maps = self._push_target_maps()
         egress_hosts = egress_hosts_of(result, maps.host_of_underlay_ip)
+        port_keys = egress_port_keys_of(result)
+        # The answer is the same for every flow between the same ports and hosts while the
+        # topology is: kept with the revision's maps, so a change starts afresh.
+        memo_key = (ingress_port_id, frozenset(egress_hosts), frozenset(port_keys))
+        targets = maps.targets.get(memo_key)
+        if targets is None:
+            targets = self._push_targets(maps, ingress_port_id, egress_hosts, port_keys)
+            if len(maps.targets) >= _PUSH_TARGETS_MAX:
+                maps.targets.clear()
+            maps.targets[memo_key] = targets
+        return targets
+
+    def _push_targets(
+        self,
+        maps: _PushTargetMaps,
+        ingress_port_id: str,
+        egress_hosts: set[str],
+        port_keys: set[int],
+    ) -> frozenset[str]:
+        view = self.topology
         port_ids = [ingress_port_id]
-        for key in egress_port_keys_of(result):
+        for key in port_keys:
             port_id = view.port_by_tunnel_key.get(key)
             if port_id is not None:
                 port_ids.append(port_id)

@@ -25,6 +25,7 @@ from hivenet.model import (
     Direction,
     NatTarget,
     Port,
+    PortGroup,
     Router,
     Rule,
     RuleAction,
@@ -282,3 +283,35 @@ def test_the_upcall_context_is_made_once_and_holds_no_hook_between_upcalls(
         pipeline.handle_upcall(KEYS["vm"], syn(40003))
     assert pipeline._upcall_flow_state.hook is NO_FLOW_STATE
     assert len(hosts.syncs["h1"].nat) == bindings
+
+
+def test_push_targets_kept_per_revision_follow_a_topology_change() -> None:
+    """`push_targets` answers are kept with the topology revision's maps: the same flow asks
+    again after a change (here: vm joins a stateful port group with a port on h3) and gets
+    the new answer, never the kept one."""
+    hosts = Hosts()
+    h1, sync = hosts.datapaths["h1"], hosts.syncs["h1"]
+    h1.receive(KEYS["vm"], syn(40000))
+    result = hosts.pipelines["h1"].last_result
+    assert result is not None
+    assert sync.push_targets(result, "vm") == {"h2"}
+    assert list(sync._push_maps.targets.values()) == [frozenset({"h2"})]
+    view = sync.topology
+    vm = next(o for o in topology() if isinstance(o, Port) and o.id == "vm")
+    view.apply(PortGroup(id="pg", stateful=True))
+    far = Port(
+        id="far",
+        device_kind=DeviceKind.BRIDGE,
+        device_id="net",
+        host_id="h3",
+        interface_name="hnfar",
+        tunnel_key=9,
+    )
+    view.apply(far)
+    view.apply(vm.model_copy(update={"port_group_ids": ("pg",)}))
+    assert sync.push_targets(result, "vm") == {"h2"}  # far is not in the group yet
+    view.apply(far.model_copy(update={"port_group_ids": ("pg",)}))
+    assert sync.push_targets(result, "vm") == {"h2", "h3"}
+    view.remove("port_group", "pg")
+    view.apply(vm)
+    assert sync.push_targets(result, "vm") == {"h2"}
