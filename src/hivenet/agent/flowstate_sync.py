@@ -233,6 +233,8 @@ class FlowStateSync:
         self.keyring = keyring
         self._receive_keys: dict[int, bytes] = keyring.receive_keys() if keyring else {}
         self._sequence = 0  # of the last message sealed (auth.next_sequence)
+        # The sealer of the keyring's current key (the key object it was made for, itself).
+        self._sealer: tuple[auth.ClusterKey, auth.Sealer] | None = None
         self._replay = auth.ReplayWindow()
         self._max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES - (
             auth.overhead(host_id) if authenticate else 0
@@ -516,30 +518,31 @@ class FlowStateSync:
         """`message` sealed with the current key and the next sequence of this sender's one
         sequence space (flow-state pushes and control messages share it)."""
         self._sequence = auth.next_sequence(self._sequence, self.wall_clock())
-        return auth.seal(
-            message,
-            key_id=keyring.current.key_id,
-            key=keyring.current.secret,
-            sender=self.host_id,
-            sequence=self._sequence,
-        )
+        current = keyring.current
+        sealer = self._sealer
+        if sealer is None or sealer[0] is not current:  # made again for a new current key
+            sealer = self._sealer = (
+                current,
+                auth.Sealer(key_id=current.key_id, key=current.secret, sender=self.host_id),
+            )
+        return sealer[1].seal(message, self._sequence)
 
     def _unseal(self, payload: bytes) -> tuple[str, bytes] | None:
         if not self._receive_keys:
             self.counters.rejected_no_key += 1
             return None
         try:
-            opened = auth.unseal(payload, self._receive_keys)
+            sender, sequence, _, message = auth.open_sealed(payload, self._receive_keys)
         except auth.AuthError as error:
             self.counters.rejected_unauthenticated += 1
             log.debug("host %s: flow-state message refused: %s", self.host_id, error)
             return None
-        if not auth.is_fresh(opened.sequence, self.wall_clock()) or not self._replay.accept(
-            opened.sender, opened.sequence
+        if not auth.is_fresh(sequence, self.wall_clock()) or not self._replay.accept(
+            sender, sequence
         ):
             self.counters.rejected_replayed += 1
             return None
-        return opened.sender, opened.message
+        return sender, message
 
     def _install(
         self, conntrack: Iterable[ConntrackRecord], nat: Iterable[NatRecord], now: float

@@ -18,6 +18,7 @@ from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.flowstate import NatRange
+from hivenet.flowstate.auth import AuthError, Keyring, open_sealed
 from hivenet.model import (
     Bridge,
     Chain,
@@ -315,3 +316,28 @@ def test_push_targets_kept_per_revision_follow_a_topology_change() -> None:
     view.remove("port_group", "pg")
     view.apply(vm)
     assert sync.push_targets(result, "vm") == {"h2"}
+
+
+def test_the_kept_sealer_follows_a_key_rotation() -> None:
+    """The agent seals with a `Sealer` kept for the keyring's current key: a rotated keyring
+    seals with the new key at once, never the kept one."""
+    keyring = Keyring.new(bytes(range(32)), 0.0)
+    view = TopologyView.from_objects(topology())
+    sync = FlowStateSync(
+        "h1",
+        MemoryDatapath("h1", "192.0.2.1", MemoryUnderlay()),
+        view,
+        authenticate=True,
+        keyring=keyring,
+    )
+    first, second = sync._seal(keyring, b"one"), sync._seal(keyring, b"two")
+    sender, sequence, key_id, message = open_sealed(first, keyring.receive_keys())
+    assert (sender, key_id, message) == ("h1", 0, b"one")
+    _, later, key_id, message = open_sealed(second, keyring.receive_keys())
+    assert later > sequence and (key_id, message) == (0, b"two")
+    rotated = keyring.rotated(bytes(range(1, 33)), 1.0)
+    sync.set_keyring(rotated)
+    third = sync._seal(rotated, b"three")
+    assert open_sealed(third, {1: rotated.current.secret})[2:] == (1, b"three")
+    with pytest.raises(AuthError):
+        open_sealed(third, {1: keyring.current.secret})
