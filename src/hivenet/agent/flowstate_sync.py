@@ -54,7 +54,6 @@ from hivenet.flowstate import (
     PortBlockError,
     WireFormatError,
     auth,
-    conntrack_tag,
     conntrack_tag_zone,
     decode,
     decode_stream,
@@ -63,12 +62,12 @@ from hivenet.flowstate import (
     group_by_peer,
     hosts_of_stateful_groups,
     key_of_embedded,
-    nat_tag,
     parse_block_key,
     push_targets,
 )
 from hivenet.flowstate.keys import is_icmp_error
 from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
+from hivenet.flowstate.transaction import TagTexts
 from hivenet.flowstate.wire import DEFAULT_MAX_MESSAGE_BYTES
 from hivenet.model import Port, PortGroup
 from hivenet.packets import (
@@ -82,10 +81,8 @@ from hivenet.sim import SimulationResult, TopologyView
 from hivenet.sim.stateful import (
     TaggedEntry,
     TransactionHook,
-    connection_tags,
     egress_hosts_of,
     egress_port_keys_of,
-    nat_reply_tag,
     snat_targets_served,
 )
 from hivenet.store.base import Compare, Put, Store, StoreError
@@ -157,6 +154,14 @@ class _PushTargetMaps:
     revision: int
     host_of_underlay_ip: dict[str, str]
     stateful_groups: frozenset[str]
+    # (ingress port, egress hosts, egress port keys) -> `push_targets`' answer, for this
+    # revision only (it is all topology: ports' groups, stateful groups and their hosts).
+    targets: dict[tuple[str, frozenset[str], frozenset[int]], frozenset[str]] = field(
+        default_factory=dict
+    )
+
+
+_PUSH_TARGETS_MAX = 4096  # answers kept per topology revision (emptied when full)
 
 
 class FlowStateSync:
@@ -229,6 +234,8 @@ class FlowStateSync:
         self.keyring = keyring
         self._receive_keys: dict[int, bytes] = keyring.receive_keys() if keyring else {}
         self._sequence = 0  # of the last message sealed (auth.next_sequence)
+        # The sealer of the keyring's current key (the key object it was made for, itself).
+        self._sealer: tuple[auth.ClusterKey, auth.Sealer] | None = None
         self._replay = auth.ReplayWindow()
         self._max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES - (
             auth.overhead(host_id) if authenticate else 0
@@ -309,17 +316,14 @@ class FlowStateSync:
             return
         peers = self.push_targets(result, ingress_port_id)
         committed = transaction.commit(now, peers)
-        self.counters.committed += 1
-        tags: set[str] = set()
-        for zone, key in hook.record.opened:
-            tags |= connection_tags(zone, key)
-            self.counters.connections_opened += 1
+        counters = self.counters
+        counters.committed += 1
+        # The opened connections' and created bindings' tags, as the simulation spelled them.
+        tags, opened = hook.record.commit_tags(committed.nat_bindings)
+        counters.connections_opened += opened
+        counters.nat_bindings_created += len(committed.nat_bindings)
         if result.install:
             self._tag_entries.update(hook.record.tagged)
-        for binding in committed.nat_bindings:
-            tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-            tags.add(nat_tag(binding))
-            self.counters.nat_bindings_created += 1
         if tags:
             self._invalidate(tags)
         self._forget_evicted()
@@ -349,11 +353,30 @@ class FlowStateSync:
         self._receive_keys = keyring.receive_keys() if keyring else {}
 
     def push_targets(self, result: SimulationResult, ingress_port_id: str) -> frozenset[str]:
-        view = self.topology
         maps = self._push_target_maps()
         egress_hosts = egress_hosts_of(result, maps.host_of_underlay_ip)
+        port_keys = egress_port_keys_of(result)
+        # The answer is the same for every flow between the same ports and hosts while the
+        # topology is: kept with the revision's maps, so a change starts afresh.
+        memo_key = (ingress_port_id, frozenset(egress_hosts), frozenset(port_keys))
+        targets = maps.targets.get(memo_key)
+        if targets is None:
+            targets = self._push_targets(maps, ingress_port_id, egress_hosts, port_keys)
+            if len(maps.targets) >= _PUSH_TARGETS_MAX:
+                maps.targets.clear()
+            maps.targets[memo_key] = targets
+        return targets
+
+    def _push_targets(
+        self,
+        maps: _PushTargetMaps,
+        ingress_port_id: str,
+        egress_hosts: set[str],
+        port_keys: set[int],
+    ) -> frozenset[str]:
+        view = self.topology
         port_ids = [ingress_port_id]
-        for key in egress_port_keys_of(result):
+        for key in port_keys:
             port_id = view.port_by_tunnel_key.get(key)
             if port_id is not None:
                 port_ids.append(port_id)
@@ -496,51 +519,57 @@ class FlowStateSync:
         """`message` sealed with the current key and the next sequence of this sender's one
         sequence space (flow-state pushes and control messages share it)."""
         self._sequence = auth.next_sequence(self._sequence, self.wall_clock())
-        return auth.seal(
-            message,
-            key_id=keyring.current.key_id,
-            key=keyring.current.secret,
-            sender=self.host_id,
-            sequence=self._sequence,
-        )
+        current = keyring.current
+        sealer = self._sealer
+        if sealer is None or sealer[0] is not current:  # made again for a new current key
+            sealer = self._sealer = (
+                current,
+                auth.Sealer(key_id=current.key_id, key=current.secret, sender=self.host_id),
+            )
+        return sealer[1].seal(message, self._sequence)
 
     def _unseal(self, payload: bytes) -> tuple[str, bytes] | None:
         if not self._receive_keys:
             self.counters.rejected_no_key += 1
             return None
         try:
-            opened = auth.unseal(payload, self._receive_keys)
+            sender, sequence, _, message = auth.open_sealed(payload, self._receive_keys)
         except auth.AuthError as error:
             self.counters.rejected_unauthenticated += 1
             log.debug("host %s: flow-state message refused: %s", self.host_id, error)
             return None
-        if not auth.is_fresh(opened.sequence, self.wall_clock()) or not self._replay.accept(
-            opened.sender, opened.sequence
+        if not auth.is_fresh(sequence, self.wall_clock()) or not self._replay.accept(
+            sender, sequence
         ):
             self.counters.rejected_replayed += 1
             return None
-        return opened.sender, opened.message
+        return sender, message
 
     def _install(
         self, conntrack: Iterable[ConntrackRecord], nat: Iterable[NatRecord], now: float
     ) -> None:
         tags: set[str] = set()
+        # A message's entries spell the same keys (a connection's conntrack key is its NAT
+        # binding's original key): each key's text is formatted once per message.
+        texts = TagTexts()
         for record in conntrack:
             existed = self.conntrack.get(record.zone, record.key, now) is not None
             merged = self.conntrack.merge(record, now)
             if merged is None or not existed:
-                tags |= connection_tags(record.zone, record.key)
-            if merged is None:
-                self._tag_entries.pop(conntrack_tag(record.zone, record.key), None)
+                tag = texts.conntrack(record.zone, record.key)
+                tags.add(tag)
+                if merged is None:
+                    self._tag_entries.pop(tag, None)
         for nat_record in nat:
             binding = nat_record.binding
             existing = self.nat.lookup_original(binding.zone, binding.kind, binding.original, now)
             merged_binding = self.nat.merge(nat_record, now)
             if merged_binding is None or existing != binding:
-                tags.add(nat_tag(binding))
-                tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-            if merged_binding is None:
-                self._tag_entries.pop(nat_tag(binding), None)
+                tag = texts.nat(binding)
+                tags.add(tag)
+                tags.add(texts.nat_reply(binding.zone, binding.kind, binding.translated))
+                if merged_binding is None:
+                    self._tag_entries.pop(tag, None)
         if tags:
             self._invalidate(tags)
         self._forget_evicted()
@@ -578,14 +607,17 @@ class FlowStateSync:
     def _forget(self, conntrack: list[ConntrackRecord], nat: list[NatRecord]) -> None:
         """Entries left the tables (expired or evicted): remove the flows tagged with them."""
         tags: set[str] = set()
+        texts = TagTexts()  # each key's text formatted once (see `_install`)
         for record in conntrack:
-            tags |= connection_tags(record.zone, record.key)
-            self._tag_entries.pop(conntrack_tag(record.zone, record.key), None)
+            tag = texts.conntrack(record.zone, record.key)
+            tags.add(tag)
+            self._tag_entries.pop(tag, None)
         for nat_record in nat:
             binding = nat_record.binding
-            tags.add(nat_tag(binding))
-            tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-            self._tag_entries.pop(nat_tag(binding), None)
+            tag = texts.nat(binding)
+            tags.add(tag)
+            tags.add(texts.nat_reply(binding.zone, binding.kind, binding.translated))
+            self._tag_entries.pop(tag, None)
         if tags:
             self._invalidate(tags)
 

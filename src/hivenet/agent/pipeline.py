@@ -42,6 +42,8 @@ from hivenet.sim import (
     simulate,
 )
 from hivenet.sim.dhcp import DhcpBudget
+from hivenet.sim.flowstate_hook import ConntrackDecision, NatDecision
+from hivenet.sim.rules import CompiledRule
 from hivenet.sim.topology import PortInfo
 
 if TYPE_CHECKING:
@@ -57,6 +59,23 @@ SimulatedCallback = Callable[[str, SimulationResult, int, FlowKey | None], None]
 # (service, ingress port, frame) for a packet the simulation handed to a host service
 # (`SimulationResult.handoff`, e.g. "metadata": agent/metadata.py).
 HandoffCallback = Callable[[str, PortInfo, bytes], None]
+
+
+class _UpcallFlowState:
+    """The flow-state hook of the upcall being simulated (`FlowStateSync.begin` makes one
+    per upcall) behind one object, so the simulation context that carries it is built once
+    instead of copied per upcall. `hook` is `NO_FLOW_STATE` between upcalls."""
+
+    __slots__ = ("hook",)
+
+    def __init__(self) -> None:
+        self.hook: FlowStateHook = NO_FLOW_STATE
+
+    def conntrack(self, packet: FlowMatch, zone: str, now: float) -> ConntrackDecision:
+        return self.hook.conntrack(packet, zone, now)
+
+    def nat(self, packet: FlowMatch, rule: CompiledRule, zone: str, now: float) -> NatDecision:
+        return self.hook.nat(packet, rule, zone, now)
 
 
 @dataclass(slots=True)
@@ -132,7 +151,21 @@ class FlowPipeline:
         # Inside `batch()`: (port, result, frame, position in the batch's invalidation log).
         self._deferred: list[tuple[PortInfo, SimulationResult, bytes, int]] | None = None
         self._invalidated: list[frozenset[str]] = []
+        # `context` with the current upcall's flow-state hook, rebuilt only when `context`
+        # is replaced (`set_handoff`): (the context it was made from, the copy).
+        self._upcall_flow_state = _UpcallFlowState()
+        self._stateful_context: tuple[SimContext, SimContext] | None = None
         datapath.set_upcall_handler(self.handle_upcall)
+
+    def _context_for_upcall(self) -> SimContext:
+        """`self.context` with `_upcall_flow_state` as its hook (made once per `context`)."""
+        made = self._stateful_context
+        if made is None or made[0] is not self.context:
+            made = self._stateful_context = (
+                self.context,
+                dataclasses.replace(self.context, flow_state=self._upcall_flow_state),
+            )
+        return made[1]
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -174,13 +207,22 @@ class FlowPipeline:
             result = simulate(frame, port.id, self.context, now, match=match)
         else:
             hook = self.stateful.begin(frame, match)
-            context = dataclasses.replace(self.context, flow_state=hook)
+            current: _UpcallFlowState | None = None
+            if self._upcall_flow_state.hook is NO_FLOW_STATE:
+                current = self._upcall_flow_state
+                current.hook = hook
+                context = self._context_for_upcall()
+            else:  # an upcall inside a simulation (never seen): a context of its own
+                context = dataclasses.replace(self.context, flow_state=hook)
             try:
                 result = simulate(frame, port.id, context, now, match=match)
             except Exception:
                 # NAT bindings enter the table during the simulation: never leak them.
                 hook.transaction.rollback()
                 raise
+            finally:
+                if current is not None:
+                    current.hook = NO_FLOW_STATE  # holds no transaction between upcalls
             self.stateful.finish(hook, result, port.id, now)
         elapsed = self.timer() - started
         self.stats.sim_seconds_total += elapsed

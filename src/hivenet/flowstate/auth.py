@@ -54,7 +54,7 @@ def overhead(sender: str) -> int:
     return _PREFIX.size + len(sender.encode("utf-8")) + _SEQUENCE.size + TAG_BYTES
 
 
-def _tag(key: bytes, data: bytes | memoryview) -> bytes:
+def _tag(key: bytes, data: bytes) -> bytes:
     return hmac.digest(key, data, "sha256")[:TAG_BYTES]
 
 
@@ -78,6 +78,31 @@ def seal(message: bytes, *, key_id: int, key: bytes, sender: str, sequence: int)
     return body + _tag(key, body)
 
 
+class Sealer:
+    """`seal` for one sender and key (the same bytes): checked once, the envelope's prefix
+    (magic, version, key id, sender) made once; each message then only needs its sequence
+    checked. The agent keeps one per current key."""
+
+    __slots__ = ("_key", "_prefix")
+
+    def __init__(self, *, key_id: int, key: bytes, sender: str) -> None:
+        raw_sender = sender.encode("utf-8")
+        if not 1 <= len(raw_sender) <= 255:
+            raise ValueError(f"sender {sender!r} must be 1..255 bytes of UTF-8")
+        if not 0 <= key_id <= 255:
+            raise ValueError(f"key_id {key_id} is outside 0..255")
+        if len(key) < 16:
+            raise ValueError(f"key of {len(key)} bytes is too short (at least 16)")
+        self._key = bytes(key)
+        self._prefix = _PREFIX.pack(MAGIC, VERSION, key_id, len(raw_sender)) + raw_sender
+
+    def seal(self, message: bytes, sequence: int) -> bytes:
+        if not 0 <= sequence <= MAX_SEQUENCE:
+            raise ValueError(f"sequence {sequence} is outside 0..2**64-1")
+        body = self._prefix + _SEQUENCE.pack(sequence) + message
+        return body + _tag(self._key, body)
+
+
 @dataclass(frozen=True, slots=True)
 class Unsealed:
     sender: str
@@ -89,6 +114,13 @@ class Unsealed:
 def unseal(data: bytes, keys: dict[int, bytes]) -> Unsealed:
     """The authenticated contents of `data`; AuthError (reason "malformed", "unknown_key" or
     "bad_tag") for anything else. Never applies the replay window (see `ReplayWindow`)."""
+    return Unsealed(*open_sealed(data, keys))
+
+
+def open_sealed(data: bytes, keys: dict[int, bytes]) -> tuple[str, int, int, bytes]:
+    """`unseal` as a tuple (sender, sequence, key id, message), for the receive path."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
     minimum = _PREFIX.size + 1 + _SEQUENCE.size + TAG_BYTES
     if len(data) < minimum:
         raise AuthError("malformed", f"{len(data)} bytes, at least {minimum} needed")
@@ -104,16 +136,14 @@ def unseal(data: bytes, keys: dict[int, bytes]) -> Unsealed:
     key = keys.get(key_id)
     if key is None:
         raise AuthError("unknown_key", f"key id {key_id} is not the current or previous key")
-    view = memoryview(data)
-    if not hmac.compare_digest(_tag(key, view[:body_end]), view[body_end:]):
+    if not hmac.compare_digest(_tag(key, data[:body_end]), data[body_end:]):
         raise AuthError("bad_tag", "the HMAC does not match")
     try:
-        sender = bytes(view[_PREFIX.size : sequence_at]).decode("utf-8")
+        sender = data[_PREFIX.size : sequence_at].decode("utf-8")
     except UnicodeDecodeError:  # only a key holder could have sealed this
         raise AuthError("malformed", "sender is not UTF-8") from None
     (sequence,) = _SEQUENCE.unpack_from(data, sequence_at)
-    message = bytes(view[sequence_at + _SEQUENCE.size : body_end])
-    return Unsealed(sender, sequence, key_id, message)
+    return sender, sequence, key_id, data[sequence_at + _SEQUENCE.size : body_end]
 
 
 def next_sequence(previous: int, wall_clock: float) -> int:

@@ -63,6 +63,7 @@ def _key_text(key: FlowKey) -> str:
 
 
 _CONNTRACK_TAG_PREFIX = "conntrack:"
+_KIND_NAMES = {kind: kind.name.lower() for kind in NatKind}
 
 
 def conntrack_tag(zone: str, key: FlowKey) -> str:
@@ -81,7 +82,39 @@ def conntrack_tag_zone(tag: str) -> str:
 
 
 def nat_tag(binding: NatBinding) -> str:
-    return f"nat:{binding.zone}:{binding.kind.name.lower()}:{_key_text(binding.original)}"
+    return f"nat:{binding.zone}:{_KIND_NAMES[binding.kind]}:{_key_text(binding.original)}"
+
+
+class TagTexts:
+    """The spellings of `conntrack_tag`, `nat_tag` and `sim.stateful.nat_reply_tag`, each
+    key's text formatted once: the tags of one connection spell the same keys (its conntrack
+    key is its NAT binding's original key) and are asked for several times between the
+    simulation and the commit, or while one pushed message is installed. Lives as long as
+    one transaction or one installed message (keys are values: nothing here goes stale)."""
+
+    __slots__ = ("_texts",)
+
+    def __init__(self) -> None:
+        self._texts: dict[FlowKey, str] = {}
+
+    def key_text(self, key: FlowKey) -> str:
+        text = self._texts.get(key)
+        if text is None:
+            text = self._texts[key] = _key_text(key)
+        return text
+
+    def conntrack(self, zone: str, key: FlowKey) -> str:
+        """`conntrack_tag(zone, key)`."""
+        reverse = key.reversed()
+        return f"{_CONNTRACK_TAG_PREFIX}{zone}:{self.key_text(key if key <= reverse else reverse)}"
+
+    def nat(self, binding: NatBinding) -> str:
+        """`nat_tag(binding)`."""
+        return f"nat:{binding.zone}:{_KIND_NAMES[binding.kind]}:{self.key_text(binding.original)}"
+
+    def nat_reply(self, zone: str, kind: NatKind, translated: FlowKey) -> str:
+        """`sim.stateful.nat_reply_tag(zone, kind, translated)`."""
+        return f"natr:{zone}:{_KIND_NAMES[kind]}:{self.key_text(translated)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +160,8 @@ class FlowStateTransaction:
         self._keys: dict[FlowKey, FlowKey] = {}
         self.cacheable = True
         self._finished = False
+        # This packet's tags, each key spelled once (the hook and the commit share them).
+        self.texts = TagTexts()
 
     @property
     def tags(self) -> frozenset[str]:
@@ -142,17 +177,30 @@ class FlowStateTransaction:
         return self._keys.setdefault(key, key)
 
     def is_return_flow(self, zone: str, match: FlowMatch, now: float) -> bool:
+        return self.classify(zone, match, now)[0].is_return
+
+    def classify(
+        self, zone: str, match: FlowMatch, now: float
+    ) -> tuple[Classification, str | None]:
+        """Classify `match` in `zone` (remembered for the commit, as `is_return_flow`) and
+        the `conntrack_tag` of the classified key (None without one), so a caller that
+        needs both asks the table once."""
         self._check_open()
         classification = self.conntrack.classify(zone, match, now, self.embedded)
         self._classified.append((classification, match.tcp_flags))
-        if classification.depends_on_tcp_flags and classification.verdict is Verdict.INVALID:
+        verdict = classification.verdict
+        if verdict is Verdict.INVALID and classification.depends_on_tcp_flags:
             self.cacheable = False
-        if classification.verdict in (Verdict.RELATED, Verdict.INVALID) and is_icmp_error(match):
+        if (verdict is Verdict.RELATED or verdict is Verdict.INVALID) and is_icmp_error(match):
             self.cacheable = False
-        if classification.key is not None and classification.verdict is not Verdict.INVALID:
-            self._keys.setdefault(classification.key, classification.key)
-            self._tags.add(conntrack_tag(zone, classification.key))
-        return classification.is_return
+        key = classification.key
+        if key is None:
+            return classification, None
+        tag = self.texts.conntrack(zone, key)
+        if verdict is not Verdict.INVALID:
+            self._keys.setdefault(key, key)
+            self._tags.add(tag)
+        return classification, tag
 
     def nat(
         self,
@@ -161,11 +209,15 @@ class FlowStateTransaction:
         match: FlowMatch,
         targets: Sequence[NatRange],
         now: float,
+        *,
+        key: FlowKey | None = None,
     ) -> NatOutcome:
         """Apply a dnat/snat (find or create the binding) or rev_dnat/rev_snat (reverse
-        lookup) rule. Raises `nat.NatError` subclasses (ports exhausted, bad targets)."""
+        lookup) rule. Raises `nat.NatError` subclasses (ports exhausted, bad targets).
+        `key`: `key_of_match(match)` when the caller already has it (not derived again)."""
         self._check_open()
-        key = key_of_match(match)
+        if key is None:
+            key = key_of_match(match)
         if key is None:
             return NatOutcome()
         key = self._keys.setdefault(key, key)
@@ -178,14 +230,14 @@ class FlowStateTransaction:
                 )
                 if translation is None:
                     return NatOutcome()
-                tag = nat_tag(translation.binding)
+                tag = self.texts.nat(translation.binding)
                 self._tags.add(tag)
                 self._bindings.append(translation.binding)
                 return NatOutcome(translation.outer_rewrites, translation.binding, frozenset({tag}))
             binding = self.nat_table.lookup_reply(zone, kind, key, now)
             if binding is None:
                 return NatOutcome()
-            tag = nat_tag(binding)
+            tag = self.texts.nat(binding)
             self._tags.add(tag)
             self._bindings.append(binding)
             return NatOutcome(binding.reply_rewrites(), binding, frozenset({tag}))
@@ -205,7 +257,7 @@ class FlowStateTransaction:
         if created:
             self._created.append(binding)
         self._bindings.append(binding)
-        tag = nat_tag(binding)
+        tag = self.texts.nat(binding)
         self._tags.add(tag)
         return NatOutcome(binding.forward_rewrites(), binding, frozenset({tag}))
 

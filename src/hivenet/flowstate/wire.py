@@ -92,11 +92,56 @@ def _key_bytes(key: FlowKey) -> bytes:
     )
 
 
+# IPv4 entries (the common case) are encoded in one `struct` call after a prefix that only
+# depends on the entry's kind and zone (kind u8 | body length u16 | zone [| nat kind u8]),
+# kept by (kind, zone[, nat kind]): bytes of values only, so nothing here can go stale;
+# emptied when full. Anything else (IPv6, a value out of range) takes the general path,
+# which also raises what it always raised.
+_CONNTRACK_V4 = struct.Struct("!BBHHIIBI")  # key, state, expiry
+_NAT_V4 = struct.Struct("!BBHHIIBBHHIII")  # original key, translated key, expiry
+_V4_KEY_BYTES = _KEY_FIXED.size + 8
+_prefixes: dict[tuple[int, str, int], bytes] = {}
+_PREFIXES_MAX = 4096
+
+
+def _prefix(kind: int, zone: str, nat_kind: int, tail: int) -> bytes:
+    """kind | body length | zone [| nat kind] of an IPv4 entry whose body ends with `tail`
+    bytes after them."""
+    cache_key = (kind, zone, nat_kind)
+    prefix = _prefixes.get(cache_key)
+    if prefix is None:
+        zone_bytes = _zone_bytes(zone)
+        if kind == KIND_NAT:
+            zone_bytes += _U8.pack(nat_kind)
+        prefix = _ENTRY.pack(kind, len(zone_bytes) + tail) + zone_bytes
+        if len(_prefixes) >= _PREFIXES_MAX:
+            _prefixes.clear()
+        _prefixes[cache_key] = prefix
+    return prefix
+
+
 def encode_conntrack(record: ConntrackRecord, now: float) -> bytes:
     """One conntrack entry (kind, length and body)."""
+    key = record.key
+    if key.ip_version == 4:
+        try:
+            tail = _CONNTRACK_V4.pack(
+                4,
+                key.ip_proto,
+                key.tp_src,
+                key.tp_dst,
+                key.ip_src,
+                key.ip_dst,
+                record.state,
+                _expiry_ms(record.expires_at, now),
+            )
+        except struct.error:
+            pass  # out of range: the general path says so as it always did
+        else:
+            return _prefix(KIND_CONNTRACK, record.zone, 0, _CONNTRACK_V4.size) + tail
     body = (
         _zone_bytes(record.zone)
-        + _key_bytes(record.key)
+        + _key_bytes(key)
         + _U8.pack(record.state)
         + _U32.pack(_expiry_ms(record.expires_at, now))
     )
@@ -106,11 +151,34 @@ def encode_conntrack(record: ConntrackRecord, now: float) -> bytes:
 def encode_nat(record: NatRecord, now: float) -> bytes:
     """One NAT entry (kind, length and body)."""
     binding = record.binding
+    original, translated = binding.original, binding.translated
+    if original.ip_version == 4 and translated.ip_version == 4:
+        try:
+            tail = _NAT_V4.pack(
+                4,
+                original.ip_proto,
+                original.tp_src,
+                original.tp_dst,
+                original.ip_src,
+                original.ip_dst,
+                4,
+                translated.ip_proto,
+                translated.tp_src,
+                translated.tp_dst,
+                translated.ip_src,
+                translated.ip_dst,
+                _expiry_ms(record.expires_at, now),
+            )
+            prefix = _prefix(KIND_NAT, binding.zone, binding.kind, _NAT_V4.size)
+        except struct.error:
+            pass  # out of range: the general path says so as it always did
+        else:
+            return prefix + tail
     body = (
         _zone_bytes(binding.zone)
         + _U8.pack(binding.kind)
-        + _key_bytes(binding.original)
-        + _key_bytes(binding.translated)
+        + _key_bytes(original)
+        + _key_bytes(translated)
         + _U32.pack(_expiry_ms(record.expires_at, now))
     )
     return _ENTRY.pack(KIND_NAT, len(body)) + body
@@ -262,9 +330,92 @@ _recent_keys: dict[bytes, FlowKey] = {}
 _RECENT_KEYS_MAX = 1 << 13
 
 
-def _decode_message(
-    data: bytes | bytearray | memoryview, offset: int, now: float, batch: DecodedBatch
-) -> int:
+# The IPv4 entries a host pushes, decoded without a `_Reader` (one `unpack_from` per key,
+# no intermediate copies). Any entry that is not exactly a well-formed IPv4 one (length,
+# zone, version, state, kind, binding) returns None and is decoded by the general path,
+# which raises the `WireFormatError` it always raised.
+_V4_KEY = struct.Struct("!BBHHII")
+_STATE_EXPIRY = struct.Struct("!BI")
+_CONN_STATES = {state.value: state for state in ConnState}
+_NAT_KINDS = {kind.value: kind for kind in NatKind}
+_CONNTRACK_V4_TAIL = _V4_KEY_BYTES + _STATE_EXPIRY.size
+_NAT_V4_TAIL = 1 + 2 * _V4_KEY_BYTES + _U32.size
+# Zone names by their UTF-8 bytes (interned, as `_Reader.zone` returns them): values only,
+# so nothing here can go stale; emptied when full.
+_zone_names: dict[bytes, str] = {}
+_ZONE_NAMES_MAX = 4096
+
+
+def _fast_zone(data: bytes, start: int, end: int) -> str | None:
+    raw = data[start:end]
+    zone = _zone_names.get(raw)
+    if zone is None:
+        try:
+            zone = intern(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+        if len(_zone_names) >= _ZONE_NAMES_MAX:
+            _zone_names.clear()
+        _zone_names[raw] = zone
+    return zone
+
+
+def _fast_v4_key(data: bytes, at: int, keys: dict[bytes, FlowKey]) -> FlowKey | None:
+    encoded = data[at : at + _V4_KEY_BYTES]
+    key = keys.get(encoded)
+    if key is None:
+        version, proto, tp_src, tp_dst, ip_src, ip_dst = _V4_KEY.unpack_from(data, at)
+        if version != 4:
+            return None
+        key = keys[encoded] = FlowKey.unchecked(4, ip_src, ip_dst, proto, tp_src, tp_dst)
+    return key
+
+
+def _fast_conntrack(
+    data: bytes, start: int, end: int, now: float, keys: dict[bytes, FlowKey]
+) -> ConntrackRecord | None:
+    zone_end = start + 1 + data[start]
+    if zone_end == start + 1 or zone_end + _CONNTRACK_V4_TAIL != end:
+        return None
+    zone = _fast_zone(data, start + 1, zone_end)
+    key = _fast_v4_key(data, zone_end, keys)
+    if zone is None or key is None:
+        return None
+    state_value, expiry = _STATE_EXPIRY.unpack_from(data, zone_end + _V4_KEY_BYTES)
+    state = _CONN_STATES.get(state_value)
+    if state is None:
+        return None
+    try:
+        return ConntrackRecord(zone, key, state, now + expiry / 1000.0)
+    except ValueError:
+        return None
+
+
+def _fast_nat(
+    data: bytes, start: int, end: int, now: float, keys: dict[bytes, FlowKey]
+) -> NatRecord | None:
+    zone_end = start + 1 + data[start]
+    if zone_end == start + 1 or zone_end + _NAT_V4_TAIL != end:
+        return None
+    zone = _fast_zone(data, start + 1, zone_end)
+    kind = _NAT_KINDS.get(data[zone_end])
+    if zone is None or kind is None:
+        return None
+    original = _fast_v4_key(data, zone_end + 1, keys)
+    if original is None:
+        return None
+    translated = _fast_v4_key(data, zone_end + 1 + _V4_KEY_BYTES, keys)
+    if translated is None:
+        return None
+    (expiry,) = _U32.unpack_from(data, end - _U32.size)
+    try:
+        binding = NatBinding(zone, kind, original, translated)
+    except ValueError:
+        return None
+    return NatRecord(binding, now + expiry / 1000.0)
+
+
+def _decode_message(data: bytes, offset: int, now: float, batch: DecodedBatch) -> int:
     """Decode the message at `offset` into `batch`; returns the offset after it."""
     total = len(data)
     if total - offset < _HEADER.size:
@@ -293,6 +444,18 @@ def _decode_message(
             raise WireFormatError(
                 f"entry {index} claims {length} bytes, {total - body_start} left", start
             )
+        if kind == KIND_CONNTRACK and length:
+            record = _fast_conntrack(data, body_start, body_end, now, keys)
+            if record is not None:
+                batch.conntrack.append(record)
+                offset = body_end
+                continue
+        elif kind == KIND_NAT and length:
+            nat_record = _fast_nat(data, body_start, body_end, now, keys)
+            if nat_record is not None:
+                batch.nat.append(nat_record)
+                offset = body_end
+                continue
         reader = _Reader(data, body_start, body_end, keys)
         if kind == KIND_CONNTRACK:
             batch.conntrack.append(_decode_conntrack(reader, now, start))
@@ -312,6 +475,8 @@ def _decode_message(
 
 def decode(data: bytes | bytearray | memoryview, now: float) -> DecodedBatch:
     """Exactly one message (a tunnel datagram). Raises WireFormatError on anything else."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
     batch = DecodedBatch()
     end = _decode_message(data, 0, now, batch)
     if end != len(data):
@@ -321,6 +486,8 @@ def decode(data: bytes | bytearray | memoryview, now: float) -> DecodedBatch:
 
 def decode_stream(data: bytes | bytearray | memoryview, now: float) -> DecodedBatch:
     """Messages back to back (the persistence file). Raises WireFormatError on anything else."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
     batch = DecodedBatch()
     offset = 0
     while offset < len(data):

@@ -22,6 +22,7 @@ cached "no binding" is invalidated when a binding with that translated key appea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hivenet.flows.actions import Output, Tunnel
@@ -60,7 +61,8 @@ _KEY_FIELDS = {"ip_src": 1, "ip_dst": 2, "tp_src": 4, "tp_dst": 5}
 
 
 def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
-    """Tag of "the binding whose translated key is `translated`" (present or not)."""
+    """Tag of "the binding whose translated key is `translated`" (present or not). Also
+    spelled by `TagTexts.nat_reply` (flowstate.transaction), which reuses key texts."""
     return (
         f"natr:{zone}:{kind.name.lower()}:{translated.ip_proto}:"
         f"{format_address(translated.ip_version, translated.ip_src)}:{translated.tp_src}-"
@@ -101,6 +103,33 @@ class HookRecord:
     # Entries the simulation's tags name (the very tag objects the flow carries), so the
     # agent can refresh them while the flow is used.
     tagged: list[tuple[str, TaggedEntry]] = field(default_factory=list)
+    # The tags the commit invalidates, as the simulation already spelled them: the
+    # `conntrack_tag` of each `opened` connection (same order), and per binding a forward
+    # NAT rule used, its `nat_tag` and `nat_reply_tag` (see `commit_tags`).
+    opened_tags: list[str] = field(default_factory=list)
+    binding_tags: list[tuple[NatBinding, str, str]] = field(default_factory=list)
+
+    def commit_tags(self, bindings: Sequence[NatBinding]) -> tuple[set[str], int]:
+        """The tags a commit that opened `opened` and created `bindings` invalidates (each
+        connection's `conntrack_tag`, each binding's `nat_tag` and `nat_reply_tag`), and how
+        many connections it opened: the strings the simulation made, spelled again only for
+        what it did not spell (a record filled by hand)."""
+        opened = self.opened
+        if len(self.opened_tags) == len(opened):
+            tags = set(self.opened_tags)
+        else:
+            tags = {conntrack_tag(zone, key) for zone, key in opened}
+        known = self.binding_tags
+        for binding in bindings:
+            for candidate, forward_tag, reply_tag in known:
+                if candidate is binding:
+                    tags.add(forward_tag)
+                    tags.add(reply_tag)
+                    break
+            else:
+                tags.add(nat_tag(binding))
+                tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
+        return tags, len(opened)
 
 
 class TransactionHook:
@@ -122,22 +151,25 @@ class TransactionHook:
 
     def conntrack(self, packet: FlowMatch, zone: str, now: float) -> ConntrackDecision:
         transaction = self.transaction
-        self.record.used = True
-        classification = transaction.conntrack.classify(zone, packet, now, transaction.embedded)
-        transaction.is_return_flow(zone, packet, now)  # records it for commit
-        if classification.verdict is Verdict.NEW and classification.key is not None:
-            self.record.opened.append((zone, classification.key))
+        record = self.record
+        record.used = True
+        # Classified once: remembered for the commit, with the tag of the classified key.
+        classification, tag = transaction.classify(zone, packet, now)
         # RELATED: the error's own key says nothing; the quoted connection (the classified
         # key) is what it depends on.
-        key = classification.key if classification.key is not None else key_of_match(packet)
+        key = classification.key
         tags: frozenset[str] = frozenset()
-        if key is not None:
-            tag = conntrack_tag(zone, key)
+        if key is not None and tag is not None:
+            if classification.verdict is Verdict.NEW:
+                record.opened.append((zone, key))
+                record.opened_tags.append(tag)
             tags = frozenset((tag,))
-            if classification.key is not None:
-                # The key object the conntrack entry will hold, not a second copy.
-                shared = transaction.shared_key(classification.key)
-                self.record.tagged.append((tag, shared))
+            # The key object the conntrack entry will hold, not a second copy.
+            record.tagged.append((tag, transaction.shared_key(key)))
+        else:
+            own_key = key_of_match(packet)
+            if own_key is not None:
+                tags = frozenset((transaction.texts.conntrack(zone, own_key),))
         return ConntrackDecision(
             is_return=classification.is_return,
             verdict=classification.verdict.value,
@@ -171,14 +203,16 @@ class TransactionHook:
             return NatDecision(applied=False, description="no flow key: not translated")
         if is_icmp_error(packet):
             return self._icmp_error(packet, kind, zone, now)
+        texts = transaction.texts
         if action in (NatAction.REV_DNAT, NatAction.REV_SNAT):
-            miss_tag = nat_reply_tag(zone, kind, key.reversed())
-            outcome = transaction.nat(zone, action, packet, (), now)
+            miss_tag = texts.nat_reply(zone, kind, key.reversed())
+            outcome = transaction.nat(zone, action, packet, (), now, key=key)
             if outcome.binding is None:
-                return NatDecision(tags=frozenset({miss_tag}), applied=False)
+                return NatDecision(tags=frozenset((miss_tag,)), applied=False)
             self._tag_binding(outcome.tags, outcome.binding)
             return NatDecision(
-                rewrites=dict(outcome.rewrites),
+                # The outcome's own dict (the binding makes a new one per call): no copy.
+                rewrites=outcome.rewrites,
                 tags=outcome.tags | {miss_tag},
                 description=f"{action.value} {outcome.binding.translated} -> "
                 f"{outcome.binding.original}",
@@ -187,7 +221,7 @@ class TransactionHook:
         if rule.rule.name == FLOATING_IP_RULE and action is NatAction.SNAT:
             self._hold_static_block(targets, key)
         try:
-            outcome = transaction.nat(zone, action, packet, targets, now)
+            outcome = transaction.nat(zone, action, packet, targets, now, key=key)
         except NatPortsExhausted as exhausted:
             self.record.exhausted.extend(exhausted.targets)
             raise FlowStateUnsupported(f"nat_ports_exhausted: {exhausted}") from exhausted
@@ -196,14 +230,19 @@ class TransactionHook:
         binding = outcome.binding
         assert binding is not None  # dnat/snat always bind
         self._tag_binding(outcome.tags, binding)
+        reply_tag = texts.nat_reply(zone, kind, binding.translated)
+        (forward_tag,) = outcome.tags
+        self.record.binding_tags.append((binding, forward_tag, reply_tag))
         return NatDecision(
-            rewrites=dict(outcome.rewrites),
-            tags=outcome.tags | {nat_reply_tag(zone, kind, binding.translated)},
+            rewrites=outcome.rewrites,
+            tags=frozenset((forward_tag, reply_tag)),
             description=f"{action.value} {binding.original} -> {binding.translated}",
         )
 
     def _tag_binding(self, tags: frozenset[str], binding: NatBinding) -> None:
-        self.record.tagged.extend((tag, binding) for tag in tags)
+        tagged = self.record.tagged
+        for tag in tags:
+            tagged.append((tag, binding))
 
     def _hold_static_block(self, targets: list[NatRange], key: FlowKey) -> None:
         """1:1 NAT keeps the port; hold that port's block of the single floating address."""

@@ -9,11 +9,16 @@ by r (SNAT to 203.0.113.2) to out (h2)."""
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
+import pytest
+
+from hivenet.agent import pipeline as pipeline_module
 from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.agent.pipeline import FlowPipeline
 from hivenet.datapath.memory import MemoryDatapath, MemoryUnderlay
 from hivenet.flowstate import NatRange
+from hivenet.flowstate.auth import AuthError, Keyring, open_sealed
 from hivenet.model import (
     Bridge,
     Chain,
@@ -21,6 +26,7 @@ from hivenet.model import (
     Direction,
     NatTarget,
     Port,
+    PortGroup,
     Router,
     Rule,
     RuleAction,
@@ -31,7 +37,15 @@ from hivenet.model import (
     TunnelZoneMember,
 )
 from hivenet.packets import build_tcp_segment, extract_flow_match
-from hivenet.sim import MemoryTables, TopologyView
+from hivenet.sim import (
+    NO_FLOW_STATE,
+    FlowStateHook,
+    MemoryTables,
+    SimContext,
+    SimulationResult,
+    TopologyView,
+)
+from hivenet.sim.stateful import TransactionHook
 
 SNAT_IP = "203.0.113.2"
 OUT_IP = "203.0.113.100"
@@ -226,3 +240,104 @@ def test_a_flow_a_later_upcall_of_the_batch_made_stale_is_not_installed() -> Non
     # vm2's answer now reaches vm (per-upcall order would have removed the drop flow too).
     h1.receive(KEYS["vm2"], unsolicited)
     assert h1.take(KEYS["vm"]) == [unsolicited]
+
+
+def test_the_upcall_context_is_made_once_and_holds_no_hook_between_upcalls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The simulation context with the flow-state hook is built once per `context` (not
+    copied per upcall), rebuilt when `context` is replaced, and carries the upcall's own
+    hook only while it is simulated, even when the simulation raises."""
+    hosts = Hosts()
+    h1, pipeline = hosts.datapaths["h1"], hosts.pipelines["h1"]
+    seen: list[tuple[SimContext, FlowStateHook]] = []
+    real_simulate = pipeline_module.simulate
+
+    def recording_simulate(
+        frame: bytes, port_id: str, context: SimContext, now: float, **kwargs: Any
+    ) -> SimulationResult:
+        assert isinstance(context.flow_state, pipeline_module._UpcallFlowState)
+        seen.append((context, context.flow_state.hook))
+        return real_simulate(frame, port_id, context, now, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "simulate", recording_simulate)
+    h1.receive(KEYS["vm"], syn(40000))
+    h1.receive(KEYS["vm"], syn(40001))
+    (first, hook1), (second, hook2) = seen
+    assert first is second and hook1 is not hook2
+    assert isinstance(hook1, TransactionHook) and isinstance(hook2, TransactionHook)
+    assert pipeline._upcall_flow_state.hook is NO_FLOW_STATE
+    assert len(hosts.syncs["h1"].conntrack) == 2  # both committed through the one context
+    # A replaced context (a host service set) is the one the next upcall sees.
+    pipeline.set_handoff(lambda service, port, frame: None)
+    h1.receive(KEYS["vm"], syn(40002))
+    third = seen[-1][0]
+    assert third is not first and third.metadata and not first.metadata
+    # A simulation that raises: rolled back, and the hook is let go all the same.
+
+    def failing_simulate(*args: Any, **kwargs: Any) -> SimulationResult:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline_module, "simulate", failing_simulate)
+    bindings = len(hosts.syncs["h1"].nat)
+    with pytest.raises(RuntimeError, match="boom"):
+        pipeline.handle_upcall(KEYS["vm"], syn(40003))
+    assert pipeline._upcall_flow_state.hook is NO_FLOW_STATE
+    assert len(hosts.syncs["h1"].nat) == bindings
+
+
+def test_push_targets_kept_per_revision_follow_a_topology_change() -> None:
+    """`push_targets` answers are kept with the topology revision's maps: the same flow asks
+    again after a change (here: vm joins a stateful port group with a port on h3) and gets
+    the new answer, never the kept one."""
+    hosts = Hosts()
+    h1, sync = hosts.datapaths["h1"], hosts.syncs["h1"]
+    h1.receive(KEYS["vm"], syn(40000))
+    result = hosts.pipelines["h1"].last_result
+    assert result is not None
+    assert sync.push_targets(result, "vm") == {"h2"}
+    assert list(sync._push_maps.targets.values()) == [frozenset({"h2"})]
+    view = sync.topology
+    vm = next(o for o in topology() if isinstance(o, Port) and o.id == "vm")
+    view.apply(PortGroup(id="pg", stateful=True))
+    far = Port(
+        id="far",
+        device_kind=DeviceKind.BRIDGE,
+        device_id="net",
+        host_id="h3",
+        interface_name="hnfar",
+        tunnel_key=9,
+    )
+    view.apply(far)
+    view.apply(vm.model_copy(update={"port_group_ids": ("pg",)}))
+    assert sync.push_targets(result, "vm") == {"h2"}  # far is not in the group yet
+    view.apply(far.model_copy(update={"port_group_ids": ("pg",)}))
+    assert sync.push_targets(result, "vm") == {"h2", "h3"}
+    view.remove("port_group", "pg")
+    view.apply(vm)
+    assert sync.push_targets(result, "vm") == {"h2"}
+
+
+def test_the_kept_sealer_follows_a_key_rotation() -> None:
+    """The agent seals with a `Sealer` kept for the keyring's current key: a rotated keyring
+    seals with the new key at once, never the kept one."""
+    keyring = Keyring.new(bytes(range(32)), 0.0)
+    view = TopologyView.from_objects(topology())
+    sync = FlowStateSync(
+        "h1",
+        MemoryDatapath("h1", "192.0.2.1", MemoryUnderlay()),
+        view,
+        authenticate=True,
+        keyring=keyring,
+    )
+    first, second = sync._seal(keyring, b"one"), sync._seal(keyring, b"two")
+    sender, sequence, key_id, message = open_sealed(first, keyring.receive_keys())
+    assert (sender, key_id, message) == ("h1", 0, b"one")
+    _, later, key_id, message = open_sealed(second, keyring.receive_keys())
+    assert later > sequence and (key_id, message) == (0, b"two")
+    rotated = keyring.rotated(bytes(range(1, 33)), 1.0)
+    sync.set_keyring(rotated)
+    third = sync._seal(rotated, b"three")
+    assert open_sealed(third, {1: rotated.current.secret})[2:] == (1, b"three")
+    with pytest.raises(AuthError):
+        open_sealed(third, {1: keyring.current.secret})

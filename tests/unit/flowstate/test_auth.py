@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -19,8 +20,11 @@ from hivenet.flowstate.auth import (
     ClusterKey,
     Keyring,
     ReplayWindow,
+    Sealer,
+    Unsealed,
     is_fresh,
     next_sequence,
+    open_sealed,
     overhead,
     seal,
     unseal,
@@ -173,3 +177,30 @@ def test_a_message_older_than_the_maximum_age_is_stale() -> None:
     sequence = next_sequence(0, NOW)
     assert is_fresh(sequence, NOW + 299.0, max_age=300.0)
     assert not is_fresh(sequence, NOW + 301.0, max_age=300.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.binary(max_size=300),
+    st.integers(0, 255),
+    st.text(min_size=1, max_size=40).filter(lambda text: len(text.encode()) <= 255),
+    st.integers(0, 2**64 - 1),
+)
+def test_a_sealer_seals_what_seal_seals(
+    payload: bytes, key_id: int, sender: str, sequence: int
+) -> None:
+    sealer = Sealer(key_id=key_id, key=KEY, sender=sender)
+    sealed = sealer.seal(payload, sequence)
+    assert sealed == seal(payload, key_id=key_id, key=KEY, sender=sender, sequence=sequence)
+    assert open_sealed(sealed, {key_id: KEY}) == (sender, sequence, key_id, payload)
+    assert unseal(sealed, {key_id: KEY}) == Unsealed(sender, sequence, key_id, payload)
+    assert unseal(bytearray(sealed), {key_id: KEY}) == unseal(sealed, {key_id: KEY})  # type: ignore[arg-type]
+
+
+def test_a_sealer_refuses_what_seal_refuses() -> None:
+    for bad in ({"sender": ""}, {"key_id": 256}, {"key": b"short"}):
+        arguments: dict[str, Any] = {"key_id": 0, "key": KEY, "sender": "h", **bad}
+        with pytest.raises(ValueError):
+            Sealer(**arguments)
+    with pytest.raises(ValueError, match="sequence"):
+        Sealer(key_id=0, key=KEY, sender="h").seal(b"m", -1)

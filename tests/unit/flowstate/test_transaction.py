@@ -5,20 +5,23 @@ translated back; tags and cacheability; the push queue after a commit."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hivenet.flowstate.conntrack import ConnState, ConntrackTable
 from hivenet.flowstate.keys import FlowKey
-from hivenet.flowstate.nat import NatTable
+from hivenet.flowstate.nat import NatBinding, NatKind, NatTable
 from hivenet.flowstate.portblocks import NatRange, PortBlockAllocator
 from hivenet.flowstate.transaction import (
     FlowStateTransaction,
     NatAction,
+    TagTexts,
     conntrack_tag,
     conntrack_tag_zone,
     nat_tag,
 )
+from hivenet.packets.flowmatch import FlowMatch
+from hivenet.sim.stateful import nat_reply_tag
 
 from .helpers import ACK, SYN, ip, packet, tcp
 
@@ -214,3 +217,67 @@ def test_conntrack_tag_zone_reads_back_the_zone(
     key = FlowKey(version, ip_src, ip_dst if version == 6 else ip_dst >> 96, 6, *ports)
     assert conntrack_tag_zone(conntrack_tag(zone, key)) == zone
     assert conntrack_tag_zone(conntrack_tag(zone, key.reversed())) == zone
+
+
+# --- tags spelled once ----------------------------------------------------------------------
+
+
+@st.composite
+def _keys(draw: st.DrawFn) -> FlowKey:
+    version = draw(st.sampled_from([4, 6]))
+    bits = 32 if version == 4 else 128
+    proto = draw(st.sampled_from([1, 6, 17, 58, 47]))
+    tp_src = draw(st.integers(0, 0xFFFF))
+    tp_dst = tp_src if proto in (1, 58) else draw(st.integers(0, 0xFFFF))  # echo id twice
+    return FlowKey(
+        version,
+        draw(st.integers(0, (1 << bits) - 1)),
+        draw(st.integers(0, (1 << bits) - 1)),
+        proto,
+        tp_src,
+        tp_dst,
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(_keys(), _keys(), st.sampled_from(["router-1", "port-9"]), st.sampled_from(list(NatKind)))
+def test_tag_texts_spell_what_the_tag_functions_spell(
+    key: FlowKey, other: FlowKey, zone: str, kind: NatKind
+) -> None:
+    """`TagTexts` reuses key texts (values only: per transaction or message, nothing that
+    can change under it), never the spelling: each tag equals its function's, in any order
+    of asking, for both directions of a key."""
+    texts = TagTexts()
+    binding = NatBinding(zone, kind, key, key)
+    for _ in range(2):  # the second round is answered from the texts kept
+        assert texts.conntrack(zone, key) == conntrack_tag(zone, key)
+        assert texts.conntrack(zone, key.reversed()) == conntrack_tag(zone, key)
+        assert texts.conntrack(zone, other) == conntrack_tag(zone, other)
+        assert texts.nat(binding) == nat_tag(binding)
+        assert texts.nat_reply(zone, kind, other) == nat_reply_tag(zone, kind, other)
+        assert texts.nat_reply(zone, kind, key) == nat_reply_tag(zone, kind, key)
+
+
+def test_classify_records_once_and_gives_the_connection_tag(
+    tables: tuple[ConntrackTable, NatTable, PortBlockAllocator],
+) -> None:
+    conntrack, nat, _ = tables
+    syn = tcp(PRIVATE, 40000, REMOTE, 443, SYN)
+    transaction = FlowStateTransaction(conntrack, nat)
+    classification, tag = transaction.classify(ROUTER, syn, 0.0)
+    assert classification == conntrack.classify(ROUTER, syn, 0.0)
+    assert tag == conntrack_tag(ROUTER, FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443))
+    assert transaction.tags == {tag}
+    # A key given to `nat` is the packet's own: the same outcome as deriving it.
+    key = FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443)
+    outcome = transaction.nat(ROUTER, NatAction.SNAT, syn, [NAT_RANGE], 0.0, key=key)
+    assert outcome.binding is not None and outcome.binding.original == key
+    assert outcome.tags == {nat_tag(outcome.binding)}
+    result = transaction.commit(0.0)
+    assert [record.key for record in result.connections] == [key]  # one classification
+    assert len(conntrack) == 1
+    # No key (not IP): no tag, and nothing recorded that a commit would open.
+    other = FlowStateTransaction(conntrack, nat)
+    classification, tag = other.classify(ROUTER, FlowMatch(eth_type=0x0806), 0.0)
+    assert classification.key is None and tag is None
+    assert other.commit(0.0).connections == ()

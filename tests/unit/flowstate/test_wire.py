@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hivenet.flowstate import wire
 from hivenet.flowstate.conntrack import TCP_STATES, ConnState, ConntrackRecord
 from hivenet.flowstate.keys import FlowKey
 from hivenet.flowstate.nat import NatBinding, NatKind, NatRecord
@@ -250,3 +251,124 @@ def test_garbage_raises_only_the_typed_error(data: bytes) -> None:
         for decoder in (decode, decode_stream):
             with contextlib.suppress(WireFormatError):
                 decoder(candidate, NOW)
+
+
+# --- the IPv4 fast paths ----------------------------------------------------------------------
+
+
+def _general_entry(record: ConntrackRecord | NatRecord, now: float) -> bytes:
+    """The entry as the general (any version) path lays it out, field by field."""
+
+    def key_bytes(key: FlowKey) -> bytes:
+        width = 4 if key.ip_version == 4 else 16
+        return (
+            struct.pack("!BBHH", key.ip_version, key.ip_proto, key.tp_src, key.tp_dst)
+            + key.ip_src.to_bytes(width, "big")
+            + key.ip_dst.to_bytes(width, "big")
+        )
+
+    if isinstance(record, ConntrackRecord):
+        zone, kind = record.zone.encode(), 1
+        body = bytes([len(zone)]) + zone + key_bytes(record.key) + bytes([record.state])
+    else:
+        binding = record.binding
+        zone, kind = binding.zone.encode(), 2
+        body = bytes([len(zone)]) + zone + bytes([binding.kind])
+        body += key_bytes(binding.original) + key_bytes(binding.translated)
+    body += struct.pack("!I", wire._expiry_ms(record.expires_at, now))
+    return struct.pack("!BH", kind, len(body)) + body
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(conntrack_records(), max_size=6), st.lists(nat_records(), max_size=6))
+def test_fast_encoding_is_the_general_layout(
+    conntrack: list[ConntrackRecord], nat: list[NatRecord]
+) -> None:
+    expected = [_general_entry(record, NOW) for record in [*conntrack, *nat]]
+    assert [wire.encode_conntrack(record, NOW) for record in conntrack] + [
+        wire.encode_nat(record, NOW) for record in nat
+    ] == expected
+    wire._prefixes.clear()  # the prefixes are values of (kind, zone): the same when rebuilt
+    assert encode(conntrack, nat, now=NOW) == MAGIC + struct.pack(
+        "!BBH", 1, 0, len(expected)
+    ) + b"".join(expected)
+
+
+def _decoded_or_error(message: bytes, monkeypatch: pytest.MonkeyPatch, fast: bool) -> object:
+    with monkeypatch.context() as patch:
+        if not fast:
+            patch.setattr(wire, "_fast_conntrack", lambda *args: None)
+            patch.setattr(wire, "_fast_nat", lambda *args: None)
+        try:
+            batch = decode(message, NOW)
+        except WireFormatError as error:
+            return ("error", str(error))
+    return (
+        [(r.zone, r.key, r.state, r.expires_at) for r in batch.conntrack],
+        [(r.binding, r.expires_at) for r in batch.nat],
+        batch.skipped_entries,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(conntrack_records(), min_size=1, max_size=3),
+    st.lists(nat_records(), max_size=3),
+    st.data(),
+)
+def test_fast_decoding_equals_the_general_path_even_on_corrupt_bytes(
+    conntrack: list[ConntrackRecord], nat: list[NatRecord], data: st.DataObject
+) -> None:
+    """The IPv4 fast path decodes exactly what the general path decodes, and leaves every
+    entry it does not fully accept to it: the same records, or the same error message."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        message = bytearray(encode(conntrack, nat, now=NOW))
+        assert _decoded_or_error(bytes(message), monkeypatch, True) == _decoded_or_error(
+            bytes(message), monkeypatch, False
+        )
+        for _ in range(data.draw(st.integers(1, 3))):
+            position = data.draw(st.integers(0, len(message) - 1))
+            message[position] = data.draw(st.integers(0, 255))
+        fast = _decoded_or_error(bytes(message), monkeypatch, True)
+        assert fast == _decoded_or_error(bytes(message), monkeypatch, False)
+
+
+def test_fast_decoding_of_every_single_byte_change_equals_the_general_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = v4_key()
+    binding = NatBinding("r1", NatKind.SNAT, key, FlowKey(4, 0xCB007107, 0xC0000201, 6, 1025, 443))
+    message = encode(
+        [ConntrackRecord("vm-port", key, ConnState.SYN_SENT, NOW + 30)],
+        [NatRecord(binding, NOW + 30)],
+        now=NOW,
+    )
+    for position in range(len(message)):
+        for value in (0, 1, 2, 4, 5, 6, 0x80, 0xFF):
+            changed = message[:position] + bytes([value]) + message[position + 1 :]
+            assert _decoded_or_error(changed, monkeypatch, True) == _decoded_or_error(
+                changed, monkeypatch, False
+            ), (position, value)
+
+
+def test_wire_caches_are_bounded_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefix and zone-name caches hold values of their keys only (no topology, nothing
+    that can change under them) and are emptied when full."""
+    monkeypatch.setattr(wire, "_PREFIXES_MAX", 4)
+    monkeypatch.setattr(wire, "_ZONE_NAMES_MAX", 4)
+    records = [
+        ConntrackRecord(f"zone-{n}", v4_key(), ConnState.SYN_SENT, NOW + 1) for n in range(10)
+    ]
+    for record in records:
+        message = encode([record], now=NOW)
+        assert message[8:] == _general_entry(record, NOW)
+        assert decode(message, NOW).conntrack[0].zone == record.zone
+        assert len(wire._prefixes) <= 4 and len(wire._zone_names) <= 4
+
+
+def test_memoryview_and_bytearray_messages_decode_alike() -> None:
+    message = encode([ConntrackRecord("r1", v4_key(), ConnState.SYN_SENT, NOW + 1)], now=NOW)
+    expected = decode(message, NOW)
+    assert decode(bytearray(message), NOW) == expected
+    assert decode(memoryview(message), NOW) == expected
+    assert decode_stream(memoryview(message + message), NOW).conntrack == expected.conntrack * 2

@@ -18,11 +18,15 @@ from hivenet.flows.table import FlowTable
 from hivenet.flowstate import (
     ConntrackRecord,
     ConntrackTable,
+    FlowKey,
     FlowStateTransaction,
+    NatBinding,
+    NatKind,
     NatRange,
     NatRecord,
     NatTable,
     PortBlockAllocator,
+    conntrack_tag,
     nat_tag,
 )
 from hivenet.model import (
@@ -34,7 +38,7 @@ from hivenet.model import (
 )
 from hivenet.packets import extract_flow_match
 from hivenet.sim import MemoryTables, SimContext, simulate
-from hivenet.sim.stateful import TransactionHook, connection_tags, nat_reply_tag
+from hivenet.sim.stateful import HookRecord, TransactionHook, connection_tags, nat_reply_tag
 from tests.unit.sim.topo import Topo, mac, tcp, udp
 
 SNAT_IP = "203.0.113.2"
@@ -225,6 +229,10 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
                     nat_tag(binding),
                     nat_reply_tag(binding.zone, binding.kind, binding.translated),
                 }
+            # What the agent invalidates (the simulation's own tag strings) is exactly this.
+            reused, opened = hook.record.commit_tags(committed.nat_bindings)
+            assert (reused, opened) == (tags, len(hook.record.opened))
+            assert reused <= fresh.tags | hook.transaction.tags | set(hook.record.opened_tags)
             flows.invalidate(tags)
         forget(conntrack.take_evicted(), nat.take_evicted())
         if fresh.install:
@@ -236,3 +244,28 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
                 now,
                 idle_timeout=fresh.idle_timeout,
             )
+
+
+def test_commit_tags_of_a_record_filled_by_hand_are_spelled() -> None:
+    """A record the hook did not fill (no tags kept) still gets every tag, spelled anew; a
+    binding the record knows contributes the strings it kept (matched by identity)."""
+    key = FlowKey(4, 0x0A000001, 0xC0000201, 6, 40000, 443)
+    translated = FlowKey(4, 0xCB007102, 0xC0000201, 6, 1025, 443)
+    binding = NatBinding("r", NatKind.SNAT, key, translated)
+    equal_copy = NatBinding("r", NatKind.SNAT, key, translated)
+    expected = {
+        conntrack_tag("vm", key),
+        nat_tag(binding),
+        nat_reply_tag("r", NatKind.SNAT, translated),
+    }
+    by_hand = HookRecord(opened=[("vm", key)])
+    assert by_hand.commit_tags([binding]) == (expected, 1)
+    kept = HookRecord(
+        opened=[("vm", key)],
+        opened_tags=["conntrack-kept"],
+        binding_tags=[(binding, "nat-kept", "natr-kept")],
+    )
+    assert kept.commit_tags([binding]) == ({"conntrack-kept", "nat-kept", "natr-kept"}, 1)
+    assert kept.commit_tags([equal_copy])[0] == {"conntrack-kept"} | expected - {
+        conntrack_tag("vm", key)
+    }
