@@ -17,6 +17,7 @@ from hivenet.store import (
     Event,
     EventType,
     InvalidRequestError,
+    Put,
     SqliteStore,
     StoreCorruptError,
     StoreUnavailableError,
@@ -226,7 +227,9 @@ def test_damaged_pages_give_corrupt_error_on_read(tmp_path: Path) -> None:
     path = tmp_path / "hn-pages.db"
     _make_store_file(path, keys=2000)
     size = path.stat().st_size
-    page_size = 4096
+    with sqlite3.connect(path) as connection:
+        page_size = int(connection.execute("PRAGMA page_size").fetchone()[0])
+    connection.close()
     assert size > 8 * page_size
     with path.open("r+b") as database:
         database.seek(2 * page_size)
@@ -261,6 +264,62 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     connection.close()
     with pytest.raises(StoreCorruptError, match="schema version 99"):
         SqliteStore(path)
+
+
+def _page_stats(path: Path) -> tuple[int, int]:
+    """The file's page size and how many overflow pages its `kv` table uses."""
+    with sqlite3.connect(path) as connection:
+        page_size = int(connection.execute("PRAGMA page_size").fetchone()[0])
+        overflow = connection.execute(
+            "SELECT COUNT(*) FROM dbstat WHERE name = 'kv' AND pagetype = 'overflow'"
+        ).fetchone()[0]
+    connection.close()
+    return page_size, int(overflow)
+
+
+def test_new_store_keeps_rule_sized_values_in_their_leaf_pages(tmp_path: Path) -> None:
+    """A stored rule is ~1.1 kB of JSON: with SQLite's default 4 KB pages each spilled into
+    an overflow page of its own (one more page read per rule at an agent's start-up)."""
+    path = tmp_path / "hn-pages.db"
+
+    async def body() -> None:
+        store = SqliteStore(path)
+        try:
+            await store.txn([], [Put(f"/k/{i:04d}", b"r" * 1400) for i in range(200)])
+        finally:
+            await store.close()
+
+    run(body)
+    assert _page_stats(path) == (8192, 0)
+
+
+def test_existing_store_keeps_its_page_size(tmp_path: Path) -> None:
+    """A store created with 4 KB pages (before HiveNet chose 8 KB) opens, reads and writes as
+    before: the page size of a database is fixed when it is created."""
+    path = tmp_path / "hn-old-pages.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA page_size = 4096")
+        connection.execute("PRAGMA journal_mode = WAL").fetchone()
+    connection.close()
+    _make_store_file(path, keys=3)
+
+    async def body() -> None:
+        store = SqliteStore(path)
+        try:
+            await store.put("/k/big", b"r" * 1400)
+            assert [kv.key for kv in (await store.range("/k/")).kvs] == [
+                "/k/00000",
+                "/k/00001",
+                "/k/00002",
+                "/k/big",
+            ]
+        finally:
+            await store.close()
+
+    run(body)
+    page_size, overflow = _page_stats(path)
+    assert page_size == 4096
+    assert overflow >= 1  # the 1.4 kB value did not fit its 4 KB leaf: the old layout
 
 
 def _make_store_file(path: Path, *, keys: int) -> None:
