@@ -5,7 +5,9 @@ the agent process's memory when it is.
 The store: a SQLite file holding `--ports` VM ports (default 10k) on 100 bridges, each port
 with an inbound and an outbound chain of `--rules / (2 * ports)` rules (default 100k rules:
 5 per chain, matching on protocol, addresses, ports, as security-group chains do), written
-once per run in 1000-key transactions. One port in 100 is bound to the measured host.
+once per run in 1000-key transactions. One port in 100 is bound to the measured host. The
+file has the store's page size (8192), or `--page-size`'s: 4096 is what stores created
+before 2026-12-07 have, and SQLite keeps a database's page size for life.
 
 Each measurement runs in a child process of its own (`bench/baseline.py`), whose clock is the
 process's CPU time (the machine is shared), alternating, `--rounds` times each; the table
@@ -25,7 +27,7 @@ every stored chain once (what a lazy load defers; ~0 for a tree that compiles al
 and `RSS all` the resident set then.
 
 Prints a table, then one JSON line. Usage:
-`python bench/startup.py [--ports N] [--rules N] [--rounds N] [--base REV ...]`
+`python bench/startup.py [--ports N] [--rules N] [--rounds N] [--page-size B] [--base REV ...]`
 Files only in a temporary directory it removes; no network.
 """
 
@@ -33,11 +35,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -86,6 +90,20 @@ def _port_chains(index: int, per_chain: int, port_id: str) -> list[Chain | Rule]
                 )
             )
     return objects
+
+
+def page_size(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return int(connection.execute("PRAGMA page_size").fetchone()[0])
+
+
+def create_with_page_size(path: Path, size: int) -> None:
+    """An empty SQLite file with pages of `size` bytes, in WAL mode as the store keeps it
+    (so its header is written): the store then creates its schema in it, keeping that size
+    (SQLite fixes the page size when a database is created)."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute(f"PRAGMA page_size = {int(size)}")
+        connection.execute("PRAGMA journal_mode = WAL").fetchone()
 
 
 async def fill(url: str, ports: int, rules: int, compact: bool = False) -> int:
@@ -214,7 +232,18 @@ def main() -> None:
         help="write values without fields at their defaults (for --base revisions whose"
         " models refuse fields added since)",
     )
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        metavar="BYTES",
+        help="create the store with this SQLite page size (default: the store's own, 8192"
+        " since 2026-12-07; 4096 is what stores created before have)",
+    )
     args = parser.parse_args()
+    if args.page_size is not None and (
+        args.page_size < 512 or args.page_size > 65536 or args.page_size & (args.page_size - 1)
+    ):
+        parser.error(f"--page-size must be a power of two in 512..65536, got {args.page_size}")
     if args.ports < 1 or args.rules < 2 * args.ports:
         parser.error(f"--rules must be at least 2 x --ports, got {args.rules} for {args.ports}")
     sides: dict[str, Path] = {
@@ -235,8 +264,12 @@ def main() -> None:
             keys = 1 + BRIDGES + args.ports + 2 * args.ports * (1 + args.rules // (2 * args.ports))
             filled = f"reused {path}"
         else:
+            if args.page_size is not None:
+                create_with_page_size(path, args.page_size)
             keys = asyncio.run(fill(url, args.ports, args.rules, args.compact))
             filled = f"written in {time.perf_counter() - written:.1f} s"
+        pages = page_size(path)
+        filled += f", {pages}-byte pages, {path.stat().st_size / 2**20:.0f} MiB"
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
         for _ in range(args.rounds):
             for name, tree in sides.items():
@@ -280,6 +313,7 @@ def main() -> None:
                 "rounds": args.rounds,
                 "base": args.base,
                 "compact": args.compact,
+                "page_size": pages,
                 "results": {n: {k: round(v, 4) for k, v in r.items()} for n, r in rows.items()},
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
             }
