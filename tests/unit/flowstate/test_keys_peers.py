@@ -4,6 +4,7 @@ datagram an ICMP error quotes, built with the real packet codecs) and `peers` (p
 from __future__ import annotations
 
 import copy
+import ipaddress
 import pickle
 
 import pytest
@@ -89,6 +90,16 @@ def test_flow_key_reads_and_orders_as_its_tuple(
         assert (key <= other) == (first <= second) and (key < other) == (first < second)
     for copied in (pickle.loads(pickle.dumps(key)), copy.deepcopy(key), copy.copy(key)):
         assert copied == key and type(copied) is FlowKey and tuple(copied) == first
+    # The IPv4 repr is spelled from the packed value: the same text as `ipaddress` spells.
+    src_text, dst_text = (
+        str(ipaddress.ip_address(a)) if version == 4 else f"[{ipaddress.IPv6Address(a)}]"
+        for a in (src, dst)
+    )
+    assert (
+        repr(key)
+        == str(key)
+        == (f"FlowKey({src_text}:{sport} -> {dst_text}:{dport} proto {proto})")
+    )
 
 
 def test_key_of_match_per_protocol() -> None:
