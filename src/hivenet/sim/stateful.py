@@ -46,6 +46,7 @@ from hivenet.flowstate.keys import format_address, is_icmp_error
 from hivenet.model import RuleAction
 from hivenet.packets.flowmatch import FlowMatch
 from hivenet.sim.flowstate_hook import ConntrackDecision, FlowStateUnsupported, NatDecision
+from hivenet.sim.frozen import frozen_builder
 from hivenet.sim.result import SimulationResult
 from hivenet.sim.rules import CompiledRule
 from hivenet.sim.secgroups import FLOATING_IP_RULE
@@ -58,6 +59,10 @@ _KIND_OF_ACTION = {
     RuleAction.REV_SNAT: (NatAction.REV_SNAT, NatKind.SNAT),
 }
 _KEY_FIELDS = {"ip_src": 1, "ip_dst": 2, "tp_src": 4, "tp_dst": 5}
+# The decisions of every conntrack and NAT question (three per new NATed connection), built
+# without the frozen dataclasses' per-field `object.__setattr__` (~1.3 us less each).
+_conntrack_decision = frozen_builder(ConntrackDecision)
+_nat_decision = frozen_builder(NatDecision)
 
 
 def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
@@ -170,7 +175,7 @@ class TransactionHook:
             own_key = key_of_match(packet)
             if own_key is not None:
                 tags = frozenset((transaction.texts.conntrack(zone, own_key),))
-        return ConntrackDecision(
+        return _conntrack_decision(
             is_return=classification.is_return,
             verdict=classification.verdict.value,
             tags=tags,
@@ -208,9 +213,9 @@ class TransactionHook:
             miss_tag = texts.nat_reply(zone, kind, key.reversed())
             outcome = transaction.nat(zone, action, packet, (), now, key=key)
             if outcome.binding is None:
-                return NatDecision(tags=frozenset((miss_tag,)), applied=False)
+                return _nat_decision(tags=frozenset((miss_tag,)), applied=False)
             self._tag_binding(outcome.tags, outcome.binding)
-            return NatDecision(
+            return _nat_decision(
                 # The outcome's own dict (the binding makes a new one per call): no copy.
                 rewrites=outcome.rewrites,
                 tags=outcome.tags | {miss_tag},
@@ -233,7 +238,7 @@ class TransactionHook:
         reply_tag = texts.nat_reply(zone, kind, binding.translated)
         (forward_tag,) = outcome.tags
         self.record.binding_tags.append((binding, forward_tag, reply_tag))
-        return NatDecision(
+        return _nat_decision(
             rewrites=outcome.rewrites,
             tags=frozenset((forward_tag, reply_tag)),
             description=f"{action.value} {binding.original} -> {binding.translated}",
