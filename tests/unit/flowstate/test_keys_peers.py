@@ -81,6 +81,7 @@ def test_flow_key_reads_and_orders_as_its_tuple(
     assert tuple(key) == first == tuple(key[i] for i in range(6)) == key.fields()
     assert repr(tuple(key)) == repr(first)  # DNAT picks its target by a hash of this
     assert tuple(getattr(key, name) for name in names) == first and len(key) == 6
+    assert all(type(getattr(key, name)) is int for name in names)  # plain ints, not keys
     version, src, dst, proto, sport, dport = first
     assert tuple(key.reversed()) == (version, dst, src, proto, dport, sport)
     assert key.reversed().reversed() == key and type(key.reversed()) is FlowKey
