@@ -352,8 +352,12 @@ def _record_builder(cls: type, fields: tuple[str, ...]) -> Callable[..., Any]:
     """`build(*values)`: an instance of the frozen slotted dataclass `cls` with `fields` set,
     as its generated `__init__` sets them, without its `__post_init__`: the fast path has
     checked on the unpacked integers what that would check on the keys' properties (~2 us
-    of a NAT binding's ~2.6). If `cls` no longer has exactly these fields, its constructor."""
-    if tuple(field.name for field in dataclasses.fields(cls)) != fields:
+    of a NAT binding's ~2.6). If `cls` no longer has exactly these fields and slots (a slot
+    its `__post_init__` might fill), its constructor."""
+    if (
+        tuple(field.name for field in dataclasses.fields(cls)) != fields
+        or tuple(getattr(cls, "__slots__", ())) != fields
+    ):
         return cls
     new, setters = object.__new__, [getattr(cls, name).__set__ for name in fields]
 

@@ -436,3 +436,12 @@ def test_fast_records_are_the_constructors_records() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.zone = "other"  # type: ignore[misc]
     assert wire._record_builder(NatBinding, ("zone", "kind", "original")) is NatBinding
+
+    @dataclasses.dataclass(frozen=True)
+    class Unslotted:
+        zone: str
+        kind: int
+        original: int
+        translated: int
+
+    assert wire._record_builder(Unslotted, ("zone", "kind", "original", "translated")) is Unslotted
