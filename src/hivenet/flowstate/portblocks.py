@@ -137,11 +137,12 @@ class AllocatedPort(NamedTuple):
 
 
 class _Span(NamedTuple):
-    """Ports `first..last` of one held block of `ip`, inside a target's port range."""
+    """Ports `first..last` of one held block of `ip`, inside a target's port range (`block`:
+    the held block itself, the key of its use count)."""
 
     ip_version: int
     ip: int
-    block_number: int
+    block: PortBlock
     first: int
     last: int
 
@@ -367,7 +368,7 @@ class PortBlockAllocator:
             for index in indexes:
                 first, last = max(index * size, low), min(index * size + size - 1, high)
                 if first <= last:
-                    spans.append(_Span(version, ip, index, first, last))
+                    spans.append(_Span(version, ip, PortBlock(version, ip, index), first, last))
         offsets: list[int] = []
         total = 0
         for span in spans:
@@ -375,15 +376,12 @@ class PortBlockAllocator:
             total += span.last - span.first + 1
         return tuple(spans), tuple(offsets), total
 
-    def _spans_of(
-        self, target: NatRange, original_port: int
-    ) -> tuple[tuple[_Span, ...], tuple[int, ...], int]:
-        if target.keeps_port:
-            low, high = self._port_bounds(target, original_port)
-            return self._target_spans(target, low, high)
+    def _spans_of(self, target: NatRange) -> tuple[tuple[_Span, ...], tuple[int, ...], int]:
+        """`_target_spans` of a range that does not keep ports (its ports do not depend on the
+        packet), kept until a block comes or goes."""
         cached = self._spans.get(target)
         if cached is None:
-            low, high = self._port_bounds(target, original_port)
+            low, high = self._port_bounds(target, 0)
             cached = self._spans[target] = self._target_spans(target, low, high)
         return cached
 
@@ -392,7 +390,7 @@ class PortBlockAllocator:
         serve several destinations). A port-keeping range has no fixed capacity: 0."""
         if target.keeps_port:
             return 0
-        return self._spans_of(target, 0)[2]
+        return self._spans_of(target)[2]
 
     def used_for(self, target: NatRange, destination: Destination) -> int:
         """How many ports of `target`'s held blocks are in use towards `destination`."""
@@ -419,7 +417,11 @@ class PortBlockAllocator:
         need depends on the packet, so there is nothing to lease ahead."""
         if target.keeps_port:
             return False
-        capacity = self.capacity(target)
+        return self._runs_low(target, destination, self.capacity(target))
+
+    def _runs_low(self, target: NatRange, destination: Destination, capacity: int) -> bool:
+        """`is_running_low` of a range that does not keep ports, whose held ports number
+        `capacity` (the caller has it at hand)."""
         threshold = capacity * (1.0 - self.low_water)
         used = self._used.get(destination)
         # Cheap bound first: every port used towards the destination, whatever the target.
@@ -455,12 +457,17 @@ class PortBlockAllocator:
             raise PortBlockError(
                 f"destination is IPv{destination.ip_version}, NAT range IPv{target.ip_version}"
             )
-        low, high = self._port_bounds(target, original_port)
-        if low > high:
-            return None
-        spans, offsets, total = self._spans_of(target, original_port)
+        keeps_port = target.keeps_port
+        if keeps_port:
+            low, high = self._port_bounds(target, original_port)
+            if low > high:
+                return None
+            spans, offsets, total = self._target_spans(target, low, high)
+        else:
+            # The total is the range's capacity (for `_runs_low`).
+            spans, offsets, total = self._spans_of(target)
         if not total:
-            if not target.keeps_port:
+            if not keeps_port:
                 self.running_low[target] = destination
             return None
         used = self._used.get(destination)
@@ -482,9 +489,9 @@ class PortBlockAllocator:
                         used = self._used[destination] = _PortSet()
                     used.add(pair)
                     self._changes += 1
-                    self._block_use[PortBlock(span.ip_version, span.ip, span.block_number)] += 1
+                    self._block_use[span.block] += 1
                     self._cursor = position + 1
-                    if not target.keeps_port and self.is_running_low(target, destination):
+                    if not keeps_port and self._runs_low(target, destination, total):
                         self.running_low[target] = destination
                     return AllocatedPort(span.ip_version, span.ip, port)
                 position += 1
@@ -493,7 +500,7 @@ class PortBlockAllocator:
             span_index += 1
             if span_index == len(spans):
                 span_index = position = 0
-        if not target.keeps_port:
+        if not keeps_port:
             self.running_low[target] = destination
         return None
 

@@ -47,6 +47,8 @@ _CONNTRACK_READS = (
 )
 _CONNTRACK_READ_PAIRS = tuple((field, FULL_MASKS[field]) for field in _CONNTRACK_READS)
 _FORWARD_NAT = (RuleAction.DNAT, RuleAction.SNAT)
+# A rule action's trace name (`.value` is a descriptor call per read).
+_ACTION_NAMES = {action: action.value for action in RuleAction}
 # Enum members as module constants: `RuleAction.X` is a descriptor call on every access.
 _CONTINUE, _JUMP, _ACCEPT, _DROP, _REJECT, _RETURN = (
     RuleAction.CONTINUE,
@@ -301,7 +303,7 @@ def _nat(
         walk.inner_rewrites.update(decision.inner_rewrites)
     walk.step(
         here,
-        rule.action.value,
+        _ACTION_NAMES[rule.action],
         decision.description
         or ", ".join(f"{name}={value}" for name, value in decision.rewrites.items()),
     )

@@ -100,7 +100,7 @@ class PacketState:
     fit the egress MTU (`sim/mtu.py`).
     """
 
-    __slots__ = (*FIELD_NAMES, "first_router", "modified", "ttl_decrements")
+    __slots__ = (*FIELD_NAMES, "first_router", "last_match", "modified", "ttl_decrements")
 
     in_port: int
     eth_src: int
@@ -128,6 +128,8 @@ class PacketState:
     modified: set[str]
     ttl_decrements: int
     first_router: tuple[PortInfo, PacketState] | None
+    # The FlowMatch `to_match` last returned, with the field values it was made of.
+    last_match: tuple[tuple[int, ...], FlowMatch]
 
     @classmethod
     def of(cls, match: FlowMatch) -> PacketState:
@@ -136,6 +138,7 @@ class PacketState:
         state.modified = set()
         state.ttl_decrements = 0
         state.first_router = None
+        state.last_match = (_field_values(match), match)
         return state
 
     def copy(self) -> PacketState:
@@ -144,10 +147,21 @@ class PacketState:
         other.modified = set(self.modified)
         other.ttl_decrements = self.ttl_decrements
         other.first_router = self.first_router
+        other.last_match = self.last_match
         return other
 
     def to_match(self) -> FlowMatch:
-        return FlowMatch(*_field_values(self))
+        """The packet's current fields as a FlowMatch: the same (immutable) object while
+        they are those of the last one made, or of the match the walk started from (every
+        conntrack and NAT question asks for one, and a walk's questions mostly see the packet
+        as it entered: ~0.5 us instead of building a 23-field FlowMatch each time)."""
+        values = _field_values(self)
+        seen, match = self.last_match
+        if values == seen:
+            return match
+        match = _match_of(self)
+        self.last_match = (values, match)
+        return match
 
     def set(self, field: str, value: int) -> None:
         setattr(self, field, value)
@@ -179,9 +193,28 @@ def _mask_builder() -> Callable[[dict[str, int]], tuple[int, ...]]:
     return namespace["mask"]  # type: ignore[return-value]
 
 
+def _match_builder() -> Callable[[PacketState], FlowMatch]:
+    """`match_of(packet)`: the FlowMatch of a packet's current fields, as `FlowMatch(...)`
+    makes it, with each slot set through its descriptor (the frozen `__init__` calls
+    `object.__setattr__` per field: ~4.3 us for 23 fields, and every conntrack or NAT
+    question asks for one). The constructor itself if FlowMatch gains checks or fields
+    other than FIELD_NAMES. The source holds only field names."""
+    if hasattr(FlowMatch, "__post_init__") or not hasattr(FlowMatch, "__slots__"):
+        return lambda packet: FlowMatch(*_field_values(packet))
+    namespace: dict[str, object] = {"_new": object.__new__, "FlowMatch": FlowMatch}
+    body = []
+    for name in FIELD_NAMES:
+        namespace[f"_set_{name}"] = getattr(FlowMatch, name).__set__
+        body.append(f"    _set_{name}(match, src.{name})\n")
+    source = f"def match_of(src):\n    match = _new(FlowMatch)\n{''.join(body)}    return match\n"
+    exec(compile(source, "<FlowMatch of PacketState>", "exec"), namespace)
+    return namespace["match_of"]  # type: ignore[return-value]
+
+
 _copy_fields = _field_copier()
 _mask_of = _mask_builder()
 _field_values = attrgetter(*FIELD_NAMES)
+_match_of = _match_builder()
 
 
 _TAG_MEMO_LIMIT = 1 << 16

@@ -21,12 +21,14 @@ from hivenet.flowstate.auth import (
     Keyring,
     ReplayWindow,
     Sealer,
+    TagKey,
     Unsealed,
     is_fresh,
     next_sequence,
     open_sealed,
     overhead,
     seal,
+    tag_keys,
     unseal,
 )
 from hivenet.flowstate.conntrack import ConnState, ConntrackRecord
@@ -102,6 +104,9 @@ def test_any_single_bit_flip_is_refused(
     flipped[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(AuthError):
         unseal(bytes(flipped), {0: KEY, 1: OTHER_KEY})
+    with pytest.raises(AuthError):  # the receive path's keys: the same refusal
+        unseal(bytes(flipped), tag_keys({0: KEY, 1: OTHER_KEY}))
+    assert open_sealed(sealed, tag_keys({0: KEY})) == open_sealed(sealed, {0: KEY})
 
 
 @settings(max_examples=200, deadline=None)
@@ -204,3 +209,20 @@ def test_a_sealer_refuses_what_seal_refuses() -> None:
             Sealer(**arguments)
     with pytest.raises(ValueError, match="sequence"):
         Sealer(key_id=0, key=KEY, sender="h").seal(b"m", -1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.binary(max_size=300))
+def test_a_tag_key_tags_as_hmac_sha256(key: bytes, data: bytes) -> None:
+    """`TagKey` (pads hashed once) is HMAC-SHA256 cut to the tag size, for keys shorter and
+    longer than the hash block."""
+    assert TagKey(key).tag(data) == hmac.digest(key, data, "sha256")[:TAG_BYTES]
+    prepared = TagKey(key)
+    assert prepared.tag(data) == prepared.tag(data)  # tagging leaves the key as it was
+
+
+def test_wrong_prepared_key_is_a_bad_tag() -> None:
+    sealed = seal(b"m", key_id=0, key=KEY, sender="h", sequence=1)
+    with pytest.raises(AuthError) as refused:
+        open_sealed(sealed, tag_keys({0: OTHER_KEY}))
+    assert refused.value.reason == "bad_tag"

@@ -4,6 +4,7 @@ datagram an ICMP error quotes, built with the real packet codecs) and `peers` (p
 from __future__ import annotations
 
 import copy
+import ipaddress
 import pickle
 
 import pytest
@@ -80,6 +81,7 @@ def test_flow_key_reads_and_orders_as_its_tuple(
     assert tuple(key) == first == tuple(key[i] for i in range(6)) == key.fields()
     assert repr(tuple(key)) == repr(first)  # DNAT picks its target by a hash of this
     assert tuple(getattr(key, name) for name in names) == first and len(key) == 6
+    assert all(type(getattr(key, name)) is int for name in names)  # plain ints, not keys
     version, src, dst, proto, sport, dport = first
     assert tuple(key.reversed()) == (version, dst, src, proto, dport, sport)
     assert key.reversed().reversed() == key and type(key.reversed()) is FlowKey
@@ -89,6 +91,16 @@ def test_flow_key_reads_and_orders_as_its_tuple(
         assert (key <= other) == (first <= second) and (key < other) == (first < second)
     for copied in (pickle.loads(pickle.dumps(key)), copy.deepcopy(key), copy.copy(key)):
         assert copied == key and type(copied) is FlowKey and tuple(copied) == first
+    # The IPv4 repr is spelled from the packed value: the same text as `ipaddress` spells.
+    src_text, dst_text = (
+        str(ipaddress.ip_address(a)) if version == 4 else f"[{ipaddress.IPv6Address(a)}]"
+        for a in (src, dst)
+    )
+    assert (
+        repr(key)
+        == str(key)
+        == (f"FlowKey({src_text}:{sport} -> {dst_text}:{dport} proto {proto})")
+    )
 
 
 def test_key_of_match_per_protocol() -> None:

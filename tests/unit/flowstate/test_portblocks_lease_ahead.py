@@ -199,3 +199,30 @@ def test_allocations_stay_unique_and_counts_exact(operations: list[tuple[str, in
     for destination in destinations:
         for address, port in live[destination]:
             assert allocator.is_allocated(AllocatedPort(4, address, port), destination)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.lists(st.tuples(st.booleans(), st.sampled_from([SERVER, ELSEWHERE])), max_size=300),
+)
+def test_an_allocation_notes_running_low_exactly_when_is_running_low_says_so(
+    blocks: int, steps: list[tuple[bool, Destination]]
+) -> None:
+    """`allocate` decides "running low" from the spans it already has (their total is the
+    range's capacity): the same answer `is_running_low` gives after it, and the blocks' use
+    counts follow every allocation and release."""
+    allocator = allocator_with(blocks)
+    held: dict[Destination, list[AllocatedPort]] = {SERVER: [], ELSEWHERE: []}
+    for allocate, destination in steps:
+        if allocate or not held[destination]:
+            port = allocator.allocate(TARGET, destination)
+            noted = allocator.take_running_low()
+            if port is None:
+                assert noted == {TARGET: destination}
+                continue
+            held[destination].append(port)
+            assert (TARGET in noted) == allocator.is_running_low(TARGET, destination)
+        else:
+            assert allocator.release(held[destination].pop(0), destination)
+        assert allocator.in_use() == sum(map(len, held.values()))

@@ -4,6 +4,7 @@ and robust decoding (truncation, garbage and bit flips raise only WireFormatErro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 
 import pytest
@@ -372,3 +373,75 @@ def test_memoryview_and_bytearray_messages_decode_alike() -> None:
     assert decode(bytearray(message), NOW) == expected
     assert decode(memoryview(message), NOW) == expected
     assert decode_stream(memoryview(message + message), NOW).conntrack == expected.conntrack * 2
+
+
+@st.composite
+def raw_v4_entries(draw: st.DrawFn) -> bytes:
+    """An IPv4 conntrack or NAT entry laid out by hand from arbitrary field values (often
+    equal where a valid record needs them equal), so many are entries no record encodes:
+    a TCP state on a UDP key, a SNAT that moves the destination, an echo key whose ids
+    differ, a translation that changes the protocol."""
+    small = st.sampled_from([0, 1, 2, 443])
+    proto = draw(st.sampled_from([1, 6, 17, 58, 47]))
+
+    def key(like: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        fields = [
+            draw(st.sampled_from([4, 4, 4, 6])),
+            proto if draw(st.booleans()) else draw(st.sampled_from([1, 6, 17])),
+        ]
+        for index in range(2, 6):  # tp_src, tp_dst, ip_src, ip_dst
+            if like is not None and draw(st.booleans()):
+                fields.append(like[index])
+            else:
+                fields.append(draw(small))
+        return tuple(fields)
+
+    zone = b"r1"
+    if draw(st.booleans()):
+        body = struct.pack("!BBHHII", *key()) + struct.pack("!BI", draw(st.integers(0, 12)), 5000)
+        kind = 1
+    else:
+        original = key()
+        body = bytes([draw(st.integers(0, 3))]) + struct.pack("!BBHHII", *original)
+        body += struct.pack("!BBHHII", *key(original)) + struct.pack("!I", 5000)
+        kind = 2
+    body = bytes([len(zone)]) + zone + body
+    return struct.pack("!BH", kind, len(body)) + body
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(raw_v4_entries(), min_size=1, max_size=4))
+def test_fast_decoding_refuses_what_the_record_constructors_refuse(entries: list[bytes]) -> None:
+    """The fast path checks the records' invariants on the unpacked fields instead of
+    running their constructors' checks: it accepts exactly what they accept."""
+    message = MAGIC + struct.pack("!BBH", 1, 0, len(entries)) + b"".join(entries)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fast = _decoded_or_error(message, monkeypatch, True)
+        assert fast == _decoded_or_error(message, monkeypatch, False)
+
+
+def test_fast_records_are_the_constructors_records() -> None:
+    """The fast path's record builders set the same fields the constructors set (and would
+    fall back to the constructors if the records gained or lost a field)."""
+    assert wire._checked_conntrack_record is not ConntrackRecord
+    assert wire._checked_nat_binding is not NatBinding
+    key = v4_key()
+    translated = FlowKey(4, 0xCB007107, 0xC0000201, 6, 1025, 443)
+    built = wire._checked_nat_binding("r1", NatKind.SNAT, key, translated)
+    assert type(built) is NatBinding
+    assert built == NatBinding("r1", NatKind.SNAT, key, translated)
+    assert hash(built) == hash(NatBinding("r1", NatKind.SNAT, key, translated))
+    record = wire._checked_conntrack_record("vm", key, ConnState.SYN_SENT, NOW)
+    assert record == ConntrackRecord("vm", key, ConnState.SYN_SENT, NOW)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.zone = "other"  # type: ignore[misc]
+    assert wire._record_builder(NatBinding, ("zone", "kind", "original")) is NatBinding
+
+    @dataclasses.dataclass(frozen=True)
+    class Unslotted:
+        zone: str
+        kind: int
+        original: int
+        translated: int
+
+    assert wire._record_builder(Unslotted, ("zone", "kind", "original", "translated")) is Unslotted

@@ -132,3 +132,38 @@ def test_plain_chain_fast_path_is_the_general_evaluation(
     assert fast.tags == general.tags
     assert fast.mask == general.mask
     assert fast.generated == general.generated
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["set", "vlan", "copy", "ask"]),
+            st.sampled_from(FIELD_NAMES),
+            st.integers(0, 3),
+        ),
+        max_size=12,
+    )
+)
+def test_to_match_is_always_the_packets_current_fields(
+    steps: list[tuple[str, str, int]],
+) -> None:
+    """`PacketState.to_match` hands out the FlowMatch it made last (or the walk's own match)
+    while the fields are unchanged: whatever is set, directly or by `set`, on the packet or
+    a copy, what it returns equals a FlowMatch of the current fields."""
+    match = FlowMatch(in_port=1, eth_type=0x0800, ip_src=2, tp_dst=80)
+    packets = [PacketState.of(match)]
+    assert packets[0].to_match() is match
+    for action, field, value in steps:
+        packet = packets[-1] if value % 2 else packets[0]
+        if action == "set":
+            packet.set(field, value)
+        elif action == "vlan":
+            packet.vlan = value  # as ports and bridges set it, outside `set`
+        elif action == "copy":
+            packets.append(packet.copy())
+        for each in packets:
+            current = FlowMatch(*(getattr(each, name) for name in FIELD_NAMES))
+            made = each.to_match()
+            assert made == current and type(made) is FlowMatch
+            assert each.to_match() is made  # unchanged since: the same object
