@@ -396,7 +396,7 @@ def is_connection_tag(tag: str) -> bool:
     return tag.startswith(CONNECTION_TAG_PREFIXES)
 
 
-# The spellings of `flowstate.transaction.conntrack_tag`/`nat_tag` and `sim.stateful.nat_reply_tag`.
+# The prefixes `flowstate.transaction` spells (`TAG_PREFIXES`: a test checks they agree).
 CONNECTION_TAG_PREFIXES = ("conntrack:", "nat:", "natr:")
 
 

@@ -51,6 +51,7 @@ from hivenet.flowstate.transaction import (
     TransactionResult,
     conntrack_tag,
     conntrack_tag_zone,
+    nat_reply_tag,
     nat_tag,
 )
 from hivenet.flowstate.wire import WireFormatError, decode, decode_stream, encode, encode_batches
@@ -99,6 +100,7 @@ __all__ = [
     "hosts_of_stateful_groups",
     "key_of_embedded",
     "key_of_match",
+    "nat_reply_tag",
     "nat_tag",
     "parse_block_key",
     "push_targets",

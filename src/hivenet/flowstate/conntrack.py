@@ -37,7 +37,13 @@ from hivenet.flowstate.keys import (
     is_icmp_error,
     key_of_match,
 )
-from hivenet.flowstate.schedule import EntryOrder, EntryScheduler, RefreshPolicy, TrackedEntry
+from hivenet.flowstate.schedule import (
+    TRACKED_SLOTS,
+    EntryOrder,
+    EntryScheduler,
+    RefreshPolicy,
+    TrackedEntry,
+)
 from hivenet.packets.flowmatch import IP_PROTO_TCP, IP_PROTO_UDP, FlowMatch
 
 TCP_FIN = 0x01
@@ -270,7 +276,7 @@ class Classification:
 
 
 class _ConnEntry(TrackedEntry):
-    __slots__ = ("key", "state", "zone")
+    __slots__ = (*TRACKED_SLOTS, "key", "state", "zone")
 
     def __init__(
         self, zone: str, key: FlowKey, state: ConnState, expires_at: float, timeout: float

@@ -25,7 +25,7 @@ import enum
 import zlib
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from hivenet.flowstate.keys import ICMP_PROTOCOLS, FlowKey, uses_echo_id
 from hivenet.flowstate.portblocks import (
@@ -36,6 +36,7 @@ from hivenet.flowstate.portblocks import (
 )
 from hivenet.flowstate.schedule import (
     TABLE_FLAG,
+    TRACKED_SLOTS,
     EntryOrder,
     EntryScheduler,
     RefreshPolicy,
@@ -120,25 +121,37 @@ def key_rewrites(before: FlowKey, after: FlowKey) -> dict[str, int]:
     return rewrites
 
 
-@dataclass(frozen=True, slots=True)
 class NatBinding:
-    zone: str
-    kind: NatKind
-    original: FlowKey
-    translated: FlowKey
+    """(zone, kind, original key) -> translated key. A value: immutable, compared and hashed
+    by its four fields. Not a dataclass so that the table's entry can be one (`_NatEntry`: a
+    binding with its timers, one object per connection instead of an entry holding a binding);
+    a binding and an entry with the same fields are equal and hash alike."""
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.zone, str) or not self.zone:
-            raise ValueError(f"NatBinding.zone must be a non-empty device id, got {self.zone!r}")
-        if not isinstance(self.original, FlowKey) or not isinstance(self.translated, FlowKey):
+    __slots__ = ("kind", "original", "translated", "zone")
+    __match_args__ = ("zone", "kind", "original", "translated")
+
+    if TYPE_CHECKING:  # read-only for the type checker too (a table entry is writable)
+
+        @property
+        def zone(self) -> str: ...
+        @property
+        def kind(self) -> NatKind: ...
+        @property
+        def original(self) -> FlowKey: ...
+        @property
+        def translated(self) -> FlowKey: ...
+
+    def __init__(self, zone: str, kind: NatKind, original: FlowKey, translated: FlowKey) -> None:
+        if not isinstance(zone, str) or not zone:
+            raise ValueError(f"NatBinding.zone must be a non-empty device id, got {zone!r}")
+        if not isinstance(original, FlowKey) or not isinstance(translated, FlowKey):
             raise ValueError("NatBinding.original and .translated must be FlowKeys")
-        original, translated = self.original, self.translated
         if (original.ip_version, original.ip_proto) != (translated.ip_version, translated.ip_proto):
             raise ValueError(
                 f"NatBinding.translated {translated} changes IP version or protocol of {original}"
             )
         echo = uses_echo_id(original)
-        if self.kind is NatKind.SNAT:
+        if kind is NatKind.SNAT:
             kept = (original.ip_dst, original.tp_dst if not echo else None)
             now = (translated.ip_dst, translated.tp_dst if not echo else None)
             side = "destination"
@@ -148,12 +161,46 @@ class NatBinding:
             side = "source"
         if kept != now:
             raise ValueError(
-                f"NatBinding {self.kind.name} must keep the {side}: {original} -> {translated}"
+                f"NatBinding {kind.name} must keep the {side}: {original} -> {translated}"
             )
         if echo and translated.tp_src != translated.tp_dst:
             raise ValueError(
                 f"NatBinding.translated {translated}: an ICMP echo key carries its id twice"
             )
+        set_field = object.__setattr__
+        set_field(self, "zone", zone)
+        set_field(self, "kind", kind)
+        set_field(self, "original", original)
+        set_field(self, "translated", translated)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"NatBinding is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"NatBinding is immutable: cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NatBinding):
+            return NotImplemented
+        return (
+            self.original == other.original
+            and self.translated == other.translated
+            and self.zone == other.zone
+            and self.kind is other.kind
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.zone, self.kind, self.original, self.translated))
+
+    def __repr__(self) -> str:
+        return (
+            f"NatBinding(zone={self.zone!r}, kind={self.kind!r}, original={self.original!r}, "
+            f"translated={self.translated!r})"
+        )
+
+    def __reduce__(self) -> tuple[type[NatBinding], tuple[str, NatKind, FlowKey, FlowKey]]:
+        # A binding, never an entry (its timers are the table's): pickled and copied by value.
+        return NatBinding, (self.zone, self.kind, self.original, self.translated)
 
     def forward_rewrites(self) -> dict[str, int]:
         """Rewrites for a packet of the original direction (original -> translated)."""
@@ -187,12 +234,34 @@ class IcmpErrorTranslation:
     inner_rewrites: dict[str, int]
 
 
-class _NatEntry(TrackedEntry):
-    __slots__ = ("binding",)
+class _NatEntry(NatBinding, TrackedEntry):
+    """A binding in the table: the binding itself plus its timers (no separate binding
+    object: ~60 bytes less per binding). The table hands it out wherever a binding is asked
+    for; its binding fields never change (only the table's timing fields do)."""
 
-    def __init__(self, binding: NatBinding, expires_at: float, timeout: float) -> None:
-        super().__init__(expires_at, timeout)
-        self.binding = binding
+    __slots__ = TRACKED_SLOTS
+
+    # The table writes its timing fields (the binding's are set once, below) at C speed: an
+    # override would cost a Python call per write. mypy types the slot wrapper as bound.
+    __setattr__ = object.__setattr__  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        zone: str,
+        kind: NatKind,
+        original: FlowKey,
+        translated: FlowKey,
+        expires_at: float,
+        timeout: float,
+    ) -> None:
+        # Not validated again: the table makes entries from a NatBinding or from keys it
+        # derived by the rules NatBinding checks.
+        set_field = object.__setattr__
+        set_field(self, "zone", zone)
+        set_field(self, "kind", kind)
+        set_field(self, "original", original)
+        set_field(self, "translated", translated)
+        TrackedEntry.__init__(self, expires_at, timeout)
 
     @property
     def owns_port(self) -> bool:
@@ -265,7 +334,7 @@ class NatTable:
     def __iter__(self) -> Iterator[NatRecord]:
         for entries in self._by_original.values():
             for entry in entries.values():
-                yield NatRecord(entry.binding, entry.expires_at)
+                yield NatRecord(entry, entry.expires_at)
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -290,14 +359,14 @@ class NatTable:
     ) -> NatBinding | None:
         """The binding of a forward packet before translation."""
         entry = self._live(self._by_original, zone, kind, key, now)
-        return entry.binding if entry is not None else None
+        return entry if entry is not None else None
 
     def lookup_translated(
         self, zone: str, kind: NatKind, key: FlowKey, now: float
     ) -> NatBinding | None:
         """The binding whose translated key is `key` (a forward packet after translation)."""
         entry = self._live(self._by_translated, zone, kind, key, now)
-        return entry.binding if entry is not None else None
+        return entry if entry is not None else None
 
     def lookup_reply(
         self, zone: str, kind: NatKind, reply_key: FlowKey, now: float
@@ -308,7 +377,7 @@ class NatTable:
         if entry is None:
             return None
         self._unused.discard(entry)
-        return entry.binding
+        return entry
 
     def reverse(
         self, zone: str, kind: NatKind, reply_key: FlowKey, now: float
@@ -339,12 +408,12 @@ class NatTable:
         moved by Maglev since.) `keep`: bindings a full table must not evict to make room.
         Returns (binding, created)."""
         existing = self._live(self._by_original, zone, NatKind.DNAT, key, now)
-        if existing is not None and opening and not covers(targets, existing.binding):
+        if existing is not None and opening and not covers(targets, existing):
             self._drop(existing)
             existing = None
         if existing is not None:
             self._touch_entry(existing, now, None)
-            return existing.binding, False
+            return existing, False
         _check_targets(targets, key)
         index = _Index(zone, NatKind.DNAT)
         taken = self._by_translated.get(index, {})
@@ -367,9 +436,8 @@ class NatTable:
                 )
                 entry = taken.get(translated)
                 if entry is None or entry.expires_at <= now:
-                    binding = NatBinding(zone, NatKind.DNAT, key, translated)
-                    self._insert(binding, now, changed=True, keep=keep)
-                    return binding, True
+                    made = self._insert(zone, NatKind.DNAT, key, translated, now, True, keep=keep)
+                    return made, True
         raise NatTargetsExhausted(
             f"DNAT in zone {zone!r}: every target of {list(targets)} collides for {key}"
         )
@@ -390,7 +458,7 @@ class NatTable:
         existing = self._live(self._by_original, zone, NatKind.SNAT, key, now)
         if existing is not None:
             self._touch_entry(existing, now, None)
-            return existing.binding, False
+            return existing, False
         if self.allocator is None:
             raise NatError(
                 f"SNAT in zone {zone!r} needs a PortBlockAllocator; this NatTable has none"
@@ -412,34 +480,37 @@ class NatTable:
         for target in targets:
             allocated = self.allocator.allocate(target, destination, key.tp_src, is_taken)
             if allocated is not None:
-                binding = NatBinding(zone, NatKind.SNAT, key, make(allocated.ip, allocated.port))
-                entry = self._insert(binding, now, changed=True, keep=keep)
+                translated = make(allocated.ip, allocated.port)
+                entry = self._insert(zone, NatKind.SNAT, key, translated, now, True, keep=keep)
                 entry.owns_port = True
-                return binding, True
+                return entry, True
         raise NatPortsExhausted(zone, targets, destination)
 
     def _insert(
         self,
-        binding: NatBinding,
+        zone: str,
+        kind: NatKind,
+        original: FlowKey,
+        translated: FlowKey,
         now: float,
         changed: bool,
         expires_at: float | None = None,
         keep: Collection[NatBinding] = (),
     ) -> _NatEntry:
-        self.remove(binding.zone, binding.kind, binding.original)
-        index = _Index(binding.zone, binding.kind)
-        stale = self._live(
-            self._by_translated, binding.zone, binding.kind, binding.translated, float("-inf")
-        )
+        """The new entry (binding) original -> translated, replacing any of the same original
+        or translated key."""
+        self.remove(zone, kind, original)
+        index = _Index(zone, kind)
+        stale = self._live(self._by_translated, zone, kind, translated, float("-inf"))
         if stale is not None:  # a translated key is unique: the newer binding wins
             self._drop(stale)
         if self.max_entries is not None and self._count >= self.max_entries:
             self._make_room(keep)
-        timeout = self.timeouts.timeout_for(binding.original.ip_proto)
+        timeout = self.timeouts.timeout_for(original.ip_proto)
         deadline = now + timeout if expires_at is None else expires_at
-        entry = _NatEntry(binding, deadline, timeout)
-        self._by_original.setdefault(index, {})[binding.original] = entry
-        self._by_translated.setdefault(index, {})[binding.translated] = entry
+        entry = _NatEntry(zone, kind, original, translated, deadline, timeout)
+        self._by_original.setdefault(index, {})[original] = entry
+        self._by_translated.setdefault(index, {})[translated] = entry
         self._count += 1
         self._unused.add(entry)
         self._schedule.set_expiry(entry, deadline, timeout)
@@ -467,7 +538,7 @@ class NatTable:
             assert isinstance(victim, _NatEntry)
             self.evicted_unused += unused
             self.evicted_other += not unused
-            self._evicted.append(NatRecord(victim.binding, victim.expires_at))
+            self._evicted.append(NatRecord(victim, victim.expires_at))
             self._drop(victim)
 
     def take_evicted(self) -> list[NatRecord]:
@@ -494,7 +565,7 @@ class NatTable:
         bindings."""
         entry = self._live(self._by_translated, zone, kind, embedded, now)
         if entry is not None:
-            binding = entry.binding
+            binding = entry
             inner = key_rewrites(embedded, binding.original)
             outer: dict[str, int] = {}
             if kind is NatKind.SNAT and match.ip_dst == binding.translated.ip_src:
@@ -504,7 +575,7 @@ class NatTable:
             return IcmpErrorTranslation(binding, outer, inner)
         entry = self._live(self._by_original, zone, kind, embedded.reversed(), now)
         if entry is not None:
-            binding = entry.binding
+            binding = entry
             inner = key_rewrites(embedded, binding.translated.reversed())
             outer = {}
             if kind is NatKind.SNAT and match.ip_src == binding.original.ip_src:
@@ -546,7 +617,7 @@ class NatTable:
             self.remove(binding.zone, binding.kind, binding.original)
             return None
         entry = self._live(self._by_original, binding.zone, binding.kind, binding.original, now)
-        if entry is not None and entry.binding == binding:
+        if entry is not None and entry == binding:
             self._unused.discard(entry)  # the peer refreshed it: it is in use there
             self._schedule.set_expiry(
                 entry, max(entry.expires_at, record.expires_at), entry.timeout
@@ -554,9 +625,17 @@ class NatTable:
             if not entry.needs_push:
                 self._schedule.mark_known_to_peers(entry, now)
             return binding
-        entry = self._insert(binding, now, changed=False, expires_at=record.expires_at)
+        entry = self._insert(
+            binding.zone,
+            binding.kind,
+            binding.original,
+            binding.translated,
+            now,
+            False,
+            expires_at=record.expires_at,
+        )
         self._schedule.mark_known_to_peers(entry, now)
-        return binding
+        return entry
 
     def remove(self, zone: str, kind: NatKind, original: FlowKey) -> bool:
         entries = self._by_original.get(_Index(zone, kind))
@@ -567,7 +646,7 @@ class NatTable:
         return True
 
     def _drop(self, entry: _NatEntry) -> None:
-        binding = entry.binding
+        binding = entry
         index = _Index(binding.zone, binding.kind)
         for table, key in (
             (self._by_original, binding.original),
@@ -594,7 +673,7 @@ class NatTable:
         expired = []
         for entry in self._schedule.pop_expired(now):
             assert isinstance(entry, _NatEntry)
-            expired.append(NatRecord(entry.binding, entry.expires_at))
+            expired.append(NatRecord(entry, entry.expires_at))
             entry.expiry_bucket = -1
             self._drop(entry)
         return expired
@@ -610,12 +689,12 @@ class NatTable:
         out = []
         for entry in self._schedule.pop_due_for_push(now):
             assert isinstance(entry, _NatEntry)
-            out.append((NatRecord(entry.binding, entry.expires_at), entry.peers))
+            out.append((NatRecord(entry, entry.expires_at), entry.peers))
         return out
 
     def snapshot(self, now: float) -> list[NatRecord]:
         return [
-            NatRecord(entry.binding, entry.expires_at)
+            NatRecord(entry, entry.expires_at)
             for entries in self._by_original.values()
             for entry in entries.values()
             if entry.expires_at > now

@@ -20,6 +20,7 @@ import heapq
 from collections import deque
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +56,24 @@ IN_ORDER, QUEUED = 8, 16  # `EntryOrder`'s: a member; has its one place in the q
 TABLE_FLAG = 32  # the owning table's own bit (NAT: the entry owns its translated port)
 
 
-class TrackedEntry:
-    """Timing fields of one table entry. Identity-hashed: the wheels hold entries as keys of
-    insertion-ordered dicts (a dict grows by 2-3x where a set grows by 4x: fewer bytes per
-    entry)."""
+# `TrackedEntry`'s fields: each concrete entry class lists them in its own `__slots__` (so a
+# NAT entry can also be a `NatBinding`, whose slots a second slotted base would conflict with).
+TRACKED_SLOTS = ("expires_at", "expiry_bucket", "flags", "peers", "refresh_bucket", "timeout")
 
-    __slots__ = ("expires_at", "expiry_bucket", "flags", "peers", "refresh_bucket", "timeout")
+
+class TrackedEntry:
+    """Timing fields of one table entry (slots of the subclass: `TRACKED_SLOTS`). The push
+    queue holds entries as keys of an insertion-ordered dict: a conntrack entry is hashed by
+    identity, a NAT entry by its binding's value (it is one; no two live entries are equal)."""
+
+    if not TYPE_CHECKING:  # mypy cannot see the subclasses' slots from here
+        __slots__ = ()
+    expires_at: float
+    expiry_bucket: int
+    flags: int
+    peers: frozenset[str]
+    refresh_bucket: int
+    timeout: float
 
     def __init__(self, expires_at: float, timeout: float) -> None:
         self.expires_at = expires_at

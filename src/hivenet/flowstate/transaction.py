@@ -2,9 +2,9 @@
 packet was walked, applied to the tables only if the packet is let through.
 
 Owns `FlowStateTransaction` (the API the simulation's flow-state hook is built on),
-`NatAction`, `NatOutcome` and the flow tags that name conntrack entries and NAT bindings
-(a cached flow carries them; when an entry expires the agent invalidates the flows tagged
-with it). Does not own the tables, the hook protocol (`sim/flowstate_hook.py`) or pushing.
+`NatAction`, `NatOutcome` and the flow tags that name conntrack entries, NAT bindings and
+NAT reply keys, each kind spelled by one formatter (a cached flow carries them; when an
+entry expires the agent invalidates the flows tagged with it). Does not own the tables, the hook protocol (`sim/flowstate_hook.py`) or pushing.
 Pure: no I/O, no clock; imports only `hivenet.packets`.
 
 Life of a transaction (one per simulated packet, on the ingress host):
@@ -62,16 +62,39 @@ def _key_text(key: FlowKey) -> str:
     )
 
 
+# The connection tags' spellings, one formatter per kind (`conntrack_tag`, `nat_tag`,
+# `nat_reply_tag` and `TagTexts` all go through these; `flows.table.CONNECTION_TAG_PREFIXES`
+# names the same prefixes: flows/ may not import flowstate/, a test checks they agree).
 _CONNTRACK_TAG_PREFIX = "conntrack:"
+_NAT_TAG_PREFIX = "nat:"
+_NAT_REPLY_TAG_PREFIX = "natr:"
+TAG_PREFIXES = (_CONNTRACK_TAG_PREFIX, _NAT_TAG_PREFIX, _NAT_REPLY_TAG_PREFIX)
 _KIND_NAMES = {kind: kind.name.lower() for kind in NatKind}
+
+
+def _conntrack_text(zone: str, key_text: str) -> str:
+    return f"{_CONNTRACK_TAG_PREFIX}{zone}:{key_text}"
+
+
+def _nat_text(zone: str, kind: NatKind, key_text: str) -> str:
+    return f"{_NAT_TAG_PREFIX}{zone}:{_KIND_NAMES[kind]}:{key_text}"
+
+
+def _nat_reply_text(zone: str, kind: NatKind, key_text: str) -> str:
+    return f"{_NAT_REPLY_TAG_PREFIX}{zone}:{_KIND_NAMES[kind]}:{key_text}"
+
+
+def _connection_key(key: FlowKey) -> FlowKey:
+    """The direction of `key` a conntrack tag spells: the lower of it and its reverse."""
+    reverse = key.reversed()
+    return key if key <= reverse else reverse
 
 
 def conntrack_tag(zone: str, key: FlowKey) -> str:
     """The flow tag of the connection `key` belongs to: the same for both directions (the
     lower of `key` and its reverse is spelled), so a flow depends on one tag per connection
     and a flow cached before either side opened it is invalidated by that same tag."""
-    reverse = key.reversed()
-    return f"{_CONNTRACK_TAG_PREFIX}{zone}:{_key_text(key if key <= reverse else reverse)}"
+    return _conntrack_text(zone, _key_text(_connection_key(key)))
 
 
 def conntrack_tag_zone(tag: str) -> str:
@@ -82,15 +105,23 @@ def conntrack_tag_zone(tag: str) -> str:
 
 
 def nat_tag(binding: NatBinding) -> str:
-    return f"nat:{binding.zone}:{_KIND_NAMES[binding.kind]}:{_key_text(binding.original)}"
+    """The flow tag of a NAT binding (named by its original key)."""
+    return _nat_text(binding.zone, binding.kind, _key_text(binding.original))
+
+
+def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
+    """Tag of "the binding whose translated key is `translated`" (present or not): a flow
+    that looked a reply up (hit or miss) carries it, so a binding with that translated key
+    appearing or going invalidates the flow."""
+    return _nat_reply_text(zone, kind, _key_text(translated))
 
 
 class TagTexts:
-    """The spellings of `conntrack_tag`, `nat_tag` and `sim.stateful.nat_reply_tag`, each
-    key's text formatted once: the tags of one connection spell the same keys (its conntrack
-    key is its NAT binding's original key) and are asked for several times between the
-    simulation and the commit, or while one pushed message is installed. Lives as long as
-    one transaction or one installed message (keys are values: nothing here goes stale)."""
+    """`conntrack_tag`, `nat_tag` and `nat_reply_tag` (the same formatters), each key's text
+    formatted once: the tags of one connection spell the same keys (its conntrack key is its
+    NAT binding's original key) and are asked for several times between the simulation and
+    the commit, or while one pushed message is installed. Lives as long as one transaction
+    or one installed message (keys are values: nothing here goes stale)."""
 
     __slots__ = ("_texts",)
 
@@ -105,16 +136,15 @@ class TagTexts:
 
     def conntrack(self, zone: str, key: FlowKey) -> str:
         """`conntrack_tag(zone, key)`."""
-        reverse = key.reversed()
-        return f"{_CONNTRACK_TAG_PREFIX}{zone}:{self.key_text(key if key <= reverse else reverse)}"
+        return _conntrack_text(zone, self.key_text(_connection_key(key)))
 
     def nat(self, binding: NatBinding) -> str:
         """`nat_tag(binding)`."""
-        return f"nat:{binding.zone}:{_KIND_NAMES[binding.kind]}:{self.key_text(binding.original)}"
+        return _nat_text(binding.zone, binding.kind, self.key_text(binding.original))
 
     def nat_reply(self, zone: str, kind: NatKind, translated: FlowKey) -> str:
-        """`sim.stateful.nat_reply_tag(zone, kind, translated)`."""
-        return f"natr:{zone}:{_KIND_NAMES[kind]}:{self.key_text(translated)}"
+        """`nat_reply_tag(zone, kind, translated)`."""
+        return _nat_reply_text(zone, kind, self.key_text(translated))
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from hivenet.flowstate import (
     key_of_match,
     nat_tag,
 )
-from hivenet.flowstate.keys import format_address, is_icmp_error
+from hivenet.flowstate.keys import is_icmp_error
 from hivenet.model import RuleAction
 from hivenet.packets.flowmatch import FlowMatch
 from hivenet.sim.flowstate_hook import ConntrackDecision, FlowStateUnsupported, NatDecision
@@ -73,16 +73,6 @@ _conntrack_decision = frozen_builder(ConntrackDecision)
 _nat_decision = frozen_builder(NatDecision)
 
 
-def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
-    """Tag of "the binding whose translated key is `translated`" (present or not). Also
-    spelled by `TagTexts.nat_reply` (flowstate.transaction), which reuses key texts."""
-    return (
-        f"natr:{zone}:{kind.name.lower()}:{translated.ip_proto}:"
-        f"{format_address(translated.ip_version, translated.ip_src)}:{translated.tp_src}-"
-        f"{format_address(translated.ip_version, translated.ip_dst)}:{translated.tp_dst}"
-    )
-
-
 def connection_tags(zone: str, key: FlowKey) -> frozenset[str]:
     """The tags of the connection `key` (either direction) belongs to in `zone`."""
     return frozenset({conntrack_tag(zone, key)})
@@ -111,27 +101,24 @@ class HookRecord:
     flows must be invalidated on commit) and SNAT targets without a free port."""
 
     used: bool = False  # any conntrack or NAT question was asked
-    opened: list[tuple[str, FlowKey]] = field(default_factory=list)
+    # (zone, key, its `conntrack_tag` as the simulation spelled it) per connection a commit
+    # would open.
+    opened: list[tuple[str, FlowKey, str]] = field(default_factory=list)
     exhausted: list[NatRange] = field(default_factory=list)
     # Entries the simulation's tags name (the very tag objects the flow carries), so the
     # agent can refresh them while the flow is used.
     tagged: list[tuple[str, TaggedEntry]] = field(default_factory=list)
-    # The tags the commit invalidates, as the simulation already spelled them: the
-    # `conntrack_tag` of each `opened` connection (same order), and per binding a forward
-    # NAT rule used, its `nat_tag` and `nat_reply_tag` (see `commit_tags`).
-    opened_tags: list[str] = field(default_factory=list)
+    # Per binding a forward NAT rule used: its `nat_tag` and `nat_reply_tag`, as the
+    # simulation spelled them (see `commit_tags`).
     binding_tags: list[tuple[NatBinding, str, str]] = field(default_factory=list)
 
     def commit_tags(self, bindings: Sequence[NatBinding]) -> tuple[set[str], int]:
         """The tags a commit that opened `opened` and created `bindings` invalidates (each
-        connection's `conntrack_tag`, each binding's `nat_tag` and `nat_reply_tag`), and how
-        many connections it opened: the strings the simulation made, spelled again only for
-        what it did not spell (a record filled by hand)."""
-        opened = self.opened
-        if len(self.opened_tags) == len(opened):
-            tags = set(self.opened_tags)
-        else:
-            tags = {conntrack_tag(zone, key) for zone, key in opened}
+        connection's `conntrack_tag`, each binding's `nat_tag` and `nat_reply_tag`: the
+        strings the simulation made), and how many connections it opened. Every binding
+        must be one this hook's `nat` made (matched by identity): a transaction's bindings
+        are created only through its hook."""
+        tags = {tag for _, _, tag in self.opened}
         known = self.binding_tags
         for binding in bindings:
             for candidate, forward_tag, reply_tag in known:
@@ -140,9 +127,8 @@ class HookRecord:
                     tags.add(reply_tag)
                     break
             else:
-                tags.add(nat_tag(binding))
-                tags.add(nat_reply_tag(binding.zone, binding.kind, binding.translated))
-        return tags, len(opened)
+                raise ValueError(f"{binding} was not made through this hook's nat()")
+        return tags, len(self.opened)
 
 
 class TransactionHook:
@@ -174,8 +160,7 @@ class TransactionHook:
         tags: frozenset[str] = frozenset()
         if key is not None and tag is not None:
             if classification.verdict is _NEW:
-                record.opened.append((zone, key))
-                record.opened_tags.append(tag)
+                record.opened.append((zone, key, tag))
             tags = frozenset((tag,))
             # The key object the conntrack entry will hold, not a second copy.
             record.tagged.append((tag, transaction.shared_key(key)))

@@ -5,6 +5,9 @@ correctly)."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -268,6 +271,54 @@ def test_binding_validation(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         NatBinding(ZONE, kind, FlowKey(*original), FlowKey(*translated))
+
+
+def test_the_table_hands_out_its_entry_as_the_binding() -> None:
+    """A binding in the table is one object (the entry is the binding, issue 16): every
+    lookup returns that object, it equals and hashes as a plain `NatBinding` of the same
+    fields, and it cannot be changed through the binding API."""
+    table, _ = snat_table()
+    key = FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443)
+    binding, _ = table.snat(ZONE, key, [NAT_RANGE], 0.0)
+    reply = binding.translated.reversed()
+    assert table.lookup_original(ZONE, NatKind.SNAT, key, 1.0) is binding
+    assert table.lookup_translated(ZONE, NatKind.SNAT, binding.translated, 1.0) is binding
+    assert table.lookup_reply(ZONE, NatKind.SNAT, reply, 1.0) is binding
+    assert table.snat(ZONE, key, [NAT_RANGE], 1.0) == (binding, False)
+    ((record, _),) = table.due_for_push(1.0)
+    assert record.binding is binding
+    plain = NatBinding(ZONE, NatKind.SNAT, key, binding.translated)
+    assert plain == binding and binding == plain and hash(plain) == hash(binding)
+    assert len({plain, binding}) == 1
+    assert (
+        repr(binding)
+        == repr(plain)
+        == (
+            f"NatBinding(zone={ZONE!r}, kind={NatKind.SNAT!r}, original={key!r}, "
+            f"translated={binding.translated!r})"
+        )
+    )
+    assert binding != NatBinding(ZONE, NatKind.DNAT, key, key)
+    assert binding != NatBinding("router-2", NatKind.SNAT, key, binding.translated)
+    # A plain binding refuses writes at run time; the table's entry only to the type checker
+    # (its fields are read-only properties there): its timers are written at C speed.
+    with pytest.raises(AttributeError, match="immutable"):
+        plain.zone = "router-2"  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="immutable"):
+        del plain.translated  # type: ignore[misc]
+    assert not hasattr(plain, "__dict__") and not hasattr(binding, "__dict__")
+    # Copied and pickled as the value alone (the timers are the table's).
+    for copied in (copy.copy(binding), copy.deepcopy(binding), pickle.loads(pickle.dumps(binding))):
+        assert type(copied) is NatBinding and copied == binding
+    # A merged (peer's) binding is the table's own entry too, equal to the record's.
+    peer = NatTable()
+    merged = peer.merge(NatRecord(plain, 100.0), 0.0)
+    assert merged == plain and merged is not plain
+    assert peer.lookup_original(ZONE, NatKind.SNAT, key, 1.0) is merged
+    # Dropped and made again: a new object, the old one still equal to what it was.
+    table.remove(ZONE, NatKind.SNAT, key)
+    again, created = table.snat(ZONE, key, [NAT_RANGE], 2.0)
+    assert created and again is not binding and binding == plain
 
 
 def test_key_rewrites_of_identical_keys_is_empty() -> None:

@@ -11,7 +11,20 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from hivenet.flowstate import schedule
-from hivenet.flowstate.schedule import EntryOrder, EntryScheduler, RefreshPolicy, TrackedEntry
+from hivenet.flowstate.schedule import (
+    TRACKED_SLOTS,
+    EntryOrder,
+    EntryScheduler,
+    RefreshPolicy,
+    TrackedEntry,
+)
+
+
+class _Entry(TrackedEntry):
+    """A bare tracked entry: the tables' entries list `TRACKED_SLOTS` in their own slots."""
+
+    __slots__ = TRACKED_SLOTS
+
 
 ENTRIES = 12
 
@@ -20,7 +33,7 @@ class WheelMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.scheduler = EntryScheduler(RefreshPolicy(min_interval=1.0), granularity=1.0)
-        self.entries = [TrackedEntry(0.0, 1.0) for _ in range(ENTRIES)]
+        self.entries = [_Entry(0.0, 1.0) for _ in range(ENTRIES)]
         self.expires: dict[int, float] = {}  # model: scheduled entry -> expires_at
         self.now = 0.0
 
@@ -88,7 +101,7 @@ TestWheel.settings = settings(max_examples=150, stateful_step_count=60, deadline
 def test_many_moves_stay_bounded() -> None:
     """An entry moved between buckets a thousand times leaves no more than the slack behind."""
     scheduler = EntryScheduler(RefreshPolicy(), granularity=1.0)
-    entries = [TrackedEntry(0.0, 1.0) for _ in range(10)]
+    entries = [_Entry(0.0, 1.0) for _ in range(10)]
     for round_ in range(1000):
         for entry in entries:
             scheduler.set_expiry(entry, 100.0 + round_, 1.0)
@@ -106,7 +119,7 @@ class OrderMachine(RuleBasedStateMachine):
         super().__init__()
         self.order = EntryOrder()
         self.scheduler = EntryScheduler(RefreshPolicy(), granularity=1.0)
-        self.entries = [TrackedEntry(100.0, 10.0) for _ in range(ENTRIES)]
+        self.entries = [_Entry(100.0, 10.0) for _ in range(ENTRIES)]
         self.model: dict[int, None] = {}
 
     @rule(index=st.integers(0, ENTRIES - 1))

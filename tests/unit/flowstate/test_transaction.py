@@ -8,20 +8,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hivenet.flows.table import CONNECTION_TAG_PREFIXES, is_connection_tag
 from hivenet.flowstate.conntrack import ConnState, ConntrackTable
 from hivenet.flowstate.keys import FlowKey
 from hivenet.flowstate.nat import NatBinding, NatKind, NatTable
 from hivenet.flowstate.portblocks import NatRange, PortBlockAllocator
 from hivenet.flowstate.transaction import (
+    TAG_PREFIXES,
     FlowStateTransaction,
     NatAction,
     TagTexts,
     conntrack_tag,
     conntrack_tag_zone,
+    nat_reply_tag,
     nat_tag,
 )
 from hivenet.packets.flowmatch import FlowMatch
-from hivenet.sim.stateful import nat_reply_tag
 
 from .helpers import ACK, SYN, ip, packet, tcp
 
@@ -245,8 +247,8 @@ def test_tag_texts_spell_what_the_tag_functions_spell(
     key: FlowKey, other: FlowKey, zone: str, kind: NatKind
 ) -> None:
     """`TagTexts` reuses key texts (values only: per transaction or message, nothing that
-    can change under it), never the spelling: each tag equals its function's, in any order
-    of asking, for both directions of a key."""
+    can change under it): each tag equals its function's, in any order of asking, for both
+    directions of a key."""
     texts = TagTexts()
     binding = NatBinding(zone, kind, key, key)
     for _ in range(2):  # the second round is answered from the texts kept
@@ -256,6 +258,58 @@ def test_tag_texts_spell_what_the_tag_functions_spell(
         assert texts.nat(binding) == nat_tag(binding)
         assert texts.nat_reply(zone, kind, other) == nat_reply_tag(zone, kind, other)
         assert texts.nat_reply(zone, kind, key) == nat_reply_tag(zone, kind, key)
+
+
+_V4 = FlowKey(4, 0x0A000005, 0xCB007109, 6, 40000, 443)
+_V6 = FlowKey(6, 0x20010DB8 << 96 | 1, 0x20010DB8 << 96 | 0xAB, 17, 5353, 53)
+
+
+@pytest.mark.parametrize(
+    ("spelled", "expected"),
+    [
+        (conntrack_tag("port-9", _V4), "conntrack:port-9:6:10.0.0.5:40000-203.0.113.9:443"),
+        (
+            conntrack_tag("port-9", _V4.reversed()),
+            "conntrack:port-9:6:10.0.0.5:40000-203.0.113.9:443",
+        ),
+        (
+            conntrack_tag("port-9", _V6),
+            "conntrack:port-9:17:2001:db8::1:5353-2001:db8::ab:53",
+        ),
+        (
+            nat_tag(NatBinding("r1", NatKind.SNAT, _V4, _V4)),
+            "nat:r1:snat:6:10.0.0.5:40000-203.0.113.9:443",
+        ),
+        (
+            nat_tag(NatBinding("r1", NatKind.DNAT, _V4, _V4)),
+            "nat:r1:dnat:6:10.0.0.5:40000-203.0.113.9:443",
+        ),
+        (nat_reply_tag("r1", NatKind.SNAT, _V4), "natr:r1:snat:6:10.0.0.5:40000-203.0.113.9:443"),
+        (
+            nat_reply_tag("r1", NatKind.DNAT, _V6),
+            "natr:r1:dnat:17:2001:db8::1:5353-2001:db8::ab:53",
+        ),
+    ],
+)
+def test_tags_are_spelled_as_before(spelled: str, expected: str) -> None:
+    """The tag texts are visible (traces, `flows()`, the refresh map, peers' invalidation):
+    one formatter per kind now, the spelling unchanged (these are the strings the three
+    functions and `TagTexts` produced before they shared a formatter)."""
+    assert spelled == expected
+    assert conntrack_tag_zone(conntrack_tag("port-9", _V4)) == "port-9"
+
+
+def test_the_flow_table_classes_the_connection_tags_as_its_own() -> None:
+    """flows/ may not import flowstate/: its copy of the connection tag prefixes must name
+    the three kinds spelled here, so a connection's tags stay per flow."""
+    assert set(CONNECTION_TAG_PREFIXES) == set(TAG_PREFIXES)
+    for tag in (
+        conntrack_tag("p", _V4),
+        nat_tag(NatBinding("r", NatKind.SNAT, _V4, _V4)),
+        nat_reply_tag("r", NatKind.DNAT, _V4),
+    ):
+        assert is_connection_tag(tag)
+    assert not is_connection_tag("router:natr")
 
 
 def test_classify_records_once_and_gives_the_connection_tag(

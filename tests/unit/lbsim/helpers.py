@@ -21,13 +21,14 @@ from hivenet.flowstate import (
     NatRange,
     NatTable,
     PortBlockAllocator,
+    nat_reply_tag,
     nat_tag,
 )
 from hivenet.model import HealthMonitor, Listener, LoadBalancer, Member, Pool
 from hivenet.model.types import mac_to_int
 from hivenet.packets import extract_flow_match
 from hivenet.sim import MemoryTables, SimContext, SimulationResult, TopologyView, simulate
-from hivenet.sim.stateful import TransactionHook, connection_tags, nat_reply_tag
+from hivenet.sim.stateful import TransactionHook, connection_tags
 from hivenet.sim.tables import LearnedMac, LearnedNeighbour
 from tests.unit.sim.topo import Topo, mac
 
@@ -185,7 +186,7 @@ class LbWorld:
         else:
             committed = hook.transaction.commit(self.now)
             tags: set[str] = set()
-            for zone, key in hook.record.opened:
+            for zone, key, _ in hook.record.opened:
                 tags |= connection_tags(zone, key)
             for binding in committed.nat_bindings:
                 tags |= {

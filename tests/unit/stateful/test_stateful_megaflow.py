@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +27,7 @@ from hivenet.flowstate import (
     NatRecord,
     NatTable,
     PortBlockAllocator,
-    conntrack_tag,
+    nat_reply_tag,
     nat_tag,
 )
 from hivenet.model import (
@@ -38,7 +39,7 @@ from hivenet.model import (
 )
 from hivenet.packets import extract_flow_match
 from hivenet.sim import MemoryTables, SimContext, simulate
-from hivenet.sim.stateful import HookRecord, TransactionHook, connection_tags, nat_reply_tag
+from hivenet.sim.stateful import HookRecord, TransactionHook, connection_tags
 from tests.unit.sim.topo import Topo, mac, tcp, udp
 
 SNAT_IP = "203.0.113.2"
@@ -222,7 +223,7 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
         else:
             committed = hook.transaction.commit(now)
             tags = set()
-            for zone, key in hook.record.opened:
+            for zone, key, _ in hook.record.opened:
                 tags |= connection_tags(zone, key)
             for binding in committed.nat_bindings:
                 tags |= {
@@ -232,7 +233,8 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
             # What the agent invalidates (the simulation's own tag strings) is exactly this.
             reused, opened = hook.record.commit_tags(committed.nat_bindings)
             assert (reused, opened) == (tags, len(hook.record.opened))
-            assert reused <= fresh.tags | hook.transaction.tags | set(hook.record.opened_tags)
+            opened_tags = {tag for _, _, tag in hook.record.opened}
+            assert reused <= fresh.tags | hook.transaction.tags | opened_tags
             flows.invalidate(tags)
         forget(conntrack.take_evicted(), nat.take_evicted())
         if fresh.install:
@@ -246,26 +248,20 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
             )
 
 
-def test_commit_tags_of_a_record_filled_by_hand_are_spelled() -> None:
-    """A record the hook did not fill (no tags kept) still gets every tag, spelled anew; a
-    binding the record knows contributes the strings it kept (matched by identity)."""
+def test_commit_tags_are_the_strings_the_hook_kept() -> None:
+    """`commit_tags` spells nothing: each opened connection contributes the tag it was
+    recorded with, each binding the strings kept for it (matched by identity); a binding
+    the hook never saw is refused rather than spelled a second way. (That these are the tag
+    functions' spellings is the property test above.)"""
     key = FlowKey(4, 0x0A000001, 0xC0000201, 6, 40000, 443)
     translated = FlowKey(4, 0xCB007102, 0xC0000201, 6, 1025, 443)
     binding = NatBinding("r", NatKind.SNAT, key, translated)
     equal_copy = NatBinding("r", NatKind.SNAT, key, translated)
-    expected = {
-        conntrack_tag("vm", key),
-        nat_tag(binding),
-        nat_reply_tag("r", NatKind.SNAT, translated),
-    }
-    by_hand = HookRecord(opened=[("vm", key)])
-    assert by_hand.commit_tags([binding]) == (expected, 1)
     kept = HookRecord(
-        opened=[("vm", key)],
-        opened_tags=["conntrack-kept"],
+        opened=[("vm", key, "conntrack-kept")],
         binding_tags=[(binding, "nat-kept", "natr-kept")],
     )
     assert kept.commit_tags([binding]) == ({"conntrack-kept", "nat-kept", "natr-kept"}, 1)
-    assert kept.commit_tags([equal_copy])[0] == {"conntrack-kept"} | expected - {
-        conntrack_tag("vm", key)
-    }
+    assert kept.commit_tags([]) == ({"conntrack-kept"}, 1)
+    with pytest.raises(ValueError, match="not made through this hook"):
+        kept.commit_tags([equal_copy])
