@@ -349,15 +349,18 @@ _ZONE_NAMES_MAX = 4096
 
 
 def _record_builder(cls: type, fields: tuple[str, ...]) -> Callable[..., Any]:
-    """`build(*values)`: an instance of the frozen slotted dataclass `cls` with `fields` set,
-    as its generated `__init__` sets them, without its `__post_init__`: the fast path has
-    checked on the unpacked integers what that would check on the keys' properties (~2 us
-    of a NAT binding's ~2.6). If `cls` no longer has exactly these fields and slots (a slot
-    its `__post_init__` might fill), its constructor."""
-    if (
-        tuple(field.name for field in dataclasses.fields(cls)) != fields
-        or tuple(getattr(cls, "__slots__", ())) != fields
-    ):
+    """`build(*values)`: an instance of the immutable slotted record `cls` with `fields` set,
+    as its constructor sets them, without its checks (a dataclass's `__post_init__`, or the
+    `__init__` of a hand-written record such as `NatBinding`): the fast path has checked on
+    the unpacked integers what those would check on the keys' properties (~2 us of a NAT
+    binding's ~2.6). If `cls` no longer has exactly these fields, in this order, and these
+    slots (a slot its checks might fill), its constructor."""
+    names = (
+        tuple(field.name for field in dataclasses.fields(cls))
+        if dataclasses.is_dataclass(cls)
+        else tuple(getattr(cls, "__match_args__", ()))
+    )
+    if names != fields or set(getattr(cls, "__slots__", ())) != set(fields):
         return cls
     new, setters = object.__new__, [getattr(cls, name).__set__ for name in fields]
 
