@@ -455,12 +455,19 @@ class BgpSpeakers:
         self.live_hosts = live_hosts
         self.clock = clock
         self._own_dir = state_dir is None
-        self.state_dir = (
-            state_dir if state_dir is not None else Path(tempfile.mkdtemp(prefix="hn-bgp-"))
-        )
+        self._state_dir = state_dir
         self.speakers: dict[str, Speaker] = {}
         self.sessions: dict[str, SessionStatus] = {}  # peer id -> last status read from BIRD
         self.errors = 0
+
+    @property
+    def state_dir(self) -> Path:
+        """Where each speaker keeps its BIRD files. Without one given, a private temporary
+        directory made on first use (removed by `close`): an agent that never starts a
+        speaker leaves nothing behind, whether or not it is closed."""
+        if self._state_dir is None:
+            self._state_dir = Path(tempfile.mkdtemp(prefix="hn-bgp-"))
+        return self._state_dir
 
     def available(self) -> bool:
         return all(shutil.which(tool) for tool in ("bird", "birdc", "setpriv", "nsenter"))
@@ -577,8 +584,9 @@ class BgpSpeakers:
     async def close(self) -> None:
         for peer_id in list(self.speakers):
             await self._stop(peer_id, withdraw=False)
-        if self._own_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self._own_dir and self._state_dir is not None:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            self._state_dir = None
 
     def counters_snapshot(self) -> dict[str, object]:
         return {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from pathlib import Path
 
 from hivenet.agent.bgp import BgpSpeakers, LearnedRoute, learned_routes_for
 from hivenet.datapath.memory import MemoryDatapath
@@ -104,6 +105,49 @@ def test_learned_routes_follow_the_session_and_the_gateways_liveness() -> None:
             alone = speakers("gw1", set())
             await alone._sweep_dead_gateways()
             assert await stored_routes() == []
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_speakers_make_their_temporary_directory_only_when_used_and_remove_it(
+    tmp_path: Path,
+) -> None:
+    """Without a state directory given, none is made until a speaker needs one (an agent
+    that never speaks BGP, closed or not, leaves nothing in /tmp); `close` removes it."""
+
+    async def body() -> None:
+        store = open_store("memory://")
+        try:
+            speakers = BgpSpeakers(
+                "gw1",
+                TopologyView(),
+                MemoryTables(),
+                MemoryDatapath("gw1", "127.0.0.1"),
+                TopologyRepository(store),
+                is_bound=lambda _port: True,
+                live_hosts=set,
+            )
+            assert speakers._state_dir is None
+            made = speakers.state_dir
+            assert made.is_dir() and made.name.startswith("hn-bgp-")
+            assert speakers.state_dir == made  # made once
+            await speakers.close()
+            assert not made.exists()
+            given = BgpSpeakers(
+                "gw2",
+                TopologyView(),
+                MemoryTables(),
+                MemoryDatapath("gw2", "127.0.0.1"),
+                TopologyRepository(store),
+                is_bound=lambda _port: True,
+                live_hosts=set,
+                state_dir=tmp_path / "hn-bgp-given",
+            )
+            given.state_dir.mkdir()
+            await given.close()
+            assert given.state_dir.is_dir()  # not ours to remove
         finally:
             await store.close()
 
