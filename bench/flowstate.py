@@ -624,7 +624,9 @@ def main() -> None:
         metavar="N,N",
         help="memory mode: bytes per connection at these connection counts only",
     )
-    parser.add_argument("--baseline-src", metavar="DIR", help="memory mode: checkout to compare")
+    parser.add_argument(
+        "--baseline-src", metavar="DIR", help="memory mode: checkout to compare (its top directory)"
+    )
     parser.add_argument(
         "--calibrate",
         type=int,
@@ -648,6 +650,14 @@ def main() -> None:
             parser.error(f"--memory-sizes must be counts >= 1, got {args.memory_sizes!r}")
         if args.calibrate < 0:
             parser.error(f"--calibrate must be >= 0, got {args.calibrate}")
+        if args.baseline_src and not os.path.isdir(
+            os.path.join(args.baseline_src, "src", "hivenet")
+        ):
+            # Else the child would import this tree's package and compare it with itself.
+            parser.error(
+                f"--baseline-src must be a checkout (holding src/hivenet), got"
+                f" {args.baseline_src!r}"
+            )
         memory_mode(sizes, args.baseline_src, args.calibrate)
         return
     count = 2_000 if args.quick else 20_000
