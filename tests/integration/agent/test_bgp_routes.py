@@ -120,31 +120,27 @@ def test_speakers_make_their_temporary_directory_only_when_used_and_remove_it(
     async def body() -> None:
         store = open_store("memory://")
         try:
-            speakers = BgpSpeakers(
-                "gw1",
-                TopologyView(),
-                MemoryTables(),
-                MemoryDatapath("gw1", "127.0.0.1"),
-                TopologyRepository(store),
-                is_bound=lambda _port: True,
-                live_hosts=set,
-            )
+
+            def speakers_of(host: str, state_dir: Path | None = None) -> BgpSpeakers:
+                return BgpSpeakers(
+                    host,
+                    TopologyView(),
+                    MemoryTables(),
+                    MemoryDatapath(host, "127.0.0.1"),
+                    TopologyRepository(store),
+                    is_bound=lambda _port: True,
+                    live_hosts=set,
+                    state_dir=state_dir,
+                )
+
+            speakers = speakers_of("gw1")
             assert speakers._state_dir is None
             made = speakers.state_dir
             assert made.is_dir() and made.name.startswith("hn-bgp-")
             assert speakers.state_dir == made  # made once
             await speakers.close()
             assert not made.exists()
-            given = BgpSpeakers(
-                "gw2",
-                TopologyView(),
-                MemoryTables(),
-                MemoryDatapath("gw2", "127.0.0.1"),
-                TopologyRepository(store),
-                is_bound=lambda _port: True,
-                live_hosts=set,
-                state_dir=tmp_path / "hn-bgp-given",
-            )
+            given = speakers_of("gw2", tmp_path / "hn-bgp-given")
             given.state_dir.mkdir()
             await given.close()
             assert given.state_dir.is_dir()  # not ours to remove
