@@ -819,7 +819,7 @@ class UserspaceDatapath:
                         break  # the other ports' turn (the loop calls again: level-triggered)
                     continue
                 flow, plan = found
-            mtu = flow.mtu
+            mtu = flow.limits.mtu
             if mtu and frame_len > mtu + _ETHERNET_HEADER_LEN and self._too_big(port, length, mtu):
                 continue
             if plan.transforms:

@@ -85,6 +85,19 @@ _GROUP_SLACK = 16  # removed flows a group's list may hold beyond twice its live
 _NO_TAGS: tuple[str, ...] = ()
 
 
+class FlowLimits:
+    """A flow's timeouts and MTU (see `Flow`), one object per distinct triple, shared by the
+    flows of a table that have it (the simulation gives whole paths the same ones): two
+    slots of every flow fewer (16 bytes of a ~160-byte flow)."""
+
+    __slots__ = ("hard_timeout", "idle_timeout", "mtu")
+
+    def __init__(self, idle_timeout: float, hard_timeout: float, mtu: int) -> None:
+        self.idle_timeout = idle_timeout
+        self.hard_timeout = hard_timeout
+        self.mtu = mtu
+
+
 class Flow:
     """One installed megaflow. Mutable (counters, last use); compared and hashed by identity.
 
@@ -110,10 +123,8 @@ class Flow:
         "actions",
         "bytes",
         "created",
-        "hard_timeout",
-        "idle_timeout",
         "last_used",
-        "mtu",
+        "limits",
         "packets",
         "removed",
     )
@@ -126,9 +137,7 @@ class Flow:
         group: _TagGroup | None,
         own_tags: tuple[str, ...],
         created: float,
-        idle_timeout: float = 60.0,
-        hard_timeout: float = 0.0,
-        mtu: int = 0,
+        limits: FlowLimits,
     ) -> None:
         self._subtable = subtable
         self._key = key
@@ -137,20 +146,32 @@ class Flow:
         self._own_tags = own_tags
         self.created = created
         self.last_used = created
-        self.idle_timeout = idle_timeout
-        self.hard_timeout = hard_timeout
+        self.limits = limits  # idle_timeout, hard_timeout, mtu (the table's shared object)
         self.packets = 0
         self.bytes = 0
         self.removed = False
-        # The largest IP packet (L3 bytes) this flow may carry; 0: no limit. A bigger IP
-        # packet does not take the flow: the datapath sends it to the agent (IPv4 with DF,
-        # IPv6: the simulation answers "fragmentation needed" / "packet too big") or drops it
-        # (IPv4 without DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`.
-        self.mtu = mtu
         self._heap_at = math.inf  # the table's expiry heap orders flows by it (`__lt__`)
         # Neighbours in the table's LRU list (None: an end of it, or not in a table).
         self._older: Flow | None = None
         self._newer: Flow | None = None
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds without a packet after which the flow expires (0: never)."""
+        return self.limits.idle_timeout
+
+    @property
+    def hard_timeout(self) -> float:
+        """Seconds after its installation at which the flow expires (0: never)."""
+        return self.limits.hard_timeout
+
+    @property
+    def mtu(self) -> int:
+        """The largest IP packet (L3 bytes) this flow may carry; 0: no limit. A bigger IP
+        packet does not take the flow: the datapath sends it to the agent (IPv4 with DF,
+        IPv6: the simulation answers "fragmentation needed" / "packet too big") or drops it
+        (IPv4 without DF, "too_big"; nothing fragments). See `hivenet.packets.mtu`."""
+        return self.limits.mtu
 
     @property
     def match(self) -> tuple[int, ...]:
@@ -173,11 +194,12 @@ class Flow:
 
     def deadline(self) -> float:
         """When this flow expires if it is not used again (math.inf: never)."""
+        limits = self.limits
         deadline = math.inf
-        if self.idle_timeout > 0:
-            deadline = self.last_used + self.idle_timeout
-        if self.hard_timeout > 0:
-            deadline = min(deadline, self.created + self.hard_timeout)
+        if limits.idle_timeout > 0:
+            deadline = self.last_used + limits.idle_timeout
+        if limits.hard_timeout > 0:
+            deadline = min(deadline, self.created + limits.hard_timeout)
         return deadline
 
     def is_expired(self, now: float) -> bool:
@@ -437,11 +459,17 @@ class FlowTable:
         # Flows by the deadline they had when pushed (`Flow._heap_at`, set only while out of
         # the heap): the flow itself is the heap entry, no (deadline, sequence, flow) tuple.
         self._expiry_heap: list[Flow] = []
-        # Interned actions: one object per distinct action held by any flow, with the number
-        # of places holding it (a flow's actions repeat its path's rewrites and outputs; only
-        # a connection's NAT rewrite is its own). Counted, so nothing outlives its flows.
+        # Interned actions, counted so nothing outlives its flows: one tuple object per
+        # distinct actions tuple, with the number of flows holding it (the connections of one
+        # path and SNAT address have equal actions: their rewrites and outputs, and the same
+        # translated address when the port is kept), and one object per distinct action held
+        # by those tuples, with the number of tuple places holding it (a tuple of its own, as
+        # a connection's port rewrite makes, still shares the path's other actions).
+        self._action_tuples: dict[tuple[Action, ...], list[Any]] = {}
         self._actions: dict[Action, list[Any]] = {}
-        self._mtus: dict[int, int] = {}  # one int object per MTU value (at most 65536)
+        # One FlowLimits per (idle_timeout, hard_timeout, mtu) in use; values only (nothing
+        # can go stale), emptied at _SHARED_VALUES_MAX (flows already made keep theirs).
+        self._limits: dict[tuple[float, float, int], FlowLimits] = {}
         # One int object per match value in the flows' keys (a masked match's MACs, addresses
         # and ports are fresh ints, ~32 bytes each). Values only, so nothing can go stale;
         # emptied at _SHARED_VALUES_MAX values (keys already made keep theirs).
@@ -509,9 +537,7 @@ class FlowTable:
             group,
             own_tags,
             now,
-            idle_timeout=idle_timeout,
-            hard_timeout=hard_timeout,
-            mtu=self._mtus.setdefault(mtu, mtu),
+            self._limits_of(idle_timeout, hard_timeout, mtu),
         )
         subtable.flows[key] = flow
         if group is not None:
@@ -575,23 +601,43 @@ class FlowTable:
             )
         return key
 
+    def _limits_of(self, idle_timeout: float, hard_timeout: float, mtu: int) -> FlowLimits:
+        held = self._limits
+        triple = (idle_timeout, hard_timeout, mtu)
+        limits = held.get(triple)
+        if limits is None:
+            if len(held) >= _SHARED_VALUES_MAX:
+                held.clear()
+            limits = held[triple] = FlowLimits(idle_timeout, hard_timeout, mtu)
+        return limits
+
     def _intern_actions(self, actions: tuple[Action, ...]) -> tuple[Action, ...]:
-        held = self._actions
-        out = []
-        for action in actions:
-            use = held.get(action)
-            if use is None:
-                use = held[action] = [action, 0]
-            use[1] += 1
-            out.append(use[0])
-        return tuple(out)
+        use = self._action_tuples.get(actions)
+        if use is None:
+            held = self._actions
+            out = []
+            for action in actions:
+                action_use = held.get(action)
+                if action_use is None:
+                    action_use = held[action] = [action, 0]
+                action_use[1] += 1
+                out.append(action_use[0])
+            interned = tuple(out)
+            use = self._action_tuples[interned] = [interned, 0]
+        use[1] += 1
+        return use[0]
 
     def _release_actions(self, actions: tuple[Action, ...]) -> None:
+        use = self._action_tuples[actions]
+        use[1] -= 1
+        if use[1]:
+            return
+        del self._action_tuples[actions]
         held = self._actions
         for action in actions:
-            use = held[action]
-            use[1] -= 1
-            if not use[1]:
+            action_use = held[action]
+            action_use[1] -= 1
+            if not action_use[1]:
                 del held[action]
 
     def _group_of(self, tags: frozenset[str]) -> _TagGroup:
@@ -669,8 +715,9 @@ class FlowTable:
         if flow.removed:
             return False
         # Flow.is_expired inlined: this runs once per forwarded packet.
-        idle_timeout = flow.idle_timeout
-        hard_timeout = flow.hard_timeout
+        limits = flow.limits
+        idle_timeout = limits.idle_timeout
+        hard_timeout = limits.hard_timeout
         if (idle_timeout > 0 and now >= flow.last_used + idle_timeout) or (
             hard_timeout > 0 and now >= flow.created + hard_timeout
         ):

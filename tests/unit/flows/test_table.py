@@ -768,10 +768,17 @@ class FlowTableMachine(RuleBasedStateMachine):
             members = {f for f in flows if frozenset(f.tags) - {"a", "b"} == tags}
             assert set(group.live_flows()) == members and group.live == len(members)
         assert set(self.table._group_index) == {tag for tags in shared_sets for tag in tags}
-        # Interned actions: exactly those the live flows hold, one object each, counted.
-        held: dict[Action, int] = {}
+        # Interned actions: exactly the tuples the live flows hold, one object each, counted
+        # per flow; and exactly the actions those tuples hold, one object each, counted per
+        # place in a distinct tuple.
+        tuples: dict[tuple[Action, ...], int] = {}
         for flow in flows:
-            for action in flow.actions:
+            tuples[flow.actions] = tuples.get(flow.actions, 0) + 1
+            assert self.table._action_tuples[flow.actions][0] is flow.actions
+        assert {t: use[1] for t, use in self.table._action_tuples.items()} == tuples
+        held: dict[Action, int] = {}
+        for actions in tuples:
+            for action in actions:
                 held[action] = held.get(action, 0) + 1
                 assert self.table._actions[action][0] is action
         assert {action: use[1] for action, use in self.table._actions.items()} == held
@@ -823,3 +830,30 @@ def test_a_shared_tag_group_forgets_removed_flows() -> None:
     assert len(group.flows) <= 2 * group.live + 16
     assert set(table.invalidate(["bridge:b"])) == set(live)
     assert len(table) == 0 and not table._groups
+
+
+def test_flows_with_equal_actions_share_one_tuple_until_the_last_goes() -> None:
+    """Connections of one path hold equal actions (made afresh by each simulation): the table
+    keeps one tuple of them; a flow with a rewrite of its own gets its own tuple that still
+    shares the common actions; removing flows releases both once no flow holds them."""
+    table = FlowTable(own_tag=lambda tag: tag.startswith("conn"))
+    mask = mask_from({"in_port": FULL_MASKS["in_port"], "tp_src": FULL_MASKS["tp_src"]})
+
+    def fresh(port: int) -> tuple[Action, ...]:
+        return (SetField("ip_src", int("3405803778")), Tunnel("192.0.2.2", 7), Output(port))
+
+    flows = [
+        install_for(table, FlowMatch(in_port=1, tp_src=src), mask, actions=fresh(1), tags=(tag,))
+        for src, tag in ((1024, "conn1"), (1025, "conn2"))
+    ]
+    own = install_for(
+        table, FlowMatch(in_port=1, tp_src=1026), mask, actions=fresh(2), tags=("conn3",)
+    )
+    assert flows[0].actions is flows[1].actions
+    assert own.actions is not flows[0].actions and own.actions == fresh(2)
+    assert own.actions[:2] == flows[0].actions[:2]
+    assert all(a is b for a, b in zip(own.actions[:2], flows[0].actions[:2], strict=True))
+    table.invalidate({"conn1"})
+    assert flows[1].actions in table._action_tuples
+    table.invalidate({"conn2", "conn3"})
+    assert not table._action_tuples and not table._actions
