@@ -31,8 +31,10 @@ from hivenet.flowstate import (
     nat_tag,
 )
 from hivenet.model import (
+    DeviceKind,
     Direction,
     NatTarget,
+    Port,
     RuleAction,
     SecurityGroup,
     SecurityGroupRule,
@@ -102,10 +104,21 @@ def topology() -> Topo:
         ("net", "r-in", "10.0.1.1/24"),
         ("ext", "r-out", "203.0.113.1/24"),
     ):
-        _, link = topo.link(bridge, "r", cidr)
-        topo.objects.remove(link)
-        topo.ports[router_port] = topo.add(
-            link.model_copy(update={"id": router_port, "mac": ROUTER_MACS[router_port]})
+        # A link whose router port has its own id and MAC (the bridge port peers that id:
+        # renaming `topo.link`'s router port left the bridge peering a port that is gone,
+        # so no packet reached the router and NAT went unexercised).
+        bridge_port = f"{bridge}-r"
+        topo.ports[router_port] = topo.router_port(
+            "r", router_port, cidr, peer_id=bridge_port, mac=ROUTER_MACS[router_port]
+        )
+        topo.add(
+            Port(
+                id=bridge_port,
+                device_kind=DeviceKind.BRIDGE,
+                device_id=bridge,
+                peer_id=router_port,
+                tunnel_key=topo.key(),
+            )
         )
     topo.zone({"h1": "192.0.2.1"})
     return topo
@@ -215,8 +228,13 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
             # Nor may a hit skip state the packet would have created (a SYN served by the
             # flow of a lone mid-stream segment would never open its connection).
             assert not (hook.record.opened and not fresh.is_drop), fresh.format_trace()
-            assert created_bindings == 0, fresh.format_trace()
-            assert conntrack.evicted + nat.evicted == evicted_before, fresh.format_trace()
+            # A drop commits nothing (the agent rolls its transaction back), but its simulation
+            # may have made room in a full table, as Linux's early_drop does when an entry is
+            # allocated: the oracle's side effect, whose flows go as the agent's would.
+            assert created_bindings == 0 or fresh.is_drop, fresh.format_trace()
+            evicted = conntrack.evicted + nat.evicted
+            assert evicted == evicted_before or fresh.is_drop, fresh.format_trace()
+            forget(conntrack.take_evicted(), nat.take_evicted())
             continue
         if fresh.is_drop:
             hook.transaction.rollback()
