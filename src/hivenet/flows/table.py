@@ -412,14 +412,14 @@ def _validate_flow(
 
 
 def is_connection_tag(tag: str) -> bool:
-    """Tags naming one connection's flow state (conntrack entry, NAT binding, a NAT reply
-    key): carried by one or two flows each, so kept per flow rather than in a shared group.
+    """Tags naming one connection's flow state (its conntrack entry, the NAT state of one
+    of its keys): carried by one or two flows each, so kept per flow rather than in a shared group.
     Only a memory choice: invalidation is exact whichever way a tag is classed."""
     return tag.startswith(CONNECTION_TAG_PREFIXES)
 
 
 # The prefixes `flowstate.transaction` spells (`TAG_PREFIXES`: a test checks they agree).
-CONNECTION_TAG_PREFIXES = ("conntrack:", "nat:", "natr:")
+CONNECTION_TAG_PREFIXES = ("conntrack:", "nat:")
 
 
 _SHARED_VALUES_MAX = 1 << 17

@@ -51,6 +51,7 @@ from hivenet.flowstate.transaction import (
     TransactionResult,
     conntrack_tag,
     conntrack_tag_zone,
+    nat_key_tag,
     nat_reply_tag,
     nat_tag,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "hosts_of_stateful_groups",
     "key_of_embedded",
     "key_of_match",
+    "nat_key_tag",
     "nat_reply_tag",
     "nat_tag",
     "parse_block_key",

@@ -63,12 +63,20 @@ def _key_text(key: FlowKey) -> str:
 
 
 # The connection tags' spellings, one formatter per kind (`conntrack_tag`, `nat_tag`,
-# `nat_reply_tag` and `TagTexts` all go through these; `flows.table.CONNECTION_TAG_PREFIXES`
-# names the same prefixes: flows/ may not import flowstate/, a test checks they agree).
+# `nat_key_tag`, `nat_reply_tag` and `TagTexts` all go through these;
+# `flows.table.CONNECTION_TAG_PREFIXES` names the same prefixes: flows/ may not import
+# flowstate/, a test checks they agree).
+#
+# One NAT tag family: `nat:<zone>:<kind>:<key>` names the NAT state a packet with that key
+# sees in (zone, kind): the binding whose original key it is (the forward lookup) and the
+# binding whose translated key is its reverse (the reply lookup), present or not. A binding
+# appearing, changing or going invalidates the tag of its original key (`nat_tag`) and the
+# tag of its translated key's reverse (`nat_reply_tag`). So a forward flow that missed the
+# reply lookup and then made or used a binding for the same key carries one NAT tag, not
+# two (it carried `natr:<zone>:<kind>:<reversed key>` besides): ~130 bytes a connection.
 _CONNTRACK_TAG_PREFIX = "conntrack:"
 _NAT_TAG_PREFIX = "nat:"
-_NAT_REPLY_TAG_PREFIX = "natr:"
-TAG_PREFIXES = (_CONNTRACK_TAG_PREFIX, _NAT_TAG_PREFIX, _NAT_REPLY_TAG_PREFIX)
+TAG_PREFIXES = (_CONNTRACK_TAG_PREFIX, _NAT_TAG_PREFIX)
 _KIND_NAMES = {kind: kind.name.lower() for kind in NatKind}
 
 
@@ -78,10 +86,6 @@ def _conntrack_text(zone: str, key_text: str) -> str:
 
 def _nat_text(zone: str, kind: NatKind, key_text: str) -> str:
     return f"{_NAT_TAG_PREFIX}{zone}:{_KIND_NAMES[kind]}:{key_text}"
-
-
-def _nat_reply_text(zone: str, kind: NatKind, key_text: str) -> str:
-    return f"{_NAT_REPLY_TAG_PREFIX}{zone}:{_KIND_NAMES[kind]}:{key_text}"
 
 
 def _connection_key(key: FlowKey) -> FlowKey:
@@ -104,29 +108,41 @@ def conntrack_tag_zone(tag: str) -> str:
     return tag[start : tag.index(":", start)]
 
 
+def nat_key_tag(zone: str, kind: NatKind, key: FlowKey) -> str:
+    """Tag of the NAT state a packet with `key` sees in (zone, kind): the binding with
+    original key `key` and the binding with translated key `key.reversed()`, present or not
+    (see above)."""
+    return _nat_text(zone, kind, _key_text(key))
+
+
 def nat_tag(binding: NatBinding) -> str:
-    """The flow tag of a NAT binding (named by its original key)."""
+    """The flow tag of a NAT binding (named by its original key): `nat_key_tag` of it."""
     return _nat_text(binding.zone, binding.kind, _key_text(binding.original))
 
 
 def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
-    """Tag of "the binding whose translated key is `translated`" (present or not): a flow
-    that looked a reply up (hit or miss) carries it, so a binding with that translated key
-    appearing or going invalidates the flow."""
-    return _nat_reply_text(zone, kind, _key_text(translated))
+    """Tag of "the binding whose translated key is `translated`" (present or not):
+    `nat_key_tag` of the reply's key, `translated.reversed()`. A flow that looked a reply up
+    (hit or miss) carries it, so a binding with that translated key appearing or going
+    invalidates the flow."""
+    return _nat_text(zone, kind, _key_text(translated.reversed()))
 
 
 class TagTexts:
-    """`conntrack_tag`, `nat_tag` and `nat_reply_tag` (the same formatters), each key's text
-    formatted once: the tags of one connection spell the same keys (its conntrack key is its
-    NAT binding's original key) and are asked for several times between the simulation and
-    the commit, or while one pushed message is installed. Lives as long as one transaction
-    or one installed message (keys are values: nothing here goes stale)."""
+    """`conntrack_tag`, `nat_tag`, `nat_key_tag` and `nat_reply_tag` (the same formatters),
+    each key's text formatted once: the tags of one connection spell the same keys (its
+    conntrack key is its NAT binding's original key) and are asked for several times between
+    the simulation and the commit, or while one pushed message is installed. Lives as long as
+    one transaction or one installed message (keys are values: nothing here goes stale)."""
 
-    __slots__ = ("_texts",)
+    __slots__ = ("_nat_tags", "_texts")
 
     def __init__(self) -> None:
         self._texts: dict[FlowKey, str] = {}
+        # NAT tags already spelled, so the two lookups of one key (forward and reply) hand
+        # out one string object: a flow keeps one of two equal strings, the refresh map the
+        # other, and both would stay alive.
+        self._nat_tags: dict[tuple[str, NatKind, FlowKey], str] = {}
 
     def key_text(self, key: FlowKey) -> str:
         text = self._texts.get(key)
@@ -140,11 +156,19 @@ class TagTexts:
 
     def nat(self, binding: NatBinding) -> str:
         """`nat_tag(binding)`."""
-        return _nat_text(binding.zone, binding.kind, self.key_text(binding.original))
+        return self.nat_key(binding.zone, binding.kind, binding.original)
+
+    def nat_key(self, zone: str, kind: NatKind, key: FlowKey) -> str:
+        """`nat_key_tag(zone, kind, key)`."""
+        spelled = (zone, kind, key)
+        tag = self._nat_tags.get(spelled)
+        if tag is None:
+            tag = self._nat_tags[spelled] = _nat_text(zone, kind, self.key_text(key))
+        return tag
 
     def nat_reply(self, zone: str, kind: NatKind, translated: FlowKey) -> str:
         """`nat_reply_tag(zone, kind, translated)`."""
-        return _nat_reply_text(zone, kind, self.key_text(translated))
+        return self.nat_key(zone, kind, translated.reversed())
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,7 +203,7 @@ class TransactionHook:
             return self._icmp_error(packet, kind, zone, now)
         texts = transaction.texts
         if reverses:
-            miss_tag = texts.nat_reply(zone, kind, key.reversed())
+            miss_tag = texts.nat_key(zone, kind, key)  # = nat_reply_tag of key.reversed()
             outcome = transaction.nat(zone, action, packet, (), now, key=key)
             if outcome.binding is None:
                 return _nat_decision(tags=frozenset((miss_tag,)), applied=False)

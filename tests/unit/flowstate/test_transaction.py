@@ -20,6 +20,7 @@ from hivenet.flowstate.transaction import (
     TagTexts,
     conntrack_tag,
     conntrack_tag_zone,
+    nat_key_tag,
     nat_reply_tag,
     nat_tag,
 )
@@ -258,6 +259,12 @@ def test_tag_texts_spell_what_the_tag_functions_spell(
         assert texts.nat(binding) == nat_tag(binding)
         assert texts.nat_reply(zone, kind, other) == nat_reply_tag(zone, kind, other)
         assert texts.nat_reply(zone, kind, key) == nat_reply_tag(zone, kind, key)
+        assert texts.nat_key(zone, kind, other) == nat_key_tag(zone, kind, other)
+    # One NAT tag family: a key's forward tag is the reply tag of its reverse, and the
+    # texts hand out one object for both (a flow and the refresh map keep the same string).
+    assert nat_reply_tag(zone, kind, key.reversed()) == nat_tag(binding)
+    assert texts.nat_reply(zone, kind, key.reversed()) is texts.nat(binding)
+    assert texts.nat_key(zone, kind, key) is texts.nat(binding)
 
 
 _V4 = FlowKey(4, 0x0A000005, 0xCB007109, 6, 40000, 443)
@@ -284,24 +291,27 @@ _V6 = FlowKey(6, 0x20010DB8 << 96 | 1, 0x20010DB8 << 96 | 0xAB, 17, 5353, 53)
             nat_tag(NatBinding("r1", NatKind.DNAT, _V4, _V4)),
             "nat:r1:dnat:6:10.0.0.5:40000-203.0.113.9:443",
         ),
-        (nat_reply_tag("r1", NatKind.SNAT, _V4), "natr:r1:snat:6:10.0.0.5:40000-203.0.113.9:443"),
+        # The reply lookup's tag is the NAT tag of the reply's key (one family, see
+        # `transaction.py`): it was `natr:` and the translated key itself.
+        (nat_reply_tag("r1", NatKind.SNAT, _V4), "nat:r1:snat:6:203.0.113.9:443-10.0.0.5:40000"),
         (
             nat_reply_tag("r1", NatKind.DNAT, _V6),
-            "natr:r1:dnat:17:2001:db8::1:5353-2001:db8::ab:53",
+            "nat:r1:dnat:17:2001:db8::ab:53-2001:db8::1:5353",
         ),
+        (nat_key_tag("r1", NatKind.SNAT, _V4), "nat:r1:snat:6:10.0.0.5:40000-203.0.113.9:443"),
     ],
 )
 def test_tags_are_spelled_as_before(spelled: str, expected: str) -> None:
     """The tag texts are visible (traces, `flows()`, the refresh map, peers' invalidation):
-    one formatter per kind now, the spelling unchanged (these are the strings the three
-    functions and `TagTexts` produced before they shared a formatter)."""
+    one formatter per kind, the spelling unchanged but for the reply lookup's tag (these
+    are the strings the functions and `TagTexts` produced before they shared a formatter)."""
     assert spelled == expected
     assert conntrack_tag_zone(conntrack_tag("port-9", _V4)) == "port-9"
 
 
 def test_the_flow_table_classes_the_connection_tags_as_its_own() -> None:
     """flows/ may not import flowstate/: its copy of the connection tag prefixes must name
-    the three kinds spelled here, so a connection's tags stay per flow."""
+    the kinds spelled here, so a connection's tags stay per flow."""
     assert set(CONNECTION_TAG_PREFIXES) == set(TAG_PREFIXES)
     for tag in (
         conntrack_tag("p", _V4),

@@ -283,3 +283,34 @@ def test_commit_tags_are_the_strings_the_hook_kept() -> None:
     assert kept.commit_tags([]) == ({"conntrack-kept"}, 1)
     with pytest.raises(ValueError, match="not made through this hook"):
         kept.commit_tags([equal_copy])
+
+
+def test_a_snat_flow_carries_one_nat_tag_for_its_key() -> None:
+    """The forward packet asks the router's rev_snat (a reply lookup: a miss) and then its
+    snat (a new binding) about the same key: both answers carry the one tag of that key's NAT
+    state, so the flow keeps one string for both (it carried a second, `natr:`, before).
+    That tag still goes when a binding appears whose translated key answers the key (what
+    the reply lookup missed), which the stateful property above checks end to end."""
+    topo = topology()
+    view = topo.view()
+    tables = MemoryTables()
+    tables.neighbours[("r", 4, int(ipaddress.ip_address(VMS["out"][0])))] = int(
+        mac(VMS["out"][1]).replace(":", ""), 16
+    )
+    allocator = PortBlockAllocator()
+    allocator.claim_all(NatRange.parse(SNAT_IP, SNAT_IP, 1024, 1100))
+    conntrack, nat = ConntrackTable(), NatTable(allocator)
+    sender, frame = build(("vm2", "out", 1000, 22, True, 0x02))
+    hook = TransactionHook(FlowStateTransaction(conntrack, nat))
+    ctx = SimContext(topology=view, tables=tables, local_host_id="h1", flow_state=hook)
+    fresh = simulate(frame, sender, ctx, 0.0)
+    committed = hook.transaction.commit(0.0)
+    assert len(committed.nat_bindings) == 1, fresh.format_trace()
+    (binding,) = committed.nat_bindings
+    key = binding.original
+    assert nat_tag(binding) == nat_reply_tag("r", NatKind.SNAT, key.reversed())
+    assert nat_tag(binding) in fresh.tags
+    assert not any(tag.startswith("natr:") for tag in fresh.tags)
+    nat_tags = {tag for tag in fresh.tags if tag.startswith("nat:")}
+    # Its key's, and its reply's (the binding's translated key, looked up by replies).
+    assert nat_tags == {nat_tag(binding), nat_reply_tag("r", NatKind.SNAT, binding.translated)}
