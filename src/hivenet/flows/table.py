@@ -283,11 +283,13 @@ _NO_KEY = object()
 class _Subtable:
     """All flows sharing one mask, keyed by `key_of(masked match)`.
 
-    Fields every flow of the subtable has the same value in ("hoisted": at first every fully
-    masked field, with the first flow's values) are held once here and left out of the keys:
-    a megaflow's key keeps only the fields its flows differ in (a 16-field key tuple is ~170
-    bytes a flow; the ports alone ~60). `key_of` checks the hoisted fields first (a packet
-    with other values there matches none of the subtable's flows). A flow that differs in a
+    Fields every flow of the subtable has the same (masked) value in ("hoisted": at first
+    every field the mask covers, with the first flow's values) are held once here and left out
+    of the keys: a megaflow's key keeps only the fields its flows differ in (a 16-field key
+    tuple is ~170 bytes a flow; the ports alone ~60, one port a shared int). Partly masked
+    fields are hoisted too (a routed flow's `ip_ttl/0xfe`, the same for all): `key_of` checks
+    them under their masks. `key_of` checks the hoisted fields first (a packet with other
+    values there matches none of the subtable's flows). A flow that differs in a
     hoisted field makes the subtable `admit` it: that field goes back into the keys and every
     flow is re-keyed (at most once per field in the subtable's life)."""
 
@@ -297,11 +299,9 @@ class _Subtable:
         self.mask = mask
         self.flows: dict[Hashable, Flow] = {}
         self.hits = 0
-        # Hoisted field index -> the value every flow has there.
+        # Hoisted field index -> the (masked) value every flow has there.
         self.hoisted: dict[int, int] = {
-            index: first[index]
-            for index, field_mask in enumerate(mask)
-            if field_mask and field_mask == _FULL_MASK_BY_INDEX[index]
+            index: first[index] for index, field_mask in enumerate(mask) if field_mask
         }
         self._build()
 
@@ -313,11 +313,45 @@ class _Subtable:
         if not hoisted:
             self.key_of, self.match_of = key_of, values_of
             return
-        indexes = sorted(hoisted)
-        pick = itemgetter(*indexes)
-        expected = pick(tuple(hoisted.get(i, 0) for i in range(_FIELD_COUNT)))
+        mask = self.mask
+        whole = sorted(i for i in hoisted if mask[i] == _FULL_MASK_BY_INDEX[i])
+        partial = sorted(i for i in hoisted if i not in whole)
         no_key = _NO_KEY
-        self.key_of = lambda values: key_of(values) if pick(values) == expected else no_key
+        if whole:
+            pick = itemgetter(*whole)
+            expected = pick(tuple(hoisted.get(i, 0) for i in range(_FIELD_COUNT)))
+        if len(partial) == 1:
+            (at,) = partial
+            at_mask, at_value = mask[at], hoisted[at]
+        elif partial:
+            pick_partial = itemgetter(*partial)  # two or more: a tuple
+            partial_masks = tuple(mask[i] for i in partial)
+            wanted = tuple(hoisted[i] for i in partial)
+        if not partial:
+            self.key_of = lambda values: key_of(values) if pick(values) == expected else no_key
+        elif len(partial) == 1 and whole:
+            self.key_of = lambda values: (
+                key_of(values)
+                if pick(values) == expected and values[at] & at_mask == at_value
+                else no_key
+            )
+        elif len(partial) == 1:
+            self.key_of = lambda values: (
+                key_of(values) if values[at] & at_mask == at_value else no_key
+            )
+        elif whole:
+            self.key_of = lambda values: (
+                key_of(values)
+                if pick(values) == expected
+                and tuple(map(and_, pick_partial(values), partial_masks)) == wanted
+                else no_key
+            )
+        else:
+            self.key_of = lambda values: (
+                key_of(values)
+                if tuple(map(and_, pick_partial(values), partial_masks)) == wanted
+                else no_key
+            )
         filled = tuple(hoisted.items())
 
         def match_of(key: Hashable) -> tuple[int, ...]:
