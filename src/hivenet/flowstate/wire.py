@@ -22,18 +22,17 @@ Layout (network byte order):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from sys import intern
-from typing import Any
 
 from hivenet.flowstate.conntrack import TCP_STATES, ConnState, ConntrackRecord
 from hivenet.flowstate.keys import ICMP_PROTOCOLS, FlowKey
 from hivenet.flowstate.nat import NatBinding, NatKind, NatRecord
 from hivenet.packets.flowmatch import IP_PROTO_TCP
+from hivenet.packets.slots import slot_builder
 
 MAGIC = b"HNFS"
 VERSION = 1
@@ -348,36 +347,16 @@ _zone_names: dict[bytes, str] = {}
 _ZONE_NAMES_MAX = 4096
 
 
-def _record_builder(cls: type, fields: tuple[str, ...]) -> Callable[..., Any]:
-    """`build(*values)`: an instance of the immutable slotted record `cls` with `fields` set,
-    as its constructor sets them, without its checks (a dataclass's `__post_init__`, or the
-    `__init__` of a hand-written record such as `NatBinding`): the fast path has checked on
-    the unpacked integers what those would check on the keys' properties (~2 us of a NAT
-    binding's ~2.6). If `cls` no longer has exactly these fields, in this order, and these
-    slots (a slot its checks might fill), its constructor."""
-    names = (
-        tuple(field.name for field in dataclasses.fields(cls))
-        if dataclasses.is_dataclass(cls)
-        else tuple(getattr(cls, "__match_args__", ()))
-    )
-    if names != fields or set(getattr(cls, "__slots__", ())) != set(fields):
-        return cls
-    new, setters = object.__new__, [getattr(cls, name).__set__ for name in fields]
-
-    def build(first: Any, second: Any, third: Any, fourth: Any) -> Any:
-        instance: Any = new(cls)
-        set_first(instance, first)
-        set_second(instance, second)
-        set_third(instance, third)
-        set_fourth(instance, fourth)
-        return instance
-
-    set_first, set_second, set_third, set_fourth = setters
-    return build
-
-
-_checked_conntrack_record = _record_builder(ConntrackRecord, ("zone", "key", "state", "expires_at"))
-_checked_nat_binding = _record_builder(NatBinding, ("zone", "kind", "original", "translated"))
+# The fast path's records without their constructors' checks (a dataclass's `__post_init__`,
+# `NatBinding`'s `__init__`): it has checked on the unpacked integers what those would check
+# on the keys' properties (~2 us of a NAT binding's ~2.6). If a record no longer has exactly
+# these fields, in this order, and these slots (a slot its checks might fill): its constructor.
+_checked_conntrack_record = slot_builder(
+    ConntrackRecord, "positional", ("zone", "key", "state", "expires_at"), checked=False
+)
+_checked_nat_binding = slot_builder(
+    NatBinding, "positional", ("zone", "kind", "original", "translated"), checked=False
+)
 
 
 def _fast_zone(data: bytes, start: int, end: int) -> str | None:

@@ -4,7 +4,8 @@ UDP, VXLAN and DHCP, the `FlowMatch` hot-path extractor and the datapath's heade
 This package imports only the standard library. It owns byte layouts; it does not decide
 policy (which packets to answer, drop or forward: that is `hivenet.sim`). Submodules:
 `headers` (value types), `parse` (generic parser), `flowextract` (hot path), `rewrite`,
-`builders`, `checksum`, `vxlan`, `dhcp`, `addresses`, `errors`.
+`builders`, `checksum`, `vxlan`, `dhcp`, `addresses`, `errors`, `slots` (fast constructors
+of immutable slotted records, for the hot paths of `sim` and `flowstate`).
 """
 
 from hivenet.packets.addresses import mac_to_int, mac_to_str

@@ -21,8 +21,8 @@ from hivenet.flows.actions import Drop
 from hivenet.packets import PacketError, extract_flow_match
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
 from hivenet.packets.icmp_quote import rewrite_icmp_quote
+from hivenet.packets.slots import slot_builder
 from hivenet.sim import ports
-from hivenet.sim.frozen import frozen_builder
 from hivenet.sim.result import GeneratedPacket, Here, SimulationResult, TraceStep
 from hivenet.sim.walk import PacketState, SimContext, Walk, sim_here
 
@@ -88,7 +88,7 @@ def simulate(
 
 # A `SimulationResult` without the frozen dataclass's per-field `object.__setattr__` calls
 # (2.9 us of a ~50 us simulation).
-_result = frozen_builder(SimulationResult)
+_result = slot_builder(SimulationResult, "keywords")
 
 
 def _run_generated(walk: Walk) -> list[GeneratedPacket]:

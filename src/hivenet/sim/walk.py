@@ -48,6 +48,7 @@ from hivenet.packets.flowmatch import (
 )
 from hivenet.packets.mtu import ip_size
 from hivenet.packets.options import ipv4_source_routed
+from hivenet.packets.slots import slot_builder
 from hivenet.sim import replies
 from hivenet.sim.dhcp import DhcpBudget
 from hivenet.sim.flowstate_hook import NO_FLOW_STATE, FlowStateHook
@@ -193,28 +194,14 @@ def _mask_builder() -> Callable[[dict[str, int]], tuple[int, ...]]:
     return namespace["mask"]  # type: ignore[return-value]
 
 
-def _match_builder() -> Callable[[PacketState], FlowMatch]:
-    """`match_of(packet)`: the FlowMatch of a packet's current fields, as `FlowMatch(...)`
-    makes it, with each slot set through its descriptor (the frozen `__init__` calls
-    `object.__setattr__` per field: ~4.3 us for 23 fields, and every conntrack or NAT
-    question asks for one). The constructor itself if FlowMatch gains checks or fields
-    other than FIELD_NAMES. The source holds only field names."""
-    if hasattr(FlowMatch, "__post_init__") or not hasattr(FlowMatch, "__slots__"):
-        return lambda packet: FlowMatch(*_field_values(packet))
-    namespace: dict[str, object] = {"_new": object.__new__, "FlowMatch": FlowMatch}
-    body = []
-    for name in FIELD_NAMES:
-        namespace[f"_set_{name}"] = getattr(FlowMatch, name).__set__
-        body.append(f"    _set_{name}(match, src.{name})\n")
-    source = f"def match_of(src):\n    match = _new(FlowMatch)\n{''.join(body)}    return match\n"
-    exec(compile(source, "<FlowMatch of PacketState>", "exec"), namespace)
-    return namespace["match_of"]  # type: ignore[return-value]
-
-
 _copy_fields = _field_copier()
 _mask_of = _mask_builder()
 _field_values = attrgetter(*FIELD_NAMES)
-_match_of = _match_builder()
+# The FlowMatch of a packet's current fields, as `FlowMatch(...)` makes it, each slot set
+# through its descriptor (the frozen `__init__` calls `object.__setattr__` per field: ~4.3 us
+# for 23 fields, and every conntrack or NAT question asks for one); the constructor itself
+# if FlowMatch gains checks or fields other than FIELD_NAMES.
+_match_of: Callable[[PacketState], FlowMatch] = slot_builder(FlowMatch, "attributes", FIELD_NAMES)
 
 
 _TAG_MEMO_LIMIT = 1 << 16

@@ -23,6 +23,7 @@ from hivenet.flowstate.wire import (
     encode,
     encode_batches,
 )
+from hivenet.packets.slots import slot_builder
 
 NOW = 1_000_000.0
 
@@ -437,7 +438,9 @@ def test_fast_records_are_the_constructors_records() -> None:
         built.zone = "other"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.zone = "other"  # type: ignore[misc]
-    assert wire._record_builder(NatBinding, ("zone", "kind", "original")) is NatBinding
+    fields = ("zone", "kind", "original", "translated")
+    assert slot_builder(NatBinding, "positional", fields[:3], checked=False) is NatBinding
+    assert slot_builder(NatBinding, "positional", fields[::-1], checked=False) is NatBinding
 
     @dataclasses.dataclass(frozen=True)
     class Unslotted:
@@ -446,4 +449,4 @@ def test_fast_records_are_the_constructors_records() -> None:
         original: int
         translated: int
 
-    assert wire._record_builder(Unslotted, ("zone", "kind", "original", "translated")) is Unslotted
+    assert slot_builder(Unslotted, "positional", fields, checked=False) is Unslotted

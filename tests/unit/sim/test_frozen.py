@@ -1,9 +1,9 @@
-"""Unit tests for `hivenet.sim.frozen`: a builder makes what the constructor makes."""
+"""Unit tests for `hivenet.sim.frozen`: a builder makes what the constructor makes, for the
+flow-state hook's decisions (the generator's other cases: tests/unit/packets/test_slots.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given
@@ -64,21 +64,3 @@ def test_missing_required_field_and_unknown_field_are_type_errors() -> None:
         build()
     with pytest.raises(TypeError):
         build(is_return=True, colour="red")
-
-
-def test_classes_with_checks_or_without_slots_get_their_constructor() -> None:
-    @dataclass(frozen=True, slots=True)
-    class Checked:
-        value: int
-
-        def __post_init__(self) -> None:
-            if self.value < 0:
-                raise ValueError("negative")
-
-    @dataclass(frozen=True)
-    class Unslotted:
-        value: int = 0
-        items: list[int] = field(default_factory=list)
-
-    assert frozen_builder(Checked) is Checked
-    assert frozen_builder(Unslotted) is Unslotted
