@@ -48,6 +48,12 @@ _REORDER_INTERVAL = 4096
 
 # Rebuild the expiry heap when stale entries outnumber live flows by this factor.
 _HEAP_COMPACT_FACTOR = 2
+# A flow's place in the expiry heap is its deadline rounded down to this grid (seconds, a
+# power of two: exact in binary), one shared float per grid point (`_heap_time`): the flows
+# installed or used within one grid step share it, where each held a float of its own (24
+# bytes). Rounding down only makes `expire` look at a flow early; it checks the exact deadline.
+_HEAP_GRID = 1 / 16
+_HEAP_TIMES_MAX = 4096
 
 
 class _TagGroup:
@@ -490,9 +496,11 @@ class FlowTable:
         self._oldest: Flow | None = None
         self._newest: Flow | None = None
         self._count = 0
-        # Flows by the deadline they had when pushed (`Flow._heap_at`, set only while out of
-        # the heap): the flow itself is the heap entry, no (deadline, sequence, flow) tuple.
+        # Flows by the deadline they had when pushed, rounded down to _HEAP_GRID
+        # (`Flow._heap_at`, set only while out of the heap): the flow itself is the heap
+        # entry, no (deadline, sequence, flow) tuple.
         self._expiry_heap: list[Flow] = []
+        self._heap_times: dict[float, float] = {}  # one float object per grid point in use
         # Interned actions, counted so nothing outlives its flows: one tuple object per
         # distinct actions tuple, with the number of flows holding it (the connections of one
         # path and SNAT address have equal actions: their rewrites and outputs, and the same
@@ -800,6 +808,7 @@ class FlowTable:
         now = _check_finite("now", now)
         heap = self._expiry_heap
         expired: list[Flow] = []
+        later: list[tuple[Flow, float]] = []
         while heap and heap[0]._heap_at <= now:
             flow = heapq.heappop(heap)
             if flow.removed:
@@ -808,8 +817,10 @@ class FlowTable:
             if deadline <= now:
                 self._remove(flow)
                 expired.append(flow)
-            else:  # used since this entry was pushed: wait for its new deadline
-                self._push_deadline(flow, deadline)
+            else:  # used since it was pushed, or due within the grid step: not yet
+                later.append((flow, deadline))
+        for flow, deadline in later:  # after the loop: its grid point may be <= now
+            self._push_deadline(flow, deadline)
         self._expired += len(expired)
         if len(heap) > _HEAP_COMPACT_FACTOR * self._count + 1024:
             self._rebuild_expiry_heap()
@@ -820,8 +831,18 @@ class FlowTable:
             deadline = flow.deadline()
         if deadline == math.inf:
             return
-        flow._heap_at = deadline
+        flow._heap_at = self._heap_time(deadline)
         heapq.heappush(self._expiry_heap, flow)
+
+    def _heap_time(self, deadline: float) -> float:
+        point = deadline - deadline % _HEAP_GRID
+        times = self._heap_times
+        shared = times.get(point)
+        if shared is None:
+            if len(times) >= _HEAP_TIMES_MAX:
+                times.clear()  # values only: flows already pushed keep theirs
+            shared = times[point] = point
+        return shared
 
     def _rebuild_expiry_heap(self) -> None:
         # Entries of removed flows pile up under churn (replacement, invalidation, eviction).
