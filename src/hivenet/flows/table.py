@@ -195,6 +195,12 @@ class Flow:
             return self._own_tags
         return group.tags + self._own_tags if self._own_tags else group.tags
 
+    @property
+    def own_tags(self) -> tuple[str, ...]:
+        """Its own tags (a connection's, `is_connection_tag` by default): the part of `tags`
+        not shared with other flows through a group, without building `tags`."""
+        return self._own_tags
+
     def __lt__(self, other: Flow) -> bool:
         return self._heap_at < other._heap_at
 
