@@ -32,7 +32,7 @@ from hivenet.flowstate.conntrack import (
     ConntrackTable,
     Verdict,
 )
-from hivenet.flowstate.keys import FlowKey, format_address, is_icmp_error, key_of_match
+from hivenet.flowstate.keys import FlowKey, is_icmp_error, key_of_match, key_text
 from hivenet.flowstate.nat import NatBinding, NatKind, NatTable, covers
 from hivenet.flowstate.portblocks import NatRange
 from hivenet.packets.flowmatch import IP_PROTO_TCP, FlowMatch
@@ -53,13 +53,6 @@ _KIND_OF_ACTION = {
     NatAction.REV_DNAT: NatKind.DNAT,
     NatAction.REV_SNAT: NatKind.SNAT,
 }
-
-
-def _key_text(key: FlowKey) -> str:
-    return (
-        f"{key.ip_proto}:{format_address(key.ip_version, key.ip_src)}:{key.tp_src}"
-        f"-{format_address(key.ip_version, key.ip_dst)}:{key.tp_dst}"
-    )
 
 
 # The connection tags' spellings, one formatter per kind (`conntrack_tag`, `nat_tag`,
@@ -98,7 +91,7 @@ def conntrack_tag(zone: str, key: FlowKey) -> str:
     """The flow tag of the connection `key` belongs to: the same for both directions (the
     lower of `key` and its reverse is spelled), so a flow depends on one tag per connection
     and a flow cached before either side opened it is invalidated by that same tag."""
-    return _conntrack_text(zone, _key_text(_connection_key(key)))
+    return _conntrack_text(zone, key_text(_connection_key(key)))
 
 
 def conntrack_tag_zone(tag: str) -> str:
@@ -112,12 +105,12 @@ def nat_key_tag(zone: str, kind: NatKind, key: FlowKey) -> str:
     """Tag of the NAT state a packet with `key` sees in (zone, kind): the binding with
     original key `key` and the binding with translated key `key.reversed()`, present or not
     (see above)."""
-    return _nat_text(zone, kind, _key_text(key))
+    return _nat_text(zone, kind, key_text(key))
 
 
 def nat_tag(binding: NatBinding) -> str:
     """The flow tag of a NAT binding (named by its original key): `nat_key_tag` of it."""
-    return _nat_text(binding.zone, binding.kind, _key_text(binding.original))
+    return _nat_text(binding.zone, binding.kind, key_text(binding.original))
 
 
 def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
@@ -125,7 +118,7 @@ def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
     `nat_key_tag` of the reply's key, `translated.reversed()`. A flow that looked a reply up
     (hit or miss) carries it, so a binding with that translated key appearing or going
     invalidates the flow."""
-    return _nat_text(zone, kind, _key_text(translated.reversed()))
+    return _nat_text(zone, kind, key_text(translated.reversed()))
 
 
 class TagTexts:
@@ -147,7 +140,7 @@ class TagTexts:
     def key_text(self, key: FlowKey) -> str:
         text = self._texts.get(key)
         if text is None:
-            text = self._texts[key] = _key_text(key)
+            text = self._texts[key] = key_text(key)
         return text
 
     def conntrack(self, zone: str, key: FlowKey) -> str:

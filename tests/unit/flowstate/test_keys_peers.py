@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hivenet.flowstate.keys import FlowKey, FlowKeyError, key_of_embedded, key_of_match
+from hivenet.flowstate.keys import (
+    FlowKey,
+    FlowKeyError,
+    key_of_embedded,
+    key_of_match,
+    key_text,
+)
 from hivenet.flowstate.peers import group_by_peer, hosts_of_stateful_groups, push_targets
 from hivenet.flowstate.schedule import RefreshPolicy
 from hivenet.packets import (
@@ -209,3 +215,11 @@ def test_refresh_policy_validation(arguments: dict[str, float], message: str) ->
 @pytest.mark.parametrize(("timeout", "after"), [(30.0, 15.0), (432_000.0, 600.0), (1.0, 1.0)])
 def test_refresh_after(timeout: float, after: float) -> None:
     assert RefreshPolicy().refresh_after(timeout) == after
+
+
+@given(fields=key_fields())
+def test_key_text_spells_the_fields_as_ipaddress_does(fields: tuple[int, ...]) -> None:
+    """The tags' key spelling, read off the packed key, against the fields and `ipaddress`."""
+    version, src, dst, proto, sport, dport = fields
+    address = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    assert key_text(FlowKey(*fields)) == f"{proto}:{address(src)}:{sport}-{address(dst)}:{dport}"
