@@ -102,11 +102,11 @@ def topology() -> Topo:
         ("net", "r-in", "10.0.1.1/24"),
         ("ext", "r-out", "203.0.113.1/24"),
     ):
+        # The link's own port ids (its bridge port peers them, its routes name them), with
+        # the MACs `build` uses: a port renamed here left the router unreachable.
         _, link = topo.link(bridge, "r", cidr)
         topo.objects.remove(link)
-        topo.ports[router_port] = topo.add(
-            link.model_copy(update={"id": router_port, "mac": ROUTER_MACS[router_port]})
-        )
+        topo.add(link.model_copy(update={"mac": ROUTER_MACS[router_port]}))
     topo.zone({"h1": "192.0.2.1"})
     return topo
 
@@ -215,8 +215,11 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
             # Nor may a hit skip state the packet would have created (a SYN served by the
             # flow of a lone mid-stream segment would never open its connection).
             assert not (hook.record.opened and not fresh.is_drop), fresh.format_trace()
-            assert created_bindings == 0, fresh.format_trace()
-            assert conntrack.evicted + nat.evicted == evicted_before, fresh.format_trace()
+            # (A walk that ends in a drop may have made a binding, evicting another to make
+            # room for it, before the drop: the rollback removes the binding only.)
+            if not fresh.is_drop:
+                assert created_bindings == 0, fresh.format_trace()
+                assert conntrack.evicted + nat.evicted == evicted_before, fresh.format_trace()
             continue
         if fresh.is_drop:
             hook.transaction.rollback()
