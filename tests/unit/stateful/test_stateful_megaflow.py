@@ -323,7 +323,7 @@ def test_forward_snat_flow_carries_no_reply_tag_but_its_commit_removes_a_cached_
     forward = build(("vm2", "out", 1000, 22, True, 0x02))
     # Where the SNAT will put this connection: an allocator in the same state picks the same.
     _, probe = walk(*forward, nat=snat_table())
-    (binding,) = probe.transaction._created
+    ((binding, _, _),) = probe.record.binding_tags
     probe.transaction.rollback()
     reply_tag = nat_reply_tag("r", NatKind.SNAT, binding.translated)
 
