@@ -605,7 +605,8 @@ class FlowStateSync:
                 )
 
     def _forget(self, conntrack: list[ConntrackRecord], nat: list[NatRecord]) -> None:
-        """Entries left the tables (expired or evicted): remove the flows tagged with them."""
+        """Entries left the tables (expired, evicted, or a binding replaced by a newer one
+        with its translated key): remove the flows tagged with them."""
         tags: set[str] = set()
         texts = TagTexts()  # each key's text formatted once (see `_install`)
         for record in conntrack:
@@ -622,8 +623,14 @@ class FlowStateSync:
             self._invalidate(tags)
 
     def _forget_evicted(self) -> None:
-        """Entries a full table evicted (see `ConntrackTable`, `NatTable`)."""
-        conntrack, nat = self.conntrack.take_evicted(), self.nat.take_evicted()
+        """Entries a full table evicted (see `ConntrackTable`, `NatTable`), and bindings a
+        newer one with the same translated key replaced (`NatTable.take_replaced`: their
+        forward flows carry only their own `nat_tag`, which nothing else invalidates)."""
+        nat_table = self.nat
+        conntrack, nat = self.conntrack.take_evicted(), nat_table.take_evicted()
+        replaced = nat_table.take_replaced()
+        if replaced:
+            nat += replaced
         if conntrack or nat:
             self._forget(conntrack, nat)
 

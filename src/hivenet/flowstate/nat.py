@@ -301,7 +301,13 @@ class NatTable:
     A NAT table cannot see TCP states, so "used again" stands for "half-open": a flood of
     one-packet connections only replaces its own bindings. Bindings in `keep` (the ones the
     caller's packet depends on) are never evicted. An evicted binding frees its port; it is
-    counted (`evicted_unused`, `evicted_other`) and handed out once by `take_evicted()`."""
+    counted (`evicted_unused`, `evicted_other`) and handed out once by `take_evicted()`.
+
+    A translated key is unique: a new binding (made here or merged from a peer) whose
+    translated key another binding holds replaces that one, which is handed out once by
+    `take_replaced()` (not counted as evicted). The caller removes its flows as it does an
+    expired binding's: a forward flow depends on its binding through the binding's
+    `nat_tag` only (`sim.stateful`), which the new binding's tags do not name."""
 
     def __init__(
         self,
@@ -325,6 +331,7 @@ class NatTable:
         # Bindings not used since they were made, oldest first (a dict as an ordered set).
         self._unused = EntryOrder()
         self._evicted: list[NatRecord] = []
+        self._replaced: list[NatRecord] = []
         self.evicted_unused = 0
         self.evicted_other = 0
 
@@ -503,6 +510,7 @@ class NatTable:
         index = _Index(zone, kind)
         stale = self._live(self._by_translated, zone, kind, translated, float("-inf"))
         if stale is not None:  # a translated key is unique: the newer binding wins
+            self._replaced.append(NatRecord(stale, stale.expires_at))
             self._drop(stale)
         if self.max_entries is not None and self._count >= self.max_entries:
             self._make_room(keep)
@@ -545,6 +553,12 @@ class NatTable:
         """The bindings evicted to make room since the last call (each handed out once)."""
         evicted, self._evicted = self._evicted, []
         return evicted
+
+    def take_replaced(self) -> list[NatRecord]:
+        """The bindings a newer binding with the same translated key replaced since the last
+        call (each handed out once; see the class docstring)."""
+        replaced, self._replaced = self._replaced, []
+        return replaced
 
     @property
     def evicted(self) -> int:

@@ -15,9 +15,15 @@ Pure: no I/O, no clock.
 
 Tags: a conntrack decision carries the connection's `conntrack_tag`, which is the same for
 both directions of a key, so a flow cached while the key was unknown (e.g. a drop of an
-unsolicited packet) is invalidated when either side opens the connection; a NAT decision
-carries the binding's `nat_tag` and `nat_reply_tag` of the key a reply lookup used, so a
-cached "no binding" is invalidated when a binding with that translated key appears.
+unsolicited packet) is invalidated when either side opens the connection. A forward NAT
+decision (dnat/snat) carries its binding's `nat_tag` alone: every change to the binding of
+its original key names that tag (its creation, a peer's replacement, expiry, eviction), and
+a binding that a newer one with the same translated key replaces is handed to the agent
+(`NatTable.take_replaced`), which removes its flows as an expired binding's. A reverse
+decision (rev_dnat/rev_snat) carries the `nat_reply_tag` of the key its reply lookup used,
+hit or miss (and the binding's `nat_tag` on a hit), so a cached "no binding" is invalidated
+when a binding with that translated key appears: a commit invalidates each new binding's
+`nat_reply_tag` too (`HookRecord.commit_tags`), though no forward flow carries it.
 """
 
 from __future__ import annotations
@@ -108,14 +114,16 @@ class HookRecord:
     # Entries the simulation's tags name (the very tag objects the flow carries), so the
     # agent can refresh them while the flow is used.
     tagged: list[tuple[str, TaggedEntry]] = field(default_factory=list)
-    # Per binding a forward NAT rule used: its `nat_tag` and `nat_reply_tag`, as the
-    # simulation spelled them (see `commit_tags`).
+    # Per binding a forward NAT rule used: its `nat_tag` (the decision's tag) and its
+    # `nat_reply_tag` (the decision does not carry it: only for `commit_tags`), as the
+    # simulation spelled them.
     binding_tags: list[tuple[NatBinding, str, str]] = field(default_factory=list)
 
     def commit_tags(self, bindings: Sequence[NatBinding]) -> tuple[set[str], int]:
         """The tags a commit that opened `opened` and created `bindings` invalidates (each
         connection's `conntrack_tag`, each binding's `nat_tag` and `nat_reply_tag`: the
-        strings the simulation made), and how many connections it opened. Every binding
+        strings the simulation made; the reply tag for the flows that cached a reply lookup's
+        miss of the new translated key), and how many connections it opened. Every binding
         must be one this hook's `nat` made (matched by identity): a transaction's bindings
         are created only through its hook."""
         tags = {tag for _, _, tag in self.opened}
@@ -227,13 +235,15 @@ class TransactionHook:
             raise FlowStateUnsupported(f"nat_error: {error}") from error
         binding = outcome.binding
         assert binding is not None  # dnat/snat always bind
-        self._tag_binding(outcome.tags, binding)
+        forward_tags = outcome.tags
+        self._tag_binding(forward_tags, binding)
+        (forward_tag,) = forward_tags
+        # Not a tag of this flow (see the module docstring): the commit invalidates it.
         reply_tag = texts.nat_reply(zone, kind, binding.translated)
-        (forward_tag,) = outcome.tags
         self.record.binding_tags.append((binding, forward_tag, reply_tag))
         return _nat_decision(
             rewrites=outcome.rewrites,
-            tags=frozenset((forward_tag, reply_tag)),
+            tags=forward_tags,
             description=f"{action_name} {binding.original} -> {binding.translated}",
         )
 

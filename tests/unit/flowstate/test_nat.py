@@ -257,6 +257,28 @@ def test_merge_installs_replaces_and_deletes() -> None:
     assert len(table) == 0
 
 
+def test_a_binding_whose_translated_key_a_newer_one_takes_is_handed_out_as_replaced() -> None:
+    """A translated key is unique: the newer binding wins, and the one it replaced is handed
+    out once by `take_replaced` (its flows carry only its own `nat_tag`, which the newer
+    binding's tags do not name), not counted as evicted. A binding replaced by one of the
+    same original key is not: the newer binding's `nat_tag` is the same."""
+    table, _ = snat_table()
+    ours, _ = table.snat(ZONE, FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443), [NAT_RANGE], 0.0)
+    (before,) = table.snapshot(0.0)
+    theirs = NatBinding(
+        ZONE, NatKind.SNAT, FlowKey(4, ip("10.0.0.6"), ip(REMOTE), 6, 40000, 443), ours.translated
+    )
+    assert table.merge(NatRecord(theirs, 100.0), 1.0) == theirs
+    assert table.take_replaced() == [before]
+    assert table.take_replaced() == []  # handed out once
+    assert table.lookup_original(ZONE, NatKind.SNAT, ours.original, 1.0) is None
+    assert table.lookup_translated(ZONE, NatKind.SNAT, ours.translated, 1.0) == theirs
+    assert (len(table), table.evicted, table.take_evicted()) == (1, 0, [])
+    moved = FlowKey(4, ip(PUBLIC_NAT), ip(REMOTE), 6, 2001, 443)
+    table.merge(NatRecord(NatBinding(ZONE, NatKind.SNAT, theirs.original, moved), 100.0), 2.0)
+    assert table.take_replaced() == []
+
+
 @pytest.mark.parametrize(
     ("kind", "original", "translated", "message"),
     [
