@@ -172,6 +172,9 @@ class NatOutcome:
     rewrites: Mapping[str, int] = field(default_factory=dict)
     binding: NatBinding | None = None
     tags: frozenset[str] = frozenset()
+    # False: the answer depends on more than the megaflow reads (a DNAT binding kept only
+    # because the packet is no SYN: a SYN on the same 5-tuple would rebind).
+    cacheable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +291,7 @@ class FlowStateTransaction:
             self._tags.add(tag)
             self._bindings.append(binding)
             return NatOutcome(binding.reply_rewrites(), binding, frozenset({tag}))
+        cacheable = True
         if action is NatAction.DNAT:
             opening = (
                 match.ip_proto == IP_PROTO_TCP and match.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
@@ -298,7 +302,7 @@ class FlowStateTransaction:
             if not created and match.ip_proto == IP_PROTO_TCP and not covers(targets, binding):
                 # Kept only because this is no SYN: a SYN on the same 5-tuple would rebind,
                 # so the decision read the TCP flags, which the megaflow does not.
-                self.cacheable = False
+                self.cacheable = cacheable = False
         else:
             binding, created = self.nat_table.snat(zone, key, targets, now, keep=self._bindings)
         if created:
@@ -306,7 +310,7 @@ class FlowStateTransaction:
         self._bindings.append(binding)
         tag = self.texts.nat(binding)
         self._tags.add(tag)
-        return NatOutcome(binding.forward_rewrites(), binding, frozenset({tag}))
+        return NatOutcome(binding.forward_rewrites(), binding, frozenset({tag}), cacheable)
 
     def commit(self, now: float, peers: frozenset[str] = frozenset()) -> TransactionResult:
         """The packet was let through: open/advance its connections, and remember `peers`

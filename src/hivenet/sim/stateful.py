@@ -244,6 +244,10 @@ class TransactionHook:
         return _nat_decision(
             rewrites=outcome.rewrites,
             tags=forward_tags,
+            # False when the table kept a binding only because this is no SYN (a SYN on the
+            # same 5-tuple would rebind: the answer read the TCP flags, the megaflow does not).
+            # Until now the transaction noted it and no one read it: the flow was cached.
+            cacheable=outcome.cacheable,
             description=f"{action_name} {binding.original} -> {binding.translated}",
         )
 
