@@ -43,8 +43,19 @@ from .scapy_oracle import checksums_valid
 SERVER_MAC, CLIENT_MAC = "02:00:00:00:00:fe", "02:00:00:00:00:01"
 
 
+# Inner frames scapy dissects to the end: Ethernet II with a local experimental ethertype
+# (payload kept raw). An arbitrary 14+ bytes may read as an 802.3 frame shorter than its
+# bytes, whose rest scapy holds as padding and leaves out of the UDP checksum it recomputes:
+# the oracle then disagrees with a correct checksum (found once by hypothesis).
+inner_frames = st.builds(
+    lambda macs, payload: macs + b"\x88\xb5" + payload,
+    st.binary(min_size=12, max_size=12),
+    st.binary(max_size=46),
+)
+
+
 @settings(max_examples=100, deadline=None)
-@given(st.integers(0, 2**24 - 1), st.binary(min_size=14, max_size=60))
+@given(st.integers(0, 2**24 - 1), inner_frames)
 def test_vxlan_matches_scapy(vni: int, inner: bytes) -> None:
     frame = build_vxlan_frame(
         inner, vni, eth_src=1, eth_dst=2, ip_src="192.0.2.1", ip_dst="192.0.2.2", src_port=50000
