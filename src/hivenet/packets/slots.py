@@ -11,7 +11,7 @@ immutability). Its users differ only in where the values come from, `take`:
 - "keywords": `build(**fields)`, keyword-only; a field left out gets its default, a
   `default_factory` field a fresh value, as the dataclass's `__init__` gives them; a missing
   or unknown field is a `TypeError` (`sim/engine.py`'s `SimulationResult`, the flow-state
-  hook's decisions through `sim.frozen.frozen_builder`).
+  hook's decisions in `sim/stateful.py`).
 - "positional": `build(*values)` in field order, defaults likewise (`flowstate/wire.py`:
   `ConntrackRecord` and `NatBinding` from entries it has checked itself).
 - "attributes": `build(source)`: `source.<field>` for each field (`sim/walk.py`: the

@@ -51,8 +51,8 @@ from hivenet.flowstate import (
 from hivenet.flowstate.keys import is_icmp_error
 from hivenet.model import RuleAction
 from hivenet.packets.flowmatch import FlowMatch
+from hivenet.packets.slots import slot_builder
 from hivenet.sim.flowstate_hook import ConntrackDecision, FlowStateUnsupported, NatDecision
-from hivenet.sim.frozen import frozen_builder
 from hivenet.sim.result import SimulationResult
 from hivenet.sim.rules import CompiledRule
 from hivenet.sim.secgroups import FLOATING_IP_RULE
@@ -75,8 +75,8 @@ _NEW = Verdict.NEW
 _KEY_FIELDS = {"ip_src": 1, "ip_dst": 2, "tp_src": 4, "tp_dst": 5}
 # The decisions of every conntrack and NAT question (three per new NATed connection), built
 # without the frozen dataclasses' per-field `object.__setattr__` (~1.3 us less each).
-_conntrack_decision = frozen_builder(ConntrackDecision)
-_nat_decision = frozen_builder(NatDecision)
+_conntrack_decision = slot_builder(ConntrackDecision, "keywords")
+_nat_decision = slot_builder(NatDecision, "keywords")
 
 
 def connection_tags(zone: str, key: FlowKey) -> frozenset[str]:

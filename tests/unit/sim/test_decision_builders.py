@@ -1,5 +1,5 @@
-"""Unit tests for `hivenet.sim.frozen`: a builder makes what the constructor makes, for the
-flow-state hook's decisions (the generator's other cases: tests/unit/packets/test_slots.py)."""
+"""`slot_builder(cls, "keywords")` makes what the constructor makes, for the flow-state
+hook's decisions (the generator's other cases: tests/unit/packets/test_slots.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hivenet.packets.slots import slot_builder
 from hivenet.sim.flowstate_hook import ConntrackDecision, NatDecision
-from hivenet.sim.frozen import frozen_builder
 
 texts = st.text(max_size=8)
 tag_sets = st.frozensets(texts, max_size=3)
@@ -44,7 +44,7 @@ def test_decisions_built_equal_the_constructed(
 ) -> None:
     """Any subset of the fields given, the rest defaulted as the constructor defaults them."""
     for cls, values in ((NatDecision, nat), (ConntrackDecision, conntrack)):
-        built = frozen_builder(cls)(**values)
+        built = slot_builder(cls, "keywords")(**values)
         assert type(built) is cls
         assert built == cls(**values)
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -52,14 +52,14 @@ def test_decisions_built_equal_the_constructed(
 
 
 def test_default_factory_fields_are_fresh_per_instance() -> None:
-    build = frozen_builder(NatDecision)
+    build = slot_builder(NatDecision, "keywords")
     first, second = build(), build()
     assert first.rewrites == {} and first.rewrites is not second.rewrites
     assert first.inner_rewrites is not second.inner_rewrites
 
 
 def test_missing_required_field_and_unknown_field_are_type_errors() -> None:
-    build = frozen_builder(ConntrackDecision)
+    build = slot_builder(ConntrackDecision, "keywords")
     with pytest.raises(TypeError):
         build()
     with pytest.raises(TypeError):
