@@ -641,8 +641,9 @@ class FlowStateSync:
         for flow in self.datapath.flows():
             if flow.last_used <= since:
                 continue
-            # Only a connection's tags name entries: its own (2-3), not the path's (~20,
-            # and `tags` would build their tuple: ~6 us a used flow, seconds a tick at 1M).
+            # Only a connection's tags name entries: its own (2), not the path's (~20, and
+            # `tags` would build their tuple). The entries' touches below cost the most:
+            # ~6 us a used flow in all, 0.6 s a tick for 100k used flows.
             for tag in flow.own_tags:
                 entry = entries.get(tag)
                 if entry is None:
