@@ -287,6 +287,11 @@ def _subtable_match_function(mask: tuple[int, ...]) -> Callable[[Hashable], tupl
     return match_of
 
 
+def _no_fields(values: tuple[int, ...]) -> tuple[()]:
+    """The whole hoisted fields of a subtable that has none (its hoisted fields are partial)."""
+    return ()
+
+
 # What `_Subtable.key_of` returns for values whose hoisted fields differ from the subtable's:
 # never a key of its dict, so the probe misses.
 _NO_KEY = object()
@@ -329,39 +334,26 @@ class _Subtable:
         whole = sorted(i for i in hoisted if mask[i] == _FULL_MASK_BY_INDEX[i])
         partial = sorted(i for i in hoisted if i not in whole)
         no_key = _NO_KEY
-        if whole:
-            pick = itemgetter(*whole)
-            expected = pick(tuple(hoisted.get(i, 0) for i in range(_FIELD_COUNT)))
-        if len(partial) == 1:
-            (at,) = partial
-            at_mask, at_value = mask[at], hoisted[at]
-        elif partial:
-            pick_partial = itemgetter(*partial)  # two or more: a tuple
-            partial_masks = tuple(mask[i] for i in partial)
-            wanted = tuple(hoisted[i] for i in partial)
+        pick = itemgetter(*whole) if whole else _no_fields
+        expected = pick(tuple(hoisted.get(i, 0) for i in range(_FIELD_COUNT)))
         if not partial:
             self.key_of = lambda values: key_of(values) if pick(values) == expected else no_key
-        elif len(partial) == 1 and whole:
+        elif len(partial) == 1:  # the usual: a routed flow's ip_ttl/0xfe
+            (at,) = partial
+            at_mask, at_value = mask[at], hoisted[at]
             self.key_of = lambda values: (
                 key_of(values)
                 if pick(values) == expected and values[at] & at_mask == at_value
                 else no_key
             )
-        elif len(partial) == 1:
-            self.key_of = lambda values: (
-                key_of(values) if values[at] & at_mask == at_value else no_key
-            )
-        elif whole:
+        else:
+            pick_partial = itemgetter(*partial)  # two or more: a tuple
+            partial_masks = tuple(mask[i] for i in partial)
+            wanted = tuple(hoisted[i] for i in partial)
             self.key_of = lambda values: (
                 key_of(values)
                 if pick(values) == expected
                 and tuple(map(and_, pick_partial(values), partial_masks)) == wanted
-                else no_key
-            )
-        else:
-            self.key_of = lambda values: (
-                key_of(values)
-                if tuple(map(and_, pick_partial(values), partial_masks)) == wanted
                 else no_key
             )
         filled = tuple(hoisted.items())
