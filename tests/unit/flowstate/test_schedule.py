@@ -82,7 +82,7 @@ class WheelMachine(RuleBasedStateMachine):
         assert self.scheduler.scheduled_count() == len(self.expires)
         for entry_index, entry in enumerate(self.entries):
             scheduled = entry_index in self.expires
-            assert (entry.expiry_bucket >= 0) == scheduled
+            assert entry.scheduled == scheduled
         for wheel in (self.scheduler._expiry, self.scheduler._refresh):
             members = sum(len(bucket) for bucket in wheel.buckets.values())
             assert members <= 2 * wheel.live + schedule._COMPACT_SLACK + 1
