@@ -42,6 +42,13 @@ instead of ~3. Before each measurement the direct build is checked equal to the 
 (default 5000) also measures N connections both ways, in the table. `--baseline-src` runs
 the same in a subprocess with another checkout's `src` first on the path (e.g. the previous
 commit's, `git worktree add`), alternating with this code, and prints the ratios.
+
+Refresh mode: `python bench/flowstate.py --refresh-scan N [--base REV] [--rounds N]` measures
+the agent's tick scan of used flows (`FlowStateSync._touch_used`: each used flow's conntrack
+and NAT entries get their idle timers restarted) over N connections whose flows are all used
+before each of 20 ticks 0.5 s apart: CPU microseconds per used flow per tick, this tree and
+`--base`'s, alternating in child processes, and the speed-up. The connections are SYNs
+(conntrack SYN_SENT: 120 s; NAT: 7440 s), so the short timeout's entries move most often.
 """
 
 from __future__ import annotations
@@ -319,6 +326,72 @@ def versus_base(count: int, base: str, rounds: int) -> dict[str, object]:
         "ratio": round(median["current"] / median["base"], 3),
         "batched_ratio": round(median["batched"] / median["base"], 3),
     }
+
+
+# The refresh scan (`FlowStateSync._touch_used`, the agent's tick: every used flow's
+# connection entries have their idle timers restarted) over `count` connections whose flows
+# are all used before each of `ticks` ticks 0.5 s apart, CPU time of the scans only. Uses only
+# what the previous releases have too (`build_hosts`, `build_direct`, the agent's scan), so
+# `baseline.run` runs the same source on both trees.
+REFRESH_SNIPPET = """
+hosts = bench.build_hosts()
+syncs, datapaths = hosts[0], hosts[1]
+bench.build_direct({count}, hosts)
+sync = syncs["h1"]
+flows = list(datapaths["h1"].flows())
+now = sync.clock()
+spent = 0.0
+for _ in range({ticks}):
+    now += 0.5
+    for flow in flows:
+        flow.last_used = now
+    started = time.perf_counter()
+    sync._touch_used(now)
+    spent += time.perf_counter() - started
+live = len(sync.conntrack) + len(sync.nat)
+print(json.dumps({{"flows": len(flows), "live_entries": live,
+                  "us_per_used_flow": spent / {ticks} / len(flows) * 1e6}}))
+"""
+
+
+def refresh_scan(count: int, base: str, rounds: int, ticks: int = 20) -> None:
+    """Refresh mode: `REFRESH_SNIPPET` with this tree and with `base`'s, alternating `rounds`
+    times in child processes; prints the table and one JSON line."""
+    snippet = REFRESH_SNIPPET.format(count=count, ticks=ticks)
+    sides = {"base": baseline.checkout(base), "current": baseline.current_tree()}
+    runs: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, tree in sides.items():
+            result = baseline.run(tree, "flowstate", snippet)
+            if result["flows"] != count or result["live_entries"] != 2 * count:
+                raise SystemExit(f"{side}: {result} (want {count} flows, all entries live)")
+            runs[side].append(float(result["us_per_used_flow"]))  # type: ignore[arg-type]
+    median = {side: statistics.median(values) for side, values in runs.items()}
+    ratio = median["base"] / median["current"]
+    label = f"code of {base} ({baseline.describe(base)}), median"
+    print(f"{'refresh scan, us CPU per used flow per tick':<52} {'value':>14}")
+    print("-" * 67)
+    print(f"{label:<52} {median['base']:>14.2f}")
+    print(f"{'this tree, median':<52} {median['current']:>14.2f}")
+    print(f"{'speed-up (base / this tree)':<52} {ratio:>14.2f}")
+    print(
+        json.dumps(
+            {
+                "bench": "flowstate_refresh",
+                "python": platform.python_version(),
+                "connections": count,
+                "ticks": ticks,
+                "tick_interval": 0.5,
+                "clock": "process CPU time",
+                "base": base,
+                "base_commit": baseline.describe(base),
+                "us_per_used_flow": median,
+                "runs": runs,
+                "speedup": round(ratio, 3),
+            },
+            separators=(",", ":"),
+        )
+    )
 
 
 def memory_per_100k(count: int, where: int = 0) -> tuple[dict[str, float], list[dict[str, object]]]:
@@ -634,6 +707,12 @@ def main() -> None:
         metavar="N",
         help="memory mode: also N connections through the pipeline and directly (0: not)",
     )
+    parser.add_argument(
+        "--refresh-scan",
+        type=int,
+        metavar="N",
+        help="refresh mode: the tick's scan of N used connections' flows, vs --base only",
+    )
     args = parser.parse_args()
     if args.where < 0:
         parser.error(f"--where must be >= 0, got {args.where}")
@@ -659,6 +738,14 @@ def main() -> None:
                 f" {args.baseline_src!r}"
             )
         memory_mode(sizes, args.baseline_src, args.calibrate)
+        return
+    if args.refresh_scan is not None:
+        if args.refresh_scan < 1 or not args.base:
+            parser.error(
+                f"--refresh-scan needs N >= 1 and a --base, got {args.refresh_scan} and"
+                f" {args.base!r}"
+            )
+        refresh_scan(args.refresh_scan, args.base, args.rounds)
         return
     count = 2_000 if args.quick else 20_000
     against = versus_base(count, args.base, args.rounds) if args.base else None

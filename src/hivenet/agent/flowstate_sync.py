@@ -65,6 +65,7 @@ from hivenet.flowstate import (
     parse_block_key,
     push_targets,
 )
+from hivenet.flowstate.conntrack import ConnHandle
 from hivenet.flowstate.keys import is_icmp_error
 from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
 from hivenet.flowstate.transaction import TagTexts
@@ -200,7 +201,8 @@ class FlowStateSync:
         # Flow tag -> the entry it names (for refresh from flow statistics). Filled from the
         # tags of flows this host's simulations made (the same string objects), not for every
         # entry a peer pushes: a host that never forwards a connection pays nothing for it.
-        self._tag_entries: dict[str, TaggedEntry] = {}
+        # The scan of used flows replaces a conntrack key by the table's handle of its entry.
+        self._tag_entries: dict[str, TaggedEntry | ConnHandle] = {}
         self._blocks_taken: set[PortBlock] = set()  # blocks other hosts hold (store watch)
         # SNAT ranges to lease a block of: None = unconditionally (no block held, or a packet
         # found none free); a destination = if still running low for it when the leaser runs.
@@ -642,16 +644,22 @@ class FlowStateSync:
             if flow.last_used <= since:
                 continue
             # Only a connection's tags name entries: its own (2), not the path's (~20, and
-            # `tags` would build their tuple). The entries' touches below cost the most:
-            # ~6 us a used flow in all, 0.6 s a tick for 100k used flows.
+            # `tags` would build their tuple). An entry's timer moves only when its deadline
+            # lags by a fraction of its timeout (`schedule.USE_SLACK`): most ticks leave it.
             for tag in flow.own_tags:
                 entry = entries.get(tag)
                 if entry is None:
                     continue
                 if isinstance(entry, NatBinding):
-                    refreshed = self.nat.touch(entry.zone, entry.kind, entry.original, now)
+                    refreshed = self.nat.note_use(entry, now)
+                elif isinstance(entry, FlowKey):  # as the simulation named it: look it up once
+                    handle = self.conntrack.handle(conntrack_tag_zone(tag), entry, now)
+                    if handle is None:
+                        continue
+                    entries[tag] = handle
+                    refreshed = self.conntrack.note_use(handle, now)
                 else:
-                    refreshed = self.conntrack.touch(conntrack_tag_zone(tag), entry, now)
+                    refreshed = self.conntrack.note_use(entry, now)
                 if refreshed:
                     self.counters.refreshed_entries += 1
 

@@ -616,6 +616,22 @@ class NatTable:
         self._touch_entry(entry, now, timeout)
         return True
 
+    def note_use(self, binding: NatBinding, now: float) -> bool:
+        """`touch` for the agent's periodic scan of used flows, given a binding this table
+        handed out (its own entry: no lookup while it is live; else by its original key): the
+        idle timer restarts to within `schedule.USE_SLACK` of the timeout
+        (`EntryScheduler.note_use`). False when nothing changed (no such live binding, or
+        within the slack)."""
+        entry: _NatEntry | None
+        if isinstance(binding, _NatEntry) and binding.scheduled and binding.expires_at > now:
+            entry = binding
+        else:
+            entry = self._live(self._by_original, binding.zone, binding.kind, binding.original, now)
+            if entry is None:
+                return False
+        self._unused.discard(entry)
+        return self._schedule.note_use(entry, now)
+
     def _touch_entry(self, entry: _NatEntry, now: float, timeout: float | None) -> None:
         self._unused.discard(entry)
         timeout = entry.timeout if timeout is None else timeout

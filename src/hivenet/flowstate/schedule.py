@@ -107,6 +107,12 @@ class TrackedEntry:
         return bool(self.flags & AWAITING_USE)
 
 
+# How far (a fraction of its timeout) a used entry's deadline may lag its last use before the
+# periodic scan of used flows moves it (`EntryScheduler.note_use`): an established TCP entry
+# (5 days) is moved at most every ~2 h of use, a UDP one (30 s) every ~0.5 s, i.e. every tick.
+USE_SLACK = 1 / 64
+
+
 # Stale bucket members tolerated beyond the live ones before a wheel is compacted.
 _COMPACT_SLACK = 1024
 
@@ -336,6 +342,24 @@ class EntryScheduler:
         """The entry is new or its state changed: push it at the next opportunity."""
         entry.flags |= NEEDS_PUSH
         self._due[entry] = None
+
+    def note_use(self, entry: TrackedEntry, now: float) -> bool:
+        """A live flow used `entry` (the agent's periodic scan of used flows): its idle timer
+        restarts at `now`, to within `USE_SLACK` of its timeout, and the use is noted for the
+        next refresh push. The reset is skipped when the use is already noted and it would
+        move the deadline by less than the slack, as Linux's conntrack skips timeout updates
+        of under a jiffy: a scan then costs a few attribute reads per entry, not a wheel move.
+        Returns whether the entry changed."""
+        timeout = entry.timeout
+        expires_at = now + timeout
+        if (
+            entry.flags & (USED_SINCE_PUSH | AWAITING_USE) == USED_SINCE_PUSH
+            and expires_at - entry.expires_at < timeout * USE_SLACK
+        ):
+            return False
+        self.set_expiry(entry, expires_at, timeout)
+        self.mark_used(entry)
+        return True
 
     def mark_used(self, entry: TrackedEntry) -> None:
         """A live flow used the entry (its expiry is extended by the table)."""

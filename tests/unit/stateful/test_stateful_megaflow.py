@@ -35,6 +35,7 @@ from hivenet.flowstate import (
     nat_reply_tag,
     nat_tag,
 )
+from hivenet.flowstate.schedule import USE_SLACK
 from hivenet.model import (
     Direction,
     NatTarget,
@@ -418,3 +419,42 @@ def test_a_binding_replaced_by_a_peers_with_its_translated_key_loses_its_flow_an
     assert sync.nat.lookup_original("r", NatKind.SNAT, ours.original, now) is None
     assert datapath.flows() == []
     assert nat_tag(ours) not in sync._tag_entries
+
+
+def test_a_used_connection_outlives_its_timeouts_and_an_idle_one_expires() -> None:
+    """The agent's scan of used flows keeps a connection's entries alive while its flow is
+    used (each tick; its conntrack key becomes the table's handle on the first scan) and
+    lets them expire once idle, within their timeout and the scan's slack of the last use."""
+    clock = [10.0]
+    topo = topology()
+    datapath = MemoryDatapath("h1", "192.0.2.1", clock=lambda: clock[0])
+    view = topo.view()
+    datapath.bind_port(view.ports["out"].tunnel_key, "out")
+    sync = FlowStateSync("h1", datapath, view, clock=lambda: clock[0])
+    sync.allocator.claim_all(snat_range())
+    sender, frame = build(("vm1", "out", 1000, 53, False, 0))  # UDP: 30 s unreplied
+    hook = sync.begin(frame)
+    context = SimContext(
+        topology=sync.topology, tables=neighbour_tables(), local_host_id="h1", flow_state=hook
+    )
+    result = simulate(frame, sender, context, clock[0])
+    sync.finish(hook, result, sender, clock[0])
+    assert result.install, result.format_trace()
+    datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
+    (flow,) = datapath.flows()
+    assert len(sync.conntrack) == 1 and len(sync.nat) == 1
+    for _ in range(200):  # 100 s of use, every 0.5 s tick: past the 30 s conntrack timeout
+        clock[0] += 0.5
+        flow.last_used = clock[0]
+        sync.tick(clock[0])
+    assert len(sync.conntrack) == 1 and len(sync.nat) == 1
+    assert datapath.flows() == [flow]
+    assert sync.counters.refreshed_entries >= 2
+    last_use = clock[0]
+    conntrack_timeout = 30.0
+    while len(sync.conntrack):
+        clock[0] += 0.5
+        sync.tick(clock[0])
+    assert last_use + conntrack_timeout * (1 - USE_SLACK) <= clock[0]
+    assert clock[0] <= last_use + conntrack_timeout + 0.5
+    assert datapath.flows() == []
