@@ -608,26 +608,31 @@ class FlowStateSync:
 
     def _forget(self, conntrack: list[ConntrackRecord], nat: list[NatRecord]) -> None:
         """Entries left the tables (expired, evicted, or a binding replaced by a newer one
-        with its translated key): remove the flows tagged with them."""
+        or dropped by a SYN's rebinding): remove the flows tagged with them."""
         tags: set[str] = set()
         texts = TagTexts()  # each key's text formatted once (see `_install`)
         for record in conntrack:
             tag = texts.conntrack(record.zone, record.key)
             tags.add(tag)
             self._tag_entries.pop(tag, None)
+        entries = self._tag_entries
         for nat_record in nat:
             binding = nat_record.binding
             tag = texts.nat(binding)
             tags.add(tag)
             tags.add(texts.nat_reply(binding.zone, binding.kind, binding.translated))
-            self._tag_entries.pop(tag, None)
+            # A newer binding of the same original key has the same tag: keep its entry.
+            if entries.get(tag) is binding:
+                del entries[tag]
         if tags:
             self._invalidate(tags)
 
     def _forget_evicted(self) -> None:
         """Entries a full table evicted (see `ConntrackTable`, `NatTable`), and bindings a
-        newer one with the same translated key replaced (`NatTable.take_replaced`: their
-        forward flows carry only their own `nat_tag`, which nothing else invalidates)."""
+        newer one with the same original or translated key replaced or a SYN's rebinding
+        dropped (`NatTable.take_replaced`: their forward flows carry only their own
+        `nat_tag`, which nothing else invalidates when the newer binding differs or is rolled
+        back)."""
         nat_table = self.nat
         conntrack, nat = self.conntrack.take_evicted(), nat_table.take_evicted()
         replaced = nat_table.take_replaced()

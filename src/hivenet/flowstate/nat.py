@@ -303,11 +303,14 @@ class NatTable:
     caller's packet depends on) are never evicted. An evicted binding frees its port; it is
     counted (`evicted_unused`, `evicted_other`) and handed out once by `take_evicted()`.
 
-    A translated key is unique: a new binding (made here or merged from a peer) whose
-    translated key another binding holds replaces that one, which is handed out once by
-    `take_replaced()` (not counted as evicted). The caller removes its flows as it does an
-    expired binding's: a forward flow depends on its binding through the binding's
-    `nat_tag` only (`sim.stateful`), which the new binding's tags do not name."""
+    An original and a translated key are unique: a new binding (made here or merged from a
+    peer) whose original or translated key another binding holds (live, or expired and not
+    yet swept) replaces that one, and so does a SYN's DNAT rebinding (`dnat(opening=True)`)
+    the binding it drops, even when no new binding follows. A replaced binding is handed out
+    once by `take_replaced()` (not counted as evicted). The caller removes its flows as it
+    does an expired binding's: a forward flow depends on its binding through the binding's
+    `nat_tag` only (`sim.stateful`), which the new binding's tags need not name, and the new
+    binding may be rolled back."""
 
     def __init__(
         self,
@@ -416,7 +419,7 @@ class NatTable:
         Returns (binding, created)."""
         existing = self._live(self._by_original, zone, NatKind.DNAT, key, now)
         if existing is not None and opening and not covers(targets, existing):
-            self._drop(existing)
+            self._replace(existing)
             existing = None
         if existing is not None:
             self._touch_entry(existing, now, None)
@@ -506,12 +509,11 @@ class NatTable:
     ) -> _NatEntry:
         """The new entry (binding) original -> translated, replacing any of the same original
         or translated key."""
-        self.remove(zone, kind, original)
         index = _Index(zone, kind)
-        stale = self._live(self._by_translated, zone, kind, translated, float("-inf"))
-        if stale is not None:  # a translated key is unique: the newer binding wins
-            self._replaced.append(NatRecord(stale, stale.expires_at))
-            self._drop(stale)
+        for table, key in ((self._by_original, original), (self._by_translated, translated)):
+            stale = table.get(index, {}).get(key)
+            if stale is not None:  # an original and a translated key are unique: newer wins
+                self._replace(stale)
         if self.max_entries is not None and self._count >= self.max_entries:
             self._make_room(keep)
         timeout = self.timeouts.timeout_for(original.ip_proto)
@@ -525,6 +527,13 @@ class NatTable:
         if changed:
             self._schedule.mark_changed(entry)
         return entry
+
+    def _replace(self, entry: _NatEntry) -> None:
+        """Drop `entry` for a newer binding (or a SYN's rebinding), handed out once by
+        `take_replaced` so the caller removes its flows, whatever then becomes of the newer
+        binding (a rolled-back transaction removes it without a trace)."""
+        self._replaced.append(NatRecord(entry, entry.expires_at))
+        self._drop(entry)
 
     def _make_room(self, keep: Collection[NatBinding]) -> None:
         """Evict until a new binding fits (see the class docstring for the order)."""

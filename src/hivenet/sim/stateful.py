@@ -18,8 +18,10 @@ both directions of a key, so a flow cached while the key was unknown (e.g. a dro
 unsolicited packet) is invalidated when either side opens the connection. A forward NAT
 decision (dnat/snat) carries its binding's `nat_tag` alone: every change to the binding of
 its original key names that tag (its creation, a peer's replacement, expiry, eviction), and
-a binding that a newer one with the same translated key replaces is handed to the agent
-(`NatTable.take_replaced`), which removes its flows as an expired binding's. A reverse
+a binding that a newer one with the same original or translated key replaces, or that a
+SYN's DNAT rebinding drops (even when the rebinding then fails or is rolled back), is handed
+to the agent (`NatTable.take_replaced`), which removes its flows as an expired binding's.
+A reverse
 decision (rev_dnat/rev_snat) carries the `nat_reply_tag` of the key its reply lookup used,
 hit or miss (and the binding's `nat_tag` on a hit), so a cached "no binding" is invalidated
 when a binding with that translated key appears: a commit invalidates each new binding's

@@ -15,12 +15,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from hivenet.flowstate.keys import FlowKey
 from hivenet.flowstate.nat import (
+    DEFAULT_NAT_TIMEOUTS,
     NatBinding,
     NatError,
     NatKind,
     NatPortsExhausted,
     NatRecord,
     NatTable,
+    NatTargetsExhausted,
     key_rewrites,
 )
 from hivenet.flowstate.portblocks import (
@@ -260,8 +262,9 @@ def test_merge_installs_replaces_and_deletes() -> None:
 def test_a_binding_whose_translated_key_a_newer_one_takes_is_handed_out_as_replaced() -> None:
     """A translated key is unique: the newer binding wins, and the one it replaced is handed
     out once by `take_replaced` (its flows carry only its own `nat_tag`, which the newer
-    binding's tags do not name), not counted as evicted. A binding replaced by one of the
-    same original key is not: the newer binding's `nat_tag` is the same."""
+    binding's tags do not name), not counted as evicted. So is a binding replaced by one of
+    the same original key: its reply flows carry the old translated key's tag, and a newer
+    binding made by a transaction may be rolled back."""
     table, _ = snat_table()
     ours, _ = table.snat(ZONE, FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443), [NAT_RANGE], 0.0)
     (before,) = table.snapshot(0.0)
@@ -275,8 +278,41 @@ def test_a_binding_whose_translated_key_a_newer_one_takes_is_handed_out_as_repla
     assert table.lookup_translated(ZONE, NatKind.SNAT, ours.translated, 1.0) == theirs
     assert (len(table), table.evicted, table.take_evicted()) == (1, 0, [])
     moved = FlowKey(4, ip(PUBLIC_NAT), ip(REMOTE), 6, 2001, 443)
+    (replaced,) = table.snapshot(2.0)
     table.merge(NatRecord(NatBinding(ZONE, NatKind.SNAT, theirs.original, moved), 100.0), 2.0)
-    assert table.take_replaced() == []
+    assert table.take_replaced() == [replaced]
+    assert (len(table), table.evicted) == (1, 0)
+
+
+def test_bindings_dropped_without_a_newer_one_are_handed_out_as_replaced() -> None:
+    """The two ways a binding used to leave the table without a word: a SYN's DNAT rebinding
+    whose targets are then exhausted, and a new binding over an expired, unswept one of the
+    same original key that its transaction then rolls back (`remove`)."""
+    table = NatTable()
+    vip = ip("192.0.2.100")
+    key = FlowKey(4, ip(REMOTE), vip, 6, 51000, 80)
+    table.dnat(ZONE, key, [NatRange.parse("10.1.0.10", "10.1.0.10", 80, 80)], 0.0)
+    (before,) = table.snapshot(0.0)
+    # Another connection holds the only new target's reply key: the rebinding finds none.
+    blocker = FlowKey(4, ip(REMOTE), vip, 6, 51000, 81)
+    new_target = NatRange.parse("10.1.0.20", "10.1.0.20", 80, 80)
+    table.dnat(ZONE, blocker, [new_target], 0.0)
+    with pytest.raises(NatTargetsExhausted):
+        table.dnat(ZONE, key, [new_target], 1.0, opening=True)
+    assert table.lookup_original(ZONE, NatKind.DNAT, key, 1.0) is None
+    assert table.take_replaced() == [before]
+    # Expired, not swept: the next binding of its original key replaces it (handed out),
+    # and removing the new one (a rollback) leaves no binding and nothing unreported.
+    snat, _ = snat_table()
+    original = FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443)
+    snat.snat(ZONE, original, [NAT_RANGE], 0.0)
+    (expired,) = snat.snapshot(0.0)
+    later = DEFAULT_NAT_TIMEOUTS.tcp + 1.0
+    _, created = snat.snat(ZONE, original, [NAT_RANGE], later)
+    assert created
+    assert snat.take_replaced() == [expired]
+    assert snat.remove(ZONE, NatKind.SNAT, original)
+    assert snat.take_replaced() == [] and len(snat) == 0
 
 
 @pytest.mark.parametrize(

@@ -458,3 +458,35 @@ def test_a_used_connection_outlives_its_timeouts_and_an_idle_one_expires() -> No
     assert last_use + conntrack_timeout * (1 - USE_SLACK) <= clock[0]
     assert clock[0] <= last_use + conntrack_timeout + 0.5
     assert datapath.flows() == []
+
+
+def test_a_binding_over_an_expired_one_of_its_key_keeps_its_refresh() -> None:
+    """A new connection on the 5-tuple of an expired, not yet swept binding: the new
+    binding replaces it (handed out as replaced, so the old one's flows go), and the old
+    one's forgetting leaves the refresh map's entry of the new one (the same tag) alone."""
+    clock = [10.0]
+    topo = topology()
+    datapath = MemoryDatapath("h1", "192.0.2.1", clock=lambda: clock[0])
+    view = topo.view()
+    datapath.bind_port(view.ports["out"].tunnel_key, "out")
+    sync = FlowStateSync("h1", datapath, view, clock=lambda: clock[0])
+    sync.allocator.claim_all(snat_range())
+    tables = neighbour_tables()
+
+    def send() -> NatBinding:
+        sender, frame = build(("vm1", "out", 1000, 53, False, 0))
+        hook = sync.begin(frame)
+        context = SimContext(
+            topology=sync.topology, tables=tables, local_host_id="h1", flow_state=hook
+        )
+        result = simulate(frame, sender, context, clock[0])
+        sync.finish(hook, result, sender, clock[0])
+        assert result.install, result.format_trace()
+        (record,) = sync.nat.snapshot(clock[0])
+        return record.binding
+
+    first = send()
+    clock[0] += 400.0  # past UDP's 300 s NAT timeout, no tick: expired, not swept
+    second = send()
+    assert second is not first and second.original == first.original
+    assert sync._tag_entries[nat_tag(second)] is second
