@@ -490,7 +490,7 @@ def build_direct(count: int, hosts: Any) -> None:
     sync, datapath = syncs["h1"], datapaths["h1"]
     calls, template = _template(sync, datapath, pipelines)
     rewrites0: dict[str, int] = {}
-    connection_tags: set[str] = set()
+    connection_tags: set[int] = set()
     for _, _, _, _, decision in calls:
         connection_tags |= decision.tags
         rewrites0.update(getattr(decision, "rewrites", {}))

@@ -68,6 +68,7 @@ from hivenet.agent.underlay import (
 from hivenet.agent.uplinks import UplinkStatusReporter
 from hivenet.clock import SYSTEM_CLOCK, Clock
 from hivenet.datapath.base import Datapath
+from hivenet.flows.table import Tag
 from hivenet.flowstate.auth import Keyring
 from hivenet.model import (
     DeviceKind,
@@ -757,7 +758,7 @@ class HostAgent:
         self.host_stats.on_simulated(port_id, result, size, installed)
         self.traces.on_simulated(port_id, result, size, installed)
 
-    def _invalidate(self, tags: Iterable[str]) -> None:
+    def _invalidate(self, tags: Iterable[Tag]) -> None:
         self.counters.flows_invalidated += self.datapath.invalidate(tags)
 
     def _on_table_change(self, key: str, value: bytes | None, revision: int) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivenet.datapath.base import Datapath
+from hivenet.flows.table import Tag
 from hivenet.flowstate import (
     ConntrackRecord,
     ConntrackTable,
@@ -54,7 +55,6 @@ from hivenet.flowstate import (
     PortBlockError,
     WireFormatError,
     auth,
-    conntrack_tag_zone,
     decode,
     decode_stream,
     encode,
@@ -68,7 +68,7 @@ from hivenet.flowstate import (
 from hivenet.flowstate.conntrack import ConnHandle
 from hivenet.flowstate.keys import is_icmp_error
 from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
-from hivenet.flowstate.transaction import TagTexts
+from hivenet.flowstate.transaction import ConnectionTags
 from hivenet.flowstate.wire import DEFAULT_MAX_MESSAGE_BYTES
 from hivenet.model import Port, PortGroup
 from hivenet.packets import (
@@ -198,11 +198,11 @@ class FlowStateSync:
         self.conntrack = ConntrackTable(max_entries=max_entries)
         self.nat = NatTable(self.allocator, max_entries=max_entries)
         self.counters = FlowStateCounters()
-        # Flow tag -> the entry it names (for refresh from flow statistics). Filled from the
-        # tags of flows this host's simulations made (the same string objects), not for every
-        # entry a peer pushes: a host that never forwards a connection pays nothing for it.
-        # The scan of used flows replaces a conntrack key by the table's handle of its entry.
-        self._tag_entries: dict[str, TaggedEntry | ConnHandle] = {}
+        # Flow tag -> the entry it names (for refresh from flow statistics): a NAT binding (the
+        # table's own entry) or a conntrack entry's handle. Filled from the tags of flows this
+        # host's simulations made (the same int objects), not for every entry a peer pushes:
+        # a host that never forwards a connection pays nothing for it.
+        self._tag_entries: dict[Tag, NatBinding | ConnHandle] = {}
         self._blocks_taken: set[PortBlock] = set()  # blocks other hosts hold (store watch)
         # SNAT ranges to lease a block of: None = unconditionally (no block held, or a packet
         # found none free); a destination = if still running low for it when the leaser runs.
@@ -225,7 +225,7 @@ class FlowStateSync:
         self._blocks_to_retake: set[PortBlock] = set()
         self._push_maps = _PushTargetMaps(None, -1, {}, frozenset())
         # Inside a pipeline batch: the tag sets invalidated so far (None: no batch).
-        self._batch_log: list[frozenset[str]] | None = None
+        self._batch_log: list[frozenset[Tag]] | None = None
         # Rule id -> its NAT targets parsed, for topology revision `_nat_targets_at` only.
         self._nat_targets: dict[str, list[NatRange]] = {}
         self._nat_targets_at = -1
@@ -325,14 +325,14 @@ class FlowStateSync:
         counters.connections_opened += opened
         counters.nat_bindings_created += len(committed.nat_bindings)
         if result.install:
-            self._tag_entries.update(hook.record.tagged)
+            self._remember_entries(hook.record.tagged, now)
         if tags:
             self._invalidate(tags)
         self._forget_evicted()
         if self._batch_log is None:
             self.push_due(now)
 
-    def begin_batch(self) -> list[frozenset[str]]:
+    def begin_batch(self) -> list[frozenset[Tag]]:
         """Until `end_batch`: commits push nothing (the batch's entries go together at its
         end); returns the log of the tag sets invalidated meanwhile, in order (the pipeline
         installs no flow that a later entry of it invalidated)."""
@@ -344,7 +344,7 @@ class FlowStateSync:
         self._batch_log = None
         self.push_due(now)
 
-    def _invalidate(self, tags: set[str]) -> None:
+    def _invalidate(self, tags: set[int]) -> None:
         self.datapath.invalidate(tags)
         if self._batch_log is not None:
             self._batch_log.append(frozenset(tags))
@@ -550,10 +550,10 @@ class FlowStateSync:
     def _install(
         self, conntrack: Iterable[ConntrackRecord], nat: Iterable[NatRecord], now: float
     ) -> None:
-        tags: set[str] = set()
-        # A message's entries spell the same keys (a connection's conntrack key is its NAT
-        # binding's original key): each key's text is formatted once per message.
-        texts = TagTexts()
+        tags: set[int] = set()
+        # A message's entries name the same keys (a connection's conntrack key is its NAT
+        # binding's original key): each NAT tag is made once per message.
+        texts = ConnectionTags()
         for record in conntrack:
             existed = self.conntrack.get(record.zone, record.key, now) is not None
             merged = self.conntrack.merge(record, now)
@@ -609,8 +609,8 @@ class FlowStateSync:
     def _forget(self, conntrack: list[ConntrackRecord], nat: list[NatRecord]) -> None:
         """Entries left the tables (expired, evicted, or a binding replaced by a newer one
         or dropped by a SYN's rebinding): remove the flows tagged with them."""
-        tags: set[str] = set()
-        texts = TagTexts()  # each key's text formatted once (see `_install`)
+        tags: set[int] = set()
+        texts = ConnectionTags()  # each NAT tag made once (see `_install`)
         for record in conntrack:
             tag = texts.conntrack(record.zone, record.key)
             tags.add(tag)
@@ -641,6 +641,20 @@ class FlowStateSync:
         if conntrack or nat:
             self._forget(conntrack, nat)
 
+    def _remember_entries(self, tagged: list[tuple[int, TaggedEntry]], now: float) -> None:
+        """The entries an installed flow's connection tags name, for `_touch_used`: a NAT
+        binding as the simulation used it, a connection as the handle of its entry (after
+        the commit made it)."""
+        entries = self._tag_entries
+        for tag, entry in tagged:
+            if isinstance(entry, NatBinding):
+                entries[tag] = entry
+            else:
+                zone, key = entry
+                handle = self.conntrack.handle(zone, key, now)
+                if handle is not None:
+                    entries[tag] = handle
+
     def _touch_used(self, now: float) -> None:
         since = self._last_scan
         self._last_scan = now
@@ -657,12 +671,6 @@ class FlowStateSync:
                     continue
                 if isinstance(entry, NatBinding):
                     refreshed = self.nat.note_use(entry, now)
-                elif isinstance(entry, FlowKey):  # as the simulation named it: look it up once
-                    handle = self.conntrack.handle(conntrack_tag_zone(tag), entry, now)
-                    if handle is None:
-                        continue
-                    entries[tag] = handle
-                    refreshed = self.conntrack.note_use(handle, now)
                 else:
                     refreshed = self.conntrack.note_use(entry, now)
                 if refreshed:

@@ -374,8 +374,8 @@ class LbStatsReporter:
         self.unpublish = unpublish
         self.clock = clock
         self.interval = interval
-        self._tags: dict[NatBinding, str] = {}  # nat tag per live LB binding (cached)
-        self._originated: set[str] = set()  # nat tags of LB bindings this host originated
+        self._tags: dict[NatBinding, int] = {}  # nat tag per live LB binding (cached)
+        self._originated: set[int] = set()  # nat tags of LB bindings this host originated
         self._flow_bytes: dict[Flow, int] = {}  # bytes of each flow at the last scan
         self._lb_counts: dict[str, _Counts] = {}
         self._member_counts: dict[tuple[str, str], _Counts] = {}
@@ -387,12 +387,12 @@ class LbStatsReporter:
         """lb id -> the report last published (JSON), for the metrics exposition."""
         return self._published
 
-    def _live_bindings(self, now: float) -> dict[str, _LbBinding]:
+    def _live_bindings(self, now: float) -> dict[int, _LbBinding]:
         """nat tag -> load balancer and member of every live LB binding in the NAT table."""
         targets = _vip_targets(self.topology)
         members = _member_index(self.topology)
-        live: dict[str, _LbBinding] = {}
-        tags: dict[NatBinding, str] = {}
+        live: dict[int, _LbBinding] = {}
+        tags: dict[NatBinding, int] = {}
         for record in self.nat.snapshot(now):
             binding = record.binding
             if binding.kind is not NatKind.DNAT:
@@ -418,18 +418,19 @@ class LbStatsReporter:
         self._tags = tags
         return live
 
-    def _count_flows(self, live: Mapping[str, _LbBinding]) -> None:
+    def _count_flows(self, live: Mapping[int, _LbBinding]) -> None:
         seen: dict[Flow, int] = {}
         for flow in self.flows():
             previous = self._flow_bytes.get(flow, 0)
             seen[flow] = flow.bytes
-            binding_tag = None
+            binding_tag: int | None = None
             forward = False
             for tag in flow.tags:
-                if tag in live:
+                if isinstance(tag, str):
+                    if tag.startswith(_POOL_TAG_PREFIX):
+                        forward = True
+                elif tag in live:
                     binding_tag = tag if binding_tag is None else min(binding_tag, tag)
-                elif tag.startswith(_POOL_TAG_PREFIX):
-                    forward = True
             if binding_tag is None:
                 continue
             binding = live[binding_tag]

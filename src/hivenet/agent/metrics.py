@@ -187,6 +187,8 @@ class HostStats:
         devices: list[tuple[str, str]] = []
         chains: list[str] = []
         for tag in result.tags:
+            if not isinstance(tag, str):  # a connection's (`flowstate` connection tags)
+                continue
             kind, _, object_id = tag.partition(":")
             if kind == "chain":
                 chains.append(object_id)

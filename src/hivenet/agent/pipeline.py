@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hivenet.datapath.base import Datapath
+from hivenet.flows.table import Tag
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.packets import FlowMatch, PacketError, extract_flow_match
 from hivenet.sim import (
@@ -150,7 +151,7 @@ class FlowPipeline:
         self.last_result: SimulationResult | None = None
         # Inside `batch()`: (port, result, frame, position in the batch's invalidation log).
         self._deferred: list[tuple[PortInfo, SimulationResult, bytes, int]] | None = None
-        self._invalidated: list[frozenset[str]] = []
+        self._invalidated: list[frozenset[Tag]] = []
         # `context` with the current upcall's flow-state hook, rebuilt only when `context`
         # is replaced (`set_handoff`): (the context it was made from, the copy).
         self._upcall_flow_state = _UpcallFlowState()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from hivenet.flows.actions import Action
-from hivenet.flows.table import Flow
+from hivenet.flows.table import Flow, Tag
 
 # (ingress port tunnel key, raw Ethernet frame) -> None
 UpcallHandler = Callable[[int, bytes], None]
@@ -68,7 +68,7 @@ class Datapath(Protocol):
         match: tuple[int, ...],
         mask: tuple[int, ...],
         actions: Sequence[Action],
-        tags: Iterable[str],
+        tags: Iterable[Tag],
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
@@ -83,7 +83,7 @@ class Datapath(Protocol):
         DF is dropped and counted as "drop.too_big" (nothing fragments)."""
         ...
 
-    def invalidate(self, tags: Iterable[str]) -> int:
+    def invalidate(self, tags: Iterable[Tag]) -> int:
         """Remove every flow carrying any of `tags`; returns how many were removed."""
         ...
 

@@ -30,7 +30,7 @@ from hivenet.flows.actions import (
     Tunnel,
 )
 from hivenet.flows.execute import execute_actions
-from hivenet.flows.table import Flow, FlowTable
+from hivenet.flows.table import Flow, FlowTable, Tag
 from hivenet.model.types import FLOWSTATE_TUNNEL_KEY
 from hivenet.packets import PacketError, extract_flow_match
 from hivenet.packets.flowmatch import ETH_TYPE_IPV4
@@ -201,7 +201,7 @@ class MemoryDatapath:
         match: tuple[int, ...],
         mask: tuple[int, ...],
         actions: Sequence[FlowAction],
-        tags: Iterable[str],
+        tags: Iterable[Tag],
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
@@ -223,7 +223,7 @@ class MemoryDatapath:
             raise DatapathError(f"install_flow: {error}") from error
         self._counters.installs += 1
 
-    def invalidate(self, tags: Iterable[str]) -> int:
+    def invalidate(self, tags: Iterable[Tag]) -> int:
         removed = len(self.flow_table.invalidate(tags))
         self._counters.invalidated += removed
         return removed

@@ -97,7 +97,7 @@ from hivenet.datapath.vtep import VtepTable
 from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
 from hivenet.flows.budget import DEFAULT_UPCALL_BURST, DEFAULT_UPCALL_RATE, UpcallBudget
 from hivenet.flows.execute import execute_actions
-from hivenet.flows.table import ExactMatchCache, Flow, FlowTable, flow_match_values
+from hivenet.flows.table import ExactMatchCache, Flow, FlowTable, Tag, flow_match_values
 from hivenet.model.types import (
     FLOOD_KEY_BASE,
     FLOWSTATE_TUNNEL_KEY,
@@ -622,7 +622,7 @@ class UserspaceDatapath:
         match: tuple[int, ...],
         mask: tuple[int, ...],
         actions: Sequence[Action],
-        tags: Iterable[str],
+        tags: Iterable[Tag],
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
@@ -641,7 +641,7 @@ class UserspaceDatapath:
             mtu=mtu,
         )
 
-    def invalidate(self, tags: Iterable[str]) -> int:
+    def invalidate(self, tags: Iterable[Tag]) -> int:
         # The exact-match cache notices removed flows by their `removed` flag.
         return len(self._table.invalidate(tags))
 

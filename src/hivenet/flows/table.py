@@ -34,6 +34,11 @@ from typing import Any
 from hivenet.flows.actions import Action, DecTtl, Drop, Output, PopVlan, PushVlan, SetField, Tunnel
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
 
+# A flow tag: a str names something many flows share (a device, a chain, a host); an int
+# names one connection's flow state (`flowstate.transaction`'s connection tags: 48 bytes
+# where their text took ~95-130).
+Tag = str | int
+
 _ACTION_TYPES = (SetField, DecTtl, PushVlan, PopVlan, Output, Tunnel, Drop)
 _FIELD_COUNT = len(FIELD_NAMES)
 _INT_TYPE_ONLY = {int}
@@ -66,7 +71,7 @@ class _TagGroup:
 
     __slots__ = ("flows", "live", "tags")
 
-    def __init__(self, tags: tuple[str, ...]) -> None:
+    def __init__(self, tags: tuple[Tag, ...]) -> None:
         self.tags = tags
         self.flows: list[Flow] = []
         self.live = 0
@@ -88,7 +93,7 @@ class _TagGroup:
 _GROUP_SLACK = 16  # removed flows a group's list may hold beyond twice its live ones
 
 
-_NO_TAGS: tuple[str, ...] = ()
+_NO_TAGS: tuple[Tag, ...] = ()
 
 
 class FlowLimits:
@@ -141,7 +146,7 @@ class Flow:
         key: Hashable,
         actions: tuple[Action, ...],
         group: _TagGroup | None,
-        own_tags: tuple[str, ...],
+        own_tags: tuple[Tag, ...],
         created: float,
         limits: FlowLimits,
     ) -> None:
@@ -189,14 +194,14 @@ class Flow:
         return self._subtable.mask
 
     @property
-    def tags(self) -> tuple[str, ...]:
+    def tags(self) -> tuple[Tag, ...]:
         group = self._group
         if group is None:
             return self._own_tags
         return group.tags + self._own_tags if self._own_tags else group.tags
 
     @property
-    def own_tags(self) -> tuple[str, ...]:
+    def own_tags(self) -> tuple[Tag, ...]:
         """Its own tags (a connection's, `is_connection_tag` by default): the part of `tags`
         not shared with other flows through a group, without building `tags`."""
         return self._own_tags
@@ -423,7 +428,7 @@ def _raise_for_bad_field(match: tuple[int, ...], mask: tuple[int, ...]) -> None:
 
 def _validate_flow(
     match: object, mask: object, actions: object, tags: object
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Action, ...], frozenset[str]]:
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Action, ...], frozenset[Tag]]:
     checked_mask = _check_key_tuple("mask", mask)
     checked_match = _check_key_tuple("match", match)
     well_formed = (
@@ -441,23 +446,24 @@ def _validate_flow(
         if not isinstance(action, _ACTION_TYPES):
             raise ValueError(f"actions[{position}] is not an Action: {action!r}")
     if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
-        raise ValueError(f"tags must be an iterable of str (not a bare string), got {tags!r}")
+        raise ValueError(f"tags must be an iterable of tags (not a bare string), got {tags!r}")
     checked_tags = frozenset(tags)
     for tag in checked_tags:
-        if not isinstance(tag, str) or not tag:
-            raise ValueError(f"tags must be non-empty strings, got {tag!r}")
+        if isinstance(tag, str) and tag:
+            continue
+        if type(tag) is not int or tag < 0:
+            raise ValueError(
+                f"tags must be non-empty strings or connection tags (ints >= 0), got {tag!r}"
+            )
     return checked_match, checked_mask, checked_actions, checked_tags
 
 
-def is_connection_tag(tag: str) -> bool:
+def is_connection_tag(tag: Tag) -> bool:
     """Tags naming one connection's flow state (its conntrack entry, the NAT state of one
-    of its keys): carried by one or two flows each, so kept per flow rather than in a shared group.
-    Only a memory choice: invalidation is exact whichever way a tag is classed."""
-    return tag.startswith(CONNECTION_TAG_PREFIXES)
-
-
-# The prefixes `flowstate.transaction` spells (`TAG_PREFIXES`: a test checks they agree).
-CONNECTION_TAG_PREFIXES = ("conntrack:", "nat:")
+    of its keys: the ints `flowstate.transaction` makes): carried by one or two flows each,
+    so kept per flow rather than in a shared group. Only a memory choice: invalidation is
+    exact whichever way a tag is classed."""
+    return type(tag) is int
 
 
 _SHARED_VALUES_MAX = 1 << 17
@@ -473,7 +479,7 @@ class FlowTable:
     """
 
     def __init__(
-        self, max_flows: int = 100_000, own_tag: Callable[[str], bool] = is_connection_tag
+        self, max_flows: int = 100_000, own_tag: Callable[[Tag], bool] = is_connection_tag
     ) -> None:
         if isinstance(max_flows, bool) or not isinstance(max_flows, int) or max_flows < 1:
             raise ValueError(f"max_flows must be an int >= 1, got {max_flows!r}")
@@ -485,10 +491,10 @@ class FlowTable:
         # Own tag -> the one flow carrying it, or an insertion-ordered set (a dict) of two or
         # more (a connection's tags are carried by one flow each way: a bare reference
         # instead of a one-entry dict saves ~200 bytes per tag).
-        self._tag_index: dict[str, Flow | dict[Flow, None]] = {}
+        self._tag_index: dict[Tag, Flow | dict[Flow, None]] = {}
         # Shared tags: the interned groups (by their set of tags), and tag -> its groups.
-        self._groups: dict[frozenset[str], _TagGroup] = {}
-        self._group_index: dict[str, dict[_TagGroup, None]] = {}
+        self._groups: dict[frozenset[Tag], _TagGroup] = {}
+        self._group_index: dict[Tag, dict[_TagGroup, None]] = {}
         # The flows, least recently used first: a doubly linked list through the flows'
         # `_older`/`_newer` links (`_lru_append`, `_lru_unlink`), with its two ends.
         self._oldest: Flow | None = None
@@ -530,7 +536,7 @@ class FlowTable:
         match: tuple[int, ...],
         mask: tuple[int, ...],
         actions: Sequence[Action],
-        tags: Iterable[str],
+        tags: Iterable[Tag],
         now: float,
         *,
         idle_timeout: float = 60.0,
@@ -680,7 +686,7 @@ class FlowTable:
             if not action_use[1]:
                 del held[action]
 
-    def _group_of(self, tags: frozenset[str]) -> _TagGroup:
+    def _group_of(self, tags: frozenset[Tag]) -> _TagGroup:
         group = self._groups.get(tags)
         if group is None:
             group = self._groups[tags] = _TagGroup(tuple(tags))
@@ -781,10 +787,10 @@ class FlowTable:
 
     # ---- invalidate / expire ----------------------------------------------------------------
 
-    def invalidate(self, tags: Iterable[str]) -> list[Flow]:
+    def invalidate(self, tags: Iterable[Tag]) -> list[Flow]:
         """Remove every flow carrying any of `tags`; returns the removed flows."""
         if isinstance(tags, str | bytes):
-            raise ValueError(f"tags must be an iterable of str (not a bare string), got {tags!r}")
+            raise ValueError(f"tags must be an iterable of tags (not a bare string), got {tags!r}")
         doomed: dict[Flow, None] = {}
         index = self._tag_index
         group_index = self._group_index

@@ -21,7 +21,7 @@ Life of a transaction (one per simulated packet, on the ingress host):
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hivenet.flowstate.conntrack import (
@@ -55,111 +55,111 @@ _KIND_OF_ACTION = {
 }
 
 
-# The connection tags' spellings, one formatter per kind (`conntrack_tag`, `nat_tag`,
-# `nat_key_tag`, `nat_reply_tag` and `TagTexts` all go through these;
-# `flows.table.CONNECTION_TAG_PREFIXES` names the same prefixes: flows/ may not import
-# flowstate/, a test checks they agree).
+# The connection tags, one constructor per kind (`conntrack_tag`, `nat_tag`, `nat_key_tag`,
+# `nat_reply_tag` and `ConnectionTags` all go through `_tag`).
 #
-# One NAT tag family: `nat:<zone>:<kind>:<key>` names the NAT state a packet with that key
-# sees in (zone, kind): the binding whose original key it is (the forward lookup) and the
+# One NAT tag family: the NAT tag of (zone, kind, key) names the NAT state a packet with that
+# key sees in (zone, kind): the binding whose original key it is (the forward lookup) and the
 # binding whose translated key is its reverse (the reply lookup), present or not. A binding
 # appearing, changing or going invalidates the tag of its original key (`nat_tag`) and the
 # tag of its translated key's reverse (`nat_reply_tag`). So a forward flow that missed the
-# reply lookup and then made or used a binding for the same key carries one NAT tag, not
-# two (it carried `natr:<zone>:<kind>:<reversed key>` besides): ~130 bytes a connection.
-_CONNTRACK_TAG_PREFIX = "conntrack:"
-_NAT_TAG_PREFIX = "nat:"
-TAG_PREFIXES = (_CONNTRACK_TAG_PREFIX, _NAT_TAG_PREFIX)
-_KIND_NAMES = {kind: kind.name.lower() for kind in NatKind}
+# reply lookup and then made or used a binding for the same key carries one NAT tag, not two.
+#
+# A connection tag is one int (issue 16): its key, its zone's hash and its kind side by side,
+#   key (108 bits for IPv4, 304 for IPv6) | hash(zone) (64) | kind (2)
+# 48 bytes for an IPv4 key whatever the zone, where the text `conntrack:<zone>:<key>` took
+# ~95 with the benchmark's 1-2 character zones and ~130 with the API's UUIDs, and made in
+# ~0.2 us instead of ~1.5 (the key's text). Every other flow tag is a str (`chain:<id>`...),
+# so the flow table tells a connection's tags by their type (`flows.table.is_connection_tag`).
+# The zone is its str hash (kept in the str object; salted per process, and tags never leave
+# their process): two zones whose hashes collide (~n^2 / 2^65 for n zones) would share the
+# tags of equal keys, which only invalidates more, never less. `tag_text` spells a tag for
+# people (traces), the zone found among the ids it is given.
+_CONNTRACK_KIND = 1
+_NAT_KINDS = {NatKind.SNAT: 2, NatKind.DNAT: 3}
+_KIND_TEXTS = {_CONNTRACK_KIND: "conntrack", 2: "nat:snat", 3: "nat:dnat"}
+_ZONE_MASK = (1 << 64) - 1
 
 
-def _conntrack_text(zone: str, key_text: str) -> str:
-    return f"{_CONNTRACK_TAG_PREFIX}{zone}:{key_text}"
-
-
-def _nat_text(zone: str, kind: NatKind, key_text: str) -> str:
-    return f"{_NAT_TAG_PREFIX}{zone}:{_KIND_NAMES[kind]}:{key_text}"
+def _tag(zone: str, kind: int, key: int) -> int:
+    return ((key << 64) | (hash(zone) & _ZONE_MASK)) << 2 | kind
 
 
 def _connection_key(key: FlowKey) -> FlowKey:
-    """The direction of `key` a conntrack tag spells: the lower of it and its reverse."""
+    """The direction of `key` a conntrack tag names: the lower of it and its reverse."""
     reverse = key.reversed()
     return key if key <= reverse else reverse
 
 
-def conntrack_tag(zone: str, key: FlowKey) -> str:
+def conntrack_tag(zone: str, key: FlowKey) -> int:
     """The flow tag of the connection `key` belongs to: the same for both directions (the
-    lower of `key` and its reverse is spelled), so a flow depends on one tag per connection
+    lower of `key` and its reverse is named), so a flow depends on one tag per connection
     and a flow cached before either side opened it is invalidated by that same tag."""
-    return _conntrack_text(zone, key_text(_connection_key(key)))
+    return _tag(zone, _CONNTRACK_KIND, _connection_key(key))
 
 
-def conntrack_tag_zone(tag: str) -> str:
-    """The zone a `conntrack_tag` names (zones are object ids: no ':' in them), so whoever
-    keeps a tag need not keep its zone next to it."""
-    start = len(_CONNTRACK_TAG_PREFIX)
-    return tag[start : tag.index(":", start)]
-
-
-def nat_key_tag(zone: str, kind: NatKind, key: FlowKey) -> str:
+def nat_key_tag(zone: str, kind: NatKind, key: FlowKey) -> int:
     """Tag of the NAT state a packet with `key` sees in (zone, kind): the binding with
     original key `key` and the binding with translated key `key.reversed()`, present or not
     (see above)."""
-    return _nat_text(zone, kind, key_text(key))
+    return _tag(zone, _NAT_KINDS[kind], key)
 
 
-def nat_tag(binding: NatBinding) -> str:
+def nat_tag(binding: NatBinding) -> int:
     """The flow tag of a NAT binding (named by its original key): `nat_key_tag` of it."""
-    return _nat_text(binding.zone, binding.kind, key_text(binding.original))
+    return _tag(binding.zone, _NAT_KINDS[binding.kind], binding.original)
 
 
-def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> str:
+def nat_reply_tag(zone: str, kind: NatKind, translated: FlowKey) -> int:
     """Tag of "the binding whose translated key is `translated`" (present or not):
     `nat_key_tag` of the reply's key, `translated.reversed()`. A flow that looked a reply up
     (hit or miss) carries it, so a binding with that translated key appearing or going
     invalidates the flow."""
-    return _nat_text(zone, kind, key_text(translated.reversed()))
+    return _tag(zone, _NAT_KINDS[kind], translated.reversed())
 
 
-class TagTexts:
-    """`conntrack_tag`, `nat_tag`, `nat_key_tag` and `nat_reply_tag` (the same formatters),
-    each key's text formatted once: the tags of one connection spell the same keys (its
-    conntrack key is its NAT binding's original key) and are asked for several times between
-    the simulation and the commit, or while one pushed message is installed. Lives as long as
-    one transaction or one installed message (keys are values: nothing here goes stale)."""
+def tag_text(tag: str | int, zones: Iterable[str] = ()) -> str:
+    """A flow tag as text: a str tag is its own; a connection tag reads
+    `conntrack:<zone>:<key>` or `nat:<zone>:<snat|dnat>:<key>`, its zone the one of `zones`
+    whose hash it holds, else `#` and the hash in hex."""
+    if isinstance(tag, str):
+        return tag
+    kind, zone_hash, key = tag & 3, tag >> 2 & _ZONE_MASK, tag >> 66
+    zone = next((z for z in zones if hash(z) & _ZONE_MASK == zone_hash), f"#{zone_hash:016x}")
+    prefix, _, nat_kind = _KIND_TEXTS[kind].partition(":")
+    middle = f"{zone}:{nat_kind}" if nat_kind else zone
+    return f"{prefix}:{middle}:{key_text(int.__new__(FlowKey, key))}"
 
-    __slots__ = ("_nat_tags", "_texts")
+
+class ConnectionTags:
+    """`conntrack_tag`, `nat_tag`, `nat_key_tag` and `nat_reply_tag` (the same constructors),
+    each NAT tag made once: the two lookups of one key (forward and reply) hand out one int
+    object, because a flow keeps one of two equal tags and the refresh map the other, and
+    both would stay alive. Lives as long as one transaction or one installed message (keys
+    are values: nothing here goes stale)."""
+
+    __slots__ = ("_nat_tags",)
 
     def __init__(self) -> None:
-        self._texts: dict[FlowKey, str] = {}
-        # NAT tags already spelled, so the two lookups of one key (forward and reply) hand
-        # out one string object: a flow keeps one of two equal strings, the refresh map the
-        # other, and both would stay alive.
-        self._nat_tags: dict[tuple[str, NatKind, FlowKey], str] = {}
+        self._nat_tags: dict[tuple[str, NatKind, FlowKey], int] = {}
 
-    def key_text(self, key: FlowKey) -> str:
-        text = self._texts.get(key)
-        if text is None:
-            text = self._texts[key] = key_text(key)
-        return text
-
-    def conntrack(self, zone: str, key: FlowKey) -> str:
+    def conntrack(self, zone: str, key: FlowKey) -> int:
         """`conntrack_tag(zone, key)`."""
-        return _conntrack_text(zone, self.key_text(_connection_key(key)))
+        return _tag(zone, _CONNTRACK_KIND, _connection_key(key))
 
-    def nat(self, binding: NatBinding) -> str:
+    def nat(self, binding: NatBinding) -> int:
         """`nat_tag(binding)`."""
         return self.nat_key(binding.zone, binding.kind, binding.original)
 
-    def nat_key(self, zone: str, kind: NatKind, key: FlowKey) -> str:
+    def nat_key(self, zone: str, kind: NatKind, key: FlowKey) -> int:
         """`nat_key_tag(zone, kind, key)`."""
         spelled = (zone, kind, key)
         tag = self._nat_tags.get(spelled)
         if tag is None:
-            tag = self._nat_tags[spelled] = _nat_text(zone, kind, self.key_text(key))
+            tag = self._nat_tags[spelled] = _tag(zone, _NAT_KINDS[kind], key)
         return tag
 
-    def nat_reply(self, zone: str, kind: NatKind, translated: FlowKey) -> str:
+    def nat_reply(self, zone: str, kind: NatKind, translated: FlowKey) -> int:
         """`nat_reply_tag(zone, kind, translated)`."""
         return self.nat_key(zone, kind, translated.reversed())
 
@@ -171,7 +171,7 @@ class NatOutcome:
 
     rewrites: Mapping[str, int] = field(default_factory=dict)
     binding: NatBinding | None = None
-    tags: frozenset[str] = frozenset()
+    tags: frozenset[int] = frozenset()
     # False: the answer depends on more than the megaflow reads (a DNAT binding kept only
     # because the packet is no SYN: a SYN on the same 5-tuple would rebind).
     cacheable: bool = True
@@ -181,7 +181,7 @@ class NatOutcome:
 class TransactionResult:
     connections: tuple[ConntrackRecord, ...]
     nat_bindings: tuple[NatBinding, ...]
-    tags: frozenset[str]
+    tags: frozenset[int]
 
 
 class FlowStateTransaction:
@@ -204,34 +204,29 @@ class FlowStateTransaction:
         # Every binding this packet's translation used: a full table must not evict them to
         # make room for another binding of the same packet (its flow depends on all of them).
         self._bindings: list[NatBinding] = []
-        self._tags: set[str] = set()
+        self._tags: set[int] = set()
         # Keys seen in this transaction: the NAT binding of a connection reuses the key object
         # its conntrack entry holds (the tables keep both; one object saves ~64 bytes).
         self._keys: dict[FlowKey, FlowKey] = {}
         self.cacheable = True
         self._finished = False
-        # This packet's tags, each key spelled once (the hook and the commit share them).
-        self.texts = TagTexts()
+        # This packet's tags, each NAT tag made once (the hook and the commit share them).
+        self.texts = ConnectionTags()
 
     @property
-    def tags(self) -> frozenset[str]:
+    def tags(self) -> frozenset[int]:
         return frozenset(self._tags)
 
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError("flow-state transaction already committed or rolled back")
 
-    def shared_key(self, key: FlowKey) -> FlowKey:
-        """The key object this transaction holds equal to `key` (the tables keep it), so
-        callers that keep a key of this packet share it instead of holding a copy."""
-        return self._keys.setdefault(key, key)
-
     def is_return_flow(self, zone: str, match: FlowMatch, now: float) -> bool:
         return self.classify(zone, match, now)[0].is_return
 
     def classify(
         self, zone: str, match: FlowMatch, now: float
-    ) -> tuple[Classification, str | None]:
+    ) -> tuple[Classification, int | None]:
         """Classify `match` in `zone` (remembered for the commit, as `is_return_flow`) and
         the `conntrack_tag` of the classified key (None without one), so a caller that
         needs both asks the table once."""

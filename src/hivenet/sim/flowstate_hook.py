@@ -46,7 +46,7 @@ class ConntrackDecision:
 
     is_return: bool
     verdict: str = ""
-    tags: frozenset[str] = frozenset()
+    tags: frozenset[int] = frozenset()
     cacheable: bool = True
     reads_tcp_flags: bool = False
 
@@ -64,7 +64,7 @@ class NatDecision:
     """
 
     rewrites: Mapping[str, int] = field(default_factory=dict)
-    tags: frozenset[str] = frozenset()
+    tags: frozenset[int] = frozenset()
     cacheable: bool = True
     applied: bool = True
     inner_rewrites: Mapping[str, int] = field(default_factory=dict)

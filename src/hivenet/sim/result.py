@@ -13,7 +13,8 @@ from operator import and_
 from typing import NamedTuple
 
 from hivenet.flows.actions import Action
-from hivenet.flows.table import flow_match_values
+from hivenet.flows.table import Tag, flow_match_values
+from hivenet.flowstate.transaction import tag_text
 from hivenet.packets.flowmatch import FIELD_NAMES, FULL_MASKS, FlowMatch
 from hivenet.sim.tables import LearnedEntry
 
@@ -88,7 +89,7 @@ class SimulationResult:
     actions: tuple[Action, ...]
     match: FlowMatch
     mask: tuple[int, ...]
-    tags: frozenset[str]
+    tags: frozenset[Tag]
     generated: tuple[GeneratedPacket, ...] = ()
     learned: tuple[LearnedEntry, ...] = ()
     install: bool = True
@@ -143,5 +144,12 @@ class SimulationResult:
                 f"=> generated {packet.description}: {[str(a) for a in packet.actions]}"
                 + (f" (dropped: {packet.drop_reason})" if packet.drop_reason else "")
             )
-        lines.append(f"=> tags: {sorted(self.tags)}")
+        lines.append(f"=> tags: {tag_texts(self)}")
         return "\n".join(lines)
+
+
+def tag_texts(result: SimulationResult) -> list[str]:
+    """The result's tags as text, sorted (`flowstate.transaction.tag_text`: a connection tag
+    spells its zone, found among the devices the packet crossed)."""
+    zones = {step.device_id for step in result.trace if step.device_id}
+    return sorted(tag_text(tag, zones) for tag in result.tags)

@@ -81,16 +81,16 @@ _conntrack_decision = slot_builder(ConntrackDecision, "keywords")
 _nat_decision = slot_builder(NatDecision, "keywords")
 
 
-def connection_tags(zone: str, key: FlowKey) -> frozenset[str]:
+def connection_tags(zone: str, key: FlowKey) -> frozenset[int]:
     """The tags of the connection `key` (either direction) belongs to in `zone`."""
     return frozenset({conntrack_tag(zone, key)})
 
 
 # What a flow tag of a conntrack or NAT entry names, for refreshing the entry while flows
-# carrying the tag are used: the key of a connection (the table's object; its zone is read
-# back from the tag, `conntrack_tag_zone`: a (zone, key) tuple would cost ~56 bytes per
-# connection), or the NAT binding itself (the table's object too).
-TaggedEntry = FlowKey | NatBinding
+# carrying the tag are used: a connection's (zone, key) (the agent keeps the table's handle of
+# its entry after the commit, `ConntrackTable.handle`), or the NAT binding itself (the
+# table's own object).
+TaggedEntry = tuple[str, FlowKey] | NatBinding
 
 
 def _rewrite_key(key: FlowKey, rewrites: dict[str, int]) -> FlowKey:
@@ -111,17 +111,17 @@ class HookRecord:
     used: bool = False  # any conntrack or NAT question was asked
     # (zone, key, its `conntrack_tag` as the simulation spelled it) per connection a commit
     # would open.
-    opened: list[tuple[str, FlowKey, str]] = field(default_factory=list)
+    opened: list[tuple[str, FlowKey, int]] = field(default_factory=list)
     exhausted: list[NatRange] = field(default_factory=list)
     # Entries the simulation's tags name (the very tag objects the flow carries), so the
     # agent can refresh them while the flow is used.
-    tagged: list[tuple[str, TaggedEntry]] = field(default_factory=list)
+    tagged: list[tuple[int, TaggedEntry]] = field(default_factory=list)
     # Per binding a forward NAT rule used: its `nat_tag` (the decision's tag) and its
     # `nat_reply_tag` (the decision does not carry it: only for `commit_tags`), as the
     # simulation spelled them.
-    binding_tags: list[tuple[NatBinding, str, str]] = field(default_factory=list)
+    binding_tags: list[tuple[NatBinding, int, int]] = field(default_factory=list)
 
-    def commit_tags(self, bindings: Sequence[NatBinding]) -> tuple[set[str], int]:
+    def commit_tags(self, bindings: Sequence[NatBinding]) -> tuple[set[int], int]:
         """The tags a commit that opened `opened` and created `bindings` invalidates (each
         connection's `conntrack_tag`, each binding's `nat_tag` and `nat_reply_tag`: the
         strings the simulation made; the reply tag for the flows that cached a reply lookup's
@@ -167,13 +167,12 @@ class TransactionHook:
         # RELATED: the error's own key says nothing; the quoted connection (the classified
         # key) is what it depends on.
         key = classification.key
-        tags: frozenset[str] = frozenset()
+        tags: frozenset[int] = frozenset()
         if key is not None and tag is not None:
             if classification.verdict is _NEW:
                 record.opened.append((zone, key, tag))
             tags = frozenset((tag,))
-            # The key object the conntrack entry will hold, not a second copy.
-            record.tagged.append((tag, transaction.shared_key(key)))
+            record.tagged.append((tag, (zone, key)))
         else:
             own_key = key_of_match(packet)
             if own_key is not None:
@@ -253,7 +252,7 @@ class TransactionHook:
             description=f"{action_name} {binding.original} -> {binding.translated}",
         )
 
-    def _tag_binding(self, tags: frozenset[str], binding: NatBinding) -> None:
+    def _tag_binding(self, tags: frozenset[int], binding: NatBinding) -> None:
         tagged = self.record.tagged
         for tag in tags:
             tagged.append((tag, binding))

@@ -30,7 +30,7 @@ from hivenet.packets.builders import (
 )
 from hivenet.packets.flowmatch import FIELD_NAMES
 from hivenet.sim.engine import SimContext, simulate
-from hivenet.sim.result import SimulationResult
+from hivenet.sim.result import SimulationResult, tag_texts
 from hivenet.sim.stateful import TransactionHook
 from hivenet.sim.topology import TopologyView
 
@@ -337,7 +337,7 @@ def trace_report(
             "install": result.install,
             "idle_timeout": result.idle_timeout,
         },
-        "tags": sorted(result.tags),
+        "tags": tag_texts(result),
         "generated": [
             {
                 "description": packet.description,

@@ -35,6 +35,7 @@ from hivenet.flows.actions import (
     SetField,
     Tunnel,
 )
+from hivenet.flows.table import Tag
 from hivenet.model import DeviceKind
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.packets import dec_ttl, pop_vlan, push_vlan, rewrite_frame
@@ -315,7 +316,7 @@ class Walk:
         self.reads: dict[str, int] = {"in_port": FULL_MASKS["in_port"]}
         # Ids of (field, mask) tuples whose every mask is in `reads` (sim/chains.py).
         self.recorded_reads: set[int] = set()
-        self.tags: set[str] = set()
+        self.tags: set[Tag] = set()
         self.trace: list[TraceStep] = []
         self.learned: list[LearnedEntry] = []
         self.mac_overlay: dict[tuple[str, int, int], str] = {}

@@ -77,7 +77,9 @@ def _replace(values: tuple[int, ...], field: str, value: object) -> tuple[object
         (GOOD_MATCH, PORT_ONLY, (Output(1), "drop"), (), r"actions\[1\] is not an Action"),
         (GOOD_MATCH, PORT_ONLY, "output", (), "actions must be a sequence"),
         (GOOD_MATCH, PORT_ONLY, OUT_1, "bridge:1", "not a bare string"),
-        (GOOD_MATCH, PORT_ONLY, OUT_1, ("ok", 7), "tags must be non-empty strings, got 7"),
+        (GOOD_MATCH, PORT_ONLY, OUT_1, ("ok", 7.0), "tags must be non-empty strings or"),
+        (GOOD_MATCH, PORT_ONLY, OUT_1, ("ok", -7), r"connection tags \(ints >= 0\), got -7"),
+        (GOOD_MATCH, PORT_ONLY, OUT_1, ("ok", True), "got True"),
         (GOOD_MATCH, PORT_ONLY, OUT_1, ("",), "tags must be non-empty strings"),
     ],
 )
@@ -822,8 +824,8 @@ def test_a_shared_tag_group_forgets_removed_flows() -> None:
     for round_ in range(40):
         for n in range(10):
             packet = FlowMatch(in_port=1 + n, eth_dst=round_ + 1)
-            live.append(install_for(table, packet, PORT_AND_DST, tags=("bridge:b", f"nat:{n}")))
-        table.invalidate([f"nat:{n}" for n in range(8)])  # eight of the ten go
+            live.append(install_for(table, packet, PORT_AND_DST, tags=("bridge:b", n)))
+        table.invalidate(range(8))  # eight of the ten go (own tags: connection tags are ints)
         live = [flow for flow in live if not flow.removed]
     (group,) = table._groups.values()
     assert group.live == len(live) == 80

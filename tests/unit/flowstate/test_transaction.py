@@ -8,21 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hivenet.flows.table import CONNECTION_TAG_PREFIXES, is_connection_tag
+from hivenet.flows.table import is_connection_tag
 from hivenet.flowstate.conntrack import ConnState, ConntrackTable
-from hivenet.flowstate.keys import FlowKey
+from hivenet.flowstate.keys import FlowKey, key_text
 from hivenet.flowstate.nat import NatBinding, NatKind, NatTable
 from hivenet.flowstate.portblocks import NatRange, PortBlockAllocator
 from hivenet.flowstate.transaction import (
-    TAG_PREFIXES,
+    ConnectionTags,
     FlowStateTransaction,
     NatAction,
-    TagTexts,
     conntrack_tag,
-    conntrack_tag_zone,
     nat_key_tag,
     nat_reply_tag,
     nat_tag,
+    tag_text,
 )
 from hivenet.packets.flowmatch import FlowMatch
 
@@ -213,13 +212,22 @@ def test_a_connection_keeps_its_member_and_a_reused_port_gets_the_new_choice() -
     ip_dst=st.integers(0, (1 << 128) - 1),
     ports=st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)),
 )
-def test_conntrack_tag_zone_reads_back_the_zone(
+def test_a_connection_tag_reads_back_its_zone_kind_and_key(
     zone: str, version: int, ip_src: int, ip_dst: int, ports: tuple[int, int]
 ) -> None:
-    """Object ids (the zones) with IPv4 and IPv6 keys (whose spelling has ':' in it)."""
+    """Object ids (the zones) with IPv4 and IPv6 keys: `tag_text` finds the zone among the
+    ids it is given (else its hash), the kind and the key (the lower direction for
+    conntrack)."""
     key = FlowKey(version, ip_src, ip_dst if version == 6 else ip_dst >> 96, 6, *ports)
-    assert conntrack_tag_zone(conntrack_tag(zone, key)) == zone
-    assert conntrack_tag_zone(conntrack_tag(zone, key.reversed())) == zone
+    lower = min(key, key.reversed())
+    for tag in (conntrack_tag(zone, key), conntrack_tag(zone, key.reversed())):
+        assert tag_text(tag, ["other", zone]) == f"conntrack:{zone}:{key_text(lower)}"
+        assert tag_text(tag).startswith("conntrack:#")
+        assert tag_text(tag).endswith(f":{key_text(lower)}")
+    for kind, name in ((NatKind.SNAT, "snat"), (NatKind.DNAT, "dnat")):
+        assert (
+            tag_text(nat_key_tag(zone, kind, key), [zone]) == f"nat:{zone}:{name}:{key_text(key)}"
+        )
 
 
 # --- tags spelled once ----------------------------------------------------------------------
@@ -242,15 +250,43 @@ def _keys(draw: st.DrawFn) -> FlowKey:
     )
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.tuples(st.sampled_from(["port-9", "router-1", "r"]), st.integers(0, 2)),
+    st.tuples(st.sampled_from(["port-9", "router-1", "r"]), st.integers(0, 2)),
+    _keys(),
+    _keys(),
+)
+def test_connection_tags_are_equal_only_for_the_same_zone_kind_and_key(
+    first: tuple[str, int], second: tuple[str, int], key: FlowKey, other: FlowKey
+) -> None:
+    """Tags are ints: a tag names one (zone, kind, key) (a conntrack tag both directions of
+    its key), and two different ones never share a tag (but for a 64-bit zone hash
+    collision, which these zones do not have)."""
+
+    def tag(zone: str, kind: int, k: FlowKey) -> int:
+        if kind == 0:
+            return conntrack_tag(zone, k)
+        return nat_key_tag(zone, (NatKind.SNAT, NatKind.DNAT)[kind - 1], k)
+
+    def named(zone: str, kind: int, k: FlowKey) -> tuple[str, int, FlowKey]:
+        return (zone, kind, min(k, k.reversed()) if kind == 0 else k)
+
+    (zone_a, kind_a), (zone_b, kind_b) = first, second
+    same = named(zone_a, kind_a, key) == named(zone_b, kind_b, other)
+    assert (tag(zone_a, kind_a, key) == tag(zone_b, kind_b, other)) == same
+    assert type(tag(zone_a, kind_a, key)) is int and is_connection_tag(tag(zone_a, kind_a, key))
+
+
 @settings(max_examples=200, deadline=None)
 @given(_keys(), _keys(), st.sampled_from(["router-1", "port-9"]), st.sampled_from(list(NatKind)))
-def test_tag_texts_spell_what_the_tag_functions_spell(
+def test_connection_tags_make_what_the_tag_functions_make(
     key: FlowKey, other: FlowKey, zone: str, kind: NatKind
 ) -> None:
-    """`TagTexts` reuses key texts (values only: per transaction or message, nothing that
-    can change under it): each tag equals its function's, in any order of asking, for both
-    directions of a key."""
-    texts = TagTexts()
+    """`ConnectionTags` reuses NAT tag objects (values only: per transaction or message,
+    nothing that can change under it): each tag equals its function's, in any order of
+    asking, for both directions of a key."""
+    texts = ConnectionTags()
     binding = NatBinding(zone, kind, key, key)
     for _ in range(2):  # the second round is answered from the texts kept
         assert texts.conntrack(zone, key) == conntrack_tag(zone, key)
@@ -261,7 +297,7 @@ def test_tag_texts_spell_what_the_tag_functions_spell(
         assert texts.nat_reply(zone, kind, key) == nat_reply_tag(zone, kind, key)
         assert texts.nat_key(zone, kind, other) == nat_key_tag(zone, kind, other)
     # One NAT tag family: a key's forward tag is the reply tag of its reverse, and the
-    # texts hand out one object for both (a flow and the refresh map keep the same string).
+    # texts hand out one object for both (a flow and the refresh map keep the same int).
     assert nat_reply_tag(zone, kind, key.reversed()) == nat_tag(binding)
     assert texts.nat_reply(zone, kind, key.reversed()) is texts.nat(binding)
     assert texts.nat_key(zone, kind, key) is texts.nat(binding)
@@ -301,18 +337,16 @@ _V6 = FlowKey(6, 0x20010DB8 << 96 | 1, 0x20010DB8 << 96 | 0xAB, 17, 5353, 53)
         (nat_key_tag("r1", NatKind.SNAT, _V4), "nat:r1:snat:6:10.0.0.5:40000-203.0.113.9:443"),
     ],
 )
-def test_tags_are_spelled_as_before(spelled: str, expected: str) -> None:
-    """The tag texts are visible (traces, `flows()`, the refresh map, peers' invalidation):
-    one formatter per kind, the spelling unchanged but for the reply lookup's tag (these
-    are the strings the functions and `TagTexts` produced before they shared a formatter)."""
-    assert spelled == expected
-    assert conntrack_tag_zone(conntrack_tag("port-9", _V4)) == "port-9"
+def test_tags_read_as_they_were_spelled(spelled: int, expected: str) -> None:
+    """A trace shows the tags as text (`tag_text`): the spelling the tags had when they were
+    strings (before they were ints, issue 16)."""
+    assert tag_text(spelled, ["port-9", "r1", "r2"]) == expected
+    assert tag_text("router:r1") == "router:r1"
 
 
 def test_the_flow_table_classes_the_connection_tags_as_its_own() -> None:
-    """flows/ may not import flowstate/: its copy of the connection tag prefixes must name
-    the kinds spelled here, so a connection's tags stay per flow."""
-    assert set(CONNECTION_TAG_PREFIXES) == set(TAG_PREFIXES)
+    """flows/ may not import flowstate/: it tells a connection's tags by their type (ints),
+    so they stay per flow."""
     for tag in (
         conntrack_tag("p", _V4),
         nat_tag(NatBinding("r", NatKind.SNAT, _V4, _V4)),

@@ -52,7 +52,7 @@ from hivenet.datapath.userspace import (
     interface_rx_packets,
 )
 from hivenet.flows.actions import Action
-from hivenet.flows.table import Flow
+from hivenet.flows.table import Flow, Tag
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class EbpfDatapath(UserspaceDatapath):
         match: tuple[int, ...],
         mask: tuple[int, ...],
         actions: Sequence[Action],
-        tags: Iterable[str],
+        tags: Iterable[Tag],
         *,
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
@@ -241,7 +241,7 @@ class EbpfDatapath(UserspaceDatapath):
         if simulating is not None and flow.matches(simulating[1]):
             self._offload_soon(simulating[0], simulating[1], flow)
 
-    def invalidate(self, tags: Iterable[str]) -> int:
+    def invalidate(self, tags: Iterable[Tag]) -> int:
         removed = self._table.invalidate(tags)
         for flow in removed:
             self._forget(flow)
