@@ -713,7 +713,6 @@ class NatTable:
         for entry in self._schedule.pop_expired(now):
             assert isinstance(entry, _NatEntry)
             expired.append(NatRecord(entry, entry.expires_at))
-            entry.expiry_bucket = -1
             self._drop(entry)
         return expired
 

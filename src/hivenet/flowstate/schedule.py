@@ -54,11 +54,12 @@ NEEDS_PUSH, USED_SINCE_PUSH, AWAITING_USE = 1, 2, 4  # `TrackedEntry.flags`: the
 PUSH_FLAGS = NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE
 IN_ORDER, QUEUED = 8, 16  # `EntryOrder`'s: a member; has its one place in the queue
 TABLE_FLAG = 32  # the owning table's own bit (NAT: the entry owns its translated port)
+IN_EXPIRY = 64  # in the expiry wheel, in the bucket its `expires_at` falls in
 
 
 # `TrackedEntry`'s fields: each concrete entry class lists them in its own `__slots__` (so a
 # NAT entry can also be a `NatBinding`, whose slots a second slotted base would conflict with).
-TRACKED_SLOTS = ("expires_at", "expiry_bucket", "flags", "peers", "refresh_bucket", "timeout")
+TRACKED_SLOTS = ("expires_at", "flags", "peers", "refresh_bucket", "timeout")
 
 
 class TrackedEntry:
@@ -69,7 +70,6 @@ class TrackedEntry:
     if not TYPE_CHECKING:  # mypy cannot see the subclasses' slots from here
         __slots__ = ()
     expires_at: float
-    expiry_bucket: int
     flags: int
     peers: frozenset[str]
     refresh_bucket: int
@@ -78,10 +78,9 @@ class TrackedEntry:
     def __init__(self, expires_at: float, timeout: float) -> None:
         self.expires_at = expires_at
         self.timeout = timeout
-        self.expiry_bucket = -1
         self.refresh_bucket = -1
-        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE | IN_ORDER | QUEUED | TABLE_FLAG (one
-        # small int instead of six slots).
+        # NEEDS_PUSH | USED_SINCE_PUSH | AWAITING_USE | IN_ORDER | QUEUED | TABLE_FLAG |
+        # IN_EXPIRY (one small int instead of seven slots).
         self.flags = 0
         # Hosts this entry is pushed to, as the agent last told the table (empty: unknown).
         self.peers: frozenset[str] = NO_PEERS
@@ -90,7 +89,7 @@ class TrackedEntry:
     def scheduled(self) -> bool:
         """In its table's expiry schedule: False once the table dropped it (expired, evicted,
         removed, replaced), so a holder of the entry object can tell it is gone."""
-        return self.expiry_bucket >= 0
+        return bool(self.flags & IN_EXPIRY)
 
     @property
     def needs_push(self) -> bool:
@@ -176,45 +175,50 @@ class EntryOrder:
 
 class _Wheel:
     """Entries bucketed by `floor(time / granularity)`; a heap of bucket numbers finds the
-    earliest. Each entry sits in at most one bucket of a wheel: the one its `attr` slot
-    (`expiry_bucket` or `refresh_bucket`) names, -1 for none.
+    earliest. Each entry sits in at most one bucket of a wheel: the one `bucket_of_entry`
+    names (-1: none), which the subclass keeps in the entry (`_SlotWheel`: a slot holding the
+    bucket number; `_ExpiryWheel`: a flag, the bucket being the one `expires_at` falls in).
 
     A bucket is a deque (~8 bytes a member, where a dict as an ordered set costs ~40), and
-    removal is lazy: `discard` only counts the entry as stale (the caller resets its slot),
-    and a member whose slot names another bucket is skipped when the bucket is read. When
-    the stale members outnumber the live ones, every bucket is compacted, so the lists hold
-    at most about twice the live entries whatever the timers do."""
+    removal is lazy: `discard` only counts the entry as stale (the caller then changes what
+    `bucket_of_entry` says), and a member that now names another bucket is skipped when the
+    bucket is read. When the stale members outnumber the live ones, every bucket is
+    compacted, so the lists hold at most about twice the live entries whatever the timers do."""
 
-    __slots__ = ("attr", "buckets", "granularity", "heap", "live", "numbers", "stale")
+    __slots__ = ("buckets", "granularity", "heap", "live", "stale")
 
-    def __init__(self, granularity: float, attr: str) -> None:
+    def __init__(self, granularity: float) -> None:
         self.granularity = granularity
-        self.attr = attr
         self.buckets: dict[int, deque[TrackedEntry]] = {}
         self.heap: list[int] = []
-        # One int object per live bucket number, shared by every entry in the bucket (each
-        # entry keeps its bucket number; a fresh int per entry would be 32 bytes each).
-        self.numbers: dict[int, int] = {}
-        self.live = 0  # entries whose slot names a bucket of this wheel
+        self.live = 0  # entries `bucket_of_entry` places in a bucket of this wheel
         self.stale = 0  # members left behind by `discard` (an upper bound)
 
     def bucket_of(self, at: float) -> int:
         return int(at // self.granularity)
 
-    def add(self, entry: TrackedEntry, bucket: int) -> int:
-        """Put `entry` in `bucket`; returns the bucket number the caller stores in the
-        entry's slot (a shared int). The entry must not be in a bucket of this wheel."""
+    def bucket_of_entry(self, entry: TrackedEntry) -> int:
+        """The bucket `entry` is a live member of (-1: none)."""
+        raise NotImplementedError
+
+    def leave(self, entry: TrackedEntry) -> None:
+        """Mark `entry` as in no bucket of this wheel (it was popped)."""
+        raise NotImplementedError
+
+    def _dropped(self, bucket: int) -> None:
+        """`bucket` left the wheel (for a subclass's per-bucket data)."""
+
+    def _append(self, entry: TrackedEntry, bucket: int) -> None:
+        """Put `entry` in `bucket` (the caller makes `bucket_of_entry` say so)."""
         members = self.buckets.get(bucket)
         if members is None:
             members = self.buckets[bucket] = deque()
-            self.numbers[bucket] = bucket
             heapq.heappush(self.heap, bucket)
         members.append(entry)
         self.live += 1
-        return self.numbers[bucket]
 
-    def discard(self, entry: TrackedEntry, bucket: int) -> None:
-        """`entry` leaves `bucket` (the caller then resets or changes its slot)."""
+    def discard(self, entry: TrackedEntry) -> None:
+        """`entry` leaves its bucket (called before the caller changes its bucket or flag)."""
         self.live -= 1
         self.stale += 1
         if self.stale > self.live + _COMPACT_SLACK:
@@ -222,26 +226,26 @@ class _Wheel:
 
     def _members(self, bucket: int, members: Iterable[TrackedEntry]) -> list[TrackedEntry]:
         """The live members of `bucket`, each once, in the order they were added."""
-        attr = self.attr
-        return list(dict.fromkeys(entry for entry in members if getattr(entry, attr) == bucket))
+        where = self.bucket_of_entry
+        return list(dict.fromkeys(entry for entry in members if where(entry) == bucket))
 
     def _compact(self, leaving: TrackedEntry) -> None:
-        """Drop every stale member (`leaving` is being discarded: its slot is not reset yet)."""
+        """Drop every stale member (`leaving` is being discarded: it still names its bucket)."""
         for bucket, members in list(self.buckets.items()):
             kept = [entry for entry in self._members(bucket, members) if entry is not leaving]
             if kept:
                 self.buckets[bucket] = deque(kept)
             else:
                 del self.buckets[bucket]
-                self.numbers.pop(bucket, None)
+                self._dropped(bucket)
         self.heap = list(self.buckets)
         heapq.heapify(self.heap)
         self.stale = 0
 
     def pop_through(self, last_bucket: int) -> list[TrackedEntry]:
-        """Remove and return every entry in buckets <= last_bucket (their slots set to -1)."""
+        """Remove and return every entry in buckets <= last_bucket (each then in none)."""
         out: list[TrackedEntry] = []
-        heap, attr = self.heap, self.attr
+        heap, leave = self.heap, self.leave
         while heap and heap[0] <= last_bucket:
             bucket = heapq.heappop(heap)
             members = self.buckets.pop(bucket, None)
@@ -249,9 +253,9 @@ class _Wheel:
                 live = self._members(bucket, members)
                 self.stale -= min(self.stale, len(members) - len(live))
                 for entry in live:
-                    setattr(entry, attr, -1)
+                    leave(entry)
                 out.extend(live)
-            self.numbers.pop(bucket, None)
+            self._dropped(bucket)
         self.live -= len(out)
         return out
 
@@ -259,29 +263,95 @@ class _Wheel:
         """A live entry of the earliest non-empty bucket not in `skip` (None: none left).
         Stale members at the front of that bucket are dropped on the way (O(1) each), so
         evicting a bucket's entries one after the other does not rescan them."""
-        heap, attr = self.heap, self.attr
+        heap, where = self.heap, self.bucket_of_entry
         while heap:
             bucket = heap[0]
             members = self.buckets.get(bucket)
-            while members and getattr(members[0], attr) != bucket:
+            while members and where(members[0]) != bucket:
                 members.popleft()
                 self.stale -= self.stale > 0
             if members:
                 break
             heapq.heappop(heap)  # emptied by discard(): drop it now
             self.buckets.pop(bucket, None)
-            self.numbers.pop(bucket, None)
+            self._dropped(bucket)
         if not heap:
             return None
         for bucket in [heap[0], *sorted(heap)[1:]]:  # later buckets: rare, all skipped
             for entry in self.buckets.get(bucket, ()):
-                if getattr(entry, attr) == bucket and entry not in skip:
+                if where(entry) == bucket and entry not in skip:
                     return entry
         return None
 
     def __len__(self) -> int:
         """Live entries (counted from the buckets: for consistency checks)."""
         return sum(len(self._members(b, members)) for b, members in self.buckets.items())
+
+
+class _SlotWheel(_Wheel):
+    """The refresh wheel: an entry's bucket is its `refresh_bucket` slot (-1: none)."""
+
+    __slots__ = ("numbers",)
+
+    def __init__(self, granularity: float) -> None:
+        super().__init__(granularity)
+        # One int object per live bucket number, shared by every entry in the bucket (each
+        # entry keeps its bucket number; a fresh int per entry would be 32 bytes each).
+        self.numbers: dict[int, int] = {}
+
+    def bucket_of_entry(self, entry: TrackedEntry) -> int:
+        return entry.refresh_bucket
+
+    def leave(self, entry: TrackedEntry) -> None:
+        entry.refresh_bucket = -1
+
+    def add(self, entry: TrackedEntry, bucket: int) -> None:
+        """Put `entry` (in no bucket of this wheel) in `bucket`."""
+        if bucket not in self.buckets:
+            self.numbers[bucket] = bucket
+        self._append(entry, bucket)
+        entry.refresh_bucket = self.numbers[bucket]
+
+    def remove(self, entry: TrackedEntry) -> None:
+        if entry.refresh_bucket >= 0:
+            self.discard(entry)
+            entry.refresh_bucket = -1
+
+    def _dropped(self, bucket: int) -> None:
+        self.numbers.pop(bucket, None)
+
+
+class _ExpiryWheel(_Wheel):
+    """The idle-expiry wheel: an entry flagged `IN_EXPIRY` is in the bucket its `expires_at`
+    falls in, so the entry needs no slot for it (8 bytes an entry). Moving an entry's
+    deadline within its bucket costs nothing here; across buckets, it leaves a stale member."""
+
+    __slots__ = ()
+
+    def bucket_of_entry(self, entry: TrackedEntry) -> int:
+        if entry.flags & IN_EXPIRY:
+            return int(entry.expires_at // self.granularity)
+        return -1
+
+    def leave(self, entry: TrackedEntry) -> None:
+        entry.flags &= ~IN_EXPIRY
+
+    def place(self, entry: TrackedEntry, expires_at: float) -> None:
+        """Set `entry.expires_at`, moving it to that time's bucket if it is not there yet."""
+        bucket = int(expires_at // self.granularity)
+        if entry.flags & IN_EXPIRY:
+            if int(entry.expires_at // self.granularity) == bucket:
+                entry.expires_at = expires_at
+                return
+            self.discard(entry)
+        entry.expires_at = expires_at
+        self._append(entry, bucket)
+        entry.flags |= IN_EXPIRY
+
+    def remove(self, entry: TrackedEntry) -> None:
+        if entry.flags & IN_EXPIRY:
+            self.discard(entry)
+            entry.flags &= ~IN_EXPIRY
 
 
 class EntryScheduler:
@@ -293,21 +363,16 @@ class EntryScheduler:
         if not granularity > 0:
             raise ValueError(f"granularity must be > 0 seconds, got {granularity!r}")
         self.policy = policy
-        self._expiry = _Wheel(granularity, "expiry_bucket")
-        self._refresh = _Wheel(granularity, "refresh_bucket")
+        self._expiry = _ExpiryWheel(granularity)
+        self._refresh = _SlotWheel(granularity)
         # Entries to push at the next `pop_due_for_push` (a dict as an insertion-ordered set).
         self._due: dict[TrackedEntry, None] = {}
 
     # --- expiry -----------------------------------------------------------------------------
 
     def set_expiry(self, entry: TrackedEntry, expires_at: float, timeout: float) -> None:
-        entry.expires_at = expires_at
         entry.timeout = timeout
-        bucket = self._expiry.bucket_of(expires_at)
-        if bucket != entry.expiry_bucket:
-            if entry.expiry_bucket >= 0:
-                self._expiry.discard(entry, entry.expiry_bucket)
-            entry.expiry_bucket = self._expiry.add(entry, bucket)
+        self._expiry.place(entry, expires_at)
 
     def pop_expired(self, now: float) -> list[TrackedEntry]:
         """Entries whose `expires_at <= now`, removed from every schedule (the caller removes
@@ -319,21 +384,16 @@ class EntryScheduler:
                 self._forget_push(entry)
                 expired.append(entry)
             else:
-                bucket = self._expiry.bucket_of(entry.expires_at)
-                entry.expiry_bucket = self._expiry.add(entry, bucket)
+                self._expiry.place(entry, entry.expires_at)
         return expired
 
     def forget(self, entry: TrackedEntry) -> None:
         """Drop `entry` from every schedule (it was removed from its table)."""
-        if entry.expiry_bucket >= 0:
-            self._expiry.discard(entry, entry.expiry_bucket)
-            entry.expiry_bucket = -1
+        self._expiry.remove(entry)
         self._forget_push(entry)
 
     def _forget_push(self, entry: TrackedEntry) -> None:
-        if entry.refresh_bucket >= 0:
-            self._refresh.discard(entry, entry.refresh_bucket)
-            entry.refresh_bucket = -1
+        self._refresh.remove(entry)
         self._due.pop(entry, None)
 
     # --- push and refresh -------------------------------------------------------------------
@@ -373,10 +433,9 @@ class EntryScheduler:
         the next refresh check is due `refresh_after(timeout)` from now."""
         entry.flags &= ~PUSH_FLAGS
         self._due.pop(entry, None)
-        if entry.refresh_bucket >= 0:
-            self._refresh.discard(entry, entry.refresh_bucket)
-        bucket = self._refresh.bucket_of(now + self.policy.refresh_after(entry.timeout))
-        entry.refresh_bucket = self._refresh.add(entry, bucket)
+        refresh = self._refresh
+        refresh.remove(entry)
+        refresh.add(entry, refresh.bucket_of(now + self.policy.refresh_after(entry.timeout)))
 
     def pop_due_for_push(self, now: float) -> list[TrackedEntry]:
         """Entries to push at `now` (new, changed, or used and due for refresh), in the order

@@ -43,6 +43,15 @@ class WheelMachine(RuleBasedStateMachine):
         self.scheduler.set_expiry(self.entries[index], expires_at, float(delay))
         self.expires[index] = expires_at
 
+    @rule(index=st.integers(0, ENTRIES - 1), at=st.sampled_from([0.0, 0.25, 0.99]))
+    def move_within_bucket(self, index: int, at: float) -> None:
+        """A deadline moved inside its bucket (the expiry wheel keeps no bucket number: the
+        entry stays where it is, due at the new time)."""
+        if index in self.expires:
+            expires_at = self.expires[index] // 1.0 + at
+            self.scheduler.set_expiry(self.entries[index], expires_at, 1.0)
+            self.expires[index] = expires_at
+
     @rule(index=st.integers(0, ENTRIES - 1))
     def forget(self, index: int) -> None:
         self.scheduler.forget(self.entries[index])
@@ -87,6 +96,8 @@ class WheelMachine(RuleBasedStateMachine):
             members = sum(len(bucket) for bucket in wheel.buckets.values())
             assert members <= 2 * wheel.live + schedule._COMPACT_SLACK + 1
             assert wheel.live == len(wheel)
+        refresh = self.scheduler._refresh
+        assert set(refresh.numbers) == set(refresh.buckets)
 
 
 @pytest.fixture(autouse=True)
