@@ -112,6 +112,13 @@ class TrackedEntry:
 USE_SLACK = 1 / 64
 
 
+# Entry deadlines are rounded up to this grid (seconds, a power of two: exact in a float), so
+# the entries set within one step share one float object; an entry may outlive its timeout
+# by up to a step. Up to `_DEADLINES_KEPT` recent grid points are kept for sharing.
+DEADLINE_STEP = 1 / 16
+_DEADLINES_KEPT = 64
+
+
 # Stale bucket members tolerated beyond the live ones before a wheel is compacted.
 _COMPACT_SLACK = 1024
 
@@ -357,7 +364,7 @@ class _ExpiryWheel(_Wheel):
 class EntryScheduler:
     """Idle expiry, refresh checks and the push queue for one table's entries."""
 
-    __slots__ = ("_due", "_expiry", "_refresh", "policy")
+    __slots__ = ("_deadlines", "_due", "_expiry", "_refresh", "policy")
 
     def __init__(self, policy: RefreshPolicy, granularity: float = 1.0) -> None:
         if not granularity > 0:
@@ -367,12 +374,24 @@ class EntryScheduler:
         self._refresh = _SlotWheel(granularity)
         # Entries to push at the next `pop_due_for_push` (a dict as an insertion-ordered set).
         self._due: dict[TrackedEntry, None] = {}
+        # Recent deadlines (on the `DEADLINE_STEP` grid), one float object each, shared by the
+        # entries given that deadline (24 bytes an entry each otherwise).
+        self._deadlines: dict[float, float] = {}
 
     # --- expiry -----------------------------------------------------------------------------
 
     def set_expiry(self, entry: TrackedEntry, expires_at: float, timeout: float) -> None:
+        """The entry expires at `expires_at` rounded up to the `DEADLINE_STEP` grid (one
+        float object per grid point, shared by the entries set in one step)."""
         entry.timeout = timeout
-        self._expiry.place(entry, expires_at)
+        rounded = -(-expires_at // DEADLINE_STEP) * DEADLINE_STEP
+        deadlines = self._deadlines
+        shared = deadlines.get(rounded)
+        if shared is None:
+            if len(deadlines) >= _DEADLINES_KEPT:
+                deadlines.clear()
+            shared = deadlines[rounded] = rounded
+        self._expiry.place(entry, shared)
 
     def pop_expired(self, now: float) -> list[TrackedEntry]:
         """Entries whose `expires_at <= now`, removed from every schedule (the caller removes

@@ -36,13 +36,13 @@ def test_a_use_within_the_slack_moves_nothing_once_noted() -> None:
     assert entry.expires_at == 64.5 and entry.used_since_push
     assert not scheduler.note_use(entry, 1.0)  # would move it by 0.5 s
     assert entry.expires_at == 64.5
-    assert scheduler.note_use(entry, 1.6)  # by 1.1 s
-    assert entry.expires_at == 65.6
+    assert scheduler.note_use(entry, 1.625)  # by 1.125 s
+    assert entry.expires_at == 65.625
     # Pushed: the next use is noted (for the next refresh push) even within the slack.
     scheduler.mark_known_to_peers(entry, 2.0)
     assert not entry.used_since_push
-    assert scheduler.note_use(entry, 2.1)
-    assert entry.used_since_push and entry.expires_at == 66.1
+    assert scheduler.note_use(entry, 2.125)
+    assert entry.used_since_push and entry.expires_at == 66.125
 
 
 def test_an_entry_awaiting_use_is_pushed_at_its_next_use_even_within_the_slack() -> None:

@@ -6,7 +6,7 @@ compaction threshold is lowered so it runs often."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -43,7 +43,7 @@ class WheelMachine(RuleBasedStateMachine):
         self.scheduler.set_expiry(self.entries[index], expires_at, float(delay))
         self.expires[index] = expires_at
 
-    @rule(index=st.integers(0, ENTRIES - 1), at=st.sampled_from([0.0, 0.25, 0.99]))
+    @rule(index=st.integers(0, ENTRIES - 1), at=st.sampled_from([0.0, 0.25, 0.9375]))
     def move_within_bucket(self, index: int, at: float) -> None:
         """A deadline moved inside its bucket (the expiry wheel keeps no bucket number: the
         entry stays where it is, due at the new time)."""
@@ -120,6 +120,31 @@ def test_many_moves_stay_bounded() -> None:
     assert members <= 2 * len(entries) + schedule._COMPACT_SLACK + 1
     assert scheduler.scheduled_count() == len(entries)
     assert set(scheduler.pop_expired(2000.0)) == set(entries)
+
+
+@given(
+    deadlines=st.lists(
+        st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False),
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_deadlines_round_up_to_the_grid_and_share_one_float(deadlines: list[float]) -> None:
+    """An entry expires no earlier than asked and less than a step later; entries given
+    deadlines in one step hold the same float object, and expire together."""
+    scheduler = EntryScheduler(RefreshPolicy(), granularity=1.0)
+    entries = [_Entry(0.0, 1.0) for _ in deadlines]
+    for entry, asked in zip(entries, deadlines, strict=True):
+        scheduler.set_expiry(entry, asked, 1.0)
+        assert 0 <= entry.expires_at - asked <= schedule.DEADLINE_STEP
+        assert (entry.expires_at / schedule.DEADLINE_STEP).is_integer()
+    by_value: dict[float, float] = {}
+    for entry in entries:
+        assert by_value.setdefault(entry.expires_at, entry.expires_at) is entry.expires_at
+    for entry, asked in zip(entries, deadlines, strict=True):
+        expired = scheduler.pop_expired(entry.expires_at)
+        assert entry in expired or not entry.scheduled
+        assert asked <= entry.expires_at
 
 
 class OrderMachine(RuleBasedStateMachine):
