@@ -129,7 +129,8 @@ class Flow:
         "_key",
         "_newer",
         "_older",
-        "_own_tags",
+        "_own",
+        "_own2",
         "_subtable",
         "actions",
         "bytes",
@@ -154,7 +155,16 @@ class Flow:
         self._key = key
         self.actions = actions
         self._group = group
-        self._own_tags = own_tags
+        # Its own tags without a tuple of their own (56 bytes a flow): none, one or two in
+        # the slots (a connection's flow has two), three or more as a tuple in `_own`.
+        self._own: Tag | tuple[Tag, ...] | None = None
+        self._own2: Tag | None = None
+        if len(own_tags) > 2:
+            self._own = own_tags
+        elif own_tags:
+            self._own = own_tags[0]
+            if len(own_tags) == 2:
+                self._own2 = own_tags[1]
         self.created = created
         self.last_used = created
         self.limits = limits  # idle_timeout, hard_timeout, mtu (the table's shared object)
@@ -196,15 +206,22 @@ class Flow:
     @property
     def tags(self) -> tuple[Tag, ...]:
         group = self._group
+        own = self.own_tags
         if group is None:
-            return self._own_tags
-        return group.tags + self._own_tags if self._own_tags else group.tags
+            return own
+        return group.tags + own if own else group.tags
 
     @property
     def own_tags(self) -> tuple[Tag, ...]:
         """Its own tags (a connection's, `is_connection_tag` by default): the part of `tags`
         not shared with other flows through a group, without building `tags`."""
-        return self._own_tags
+        own = self._own
+        if own is None:
+            return ()
+        if type(own) is tuple:
+            return own
+        own2 = self._own2
+        return (own,) if own2 is None else (own, own2)  # type: ignore[return-value]
 
     def __lt__(self, other: Flow) -> bool:
         return self._heap_at < other._heap_at
@@ -711,7 +728,7 @@ class FlowTable:
                     if not groups:
                         del self._group_index[tag]
         index = self._tag_index
-        for tag in flow._own_tags:
+        for tag in flow.own_tags:
             held = index[tag]
             if isinstance(held, dict):
                 del held[flow]

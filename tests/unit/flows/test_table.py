@@ -646,14 +646,15 @@ class ModelFlow:
 
 class FlowTableMachine(RuleBasedStateMachine):
     """Drives a small FlowTable and a naive model (a list in LRU order) side by side. Tags
-    "a" and "b" are the flows' own (as a connection's), "c".."e" go into shared groups, so
+    "a", "b" and "f" are the flows' own (as a connection's: none to three of them, kept in the
+    flow's slots or, three, as a tuple), "c".."e" go into shared groups, so
     both indexes and the groups' interning and release are exercised."""
 
     MAX_FLOWS = 6
 
     def __init__(self) -> None:
         super().__init__()
-        self.table = FlowTable(max_flows=self.MAX_FLOWS, own_tag=lambda tag: tag in "ab")
+        self.table = FlowTable(max_flows=self.MAX_FLOWS, own_tag=lambda tag: tag in "abf")
         self.model: list[ModelFlow] = []  # least recently used first
         self.now = 0.0
         self.emc = ExactMatchCache(4)
@@ -671,7 +672,7 @@ class FlowTableMachine(RuleBasedStateMachine):
     @rule(
         key=keys,
         mask=masks(),
-        tags=st.sets(st.sampled_from("abcd"), max_size=3),
+        tags=st.sets(st.sampled_from("abcdf"), max_size=4),
         idle=st.sampled_from([0.0, 2.0, 5.0]),
         hard=st.sampled_from([0.0, 4.0, 9.0]),
         port=st.sampled_from([1024, 1025, 2000]),
@@ -736,7 +737,7 @@ class FlowTableMachine(RuleBasedStateMachine):
         model_flow.last_used = max(model_flow.last_used, self.now)
         self.model.append(model_flow)
 
-    @rule(tags=st.sets(st.sampled_from("abcde"), max_size=2))
+    @rule(tags=st.sets(st.sampled_from("abcdef"), max_size=2))
     def invalidate(self, tags: set[str]) -> None:
         removed = self.table.invalidate(tags)
         expected = [f for f in self.model if tags.intersection(f.tags)]
@@ -764,10 +765,14 @@ class FlowTableMachine(RuleBasedStateMachine):
         assert len(self.table) == len(flows)
         assert set(self.table.masks()) == {f.mask for f in flows}
         # Groups exist exactly for the shared tag sets in use, each holding its flows.
-        shared_sets = {frozenset(f.tags) - {"a", "b"} for f in self.model} - {frozenset()}
+        own = frozenset("abf")
+        for flow in flows:
+            assert set(flow.own_tags) == own.intersection(flow.tags)
+            assert len(flow.own_tags) == len(set(flow.own_tags))
+        shared_sets = {frozenset(f.tags) - own for f in self.model} - {frozenset()}
         assert set(self.table._groups) == shared_sets
         for tags, group in self.table._groups.items():
-            members = {f for f in flows if frozenset(f.tags) - {"a", "b"} == tags}
+            members = {f for f in flows if frozenset(f.tags) - own == tags}
             assert set(group.live_flows()) == members and group.live == len(members)
         assert set(self.table._group_index) == {tag for tags in shared_sets for tag in tags}
         # Interned actions: exactly the tuples the live flows hold, one object each, counted
