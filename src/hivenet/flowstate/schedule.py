@@ -114,9 +114,11 @@ USE_SLACK = 1 / 64
 
 # Entry deadlines are rounded up to this grid (seconds, a power of two: exact in a float), so
 # the entries set within one step share one float object; an entry may outlive its timeout
-# by up to a step. Up to `_DEADLINES_KEPT` recent grid points are kept for sharing.
+# by up to a step (a peer's copy, rounded again on arrival, by up to a step more). Up to
+# `_DEADLINES_KEPT` recent grid points are kept for sharing (~64 s of a 1/16 s grid: a
+# peer's refresh pushes bring deadlines spread over the timeouts), then they start again.
 DEADLINE_STEP = 1 / 16
-_DEADLINES_KEPT = 64
+_DEADLINES_KEPT = 1024
 
 
 # Stale bucket members tolerated beyond the live ones before a wheel is compacted.
