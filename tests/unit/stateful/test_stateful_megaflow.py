@@ -44,7 +44,7 @@ from hivenet.model import (
     SecurityGroupRule,
 )
 from hivenet.packets import extract_flow_match
-from hivenet.sim import MemoryTables, SimContext, simulate
+from hivenet.sim import MemoryTables, SimContext, SimulationResult, simulate
 from hivenet.sim.stateful import HookRecord, TransactionHook, connection_tags
 from tests.unit.sim.topo import Topo, mac, tcp, udp
 
@@ -384,24 +384,38 @@ def test_forward_snat_flow_carries_no_reply_tag_but_its_commit_removes_a_cached_
     assert rewrites.get("ip_dst") == int(ipaddress.ip_address(VMS["vm2"][0]))
 
 
-def test_a_binding_replaced_by_a_peers_with_its_translated_key_loses_its_flow_and_refresh() -> None:
-    """A peer's binding with the translated key of one of ours replaces it in the table (a
-    translated key is unique): our binding's forward flow, which carries only its `nat_tag`,
-    is removed, and the refresh map forgets the binding."""
-    now = 10.0
-    topo = topology()
-    datapath = MemoryDatapath("h1", "192.0.2.1", clock=lambda: now)
-    view = topo.view()
+def _snat_agent(clock: list[float]) -> tuple[MemoryDatapath, FlowStateSync]:
+    """Host h1's datapath and agent on the topology, port "out" bound, the SNAT range
+    claimed, both reading the time from `clock[0]`."""
+    view = topology().view()
+    datapath = MemoryDatapath("h1", "192.0.2.1", clock=lambda: clock[0])
     datapath.bind_port(view.ports["out"].tunnel_key, "out")
-    sync = FlowStateSync("h1", datapath, view, clock=lambda: now)
+    sync = FlowStateSync("h1", datapath, view, clock=lambda: clock[0])
     sync.allocator.claim_all(snat_range())
-    tables = neighbour_tables()
-    sender, frame = build(("vm2", "out", 1000, 22, True, 0x02))
+    return datapath, sync
+
+
+def _open(
+    sync: FlowStateSync, spec: tuple[str, str, int, int, bool, int], now: float, tables: Any
+) -> SimulationResult:
+    """Simulate the first packet of `spec` through `sync`'s hook and commit it (as the
+    pipeline does); the result must install a flow."""
+    sender, frame = build(spec)
     hook = sync.begin(frame)
     context = SimContext(topology=sync.topology, tables=tables, local_host_id="h1", flow_state=hook)
     result = simulate(frame, sender, context, now)
     sync.finish(hook, result, sender, now)
     assert result.install, result.format_trace()
+    return result
+
+
+def test_a_binding_replaced_by_a_peers_with_its_translated_key_loses_its_flow_and_refresh() -> None:
+    """A peer's binding with the translated key of one of ours replaces it in the table (a
+    translated key is unique): our binding's forward flow, which carries only its `nat_tag`,
+    is removed, and the refresh map forgets the binding."""
+    now = 10.0
+    datapath, sync = _snat_agent([now])
+    result = _open(sync, ("vm2", "out", 1000, 22, True, 0x02), now, neighbour_tables())
     datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
     (record,) = sync.nat.snapshot(now)
     ours = record.binding
@@ -426,20 +440,9 @@ def test_a_used_connection_outlives_its_timeouts_and_an_idle_one_expires() -> No
     used (each tick; its conntrack key becomes the table's handle on the first scan) and
     lets them expire once idle, within their timeout and the scan's slack of the last use."""
     clock = [10.0]
-    topo = topology()
-    datapath = MemoryDatapath("h1", "192.0.2.1", clock=lambda: clock[0])
-    view = topo.view()
-    datapath.bind_port(view.ports["out"].tunnel_key, "out")
-    sync = FlowStateSync("h1", datapath, view, clock=lambda: clock[0])
-    sync.allocator.claim_all(snat_range())
-    sender, frame = build(("vm1", "out", 1000, 53, False, 0))  # UDP: 30 s unreplied
-    hook = sync.begin(frame)
-    context = SimContext(
-        topology=sync.topology, tables=neighbour_tables(), local_host_id="h1", flow_state=hook
-    )
-    result = simulate(frame, sender, context, clock[0])
-    sync.finish(hook, result, sender, clock[0])
-    assert result.install, result.format_trace()
+    datapath, sync = _snat_agent(clock)
+    # UDP: 30 s unreplied
+    result = _open(sync, ("vm1", "out", 1000, 53, False, 0), clock[0], neighbour_tables())
     datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
     (flow,) = datapath.flows()
     assert len(sync.conntrack) == 1 and len(sync.nat) == 1
@@ -465,23 +468,11 @@ def test_a_binding_over_an_expired_one_of_its_key_keeps_its_refresh() -> None:
     binding replaces it (handed out as replaced, so the old one's flows go), and the old
     one's forgetting leaves the refresh map's entry of the new one (the same tag) alone."""
     clock = [10.0]
-    topo = topology()
-    datapath = MemoryDatapath("h1", "192.0.2.1", clock=lambda: clock[0])
-    view = topo.view()
-    datapath.bind_port(view.ports["out"].tunnel_key, "out")
-    sync = FlowStateSync("h1", datapath, view, clock=lambda: clock[0])
-    sync.allocator.claim_all(snat_range())
+    _, sync = _snat_agent(clock)
     tables = neighbour_tables()
 
     def send() -> NatBinding:
-        sender, frame = build(("vm1", "out", 1000, 53, False, 0))
-        hook = sync.begin(frame)
-        context = SimContext(
-            topology=sync.topology, tables=tables, local_host_id="h1", flow_state=hook
-        )
-        result = simulate(frame, sender, context, clock[0])
-        sync.finish(hook, result, sender, clock[0])
-        assert result.install, result.format_trace()
+        _open(sync, ("vm1", "out", 1000, 53, False, 0), clock[0], tables)
         (record,) = sync.nat.snapshot(clock[0])
         return record.binding
 
