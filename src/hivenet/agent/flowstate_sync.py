@@ -45,7 +45,6 @@ from hivenet.flowstate import (
     Destination,
     FlowKey,
     FlowStateTransaction,
-    NatBinding,
     NatKind,
     NatRange,
     NatRecord,
@@ -65,10 +64,15 @@ from hivenet.flowstate import (
     parse_block_key,
     push_targets,
 )
-from hivenet.flowstate.conntrack import ConnHandle
 from hivenet.flowstate.keys import is_icmp_error
 from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
-from hivenet.flowstate.transaction import ConnectionTags
+from hivenet.flowstate.transaction import (
+    CONNTRACK_TAG_KIND,
+    NAT_TAG_KINDS,
+    ConnectionTags,
+    split_tag,
+    zone_hash,
+)
 from hivenet.flowstate.wire import DEFAULT_MAX_MESSAGE_BYTES
 from hivenet.model import Port, PortGroup
 from hivenet.packets import (
@@ -80,7 +84,6 @@ from hivenet.packets import (
 )
 from hivenet.sim import SimulationResult, TopologyView
 from hivenet.sim.stateful import (
-    TaggedEntry,
     TransactionHook,
     egress_hosts_of,
     egress_port_keys_of,
@@ -198,11 +201,10 @@ class FlowStateSync:
         self.conntrack = ConntrackTable(max_entries=max_entries)
         self.nat = NatTable(self.allocator, max_entries=max_entries)
         self.counters = FlowStateCounters()
-        # Flow tag -> the entry it names (for refresh from flow statistics): a NAT binding (the
-        # table's own entry) or a conntrack entry's handle. Filled from the tags of flows this
-        # host's simulations made (the same int objects), not for every entry a peer pushes:
-        # a host that never forwards a connection pays nothing for it.
-        self._tag_entries: dict[Tag, NatBinding | ConnHandle] = {}
+        # Zone hash -> the zones with that hash (`transaction.zone_hash`; a tuple in case two
+        # collide), for the refresh scan to read a connection tag's zone: rebuilt from the
+        # tables' zones when a tag names an unknown hash (at most once a scan).
+        self._zones_by_hash: dict[int, tuple[str, ...]] = {}
         self._blocks_taken: set[PortBlock] = set()  # blocks other hosts hold (store watch)
         # SNAT ranges to lease a block of: None = unconditionally (no block held, or a packet
         # found none free); a destination = if still running low for it when the leaser runs.
@@ -324,8 +326,6 @@ class FlowStateSync:
         tags, opened = hook.record.commit_tags(committed.nat_bindings)
         counters.connections_opened += opened
         counters.nat_bindings_created += len(committed.nat_bindings)
-        if result.install:
-            self._remember_entries(hook.record.tagged, now)
         if tags:
             self._invalidate(tags)
         self._forget_evicted()
@@ -558,20 +558,14 @@ class FlowStateSync:
             existed = self.conntrack.get(record.zone, record.key, now) is not None
             merged = self.conntrack.merge(record, now)
             if merged is None or not existed:
-                tag = texts.conntrack(record.zone, record.key)
-                tags.add(tag)
-                if merged is None:
-                    self._tag_entries.pop(tag, None)
+                tags.add(texts.conntrack(record.zone, record.key))
         for nat_record in nat:
             binding = nat_record.binding
             existing = self.nat.lookup_original(binding.zone, binding.kind, binding.original, now)
             merged_binding = self.nat.merge(nat_record, now)
             if merged_binding is None or existing != binding:
-                tag = texts.nat(binding)
-                tags.add(tag)
+                tags.add(texts.nat(binding))
                 tags.add(texts.nat_reply(binding.zone, binding.kind, binding.translated))
-                if merged_binding is None:
-                    self._tag_entries.pop(tag, None)
         if tags:
             self._invalidate(tags)
         self._forget_evicted()
@@ -612,18 +606,11 @@ class FlowStateSync:
         tags: set[int] = set()
         texts = ConnectionTags()  # each NAT tag made once (see `_install`)
         for record in conntrack:
-            tag = texts.conntrack(record.zone, record.key)
-            tags.add(tag)
-            self._tag_entries.pop(tag, None)
-        entries = self._tag_entries
+            tags.add(texts.conntrack(record.zone, record.key))
         for nat_record in nat:
             binding = nat_record.binding
-            tag = texts.nat(binding)
-            tags.add(tag)
+            tags.add(texts.nat(binding))
             tags.add(texts.nat_reply(binding.zone, binding.kind, binding.translated))
-            # A newer binding of the same original key has the same tag: keep its entry.
-            if entries.get(tag) is binding:
-                del entries[tag]
         if tags:
             self._invalidate(tags)
 
@@ -641,40 +628,50 @@ class FlowStateSync:
         if conntrack or nat:
             self._forget(conntrack, nat)
 
-    def _remember_entries(self, tagged: list[tuple[int, TaggedEntry]], now: float) -> None:
-        """The entries an installed flow's connection tags name, for `_touch_used`: a NAT
-        binding as the simulation used it, a connection as the handle of its entry (after
-        the commit made it)."""
-        entries = self._tag_entries
-        for tag, entry in tagged:
-            if isinstance(entry, NatBinding):
-                entries[tag] = entry
-            else:
-                zone, key = entry
-                handle = self.conntrack.handle(zone, key, now)
-                if handle is not None:
-                    entries[tag] = handle
-
     def _touch_used(self, now: float) -> None:
+        """Flow statistics to entries: each flow used since the last scan keeps the entries
+        its connection tags name alive (and due for their next refresh push). A tag is
+        read back (`transaction.split_tag`: kind, zone hash, key) and its entry looked up in
+        the table, so the agent keeps no map from tags to entries (two dict slots a
+        connection). An entry's timer moves only when its deadline lags by a fraction of its
+        timeout (`schedule.USE_SLACK`): most scans leave it."""
         since = self._last_scan
         self._last_scan = now
-        entries = self._tag_entries
+        zones = self._zones_by_hash
+        rebuilt = False
+        conntrack, nat, counters = self.conntrack, self.nat, self.counters
         for flow in self.datapath.flows():
             if flow.last_used <= since:
                 continue
             # Only a connection's tags name entries: its own (2), not the path's (~20, and
-            # `tags` would build their tuple). An entry's timer moves only when its deadline
-            # lags by a fraction of its timeout (`schedule.USE_SLACK`): most ticks leave it.
+            # `tags` would build their tuple).
             for tag in flow.own_tags:
-                entry = entries.get(tag)
-                if entry is None:
+                if type(tag) is not int:
                     continue
-                if isinstance(entry, NatBinding):
-                    refreshed = self.nat.note_use(entry, now)
-                else:
-                    refreshed = self.conntrack.note_use(entry, now)
-                if refreshed:
-                    self.counters.refreshed_entries += 1
+                kind, hashed, key = split_tag(tag)
+                names = zones.get(hashed)
+                if names is None:
+                    if rebuilt:
+                        continue
+                    zones = self._zones_by_hash = self._zones_by_their_hash()
+                    rebuilt = True
+                    names = zones.get(hashed)
+                    if names is None:
+                        continue
+                for zone in names:
+                    if kind == CONNTRACK_TAG_KIND:
+                        refreshed = conntrack.note_use(zone, key, now)
+                    else:
+                        refreshed = nat.note_use(zone, NAT_TAG_KINDS[kind], key, now)
+                    if refreshed:
+                        counters.refreshed_entries += 1
+
+    def _zones_by_their_hash(self) -> dict[int, tuple[str, ...]]:
+        zones: dict[int, tuple[str, ...]] = {}
+        for zone in {*self.conntrack.zones(), *self.nat.zones()}:
+            hashed = zone_hash(zone)
+            zones[hashed] = (*zones.get(hashed, ()), zone)
+        return zones
 
     # ------------------------------------------------------------------ NAT port blocks
 

@@ -290,10 +290,6 @@ class _ConnEntry(TrackedEntry):
         return ConntrackRecord(self.zone, self.key, self.state, self.expires_at)
 
 
-# What `ConntrackTable.handle` hands out (see there).
-ConnHandle = _ConnEntry
-
-
 def _next_state(
     proto: int, state: ConnState | None, direction: Direction, tcp_flags: int
 ) -> ConnState | None:
@@ -601,21 +597,17 @@ class ConntrackTable:
         self._schedule.mark_used(entry)
         return True
 
-    def handle(self, zone: str, key: FlowKey, now: float) -> ConnHandle | None:
-        """The live connection `key` belongs to (either direction), as a handle for
-        `note_use` (the table's own entry, opaque to its holder); None: no such connection."""
-        return self._live(zone, key, now) or self._live(zone, key.reversed(), now)
-
-    def note_use(self, handle: ConnHandle, now: float) -> bool:
-        """`touch` for the agent's periodic scan of used flows, given a `handle`: no lookup
-        while its entry is live (else by its zone and key: the connection may live on in a
-        newer entry). The idle timer restarts to within `schedule.USE_SLACK` of the timeout
-        (`EntryScheduler.note_use`). False when nothing changed (no such live connection, or
-        within the slack)."""
-        if handle.scheduled and handle.expires_at > now:
-            return self._schedule.note_use(handle, now)
-        entry = self._live(handle.zone, handle.key, now)
+    def note_use(self, zone: str, key: FlowKey, now: float) -> bool:
+        """`touch` for the agent's periodic scan of used flows (the key a flow's conntrack tag
+        names: either direction): the idle timer restarts to within `schedule.USE_SLACK` of
+        the timeout (`EntryScheduler.note_use`). False when nothing changed (no such live
+        connection, or within the slack)."""
+        entry = self._live(zone, key, now) or self._live(zone, key.reversed(), now)
         return entry is not None and self._schedule.note_use(entry, now)
+
+    def zones(self) -> list[str]:
+        """The zones holding entries."""
+        return list(self._zones)
 
     def observe_tcp_flags(
         self, zone: str, key: FlowKey, tcp_flags: int, now: float

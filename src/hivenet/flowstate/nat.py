@@ -625,21 +625,23 @@ class NatTable:
         self._touch_entry(entry, now, timeout)
         return True
 
-    def note_use(self, binding: NatBinding, now: float) -> bool:
-        """`touch` for the agent's periodic scan of used flows, given a binding this table
-        handed out (its own entry: no lookup while it is live; else by its original key): the
-        idle timer restarts to within `schedule.USE_SLACK` of the timeout
-        (`EntryScheduler.note_use`). False when nothing changed (no such live binding, or
-        within the slack)."""
-        entry: _NatEntry | None
-        if isinstance(binding, _NatEntry) and binding.scheduled and binding.expires_at > now:
-            entry = binding
-        else:
-            entry = self._live(self._by_original, binding.zone, binding.kind, binding.original, now)
-            if entry is None:
-                return False
+    def note_use(self, zone: str, kind: NatKind, key: FlowKey, now: float) -> bool:
+        """`touch` for the agent's periodic scan of used flows, for the binding a flow's NAT
+        tag names (`nat_key_tag`: the binding whose original key is `key`, else the one whose
+        translated key is its reverse): the idle timer restarts to within
+        `schedule.USE_SLACK` of the timeout (`EntryScheduler.note_use`). False when nothing
+        changed (no such live binding, or within the slack)."""
+        entry = self._live(self._by_original, zone, kind, key, now) or self._live(
+            self._by_translated, zone, kind, key.reversed(), now
+        )
+        if entry is None:
+            return False
         self._unused.discard(entry)
         return self._schedule.note_use(entry, now)
+
+    def zones(self) -> set[str]:
+        """The zones holding bindings."""
+        return {index.zone for index, entries in self._by_original.items() if entries}
 
     def _touch_entry(self, entry: _NatEntry, now: float, timeout: float | None) -> None:
         self._unused.discard(entry)

@@ -85,6 +85,23 @@ def _tag(zone: str, kind: int, key: int) -> int:
     return ((key << 64) | (hash(zone) & _ZONE_MASK)) << 2 | kind
 
 
+CONNTRACK_TAG_KIND = _CONNTRACK_KIND
+# The `NatKind` a NAT tag's kind code names (`split_tag`).
+NAT_TAG_KINDS = {code: kind for kind, code in _NAT_KINDS.items()}
+
+
+def zone_hash(zone: str) -> int:
+    """The part of a connection tag that names `zone` (its str hash, 64 bits)."""
+    return hash(zone) & _ZONE_MASK
+
+
+def split_tag(tag: int) -> tuple[int, int, FlowKey]:
+    """A connection tag's kind code (`CONNTRACK_TAG_KIND` or a key of `NAT_TAG_KINDS`), zone
+    hash (`zone_hash`) and key: for a conntrack tag the lower of the connection's two
+    directions, for a NAT tag the key of the packet whose NAT state it names."""
+    return tag & 3, tag >> 2 & _ZONE_MASK, int.__new__(FlowKey, tag >> 66)
+
+
 def _connection_key(key: FlowKey) -> FlowKey:
     """The direction of `key` a conntrack tag names: the lower of it and its reverse."""
     reverse = key.reversed()

@@ -7,9 +7,8 @@ the flow-state tables (FlowKey, NatRange), the decisions' tags and cacheability,
 error translation of quoted datagrams (`NatDecision.inner_rewrites`), the static 1:1 NAT of
 floating IPs (ports kept, no port block to lease: one fixed address maps to one floating
 address, so nothing can collide), the record of SNAT targets that ran out of ports (the
-agent leases another block through the store), the record of which entries the flow's tags
-name (`HookRecord.tagged`, for refreshing them while the flow is used) and
-`snat_targets_served` (the SNAT ranges a host leases a block of ahead of the first packet).
+agent leases another block through the store) and `snat_targets_served` (the SNAT ranges a
+host leases a block of ahead of the first packet).
 Does not own the tables, committing (the agent does, after the simulation) or sending.
 Pure: no I/O, no clock.
 
@@ -86,13 +85,6 @@ def connection_tags(zone: str, key: FlowKey) -> frozenset[int]:
     return frozenset({conntrack_tag(zone, key)})
 
 
-# What a flow tag of a conntrack or NAT entry names, for refreshing the entry while flows
-# carrying the tag are used: a connection's (zone, key) (the agent keeps the table's handle of
-# its entry after the commit, `ConntrackTable.handle`), or the NAT binding itself (the
-# table's own object).
-TaggedEntry = tuple[str, FlowKey] | NatBinding
-
-
 def _rewrite_key(key: FlowKey, rewrites: dict[str, int]) -> FlowKey:
     values = list(key)
     for name, value in rewrites.items():
@@ -113,9 +105,6 @@ class HookRecord:
     # would open.
     opened: list[tuple[str, FlowKey, int]] = field(default_factory=list)
     exhausted: list[NatRange] = field(default_factory=list)
-    # Entries the simulation's tags name (the very tag objects the flow carries), so the
-    # agent can refresh them while the flow is used.
-    tagged: list[tuple[int, TaggedEntry]] = field(default_factory=list)
     # Per binding a forward NAT rule used: its `nat_tag` (the decision's tag) and its
     # `nat_reply_tag` (the decision does not carry it: only for `commit_tags`), as the
     # simulation spelled them.
@@ -172,7 +161,6 @@ class TransactionHook:
             if classification.verdict is _NEW:
                 record.opened.append((zone, key, tag))
             tags = frozenset((tag,))
-            record.tagged.append((tag, (zone, key)))
         else:
             own_key = key_of_match(packet)
             if own_key is not None:
@@ -216,7 +204,6 @@ class TransactionHook:
             outcome = transaction.nat(zone, action, packet, (), now, key=key)
             if outcome.binding is None:
                 return _nat_decision(tags=frozenset((miss_tag,)), applied=False)
-            self._tag_binding(outcome.tags, outcome.binding)
             return _nat_decision(
                 # The outcome's own dict (the binding makes a new one per call): no copy.
                 rewrites=outcome.rewrites,
@@ -237,7 +224,6 @@ class TransactionHook:
         binding = outcome.binding
         assert binding is not None  # dnat/snat always bind
         forward_tags = outcome.tags
-        self._tag_binding(forward_tags, binding)
         (forward_tag,) = forward_tags
         # Not a tag of this flow (see the module docstring): the commit invalidates it.
         reply_tag = texts.nat_reply(zone, kind, binding.translated)
@@ -251,11 +237,6 @@ class TransactionHook:
             cacheable=outcome.cacheable,
             description=f"{action_name} {binding.original} -> {binding.translated}",
         )
-
-    def _tag_binding(self, tags: frozenset[int], binding: NatBinding) -> None:
-        tagged = self.record.tagged
-        for tag in tags:
-            tagged.append((tag, binding))
 
     def _hold_static_block(self, targets: list[NatRange], key: FlowKey) -> None:
         """1:1 NAT keeps the port; hold that port's block of the single floating address."""

@@ -1,7 +1,8 @@
 """`note_use`: the agent's periodic scan of used flows restarts an entry's idle timer to
 within `USE_SLACK` of its timeout (a scan that would move the deadline by less leaves the
-entry alone, once its use is noted for the next refresh push), and a holder of a dropped
-entry falls back to the connection's live entry, if any."""
+entry alone, once its use is noted for the next refresh push); the tables find the entry by
+the key a flow's tag names (either direction of a connection, a forward or reply key of a
+binding), so a connection opened again uses its new entry."""
 
 from __future__ import annotations
 
@@ -58,39 +59,35 @@ def test_an_entry_awaiting_use_is_pushed_at_its_next_use_even_within_the_slack()
     assert scheduler.pop_due_for_push(640.5) == [entry]
 
 
-def test_conntrack_handle_is_used_while_live_and_falls_back_to_a_newer_entry() -> None:
+def test_conntrack_use_by_either_direction_of_its_key() -> None:
     table = ConntrackTable()  # UDP unreplied: 30 s, slack ~0.47 s
     request = udp("10.0.0.5", 1000, "198.51.100.20", 53)
     key = key_of_match(request)
     assert key is not None
     table.track(ZONE, request, 0.0)
-    handle = table.handle(ZONE, key.reversed(), 0.0)  # either direction
-    assert handle is not None
-    assert table.note_use(handle, 10.0)
+    assert table.note_use(ZONE, key.reversed(), 10.0)  # either direction
     assert table.find(ZONE, key, 10.0) is not None
     assert table.expire(39.9) == []
-    assert not table.note_use(handle, 10.2)  # within the slack
-    # The connection is removed and opened again: a new entry; the old handle finds it.
+    assert not table.note_use(ZONE, key, 10.2)  # within the slack
+    assert not table.note_use("another-zone", key, 20.0)
+    # The connection is removed and opened again by a peer: the new entry is used.
     assert table.remove(ZONE, key)
     table.merge(ConntrackRecord(ZONE, key, ConnState.UNREPLIED, 25.0), 20.0)
-    assert table.note_use(handle, 20.0)
+    assert table.note_use(ZONE, key, 20.0)
     record = table.get(ZONE, key, 20.0)
     assert record is not None and record.expires_at == 50.0
     # Gone for good: nothing to use.
     assert table.remove(ZONE, key)
-    assert not table.note_use(handle, 21.0)
-    assert table.handle(ZONE, key, 21.0) is None
+    assert not table.note_use(ZONE, key, 21.0)
 
 
-def test_conntrack_handle_of_an_expired_unswept_entry_is_not_revived() -> None:
+def test_conntrack_use_of_an_expired_unswept_entry_does_not_revive_it() -> None:
     table = ConntrackTable()
     request = udp("10.0.0.5", 1000, "198.51.100.20", 53)
     table.track(ZONE, request, 0.0)
     key = key_of_match(request)
     assert key is not None
-    handle = table.handle(ZONE, key, 0.0)
-    assert handle is not None
-    assert not table.note_use(handle, 30.0)  # past its 30 s, before any expire() sweep
+    assert not table.note_use(ZONE, key, 30.0)  # past its 30 s, before any expire() sweep
     assert [record.key for record in table.expire(30.0)] == [key]
 
 
@@ -99,20 +96,24 @@ def _expires(table: NatTable, original: FlowKey, now: float) -> float:
     return at
 
 
-def test_nat_binding_is_used_while_live_and_falls_back_by_its_original_key() -> None:
+def test_nat_use_by_the_key_its_tag_names_forward_or_reply() -> None:
+    """A NAT tag's key is a forward packet's (the binding's original key) or a reply's (the
+    reverse of its translated key): either finds the binding."""
     table, _ = snat_table()  # TCP: 7440 s, slack 116.25 s
     key = FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443)
     binding, _ = table.snat(ZONE, key, [NAT_RANGE], 0.0)
-    assert table.note_use(binding, 10.0)
+    assert table.note_use(ZONE, NatKind.SNAT, key, 10.0)
     assert _expires(table, key, 10.0) == 7450.0
-    assert not table.note_use(binding, 100.0)  # within the slack
+    assert not table.note_use(ZONE, NatKind.SNAT, key, 100.0)  # within the slack
     assert _expires(table, key, 100.0) == 7450.0
-    assert table.note_use(binding, 200.0)
+    assert table.note_use(ZONE, NatKind.SNAT, binding.translated.reversed(), 200.0)  # reply
     assert _expires(table, key, 200.0) == 7640.0
-    # Removed and pushed back by a peer: an equal binding in a new entry; the old one finds it.
+    assert not table.note_use(ZONE, NatKind.DNAT, key, 300.0)  # another kind: no binding
+    assert not table.note_use(ZONE, NatKind.SNAT, binding.translated, 300.0)
+    # Removed and pushed back by a peer: the new entry is used.
     assert table.remove(ZONE, NatKind.SNAT, key)
     table.merge(NatRecord(binding, 300.0), 250.0)
-    assert table.note_use(binding, 260.0)
+    assert table.note_use(ZONE, NatKind.SNAT, key, 260.0)
     assert _expires(table, key, 260.0) == 7700.0
     assert table.remove(ZONE, NatKind.SNAT, key)
-    assert not table.note_use(binding, 270.0)
+    assert not table.note_use(ZONE, NatKind.SNAT, key, 270.0)

@@ -14,6 +14,8 @@ from hivenet.flowstate.keys import FlowKey, key_text
 from hivenet.flowstate.nat import NatBinding, NatKind, NatTable
 from hivenet.flowstate.portblocks import NatRange, PortBlockAllocator
 from hivenet.flowstate.transaction import (
+    CONNTRACK_TAG_KIND,
+    NAT_TAG_KINDS,
     ConnectionTags,
     FlowStateTransaction,
     NatAction,
@@ -21,7 +23,9 @@ from hivenet.flowstate.transaction import (
     nat_key_tag,
     nat_reply_tag,
     nat_tag,
+    split_tag,
     tag_text,
+    zone_hash,
 )
 from hivenet.packets.flowmatch import FlowMatch
 
@@ -228,6 +232,14 @@ def test_a_connection_tag_reads_back_its_zone_kind_and_key(
         assert (
             tag_text(nat_key_tag(zone, kind, key), [zone]) == f"nat:{zone}:{name}:{key_text(key)}"
         )
+    # What the agent's refresh scan reads back: kind, zone hash, key (a FlowKey again).
+    code, hashed, read = split_tag(conntrack_tag(zone, key.reversed()))
+    assert (code, hashed, read) == (CONNTRACK_TAG_KIND, zone_hash(zone), lower)
+    assert type(read) is FlowKey and tuple(read) == tuple(lower)
+    for kind in NatKind:
+        code, hashed, read = split_tag(nat_key_tag(zone, kind, key))
+        assert (NAT_TAG_KINDS[code], hashed, read) == (kind, zone_hash(zone), key)
+        assert read.reversed() == key.reversed()
 
 
 # --- tags spelled once ----------------------------------------------------------------------

@@ -412,14 +412,14 @@ def _open(
 def test_a_binding_replaced_by_a_peers_with_its_translated_key_loses_its_flow_and_refresh() -> None:
     """A peer's binding with the translated key of one of ours replaces it in the table (a
     translated key is unique): our binding's forward flow, which carries only its `nat_tag`,
-    is removed, and the refresh map forgets the binding."""
+    is removed."""
     now = 10.0
     datapath, sync = _snat_agent([now])
     result = _open(sync, ("vm2", "out", 1000, 22, True, 0x02), now, neighbour_tables())
     datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
     (record,) = sync.nat.snapshot(now)
     ours = record.binding
-    assert nat_tag(ours) in sync._tag_entries
+    assert nat_tag(ours) in result.tags
     assert [set(flow.tags) for flow in datapath.flows()] == [set(result.tags)]
 
     theirs = NatBinding(
@@ -432,12 +432,11 @@ def test_a_binding_replaced_by_a_peers_with_its_translated_key_loses_its_flow_an
     assert sync.nat.lookup_translated("r", NatKind.SNAT, ours.translated, now) == theirs
     assert sync.nat.lookup_original("r", NatKind.SNAT, ours.original, now) is None
     assert datapath.flows() == []
-    assert nat_tag(ours) not in sync._tag_entries
 
 
 def test_a_used_connection_outlives_its_timeouts_and_an_idle_one_expires() -> None:
     """The agent's scan of used flows keeps a connection's entries alive while its flow is
-    used (each tick; its conntrack key becomes the table's handle on the first scan) and
+    used (each tick: the entries its connection tags name, read back from the tags) and
     lets them expire once idle, within their timeout and the scan's slack of the last use."""
     clock = [10.0]
     datapath, sync = _snat_agent(clock)
@@ -466,13 +465,14 @@ def test_a_used_connection_outlives_its_timeouts_and_an_idle_one_expires() -> No
 def test_a_binding_over_an_expired_one_of_its_key_keeps_its_refresh() -> None:
     """A new connection on the 5-tuple of an expired, not yet swept binding: the new
     binding replaces it (handed out as replaced, so the old one's flows go), and the old
-    one's forgetting leaves the refresh map's entry of the new one (the same tag) alone."""
+    one's forgetting does not stop the new one's flow (the same tag) from keeping it alive."""
     clock = [10.0]
-    _, sync = _snat_agent(clock)
+    datapath, sync = _snat_agent(clock)
     tables = neighbour_tables()
 
     def send() -> NatBinding:
-        _open(sync, ("vm1", "out", 1000, 53, False, 0), clock[0], tables)
+        result = _open(sync, ("vm1", "out", 1000, 53, False, 0), clock[0], tables)
+        datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
         (record,) = sync.nat.snapshot(clock[0])
         return record.binding
 
@@ -480,4 +480,36 @@ def test_a_binding_over_an_expired_one_of_its_key_keeps_its_refresh() -> None:
     clock[0] += 400.0  # past UDP's 300 s NAT timeout, no tick: expired, not swept
     second = send()
     assert second is not first and second.original == first.original
-    assert sync._tag_entries[nat_tag(second)] is second
+    (flow,) = datapath.flows()
+    for _ in range(800):  # 400 s of use: past UDP's 300 s NAT timeout
+        clock[0] += 0.5
+        flow.last_used = clock[0]
+        sync.tick(clock[0])
+    assert sync.nat.lookup_original(second.zone, second.kind, second.original, clock[0]) == second
+    assert datapath.flows() == [flow]
+
+
+def test_a_zone_first_seen_after_a_scan_is_refreshed_too() -> None:
+    """The scan reads a tag's zone from a map of the tables' zones by hash, rebuilt when a
+    tag names a zone it lacks: vm1's connection (conntrack in its port's zone, vm1 alone has
+    a security group), opened after a scan that saw only vm2's (SNAT in the router's zone),
+    is kept alive by its flow's use as the first one is."""
+    clock = [10.0]
+    datapath, sync = _snat_agent(clock)
+    tables = neighbour_tables()
+    for spec in (("vm2", "out", 1000, 53, False, 0), ("vm1", "out", 1000, 53, False, 0)):
+        result = _open(sync, spec, clock[0], tables)
+        datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
+        for _ in range(4):
+            clock[0] += 0.5
+            for flow in datapath.flows():
+                flow.last_used = clock[0]
+            sync.tick(clock[0])
+    assert len(datapath.flows()) == 2 and len(sync.conntrack) == 1
+    for _ in range(200):  # 100 s of use: past the 30 s conntrack timeout
+        clock[0] += 0.5
+        for flow in datapath.flows():
+            flow.last_used = clock[0]
+        sync.tick(clock[0])
+    assert len(sync.conntrack) == 1 and len(sync.nat) == 2
+    assert len(datapath.flows()) == 2
