@@ -238,7 +238,7 @@ class _Wheel:
         where = self.bucket_of_entry
         return list(dict.fromkeys(entry for entry in members if where(entry) == bucket))
 
-    def _compact(self, leaving: TrackedEntry) -> None:
+    def _compact(self, leaving: TrackedEntry | None = None) -> None:
         """Drop every stale member (`leaving` is being discarded: it still names its bucket)."""
         for bucket, members in list(self.buckets.items()):
             kept = [entry for entry in self._members(bucket, members) if entry is not leaving]
@@ -266,6 +266,8 @@ class _Wheel:
                 out.extend(live)
             self._dropped(bucket)
         self.live -= len(out)
+        if self.stale > self.live + _COMPACT_SLACK:  # the popped entries' other places
+            self._compact()
         return out
 
     def first(self, skip: Container[TrackedEntry]) -> TrackedEntry | None:
