@@ -69,8 +69,11 @@ from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
 from hivenet.flowstate.transaction import (
     CONNTRACK_TAG_KIND,
     NAT_TAG_KINDS,
+    TAG_KEY_SHIFT,
+    TAG_KIND_MASK,
+    TAG_ZONE_MASK,
+    TAG_ZONE_SHIFT,
     ConnectionTags,
-    split_tag,
     zone_hash,
 )
 from hivenet.flowstate.wire import DEFAULT_MAX_MESSAGE_BYTES
@@ -631,7 +634,7 @@ class FlowStateSync:
     def _touch_used(self, now: float) -> None:
         """Flow statistics to entries: each flow used since the last scan keeps the entries
         its connection tags name alive (and due for their next refresh push). A tag is
-        read back (`transaction.split_tag`: kind, zone hash, key) and its entry looked up in
+        read back (as `transaction.split_tag` does: kind, zone hash, key) and its entry looked up in
         the table, so the agent keeps no map from tags to entries (two dict slots a
         connection). An entry's timer moves only when its deadline lags by a fraction of its
         timeout (`schedule.USE_SLACK`): most scans leave it."""
@@ -640,6 +643,7 @@ class FlowStateSync:
         zones = self._zones_by_hash
         rebuilt = False
         conntrack, nat, counters = self.conntrack, self.nat, self.counters
+        new_int = int.__new__
         for flow in self.datapath.flows():
             if flow.last_used <= since:
                 continue
@@ -648,7 +652,8 @@ class FlowStateSync:
             for tag in flow.own_tags:
                 if type(tag) is not int:
                     continue
-                kind, hashed, key = split_tag(tag)
+                # `split_tag`, inline (two tags a used flow, every scan).
+                hashed = tag >> TAG_ZONE_SHIFT & TAG_ZONE_MASK
                 names = zones.get(hashed)
                 if names is None:
                     if rebuilt:
@@ -658,6 +663,7 @@ class FlowStateSync:
                     names = zones.get(hashed)
                     if names is None:
                         continue
+                kind, key = tag & TAG_KIND_MASK, new_int(FlowKey, tag >> TAG_KEY_SHIFT)
                 for zone in names:
                     if kind == CONNTRACK_TAG_KIND:
                         refreshed = conntrack.note_use(zone, key, now)

@@ -602,8 +602,15 @@ class ConntrackTable:
         names: either direction): the idle timer restarts to within `schedule.USE_SLACK` of
         the timeout (`EntryScheduler.note_use`). False when nothing changed (no such live
         connection, or within the slack)."""
-        entry = self._live(zone, key, now) or self._live(zone, key.reversed(), now)
-        return entry is not None and self._schedule.note_use(entry, now)
+        entries = self._zones.get(zone)
+        if entries is None:
+            return False
+        entry = entries.get(key)
+        if entry is None or entry.expires_at <= now:
+            entry = entries.get(key.reversed())
+            if entry is None or entry.expires_at <= now:
+                return False
+        return self._schedule.note_use(entry, now)
 
     def zones(self) -> list[str]:
         """The zones holding entries."""

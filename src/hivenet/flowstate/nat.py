@@ -25,7 +25,7 @@ import enum
 import zlib
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from hivenet.flowstate.keys import ICMP_PROTOCOLS, FlowKey, uses_echo_id
 from hivenet.flowstate.portblocks import (
@@ -631,11 +631,15 @@ class NatTable:
         translated key is its reverse): the idle timer restarts to within
         `schedule.USE_SLACK` of the timeout (`EntryScheduler.note_use`). False when nothing
         changed (no such live binding, or within the slack)."""
-        entry = self._live(self._by_original, zone, kind, key, now) or self._live(
-            self._by_translated, zone, kind, key.reversed(), now
-        )
-        if entry is None:
-            return False
+        # A plain tuple finds the `_Index` it equals without building one (~0.3 us a call).
+        index = cast(_Index, (zone, kind))
+        entries = self._by_original.get(index)
+        entry = entries.get(key) if entries is not None else None
+        if entry is None or entry.expires_at <= now:
+            entries = self._by_translated.get(index)
+            entry = entries.get(key.reversed()) if entries is not None else None
+            if entry is None or entry.expires_at <= now:
+                return False
         self._unused.discard(entry)
         return self._schedule.note_use(entry, now)
 

@@ -95,11 +95,19 @@ def zone_hash(zone: str) -> int:
     return hash(zone) & _ZONE_MASK
 
 
+# A connection tag's layout (see above), for readers that split tags in a loop.
+TAG_KIND_MASK, TAG_ZONE_SHIFT, TAG_ZONE_MASK, TAG_KEY_SHIFT = 3, 2, _ZONE_MASK, 66
+
+
 def split_tag(tag: int) -> tuple[int, int, FlowKey]:
     """A connection tag's kind code (`CONNTRACK_TAG_KIND` or a key of `NAT_TAG_KINDS`), zone
     hash (`zone_hash`) and key: for a conntrack tag the lower of the connection's two
     directions, for a NAT tag the key of the packet whose NAT state it names."""
-    return tag & 3, tag >> 2 & _ZONE_MASK, int.__new__(FlowKey, tag >> 66)
+    return (
+        tag & TAG_KIND_MASK,
+        tag >> TAG_ZONE_SHIFT & TAG_ZONE_MASK,
+        int.__new__(FlowKey, tag >> TAG_KEY_SHIFT),
+    )
 
 
 def _connection_key(key: FlowKey) -> FlowKey:
