@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hivenet.sim.maglev import (
@@ -20,6 +20,7 @@ from hivenet.sim.maglev import (
     MaglevTable,
     NoMemberError,
     WeightedMember,
+    _permutation_parameters,
     build_lookup_table_reference,
     five_tuple_hash,
     is_prime,
@@ -202,8 +203,45 @@ def test_removing_one_of_ten_moves_about_a_tenth() -> None:
 
 # Disruption properties run on the default table: Maglev's ripple beyond the ideal share
 # grows as M / N shrinks (the paper sizes M at 100 N or more), and on 65537 slots it stays
-# well under 1% for up to 12 members (measured over 600 random cases: at most 0.6%).
+# well under 1% for up to 12 members (measured over 600 random cases: at most 0.6%), unless
+# two members' skips are in a small ratio (below).
 RIPPLE_BOUND = 0.02
+
+
+def _skips_in_small_ratio(
+    members: list[WeightedMember], table_size: int = DEFAULT_TABLE_SIZE
+) -> bool:
+    """Whether two members' skips are in a ratio p/q (mod M, either sign) with p, q <= 4: one
+    preference list then walks a subsequence of the other's, and a member leaving or joining
+    moves a few percent more than its share. About 22 / M per pair of members (3e-4 on the
+    default table). `_permutation_parameters` keeps only equal steps apart: rehashing a
+    member for a ratio would change its whole list when the other member leaves."""
+    ids = sorted((m.member_id for m in members if m.weight > 0), key=str.encode)
+    skips = [skip for _offset, skip in _permutation_parameters(ids, table_size)]
+    related = {
+        skip * p * pow(q, -1, table_size) % table_size
+        for skip in skips
+        for p in range(1, 5)
+        for q in range(1, 5)
+        if p != q
+    }
+    related |= {table_size - value for value in related}
+    return any(skip in related for skip in skips)
+
+
+def test_skips_in_a_small_ratio_ripple_more_but_boundedly() -> None:
+    """The case hypothesis found: m-w's skip is 3x m--1's (mod 65537). m--1 or m-w leaving
+    moves ~2-2.6% beyond its share, where unrelated members move < 1%."""
+    members = [WeightedMember("m-0"), WeightedMember("m-w"), WeightedMember("m--1")]
+    assert _skips_in_small_ratio(members)
+    full = MaglevTable.build(members)
+    ripples = []
+    for leaver in members:
+        after = MaglevTable.build([m for m in members if m != leaver])
+        share = full.slot_counts()[leaver.member_id] / full.table_size
+        ripples.append(moved_fraction(full, after) - share)
+    assert max(ripples) > RIPPLE_BOUND  # the weakness is real
+    assert all(0 <= ripple < 0.05 for ripple in ripples), ripples
 
 
 @settings(max_examples=25, deadline=None)
@@ -211,6 +249,7 @@ RIPPLE_BOUND = 0.02
 def test_removal_moves_the_leavers_share_and_little_more(
     members: list[WeightedMember], data: st.DataObject
 ) -> None:
+    assume(not _skips_in_small_ratio(members))
     full = MaglevTable.build(members)
     leaver = data.draw(st.sampled_from(members))
     after = MaglevTable.build([m for m in members if m != leaver])
@@ -226,8 +265,9 @@ def test_removal_moves_the_leavers_share_and_little_more(
 def test_addition_moves_about_the_newcomers_share(
     members: list[WeightedMember], weight: int
 ) -> None:
-    before = MaglevTable.build(members)
     newcomer = WeightedMember("zz-newcomer", weight)
+    assume(not _skips_in_small_ratio([*members, newcomer]))
+    before = MaglevTable.build(members)
     after = MaglevTable.build([*members, newcomer])
     share = after.slot_counts()[newcomer.member_id] / after.table_size
     assert share <= moved_fraction(before, after) <= share + RIPPLE_BOUND
