@@ -633,9 +633,9 @@ class FlowStateSync:
 
     def _touch_used(self, now: float) -> None:
         """Flow statistics to entries: each flow used since the last scan keeps the entries
-        its connection tags name alive (and due for their next refresh push). A tag is
-        read back (as `transaction.split_tag` does: kind, zone hash, key) and its entry looked up in
-        the table, so the agent keeps no map from tags to entries (two dict slots a
+        its connection tags name alive (and due for their next refresh push). A tag is read
+        back (as `transaction.split_tag` does: kind, zone hash, key) and its entry looked up
+        in the table, so the agent keeps no map from tags to entries (two dict slots a
         connection). An entry's timer moves only when its deadline lags by a fraction of its
         timeout (`schedule.USE_SLACK`): most scans leave it."""
         since = self._last_scan

@@ -86,12 +86,6 @@ class TrackedEntry:
         self.peers: frozenset[str] = NO_PEERS
 
     @property
-    def scheduled(self) -> bool:
-        """In its table's expiry schedule: False once the table dropped it (expired, evicted,
-        removed, replaced), so a holder of the entry object can tell it is gone."""
-        return bool(self.flags & IN_EXPIRY)
-
-    @property
     def needs_push(self) -> bool:
         """New or changed since its last push."""
         return bool(self.flags & NEEDS_PUSH)

@@ -159,9 +159,8 @@ def tag_text(tag: str | int, zones: Iterable[str] = ()) -> str:
 class ConnectionTags:
     """`conntrack_tag`, `nat_tag`, `nat_key_tag` and `nat_reply_tag` (the same constructors),
     each NAT tag made once: the two lookups of one key (forward and reply) hand out one int
-    object, because a flow keeps one of two equal tags and the refresh map the other, and
-    both would stay alive. Lives as long as one transaction or one installed message (keys
-    are values: nothing here goes stale)."""
+    object instead of building it twice. Lives as long as one transaction or one installed
+    message (keys are values: nothing here goes stale)."""
 
     __slots__ = ("_nat_tags",)
 
