@@ -32,7 +32,10 @@ OWNER_TEST = textwrap.dedent(
     def test_hold_a_cluster():
         cluster = start_cluster(Path(os.environ["HN_OWNER_DIR"]), die_with_owner=True)
         pids = [cluster.pid(name) for name in cluster.names()]
-        Path(os.environ["HN_OWNER_READY"]).write_text(json.dumps(pids))
+        # Written aside and renamed: the test polls for the name, so it never reads it half-written.
+        ready = Path(os.environ["HN_OWNER_READY"])
+        ready.with_suffix(".tmp").write_text(json.dumps(pids))
+        ready.with_suffix(".tmp").replace(ready)
         time.sleep(120)
     """
 )
