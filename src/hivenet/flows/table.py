@@ -533,8 +533,9 @@ class FlowTable:
         # One FlowLimits per (idle_timeout, hard_timeout, mtu) in use; values only (nothing
         # can go stale), emptied at _SHARED_VALUES_MAX (flows already made keep theirs).
         self._limits: dict[tuple[float, float, int], FlowLimits] = {}
-        # One int object per match value in the flows' keys (a masked match's MACs, addresses
-        # and ports are fresh ints, ~32 bytes each). Values only, so nothing can go stale;
+        # One int object per match value in the flows' tuple keys (a masked match's MACs,
+        # addresses and ports are fresh ints, ~32 bytes each; a bare int key is not shared, see
+        # `_shared_key`). Values only, so nothing can go stale;
         # emptied at _SHARED_VALUES_MAX values (keys already made keep theirs).
         self._values: dict[int, int] = {}
         self._lookups = 0
@@ -650,13 +651,16 @@ class FlowTable:
         flow._older = flow._newer = None
 
     def _shared_key(self, key: Any) -> Any:
-        """`key` (an int, or a tuple of ints and tuples) made of the table's shared ints."""
-        values = self._values
-        if len(values) >= _SHARED_VALUES_MAX:
-            values.clear()
-        if type(key) is int:
-            return values.setdefault(key, key)
+        """`key` (an int, or a tuple of ints and tuples) made of the table's shared ints.
+
+        A bare int key is kept as it is: it differs from every other key of its subtable, so
+        sharing it would save an int only when another subtable's key is equal by chance,
+        and it cost a dict entry a flow (a connection's flow, keyed by its source port: ~30-50
+        bytes, more than the int)."""
         if type(key) is tuple:
+            values = self._values
+            if len(values) >= _SHARED_VALUES_MAX:
+                values.clear()
             shared = values.setdefault
             return tuple(
                 shared(value, value) if type(value) is int else self._shared_key(value)

@@ -590,6 +590,24 @@ def _masked(key: FlowMatch, mask: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(value & field_mask for value, field_mask in zip(key.as_tuple(), mask, strict=True))
 
 
+def test_a_bare_int_key_is_not_interned_and_tuple_keys_share_their_ints() -> None:
+    """Flows differing in one field are keyed by that int alone, which no other key of the
+    subtable shares: the table keeps no interning entry for it (a connection's flow paid a
+    dict entry for nothing). Once the keys are tuples, equal values are one object."""
+    table = FlowTable()
+    flows = [
+        install_for(table, FlowMatch(in_port=1, eth_dst=1000 + n), PORT_AND_DST) for n in range(4)
+    ]
+    assert table._values == {}
+    assert all(
+        table.lookup(FlowMatch(in_port=1, eth_dst=1000 + n), 1.0) is flows[n] for n in range(4)
+    )
+    other = install_for(table, FlowMatch(in_port=2, eth_dst=1000), PORT_AND_DST)  # now tuples
+    assert table._values and table.lookup(FlowMatch(in_port=2, eth_dst=1000), 1.0) is other
+    values = [value for key in table._subtables[PORT_AND_DST].flows for value in key]
+    assert len({id(value) for value in values if value == 1000}) == 1
+
+
 def test_subtable_puts_a_shared_field_back_into_the_keys() -> None:
     """Two flows of one mask that share in_port and differ in eth_dst, then a third with
     another in_port: all three are found by their own packets only, before and after."""
