@@ -64,7 +64,7 @@ from hivenet.flowstate import (
     parse_block_key,
     push_targets,
 )
-from hivenet.flowstate.keys import is_icmp_error
+from hivenet.flowstate.keys import PackedKeys, is_icmp_error
 from hivenet.flowstate.portblocks import NAT_BLOCK_PREFIX
 from hivenet.flowstate.transaction import (
     CONNTRACK_TAG_KIND,
@@ -201,8 +201,9 @@ class FlowStateSync:
         self.tick_interval = tick_interval
         self.allocator = PortBlockAllocator(seed=zlib.crc32(host_id.encode()))
         # Each table bounded (None: unbounded); full, it evicts half-open entries first.
-        self.conntrack = ConntrackTable(max_entries=max_entries)
-        self.nat = NatTable(self.allocator, max_entries=max_entries)
+        packed_keys = PackedKeys()  # the tables share a connection's key objects
+        self.conntrack = ConntrackTable(max_entries=max_entries, packed_keys=packed_keys)
+        self.nat = NatTable(self.allocator, max_entries=max_entries, packed_keys=packed_keys)
         self.counters = FlowStateCounters()
         # Zone hash -> the zones with that hash (`transaction.zone_hash`; a tuple in case two
         # collide), for the refresh scan to read a connection tag's zone: rebuilt from the

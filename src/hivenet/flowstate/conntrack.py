@@ -33,9 +33,11 @@ from hivenet.flowstate.keys import (
     ICMP_PROTOCOLS,
     PORT_PROTOCOLS,
     FlowKey,
+    PackedKeys,
     is_echo,
     is_icmp_error,
     key_of_match,
+    proto_of,
 )
 from hivenet.flowstate.schedule import (
     TRACKED_SLOTS,
@@ -276,15 +278,23 @@ class Classification:
 
 
 class _ConnEntry(TrackedEntry):
-    __slots__ = (*TRACKED_SLOTS, "key", "state", "zone")
+    """A connection in the table. Its key is held as a plain int (`packed`, also the zone
+    dict's key): a FlowKey is an int subclass, so tracked by the cyclic GC, 64 bytes where
+    a plain int of the same value takes 48. `key` makes the FlowKey when one is asked for."""
+
+    __slots__ = (*TRACKED_SLOTS, "packed", "state", "zone")
 
     def __init__(
-        self, zone: str, key: FlowKey, state: ConnState, expires_at: float, timeout: float
+        self, zone: str, packed: int, state: ConnState, expires_at: float, timeout: float
     ) -> None:
         super().__init__(expires_at, timeout)
         self.zone = zone
-        self.key = key
+        self.packed = packed
         self.state = state
+
+    @property
+    def key(self) -> FlowKey:
+        return int.__new__(FlowKey, self.packed)
 
     def record(self) -> ConntrackRecord:
         return ConntrackRecord(self.zone, self.key, self.state, self.expires_at)
@@ -325,15 +335,18 @@ class ConntrackTable:
         refresh: RefreshPolicy | None = None,
         granularity: float = 1.0,
         max_entries: int | None = None,
+        packed_keys: PackedKeys | None = None,
     ) -> None:
         if max_entries is not None and (
             isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
         ):
             raise ValueError(f"max_entries must be an int >= 1 or None, got {max_entries!r}")
+        # The plain ints entries hold their keys as (one PackedKeys for an agent's tables).
+        self._packed = packed_keys if packed_keys is not None else PackedKeys()
         self.timeouts = timeouts
         self.max_entries = max_entries
         self._timeout_cache: dict[tuple[int, ConnState], float] = {}
-        self._zones: dict[str, dict[FlowKey, _ConnEntry]] = {}
+        self._zones: dict[str, dict[int, _ConnEntry]] = {}  # by packed key (see `_ConnEntry`)
         self._schedule = EntryScheduler(refresh or RefreshPolicy(), granularity)
         self._count = 0
         # Half-open entries in the order they became half-open (a dict as an ordered set).
@@ -497,7 +510,7 @@ class ConntrackTable:
         return classification
 
     def _advance(self, entry: _ConnEntry, direction: Direction, tcp_flags: int, now: float) -> None:
-        proto = entry.key.ip_proto
+        proto = proto_of(entry.packed)
         state = _next_state(proto, entry.state, direction, tcp_flags)
         if state is None:
             return
@@ -541,10 +554,11 @@ class ConntrackTable:
         entries = self._zones.get(zone)
         if entries is None:
             entries = self._zones[zone] = {}
-        entry = _ConnEntry(zone, key, state, now + timeout, timeout)
+        packed = self._packed(key)  # a plain int, not the caller's FlowKey (see `_ConnEntry`)
+        entry = _ConnEntry(zone, packed, state, now + timeout, timeout)
         if state in HALF_OPEN_STATES:
             self._half_open.add(entry)
-        entries[key] = entry
+        entries[packed] = entry
         self._count += 1
         self._schedule.set_expiry(entry, now + timeout, timeout)
         if changed:
@@ -570,8 +584,8 @@ class ConntrackTable:
     def _unlink(self, entry: _ConnEntry) -> None:
         """Remove `entry` from every index and schedule."""
         entries = self._zones.get(entry.zone)
-        if entries is not None and entries.get(entry.key) is entry:
-            del entries[entry.key]
+        if entries is not None and entries.get(entry.packed) is entry:
+            del entries[entry.packed]
             if not entries:
                 del self._zones[entry.zone]
         self._schedule.forget(entry)
@@ -628,7 +642,7 @@ class ConntrackTable:
         if entry is None:
             entry = self._live(zone, key.reversed(), now)
             direction = Direction.REPLY
-        if entry is None or entry.key.ip_proto != IP_PROTO_TCP:
+        if entry is None or proto_of(entry.packed) != IP_PROTO_TCP:
             return None
         steps: list[int] = []
         if tcp_flags & TCP_SYN:
@@ -708,7 +722,7 @@ class ConntrackTable:
         for entry in self._schedule.pop_expired(now):
             assert isinstance(entry, _ConnEntry)
             entries = self._zones.get(entry.zone)
-            if entries is not None and entries.get(entry.key) is entry:
+            if entries is not None and entries.get(entry.packed) is entry:
                 self._unlink(entry)
             expired.append(entry.record())
         return expired

@@ -211,6 +211,41 @@ class FlowKey(int):
         return f"[{ipaddress.IPv6Address(value)}]"
 
 
+class PackedKeys:
+    """The plain ints the tables hold their keys as, one object per value packed lately.
+
+    A FlowKey is an int subclass, so tracked by the cyclic GC: 64 bytes where a plain int of
+    the same value takes 48 (40 asked for, pymalloc's 16-byte steps). The conntrack and NAT
+    tables of one agent share one of these, so a connection's conntrack entry and the NAT
+    binding of the same key (made in one transaction, or decoded from one push) hold one int
+    between them. Values only, so nothing here can go stale; emptied when it holds
+    `max_recent` (keys packed before keep theirs). Not shared between agents: each agent
+    holds its own copies, as separate processes do."""
+
+    __slots__ = ("_recent", "max_recent")
+
+    def __init__(self, max_recent: int = 1 << 13) -> None:
+        if isinstance(max_recent, bool) or not isinstance(max_recent, int) or max_recent < 1:
+            raise ValueError(f"PackedKeys.max_recent must be an int >= 1, got {max_recent!r}")
+        self.max_recent = max_recent
+        self._recent: dict[int, int] = {}
+
+    def __call__(self, key: int) -> int:
+        recent = self._recent
+        held = recent.get(key)
+        if held is None:
+            if len(recent) >= self.max_recent:
+                recent.clear()
+            held = int(key)
+            recent[held] = held  # not `key` as the dict's key: that would keep the FlowKey
+        return held
+
+
+def proto_of(packed: int) -> int:
+    """`FlowKey.ip_proto` of a key held as a plain int (the tables hold keys so)."""
+    return packed >> 32 & 0xFF
+
+
 def _flow_key_of_value(value: int) -> FlowKey:
     """The key whose packed value is `value` (unpickling, copying)."""
     return int.__new__(FlowKey, value)

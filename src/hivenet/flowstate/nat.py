@@ -27,7 +27,7 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, cast
 
-from hivenet.flowstate.keys import ICMP_PROTOCOLS, FlowKey, uses_echo_id
+from hivenet.flowstate.keys import ICMP_PROTOCOLS, FlowKey, PackedKeys, uses_echo_id
 from hivenet.flowstate.portblocks import (
     AllocatedPort,
     Destination,
@@ -121,25 +121,68 @@ def key_rewrites(before: FlowKey, after: FlowKey) -> dict[str, int]:
     return rewrites
 
 
+class _Index(NamedTuple):
+    zone: str
+    kind: NatKind
+
+
+# One _Index object per (zone, kind) in use: every binding of a zone holds the same one (one
+# slot for both fields). Values only, so nothing here can go stale; emptied when full
+# (bindings made before keep theirs, equal to the new one).
+_indexes: dict[_Index, _Index] = {}
+_INDEXES_MAX = 1 << 16
+
+
+def _index_of(zone: str, kind: NatKind) -> _Index:
+    index = _Index(zone, kind)
+    held = _indexes.get(index)
+    if held is None:
+        if len(_indexes) >= _INDEXES_MAX:
+            _indexes.clear()
+        held = _indexes[index] = index
+    return held
+
+
 class NatBinding:
     """(zone, kind, original key) -> translated key. A value: immutable, compared and hashed
     by its four fields. Not a dataclass so that the table's entry can be one (`_NatEntry`: a
     binding with its timers, one object per connection instead of an entry holding a binding);
-    a binding and an entry with the same fields are equal and hash alike."""
+    a binding and an entry with the same fields are equal and hash alike.
 
-    __slots__ = ("kind", "original", "translated", "zone")
+    The keys are held as plain ints (`original_packed`, `translated_packed`; the table's
+    dicts are keyed by the same objects): a FlowKey is an int subclass, so tracked by the
+    cyclic GC, 64 bytes where a plain int of the same value takes 48. `original` and
+    `translated` make the FlowKeys when they are asked for. The zone and the kind are one
+    slot, `index`: an (zone, kind) pair all bindings of the zone share (8 bytes less a
+    binding, which puts a table entry in pymalloc's 96-byte class instead of 112)."""
+
+    __slots__ = ("index", "original_packed", "translated_packed")
     __match_args__ = ("zone", "kind", "original", "translated")
 
     if TYPE_CHECKING:  # read-only for the type checker too (a table entry is writable)
 
         @property
-        def zone(self) -> str: ...
+        def index(self) -> _Index: ...
         @property
-        def kind(self) -> NatKind: ...
+        def original_packed(self) -> int: ...
         @property
-        def original(self) -> FlowKey: ...
-        @property
-        def translated(self) -> FlowKey: ...
+        def translated_packed(self) -> int: ...
+
+    @property
+    def zone(self) -> str:
+        return self.index[0]
+
+    @property
+    def kind(self) -> NatKind:
+        return self.index[1]
+
+    @property
+    def original(self) -> FlowKey:
+        return int.__new__(FlowKey, self.original_packed)
+
+    @property
+    def translated(self) -> FlowKey:
+        return int.__new__(FlowKey, self.translated_packed)
 
     def __init__(self, zone: str, kind: NatKind, original: FlowKey, translated: FlowKey) -> None:
         if not isinstance(zone, str) or not zone:
@@ -168,10 +211,9 @@ class NatBinding:
                 f"NatBinding.translated {translated}: an ICMP echo key carries its id twice"
             )
         set_field = object.__setattr__
-        set_field(self, "zone", zone)
-        set_field(self, "kind", kind)
-        set_field(self, "original", original)
-        set_field(self, "translated", translated)
+        set_field(self, "index", _index_of(zone, kind))
+        set_field(self, "original_packed", int(original))
+        set_field(self, "translated_packed", int(translated))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"NatBinding is immutable: cannot set {name!r}")
@@ -183,14 +225,13 @@ class NatBinding:
         if not isinstance(other, NatBinding):
             return NotImplemented
         return (
-            self.original == other.original
-            and self.translated == other.translated
-            and self.zone == other.zone
-            and self.kind is other.kind
+            self.original_packed == other.original_packed
+            and self.translated_packed == other.translated_packed
+            and self.index == other.index
         )
 
     def __hash__(self) -> int:
-        return hash((self.zone, self.kind, self.original, self.translated))
+        return hash((self.index, self.original_packed, self.translated_packed))
 
     def __repr__(self) -> str:
         return (
@@ -209,6 +250,26 @@ class NatBinding:
     def reply_rewrites(self) -> dict[str, int]:
         """Rewrites for a reply (translated reversed -> original reversed)."""
         return key_rewrites(self.translated.reversed(), self.original.reversed())
+
+
+_SET_BINDING_FIELDS = tuple(
+    vars(NatBinding)[name].__set__ for name in ("index", "original_packed", "translated_packed")
+)
+
+
+def unchecked_binding(
+    zone: str, kind: NatKind, original: FlowKey, translated: FlowKey
+) -> NatBinding:
+    """The binding `NatBinding(zone, kind, original, translated)` without its checks, for a
+    caller that checked the same rules on the values itself (the wire decoder's fast path):
+    its slots set through their descriptors (`packets/slots.py` does this for records whose
+    fields are their slots; a binding's keys are held packed, so not here)."""
+    binding = object.__new__(NatBinding)
+    set_index, set_original, set_translated = _SET_BINDING_FIELDS
+    set_index(binding, _index_of(zone, kind))
+    set_original(binding, int(original))
+    set_translated(binding, int(translated))
+    return binding
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,20 +308,19 @@ class _NatEntry(NatBinding, TrackedEntry):
 
     def __init__(
         self,
-        zone: str,
-        kind: NatKind,
-        original: FlowKey,
-        translated: FlowKey,
+        index: _Index,
+        original_packed: int,
+        translated_packed: int,
         expires_at: float,
         timeout: float,
     ) -> None:
         # Not validated again: the table makes entries from a NatBinding or from keys it
-        # derived by the rules NatBinding checks.
+        # derived by the rules NatBinding checks; the keys come packed (`PackedKeys`), the
+        # index shared (`_index_of`).
         set_field = object.__setattr__
-        set_field(self, "zone", zone)
-        set_field(self, "kind", kind)
-        set_field(self, "original", original)
-        set_field(self, "translated", translated)
+        set_field(self, "index", index)
+        set_field(self, "original_packed", original_packed)
+        set_field(self, "translated_packed", translated_packed)
         TrackedEntry.__init__(self, expires_at, timeout)
 
     @property
@@ -280,11 +340,6 @@ def snat_destination(key: FlowKey) -> Destination:
     echo: per address, the id travels in both port slots)."""
     echo = uses_echo_id(key)
     return Destination(key.ip_version, key.ip_proto, key.ip_dst, 0 if echo else key.tp_dst)
-
-
-class _Index(NamedTuple):
-    zone: str
-    kind: NatKind
 
 
 def _stable_hash(key: FlowKey) -> int:
@@ -319,16 +374,20 @@ class NatTable:
         refresh: RefreshPolicy | None = None,
         granularity: float = 1.0,
         max_entries: int | None = None,
+        packed_keys: PackedKeys | None = None,
     ) -> None:
         if max_entries is not None and (
             isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
         ):
             raise ValueError(f"max_entries must be an int >= 1 or None, got {max_entries!r}")
+        # The plain ints entries hold their keys as (one PackedKeys for an agent's tables).
+        self._packed = packed_keys if packed_keys is not None else PackedKeys()
         self.allocator = allocator
         self.timeouts = timeouts
         self.max_entries = max_entries
-        self._by_original: dict[_Index, dict[FlowKey, _NatEntry]] = {}
-        self._by_translated: dict[_Index, dict[FlowKey, _NatEntry]] = {}
+        # Keyed by the entries' packed keys (plain ints); looked up with FlowKeys (equal ints).
+        self._by_original: dict[_Index, dict[int, _NatEntry]] = {}
+        self._by_translated: dict[_Index, dict[int, _NatEntry]] = {}
         self._schedule = EntryScheduler(refresh or RefreshPolicy(), granularity)
         self._count = 0
         # Bindings not used since they were made, oldest first (a dict as an ordered set).
@@ -350,7 +409,7 @@ class NatTable:
 
     @staticmethod
     def _live(
-        index: dict[_Index, dict[FlowKey, _NatEntry]],
+        index: dict[_Index, dict[int, _NatEntry]],
         zone: str,
         kind: NatKind,
         key: FlowKey,
@@ -509,7 +568,7 @@ class NatTable:
     ) -> _NatEntry:
         """The new entry (binding) original -> translated, replacing any of the same original
         or translated key."""
-        index = _Index(zone, kind)
+        index = _index_of(zone, kind)
         for table, key in ((self._by_original, original), (self._by_translated, translated)):
             stale = table.get(index, {}).get(key)
             if stale is not None:  # an original and a translated key are unique: newer wins
@@ -518,9 +577,11 @@ class NatTable:
             self._make_room(keep)
         timeout = self.timeouts.timeout_for(original.ip_proto)
         deadline = now + timeout if expires_at is None else expires_at
-        entry = _NatEntry(zone, kind, original, translated, deadline, timeout)
-        self._by_original.setdefault(index, {})[original] = entry
-        self._by_translated.setdefault(index, {})[translated] = entry
+        entry = _NatEntry(
+            index, self._packed(original), self._packed(translated), deadline, timeout
+        )
+        self._by_original.setdefault(index, {})[entry.original_packed] = entry
+        self._by_translated.setdefault(index, {})[entry.translated_packed] = entry
         self._count += 1
         self._unused.add(entry)
         self._schedule.set_expiry(entry, deadline, timeout)
@@ -541,11 +602,7 @@ class NatTable:
         kept = {
             entry
             for binding in keep
-            if (
-                entry := self._by_original.get(_Index(binding.zone, binding.kind), {}).get(
-                    binding.original
-                )
-            )
+            if (entry := self._by_original.get(binding.index, {}).get(binding.original_packed))
             is not None
         }
         while self._count >= self.max_entries:
@@ -692,10 +749,10 @@ class NatTable:
 
     def _drop(self, entry: _NatEntry) -> None:
         binding = entry
-        index = _Index(binding.zone, binding.kind)
+        index = binding.index
         for table, key in (
-            (self._by_original, binding.original),
-            (self._by_translated, binding.translated),
+            (self._by_original, binding.original_packed),
+            (self._by_translated, binding.translated_packed),
         ):
             entries = table.get(index)
             if entries is not None and entries.get(key) is entry:

@@ -30,7 +30,7 @@ from sys import intern
 
 from hivenet.flowstate.conntrack import TCP_STATES, ConnState, ConntrackRecord
 from hivenet.flowstate.keys import ICMP_PROTOCOLS, FlowKey
-from hivenet.flowstate.nat import NatBinding, NatKind, NatRecord
+from hivenet.flowstate.nat import NatBinding, NatKind, NatRecord, unchecked_binding
 from hivenet.packets.flowmatch import IP_PROTO_TCP
 from hivenet.packets.slots import slot_builder
 
@@ -101,7 +101,6 @@ def _key_bytes(key: FlowKey) -> bytes:
 # which also raises what it always raised.
 _CONNTRACK_V4 = struct.Struct("!BBHHIIBI")  # key, state, expiry
 _NAT_V4 = struct.Struct("!BBHHIIBBHHIII")  # original key, translated key, expiry
-_V4_KEY_BYTES = _KEY_FIXED.size + 8
 _prefixes: dict[tuple[int, str, int], bytes] = {}
 _PREFIXES_MAX = 4096
 
@@ -237,21 +236,12 @@ def encode_batches(
 
 
 class _Reader:
-    # `keys`: the keys read so far by encoding, so a connection's conntrack key and its NAT
-    # binding's original key (the same bytes) become one object in the receiver's tables.
-    __slots__ = ("data", "end", "keys", "offset")
+    __slots__ = ("data", "end", "offset")
 
-    def __init__(
-        self,
-        data: bytes | bytearray | memoryview,
-        offset: int,
-        end: int,
-        keys: dict[bytes, FlowKey] | None = None,
-    ) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, offset: int, end: int) -> None:
         self.data = data
         self.offset = offset
         self.end = end
-        self.keys: dict[bytes, FlowKey] = {} if keys is None else keys
 
     def take(self, size: int, what: str) -> bytes:
         if self.offset + size > self.end:
@@ -289,14 +279,9 @@ class _Reader:
         if width is None:
             raise WireFormatError(f"{what}: ip version {version} is not 4 or 6", start)
         addresses = self.take(2 * width, f"{what} ip src and dst")
-        encoded = fixed + addresses
-        known = self.keys.get(encoded)
-        if known is not None:
-            return known
         ip_src = int.from_bytes(addresses[:width], "big")
         ip_dst = int.from_bytes(addresses[width:], "big")
-        key = self.keys[encoded] = FlowKey.unchecked(version, ip_src, ip_dst, proto, tp_src, tp_dst)
-        return key
+        return FlowKey.unchecked(version, ip_src, ip_dst, proto, tp_src, tp_dst)
 
 
 def _decode_conntrack(reader: _Reader, now: float, start: int) -> ConntrackRecord:
@@ -324,14 +309,6 @@ def _decode_nat(reader: _Reader, now: float, start: int) -> NatRecord:
     return NatRecord(binding, now + expiry / 1000.0)
 
 
-# Keys decoded lately, by their encoding: a key decoded again (the same connection's
-# conntrack entry and NAT binding, usually in different messages of one push, or a refresh)
-# is the same object, so a peer's tables hold one copy (~64 bytes a key). Values only, so
-# nothing here can go stale; emptied when full (keys already decoded keep theirs).
-_recent_keys: dict[bytes, FlowKey] = {}
-_RECENT_KEYS_MAX = 1 << 13
-
-
 # The IPv4 entries a host pushes, decoded without a `_Reader`: one `unpack_from` per entry
 # body, no intermediate copies. Any entry that is not exactly a well-formed IPv4 one (length,
 # zone, version, state, kind, binding) returns None and is decoded by the general path,
@@ -354,9 +331,7 @@ _ZONE_NAMES_MAX = 4096
 _checked_conntrack_record = slot_builder(
     ConntrackRecord, "positional", ("zone", "key", "state", "expires_at"), checked=False
 )
-_checked_nat_binding = slot_builder(
-    NatBinding, "positional", ("zone", "kind", "original", "translated"), checked=False
-)
+_checked_nat_binding = unchecked_binding
 
 
 def _fast_zone(data: bytes, start: int, end: int) -> str | None:
@@ -373,9 +348,7 @@ def _fast_zone(data: bytes, start: int, end: int) -> str | None:
     return zone
 
 
-def _fast_conntrack(
-    data: bytes, start: int, end: int, now: float, keys: dict[bytes, FlowKey]
-) -> ConntrackRecord | None:
+def _fast_conntrack(data: bytes, start: int, end: int, now: float) -> ConntrackRecord | None:
     zone_end = start + 1 + data[start]
     if zone_end == start + 1 or zone_end + _CONNTRACK_V4.size != end:
         return None
@@ -393,16 +366,11 @@ def _fast_conntrack(
     zone = _fast_zone(data, start + 1, zone_end)
     if zone is None:
         return None
-    encoded = data[zone_end : zone_end + _V4_KEY_BYTES]
-    key = keys.get(encoded)
-    if key is None:
-        key = keys[encoded] = FlowKey.unchecked(4, ip_src, ip_dst, proto, tp_src, tp_dst)
+    key = FlowKey.unchecked(4, ip_src, ip_dst, proto, tp_src, tp_dst)
     return _checked_conntrack_record(zone, key, state, now + expiry / 1000.0)
 
 
-def _fast_nat(
-    data: bytes, start: int, end: int, now: float, keys: dict[bytes, FlowKey]
-) -> NatRecord | None:
+def _fast_nat(data: bytes, start: int, end: int, now: float) -> NatRecord | None:
     zone_end = start + 1 + data[start]
     if zone_end == start + 1 or zone_end + _NAT_V4_BODY.size != end:
         return None
@@ -438,18 +406,10 @@ def _fast_nat(
     zone = _fast_zone(data, start + 1, zone_end)
     if zone is None:
         return None
-    at = zone_end + 1
-    encoded = data[at : at + _V4_KEY_BYTES]
-    original = keys.get(encoded)
-    if original is None:
-        original = keys[encoded] = FlowKey.unchecked(4, ip_src, ip_dst, proto, tp_src, tp_dst)
-    at += _V4_KEY_BYTES
-    encoded = data[at : at + _V4_KEY_BYTES]
-    translated = keys.get(encoded)
-    if translated is None:
-        translated = keys[encoded] = FlowKey.unchecked(
-            4, translated_ip_src, translated_ip_dst, proto, translated_tp_src, translated_tp_dst
-        )
+    original = FlowKey.unchecked(4, ip_src, ip_dst, proto, tp_src, tp_dst)
+    translated = FlowKey.unchecked(
+        4, translated_ip_src, translated_ip_dst, proto, translated_tp_src, translated_tp_dst
+    )
     binding = _checked_nat_binding(zone, kind, original, translated)
     return NatRecord(binding, now + expiry / 1000.0)
 
@@ -469,9 +429,6 @@ def _decode_message(data: bytes, offset: int, now: float, batch: DecodedBatch) -
     if flags != 0:
         raise WireFormatError(f"reserved flags {flags:#x} are not 0", offset + 5)
     offset += _HEADER.size
-    keys = _recent_keys
-    if len(keys) >= _RECENT_KEYS_MAX:
-        keys.clear()
     for index in range(count):
         if total - offset < _ENTRY.size:
             raise WireFormatError(f"truncated entry {index} of {count}", offset)
@@ -484,18 +441,18 @@ def _decode_message(data: bytes, offset: int, now: float, batch: DecodedBatch) -
                 f"entry {index} claims {length} bytes, {total - body_start} left", start
             )
         if kind == KIND_CONNTRACK and length:
-            record = _fast_conntrack(data, body_start, body_end, now, keys)
+            record = _fast_conntrack(data, body_start, body_end, now)
             if record is not None:
                 batch.conntrack.append(record)
                 offset = body_end
                 continue
         elif kind == KIND_NAT and length:
-            nat_record = _fast_nat(data, body_start, body_end, now, keys)
+            nat_record = _fast_nat(data, body_start, body_end, now)
             if nat_record is not None:
                 batch.nat.append(nat_record)
                 offset = body_end
                 continue
-        reader = _Reader(data, body_start, body_end, keys)
+        reader = _Reader(data, body_start, body_end)
         if kind == KIND_CONNTRACK:
             batch.conntrack.append(_decode_conntrack(reader, now, start))
         elif kind == KIND_NAT:

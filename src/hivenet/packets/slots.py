@@ -2,8 +2,8 @@
 `slot_builder(cls, take)`, the one generator of them.
 
 A frozen dataclass's `__init__` sets each field through `object.__setattr__` (~0.2-0.3 us a
-field: ~4.3 us for the 23 fields of a `FlowMatch`), and a hand-written immutable record such
-as `flowstate.NatBinding` does the same after its checks. The function generated here makes
+field: ~4.3 us for the 23 fields of a `FlowMatch`), and a hand-written immutable record
+does the same after its checks. The function generated here makes
 the instance with `object.__new__` and sets each field through its slot's descriptor, so
 what it builds is what the constructor builds (type, fields, equality, hash, repr,
 immutability). Its users differ only in where the values come from, `take`:
@@ -13,7 +13,7 @@ immutability). Its users differ only in where the values come from, `take`:
   or unknown field is a `TypeError` (`sim/engine.py`'s `SimulationResult`, the flow-state
   hook's decisions in `sim/stateful.py`).
 - "positional": `build(*values)` in field order, defaults likewise (`flowstate/wire.py`:
-  `ConntrackRecord` and `NatBinding` from entries it has checked itself).
+  `ConntrackRecord` from entries it has checked itself).
 - "attributes": `build(source)`: `source.<field>` for each field (`sim/walk.py`: the
   `FlowMatch` of a `PacketState`'s current fields).
 

@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from hivenet.flowstate.keys import (
     FlowKey,
     FlowKeyError,
+    PackedKeys,
     key_of_embedded,
     key_of_match,
     key_text,
+    proto_of,
 )
 from hivenet.flowstate.peers import group_by_peer, hosts_of_stateful_groups, push_targets
 from hivenet.flowstate.schedule import RefreshPolicy
@@ -107,6 +109,23 @@ def test_flow_key_reads_and_orders_as_its_tuple(
         == str(key)
         == (f"FlowKey({src_text}:{sport} -> {dst_text}:{dport} proto {proto})")
     )
+
+
+def test_packed_keys_share_one_plain_int_per_recent_value() -> None:
+    packed = PackedKeys(max_recent=2)
+    key = FlowKey(4, 0x0A000001, 0x0A000002, 6, 40000, 443)
+    first = packed(key)
+    assert type(first) is int and first == key
+    assert packed(FlowKey(4, 0x0A000001, 0x0A000002, 6, 40000, 443)) is first
+    assert packed(int(key)) is first and proto_of(first) == 6
+    # Full: emptied, so a value packed before is a new object (equal: values only).
+    packed(FlowKey(4, 1, 2, 17, 1, 2))
+    packed(FlowKey(4, 1, 3, 17, 1, 2))
+    again = packed(key)
+    assert again == first and again is not first
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match=f"max_recent must be an int >= 1, got {bad!r}"):
+            PackedKeys(max_recent=bad)  # type: ignore[arg-type]
 
 
 def test_key_of_match_per_protocol() -> None:

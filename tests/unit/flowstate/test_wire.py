@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hivenet.flowstate import wire
-from hivenet.flowstate.conntrack import TCP_STATES, ConnState, ConntrackRecord
-from hivenet.flowstate.keys import FlowKey
-from hivenet.flowstate.nat import NatBinding, NatKind, NatRecord
+from hivenet.flowstate.conntrack import TCP_STATES, ConnState, ConntrackRecord, ConntrackTable
+from hivenet.flowstate.keys import FlowKey, PackedKeys
+from hivenet.flowstate.nat import NatBinding, NatKind, NatRecord, NatTable
 from hivenet.flowstate.wire import (
     MAGIC,
     WireFormatError,
@@ -56,18 +56,26 @@ def test_round_trip_keeps_relative_expiry() -> None:
     assert decoded.skipped_entries == 0
 
 
-def test_a_key_decoded_again_in_another_message_is_the_same_object() -> None:
+def test_a_connections_entries_from_two_messages_hold_one_key_in_the_peers_tables() -> None:
     """A connection's conntrack entry and NAT binding arrive in different messages of one
-    push: the peer's tables then hold one key object between them, not two equal ones."""
+    push: the peer's tables (one `PackedKeys` between them) then hold one plain int for the
+    key, not two equal ones, and no FlowKey (an int subclass the cyclic GC tracks)."""
     key = v4_key()
     translated = FlowKey(4, 0xCB007107, 0xC0000201, 6, 1025, 443)
     first = decode(encode([ConntrackRecord("p", key, ConnState.SYN_SENT, NOW + 9)], now=NOW), NOW)
     binding = NatBinding("r1", NatKind.SNAT, key, translated)
     second = decode(encode([], [NatRecord(binding, NOW + 9)], now=NOW), NOW)
-    (record,), (nat,) = first.conntrack, second.nat
-    assert record.key == key and nat.binding == binding
-    assert nat.binding.original is record.key
-    assert nat.binding.translated is not record.key
+    packed = PackedKeys()
+    conntrack, nat = ConntrackTable(packed_keys=packed), NatTable(packed_keys=packed)
+    assert conntrack.merge(first.conntrack[0], NOW) is not None
+    assert nat.merge(second.nat[0], NOW) is not None
+    (entry,) = [entry for zone in conntrack._zones.values() for entry in zone.values()]
+    (held,) = [entry for index in nat._by_original.values() for entry in index.values()]
+    assert held == binding and entry.key == key
+    assert type(entry.packed) is int and type(held.translated_packed) is int
+    assert held.original_packed is entry.packed
+    assert held.translated_packed is not entry.packed
+    assert type(held.original) is FlowKey and held.original == key
 
 
 def test_expired_entries_encode_as_deletions() -> None:
