@@ -187,6 +187,8 @@ class NatBinding:
     def __init__(self, zone: str, kind: NatKind, original: FlowKey, translated: FlowKey) -> None:
         if not isinstance(zone, str) or not zone:
             raise ValueError(f"NatBinding.zone must be a non-empty device id, got {zone!r}")
+        if type(kind) is not NatKind:  # an int equal to one would share the zone's _Index
+            raise ValueError(f"NatBinding.kind must be a NatKind, got {kind!r}")
         if not isinstance(original, FlowKey) or not isinstance(translated, FlowKey):
             raise ValueError("NatBinding.original and .translated must be FlowKeys")
         if (original.ip_version, original.ip_proto) != (translated.ip_version, translated.ip_proto):
@@ -645,24 +647,24 @@ class NatTable:
         bindings."""
         entry = self._live(self._by_translated, zone, kind, embedded, now)
         if entry is not None:
-            binding = entry
-            inner = key_rewrites(embedded, binding.original)
+            original, translated = entry.original, entry.translated  # (each read makes a key)
+            inner = key_rewrites(embedded, original)
             outer: dict[str, int] = {}
-            if kind is NatKind.SNAT and match.ip_dst == binding.translated.ip_src:
-                outer["ip_dst"] = binding.original.ip_src
-            if kind is NatKind.DNAT and match.ip_src == binding.translated.ip_dst:
-                outer["ip_src"] = binding.original.ip_dst
-            return IcmpErrorTranslation(binding, outer, inner)
+            if kind is NatKind.SNAT and match.ip_dst == translated.ip_src:
+                outer["ip_dst"] = original.ip_src
+            if kind is NatKind.DNAT and match.ip_src == translated.ip_dst:
+                outer["ip_src"] = original.ip_dst
+            return IcmpErrorTranslation(entry, outer, inner)
         entry = self._live(self._by_original, zone, kind, embedded.reversed(), now)
         if entry is not None:
-            binding = entry
-            inner = key_rewrites(embedded, binding.translated.reversed())
+            original, translated = entry.original, entry.translated
+            inner = key_rewrites(embedded, translated.reversed())
             outer = {}
-            if kind is NatKind.SNAT and match.ip_src == binding.original.ip_src:
-                outer["ip_src"] = binding.translated.ip_src
-            if kind is NatKind.DNAT and match.ip_dst == binding.original.ip_dst:
-                outer["ip_dst"] = binding.translated.ip_dst
-            return IcmpErrorTranslation(binding, outer, inner)
+            if kind is NatKind.SNAT and match.ip_src == original.ip_src:
+                outer["ip_src"] = translated.ip_src
+            if kind is NatKind.DNAT and match.ip_dst == original.ip_dst:
+                outer["ip_dst"] = translated.ip_dst
+            return IcmpErrorTranslation(entry, outer, inner)
         return None
 
     # --- upkeep -------------------------------------------------------------------------------
@@ -715,10 +717,11 @@ class NatTable:
         removes the binding; a record for an existing original key replaces its translation
         only if it differs (the later push wins) and otherwise extends its expiry."""
         binding = record.binding
+        zone, kind, original = binding.zone, binding.kind, binding.original
         if record.expires_at <= now:
-            self.remove(binding.zone, binding.kind, binding.original)
+            self.remove(zone, kind, original)
             return None
-        entry = self._live(self._by_original, binding.zone, binding.kind, binding.original, now)
+        entry = self._live(self._by_original, zone, kind, original, now)
         if entry is not None and entry == binding:
             self._unused.discard(entry)  # the peer refreshed it: it is in use there
             self._schedule.set_expiry(
@@ -728,13 +731,7 @@ class NatTable:
                 self._schedule.mark_known_to_peers(entry, now)
             return binding
         entry = self._insert(
-            binding.zone,
-            binding.kind,
-            binding.original,
-            binding.translated,
-            now,
-            False,
-            expires_at=record.expires_at,
+            zone, kind, original, binding.translated, now, False, expires_at=record.expires_at
         )
         self._schedule.mark_known_to_peers(entry, now)
         return entry

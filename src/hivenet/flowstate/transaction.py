@@ -229,9 +229,6 @@ class FlowStateTransaction:
         # make room for another binding of the same packet (its flow depends on all of them).
         self._bindings: list[NatBinding] = []
         self._tags: set[int] = set()
-        # Keys seen in this transaction: the NAT binding of a connection reuses the key object
-        # its conntrack entry holds (the tables keep both; one object saves ~64 bytes).
-        self._keys: dict[FlowKey, FlowKey] = {}
         self.cacheable = True
         self._finished = False
         # This packet's tags, each NAT tag made once (the hook and the commit share them).
@@ -267,7 +264,6 @@ class FlowStateTransaction:
             return classification, None
         tag = self.texts.conntrack(zone, key)
         if verdict is not Verdict.INVALID:
-            self._keys.setdefault(key, key)
             self._tags.add(tag)
         return classification, tag
 
@@ -289,7 +285,6 @@ class FlowStateTransaction:
             key = key_of_match(match)
         if key is None:
             return NatOutcome()
-        key = self._keys.setdefault(key, key)
         kind = _KIND_OF_ACTION[action]
         if action in (NatAction.REV_DNAT, NatAction.REV_SNAT):
             if is_icmp_error(match) and self.embedded is not None:

@@ -322,6 +322,9 @@ def test_bindings_dropped_without_a_newer_one_are_handed_out_as_replaced() -> No
         (NatKind.DNAT, (4, 1, 2, 6, 10, 20), (4, 5, 2, 6, 10, 20), "keep the source"),
         (NatKind.SNAT, (4, 1, 2, 6, 10, 20), (4, 1, 2, 17, 10, 20), "protocol"),
         (NatKind.SNAT, (4, 1, 2, 1, 10, 10), (4, 3, 2, 1, 11, 12), "id twice"),
+        # An int equal to a kind is no kind: the zone's shared (zone, kind) pair would read
+        # back as that int for every binding of the zone.
+        (2, (4, 1, 2, 6, 10, 20), (4, 5, 2, 6, 10, 20), "kind must be a NatKind, got 2"),
     ],
 )
 def test_binding_validation(

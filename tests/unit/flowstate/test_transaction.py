@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hivenet.flows.table import is_connection_tag
 from hivenet.flowstate.conntrack import ConnState, ConntrackTable
-from hivenet.flowstate.keys import FlowKey, key_text
+from hivenet.flowstate.keys import FlowKey, PackedKeys, key_text
 from hivenet.flowstate.nat import NatBinding, NatKind, NatTable
 from hivenet.flowstate.portblocks import NatRange, PortBlockAllocator
 from hivenet.flowstate.transaction import (
@@ -78,6 +78,24 @@ def test_snat_gateway_round_trip(
     inbound.commit(1.0)
     record = conntrack.get(ROUTER, FlowKey(4, ip(PRIVATE), ip(REMOTE), 6, 40000, 443), 1.0)
     assert record is not None and record.state is ConnState.SYN_RECV
+
+
+def test_one_transactions_conntrack_entry_and_binding_hold_one_key() -> None:
+    """Tables sharing one `PackedKeys` (as an agent's do): the connection's conntrack entry
+    and the SNAT binding of the same key hold one plain int, not a FlowKey each."""
+    allocator = PortBlockAllocator()
+    allocator.add_block(allocator.blocks_to_try(NAT_RANGE, limit=1)[0])
+    packed = PackedKeys()
+    conntrack = ConntrackTable(packed_keys=packed)
+    nat = NatTable(allocator, packed_keys=packed)
+    syn = tcp(PRIVATE, 40000, REMOTE, 443, SYN)
+    transaction = FlowStateTransaction(conntrack, nat)
+    assert not transaction.is_return_flow(ROUTER, syn, 0.0)
+    outcome = transaction.nat(ROUTER, NatAction.SNAT, syn, [NAT_RANGE], 0.0)
+    transaction.commit(0.0)
+    assert outcome.binding is not None
+    (entry,) = [entry for zone in conntrack._zones.values() for entry in zone.values()]
+    assert type(entry.packed) is int and entry.packed is outcome.binding.original_packed
 
 
 def test_rollback_frees_the_port_and_opens_nothing(

@@ -166,7 +166,8 @@ def test_checks_run_unless_the_caller_skips_them_on_purpose() -> None:
 
 
 def test_hand_written_record_unchecked() -> None:
-    """`NatBinding`'s way: its fields are `__match_args__`, every value must be given."""
+    """A hand-written record's way: its fields are `__match_args__`, every value must be
+    given."""
     build = slot_builder(HandWritten, "positional", ("left", "right"), checked=False)
     assert build is not HandWritten
     _same(build(1, 2), HandWritten(1, 2))

@@ -409,6 +409,13 @@ def _open(
     return result
 
 
+def test_an_agents_two_tables_pack_keys_into_one_set_of_objects() -> None:
+    """The agent's conntrack and NAT tables share one `PackedKeys` (what that gives: see
+    `test_one_transactions_conntrack_entry_and_binding_hold_one_key`)."""
+    _, sync = _snat_agent([10.0])
+    assert sync.conntrack._packed is sync.nat._packed
+
+
 def test_a_binding_replaced_by_a_peers_with_its_translated_key_loses_its_flow_and_refresh() -> None:
     """A peer's binding with the translated key of one of ours replaces it in the table (a
     translated key is unique): our binding's forward flow, which carries only its `nat_tag`,
