@@ -644,7 +644,6 @@ class FlowStateSync:
         zones = self._zones_by_hash
         rebuilt = False
         conntrack, nat, counters = self.conntrack, self.nat, self.counters
-        new_int = int.__new__
         for flow in self.datapath.flows():
             if flow.last_used <= since:
                 continue
@@ -664,7 +663,8 @@ class FlowStateSync:
                     names = zones.get(hashed)
                     if names is None:
                         continue
-                kind, key = tag & TAG_KIND_MASK, new_int(FlowKey, tag >> TAG_KEY_SHIFT)
+                # The key as a plain int: the tables' dicts are keyed so (see `PackedKeys`).
+                kind, key = tag & TAG_KIND_MASK, tag >> TAG_KEY_SHIFT
                 for zone in names:
                     if kind == CONNTRACK_TAG_KIND:
                         refreshed = conntrack.note_use(zone, key, now)

@@ -611,17 +611,18 @@ class ConntrackTable:
         self._schedule.mark_used(entry)
         return True
 
-    def note_use(self, zone: str, key: FlowKey, now: float) -> bool:
+    def note_use(self, zone: str, key: int, now: float) -> bool:
         """`touch` for the agent's periodic scan of used flows (the key a flow's conntrack tag
         names: either direction): the idle timer restarts to within `schedule.USE_SLACK` of
         the timeout (`EntryScheduler.note_use`). False when nothing changed (no such live
-        connection, or within the slack)."""
+        connection, or within the slack). `key` may be a plain int (as the scan reads it from
+        a tag): the zone dicts are keyed so."""
         entries = self._zones.get(zone)
         if entries is None:
             return False
         entry = entries.get(key)
         if entry is None or entry.expires_at <= now:
-            entry = entries.get(key.reversed())
+            entry = entries.get(int.__new__(FlowKey, key).reversed())
             if entry is None or entry.expires_at <= now:
                 return False
         return self._schedule.note_use(entry, now)

@@ -684,19 +684,22 @@ class NatTable:
         self._touch_entry(entry, now, timeout)
         return True
 
-    def note_use(self, zone: str, kind: NatKind, key: FlowKey, now: float) -> bool:
+    def note_use(self, zone: str, kind: NatKind, key: int, now: float) -> bool:
         """`touch` for the agent's periodic scan of used flows, for the binding a flow's NAT
         tag names (`nat_key_tag`: the binding whose original key is `key`, else the one whose
         translated key is its reverse): the idle timer restarts to within
         `schedule.USE_SLACK` of the timeout (`EntryScheduler.note_use`). False when nothing
-        changed (no such live binding, or within the slack)."""
+        changed (no such live binding, or within the slack). `key` may be a plain int (as the
+        # scan reads it from a tag): the tables' dicts are keyed so."""
         # A plain tuple finds the `_Index` it equals without building one (~0.3 us a call).
         index = cast(_Index, (zone, kind))
         entries = self._by_original.get(index)
         entry = entries.get(key) if entries is not None else None
         if entry is None or entry.expires_at <= now:
             entries = self._by_translated.get(index)
-            entry = entries.get(key.reversed()) if entries is not None else None
+            if entries is None:
+                return False
+            entry = entries.get(int.__new__(FlowKey, key).reversed())
             if entry is None or entry.expires_at <= now:
                 return False
         self._unused.discard(entry)

@@ -66,6 +66,7 @@ def test_conntrack_use_by_either_direction_of_its_key() -> None:
     assert key is not None
     table.track(ZONE, request, 0.0)
     assert table.note_use(ZONE, key.reversed(), 10.0)  # either direction
+    assert table.note_use(ZONE, int(key.reversed()), 20.0)  # a plain int, as a tag holds it
     assert table.find(ZONE, key, 10.0) is not None
     assert table.expire(39.9) == []
     assert not table.note_use(ZONE, key, 10.2)  # within the slack
@@ -108,6 +109,11 @@ def test_nat_use_by_the_key_its_tag_names_forward_or_reply() -> None:
     assert _expires(table, key, 100.0) == 7450.0
     assert table.note_use(ZONE, NatKind.SNAT, binding.translated.reversed(), 200.0)  # reply
     assert _expires(table, key, 200.0) == 7640.0
+    # A plain int, as the scan reads it from a tag: forward, then reply.
+    assert table.note_use(ZONE, NatKind.SNAT, int(key), 400.0)
+    assert table.note_use(ZONE, NatKind.SNAT, int(binding.translated.reversed()), 600.0)
+    assert _expires(table, key, 600.0) == 8040.0
+    assert not table.note_use(ZONE, NatKind.SNAT, int(binding.translated.reversed()), 601.0)
     assert not table.note_use(ZONE, NatKind.DNAT, key, 300.0)  # another kind: no binding
     assert not table.note_use(ZONE, NatKind.SNAT, binding.translated, 300.0)
     # Removed and pushed back by a peer: the new entry is used.
