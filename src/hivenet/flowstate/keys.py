@@ -58,6 +58,12 @@ _LOW_BITS = 8 + _PORTS_BITS  # ip_proto, tp_src, tp_dst
 _V6_VERSION_SHIFT = _LOW_BITS + 2 * 128
 
 
+def proto_of(packed: int) -> int:
+    """The ip_proto of a key, a FlowKey or one held as a plain int (the tables hold keys so):
+    `FlowKey.ip_proto` itself."""
+    return packed >> 32 & 0xFF
+
+
 class FlowKey(int):
     """One direction of a connection: (ip_version, ip_src, ip_dst, ip_proto, tp_src, tp_dst).
 
@@ -124,9 +130,7 @@ class FlowKey(int):
             return self >> 40 & 0xFFFFFFFF
         return self >> 40 & (1 << 128) - 1
 
-    @property
-    def ip_proto(self) -> int:
-        return self >> 32 & 0xFF
+    ip_proto = property(proto_of)
 
     @property
     def tp_src(self) -> int:
@@ -239,11 +243,6 @@ class PackedKeys:
             held = int(key)
             recent[held] = held  # not `key` as the dict's key: that would keep the FlowKey
         return held
-
-
-def proto_of(packed: int) -> int:
-    """`FlowKey.ip_proto` of a key held as a plain int (the tables hold keys so)."""
-    return packed >> 32 & 0xFF
 
 
 def _flow_key_of_value(value: int) -> FlowKey:

@@ -133,13 +133,19 @@ _indexes: dict[_Index, _Index] = {}
 _INDEXES_MAX = 1 << 16
 
 
+def _plain_index(zone: str, kind: NatKind) -> _Index:
+    """A plain tuple, which finds the `_Index` it equals in a dict without building one
+    (~0.3 us a NamedTuple): for lookups only, never stored."""
+    return cast(_Index, (zone, kind))
+
+
 def _index_of(zone: str, kind: NatKind) -> _Index:
-    index = _Index(zone, kind)
-    held = _indexes.get(index)
+    held = _indexes.get(_plain_index(zone, kind))
     if held is None:
         if len(_indexes) >= _INDEXES_MAX:
             _indexes.clear()
-        held = _indexes[index] = index
+        held = _Index(zone, kind)
+        _indexes[held] = held
     return held
 
 
@@ -417,7 +423,7 @@ class NatTable:
         key: FlowKey,
         now: float,
     ) -> _NatEntry | None:
-        entries = index.get(_Index(zone, kind))
+        entries = index.get(_plain_index(zone, kind))
         if entries is None:
             return None
         entry = entries.get(key)
@@ -690,9 +696,8 @@ class NatTable:
         translated key is its reverse): the idle timer restarts to within
         `schedule.USE_SLACK` of the timeout (`EntryScheduler.note_use`). False when nothing
         changed (no such live binding, or within the slack). `key` may be a plain int (as the
-        # scan reads it from a tag): the tables' dicts are keyed so."""
-        # A plain tuple finds the `_Index` it equals without building one (~0.3 us a call).
-        index = cast(_Index, (zone, kind))
+        scan reads it from a tag): the tables' dicts are keyed so."""
+        index = _plain_index(zone, kind)
         entries = self._by_original.get(index)
         entry = entries.get(key) if entries is not None else None
         if entry is None or entry.expires_at <= now:

@@ -149,11 +149,11 @@ def tag_text(tag: str | int, zones: Iterable[str] = ()) -> str:
     whose hash it holds, else `#` and the hash in hex."""
     if isinstance(tag, str):
         return tag
-    kind, zone_hash, key = tag & 3, tag >> 2 & _ZONE_MASK, tag >> 66
-    zone = next((z for z in zones if hash(z) & _ZONE_MASK == zone_hash), f"#{zone_hash:016x}")
+    kind, hashed, key = split_tag(tag)
+    zone = next((z for z in zones if zone_hash(z) == hashed), f"#{hashed:016x}")
     prefix, _, nat_kind = _KIND_TEXTS[kind].partition(":")
     middle = f"{zone}:{nat_kind}" if nat_kind else zone
-    return f"{prefix}:{middle}:{key_text(int.__new__(FlowKey, key))}"
+    return f"{prefix}:{middle}:{key_text(key)}"
 
 
 class ConnectionTags:
