@@ -15,11 +15,16 @@ ran before the underlay was authenticated; alternating runs, the median of each,
 table shows what the HMAC costs per new connection.
 
 And the rate goal's peer, in the same run: the same end-to-end measurement
-(`connections_per_second`) with the code of another git revision (`--base`, default `main`:
-the previous release), its `src/` and `bench/` unpacked to a temporary directory
-(`bench/baseline.py`); both sides run in child processes, alternating, `--rounds` times each,
-and the median of each is compared (`versus_base`); the children time CPU time of their
-own process (`bench/baseline.py`), as the machine may be shared.
+(`WARM_RATE_SNIPPET`, what `connections_per_second` does) with the code of another git
+revision (`--base`, default `main`: the previous release), its `src/` and `bench/` unpacked
+to a temporary directory (`bench/baseline.py`), this tree's, this tree's with every
+connection simulated (no connection templates: `agent/pipeline.py`, `sim/replay.py`) and
+this tree's in batches; every side runs in child processes, alternating, `--rounds` times
+each, and the median of each is compared (`versus_base`); the children time CPU time of
+their own process (`bench/baseline.py`), as the machine may be shared. The shared tables are
+warm on every side (`warm`: both hosts' MACs and the next hop known, as once the hosts have
+spoken; the base's tables are warmed through its pipeline), so no simulation learns or
+floods.
 
 Owns nothing but this measurement: memory datapaths, no sockets, no store (the SNAT range is
 claimed locally); files only in the base revision's temporary directory. Prints a human
@@ -105,11 +110,17 @@ R_IN_MAC, R_OUT_MAC = "02:00:00:00:ff:01", "02:00:00:00:ff:02"
 
 
 def build_hosts(
-    stateful: bool = True, authenticate: bool = True, max_flows: int = 100_000
+    stateful: bool = True,
+    authenticate: bool = True,
+    max_flows: int = 100_000,
+    templates: bool = True,
 ) -> tuple[dict[str, FlowStateSync], dict[str, MemoryDatapath], Port, dict[str, FlowPipeline]]:
     """Two agents (h1: the VM, h2: the outside port). `stateful=False` is the peer: the same
     topology without security group, port security or NAT rules. `authenticate` (as agents
-    run): flow state sealed with a cluster key, tunnel sources checked."""
+    run): flow state sealed with a cluster key, tunnel sources checked. The shared tables
+    know the router's next hop and both hosts' MACs (`warm`), as in a network whose hosts
+    have spoken before. `templates=False`: every new connection simulated (no connection
+    templates, `agent/pipeline.py`)."""
     objects: list[TopologyObject] = [
         Bridge(id="net"),
         Bridge(id="ext"),
@@ -197,18 +208,31 @@ def build_hosts(
     for index, host in enumerate(("h1", "h2"), 1):
         view = TopologyView.from_objects(objects)
         tables = MemoryTables()
-        tables.neighbours[("r", 4, int(ipaddress.ip_address("203.0.113.100")))] = int(
-            OUT_MAC.replace(":", ""), 16
-        )
+        warm(tables)
         datapath = MemoryDatapath(host, f"192.0.2.{index}", underlay, max_flows=max_flows)
         sync = FlowStateSync(host, datapath, view, authenticate=authenticate, keyring=keyring)
         if authenticate:
             datapath.set_tunnel_peers([f"192.0.2.{3 - index}"])
         sync.allocator.claim_all(NatRange.parse(SNAT_IP, SNAT_IP, 1024, 65535))
-        pipelines[host] = FlowPipeline(host, datapath, view, tables, stateful=sync)
+        pipelines[host] = FlowPipeline(
+            host, datapath, view, tables, stateful=sync, templates=templates
+        )
         datapath.bind_port(index, "hnvm" if index == 1 else "hnout")
         syncs[host], datapaths[host] = sync, datapath
     return syncs, datapaths, vm_port, pipelines
+
+
+def warm(tables: Any) -> None:
+    """What the shared tables hold once the hosts have spoken: the router's next hop's MAC,
+    the VM's MAC on its bridge and the outside host's on its own (else every simulation
+    learns the VM's MAC again and floods to the outside port, as no agent publishes here).
+    Only `MemoryTables`' two dicts, which every revision compared has."""
+    mac = {
+        name: int(text.replace(":", ""), 16) for name, text in (("vm", VM_MAC), ("out", OUT_MAC))
+    }
+    tables.neighbours[("r", 4, int(ipaddress.ip_address("203.0.113.100")))] = mac["out"]
+    tables.macs[("net", 0, mac["vm"])] = "vm"
+    tables.macs[("ext", 0, mac["out"])] = "out"
 
 
 # Connections per destination (server port): half the SNAT range, so no destination passes
@@ -234,12 +258,16 @@ def syn_frames(count: int) -> list[bytes]:
 
 
 def connections_per_second(
-    count: int, stateful: bool = True, authenticate: bool = True, batch: int = 0
+    count: int,
+    stateful: bool = True,
+    authenticate: bool = True,
+    batch: int = 0,
+    templates: bool = True,
 ) -> dict[str, float]:
     """`batch` > 0: upcalls handled `batch` at a time (`FlowPipeline.batch()`: one flow-state
     push per peer per batch, flows installed and packets sent after it), as a datapath would
     hand over one receive batch; 0: one at a time, as the agent runs today."""
-    syncs, datapaths, _, pipelines = build_hosts(stateful, authenticate)
+    syncs, datapaths, _, pipelines = build_hosts(stateful, authenticate, templates=templates)
     # To the outside host, varying ports: every SYN is a new connection (SG conntrack entry
     # in the VM port's zone + SNAT binding), pushed to the gateway host before it leaves.
     frames = syn_frames(count)
@@ -294,23 +322,61 @@ def hmac_cost(count: int, rounds: int = 3) -> tuple[dict[str, float], dict[str, 
 BATCH = 64  # upcalls per batch: the userspace datapath's receive batch size
 
 
+# The rate measurement for any revision (the base's `build_hosts` returns 3 or 4 values and
+# does not warm the tables): the shared tables warmed as `warm` does, through the pipeline
+# the datapath hands upcalls to, then `count` SYNs as `connections_per_second` sends them.
+WARM_RATE_SNIPPET = """
+import gc
+hosts = bench.build_hosts()
+syncs, datapaths = hosts[0], hosts[1]
+vm_mac, out_mac = (int(text.replace(":", ""), 16) for text in (bench.VM_MAC, bench.OUT_MAC))
+for datapath in datapaths.values():
+    tables = datapath._handler.__self__.context.tables
+    tables.macs[("net", 0, vm_mac)] = "vm"
+    tables.macs[("ext", 0, out_mac)] = "out"
+frames = [
+    bench.build_tcp_segment(
+        eth_src=bench.VM_MAC, eth_dst=bench.R_IN_MAC, ip_src="10.0.0.11",
+        ip_dst="203.0.113.100", src_port=1024 + n % 32000, dst_port=1 + n // 32000, flags=0x02,
+    )
+    for n in range({count})
+]
+h1, h2 = datapaths["h1"], datapaths["h2"]
+gc.collect()
+started = time.perf_counter()
+for frame in frames:
+    h1.receive(1, frame)
+elapsed = time.perf_counter() - started
+assert h1.counters()["misses"] == {count}, h1.counters()
+print(json.dumps({{"per_second": round({count} / elapsed, 1),
+                  "delivered": len(h2.take(2)),
+                  "peer_installed_entries": syncs["h2"].counters.received_entries}}))
+"""
+
+
 def versus_base(count: int, base: str, rounds: int) -> dict[str, object]:
     """End-to-end rate of git revision `base`, of this tree one upcall at a time (as the
-    agent runs) and of this tree in batches of BATCH upcalls, each in a child process,
-    alternating `rounds` times; the median of each and the ratios to the base."""
-    call = f"bench.connections_per_second({count})"
-    sides = {  # name: (tree, call)
-        "base": (baseline.checkout(base), call),
-        "current": (baseline.current_tree(), call),
+    agent runs), of this tree without connection templates (every connection simulated, as
+    before them) and of this tree in batches of BATCH upcalls, each in a child process,
+    alternating `rounds` times; the median of each and the ratios to the base. Every side
+    runs on warm tables (`warm`; `WARM_RATE_SNIPPET` for the base and this tree)."""
+    snippet = WARM_RATE_SNIPPET.format(count=count)
+    sides = {  # name: (tree, snippet)
+        "base": (baseline.checkout(base), snippet),
+        "current": (baseline.current_tree(), snippet),
+        "simulated": (
+            baseline.current_tree(),
+            f"print(json.dumps(bench.connections_per_second({count}, templates=False)))\n",
+        ),
         "batched": (
             baseline.current_tree(),
-            f"bench.connections_per_second({count}, batch={BATCH})",
+            f"print(json.dumps(bench.connections_per_second({count}, batch={BATCH})))\n",
         ),
     }
     rates: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(rounds):
-        for side, (tree, expression) in sides.items():
-            result = baseline.run(tree, "flowstate", f"print(json.dumps({expression}))\n")
+        for side, (tree, code) in sides.items():
+            result = baseline.run(tree, "flowstate", code)
             if result["delivered"] != count or result["peer_installed_entries"] == 0:
                 raise SystemExit(f"{side}: {result['delivered']} of {count} delivered: invalid")
             rates[side].append(float(result["per_second"]))  # type: ignore[arg-type]
@@ -321,10 +387,12 @@ def versus_base(count: int, base: str, rounds: int) -> dict[str, object]:
         "rounds": rounds,
         "clock": "process CPU time",
         "batch": BATCH,
+        "tables": "warm",
         **{f"{side}_per_second": median[side] for side in sides},
         **{f"{side}_runs": rates[side] for side in sides},
         "ratio": round(median["current"] / median["base"], 3),
         "batched_ratio": round(median["batched"] / median["base"], 3),
+        "templates_ratio": round(median["current"] / median["simulated"], 3),
     }
 
 
@@ -774,11 +842,19 @@ def main() -> None:
             (label, f"{against['base_per_second']:,.0f}"),
             ("same, this tree, one upcall at a time", f"{against['current_per_second']:,.0f}"),
             (
+                "same, this tree, every connection simulated",
+                f"{against['simulated_per_second']:,.0f}",
+            ),
+            (
                 f"same, this tree, batches of {BATCH} upcalls",
                 f"{against['batched_per_second']:,.0f}",
             ),
             ("this tree / base (one at a time)", f"{against['ratio']:.2f}"),
             (f"this tree / base (batches of {BATCH})", f"{against['batched_ratio']:.2f}"),
+            (
+                "connection templates / every connection simulated",
+                f"{against['templates_ratio']:.2f}",
+            ),
         ]
         for name, value in rows:
             print(f"{name:<52} {value:>14}")

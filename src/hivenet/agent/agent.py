@@ -149,6 +149,7 @@ class HostAgent:
         gateway_probe_interval: float = DEFAULT_PROBE_INTERVAL,
         link_state: Callable[[str], bool | None] | None = None,
         flowstate_max_entries: int | None = None,
+        connection_templates: bool = True,
     ) -> None:
         if underlay_ip is not None:
             ipaddress.ip_address(underlay_ip)  # ValueError names the value
@@ -202,6 +203,7 @@ class HostAgent:
             on_simulated=self._on_simulated,
             clock=clock,
             underlay_mtu=underlay_mtu,
+            templates=connection_templates,
         )
         self.topology_mirror = PrefixMirror(
             store,

@@ -172,6 +172,14 @@ def run(
             "this host's ECMP sets; 3 answers bring it back). 0: no probes, the lease decides.",
         ),
     ] = DEFAULT_PROBE_INTERVAL,
+    connection_templates: Annotated[
+        bool,
+        typer.Option(
+            envvar="HIVENET_CONNECTION_TEMPLATES",
+            help="Answer a new connection like the last one by asking its conntrack and NAT "
+            "questions again instead of simulating it (counted as connection_replays).",
+        ),
+    ] = True,
 ) -> None:
     """Run the agent for one host until SIGTERM/SIGINT."""
     metrics_address = parse_metrics_address(metrics)
@@ -225,6 +233,7 @@ def run(
             bgp_dir=state / f"bgp-{host_id}" if bgp else None,
             max_connections=max_connections or default_max_entries(),
             gateway_probe_interval=gateway_probe_interval,
+            connection_templates=connection_templates,
         )
     )
 
@@ -248,6 +257,7 @@ async def _run_agent(
     bgp_dir: Path | None = None,
     max_connections: int | None = None,
     gateway_probe_interval: float = DEFAULT_PROBE_INTERVAL,
+    connection_templates: bool = True,
 ) -> None:
     from hivenet.store import open_store
 
@@ -278,6 +288,7 @@ async def _run_agent(
         bgp_dir=bgp_dir,
         flowstate_max_entries=max_connections,
         gateway_probe_interval=gateway_probe_interval,
+        connection_templates=connection_templates,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

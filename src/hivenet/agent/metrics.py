@@ -438,6 +438,17 @@ class AgentCollector(Collector):
             ("flow_installs", pipeline.installs, "Megaflows installed"),
             ("learned_entries", pipeline.learned, "MAC/ARP entries learned"),
             ("generated_packets", pipeline.generated, "Packets the simulation generated"),
+            (
+                "connection_replays",
+                pipeline.replayed,
+                "Upcalls answered by a connection template instead of a simulation",
+            ),
+            (
+                "connection_replays_declined",
+                pipeline.replay_declined,
+                "Upcalls a connection template matched but whose flow-state answers differed "
+                "from it (simulated instead)",
+            ),
         ):
             family = CounterMetricFamily(f"hivenet_{name}", help_text, labels=["host"])
             family.add_metric([host], value)

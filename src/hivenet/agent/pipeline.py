@@ -9,6 +9,16 @@ count upcalls, installs, drops by reason and simulation latency; then tell `on_s
 (the agent's traffic counters, agent/metrics.py) what the upcall became.
 Does not own the topology cache, the shared tables or the datapath: they are passed in.
 
+Connection templates (stateful pipelines, `templates=True`): a result that opened a connection
+and may be replayed (`sim/replay.py`) becomes a template once its flow is installed; a later
+upcall whose match equals it under its logic mask gets its result by asking the template's
+flow-state questions again instead of walking the topology (counted as `replayed`; an answer
+of another shape rolls the questions back and simulates, `replay_declined`). A template lasts
+while a flow carrying all its tags other than its connection's is installed: its own, or the
+newest one replayed from it (`Flow.removed`: any invalidation of what it depends on removes
+that flow). Bounded: MAX_TEMPLATE_MASKS masks per ingress port, MAX_TEMPLATES templates (all
+dropped when full).
+
 Batches (`with pipeline.batch():` around a run of upcalls, as a datapath drains a receive
 batch): each upcall is simulated and its flow state committed at once, but the new entries
 are pushed together at the end (`FlowStateSync.end_batch`: one message per peer, not one per
@@ -26,10 +36,11 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from operator import and_
+from typing import TYPE_CHECKING, Any
 
 from hivenet.datapath.base import Datapath
-from hivenet.flows.table import Tag
+from hivenet.flows.table import Flow, Tag, flow_match_values
 from hivenet.model.subnet import DEFAULT_UNDERLAY_MTU
 from hivenet.packets import FlowMatch, PacketError, extract_flow_match
 from hivenet.sim import (
@@ -44,6 +55,7 @@ from hivenet.sim import (
 )
 from hivenet.sim.dhcp import DhcpBudget
 from hivenet.sim.flowstate_hook import ConntrackDecision, NatDecision
+from hivenet.sim.replay import ConnectionTemplate
 from hivenet.sim.rules import CompiledRule
 from hivenet.sim.topology import PortInfo
 
@@ -60,6 +72,83 @@ SimulatedCallback = Callable[[str, SimulationResult, int, FlowKey | None], None]
 # (service, ingress port, frame) for a packet the simulation handed to a host service
 # (`SimulationResult.handoff`, e.g. "metadata": agent/metadata.py).
 HandoffCallback = Callable[[str, PortInfo, bytes], None]
+
+
+MAX_TEMPLATE_MASKS = 8  # per ingress port: each is tried on every upcall of the port
+MAX_TEMPLATES = 4096
+
+
+class ConnectionTemplates:
+    """The pipeline's connection templates: by ingress port (every logic mask holds it
+    whole), then by logic mask, then by the match under it, each with the installed flow
+    that keeps it valid (see the module docstring)."""
+
+    __slots__ = ("_by_port", "count")
+
+    def __init__(self) -> None:
+        # in_port -> logic mask -> masked match -> [template, carrier flow]
+        self._by_port: dict[int, dict[tuple[int, ...], dict[tuple[int, ...], list[Any]]]] = {}
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def find(self, match: FlowMatch) -> ConnectionTemplate | None:
+        """The valid template `match` equals under its logic mask, if any."""
+        masks = self._by_port.get(match.in_port)
+        if masks is None:
+            return None
+        values = flow_match_values(match)
+        for mask, table in masks.items():
+            key = tuple(map(and_, values, mask))
+            entry = table.get(key)
+            if entry is None:
+                continue
+            if entry[1].removed:
+                del table[key]
+                self.count -= 1
+                continue
+            template: ConnectionTemplate = entry[0]
+            return template
+        return None
+
+    def installed(self, result: SimulationResult, flow: Flow) -> None:
+        """`result`'s flow was installed: a simulated result becomes a template, a replayed
+        one's flow keeps its template valid from now on."""
+        record = result.replay
+        if record is None:
+            return
+        logic_mask, questions = record
+        masks = self._by_port.get(result.match.in_port)
+        table = masks.get(logic_mask) if masks is not None else None
+        key = tuple(map(and_, flow_match_values(result.match), logic_mask))
+        if not questions:  # replayed: carried by the newest of its flows
+            entry = table.get(key) if table is not None else None
+            if entry is not None and entry[0].static_tags <= result.tags:
+                entry[1] = flow
+            return
+        template = ConnectionTemplate.of(result)
+        if template is None:
+            return
+        if self.count >= MAX_TEMPLATES and (table is None or key not in table):
+            self.clear()
+            masks = table = None
+        if masks is None:
+            masks = self._by_port[result.match.in_port] = {}
+        if table is None:
+            if len(masks) >= MAX_TEMPLATE_MASKS:
+                for stale in [mask for mask, held in masks.items() if not held]:
+                    del masks[stale]
+                if len(masks) >= MAX_TEMPLATE_MASKS:
+                    return
+            table = masks[logic_mask] = {}
+        if key not in table:
+            self.count += 1
+        table[key] = [template, flow]
+
+    def clear(self) -> None:
+        self._by_port.clear()
+        self.count = 0
 
 
 class _UpcallFlowState:
@@ -88,6 +177,9 @@ class PipelineStats:
     generated: int = 0
     learned: int = 0
     drops: dict[str, int] = field(default_factory=dict)
+    # Upcalls answered by a connection template, and those whose answers differed from it.
+    replayed: int = 0
+    replay_declined: int = 0
     sim_seconds_total: float = 0.0
     sim_seconds_max: float = 0.0
 
@@ -99,6 +191,8 @@ class PipelineStats:
             "not_installed": self.not_installed,
             "generated": self.generated,
             "learned": self.learned,
+            "replayed": self.replayed,
+            "replay_declined": self.replay_declined,
             "sim_seconds_total": self.sim_seconds_total,
             "sim_seconds_max": self.sim_seconds_max,
             "sim_seconds_mean": self.sim_seconds_total / self.upcalls if self.upcalls else 0.0,
@@ -126,6 +220,7 @@ class FlowPipeline:
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
         underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
+        templates: bool = True,
     ) -> None:
         self.host_id = host_id
         self.datapath = datapath
@@ -139,11 +234,14 @@ class FlowPipeline:
             flow_state=flow_state,
             underlay_mtu=underlay_mtu,
             dhcp_budget=self.dhcp_budget,
+            record_questions=stateful is not None and templates,
         )
         self.on_learned = on_learned
         self.on_handoff: HandoffCallback | None = None
         # Conntrack/NAT: a transaction per upcall, committed and pushed before forwarding.
         self.stateful = stateful
+        # Connection templates (None: every upcall is simulated).
+        self.templates = ConnectionTemplates() if stateful is not None and templates else None
         self.on_simulated = on_simulated
         self.clock = clock
         self.timer = timer
@@ -208,6 +306,25 @@ class FlowPipeline:
             result = simulate(frame, port.id, self.context, now, match=match)
         else:
             hook = self.stateful.begin(frame, match)
+            replayed = None
+            templates = self.templates
+            if templates is not None and match is not None and templates.count:
+                template = templates.find(match)
+                if template is not None:
+                    try:
+                        replayed = template.replay(hook, match, frame, now)
+                    except Exception:
+                        hook.transaction.rollback()
+                        raise
+                    if replayed is None:
+                        self.stats.replay_declined += 1
+                        hook.transaction.rollback()
+                        hook = self.stateful.begin(frame, match)
+            if replayed is not None:
+                self.stats.replayed += 1
+                self.stateful.finish(hook, replayed, port.id, now)
+                self._after_simulation(port, replayed, frame, started)
+                return
             current: _UpcallFlowState | None = None
             if self._upcall_flow_state.hook is NO_FLOW_STATE:
                 current = self._upcall_flow_state
@@ -225,6 +342,11 @@ class FlowPipeline:
                 if current is not None:
                     current.hook = NO_FLOW_STATE  # holds no transaction between upcalls
             self.stateful.finish(hook, result, port.id, now)
+        self._after_simulation(port, result, frame, started)
+
+    def _after_simulation(
+        self, port: PortInfo, result: SimulationResult, frame: bytes, started: float
+    ) -> None:
         elapsed = self.timer() - started
         self.stats.sim_seconds_total += elapsed
         self.stats.sim_seconds_max = max(self.stats.sim_seconds_max, elapsed)
@@ -256,7 +378,7 @@ class FlowPipeline:
                 self.on_learned(result.learned)
         if result.install and install:
             installed = (result.masked_match, result.mask)
-            self.datapath.install_flow(
+            flow = self.datapath.install_flow(
                 installed[0],
                 installed[1],
                 result.actions,
@@ -265,6 +387,8 @@ class FlowPipeline:
                 mtu=result.mtu,
             )
             self.stats.installs += 1
+            if flow is not None and self.templates is not None and result.replay is not None:
+                self.templates.installed(result, flow)
         else:
             self.stats.not_installed += 1
         if result.drop_reason is not None:

@@ -73,14 +73,17 @@ class Datapath(Protocol):
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
         mtu: int = 0,
-    ) -> None:
+    ) -> Flow | None:
         """Install a megaflow: packets whose FlowMatch masked by `mask` equals `match`.
 
         `mtu` (0: none) is the largest IP packet, in L3 bytes (each segment's, for a GSO
         super-frame), the flow carries: a bigger one does not take it. IPv4 with DF and IPv6
         go to the upcall handler as a miss would (the simulation answers with ICMP
         "fragmentation needed" / "packet too big", counted as `mtu_upcalls`); IPv4 without
-        DF is dropped and counted as "drop.too_big" (nothing fragments)."""
+        DF is dropped and counted as "drop.too_big" (nothing fragments).
+
+        Returns the installed `Flow` (its `removed` turns True when the flow leaves the
+        table), or None for a backend that keeps none."""
         ...
 
     def invalidate(self, tags: Iterable[Tag]) -> int:

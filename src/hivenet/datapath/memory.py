@@ -206,10 +206,10 @@ class MemoryDatapath:
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
         mtu: int = 0,
-    ) -> None:
+    ) -> Flow | None:
         self._check_actions(actions, "install_flow")
         try:
-            self.flow_table.install(
+            flow = self.flow_table.install(
                 match,
                 mask,
                 actions,
@@ -222,6 +222,7 @@ class MemoryDatapath:
         except ValueError as error:
             raise DatapathError(f"install_flow: {error}") from error
         self._counters.installs += 1
+        return flow
 
     def invalidate(self, tags: Iterable[Tag]) -> int:
         removed = len(self.flow_table.invalidate(tags))

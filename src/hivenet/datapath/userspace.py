@@ -627,10 +627,10 @@ class UserspaceDatapath:
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
         mtu: int = 0,
-    ) -> None:
+    ) -> Flow | None:
         checked_actions = tuple(actions)
         self._check_tunnel_addresses(checked_actions)
-        self._table.install(
+        return self._table.install(
             match,
             mask,
             checked_actions,

@@ -504,6 +504,16 @@ class PortBlockAllocator:
             self.running_low[target] = destination
         return None
 
+    def mark(self) -> int:
+        """Where the next allocation starts looking (for `rewind`)."""
+        return self._cursor
+
+    def rewind(self, mark: int) -> None:
+        """Start the next allocation where it would have started at `mark`: the ports
+        allocated since were released unused (a rolled-back transaction), so the allocations
+        that follow are those that would have followed without them."""
+        self._cursor = mark
+
     def release(self, allocated: AllocatedPort, destination: Destination) -> bool:
         """Give back a port allocated for `destination`. False when it was not allocated
         (already released, or its block was removed)."""

@@ -225,6 +225,9 @@ class FlowStateTransaction:
         self.embedded = embedded
         self._classified: list[tuple[Classification, int]] = []
         self._created: list[NatBinding] = []
+        # The port allocator's position before this packet (restored by a rollback).
+        allocator = nat.allocator
+        self._allocator_mark = allocator.mark() if allocator is not None else None
         # Every binding this packet's translation used: a full table must not evict them to
         # make room for another binding of the same packet (its flow depends on all of them).
         self._bindings: list[NatBinding] = []
@@ -350,10 +353,16 @@ class FlowStateTransaction:
         return TransactionResult(tuple(connections), tuple(self._created), frozenset(self._tags))
 
     def rollback(self) -> None:
-        """The packet was dropped: forget the classifications, remove the bindings made."""
+        """The packet was dropped (or its replay declined): forget the classifications,
+        remove the bindings made and let the port allocator start where it did, as if the
+        packet had not been."""
         self._check_open()
         self._finished = True
         for binding in self._created:
             self.nat_table.remove(binding.zone, binding.kind, binding.original)
+        if self._created and self._allocator_mark is not None:
+            allocator = self.nat_table.allocator
+            if allocator is not None:
+                allocator.rewind(self._allocator_mark)
         self._created.clear()
         self._classified.clear()

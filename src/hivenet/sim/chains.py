@@ -11,6 +11,7 @@ Must not touch I/O, the clock, the store or the datapath.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from sys import intern
 
 from hivenet.flows.actions import SETTABLE_FIELDS
@@ -19,7 +20,14 @@ from hivenet.packets.flowmatch import FULL_MASKS, IP_PROTO_TCP
 from hivenet.sim import replies
 from hivenet.sim.flowstate_hook import FlowStateUnsupported
 from hivenet.sim.result import TraceStep
-from hivenet.sim.rules import CompiledChain, CompiledRule
+from hivenet.sim.rules import (
+    ETH_TYPE_PAIRS,
+    IP_ETH_TYPES,
+    PROTO_PAIRS,
+    CompiledChain,
+    CompiledRule,
+    rule_refutations,
+)
 from hivenet.sim.secgroups import drop_reason_of
 from hivenet.sim.topology import PortInfo
 from hivenet.sim.vips import VipRefusal
@@ -46,6 +54,7 @@ _CONNTRACK_READS = (
     "icmp_id",
 )
 _CONNTRACK_READ_PAIRS = tuple((field, FULL_MASKS[field]) for field in _CONNTRACK_READS)
+_TCP_FLAGS_READ_PAIRS = (("tcp_flags", FULL_MASKS["tcp_flags"]),)
 _FORWARD_NAT = (RuleAction.DNAT, RuleAction.SNAT)
 # A rule action's trace name (`.value` is a descriptor call per read).
 _ACTION_NAMES = {action: action.value for action in RuleAction}
@@ -75,10 +84,52 @@ def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], .
     for field, mask in pairs:
         if field in modified:
             whole = False
+            if field in walk.nat_written:
+                walk.nat_read = True
         else:
             reads[field] = reads.get(field, 0) | mask
     if whole:
         recorded.add(key)
+
+
+def _chain_reads(
+    walk: Walk, packet: PacketState, chain: CompiledChain, through: int, matched: list[int]
+) -> None:
+    """Record what evaluating rules 0..`through` read: precisely when the walk records
+    flow-state questions, else the chain's shared union (`read_pairs`)."""
+    if walk.questions is not None:
+        _record_chain_reads(walk, packet, chain, through, matched)
+    else:
+        _read_pairs(walk, packet, chain.read_pairs[through])
+
+
+def _record_chain_reads(
+    walk: Walk, packet: PacketState, chain: CompiledChain, through: int, matched: Container[int]
+) -> None:
+    """What evaluating rules 0..`through` of `chain` read, rule by rule (a walk that records
+    flow-state questions, for its replay's logic mask, `sim/replay.py`): a rule the matcher
+    returned (`matched`) read all its fields, one that did not match only those of a
+    condition that fails, when `rule_refutations` knows one. Never fewer bits than the
+    walk's decisions depended on, so also the megaflow's."""
+    refutations = rule_refutations(chain)
+    modified = packet.modified
+    reads = walk.reads
+    eth_type = packet.eth_type
+    is_ip = eth_type in IP_ETH_TYPES
+    proto = packet.ip_proto
+    for index in range(through + 1):
+        dl_type, inv_dl_type, nw_proto, inv_nw_proto, pairs = refutations[index]
+        if index not in matched:
+            if dl_type is not None and (eth_type == dl_type) == inv_dl_type:
+                pairs = ETH_TYPE_PAIRS
+            elif nw_proto is not None and (is_ip and proto == nw_proto) == inv_nw_proto:
+                pairs = PROTO_PAIRS
+        for field, mask in pairs:
+            if field in modified:
+                if field in walk.nat_written:
+                    walk.nat_read = True
+            else:
+                reads[field] = reads.get(field, 0) | mask
 
 
 def _rule_step(chain: CompiledChain, index: int, rule: CompiledRule, depth: int) -> TraceStep:
@@ -119,13 +170,21 @@ def run_chain(
         # loop (what `_evaluate` does for it, without its generality).
         walk.tags.add(chain.tag)
         index = chain.matcher(packet, 0, in_port.id, out_port_id, in_port.port_group_ids)
-        if index < 0:
+        if walk.questions is not None:
+            if chain.rules:
+                _record_chain_reads(
+                    walk, packet, chain, len(chain.rules) - 1 if index < 0 else index, (index,)
+                )
+            if index < 0:
+                return True
+        elif index < 0:
             if chain.read_pairs:
                 _read_pairs(walk, packet, chain.read_pairs[-1])
             return True
-        pairs = chain.read_pairs[index]
-        if id(pairs) not in walk.recorded_reads:
-            _read_pairs(walk, packet, pairs)
+        else:
+            pairs = chain.read_pairs[index]
+            if id(pairs) not in walk.recorded_reads:
+                _read_pairs(walk, packet, pairs)
         rule = chain.rules[index]
         action = rule.action
         steps = chain.steps
@@ -182,12 +241,15 @@ def _evaluate(
     groups = in_port.port_group_ids
     start = 0
     evaluated_through = len(rules) - 1
+    recorded_through = -1  # the rules whose reads are recorded already (a forward NAT's)
+    matched: list[int] = []  # the rules the matcher returned
     verdict = "continue"
     try:
         while True:
             index = matcher(packet, start, in_port.id, out_port_id, groups)
             if index < 0:
                 break
+            matched.append(index)
             if index < start:  # would loop forever: a compiler bug, not a topology one
                 raise RuntimeError(f"chain {chain.id}: matcher returned rule {index} < {start}")
             rule = rules[index]
@@ -224,6 +286,11 @@ def _evaluate(
             elif walk.view.vips.is_vip_rule(rule.id):
                 verdict = _load_balance(walk, packet, rule, in_port, here)
             else:
+                if action in _FORWARD_NAT:
+                    # The rules' reads were of the packet before the rewrite: recorded now
+                    # (afterwards they would read NAT-chosen values, `Walk.nat_read`).
+                    _chain_reads(walk, packet, chain, index, matched)
+                    recorded_through = index
                 _nat(walk, packet, rule, in_port, here)
                 if action not in _FORWARD_NAT:
                     # rev_snat/rev_dnat undo a translation (if any) and go on, so one
@@ -233,8 +300,8 @@ def _evaluate(
                 verdict = "accept"
             break
     finally:
-        if rules:
-            _read_pairs(walk, packet, chain.read_pairs[evaluated_through])
+        if rules and recorded_through != evaluated_through:
+            _chain_reads(walk, packet, chain, evaluated_through, matched)
         stack.pop()
     return verdict
 
@@ -256,18 +323,23 @@ def _conntrack_holds(
 ) -> bool:
     zone = _zone(walk, here.id, in_port)
     try:
-        decision = walk.ctx.flow_state.conntrack(packet.to_match(), zone, walk.now)
+        seen = packet.to_match()
+        decision = walk.ctx.flow_state.conntrack(seen, zone, walk.now)
     except FlowStateUnsupported as unsupported:
         walk.drop(here, "unsupported", unsupported.reason)
         walk.no_cache("flow state unsupported", here.depth)
         raise _ChainStop from unsupported
     # Connection state is per flow: a cached flow must not outlive the connection's
     # direction, so everything the flow key is made of is part of the megaflow.
-    _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)
+    walk.read_state(packet, _CONNTRACK_READ_PAIRS)
     if decision.reads_tcp_flags:
-        walk.read(packet, "tcp_flags", FULL_MASKS["tcp_flags"])
+        walk.read_state(packet, _TCP_FLAGS_READ_PAIRS)
     walk.tags.update(decision.tags)
     direction = decision.verdict or ("return" if decision.is_return else "forward")
+    if walk.questions is not None:
+        walk.questions.append(
+            (None, zone, seen, packet.modified - walk.nat_written, decision, len(walk.trace))
+        )
     walk.step(here, "conntrack", f"zone {zone}: {direction}")
     if not decision.cacheable:
         walk.no_cache("conntrack decision depends on the packet itself", here.depth)
@@ -281,7 +353,8 @@ def _nat(
     evaluation then goes on with the next rule)."""
     zone = _zone(walk, here.id, in_port)
     try:
-        decision = walk.ctx.flow_state.nat(packet.to_match(), rule, zone, walk.now)
+        seen = packet.to_match()
+        decision = walk.ctx.flow_state.nat(seen, rule, zone, walk.now)
     except FlowStateUnsupported as unsupported:
         reason = (
             unsupported.reason.partition(":")[0] if ":" in unsupported.reason else "unsupported"
@@ -289,8 +362,12 @@ def _nat(
         walk.drop(here, reason, unsupported.reason)
         walk.no_cache("flow state unsupported", here.depth)
         raise _ChainStop from unsupported
-    _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)
+    walk.read_state(packet, _CONNTRACK_READ_PAIRS)
     walk.tags.update(decision.tags)
+    if walk.questions is not None:
+        walk.questions.append(
+            (rule, zone, seen, packet.modified - walk.nat_written, decision, len(walk.trace))
+        )
     if not decision.cacheable:
         walk.no_cache("NAT decision not cacheable", here.depth)
     if not decision.applied:
@@ -299,6 +376,11 @@ def _nat(
         if field not in SETTABLE_FIELDS:
             raise ValueError(f"NAT decision rewrites field {field!r}, which is not settable")
         packet.set(field, value)
+    if decision.rewrites:
+        walk.nat_written.update(decision.rewrites)
+        # Reads of the new values must reach `_read_pairs` again (a tuple it recorded
+        # whole before the rewrite would be skipped): a walk that reads one is no replay.
+        walk.recorded_reads.clear()
     if decision.inner_rewrites:
         walk.inner_rewrites.update(decision.inner_rewrites)
     walk.step(
@@ -316,6 +398,7 @@ def _load_balance(
     """A flow to a VIP (sim/vips.py): DNAT to the member chosen for it, or to the member
     its connection already has (NAT state); "reject" when no member can take it."""
     _read_pairs(walk, packet, _CONNTRACK_READ_PAIRS)  # the choice hashes the 5-tuple
+    walk.questions = None  # a member chosen by the 5-tuple's hash: never replayed
     vips = walk.view.vips
     choice = vips.choose(rule.id, packet.to_match(), packet.ip_version, walk.now)
     walk.tags.update(choice.tags)

@@ -69,7 +69,23 @@ def simulate(
         # A NATed ICMP error: its quote is translated here, the outer headers by the actions
         # (independent bytes; the ICMP checksum is fixed for both). Never cached (see _nat).
         rewritten = rewrite_icmp_quote(frame, walk.inner_rewrites)
+    replay = None
+    questions = walk.questions
+    if (
+        questions
+        and walk.install
+        and drop_reason is None
+        and not walk.nat_read
+        and len(walk.emissions) == 1
+        and not walk.drop_reasons
+        and not generated
+        and not walk.learned
+        and walk.handoff is None
+        and not walk.inner_rewrites
+    ):
+        replay = (walk.logic_mask(), tuple(questions))
     return _result(
+        replay=replay,
         actions=actions,
         match=match,
         mask=walk.mask(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from operator import and_
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from hivenet.flows.actions import Action
 from hivenet.flows.table import Tag, flow_match_values
@@ -106,6 +106,10 @@ class SimulationResult:
     # networks it outputs to (0: none). A bigger packet hitting the flow is sent back to the
     # simulation, which answers it with ICMP (`sim/mtu.py`); sizes are not flow-match fields.
     mtu: int = 0
+    # For a result that opened a connection and may be replayed for the next one of its kind
+    # (`sim/replay.py`): (the mask of the bits read other than by flow-state questions, the
+    # questions as asked). None: not replayable, or not recorded (`SimContext`).
+    replay: tuple[tuple[int, ...], tuple[Any, ...]] | None = None
 
     @property
     def masked_match(self) -> tuple[int, ...]:

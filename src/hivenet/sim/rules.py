@@ -148,6 +148,11 @@ class CompiledChain:
     steps: dict[tuple[int, int], Any] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
+    # `rule_refutations()`: per rule, what proves it does not match a packet from fewer
+    # fields than its reads; made on first use by a walk that records precise reads.
+    refutations: tuple[RuleRefutation, ...] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def source(self) -> str:
@@ -155,6 +160,39 @@ class CompiledChain:
             object.__setattr__(self, "_source", self.make_source())
         assert self._source is not None
         return self._source
+
+
+# Per rule: (dl_type or None, inv_dl_type, nw_proto or None, inv_nw_proto, the rule's reads
+# as (field, mask) pairs).
+RuleRefutation = tuple[int | None, bool, int | None, bool, tuple[tuple[str, int], ...]]
+ETH_TYPE_PAIRS = (("eth_type", FULL_MASKS["eth_type"]),)
+PROTO_PAIRS = (("eth_type", FULL_MASKS["eth_type"]), ("ip_proto", FULL_MASKS["ip_proto"]))
+IP_ETH_TYPES = (ETH_TYPE_IPV4, ETH_TYPE_IPV6)
+
+
+def rule_refutations(chain: CompiledChain) -> tuple[RuleRefutation, ...]:
+    """`chain.refutations`, made once per compiled chain.
+
+    A rule's header conditions are one conjunction (`_RuleCompiler.conditions`): when one of
+    them fails for a packet, it fails for every packet equal in that condition's fields, so
+    those fields alone show that the rule did not match. The ones kept: `dl_type` (reads
+    eth_type) and `nw_proto` (reads eth_type and ip_proto), the tests that tell a security
+    group's DHCP, ARP and ICMPv6 rules from a TCP connection's packet; a rule that fails
+    some other way reads all its fields, as `read_pairs` says."""
+    made = chain.refutations
+    if made is None:
+        made = tuple(
+            (
+                compiled.rule.dl_type,
+                compiled.rule.inv_dl_type,
+                compiled.rule.nw_proto,
+                compiled.rule.inv_nw_proto,
+                _shared_pairs(tuple(compiled.reads.items())),
+            )
+            for compiled in chain.rules
+        )
+        object.__setattr__(chain, "refutations", made)
+    return made
 
 
 class _RuleCompiler:

@@ -129,13 +129,20 @@ def spoof_reason(guard: PortGuard, packet: _PacketFields, read: Callable[..., No
     if eth_type not in (ETH_TYPE_IPV4, ETH_TYPE_IPV6):
         return "port_security_ethertype"
     version = 4 if eth_type == ETH_TYPE_IPV4 else 6
-    read("ip_src", "ip_proto", "ip_frag", "tp_src", "tp_dst", "icmp_type")
+    # Ports and ICMP types only for the protocols whose checks below look at them: a TCP
+    # connection's flow (and its replay's match, sim/replay.py) does not depend on its ports
+    # here.
+    read("ip_src", "ip_proto", "ip_frag")
     proto = packet.ip_proto
     server_port = DHCP_SERVER_PORT if version == 4 else DHCPV6_SERVER_PORT
-    if proto == IP_PROTO_UDP and packet.tp_src == server_port:
-        return "spoofed_dhcp_server"
-    if version == 6 and proto == IP_PROTO_ICMPV6 and packet.icmp_type == ND_ROUTER_ADVERT:
-        return "spoofed_router_advert"
+    if proto == IP_PROTO_UDP:
+        read("tp_src", "tp_dst")
+        if packet.tp_src == server_port:
+            return "spoofed_dhcp_server"
+    if version == 6 and proto == IP_PROTO_ICMPV6:
+        read("icmp_type")
+        if packet.icmp_type == ND_ROUTER_ADVERT:
+            return "spoofed_router_advert"
     if not guard.allows_ip(version, packet.eth_src, packet.ip_src):
         # A DHCP client message may come from any address: a renewal or rebinding from an
         # address the port no longer has must reach the server, to be NAKed (Neutron's

@@ -85,6 +85,10 @@ class SimContext:
     # This host runs the metadata service: VM ports' packets for 169.254.169.254 go to it
     # (sim/metadata.py) and DHCP gives VMs a route to it.
     metadata: bool = False
+    # Record the flow-state questions the walk asks, so that a result which opened a
+    # connection can be replayed for the next connection of its kind without a walk
+    # (`sim/replay.py`, `SimulationResult.replay`).
+    record_questions: bool = False
 
 
 def sim_here(depth: int) -> Here:
@@ -287,11 +291,15 @@ class Walk:
         "match",
         "mtu",
         "mtu_answered",
+        "nat_read",
+        "nat_written",
         "neighbour_overlay",
         "now",
         "pending",
+        "questions",
         "reads",
         "recorded_reads",
+        "state_reads",
         "tables",
         "tags",
         "trace",
@@ -314,6 +322,16 @@ class Walk:
         self.match = match
         self.generation = generation
         self.reads: dict[str, int] = {"in_port": FULL_MASKS["in_port"]}
+        # The bits only flow-state questions read (a connection's key; the TCP flags when
+        # the answer depended on them): part of the megaflow, not of a replay's match.
+        self.state_reads: dict[str, int] = {}
+        # Fields a NAT decision wrote, and whether a decision then read one of them (its
+        # value comes from the NAT table: such a walk cannot be replayed with another one).
+        self.nat_written: set[str] = set()
+        self.nat_read = False
+        # The flow-state questions asked (`sim/replay.py`), when the context records them
+        # and nothing so far made the walk unfit to replay; None otherwise.
+        self.questions: list[Any] | None = [] if ctx.record_questions else None
         # Ids of (field, mask) tuples whose every mask is in `reads` (sim/chains.py).
         self.recorded_reads: set[int] = set()
         self.tags: set[Tag] = set()
@@ -345,6 +363,8 @@ class Walk:
 
     def read(self, packet: PacketState, field: str, mask: int) -> None:
         if field in packet.modified:
+            if field in self.nat_written:
+                self.nat_read = True
             return
         reads = self.reads
         reads[field] = reads.get(field, 0) | mask
@@ -358,8 +378,18 @@ class Walk:
             for field in fields:
                 if field not in modified:
                     reads[field] = reads.get(field, 0) | FULL_MASKS[field]
+                elif field in self.nat_written:
+                    self.nat_read = True
 
         return read
+
+    def read_state(self, packet: PacketState, pairs: tuple[tuple[str, int], ...]) -> None:
+        """Record what a flow-state question read: (field, mask) pairs (`state_reads`)."""
+        modified = packet.modified
+        reads = self.state_reads
+        for field, mask in pairs:
+            if field not in modified:
+                reads[field] = reads.get(field, 0) | mask
 
     def enter(self, kind: str, device: BridgeInfo | RouterInfo, depth: int) -> Here | None:
         """The walk reached `device` (its flows now carry the device's tag): where it is, or
@@ -561,4 +591,15 @@ class Walk:
         return tuple(actions)
 
     def mask(self) -> tuple[int, ...]:
+        """The megaflow's mask: every bit the walk's decisions and its flow-state questions
+        read."""
+        if not self.state_reads:
+            return _mask_of(self.reads)
+        merged = dict(self.reads)
+        for field, bits in self.state_reads.items():
+            merged[field] = merged.get(field, 0) | bits
+        return _mask_of(merged)
+
+    def logic_mask(self) -> tuple[int, ...]:
+        """The bits the walk's decisions other than flow-state questions read."""
         return _mask_of(self.reads)

@@ -9,6 +9,8 @@ by r (SNAT to 203.0.113.2) to out (h2)."""
 from __future__ import annotations
 
 import ipaddress
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -125,12 +127,18 @@ def topology() -> list[TopologyObject]:
 
 
 class Hosts:
-    def __init__(self) -> None:
+    """`templates`: the pipelines' connection templates (`agent/pipeline.py`); `clock`: the
+    datapaths', agents' and pipelines' clock (default: the monotonic clock)."""
+
+    def __init__(
+        self, *, templates: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         underlay = MemoryUnderlay()
         objects = topology()
         self.datapaths: dict[str, MemoryDatapath] = {}
         self.syncs: dict[str, FlowStateSync] = {}
         self.pipelines: dict[str, FlowPipeline] = {}
+        self.views: dict[str, TopologyView] = {}
         # Flow-state messages h2 received, with how many packets `out` had got by then.
         self.state_arrivals: list[int] = []
         for index, host in enumerate(("h1", "h2"), 1):
@@ -141,10 +149,13 @@ class Hosts:
             )
             for port_id in ("vm", "vm2"):
                 tables.macs[("net", 0, int(MACS[port_id].replace(":", ""), 16))] = port_id
-            datapath = MemoryDatapath(host, f"192.0.2.{index}", underlay)
-            sync = FlowStateSync(host, datapath, view)
+            datapath = MemoryDatapath(host, f"192.0.2.{index}", underlay, clock=clock)
+            sync = FlowStateSync(host, datapath, view, clock=clock)
             sync.allocator.claim_all(NatRange.parse(SNAT_IP, SNAT_IP, 1024, 65535))
-            self.pipelines[host] = FlowPipeline(host, datapath, view, tables, stateful=sync)
+            self.pipelines[host] = FlowPipeline(
+                host, datapath, view, tables, stateful=sync, clock=clock, templates=templates
+            )
+            self.views[host] = view
             for port_id, key in KEYS.items():
                 if (port_id == "out") == (host == "h2"):
                     datapath.bind_port(key, f"hn{port_id}")
@@ -247,8 +258,9 @@ def test_the_upcall_context_is_made_once_and_holds_no_hook_between_upcalls(
 ) -> None:
     """The simulation context with the flow-state hook is built once per `context` (not
     copied per upcall), rebuilt when `context` is replaced, and carries the upcall's own
-    hook only while it is simulated, even when the simulation raises."""
-    hosts = Hosts()
+    hook only while it is simulated, even when the simulation raises. (Without connection
+    templates: the second SYN would be replayed, not simulated.)"""
+    hosts = Hosts(templates=False)
     h1, pipeline = hosts.datapaths["h1"], hosts.pipelines["h1"]
     seen: list[tuple[SimContext, FlowStateHook]] = []
     real_simulate = pipeline_module.simulate

@@ -4,13 +4,15 @@ random topology and table changes that invalidate flows by tag."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+from operator import and_
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hivenet.flows.table import FlowTable
+from hivenet.flows.table import FlowTable, flow_match_values
 from hivenet.model import FixedIp, Port, PortRange, RouteType, RuleAction, Subnet
 from hivenet.model.types import mac_to_int
 from hivenet.packets import build_arp_reply, extract_flow_match
@@ -342,8 +344,32 @@ def test_cached_flows_are_sound_with_dispatched_chain_matchers(
         rules_module.DISPATCH_MIN_RULES = saved
 
 
-def check_cached_flows(topo: Topo, tables: MemoryTables, data: st.DataObject) -> None:
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(topo=topologies(), tables=table_states(), data=st.data())
+def test_cached_flows_are_sound_with_precise_chain_reads(
+    topo: Topo, tables: MemoryTables, data: st.DataObject
+) -> None:
+    """The same property with the walk recording flow-state questions, as a stateful agent's
+    does (`SimContext.record_questions`): chains then record per rule what it read, a rule
+    refuted by its ethertype or protocol only those (`sim/chains.py`), and the masks are
+    narrower; both matchers."""
+    saved = rules_module.DISPATCH_MIN_RULES
+    rules_module.DISPATCH_MIN_RULES = data.draw(st.sampled_from([saved, 1]))
+    try:
+        check_cached_flows(topo, tables, data, record_questions=True)
+    finally:
+        rules_module.DISPATCH_MIN_RULES = saved
+
+
+def check_cached_flows(
+    topo: Topo, tables: MemoryTables, data: st.DataObject, *, record_questions: bool = False
+) -> None:
     sim = Sim(topo.view(), host="h1", tables=tables)
+    sim.ctx = dataclasses.replace(sim.ctx, record_questions=record_questions)
     flows = FlowTable()
     bases = data.draw(st.lists(packet_specs(), min_size=1, max_size=5))
     hits = 0
@@ -369,3 +395,62 @@ def check_cached_flows(topo: Topo, tables: MemoryTables, data: st.DataObject) ->
                 flows.invalidate([tag])
         if fresh.install:
             flows.install(fresh.masked_match, fresh.mask, fresh.actions, fresh.tags, 0.0)
+
+
+@st.composite
+def chained_bridges(draw: st.DrawFn) -> Topo:
+    """One bridge between vm1 and vm2 with every chain on the path, each of 1-6 random
+    rules: where the rule-by-rule reads of a walk that records flow-state questions show."""
+    topo = Topo()
+    for chain_id in CHAINS:
+        topo.chain(chain_id)
+        for _ in range(draw(st.integers(1, 6))):
+            kw = draw(rule_kwargs(chain_id))
+            topo.rule(kw.pop("chain_id"), kw.pop("action"), **kw)
+    topo.bridge("b1", inbound_chain_id="c0")
+    for n in (1, 2):
+        topo.vm_port(
+            "b1",
+            f"vm{n}",
+            mac_n=n,
+            addresses=(f"10.0.1.{9 + n}/24",),
+            inbound_chain_id="c1" if n == 1 else None,
+            outbound_chain_id="c2" if n == 2 else None,
+            port_group_ids=("pg",) if draw(st.booleans()) else (),
+        )
+    return topo
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(topo=chained_bridges(), data=st.data())
+def test_rule_by_rule_chain_reads_are_sound(topo: Topo, data: st.DataObject) -> None:
+    """Every packet that agrees with another under the mask of the other's walk (recording
+    flow-state questions, so chains record per rule what refuted it) gets the same actions."""
+    sim = Sim(topo.view(), host="h1")
+    sim.ctx = dataclasses.replace(sim.ctx, record_questions=True)
+    fields = packet_fields()
+    fields["in_port"] = st.just("vm1")
+    fields["dst_mac"] = st.sampled_from([mac(2), "ff:ff:ff:ff:ff:ff", mac(9)])
+    fields["src"] = st.sampled_from(["10.0.1.10", "10.0.2.10", "10.9.9.1"])
+    fields["dst"] = st.sampled_from(["10.0.1.11", "10.0.2.11", "8.8.8.8"])
+    packets = [
+        build({name: data.draw(strategy) for name, strategy in fields.items()})
+        for _ in range(data.draw(st.integers(2, 12)))
+    ]
+    walked = []
+    for in_port, frame in packets:
+        result = sim.run(frame, in_port, learn=False)
+        walked.append((extract_flow_match(frame, topo.ports[in_port].tunnel_key), result))
+    for _, result in walked:
+        if not result.install:
+            continue
+        key = result.masked_match
+        for other, other_result in walked:
+            if tuple(map(and_, flow_match_values(other), result.mask)) == key:
+                assert other_result.actions == result.actions, (
+                    result.format_trace() + "\n---\n" + other_result.format_trace()
+                )

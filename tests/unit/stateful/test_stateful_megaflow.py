@@ -195,6 +195,8 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
             }
         flows.invalidate(tags)
 
+    # As a stateful agent walks (precise chain reads, narrower masks) or not.
+    record_questions = data.draw(st.booleans())
     now = 0.0
     hits = 0
     drawn = data.draw(st.lists(specs(), min_size=1, max_size=4))
@@ -213,7 +215,13 @@ def test_stateful_cached_flows_give_what_a_fresh_simulation_gives(data: Any) -> 
         match = extract_flow_match(frame, port.tunnel_key)
         cached = flows.lookup(match, now)
         hook = TransactionHook(FlowStateTransaction(conntrack, nat))
-        ctx = SimContext(topology=view, tables=tables, local_host_id="h1", flow_state=hook)
+        ctx = SimContext(
+            topology=view,
+            tables=tables,
+            local_host_id="h1",
+            flow_state=hook,
+            record_questions=record_questions,
+        )
         bindings_before = len(nat)
         evicted_before = conntrack.evicted + nat.evicted
         fresh = simulate(frame, sender, ctx, now)

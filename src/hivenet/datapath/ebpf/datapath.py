@@ -223,7 +223,7 @@ class EbpfDatapath(UserspaceDatapath):
         idle_timeout: float = 60.0,
         hard_timeout: float = 0.0,
         mtu: int = 0,
-    ) -> None:
+    ) -> Flow | None:
         checked_actions = tuple(actions)
         self._check_tunnel_addresses(checked_actions)
         flow = self._table.install(
@@ -240,6 +240,7 @@ class EbpfDatapath(UserspaceDatapath):
         simulating = self._simulating
         if simulating is not None and flow.matches(simulating[1]):
             self._offload_soon(simulating[0], simulating[1], flow)
+        return flow
 
     def invalidate(self, tags: Iterable[Tag]) -> int:
         removed = self._table.invalidate(tags)
