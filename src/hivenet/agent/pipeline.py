@@ -25,8 +25,10 @@ are pushed together at the end (`FlowStateSync.end_batch`: one message per peer,
 connection), and only then are the batch's results applied in order (learned entries, flow,
 packet), so a peer still has a connection's state before its first packet. A result whose
 flow tags a later upcall of the batch invalidated (e.g. it cached "no connection" and a later
-packet opened it) is executed but not installed, as the per-upcall order would have removed
-the flow right after installing it.
+packet opened it), or that carries the tag of an entry an earlier result of the batch learned
+(it was simulated before that entry reached the tables: a MAC that moved), is executed but
+not installed, as the per-upcall order would have removed the flow right after installing it
+or simulated it afresh (and no template is made or kept alive by it).
 """
 
 from __future__ import annotations
@@ -282,10 +284,16 @@ class FlowPipeline:
             invalidated = self._invalidated
             if self.stateful is not None:
                 self.stateful.end_batch(self.clock())
+            # Entries learned by results applied before: a result simulated before they
+            # reached the tables may depend on what they replace (a MAC that moved).
+            learned: set[Tag] = set()
             for port, result, frame, position in deferred:
                 later = invalidated[position:]
-                stale = bool(later) and any(not tags.isdisjoint(result.tags) for tags in later)
+                stale = (
+                    bool(later) and any(not tags.isdisjoint(result.tags) for tags in later)
+                ) or (bool(learned) and not learned.isdisjoint(result.tags))
                 self._complete(port, result, frame, install=not stale)
+                learned.update(entry.tag for entry in result.learned)
 
     def handle_upcall(self, port_key: int, frame: bytes) -> None:
         self.stats.upcalls += 1

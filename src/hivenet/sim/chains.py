@@ -11,7 +11,7 @@ Must not touch I/O, the clock, the store or the datapath.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Sequence
 from sys import intern
 
 from hivenet.flows.actions import SETTABLE_FIELDS
@@ -20,14 +20,7 @@ from hivenet.packets.flowmatch import FULL_MASKS, IP_PROTO_TCP
 from hivenet.sim import replies
 from hivenet.sim.flowstate_hook import FlowStateUnsupported
 from hivenet.sim.result import TraceStep
-from hivenet.sim.rules import (
-    ETH_TYPE_PAIRS,
-    IP_ETH_TYPES,
-    PROTO_PAIRS,
-    CompiledChain,
-    CompiledRule,
-    rule_refutations,
-)
+from hivenet.sim.rules import CompiledChain, CompiledRule, rule_refutations
 from hivenet.sim.secgroups import drop_reason_of
 from hivenet.sim.topology import PortInfo
 from hivenet.sim.vips import VipRefusal
@@ -84,7 +77,7 @@ def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], .
     for field, mask in pairs:
         if field in modified:
             whole = False
-            if field in walk.nat_written:
+            if mask and field in walk.nat_written:
                 walk.nat_read = True
         else:
             reads[field] = reads.get(field, 0) | mask
@@ -104,32 +97,24 @@ def _chain_reads(
 
 
 def _record_chain_reads(
-    walk: Walk, packet: PacketState, chain: CompiledChain, through: int, matched: Container[int]
+    walk: Walk, packet: PacketState, chain: CompiledChain, through: int, matched: Sequence[int]
 ) -> None:
     """What evaluating rules 0..`through` of `chain` read, rule by rule (a walk that records
     flow-state questions, for its replay's logic mask, `sim/replay.py`): a rule the matcher
     returned (`matched`) read all its fields, one that did not match only those of a
     condition that fails, when `rule_refutations` knows one. Never fewer bits than the
     walk's decisions depended on, so also the megaflow's."""
-    refutations = rule_refutations(chain)
+    pairs = rule_refutations(chain).chain_reads(
+        through, tuple(matched), packet.eth_type, packet.ip_proto
+    )
     modified = packet.modified
     reads = walk.reads
-    eth_type = packet.eth_type
-    is_ip = eth_type in IP_ETH_TYPES
-    proto = packet.ip_proto
-    for index in range(through + 1):
-        dl_type, inv_dl_type, nw_proto, inv_nw_proto, pairs = refutations[index]
-        if index not in matched:
-            if dl_type is not None and (eth_type == dl_type) == inv_dl_type:
-                pairs = ETH_TYPE_PAIRS
-            elif nw_proto is not None and (is_ip and proto == nw_proto) == inv_nw_proto:
-                pairs = PROTO_PAIRS
-        for field, mask in pairs:
-            if field in modified:
-                if field in walk.nat_written:
-                    walk.nat_read = True
-            else:
-                reads[field] = reads.get(field, 0) | mask
+    for field, mask in pairs:
+        if field in modified:
+            if field in walk.nat_written:
+                walk.nat_read = True
+        else:
+            reads[field] = reads.get(field, 0) | mask
 
 
 def _rule_step(chain: CompiledChain, index: int, rule: CompiledRule, depth: int) -> TraceStep:

@@ -151,7 +151,7 @@ class ConnectionTemplate:
                 if seen_values[_INDEX[name]] != value:
                     return None
             redo = -1
-            if isinstance(decision, NatDecision) and decision.applied and decision.rewrites:
+            if isinstance(decision, NatDecision) and decision.applied:
                 last_nat.update(decision.rewrites)
                 redo = step if 0 <= step < len(result.trace) else -1
                 if redo >= 0 and result.trace[redo].event == "no-cache":

@@ -150,7 +150,7 @@ class CompiledChain:
     )
     # `rule_refutations()`: per rule, what proves it does not match a packet from fewer
     # fields than its reads; made on first use by a walk that records precise reads.
-    refutations: tuple[RuleRefutation, ...] | None = dataclasses.field(
+    refutations: ChainRefutations | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
 
@@ -168,10 +168,53 @@ RuleRefutation = tuple[int | None, bool, int | None, bool, tuple[tuple[str, int]
 ETH_TYPE_PAIRS = (("eth_type", FULL_MASKS["eth_type"]),)
 PROTO_PAIRS = (("eth_type", FULL_MASKS["eth_type"]), ("ip_proto", FULL_MASKS["ip_proto"]))
 IP_ETH_TYPES = (ETH_TYPE_IPV4, ETH_TYPE_IPV6)
+_REFUTED_READS_MAX = 1024  # remembered evaluations per chain (emptied when full)
 
 
-def rule_refutations(chain: CompiledChain) -> tuple[RuleRefutation, ...]:
-    """`chain.refutations`, made once per compiled chain.
+class ChainRefutations:
+    """What proves, rule by rule, that a chain's rules did not match a packet, from fewer
+    fields than their reads (`chain_reads`)."""
+
+    __slots__ = ("_reads", "rules")
+
+    def __init__(self, rules: tuple[RuleRefutation, ...]) -> None:
+        self.rules = rules
+        # (through, matched, eth_type, ip_proto) -> the evaluation's (field, mask) pairs
+        self._reads: dict[tuple[int, tuple[int, ...], int, int], tuple[tuple[str, int], ...]] = {}
+
+    def chain_reads(
+        self, through: int, matched: tuple[int, ...], eth_type: int, proto: int
+    ) -> tuple[tuple[str, int], ...]:
+        """The (field, mask) pairs evaluating rules 0..`through` of the chain read for a
+        packet of `eth_type` and IP protocol `proto`, the matcher having returned the rules
+        `matched`: a matched rule read all its fields, one that did not match only those of
+        a failing `dl_type` or `nw_proto` condition when there is one, else all its fields.
+        A pure function of its arguments, remembered per chain (bounded)."""
+        key = (through, matched, eth_type, proto)
+        found = self._reads.get(key)
+        if found is not None:
+            return found
+        is_ip = eth_type in IP_ETH_TYPES
+        reads: dict[str, int] = {}
+        for index in range(through + 1):
+            dl_type, inv_dl_type, nw_proto, inv_nw_proto, pairs = self.rules[index]
+            if index not in matched:
+                if dl_type is not None and (eth_type == dl_type) == inv_dl_type:
+                    pairs = ETH_TYPE_PAIRS
+                elif nw_proto is not None and (is_ip and proto == nw_proto) == inv_nw_proto:
+                    pairs = PROTO_PAIRS
+            for field, mask in pairs:
+                reads[field] = reads.get(field, 0) | mask
+        found = _shared_pairs(tuple(reads.items()))
+        if len(self._reads) >= _REFUTED_READS_MAX:
+            self._reads.clear()
+        self._reads[key] = found
+        return found
+
+
+def rule_refutations(chain: CompiledChain) -> ChainRefutations:
+    """`chain.refutations`, made once per compiled chain (a topology change replaces the
+    chain, and this with it).
 
     A rule's header conditions are one conjunction (`_RuleCompiler.conditions`): when one of
     them fails for a packet, it fails for every packet equal in that condition's fields, so
@@ -181,15 +224,17 @@ def rule_refutations(chain: CompiledChain) -> tuple[RuleRefutation, ...]:
     some other way reads all its fields, as `read_pairs` says."""
     made = chain.refutations
     if made is None:
-        made = tuple(
-            (
-                compiled.rule.dl_type,
-                compiled.rule.inv_dl_type,
-                compiled.rule.nw_proto,
-                compiled.rule.inv_nw_proto,
-                _shared_pairs(tuple(compiled.reads.items())),
+        made = ChainRefutations(
+            tuple(
+                (
+                    compiled.rule.dl_type,
+                    compiled.rule.inv_dl_type,
+                    compiled.rule.nw_proto,
+                    compiled.rule.inv_nw_proto,
+                    _shared_pairs(tuple(compiled.reads.items())),
+                )
+                for compiled in chain.rules
             )
-            for compiled in chain.rules
         )
         object.__setattr__(chain, "refutations", made)
     return made

@@ -363,7 +363,7 @@ class Walk:
 
     def read(self, packet: PacketState, field: str, mask: int) -> None:
         if field in packet.modified:
-            if field in self.nat_written:
+            if mask and field in self.nat_written:
                 self.nat_read = True
             return
         reads = self.reads

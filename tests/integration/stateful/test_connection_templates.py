@@ -324,3 +324,52 @@ def test_templates_are_bounded(monkeypatch: Any) -> None:
     monkeypatch.setattr(pipeline_module, "MAX_TEMPLATE_MASKS", 0)
     send(hosts, "vm2", outbound("vm2", 40003, udp=True))  # no mask may start on vm2's port
     assert len(templates) == 2
+
+
+def test_a_mac_learned_earlier_in_a_batch_keeps_later_results_of_it_uninstalled(
+    monkeypatch: Any,
+) -> None:
+    """Inside `FlowPipeline.batch()` learned entries reach the tables only at its end: a
+    result of the same batch simulated before them (the VM's own SYN, after its MAC was seen
+    on another port) must not install a flow, nor carry or make a template, on what they
+    replaced. After the batch, the VM's next SYN is simulated and learns its MAC back."""
+    from tests.integration.stateful import test_pipeline_batch as batch_module
+
+    plain = batch_module.topology
+
+    def topology() -> list[Any]:  # vm2 may send with vm's MAC (no port security)
+        return [
+            o.model_copy(update={"port_security_enabled": False}) if o.id == "vm2" else o
+            for o in plain()
+        ]
+
+    monkeypatch.setattr(batch_module, "topology", topology)
+    vm_mac = int(MACS["vm"].replace(":", ""), 16)
+    for templates in (True, False):
+        hosts = Hosts(templates=templates, clock=Clock())
+        h1, pipeline = hosts.datapaths["h1"], hosts.pipelines["h1"]
+        tables = pipeline.context.tables
+
+        def on_learned(entries: Any, tables: Any = tables, h1: Any = h1) -> None:
+            for entry in entries:  # as the agent: learn, then invalidate what changed
+                tag = tables.learn(entry)
+                if tag is not None:
+                    h1.invalidate([tag])
+
+        pipeline.on_learned = on_learned
+        send(hosts, "vm", outbound("vm", 40000))
+        moved = build_tcp_segment(
+            eth_src=MACS["vm"],
+            eth_dst=R_IN_MAC,
+            ip_src=VM_IPS["vm2"],
+            ip_dst=OUT_IP,
+            src_port=5555,
+            dst_port=81,
+            flags=SYN,
+        )
+        with pipeline.batch():
+            send(hosts, "vm2", moved)  # vm's MAC on port vm2: learned at the batch's end
+            send(hosts, "vm", outbound("vm", 40001))
+        assert tables.macs[("net", 0, vm_mac)] == "vm2"
+        send(hosts, "vm", outbound("vm", 40002))
+        assert tables.macs[("net", 0, vm_mac)] == "vm", templates

@@ -51,7 +51,8 @@ NEIGHBOURS = (
 
 
 @st.composite
-def rule_kwargs(draw: st.DrawFn, chain_id: str) -> dict[str, Any]:
+def rule_kwargs(draw: st.DrawFn, chain_id: str, one_in: int = 6) -> dict[str, Any]:
+    """A random rule of `chain_id`; each header condition set with probability 1/`one_in`."""
     action = draw(st.sampled_from(["accept", "drop", "reject", "continue", "return", "jump"]))
     kw: dict[str, Any] = {
         "chain_id": chain_id,
@@ -79,7 +80,7 @@ def rule_kwargs(draw: st.DrawFn, chain_id: str) -> dict[str, Any]:
         "vlan_id": st.just(10),
     }
     for name, strategy in options.items():
-        if draw(st.integers(0, 5)) == 0:
+        if draw(st.integers(0, one_in - 1)) == 0:
             kw[name] = draw(strategy)
             if draw(st.integers(0, 3)) == 0:
                 flag = {
@@ -405,7 +406,7 @@ def chained_bridges(draw: st.DrawFn) -> Topo:
     for chain_id in CHAINS:
         topo.chain(chain_id)
         for _ in range(draw(st.integers(1, 6))):
-            kw = draw(rule_kwargs(chain_id))
+            kw = draw(rule_kwargs(chain_id, one_in=3))
             topo.rule(kw.pop("chain_id"), kw.pop("action"), **kw)
     topo.bridge("b1", inbound_chain_id="c0")
     for n in (1, 2):
@@ -422,7 +423,7 @@ def chained_bridges(draw: st.DrawFn) -> Topo:
 
 
 @settings(
-    max_examples=200,
+    max_examples=400,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -437,10 +438,18 @@ def test_rule_by_rule_chain_reads_are_sound(topo: Topo, data: st.DataObject) -> 
     fields["dst_mac"] = st.sampled_from([mac(2), "ff:ff:ff:ff:ff:ff", mac(9)])
     fields["src"] = st.sampled_from(["10.0.1.10", "10.0.2.10", "10.9.9.1"])
     fields["dst"] = st.sampled_from(["10.0.1.11", "10.0.2.11", "8.8.8.8"])
-    packets = [
-        build({name: data.draw(strategy) for name, strategy in fields.items()})
-        for _ in range(data.draw(st.integers(2, 12)))
+    # A few base packets and their neighbours (0-2 fields redrawn): where a mask that is too
+    # narrow shows.
+    bases = [
+        {name: data.draw(strategy) for name, strategy in fields.items()}
+        for _ in range(data.draw(st.integers(1, 3)))
     ]
+    packets = []
+    for _ in range(data.draw(st.integers(2, 16))):
+        spec = dict(data.draw(st.sampled_from(bases)))
+        for name in data.draw(st.lists(st.sampled_from(sorted(fields)), max_size=2)):
+            spec[name] = data.draw(fields[name])
+        packets.append(build(spec))
     walked = []
     for in_port, frame in packets:
         result = sim.run(frame, in_port, learn=False)
@@ -454,3 +463,23 @@ def test_rule_by_rule_chain_reads_are_sound(topo: Topo, data: st.DataObject) -> 
                 assert other_result.actions == result.actions, (
                     result.format_trace() + "\n---\n" + other_result.format_trace()
                 )
+
+
+def test_a_rule_refuted_by_its_protocol_reads_no_ports_and_one_that_is_not_reads_them() -> None:
+    """A walk that records flow-state questions: a TCP packet that passes a UDP port rule
+    depends on its protocol only; one that passes a TCP port-22 rule on its destination
+    port too (the rule's protocol held: only the port refuted it)."""
+    for proto, expect_ports in ((17, False), (6, True)):
+        topo = Topo()
+        topo.chain("c")
+        topo.rule("c", "drop", position=1, nw_proto=proto, tp_dst=PortRange(start=22, end=22))
+        topo.rule("c", "accept", position=2)
+        topo.bridge("b", inbound_chain_id="c")
+        topo.vm_port("b", "vm1", mac_n=1)
+        topo.vm_port("b", "vm2", mac_n=2)
+        sim = Sim(topo.view())
+        sim.ctx = dataclasses.replace(sim.ctx, record_questions=True)
+        result = sim.run(tcp(mac(1), mac(2), "10.0.0.1", "10.0.0.2", dport=80), "vm1")
+        wildcard = result.wildcard()
+        assert "ip_proto" in wildcard and "eth_type" in wildcard
+        assert ("tp_dst" in wildcard) is expect_ports, result.format_trace()
