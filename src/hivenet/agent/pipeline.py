@@ -57,7 +57,7 @@ from hivenet.sim import (
 )
 from hivenet.sim.dhcp import DhcpBudget
 from hivenet.sim.flowstate_hook import ConntrackDecision, NatDecision
-from hivenet.sim.replay import ConnectionTemplate
+from hivenet.sim.replay import ConnectionTemplate, masked
 from hivenet.sim.rules import CompiledRule
 from hivenet.sim.topology import PortInfo
 
@@ -123,7 +123,7 @@ class ConnectionTemplates:
         logic_mask, questions = record
         masks = self._by_port.get(result.match.in_port)
         table = masks.get(logic_mask) if masks is not None else None
-        key = tuple(map(and_, flow_match_values(result.match), logic_mask))
+        key = masked(result.match, logic_mask)
         if not questions:  # replayed: carried by the newest of its flows
             entry = table.get(key) if table is not None else None
             if entry is not None and entry[0].static_tags <= result.tags:

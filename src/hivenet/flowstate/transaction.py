@@ -225,9 +225,9 @@ class FlowStateTransaction:
         self.embedded = embedded
         self._classified: list[tuple[Classification, int]] = []
         self._created: list[NatBinding] = []
-        # The port allocator's position before this packet (restored by a rollback).
+        # The port allocator and its position before this packet (restored by a rollback).
         allocator = nat.allocator
-        self._allocator_mark = allocator.mark() if allocator is not None else None
+        self._rewind = (allocator, allocator.mark()) if allocator is not None else None
         # Every binding this packet's translation used: a full table must not evict them to
         # make room for another binding of the same packet (its flow depends on all of them).
         self._bindings: list[NatBinding] = []
@@ -360,9 +360,8 @@ class FlowStateTransaction:
         self._finished = True
         for binding in self._created:
             self.nat_table.remove(binding.zone, binding.kind, binding.original)
-        if self._created and self._allocator_mark is not None:
-            allocator = self.nat_table.allocator
-            if allocator is not None:
-                allocator.rewind(self._allocator_mark)
+        if self._created and self._rewind is not None:
+            allocator, mark = self._rewind
+            allocator.rewind(mark)
         self._created.clear()
         self._classified.clear()

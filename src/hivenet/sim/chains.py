@@ -71,6 +71,14 @@ def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], .
     recorded = walk.recorded_reads
     if key in recorded:
         return
+    if _record_pairs(walk, packet, pairs):
+        recorded.add(key)
+
+
+def _record_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], ...]) -> bool:
+    """Record the (field, mask) pairs in `walk.reads`, but a field the walk rewrote (a read
+    of one a NAT decision wrote makes the walk no replay, `Walk.nat_read`); whether every
+    field was recorded."""
     modified = packet.modified
     reads = walk.reads
     whole = True
@@ -81,8 +89,7 @@ def _read_pairs(walk: Walk, packet: PacketState, pairs: tuple[tuple[str, int], .
                 walk.nat_read = True
         else:
             reads[field] = reads.get(field, 0) | mask
-    if whole:
-        recorded.add(key)
+    return whole
 
 
 def _chain_reads(
@@ -107,14 +114,7 @@ def _record_chain_reads(
     pairs = rule_refutations(chain).chain_reads(
         through, tuple(matched), packet.eth_type, packet.ip_proto
     )
-    modified = packet.modified
-    reads = walk.reads
-    for field, mask in pairs:
-        if field in modified:
-            if field in walk.nat_written:
-                walk.nat_read = True
-        else:
-            reads[field] = reads.get(field, 0) | mask
+    _record_pairs(walk, packet, pairs)
 
 
 def _rule_step(chain: CompiledChain, index: int, rule: CompiledRule, depth: int) -> TraceStep:
@@ -157,19 +157,17 @@ def run_chain(
         index = chain.matcher(packet, 0, in_port.id, out_port_id, in_port.port_group_ids)
         if walk.questions is not None:
             if chain.rules:
-                _record_chain_reads(
-                    walk, packet, chain, len(chain.rules) - 1 if index < 0 else index, (index,)
-                )
-            if index < 0:
-                return True
+                through = len(chain.rules) - 1 if index < 0 else index
+                _record_chain_reads(walk, packet, chain, through, (index,))
         elif index < 0:
             if chain.read_pairs:
                 _read_pairs(walk, packet, chain.read_pairs[-1])
-            return True
         else:
             pairs = chain.read_pairs[index]
             if id(pairs) not in walk.recorded_reads:
                 _read_pairs(walk, packet, pairs)
+        if index < 0:
+            return True
         rule = chain.rules[index]
         action = rule.action
         steps = chain.steps

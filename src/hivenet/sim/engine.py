@@ -74,7 +74,6 @@ def simulate(
     if (
         questions
         and walk.install
-        and drop_reason is None
         and not walk.nat_read
         and len(walk.emissions) == 1
         and not walk.drop_reasons

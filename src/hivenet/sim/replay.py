@@ -67,8 +67,6 @@ _TTL = _INDEX["ip_ttl"]
 RecordedQuestion = tuple[
     CompiledRule | None, str, FlowMatch, set[str], ConntrackDecision | NatDecision, int
 ]
-# `SimulationResult.replay`: (the logic mask, the questions in the order asked).
-ReplayRecord = tuple[tuple[int, ...], tuple[RecordedQuestion, ...]]
 
 
 def _shape(decision: ConntrackDecision | NatDecision) -> tuple[object, ...]:
@@ -102,18 +100,10 @@ class _Question:
 
 
 class ConnectionTemplate:
-    """One replayable result (see the module docstring). `key` is the template's match under
-    `logic_mask`, the table's key; `replay` builds a new connection's result."""
+    """One replayable result (see the module docstring): `replay` builds a new connection's
+    result; the caller keys it by its match under `logic_mask` (`masked`)."""
 
-    __slots__ = (
-        "_nat_actions",
-        "_questions",
-        "idle_timeout",
-        "key",
-        "logic_mask",
-        "result",
-        "static_tags",
-    )
+    __slots__ = ("_nat_actions", "_questions", "logic_mask", "result", "static_tags")
 
     def __init__(
         self,
@@ -125,12 +115,10 @@ class ConnectionTemplate:
     ) -> None:
         self.result = result
         self.logic_mask = logic_mask
-        self.key = masked(result.match, logic_mask)
         self._questions = questions
         # (position in the actions, field index) of each SetField whose value NAT chose.
         self._nat_actions = nat_actions
         self.static_tags = static_tags
-        self.idle_timeout = result.idle_timeout
 
     @classmethod
     def of(cls, result: SimulationResult) -> ConnectionTemplate | None:
@@ -144,18 +132,18 @@ class ConnectionTemplate:
         questions: list[_Question] = []
         answer_tags: set[Tag] = set()
         last_nat: dict[str, int] = {}
-        for rule, zone, seen, fixed_names, decision, step in recorded:
+        question: RecordedQuestion
+        for question in recorded:
+            rule, zone, seen, fixed_names, decision, step = question
             seen_values = flow_match_values(seen)
             fixed = tuple(sorted((_INDEX[name], seen_values[_INDEX[name]]) for name in fixed_names))
             for name, value in last_nat.items():  # the walk saw the NAT values it chose
                 if seen_values[_INDEX[name]] != value:
                     return None
-            redo = -1
+            redo = -1  # an applied NAT's step follows its question (sim/chains.py `_nat`)
             if isinstance(decision, NatDecision) and decision.applied:
                 last_nat.update(decision.rewrites)
-                redo = step if 0 <= step < len(result.trace) else -1
-                if redo >= 0 and result.trace[redo].event == "no-cache":
-                    return None
+                redo = step
             questions.append(
                 _Question(
                     rule,
@@ -188,7 +176,8 @@ class ConnectionTemplate:
     def replay(
         self, hook: FlowStateHook, match: FlowMatch, frame: bytes, now: float
     ) -> SimulationResult | None:
-        """The result of simulating `frame` (whose match equals `key` under `logic_mask`),
+        """The result of simulating `frame` (whose match equals the template's under
+        `logic_mask`),
         its flow-state questions answered by `hook`; None when an answer differs in shape
         from the template's or the frame is one the walk would not forward (the caller rolls
         `hook`'s transaction back and simulates)."""
