@@ -170,6 +170,15 @@ class _PushTargetMaps:
 
 _PUSH_TARGETS_MAX = 4096  # answers kept per topology revision (emptied when full)
 
+# The refresh scan (`_touch_used`) in slices: with more than SCAN_FLOWS_PER_SLICE flows, each
+# tick looks at one slice of them (by identity), so a used flow is noted once a pass of
+# several ticks instead of every tick. A pass lasts at most MAX_SCAN_PASS seconds and at most
+# a quarter of the shortest entry timeout, so a use is noted (and the entry's refresh push
+# made) long before the entry or the peers' copy could lapse.
+SCAN_FLOWS_PER_SLICE = 20_000
+MAX_SCAN_PASS = 5.0
+_SLICE_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: ids of flows made in turn spread evenly
+
 
 class FlowStateSync:
     """One host's flow state. Create it with the agent's topology view, datapath and store;
@@ -198,6 +207,10 @@ class FlowStateSync:
         self.lease_id = lease_id
         self.clock = clock
         self.wall_clock = wall_clock
+        if isinstance(tick_interval, bool) or not (
+            isinstance(tick_interval, int | float) and tick_interval > 0
+        ):
+            raise ValueError(f"tick_interval: expected seconds > 0, got {tick_interval!r}")
         self.tick_interval = tick_interval
         self.allocator = PortBlockAllocator(seed=zlib.crc32(host_id.encode()))
         # Each table bounded (None: unbounded); full, it evicts half-open entries first.
@@ -218,7 +231,14 @@ class FlowStateSync:
         self._dropped_for: set[NatRange] = set()  # ranges a packet found no free port in
         self._served_at = -1
         self._lease_wakeup = asyncio.Event()
-        self._last_scan = float("-inf")
+        # The refresh scan's slices: when each was last scanned, and the next one's index.
+        self._scan_since = [float("-inf")]
+        self._scan_next = 0
+        shortest = min(
+            min(getattr(timeouts, name) for name in timeouts.__dataclass_fields__)
+            for timeouts in (self.conntrack.timeouts, self.nat.timeouts)
+        )
+        self._max_slices = max(1, int(min(MAX_SCAN_PASS, shortest / 4) / tick_interval))
         self._task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._journal_path = state_dir / JOURNAL_NAME if state_dir is not None else None
@@ -294,6 +314,15 @@ class FlowStateSync:
                 embedded = key_of_embedded(embedded_datagram(parse_frame(frame)))
         except (PacketError, ValueError):
             embedded = None
+        return self._hook(embedded)
+
+    def again(self, hook: TransactionHook) -> TransactionHook:
+        """A fresh hook for the same packet as `hook` (whose transaction was rolled back: a
+        declined replay, simulated next): one transaction counted, the quote not parsed
+        again."""
+        return self._hook(hook.transaction.embedded)
+
+    def _hook(self, embedded: FlowKey | None) -> TransactionHook:
         view = self.topology
         if self._nat_targets_at != view.revision:  # parsed targets of the rules in force
             self._nat_targets = {}
@@ -638,14 +667,28 @@ class FlowStateSync:
         back (as `transaction.split_tag` does: kind, zone hash, key) and its entry looked up
         in the table, so the agent keeps no map from tags to entries (two dict slots a
         connection). An entry's timer moves only when its deadline lags by a fraction of its
-        timeout (`schedule.USE_SLACK`): most scans leave it."""
-        since = self._last_scan
-        self._last_scan = now
+        timeout (`schedule.USE_SLACK`): most scans leave it. Many flows are scanned in slices
+        (`SCAN_FLOWS_PER_SLICE`): one slice a tick, each flow checked against the time its
+        slice was last scanned, so no use is missed, only noted up to a pass later."""
+        flows = self.datapath.flows()
+        slices = min(self._max_slices, -(-len(flows) // SCAN_FLOWS_PER_SLICE) or 1)
+        scan_since = self._scan_since
+        if slices != len(scan_since):
+            # Flows change slice: each is checked against the earliest scan (a use noted
+            # twice refreshes nothing twice; a use missed could let an entry lapse).
+            scan_since = self._scan_since = [min(scan_since)] * slices
+            self._scan_next = 0
+        current = self._scan_next
+        self._scan_next = (current + 1) % slices
+        since = scan_since[current]
+        scan_since[current] = now
         zones = self._zones_by_hash
         rebuilt = False
         conntrack, nat, counters = self.conntrack, self.nat, self.counters
-        for flow in self.datapath.flows():
+        for flow in flows:
             if flow.last_used <= since:
+                continue
+            if slices > 1 and (id(flow) * _SLICE_MIX >> 64) % slices != current:
                 continue
             # Only a connection's tags name entries: its own (2), not the path's (~20, and
             # `tags` would build their tuple).

@@ -327,7 +327,7 @@ class FlowPipeline:
                     if replayed is None:
                         self.stats.replay_declined += 1
                         hook.transaction.rollback()
-                        hook = self.stateful.begin(frame, match)
+                        hook = self.stateful.again(hook)
             if replayed is not None:
                 self.stats.replayed += 1
                 self.stateful.finish(hook, replayed, port.id, now)

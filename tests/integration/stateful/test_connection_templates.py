@@ -177,6 +177,9 @@ def test_an_answer_of_another_shape_declines_the_replay() -> None:
         send(hosts, "vm", outbound("vm", 40000, flags=ACK))
     assert state(replaying) == state(simulating)
     assert replaying.pipelines["h1"].stats.replay_declined == 1
+    # The declined replay and the walk after it are one packet's one transaction.
+    counted = [hosts.syncs["h1"].counters.transactions for hosts in (replaying, simulating)]
+    assert counted[0] == counted[1] == 3
 
 
 SPORTS = (40000, 40001, 40002, 1024, 1025)

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hivenet.agent import flowstate_sync
 from hivenet.agent.flowstate_sync import FlowStateSync
 from hivenet.datapath.memory import MemoryDatapath
 from hivenet.flows.actions import SetField
@@ -36,6 +37,7 @@ from hivenet.flowstate import (
     nat_tag,
 )
 from hivenet.flowstate.schedule import USE_SLACK
+from hivenet.flowstate.transaction import split_tag
 from hivenet.model import (
     Direction,
     NatTarget,
@@ -528,3 +530,109 @@ def test_a_zone_first_seen_after_a_scan_is_refreshed_too() -> None:
         sync.tick(clock[0])
     assert len(sync.conntrack) == 1 and len(sync.nat) == 2
     assert len(datapath.flows()) == 2
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    uses=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 29)), min_size=1, max_size=40),
+    grow_at=st.integers(0, 29),
+)
+def test_many_flows_are_scanned_in_slices_and_no_use_is_missed(
+    monkeypatch: pytest.MonkeyPatch, uses: list[tuple[int, int]], grow_at: int
+) -> None:
+    """Over `SCAN_FLOWS_PER_SLICE` flows, a tick scans one slice of them: a flow used
+    between ticks is noted (its entries' `note_use`) within one pass of the slices, or one
+    pass after the number of flows, and so the slicing, changed (more connections open at
+    tick `grow_at`); and no tick notes every used flow."""
+    monkeypatch.setattr(flowstate_sync, "SCAN_FLOWS_PER_SLICE", 2)
+    clock = [10.0]
+    datapath, sync = _snat_agent(clock)
+    tables = neighbour_tables()
+    noted: list[int] = []
+    for table in (sync.conntrack, sync.nat):
+        original = table.note_use
+
+        def spy(*args: Any, _original: Any = original) -> bool:
+            noted.append(int(args[-2]))  # the key (conntrack: zone, key, now; NAT: + kind)
+            return bool(_original(*args))
+
+        monkeypatch.setattr(table, "note_use", spy)
+
+    def open_connections(sports: range) -> None:
+        for sport in sports:
+            result = _open(sync, ("vm2", "out", sport, 53, False, 0), clock[0], tables)
+            datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
+
+    def keys_of(flow: Any) -> set[int]:
+        return {int(split_tag(tag)[2]) for tag in flow.own_tags if type(tag) is int}
+
+    open_connections(range(1000, 1006))
+    sync.tick(clock[0])  # the opening itself is a use: scanned
+    max_slices = int(2.5 / sync.tick_interval)  # a quarter of the shortest timeout (10 s)
+    pending: dict[Any, int] = {}  # flow -> the tick it was used before
+    for tick in range(30 + max_slices):
+        if tick == grow_at:
+            open_connections(range(1006, 1012))
+        clock[0] += 0.5
+        flows = datapath.flows()
+        for index, used_at in uses:
+            if used_at == tick and index < len(flows):
+                flows[index].last_used = clock[0]
+                pending.setdefault(flows[index], tick)
+        noted.clear()
+        sync.tick(clock[0])
+        seen = set(noted)
+        for flow in list(pending):
+            if keys_of(flow) <= seen:
+                del pending[flow]
+            else:
+                # A pass of the slices since the use, or since the slicing changed.
+                start = max(pending[flow], grow_at if grow_at >= pending[flow] else -1)
+                assert tick < start + max_slices - 1, (pending[flow], grow_at, tick)
+    assert not pending
+    # Every flow used before each tick: each tick scans a slice, a pass scans them all.
+    flows = datapath.flows()
+    per_tick = []
+    for _ in range(max_slices):
+        clock[0] += 0.5
+        for flow in flows:
+            flow.last_used = clock[0]
+        noted.clear()
+        sync.tick(clock[0])
+        per_tick.append(set(noted))
+    assert all(keys_of(flow) <= set().union(*per_tick) for flow in flows)
+    assert not any(all(keys_of(flow) <= seen for flow in flows) for seen in per_tick)
+
+
+def test_connections_scanned_in_slices_outlive_their_timeouts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sliced, a used connection's entries still outlive their timeouts (the pass is a
+    quarter of the shortest one) and an idle one's still expire."""
+    monkeypatch.setattr(flowstate_sync, "SCAN_FLOWS_PER_SLICE", 2)
+    clock = [10.0]
+    datapath, sync = _snat_agent(clock)
+    tables = neighbour_tables()
+    for sport in range(1000, 1010):  # UDP: 30 s unreplied (vm1's security group)
+        result = _open(sync, ("vm1", "out", sport, 53, False, 0), clock[0], tables)
+        datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
+    flows = datapath.flows()
+    used, idle = flows[:5], flows[5:]
+    for _ in range(200):  # 100 s: past the 30 s conntrack timeout
+        clock[0] += 0.5
+        for flow in used:
+            flow.last_used = clock[0]
+        sync.tick(clock[0])
+    assert len(sync.conntrack) == 5 and len(sync.nat) == 10  # UDP NAT: 300 s
+    assert not any(flow.removed for flow in used)
+    assert all(flow.removed for flow in idle)
+    assert sync.counters.refreshed_entries >= 5
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, float("nan"), True, "0.5"])
+def test_a_tick_interval_that_is_no_positive_number_is_refused(bad: Any) -> None:
+    view = topology().view()
+    with pytest.raises(ValueError, match=r"tick_interval: expected seconds > 0, got"):
+        FlowStateSync("h1", MemoryDatapath("h1", "192.0.2.1"), view, tick_interval=bad)
