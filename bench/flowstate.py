@@ -54,9 +54,9 @@ and NAT entries get their idle timers restarted) over N connections whose flows 
 before each of 20 ticks 0.5 s apart: CPU microseconds per used flow per tick, this tree and
 `--base`'s, alternating in child processes, and the speed-up. The connections are SYNs
 (conntrack SYN_SENT: 120 s; NAT: 7440 s), so the short timeout's entries move most often.
-Over 20k flows the scan is sliced (`flowstate_sync.SCAN_FLOWS_PER_SLICE`: a tick scans one
-slice, a pass of up to 5 ticks all of them), so the figure is the CPU of a tick spread over
-all used flows, as the agent spends it.
+Over 20k flows the scan is sliced (`flowstate_sync.SCAN_FLOWS_PER_SLICE`: a tick scans a
+share of the flows, a pass of 2 ticks by default all of them), so the figure is the CPU of a
+tick spread over all used flows, as the agent spends it.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import struct
 import time
@@ -170,14 +171,18 @@ class _PushTargetMaps:
 
 _PUSH_TARGETS_MAX = 4096  # answers kept per topology revision (emptied when full)
 
-# The refresh scan (`_touch_used`) in slices: with more than SCAN_FLOWS_PER_SLICE flows, each
-# tick looks at one slice of them (by identity), so a used flow is noted once a pass of
-# several ticks instead of every tick. A pass lasts at most MAX_SCAN_PASS seconds and at most
-# a quarter of the shortest entry timeout, so a use is noted (and the entry's refresh push
-# made) long before the entry or the peers' copy could lapse.
+# The refresh scan (`_touch_used`) in slices: the flows are split in a fixed number of slices
+# (by identity), each with the time it was last scanned, and a tick scans as many of them,
+# in turn, as hold about SCAN_FLOWS_PER_SLICE flows (all of them up to that many flows), so
+# with many flows a used flow is noted once a pass of several ticks instead of every tick.
+# The slices are as many ticks as fit in MAX_SCAN_PASS seconds and an eighth of the shortest
+# entry timeout: a use is noted at most a pass late, so an entry used just before its
+# deadline may expire up to a pass (<= 1/8 of its timeout) before that use plus its timeout.
 SCAN_FLOWS_PER_SLICE = 20_000
 MAX_SCAN_PASS = 5.0
-_SLICE_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: ids of flows made in turn spread evenly
+# A flow's slice: the high word of its id times 2^64/phi (ids of flows made in turn, a
+# fixed size apart, spread evenly over the slices).
+_SLICE_MIX = 0x9E3779B97F4A7C15
 
 
 class FlowStateSync:
@@ -208,7 +213,7 @@ class FlowStateSync:
         self.clock = clock
         self.wall_clock = wall_clock
         if isinstance(tick_interval, bool) or not (
-            isinstance(tick_interval, int | float) and tick_interval > 0
+            isinstance(tick_interval, int | float) and 0 < tick_interval < math.inf
         ):
             raise ValueError(f"tick_interval: expected seconds > 0, got {tick_interval!r}")
         self.tick_interval = tick_interval
@@ -231,14 +236,15 @@ class FlowStateSync:
         self._dropped_for: set[NatRange] = set()  # ranges a packet found no free port in
         self._served_at = -1
         self._lease_wakeup = asyncio.Event()
-        # The refresh scan's slices: when each was last scanned, and the next one's index.
-        self._scan_since = [float("-inf")]
-        self._scan_next = 0
+        # The refresh scan's slices (see SCAN_FLOWS_PER_SLICE): when each was last scanned,
+        # and the next one to scan.
         shortest = min(
             min(getattr(timeouts, name) for name in timeouts.__dataclass_fields__)
             for timeouts in (self.conntrack.timeouts, self.nat.timeouts)
         )
-        self._max_slices = max(1, int(min(MAX_SCAN_PASS, shortest / 4) / tick_interval))
+        slices = max(1, int(min(MAX_SCAN_PASS, shortest / 8) / tick_interval))
+        self._scan_since = [-math.inf] * slices
+        self._scan_next = 0
         self._task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._journal_path = state_dir / JOURNAL_NAME if state_dir is not None else None
@@ -606,8 +612,13 @@ class FlowStateSync:
     # ------------------------------------------------------------------ time
 
     async def _tick_loop(self) -> None:
+        # Ticks `tick_interval` apart, start to start (a long tick does not stretch the
+        # refresh scan's pass), never two back to back.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
-            await asyncio.sleep(self.tick_interval)
+            await asyncio.sleep(max(0.0, started + self.tick_interval - loop.time()))
+            started = loop.time()
             try:
                 self.tick(self.clock())
             except Exception:  # the timer must survive a bug in one tick
@@ -668,27 +679,31 @@ class FlowStateSync:
         in the table, so the agent keeps no map from tags to entries (two dict slots a
         connection). An entry's timer moves only when its deadline lags by a fraction of its
         timeout (`schedule.USE_SLACK`): most scans leave it. Many flows are scanned in slices
-        (`SCAN_FLOWS_PER_SLICE`): one slice a tick, each flow checked against the time its
-        slice was last scanned, so no use is missed, only noted up to a pass later."""
+        (`SCAN_FLOWS_PER_SLICE`): each flow is checked when its slice's turn comes, against
+        the time its slice was last scanned, so no use is missed, only noted up to a pass
+        later."""
         flows = self.datapath.flows()
-        slices = min(self._max_slices, -(-len(flows) // SCAN_FLOWS_PER_SLICE) or 1)
         scan_since = self._scan_since
-        if slices != len(scan_since):
-            # Flows change slice: each is checked against the earliest scan (a use noted
-            # twice refreshes nothing twice; a use missed could let an entry lapse).
-            scan_since = self._scan_since = [min(scan_since)] * slices
-            self._scan_next = 0
-        current = self._scan_next
-        self._scan_next = (current + 1) % slices
-        since = scan_since[current]
-        scan_since[current] = now
+        slices = len(scan_since)
+        # This tick's share: enough slices for SCAN_FLOWS_PER_SLICE flows, at least one.
+        share = min(slices, max(1, -(-slices * SCAN_FLOWS_PER_SLICE // max(len(flows), 1))))
+        first = self._scan_next
+        self._scan_next = (first + share) % slices
+        # Per slice: a use after this is new (inf: not this tick's slice).
+        limits = [math.inf] * slices
+        for index in range(first, first + share):
+            limits[index % slices] = scan_since[index % slices]
+            scan_since[index % slices] = now
+        since = min(limits)
+        whole = share == slices and max(limits) == since  # every slice, scanned together
         zones = self._zones_by_hash
         rebuilt = False
         conntrack, nat, counters = self.conntrack, self.nat, self.counters
         for flow in flows:
-            if flow.last_used <= since:
+            used = flow.last_used
+            if used <= since:
                 continue
-            if slices > 1 and (id(flow) * _SLICE_MIX >> 64) % slices != current:
+            if not whole and used <= limits[(id(flow) * _SLICE_MIX >> 64) % slices]:
                 continue
             # Only a connection's tags name entries: its own (2), not the path's (~20, and
             # `tags` would build their tuple).

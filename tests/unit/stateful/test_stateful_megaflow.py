@@ -9,7 +9,10 @@ flows must go exactly as an expired entry's do."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import itertools
+import time
 from typing import Any
 
 import pytest
@@ -394,13 +397,15 @@ def test_forward_snat_flow_carries_no_reply_tag_but_its_commit_removes_a_cached_
     assert rewrites.get("ip_dst") == int(ipaddress.ip_address(VMS["vm2"][0]))
 
 
-def _snat_agent(clock: list[float]) -> tuple[MemoryDatapath, FlowStateSync]:
+def _snat_agent(
+    clock: list[float], tick_interval: float = 0.5
+) -> tuple[MemoryDatapath, FlowStateSync]:
     """Host h1's datapath and agent on the topology, port "out" bound, the SNAT range
     claimed, both reading the time from `clock[0]`."""
     view = topology().view()
     datapath = MemoryDatapath("h1", "192.0.2.1", clock=lambda: clock[0])
     datapath.bind_port(view.ports["out"].tunnel_key, "out")
-    sync = FlowStateSync("h1", datapath, view, clock=lambda: clock[0])
+    sync = FlowStateSync("h1", datapath, view, clock=lambda: clock[0], tick_interval=tick_interval)
     sync.allocator.claim_all(snat_range())
     return datapath, sync
 
@@ -532,24 +537,8 @@ def test_a_zone_first_seen_after_a_scan_is_refreshed_too() -> None:
     assert len(datapath.flows()) == 2
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    uses=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 29)), min_size=1, max_size=40),
-    grow_at=st.integers(0, 29),
-)
-def test_many_flows_are_scanned_in_slices_and_no_use_is_missed(
-    monkeypatch: pytest.MonkeyPatch, uses: list[tuple[int, int]], grow_at: int
-) -> None:
-    """Over `SCAN_FLOWS_PER_SLICE` flows, a tick scans one slice of them: a flow used
-    between ticks is noted (its entries' `note_use`) within one pass of the slices, or one
-    pass after the number of flows, and so the slicing, changed (more connections open at
-    tick `grow_at`); and no tick notes every used flow."""
-    monkeypatch.setattr(flowstate_sync, "SCAN_FLOWS_PER_SLICE", 2)
-    clock = [10.0]
-    datapath, sync = _snat_agent(clock)
-    tables = neighbour_tables()
+def _spy_on_uses(monkeypatch: pytest.MonkeyPatch, sync: FlowStateSync) -> list[int]:
+    """The keys the refresh scan notes a use of (`note_use`), in order."""
     noted: list[int] = []
     for table in (sync.conntrack, sync.nat):
         original = table.note_use
@@ -559,58 +548,160 @@ def test_many_flows_are_scanned_in_slices_and_no_use_is_missed(
             return bool(_original(*args))
 
         monkeypatch.setattr(table, "note_use", spy)
+    return noted
 
-    def open_connections(sports: range) -> None:
-        for sport in sports:
-            result = _open(sync, ("vm2", "out", sport, 53, False, 0), clock[0], tables)
+
+def _keys_of(flow: Any) -> set[int]:
+    """The keys of the entries `flow`'s connection tags name."""
+    return {int(split_tag(tag)[2]) for tag in flow.own_tags if type(tag) is int}
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    events=st.lists(
+        st.one_of(
+            st.tuples(st.just("use"), st.integers(0, 15)),
+            st.tuples(st.just("open"), st.integers(1, 6)),
+            st.tuples(st.just("drop"), st.integers(0, 15)),
+            st.tuples(st.just("tick"), st.just(0)),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_many_flows_are_scanned_in_slices_and_no_use_is_missed(
+    monkeypatch: pytest.MonkeyPatch, events: list[tuple[str, int]]
+) -> None:
+    """Over `SCAN_FLOWS_PER_SLICE` flows, a tick scans a share of the slices: a flow used
+    between ticks is noted (its entries' `note_use`) within one pass of the slices, however
+    the number of flows, and so each tick's share, goes up and down meanwhile; and with
+    many flows no tick notes every used flow."""
+    monkeypatch.setattr(flowstate_sync, "SCAN_FLOWS_PER_SLICE", 2)
+    clock = [10.0]
+    datapath, sync = _snat_agent(clock, tick_interval=0.1)
+    slices = int(10.0 / 8 / 0.1)  # a pass: an eighth of the shortest timeout (TCP CLOSE)
+    assert len(sync._scan_since) == slices
+    tables = neighbour_tables()
+    noted = _spy_on_uses(monkeypatch, sync)
+    sport_next = [1000]
+
+    def open_connections(count: int) -> None:
+        for _ in range(count):
+            sport_next[0] += 1
+            result = _open(sync, ("vm2", "out", sport_next[0], 53, False, 0), clock[0], tables)
             datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
 
-    def keys_of(flow: Any) -> set[int]:
-        return {int(split_tag(tag)[2]) for tag in flow.own_tags if type(tag) is int}
-
-    open_connections(range(1000, 1006))
-    sync.tick(clock[0])  # the opening itself is a use: scanned
-    max_slices = int(2.5 / sync.tick_interval)  # a quarter of the shortest timeout (10 s)
-    pending: dict[Any, int] = {}  # flow -> the tick it was used before
-    for tick in range(30 + max_slices):
-        if tick == grow_at:
-            open_connections(range(1006, 1012))
-        clock[0] += 0.5
-        flows = datapath.flows()
-        for index, used_at in uses:
-            if used_at == tick and index < len(flows):
-                flows[index].last_used = clock[0]
-                pending.setdefault(flows[index], tick)
+    def tick() -> set[int]:
+        clock[0] += 0.1
         noted.clear()
         sync.tick(clock[0])
-        seen = set(noted)
-        for flow in list(pending):
-            if keys_of(flow) <= seen:
-                del pending[flow]
-            else:
-                # A pass of the slices since the use, or since the slicing changed.
-                start = max(pending[flow], grow_at if grow_at >= pending[flow] else -1)
-                assert tick < start + max_slices - 1, (pending[flow], grow_at, tick)
+        return set(noted)
+
+    open_connections(6)
+    tick()  # the opening itself is a use: scanned
+    pending: dict[Any, int] = {}  # flow -> ticks since its use
+    for kind, number in [*events, *[("tick", 0)] * slices]:
+        flows = datapath.flows()
+        if kind == "open":  # (the SNAT range holds 77 ports: 72 at most in all)
+            open_connections(min(number, 1042 - sport_next[0]))
+        elif kind == "use" and number < len(flows):
+            flows[number].last_used = clock[0] + 0.05  # between this tick and the next
+            pending.setdefault(flows[number], 0)
+        elif kind == "drop" and number < len(flows):
+            pending.pop(flows[number], None)
+            datapath.invalidate(flows[number].own_tags)
+        elif kind == "tick":
+            seen = tick()
+            for flow in list(pending):
+                if _keys_of(flow) <= seen:
+                    del pending[flow]
+                else:
+                    pending[flow] += 1
+                    assert pending[flow] < slices, "a use not noted within a pass"
     assert not pending
-    # Every flow used before each tick: each tick scans a slice, a pass scans them all.
+    # Every flow used before each tick: a tick scans a share, a pass scans them all.
+    open_connections(30)
     flows = datapath.flows()
     per_tick = []
-    for _ in range(max_slices):
-        clock[0] += 0.5
+    for _ in range(slices):
         for flow in flows:
-            flow.last_used = clock[0]
-        noted.clear()
+            flow.last_used = clock[0] + 0.05
+        per_tick.append(tick())
+    assert all(_keys_of(flow) <= set().union(*per_tick) for flow in flows)
+    assert not any(all(_keys_of(flow) <= seen for flow in flows) for seen in per_tick)
+
+
+def test_a_use_waiting_for_its_slice_is_noted_when_the_share_grows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flow used while its slice waits for its turn, when fewer flows then make the tick
+    scan every slice (some scanned since that use): its slice's own time is what counts."""
+    monkeypatch.setattr(flowstate_sync, "SCAN_FLOWS_PER_SLICE", 2)
+    clock = [10.0]
+    datapath, sync = _snat_agent(clock, tick_interval=0.1)
+    slices = len(sync._scan_since)
+    tables = neighbour_tables()
+    for sport in range(1000, 1024):  # 24 flows: one slice of 12 a tick
+        result = _open(sync, ("vm2", "out", sport, 53, False, 0), clock[0], tables)
+        datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
+    noted = _spy_on_uses(monkeypatch, sync)
+    for _ in range(slices):  # a pass: every opening noted
+        clock[0] += 0.1
         sync.tick(clock[0])
-        per_tick.append(set(noted))
-    assert all(keys_of(flow) <= set().union(*per_tick) for flow in flows)
-    assert not any(all(keys_of(flow) <= seen for flow in flows) for seen in per_tick)
+
+    def slice_of(flow: Any) -> int:
+        return (id(flow) * flowstate_sync._SLICE_MIX >> 64) % slices
+
+    waiting = next(f for f in datapath.flows() if slice_of(f) != sync._scan_next)
+    waiting.last_used = clock[0] + 0.05
+    clock[0] += 0.1
+    noted.clear()
+    sync.tick(clock[0])  # another slice's turn
+    assert not _keys_of(waiting) & set(noted)
+    for flow in datapath.flows():  # down to one flow: the next tick scans every slice
+        if flow is not waiting:
+            datapath.invalidate(flow.own_tags)
+    clock[0] += 0.1
+    noted.clear()
+    sync.tick(clock[0])
+    assert _keys_of(waiting) <= set(noted)
+
+
+def test_a_use_just_before_the_deadline_is_noted_in_time_when_sliced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass of the slices lasts at most an eighth of the shortest timeout: a flow used
+    once 1.5 s before its connection's 30 s deadline keeps it alive, however many flows."""
+    monkeypatch.setattr(flowstate_sync, "SCAN_FLOWS_PER_SLICE", 2)
+    clock = [10.0]
+    datapath, sync = _snat_agent(clock, tick_interval=0.1)
+    tables = neighbour_tables()
+    for sport in range(1000, 1060):  # UDP: 30 s unreplied (vm1's security group)
+        result = _open(sync, ("vm1", "out", sport, 53, False, 0), clock[0], tables)
+        datapath.install_flow(result.masked_match, result.mask, result.actions, result.tags)
+    opened = clock[0]
+    while clock[0] < opened + 28.5:
+        clock[0] += 0.1
+        sync.tick(clock[0])
+    for flow in datapath.flows():
+        flow.last_used = clock[0] + 0.05
+    while clock[0] < opened + 31.0:
+        clock[0] += 0.1
+        sync.tick(clock[0])
+    assert len(sync.conntrack) == 60 and len(datapath.flows()) == 60
+    while len(sync.conntrack):  # then idle: they expire
+        clock[0] += 0.1
+        sync.tick(clock[0])
+    assert datapath.flows() == []
 
 
 def test_connections_scanned_in_slices_outlive_their_timeouts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Sliced, a used connection's entries still outlive their timeouts (the pass is a
-    quarter of the shortest one) and an idle one's still expire."""
+    """Sliced, a used connection's entries still outlive their timeouts and an idle one's
+    still expire."""
     monkeypatch.setattr(flowstate_sync, "SCAN_FLOWS_PER_SLICE", 2)
     clock = [10.0]
     datapath, sync = _snat_agent(clock)
@@ -631,7 +722,31 @@ def test_connections_scanned_in_slices_outlive_their_timeouts(
     assert sync.counters.refreshed_entries >= 5
 
 
-@pytest.mark.parametrize("bad", [0, -0.5, float("nan"), True, "0.5"])
+def test_ticks_are_an_interval_apart_start_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tick that takes most of the interval does not push the next one an interval
+    after its end (the refresh scan's pass is counted in ticks): 6 ticks of 0.15 s, 0.2 s
+    apart, take ~1.2 s, not ~2.1 s."""
+    _, sync = _snat_agent([10.0], tick_interval=0.2)
+    starts: list[float] = []
+
+    def slow_tick(now: float) -> None:
+        starts.append(time.monotonic())
+        time.sleep(0.15)
+
+    monkeypatch.setattr(sync, "tick", slow_tick)
+
+    async def run() -> None:
+        task = asyncio.create_task(sync._tick_loop())
+        while len(starts) < 7:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(run())
+    assert starts[6] - starts[0] < 1.8
+    assert all(later - earlier >= 0.15 for earlier, later in itertools.pairwise(starts))
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, float("nan"), float("inf"), True, "0.5"])
 def test_a_tick_interval_that_is_no_positive_number_is_refused(bad: Any) -> None:
     view = topology().view()
     with pytest.raises(ValueError, match=r"tick_interval: expected seconds > 0, got"):
