@@ -82,7 +82,7 @@ def simulate(
         and walk.handoff is None
         and not walk.inner_rewrites
     ):
-        replay = (walk.logic_mask(), tuple(questions))
+        replay = (_template_key_mask(walk), tuple(questions))
     return _result(
         replay=replay,
         actions=actions,
@@ -104,6 +104,21 @@ def simulate(
 # A `SimulationResult` without the frozen dataclass's per-field `object.__setattr__` calls
 # (2.9 us of a ~50 us simulation).
 _result = slot_builder(SimulationResult, "keywords")
+
+
+_TCP_FLAGS = FIELD_NAMES.index("tcp_flags")
+
+
+def _template_key_mask(walk: Walk) -> tuple[int, ...]:
+    """The bits a connection template is looked up by (`sim/replay.py`): what the walk's
+    decisions read besides its flow-state questions, and the TCP flags those read (a SYN's
+    template is not tried by an ACK of a connection whose flow went: conntrack would answer
+    it in another shape and the replay be declined, every such packet)."""
+    logic = walk.logic_mask()
+    flags = walk.mask()[_TCP_FLAGS]
+    if flags & ~logic[_TCP_FLAGS]:
+        return (*logic[:_TCP_FLAGS], logic[_TCP_FLAGS] | flags, *logic[_TCP_FLAGS + 1 :])
+    return logic
 
 
 def _run_generated(walk: Walk) -> list[GeneratedPacket]:

@@ -7,7 +7,9 @@ SYN leaving through SNAT). A walk records, besides its megaflow mask, the bits i
 decisions read (`Walk.logic_mask`) and each flow-state question it asked (the packet as the
 walk saw it then, the zone, the NAT rule, the answer). `ConnectionTemplate.of` turns such a
 result into a template; `replay(hook, match, frame, now)` asks the same questions again for a
-new packet that equals the template's under the logic mask, and, when every answer has the
+new packet that equals the template's under the logic mask (with the TCP flags the questions
+read: an ACK does not try a SYN's template, whose conntrack answer it could not share), and,
+when every answer has the
 same shape as the template's (same conntrack direction and verdict, same NAT fields rewritten,
 all cacheable), returns the result the walk would have returned: the template's actions with
 the new NAT values, its mask, its tags other than its own connection's plus the new answers'

@@ -107,8 +107,9 @@ class SimulationResult:
     # simulation, which answers it with ICMP (`sim/mtu.py`); sizes are not flow-match fields.
     mtu: int = 0
     # For a result that opened a connection and may be replayed for the next one of its kind
-    # (`sim/replay.py`): (the mask of the bits read other than by flow-state questions, the
-    # questions as asked). None: not replayable, or not recorded (`SimContext`).
+    # (`sim/replay.py`): (the mask of the bits read other than by flow-state questions, and
+    # of the TCP flags those read; the questions as asked). None: not replayable, or not
+    # recorded (`SimContext`).
     replay: tuple[tuple[int, ...], tuple[Any, ...]] | None = None
 
     @property

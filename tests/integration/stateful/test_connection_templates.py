@@ -11,6 +11,7 @@ on both hosts."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
@@ -98,6 +99,16 @@ def state(hosts: Hosts) -> dict[str, object]:
     }
 
 
+def snat_port(hosts: Hosts, sport: int) -> int:
+    """The SNAT port of vm's connection from `sport`."""
+    (port,) = (
+        record.binding.translated.tp_src
+        for record in hosts.syncs["h1"].nat
+        if record.binding.original.tp_src == sport
+    )
+    return port
+
+
 def dropping(rule_id: str, port: int) -> Rule:
     """A rule of r's outbound chain, ahead of its SNAT: drop TCP to `port`."""
     return Rule(
@@ -162,24 +173,46 @@ def test_a_frame_the_walk_would_drop_is_not_replayed() -> None:
     assert stats.replayed == 0 and stats.drops.get("bad_ip_checksum") == 1
 
 
+def _drop_flow_of(hosts: Hosts, sport: int) -> None:
+    """Remove h1's flow of the connection from `sport` (the connection stays)."""
+    h1 = hosts.datapaths["h1"]
+    (flow,) = (f for f in h1.flow_table.flows() if f.match[FIELD_NAMES.index("tp_src")] == sport)
+    h1.invalidate([tag for tag in flow.tags if not isinstance(tag, str)])
+
+
 def test_an_answer_of_another_shape_declines_the_replay() -> None:
-    """A segment like the template's SYN on a connection that exists already (its flow went,
-    the connection stayed) opens nothing: the replay declines and the walk answers it."""
+    """The template's SYN again on a connection that exists already (its flow went, the
+    connection stayed: a retransmission) opens nothing: the replay declines and the walk
+    answers it."""
     replaying, simulating, _ = pair()
     for hosts in (replaying, simulating):
         send(hosts, "vm", outbound("vm", 40000))
         send(hosts, "vm", outbound("vm", 40001))
-        h1 = hosts.datapaths["h1"]
-        (first,) = (
-            f for f in h1.flow_table.flows() if f.match[FIELD_NAMES.index("tp_src")] == 40000
-        )
-        h1.invalidate([tag for tag in first.tags if not isinstance(tag, str)])
-        send(hosts, "vm", outbound("vm", 40000, flags=ACK))
+        _drop_flow_of(hosts, 40000)
+        send(hosts, "vm", outbound("vm", 40000))
     assert state(replaying) == state(simulating)
     assert replaying.pipelines["h1"].stats.replay_declined == 1
     # The declined replay and the walk after it are one packet's one transaction.
     counted = [hosts.syncs["h1"].counters.transactions for hosts in (replaying, simulating)]
     assert counted[0] == counted[1] == 3
+
+
+def test_a_segment_of_other_tcp_flags_does_not_try_a_syns_template() -> None:
+    """An ACK of a connection whose flow went (idled out, evicted) is no SYN: it does not try
+    the SYN's template (conntrack reads the flags, so the template is looked up by them),
+    and its own walk becomes the template of such segments."""
+    replaying, simulating, _ = pair()
+    for hosts in (replaying, simulating):
+        for sport in (40000, 40001, 40002):
+            send(hosts, "vm", outbound("vm", sport))
+            send(hosts, "out", inbound(snat_port(hosts, sport), flags=SYN_ACK))
+        for sport in (40000, 40001):
+            _drop_flow_of(hosts, sport)
+            send(hosts, "vm", outbound("vm", sport, flags=ACK))
+    assert state(replaying) == state(simulating)
+    stats = replaying.pipelines["h1"].stats
+    assert stats.replay_declined == 0
+    assert stats.replayed == 3  # the SYNs of 40001 and 40002, the ACK of 40001
 
 
 SPORTS = (40000, 40001, 40002, 1024, 1025)
@@ -302,7 +335,7 @@ def test_an_agent_told_not_to_use_templates_simulates_every_connection(tmp_path:
             assert (agent.pipeline.templates is not None) is templates
             assert agent.pipeline.context.record_questions is templates
     finally:
-        store.close()
+        asyncio.run(store.close())
 
 
 def test_templates_are_bounded(monkeypatch: Any) -> None:
