@@ -613,7 +613,7 @@ class FlowStateSync:
 
     async def _tick_loop(self) -> None:
         # Ticks `tick_interval` apart, start to start (a long tick does not stretch the
-        # refresh scan's pass), never two back to back.
+        # refresh scan's pass); one longer than the interval is followed at once.
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:

@@ -70,6 +70,7 @@ def simulate(
         # (independent bytes; the ICMP checksum is fixed for both). Never cached (see _nat).
         rewritten = rewrite_icmp_quote(frame, walk.inner_rewrites)
     replay = None
+    mask = walk.mask()
     questions = walk.questions
     if (
         questions
@@ -82,12 +83,12 @@ def simulate(
         and walk.handoff is None
         and not walk.inner_rewrites
     ):
-        replay = (_template_key_mask(walk), tuple(questions))
+        replay = (_template_key_mask(walk.logic_mask(), mask), tuple(questions))
     return _result(
         replay=replay,
         actions=actions,
         match=match,
-        mask=walk.mask(),
+        mask=mask,
         tags=frozenset(walk.tags),
         generated=generated,
         learned=tuple(walk.learned),
@@ -109,13 +110,12 @@ _result = slot_builder(SimulationResult, "keywords")
 _TCP_FLAGS = FIELD_NAMES.index("tcp_flags")
 
 
-def _template_key_mask(walk: Walk) -> tuple[int, ...]:
+def _template_key_mask(logic: tuple[int, ...], mask: tuple[int, ...]) -> tuple[int, ...]:
     """The bits a connection template is looked up by (`sim/replay.py`): what the walk's
-    decisions read besides its flow-state questions, and the TCP flags those read (a SYN's
-    template is not tried by an ACK of a connection whose flow went: conntrack would answer
-    it in another shape and the replay be declined, every such packet)."""
-    logic = walk.logic_mask()
-    flags = walk.mask()[_TCP_FLAGS]
+    decisions read besides its flow-state questions (`logic`), and the TCP flags those read
+    (from the megaflow `mask`: a SYN's template is not tried by an ACK of a connection whose
+    flow went: conntrack would answer it in another shape and the replay be declined)."""
+    flags = mask[_TCP_FLAGS]
     if flags & ~logic[_TCP_FLAGS]:
         return (*logic[:_TCP_FLAGS], logic[_TCP_FLAGS] | flags, *logic[_TCP_FLAGS + 1 :])
     return logic
