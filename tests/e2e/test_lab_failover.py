@@ -117,6 +117,25 @@ def all_up(lab: Lab) -> None:
     )
 
 
+WATCHED = ("drop", "upcall", "host_changes", "invalidated")  # counters a failure shows
+
+
+def survivor_counters(lab: Lab) -> dict[str, dict[str, object]]:
+    """The agents' nonzero WATCHED counters, for a failure message (the victim's are its
+    last)."""
+    seen: dict[str, dict[str, object]] = {}
+    for host in (*INGRESS, *GATEWAYS):
+        counters = lab.agent_counters(host) or {}
+        seen[host] = {
+            key: value
+            for section in counters.values()
+            if isinstance(section, dict)
+            for key, value in section.items()
+            if isinstance(value, int) and value and any(word in key for word in WATCHED)
+        }
+    return seen
+
+
 def other(gateway: str) -> str:
     return next(g for g in GATEWAYS if g != gateway)
 
@@ -248,11 +267,11 @@ def test_gateway_death_under_traffic(lab: Lab) -> None:
         assert victim not in established(lab)
         assert not peer_has_route(lab, FLOATING_RANGE, victim)  # birdc: withdrawn
         assert peer_has_route(lab, FLOATING_RANGE, survivor)
-        wait_for(
+        probed_down = wait_for(
             f"every ingress host's probe: {victim} down",
             lambda: all(probed_states(lab, h).get(victim) == "down" for h in INGRESS),
         )
-        wait_for(
+        unlearned = wait_for(
             f"r1's default via {survivor} only", lambda: learned_default_gateways(lab) == {survivor}
         )
         time.sleep(2.0)
@@ -274,6 +293,13 @@ def test_gateway_death_under_traffic(lab: Lab) -> None:
             f" withdrew {victim}'s route after {withdrawn - killed:.2f} s; iperf3"
             f" {megabits:.0f} Mbit, longest stall {stall:.1f} s; echo waits {echo_waits}"
         )
+        # Where a long gap lies against what happened, after the kill (a failure's diagnosis).
+        if max(out_gap, in_gap) >= MAX_GAP:  # where the gap lies, with the failure's output
+            print(
+                f"after the kill: probes down +{probed_down - killed:.2f} s, learned default"
+                f" gone +{unlearned - killed:.2f} s; out gap {traffic.out.gap_where(killed)};"
+                f" in gap {traffic.into.gap_where(killed)}; counters {survivor_counters(lab)}"
+            )
         assert out_gap < MAX_GAP, out_gap
         assert in_gap < MAX_GAP, in_gap
         assert stall < MAX_GAP, stall

@@ -214,6 +214,18 @@ class PingLog:
             raise ValueError(f"ping {self.log.name}: {len(times)} replies, no gap to measure")
         return max(later - earlier for earlier, later in itertools.pairwise(times))
 
+    def gap_where(self, since: float) -> str:
+        """Where the longest gap around `since` lies, for a failure message: its start and end
+        in seconds after `since`, and how many replies came after it."""
+        times = self.reply_times()
+        before = [stamp for stamp in times if stamp <= since]
+        times = before[-1:] + [stamp for stamp in times if stamp > since]
+        if len(times) < 2:
+            return f"{len(times)} replies"
+        earlier, later = max(itertools.pairwise(times), key=lambda pair: pair[1] - pair[0])
+        after = sum(1 for stamp in times if stamp > later)
+        return f"{earlier - since:+.2f} s..{later - since:+.2f} s, {after} replies after it"
+
     def stop(self) -> None:
         self.process.stop()
 
