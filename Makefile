@@ -72,8 +72,13 @@ install: $(APT_STAMP) $(STAMP) $(UI_VENDOR) bpf
 CORE_COVERAGE_FLOOR := 94
 CORE_SOURCES := */hivenet/packets/*,*/hivenet/model/*,*/hivenet/sim/*,*/hivenet/flows/*,*/hivenet/flowstate/*
 
+# The unit, integration and sqlite-store tiers (CPU-bound, no network of their own) run on two
+# workers (pytest-xdist); the e2e, etcd and real-client tiers after them, one test at a time,
+# as their timings assume. Coverage is gathered across both runs.
+FAST_TIERS := not e2e and not etcd and not slow
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider --cov=hivenet --cov-report=term:skip-covered tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --cov=hivenet --cov-report= -m "$(FAST_TIERS)" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --cov=hivenet --cov-append --cov-report=term:skip-covered -m "not ($(FAST_TIERS))" tests
 	@echo "== the lab tests again, agents on the userspace datapath (above: eBPF, the default)"
 	HN_LAB_DATAPATH=userspace $(BIN)/python -m pytest -q -p no:cacheprovider -m lab tests/e2e
 	@echo "== pure core coverage (floor $(CORE_COVERAGE_FLOOR)%)"
@@ -82,7 +87,7 @@ test: install
 
 # A laptop without etcd or root: everything but the e2e, etcd and slow (real-client) tiers.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not etcd and not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 -m "$(FAST_TIERS)" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

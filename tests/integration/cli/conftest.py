@@ -70,7 +70,9 @@ class Hivenet:
         self.runner = CliRunner()
 
     def __call__(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
-        return self.runner.invoke(app, list(args), env=env)
+        # Output is piped here: tables are not squeezed to a $COLUMNS the environment set
+        # (a developer's shell, or pytest-xdist's workers).
+        return self.runner.invoke(app, list(args), env={"COLUMNS": None, **(env or {})})
 
     def ok(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
         result = self(*args, env=env)
