@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from hivenet.api.client import StoredObject
 from hivenet.lab.lab import Lab
 from hivenet.lab.probes import PingResult, parse_ping
 from hivenet.lab.scenario import builtin_scenario
@@ -85,6 +86,14 @@ def test_big_pings_pass_snat_both_ways(lab: Lab) -> None:
     # the replies above prove the translation of every fragment's source.
 
 
+def applied(lab: Lab, written: StoredObject) -> None:
+    """Wait until the agents of vm1's and vm3's hosts (h1 simulates the path, h2 binds vm3's
+    port) have applied `written`: a ping sent sooner may meet the state before it."""
+    assert written.revision is not None
+    for host in ("h1", "h2"):
+        lab.wait_agent_revision(host, written.revision)
+
+
 def test_big_pings_pass_a_security_group_only_with_its_rule(lab: Lab) -> None:
     warm_up(lab, "vm1", VM3_IP)
     with lab.client() as client:
@@ -101,18 +110,17 @@ def test_big_pings_pass_a_security_group_only_with_its_rule(lab: Lab) -> None:
             )
         )
         try:
-            client.update("port", "vm.vm3", {"security_group_ids": ["hn-frag"]})
+            applied(lab, client.update("port", "vm.vm3", {"security_group_ids": ["hn-frag"]}))
             # Control: the group is in the path and drops ICMP.
             assert not big_ping(lab, "vm1", VM3_IP, count=2, wait=1.0).received
-            client.create_object(
-                SecurityGroupRule(
-                    id="hn-frag-icmp",
-                    tenant_id="demo",
-                    security_group_id="hn-frag",
-                    direction=Direction.INGRESS,
-                    protocol=1,
-                )
+            icmp_rule = SecurityGroupRule(
+                id="hn-frag-icmp",
+                tenant_id="demo",
+                security_group_id="hn-frag",
+                direction=Direction.INGRESS,
+                protocol=1,
             )
+            applied(lab, client.create_object(icmp_rule))
             before = counter(lab, "h1", "fragment_forwarded")
             result = big_ping(lab, "vm1", VM3_IP)
             assert result.ok, result.output
