@@ -120,7 +120,7 @@ def all_up(lab: Lab) -> None:
 WATCHED = ("drop", "upcall", "host_changes", "invalidated")  # counters a failure shows
 
 
-def survivor_counters(lab: Lab) -> dict[str, dict[str, object]]:
+def watched_counters(lab: Lab) -> dict[str, dict[str, object]]:
     """The agents' nonzero WATCHED counters, for a failure message (the victim's are its
     last)."""
     seen: dict[str, dict[str, object]] = {}
@@ -293,12 +293,11 @@ def test_gateway_death_under_traffic(lab: Lab) -> None:
             f" withdrew {victim}'s route after {withdrawn - killed:.2f} s; iperf3"
             f" {megabits:.0f} Mbit, longest stall {stall:.1f} s; echo waits {echo_waits}"
         )
-        # Where a long gap lies against what happened, after the kill (a failure's diagnosis).
-        if max(out_gap, in_gap) >= MAX_GAP:  # where the gap lies, with the failure's output
+        if max(out_gap, in_gap) >= MAX_GAP:  # a failure's diagnosis: the gaps against events
             print(
                 f"after the kill: probes down +{probed_down - killed:.2f} s, learned default"
                 f" gone +{unlearned - killed:.2f} s; out gap {traffic.out.gap_where(killed)};"
-                f" in gap {traffic.into.gap_where(killed)}; counters {survivor_counters(lab)}"
+                f" in gap {traffic.into.gap_where(killed)}; counters {watched_counters(lab)}"
             )
         assert out_gap < MAX_GAP, out_gap
         assert in_gap < MAX_GAP, in_gap

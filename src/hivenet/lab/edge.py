@@ -203,13 +203,18 @@ class PingLog:
     def replies_after(self, moment: float) -> int:
         return sum(1 for stamp in self.reply_times() if stamp > moment)
 
+    def _replies_around(self, since: float | None) -> list[float]:
+        """Reply times from the start, or from the last reply before `since` on."""
+        times = self.reply_times()
+        if since is None:
+            return times
+        before = [stamp for stamp in times if stamp <= since]
+        return before[-1:] + [stamp for stamp in times if stamp > since]
+
     def longest_gap(self, since: float | None = None) -> float:
         """The longest time between two replies (from the start, or around `since`: the
         last reply before it counts), up to the last reply seen."""
-        times = self.reply_times()
-        if since is not None:
-            before = [stamp for stamp in times if stamp <= since]
-            times = before[-1:] + [stamp for stamp in times if stamp > since]
+        times = self._replies_around(since)
         if len(times) < 2:
             raise ValueError(f"ping {self.log.name}: {len(times)} replies, no gap to measure")
         return max(later - earlier for earlier, later in itertools.pairwise(times))
@@ -217,9 +222,7 @@ class PingLog:
     def gap_where(self, since: float) -> str:
         """Where the longest gap around `since` lies, for a failure message: its start and end
         in seconds after `since`, and how many replies came after it."""
-        times = self.reply_times()
-        before = [stamp for stamp in times if stamp <= since]
-        times = before[-1:] + [stamp for stamp in times if stamp > since]
+        times = self._replies_around(since)
         if len(times) < 2:
             return f"{len(times)} replies"
         earlier, later = max(itertools.pairwise(times), key=lambda pair: pair[1] - pair[0])
