@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from hivenet.api.client import StoredObject
 from hivenet.lab.cleanup import clean
 from hivenet.lab.lab import Lab
 from hivenet.lab.netns import LabScope, list_links, list_namespaces
@@ -51,3 +52,11 @@ def running_lab(
         assert leftovers.is_empty(), leftovers
         assert not list_namespaces(scope.namespace_prefix)
         assert not list_links(scope.link_prefix)
+
+
+def wait_applied(lab: Lab, written: StoredObject, hosts: tuple[str, ...]) -> None:
+    """Wait until the agents of `hosts` have applied `written` (an API write the test made):
+    traffic sent sooner may meet the state before it."""
+    assert written.revision is not None
+    for host in hosts:
+        lab.wait_agent_revision(host, written.revision)

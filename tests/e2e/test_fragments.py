@@ -19,12 +19,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from hivenet.api.client import StoredObject
 from hivenet.lab.lab import Lab
 from hivenet.lab.probes import PingResult, parse_ping
 from hivenet.lab.scenario import builtin_scenario
 from hivenet.model import Direction, SecurityGroup, SecurityGroupRule
-from tests.e2e.common import running_lab
+from tests.e2e.common import running_lab, wait_applied
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +31,7 @@ OUTSIDE_IP = "192.0.2.2"
 VM3_IP = "10.0.2.20"
 GATEWAY_IP = "10.0.1.1"
 SIZE = 4000  # ICMP payload: 3 fragments at the overlay MTU
+PATH_HOSTS = ("h1", "h2")  # vm1's host simulates the path to vm3, h2 binds vm3's port
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +86,6 @@ def test_big_pings_pass_snat_both_ways(lab: Lab) -> None:
     # the replies above prove the translation of every fragment's source.
 
 
-def applied(lab: Lab, written: StoredObject) -> None:
-    """Wait until the agents of vm1's and vm3's hosts (h1 simulates the path, h2 binds vm3's
-    port) have applied `written`: a ping sent sooner may meet the state before it."""
-    assert written.revision is not None
-    for host in ("h1", "h2"):
-        lab.wait_agent_revision(host, written.revision)
-
-
 def test_big_pings_pass_a_security_group_only_with_its_rule(lab: Lab) -> None:
     warm_up(lab, "vm1", VM3_IP)
     with lab.client() as client:
@@ -110,7 +102,8 @@ def test_big_pings_pass_a_security_group_only_with_its_rule(lab: Lab) -> None:
             )
         )
         try:
-            applied(lab, client.update("port", "vm.vm3", {"security_group_ids": ["hn-frag"]}))
+            written = client.update("port", "vm.vm3", {"security_group_ids": ["hn-frag"]})
+            wait_applied(lab, written, PATH_HOSTS)
             # Control: the group is in the path and drops ICMP.
             assert not big_ping(lab, "vm1", VM3_IP, count=2, wait=1.0).received
             icmp_rule = SecurityGroupRule(
@@ -120,7 +113,7 @@ def test_big_pings_pass_a_security_group_only_with_its_rule(lab: Lab) -> None:
                 direction=Direction.INGRESS,
                 protocol=1,
             )
-            applied(lab, client.create_object(icmp_rule))
+            wait_applied(lab, client.create_object(icmp_rule), PATH_HOSTS)
             before = counter(lab, "h1", "fragment_forwarded")
             result = big_ping(lab, "vm1", VM3_IP)
             assert result.ok, result.output

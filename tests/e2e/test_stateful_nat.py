@@ -22,7 +22,7 @@ from hivenet.lab.scenario import builtin_scenario
 from hivenet.model import Direction, SecurityGroup, SecurityGroupRule
 from hivenet.packets import extract_flow_match
 from hivenet.store import open_store
-from tests.e2e.common import running_lab
+from tests.e2e.common import running_lab, wait_applied
 
 pytestmark = pytest.mark.e2e
 
@@ -196,11 +196,13 @@ def test_security_group_allows_its_port_drops_another_and_passes_replies(lab: La
                     port_range_max=8080,
                 )
             )
-            client.update(
+            written = client.update(
                 "port",
                 "vm.vm4",
                 {"port_security_enabled": True, "security_group_ids": ["hn-web"]},
             )
+            # The outside's packets are simulated on h3 (ingress); vm4's port is on h1.
+            wait_applied(lab, written, ("h3", "h1"))
             try:
                 assert lab.tcp_probe("ext", floating, 8081, timeout=1.5) == "timeout"
                 assert not lab.ping("ext", floating, count=2, interval=0.1, wait=0.5).received
