@@ -18,7 +18,7 @@ from hivenet.lab.lab import DHCP_LABEL, Lab
 from hivenet.lab.netns import pid_file_path
 from hivenet.lab.processes import read_record
 from hivenet.lab.scenario import parse_scenario
-from tests.e2e.common import running_lab
+from tests.e2e.common import running_lab, wait_applied
 
 pytestmark = pytest.mark.e2e
 
@@ -149,10 +149,9 @@ def test_an_address_change_reaches_the_vm_at_its_next_renewal(lab: Lab) -> None:
             port["id"],
             {"fixed_ips": [{"subnet_id": "subnet.net1", "ip_address": "10.0.1.77"}]},
         )
-    assert written.revision is not None
     # Renew only once vm1's agent has the new address: otherwise the renewal can race the
     # watch, get an ACK for the old address, and the next renewal is hours away.
-    lab.wait_agent_revision("h1", written.revision)
+    wait_applied(lab, written, ("h1",))
     renew(lab, "vm1")  # NAK for 10.0.1.10, then DISCOVER -> OFFER 10.0.1.77
     wait_for(
         lambda: lease_of(lab, "vm1").address == ipaddress.IPv4Interface("10.0.1.77/24"),

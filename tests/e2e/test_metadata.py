@@ -14,7 +14,7 @@ import pytest
 
 from hivenet.lab.lab import Lab
 from hivenet.lab.scenario import parse_scenario
-from tests.e2e.common import running_lab
+from tests.e2e.common import running_lab, wait_applied
 
 pytestmark = pytest.mark.e2e
 
@@ -83,7 +83,7 @@ def test_a_change_through_the_api_is_what_the_vm_reads_next(lab: Lab) -> None:
                 }
             },
         )
-    lab.wait_agent_revision("h1", written.revision)
+    wait_applied(lab, written, ("h1",))
     assert curl(lab, "vm1", "/latest/meta-data/instance-id").stdout == "i-web-1"
     assert curl(lab, "vm1", "/latest/meta-data/public-keys/0/openssh-key").stdout == KEY
     assert curl(lab, "vm1", "/openstack/latest/user_data").stdout == USER_DATA

@@ -9,8 +9,8 @@ walk saw it then, the zone, the NAT rule, the answer). `ConnectionTemplate.of` t
 result into a template; `replay(hook, match, frame, now)` asks the same questions again for a
 new packet that equals the template's under the logic mask (with the TCP flags the questions
 read: an ACK does not try a SYN's template, whose conntrack answer it could not share), and,
-when every answer has the same shape as the template's (same conntrack direction and verdict, same NAT fields rewritten,
-all cacheable), returns the result the walk would have returned: the template's actions with
+when every answer has the same shape as the template's (same conntrack direction and verdict,
+same NAT fields rewritten, all cacheable), returns the result the walk would have returned: the template's actions with
 the new NAT values, its mask, its tags other than its own connection's plus the new answers'
 tags, and its trace with the NAT steps' new values.
 
